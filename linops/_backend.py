@@ -78,7 +78,7 @@ def from_torch(t: torch.Tensor, kind: ArrayKind) -> Any:
     if kind == "torch":
         return t
     if kind == "cupy":
-        import cupy  # noqa: PLC0415 - optional dependency
+        import cupy
 
         return cupy.from_dlpack(t.contiguous())
     return t.detach().cpu().numpy()

@@ -15,6 +15,7 @@ this module, never SciPy's (which would turn tensors into numpy arrays).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -297,11 +298,9 @@ class _Product(_Composite):
         flat: list[TorchLinearOperator] = []
         for op in ops:
             flat.extend(op.ops if isinstance(op, _Product) else [op])
-        for left, right in zip(flat[:-1], flat[1:], strict=True):
+        for left, right in itertools.pairwise(flat):
             if left.shape[1] != right.shape[0]:
-                raise ValueError(
-                    f"dimension mismatch in product: {left.shape} @ {right.shape}"
-                )
+                raise ValueError(f"dimension mismatch in product: {left.shape} @ {right.shape}")
         super().__init__((flat[0].shape[0], flat[-1].shape[1]), flat)
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
@@ -430,7 +429,7 @@ def aslinearoperator(A: Any) -> TorchLinearOperator:
     if array_kind(A) == "cupy":
         return _Dense(torch.from_dlpack(A))
     if isinstance(A, LinearOperator) or hasattr(A, "tocsr"):
-        from scipy.sparse.linalg import aslinearoperator as sp_aslinop  # noqa: PLC0415
+        from scipy.sparse.linalg import aslinearoperator as sp_aslinop
 
         return _FromScipy(sp_aslinop(A))
     if isinstance(A, np.ndarray | list):

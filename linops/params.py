@@ -1,0 +1,163 @@
+r"""Parameter spaces: which parameters an operator differentiates, and their flat ordering.
+
+A :class:`ParamSpace` fixes a list of named parameters of a ``torch.nn.Module`` (all trainable
+ones by default, or a subset such as one layer). The flat vector
+:math:`\theta \in \mathbb{R}^m` concatenates them in that order, each flattened row-major.
+Parameters outside the subset and all buffers (e.g. BatchNorm statistics) are held fixed at
+their values in the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+__all__ = ["ParamSpace"]
+
+
+class ParamSpace:
+    """Named parameters of a model, flattened into one vector.
+
+    Parameters
+    ----------
+    model
+        The module whose parameters are differentiated.
+    params
+        ``None`` (all parameters with ``requires_grad``), a sequence of parameter names
+        (``"0.weight"``), a sequence of the model's parameter tensors, or a mapping from names
+        to tensors (values override the model's, e.g. a point other than the current one).
+
+    Raises
+    ------
+    ValueError
+        If the model has no trainable parameters, or ``params`` names or holds a tensor that
+        is not a parameter of the model.
+
+    Examples
+    --------
+    >>> import torch
+    >>> space = ParamSpace(torch.nn.Linear(3, 2))
+    >>> space.names, space.dim
+    (['weight', 'bias'], 8)
+    """
+
+    def __init__(self, model: torch.nn.Module, params: Any = None) -> None:
+        named = dict(model.named_parameters())
+        if params is None:
+            names = [n for n, p in named.items() if p.requires_grad]
+            if not names:
+                raise ValueError("model: expected at least one trainable parameter, got none")
+            values = {n: named[n] for n in names}
+        elif isinstance(params, Mapping):
+            values = dict(params)
+            _check_names(values, named)
+        else:
+            values = _resolve(list(params), named)
+        if not values:
+            raise ValueError("params: expected at least one parameter, got an empty selection")
+        self.model = model
+        self.names: list[str] = list(values)
+        self.shapes: list[torch.Size] = [values[n].shape for n in self.names]
+        self.numels: list[int] = [values[n].numel() for n in self.names]
+        self.dim: int = sum(self.numels)
+        self._values = {n: v.detach() for n, v in values.items()}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._values[self.names[0]].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._values[self.names[0]].device
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """The parameter values (detached) this space was built with, by name."""
+        return dict(self._values)
+
+    def flat_values(self) -> torch.Tensor:
+        """The parameter values as one flat vector of length :attr:`dim`."""
+        return self.flatten(self._values)
+
+    def flatten(self, tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
+        """Concatenate parameter-shaped tensors into a flat ``(m,)`` vector.
+
+        With a leading batch dimension (each tensor ``(k, *shape)``) the result is ``(m, k)``.
+        """
+        ts = [tensors[n] for n in self.names] if isinstance(tensors, Mapping) else list(tensors)
+        if len(ts) != len(self.names):
+            raise ValueError(f"expected {len(self.names)} tensors, got {len(ts)}")
+        batched = ts[0].dim() == len(self.shapes[0]) + 1
+        if batched:
+            return torch.cat([t.reshape(t.shape[0], -1) for t in ts], dim=1).T
+        return torch.cat([t.reshape(-1) for t in ts])
+
+    def unflatten(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a flat ``(m,)`` vector into parameter-shaped tensors (views), by name.
+
+        A matrix ``(m, k)`` gives tensors of shape ``(k, *shape)`` (batch first, as ``vmap``
+        expects).
+        """
+        if vec.shape[0] != self.dim:
+            raise ValueError(
+                f"expected a vector of length {self.dim} (the parameter count), got {vec.shape[0]}"
+            )
+        parts = torch.split(vec, self.numels, dim=0)
+        if vec.dim() == 1:
+            return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
+        k = vec.shape[1]
+        return {
+            n: p.T.reshape(k, *s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)
+        }
+
+    def functional_call(self, params: Mapping[str, torch.Tensor], *args: Any) -> Any:
+        """Call the model with ``params`` in place of the selected parameters.
+
+        Parameters outside the space and buffers keep their values in the model.
+        """
+        return functional_call(self.model, dict(params), args)
+
+    def to(self, dtype: torch.dtype | None = None, device: Any = None) -> ParamSpace:
+        """A copy of the space whose reference values live in another dtype or device."""
+        new = object.__new__(ParamSpace)
+        new.__dict__.update(self.__dict__)
+        new._values = {n: v.to(dtype=dtype, device=device) for n, v in self._values.items()}
+        return new
+
+
+def _check_names(values: Mapping[str, torch.Tensor], named: Mapping[str, Any]) -> None:
+    unknown = [n for n in values if n not in named]
+    if unknown:
+        raise ValueError(
+            f"params: {unknown} are not parameters of the model; expected names among {list(named)}"
+        )
+    for n, v in values.items():
+        if tuple(v.shape) != tuple(named[n].shape):
+            raise ValueError(
+                f"params[{n!r}]: expected shape {tuple(named[n].shape)}, got {tuple(v.shape)}"
+            )
+
+
+def _resolve(items: Iterable[Any], named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    by_id = {id(p): n for n, p in named.items()}
+    values: dict[str, torch.Tensor] = {}
+    for item in items:
+        if isinstance(item, str):
+            if item not in named:
+                raise ValueError(
+                    f"params: {item!r} is not a parameter of the model; expected names among "
+                    f"{list(named)}"
+                )
+            values[item] = named[item]
+        elif isinstance(item, torch.Tensor):
+            if id(item) not in by_id:
+                raise ValueError(
+                    "params: a tensor of shape "
+                    f"{tuple(item.shape)} does not belong to the model's parameters"
+                )
+            values[by_id[id(item)]] = item
+        else:
+            raise TypeError(f"params: expected names or tensors, got {type(item).__name__}")
+    return values

@@ -1,0 +1,15 @@
+"""trainers: training loops that produce what the toolkit studies."""
+
+from trainers._base import Callback, History, RelativeDistance, Trainer, make_optimizer
+from trainers.backprop import BackpropTrainer
+
+__all__ = [
+    # shared interface
+    "Callback",
+    "History",
+    "RelativeDistance",
+    "Trainer",
+    "make_optimizer",
+    # trainers
+    "BackpropTrainer",
+]

@@ -1,0 +1,219 @@
+"""The interface every object-style trainer shares: ``fit``, a history, callbacks, a progress bar.
+
+A trainer holds its parameters as a ``dict[str, Tensor]`` of leaf tensors (copies of the model's,
+the model itself is never mutated) and calls the model through
+:meth:`linops.ParamSpace.functional_call`. Subclasses implement one method,
+:meth:`Trainer.direction`, which returns the loss on a batch and the update direction (the
+gradient, or an estimate of it); the base class hands the direction to a torch optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from linops.params import ParamSpace
+
+__all__ = ["Callback", "History", "RelativeDistance", "Trainer", "make_optimizer"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class History:
+    """What a run recorded: one entry per optimizer step, plus per-epoch evaluations."""
+
+    step: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    epoch: list[int] = field(default_factory=list)
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+
+    def log(self, **values: float) -> None:
+        """Append metric values (a metric's list grows by one per call that names it)."""
+        for k, v in values.items():
+            self.metrics.setdefault(k, []).append(float(v))
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"step": self.step, "loss": self.loss, "epoch": self.epoch, **self.metrics}
+
+
+class Callback(Protocol):
+    """Called after every optimizer step; may return metrics to log (or ``None``)."""
+
+    def __call__(self, trainer: Trainer, step: int) -> Mapping[str, float] | None: ...
+
+
+class RelativeDistance:
+    r"""Per-layer relative distance :math:`RD(W^{[l]}(t)) = \|W(t) - W(0)\|_F / \|W(0)\|_F` (seed 002).
+
+    Parameters
+    ----------
+    every
+        Log every ``every`` steps (always at step 0 of the callback's first call).
+    names
+        Parameter names to track (default: every parameter whose name ends in ``weight``).
+    """
+
+    def __init__(self, every: int = 1, names: Iterable[str] | None = None) -> None:
+        self.every, self.names, self.initial = every, names, None
+
+    def __call__(self, trainer: Trainer, step: int) -> dict[str, float] | None:
+        if self.initial is None:
+            names = self.names or [n for n in trainer.params if n.endswith("weight")]
+            self.initial = {n: trainer.initial_params[n].clone() for n in names}
+        if step % self.every:
+            return None
+        return {
+            f"RD/{n}": float((trainer.params[n] - w0).norm() / w0.norm().clamp_min(1e-300))
+            for n, w0 in self.initial.items()
+        }
+
+
+def make_optimizer(
+    params: Iterable[torch.Tensor], optimizer: str | Callable[..., torch.optim.Optimizer], **kw: Any
+) -> torch.optim.Optimizer:
+    """A torch optimizer by name (``"sgd"``, ``"adam"``, ``"adamw"``) or from a factory."""
+    params = list(params)
+    if callable(optimizer):
+        return optimizer(params, **kw)
+    table = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if optimizer not in table:
+        raise ValueError(
+            f"optimizer: expected one of {sorted(table)} or a factory, got {optimizer!r}"
+        )
+    return table[optimizer](params, **kw)
+
+
+class Trainer:
+    """Base of the object-style trainers (backprop, linearized, low-rank, forward-gradient, subspace).
+
+    Parameters
+    ----------
+    model
+        The network; its parameters are copied, never modified.
+    loss_fn
+        ``loss_fn(outputs, targets) -> scalar`` with a mean or sum reduction.
+    optimizer
+        ``"sgd"``, ``"adam"``, ``"adamw"`` or a factory ``f(params, **optimizer_kw)``.
+    params
+        Which parameters to train (see :class:`linops.ParamSpace`); others stay fixed.
+    **optimizer_kw
+        Passed to the optimizer (``lr``, ``momentum``, ``weight_decay``, ...).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: LossFn,
+        *,
+        optimizer: str | Callable[..., torch.optim.Optimizer] = "sgd",
+        params: Any = None,
+        **optimizer_kw: Any,
+    ) -> None:
+        self.model, self.loss_fn = model, loss_fn
+        self.space = ParamSpace(model, params)
+        self.params = {n: v.detach().clone() for n, v in self.space.values().items()}
+        self.initial_params = {n: v.clone() for n, v in self.params.items()}
+        optimizer_kw.setdefault("lr", 0.1)
+        self.optimizer = make_optimizer(self.params.values(), optimizer, **optimizer_kw)
+        self.history = History()
+        self.steps_done = 0
+
+    # --------------------------------------------------------------- what subclasses implement
+    def direction(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+        """Loss on the batch and the update direction (the gradient or an estimate of it)."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------- shared machinery
+    def forward(self, x: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> Any:
+        """Model outputs at the trainer's (or the given) parameters."""
+        return self.space.functional_call(params if params is not None else self.params, x)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimizer step on a batch; returns the batch loss before the step."""
+        loss, direction = self.direction(x, y)
+        for n, p in self.params.items():
+            p.grad = direction[n]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        return float(loss)
+
+    @torch.no_grad()
+    def evaluate(
+        self, X: torch.Tensor, y: torch.Tensor, batch_size: int = 1024
+    ) -> dict[str, float]:
+        """Mean loss and (for integer targets) accuracy on a dataset."""
+        losses, correct, n = 0.0, 0, len(X)
+        for i in range(0, n, batch_size):
+            out = self.forward(X[i : i + batch_size])
+            losses += float(self.loss_fn(out, y[i : i + batch_size])) * len(out)
+            if not y.is_floating_point():
+                correct += int((out.argmax(-1) == y[i : i + batch_size]).sum())
+        result = {"loss": losses / n}
+        if not y.is_floating_point():
+            result["accuracy"] = correct / n
+        return result
+
+    def fit(
+        self,
+        X: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        epochs: int = 1,
+        batch_size: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+        callbacks: Iterable[Callback] = (),
+        progress: bool = True,
+    ) -> History:
+        """Train for ``epochs`` passes over ``(X, y)``; returns (and keeps) the history.
+
+        Per step the history records the batch loss and whatever the callbacks return; per
+        epoch it records ``train_loss``/``train_accuracy`` and, with ``validation``,
+        ``test_loss``/``test_accuracy``. A non-finite loss stops training with a
+        ``FloatingPointError``.
+        """
+        if len(X) != len(y) or len(X) == 0:
+            raise ValueError(f"X, y: expected equal non-zero lengths, got {len(X)} and {len(y)}")
+        bs = batch_size or len(X)
+        g = torch.Generator().manual_seed(seed)
+        callbacks = list(callbacks)
+        steps = epochs * math.ceil(len(X) / bs)
+        bar = tqdm(total=steps, disable=not progress, desc=type(self).__name__, leave=False)
+        for epoch in range(epochs):
+            order = torch.randperm(len(X), generator=g) if shuffle else torch.arange(len(X))
+            for i in range(0, len(X), bs):
+                idx = order[i : i + bs]
+                loss = self.step(X[idx], y[idx])
+                if not math.isfinite(loss):
+                    bar.close()
+                    raise FloatingPointError(f"loss became {loss} at step {self.steps_done}")
+                self.history.step.append(self.steps_done)
+                self.history.loss.append(loss)
+                for cb in callbacks:
+                    self.history.log(**(cb(self, self.steps_done) or {}))
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4g}")
+            self._log_epoch(epoch, X, y, validation)
+        bar.close()
+        return self.history
+
+    def _log_epoch(
+        self,
+        epoch: int,
+        X: torch.Tensor,
+        y: torch.Tensor,
+        validation: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> None:
+        self.history.epoch.append(epoch + 1)
+        self.history.log(**{f"train_{k}": v for k, v in self.evaluate(X, y).items()})
+        if validation is not None:
+            self.history.log(**{f"test_{k}": v for k, v in self.evaluate(*validation).items()})
