@@ -1,0 +1,152 @@
+"""Autodiff routes of the operators: one retained graph per batch, reused by every product.
+
+Measured on this project's 2-core CPU (bench/operators.py, ``--routes``): replaying a retained
+graph costs a fraction of rebuilding it, so each batch's graph is built once (lazily, at the
+first product) and every later product is a single backward pass through it:
+
+* ``J v`` (JVP) is the "double-backward" trick: with ``g(u) = J^T u`` recorded once as a graph
+  (``create_graph=True`` on a dummy ``u``), ``J v = d<g(u), v>/du``: one backward pass, about
+  2x faster here than ``torch.autograd.forward_ad`` recomputing the forward pass.
+* ``J^T y`` (VJP) is one backward pass through the retained forward graph.
+* ``H v`` (HVP) is one backward pass through the retained gradient graph
+  (``create_graph=True``), about 2x faster than a fresh double-backward HVP.
+* Many vectors go through ``is_grads_batched=True`` (vmap over the backward pass) in chunks:
+  eight vectors per pass measured fastest per vector on this CPU.
+
+With ``cache=False`` the graphs are rebuilt at every product and freed, for data whose
+activations do not fit in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from linops.params import ParamSpace
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _leaves(space: ParamSpace) -> list[torch.Tensor]:
+    return [v.detach().requires_grad_(True) for v in space.values().values()]
+
+
+def _grad(
+    outputs: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    grad_outputs: Sequence[torch.Tensor],
+    batched: bool,
+) -> list[torch.Tensor]:
+    """Backward pass that keeps the graph, tolerates unused inputs and returns zeros for them."""
+    live = [i for i, o in enumerate(outputs) if o.requires_grad]
+    k = grad_outputs[0].shape[0] if batched else None
+    if not live:
+        return [_zeros(x, k) for x in inputs]
+    grads = torch.autograd.grad(
+        [outputs[i] for i in live],
+        inputs,
+        grad_outputs=[grad_outputs[i] for i in live],
+        retain_graph=True,
+        allow_unused=True,
+        is_grads_batched=batched,
+    )
+    return [g if g is not None else _zeros(x, k) for g, x in zip(grads, inputs, strict=True)]
+
+
+def _zeros(x: torch.Tensor, k: int | None) -> torch.Tensor:
+    return torch.zeros((k, *x.shape) if k is not None else x.shape, dtype=x.dtype, device=x.device)
+
+
+class OutputGraph:
+    """Retained graph of ``f(theta; x)`` on one batch, for ``J v`` and ``J^T y``.
+
+    The outputs are flattened to ``(n_b, d)`` (``d`` outputs per sample, sample-major rows), or
+    to ``(n_b, 1)`` for a single output unit ``output_index``.
+    """
+
+    def __init__(self, space: ParamSpace, x: torch.Tensor, output_index: int | None) -> None:
+        self.leaves = _leaves(space)
+        with torch.enable_grad():
+            out = space.functional_call(dict(zip(space.names, self.leaves, strict=True)), x)
+            out = out.reshape(out.shape[0], -1)
+            if output_index is not None:
+                out = out[:, output_index : output_index + 1]
+            self.out = out
+            self.u = torch.zeros_like(out, requires_grad=True)
+            self.gu = torch.autograd.grad(
+                out, self.leaves, grad_outputs=self.u, create_graph=True, allow_unused=True
+            )
+        self.gu = [
+            g if g is not None else torch.zeros_like(x)
+            for g, x in zip(self.gu, self.leaves, strict=True)
+        ]
+
+    def jvp(self, tangents: Sequence[torch.Tensor], batched: bool) -> torch.Tensor:
+        """``J v`` for parameter-shaped tangents (leading batch dim if ``batched``)."""
+        return _grad(self.gu, [self.u], tangents, batched)[0]
+
+    def vjp(self, cotangent: torch.Tensor, batched: bool) -> list[torch.Tensor]:
+        """``J^T y`` for output-shaped cotangents (leading batch dim if ``batched``)."""
+        return _grad([self.out], self.leaves, [cotangent], batched)
+
+
+class GradientGraph:
+    """Retained graph of the gradient of ``loss(f(theta; x), y)`` on one batch, for ``H v``."""
+
+    def __init__(
+        self, space: ParamSpace, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor
+    ) -> None:
+        self.leaves = _leaves(space)
+        with torch.enable_grad():
+            out = space.functional_call(dict(zip(space.names, self.leaves, strict=True)), x)
+            loss = loss_fn(out, y)
+            self.grads = torch.autograd.grad(
+                loss, self.leaves, create_graph=True, allow_unused=True
+            )
+        self.grads = [
+            g if g is not None else torch.zeros_like(x)
+            for g, x in zip(self.grads, self.leaves, strict=True)
+        ]
+
+    def hvp(self, tangents: Sequence[torch.Tensor], batched: bool) -> list[torch.Tensor]:
+        return _grad(self.grads, self.leaves, tangents, batched)
+
+
+class LossOutputGraph:
+    """Retained graph of the loss gradient w.r.t. the outputs, for ``H_loss u`` (GGN)."""
+
+    def __init__(
+        self, out: torch.Tensor, loss_fn: LossFn, y: torch.Tensor, shape: torch.Size
+    ) -> None:
+        with torch.enable_grad():
+            self.out = out.detach().reshape(shape).requires_grad_(True)
+            self.g = torch.autograd.grad(loss_fn(self.out, y), self.out, create_graph=True)[0]
+
+    def hvp(self, u: torch.Tensor, batched: bool) -> torch.Tensor:
+        """``H_loss u`` with ``u`` shaped like the model output (leading batch dim if ``batched``)."""
+        return _grad([self.g], [self.out], [u], batched)[0]
+
+
+def infer_reduction(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor) -> str:
+    """Whether ``loss_fn`` sums or averages over samples, checked on one batch.
+
+    A loss that returns a non-scalar (``reduction="none"``) is refused. The test compares the
+    loss of the batch with the loss of the batch concatenated with itself.
+    """
+    explicit = getattr(loss_fn, "reduction", None)
+    with torch.no_grad():
+        value = loss_fn(out, y)
+        if value.dim() != 0:
+            raise ValueError(
+                "loss_fn: expected a scalar loss (reduction 'mean' or 'sum'), got a tensor of "
+                f"shape {tuple(value.shape)}; a loss without a reduction does not define a Hessian"
+            )
+        if explicit in ("mean", "sum"):
+            return explicit
+        doubled = loss_fn(torch.cat([out, out]), torch.cat([y, y]))
+    if torch.isclose(doubled, 2 * value, rtol=1e-4) and not torch.isclose(
+        doubled, value, rtol=1e-4
+    ):
+        return "sum"
+    return "mean"

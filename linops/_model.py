@@ -1,0 +1,104 @@
+"""Shared plumbing of operators defined by a model, its parameters and a dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from linops._data import Batches, check_model_mode
+from linops.base import TorchLinearOperator
+from linops.params import ParamSpace
+
+#: Vectors per batched backward pass: eight measured fastest per vector on a 2-core CPU
+#: (bench/operators.py --routes); larger chunks lose to memory traffic.
+DEFAULT_MAX_VECTORS = 8
+
+
+class ModelOperator(TorchLinearOperator):
+    """Base of the model operators: parameter space, device-resident batches, graph cache.
+
+    Subclasses call :meth:`_graphs` to get one retained autodiff graph per batch (built at the
+    first product and kept when ``cache`` is true) and use :meth:`_split_params` /
+    :meth:`_join_params` to move between flat ``(m, k)`` blocks and parameter-shaped tensors.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data: Any,
+        params: Any,
+        *,
+        shape: tuple[int, int] | Callable[[Batches, ParamSpace], tuple[int, int]],
+        targets: bool,
+        dtype: torch.dtype | None,
+        device: torch.device | str | None,
+        batch_size: int | None,
+        cache: bool,
+        allow_train_mode: bool,
+        allow_reshuffle: bool,
+        max_vectors: int | None,
+        memory_limit_bytes: int | None,
+    ) -> None:
+        check_model_mode(model, allow_train_mode=allow_train_mode)
+        space = ParamSpace(model, params)
+        dtype = dtype or space.dtype
+        if not (dtype.is_floating_point or dtype.is_complex):
+            raise TypeError(f"dtype: expected a floating torch dtype, got {dtype}")
+        device = torch.device(device) if device is not None else space.device
+        self.space = space.to(dtype=dtype, device=device)
+        self.batches = Batches(
+            data,
+            dtype=dtype,
+            device=device,
+            targets=targets,
+            batch_size=batch_size,
+            allow_reshuffle=allow_reshuffle,
+        )
+        shape = shape(self.batches, self.space) if callable(shape) else shape
+        super().__init__(
+            shape,
+            dtype=dtype,
+            device=device,
+            max_vectors=max_vectors if max_vectors is not None else DEFAULT_MAX_VECTORS,
+            memory_limit_bytes=memory_limit_bytes,
+        )
+        self.model, self.cache = model, cache
+        self._graph_cache: list[Any] | None = None
+
+    def _build_graph(self, x: torch.Tensor, y: torch.Tensor | None) -> Any:
+        raise NotImplementedError
+
+    def _graphs(self) -> Any:
+        """One graph per batch, in batch order (generator, so uncached graphs are freed)."""
+        if self._graph_cache is not None:
+            yield from self._graph_cache
+            return
+        built = []
+        for x, y in self.batches:
+            g = self._build_graph(x, y)
+            if self.cache:
+                built.append(g)
+            yield g
+        if self.cache:
+            self._graph_cache = built
+
+    def clear_cache(self) -> None:
+        """Free the retained graphs (they are rebuilt at the next product)."""
+        self._graph_cache = None
+
+    def _split_params(self, X: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
+        """``(m, k)`` block -> parameter-shaped tensors, batched when ``k > 1``."""
+        if X.shape[1] == 1:
+            return list(self.space.unflatten(X[:, 0]).values()), False
+        return list(self.space.unflatten(X).values()), True
+
+    def _join_params(self, tensors: list[torch.Tensor], batched: bool) -> torch.Tensor:
+        """Parameter-shaped tensors -> ``(m, k)`` block."""
+        flat = self.space.flatten(tensors)
+        return flat if batched else flat[:, None]
+
+    def bytes_per_vector(self) -> int:
+        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
+        return 4 * (self.shape[0] + self.shape[1]) * itemsize

@@ -1,0 +1,280 @@
+r"""Curvature operators: loss Hessian, generalized Gauss-Newton, Hessian of one model output.
+
+For a dataset :math:`\{(x_n, y_n)\}_{n=1}^N`, a loss :math:`\ell` and a model
+:math:`f(\theta; x)`, the empirical risk is :math:`L(\theta) = c \sum_n \ell(f(\theta; x_n), y_n)`
+with :math:`c = 1/N` for a mean reduction and :math:`c = 1` for a sum, and
+
+.. math::
+
+    H = \nabla^2_\theta L, \qquad
+    G = c \sum_n J_n^\top \, \nabla^2_f \ell(f_n, y_n) \, J_n \quad (\text{GGN}), \qquad
+    H_j(x) = \nabla^2_\theta f_j(\theta; x) \quad (\text{output Hessian, seed 000 section 3.2}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from linops._autodiff import GradientGraph, LossFn, LossOutputGraph, OutputGraph, infer_reduction
+from linops._model import ModelOperator
+
+__all__ = ["GGNOperator", "HessianOperator", "OutputHessianOperator"]
+
+
+class _LossOperator(ModelOperator):
+    """An ``m x m`` symmetric operator defined by a loss summed or averaged over batches."""
+
+    is_symmetric = True
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: LossFn,
+        data: Any,
+        params: Any = None,
+        *,
+        reduction: str | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        batch_size: int | None = None,
+        cache: bool = True,
+        allow_train_mode: bool = False,
+        allow_reshuffle: bool = False,
+        max_vectors: int | None = None,
+        memory_limit_bytes: int | None = None,
+    ) -> None:
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+        if reduction not in (None, "mean", "sum"):
+            raise ValueError(f"reduction: expected 'mean', 'sum' or None, got {reduction!r}")
+        super().__init__(
+            model,
+            data,
+            params,
+            shape=lambda _, space: (space.dim, space.dim),
+            targets=True,
+            dtype=dtype,
+            device=device,
+            batch_size=batch_size,
+            cache=cache,
+            allow_train_mode=allow_train_mode,
+            allow_reshuffle=allow_reshuffle,
+            max_vectors=max_vectors,
+            memory_limit_bytes=memory_limit_bytes,
+        )
+        self.loss_fn, self._reduction = loss_fn, reduction
+
+    @property
+    def reduction(self) -> str:
+        """``"mean"`` or ``"sum"``: given, or inferred from the loss on the first batch."""
+        if self._reduction is None:
+            x, y = self.batches.batches[0]
+            with torch.no_grad():
+                out = self.space.functional_call(self.space.values(), x)
+            self._reduction = infer_reduction(self.loss_fn, out, y)
+        return self._reduction
+
+    def _weights(self) -> list[float]:
+        """Weight of each batch's loss in the dataset loss."""
+        sizes = [len(x) for x, _ in self.batches]
+        total = sum(sizes)
+        return [s / total for s in sizes] if self.reduction == "mean" else [1.0] * len(sizes)
+
+    def _accumulate(self, X: torch.Tensor, product: Any) -> torch.Tensor:
+        tangents, batched = self._split_params(X)
+        total = None
+        for w, graph in zip(self._weights(), self._graphs(), strict=True):
+            part = [w * t for t in product(graph, tangents, batched)]
+            total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
+        return self._join_params(total, batched)
+
+
+class HessianOperator(_LossOperator):
+    r"""The Hessian :math:`H = \nabla^2_\theta L` of the empirical risk over a dataset.
+
+    Parameters
+    ----------
+    model
+        The network (evaluated at its current parameters).
+    loss_fn
+        ``loss_fn(outputs, targets) -> scalar`` with a mean or sum reduction (a loss
+        returning per-sample values is refused).
+    data
+        An ``(X, y)`` pair of tensors or an iterable of ``(x, y)`` batches.
+    params
+        Which parameters (see :class:`linops.ParamSpace`).
+    reduction
+        ``"mean"`` or ``"sum"`` over the whole dataset; default: the loss module's
+        ``reduction`` attribute, else inferred on the first batch. With ``"mean"`` a batch of
+        ``n_b`` samples is weighted ``n_b / N``.
+    **kwargs
+        ``dtype``, ``device``, ``batch_size``, ``cache``, ``allow_train_mode``,
+        ``allow_reshuffle``, ``max_vectors``, ``memory_limit_bytes`` as in
+        :class:`linops.JacobianOperator`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> lin = torch.nn.Linear(2, 1, bias=False).double()
+    >>> X = torch.tensor([[1.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+    >>> y = torch.zeros(2, 1, dtype=torch.float64)
+    >>> loss = torch.nn.MSELoss(reduction="sum")
+    >>> HessianOperator(lin, loss, (X, y)).to_dense().tolist()  # 2 X^T X
+    [[4.0, 4.0], [4.0, 8.0]]
+    """
+
+    def _build_graph(self, x: torch.Tensor, y: torch.Tensor | None) -> GradientGraph:
+        return GradientGraph(self.space, self.loss_fn, x, y)
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        return self._accumulate(X, lambda g, t, b: g.hvp(t, b))
+
+
+class GGNOperator(_LossOperator):
+    r"""The generalized Gauss-Newton matrix :math:`G = c \sum_n J_n^\top \nabla^2_f \ell_n J_n`.
+
+    Parameters are those of :class:`HessianOperator`. The product is ``J`` (JVP), then the
+    loss Hessian w.r.t. the outputs, then ``J^T`` (VJP), all on retained graphs. :math:`G` is
+    positive semi-definite for convex losses (MSE, cross-entropy).
+    """
+
+    def _build_graph(self, x: torch.Tensor, y: torch.Tensor | None) -> Any:
+        outputs = OutputGraph(self.space, x, None)
+        shape = outputs.out.shape
+        model_shape = self.space.functional_call(self.space.values(), x[:1]).shape[1:]
+        loss = LossOutputGraph(outputs.out, _reshaped_loss(self.loss_fn, model_shape), y, shape)
+        return outputs, loss
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        def product(graphs: Any, tangents: list[torch.Tensor], batched: bool) -> Any:
+            outputs, loss = graphs
+            return outputs.vjp(loss.hvp(outputs.jvp(tangents, batched), batched), batched)
+
+        return self._accumulate(X, product)
+
+
+def _reshaped_loss(loss_fn: LossFn, model_shape: torch.Size) -> LossFn:
+    """The loss as a function of flattened ``(n, d)`` outputs."""
+    return lambda out, y: loss_fn(out.reshape(out.shape[0], *model_shape), y)
+
+
+class OutputHessianOperator(ModelOperator):
+    r"""Hessian :math:`\nabla^2_\theta f_j(\theta; x)` of one model output (seed 000 section 3.2).
+
+    The numerator of the laziness ratio
+    :math:`\|\nabla^2_\theta f_j(x)\| / \|\nabla_\theta f_j(x)\|^2`.
+
+    Parameters
+    ----------
+    model
+        The network.
+    x
+        One input (with or without a leading batch dimension of 1). A batch of several inputs
+        gives the Hessian of :math:`\sum_i f_j(\theta; x_i)`.
+    output_index
+        The output unit :math:`j`.
+    method
+        ``"exact"``: forward-over-reverse second derivatives (a backward pass through the
+        retained gradient graph). ``"finite_difference"``: the paper's central difference
+        :math:`H v \approx (\nabla f_j(\theta + h v) - \nabla f_j(\theta - h v)) / (2h)`.
+    eps
+        Relative step of the finite difference: :math:`h = \epsilon \max(1, \|\theta\|)/\|v\|`.
+        Default :math:`\epsilon_{\text{mach}}^{1/3}` (about 6e-6 in float64), which balances
+        the :math:`O(h^2)` truncation against :math:`O(\epsilon_{\text{mach}}/h)` rounding.
+    params, **kwargs
+        As in :class:`linops.JacobianOperator`.
+
+    Notes
+    -----
+    The finite-difference variant is not exactly linear in ``v`` (its error depends on ``v``)
+    and is only as symmetric as its truncation error allows; use it to reproduce the paper.
+    """
+
+    is_symmetric = True
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        output_index: int = 0,
+        *,
+        method: str = "exact",
+        eps: float | None = None,
+        params: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if method not in ("exact", "finite_difference"):
+            raise ValueError(f"method: expected 'exact' or 'finite_difference', got {method!r}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
+        self.method, self.output_index = method, output_index
+        kwargs.setdefault("dtype", None)
+        kwargs.setdefault("device", None)
+        super().__init__(
+            model,
+            x,
+            params,
+            shape=self._infer_shape,
+            targets=False,
+            batch_size=None,
+            cache=kwargs.pop("cache", True),
+            allow_train_mode=kwargs.pop("allow_train_mode", False),
+            allow_reshuffle=False,
+            max_vectors=kwargs.pop("max_vectors", None),
+            memory_limit_bytes=kwargs.pop("memory_limit_bytes", None),
+            **kwargs,
+        )
+        self.eps = eps if eps is not None else torch.finfo(self.torch_dtype).eps ** (1 / 3)
+
+    def _infer_shape(self, batches: Any, space: Any) -> tuple[int, int]:
+        x = batches.batches[0][0]
+        with torch.no_grad():
+            d_out = space.functional_call(space.values(), x[:1]).reshape(1, -1).shape[1]
+        if not 0 <= self.output_index < d_out:
+            raise ValueError(
+                f"output_index: expected an integer in [0, {d_out - 1}], got {self.output_index}"
+            )
+        return space.dim, space.dim
+
+    def _scalar_output(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = self.batches.batches[0][0]
+        out = self.space.functional_call(params, x)
+        return out.reshape(out.shape[0], -1)[:, self.output_index].sum()
+
+    def _build_graph(self, x: torch.Tensor, y: torch.Tensor | None) -> GradientGraph:
+        return GradientGraph(
+            self.space,
+            lambda out, _: out.reshape(out.shape[0], -1)[:, self.output_index].sum(),
+            x,
+            None,
+        )
+
+    def gradient(self) -> torch.Tensor:
+        """The flat gradient :math:`\\nabla_\\theta f_j(\\theta; x)` (the laziness denominator)."""
+        return self.space.flatten(self._grad_at(self.space.flat_values()))
+
+    def _grad_at(self, theta: torch.Tensor) -> list[torch.Tensor]:
+        leaves = [t.detach().requires_grad_(True) for t in self.space.unflatten(theta).values()]
+        with torch.enable_grad():
+            f = self._scalar_output(dict(zip(self.space.names, leaves, strict=True)))
+            grads = torch.autograd.grad(f, leaves, allow_unused=True)
+        return [
+            g if g is not None else torch.zeros_like(x) for g, x in zip(grads, leaves, strict=True)
+        ]
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        if self.method == "exact":
+            tangents, batched = self._split_params(X)
+            (graph,) = list(self._graphs())
+            return self._join_params(graph.hvp(tangents, batched), batched)
+        theta = self.space.flat_values()
+        scale = max(1.0, float(theta.norm()))
+        cols = []
+        for v in X.T:
+            h = self.eps * scale / max(float(v.norm()), torch.finfo(X.dtype).tiny)
+            plus = self.space.flatten(self._grad_at(theta + h * v))
+            minus = self.space.flatten(self._grad_at(theta - h * v))
+            cols.append((plus - minus) / (2 * h))
+        return torch.stack(cols, dim=1)

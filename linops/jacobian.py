@@ -1,0 +1,189 @@
+r"""The Jacobian of a model's outputs over a dataset, and the NTK Gram matrix it defines.
+
+For inputs :math:`x^{(1)}, \dots, x^{(n)}` and a model :math:`f(\theta; x) \in \mathbb{R}^{d_y}`
+with :math:`m` parameters, the Jacobian (seed 000 section 1.1, there :math:`J` of size
+:math:`n \times d_y \times m`) is flattened sample-major into the matrix
+
+.. math::
+
+    J \in \mathbb{R}^{n d_y \times m}, \qquad
+    J_{i d_y + j,\, p} = \frac{\partial f_j(\theta; x^{(i)})}{\partial \theta_p},
+
+and the empirical NTK Gram matrix is :math:`K = J J^\top` (seed 000 section 2,
+:math:`K_{NTK}(i, j) = \langle J_i, J_j \rangle`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from linops._autodiff import OutputGraph
+from linops._data import Batches
+from linops._model import ModelOperator
+from linops.base import TorchLinearOperator
+from linops.params import ParamSpace
+
+__all__ = ["JacobianOperator", "NTKOperator"]
+
+
+class JacobianOperator(ModelOperator):
+    r"""The Jacobian :math:`J` of the model outputs over a dataset, as an operator.
+
+    Parameters
+    ----------
+    model
+        The network; evaluated at its current parameter values (or at ``params`` if given as
+        a mapping).
+    inputs
+        A tensor of inputs ``(n, ...)``, an ``(X, y)`` pair (``y`` ignored), or an iterable of
+        batches.
+    params
+        Which parameters (see :class:`linops.ParamSpace`); columns follow its order.
+    output_index
+        If given, only output unit ``j``: the ``n x m`` slice :math:`J_{:, j, :}` of seed 000.
+    dtype, device
+        Of the products (default: those of the parameters); inputs are cast and moved once.
+    batch_size
+        Split tensor inputs into batches of this many samples (bounds graph memory).
+    cache
+        Keep one autodiff graph per batch between products (fast; memory of the
+        activations). ``False`` rebuilds it every product.
+    allow_train_mode, allow_reshuffle
+        Skip the checks that refuse dropout / batch norm in training mode and reshuffling
+        loaders.
+    max_vectors, memory_limit_bytes
+        Bound the number of vectors per batched pass (see :class:`TorchLinearOperator`).
+
+    Notes
+    -----
+    ``J v`` is a JVP and ``J^T y`` a VJP, both replayed on a retained graph
+    (:mod:`linops._autodiff`). Rows are ordered sample-major: row ``i * d_y + j`` is output
+    ``j`` of sample ``i``; outputs of any shape are flattened row-major per sample.
+
+    Examples
+    --------
+    >>> import torch
+    >>> lin = torch.nn.Linear(3, 2, bias=False).double()
+    >>> X = torch.eye(3, dtype=torch.float64)[:1]
+    >>> J = JacobianOperator(lin, X)
+    >>> J.shape
+    (2, 6)
+    >>> J.to_dense().tolist()  # d f_j / d W_jk = x_k
+    [[1.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0, 0.0]]
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        inputs: Any,
+        params: Any = None,
+        *,
+        output_index: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        batch_size: int | None = None,
+        cache: bool = True,
+        allow_train_mode: bool = False,
+        allow_reshuffle: bool = False,
+        max_vectors: int | None = None,
+        memory_limit_bytes: int | None = None,
+    ) -> None:
+        self.output_index = output_index
+        super().__init__(
+            model,
+            inputs,
+            params,
+            shape=self._infer_shape,
+            targets=False,
+            dtype=dtype,
+            device=device,
+            batch_size=batch_size,
+            cache=cache,
+            allow_train_mode=allow_train_mode,
+            allow_reshuffle=allow_reshuffle,
+            max_vectors=max_vectors,
+            memory_limit_bytes=memory_limit_bytes,
+        )
+
+    def _infer_shape(self, batches: Batches, space: ParamSpace) -> tuple[int, int]:
+        x0 = batches.batches[0][0][:1]
+        with torch.no_grad():
+            d_out = space.functional_call(space.values(), x0).reshape(1, -1).shape[1]
+        if self.output_index is not None and not 0 <= self.output_index < d_out:
+            raise ValueError(
+                f"output_index: expected an integer in [0, {d_out - 1}], got {self.output_index}"
+            )
+        self.num_outputs = 1 if self.output_index is not None else d_out
+        self.batch_rows = [len(x) * self.num_outputs for x, _ in batches]
+        return sum(self.batch_rows), space.dim
+
+    def _build_graph(self, x: torch.Tensor, y: torch.Tensor | None) -> OutputGraph:
+        return OutputGraph(self.space, x, self.output_index)
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        tangents, batched = self._split_params(X)
+        rows = []
+        for graph in self._graphs():
+            jv = graph.jvp(tangents, batched)  # (k, n_b, d) or (n_b, d)
+            rows.append(jv.reshape(X.shape[1], -1).T if batched else jv.reshape(-1, 1))
+        return torch.cat(rows, dim=0)
+
+    def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
+        k, batched = Y.shape[1], Y.shape[1] > 1
+        total = None
+        for graph, Yb in zip(self._graphs(), torch.split(Y, self.batch_rows), strict=True):
+            shape = graph.out.shape
+            cot = Yb.T.reshape(k, *shape) if batched else Yb.reshape(shape)
+            part = graph.vjp(cot, batched)
+            total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
+        return self._join_params(total, batched)
+
+
+class NTKOperator(TorchLinearOperator):
+    r"""The empirical NTK Gram matrix :math:`K = J_1 J_2^\top`, never forming :math:`J`.
+
+    Parameters
+    ----------
+    model
+        The network.
+    inputs
+        Inputs of the rows (see :class:`JacobianOperator`).
+    inputs2
+        Inputs of the columns for the cross-kernel :math:`J_1 J_2^\top`; default ``inputs``
+        (then the operator is symmetric positive semi-definite).
+    params, output_index, **kwargs
+        Passed to both :class:`JacobianOperator`\ s.
+
+    Examples
+    --------
+    >>> import torch
+    >>> lin = torch.nn.Linear(2, 1, bias=False).double()
+    >>> X = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    >>> NTKOperator(lin, X).to_dense().tolist()  # K = X X^T for a linear model
+    [[1.0, 1.0], [1.0, 2.0]]
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        inputs: Any,
+        inputs2: Any = None,
+        params: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        self.J1 = JacobianOperator(model, inputs, params, **kwargs)
+        self.J2 = self.J1 if inputs2 is None else JacobianOperator(model, inputs2, params, **kwargs)
+        self.is_symmetric = inputs2 is None
+        super().__init__(
+            (self.J1.shape[0], self.J2.shape[0]),
+            dtype=self.J1.torch_dtype,
+            device=self.J1.device,
+        )
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        return self.J1._apply(self.J2._apply(X, adjoint=True))
+
+    def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
+        return self.J2._apply(self.J1._apply(Y, adjoint=True))
