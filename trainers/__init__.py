@@ -2,6 +2,7 @@
 
 from trainers._base import Callback, History, RelativeDistance, Trainer, make_optimizer
 from trainers.backprop import BackpropTrainer
+from trainers.linearized import LinearizedTrainer
 
 __all__ = [
     # shared interface
@@ -12,4 +13,5 @@ __all__ = [
     "make_optimizer",
     # trainers
     "BackpropTrainer",
+    "LinearizedTrainer",
 ]
