@@ -3,6 +3,7 @@
 from trainers._base import Callback, History, RelativeDistance, Trainer, make_optimizer
 from trainers.backprop import BackpropTrainer
 from trainers.linearized import LinearizedTrainer
+from trainers.lowrank import LowRankFactors, LowRankJacobianTrainer, lowrank_factors
 
 __all__ = [
     # shared interface
@@ -14,4 +15,7 @@ __all__ = [
     # trainers
     "BackpropTrainer",
     "LinearizedTrainer",
+    "LowRankJacobianTrainer",
+    "LowRankFactors",
+    "lowrank_factors",
 ]

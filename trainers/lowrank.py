@@ -1,0 +1,541 @@
+r"""Backprop-free training with a stored low-rank Jacobian (seed 000 section 3.3, Algorithm 1).
+
+Notation (seed 000 section 1.1): ``n`` training samples, ``d`` outputs, ``m`` parameters,
+:math:`J \in \mathbb{R}^{nd \times m}` the Jacobian at the reference point :math:`w_0`
+(sample-major rows ``i * d + j``, as :class:`linops.JacobianOperator`), :math:`J_j` its
+``n x m`` slice for output unit ``j`` and :math:`a_t = \partial \ell / \partial f` the loss
+gradient with respect to the outputs (zero outside the batch :math:`S`). The true gradient of
+the linearized model is equation 5, :math:`g = J^\top a_t = \sum_j J_j^\top a_{t,:,j}`.
+
+**Preprocessing** (Algorithm 1, once per refresh), for each unit ``j`` (``per_unit=True``) or
+once for all outputs jointly (``per_unit=False``, then :math:`J_j` below reads :math:`J`):
+
+1. a reference set :math:`\mathcal{R}` of ``r`` weights (:func:`estimators.reference.select_reference_set`,
+   any strategy there);
+2. :math:`A = [J_j]_{:, \mathcal{R}}` by JVPs on unit tangents, optionally row-centred
+   (:func:`estimators.reference.reference_jacobian`);
+3. :math:`V_j` = the leading eigenvectors of :math:`A A^\top` from the ``r x r`` Gram
+   :math:`A^\top A` (Proposition 3.1, :func:`estimators.reference.reference_gram_eigh`);
+4. :math:`P_j = J_j^\top V_j` by batched VJPs (the Jacobian is never formed).
+
+Stacking the units, :math:`V \in \mathbb{R}^{nd \times k}` (block ``j`` lives on the rows of
+unit ``j``), :math:`P = J^\top V \in \mathbb{R}^{m \times k}`, ``k = sum_j rank_j``.
+
+**Training**, with no backward pass through the network. Two readings of "reconstruct the
+Jacobian" (the paper is ambiguous; both train the linear model :math:`f_0 + \hat J \delta`):
+
+* ``projection="sample"`` (the paper's Algorithm 1 and its "justification"):
+  :math:`\hat J = V V^\top J = V P^\top`, so the update is
+  :math:`\hat g = P\, V_S^\top a_S = J^\top \Pi_V a` -- the exact gradient of the projected
+  output residual :math:`\Pi_V a`. Unless :math:`V` is an invariant subspace of
+  :math:`J J^\top` (reference set = all weights) :math:`\hat g` is *not* the best
+  approximation of :math:`g` inside the stored subspace.
+* ``projection="parameter"`` (default, the sound version): :math:`\hat J = J \Pi_P` with
+  :math:`\Pi_P` the orthogonal projector onto :math:`\mathrm{span}(P)`, stored as an orthonormal
+  basis :math:`B` (from the ``k x k`` Gram :math:`P^\top P`) and :math:`JB` (``k`` JVPs):
+  :math:`\hat g = B\,(JB)_S^\top a_S = \Pi_P\, g`, the orthogonal projection of the true
+  linearized gradient onto the stored subspace (its error is orthogonal to the subspace).
+  Every update of both variants lies in :math:`\mathrm{span}(P)`; this one is the closest
+  to :math:`g` there. The two coincide when :math:`V` is :math:`JJ^\top`-invariant.
+
+With every eigenvector kept and ``center=False`` both equal :math:`g` exactly
+(:math:`J_j^\top V_j V_j^\top = J_j^\top` once :math:`V_j` spans the range of :math:`J_j`).
+Centring (``center=True``, the paper's PCA of the weights' ``n``-dimensional
+representations) only changes the subspace :math:`V`; :math:`P = J^\top V` always uses the
+uncentred Jacobian, because :math:`\tilde J^\top a = g - \bar g \mathbf{1}` is not a gradient.
+
+The outputs that give :math:`a_t` come from a forward pass (``outputs="forward"``, the
+paper: the network itself is trained) or from the stored linearization
+(``outputs="linearized"``: :math:`f_S = f_0 + \hat J_S (w - w_0)`, no forward pass at all).
+Per step the update costs :math:`O(mk + |S| d k)` time and :math:`O(mk + ndk)` memory,
+independent of how often the architecture reuses each parameter; a forward pass adds its own
+cost in ``outputs="forward"``.
+
+**Refresh** (reviewers' third question): the factors are recomputed at the current weights
+every ``refresh_every`` steps, or when the drift estimate
+:math:`\|f(w; x_S) - f_{\text{stored}}\| / \|f(w; x_S) - f_0(x_S)\|` (relative error of the
+stored model's predicted output change, one forward pass) exceeds ``refresh_tol``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from estimators.reference import (
+    reference_gram_eigh,
+    reference_jacobian,
+    select_reference_set,
+)
+from linops.jacobian import JacobianOperator
+from trainers._base import LossFn, Trainer
+
+__all__ = ["LowRankFactors", "LowRankJacobianTrainer", "lowrank_factors"]
+
+PROJECTIONS = ("parameter", "sample")
+OUTPUTS = ("forward", "linearized")
+
+
+class LowRankFactors(NamedTuple):
+    r"""What Algorithm 1's preprocessing stores (module docstring for the algebra).
+
+    Attributes
+    ----------
+    w_ref
+        ``(m,)`` the linearization point :math:`w_0`.
+    f0
+        ``(n, d)`` outputs at ``w_ref`` on the training inputs.
+    V
+        ``(n d, k)`` sample-space basis (unit ``j``'s block on rows ``i * d + j``).
+    P
+        ``(m, k)`` :math:`J^\top V` (``projection="sample"``; ``None`` otherwise).
+    B
+        ``(m, k')`` orthonormal basis of :math:`\mathrm{span}(P)` (``"parameter"``; else ``None``).
+    JB
+        ``(n d, k')`` :math:`J B` (``"parameter"``; else ``None``).
+    ranks
+        Eigenvectors kept per unit (one entry when joint).
+    reference
+        The reference index sets, one per unit (or one when joint).
+    seconds
+        Wall-clock time of the preprocessing.
+    """
+
+    w_ref: torch.Tensor
+    f0: torch.Tensor
+    V: torch.Tensor
+    P: torch.Tensor | None
+    B: torch.Tensor | None
+    JB: torch.Tensor | None
+    ranks: list[int]
+    reference: list[torch.Tensor]
+    seconds: float
+
+
+def _check_choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+    return value
+
+
+def _check_int(value: Any, name: str, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+    return value
+
+
+def _reference_blocks(
+    model: torch.nn.Module,
+    X: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    d: int,
+    *,
+    reference_size: int,
+    strategy: Any,
+    per_unit: bool,
+    center: bool,
+    generator: torch.Generator,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Reference matrices ``A`` (one per unit, or one joint) and their index sets."""
+    kw = {"params": params}
+    units: list[int | None] = list(range(d)) if per_unit else [None]
+    shared = not isinstance(strategy, str) or strategy in ("random", "magnitude")
+    if shared:  # one reference set for every unit: one joint JVP pass, sliced per unit
+        idx = select_reference_set(model, X, reference_size, strategy, generator=generator, **kw)
+        A = reference_jacobian(model, X, idx, center=False, **kw)
+        if not per_unit:
+            return [_center(A) if center else A], [idx]
+        blocks = [A.reshape(len(X), d, -1)[:, j] for j in range(d)]
+        return [_center(a) if center else a for a in blocks], [idx] * d
+    As, sets = [], []
+    for j in units:
+        idx = select_reference_set(
+            model, X, reference_size, strategy, output_index=j, generator=generator, **kw
+        )
+        As.append(reference_jacobian(model, X, idx, output_index=j, center=center, **kw))
+        sets.append(idx)
+    return As, sets
+
+
+def _center(A: torch.Tensor) -> torch.Tensor:
+    return A - A.mean(dim=1, keepdim=True)
+
+
+def _orthonormal_basis(P: torch.Tensor, rtol: float | None) -> torch.Tensor:
+    r"""``B = P U_k S_k^{-1/2}`` from ``P^T P = U S U^T`` (eigenvalues above ``rtol * s_1``)."""
+    M = (P.T @ P).double()
+    s, U = torch.linalg.eigh(M)
+    s, U = s.flip(0), U.flip(1)
+    tol = (P.shape[1] * torch.finfo(P.dtype).eps if rtol is None else rtol) * float(s[0])
+    keep = s > max(tol, 0.0)
+    return P @ (U[:, keep] / s[keep].sqrt()).to(P.dtype)
+
+
+def lowrank_factors(
+    model: torch.nn.Module,
+    X: torch.Tensor,
+    rank: int,
+    *,
+    params: dict[str, torch.Tensor] | None = None,
+    reference_size: int | None = None,
+    strategy: Any = "random",
+    per_unit: bool = True,
+    center: bool = False,
+    projection: str = "parameter",
+    rtol: float | None = None,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+) -> LowRankFactors:
+    r"""Algorithm 1's preprocessing at ``params`` (default: the model's current parameters).
+
+    Parameters
+    ----------
+    model
+        The network.
+    X
+        ``(n, ...)`` training inputs (all of them: the stored rows are indexed by sample).
+    rank
+        Eigenvectors kept per unit (or jointly): at most ``rank``, fewer when the reference
+        Gram has fewer eigenvalues above the threshold of
+        :func:`estimators.reference.reference_gram_eigh` (``rtol``).
+    params
+        Parameter values by name (the linearization point); default the model's.
+    reference_size
+        Size ``r`` of the reference set; default ``rank`` (the paper uses one ``r``).
+    strategy
+        A strategy of :func:`estimators.reference.select_reference_set` or explicit indices.
+    per_unit
+        One reference set and basis per output unit (the paper) or one joint basis.
+    center
+        Row-centre the reference matrix before its eigendecomposition (the paper's PCA).
+    projection
+        ``"parameter"`` (sound, default) or ``"sample"`` (the paper); module docstring.
+    rtol
+        Relative eigenvalue threshold for the reference Gram and for :math:`P^\top P`.
+    batch_size
+        Samples per batch of the JVP/VJP passes (bounds the memory of the retained graphs).
+    generator
+        For the ``"random"`` and ``"leverage"`` strategies (default seeded 0).
+
+    Returns
+    -------
+    LowRankFactors
+
+    Raises
+    ------
+    ValueError
+        For a bad ``rank``, ``reference_size`` or ``projection``.
+    """
+    start = time.perf_counter()
+    _check_choice(projection, "projection", PROJECTIONS)
+    rank = _check_int(rank, "rank")
+    reference_size = _check_int(reference_size or rank, "reference_size")
+    if reference_size < rank:
+        raise ValueError(f"reference_size: expected >= rank = {rank}, got {reference_size}")
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in (params or dict(model.named_parameters())).items()}
+    names = [n for n in names if n in params]
+    params = {n: params[n] for n in names}
+    w_ref = torch.cat([params[n].reshape(-1) for n in names])
+    X = X.to(dtype=w_ref.dtype, device=w_ref.device)
+    with torch.no_grad():
+        f0 = torch.cat(
+            [
+                torch.func.functional_call(model, params, (X[i : i + (batch_size or len(X))],))
+                for i in range(0, len(X), batch_size or len(X))
+            ]
+        ).reshape(len(X), -1)
+    n, d = f0.shape
+    rows = n * d if not per_unit else n
+    reference_size = min(reference_size, w_ref.numel())
+    As, sets = _reference_blocks(
+        model,
+        X,
+        params,
+        d,
+        reference_size=reference_size,
+        strategy=strategy,
+        per_unit=per_unit,
+        center=center,
+        generator=gen,
+    )
+    Vs = [reference_gram_eigh(A, rtol=rtol).left_vectors[:, :rank] for A in As]
+    V = _stack_units(Vs, n, d, per_unit, rows)
+    J = JacobianOperator(model, X, params, batch_size=batch_size)
+    P = J._apply(V, adjoint=True)
+    B = JB = None
+    if projection == "parameter":
+        B = _orthonormal_basis(P, rtol)
+        JB = J._apply(B)
+        P = None
+    J.clear_cache()
+    ranks = [v.shape[1] for v in Vs]
+    return LowRankFactors(w_ref, f0, V, P, B, JB, ranks, sets, time.perf_counter() - start)
+
+
+def _stack_units(Vs: list[torch.Tensor], n: int, d: int, per_unit: bool, rows: int) -> torch.Tensor:
+    """Unit bases ``V_j (n, k_j)`` -> one ``(n d, k)`` block matrix on sample-major rows."""
+    if not per_unit:
+        return Vs[0]
+    k = sum(v.shape[1] for v in Vs)
+    V = Vs[0].new_zeros(n, d, k)
+    col = 0
+    for j, v in enumerate(Vs):
+        V[:, j, col : col + v.shape[1]] = v
+        col += v.shape[1]
+    return V.reshape(n * d, k)
+
+
+class _RowIndex:
+    """Exact lookup of batch rows among the training inputs (byte-wise, vectorised)."""
+
+    def __init__(self, X: torch.Tensor) -> None:
+        self.keys = self._keys(X)
+        self.order = np.argsort(self.keys, kind="stable")
+        self.sorted = self.keys[self.order]
+
+    @staticmethod
+    def _keys(x: torch.Tensor) -> np.ndarray:
+        a = np.ascontiguousarray(x.detach().reshape(len(x), -1).cpu().numpy())
+        return a.view(np.dtype((np.void, a.dtype.itemsize * a.shape[1]))).ravel()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q = self._keys(x)
+        if q.dtype != self.sorted.dtype:
+            raise ValueError(
+                "x: expected inputs from the training set given to the trainer, got rows of "
+                f"another size or dtype ({x.dtype}, shape {tuple(x.shape)})"
+            )
+        pos = np.clip(np.searchsorted(self.sorted, q), 0, len(self.sorted) - 1)
+        if not np.array_equal(self.sorted[pos], q):
+            raise ValueError(
+                "x: expected inputs from the training set given to the trainer, got rows that "
+                "are not in it"
+            )
+        return torch.as_tensor(self.order[pos], dtype=torch.long)
+
+
+class LowRankJacobianTrainer(Trainer):
+    r"""Seed 000 Algorithm 1: training without backpropagation from stored Jacobian factors.
+
+    Parameters
+    ----------
+    model
+        The network; preprocessing happens at its current parameters.
+    loss_fn
+        ``loss_fn(outputs, targets) -> scalar``.
+    X_train
+        ``(n, ...)`` the training inputs; batches handed to :meth:`direction` must be rows of
+        it (they are located by exact lookup).
+    rank
+        Eigenvectors kept per output unit (or jointly), ``r`` in the paper.
+    reference_size
+        Reference-set size (default ``rank``).
+    strategy
+        Reference-set strategy of :func:`estimators.reference.select_reference_set`
+        (``"random"``, ``"magnitude"``, ``"gradient"``, ``"leverage"``) or explicit indices.
+    per_unit
+        Per output unit (the paper, default) or jointly over the outputs.
+    center
+        Row-centre the reference matrix (the paper); default false.
+    projection
+        ``"parameter"`` (default, sound) or ``"sample"`` (the paper); see the module docstring.
+    outputs
+        ``"forward"`` (a forward pass gives :math:`a_t`) or ``"linearized"`` (stored model).
+    refresh_every
+        Recompute the factors every this many steps (``None``: never).
+    refresh_tol
+        Recompute them when the drift estimate exceeds this (``None``: never).
+    rtol, batch_size
+        Passed to :func:`lowrank_factors`.
+    seed
+        Seed of the generator of the reference-set selection (each refresh draws anew).
+    optimizer, params, **optimizer_kw
+        As for every :class:`trainers.Trainer`.
+
+    Attributes
+    ----------
+    factors
+        The current :class:`LowRankFactors` (``None`` before the first step or
+        :meth:`preprocess`).
+    seconds_preprocess
+        Wall-clock time of every preprocessing, in order.
+    refresh_steps
+        Steps at which the factors were (re)computed.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from trainers.models import MLP
+    >>> g = torch.Generator().manual_seed(0)
+    >>> X, y = torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
+    >>> net = MLP(4, 3, 64, generator=g)
+    >>> t = LowRankJacobianTrainer(net, torch.nn.functional.cross_entropy, X, rank=8, lr=0.5)
+    >>> h = t.fit(X, y, epochs=20, progress=False)
+    >>> h.loss[-1] < h.loss[0]
+    True
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: LossFn,
+        X_train: torch.Tensor,
+        *,
+        rank: int,
+        reference_size: int | None = None,
+        strategy: Any = "random",
+        per_unit: bool = True,
+        center: bool = False,
+        projection: str = "parameter",
+        outputs: str = "forward",
+        refresh_every: int | None = None,
+        refresh_tol: float | None = None,
+        rtol: float | None = None,
+        batch_size: int | None = None,
+        seed: int = 0,
+        optimizer: str | Callable[..., torch.optim.Optimizer] = "sgd",
+        params: Any = None,
+        **optimizer_kw: Any,
+    ) -> None:
+        if not isinstance(X_train, torch.Tensor) or X_train.ndim < 1 or len(X_train) == 0:
+            raise TypeError(
+                "X_train: expected a non-empty tensor of training inputs, got "
+                f"{type(X_train).__name__}"
+            )
+        super().__init__(model, loss_fn, optimizer=optimizer, params=params, **optimizer_kw)
+        self.rank = _check_int(rank, "rank")
+        if reference_size is not None:
+            _check_int(reference_size, "reference_size")
+        self.projection = _check_choice(projection, "projection", PROJECTIONS)
+        self.outputs = _check_choice(outputs, "outputs", OUTPUTS)
+        if refresh_every is not None:
+            _check_int(refresh_every, "refresh_every")
+        if refresh_tol is not None and not (math.isfinite(refresh_tol) and refresh_tol > 0):
+            raise ValueError(f"refresh_tol: expected a positive number, got {refresh_tol!r}")
+        self.refresh_every, self.refresh_tol = refresh_every, refresh_tol
+        self.options = {
+            "reference_size": reference_size,
+            "strategy": strategy,
+            "per_unit": bool(per_unit),
+            "center": bool(center),
+            "projection": projection,
+            "rtol": rtol,
+            "batch_size": batch_size,
+        }
+        self.X_train = X_train.to(dtype=self.space.dtype, device=self.space.device)
+        self._rows = _RowIndex(self.X_train)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.factors: LowRankFactors | None = None
+        self.seconds_preprocess: list[float] = []
+        self.refresh_steps: list[int] = []
+        self._since_refresh = 0
+        self._drift = 0.0
+
+    # ----------------------------------------------------------------- preprocessing
+    def preprocess(self) -> LowRankFactors:
+        """Run (or rerun) Algorithm 1's preprocessing at the current parameters."""
+        self.factors = lowrank_factors(
+            self.model,
+            self.X_train,
+            self.rank,
+            params=self.params,
+            generator=self.generator,
+            **self.options,
+        )
+        self.seconds_preprocess.append(self.factors.seconds)
+        self.refresh_steps.append(self.steps_done)
+        self._since_refresh, self._drift = 0, 0.0
+        return self.factors
+
+    def _maybe_refresh(self) -> None:
+        due = self.factors is None
+        due |= self.refresh_every is not None and self._since_refresh >= self.refresh_every
+        due |= self.refresh_tol is not None and self._drift > self.refresh_tol
+        if due:
+            self.preprocess()
+
+    # ----------------------------------------------------------------- the algebra
+    def _flat_params(self) -> torch.Tensor:
+        return torch.cat([self.params[n].detach().reshape(-1) for n in self.space.names])
+
+    def _rows_of(self, idx: torch.Tensor) -> torch.Tensor:
+        d = self.factors.f0.shape[1]
+        return (idx[:, None] * d + torch.arange(d)).reshape(-1).to(self.factors.f0.device)
+
+    def stored_outputs(self, idx: torch.Tensor) -> torch.Tensor:
+        r"""Outputs of the stored model, :math:`f_0 + \hat J (w - w_0)`, on training rows ``idx``."""
+        F = self.factors
+        delta = self._flat_params() - F.w_ref
+        rows = self._rows_of(idx)
+        if F.B is not None:
+            change = F.JB[rows] @ (F.B.T @ delta)
+        else:
+            change = F.V[rows] @ (F.P.T @ delta)
+        return F.f0[idx.to(F.f0.device)] + change.reshape(len(idx), -1)
+
+    def approximate_gradient(
+        self, idx: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r"""Loss, flat update :math:`\hat g` and outputs on training rows ``idx`` (no side effects).
+
+        ``x`` (the inputs of those rows) is needed with ``outputs="forward"``.
+        """
+        F = self.factors
+        if self.outputs == "forward":
+            x = self.X_train[idx] if x is None else x
+            with torch.no_grad():
+                out = self.forward(x)
+        else:
+            out = self.stored_outputs(idx)
+        out = out.detach().reshape(len(idx), *self._out_shape()).requires_grad_(True)
+        with torch.enable_grad():
+            loss = self.loss_fn(out, y)
+            (a,) = torch.autograd.grad(loss, out)
+        a = a.reshape(-1)
+        rows = self._rows_of(idx)
+        g = F.B @ (F.JB[rows].T @ a) if F.B is not None else F.P @ (F.V[rows].T @ a)
+        return loss.detach(), g, out.detach()
+
+    def _out_shape(self) -> torch.Size:
+        shape = getattr(self, "_shape", None)
+        if shape is None:
+            with torch.no_grad():
+                shape = self.forward(self.X_train[:1]).shape[1:]
+            self._shape = shape
+        return shape
+
+    # ----------------------------------------------------------------- the trainer interface
+    def direction(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+        """Loss on the batch and the low-rank update :math:`\\hat g` (refreshing if due)."""
+        self._maybe_refresh()
+        idx = self._rows(x)
+        loss, g, out = self.approximate_gradient(idx, y, x)
+        if self.refresh_tol is not None:
+            self._drift = self.drift(idx, out if self.outputs == "forward" else None)
+            self.history.log(drift=self._drift)
+        self._since_refresh += 1
+        return float(loss), self.space.unflatten(g)
+
+    def drift(self, idx: torch.Tensor, network_outputs: torch.Tensor | None = None) -> float:
+        r"""Relative error of the stored model's predicted output change on rows ``idx``.
+
+        :math:`\|f(w; x) - f_{\text{stored}}(x)\| / \|f(w; x) - f_0(x)\|` (0 at the reference
+        point); one forward pass unless ``network_outputs`` are given.
+        """
+        F = self.factors
+        if network_outputs is None:
+            with torch.no_grad():
+                network_outputs = self.forward(self.X_train[idx])
+        net = network_outputs.reshape(len(idx), -1)
+        f0 = F.f0[idx.to(F.f0.device)]
+        moved = float((net - f0).norm())
+        if moved == 0.0:
+            return 0.0
+        return float((net - self.stored_outputs(idx)).norm()) / moved
