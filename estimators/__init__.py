@@ -13,6 +13,18 @@ from estimators.guesses import (
     WTranspose,
     make_guesser,
 )
+from estimators.reference import (
+    STRATEGIES,
+    RankCurve,
+    ReferenceGram,
+    exact_jacobian_rank,
+    jacobian_column_norms,
+    rank_curve,
+    reference_gram_eigh,
+    reference_jacobian,
+    reference_rank,
+    select_reference_set,
+)
 
 __all__ = [
     # seed 003: gradient guessers
@@ -27,4 +39,15 @@ __all__ = [
     "SelfSharpening",
     "WTranspose",
     "make_guesser",
+    # seed 000: reference-set Jacobians and low-rank checks
+    "STRATEGIES",
+    "RankCurve",
+    "ReferenceGram",
+    "exact_jacobian_rank",
+    "jacobian_column_norms",
+    "rank_curve",
+    "reference_gram_eigh",
+    "reference_jacobian",
+    "reference_rank",
+    "select_reference_set",
 ]
