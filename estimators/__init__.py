@@ -1,5 +1,20 @@
 """estimators: stochastic estimators and model-analysis quantities."""
 
+from estimators.guess_quality import (
+    ActivationGradientOverlap,
+    BiasAnalysis,
+    CosineSaturation,
+    CosineSimilarity,
+    GuessCovarianceOperator,
+    GuessNoiseOperator,
+    OneStep,
+    activation_gradient_overlap,
+    cosine_saturation,
+    guess_bias,
+    guess_cosine,
+    one_step_effectiveness,
+    true_gradient,
+)
 from estimators.guesses import (
     GUESSERS,
     ActivationMixing,
@@ -50,4 +65,18 @@ __all__ = [
     "reference_jacobian",
     "reference_rank",
     "select_reference_set",
+    # seed 003: guess quality
+    "ActivationGradientOverlap",
+    "BiasAnalysis",
+    "CosineSaturation",
+    "CosineSimilarity",
+    "GuessCovarianceOperator",
+    "GuessNoiseOperator",
+    "OneStep",
+    "activation_gradient_overlap",
+    "cosine_saturation",
+    "guess_bias",
+    "guess_cosine",
+    "one_step_effectiveness",
+    "true_gradient",
 ]

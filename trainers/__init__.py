@@ -2,6 +2,7 @@
 
 from trainers._base import Callback, History, RelativeDistance, Trainer, make_optimizer
 from trainers.backprop import BackpropTrainer
+from trainers.forward import ForwardGradientTrainer, GuessCosine
 from trainers.linearized import LinearizedTrainer
 from trainers.lowrank import LowRankFactors, LowRankJacobianTrainer, lowrank_factors
 
@@ -18,4 +19,7 @@ __all__ = [
     "LowRankJacobianTrainer",
     "LowRankFactors",
     "lowrank_factors",
+    # seed 003: forward-gradient training
+    "ForwardGradientTrainer",
+    "GuessCosine",
 ]
