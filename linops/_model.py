@@ -40,8 +40,12 @@ class ModelOperator(TorchLinearOperator):
         allow_reshuffle: bool,
         max_vectors: int | None,
         memory_limit_bytes: int | None,
+        process_group: Any = None,
     ) -> None:
         check_model_mode(model, allow_train_mode=allow_train_mode)
+        _check_process_group(process_group)
+        self.process_group = process_group
+        self._num_samples: int | None = None
         space = ParamSpace(model, params)
         dtype = dtype or space.dtype
         if not (dtype.is_floating_point or dtype.is_complex):
@@ -84,6 +88,25 @@ class ModelOperator(TorchLinearOperator):
         if self.cache:
             self._graph_cache = built
 
+    @property
+    def num_samples(self) -> int:
+        """Samples in the dataset; with a ``process_group``, over all its ranks (a collective)."""
+        if self._num_samples is None:
+            if self.process_group is None:
+                self._num_samples = self.batches.num_samples
+            else:
+                from linops.distributed import global_num_samples
+
+                self._num_samples = global_num_samples(self)
+        return self._num_samples
+
+    def _apply(self, X: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
+        if self.process_group is None:
+            return super()._apply(X, adjoint)
+        from linops.distributed import data_parallel_apply
+
+        return data_parallel_apply(self, X, adjoint)
+
     def clear_cache(self) -> None:
         """Free the retained graphs (they are rebuilt at the next product)."""
         self._graph_cache = None
@@ -102,3 +125,20 @@ class ModelOperator(TorchLinearOperator):
     def bytes_per_vector(self) -> int:
         itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
         return 4 * (self.shape[0] + self.shape[1]) * itemsize
+
+
+def _check_process_group(group: Any) -> None:
+    if group is None:
+        return
+    dist = torch.distributed
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"process_group: expected a torch.distributed ProcessGroup or None, got "
+            f"{type(group).__name__}"
+        )
+    if not dist.is_initialized():
+        raise ValueError(
+            "process_group: expected a group of an initialised torch.distributed "
+            "(call torch.distributed.init_process_group first), got a process group while "
+            "torch.distributed is not initialised"
+        )

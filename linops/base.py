@@ -237,12 +237,27 @@ class TorchLinearOperator(LinearOperator):
         return aslinearoperator(other) + (-self)
 
     # ----------------------------------------------------------------- dense forms
-    def to_dense(self, *, max_vectors: int | None = None) -> torch.Tensor:
+    def to_dense(
+        self,
+        *,
+        max_vectors: int | None = None,
+        process_group: Any = None,
+        checkpoint_dir: Any = None,
+    ) -> torch.Tensor:
         """The operator as a dense ``(m, n)`` tensor on its device, built in column chunks.
 
         Meant for small operators and tests. ``max_vectors`` bounds the columns per pass
-        (default: the operator's own bound, else 256).
+        (default: the operator's own bound, else 256). With a ``torch.distributed``
+        ``process_group`` the column chunks are split across its ranks and all-gathered; with
+        a ``checkpoint_dir`` every chunk is saved as it is computed and a rerun resumes
+        (see :func:`linops.distributed.dense_columns`).
         """
+        if process_group is not None or checkpoint_dir is not None:
+            from linops.distributed import dense_columns
+
+            return dense_columns(
+                self, process_group, max_vectors=max_vectors, checkpoint_dir=checkpoint_dir
+            )
         m, n = self.shape
         chunk = max_vectors or self.vectors_per_pass() or 256
         eye = torch.eye(n, dtype=self.torch_dtype, device=self.device)
@@ -360,7 +375,7 @@ class _Dense(TorchLinearOperator):
     def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
         return self.A.mH @ Y
 
-    def to_dense(self, *, max_vectors: int | None = None) -> torch.Tensor:
+    def to_dense(self, **_: Any) -> torch.Tensor:
         return self.A
 
 

@@ -44,6 +44,7 @@ class _LossOperator(ModelOperator):
         allow_reshuffle: bool = False,
         max_vectors: int | None = None,
         memory_limit_bytes: int | None = None,
+        process_group: Any = None,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
@@ -63,6 +64,7 @@ class _LossOperator(ModelOperator):
             allow_reshuffle=allow_reshuffle,
             max_vectors=max_vectors,
             memory_limit_bytes=memory_limit_bytes,
+            process_group=process_group,
         )
         self.loss_fn, self._reduction = loss_fn, reduction
 
@@ -79,7 +81,7 @@ class _LossOperator(ModelOperator):
     def _weights(self) -> list[float]:
         """Weight of each batch's loss in the dataset loss."""
         sizes = [len(x) for x, _ in self.batches]
-        total = sum(sizes)
+        total = self.num_samples  # over all ranks of the process group, if any
         return [s / total for s in sizes] if self.reduction == "mean" else [1.0] * len(sizes)
 
     def _accumulate(self, X: torch.Tensor, product: Any) -> torch.Tensor:
@@ -109,6 +111,12 @@ class HessianOperator(_LossOperator):
         ``"mean"`` or ``"sum"`` over the whole dataset; default: the loss module's
         ``reduction`` attribute, else inferred on the first batch. With ``"mean"`` a batch of
         ``n_b`` samples is weighted ``n_b / N``.
+    process_group
+        A ``torch.distributed`` process group: each rank passes its own shard of the data,
+        a product is the all-reduce of the local products (replicated on every rank) and
+        ``N`` counts the samples of all ranks, so the operator is the single-process one on
+        the concatenated shards (see :mod:`linops.distributed`). Every product is a
+        collective: all ranks must call them in the same order.
     **kwargs
         ``dtype``, ``device``, ``batch_size``, ``cache``, ``allow_train_mode``,
         ``allow_reshuffle``, ``max_vectors``, ``memory_limit_bytes`` as in

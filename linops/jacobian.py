@@ -55,6 +55,13 @@ class JacobianOperator(ModelOperator):
         loaders.
     max_vectors, memory_limit_bytes
         Bound the number of vectors per batched pass (see :class:`TorchLinearOperator`).
+    process_group
+        A ``torch.distributed`` process group: each rank passes its own shard of the inputs
+        (contiguous, in rank order, e.g. :func:`linops.distributed.shard`) and the operator
+        is the Jacobian of the concatenated shards, replicated on both sides: ``J v``
+        all-gathers the rows (rank ``r`` computes rows ``local_rows``), ``J^T y``
+        all-reduces the VJPs of each rank's slice of ``y``. Construction and every product
+        are collectives (see :mod:`linops.distributed`).
 
     Notes
     -----
@@ -89,6 +96,7 @@ class JacobianOperator(ModelOperator):
         allow_reshuffle: bool = False,
         max_vectors: int | None = None,
         memory_limit_bytes: int | None = None,
+        process_group: Any = None,
     ) -> None:
         self.output_index = output_index
         super().__init__(
@@ -105,9 +113,26 @@ class JacobianOperator(ModelOperator):
             allow_reshuffle=allow_reshuffle,
             max_vectors=max_vectors,
             memory_limit_bytes=memory_limit_bytes,
+            process_group=process_group,
         )
 
     def _infer_shape(self, batches: Batches, space: ParamSpace) -> tuple[int, int]:
+        if self.process_group is None:
+            return self._local_shape(batches, space)
+        from linops.distributed import gather_counts
+
+        def local() -> tuple[int, dict[str, int]]:
+            rows, m = self._local_shape(batches, space)
+            return rows, {"parameters": m, "outputs per sample": self.num_outputs}
+
+        #: rows owned by each rank, in rank order (this rank's rows are ``local_rows``)
+        self.row_counts = gather_counts(self, local, device=batches._device)
+        rank = torch.distributed.get_rank(self.process_group)
+        start = sum(self.row_counts[:rank])
+        self.local_rows = range(start, start + self.row_counts[rank])
+        return sum(self.row_counts), space.dim
+
+    def _local_shape(self, batches: Batches, space: ParamSpace) -> tuple[int, int]:
         x0 = batches.batches[0][0][:1]
         with torch.no_grad():
             d_out = space.functional_call(space.values(), x0).reshape(1, -1).shape[1]

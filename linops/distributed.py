@@ -1,0 +1,477 @@
+r"""Data-parallel operators on ``torch.distributed``: sharding, agreement, failure propagation.
+
+An operator over a dataset :math:`\mathcal{D} = \mathcal{D}_0 \cup \dots \cup \mathcal{D}_{P-1}`
+split across the :math:`P` ranks of a process group is a sum of per-rank operators, so its
+product is one all-reduce of the local products:
+
+.. math::
+
+    H v = c \sum_{r=0}^{P-1} \sum_{(x, y) \in \mathcal{D}_r} \nabla^2_\theta \ell(f(\theta; x), y)\, v,
+    \qquad c = 1/N \text{ (mean, } N = \textstyle\sum_r |\mathcal{D}_r|) \text{ or } 1 \text{ (sum)}.
+
+Operators indexed by data (the Jacobian :math:`J`, with rows owned by the rank that holds the
+sample) stay *replicated* on both sides: :math:`J v` is the all-gather of the local rows
+:math:`J_r v` (in rank order, so the rows are those of the single-process :math:`J` on the
+concatenated shards) and :math:`J^\top y = \sum_r J_r^\top y_r` is an all-reduce of the local
+VJPs of each rank's slice :math:`y_r` of :math:`y`. Every product is therefore identical on
+every rank, and the algorithms (Lanczos, SVD, randomized SVD, trace estimators), which only
+call ``op._apply``, run unchanged on every rank as long as they draw the same random vectors:
+pass the same ``seed`` everywhere (:func:`shared_seed`).
+
+Failure handling. Before every payload collective, each rank runs its local work inside a
+``try``, then joins one small *header* all-reduce that carries an error flag, the payload
+shapes, a per-operator call counter and a checksum of the (supposedly replicated) input. If any
+rank failed, or the ranks disagree (different shapes, a rank that skipped a product, different
+start vectors), every rank raises :class:`DistributedError` naming the ranks and their
+messages, instead of one rank raising and the others hanging in the next collective. A rank
+that dies or never arrives is caught by the process group's own ``timeout``
+(``init_process_group(..., timeout=...)``), which bounds every wait.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistributedError",
+    "dense_columns",
+    "is_data_parallel",
+    "shard",
+    "shard_range",
+    "shared_seed",
+]
+
+T = TypeVar("T")
+
+#: The header of a guarded step has a fixed length (so two headers always pair up in one
+#: all-reduce): error flag, up to eight named integers that must agree, an input checksum and
+#: its tolerance.
+_SLOTS = 8
+_MESSAGE_BYTES = 512
+
+
+class DistributedError(RuntimeError):
+    """Raised on every rank when a collective operation failed or the ranks disagree.
+
+    Attributes
+    ----------
+    failed_ranks
+        Ranks whose local work raised (empty for a disagreement between ranks).
+    """
+
+    def __init__(self, message: str, failed_ranks: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.failed_ranks = list(failed_ranks)
+
+
+# --------------------------------------------------------------------------- sharding
+def shard_range(n: int, process_group: Any = None, *, rank: int | None = None) -> range:
+    """The contiguous index range of ``n`` items owned by a rank (balanced, in rank order).
+
+    Rank :math:`r` of :math:`P` owns :math:`[\\lfloor rn/P \\rfloor, \\lfloor (r+1)n/P
+    \\rfloor)`, so the shards concatenated in rank order give ``range(n)`` back: the rows of a
+    distributed Jacobian are then exactly those of the single-process one.
+
+    Parameters
+    ----------
+    n
+        Number of items (samples or columns).
+    process_group
+        The group (``None``: the default group if initialised, else a single process).
+    rank
+        Override the rank (default: this process's rank in the group).
+
+    Examples
+    --------
+    >>> [list(shard_range(5, rank=r, process_group=None)) for r in (0,)]
+    [[0, 1, 2, 3, 4]]
+    """
+    world, me = _world(process_group)
+    me = me if rank is None else rank
+    if not isinstance(n, int | np.integer) or n < 0:
+        raise ValueError(f"n: expected a non-negative integer, got {n!r}")
+    return _split(int(n), world, me)
+
+
+def _split(n: int, world: int, rank: int) -> range:
+    return range(rank * n // world, (rank + 1) * n // world)
+
+
+def shard(data: Any, process_group: Any = None) -> Any:
+    """This rank's contiguous shard of a tensor or of an ``(X, y)`` pair of tensors.
+
+    Parameters
+    ----------
+    data
+        A tensor (split along its first dimension) or a tuple/list of tensors of equal length.
+    process_group
+        The group (``None``: the default group if initialised, else a single process).
+
+    Returns
+    -------
+    The same structure holding rows :func:`shard_range` ``(len(data), process_group)``.
+
+    Raises
+    ------
+    TypeError
+        If ``data`` is not a tensor or a tuple/list of tensors.
+    ValueError
+        If the tensors of a tuple have different lengths.
+    """
+    if isinstance(data, torch.Tensor):
+        idx = shard_range(len(data), process_group)
+        return data[idx.start : idx.stop]
+    if isinstance(data, tuple | list) and data and all(isinstance(t, torch.Tensor) for t in data):
+        lengths = {len(t) for t in data}
+        if len(lengths) != 1:
+            raise ValueError(f"data: expected tensors of equal length, got {sorted(lengths)}")
+        idx = shard_range(lengths.pop(), process_group)
+        return type(data)(t[idx.start : idx.stop] for t in data)
+    raise TypeError(
+        f"data: expected a tensor or a tuple of tensors, got {type(data).__name__}; "
+        "shard iterables of batches yourself (e.g. with a DistributedSampler, shuffle=False)"
+    )
+
+
+def shared_seed(process_group: Any = None, seed: int | None = None) -> int:
+    """A seed that every rank agrees on: rank 0's ``seed`` (or fresh entropy), broadcast.
+
+    Random start and probe vectors of ``lanczos``, ``svds``, ``randomized_svd`` and the trace
+    estimators come from a ``torch.Generator`` seeded by their ``seed``; with the same seed on
+    every rank they draw identical vectors, so a distributed run reproduces the
+    single-process run for that seed. Call it on every rank (it is a collective).
+
+    Returns
+    -------
+    int
+        A non-negative 62-bit integer, the same on every rank.
+    """
+    world, _ = _world(process_group)
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") >> 2
+    if world == 1:
+        return int(seed)
+    t = torch.tensor([int(seed)], dtype=torch.int64, device=_group_device(process_group))
+    dist.broadcast(t, src=dist.get_global_rank(_pg(process_group), 0), group=process_group)
+    return int(t.item())
+
+
+def is_data_parallel(op: Any) -> bool:
+    """Whether ``op`` (or an operand of a composite) runs collectives in its products."""
+    if getattr(op, "process_group", None) is not None:
+        return True
+    children = list(getattr(op, "ops", []))
+    children += [getattr(op, name) for name in ("J1", "J2") if hasattr(op, name)]
+    return any(is_data_parallel(c) for c in children if c is not op)
+
+
+# --------------------------------------------------------------------------- guarded steps
+def _world(process_group: Any) -> tuple[int, int]:
+    if process_group is None and not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    return dist.get_world_size(process_group), dist.get_rank(process_group)
+
+
+def _pg(process_group: Any) -> Any:
+    return process_group if process_group is not None else dist.group.WORLD
+
+
+def _group_device(process_group: Any) -> torch.device:
+    backend = dist.get_backend(process_group)
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _operator_tag(op: Any) -> int:
+    """A small integer naming the operator's class (equal across ranks)."""
+    return zlib.crc32(type(op).__name__.encode()) % (1 << 31)
+
+
+def _checksum(X: torch.Tensor | None) -> tuple[float, float]:
+    """A weighted sum of ``X`` and the tolerance within which replicas must agree."""
+    if X is None or X.numel() == 0:
+        return 0.0, 0.0
+    Xd = X.detach().to(torch.float64)
+    w = torch.cos(torch.arange(Xd.numel(), dtype=torch.float64, device=Xd.device))
+    value = float(Xd.reshape(-1) @ w)
+    eps = torch.finfo(X.dtype).eps if X.dtype.is_floating_point else 0.0
+    return value, math.sqrt(eps) * float(Xd.abs().sum()) + 1e-300
+
+
+def _guarded(
+    group: Any,
+    local: Callable[[], T],
+    *,
+    device: torch.device,
+    what: str,
+    exact: Callable[[T], dict[str, int]] = lambda _: {},
+    checksum_of: torch.Tensor | None = None,
+) -> T:
+    """Run ``local()`` on this rank, then agree with every rank of ``group`` in one all-reduce.
+
+    Raises :class:`DistributedError` on every rank if any rank's ``local()`` raised, or if the
+    ranks' ``exact`` signatures (operator, call counter, shapes) or input checksums differ,
+    and on this rank if the all-reduce itself fails (a rank died or did not arrive within the
+    process group's timeout).
+    """
+    error: BaseException | None = None
+    try:
+        out = local()
+        sig = exact(out)
+        check, tol = _checksum(checksum_of)
+    except Exception as exc:  # reported on every rank below
+        error, out, sig, check, tol = exc, None, {}, 0.0, 0.0
+    values = [float(v) for v in sig.values()] + [0.0] * (_SLOTS - len(sig))
+    head = torch.tensor([1.0 if error else 0.0, *values, check, tol], dtype=torch.float64)
+    both = torch.cat([head, -head]).to(device)
+    try:
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    except Exception as exc:
+        raise DistributedError(
+            f"{what}: a rank did not join the collective (it died, or did not arrive within the "
+            f"process group's timeout): {exc}"
+        ) from (error or exc)
+    hi, lo = both[: len(head)].cpu().tolist(), (-both[len(head) :]).cpu().tolist()
+    if hi[0] > 0:
+        _raise_failure(group, error, what, device)
+    bad = [
+        f"{n} in [{lo[1 + i]:.0f}, {hi[1 + i]:.0f}]"
+        for i, n in enumerate(sig)
+        if hi[1 + i] != lo[1 + i]
+    ]
+    if hi[-2] - lo[-2] > hi[-1]:
+        bad.append(
+            f"the replicated input (checksums in [{lo[-2]:.6g}, {hi[-2]:.6g}]): draw random "
+            "vectors from the same seed on every rank (linops.distributed.shared_seed)"
+        )
+    if bad:
+        raise DistributedError(f"{what}: the ranks disagree on " + "; ".join(bad))
+    return out  # type: ignore[return-value]
+
+
+def _raise_failure(
+    group: Any, error: BaseException | None, what: str, device: torch.device
+) -> None:
+    """Share every rank's error message (fixed-size byte rows summed in one all-reduce)."""
+    world, me = _world(group)
+    text = f"{type(error).__name__}: {error}".encode()[:_MESSAGE_BYTES] if error else b""
+    rows = torch.zeros(world, _MESSAGE_BYTES, dtype=torch.int32)
+    rows[me, : len(text)] = torch.tensor(list(text), dtype=torch.int32)
+    rows = rows.to(device)
+    dist.all_reduce(rows, op=dist.ReduceOp.SUM, group=group)
+    messages = {
+        r: bytes(rows[r].cpu().to(torch.uint8).tolist()).rstrip(b"\0").decode(errors="replace")
+        for r in range(world)
+    }
+    failed = [r for r, m in messages.items() if m]
+    detail = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
+    message = f"{what} failed on rank(s) {failed} of {world}: {detail}"
+    raise DistributedError(message, failed) from error
+
+
+# --------------------------------------------------------------------------- operator products
+def global_num_samples(op: Any) -> int:
+    """Number of samples over all ranks of ``op.process_group`` (forces the local batches)."""
+    group = op.process_group
+    n = _guarded(
+        group,
+        lambda: op.batches.num_samples,
+        device=op.device,
+        what=f"{type(op).__name__}: counting samples",
+        exact=lambda _: {"operator": _operator_tag(op), "parameters": op.shape[1]},
+    )
+    t = torch.tensor([n], dtype=torch.int64, device=op.device)
+    dist.all_reduce(t, group=group)
+    return int(t.item())
+
+
+def gather_counts(
+    op: Any, local: Callable[[], tuple[int, dict[str, int]]], *, device: torch.device
+) -> list[int]:
+    """Every rank's count, in rank order; ``local() -> (count, signature)``.
+
+    Guarded: a failure of ``local`` on one rank, or signatures (e.g. the number of
+    parameters) that differ between ranks, raise :class:`DistributedError` on every rank.
+    """
+    group = op.process_group
+    world, me = _world(group)
+    n, _ = _guarded(
+        group,
+        local,
+        device=device,
+        what=f"{type(op).__name__}: constructing",
+        exact=lambda out: {"operator": _operator_tag(op), **out[1]},
+    )
+    t = torch.zeros(world, dtype=torch.int64, device=device)
+    t[me] = n
+    dist.all_reduce(t, group=group)
+    return [int(v) for v in t.tolist()]
+
+
+def data_parallel_apply(op: Any, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
+    """The product of a data-parallel :class:`linops.base.TorchLinearOperator`, replicated.
+
+    ``op`` sums over data (one all-reduce of the local products) unless it has
+    ``row_counts`` (rows owned by ranks): then ``J X`` all-gathers the local rows and
+    ``J^T Y`` all-reduces the local VJPs of this rank's slice of ``Y``.
+    """
+    from linops.base import TorchLinearOperator
+
+    if X.is_complex() and not op.torch_dtype.is_complex:
+        return torch.complex(
+            data_parallel_apply(op, X.real, adjoint), data_parallel_apply(op, X.imag, adjoint)
+        )
+    group = op.process_group
+    op.num_samples  # noqa: B018 - a collective of its own (once), outside the guarded work
+    op._calls = getattr(op, "_calls", 0) + 1
+    rows = getattr(op, "row_counts", None)
+    X_local = X[op.local_rows.start : op.local_rows.stop] if rows is not None and adjoint else X
+    what = f"{type(op).__name__} product #{op._calls}{' (adjoint)' if adjoint else ''}"
+    out = _guarded(
+        group,
+        lambda: TorchLinearOperator._apply(op, X_local, adjoint),
+        device=op.device,
+        what=what,
+        exact=lambda Y: {
+            "operator": _operator_tag(op),
+            "operator rows": op.shape[0],
+            "operator columns": op.shape[1],
+            "product number": op._calls,
+            "input rows": X.shape[0],
+            "columns": X.shape[1],
+            "output rows": sum(rows) if rows is not None and not adjoint else Y.shape[0],
+        },
+        checksum_of=X,
+    )
+    if rows is not None and not adjoint:
+        return _gather_rows(out, rows, group)
+    out = out.contiguous()
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def _gather_rows(local: torch.Tensor, rows: list[int], group: Any) -> torch.Tensor:
+    """Concatenate every rank's rows in rank order (padded to equal size for the backends)."""
+    width = max(rows)
+    padded = torch.zeros(width, local.shape[1], dtype=local.dtype, device=local.device)
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in rows]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:r] for p, r in zip(parts, rows, strict=True)], dim=0)
+
+
+# --------------------------------------------------------------------------- dense, by columns
+def dense_columns(
+    op: Any,
+    process_group: Any = None,
+    *,
+    max_vectors: int | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    gather: bool = True,
+) -> torch.Tensor:
+    r"""The dense matrix of ``op``, its columns split across the ranks of a process group.
+
+    The ``n`` columns :math:`A e_j` are cut into global blocks of ``max_vectors`` columns;
+    rank :math:`r` computes the blocks of :func:`shard_range` over the block indices (no
+    communication), then the blocks are all-gathered so every rank returns the whole
+    ``(m, n)`` matrix (``gather=True``) or only its own columns, zeros elsewhere
+    (``gather=False``, less memory, e.g. for a checkpoint-only run).
+
+    Parameters
+    ----------
+    op
+        A :class:`linops.base.TorchLinearOperator` whose products are local to each rank
+        (replicated model and data, e.g. a training Jacobian). A data-parallel operator is
+        refused: its products are already split by data, call ``op.to_dense()``.
+    process_group
+        The group (``None``: a single process, still useful with ``checkpoint_dir``).
+    max_vectors
+        Columns per block (default: the operator's own bound, else 256).
+    checkpoint_dir
+        If given, every block is written there atomically as
+        ``columns_<start>_<stop>.npy`` (float or complex, ``allow_pickle=False``) as soon as
+        it is computed, and blocks already there are loaded instead of recomputed, so an
+        interrupted run resumes (also with another number of ranks: the block grid depends
+        only on ``n`` and ``max_vectors``).
+    gather
+        Whether to all-gather the columns to every rank.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(m, n)`` on the operator's device.
+
+    Raises
+    ------
+    ValueError
+        If ``op`` is data-parallel, or a checkpoint block has the wrong shape.
+    DistributedError
+        On every rank, if computing a block failed on any rank.
+    """
+    if is_data_parallel(op):
+        raise ValueError(
+            "op: expected an operator whose products are local to each rank, got a "
+            "data-parallel operator (its products are already split across ranks by data); "
+            "call op.to_dense() without process_group"
+        )
+    m, n = op.shape
+    chunk = max_vectors or op.vectors_per_pass() or 256
+    world, me = _world(process_group) if process_group is not None else (1, 0)
+    starts = list(range(0, n, chunk))
+    mine = [starts[i] for i in _split(len(starts), world, me)]
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def local() -> torch.Tensor:
+        out = torch.zeros(m, n, dtype=op.torch_dtype, device=op.device)
+        for s in mine:
+            stop = min(n, s + chunk)
+            out[:, s:stop] = _block(op, s, stop, folder)
+        return out
+
+    if world == 1:
+        return local()
+    dense = _guarded(
+        process_group,
+        local,
+        device=op.device,
+        what=f"{type(op).__name__}.to_dense (column-parallel)",
+        exact=lambda D: {"operator": _operator_tag(op), "block": chunk, "rows": D.shape[0]},
+    )
+    if not gather:
+        return dense
+    dist.all_reduce(dense, group=process_group)  # disjoint columns: the sum is a gather
+    return dense
+
+
+def _block(op: Any, start: int, stop: int, folder: Path | None) -> torch.Tensor:
+    m = op.shape[0]
+    path = folder / f"columns_{start}_{stop}.npy" if folder is not None else None
+    if path is not None and path.exists():
+        arr = np.load(path, allow_pickle=False)
+        if arr.shape != (m, stop - start):
+            raise ValueError(
+                f"checkpoint_dir: expected a block of shape {(m, stop - start)} in {path}, "
+                f"got {arr.shape}"
+            )
+        return torch.from_numpy(arr).to(device=op.device, dtype=op.torch_dtype)
+    eye = torch.zeros(op.shape[1], stop - start, dtype=op.torch_dtype, device=op.device)
+    eye[start:stop] = torch.eye(stop - start, dtype=op.torch_dtype, device=op.device)
+    cols = op._apply(eye)
+    if path is not None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, cols.detach().cpu().numpy(), allow_pickle=False)
+        os.replace(tmp, path)
+    return cols
