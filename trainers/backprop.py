@@ -28,4 +28,4 @@ class BackpropTrainer(Trainer):
         params = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
         loss = self.loss_fn(self.forward(x, params), y)
         grads = torch.autograd.grad(loss, list(params.values()))
-        return float(loss), dict(zip(params, grads, strict=True))
+        return float(loss.detach()), dict(zip(params, grads, strict=True))

@@ -1,0 +1,193 @@
+"""The ``linops`` command: ``linops report`` (the main job) and ``linops bench``.
+
+``linops report`` trains the built-in default (an MLP on scikit-learn's bundled digits) for a
+few epochs, then prints a short report of the operators of the trained network (sizes, top
+Hessian and NTK eigenvalues by ``scipy.sparse.linalg.eigsh`` run directly on the operators) and
+of the sections the analysis modules contribute, and writes ``report.json`` and PNG figures to
+the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse.linalg as sla
+import torch
+
+__all__ = ["main", "report"]
+
+Section = Callable[[dict[str, Any], Path, bool], dict[str, Any]]
+
+
+def _default_setup(seed: int, epochs: int) -> dict[str, Any]:
+    from trainers import BackpropTrainer
+    from trainers.data import digits
+    from trainers.models import MLP
+
+    torch.manual_seed(seed)
+    data = digits()
+    model = MLP(64, 10, widths=(64,), activation="gelu")
+    loss = torch.nn.CrossEntropyLoss()
+    trainer = BackpropTrainer(model, loss, optimizer="sgd", lr=0.1, momentum=0.9)
+    trainer.fit(
+        data.X_train,
+        data.y_train,
+        epochs=epochs,
+        batch_size=64,
+        seed=seed,
+        validation=(data.X_test, data.y_test),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(trainer.params[name])
+    model.eval()
+    return {"model": model, "loss": loss, "data": data, "history": trainer.history}
+
+
+def _operators_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str, Any]:
+    import linops
+
+    model, loss, data = setup["model"], setup["loss"], setup["data"]
+    n_ntk = 200 if quick else 500
+    H = linops.HessianOperator(model, loss, (data.X_train, data.y_train))
+    K = linops.NTKOperator(model, data.X_train[:n_ntk])
+    k = 10
+    t0 = time.perf_counter()
+    h_top = np.sort(sla.eigsh(H, k=k, which="LA", tol=1e-6)[0])[::-1]
+    h_bottom = np.sort(sla.eigsh(H, k=3, which="SA", tol=1e-6)[0])
+    t1 = time.perf_counter()
+    ntk_top = np.sort(sla.eigsh(K, k=k, which="LA", tol=1e-6)[0])[::-1]
+    t2 = time.perf_counter()
+    _plot_spectra(h_top, ntk_top, out / "spectrum.png")
+    hist = setup["history"].metrics
+    return {
+        "num_parameters": H.shape[0],
+        "num_train": len(data.X_train),
+        "ntk_samples": n_ntk,
+        "ntk_shape": list(K.shape),
+        "train_accuracy": hist["train_accuracy"][-1],
+        "test_accuracy": hist["test_accuracy"][-1],
+        "hessian_top_eigenvalues": h_top.tolist(),
+        "hessian_smallest_eigenvalues": h_bottom.tolist(),
+        "ntk_top_eigenvalues": ntk_top.tolist(),
+        "seconds_hessian_eigsh": t1 - t0,
+        "seconds_ntk_eigsh": t2 - t1,
+    }
+
+
+def _plot_spectra(h_top: np.ndarray, ntk_top: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, vals, title in ((axes[0], h_top, "Hessian"), (axes[1], ntk_top, "NTK Gram")):
+        ax.semilogy(np.arange(1, len(vals) + 1), np.abs(vals), "o-")
+        ax.set(xlabel="index i", ylabel="|eigenvalue|", title=f"top {len(vals)}: {title}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _optional_sections() -> list[tuple[str, Section]]:
+    """Sections contributed by the analysis modules, when they are installed."""
+    sections: list[tuple[str, Section]] = []
+    candidates = [
+        ("hessian_density", "estimators.density", "hessian_density_section"),
+        ("laziness", "estimators.laziness", "laziness_section"),
+        ("training_jacobian", "estimators.spectrum", "training_jacobian_section"),
+    ]
+    for key, module, attr in candidates:
+        try:
+            mod = __import__(module, fromlist=[attr])
+            sections.append((key, getattr(mod, attr)))
+        except (ImportError, AttributeError):
+            continue
+    return sections
+
+
+def report(out: Path, *, quick: bool = False, seed: int = 0, epochs: int | None = None) -> dict:
+    """Run the report; return its numbers (also written to ``out/report.json``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    epochs = epochs if epochs is not None else (2 if quick else 5)
+    print(f"linops report: training the default MLP on digits for {epochs} epochs ...")
+    setup = _default_setup(seed, epochs)
+    result: dict[str, Any] = {"model": "MLP 64-64-10 GELU on digits", "epochs": epochs}
+    sections: list[tuple[str, Section]] = [("operators", _operators_section)]
+    sections += _optional_sections()
+    for key, section in sections:
+        print(f"  section {key} ...", flush=True)
+        t0 = time.perf_counter()
+        result[key] = section(setup, out, quick)
+        result[key]["seconds_section"] = time.perf_counter() - t0
+    result["seconds_total"] = time.perf_counter() - start
+    (out / "report.json").write_text(json.dumps(result, indent=2))
+    _print_summary(result, out)
+    return result
+
+
+def _print_summary(result: dict[str, Any], out: Path) -> None:
+    ops = result["operators"]
+    fmt = ", ".join
+    lines = [
+        "",
+        f"model            {result['model']}, {ops['num_parameters']} parameters",
+        f"data             {ops['num_train']} training samples; NTK on {ops['ntk_samples']}",
+        f"accuracy         train {ops['train_accuracy']:.3f}, test {ops['test_accuracy']:.3f}",
+        f"Hessian top-5    {fmt(f'{v:.4g}' for v in ops['hessian_top_eigenvalues'][:5])}",
+        f"Hessian min      {ops['hessian_smallest_eigenvalues'][0]:.4g}",
+        f"NTK top-5        {fmt(f'{v:.4g}' for v in ops['ntk_top_eigenvalues'][:5])}",
+    ]
+    for key, section in result.items():
+        summary = section.get("summary") if isinstance(section, dict) else None
+        if summary:
+            lines.append(f"{key:<16} {summary}")
+    lines.append(f"total            {result['seconds_total']:.1f} s; written to {out}/")
+    print("\n".join(lines))
+
+
+def _bench(name: str, rest: list[str]) -> None:
+    path = Path.cwd() / "bench" / f"{name}.py"
+    if not path.exists():
+        available = sorted(p.stem for p in (Path.cwd() / "bench").glob("*.py"))
+        raise SystemExit(
+            f"linops bench: no bench/{name}.py in {Path.cwd()} (run from a checkout of the "
+            f"repository); available: {available}"
+        )
+    sys.argv = [str(path), *rest]
+    runpy.run_path(str(path), run_name="__main__")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``linops`` console script."""
+    parser = argparse.ArgumentParser(prog="linops", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("report", help="analyse the default MLP on digits; write JSON + plots")
+    rep.add_argument("--out", type=Path, default=Path("results/report"))
+    rep.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--epochs", type=int, default=None)
+    ben = sub.add_parser("bench", help="run bench/NAME.py of a checkout (extra args passed on)")
+    ben.add_argument("name")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "report":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        report(args.out, quick=args.quick, seed=args.seed, epochs=args.epochs)
+    else:
+        _bench(args.name, rest)
+
+
+if __name__ == "__main__":
+    main()
