@@ -34,7 +34,6 @@ import math
 import os
 import zlib
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -378,14 +377,15 @@ def dense_columns(
     max_vectors: int | None = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     gather: bool = True,
+    on_chunk: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    r"""The dense matrix of ``op``, its columns split across the ranks of a process group.
+    r"""The dense matrix of ``op``, its column chunks split across the ranks of a process group.
 
-    The ``n`` columns :math:`A e_j` are cut into global blocks of ``max_vectors`` columns;
-    rank :math:`r` computes the blocks of :func:`shard_range` over the block indices (no
-    communication), then the blocks are all-gathered so every rank returns the whole
-    ``(m, n)`` matrix (``gather=True``) or only its own columns, zeros elsewhere
-    (``gather=False``, less memory, e.g. for a checkpoint-only run).
+    The ``n`` columns :math:`A e_j` are cut into global chunks of ``max_vectors`` columns;
+    rank :math:`r` of :math:`P` computes chunks :math:`\lfloor rC/P \rfloor` to
+    :math:`\lfloor (r+1)C/P \rfloor - 1` of the :math:`C` chunks with no communication, then
+    one all-reduce of the disjoint column blocks (zeros elsewhere, so the sum is exact) gives
+    every rank the whole ``(m, n)`` matrix.
 
     Parameters
     ----------
@@ -396,15 +396,19 @@ def dense_columns(
     process_group
         The group (``None``: a single process, still useful with ``checkpoint_dir``).
     max_vectors
-        Columns per block (default: the operator's own bound, else 256).
+        Columns per chunk (default: the operator's own bound, else 256).
     checkpoint_dir
-        If given, every block is written there atomically as
-        ``columns_<start>_<stop>.npy`` (float or complex, ``allow_pickle=False``) as soon as
-        it is computed, and blocks already there are loaded instead of recomputed, so an
-        interrupted run resumes (also with another number of ranks: the block grid depends
-        only on ``n`` and ``max_vectors``).
+        If given, every finished chunk is written there atomically
+        (:class:`linops._checkpoint.ColumnCheckpoint`: ``.npy`` files read with
+        ``allow_pickle=False`` and a manifest that fingerprints the computation) and chunks
+        already there are loaded instead of recomputed, so an interrupted run resumes, also
+        with another number of ranks (the chunk grid depends only on ``n`` and
+        ``max_vectors``). The fingerprint is ``op.fingerprint()`` if the operator has one.
     gather
-        Whether to all-gather the columns to every rank.
+        Whether every rank gets the whole matrix; ``False`` returns only this rank's chunks
+        (zeros elsewhere) and skips the all-reduce, e.g. for a checkpoint-writing run.
+    on_chunk
+        Called as ``on_chunk(start, stop)`` after each of this rank's chunks is finished.
 
     Returns
     -------
@@ -414,9 +418,10 @@ def dense_columns(
     Raises
     ------
     ValueError
-        If ``op`` is data-parallel, or a checkpoint block has the wrong shape.
+        If ``op`` is data-parallel, ``max_vectors`` is not positive, or the checkpoint
+        directory holds another computation or a damaged chunk.
     DistributedError
-        On every rank, if computing a block failed on any rank.
+        On every rank, if anything above, or computing a chunk, failed on any rank.
     """
     if is_data_parallel(op):
         raise ValueError(
@@ -426,52 +431,51 @@ def dense_columns(
         )
     m, n = op.shape
     chunk = max_vectors or op.vectors_per_pass() or 256
+    if not isinstance(chunk, int | np.integer) or chunk < 1:
+        raise ValueError(f"max_vectors: expected a positive integer, got {max_vectors!r}")
     world, me = _world(process_group) if process_group is not None else (1, 0)
     starts = list(range(0, n, chunk))
     mine = [starts[i] for i in _split(len(starts), world, me)]
-    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
 
-    def local() -> torch.Tensor:
+    def open_checkpoint() -> Any:
+        if checkpoint_dir is None:
+            return None
+        from linops._checkpoint import ColumnCheckpoint
+
+        name = op.fingerprint() if hasattr(op, "fingerprint") else type(op).__name__
+        dtype = np.dtype(str(op.torch_dtype).removeprefix("torch."))
+        fingerprint = f"{name} shape={op.shape} chunk={chunk}"
+        return ColumnCheckpoint(checkpoint_dir, shape=(m, n), dtype=dtype, fingerprint=fingerprint)
+
+    def local(ckpt: Any) -> torch.Tensor:
         out = torch.zeros(m, n, dtype=op.torch_dtype, device=op.device)
-        for s in mine:
-            stop = min(n, s + chunk)
-            out[:, s:stop] = _block(op, s, stop, folder)
+        for start in mine:
+            stop = min(n, start + chunk)
+            out[:, start:stop] = _chunk(op, start, stop, ckpt)
+            if on_chunk is not None:
+                on_chunk(start, stop)
         return out
 
     if world == 1:
-        return local()
-    dense = _guarded(
-        process_group,
-        local,
-        device=op.device,
-        what=f"{type(op).__name__}.to_dense (column-parallel)",
-        exact=lambda D: {"operator": _operator_tag(op), "block": chunk, "rows": D.shape[0]},
+        return local(open_checkpoint())
+    what = f"{type(op).__name__}.to_dense (column-parallel)"
+    sig = {"operator": _operator_tag(op), "rows": m, "columns": n, "chunk": chunk}
+    # opening the checkpoint is a step of its own: a barrier before any rank writes a chunk
+    ckpt = _guarded(
+        process_group, open_checkpoint, device=op.device, what=what, exact=lambda _: sig
     )
-    if not gather:
-        return dense
-    dist.all_reduce(dense, group=process_group)  # disjoint columns: the sum is a gather
+    dense = _guarded(process_group, lambda: local(ckpt), device=op.device, what=what)
+    if gather:
+        dist.all_reduce(dense, group=process_group)
     return dense
 
 
-def _block(op: Any, start: int, stop: int, folder: Path | None) -> torch.Tensor:
-    m = op.shape[0]
-    path = folder / f"columns_{start}_{stop}.npy" if folder is not None else None
-    if path is not None and path.exists():
-        arr = np.load(path, allow_pickle=False)
-        if arr.shape != (m, stop - start):
-            raise ValueError(
-                f"checkpoint_dir: expected a block of shape {(m, stop - start)} in {path}, "
-                f"got {arr.shape}"
-            )
-        return torch.from_numpy(arr).to(device=op.device, dtype=op.torch_dtype)
-    eye = torch.zeros(op.shape[1], stop - start, dtype=op.torch_dtype, device=op.device)
-    eye[start:stop] = torch.eye(stop - start, dtype=op.torch_dtype, device=op.device)
-    cols = op._apply(eye)
-    if path is not None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, cols.detach().cpu().numpy(), allow_pickle=False)
-        os.replace(tmp, path)
+def _chunk(op: Any, start: int, stop: int, ckpt: Any) -> torch.Tensor:
+    if ckpt is not None and ckpt.has(start, stop):
+        return torch.from_numpy(ckpt.load(start, stop)).to(op.device)
+    E = torch.zeros(op.shape[1], stop - start, dtype=op.torch_dtype, device=op.device)
+    E[torch.arange(start, stop), torch.arange(stop - start)] = 1.0
+    cols = op._apply(E)
+    if ckpt is not None:
+        ckpt.save(start, stop, cols.detach().cpu().numpy())
     return cols

@@ -159,21 +159,29 @@ def test_column_parallel_refuses_data_parallel_operator(run):
         assert "expected an operator whose products are local" in msg
 
 
-def test_checkpointed_dense_resumes_from_saved_blocks(reference, tmp_path):
+def test_checkpointed_dense_resumes_from_saved_chunks(reference, tmp_path):
     model, X, y = make_problem()
     H = linops.HessianOperator(model, torch.nn.MSELoss(), (X, y))
     dense = H.to_dense(max_vectors=5, checkpoint_dir=tmp_path)
     np.testing.assert_allclose(dense.numpy(), reference["H_dense"], rtol=TOL, atol=TOL * 1e-2)
-    files = sorted(tmp_path.glob("columns_*.npy"), key=lambda p: int(p.stem.split("_")[1]))
+    files = sorted(tmp_path.glob("cols_*.npy"))
     assert len(files) == -(-H.shape[1] // 5)
-    # a saved block is loaded, not recomputed: mark it and see the mark come back
+    # a saved chunk is loaded, not recomputed: mark it and see the mark come back
     np.save(files[0], np.full((H.shape[0], 5), 7.0), allow_pickle=False)
-    resumed = H.to_dense(max_vectors=5, checkpoint_dir=tmp_path)
+    seen = []
+    resumed = dense_columns(
+        H, max_vectors=5, checkpoint_dir=tmp_path, on_chunk=lambda *c: seen.append(c)
+    )
     assert bool((resumed[:, :5] == 7.0).all())
     torch.testing.assert_close(resumed[:, 5:], dense[:, 5:], rtol=0, atol=0)
+    assert seen[0] == (0, 5) and seen[-1][1] == H.shape[1]
     np.save(files[-1], np.zeros((H.shape[0], 1)), allow_pickle=False)
-    with pytest.raises(ValueError, match="checkpoint_dir: expected a block of shape"):
+    with pytest.raises(ValueError, match="checkpoint: .*expected shape"):
         H.to_dense(max_vectors=5, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="checkpoint: .* holds a different computation"):
+        H.to_dense(max_vectors=4, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="max_vectors: expected a positive integer"):
+        dense_columns(H, max_vectors=-1)
 
 
 # --------------------------------------------------------------------------- failures
