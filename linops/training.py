@@ -1,0 +1,193 @@
+r"""The training Jacobian as an operator (seed 004).
+
+For a training run :math:`\theta_T = f(\theta_0)` (a :class:`trainers.functional.TrainingRun`),
+the training Jacobian is
+
+.. math::
+
+    J(\theta_0) = \frac{\partial \theta_T}{\partial \theta_0} \in \mathbb{R}^{m \times m},
+    \qquad f(\theta) \approx f(\theta_0) + J(\theta_0)(\theta - \theta_0)
+
+(seed 004, eq. 1). Products :math:`J V` are forward-mode derivatives through the whole run
+(tangents pushed through every step, batched over the columns of :math:`V`), and
+:math:`J^\top U` reverse-mode ones through the checkpointed trajectory. The matrix is never
+formed unless :meth:`TrainingJacobianOperator.to_dense` is asked for, which builds it in column
+chunks with optional atomic, resumable checkpoints on disk and a progress bar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from linops._checkpoint import ColumnCheckpoint
+from linops.base import TorchLinearOperator
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trainers.functional import TrainingRun
+
+__all__ = ["TrainingJacobianOperator"]
+
+
+class TrainingJacobianOperator(TorchLinearOperator):
+    r"""The ``m x m`` training Jacobian :math:`J = \partial\theta_T / \partial\theta_0` of a run.
+
+    Parameters
+    ----------
+    run
+        The training run (:class:`trainers.functional.TrainingRun`): a pure function of the
+        initial parameters with ``jvp`` and ``vjp`` through the whole run.
+    theta0
+        The initial parameters :math:`\theta_0`, shape ``(m,)``; its dtype and device are the
+        operator's.
+    max_vectors
+        Tangents per batched pass (a chunk of columns). Larger chunks amortise the per-step
+        overhead; smaller ones keep the tangent state in cache.
+    memory_limit_bytes
+        Optional bound on the memory of one batched pass (see :class:`TorchLinearOperator`).
+
+    Attributes
+    ----------
+    num_products
+        Number of vectors pushed through training so far (forward and reverse): the cost unit of
+        matrix-free algorithms on this operator.
+
+    Notes
+    -----
+    A product with ``k`` vectors costs about ``k`` times the work of one forward-over-reverse
+    Hessian-vector product per training step, so a dense Jacobian costs ``m`` such products per
+    step. The trajectory :math:`\theta_t` is computed once and cached (or checkpointed every
+    :math:`\sqrt T` steps and recomputed in segments when storing it would exceed the run's
+    memory limit).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from trainers.models import MLP
+    >>> from trainers.functional import DataSchedule, SGD, TrainingRun
+    >>> g = torch.Generator().manual_seed(0)
+    >>> X, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.arange(8) % 2
+    >>> run = TrainingRun(MLP(3, 2, widths=4).double(), "cross_entropy", DataSchedule(X, y, 4), SGD(0.9), 0.1)
+    >>> J = TrainingJacobianOperator(run, run.initial_params())
+    >>> J.shape
+    (26, 26)
+    >>> bool(torch.allclose(J.to_dense(), torch.func.jacrev(run)(run.initial_params())))
+    True
+    """
+
+    def __init__(
+        self,
+        run: TrainingRun,
+        theta0: torch.Tensor,
+        *,
+        max_vectors: int | None = 256,
+        memory_limit_bytes: int | None = None,
+    ) -> None:
+        for attr in ("dim", "jvp", "vjp", "describe"):
+            if not hasattr(run, attr):
+                raise TypeError(
+                    f"run: expected a trainers.functional.TrainingRun, got {type(run).__name__}"
+                )
+        if not isinstance(theta0, torch.Tensor) or theta0.shape != (run.dim,):
+            shape = (
+                tuple(theta0.shape) if isinstance(theta0, torch.Tensor) else type(theta0).__name__
+            )
+            raise ValueError(f"theta0: expected a tensor of shape ({run.dim},), got {shape}")
+        if not theta0.is_floating_point():
+            raise TypeError(f"theta0: expected a floating dtype, got {theta0.dtype}")
+        super().__init__(
+            (run.dim, run.dim),
+            dtype=theta0.dtype,
+            device=theta0.device,
+            max_vectors=max_vectors,
+            memory_limit_bytes=memory_limit_bytes,
+        )
+        self.run = run
+        self.theta0 = theta0.detach()
+        self.num_products = 0
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        self.num_products += X.shape[1]
+        return self.run.jvp(self.theta0, X)
+
+    def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
+        self.num_products += Y.shape[1]
+        return self.run.vjp(self.theta0, Y)
+
+    def bytes_per_vector(self) -> int:
+        """Tangent state per vector: parameters, optimizer state and one step's activations."""
+        states = getattr(getattr(self.run, "optimizer", None), "num_states", 1)
+        return (4 + 2 * states) * self.shape[0] * self.theta0.element_size()
+
+    def final_params(self) -> torch.Tensor:
+        r""":math:`\theta_T`, the end of the (cached) trajectory."""
+        return self.run.trajectory(self.theta0).final
+
+    def fingerprint(self) -> str:
+        """Identifies the computation: the run's description and a hash of :math:`\\theta_0`."""
+        h = hashlib.sha256(self.theta0.cpu().contiguous().numpy().tobytes()).hexdigest()
+        return f"{self.run.describe()} theta0_sha256={h} dtype={self.torch_dtype}"
+
+    def to_dense(
+        self,
+        *,
+        max_vectors: int | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        progress: bool = False,
+        on_chunk: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """The dense ``(m, m)`` training Jacobian, built in column chunks.
+
+        Parameters
+        ----------
+        max_vectors
+            Columns per chunk (default: the operator's ``max_vectors``).
+        checkpoint_dir
+            Write each finished chunk atomically to this directory and skip the chunks already
+            there, so an interrupted computation resumes where it stopped and gives the same
+            matrix. A directory written by a different computation is refused.
+        progress
+            Show a progress bar over columns.
+        on_chunk
+            Called as ``on_chunk(start, stop)`` after each chunk is finished (and saved).
+
+        Returns
+        -------
+        torch.Tensor
+            :math:`J`, shape ``(m, m)``, on the operator's device.
+        """
+        m = self.shape[0]
+        chunk = max_vectors or self.vectors_per_pass() or 256
+        if not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"max_vectors: expected a positive integer, got {max_vectors!r}")
+        ckpt = None
+        if checkpoint_dir is not None:
+            ckpt = ColumnCheckpoint(
+                checkpoint_dir,
+                shape=(m, m),
+                dtype=np.dtype(str(self.torch_dtype).removeprefix("torch.")),
+                fingerprint=f"{self.fingerprint()} chunk={chunk}",
+            )
+        out = torch.empty(m, m, dtype=self.torch_dtype, device=self.device)
+        bar = tqdm(total=m, disable=not progress, desc="training Jacobian", unit="col")
+        for start in range(0, m, chunk):
+            stop = min(start + chunk, m)
+            if ckpt is not None and ckpt.has(start, stop):
+                out[:, start:stop] = torch.from_numpy(ckpt.load(start, stop)).to(self.device)
+            else:
+                E = torch.zeros(m, stop - start, dtype=self.torch_dtype, device=self.device)
+                E[torch.arange(start, stop), torch.arange(stop - start)] = 1.0
+                out[:, start:stop] = self._matmat_torch(E)
+                if ckpt is not None:
+                    ckpt.save(start, stop, out[:, start:stop].cpu().numpy())
+            bar.update(stop - start)
+            if on_chunk is not None:
+                on_chunk(start, stop)
+        bar.close()
+        return out

@@ -1,0 +1,393 @@
+r"""Training as a pure function of the initial parameters, and its derivatives (seed 004, section 2).
+
+A :class:`TrainingRun` fixes a model, a loss, a data schedule (which mini-batch each step sees),
+a functional optimizer and a learning-rate schedule, so that
+
+.. math::
+
+    \theta_T = f(\theta_0), \qquad \theta_{t+1}, s_{t+1} = U_t(\theta_t, s_t, \nabla L_t(\theta_t))
+
+is a deterministic function of :math:`\theta_0` alone. Its Jacobian
+:math:`J = \partial \theta_T / \partial \theta_0` is the *training Jacobian* of seed 004.
+
+* ``run(theta0)`` is the plain differentiable loop (``torch.func`` gradients), which
+  ``torch.func.jacrev`` / ``jvp`` can differentiate directly;
+* :meth:`TrainingRun.jvp` pushes many tangents forward through the stored or recomputed
+  trajectory: :math:`J V`, batched (``(m, K)`` columns);
+* :meth:`TrainingRun.vjp` pulls cotangents back through it: :math:`J^\top U`. The trajectory
+  is kept at checkpoints every ``c`` steps and each segment is recomputed when it is needed, so
+  memory is :math:`O((T/c + c)\,m)`, :math:`O(\sqrt T\, m)` with the default ``c``.
+
+The per-step derivatives are the optimizer's elementwise tangent / cotangent maps
+(``trainers._optim``) around batched Hessian-vector products (``trainers._hvp``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from linops.params import ParamSpace
+from trainers._hvp import FuncEngine, MLPEngine, make_engine, resolve_loss
+from trainers._optim import SGD, Adam, AdamW, FunctionalOptimizer
+from trainers._schedules import ConstantLR, CosineLR, Schedule, WarmupLR, as_schedule
+
+__all__ = [
+    "SGD",
+    "Adam",
+    "AdamW",
+    "ConstantLR",
+    "CosineLR",
+    "DataSchedule",
+    "FunctionalOptimizer",
+    "Schedule",
+    "TrainingRun",
+    "WarmupLR",
+]
+
+Tensor = torch.Tensor
+
+
+class DataSchedule:
+    """Which examples each step sees: a fixed (optionally reshuffled-by-seed) batch order.
+
+    Parameters
+    ----------
+    X, y
+        Inputs and targets (first dimension: examples).
+    batch_size
+        Examples per step; the last batch of an epoch may be smaller unless ``drop_last``.
+    epochs
+        Passes over the data.
+    shuffle
+        Reshuffle every epoch with ``torch.randperm`` from a generator seeded with ``seed`` (the
+        same order as :meth:`trainers.Trainer.fit` with that seed); otherwise the stored order.
+    seed
+        Seed of the reshuffling.
+    drop_last
+        Drop an incomplete last batch.
+    """
+
+    def __init__(
+        self,
+        X: Tensor,
+        y: Tensor,
+        batch_size: int,
+        *,
+        epochs: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        if not isinstance(X, Tensor) or not isinstance(y, Tensor):
+            raise TypeError(
+                f"X, y: expected torch tensors, got {type(X).__name__}, {type(y).__name__}"
+            )
+        if len(X) != len(y) or len(X) == 0:
+            raise ValueError(f"X, y: expected equal non-zero lengths, got {len(X)} and {len(y)}")
+        for name, v in (("batch_size", batch_size), ("epochs", epochs)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        self.X, self.y = X, y
+        self.batch_size, self.epochs, self.shuffle, self.seed = batch_size, epochs, shuffle, seed
+        n = len(X)
+        g = torch.Generator().manual_seed(seed)
+        self.indices: list[Tensor] = []
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+            for i in range(0, n, batch_size):
+                if drop_last and i + batch_size > n:
+                    break
+                self.indices.append(order[i : i + batch_size])
+        if not self.indices:
+            raise ValueError(
+                f"batch_size: {batch_size} > {n} examples with drop_last leaves no step"
+            )
+
+    @property
+    def num_steps(self) -> int:
+        """Number of optimizer steps :math:`T`."""
+        return len(self.indices)
+
+    def batch(self, t: int, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """The ``(X, y)`` batch of step ``t`` (floating inputs cast to ``dtype``)."""
+        idx = self.indices[t]
+        X, y = self.X[idx], self.y[idx]
+        if dtype is not None and X.is_floating_point():
+            X = X.to(dtype)
+        if dtype is not None and y.is_floating_point():
+            y = y.to(dtype)
+        return X, y
+
+    def describe(self) -> str:
+        """A stable fingerprint of the data and the order."""
+        h = hashlib.sha256()
+        for t in (self.X, self.y):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(torch.cat(self.indices).numpy().tobytes())
+        return f"DataSchedule(n={len(self.X)}, batch_size={self.batch_size}, steps={self.num_steps}, sha256={h.hexdigest()[:16]})"
+
+
+@dataclass
+class _Step:
+    t: int
+    lr: float
+    theta: Tensor
+    state: tuple[Tensor, ...]
+    cache: dict[str, Any]
+
+
+class TrainingRun:
+    r"""A training run as a pure, differentiable function ``theta_T = run(theta_0)``.
+
+    Parameters
+    ----------
+    model
+        The network (its parameters are never modified; only its architecture and the values of
+        parameters outside ``params`` are used).
+    loss
+        ``"cross_entropy"`` (mean), ``"mse"`` (mean) or ``loss_fn(outputs, targets)``.
+    data
+        The :class:`DataSchedule`.
+    optimizer
+        A functional optimizer: :class:`SGD`, :class:`Adam` or :class:`AdamW`.
+    lr
+        Learning rate: a number or a :class:`Schedule` (``ConstantLR``, ``CosineLR``, ``WarmupLR``).
+    params
+        Which parameters are trained and differentiated (see :class:`linops.ParamSpace`).
+    engine
+        Gradient engine for the derivatives: ``"auto"`` (the hand-derived MLP fast path when it
+        applies, else ``torch.func``), ``"mlp"`` or ``"func"``.
+    checkpoint_every
+        Keep the trajectory every this many steps and recompute segments in between. ``None``:
+        store every step when that takes at most ``memory_limit_bytes``, else
+        :math:`\lceil\sqrt T\,\rceil`.
+    memory_limit_bytes
+        Bound used to choose ``checkpoint_every`` automatically (default 1 GiB).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from trainers.models import MLP
+    >>> g = torch.Generator().manual_seed(0)
+    >>> X, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.arange(8) % 2
+    >>> net = MLP(3, 2, widths=4, activation="tanh").double()
+    >>> run = TrainingRun(net, "cross_entropy", DataSchedule(X, y, 4, epochs=2), SGD(0.9), 0.1)
+    >>> theta0 = run.initial_params()
+    >>> J = torch.func.jacrev(run)(theta0)
+    >>> V = torch.randn(run.dim, 3, generator=g, dtype=torch.float64)
+    >>> bool(torch.allclose(run.jvp(theta0, V), J @ V)), bool(torch.allclose(run.vjp(theta0, V), J.T @ V))
+    (True, True)
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: str | Callable[[Tensor, Tensor], Tensor],
+        data: DataSchedule,
+        optimizer: FunctionalOptimizer,
+        lr: Schedule | float = 0.1,
+        *,
+        params: Any = None,
+        engine: str = "auto",
+        checkpoint_every: int | None = None,
+        memory_limit_bytes: int = 1 << 30,
+    ) -> None:
+        if not isinstance(data, DataSchedule):
+            raise TypeError(f"data: expected a DataSchedule, got {type(data).__name__}")
+        if not isinstance(optimizer, FunctionalOptimizer):
+            raise TypeError(
+                f"optimizer: expected a functional optimizer (SGD, Adam, AdamW), got {type(optimizer).__name__}"
+            )
+        if checkpoint_every is not None and (
+            not isinstance(checkpoint_every, int) or checkpoint_every < 1
+        ):
+            raise ValueError(
+                f"checkpoint_every: expected a positive integer or None, got {checkpoint_every!r}"
+            )
+        self.space = ParamSpace(model, params)
+        self.loss_name, self.loss_fn = resolve_loss(loss)
+        self.data, self.optimizer, self.schedule = data, optimizer, as_schedule(lr)
+        self.engine: FuncEngine | MLPEngine = make_engine(self.space, loss, engine)
+        self.checkpoint_every = checkpoint_every
+        self.memory_limit_bytes = memory_limit_bytes
+        self._traj_key: tuple[int, str] | None = None
+        self._traj: _Trajectory | None = None
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def dim(self) -> int:
+        """Number of trained parameters :math:`m`."""
+        return self.space.dim
+
+    @property
+    def num_steps(self) -> int:
+        """Number of optimizer steps :math:`T`."""
+        return self.data.num_steps
+
+    def initial_params(self) -> Tensor:
+        """The model's current parameter values as a flat vector (a natural :math:`\\theta_0`)."""
+        return self.space.flat_values().clone()
+
+    def describe(self) -> str:
+        """A stable description of everything that defines the function (checkpoint fingerprints)."""
+        return (
+            f"TrainingRun(model={self.space.model!r}, params={self.space.names}, "
+            f"loss={self.loss_name or repr(self.loss_fn)}, data={self.data.describe()}, "
+            f"optimizer={self.optimizer.describe()}, lr={self.schedule.describe()})"
+        )
+
+    def _check_theta(self, theta0: Tensor) -> Tensor:
+        if not isinstance(theta0, Tensor) or theta0.shape != (self.dim,):
+            shape = tuple(theta0.shape) if isinstance(theta0, Tensor) else type(theta0).__name__
+            raise ValueError(f"theta0: expected a tensor of shape ({self.dim},), got {shape}")
+        if not theta0.is_floating_point():
+            raise TypeError(f"theta0: expected a floating dtype, got {theta0.dtype}")
+        return theta0
+
+    # ------------------------------------------------------------------ the function itself
+    def __call__(self, theta0: Tensor) -> Tensor:
+        """:math:`\\theta_T` by the plain loop; differentiable by ``torch.autograd``/``torch.func``."""
+        self._check_theta(theta0)
+        space, loss_fn = self.space, self.loss_fn
+
+        def batch_loss(theta: Tensor, X: Tensor, y: Tensor) -> Tensor:
+            return loss_fn(space.functional_call(space.unflatten(theta), X), y)
+
+        g_fn = torch.func.grad(batch_loss)
+        theta, state = theta0, self.optimizer.init(theta0)
+        for t in range(self.num_steps):
+            X, y = self.data.batch(t, theta0.dtype)
+            theta, state = self.optimizer.update(
+                t, self.schedule(t), theta, state, g_fn(theta, X, y)
+            )
+        return theta
+
+    @torch.no_grad()
+    def final(self, theta0: Tensor) -> Tensor:
+        """:math:`\\theta_T` through the gradient engine (fast, not differentiable)."""
+        self._check_theta(theta0)
+        theta, state = theta0, self.optimizer.init(theta0)
+        for t in range(self.num_steps):
+            X, y = self.data.batch(t, theta0.dtype)
+            g = self.engine.prepare(theta, X, y)["g"]
+            theta, state = self.optimizer.update(t, self.schedule(t), theta, state, g)
+        return theta
+
+    # ------------------------------------------------------------------ derivatives
+    def trajectory(self, theta0: Tensor) -> _Trajectory:
+        """The (cached) checkpointed trajectory from ``theta0``."""
+        self._check_theta(theta0)
+        key = (
+            theta0.data_ptr(),
+            hashlib.sha256(theta0.detach().cpu().numpy().tobytes()).hexdigest(),
+        )
+        if self._traj is None or self._traj_key != key:
+            self._traj = _Trajectory(self, theta0.detach())
+            self._traj_key = key
+        return self._traj
+
+    @torch.no_grad()
+    def jvp(self, theta0: Tensor, V: Tensor) -> Tensor:
+        """Forward mode: :math:`J V` for ``V`` of shape ``(m, K)`` (or ``(m,)``)."""
+        traj = self.trajectory(theta0)
+        dth = self._rows(V, theta0)
+        dstate = tuple(torch.zeros_like(dth) for _ in range(self.optimizer.num_states))
+        opt = self.optimizer
+        for seg in traj.segments():
+            for s in seg:
+                dg = self.engine.hvp(s.cache, dth)
+                dth, dstate = opt.tangent(
+                    s.t, s.lr, s.theta, s.state, s.cache["g"], dth, dstate, dg
+                )
+        return dth.T.contiguous() if V.ndim == 2 else dth[0]
+
+    @torch.no_grad()
+    def vjp(self, theta0: Tensor, U: Tensor) -> Tensor:
+        """Reverse mode: :math:`J^\\top U` for ``U`` of shape ``(m, K)`` (or ``(m,)``)."""
+        traj = self.trajectory(theta0)
+        bth = self._rows(U, theta0)
+        bstate = tuple(torch.zeros_like(bth) for _ in range(self.optimizer.num_states))
+        opt = self.optimizer
+        for seg in traj.segments(reverse=True):
+            for s in reversed(seg):
+                bth, bstate, bg = opt.cotangent(
+                    s.t, s.lr, s.theta, s.state, s.cache["g"], bth, bstate
+                )
+                bth = bth + self.engine.hvp(s.cache, bg)
+        return bth.T.contiguous() if U.ndim == 2 else bth[0]
+
+    def _rows(self, V: Tensor, theta0: Tensor) -> Tensor:
+        if not isinstance(V, Tensor) or V.ndim not in (1, 2) or V.shape[0] != self.dim:
+            shape = tuple(V.shape) if isinstance(V, Tensor) else type(V).__name__
+            raise ValueError(
+                f"V: expected a tensor of shape ({self.dim},) or ({self.dim}, K), got {shape}"
+            )
+        V = V.to(theta0.dtype)
+        return (V.T if V.ndim == 2 else V[None]).contiguous()
+
+
+class _Trajectory:
+    """Checkpoints of ``(theta_t, s_t)`` every ``c`` steps; segments recomputed on demand."""
+
+    def __init__(self, run: TrainingRun, theta0: Tensor) -> None:
+        self.run = run
+        T, m = run.num_steps, run.dim
+        per_step = m * theta0.element_size() * (2 + run.optimizer.num_states) + _cache_bytes(
+            run, theta0
+        )
+        c = run.checkpoint_every
+        if c is None:
+            c = T if T * per_step <= run.memory_limit_bytes else max(1, math.ceil(math.sqrt(T)))
+        self.every = min(c, T)
+        self.checkpoints: list[tuple[Tensor, tuple[Tensor, ...]]] = []
+        theta, state = theta0, run.optimizer.init(theta0)
+        self._stored: list[_Step] | None = None
+        steps: list[_Step] = []
+        with torch.no_grad():
+            for t in range(T):
+                if t % self.every == 0:
+                    self.checkpoints.append((theta, state))
+                s = self._step(t, theta, state)
+                if self.every >= T:
+                    steps.append(s)
+                theta, state = run.optimizer.update(t, s.lr, theta, state, s.cache["g"])
+        self.final = theta
+        if self.every >= T:
+            self._stored = steps
+
+    def _step(self, t: int, theta: Tensor, state: tuple[Tensor, ...]) -> _Step:
+        run = self.run
+        X, y = run.data.batch(t, theta.dtype)
+        return _Step(t, run.schedule(t), theta, state, run.engine.prepare(theta, X, y))
+
+    @torch.no_grad()
+    def segment(self, k: int) -> list[_Step]:
+        """Steps ``[k c, (k + 1) c)`` recomputed from checkpoint ``k``."""
+        if self._stored is not None:
+            return self._stored
+        theta, state = self.checkpoints[k]
+        out = []
+        for t in range(k * self.every, min((k + 1) * self.every, self.run.num_steps)):
+            s = self._step(t, theta, state)
+            out.append(s)
+            theta, state = self.run.optimizer.update(t, s.lr, theta, state, s.cache["g"])
+        return out
+
+    def segments(self, reverse: bool = False) -> Iterator[list[_Step]]:
+        """The segments in order (or reversed), each recomputed as it is reached."""
+        ks = range(len(self.checkpoints))
+        for k in reversed(ks) if reverse else ks:
+            yield self.segment(k)
+
+
+def _cache_bytes(run: TrainingRun, theta0: Tensor) -> int:
+    """Rough size of one step's engine cache (activations of one batch for the MLP path)."""
+    X, _ = run.data.batch(0, theta0.dtype)
+    width = sum(s[0] for s in getattr(run.engine, "shapes", [])) or X[0].numel()
+    return 6 * X.shape[0] * (X[0].numel() + width) * theta0.element_size()
