@@ -28,6 +28,23 @@ from estimators.guesses import (
     WTranspose,
     make_guesser,
 )
+from estimators.kernel import (
+    GramDrift,
+    GramSpectrum,
+    gram_drift,
+    gram_extremes,
+    gram_operator,
+    layer_parameter_names,
+    relative_distance,
+)
+from estimators.laziness import (
+    JacobianDrift,
+    LazinessResult,
+    hessian_norm,
+    jacobian_drift,
+    laziness_ratio,
+    laziness_report,
+)
 from estimators.reference import (
     STRATEGIES,
     RankCurve,
@@ -79,4 +96,19 @@ __all__ = [
     "guess_cosine",
     "one_step_effectiveness",
     "true_gradient",
+    # seed 000: laziness ratio and Jacobian drift
+    "JacobianDrift",
+    "LazinessResult",
+    "hessian_norm",
+    "jacobian_drift",
+    "laziness_ratio",
+    "laziness_report",
+    # seed 002: Gram matrices, their drift, relative distance
+    "GramDrift",
+    "GramSpectrum",
+    "gram_drift",
+    "gram_extremes",
+    "gram_operator",
+    "layer_parameter_names",
+    "relative_distance",
 ]

@@ -1,0 +1,321 @@
+r"""Gram matrices of the theta-lazy analysis (seed 002): NTK, per-layer Grams, their drift, RD.
+
+For inputs :math:`x_1, \dots, x_n` and the Jacobian :math:`J_l = \partial f / \partial \theta_l`
+of the outputs with respect to one group of parameters :math:`\theta_l` (the weights
+:math:`W^{[l]}` of layer :math:`l`), the per-layer Gram matrix and the NTK are
+
+.. math::
+
+    G^{[l]}(\theta) = J_l J_l^\top \in \mathbb{R}^{n d_y \times n d_y}, \qquad
+    K(\theta) = J J^\top = \sum_l G^{[l]}(\theta) \quad (\text{summing over all parameters}).
+
+Seed 002's lazy-regime argument has three steps, each measurable here: the Grams at
+initialisation are positive definite (:func:`gram_extremes`: :math:`\lambda_{\min}` and
+:math:`\lambda_{\max}` by Lanczos), they stay close to their initial values
+(:func:`gram_drift`: :math:`\|G(\theta_t) - G(\theta_0)\|_2 / \|G(\theta_0)\|_2`), and the
+parameters stay close to initialisation, :math:`RD(W^{[l]}(t)) = \|W^{[l]}(t) - W^{[l]}(0)\|_F
+/ \|W^{[l]}(0)\|_F` (:func:`relative_distance`, and the trainer callback
+:class:`trainers.RelativeDistance`). :class:`GramDrift` records the Gram drift during training.
+
+Seed 002 normalises its Grams by the output scale (:math:`G/\kappa^2`); drift and the ratio
+:math:`\lambda_{\min}/\lambda_{\max}` do not depend on that normalisation, so the operators here
+are unnormalised (scale them with ``op * c`` if needed).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from linops.jacobian import NTKOperator
+from linops.lanczos import lanczos
+
+__all__ = [
+    "GramDrift",
+    "GramSpectrum",
+    "gram_drift",
+    "gram_extremes",
+    "gram_operator",
+    "layer_parameter_names",
+    "relative_distance",
+]
+
+
+class GramSpectrum(NamedTuple):
+    """Extreme eigenvalues of a Gram matrix.
+
+    Attributes
+    ----------
+    lambda_min, lambda_max
+        Smallest and largest eigenvalue.
+    num_matvecs
+        Operator products used.
+    """
+
+    lambda_min: float
+    lambda_max: float
+    num_matvecs: int
+
+
+def layer_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Names of the weight matrices, layer by layer (parameters whose name ends in ``weight``).
+
+    Examples
+    --------
+    >>> from trainers.models import MLP
+    >>> layer_parameter_names(MLP(3, 1, (4, 4)))
+    ['layers.0.weight', 'layers.2.weight', 'layers.4.weight']
+    """
+    return [n for n, p in model.named_parameters() if n.endswith("weight") and p.requires_grad]
+
+
+def _layer_params(model: torch.nn.Module, layer: int | str | Sequence[str] | None) -> Any:
+    if layer is None:
+        return None
+    if isinstance(layer, str):
+        return [layer]
+    if isinstance(layer, int) and not isinstance(layer, bool):
+        names = layer_parameter_names(model)
+        if not -len(names) <= layer < len(names):
+            raise ValueError(
+                f"layer: expected an integer in [{-len(names)}, {len(names) - 1}], got {layer}"
+            )
+        return [names[layer]]
+    if isinstance(layer, Sequence):
+        return list(layer)
+    raise TypeError(f"layer: expected an int, a name, names or None, got {type(layer).__name__}")
+
+
+def _model_at(model: torch.nn.Module, values: Mapping[str, torch.Tensor] | None) -> torch.nn.Module:
+    """A copy of ``model`` with the given parameter values (all other state copied)."""
+    if values is None:
+        return model
+    if not isinstance(values, Mapping):
+        raise TypeError(
+            f"params: expected a mapping from names to tensors, got {type(values).__name__}"
+        )
+    named = dict(model.named_parameters())
+    unknown = [n for n in values if n not in named]
+    if unknown:
+        raise ValueError(f"params: {unknown} are not parameters of the model")
+    new = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in new.named_parameters():
+            if n in values:
+                p.copy_(values[n])
+    return new
+
+
+def gram_operator(
+    model: torch.nn.Module,
+    inputs: Any,
+    *,
+    layer: int | str | Sequence[str] | None = None,
+    values: Mapping[str, torch.Tensor] | None = None,
+    output_index: int | None = None,
+    **kwargs: Any,
+) -> NTKOperator:
+    r"""The NTK :math:`K = J J^\top` or the per-layer Gram :math:`G^{[l]} = J_l J_l^\top` as an operator.
+
+    Parameters
+    ----------
+    model
+        The network.
+    inputs
+        ``(n, ...)`` inputs or an ``(X, y)`` pair.
+    layer
+        ``None``: all parameters (NTK); an int: the weight of that layer
+        (:func:`layer_parameter_names` order, negative counts from the end); a parameter name
+        or a list of names.
+    values
+        Parameter values by name at which to evaluate (default: the model's); parameters not
+        named keep the model's values.
+    output_index
+        One output unit (``n x n``) instead of all (``n d_y x n d_y``).
+    **kwargs
+        Passed to :class:`linops.NTKOperator` (``dtype``, ``batch_size``, ...).
+
+    Returns
+    -------
+    linops.NTKOperator
+        Symmetric positive semi-definite.
+
+    Examples
+    --------
+    >>> import torch
+    >>> lin = torch.nn.Linear(2, 1, bias=False).double()
+    >>> X = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    >>> gram_operator(lin, X, layer=0).to_dense().tolist()
+    [[1.0, 1.0], [1.0, 2.0]]
+    """
+    at = _model_at(model, values)
+    return NTKOperator(
+        at, inputs, params=_layer_params(at, layer), output_index=output_index, **kwargs
+    )
+
+
+def gram_extremes(
+    op: Any, *, method: str = "lanczos", tol: float | None = None, seed: int = 0
+) -> GramSpectrum:
+    r""":math:`\lambda_{\min}` and :math:`\lambda_{\max}` of a symmetric PSD Gram matrix.
+
+    Parameters
+    ----------
+    op
+        The Gram operator (e.g. from :func:`gram_operator`) or a dense symmetric tensor.
+    method
+        ``"lanczos"`` (:func:`linops.lanczos`, ``which="SA"`` and ``"LA"``) or ``"dense"``
+        (``eigvalsh`` of the assembled matrix, for small ``n``).
+    tol
+        Lanczos tolerance relative to :math:`\|A\|` (default ``sqrt(eps)``); a small
+        :math:`\lambda_{\min}` is resolved only to about ``tol * lambda_max``.
+    seed
+        Seed of the start vectors.
+
+    Returns
+    -------
+    GramSpectrum
+    """
+    if method not in ("lanczos", "dense"):
+        raise ValueError(f"method: expected 'lanczos' or 'dense', got {method!r}")
+    if method == "dense":
+        A = op if isinstance(op, torch.Tensor) else op.to_dense()
+        w = torch.linalg.eigvalsh((A + A.T) / 2)
+        return GramSpectrum(
+            float(w[0]), float(w[-1]), A.shape[0] if not isinstance(op, torch.Tensor) else 0
+        )
+    lo = lanczos(op, 1, "SA", tol=tol, seed=seed)
+    hi = lanczos(op, 1, "LA", tol=tol, seed=seed + 1)
+    return GramSpectrum(
+        float(lo.eigenvalues[0]), float(hi.eigenvalues[-1]), lo.num_matvecs + hi.num_matvecs
+    )
+
+
+def gram_drift(
+    model: torch.nn.Module,
+    inputs: Any,
+    values_t: Mapping[str, torch.Tensor],
+    values_0: Mapping[str, torch.Tensor] | None = None,
+    *,
+    layer: int | str | Sequence[str] | None = None,
+    method: str = "lanczos",
+    output_index: int | None = None,
+    tol: float = 1e-6,
+    seed: int = 0,
+) -> float:
+    r"""Relative drift :math:`\|G(\theta_t) - G(\theta_0)\|_2 / \|G(\theta_0)\|_2` of the NTK or a layer Gram.
+
+    Parameters
+    ----------
+    model, inputs
+        The network (at :math:`\theta_0` unless ``values_0`` is given) and the probe inputs.
+    values_t, values_0
+        Parameter values by name.
+    layer
+        As in :func:`gram_operator` (``None``: the NTK).
+    method
+        ``"lanczos"``: largest-magnitude eigenvalue of the difference operator and largest
+        eigenvalue of :math:`G(\theta_0)`, matrix-free; ``"dense"``: both assembled
+        (``n d_y`` products each), for small probe sets.
+    output_index
+        One output unit.
+    tol, seed
+        Lanczos tolerance and seed.
+
+    Returns
+    -------
+    float
+    """
+    if method not in ("lanczos", "dense"):
+        raise ValueError(f"method: expected 'lanczos' or 'dense', got {method!r}")
+    G_t = gram_operator(model, inputs, layer=layer, values=values_t, output_index=output_index)
+    G_0 = gram_operator(model, inputs, layer=layer, values=values_0, output_index=output_index)
+    if method == "dense":
+        A_t, A_0 = G_t.to_dense(), G_0.to_dense()
+        return float(torch.linalg.matrix_norm(A_t - A_0, 2) / torch.linalg.matrix_norm(A_0, 2))
+    diff = lanczos(G_t - G_0, 1, "LM", tol=tol, seed=seed).eigenvalues
+    base = lanczos(G_0, 1, "LA", tol=tol, seed=seed).eigenvalues
+    return float(diff.abs().max()) / float(base[-1])
+
+
+def relative_distance(
+    values_t: Mapping[str, torch.Tensor],
+    values_0: Mapping[str, torch.Tensor],
+    names: Iterable[str] | None = None,
+) -> dict[str, float]:
+    r"""Per-layer :math:`RD(W(t)) = \|W(t) - W(0)\|_F / \|W(0)\|_F` (seed 002).
+
+    Parameters
+    ----------
+    values_t, values_0
+        Parameter values by name.
+    names
+        Which (default: every name of ``values_0`` ending in ``weight``).
+
+    Returns
+    -------
+    dict
+        ``name -> RD``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> w0 = {"w.weight": torch.tensor([3.0, 4.0], dtype=torch.float64)}
+    >>> relative_distance({"w.weight": torch.tensor([3.0, 4.5], dtype=torch.float64)}, w0)
+    {'w.weight': 0.1}
+    """
+    names = list(names) if names is not None else [n for n in values_0 if n.endswith("weight")]
+    missing = [n for n in names if n not in values_t or n not in values_0]
+    if missing:
+        raise ValueError(
+            f"names: expected parameters present in both value sets, missing {missing}"
+        )
+    return {
+        n: float((values_t[n] - values_0[n]).norm() / values_0[n].norm().clamp_min(1e-300))
+        for n in names
+    }
+
+
+class GramDrift:
+    r"""Trainer callback: NTK (and optionally per-layer) Gram drift on a fixed probe set.
+
+    Parameters
+    ----------
+    inputs
+        Probe inputs.
+    every
+        Log at steps divisible by ``every``.
+    layers
+        ``False``: only the NTK; ``True``: also every layer of :func:`layer_parameter_names`.
+    method
+        ``"dense"`` (default; small probe sets) or ``"lanczos"``.
+
+    Notes
+    -----
+    Logs ``gram_drift`` (and ``gram_drift/<name>``); :attr:`values` keeps ``(step, dict)``.
+    """
+
+    def __init__(
+        self, inputs: Any, every: int = 1, *, layers: bool = False, method: str = "dense"
+    ) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every: expected a positive integer, got {every!r}")
+        self.inputs, self.every, self.layers, self.method = inputs, every, layers, method
+        self.values: list[tuple[int, dict[str, float]]] = []
+
+    def __call__(self, trainer: Any, step: int) -> dict[str, float] | None:
+        if step % self.every:
+            return None
+        model = trainer.model
+        p_t, p_0 = dict(trainer.params), dict(trainer.initial_params)
+        out = {"gram_drift": gram_drift(model, self.inputs, p_t, p_0, method=self.method)}
+        if self.layers:
+            for name in layer_parameter_names(model):
+                out[f"gram_drift/{name}"] = gram_drift(
+                    model, self.inputs, p_t, p_0, layer=name, method=self.method
+                )
+        self.values.append((step, out))
+        return out
