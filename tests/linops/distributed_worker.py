@@ -91,6 +91,7 @@ def scenario_products(rank: int, out: dict, errors: dict) -> None:
     out["H_V"], out["H_v"], out["H_dense"] = H @ V, H @ V[:, 0], H.to_dense()
     out["G_V"], out["J_V"], out["JT_U"] = G @ V, J @ V, J.T @ U
     out["K_U"], out["J_dense"] = K @ U, J.to_dense()
+    out["JTJ_V"] = (J.T @ J) @ V  # Gauss-Newton-type product through the replicated J
     out["lanczos_H"] = lanczos(H, 4, "LA", seed=3).eigenvalues
     out["lanczos_K"] = lanczos(K, 3, "LA", seed=4).eigenvalues
     out["svds_J"] = svds(J, 3, seed=5).singular_values

@@ -110,6 +110,7 @@ def reference() -> dict[str, np.ndarray]:
         "JT_U": J.T @ U,
         "K_U": K @ U,
         "J_dense": J.to_dense(),
+        "JTJ_V": (J.T @ J) @ V,
         "lanczos_H": lanczos(H, 4, "LA", seed=3).eigenvalues,
         "lanczos_K": lanczos(K, 3, "LA", seed=4).eigenvalues,
         "svds_J": svds(J, 3, seed=5).singular_values,
@@ -125,7 +126,7 @@ def reference() -> dict[str, np.ndarray]:
 
 
 KEYS = [
-    "H_V", "H_v", "H_dense", "G_V", "J_V", "JT_U", "K_U", "J_dense",
+    "H_V", "H_v", "H_dense", "G_V", "J_V", "JT_U", "K_U", "J_dense", "JTJ_V",
     "lanczos_H", "lanczos_K", "svds_J", "hutch_H", "hutch_K", "colpar_dense", "colpar_resumed",
 ]  # fmt: skip
 
