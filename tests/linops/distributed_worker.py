@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import linops
 from linops.distributed import DistributedError, shard, shared_seed
 from linops.lanczos import lanczos
+from linops.randomized import randomized_svd
 from linops.svds import svds
 
 N_SAMPLES, D_IN, WIDTH, D_OUT = 11, 3, 6, 2
@@ -95,6 +96,7 @@ def scenario_products(rank: int, out: dict, errors: dict) -> None:
     out["lanczos_H"] = lanczos(H, 4, "LA", seed=3).eigenvalues
     out["lanczos_K"] = lanczos(K, 3, "LA", seed=4).eigenvalues
     out["svds_J"] = svds(J, 3, seed=5).singular_values
+    out["rsvd_J"] = randomized_svd(J, 3, seed=9).singular_values
     out["hutch_H"] = torch.tensor(hutchinson(H, 6, seed=6))
     out["hutch_K"] = torch.tensor(hutchinson(K, 6, seed=7))
     for name, value in library_traces(H, seed=8).items():

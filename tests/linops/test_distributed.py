@@ -22,6 +22,7 @@ import torch
 import linops
 from linops.distributed import DistributedError, dense_columns, shard, shard_range, shared_seed
 from linops.lanczos import lanczos
+from linops.randomized import randomized_svd
 from linops.svds import svds
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -114,6 +115,7 @@ def reference() -> dict[str, np.ndarray]:
         "lanczos_H": lanczos(H, 4, "LA", seed=3).eigenvalues,
         "lanczos_K": lanczos(K, 3, "LA", seed=4).eigenvalues,
         "svds_J": svds(J, 3, seed=5).singular_values,
+        "rsvd_J": randomized_svd(J, 3, seed=9).singular_values,
     }
     from distributed_worker import hutchinson, library_traces
 
@@ -127,7 +129,7 @@ def reference() -> dict[str, np.ndarray]:
 
 KEYS = [
     "H_V", "H_v", "H_dense", "G_V", "J_V", "JT_U", "K_U", "J_dense", "JTJ_V",
-    "lanczos_H", "lanczos_K", "svds_J", "hutch_H", "hutch_K", "colpar_dense", "colpar_resumed",
+    "lanczos_H", "lanczos_K", "svds_J", "rsvd_J", "hutch_H", "hutch_K", "colpar_dense", "colpar_resumed",
 ]  # fmt: skip
 
 
