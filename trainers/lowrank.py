@@ -268,11 +268,12 @@ def lowrank_factors(
     Vs = [reference_gram_eigh(A, rtol=rtol).left_vectors[:, :rank] for A in As]
     V = _stack_units(Vs, n, d, per_unit, rows)
     J = JacobianOperator(model, X, params, batch_size=batch_size)
-    P = J._apply(V, adjoint=True)
+    # every reference column can be zero (dead weights): then the stored subspace is {0}
+    P = J._apply(V, adjoint=True) if V.shape[1] else V.new_zeros(w_ref.numel(), 0)
     B = JB = None
     if projection == "parameter":
-        B = _orthonormal_basis(P, rtol)
-        JB = J._apply(B)
+        B = _orthonormal_basis(P, rtol) if P.shape[1] else P
+        JB = J._apply(B) if B.shape[1] else V.new_zeros(V.shape[0], 0)
         P = None
     J.clear_cache()
     ranks = [v.shape[1] for v in Vs]
@@ -293,32 +294,50 @@ def _stack_units(Vs: list[torch.Tensor], n: int, d: int, per_unit: bool, rows: i
 
 
 class _RowIndex:
-    """Exact lookup of batch rows among the training inputs (byte-wise, vectorised)."""
+    """Exact lookup of batch rows among the training inputs.
+
+    Fast path: a float64 random projection of each row, ``searchsorted`` on the sorted keys,
+    then an exact comparison of the rows found; rows that fail it are looked up byte-wise.
+    """
 
     def __init__(self, X: torch.Tensor) -> None:
-        self.keys = self._keys(X)
-        self.order = np.argsort(self.keys, kind="stable")
-        self.sorted = self.keys[self.order]
+        self.X = X.detach().reshape(len(X), -1)
+        g = torch.Generator().manual_seed(12345)
+        self.u = torch.randn(self.X.shape[1], generator=g, dtype=torch.float64).to(X.device)
+        keys = self._proj(self.X)
+        self.sorted_keys, self.key_order = torch.sort(keys)
+        self.bytes = self._bytes(self.X)
+        self.byte_order = np.argsort(self.bytes, kind="stable")
+        self.sorted_bytes = self.bytes[self.byte_order]
+
+    def _proj(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(torch.float64) * self.u).sum(1)
 
     @staticmethod
-    def _keys(x: torch.Tensor) -> np.ndarray:
+    def _bytes(x: torch.Tensor) -> np.ndarray:
         a = np.ascontiguousarray(x.detach().reshape(len(x), -1).cpu().numpy())
         return a.view(np.dtype((np.void, a.dtype.itemsize * a.shape[1]))).ravel()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        q = self._keys(x)
-        if q.dtype != self.sorted.dtype:
+        flat = x.detach().reshape(len(x), -1)
+        if flat.shape[1] != self.X.shape[1] or flat.dtype != self.X.dtype:
             raise ValueError(
                 "x: expected inputs from the training set given to the trainer, got rows of "
                 f"another size or dtype ({x.dtype}, shape {tuple(x.shape)})"
             )
-        pos = np.clip(np.searchsorted(self.sorted, q), 0, len(self.sorted) - 1)
-        if not np.array_equal(self.sorted[pos], q):
-            raise ValueError(
-                "x: expected inputs from the training set given to the trainer, got rows that "
-                "are not in it"
-            )
-        return torch.as_tensor(self.order[pos], dtype=torch.long)
+        pos = torch.searchsorted(self.sorted_keys, self._proj(flat))
+        idx = self.key_order[pos.clamp_max(len(self.X) - 1)]
+        bad = (self.X[idx] != flat).any(dim=1)
+        if bool(bad.any()):
+            q = self._bytes(flat[bad])
+            p = np.clip(np.searchsorted(self.sorted_bytes, q), 0, len(self.sorted_bytes) - 1)
+            if not np.array_equal(self.sorted_bytes[p], q):
+                raise ValueError(
+                    "x: expected inputs from the training set given to the trainer, got rows "
+                    "that are not in it"
+                )
+            idx[bad] = torch.as_tensor(self.byte_order[p], dtype=torch.long).to(idx.device)
+        return idx.cpu()
 
 
 class LowRankJacobianTrainer(Trainer):
