@@ -442,9 +442,10 @@ def dense_columns(
             return None
         from linops._checkpoint import ColumnCheckpoint
 
-        name = op.fingerprint() if hasattr(op, "fingerprint") else type(op).__name__
+        # same fingerprint as TrainingJacobianOperator.to_dense: the directories interoperate
+        name = op.fingerprint() if hasattr(op, "fingerprint") else f"{op!r}"
         dtype = np.dtype(str(op.torch_dtype).removeprefix("torch."))
-        fingerprint = f"{name} shape={op.shape} chunk={chunk}"
+        fingerprint = f"{name} chunk={chunk}"
         return ColumnCheckpoint(checkpoint_dir, shape=(m, n), dtype=dtype, fingerprint=fingerprint)
 
     def local(ckpt: Any) -> torch.Tensor:
