@@ -1,10 +1,23 @@
 """linops: matrix-free linear algebra for studying how neural networks train."""
 
+from linops.angles import principal_angles, subspace_similarity
 from linops.base import IdentityOperator, TorchLinearOperator, aslinearoperator
 from linops.distributed import DistributedError, dense_columns, shard, shared_seed
 from linops.hessian import GGNOperator, HessianOperator, OutputHessianOperator
 from linops.jacobian import JacobianOperator, NTKOperator
+from linops.lanczos import LanczosNoConvergence, LanczosResult, lanczos
 from linops.params import ParamSpace
+from linops.randomized import (
+    EighResult,
+    RandomizedSVDResult,
+    RangeFinderResult,
+    nystrom,
+    randomized_eigh,
+    randomized_svd,
+    range_finder,
+)
+from linops.rank import effective_rank, numerical_rank, stable_rank
+from linops.svds import SVDSNoConvergence, SVDSResult, svds
 from linops.training import TrainingJacobianOperator
 
 __all__ = [
@@ -26,4 +39,23 @@ __all__ = [
     "shared_seed",
     # training Jacobian (seed 004)
     "TrainingJacobianOperator",
+    # matrix-free linear algebra
+    "lanczos",
+    "LanczosResult",
+    "LanczosNoConvergence",
+    "svds",
+    "SVDSResult",
+    "SVDSNoConvergence",
+    "range_finder",
+    "randomized_svd",
+    "randomized_eigh",
+    "nystrom",
+    "RangeFinderResult",
+    "RandomizedSVDResult",
+    "EighResult",
+    "principal_angles",
+    "subspace_similarity",
+    "numerical_rank",
+    "effective_rank",
+    "stable_rank",
 ]

@@ -1,0 +1,176 @@
+"""Thick-restart Lanczos against dense float64 references (numpy eigh)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from linops import TorchLinearOperator
+from linops.angles import principal_angles
+from linops.lanczos import LanczosNoConvergence, lanczos
+
+EPS64 = np.finfo(np.float64).eps
+
+
+def spectrum_matrix(lam: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``Q diag(lam) Q^T`` with a Haar-random orthogonal ``Q``."""
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((lam.size, lam.size)))
+    return (Q * lam) @ Q.T
+
+
+def reference(w: np.ndarray, k: int, which: str) -> np.ndarray:
+    if which == "LA":
+        return w[-k:]
+    if which == "SA":
+        return w[:k]
+    if which == "LM":
+        return np.sort(w[np.argsort(-np.abs(w), kind="stable")[:k]])
+    return np.r_[w[: k // 2], w[-(k - k // 2) :]]
+
+
+SPECTRA = {
+    "decay": 1.0 / np.arange(1, 121),
+    "indefinite": np.r_[
+        np.linspace(-5, -1, 10), np.linspace(-0.5, 0.5, 100), np.linspace(1, 4, 10)
+    ],
+    "repeated": np.r_[[3.0] * 3, [-3.0] * 3, np.linspace(-2, 2, 114)],
+    "clustered": np.r_[1 + 1e-6 * np.arange(4), 1e-3 * np.arange(116)],
+}
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+@pytest.mark.parametrize("which", ["LA", "SA", "LM", "BE"])
+def test_eigenvalues_match_dense_reference(name: str, which: str) -> None:
+    lam = SPECTRA[name]
+    A = spectrum_matrix(lam)
+    w = np.linalg.eigh(A)[0]
+    bs = 3 if name == "repeated" else 1
+    res = lanczos(A, 4, which, tol=1e-10, seed=1, block_size=bs)
+    ref = reference(w, 4, which)
+    scale = np.abs(w).max()
+    np.testing.assert_allclose(res.eigenvalues, ref, rtol=0, atol=1e-10 * scale)
+    resid = np.linalg.norm(A @ res.eigenvectors - res.eigenvectors * res.eigenvalues, axis=0)
+    assert resid.max() <= 1e-9 * scale
+    np.testing.assert_allclose(res.eigenvectors.T @ res.eigenvectors, np.eye(4), atol=1e-12)
+    assert res.converged and isinstance(res.eigenvalues, np.ndarray)
+
+
+def test_eigenvectors_within_angle_of_reference() -> None:
+    lam = np.r_[10.0, 9.0, 8.0, np.linspace(0, 5, 97)]
+    A = spectrum_matrix(lam, seed=3)
+    w, X = np.linalg.eigh(A)
+    res = lanczos(A, 3, "LA", tol=1e-12, seed=0)
+    for i in range(3):
+        angle = principal_angles(X[:, [-3 + i]], res.eigenvectors[:, [i]])
+        assert angle[0] <= 1e-8
+
+
+def test_no_ghost_eigenvalues_with_repeated_spectrum() -> None:
+    lam = np.r_[[2.0] * 5, np.linspace(-1, 1, 95)]
+    A = spectrum_matrix(lam, seed=4)
+    w = np.linalg.eigh(A)[0]
+    res = lanczos(A, 8, "LA", seed=0)
+    # every returned value is an eigenvalue of A with at most its true multiplicity
+    for val in np.unique(np.round(res.eigenvalues, 8)):
+        count = np.sum(np.abs(res.eigenvalues - val) < 1e-8)
+        assert count <= np.sum(np.abs(w - val) < 1e-8)
+    assert np.all(np.min(np.abs(res.eigenvalues[:, None] - w[None]), axis=1) < 1e-10)
+    blocked = lanczos(A, 8, "LA", seed=0, block_size=5)
+    np.testing.assert_allclose(blocked.eigenvalues, w[-8:], atol=1e-10)
+
+
+def test_float32_and_torch_outputs() -> None:
+    A = torch.from_numpy(spectrum_matrix(SPECTRA["indefinite"])).float()
+    res = lanczos(A, 3, "LM", tol=1e-5, seed=0)
+    assert isinstance(res.eigenvalues, torch.Tensor) and res.eigenvectors.dtype == torch.float32
+    w = np.linalg.eigh(A.double().numpy())[0]
+    np.testing.assert_allclose(res.eigenvalues.numpy(), reference(w, 3, "LM"), atol=1e-4)
+
+
+def test_small_operator_full_space_and_identity() -> None:
+    res = lanczos(2.0 * np.eye(6), 6, "LA", seed=0)
+    np.testing.assert_allclose(res.eigenvalues, 2.0 * np.ones(6), atol=1e-12)
+    res = lanczos(np.diag([1.0, 2.0, 3.0]), 3, "SA", seed=0)
+    np.testing.assert_allclose(res.eigenvalues, [1.0, 2.0, 3.0], atol=1e-12)
+
+
+def test_no_convergence_carries_partial_result() -> None:
+    A = spectrum_matrix(1.0 / np.arange(1, 201))
+    with pytest.raises(LanczosNoConvergence, match=r"1 restarts .*\d+/6 converged") as info:
+        lanczos(A, 6, "SA", maxiter=1, ncv=12, seed=0)
+    partial = info.value.result
+    assert not partial.converged and partial.eigenvalues.shape == (6,)
+    assert partial.num_matvecs > 0
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10**6), c=st.floats(0.1, 10.0), which=st.sampled_from(["LA", "SA"]))
+def test_orthogonal_similarity_and_scaling(seed: int, c: float, which: str) -> None:
+    lam = np.r_[np.linspace(-3, -1, 4), np.linspace(-0.5, 0.5, 40), np.linspace(1, 2, 4)]
+    A = spectrum_matrix(lam, seed)
+    B = spectrum_matrix(lam, seed + 1)  # orthogonally similar to A
+    ra, rb = lanczos(A, 3, which, seed=0), lanczos(B, 3, which, seed=0)
+    np.testing.assert_allclose(ra.eigenvalues, rb.eigenvalues, atol=1e-10)
+    rc = lanczos(c * A, 3, which, seed=0)
+    np.testing.assert_allclose(rc.eigenvalues, c * ra.eigenvalues, atol=1e-10 * c * 3)
+    flip = "SA" if which == "LA" else "LA"
+    rn = lanczos(-c * A, 3, flip, seed=0)
+    np.testing.assert_allclose(rn.eigenvalues[::-1], -c * ra.eigenvalues, atol=1e-10 * c * 3)
+
+
+class _NaNAfter(TorchLinearOperator):
+    is_symmetric = True
+
+    def __init__(self, A: torch.Tensor, after: int) -> None:
+        super().__init__(A.shape, dtype=A.dtype, device=A.device)
+        self.A, self.after, self.calls = A, after, 0
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        Y = self.A @ X
+        return Y * float("nan") if self.calls > self.after else Y
+
+
+class _TorchOnly(TorchLinearOperator):
+    """Refuses anything but torch tensors on its device (proves no host/numpy round trip)."""
+
+    is_symmetric = True
+
+    def __init__(self, A: torch.Tensor) -> None:
+        super().__init__(A.shape, dtype=A.dtype, device=A.device)
+        self.A = A
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        if not isinstance(X, torch.Tensor) or X.device != self.device:
+            raise TypeError(f"torch tensors on {self.device} only, got {type(X)}")
+        return self.A @ X
+
+
+def test_device_resident_torch_path() -> None:
+    A = torch.from_numpy(spectrum_matrix(SPECTRA["decay"]))
+    res = lanczos(_TorchOnly(A), 3, seed=0)
+    assert isinstance(res.eigenvectors, torch.Tensor) and res.converged
+
+
+def test_bad_input_raises() -> None:
+    A = spectrum_matrix(SPECTRA["decay"])
+    with pytest.raises(ValueError, match="k: expected an integer >= 1 and <= 120, got 121"):
+        lanczos(A, 121)
+    with pytest.raises(ValueError, match="expected a square"):
+        lanczos(np.ones((5, 4)), 2)
+    with pytest.raises(ValueError, match="which: expected one of"):
+        lanczos(A, 2, "XX")
+    with pytest.raises(ValueError, match="nonzero start vector"):
+        lanczos(A, 2, v0=np.zeros(120))
+    with pytest.raises(ValueError, match="v0: expected shape"):
+        lanczos(A, 2, v0=np.ones(7))
+    with pytest.raises(ValueError, match="tol: expected a positive"):
+        lanczos(A, 2, tol=0.0)
+    with pytest.raises(TypeError, match="seed: expected"):
+        lanczos(A, 2, seed="x")
+    with pytest.raises(FloatingPointError, match="NaN or inf at product 4"):
+        lanczos(_NaNAfter(torch.from_numpy(A), 3), 2, seed=0)
