@@ -1,5 +1,11 @@
 """estimators: stochastic estimators and model-analysis quantities."""
 
+from estimators.density import (
+    SpectralDensity,
+    density_report,
+    plot_spectral_density,
+    spectral_density,
+)
 from estimators.guess_quality import (
     ActivationGradientOverlap,
     BiasAnalysis,
@@ -57,6 +63,14 @@ from estimators.reference import (
     reference_rank,
     select_reference_set,
 )
+from estimators.trace import (
+    DiagonalEstimate,
+    TraceEstimate,
+    diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    xtrace,
+)
 
 __all__ = [
     # seed 003: gradient guessers
@@ -111,4 +125,15 @@ __all__ = [
     "gram_operator",
     "layer_parameter_names",
     "relative_distance",
+    # trace, diagonal and spectral-density estimation
+    "DiagonalEstimate",
+    "SpectralDensity",
+    "TraceEstimate",
+    "density_report",
+    "diagonal",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "plot_spectral_density",
+    "spectral_density",
+    "xtrace",
 ]
