@@ -143,7 +143,7 @@ def xtrace(
 ) -> TraceEstimate:
     r"""XTrace, the exchangeable Hutch++ estimator, for symmetric (Hermitian) ``A``.
 
-    With Gaussian :math:`\Omega = [\omega_1 \dots \omega_m]`, :math:`m = N/2`, and
+    With Rademacher :math:`\Omega = [\omega_1 \dots \omega_m]`, :math:`m = N/2`, and
     :math:`Q_{(i)}` an orthonormal basis of :math:`A\Omega_{-i}` (all probes but the
     :math:`i`-th),
 
@@ -157,11 +157,12 @@ def xtrace(
     section 2). ``stderr`` is the standard deviation of the :math:`m` terms over
     :math:`\sqrt m`.
 
-    With ``fallback=True`` (default), after :math:`A\Omega` the spectrum is judged from
-    :math:`\rho = \sum_i |s_i^H r_i|^2 / \sum_i \|r_i\|^2` (the leave-one-out share of
-    :math:`\|A\|_F^2` outside the sketch). If :math:`\rho > 1/2` (a flat spectrum, where
-    deflation cannot pay for the products it costs) the remaining budget is spent on more
-    Gaussian Hutchinson probes and the :math:`\omega_i^H A\omega_i` already computed are
+    With ``fallback=True`` (default), after :math:`A\Omega` the per-probe variances of
+    Hutchinson (from :math:`\omega_i^H A\omega_i`) and of the deflated remainder (from the
+    leave-one-out samples :math:`(\omega_i^H Q s_i)(s_i^H r_i)`) are compared; when
+    :math:`N` Hutchinson probes are predicted to do better than XTrace (a flat spectrum,
+    where deflation cannot pay for the products it costs) the rest of the budget is spent
+    on more Rademacher probes and the :math:`\omega_i^H A\omega_i` already computed are
     reused: plain Hutchinson with :math:`N` probes (``method="hutchinson"``).
 
     References
@@ -179,22 +180,44 @@ def xtrace(
     """
     op, N, (gen, _) = _setup(A, num_matvecs, 4, seed)
     m = N // 2
-    Om = _probes(op, m, gen, "gaussian")
+    Om = _probes(op, m, gen, "rademacher")
     Y = _apply(op, Om, m)
-    Q, R = torch.linalg.qr(Y)
+    Q, R = _qr_regularized(Y)
     S = torch.linalg.inv(R).mH
     S = S / torch.linalg.vector_norm(S, dim=0)
-    resid = (S.conj() * R).sum(dim=0).abs() ** 2  # |s_i^H r_i|^2 = ||(I - Q_(i)Q_(i)^H) y_i||^2
-    if fallback and float(resid.sum()) > 0.5 * float((R.abs() ** 2).sum()):
-        G = _probes(op, N - m, gen, "gaussian")
+    hutch = (Om.conj() * Y).sum(dim=0).real
+    if fallback and m > 1 and _prefer_hutchinson(hutch, Q, R, S, Om):
+        G = _probes(op, N - m, gen, "rademacher")
         more = (G.conj() * _apply(op, G, N)).sum(dim=0).real
-        samples = torch.cat([(Om.conj() * Y).sum(dim=0).real, more])
-        mean, sem = _mean_sem(samples)
+        mean, sem = _mean_sem(torch.cat([hutch, more]))
         return TraceEstimate(mean, sem, N, "hutchinson")
     Z = _apply(op, Q, 2 * m)
     terms = _xtrace_terms(Om, Y, Q, R, S, Z)
     mean, sem = _mean_sem(terms)
     return TraceEstimate(mean, sem, 2 * m, "xtrace")
+
+
+def _qr_regularized(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """QR of the sketch with diagonal entries of ``R`` lifted to at least ``m eps max|r_ii|``,
+    the QR of a sketch perturbed at rounding level, so that ``R`` is invertible when ``A``
+    has rank below ``m``."""
+    Q, R = torch.linalg.qr(Y)
+    d = torch.linalg.diagonal(R)
+    floor = max(Y.shape[1] * torch.finfo(d.abs().dtype).eps * float(d.abs().max()), 1e-300)
+    lifted = torch.where(d.abs() < floor, torch.full_like(d, floor), d)
+    return Q, R - torch.diag(d) + torch.diag(lifted)
+
+
+def _prefer_hutchinson(hutch, Q, R, S, Om) -> bool:
+    r"""Whether :math:`N` Hutchinson probes beat XTrace with :math:`N/2` probes and :math:`AQ`.
+
+    Hutchinson's per-probe variance is estimated from :math:`\omega_i^H A\omega_i`; XTrace's
+    terms behave like Hutchinson on the deflated operator, whose per-probe variance is
+    estimated from the leave-one-out samples :math:`\omega_i^H (I - Q_{(i)}Q_{(i)}^H)A\omega_i
+    = (\omega_i^H Q s_i)(s_i^H r_i)`, available before any further product.
+    """
+    deflated = ((Q.mH @ Om).conj() * S).sum(dim=0).conj() * (S.conj() * R).sum(dim=0)
+    return float(hutch.var()) <= 2 * float(deflated.real.var())
 
 
 def _xtrace_terms(Om, Y, Q, R, S, Z) -> torch.Tensor:
