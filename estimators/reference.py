@@ -660,8 +660,12 @@ def exact_jacobian_rank(
     method
         ``"dense"``: singular values of the Jacobian assembled from per-sample blocks (for
         ``rows * m`` up to a few 1e7 entries); ``"matrix_free"``: :func:`linops.numerical_rank`
-        on the :class:`linops.JacobianOperator` (adaptive range finder); ``"auto"``: dense when
-        it fits in 512 MiB.
+        on the :class:`linops.JacobianOperator` (adaptive range finder); ``"gram"``: the
+        Jacobian assembled in its dtype, :math:`J J^\top` formed in float64 by column blocks and
+        :math:`\sigma_i = \sqrt{\lambda_i(J J^\top)}` (for few rows and many columns: the
+        float64 Gram resolves :math:`\sigma_i/\sigma_1` down to about 1e-8, below float32's
+        own rounding of ``J``); ``"auto"``: dense up to 512 MiB, gram up to 4096 rows and
+        4 GiB, else matrix-free.
     dtype
         Compute in this dtype (float64 recommended for small models).
 
@@ -669,8 +673,10 @@ def exact_jacobian_rank(
     -------
     int
     """
-    if method not in ("auto", "dense", "matrix_free"):
-        raise ValueError(f"method: expected 'auto', 'dense' or 'matrix_free', got {method!r}")
+    if method not in ("auto", "dense", "gram", "matrix_free"):
+        raise ValueError(
+            f"method: expected 'auto', 'dense', 'gram' or 'matrix_free', got {method!r}"
+        )
     X = _inputs_tensor(inputs)
     space = _space(model, params, dtype)
     X = X.to(dtype=space.dtype, device=space.device)
@@ -678,16 +684,31 @@ def exact_jacobian_rank(
     rows, m = len(X) * d, space.dim
     item = torch.empty((), dtype=space.dtype).element_size()
     if method == "auto":
-        method = "dense" if rows * m * item <= 512 * 2**20 else "matrix_free"
-    if method == "dense":
+        size = rows * m * item
+        method = (
+            "dense"
+            if size <= 512 * 2**20
+            else "gram"
+            if rows <= 4096 and size <= 4 * 2**30
+            else "matrix_free"
+        )
+    if method in ("dense", "gram"):
         with torch.no_grad():
             J = torch.cat(list(_per_sample_blocks(space, X, output_index, d)))
         if center:
             J = J - J.mean(dim=1, keepdim=True)
-        s = torch.linalg.svdvals(J)
+        s = torch.linalg.svdvals(J) if method == "dense" else _gram_singular_values(J)
         tol = (max(rows, m) * torch.finfo(J.dtype).eps if rtol is None else rtol) * float(s[0])
         return int((s > tol).sum())
     return _matrix_free_rank(model, X, params, output_index, center, rtol, space.dtype, seed)
+
+
+def _gram_singular_values(J: torch.Tensor, block: int = 8192) -> torch.Tensor:
+    K = torch.zeros(J.shape[0], J.shape[0], dtype=torch.float64, device=J.device)
+    for i in range(0, J.shape[1], block):
+        B = J[:, i : i + block].double()
+        K += B @ B.T
+    return torch.linalg.eigvalsh(K).flip(0).clamp_min(0).sqrt()
 
 
 def _matrix_free_rank(model, X, params, output_index, center, rtol, dtype, seed) -> int:

@@ -137,6 +137,7 @@ def test_svd_rule_matches_numpy_matrix_rank() -> None:
 def test_exact_rank_matches_dense_matrix_rank(case) -> None:
     net, X, J = case
     assert exact_jacobian_rank(net, X, method="dense") == int(torch.linalg.matrix_rank(J))
+    assert exact_jacobian_rank(net, X, method="gram") == int(torch.linalg.matrix_rank(J))
     Jc = J - J.mean(1, keepdim=True)
     assert exact_jacobian_rank(net, X, center=True) == int(torch.linalg.matrix_rank(Jc))
 
@@ -222,6 +223,8 @@ def test_errors(case) -> None:
         reference_rank(torch.ones(3, 2), rtol=-1.0)
     with pytest.raises(ValueError, match="sizes: expected at least one"):
         rank_curve(net, X, [])
-    with pytest.raises(ValueError, match="method: expected 'auto', 'dense' or 'matrix_free'"):
+    with pytest.raises(
+        ValueError, match="method: expected 'auto', 'dense', 'gram' or 'matrix_free'"
+    ):
         exact_jacobian_rank(net, X, method="x")
     assert isinstance(reference_gram_eigh(torch.ones(3, 2, dtype=F64)), ReferenceGram)
