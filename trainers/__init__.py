@@ -5,6 +5,8 @@ from trainers.backprop import BackpropTrainer
 from trainers.forward import ForwardGradientTrainer, GuessCosine
 from trainers.linearized import LinearizedTrainer
 from trainers.lowrank import LowRankFactors, LowRankJacobianTrainer, lowrank_factors
+from trainers.functional import DataSchedule, TrainingRun
+from trainers.subspace import SubspaceTrainer, subspace_basis
 
 __all__ = [
     # shared interface
@@ -22,4 +24,9 @@ __all__ = [
     # seed 003: forward-gradient training
     "ForwardGradientTrainer",
     "GuessCosine",
+    # seed 004: differentiable training runs and subspace training
+    "DataSchedule",
+    "TrainingRun",
+    "SubspaceTrainer",
+    "subspace_basis",
 ]

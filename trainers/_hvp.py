@@ -55,6 +55,7 @@ class FuncEngine:
 
     def __init__(self, space: ParamSpace, loss_fn: LossFn) -> None:
         self.space, self.loss_fn = space, loss_fn
+        self.sizes = list(space.numels)
 
         def batch_loss(theta: Tensor, X: Tensor, y: Tensor) -> Tensor:
             return self.loss_fn(self.space.functional_call(self.space.unflatten(theta), X), y)
@@ -70,9 +71,27 @@ class FuncEngine:
         """Gradient at ``theta`` on the batch, plus what :meth:`hvp` needs."""
         return {"g": self._grad(theta, X, y), "theta": theta, "X": X, "y": y}
 
-    def hvp(self, cache: dict[str, Any], V: Tensor) -> Tensor:
-        """``(H V^T)^T`` for ``V`` of shape ``(K, m)``."""
-        return self._hvp(V, cache["theta"], cache["X"], cache["y"])
+    def hvp(
+        self,
+        cache: dict[str, Any],
+        V: list[Tensor],
+        out: list[Tensor] | None = None,
+        beta: float = 0.0,
+    ) -> list[Tensor]:
+        """``out <- beta * out + H V`` per parameter block; ``V[i]`` has shape ``(K, n_i)``."""
+        flat = self._hvp(torch.cat(V, dim=1), cache["theta"], cache["X"], cache["y"])
+        return _accumulate(list(torch.split(flat, self.sizes, dim=1)), out, beta)
+
+
+def _accumulate(res: list[Tensor], out: list[Tensor] | None, beta: float) -> list[Tensor]:
+    if out is None:
+        return [r.contiguous() for r in res]
+    for o, r in zip(out, res, strict=True):
+        if beta == 0.0:
+            o.copy_(r)
+        else:
+            o.mul_(beta).add_(r)
+    return out
 
 
 # --------------------------------------------------------------------------- the MLP fast path
@@ -109,6 +128,10 @@ def _silu(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return a * s, s + a * d, d * (2.0 + a * (1.0 - 2.0 * s))
 
 
+def _t(x: Tensor) -> Tensor:
+    return x.T.contiguous()
+
+
 def _activation_derivs(mod: nn.Module) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None:
     """``a -> (phi(a), phi'(a), phi''(a))`` for supported activation modules, else None."""
     if isinstance(mod, nn.GELU):
@@ -134,13 +157,18 @@ class MLPEngine:
     .. math::
 
         \dot a_l &= c_l(\dot h_{l-1} W_l^\top + h_{l-1} \dot W_l^\top) + \dot b_l,\quad
-        \dot h_l = \phi'(a_l) \odot \dot a_l,\quad \dot e_{L+1} = \kappa^2\, \nabla^2_f \ell\, \dot a_{L+1} \\
+        \dot h_l = \phi'(a_l) \odot \dot a_l,\quad
+        \dot e_{L+1} = \kappa^2\, \nabla^2_f \ell\, \dot a_{L+1} \\
         \dot g_{W_l} &= c_l(\dot e_l^\top h_{l-1} + e_l^\top \dot h_{l-1}),\quad
         \dot g_{b_l} = \textstyle\sum_{\text{batch}} \dot e_l \\
         \dot e_{l-1} &= c_l(\dot e_l W_l + e_l \dot W_l) \odot \phi'(a_{l-1})
         + q_{l-1} \odot \phi''(a_{l-1}) \odot \dot a_{l-1}
 
-    (:math:`\dot h_0 = 0`), all batched over the ``K`` tangents as batched matrix products.
+    (:math:`\dot h_0 = 0`), batched over the ``K`` tangents. Activation tangents are stored
+    feature-major, ``(K, n, B)``, so that the two products that dominate the cost (first layer,
+    forward and backward) are single matrix products ``(K n, p) x (p, B)`` and
+    ``(K n, B) x (B, p)`` that write straight into their outputs; elementwise work is done in
+    place in reused buffers.
     """
 
     name = "mlp"
@@ -159,6 +187,7 @@ class MLPEngine:
         for n, p in self.shapes:
             sizes += [n * p, n] if self.has_bias else [n * p]
         self.sizes = sizes
+        self._work: dict[tuple[int, int, torch.dtype], list[Tensor]] = {}
 
     @staticmethod
     def supports(space: ParamSpace, loss_name: str | None) -> bool:
@@ -181,18 +210,16 @@ class MLPEngine:
             and len({lin.bias is None for lin in linears}) == 1
         )
 
-    def _split(self, theta: Tensor) -> tuple[list[Tensor], list[Tensor | None]]:
-        """Per-layer weight and bias views of a flat ``(m,)`` or row-batched ``(K, m)`` tensor."""
-        parts = torch.split(theta, self.sizes, dim=-1)
-        lead = theta.shape[:-1]
+    def _layers(self, pieces: list[Tensor]) -> tuple[list[Tensor], list[Tensor | None]]:
         step = 2 if self.has_bias else 1
-        Ws = [parts[step * i].view(*lead, *s) for i, s in enumerate(self.shapes)]
-        bs = [parts[step * i + 1] if self.has_bias else None for i in range(len(self.shapes))]
+        Ws = [pieces[step * i] for i in range(len(self.shapes))]
+        bs = [pieces[step * i + 1] if self.has_bias else None for i in range(len(self.shapes))]
         return Ws, bs
 
     def prepare(self, theta: Tensor, X: Tensor, y: Tensor) -> dict[str, Any]:
         """Forward and backward pass at ``theta``: the gradient and the activations HVPs need."""
-        Ws, bs = self._split(theta)
+        flatW, bs = self._layers(list(torch.split(theta, self.sizes)))
+        Ws = [w.view(s) for w, s in zip(flatW, self.shapes, strict=True)]
         hs, d1, d2 = [X.flatten(1)], [], []
         for i, (W, b, c) in enumerate(zip(Ws, bs, self.mult, strict=True)):
             a = c * (hs[-1] @ W.T)
@@ -224,54 +251,83 @@ class MLPEngine:
                 q = self.mult[i] * (e @ Ws[i])
                 qd2[i - 1] = q * d2[i - 1]
                 e = q * d1[i - 1]
-        return {"g": torch.cat(grads), "W": Ws, "h": hs, "d1": d1, "qd2": qd2, "e": es, "P": P}
+        return {
+            "g": torch.cat(grads),
+            "W": Ws,
+            "WT": [_t(W) for W in Ws],
+            "h": hs,
+            "hT": [_t(h) for h in hs],
+            "d1T": [_t(d) for d in d1],
+            "qd2T": [_t(q) for q in qd2],
+            "e": es,
+            "eT": [_t(e) for e in es],
+            "PT": _t(P) if P is not None else None,
+        }
 
-    def hvp(self, cache: dict[str, Any], V: Tensor) -> Tensor:
-        """``(H V^T)^T`` for ``V`` of shape ``(K, m)`` (rows are vectors)."""
-        Ws, hs, es = cache["W"], cache["h"], cache["e"]
-        dW, db = self._split(V)
-        L = len(Ws)
-        adots: list[Tensor] = []
-        hdots: list[Tensor] = []
-        for i in range(L):
-            ad = torch.matmul(hs[i], dW[i].mT)
+    def _workspace(self, K: int, B: int, dtype: torch.dtype) -> list[Tensor]:
+        key = (K, B, dtype)
+        if key not in self._work:
+            self._work.clear()
+            self._work[key] = [torch.empty(K, n, B, dtype=dtype) for n, _ in self.shapes]
+        return self._work[key]
+
+    def hvp(
+        self,
+        cache: dict[str, Any],
+        V: list[Tensor],
+        out: list[Tensor] | None = None,
+        beta: float = 0.0,
+    ) -> list[Tensor]:
+        """``out <- beta * out + H V`` per parameter block; ``V[i]`` has shape ``(K, n_i)``."""
+        hT, WT = cache["hT"], cache["WT"]
+        K, B, L = V[0].shape[0], hT[0].shape[1], len(self.shapes)
+        if out is None:
+            out, beta = [torch.empty_like(v) for v in V], 0.0
+        dW, db = self._layers(V)
+        oW, ob = self._layers(out)
+        A = self._workspace(K, B, V[0].dtype)
+        Hd: list[Tensor] = []  # hidden tangents, layout (n, K, B): deeper layers are single GEMMs
+        for i, (n, p) in enumerate(self.shapes):
+            torch.mm(dW[i].view(K * n, p), hT[i], out=A[i].view(K * n, B))
             if i > 0:
-                ad = ad + hdots[-1] @ Ws[i].T
+                inner = torch.mm(cache["W"][i], Hd[-1].view(p, K * B)).view(n, K, B)
+                A[i].add_(inner.transpose(0, 1))
             if self.mult[i] != 1.0:
-                ad = ad * self.mult[i]
+                A[i].mul_(self.mult[i])
             if db[i] is not None:
-                ad = ad + db[i].unsqueeze(1)
+                A[i].add_(db[i].unsqueeze(-1))
             if i < L - 1:
-                adots.append(ad)
-                hdots.append(cache["d1"][i] * ad)
-        fdot = ad if self.kappa == 1.0 else self.kappa * ad
-        if cache["P"] is not None:
-            P = cache["P"]
-            edot = P * (fdot - (P * fdot).sum(-1, keepdim=True))
-            edot = edot * (self.kappa / fdot.shape[1])
+                h = torch.empty(n, K, B, dtype=A[i].dtype)
+                torch.mul(A[i].transpose(0, 1), cache["d1T"][i].unsqueeze(1), out=h)
+                Hd.append(h)
+        E = A[L - 1] if self.kappa == 1.0 else A[L - 1].mul_(self.kappa)
+        if cache["PT"] is not None:
+            PT = cache["PT"]
+            E = PT * (E - (PT * E).sum(1, keepdim=True))
+            E.mul_(self.kappa / B)
         else:
-            edot = fdot * (2.0 * self.kappa / (fdot.shape[1] * fdot.shape[2]))
-        out = torch.empty_like(V)
-        offsets = [0]
-        for s in self.sizes:
-            offsets.append(offsets[-1] + s)
-        step = 2 if self.has_bias else 1
-        K = V.shape[0]
+            E = E * (2.0 * self.kappa / (B * E.shape[1]))
         for i in range(L - 1, -1, -1):
-            gW = torch.matmul(edot.mT, hs[i])
+            n, p = self.shapes[i]
+            c = self.mult[i]
+            oW[i].view(K * n, p).addmm_(E.view(K * n, B), cache["h"][i], beta=beta, alpha=c)
             if i > 0:
-                gW = gW + torch.matmul(es[i].T, hdots[i - 1])
-            if self.mult[i] != 1.0:
-                gW = gW * self.mult[i]
-            j = step * i
-            out[:, offsets[j] : offsets[j + 1]] = gW.reshape(K, -1)
-            if self.has_bias:
-                out[:, offsets[j + 1] : offsets[j + 2]] = edot.sum(1)
+                # e_l^T dh_{l-1}: (p K, B) x (B, n) -> (p, K, n), added as (K, n, p)
+                t = torch.mm(Hd[i - 1].view(p * K, B), cache["e"][i]).view(p, K, n)
+                oW[i].view(K, n, p).add_(t.permute(1, 2, 0), alpha=c)
+            if ob[i] is not None:
+                if beta == 0.0:
+                    torch.sum(E, dim=-1, out=ob[i])
+                else:
+                    ob[i].mul_(beta).add_(E.sum(-1))
             if i > 0:
-                q = edot @ Ws[i] + torch.matmul(es[i], dW[i])
-                if self.mult[i] != 1.0:
-                    q = q * self.mult[i]
-                edot = q * cache["d1"][i - 1] + cache["qd2"][i - 1] * adots[i - 1]
+                dWT = dW[i].view(K, n, p).transpose(1, 2).reshape(K * p, n)
+                Q = torch.mm(dWT, cache["eT"][i]).view(K, p, B)
+                En = E.transpose(0, 1).reshape(n, K * B)
+                Q.add_(torch.mm(WT[i], En).view(p, K, B).transpose(0, 1))
+                if c != 1.0:
+                    Q.mul_(c)
+                E = Q.mul_(cache["d1T"][i - 1]).addcmul_(cache["qd2T"][i - 1], A[i - 1])
         return out
 
 

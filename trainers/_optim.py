@@ -21,7 +21,7 @@ an object-style one step for step.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -29,6 +29,7 @@ __all__ = ["SGD", "Adam", "AdamW", "FunctionalOptimizer"]
 
 Tensor = torch.Tensor
 State = tuple[Tensor, ...]
+HVP = Callable[[list[Tensor], list[Tensor] | None, float], list[Tensor]]
 
 
 class FunctionalOptimizer:
@@ -77,6 +78,49 @@ class FunctionalOptimizer:
     def describe(self) -> str:
         """A short stable description (used in checkpoint fingerprints)."""
         return repr(self)
+
+    # batched passes over parameter blocks, used by TrainingRun.jvp / vjp
+    def tangent_step(
+        self,
+        t: int,
+        lr: float,
+        theta: list[Tensor],
+        state: list[State],
+        g: list[Tensor],
+        dtheta: list[Tensor],
+        dstate: list[State],
+        hvp: HVP,
+    ) -> tuple[list[Tensor], list[State]]:
+        """:meth:`tangent` over parameter blocks; ``hvp(V, out, beta)`` gives ``beta out + H V``.
+
+        Subclasses may update ``dtheta`` and ``dstate`` in place (the caller owns them).
+        """
+        dg = hvp(dtheta, None, 0.0)
+        res = [
+            self.tangent(t, lr, *args)
+            for args in zip(theta, state, g, dtheta, dstate, dg, strict=True)
+        ]
+        return [r[0] for r in res], [r[1] for r in res]
+
+    def cotangent_step(
+        self,
+        t: int,
+        lr: float,
+        theta: list[Tensor],
+        state: list[State],
+        g: list[Tensor],
+        btheta: list[Tensor],
+        bstate: list[State],
+        hvp: HVP,
+    ) -> tuple[list[Tensor], list[State]]:
+        """:meth:`cotangent` over parameter blocks, then ``btheta += H bg``."""
+        res = [
+            self.cotangent(t, lr, *args)
+            for args in zip(theta, state, g, btheta, bstate, strict=True)
+        ]
+        bth = [r[0].contiguous() for r in res]
+        hvp([r[2].contiguous() for r in res], bth, 1.0)
+        return bth, [r[1] for r in res]
 
 
 class SGD(FunctionalOptimizer):
@@ -129,6 +173,27 @@ class SGD(FunctionalOptimizer):
 
     def tangent(self, t, lr, theta, state, g, dtheta, dstate, dg):
         return self._step(lr, dtheta, dstate, dg)
+
+    def tangent_step(self, t, lr, theta, state, g, dtheta, dstate, hvp):
+        mu, wd = self.momentum, self.weight_decay
+        if self.num_states and not self.nesterov:
+            # b' = mu b + H dtheta + wd dtheta (accumulated in place), dtheta' = dtheta - lr b'
+            buf = [s[0] for s in dstate]
+            hvp(dtheta, buf, mu)
+            for b, d in zip(buf, dtheta, strict=True):
+                if wd:
+                    b.add_(d, alpha=wd)
+                d.add_(b, alpha=-lr)
+            return dtheta, dstate
+        dg = hvp(dtheta, None, 0.0)
+        for i, (d, gd) in enumerate(zip(dtheta, dg, strict=True)):
+            if wd:
+                gd.add_(d, alpha=wd)
+            if self.num_states:
+                dstate[i][0].mul_(mu).add_(gd)
+                d.add_(dstate[i][0], alpha=-lr * mu)
+            d.add_(gd, alpha=-lr)
+        return dtheta, dstate
 
     def cotangent(self, t, lr, theta, state, g, btheta, bstate):
         bstep = -lr * btheta

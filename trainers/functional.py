@@ -24,6 +24,7 @@ The per-step derivatives are the optimizer's elementwise tangent / cotangent map
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Iterator
@@ -140,6 +141,15 @@ class _Step:
     theta: Tensor
     state: tuple[Tensor, ...]
     cache: dict[str, Any]
+
+    def blocks(
+        self, sizes: list[int]
+    ) -> tuple[list[Tensor], list[tuple[Tensor, ...]], list[Tensor]]:
+        """Per-parameter views of ``theta``, the state and the gradient."""
+        th = torch.split(self.theta, sizes)
+        st = [torch.split(s, sizes) for s in self.state]
+        g = torch.split(self.cache["g"], sizes)
+        return list(th), [tuple(s[i] for s in st) for i in range(len(sizes))], list(g)
 
 
 class TrainingRun:
@@ -296,40 +306,49 @@ class TrainingRun:
     def jvp(self, theta0: Tensor, V: Tensor) -> Tensor:
         """Forward mode: :math:`J V` for ``V`` of shape ``(m, K)`` (or ``(m,)``)."""
         traj = self.trajectory(theta0)
-        dth = self._rows(V, theta0)
-        dstate = tuple(torch.zeros_like(dth) for _ in range(self.optimizer.num_states))
-        opt = self.optimizer
+        dth = self._blocks(V, theta0)
+        dstate = [tuple(torch.zeros_like(d) for _ in range(self.optimizer.num_states)) for d in dth]
+        opt, sizes = self.optimizer, self.engine.sizes
         for seg in traj.segments():
             for s in seg:
-                dg = self.engine.hvp(s.cache, dth)
-                dth, dstate = opt.tangent(
-                    s.t, s.lr, s.theta, s.state, s.cache["g"], dth, dstate, dg
-                )
-        return dth.T.contiguous() if V.ndim == 2 else dth[0]
+                th, st, g = s.blocks(sizes)
+                hvp = functools.partial(self.engine.hvp, s.cache)
+                dth, dstate = opt.tangent_step(s.t, s.lr, th, st, g, dth, dstate, hvp)
+        return self._unblocks(dth, V)
 
     @torch.no_grad()
     def vjp(self, theta0: Tensor, U: Tensor) -> Tensor:
         """Reverse mode: :math:`J^\\top U` for ``U`` of shape ``(m, K)`` (or ``(m,)``)."""
         traj = self.trajectory(theta0)
-        bth = self._rows(U, theta0)
-        bstate = tuple(torch.zeros_like(bth) for _ in range(self.optimizer.num_states))
-        opt = self.optimizer
+        bth = self._blocks(U, theta0)
+        bstate = [tuple(torch.zeros_like(b) for _ in range(self.optimizer.num_states)) for b in bth]
+        opt, sizes = self.optimizer, self.engine.sizes
         for seg in traj.segments(reverse=True):
             for s in reversed(seg):
-                bth, bstate, bg = opt.cotangent(
-                    s.t, s.lr, s.theta, s.state, s.cache["g"], bth, bstate
-                )
-                bth = bth + self.engine.hvp(s.cache, bg)
-        return bth.T.contiguous() if U.ndim == 2 else bth[0]
+                th, st, g = s.blocks(sizes)
+                hvp = functools.partial(self.engine.hvp, s.cache)
+                bth, bstate = opt.cotangent_step(s.t, s.lr, th, st, g, bth, bstate, hvp)
+        return self._unblocks(bth, U)
 
-    def _rows(self, V: Tensor, theta0: Tensor) -> Tensor:
+    def _blocks(self, V: Tensor, theta0: Tensor) -> list[Tensor]:
+        """``(m, K)`` columns (or ``(m,)``) -> contiguous row blocks ``(K, n_i)`` per parameter."""
         if not isinstance(V, Tensor) or V.ndim not in (1, 2) or V.shape[0] != self.dim:
             shape = tuple(V.shape) if isinstance(V, Tensor) else type(V).__name__
             raise ValueError(
                 f"V: expected a tensor of shape ({self.dim},) or ({self.dim}, K), got {shape}"
             )
         V = V.to(theta0.dtype)
-        return (V.T if V.ndim == 2 else V[None]).contiguous()
+        V = V[:, None] if V.ndim == 1 else V
+        # copies: the optimizers update tangents in place, never the caller's tensor
+        return [
+            b.T.clone(memory_format=torch.contiguous_format)
+            for b in torch.split(V, self.engine.sizes, dim=0)
+        ]
+
+    @staticmethod
+    def _unblocks(blocks: list[Tensor], like: Tensor) -> Tensor:
+        out = torch.cat([b.T for b in blocks], dim=0)
+        return out[:, 0].contiguous() if like.ndim == 1 else out
 
 
 class _Trajectory:
