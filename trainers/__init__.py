@@ -3,9 +3,9 @@
 from trainers._base import Callback, History, RelativeDistance, Trainer, make_optimizer
 from trainers.backprop import BackpropTrainer
 from trainers.forward import ForwardGradientTrainer, GuessCosine
+from trainers.functional import DataSchedule, TrainingRun
 from trainers.linearized import LinearizedTrainer
 from trainers.lowrank import LowRankFactors, LowRankJacobianTrainer, lowrank_factors
-from trainers.functional import DataSchedule, TrainingRun
 from trainers.subspace import SubspaceTrainer, subspace_basis
 
 __all__ = [

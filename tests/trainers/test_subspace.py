@@ -7,7 +7,7 @@ import torch
 from torch.func import functional_call
 
 from trainers import BackpropTrainer
-from trainers.functional import CosineLR, DataSchedule, SGD, TrainingRun
+from trainers.functional import SGD, CosineLR, DataSchedule, TrainingRun
 from trainers.models import MLP
 from trainers.subspace import SubspaceTrainer, subspace_basis
 
