@@ -157,7 +157,7 @@ def _thick_restart(op, kind, P, k, which, tol, maxiter, ncv, gen) -> LanczosResu
             nmv += b
             kr.check_products(W, nmv)
             V[:, j : j + b] = P
-            anorm = max(anorm, float(torch.linalg.matrix_norm(W, ord=2)))
+            anorm = max(anorm, float(torch.linalg.vector_norm(W, dim=0).max()))
             P, C, R = kr.orth_qr(W, V[:, : j + b], gen, anorm)
             H[: j + b, j : j + b] = C
             H[j : j + b, :j] = C[:j].mH

@@ -275,7 +275,7 @@ def randomized_eigh(
         kr.check_products(W, ell * (len(basis) + 1))
         basis.append(Q)
         images.append(W)
-        ref = max(ref, float(torch.linalg.matrix_norm(W, ord=2)))
+        ref = max(ref, float(torch.linalg.vector_norm(W, dim=0).max()))
         Q, _, _ = kr.orth_qr(W, torch.cat(basis, dim=1), gen, ref)
     V, AV = torch.cat(basis, dim=1), torch.cat(images, dim=1)
     T = V.mH @ AV

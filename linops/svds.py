@@ -172,7 +172,7 @@ class _Bidiag:
         """One block step; returns ``R`` of the new pending block."""
         j, b, P = self.j, self.P.shape[1], self.P
         X = self.apply(P, adjoint=False)
-        self.anorm = max(self.anorm, float(torch.linalg.matrix_norm(X, ord=2)))
+        self.anorm = max(self.anorm, float(torch.linalg.vector_norm(X, dim=0).max()))
         Q, C, Ru = kr.orth_qr(X, self.U[:, :j], self.gen, self.anorm)
         self.V[:, j : j + b], self.U[:, j : j + b] = P, Q
         self.B[:j, j : j + b], self.B[j : j + b, j : j + b] = C, Ru

@@ -174,3 +174,29 @@ def test_bad_input_raises() -> None:
         lanczos(A, 2, seed="x")
     with pytest.raises(FloatingPointError, match="NaN or inf at product 4"):
         lanczos(_NaNAfter(torch.from_numpy(A), 3), 2, seed=0)
+
+
+@pytest.mark.parametrize("name", ["1/i", "1/i^2", "0.9^i", "outliers"])
+def test_no_more_products_than_arpack(name: str) -> None:
+    """Top-10 at tol 1e-6 with at most as many products as ARPACK from the same start."""
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    n = 400
+    i = np.arange(1.0, n + 1)
+    bulk = np.random.default_rng(0).uniform(0, 1, n - 10)
+    lam = {"1/i": 1 / i, "1/i^2": 1 / i**2, "0.9^i": 0.9 ** (i - 1)}.get(
+        name, np.r_[np.linspace(10, 5, 10), bulk]
+    )
+    A = spectrum_matrix(lam, seed=2)
+    count = [0]
+
+    def mv(x: np.ndarray) -> np.ndarray:
+        count[0] += 1 if x.ndim == 1 else x.shape[1]
+        return A @ x
+
+    v0 = np.random.default_rng(5).standard_normal(n)
+    eigsh(LinearOperator(A.shape, matvec=mv, matmat=mv, dtype=A.dtype), 10, tol=1e-6, v0=v0)
+    res = lanczos(A, 10, "LA", tol=1e-6, v0=v0)
+    assert res.num_matvecs <= count[0]
+    resid = np.linalg.norm(A @ res.eigenvectors - res.eigenvectors * res.eigenvalues, axis=0)
+    assert resid.max() <= 1e-6 * np.abs(lam).max() * (1 + 1e-3)
