@@ -36,7 +36,8 @@ def principal_angles(U: Any, V: Any) -> Any:
     Returns
     -------
     ``(min(p, q),)`` angles in :math:`[0, \pi/2]`, ascending; a torch tensor if either input
-    is one, else a numpy array.
+    is one (float64, on the first input's device), else a numpy array. Bases are
+    orthonormalised in float64 whatever their dtype.
 
     Raises
     ------
@@ -110,8 +111,8 @@ def _orthonormal(X: Any, name: str) -> torch.Tensor:
         T = X
     else:
         T, _ = to_torch(X, dtype=torch.float64, device=torch.device("cpu"))
-    if not (T.is_floating_point() or T.is_complex()):
-        T = T.to(torch.float64)
+    # float64 throughout: small angles are only as accurate as the working precision
+    T = T.to(torch.complex128 if T.is_complex() else torch.float64)
     if T.ndim != 2 or T.shape[1] == 0:
         raise ValueError(f"{name}: expected a 2-d basis (n, p) with p >= 1, got {tuple(T.shape)}")
     if not bool(torch.isfinite(T).all()):
