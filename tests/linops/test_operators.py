@@ -55,6 +55,7 @@ def _dense_ggn(case: Case):
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
