@@ -23,13 +23,18 @@ meaningful. The linops operators keep one retained autodiff graph per batch
 (``linops/_autodiff.py``); it is built by the warm-up, and its one-off cost is reported
 separately as ``seconds_linops_first`` (construction plus the first product).
 
+Each row also gives the FLOPs of one product (``torch.utils.flop_counter``; the same per
+vector with 1 or 32 vectors, so batching can only remove overhead), the achieved GFLOP/s,
+the best rate of a 512^3 float32 matmul timed in the same rounds, and from these the lowest
+32-vector/single ratio that compute allows (``ratio_32_per_vector_over_1_floor``).
+
 ``torch.set_num_threads`` is left at its default. ``OMP_WAIT_POLICY`` is set to ``PASSIVE``
 unless the environment sets it: on a loaded 2-core machine, spinning OpenMP threads made a
 small matmul 10-20x slower and the timings meaningless (both settings are recorded).
 
 ``--routes`` times the candidate autodiff routes behind ``linops/_autodiff.py`` instead
-(retained-graph HVP with 1 vector, 32 vectors batched in chunks of 1, 4, 8, 16 or 32 or
-looped; forward-mode against double-backward JVP; ``torch.func`` ``vmap(jvp(grad))`` and a
+(retained-graph HVP with 1 vector; 32 vectors looped or batched in chunks of 4, 8, 16 or
+32; forward-mode against double-backward JVP; ``torch.func`` ``vmap(jvp(grad))`` and a
 reused ``torch.func.linearize``), so the choice made there can be rerun.
 
 Usage::
