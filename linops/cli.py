@@ -120,10 +120,27 @@ def _laziness_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str
     return result
 
 
+def _density_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str, Any]:
+    """Hessian spectral density (SLQ) and trace (XTrace), with the exact trace as a check."""
+    import linops
+    from estimators.density import density_report
+
+    model, loss, data = setup["model"], setup["loss"], setup["data"]
+    H = linops.HessianOperator(model, loss, (data.X_train, data.y_train))
+    result = density_report(H, num_matvecs=200 if quick else 400, seed=0, png=out / "density.png")
+    result["summary"] = (
+        f"trace {result['trace_estimate']:.4g} +- {result['trace_stderr']:.2g} "
+        f"({result['trace_method']}, {result['num_matvecs']} products); spectrum in "
+        f"[{result['lambda_min_estimate']:.3g}, {result['lambda_max_estimate']:.3g}]"
+    )
+    return result
+
+
 def _sections() -> list[tuple[str, Section]]:
     """The report's sections in order; each returns JSON-ready numbers (and may write PNGs)."""
     return [
         ("operators", _operators_section),
+        ("hessian_density", _density_section),
         ("laziness", _laziness_section),
     ]
 
