@@ -244,7 +244,8 @@ class TrainingJacobianOperator(TorchLinearOperator):
         bar.update(self.shape[0] - sum(b - a for a, b in todo))
         try:
             while pending:
-                for c in sorted(c for c in pending if ckpt.has(*c)):
+                names = set(os.listdir(ckpt.directory))
+                for c in sorted(c for c in pending if ckpt.path(*c).name in names):
                     pending.discard(c)
                     self.num_products += c[1] - c[0]
                     bar.update(c[1] - c[0])
@@ -252,7 +253,7 @@ class TrainingJacobianOperator(TorchLinearOperator):
                         on_chunk(*c)
                 if pending and not any(p.is_alive() for p in procs):
                     break
-                time.sleep(0.05)
+                time.sleep(0.2)
         finally:
             for p in procs:
                 p.join(timeout=None if not pending else 1.0)

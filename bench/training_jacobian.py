@@ -1,0 +1,261 @@
+"""Dense training Jacobian of seed 004: linops against ``jax.jacfwd``, and matrix-free rank(J - I).
+
+Setup (seed 004, section 3): digits 1600/197, MLP 64-64-10 GELU (4810 parameters), mean
+cross-entropy, batch 64 in a fixed order, 25 epochs (625 steps) of SGD with momentum 0.9 and
+cosine decay from 0.1. Both dense computations run in fresh subprocesses of this run, one after
+the other, in the same dtype (float32: JAX's default, which the paper used), and their peak
+resident memory is read from ``getrusage``. linops runs ``TrainingJacobianOperator.to_dense``
+(hand-derived forward-over-reverse MLP tangents batched over column chunks, ``--workers``
+forked processes with one thread each); JAX runs ``jax.jit(jax.jacfwd(train))`` over a
+``lax.scan`` of the same steps (``bench/_jax_training_jacobian.py``), with its default threading.
+
+Then :math:`\\operatorname{rank}(J - I)` is counted densely (float64 SVD of the linops matrix)
+and estimated matrix-free with :func:`estimators.spectrum.training_dimension` (adaptive range
+finder), whose product count is compared with the ``m`` products of a dense computation.
+
+Usage::
+
+    python bench/training_jacobian.py [--quick] [--out DIR] [--workers 2] [--chunk 128]
+
+Writes ``DIR/training_jacobian.json`` (``seconds_linops``, ``seconds_jax``,
+``bytes_peak_linops``, ``bytes_peak_jax``, ...) and ``DIR/training_jacobian.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+NAME = "training_jacobian"
+
+
+def _config(quick: bool) -> dict:
+    if quick:
+        return {"width": 16, "epochs": 2, "batch_size": 64, "lr": 0.1, "momentum": 0.9}
+    return {"width": 64, "epochs": 25, "batch_size": 64, "lr": 0.1, "momentum": 0.9}
+
+
+def _rss_bytes(who: int) -> int:
+    return int(resource.getrusage(who).ru_maxrss) * 1024  # Linux reports KiB
+
+
+# --------------------------------------------------------------------------- child processes
+def _child_linops(cfg: dict, out: Path, workers: int, chunk: int, dtype: str) -> dict:
+    import torch
+
+    from estimators._seed004 import digits_mlp_run
+    from linops import TrainingJacobianOperator
+
+    base = _rss_bytes(resource.RUSAGE_SELF)
+    setup = digits_mlp_run(dtype=getattr(torch, dtype), **cfg)
+    op = TrainingJacobianOperator(setup.run, setup.theta0)
+    t0, c0 = time.perf_counter(), time.process_time()
+    J = op.to_dense(max_vectors=chunk, workers=workers)
+    seconds = time.perf_counter() - t0
+    cpu = time.process_time() - c0 + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+    np.save(out / "J_linops.npy", J.numpy())
+    np.save(out / "theta0.npy", setup.theta0.numpy())
+    np.save(out / "thetaT_linops.npy", op.final_params().numpy())
+    parent, child = _rss_bytes(resource.RUSAGE_SELF), _rss_bytes(resource.RUSAGE_CHILDREN)
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "bytes_peak": parent + (workers * child if workers > 1 else 0),
+        "bytes_peak_parent": parent,
+        "bytes_peak_worker": child if workers > 1 else 0,
+        "bytes_after_import": base,
+        "dim": setup.run.dim,
+        "steps": setup.run.num_steps,
+    }
+
+
+def _child_jax(cfg: dict, out: Path, dtype: str) -> dict:
+    from bench._jax_training_jacobian import jax_training_jacobian
+    from trainers.data import digits
+
+    base = _rss_bytes(resource.RUSAGE_SELF)
+    data = digits()
+    theta0 = np.load(out / "theta0.npy")
+    t0, c0 = time.perf_counter(), time.process_time()
+    J, thetaT = jax_training_jacobian(
+        theta0,
+        data.X_train.numpy(),
+        data.y_train.numpy(),
+        width=cfg["width"],
+        batch_size=cfg["batch_size"],
+        epochs=cfg["epochs"],
+        lr=cfg["lr"],
+        momentum=cfg["momentum"],
+        dtype=dtype,
+    )
+    seconds = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    np.save(out / "J_jax.npy", J)
+    np.save(out / "thetaT_jax.npy", thetaT)
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "bytes_peak": _rss_bytes(resource.RUSAGE_SELF),
+        "bytes_after_import": base,
+    }
+
+
+def _spawn(kind: str, args: argparse.Namespace, cfg: dict) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--out",
+        str(args.out),
+        "--config",
+        json.dumps(cfg),
+    ]
+    cmd += ["--workers", str(args.workers), "--chunk", str(args.chunk), "--dtype", args.dtype]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"{kind} child failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- rank(J - I)
+def _rank_study(cfg: dict, args: argparse.Namespace, J: np.ndarray) -> dict:
+    import torch
+
+    from estimators._seed004 import digits_mlp_run
+    from estimators.spectrum import training_dimension
+    from linops import TrainingJacobianOperator
+
+    torch.set_num_threads(2)
+    m = J.shape[0]
+    s = torch.linalg.svdvals(torch.from_numpy(J).double() - torch.eye(m, dtype=torch.float64))
+    taus = args.rank_thresholds
+    setup = digits_mlp_run(dtype=getattr(torch, args.dtype), **cfg)
+    out: dict = {
+        "rank_thresholds": taus,
+        "products_dense": m,
+        "singular_values_J_minus_I": s.tolist(),
+    }
+    out["rank_dense"] = [int((s > t).sum()) for t in taus]
+    for method in ("krylov", "range_finder"):
+        op = TrainingJacobianOperator(setup.run, setup.theta0, max_vectors=args.chunk)
+        t0 = time.perf_counter()
+        res = training_dimension(
+            op, taus, max_products=m // 2, method=method, block_size=args.rank_block
+        )
+        est = [int((res.singular_values > t).sum()) for t in taus]
+        out[f"rank_{method}"] = est
+        out[f"rank_relative_error_{method}"] = [
+            abs(e - d) / max(d, 1) for e, d in zip(est, out["rank_dense"], strict=True)
+        ]
+        out[f"products_{method}"] = res.num_products
+        out[f"seconds_rank_{method}"] = time.perf_counter() - t0
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=ROOT / "results" / NAME)
+    p.add_argument("--quick", action="store_true", help="small run for smoke tests")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--rank-thresholds", type=float, nargs="+", default=[2.0, 3.0, 1.0])
+    p.add_argument("--rank-block", type=int, default=50)
+    p.add_argument("--skip-jax", action="store_true")
+    p.add_argument("--child", choices=["linops", "jax"], help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.child:
+        cfg = json.loads(args.config)
+        if args.child == "linops":
+            res = _child_linops(cfg, args.out, args.workers, args.chunk, args.dtype)
+        else:
+            res = _child_jax(cfg, args.out, args.dtype)
+        print(json.dumps(res))
+        return res
+    cfg = _config(args.quick)
+    load0 = os.getloadavg()
+    lin = _spawn("linops", args, cfg)
+    result: dict = {
+        "config": cfg,
+        "dtype": args.dtype,
+        "workers": args.workers,
+        "chunk": args.chunk,
+    }
+    result.update({"dim": lin["dim"], "steps": lin["steps"], "cpu_count": os.cpu_count()})
+    result.update({f"{k}_linops": v for k, v in lin.items() if k not in ("dim", "steps")})
+    J = np.load(args.out / "J_linops.npy")
+    if not args.skip_jax:
+        jx = _spawn("jax", args, cfg)
+        result.update({f"{k}_jax": v for k, v in jx.items()})
+        Jj = np.load(args.out / "J_jax.npy")
+        result["relative_difference_frobenius"] = float(np.linalg.norm(J - Jj) / np.linalg.norm(Jj))
+        result["max_abs_difference"] = float(np.abs(J - Jj).max())
+        result["speedup_vs_jax"] = result["seconds_jax"] / result["seconds_linops"]
+    result["loadavg_start"], result["loadavg_end"] = list(load0), list(os.getloadavg())
+    result.update(_rank_study(cfg, args, J))
+    (args.out / f"{NAME}.json").write_text(json.dumps(result, indent=1))
+    _plot(result, args.out)
+    _summary(result)
+    return result
+
+
+def _plot(r: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    names = ["linops"] + (["jax.jacfwd"] if "seconds_jax" in r else [])
+    secs = [r["seconds_linops"]] + ([r["seconds_jax"]] if "seconds_jax" in r else [])
+    mem = [r["bytes_peak_linops"] / 2**20] + (
+        [r["bytes_peak_jax"] / 2**20] if "bytes_peak_jax" in r else []
+    )
+    ax[0].bar(names, secs, color=["C0", "C1"][: len(names)])
+    ax[0].set_ylabel("seconds (dense training Jacobian)")
+    ax[1].bar(names, mem, color=["C0", "C1"][: len(names)])
+    ax[1].set_ylabel("peak resident memory (MiB)")
+    fig.suptitle(f"{r['dim']} x {r['dim']} training Jacobian, {r['steps']} steps, {r['dtype']}")
+    fig.tight_layout()
+    fig.savefig(out / f"{NAME}.png", dpi=120)
+    plt.close(fig)
+
+
+def _summary(r: dict) -> None:
+    print(f"dense {r['dim']}x{r['dim']} training Jacobian over {r['steps']} steps ({r['dtype']})")
+    print(f"{'':12s} {'seconds':>9s} {'cpu s':>9s} {'peak MiB':>9s}")
+    for who in ("linops", "jax"):
+        if f"seconds_{who}" in r:
+            print(
+                f"{who:12s} {r[f'seconds_{who}']:9.1f} {r[f'cpu_seconds_{who}']:9.1f} "
+                f"{r[f'bytes_peak_{who}'] / 2**20:9.0f}"
+            )
+    if "speedup_vs_jax" in r:
+        print(
+            f"speedup vs jax.jacfwd: {r['speedup_vs_jax']:.2f}x; rel. Frobenius difference {r['relative_difference_frobenius']:.2e}"
+        )
+    for i, t in enumerate(r["rank_thresholds"]):
+        print(
+            f"rank(J - I) at {t:g}: dense {r['rank_dense'][i]}, block Krylov {r['rank_krylov'][i]} "
+            f"({r['products_krylov']} products), range finder {r['rank_range_finder'][i]} "
+            f"({r['products_range_finder']} products); dense needs {r['products_dense']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
