@@ -244,3 +244,11 @@ def test_check_operator_catches_nonlinearity_and_false_symmetry() -> None:
     op.is_symmetric = True
     with pytest.raises(AssertionError, match="adjoint identity|symmetry"):
         check_operator(op)
+
+
+def test_finite_check_does_not_mistake_an_overflowing_sum_for_inf() -> None:
+    op = linops.aslinearoperator(torch.eye(2))
+    big = torch.tensor([3e38, 3e38])  # finite float32 entries whose sum overflows
+    torch.testing.assert_close(op @ big, big)
+    with pytest.raises(ValueError, match="contains NaN or inf"):
+        op @ torch.tensor([float("inf"), float("-inf")])  # the sum is NaN
