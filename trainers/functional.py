@@ -24,6 +24,7 @@ The per-step derivatives are the optimizer's elementwise tangent / cotangent map
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -368,7 +369,7 @@ class _Trajectory:
         theta, state = theta0, run.optimizer.init(theta0)
         self._stored: list[_Step] | None = None
         steps: list[_Step] = []
-        with torch.no_grad():
+        with torch.no_grad(), _threads(1 if isinstance(run.engine, MLPEngine) else None):
             for t in range(T):
                 if t % self.every == 0:
                     self.checkpoints.append((theta, state))
@@ -403,6 +404,21 @@ class _Trajectory:
         ks = range(len(self.checkpoints))
         for k in reversed(ks) if reverse else ks:
             yield self.segment(k)
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Run a block with ``n`` intra-op threads: the MLP primal steps are tiny ops for which
+    thread synchronisation costs more than it saves on a small, shared CPU."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _cache_bytes(run: TrainingRun, theta0: Tensor) -> int:
