@@ -161,3 +161,15 @@ def test_training_dimension_matrix_free_on_training_run(tiny) -> None:
     res = training_dimension(op, tau, max_products=2 * run.dim, block_size=4)
     assert res.rank == training_dimension_dense(J, tau)
     assert res.num_products == op.num_products
+
+
+def test_training_jacobian_report_is_json_ready(tmp_path) -> None:
+    import json
+
+    from estimators.spectrum import plot_training_jacobian_report, training_jacobian_report
+
+    r = training_jacobian_report(quick=True)
+    assert r["dim"] == 1210 and len(r["singular_values"]) == 1210
+    assert r["rank_matrix_free"] == r["rank_dense"] and r["products_matrix_free"] <= 605
+    json.dumps(r)
+    assert plot_training_jacobian_report(r, tmp_path / "tj.png").exists()
