@@ -136,12 +136,29 @@ def _density_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str,
     return result
 
 
+def _training_jacobian_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str, Any]:
+    """Seed 004: a small training Jacobian (width-16 MLP, 2 epochs), dense, with its spectrum."""
+    from estimators.spectrum import plot_training_jacobian_report, training_jacobian_report
+
+    result = training_jacobian_report(quick=True)
+    plot_training_jacobian_report(result, out / "training_jacobian.png")
+    counts = result["region_table"]
+    result["summary"] = (
+        f"{result['dim']} params, {result['steps']} steps, dense in "
+        f"{result['seconds_dense_jacobian']:.1f} s; regions {counts}; rank(J - I) dense "
+        f"{result['rank_dense']} vs matrix-free {result['rank_matrix_free']} "
+        f"({result['products_matrix_free']} products)"
+    )
+    return result
+
+
 def _sections() -> list[tuple[str, Section]]:
     """The report's sections in order; each returns JSON-ready numbers (and may write PNGs)."""
     return [
         ("operators", _operators_section),
         ("hessian_density", _density_section),
         ("laziness", _laziness_section),
+        ("training_jacobian", _training_jacobian_section),
     ]
 
 
