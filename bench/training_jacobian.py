@@ -223,7 +223,8 @@ def lenet(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=ROOT / "results" / NAME)
+    # not results/training_jacobian/: that is the example's directory (same script name)
+    p.add_argument("--out", type=Path, default=ROOT / "results" / f"bench_{NAME}")
     p.add_argument("--quick", action="store_true", help="small run for smoke tests")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--chunk", type=int, default=128)
