@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -69,8 +68,6 @@ class ModelOperator(TorchLinearOperator):
             max_vectors=max_vectors if max_vectors is not None else DEFAULT_MAX_VECTORS,
             memory_limit_bytes=memory_limit_bytes,
         )
-        # per direction (False: A X, True: A^T Y): vectors per pass chosen by measurement
-        self._auto_chunk: dict[bool, int] | None = None if max_vectors is not None else {}
         self.model, self.cache = model, cache
         self._graph_cache: list[Any] | None = None
 
@@ -105,40 +102,10 @@ class ModelOperator(TorchLinearOperator):
 
     def _apply(self, X: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
         if self.process_group is None:
-            if self._auto_chunk is None or X.shape[1] < 3 or X.is_complex():
-                return super()._apply(X, adjoint)
-            if adjoint not in self._auto_chunk:
-                return self._calibrated_apply(X, adjoint)
-            self.max_vectors = self._auto_chunk[adjoint]
             return super()._apply(X, adjoint)
         from linops.distributed import data_parallel_apply
 
         return data_parallel_apply(self, X, adjoint)
-
-    def _calibrated_apply(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
-        """Product that times one single-vector pass against one batched pass and keeps the
-        faster route for later products in this direction (both results are used)."""
-        hook = self._rmatmat_torch if adjoint else self._matmat_torch
-        for _ in self._graphs():  # build (and cache) the graphs outside the timed region
-            pass
-        k = min(DEFAULT_MAX_VECTORS, X.shape[1] - 1)
-        t0 = self._now()
-        first = hook(X[:, :1])
-        t1 = self._now()
-        batch = hook(X[:, 1 : 1 + k])
-        t2 = self._now()
-        batched_pays = (t2 - t1) / k < (t1 - t0)
-        self._auto_chunk[adjoint] = DEFAULT_MAX_VECTORS if batched_pays else 1
-        self.max_vectors = self._auto_chunk[adjoint]
-        parts = [first, batch]
-        if X.shape[1] > 1 + k:
-            parts.append(super()._apply(X[:, 1 + k :], adjoint))
-        return torch.cat(parts, dim=1)
-
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
 
     def clear_cache(self) -> None:
         """Free the retained graphs (they are rebuilt at the next product)."""

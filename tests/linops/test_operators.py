@@ -279,17 +279,3 @@ def test_batchnorm_buffers_are_held_fixed_in_eval_mode() -> None:
     J = linops.JacobianOperator(model, X)
     assert _close(J.to_dense(), _dense_jacobian(case)) < RTOL
     assert torch.equal(model[1].running_mean, before)
-
-
-def test_many_vector_route_is_measured_once_per_direction_unless_set() -> None:
-    case = CASES[0]
-    J = linops.JacobianOperator(case.model, case.X)
-    V = torch.randn(J.shape[1], 12, dtype=torch.float64)
-    D = _dense_jacobian(case)
-    assert _close(J @ V, D @ V) < RTOL  # the calibrating product is exact too
-    assert set(J._auto_chunk) == {False} and J._auto_chunk[False] in (1, 8)
-    Y = torch.randn(J.shape[0], 12, dtype=torch.float64)
-    assert _close(J.T @ Y, D.T @ Y) < RTOL
-    assert set(J._auto_chunk) == {False, True}
-    fixed = linops.JacobianOperator(case.model, case.X, max_vectors=4)
-    assert fixed._auto_chunk is None and fixed.vectors_per_pass() == 4
