@@ -11,8 +11,12 @@ from linops._data import Batches, check_model_mode
 from linops.base import TorchLinearOperator
 from linops.params import ParamSpace
 
-#: Vectors per batched backward pass: eight measured fastest per vector on a 2-core CPU
-#: (bench/operators.py --routes); larger chunks lose to memory traffic.
+#: Vectors per batched pass. Batching pays where single products are overhead-bound: on the
+#: 10k-parameter MLP of bench/operators.py a 32-vector product costs 0.25-0.57x a single one per
+#: vector; on its small CNN and 1M-parameter MLP, whose single products are already large GEMMs,
+#: it costs 0.96-1.7x. A one-shot timing at the first product to choose per operator was tried
+#: and reverted: a single measurement was too noisy and picked the slower route. Set
+#: ``max_vectors=1`` for large models.
 DEFAULT_MAX_VECTORS = 8
 
 
