@@ -142,10 +142,13 @@ def _training_jacobian_section(setup: dict[str, Any], out: Path, quick: bool) ->
 
     result = training_jacobian_report(quick=True)
     plot_training_jacobian_report(result, out / "training_jacobian.png")
-    counts = result["region_table"]
+    counts = "; ".join(
+        f"tol {r['tol']:g}: {r['chaotic']}/{r['bulk']}/{r['stable']}"
+        for r in result["region_table"][::2]
+    )
     result["summary"] = (
         f"{result['dim']} params, {result['steps']} steps, dense in "
-        f"{result['seconds_dense_jacobian']:.1f} s; regions {counts}; rank(J - I) dense "
+        f"{result['seconds_dense_jacobian']:.1f} s; chaotic/bulk/stable {counts}; rank(J - I) dense "
         f"{result['rank_dense']} vs matrix-free {result['rank_matrix_free']} "
         f"({result['products_matrix_free']} products)"
     )
