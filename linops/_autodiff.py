@@ -69,6 +69,7 @@ class OutputGraph:
         self.leaves = _leaves(space)
         with torch.enable_grad():
             out = space.functional_call(dict(zip(space.names, self.leaves, strict=True)), x)
+            self.model_shape = out.shape[1:]  # per-sample output shape, before flattening
             out = out.reshape(out.shape[0], -1)
             if output_index is not None:
                 out = out[:, output_index : output_index + 1]

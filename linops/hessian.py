@@ -150,9 +150,8 @@ class GGNOperator(_LossOperator):
 
     def _build_graph(self, x: torch.Tensor, y: torch.Tensor | None) -> Any:
         outputs = OutputGraph(self.space, x, None)
-        shape = outputs.out.shape
-        model_shape = self.space.functional_call(self.space.values(), x[:1]).shape[1:]
-        loss = LossOutputGraph(outputs.out, _reshaped_loss(self.loss_fn, model_shape), y, shape)
+        loss_fn = _reshaped_loss(self.loss_fn, outputs.model_shape)
+        loss = LossOutputGraph(outputs.out, loss_fn, y, outputs.out.shape)
         return outputs, loss
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
@@ -246,15 +245,18 @@ class OutputHessianOperator(ModelOperator):
             )
         return space.dim, space.dim
 
+    def _select(self, out: torch.Tensor, _: Any = None) -> torch.Tensor:
+        """:math:`\\sum_i f_j(\\theta; x_i)` from the model outputs."""
+        return out.reshape(out.shape[0], -1)[:, self.output_index].sum()
+
     def _scalar_output(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         x = self.batches.batches[0][0]
-        out = self.space.functional_call(params, x)
-        return out.reshape(out.shape[0], -1)[:, self.output_index].sum()
+        return self._select(self.space.functional_call(params, x))
 
     def _build_graph(self, x: torch.Tensor, y: torch.Tensor | None) -> GradientGraph:
         return GradientGraph(
             self.space,
-            lambda out, _: out.reshape(out.shape[0], -1)[:, self.output_index].sum(),
+            self._select,
             x,
             None,
         )
