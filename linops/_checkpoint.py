@@ -6,13 +6,19 @@ fingerprints the computation. Every file is written to a temporary name in the s
 flushed, ``fsync``-ed and renamed into place, so a killed run leaves only whole chunks behind; a
 rerun with the same fingerprint skips them. Files are read with ``allow_pickle=False``: nothing in
 the directory is ever unpickled.
+
+Several processes may share one directory (the ranks of a column-parallel ``to_dense``), so a
+temporary file carries its writer's host and pid, and only those of dead writers on this host
+are swept away as left-overs of a killed run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +77,7 @@ class ColumnCheckpoint:
                 )
         else:
             _atomic_write(path, json.dumps(manifest, indent=1).encode())
-        for stale in self.directory.glob("*.tmp"):
-            stale.unlink(missing_ok=True)
+        _sweep_stale_temporaries(self.directory)
 
     def path(self, start: int, stop: int) -> Path:
         """File of columns ``[start, stop)``."""
@@ -116,8 +121,51 @@ class ColumnCheckpoint:
         return out
 
 
+_SEP = "~"  # between the parts of a temporary name: <file>.<host>~<pid>~<random>.tmp
+_UNOWNED_STALE_S = 3600.0  # a temporary of no recognisable writer is stale after this long
+_HOST = socket.gethostname().replace(".", "-").replace(_SEP, "-")
+
+
+def _temporary(path: Path) -> tuple[int, str]:
+    prefix = f"{path.name}.{_HOST}{_SEP}{os.getpid()}{_SEP}"
+    return tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
+
+
+def _writer(tmp: Path) -> tuple[str, int] | None:
+    """``(host, pid)`` of the process that wrote temporary ``tmp``, if its name tells."""
+    parts = tmp.name.split(_SEP)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return parts[0].rsplit(".", 1)[-1], int(parts[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - another user's live process
+        return True
+    return True
+
+
+def _sweep_stale_temporaries(directory: Path) -> None:
+    """Remove temporaries of killed writers; never those of a live writer (another rank)."""
+    for tmp in directory.glob("*.tmp"):
+        writer = _writer(tmp)
+        try:
+            if writer is None:
+                stale = time.time() - tmp.stat().st_mtime > _UNOWNED_STALE_S
+            else:
+                stale = writer[0] == _HOST and writer[1] != os.getpid() and not _alive(writer[1])
+        except FileNotFoundError:  # finished by its writer meanwhile
+            continue
+        if stale:
+            tmp.unlink(missing_ok=True)
+
+
 def _atomic_save(path: Path, arr: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, arr, allow_pickle=False)
@@ -131,7 +179,7 @@ def _atomic_save(path: Path, arr: np.ndarray) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -180,3 +180,23 @@ def test_errors(case) -> None:
         op.to_dense(max_vectors=-2)
     with pytest.raises(ValueError, match="dimension mismatch"):
         op @ torch.zeros(5, dtype=F64)
+
+
+def test_checkpoint_keeps_live_writers_temporaries_and_sweeps_dead_ones(tmp_path: Path) -> None:
+    """Ranks share a directory: opening it must not delete another live writer's temporary."""
+    from linops._checkpoint import _HOST, _SEP, ColumnCheckpoint
+
+    live = tmp_path / f"manifest.json.{_HOST}{_SEP}{os.getppid()}{_SEP}abc.tmp"
+    dead_pid = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    dead = tmp_path / f"cols_000000000_000000002.npy.{_HOST}{_SEP}{dead_pid}{_SEP}xyz.tmp"
+    live.write_bytes(b"partial")
+    dead.write_bytes(b"partial")
+    ColumnCheckpoint(tmp_path, shape=(3, 4), dtype=np.float64, fingerprint="f")
+    assert live.exists()
+    assert not dead.exists()
+    assert (tmp_path / "manifest.json").exists()
