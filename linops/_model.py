@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from linops._chain import Chain, ChainMismatch
 from linops._data import Batches, check_model_mode
 from linops.base import TorchLinearOperator
 from linops.params import ParamSpace
@@ -18,6 +19,9 @@ from linops.params import ParamSpace
 #: and reverted: a single measurement was too noisy and picked the slower route. Set
 #: ``max_vectors=1`` for large models.
 DEFAULT_MAX_VECTORS = 8
+
+#: how products are computed: hand-derived for chains (MLPs) when possible, or autograd
+ROUTES = ("auto", "chain", "autograd")
 
 
 class ModelOperator(TorchLinearOperator):
@@ -45,7 +49,10 @@ class ModelOperator(TorchLinearOperator):
         max_vectors: int | None,
         memory_limit_bytes: int | None,
         process_group: Any = None,
+        route: str = "auto",
     ) -> None:
+        if route not in ROUTES:
+            raise ValueError(f"route: expected one of {list(ROUTES)}, got {route!r}")
         check_model_mode(model, allow_train_mode=allow_train_mode)
         _check_process_group(process_group)
         self.process_group = process_group
@@ -74,6 +81,38 @@ class ModelOperator(TorchLinearOperator):
         )
         self.model, self.cache = model, cache
         self._graph_cache: list[Any] | None = None
+        self._route_request = route
+        self._chain: Chain | None | bool = False  # False: not looked for yet
+        #: the route the products take, ``"chain"`` or ``"autograd"`` (known after the first)
+        self.route: str | None = None
+
+    def _route_graph(self, chained: Callable[[Chain], Any], autograd: Callable[[], Any]) -> Any:
+        """One batch's graph by the chain route (:mod:`linops._chain`) when it applies.
+
+        ``route="auto"`` takes the chain route when the model is a recognised chain whose
+        forward pass reproduces the model's outputs, else autograd; ``"chain"`` requires it and
+        ``"autograd"`` never takes it.
+        """
+        if self._chain is False:
+            found = None if self._route_request == "autograd" else Chain.of(self.space)
+            if found is None and self._route_request == "chain":
+                raise ValueError(
+                    "route: 'chain' needs a model that is a chain of nn.Linear layers and "
+                    "supported elementwise modules (an nn.Sequential, or one declaring "
+                    f"linops_chain()), got {type(self.model).__name__}"
+                )
+            self._chain = found
+        if self._chain:
+            try:
+                graph = chained(self._chain)
+                self.route = self.route or "chain"
+                return graph
+            except ChainMismatch as err:
+                if self._route_request == "chain":
+                    raise ValueError(f"route: the chain does not reproduce the model: {err}") from None
+                self._chain = None
+        self.route = "autograd"
+        return autograd()
 
     def _build_graph(self, x: torch.Tensor, y: torch.Tensor | None) -> Any:
         raise NotImplementedError

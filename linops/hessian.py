@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from linops._autodiff import GradientGraph, LossFn, LossOutputGraph, OutputGraph, infer_reduction
+from linops._chain import ChainGradientGraph, ChainOutputGraph
 from linops._model import ModelOperator
 
 __all__ = ["GGNOperator", "HessianOperator", "OutputHessianOperator"]
@@ -45,6 +46,7 @@ class _LossOperator(ModelOperator):
         max_vectors: int | None = None,
         memory_limit_bytes: int | None = None,
         process_group: Any = None,
+        route: str = "auto",
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
@@ -65,6 +67,7 @@ class _LossOperator(ModelOperator):
             max_vectors=max_vectors,
             memory_limit_bytes=memory_limit_bytes,
             process_group=process_group,
+            route=route,
         )
         self.loss_fn, self._reduction = loss_fn, reduction
 
@@ -119,8 +122,9 @@ class HessianOperator(_LossOperator):
         collective: all ranks must call them in the same order.
     **kwargs
         ``dtype``, ``device``, ``batch_size``, ``cache``, ``allow_train_mode``,
-        ``allow_reshuffle``, ``max_vectors``, ``memory_limit_bytes`` as in
-        :class:`linops.JacobianOperator`.
+        ``allow_reshuffle``, ``max_vectors``, ``memory_limit_bytes``, ``route`` as in
+        :class:`linops.JacobianOperator` (the chain route takes the loss's output gradient and
+        output-Hessian products from autograd, so any loss works on it).
 
     Examples
     --------
@@ -133,8 +137,11 @@ class HessianOperator(_LossOperator):
     [[4.0, 4.0], [4.0, 8.0]]
     """
 
-    def _build_graph(self, x: torch.Tensor, y: torch.Tensor | None) -> GradientGraph:
-        return GradientGraph(self.space, self.loss_fn, x, y)
+    def _build_graph(self, x: torch.Tensor, y: torch.Tensor | None) -> Any:
+        return self._route_graph(
+            lambda chain: ChainGradientGraph(chain, self.loss_fn, x, y),
+            lambda: GradientGraph(self.space, self.loss_fn, x, y),
+        )
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         return self._accumulate(X, lambda g, t, b: g.hvp(t, b))
@@ -149,7 +156,10 @@ class GGNOperator(_LossOperator):
     """
 
     def _build_graph(self, x: torch.Tensor, y: torch.Tensor | None) -> Any:
-        outputs = OutputGraph(self.space, x, None)
+        outputs = self._route_graph(
+            lambda chain: ChainOutputGraph(chain, x, None),
+            lambda: OutputGraph(self.space, x, None),
+        )
         loss_fn = _reshaped_loss(self.loss_fn, outputs.model_shape)
         loss = LossOutputGraph(outputs.out, loss_fn, y, outputs.out.shape)
         return outputs, loss
@@ -253,12 +263,10 @@ class OutputHessianOperator(ModelOperator):
         x = self.batches.batches[0][0]
         return self._select(self.space.functional_call(params, x))
 
-    def _build_graph(self, x: torch.Tensor, y: torch.Tensor | None) -> GradientGraph:
-        return GradientGraph(
-            self.space,
-            self._select,
-            x,
-            None,
+    def _build_graph(self, x: torch.Tensor, y: torch.Tensor | None) -> Any:
+        return self._route_graph(
+            lambda chain: ChainGradientGraph(chain, self._select, x, None),
+            lambda: GradientGraph(self.space, self._select, x, None),
         )
 
     def gradient(self) -> torch.Tensor:

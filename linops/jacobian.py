@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from linops._autodiff import OutputGraph
+from linops._chain import ChainOutputGraph
 from linops._data import Batches
 from linops._model import ModelOperator
 from linops.base import TorchLinearOperator
@@ -55,6 +56,11 @@ class JacobianOperator(ModelOperator):
         loaders.
     max_vectors, memory_limit_bytes
         Bound the number of vectors per batched pass (see :class:`TorchLinearOperator`).
+    route
+        ``"auto"`` (default): hand-derived products when the model is a chain of
+        ``nn.Linear`` layers and elementwise activations (an MLP; :mod:`linops._chain`),
+        else autograd on a retained graph; ``"chain"`` requires the former, ``"autograd"``
+        forces the latter. The route taken is ``op.route`` after the first product.
     process_group
         A ``torch.distributed`` process group: each rank passes its own shard of the inputs
         (contiguous, in rank order, e.g. :func:`linops.distributed.shard`) and the operator
@@ -97,6 +103,7 @@ class JacobianOperator(ModelOperator):
         max_vectors: int | None = None,
         memory_limit_bytes: int | None = None,
         process_group: Any = None,
+        route: str = "auto",
     ) -> None:
         self.output_index = output_index
         super().__init__(
@@ -114,6 +121,7 @@ class JacobianOperator(ModelOperator):
             max_vectors=max_vectors,
             memory_limit_bytes=memory_limit_bytes,
             process_group=process_group,
+            route=route,
         )
 
     def _infer_shape(self, batches: Batches, space: ParamSpace) -> tuple[int, int]:
@@ -144,8 +152,11 @@ class JacobianOperator(ModelOperator):
         self.batch_rows = [len(x) * self.num_outputs for x, _ in batches]
         return sum(self.batch_rows), space.dim
 
-    def _build_graph(self, x: torch.Tensor, y: torch.Tensor | None) -> OutputGraph:
-        return OutputGraph(self.space, x, self.output_index)
+    def _build_graph(self, x: torch.Tensor, y: torch.Tensor | None) -> Any:
+        return self._route_graph(
+            lambda chain: ChainOutputGraph(chain, x, self.output_index),
+            lambda: OutputGraph(self.space, x, self.output_index),
+        )
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         tangents, batched = self._split_params(X)

@@ -135,6 +135,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kappa * self.layers(x.flatten(1))
 
+    def linops_chain(self) -> list[nn.Module | float]:
+        """The forward pass as a chain of steps, for linops' hand-derived products."""
+        return [nn.Flatten(), *self.layers, self.kappa]
+
     def linear_layers(self) -> list[ScaledLinear]:
         """The linear layers in order (per-layer quantities such as RD and Gram matrices)."""
         return [m for m in self.layers if isinstance(m, ScaledLinear)]

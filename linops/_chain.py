@@ -1,0 +1,486 @@
+r"""Hand-derived products for chains of affine layers and elementwise functions (MLPs).
+
+A model that is a chain :math:`x_0 \to x_1 \to \dots \to x_T = f` of steps
+
+* affine: :math:`x_{t+1} = c\, x_t W^\top + b` (``nn.Linear``; ``c`` is a layer's
+  ``multiplier`` attribute, 1 by default);
+* elementwise: :math:`x_{t+1} = \phi(x_t)` (ReLU, LeakyReLU, Tanh, Sigmoid, GELU, SiLU,
+  Softplus, Identity, a scalar multiple, Dropout in eval mode);
+* ``Flatten`` of everything but the sample dimension,
+
+has its Jacobian and Hessian products written out directly, with the primal quantities of one
+batch (inputs of every step, :math:`\phi'`, :math:`\phi''`, back-propagated errors) computed
+once and kept. For a tangent :math:`(\dot W, \dot b)` of the parameters (:math:`\dot x_0 = 0`):
+
+.. math::
+
+    \text{JVP:}\quad & \dot x_{t+1} = c(\dot x_t W^\top + x_t \dot W^\top) + \dot b, \qquad
+        \dot x_{t+1} = \phi'(x_t) \odot \dot x_t \\
+    \text{VJP:}\quad & \bar g_W = c\, \bar x_{t+1}^\top x_t, \quad
+        \bar g_b = \textstyle\sum_n \bar x_{t+1}, \quad \bar x_t = c\, \bar x_{t+1} W, \qquad
+        \bar x_t = \phi'(x_t) \odot \bar x_{t+1} \\
+    \text{HVP:}\quad & \dot e_T = \nabla^2_f \ell\, \dot x_T, \quad
+        \dot g_W = c(\dot e_{t+1}^\top x_t + e_{t+1}^\top \dot x_t), \quad
+        \dot e_t = c(\dot e_{t+1} W + e_{t+1} \dot W), \\
+        & \dot e_t = \phi'(x_t) \odot \dot e_{t+1} + \phi''(x_t) \odot \dot x_t \odot e_{t+1}
+
+with :math:`e_t = \partial \ell / \partial x_t` the errors of the primal backward pass. The loss
+enters only through :math:`e_T` and the output-Hessian product :math:`\nabla^2_f \ell\, u`, taken
+by autograd on the ``(n, d)`` outputs, so any loss works. Every product over ``K`` vectors is a
+handful of matrix products on ``(K, n, width)`` tensors, with none of autograd's per-node cost:
+on this project's 2-core CPU that is what separates a 10k-parameter MLP's products from
+curvlinops' by more than 3x (``bench/operators.py``).
+
+A chain is recognised in an ``nn.Sequential`` (nested ones included) or in a model that
+declares ``linops_chain()``, returning its steps in order (modules and Python floats for scalar
+multiples; :class:`trainers.models.MLP` does). It is used only after its forward pass has
+reproduced the model's outputs on the batch; otherwise the operators fall back to autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from linops._autodiff import LossFn, LossOutputGraph
+from linops.params import ParamSpace
+
+__all__ = ["Chain", "ChainGradientGraph", "ChainOutputGraph", "recognise_chain"]
+
+Tensor = torch.Tensor
+Derivs = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]  # x -> (phi, phi', phi'')
+
+
+# ------------------------------------------------------------------ elementwise functions
+def _relu(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    d = (x > 0).to(x.dtype)  # autograd's convention: phi'(0) = 0
+    return x * d, d, torch.zeros_like(x)
+
+
+def _leaky(slope: float) -> Derivs:
+    def f(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        d = torch.where(x > 0, 1.0, slope).to(x.dtype)
+        return x * d, d, torch.zeros_like(x)
+
+    return f
+
+
+def _tanh(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    t = torch.tanh(x)
+    d = 1.0 - t * t
+    return t, d, -2.0 * t * d
+
+
+def _sigmoid(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    s = torch.sigmoid(x)
+    d = s * (1.0 - s)
+    return s, d, d * (1.0 - 2.0 * s)
+
+
+def _gelu(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    pdf = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+    return x * cdf, cdf + x * pdf, pdf * (2.0 - x * x)
+
+
+def _silu(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    s = torch.sigmoid(x)
+    d = s * (1.0 - s)
+    return x * s, s + x * d, d * (2.0 + x * (1.0 - 2.0 * s))
+
+
+def _softplus(beta: float, threshold: float) -> Derivs:
+    def f(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        linear = beta * x > threshold  # torch's softplus is the identity there
+        s = torch.sigmoid(beta * x)
+        y = torch.where(linear, x, nn.functional.softplus(x, beta=beta, threshold=threshold))
+        d = torch.where(linear, 1.0, s)
+        d2 = torch.where(linear, 0.0, beta * s * (1.0 - s))
+        return y, d, d2
+
+    return f
+
+
+def _elementwise(mod: nn.Module) -> Derivs | None:
+    """``x -> (phi(x), phi'(x), phi''(x))`` of a supported elementwise module, else None."""
+    kind = type(mod)
+    if kind in (nn.Identity, nn.Dropout, nn.AlphaDropout):  # dropout: eval mode is checked
+        return None if mod.training and kind is not nn.Identity else _identity
+    table: dict[type, Derivs] = {
+        nn.ReLU: _relu,
+        nn.Tanh: _tanh,
+        nn.Sigmoid: _sigmoid,
+        nn.SiLU: _silu,
+    }
+    if kind in table:
+        return table[kind]
+    if kind is nn.GELU and mod.approximate == "none":
+        return _gelu
+    if kind is nn.LeakyReLU:
+        return _leaky(float(mod.negative_slope))
+    if kind is nn.Softplus:
+        return _softplus(float(mod.beta), float(mod.threshold))
+    return None
+
+
+def _identity(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return x, torch.ones_like(x), torch.zeros_like(x)
+
+
+# ------------------------------------------------------------------ the chain
+@dataclass
+class _Affine:
+    weight: Tensor  # (out, in)
+    bias: Tensor | None
+    scale: float
+    w_index: int | None  # position of the weight in the ParamSpace, None if not differentiated
+    b_index: int | None
+
+
+@dataclass
+class _Pointwise:
+    derivs: Derivs | None  # None: multiplication by ``scale``
+    scale: float = 1.0
+
+
+class _Flatten:
+    pass
+
+
+Step = _Affine | _Pointwise | _Flatten
+
+
+def recognise_chain(model: nn.Module) -> list[nn.Module | float] | None:
+    """The steps of ``model`` if it is a chain of supported modules, else None."""
+    declared = getattr(model, "linops_chain", None)
+    items = list(declared()) if callable(declared) else [model]
+    flat: list[nn.Module | float] = []
+    while items:
+        item = items.pop(0)
+        if isinstance(item, nn.Sequential):
+            items = list(item) + items
+            continue
+        if isinstance(item, float | int) and not isinstance(item, bool):
+            flat.append(float(item))
+        elif isinstance(item, nn.Linear) or _is_flatten(item) or _elementwise(item) is not None:
+            flat.append(item)
+        else:
+            return None
+    return flat if any(isinstance(m, nn.Linear) for m in flat) else None
+
+
+def _is_flatten(mod: object) -> bool:
+    return type(mod) is nn.Flatten and mod.start_dim == 1 and mod.end_dim == -1
+
+
+class Chain:
+    """A recognised chain bound to a :class:`ParamSpace` (its values, dtype and device).
+
+    Raises
+    ------
+    ValueError
+        If a parameter of the space is not a weight or bias of the chain's affine steps.
+    """
+
+    def __init__(self, space: ParamSpace, items: Sequence[nn.Module | float]) -> None:
+        names = {id(p): n for n, p in space.model.named_parameters()}
+        index = {n: i for i, n in enumerate(space.names)}
+        values = list(space.values().values())
+        dtype, device = space.dtype, space.device
+        self.space, self.steps = space, []
+        covered: set[int] = set()
+
+        def bind(p: Tensor | None) -> tuple[Tensor | None, int | None]:
+            if p is None:
+                return None, None
+            i = index.get(names.get(id(p), ""))
+            if i is not None:
+                covered.add(i)
+                return values[i], i
+            return p.detach().to(dtype=dtype, device=device), None
+
+        for item in items:
+            if isinstance(item, float):
+                self.steps.append(_Pointwise(None, item))
+            elif isinstance(item, nn.Linear):
+                W, wi = bind(item.weight)
+                b, bi = bind(item.bias)
+                scale = float(getattr(item, "multiplier", 1.0))
+                self.steps.append(_Affine(W, b, scale, wi, bi))  # type: ignore[arg-type]
+            elif _is_flatten(item):
+                self.steps.append(_Flatten())
+            else:
+                self.steps.append(_Pointwise(_elementwise(item)))
+        if covered != set(range(len(space.names))):
+            missing = [space.names[i] for i in range(len(space.names)) if i not in covered]
+            raise ValueError(f"params: {missing} are not weights or biases of the chain")
+        # tangents are zero before the first differentiated step: nothing is computed there
+        self.first = min(
+            t
+            for t, s in enumerate(self.steps)
+            if isinstance(s, _Affine) and (s.w_index is not None or s.b_index is not None)
+        )
+
+    @classmethod
+    def of(cls, space: ParamSpace) -> Chain | None:
+        """The chain of ``space.model``, or None if it is not one or misses some parameter."""
+        items = recognise_chain(space.model)
+        if items is None:
+            return None
+        try:
+            return cls(space, items)
+        except ValueError:
+            return None
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], list[tuple[Tensor, Tensor] | None]]:
+        """Inputs of every step and the output (``xs``, length T + 1), and ``(phi', phi'')``."""
+        xs, derivs = [x], []
+        for s in self.steps:
+            x = xs[-1]
+            if isinstance(s, _Affine):
+                if x.dim() != 2:
+                    raise _NotAChain
+                y = x @ s.weight.T
+                if s.scale != 1.0:
+                    y = s.scale * y
+                xs.append(y + s.bias if s.bias is not None else y)
+                derivs.append(None)
+            elif isinstance(s, _Flatten):
+                xs.append(x.reshape(x.shape[0], -1))
+                derivs.append(None)
+            elif s.derivs is None:
+                xs.append(s.scale * x)
+                derivs.append(None)
+            else:
+                y, d1, d2 = s.derivs(x)
+                xs.append(y)
+                derivs.append((d1, d2))
+        return xs, derivs
+
+
+class _NotAChain(Exception):
+    """The chain's forward pass does not apply to this input (e.g. a 3-d input of a Linear)."""
+
+
+def _forward_checked(chain: Chain, x: Tensor) -> tuple[list[Tensor], list, torch.Size]:
+    """The chain's forward pass, verified against the model's own outputs on ``x``.
+
+    Returns the step inputs and output, the ``(phi', phi'')`` pairs and the model's per-sample
+    output shape (the chain's output is flattened to ``(n, d)``).
+    """
+    try:
+        xs, derivs = chain.forward(x)
+    except (_NotAChain, RuntimeError) as err:
+        raise ChainMismatch(str(err)) from None
+    space = chain.space
+    with torch.no_grad():
+        ref = space.functional_call(space.values(), x)
+    f = xs[-1]
+    if ref.shape[0] != f.shape[0] or ref.reshape(ref.shape[0], -1).shape != f.shape:
+        raise ChainMismatch(f"outputs of shape {tuple(f.shape)}, model gives {tuple(ref.shape)}")
+    tol = math.sqrt(torch.finfo(f.dtype).eps) * (1.0 + float(ref.abs().max()))
+    err = float((f - ref.reshape(f.shape)).abs().max())
+    if not err <= tol:
+        raise ChainMismatch(f"outputs differ from the model's by {err:.3g} (tolerance {tol:.3g})")
+    return xs, derivs, ref.shape[1:]
+
+
+class ChainMismatch(Exception):
+    """The recognised chain does not reproduce the model (the operator falls back to autograd)."""
+
+
+# ------------------------------------------------------------------ products
+# Tangents and cotangents of step values are laid out ``(n, K, width)``: sample, vector,
+# feature. Then every product of a layer with K vectors is one 2-d matrix product, e.g.
+# ``x (n, in) @ [dW_1^T ... dW_K^T] (in, K out)`` and ``dx (n K, in) @ W^T``.
+class _Tangent:
+    """The K parameter tangents of one product, with the layouts the matrix products take."""
+
+    def __init__(self, chain: Chain, tangents: Sequence[Tensor], batched: bool) -> None:
+        self.T = list(tangents) if batched else [t.unsqueeze(0) for t in tangents]
+        self.K = self.T[0].shape[0]
+        self._fwd: dict[int, Tensor] = {}
+        self._bwd: dict[int, Tensor] = {}
+
+    def forward_weight(self, i: int) -> Tensor:
+        """``(in, K out)``: the K transposed weight tangents side by side."""
+        if i not in self._fwd:
+            K, out, inp = self.T[i].shape
+            self._fwd[i] = self.T[i].permute(2, 0, 1).reshape(inp, K * out)
+        return self._fwd[i]
+
+    def backward_weight(self, i: int) -> Tensor:
+        """``(out, K in)``: the K weight tangents side by side."""
+        if i not in self._bwd:
+            K, out, inp = self.T[i].shape
+            self._bwd[i] = self.T[i].transpose(0, 1).reshape(out, K * inp)
+        return self._bwd[i]
+
+
+def _tangents_forward(
+    chain: Chain, xs: list[Tensor], derivs: list, tan: _Tangent
+) -> list[Tensor | None]:
+    """``dx_t`` of every step input and of the output (``None`` where zero), ``(n, K, width)``."""
+    K = tan.K
+    dxs: list[Tensor | None] = [None] * len(xs)
+    for t in range(chain.first, len(chain.steps)):
+        s, x, dx = chain.steps[t], xs[t], dxs[t]
+        n = x.shape[0]
+        if isinstance(s, _Affine):
+            out, inp = s.weight.shape
+            y = None
+            if s.w_index is not None:
+                y = (x @ tan.forward_weight(s.w_index)).view(n, K, out)
+            if dx is not None:
+                if y is None:
+                    y = (dx.view(n * K, inp) @ s.weight.T).view(n, K, out)
+                else:
+                    y.view(n * K, out).addmm_(dx.view(n * K, inp), s.weight.T)
+            if y is not None and s.scale != 1.0:
+                y.mul_(s.scale)
+            if s.b_index is not None:
+                db = tan.T[s.b_index]
+                y = db.expand(n, K, out).clone() if y is None else y.add_(db)
+            dxs[t + 1] = y
+        elif dx is None:
+            continue
+        elif isinstance(s, _Flatten):
+            dxs[t + 1] = dx.reshape(n, K, -1)
+        elif s.derivs is None:
+            dxs[t + 1] = s.scale * dx
+        else:
+            dxs[t + 1] = dx * derivs[t][0].unsqueeze(1)
+    return dxs
+
+
+def _backward(
+    chain: Chain,
+    xs: list[Tensor],
+    derivs: list,
+    cot: Tensor,
+    second: tuple[list[Tensor | None], list[Tensor], list[Tensor | None], _Tangent] | None = None,
+) -> list[Tensor]:
+    r"""Parameter cotangents ``(K, *shape)`` of output cotangents ``cot`` ``(n, K, d)``.
+
+    With ``second = (dxs, es, d2es, tangent)`` (forward tangents, primal errors
+    :math:`e_{t+1}`, :math:`\phi''(x_t) \odot e_{t+1}` and the parameter tangents) this is
+    the tangent of the gradient, the HVP's backward sweep, and ``cot`` is :math:`\dot e_T`.
+    """
+    n, K = cot.shape[0], cot.shape[1]
+    space = chain.space
+    out: list[Tensor | None] = [None] * len(space.names)
+    dxs, es, d2es, tan = second if second is not None else (None, None, None, None)
+    g = cot
+    for t in range(len(chain.steps) - 1, chain.first - 1, -1):
+        s, x = chain.steps[t], xs[t]
+        dx = dxs[t] if dxs is not None else None
+        if isinstance(s, _Affine):
+            o, inp = s.weight.shape
+            if s.w_index is not None:
+                gw = (g.reshape(n, K * o).T @ x).view(K, o, inp)
+                if dx is not None:
+                    gw.add_((es[t + 1].T @ dx.view(n, K * inp)).view(o, K, inp).transpose(0, 1))
+                if s.scale != 1.0:
+                    gw.mul_(s.scale)
+                out[s.w_index] = gw
+            if s.b_index is not None:
+                out[s.b_index] = g.sum(0)
+            if t == chain.first:
+                break
+            gx = (g.reshape(n * K, o) @ s.weight).view(n, K, inp)
+            if tan is not None and s.w_index is not None:
+                gx.view(n, K * inp).add_(es[t + 1] @ tan.backward_weight(s.w_index))
+            g = gx if s.scale == 1.0 else gx.mul_(s.scale)
+        elif isinstance(s, _Flatten):
+            g = g.reshape(n, K, *x.shape[1:])
+        elif s.derivs is None:
+            g = s.scale * g
+        else:
+            g = g * derivs[t][0].unsqueeze(1)
+            if dx is not None:
+                g.addcmul_(d2es[t].unsqueeze(1), dx)
+    return [
+        o.view(K, *shape) if o is not None else cot.new_zeros((K, *shape))
+        for o, shape in zip(out, space.shapes, strict=True)
+    ]
+
+
+def _reshaped(loss_fn: LossFn, model_shape: torch.Size) -> LossFn:
+    return lambda out, y: loss_fn(out.reshape(out.shape[0], *model_shape), y)
+
+
+def _unbatch(res: list[Tensor], batched: bool) -> list[Tensor]:
+    return res if batched else [r[0] for r in res]
+
+
+class ChainOutputGraph:
+    """``J v`` and ``J^T y`` of one batch through a chain; the interface of ``OutputGraph``."""
+
+    def __init__(self, chain: Chain, x: Tensor, output_index: int | None) -> None:
+        self.chain, self.output_index = chain, output_index
+        self.xs, self.derivs, self.model_shape = _forward_checked(chain, x)
+        out = self.xs[-1]
+        self.out = out if output_index is None else out[:, output_index : output_index + 1]
+
+    def jvp(self, tangents: Sequence[Tensor], batched: bool) -> Tensor:
+        """``(K, n, d)`` (batched) or ``(n, d)`` outputs' tangents."""
+        tan = _Tangent(self.chain, tangents, batched)
+        y = _tangents_forward(self.chain, self.xs, self.derivs, tan)[-1]
+        if y is None:
+            y = tan.T[0].new_zeros((self.xs[-1].shape[0], tan.K, self.xs[-1].shape[1]))
+        if self.output_index is not None:
+            y = y[..., self.output_index : self.output_index + 1]
+        return y.transpose(0, 1) if batched else y[:, 0]
+
+    def vjp(self, cotangent: Tensor, batched: bool) -> list[Tensor]:
+        """Parameter-shaped ``J^T y`` of ``(K, n, d)`` (batched) or ``(n, d)`` cotangents."""
+        cot = cotangent.transpose(0, 1) if batched else cotangent.unsqueeze(1)
+        if self.output_index is not None:
+            full = cot.new_zeros((cot.shape[0], cot.shape[1], self.xs[-1].shape[1]))
+            full[..., self.output_index] = cot[..., 0]
+            cot = full
+        return _unbatch(_backward(self.chain, self.xs, self.derivs, cot.contiguous()), batched)
+
+
+class ChainGradientGraph:
+    """``H v`` of ``loss(f(theta; x), y)`` on one batch through a chain (as ``GradientGraph``)."""
+
+    def __init__(self, chain: Chain, loss_fn: LossFn, x: Tensor, y: Tensor | None) -> None:
+        self.chain = chain
+        self.xs, self.derivs, model_shape = _forward_checked(chain, x)
+        f = self.xs[-1]
+        self.loss = LossOutputGraph(f, _reshaped(loss_fn, model_shape), y, f.shape)
+        e = self.loss.g.detach()
+        T = len(chain.steps)
+        es: list[Tensor] = [e] * (T + 1)  # es[t] = dloss / dx_t
+        d2es: list[Tensor | None] = [None] * T  # phi''(x_t) * es[t + 1] of elementwise steps
+        for t in range(T - 1, chain.first, -1):
+            s = chain.steps[t]
+            if isinstance(s, _Affine):
+                e = e @ s.weight if s.scale == 1.0 else s.scale * (e @ s.weight)
+            elif isinstance(s, _Flatten):
+                e = e.reshape(self.xs[t].shape)
+            elif s.derivs is None:
+                e = s.scale * e
+            else:
+                d2es[t] = self.derivs[t][1] * e
+                e = self.derivs[t][0] * e
+            es[t] = e
+        self.es, self.d2es = es, d2es
+
+    def hvp(self, tangents: Sequence[Tensor], batched: bool) -> list[Tensor]:
+        tan = _Tangent(self.chain, tangents, batched)
+        dxs = _tangents_forward(self.chain, self.xs, self.derivs, tan)
+        df = dxs[-1]
+        if df is None:
+            de = tan.T[0].new_zeros((self.xs[-1].shape[0], tan.K, self.xs[-1].shape[1]))
+        elif tan.K == 1:
+            de = self.loss.hvp(df[:, 0], False).unsqueeze(1)
+        else:
+            de = self.loss.hvp(df.transpose(0, 1), True).transpose(0, 1).contiguous()
+        second = (dxs, self.es, self.d2es, tan)
+        return _unbatch(_backward(self.chain, self.xs, self.derivs, de, second), batched)
