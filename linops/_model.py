@@ -82,7 +82,7 @@ class ModelOperator(TorchLinearOperator):
         self.model, self.cache = model, cache
         self._graph_cache: list[Any] | None = None
         self._route_request = route
-        self._chain: Chain | None | bool = False  # False: not looked for yet
+        self._chain: Chain | bool | None = False  # False: not looked for yet
         #: the route the products take, ``"chain"`` or ``"autograd"`` (known after the first)
         self.route: str | None = None
 
@@ -109,7 +109,9 @@ class ModelOperator(TorchLinearOperator):
                 return graph
             except ChainMismatch as err:
                 if self._route_request == "chain":
-                    raise ValueError(f"route: the chain does not reproduce the model: {err}") from None
+                    raise ValueError(
+                        f"route: the chain does not reproduce the model: {err}"
+                    ) from None
                 self._chain = None
         self.route = "autograd"
         return autograd()
