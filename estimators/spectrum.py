@@ -354,18 +354,18 @@ def bulk_overlap(A: Tensor, B: Tensor, ks: Sequence[int]) -> np.ndarray:
     With columns sorted by :func:`bulk_order` (or by ascending PFJ singular value) this is the
     "bulk at k" similarity of seed 004 sections 3.4-3.5 (:func:`linops.subspace_similarity`).
     """
-    from linops import subspace_similarity
+    from linops import subspace_similarity_curve
 
-    return np.asarray([subspace_similarity(A[:, :k], B[:, :k]) for k in ks])
+    return subspace_similarity_curve(A, B, ks)
 
 
 def random_subspace_similarity(A: Tensor, ks: Sequence[int], *, seed: int = 0) -> np.ndarray:
     """Baseline of :func:`bulk_overlap`: ``span(A[:, :k])`` against a Gaussian random k-subspace."""
-    from linops import subspace_similarity
+    from linops import subspace_similarity_curve
 
     g = torch.Generator().manual_seed(seed)
     R = torch.randn(A.shape[0], max(ks), generator=g, dtype=torch.float64)
-    return np.asarray([subspace_similarity(A[:, :k], R[:, :k]) for k in ks])
+    return subspace_similarity_curve(A, R, ks)
 
 
 # --------------------------------------------------------------------------- dimension of training

@@ -1,6 +1,6 @@
 """linops: matrix-free linear algebra for studying how neural networks train."""
 
-from linops.angles import principal_angles, subspace_similarity
+from linops.angles import principal_angles, subspace_similarity, subspace_similarity_curve
 from linops.base import IdentityOperator, TorchLinearOperator, aslinearoperator
 from linops.distributed import DistributedError, dense_columns, shard, shared_seed
 from linops.hessian import GGNOperator, HessianOperator, OutputHessianOperator
@@ -55,6 +55,7 @@ __all__ = [
     "EighResult",
     "principal_angles",
     "subspace_similarity",
+    "subspace_similarity_curve",
     "numerical_rank",
     "effective_rank",
     "stable_rank",

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from linops.angles import principal_angles, subspace_similarity
+from linops.angles import principal_angles, subspace_similarity, subspace_similarity_curve
 
 
 def pair_with_angles(angles: np.ndarray, n: int = 40, seed: int = 0) -> tuple[np.ndarray, ...]:
@@ -66,3 +66,35 @@ def test_bad_input_raises() -> None:
         principal_angles(np.ones(4), np.eye(4))
     with pytest.raises(ValueError, match="NaN"):
         principal_angles(np.full((4, 1), np.nan), np.eye(4))
+
+
+def test_similarity_is_mean_cosine_of_known_angles() -> None:
+    angles = np.array([1e-9, 0.2, 0.7, 1.1, np.pi / 2])
+    U, V = pair_with_angles(angles, seed=3)
+    assert subspace_similarity(U, V) == pytest.approx(np.cos(angles).mean(), abs=1e-14)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10**6), n=st.integers(5, 25), K=st.integers(1, 5))
+def test_similarity_curve_equals_separate_calls(seed: int, n: int, K: int) -> None:
+    """Leading-column similarities from one QR and one product equal independent calls."""
+    rng = np.random.default_rng(seed)
+    A, B = rng.standard_normal((n, K + 1)), rng.standard_normal((n, K + 2))
+    ks = list(range(1, K + 1))
+    want = [float(np.cos(principal_angles(A[:, :k], B[:, :k])).mean()) for k in ks]
+    np.testing.assert_allclose(subspace_similarity_curve(A, B, ks, precise=True), want, atol=1e-12)
+    np.testing.assert_allclose(subspace_similarity_curve(A, B, ks), want, atol=1e-7)
+
+
+def test_similarity_curve_on_constructed_nested_bases() -> None:
+    """Leading k columns of U and V: V_i = cos(a_i) U_i + sin(a_i) W_i, so the k-th mean is known."""
+    angles = np.array([0.0, 0.4, 1.0, np.pi / 2])
+    U, V = pair_with_angles(angles, seed=5)
+    want = [np.cos(angles[:k]).mean() for k in (1, 2, 3, 4)]
+    np.testing.assert_allclose(subspace_similarity_curve(U, V, [1, 2, 3, 4]), want, atol=1e-7)
+    got = subspace_similarity_curve(U, V, [1, 2, 3, 4], precise=True)
+    np.testing.assert_allclose(got, want, atol=1e-14)
+    with pytest.raises(ValueError, match="max"):
+        subspace_similarity_curve(U, V, [5])
+    with pytest.raises(ValueError, match="ks"):
+        subspace_similarity_curve(U, V, [0, 2])
