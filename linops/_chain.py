@@ -46,7 +46,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from linops._autodiff import LossFn, LossOutputGraph
+from linops._autodiff import LossFn
+from linops._loss import OutputLoss
 from linops.params import ParamSpace
 
 __all__ = ["Chain", "ChainGradientGraph", "ChainOutputGraph", "recognise_chain"]
@@ -63,7 +64,7 @@ def _relu(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _leaky(slope: float) -> Derivs:
     def f(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        d = torch.where(x > 0, 1.0, slope).to(x.dtype)
+        d = torch.where(x > 0, 1.0, torch.full_like(x, slope))  # the slope in x's precision
         return x * d, d, torch.zeros_like(x)
 
     return f
@@ -337,14 +338,14 @@ def _tangents_forward(
                 y = (x @ tan.forward_weight(s.w_index)).view(n, K, out)
             if dx is not None:
                 if y is None:
-                    y = (dx.view(n * K, inp) @ s.weight.T).view(n, K, out)
+                    y = (dx.reshape(n * K, inp) @ s.weight.T).view(n, K, out)
                 else:
-                    y.view(n * K, out).addmm_(dx.view(n * K, inp), s.weight.T)
+                    y.view(n * K, out).addmm_(dx.reshape(n * K, inp), s.weight.T)
             if y is not None and s.scale != 1.0:
                 y.mul_(s.scale)
             if s.b_index is not None:
                 db = tan.T[s.b_index]
-                y = db.expand(n, K, out).clone() if y is None else y.add_(db)
+                y = db.expand(n, K, out).contiguous() if y is None else y.add_(db)
             dxs[t + 1] = y
         elif dx is None:
             continue
@@ -383,7 +384,7 @@ def _backward(
             if s.w_index is not None:
                 gw = (g.reshape(n, K * o).T @ x).view(K, o, inp)
                 if dx is not None:
-                    gw.add_((es[t + 1].T @ dx.view(n, K * inp)).view(o, K, inp).transpose(0, 1))
+                    gw.add_((es[t + 1].T @ dx.reshape(n, K * inp)).view(o, K, inp).transpose(0, 1))
                 if s.scale != 1.0:
                     gw.mul_(s.scale)
                 out[s.w_index] = gw
@@ -407,10 +408,6 @@ def _backward(
         o.view(K, *shape) if o is not None else cot.new_zeros((K, *shape))
         for o, shape in zip(out, space.shapes, strict=True)
     ]
-
-
-def _reshaped(loss_fn: LossFn, model_shape: torch.Size) -> LossFn:
-    return lambda out, y: loss_fn(out.reshape(out.shape[0], *model_shape), y)
 
 
 def _unbatch(res: list[Tensor], batched: bool) -> list[Tensor]:
@@ -453,8 +450,8 @@ class ChainGradientGraph:
         self.chain = chain
         self.xs, self.derivs, model_shape = _forward_checked(chain, x)
         f = self.xs[-1]
-        self.loss = LossOutputGraph(f, _reshaped(loss_fn, model_shape), y, f.shape)
-        e = self.loss.g.detach()
+        self.loss = OutputLoss(f, loss_fn, y, model_shape)
+        e = self.loss.grad
         T = len(chain.steps)
         es: list[Tensor] = [e] * (T + 1)  # es[t] = dloss / dx_t
         d2es: list[Tensor | None] = [None] * T  # phi''(x_t) * es[t + 1] of elementwise steps
@@ -481,6 +478,6 @@ class ChainGradientGraph:
         elif tan.K == 1:
             de = self.loss.hvp(df[:, 0], False).unsqueeze(1)
         else:
-            de = self.loss.hvp(df.transpose(0, 1), True).transpose(0, 1).contiguous()
+            de = self.loss.hvp_sample_major(df)
         second = (dxs, self.es, self.d2es, tan)
         return _unbatch(_backward(self.chain, self.xs, self.derivs, de, second), batched)

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from linops._autodiff import GradientGraph, LossFn, LossOutputGraph, OutputGraph, infer_reduction
+from linops._autodiff import GradientGraph, LossFn, OutputGraph, infer_reduction
 from linops._chain import ChainGradientGraph, ChainOutputGraph
+from linops._loss import OutputLoss
 from linops._model import ModelOperator
 
 __all__ = ["GGNOperator", "HessianOperator", "OutputHessianOperator"]
@@ -160,9 +161,7 @@ class GGNOperator(_LossOperator):
             lambda chain: ChainOutputGraph(chain, x, None),
             lambda: OutputGraph(self.space, x, None),
         )
-        loss_fn = _reshaped_loss(self.loss_fn, outputs.model_shape)
-        loss = LossOutputGraph(outputs.out, loss_fn, y, outputs.out.shape)
-        return outputs, loss
+        return outputs, OutputLoss(outputs.out, self.loss_fn, y, outputs.model_shape)
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         def product(graphs: Any, tangents: list[torch.Tensor], batched: bool) -> Any:
@@ -170,11 +169,6 @@ class GGNOperator(_LossOperator):
             return outputs.vjp(loss.hvp(outputs.jvp(tangents, batched), batched), batched)
 
         return self._accumulate(X, product)
-
-
-def _reshaped_loss(loss_fn: LossFn, model_shape: torch.Size) -> LossFn:
-    """The loss as a function of flattened ``(n, d)`` outputs."""
-    return lambda out, y: loss_fn(out.reshape(out.shape[0], *model_shape), y)
 
 
 class OutputHessianOperator(ModelOperator):

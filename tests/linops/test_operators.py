@@ -13,6 +13,7 @@ from linops.testing import check_operator
 from tests.cases import CASES, Case
 
 RTOL = 1e-10
+ROUTES = ["auto", "autograd"]  # auto: the chain route on the MLP cases, autograd on the CNN
 
 
 def _flat_fn(case: Case):
@@ -62,10 +63,11 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> float:
 ids = [c.name for c in CASES]
 
 
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("case", CASES, ids=ids)
 @pytest.mark.parametrize("batch_size", [None, 2])
-def test_jacobian_matches_jacrev(case: Case, batch_size: int | None) -> None:
-    J = linops.JacobianOperator(case.model, case.X, case.params, batch_size=batch_size)
+def test_jacobian_matches_jacrev(case: Case, batch_size: int | None, route: str) -> None:
+    J = linops.JacobianOperator(case.model, case.X, case.params, batch_size=batch_size, route=route)
     D = _dense_jacobian(case)
     assert J.shape == tuple(D.shape)
     assert _close(J.to_dense(), D) < RTOL
@@ -76,6 +78,8 @@ def test_jacobian_matches_jacrev(case: Case, batch_size: int | None) -> None:
     assert _close(J @ V[:, 0], D @ V[:, 0]) < RTOL
     assert _close(J.rmatvec(Y[:, 0]), D.T @ Y[:, 0]) < RTOL
     check_operator(J, dense=D)
+    if route == "auto":  # every case but the CNN is a chain of Linear layers
+        assert J.route == ("autograd" if "cnn" in case.name else "chain")
 
 
 @pytest.mark.parametrize("case", CASES[:3], ids=ids[:3])
@@ -101,20 +105,24 @@ def test_ntk_is_j_jt(case: Case) -> None:
     assert _close(K12.H.to_dense(), D2 @ D.T) < RTOL
 
 
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("case", CASES, ids=ids)
 @pytest.mark.parametrize("batch_size", [None, 2])
-def test_hessian_matches_torch_func(case: Case, batch_size: int | None) -> None:
+def test_hessian_matches_torch_func(case: Case, batch_size: int | None, route: str) -> None:
     H = linops.HessianOperator(
-        case.model, case.loss, (case.X, case.y), case.params, batch_size=batch_size
+        case.model, case.loss, (case.X, case.y), case.params, batch_size=batch_size, route=route
     )
     D = _dense_hessian(case)
     assert _close(H.to_dense(), D) < RTOL
     check_operator(H, dense=D)
 
 
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("case", CASES, ids=ids)
-def test_ggn_matches_explicit_jt_h_j(case: Case) -> None:
-    G = linops.GGNOperator(case.model, case.loss, (case.X, case.y), case.params, batch_size=4)
+def test_ggn_matches_explicit_jt_h_j(case: Case, route: str) -> None:
+    G = linops.GGNOperator(
+        case.model, case.loss, (case.X, case.y), case.params, batch_size=4, route=route
+    )
     D = _dense_ggn(case)
     assert _close(G.to_dense(), D) < RTOL
     check_operator(G, dense=D)

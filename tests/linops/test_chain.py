@@ -1,0 +1,221 @@
+"""The chain route (hand-derived MLP products) against dense float64 torch.func references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+
+import linops
+from linops._loss import OutputLoss
+from trainers.models import MLP, SmallCNN
+
+RTOL = 1e-10
+ACTS = ["relu", "tanh", "gelu", "sigmoid", "silu", "softplus", "identity"]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _dense(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss, names=None):
+    """Dense J, H, GGN of ``model`` by torch.func (the parameters ``names``, default all)."""
+    named = {n: p.detach() for n, p in model.named_parameters()}
+    names = names or list(named)
+    sizes = [named[n].numel() for n in names]
+    theta = torch.cat([named[n].reshape(-1) for n in names])
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        parts = {n: c.view_as(named[n]) for n, c in zip(names, torch.split(t, sizes), strict=True)}
+        return functional_call(model, parts, (X,))
+
+    out = f(theta).detach()
+    J = jacrev(lambda t: f(t).reshape(-1))(theta)
+    H = hessian(lambda t: loss(f(t), y))(theta)
+    HL = hessian(lambda o: loss(o.reshape(out.shape), y))(out.reshape(-1))
+    return J, H, J.T @ HL @ J
+
+
+def _operators(model, X, y, loss, route, params=None, **kw):
+    return {
+        "J": linops.JacobianOperator(model, X, params, route=route, **kw),
+        "H": linops.HessianOperator(model, loss, (X, y), params, route=route, **kw),
+        "G": linops.GGNOperator(model, loss, (X, y), params, route=route, **kw),
+    }
+
+
+def _check_all(model, X, y, loss, params=None, **kw) -> dict:
+    J, H, G = _dense(model, X, y, loss, params)
+    ops = _operators(model, X, y, loss, "chain", params, **kw)
+    V = torch.randn(J.shape[1], 5, dtype=torch.float64)
+    U = torch.randn(J.shape[0], 3, dtype=torch.float64)
+    assert _rel(ops["J"] @ V, J @ V) < RTOL
+    assert _rel(ops["J"] @ V[:, 0], J @ V[:, 0]) < RTOL
+    assert _rel(ops["J"].T @ U, J.T @ U) < RTOL
+    assert _rel(ops["J"].T @ U[:, 0], J.T @ U[:, 0]) < RTOL
+    assert _rel(ops["H"] @ V, H @ V) < RTOL
+    assert _rel(ops["H"] @ V[:, 0], H @ V[:, 0]) < RTOL
+    assert _rel(ops["G"] @ V, G @ V) < RTOL
+    assert _rel(ops["G"] @ V[:, 1], G @ V[:, 1]) < RTOL
+    assert all(op.route == "chain" for op in ops.values())
+    return ops
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_scaled_mlp_products_match_torch_func(act: str) -> None:
+    """trainers.models.MLP declares its chain (multipliers, kappa): every product is exact."""
+    torch.manual_seed(0)
+    model = MLP(5, 3, (7, 6), activation=act, parameterization="ntk", kappa=1.7).double().eval()
+    X = torch.randn(11, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (11,))
+    _check_all(model, X, y, nn.CrossEntropyLoss(), batch_size=4)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        nn.MSELoss(),
+        nn.MSELoss(reduction="sum"),
+        nn.CrossEntropyLoss(reduction="sum"),
+        nn.CrossEntropyLoss(label_smoothing=0.2),
+        nn.functional.cross_entropy,
+        lambda out, y: ((out - 0.1) ** 4).mean() + nn.functional.cross_entropy(out, y),
+    ],
+    ids=["mse", "mse-sum", "ce-sum", "ce-smoothing", "ce-functional", "custom"],
+)
+def test_losses_closed_form_or_autograd_give_the_same_products(loss) -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(6, 5), nn.LeakyReLU(0.1), nn.Linear(5, 3), nn.Softplus(beta=2.0)
+    ).double()
+    X = torch.randn(8, 2, 3, dtype=torch.float64)  # Flatten feeds the first Linear
+    mse = isinstance(loss, nn.MSELoss)
+    y = torch.randn(8, 3, dtype=torch.float64) if mse else torch.randint(0, 3, (8,))
+    _check_all(model, X, y, loss)
+
+
+def test_output_loss_uses_the_closed_form_only_when_it_is_exact() -> None:
+    torch.manual_seed(2)
+    out = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,))
+    shape = torch.Size([4])
+    assert OutputLoss(out, nn.CrossEntropyLoss(), y, shape).closed_form
+    assert OutputLoss(out, nn.functional.mse_loss, out * 0.5, shape).closed_form
+    refused = [
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+        nn.CrossEntropyLoss(weight=torch.rand(4, dtype=torch.float64)),
+        lambda o, t: nn.functional.cross_entropy(o, t),
+    ]
+    for loss in refused:
+        assert not OutputLoss(out, loss, y, shape).closed_form
+    ignored = y.clone()
+    ignored[0] = -100  # ignore_index: the closed form would count it
+    assert not OutputLoss(out, nn.CrossEntropyLoss(), ignored, shape).closed_form
+    U = torch.randn(3, 6, 4, dtype=torch.float64)
+    fast = OutputLoss(out, nn.CrossEntropyLoss(), y, shape)
+    slow = OutputLoss(out, lambda o, t: nn.functional.cross_entropy(o, t), y, shape)
+    assert _rel(fast.grad, slow.grad) < 1e-14
+    assert _rel(fast.hvp(U, True), slow.hvp(U, True)) < 1e-14
+    assert _rel(fast.hvp_sample_major(U.transpose(0, 1)), slow.hvp(U, True).transpose(0, 1)) < 1e-14
+
+
+def test_parameter_subsets_and_frozen_layers() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3))
+    model = model.double()
+    model[0].weight.requires_grad_(False)  # frozen: not differentiated, still in the chain
+    X, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    loss = nn.CrossEntropyLoss()
+    _check_all(model, X, y, loss, params=["0.bias", "2.weight", "4.bias"])
+    _check_all(model, X, y, loss, params=["4.weight"])
+
+
+def test_output_index_and_output_hessian_on_the_chain() -> None:
+    torch.manual_seed(4)
+    model = MLP(4, 3, (5,), activation="tanh").double()
+    X = torch.randn(6, 4, dtype=torch.float64)
+    J, _, _ = _dense(model, X, torch.zeros(6, dtype=torch.long), nn.CrossEntropyLoss())
+    Jo = linops.JacobianOperator(model, X, output_index=2, route="chain")
+    assert _rel(Jo.to_dense(), J[2::3]) < RTOL
+    named = {n: p.detach() for n, p in model.named_parameters()}
+    theta = torch.cat([p.reshape(-1) for p in named.values()])
+    sizes = [p.numel() for p in named.values()]
+
+    def f1(t: torch.Tensor) -> torch.Tensor:
+        parts = {n: c.view_as(named[n]) for n, c in zip(named, torch.split(t, sizes), strict=True)}
+        return functional_call(model, parts, (X[:1],))[0, 1]
+
+    Hf = linops.OutputHessianOperator(model, X[:1], 1, route="chain")
+    assert _rel(Hf.to_dense(), hessian(f1)(theta)) < RTOL
+    assert Hf.route == "chain"
+
+
+class _Shifted(nn.Linear):
+    """A Linear whose forward is not the affine map its weights suggest."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 1.0
+
+
+def test_a_chain_that_misreads_the_model_falls_back_to_autograd() -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(_Shifted(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    J, H, _ = _dense(model, X, y, nn.MSELoss())
+    ops = _operators(model, X, y, nn.MSELoss(), "auto")
+    assert _rel(ops["J"].to_dense(), J) < RTOL
+    assert _rel(ops["H"].to_dense(), H) < RTOL
+    assert ops["J"].route == "autograd" and ops["H"].route == "autograd"
+    with pytest.raises(ValueError, match="route: the chain does not reproduce"):
+        linops.JacobianOperator(model, X, route="chain") @ torch.ones(J.shape[1]).double()
+
+
+def test_linear_on_3d_inputs_and_non_chains_use_autograd() -> None:
+    torch.manual_seed(6)
+    seq = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    X = torch.randn(5, 7, 3, dtype=torch.float64)  # a Linear over the last axis: not a chain
+    J = linops.JacobianOperator(seq, X)
+    D = jacrev(lambda W: functional_call(seq, {"0.weight": W}, (X,)).reshape(-1))(
+        seq[0].weight.detach()
+    ).reshape(-1, 12)
+    Jw = linops.JacobianOperator(seq, X, params=["0.weight"])
+    assert _rel(Jw.to_dense(), D) < RTOL
+    J @ torch.ones(J.shape[1], dtype=torch.float64)
+    assert J.route == "autograd"
+    cnn = SmallCNN(1, 3, channels=(2, 2)).double()
+    with pytest.raises(ValueError, match="route: 'chain' needs"):
+        linops.JacobianOperator(
+            cnn, torch.randn(2, 1, 8, 8, dtype=torch.float64), route="chain"
+        ) @ (torch.ones(sum(p.numel() for p in cnn.parameters()), dtype=torch.float64))
+    with pytest.raises(ValueError, match="route: expected one of"):
+        linops.JacobianOperator(seq, X, route="fast")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10**6),
+    widths=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    act=st.sampled_from(ACTS),
+    k=st.integers(1, 9),
+    mse=st.booleans(),
+)
+def test_chain_equals_autograd_on_random_mlps(seed, widths, act, k, mse) -> None:
+    """Property: the hand-derived products equal autograd's, any width, depth, activation, K."""
+    g = torch.Generator().manual_seed(seed)
+    model = MLP(3, 2, tuple(widths), activation=act, generator=g).double()
+    X = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    if mse:
+        loss, y = nn.MSELoss(), torch.randn(5, 2, generator=g, dtype=torch.float64)
+    else:
+        loss, y = nn.CrossEntropyLoss(), torch.randint(0, 2, (5,), generator=g)
+    fast = _operators(model, X, y, loss, "chain", max_vectors=4)
+    slow = _operators(model, X, y, loss, "autograd", max_vectors=4)
+    V = torch.randn(fast["H"].shape[1], k, generator=g, dtype=torch.float64)
+    U = torch.randn(fast["J"].shape[0], k, generator=g, dtype=torch.float64)
+    for name in ("J", "H", "G"):
+        assert _rel(fast[name] @ V, slow[name] @ V) < 1e-11, name
+    assert _rel(fast["J"].T @ U, slow["J"].T @ U) < 1e-11
