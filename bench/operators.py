@@ -231,10 +231,10 @@ def bench_case(
     loss = nn.CrossEntropyLoss()
     data = (case.X, case.y)
     build = {
-        "hessian": lambda: HessianOperator(case.model, loss, data),
-        "ggn": lambda: GGNOperator(case.model, loss, data),
-        "jacobian": lambda: JacobianOperator(case.model, case.X),
-        "jacobian_t": lambda: JacobianOperator(case.model, case.X).T,
+        "hessian": lambda route="auto": HessianOperator(case.model, loss, data, route=route),
+        "ggn": lambda route="auto": GGNOperator(case.model, loss, data, route=route),
+        "jacobian": lambda route="auto": JacobianOperator(case.model, case.X, route=route),
+        "jacobian_t": lambda route="auto": JacobianOperator(case.model, case.X, route=route).T,
     }
     ref = Reference(case, loss)
     ref_fn = {"hessian": ref.hvp, "ggn": ref.ggn, "jacobian": ref.jvp, "jacobian_t": ref.vjp}
@@ -253,6 +253,12 @@ def bench_case(
             "linops_32": lambda op=op, V=V: op @ V,
             "reference_1": lambda f=ref_fn[name], v=v: f(v),
         }
+        route = _route(op)
+        if route == "chain":  # the autograd route on the same model, timed in the same rounds
+            slow = build[name]("autograd")
+            slow @ v
+            fns["autograd_route_1"] = lambda op=slow, v=v: op @ v
+            fns["autograd_route_32"] = lambda op=slow, V=V: op @ V
         if name in curv:
             fns["curvlinops_1"] = lambda c=curv[name], v=v: c @ v
             if case.curvlinops_many:
@@ -261,8 +267,17 @@ def bench_case(
         samples = time_interleaved(fns, repeats=repeats, budget_s=budget_s)
         med = medians(samples)
         row = _row(case, name, op, med, first, _errors(op, ref_fn[name], curv.get(name), v))
+        row["route"] = route
         rows.append(_roofline(row, count_flops(fns["linops_1"]), min(samples["gemm"])))
     return rows
+
+
+def _route(op: Any) -> str:
+    """The route of a model operator (or of the operator a transpose wraps)."""
+    for o in (op, *getattr(op, "ops", [])):
+        if getattr(o, "route", None) is not None:
+            return o.route
+    return "autograd"
 
 
 def _errors(op: Any, ref: Callable, curv: Any, v: torch.Tensor) -> dict[str, float]:
@@ -292,6 +307,10 @@ def _row(
         "seconds_linops_1": med["linops_1"],
         "seconds_linops_32_per_vector": med["linops_32"] / K,
         "seconds_reference_1": med["reference_1"],
+        "seconds_autograd_route_1": med.get("autograd_route_1"),
+        "seconds_autograd_route_32_per_vector": med["autograd_route_32"] / K
+        if "autograd_route_32" in med
+        else None,
         "seconds_curvlinops_1": med.get("curvlinops_1"),
         "seconds_curvlinops_32_per_vector": med["curvlinops_32"] / K
         if "curvlinops_32" in med
@@ -302,6 +321,13 @@ def _row(
     row["ratio_linops_32_per_vector_over_linops_1"] = (
         row["seconds_linops_32_per_vector"] / row["seconds_linops_1"]
     )
+    if row["seconds_autograd_route_1"] is not None:
+        row["speedup_vs_autograd_route_1"] = (
+            row["seconds_autograd_route_1"] / row["seconds_linops_1"]
+        )
+        row["speedup_vs_autograd_route_32"] = (
+            row["seconds_autograd_route_32_per_vector"] / row["seconds_linops_32_per_vector"]
+        )
     if row["seconds_curvlinops_1"] is not None:
         row["speedup_vs_curvlinops_1"] = row["seconds_curvlinops_1"] / row["seconds_linops_1"]
     if row["seconds_curvlinops_32_per_vector"] is not None:
@@ -496,16 +522,20 @@ def markdown(
     rows: list[dict[str, Any]], targets: list[dict[str, Any]], meta: dict[str, Any]
 ) -> str:
     head = (
-        "| model | params | n | operator | linops 1 (ms) | linops 32 /vec (ms) | reference 1 (ms) "
+        "| model | params | n | operator | route | linops 1 (ms) | linops 32 /vec (ms) "
+        "| autograd route 1 / 32 per vec (ms) | reference 1 (ms) "
         "| curvlinops 1 (ms) | curvlinops 32 /vec (ms) | linops/ref | 32-per-vec/1 "
         "| speedup vs curvlinops (1) | speedup (32) | linops first (ms) | MFLOP/vec "
         "| GFLOP/s 1 / 32 / gemm | 32/1 floor |"
     )
-    lines = [head, "|" + "---|" * 17]
+    lines = [head, "|" + "---|" * 19]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['num_params']} | {r['num_samples']} | {r['operator']} "
+            f"| {r.get('route', '-')} "
             f"| {_ms(r['seconds_linops_1'])} | {_ms(r['seconds_linops_32_per_vector'])} "
+            f"| {_ms(r.get('seconds_autograd_route_1'))} / "
+            f"{_ms(r.get('seconds_autograd_route_32_per_vector'))} "
             f"| {_ms(r['seconds_reference_1'])} | {_ms(r['seconds_curvlinops_1'])} "
             f"| {_ms(r['seconds_curvlinops_32_per_vector'])} "
             f"| {_x(r['ratio_linops_1_over_reference_1'])} "
