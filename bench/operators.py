@@ -28,9 +28,13 @@ vector with 1 or 32 vectors, so batching can only remove overhead), the achieved
 the best rate of a 512^3 float32 matmul timed in the same rounds, and from these the lowest
 32-vector/single ratio that compute allows (``ratio_32_per_vector_over_1_floor``).
 
-``torch.set_num_threads`` is left at its default. ``OMP_WAIT_POLICY`` is set to ``PASSIVE``
-unless the environment sets it: on a loaded 2-core machine, spinning OpenMP threads made a
-small matmul 10-20x slower and the timings meaningless (both settings are recorded).
+``torch.set_num_threads`` is left at its default, and so is ``OMP_WAIT_POLICY`` (set it in the
+environment: OpenMP reads it once, when torch loads). The policy decides the small products: with
+the runtime's default (threads spin briefly before they sleep) a 10k-MLP ``J^T u`` took 0.47 ms
+here on an idle machine, with ``PASSIVE`` (threads sleep at once, and every parallel kernel pays
+to wake them) 1.07 ms, while curvlinops' took 2.4-3.1 ms under either. On a machine shared with
+other busy processes spinning is ruinous instead (a small matmul ran 10-20x slower), so run
+``OMP_WAIT_POLICY=PASSIVE python bench/operators.py`` there. Policy and load are recorded.
 
 ``--routes`` times the candidate autodiff routes behind ``linops/_autodiff.py`` instead
 (retained-graph HVP with 1 vector; 32 vectors looped or batched in chunks of 4, 8, 16 or
@@ -47,12 +51,9 @@ writes ``operators.json`` (times in ``seconds_*`` keys) and ``operators.md`` (or
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
-
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -574,7 +575,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "loadavg_start": _loadavg(),
         "repeats": args.repeats,
         "quick": args.quick,

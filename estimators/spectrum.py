@@ -408,7 +408,14 @@ def training_dimension(
 
     * ``method="krylov"`` (default): randomized block Krylov SVD (:func:`linops.randomized_svd`,
       block Golub-Kahan, Musco & Musco 2015), the singular values of the projected
-      bidiagonal matrix are counted;
+      bidiagonal matrix are counted: a deterministic lower bound, exact once the basis captures
+      every direction above :math:`\tau` (a gap, or an exactly low-rank :math:`J - I`);
+    * ``method="deflated"``: deflated stochastic Lanczos quadrature
+      (:func:`estimators.counting.singular_value_count`): converged block-Krylov Ritz triplets
+      above :math:`\tau` are counted outright and the rest is estimated by SLQ on the deflated
+      :math:`A^\top A`, with a standard error (``error_estimate``). For spectra without a gap
+      at thresholds on the scale of the spectrum (seed 004's); a threshold far below the
+      quadrature's resolution (say :math:`\tau^2 < 10^{-6} \|A\|^2`) is counted too high;
     * ``method="range_finder"``: the adaptive randomized range finder
       (:func:`linops.range_finder`, Halko, Martinsson & Tropp 2011, Algorithm 4.2) grows
       :math:`Q` until its bound on :math:`\|(I - QQ^\top)A\|` is below :math:`\tau` or half the
@@ -426,7 +433,7 @@ def training_dimension(
     max_products
         Budget of products with :math:`J` (default ``m // 2``, half of a dense computation).
     method
-        ``"krylov"`` or ``"range_finder"``.
+        ``"deflated"``, ``"krylov"`` or ``"range_finder"``.
     block_size
         Vectors per block.
     seed
@@ -435,14 +442,18 @@ def training_dimension(
     Returns
     -------
     DimensionResult
+        With ``"deflated"``: ``rank`` is the rounded estimate, ``basis_size`` the number of
+        deflated triplets, ``error_estimate`` the standard error of the count and
+        ``singular_values`` the deflated Ritz values; the rank is for the first threshold.
 
     Notes
     -----
-    Counting is exact once every direction with :math:`\sigma_i > \tau` is captured, which needs
-    a gap in the spectrum of :math:`J - I` near :math:`\tau` relative to the rest. On seed 004's
+    Projection methods count exactly once every direction with :math:`\sigma_i > \tau` is
+    captured, which needs a gap in the spectrum of :math:`J - I` near :math:`\tau`. On seed 004's
     MLP the singular values of :math:`J - I` below 1 are spread over many decades without a gap
-    (about 1200 per decade), so thresholds at or above 2 are resolved within a budget of
-    ``m / 2`` products while smaller ones are underestimated (see ``bench/training_jacobian.py``).
+    (about 1200 per decade): with ``m / 2`` products ``"krylov"`` resolves thresholds at or above
+    2 and undercounts at 1 by 7%, where ``"deflated"`` is unbiased with a standard error of about
+    1.5% (``bench/training_jacobian.py``, ``examples/training_jacobian.md``).
     """
     from linops import randomized_svd, range_finder
 
@@ -454,9 +465,15 @@ def training_dimension(
     budget = m // 2 if max_products is None else int(max_products)
     if budget < 2:
         raise ValueError(f"max_products: expected at least 2, got {max_products!r}")
-    if method not in ("krylov", "range_finder"):
-        raise ValueError(f"method: expected 'krylov' or 'range_finder', got {method!r}")
+    if method not in ("deflated", "krylov", "range_finder"):
+        raise ValueError(f"method: expected 'deflated', 'krylov' or 'range_finder', got {method!r}")
     products0 = getattr(op, "num_products", None)
+    if method == "deflated":
+        from estimators.counting import singular_value_count
+
+        c = singular_value_count(A, taus[0], budget, block_size=block_size, seed=seed)
+        used = c.num_products if products0 is None else op.num_products - products0
+        return DimensionResult(round(c.count), int(used), c.deflated, c.stderr, c.ritz_values)
     if method == "krylov":
         k = min(budget // 2, m)
         b = min(block_size, k)

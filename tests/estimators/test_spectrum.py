@@ -146,7 +146,7 @@ def test_training_dimension_on_dense_matrix() -> None:
         res = training_dimension(J, 1e-3, max_products=60, block_size=4, method=method)
         assert res.rank == training_dimension_dense(J, 1e-3) == r
         assert res.num_products <= 60 and res.basis_size < m
-    with pytest.raises(ValueError, match="method: expected 'krylov' or 'range_finder'"):
+    with pytest.raises(ValueError, match="method: expected 'deflated', 'krylov' or 'range_finder'"):
         training_dimension(J, 1e-3, method="dense")
     with pytest.raises(ValueError, match="max_products: expected at least 2"):
         training_dimension(J, 1e-3, max_products=1)
@@ -173,3 +173,14 @@ def test_training_jacobian_report_is_json_ready(tmp_path) -> None:
     assert r["rank_matrix_free"] == r["rank_dense"] and r["products_matrix_free"] <= 605
     json.dumps(r)
     assert plot_training_jacobian_report(r, tmp_path / "tj.png").exists()
+
+
+def test_training_dimension_deflated_matrix_free_on_training_run(tiny) -> None:
+    """Deflated SLQ through the training run: exact with a gap above, within its error below."""
+    run, theta0, J, _ = tiny
+    op = TrainingJacobianOperator(run, theta0)
+    res = training_dimension(op, 0.5, max_products=2 * run.dim, block_size=4, method="deflated")
+    assert res.rank == training_dimension_dense(J, 0.5)  # 7, all deflated: 0.5 sits in a gap
+    assert res.num_products == op.num_products <= 2 * run.dim
+    res = training_dimension(op, 0.05, max_products=2 * run.dim, block_size=4, method="deflated")
+    assert abs(res.rank - training_dimension_dense(J, 0.05)) <= 4 * res.error_estimate + 1
