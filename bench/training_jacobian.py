@@ -10,8 +10,9 @@ forked processes with one thread each); JAX runs ``jax.jit(jax.jacfwd(train))`` 
 ``lax.scan`` of the same steps (``bench/_jax_training_jacobian.py``), with its default threading.
 
 Then :math:`\\operatorname{rank}(J - I)` is counted densely (float64 SVD of the linops matrix)
-and estimated matrix-free with :func:`estimators.spectrum.training_dimension` (adaptive range
-finder), whose product count is compared with the ``m`` products of a dense computation.
+and estimated matrix-free with :func:`estimators.spectrum.training_dimension` (block Krylov,
+adaptive range finder, and deflated stochastic Lanczos quadrature per threshold), whose product
+counts are compared with the ``m`` products of a dense computation.
 
 Usage::
 
@@ -162,6 +163,23 @@ def _rank_study(cfg: dict, args: argparse.Namespace, J: np.ndarray) -> dict:
         ]
         out[f"products_{method}"] = res.num_products
         out[f"seconds_rank_{method}"] = time.perf_counter() - t0
+    # deflated SLQ: one estimate (with its standard error) per threshold
+    for key in ("rank_deflated", "rank_stderr_deflated", "products_deflated"):
+        out[key] = []
+    out["seconds_rank_deflated"] = []
+    for tau in taus:
+        op = TrainingJacobianOperator(setup.run, setup.theta0, max_vectors=args.chunk)
+        t0 = time.perf_counter()
+        res = training_dimension(
+            op, tau, max_products=m // 2, method="deflated", block_size=args.rank_block
+        )
+        out["rank_deflated"].append(res.rank)
+        out["rank_stderr_deflated"].append(res.error_estimate)
+        out["products_deflated"].append(res.num_products)
+        out["seconds_rank_deflated"].append(time.perf_counter() - t0)
+    out["rank_relative_error_deflated"] = [
+        abs(e - d) / max(d, 1) for e, d in zip(out["rank_deflated"], out["rank_dense"], strict=True)
+    ]
     return out
 
 
@@ -229,8 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--rank-thresholds", type=float, nargs="+", default=[2.0, 3.0, 1.0])
-    p.add_argument("--rank-block", type=int, default=50)
+    p.add_argument("--rank-thresholds", type=float, nargs="+", default=[2.0, 3.0, 1.0, 0.5])
+    p.add_argument("--rank-block", type=int, default=64)
     p.add_argument("--skip-jax", action="store_true")
     p.add_argument("--lenet", action="store_true", help="only the LeNet-5 matrix-free scale run")
     p.add_argument("--lenet-epochs", type=int, default=2)
@@ -317,7 +335,9 @@ def _summary(r: dict) -> None:
         print(
             f"rank(J - I) at {t:g}: dense {r['rank_dense'][i]}, block Krylov {r['rank_krylov'][i]} "
             f"({r['products_krylov']} products), range finder {r['rank_range_finder'][i]} "
-            f"({r['products_range_finder']} products); dense needs {r['products_dense']}"
+            f"({r['products_range_finder']} products), deflated SLQ {r['rank_deflated'][i]} "
+            f"+- {r['rank_stderr_deflated'][i]:.0f} ({r['products_deflated'][i]} products, "
+            f"{r['seconds_rank_deflated'][i]:.0f} s); dense needs {r['products_dense']}"
         )
 
 

@@ -16,7 +16,6 @@ Vectors are batched as rows, ``V`` of shape ``(K, m)``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vmap
 
+from linops._chain import _elementwise
 from linops.params import ParamSpace
 
 __all__ = ["FuncEngine", "MLPEngine", "make_engine", "resolve_loss"]
@@ -95,55 +95,13 @@ def _accumulate(res: list[Tensor], out: list[Tensor] | None, beta: float) -> lis
 
 
 # --------------------------------------------------------------------------- the MLP fast path
-def _gelu(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    pdf = torch.exp(-0.5 * a * a) * (1.0 / math.sqrt(2.0 * math.pi))
-    cdf = 0.5 * (1.0 + torch.erf(a * (1.0 / math.sqrt(2.0))))
-    return a * cdf, cdf + a * pdf, pdf * (2.0 - a * a)
-
-
-def _tanh(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    t = torch.tanh(a)
-    d = 1.0 - t * t
-    return t, d, -2.0 * t * d
-
-
-def _relu(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    pos = (a > 0).to(a.dtype)
-    return a * pos, pos, torch.zeros_like(a)
-
-
-def _identity(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return a, torch.ones_like(a), torch.zeros_like(a)
-
-
-def _sigmoid(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    s = torch.sigmoid(a)
-    d = s * (1.0 - s)
-    return s, d, d * (1.0 - 2.0 * s)
-
-
-def _silu(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    s = torch.sigmoid(a)
-    d = s * (1.0 - s)
-    return a * s, s + a * d, d * (2.0 + a * (1.0 - 2.0 * s))
-
-
 def _t(x: Tensor) -> Tensor:
     return x.T.contiguous()
 
 
 def _activation_derivs(mod: nn.Module) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None:
     """``a -> (phi(a), phi'(a), phi''(a))`` for supported activation modules, else None."""
-    if isinstance(mod, nn.GELU):
-        return _gelu if mod.approximate == "none" else None
-    table = {
-        nn.Tanh: _tanh,
-        nn.ReLU: _relu,
-        nn.Identity: _identity,
-        nn.Sigmoid: _sigmoid,
-        nn.SiLU: _silu,
-    }
-    return table.get(type(mod))
+    return _elementwise(mod)
 
 
 class MLPEngine:

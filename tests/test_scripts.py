@@ -1,0 +1,57 @@
+"""Smoke runs of every benchmark and example with ``--quick`` (slow: ``pytest -m slow``).
+
+Each script must finish and write its JSON under ``--out``; the numbers themselves are checked by
+the unit tests and reported by the full runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = [
+    "bench/operators.py",
+    "bench/algorithms.py",
+    "bench/training_jacobian.py",
+    "bench/lowrank_step.py",
+    "bench/guess_step.py",
+    "examples/reference_rank.py",
+    "examples/laziness_vs_width.py",
+    "examples/theta_lazy_phase.py",
+    "examples/lowrank_training.py",
+    "examples/guess_gradient.py",
+    "examples/training_jacobian.py",
+]
+OPTIONAL = {"bench/operators.py": "curvlinops", "bench/training_jacobian.py": "jax"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_quick_run_writes_its_json(script: str, tmp_path: Path) -> None:
+    extra = []
+    peer = OPTIONAL.get(script)
+    if peer is not None:
+        try:
+            __import__(peer)
+        except ImportError:
+            extra = ["--no-curvlinops"] if peer == "curvlinops" else ["--skip-jax"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), "--quick", "--out", str(tmp_path), *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    written = list(tmp_path.glob("*.json"))
+    assert written, f"{script} wrote no JSON under --out"
+    for path in written:
+        json.loads(path.read_text())
