@@ -387,9 +387,9 @@ def _backward(
                     gw.add_((es[t + 1].T @ dx.reshape(n, K * inp)).view(o, K, inp).transpose(0, 1))
                 if s.scale != 1.0:
                     gw.mul_(s.scale)
-                out[s.w_index] = gw
+                _add(out, s.w_index, gw)
             if s.b_index is not None:
-                out[s.b_index] = g.sum(0)
+                _add(out, s.b_index, g.sum(0))
             if t == chain.first:
                 break
             gx = (g.reshape(n * K, o) @ s.weight).view(n, K, inp)
@@ -408,6 +408,11 @@ def _backward(
         o.view(K, *shape) if o is not None else cot.new_zeros((K, *shape))
         for o, shape in zip(out, space.shapes, strict=True)
     ]
+
+
+def _add(out: list[Tensor | None], i: int, g: Tensor) -> None:
+    """Accumulate (a layer that appears twice in the chain shares its parameters)."""
+    out[i] = g if out[i] is None else out[i] + g
 
 
 def _unbatch(res: list[Tensor], batched: bool) -> list[Tensor]:

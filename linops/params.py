@@ -64,6 +64,11 @@ class ParamSpace:
         self.numels: list[int] = [values[n].numel() for n in self.names]
         self.dim: int = sum(self.numels)
         self._values = {n: v.detach() for n, v in values.items()}
+        # torch.func.functional_call (2.13) corrupts a model in which one module is registered
+        # twice (nn.Sequential(lin, act, lin)): the module keeps the passed tensors afterwards
+        self._shared_modules = len(list(model.named_modules(remove_duplicate=False))) != len(
+            list(model.named_modules())
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -115,8 +120,11 @@ class ParamSpace:
     def functional_call(self, params: Mapping[str, torch.Tensor], *args: Any) -> Any:
         """Call the model with ``params`` in place of the selected parameters.
 
-        Parameters outside the space and buffers keep their values in the model.
+        Parameters outside the space and buffers keep their values in the model, which is left
+        as it was (also when a module appears in it twice).
         """
+        if self._shared_modules:
+            return _call_swapped(self.model, params, args)
         return functional_call(self.model, dict(params), args)
 
     def to(self, dtype: torch.dtype | None = None, device: Any = None) -> ParamSpace:
@@ -125,6 +133,29 @@ class ParamSpace:
         new.__dict__.update(self.__dict__)
         new._values = {n: v.to(dtype=dtype, device=device) for n, v in self._values.items()}
         return new
+
+
+def _call_swapped(model: torch.nn.Module, params: Mapping[str, torch.Tensor], args: Any) -> Any:
+    """``model(*args)`` with ``params`` in place of the named parameters, restored afterwards.
+
+    Every slot holding one of the named parameters is swapped, so modules registered twice and
+    parameters tied between modules see the same tensor, as with ``functional_call``.
+    """
+    named = dict(model.named_parameters())
+    new = {id(named[n]): v for n, v in params.items()}
+    slots = [
+        (mod, key, p)
+        for mod in model.modules()  # each module once
+        for key, p in mod._parameters.items()
+        if p is not None and id(p) in new
+    ]
+    try:
+        for mod, key, p in slots:
+            mod._parameters[key] = new[id(p)]
+        return model(*args)
+    finally:
+        for mod, key, p in slots:
+            mod._parameters[key] = p
 
 
 def _check_names(values: Mapping[str, torch.Tensor], named: Mapping[str, Any]) -> None:

@@ -134,6 +134,19 @@ def test_parameter_subsets_and_frozen_layers() -> None:
     _check_all(model, X, y, loss, params=["4.weight"])
 
 
+def test_a_layer_used_twice_shares_its_parameters() -> None:
+    torch.manual_seed(7)
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin, nn.SiLU(), nn.Linear(4, 3)).double()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    _check_all(model, X, y, nn.CrossEntropyLoss())
+    J, H, G = _dense(model, X, y, nn.CrossEntropyLoss())
+    slow = _operators(model, X, y, nn.CrossEntropyLoss(), "autograd")
+    for name, D in (("J", J), ("H", H), ("G", G)):
+        assert _rel(slow[name].to_dense(), D) < RTOL
+    assert all(p.requires_grad for p in model.parameters())  # the model is left intact
+
+
 def test_output_index_and_output_hessian_on_the_chain() -> None:
     torch.manual_seed(4)
     model = MLP(4, 3, (5,), activation="tanh").double()

@@ -57,3 +57,21 @@ def test_errors() -> None:
         ParamSpace(model, [3])
     with pytest.raises(ValueError, match="expected a vector of length 26"):
         ParamSpace(model).unflatten(torch.ones(5))
+
+
+def test_functional_call_leaves_a_model_with_a_shared_module_intact() -> None:
+    """torch.func.functional_call replaces the parameters of a module registered twice."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 3)
+    model = torch.nn.Sequential(lin, torch.nn.Tanh(), lin).double()
+    weight = model[0].weight
+    X = torch.randn(4, 3, dtype=torch.float64)
+    space = ParamSpace(model)
+    doubled = {n: 2 * v for n, v in space.values().items()}
+    out = space.functional_call(doubled, X)
+    W, b = 2 * weight.detach(), 2 * lin.bias.detach()
+    want = torch.tanh(X @ W.T + b) @ W.T + b
+    assert torch.allclose(out, want)
+    assert model[0].weight is weight and model[2].weight is weight
+    assert isinstance(model[0].weight, torch.nn.Parameter) and weight.requires_grad
+    assert torch.allclose(model(X), torch.tanh(X @ weight.T + lin.bias) @ weight.T + lin.bias)
