@@ -39,6 +39,9 @@ to wake them) 1.07 ms, while curvlinops' took 2.4-3.1 ms under either. On a mach
 other busy processes spinning is ruinous instead (a small matmul ran 10-20x slower), so run
 ``OMP_WAIT_POLICY=PASSIVE python bench/operators.py`` there. Policy and load are recorded.
 
+``--chunks`` times 32-vector products in passes of 1 to 32 vectors (``max_vectors``), back to
+back, against one vector (``chunks.json`` / ``chunks.md``).
+
 ``--routes`` times the candidate autodiff routes behind ``linops/_autodiff.py`` instead
 (retained-graph HVP with 1 vector; 32 vectors looped or batched in chunks of 4, 8, 16 or
 32; forward-mode against double-backward JVP; ``torch.func`` ``vmap(jvp(grad))`` and a
@@ -645,10 +648,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("results/operators"))
     p.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds")
     p.add_argument("--no-curvlinops", action="store_true", help="skip the curvlinops columns")
+    p.add_argument(
+        "--chunks",
+        action="store_true",
+        help="time 32-vector products with 1-32 vectors per pass against one vector instead",
+    )
     args = p.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 7)
     meta = _meta(args)
     meta["budget_s"] = 0.5 if args.quick else 2.0
+    if args.chunks:
+        rows = run_chunks(make_cases(args.quick), repeats=args.repeats)
+        meta["loadavg_end"] = _loadavg()
+        write(args.out, "chunks", {"meta": meta, "rows": rows}, chunks_markdown(rows, meta))
+        return
     if args.routes:
         rows = run_routes(make_cases(args.quick)[:2], repeats=args.repeats)
         meta["loadavg_end"] = _loadavg()
@@ -668,6 +681,68 @@ def main(argv: list[str] | None = None) -> None:
         {"meta": meta, "rows": rows, "targets": targets},
         markdown(rows, targets, meta),
     )
+
+
+CHUNKS = (1, 2, 4, 8, 16, 32)
+
+
+def run_chunks(cases: list[Case], *, repeats: int) -> list[dict[str, Any]]:
+    """Per operator, 32 vectors in passes of ``c`` vectors (``max_vectors=c``), back to back,
+    per vector and against one vector: how the many-vector path's chunk size pays."""
+    loss = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(3)
+    rows = []
+    for case in cases:
+        for name in OPERATORS:
+            one = _chunked_operator(case, loss, name, 1)
+            v = torch.randn(one.shape[1], generator=gen)
+            V = torch.randn(one.shape[1], K, generator=gen)
+            fns: dict[str, Fn] = {"single": lambda op=one, v=v: op @ v}
+            for c in CHUNKS:
+                op = _chunked_operator(case, loss, name, c)
+                fns[f"chunk_{c}"] = lambda op=op, V=V: op @ V
+            med = time_back_to_back(fns, repeats=repeats)
+            for c in CHUNKS:
+                per = med[f"chunk_{c}"] / K
+                rows.append(
+                    {
+                        "model": case.name,
+                        "operator": name,
+                        "route": _route(one),
+                        "vectors_per_pass": c,
+                        "seconds_single": med["single"],
+                        "seconds_per_vector": per,
+                        "ratio_per_vector_over_single": per / med["single"],
+                    }
+                )
+        print(f"{case.name}: done", file=sys.stderr)
+    return rows
+
+
+def _chunked_operator(case: Case, loss: nn.Module, name: str, c: int) -> Any:
+    data = (case.X, case.y)
+    if name == "hessian":
+        return HessianOperator(case.model, loss, data, max_vectors=c)
+    if name == "ggn":
+        return GGNOperator(case.model, loss, data, max_vectors=c)
+    J = JacobianOperator(case.model, case.X, max_vectors=c)
+    return J if name == "jacobian" else J.T
+
+
+def chunks_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    head = "| model | operator | route | single (ms) | " + " | ".join(
+        f"{c} per pass" for c in CHUNKS
+    )
+    lines = [head + " |", "|" + "---|" * (4 + len(CHUNKS))]
+    for i in range(0, len(rows), len(CHUNKS)):
+        group = rows[i : i + len(CHUNKS)]
+        r = group[0]
+        cells = " | ".join(f"{g['ratio_per_vector_over_single']:.2f}" for g in group)
+        lines.append(
+            f"| {r['model']} | {r['operator']} | {r['route']} | {_ms(r['seconds_single'])} | {cells} |"
+        )
+    note = "Cells: seconds per vector of a 32-vector product over those of one vector."
+    return "\n".join(lines) + "\n\n" + note + "\n" + _meta_line(meta) + "\n"
 
 
 def routes_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:

@@ -67,6 +67,7 @@ def _leaky(slope: float) -> Derivs:
         d = torch.where(x > 0, 1.0, torch.full_like(x, slope))  # the slope in x's precision
         return x * d, d, torch.zeros_like(x)
 
+    f.piecewise_linear = True  # type: ignore[attr-defined]
     return f
 
 
@@ -130,6 +131,11 @@ def _elementwise(mod: nn.Module) -> Derivs | None:
 
 def _identity(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return x, torch.ones_like(x), torch.zeros_like(x)
+
+
+# phi'' = 0: the chain keeps no phi'' for these and skips their second-order term
+_relu.piecewise_linear = True  # type: ignore[attr-defined]
+_identity.piecewise_linear = True  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------ the chain
@@ -206,7 +212,8 @@ class Chain:
 
         for item in items:
             if isinstance(item, float):
-                self.steps.append(_Pointwise(None, item))
+                if item != 1.0:  # multiplying by one is no step
+                    self.steps.append(_Pointwise(None, item))
             elif isinstance(item, nn.Linear):
                 W, wi = bind(item.weight)
                 b, bi = bind(item.bias)
@@ -237,7 +244,7 @@ class Chain:
         except ValueError:
             return None
 
-    def forward(self, x: Tensor) -> tuple[list[Tensor], list[tuple[Tensor, Tensor] | None]]:
+    def forward(self, x: Tensor) -> tuple[list[Tensor], list[tuple[Tensor, Tensor | None] | None]]:
         """Inputs of every step and the output (``xs``, length T + 1), and ``(phi', phi'')``."""
         xs, derivs = [x], []
         for s in self.steps:
@@ -259,7 +266,7 @@ class Chain:
             else:
                 y, d1, d2 = s.derivs(x)
                 xs.append(y)
-                derivs.append((d1, d2))
+                derivs.append((d1, None if getattr(s.derivs, "piecewise_linear", False) else d2))
         return xs, derivs
 
 
@@ -402,7 +409,7 @@ def _backward(
             g = s.scale * g
         else:
             g = g * derivs[t][0].unsqueeze(1)
-            if dx is not None:
+            if dx is not None and d2es[t] is not None:
                 g.addcmul_(d2es[t].unsqueeze(1), dx)
     return [
         o.view(K, *shape) if o is not None else cot.new_zeros((K, *shape))
@@ -469,8 +476,9 @@ class ChainGradientGraph:
             elif s.derivs is None:
                 e = s.scale * e
             else:
-                d2es[t] = self.derivs[t][1] * e
-                e = self.derivs[t][0] * e
+                d1, d2 = self.derivs[t]
+                d2es[t] = d2 * e if d2 is not None else None
+                e = d1 * e
             es[t] = e
         self.es, self.d2es = es, d2es
 
