@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from linops import _krylov as kr
@@ -132,10 +133,7 @@ def subspace_similarity_curve(U: Any, V: Any, ks: Any, *, precise: bool = False)
             return torch.linalg.svdvals(B)
         return torch.linalg.eigvalsh(B.mH @ B).clamp(min=0.0).sqrt()
 
-    out = [float(cosines(C[:k, :k]).clamp(max=1.0).mean()) for k in ks]
-    import numpy as np
-
-    return np.asarray(out)
+    return np.asarray([float(cosines(C[:k, :k]).clamp(max=1.0).mean()) for k in ks])
 
 
 def _pair(U: Any, V: Any, columns: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
