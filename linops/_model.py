@@ -13,11 +13,12 @@ from linops.base import TorchLinearOperator
 from linops.params import ParamSpace
 
 #: Vectors per batched pass. Batching pays where single products are overhead-bound: on the
-#: 10k-parameter MLP of bench/operators.py a 32-vector product costs 0.25-0.57x a single one per
-#: vector; on its small CNN and 1M-parameter MLP, whose single products are already large GEMMs,
-#: it costs 0.96-1.7x. A one-shot timing at the first product to choose per operator was tried
-#: and reverted: a single measurement was too noisy and picked the slower route. Set
-#: ``max_vectors=1`` for large models.
+#: 10k-parameter MLP of bench/operators.py a 32-vector product cost 0.25-0.57x a single one per
+#: vector on the autograd route and 0.47-0.66x on the faster chain route; on its small CNN and
+#: 1M-parameter MLP, whose single products are already large GEMMs, 0.9-1.7x. A one-shot timing
+#: at the first product to choose per operator was tried and reverted: a single measurement was
+#: too noisy and picked the slower route. ``bench/operators.py --chunks`` sweeps the chunk size;
+#: set ``max_vectors=1`` for large models.
 DEFAULT_MAX_VECTORS = 8
 
 #: how products are computed: hand-derived for chains (MLPs) when possible, or autograd
