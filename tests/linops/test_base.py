@@ -199,7 +199,11 @@ def test_laws_hold_for_random_dense_operators(op) -> None:
 
 
 @settings(max_examples=15, deadline=None)
-@given(dense_operators(symmetric=False), dense_operators(symmetric=False), st.floats(-3, 3))
+@given(
+    dense_operators(symmetric=False),
+    dense_operators(symmetric=False),
+    st.floats(-3, 3, allow_subnormal=False),  # a subnormal scale leaves too few bits for 2e-13
+)
 def test_composition_laws(a, b, c) -> None:
     if a.shape[1] != b.shape[0]:
         b = linops.aslinearoperator(torch.ones(a.shape[1], 2, dtype=F64))
