@@ -1,5 +1,6 @@
 """estimators: stochastic estimators and model-analysis quantities."""
 
+from estimators.counting import SingularValueCount, singular_value_count
 from estimators.density import (
     SpectralDensity,
     density_report,
@@ -95,6 +96,8 @@ from estimators.trace import (
 )
 
 __all__ = [
+    "SingularValueCount",
+    "singular_value_count",
     # seed 003: gradient guessers
     "GUESSERS",
     "ActivationMixing",

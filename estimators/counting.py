@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from estimators.density import spectral_density
 from linops import IdentityOperator, aslinearoperator
 from linops import _krylov as kr
 
@@ -139,8 +140,6 @@ def singular_value_count(
     Vk = V[:, keep]
     k = int(keep.sum())
     B = _deflated_normal(op, Vk)
-    from estimators.density import spectral_density
-
     sd = spectral_density(B, num_probes=probes, num_steps=d, seed=gen)
     theta = torch.as_tensor(sd.nodes, dtype=torch.float64).reshape(probes, -1)
     w = torch.as_tensor(sd.weights, dtype=torch.float64).reshape(probes, -1)

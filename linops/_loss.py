@@ -48,7 +48,7 @@ def _kind(loss_fn: LossFn) -> tuple[str, str] | None:
 
 
 class OutputLoss:
-    """Gradient and Hessian products of ``loss_fn`` at the outputs ``out`` of one batch.
+    r"""Gradient and Hessian products of ``loss_fn`` at the outputs ``out`` of one batch.
 
     Parameters
     ----------
@@ -64,7 +64,7 @@ class OutputLoss:
     Attributes
     ----------
     grad
-        :math:`\nabla_f \\ell`, ``(n, d)``.
+        :math:`\nabla_f \ell`, ``(n, d)``.
     closed_form
         Whether products use the closed form (else autograd).
     """
@@ -100,23 +100,25 @@ class OutputLoss:
         tol = math.sqrt(torch.finfo(out.dtype).eps) * (1.0 + float(self.grad.abs().max()))
         if float((grad - self.grad).abs().max()) <= tol:
             self.closed_form = True
+            self._graph = None  # checked: the autograd graph is not needed any more
 
     def hvp(self, u: Tensor, batched: bool) -> Tensor:
         r""":math:`\nabla^2_f \ell\, u` for ``u`` of shape ``(n, d)``, or ``(K, n, d)`` if batched."""
         if not self.closed_form:
             return self._graph.hvp(u, batched)
-        if self._p is None:
-            return self._scale * u
-        p = self._p
-        pu = (u * p).sum(-1, keepdim=True)
-        return (u - pu).mul_(p).mul_(self._scale)
+        return self._closed(u, self._p)
 
     def hvp_sample_major(self, u: Tensor) -> Tensor:
         r""":math:`\nabla^2_f \ell\, u` for ``u`` laid out ``(n, K, d)`` (the chain's layout)."""
-        if not self.closed_form:
-            return self._graph.hvp(u.transpose(0, 1), True).transpose(0, 1).contiguous()
-        if self._p is None:
+        if self.closed_form:
+            return self._closed(u, None if self._p is None else self._p.unsqueeze(1))
+        if u.shape[1] == 1:  # no vmap for a single vector
+            return self._graph.hvp(u[:, 0], False).unsqueeze(1)
+        return self._graph.hvp(u.transpose(0, 1), True).transpose(0, 1).contiguous()
+
+    def _closed(self, u: Tensor, p: Tensor | None) -> Tensor:
+        """The closed form, with ``p`` the softmax broadcast to ``u``'s layout (None: MSE)."""
+        if p is None:
             return self._scale * u
-        p = self._p.unsqueeze(1)
         pu = (u * p).sum(-1, keepdim=True)
         return (u - pu).mul_(p).mul_(self._scale)

@@ -99,11 +99,6 @@ def _t(x: Tensor) -> Tensor:
     return x.T.contiguous()
 
 
-def _activation_derivs(mod: nn.Module) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None:
-    """``a -> (phi(a), phi'(a), phi''(a))`` for supported activation modules, else None."""
-    return _elementwise(mod)
-
-
 class MLPEngine:
     r"""Hand-derived gradient and batched HVPs for :class:`trainers.models.MLP`.
 
@@ -136,7 +131,7 @@ class MLPEngine:
         self.loss_name = loss_name
         self.linears = model.linear_layers()
         mods = list(model.layers)
-        self.acts = [_activation_derivs(m) for m in mods if not isinstance(m, nn.Linear)]
+        self.acts = [_elementwise(m) for m in mods if not isinstance(m, nn.Linear)]
         self.mult = [float(lin.multiplier) for lin in self.linears]
         self.kappa = float(model.kappa)
         self.has_bias = self.linears[0].bias is not None
@@ -164,7 +159,7 @@ class MLPEngine:
         return (
             alternating
             and len(linears) == len(acts) + 1
-            and all(_activation_derivs(m) is not None for m in acts)
+            and all(_elementwise(m) is not None for m in acts)
             and len({lin.bias is None for lin in linears}) == 1
         )
 
