@@ -251,13 +251,6 @@ def bench_case(
 ) -> list[dict[str, Any]]:
     """One row per operator: timings, ratios, and agreement with the reference."""
     loss = nn.CrossEntropyLoss()
-    data = (case.X, case.y)
-    build = {
-        "hessian": lambda route="auto": HessianOperator(case.model, loss, data, route=route),
-        "ggn": lambda route="auto": GGNOperator(case.model, loss, data, route=route),
-        "jacobian": lambda route="auto": JacobianOperator(case.model, case.X, route=route),
-        "jacobian_t": lambda route="auto": JacobianOperator(case.model, case.X, route=route).T,
-    }
     ref = Reference(case, loss)
     ref_fn = {"hessian": ref.hvp, "ggn": ref.ggn, "jacobian": ref.jvp, "jacobian_t": ref.vjp}
     curv = _curvlinops_ops(case, loss) if curvlinops else {}
@@ -265,7 +258,7 @@ def bench_case(
     rows = []
     for name in OPERATORS:
         t0 = time.perf_counter()
-        op = build[name]()
+        op = make_operator(case, loss, name)
         v = torch.randn(op.shape[1], generator=gen)
         op @ v  # builds and keeps the retained graph
         first = time.perf_counter() - t0
@@ -277,7 +270,7 @@ def bench_case(
         }
         route = _route(op)
         if route == "chain":  # the autograd route on the same model, timed in the same rounds
-            slow = build[name]("autograd")
+            slow = make_operator(case, loss, name, route="autograd")
             slow @ v
             fns["autograd_route_1"] = lambda op=slow, v=v: op @ v
             fns["autograd_route_32"] = lambda op=slow, V=V: op @ V
@@ -298,6 +291,16 @@ def bench_case(
             row["speedup_vs_curvlinops_1_back_to_back"] = warm["curvlinops_1"] / warm["linops_1"]
         rows.append(_roofline(row, count_flops(fns["linops_1"]), min(samples["gemm"])))
     return rows
+
+
+def make_operator(case: Case, loss: nn.Module, name: str, **kw: Any) -> Any:
+    """The linops operator ``name`` (one of ``OPERATORS``) of a case; ``kw`` go to it."""
+    if name == "hessian":
+        return HessianOperator(case.model, loss, (case.X, case.y), **kw)
+    if name == "ggn":
+        return GGNOperator(case.model, loss, (case.X, case.y), **kw)
+    J = JacobianOperator(case.model, case.X, **kw)
+    return J if name == "jacobian" else J.T
 
 
 def _route(op: Any) -> str:
@@ -694,12 +697,12 @@ def run_chunks(cases: list[Case], *, repeats: int) -> list[dict[str, Any]]:
     rows = []
     for case in cases:
         for name in OPERATORS:
-            one = _chunked_operator(case, loss, name, 1)
+            one = make_operator(case, loss, name, max_vectors=1)
             v = torch.randn(one.shape[1], generator=gen)
             V = torch.randn(one.shape[1], K, generator=gen)
             fns: dict[str, Fn] = {"single": lambda op=one, v=v: op @ v}
             for c in CHUNKS:
-                op = _chunked_operator(case, loss, name, c)
+                op = make_operator(case, loss, name, max_vectors=c)
                 fns[f"chunk_{c}"] = lambda op=op, V=V: op @ V
             med = time_back_to_back(fns, repeats=repeats)
             for c in CHUNKS:
@@ -717,16 +720,6 @@ def run_chunks(cases: list[Case], *, repeats: int) -> list[dict[str, Any]]:
                 )
         print(f"{case.name}: done", file=sys.stderr)
     return rows
-
-
-def _chunked_operator(case: Case, loss: nn.Module, name: str, c: int) -> Any:
-    data = (case.X, case.y)
-    if name == "hessian":
-        return HessianOperator(case.model, loss, data, max_vectors=c)
-    if name == "ggn":
-        return GGNOperator(case.model, loss, data, max_vectors=c)
-    J = JacobianOperator(case.model, case.X, max_vectors=c)
-    return J if name == "jacobian" else J.T
 
 
 def chunks_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:

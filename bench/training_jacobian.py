@@ -167,8 +167,8 @@ def _rank_study(cfg: dict, args: argparse.Namespace, J: np.ndarray) -> dict:
     for key in ("rank_deflated", "rank_stderr_deflated", "products_deflated"):
         out[key] = []
     out["seconds_rank_deflated"] = []
+    op = TrainingJacobianOperator(setup.run, setup.theta0, max_vectors=args.chunk)
     for tau in taus:
-        op = TrainingJacobianOperator(setup.run, setup.theta0, max_vectors=args.chunk)
         t0 = time.perf_counter()
         res = training_dimension(
             op, tau, max_products=m // 2, method="deflated", block_size=args.rank_block
