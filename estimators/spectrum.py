@@ -397,7 +397,7 @@ def training_dimension(
     *,
     max_products: int | None = None,
     method: str = "krylov",
-    block_size: int = 64,
+    block_size: int | None = None,
     seed: int = 0,
 ) -> DimensionResult:
     r"""Matrix-free :math:`\operatorname{rank}(J - I)` at an absolute threshold (seed 004, section 2).
@@ -410,11 +410,12 @@ def training_dimension(
       block Golub-Kahan, Musco & Musco 2015), the singular values of the projected
       bidiagonal matrix are counted: a deterministic lower bound, exact once the basis captures
       every direction above :math:`\tau` (a gap, or an exactly low-rank :math:`J - I`);
-    * ``method="deflated"``: deflated stochastic Lanczos quadrature
-      (:func:`estimators.counting.singular_value_count`): converged block-Krylov Ritz triplets
-      above :math:`\tau` are counted outright and the rest is estimated by SLQ on the deflated
-      :math:`A^\top A`, with a standard error (``error_estimate``). For spectra without a gap
-      at thresholds on the scale of the spectrum (seed 004's); a threshold far below the
+    * ``method="deflated"``: Krylov-deflated stochastic Lanczos quadrature
+      (:func:`estimators.counting.singular_value_count`): the Ritz values above :math:`\tau`
+      of a block Krylov basis are counted and the rest is estimated by SLQ on
+      :math:`(J - I)^\top (J - I)` deflated by that basis, with a standard error
+      (``error_estimate``); unbiased up to at most ``block_size`` for spectra without a gap at
+      thresholds on the scale of the spectrum (seed 004's); a threshold far below the
       quadrature's resolution (say :math:`\tau^2 < 10^{-6} \|A\|^2`) is counted too high;
     * ``method="range_finder"``: the adaptive randomized range finder
       (:func:`linops.range_finder`, Halko, Martinsson & Tropp 2011, Algorithm 4.2) grows
@@ -435,16 +436,18 @@ def training_dimension(
     method
         ``"deflated"``, ``"krylov"`` or ``"range_finder"``.
     block_size
-        Vectors per block.
+        Vectors per block (default 16 for ``"deflated"``, 64 otherwise).
     seed
         Seed of the Gaussian test vectors.
 
     Returns
     -------
     DimensionResult
-        With ``"deflated"``: ``rank`` is the rounded estimate, ``basis_size`` the number of
-        deflated triplets, ``error_estimate`` the standard error of the count and
-        ``singular_values`` the deflated Ritz values; the rank is for the first threshold.
+        With ``"deflated"``: ``rank`` is the rounded estimate, ``basis_size`` the columns of
+        the Krylov basis, ``error_estimate`` the standard error of the count and
+        ``singular_values`` the Ritz values; the rank is for the first threshold (call
+        :func:`estimators.counting.singular_value_count` on ``op - I`` for all of them from
+        one run).
 
     Notes
     -----
@@ -453,7 +456,7 @@ def training_dimension(
     MLP the singular values of :math:`J - I` below 1 are spread over many decades without a gap
     (about 1200 per decade): with ``m / 2`` products ``"krylov"`` resolves thresholds at or above
     2 and undercounts at 1 by 7%, where ``"deflated"`` is unbiased with a standard error of about
-    1.5% (``bench/training_jacobian.py``, ``examples/training_jacobian.md``).
+    0.5% (``bench/training_jacobian.py``, ``examples/training_jacobian.md``).
     """
     from linops import randomized_svd, range_finder
 
@@ -468,12 +471,15 @@ def training_dimension(
     if method not in ("deflated", "krylov", "range_finder"):
         raise ValueError(f"method: expected 'deflated', 'krylov' or 'range_finder', got {method!r}")
     products0 = getattr(op, "num_products", None)
+    if block_size is None:
+        block_size = 16 if method == "deflated" else 64
     if method == "deflated":
         from estimators.counting import singular_value_count
 
         c = singular_value_count(A, taus[0], budget, block_size=block_size, seed=seed)
         used = c.num_products if products0 is None else op.num_products - products0
-        return DimensionResult(round(c.count), int(used), c.deflated, c.stderr, c.ritz_values)
+        count, se = float(c.counts[0]), float(c.stderrs[0])
+        return DimensionResult(round(count), int(used), c.basis_size, se, c.ritz_values)
     if method == "krylov":
         k = min(budget // 2, m)
         b = min(block_size, k)

@@ -183,4 +183,4 @@ def test_training_dimension_deflated_matrix_free_on_training_run(tiny) -> None:
     assert res.rank == training_dimension_dense(J, 0.5)  # 7, all deflated: 0.5 sits in a gap
     assert res.num_products == op.num_products <= 2 * run.dim
     res = training_dimension(op, 0.05, max_products=2 * run.dim, block_size=4, method="deflated")
-    assert abs(res.rank - training_dimension_dense(J, 0.05)) <= 4 * res.error_estimate + 1
+    assert abs(res.rank - training_dimension_dense(J, 0.05)) <= 4 * res.error_estimate + 4  # + b
