@@ -21,6 +21,7 @@ SCRIPTS = [
     "bench/training_jacobian.py",
     "bench/lowrank_step.py",
     "bench/guess_step.py",
+    "bench/rank_seeds.py",
     "examples/reference_rank.py",
     "examples/laziness_vs_width.py",
     "examples/theta_lazy_phase.py",
