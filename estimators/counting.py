@@ -44,10 +44,14 @@ one part exactly and the other stochastically:
 :math:`[(1-h)\tau, (1+h)\tau]`, instead of the step :math:`\mathbb{1}(\sigma > \tau)`. The
 Gauss rule of a step is off by up to the weight of the node nearest :math:`\tau^2`, and with
 equally long Lanczos runs on one spectrum those nodes fall in similar places, so the error is
-shared by all probes: on seed 004's :math:`J - I` the plain step was 1-4% off on average at some
-budgets, the ramp at most 0.6% (10 seeds each). The ramp moves the count by the imbalance of
-the spectrum inside the window, zero for a density linear across it and at most half the
-eigenvalues inside it; ``smoothing=0`` counts the plain step.
+shared by all probes: on seed 004's :math:`J - I` (three training runs, 5 seeds each, thresholds
+1 and 0.5) the plain step's count was off by -0.4% to -4.4% on average, the ramp's by at most
+0.84% on two of the runs. The ramp moves the count by the imbalance of the spectrum inside the
+window: zero for a density linear across it, at most half the eigenvalues inside it, and +2.1%
+on the third run (shuffled labels) at threshold 1, whose singular values are much denser just
+below 1 than just above (``bench/rank_seeds.py``; ``examples/training_jacobian.md``). A width
+tied to the quadrature's node spacing would avoid that; it is not done here.
+``smoothing=0`` counts the plain step.
 
 :math:`\hat N = N_Q + \hat N_\perp`, reported with the standard error of :math:`\hat N_\perp`
 across probes.
@@ -128,7 +132,8 @@ def singular_value_count(
     steps
         Lanczos steps per probe (shortened if the budget is small). The deflated operator's
         spectrum is short, so few steps and many probes beat the reverse: on seed 004's matrix
-        37 x 15 had the smallest spread of the splits tried (16 x 35, 22 x 25, 28 x 20).
+        37 x 15 had the smallest spread of the splits tried (16 x 35, 22 x 25, 28 x 20; measured
+        before the Schur correction, with a 640-column basis).
     smoothing
         :math:`h \in [0, 1)`: count the ramp :math:`g_h` instead of the step (module docstring);
         0 counts the step.
