@@ -412,9 +412,9 @@ def training_dimension(
       every direction above :math:`\tau` (a gap, or an exactly low-rank :math:`J - I`);
     * ``method="deflated"``: Krylov-deflated stochastic Lanczos quadrature
       (:func:`estimators.counting.singular_value_count`): the Ritz values above :math:`\tau`
-      of a block Krylov basis are counted and the rest is estimated by SLQ on
-      :math:`(J - I)^\top (J - I)` deflated by that basis, with a standard error
-      (``error_estimate``); unbiased up to at most ``block_size`` for spectra without a gap at
+      of a block Krylov basis are counted and the rest is estimated by SLQ on the
+      Schur complement of :math:`(J - I)^\top (J - I)` on that basis's complement (an exact
+      split), with a standard error (``error_estimate``); for spectra without a gap at
       thresholds on the scale of the spectrum (seed 004's); a threshold far below the
       quadrature's resolution (say :math:`\tau^2 < 10^{-6} \|A\|^2`) is counted too high;
     * ``method="range_finder"``: the adaptive randomized range finder

@@ -22,7 +22,6 @@ SCRIPTS = [
     "bench/lowrank_step.py",
     "bench/guess_step.py",
     "bench/rank_seeds.py",
-    "bench/warm_products.py",
     "examples/reference_rank.py",
     "examples/laziness_vs_width.py",
     "examples/theta_lazy_phase.py",
