@@ -6,7 +6,10 @@ A model that is a chain :math:`x_0 \to x_1 \to \dots \to x_T = f` of steps
   ``multiplier`` attribute, 1 by default);
 * elementwise: :math:`x_{t+1} = \phi(x_t)` (ReLU, LeakyReLU, Tanh, Sigmoid, GELU, SiLU,
   Softplus, Identity, a scalar multiple, Dropout in eval mode);
-* ``Flatten`` of everything but the sample dimension,
+* ``Flatten`` of everything but the sample dimension;
+* convolution: :math:`x_{t+1} = W \star x_t + b` (``nn.Conv2d``, zero padding, one group);
+* max pooling: :math:`x_{t+1} = x_t[\iota]`, the entries at the argmax positions
+  :math:`\iota` of the primal pass (``nn.MaxPool2d``),
 
 has its Jacobian and Hessian products written out directly, with the primal quantities of one
 batch (inputs of every step, :math:`\phi'`, :math:`\phi''`, back-propagated errors) computed
@@ -24,13 +27,20 @@ once and kept. For a tangent :math:`(\dot W, \dot b)` of the parameters (:math:`
         \dot e_t = c(\dot e_{t+1} W + e_{t+1} \dot W), \\
         & \dot e_t = \phi'(x_t) \odot \dot e_{t+1} + \phi''(x_t) \odot \dot x_t \odot e_{t+1}
 
-with :math:`e_t = \partial \ell / \partial x_t` the errors of the primal backward pass. The loss
+with :math:`e_t = \partial \ell / \partial x_t` the errors of the primal backward pass. A
+convolution is linear in ``W`` and in ``x`` like an affine step, so the same formulas hold with
+:math:`x \dot W^\top` read as :math:`\dot W \star x`, :math:`\bar x W` as the transposed
+convolution of :math:`\bar x` with ``W`` and :math:`\bar x^\top x` as the weight gradient of
+the convolution; max pooling is linear with fixed indices (a gather forward, a scatter-add
+backward), and like ReLU has no second-order term. The loss
 enters only through :math:`e_T` and the output-Hessian product :math:`\nabla^2_f \ell\, u`
 (:class:`linops._loss.OutputLoss`: closed forms for cross-entropy and MSE, autograd on the
 ``(n, d)`` outputs for any other loss). Every product over ``K`` vectors is a handful of matrix
 products on ``(n, K, width)`` tensors, with none of autograd's per-node cost:
 on this project's 2-core CPU that is what separates a 10k-parameter MLP's products from
-curvlinops' by more than 3x (``bench/operators.py``).
+curvlinops' by more than 3x (``bench/operators.py``). Convolutions take the ``K`` weight
+tangents as one convolution with ``K`` times the output channels, and the ``K`` input tangents
+as one convolution over ``n K`` images.
 
 A chain is recognised in an ``nn.Sequential`` (nested ones included) or in a model that
 declares ``linops_chain()``, returning its steps in order (modules and Python floats for scalar
@@ -45,6 +55,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from linops._autodiff import LossFn
@@ -159,7 +170,59 @@ class _Flatten:
     pass
 
 
-Step = _Affine | _Pointwise | _Flatten
+@dataclass
+class _Conv:
+    """A 2-d convolution; its products with ``K`` tangents or cotangents at once."""
+
+    weight: Tensor  # (out, in, kh, kw)
+    bias: Tensor | None
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    w_index: int | None
+    b_index: int | None
+
+    def __call__(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation)
+
+    def weight_grad(self, x: Tensor, shape: Sequence[int], g: Tensor) -> Tensor:
+        """The gradient w.r.t. a weight of ``shape`` of ``<g, w * x>``."""
+        return nn.grad.conv2d_weight(x, shape, g, self.stride, self.padding, self.dilation)
+
+    def input_grad(self, shape: Sequence[int], w: Tensor, g: Tensor) -> Tensor:
+        """The gradient w.r.t. an input of ``shape`` of ``<g, w * x>`` (transposed convolution)."""
+        return nn.grad.conv2d_input(shape, w, g, self.stride, self.padding, self.dilation)
+
+
+@dataclass
+class _MaxPool:
+    module: nn.MaxPool2d
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        m = self.module
+        return F.max_pool2d(
+            x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True
+        )
+
+
+def _gather(x: Tensor, idx: Tensor) -> Tensor:
+    """``x[..., c, idx]`` of ``(n, [K,] C, H, W)`` at pooling indices ``(n, C, h, w)``."""
+    lead = x.shape[:-3]
+    view = (idx.shape[0], *[1] * (len(lead) - 1), idx.shape[1], -1)
+    ii = idx.reshape(view).expand(*lead, idx.shape[1], idx[0, 0].numel())
+    return x.flatten(-2).gather(-1, ii).view(*lead, *idx.shape[1:])
+
+
+def _scatter(g: Tensor, idx: Tensor, shape: torch.Size) -> Tensor:
+    """The adjoint of :func:`_gather`: ``g`` added into zeros of ``(n, [K,] *shape[1:])``."""
+    lead = g.shape[:-3]
+    view = (idx.shape[0], *[1] * (len(lead) - 1), idx.shape[1], -1)
+    ii = idx.reshape(view).expand(*lead, idx.shape[1], idx[0, 0].numel())
+    out = g.new_zeros((*lead, shape[1], shape[2] * shape[3]))
+    return out.scatter_add_(-1, ii, g.flatten(-2)).view(*lead, *shape[1:])
+
+
+Step = _Affine | _Conv | _MaxPool | _Pointwise | _Flatten
 
 
 def recognise_chain(model: nn.Module) -> list[nn.Module | float] | None:
@@ -174,15 +237,34 @@ def recognise_chain(model: nn.Module) -> list[nn.Module | float] | None:
             continue
         if isinstance(item, float | int) and not isinstance(item, bool):
             flat.append(float(item))
-        elif isinstance(item, nn.Linear) or _is_flatten(item) or _elementwise(item) is not None:
+        elif (
+            isinstance(item, nn.Linear)
+            or _is_flatten(item)
+            or _is_conv(item)
+            or _is_max_pool(item)
+            or _elementwise(item) is not None
+        ):
             flat.append(item)
         else:
             return None
-    return flat if any(isinstance(m, nn.Linear) for m in flat) else None
+    return flat if any(isinstance(m, nn.Linear | nn.Conv2d) for m in flat) else None
 
 
 def _is_flatten(mod: object) -> bool:
     return type(mod) is nn.Flatten and mod.start_dim == 1 and mod.end_dim == -1
+
+
+def _is_conv(mod: object) -> bool:
+    return (
+        type(mod) is nn.Conv2d
+        and mod.groups == 1
+        and mod.padding_mode == "zeros"
+        and not isinstance(mod.padding, str)  # "same" may pad unevenly
+    )
+
+
+def _is_max_pool(mod: object) -> bool:
+    return type(mod) is nn.MaxPool2d and not mod.return_indices
 
 
 class Chain:
@@ -221,6 +303,14 @@ class Chain:
                 b, bi = bind(item.bias)
                 scale = float(getattr(item, "multiplier", 1.0))
                 self.steps.append(_Affine(W, b, scale, wi, bi))  # type: ignore[arg-type]
+            elif isinstance(item, nn.Conv2d):
+                W, wi = bind(item.weight)
+                b, bi = bind(item.bias)
+                self.steps.append(
+                    _Conv(W, b, item.stride, item.padding, item.dilation, wi, bi)  # type: ignore[arg-type]
+                )
+            elif isinstance(item, nn.MaxPool2d):
+                self.steps.append(_MaxPool(item))
             elif _is_flatten(item):
                 self.steps.append(_Flatten())
             else:
@@ -232,7 +322,7 @@ class Chain:
         self.first = min(
             t
             for t, s in enumerate(self.steps)
-            if isinstance(s, _Affine) and (s.w_index is not None or s.b_index is not None)
+            if isinstance(s, _Affine | _Conv) and (s.w_index is not None or s.b_index is not None)
         )
 
     @classmethod
@@ -247,7 +337,11 @@ class Chain:
             return None
 
     def forward(self, x: Tensor) -> tuple[list[Tensor], list[tuple[Tensor, Tensor | None] | None]]:
-        """Inputs of every step and the output (``xs``, length T + 1), and ``(phi', phi'')``."""
+        """Inputs of every step and the output (``xs``, length T + 1), and ``(phi', phi'')``.
+
+        The second list holds ``(phi', phi'')`` of elementwise steps, the argmax indices of
+        pooling steps and None for the others.
+        """
         xs, derivs = [x], []
         for s in self.steps:
             x = xs[-1]
@@ -259,6 +353,15 @@ class Chain:
                     y = s.scale * y
                 xs.append(y + s.bias if s.bias is not None else y)
                 derivs.append(None)
+            elif isinstance(s, _Conv | _MaxPool) and x.dim() != 4:
+                raise _NotAChain
+            elif isinstance(s, _Conv):
+                xs.append(s(x, s.weight, s.bias))
+                derivs.append(None)
+            elif isinstance(s, _MaxPool):
+                y, idx = s(x)
+                xs.append(y)
+                derivs.append(idx)
             elif isinstance(s, _Flatten):
                 xs.append(x.reshape(x.shape[0], -1))
                 derivs.append(None)
@@ -356,8 +459,12 @@ def _tangents_forward(
                 db = tan.T[s.b_index]
                 y = db.expand(n, K, out).contiguous() if y is None else y.add_(db)
             dxs[t + 1] = y
+        elif isinstance(s, _Conv):
+            dxs[t + 1] = _conv_forward(s, x, dx, tan, xs[t + 1].shape)
         elif dx is None:
             continue
+        elif isinstance(s, _MaxPool):
+            dxs[t + 1] = _gather(dx, derivs[t])
         elif isinstance(s, _Flatten):
             dxs[t + 1] = dx.reshape(n, K, -1)
         elif s.derivs is None:
@@ -365,6 +472,59 @@ def _tangents_forward(
         else:
             dxs[t + 1] = dx * derivs[t][0].unsqueeze(1)
     return dxs
+
+
+def _conv_forward(
+    s: _Conv, x: Tensor, dx: Tensor | None, tan: _Tangent, out_shape: torch.Size
+) -> Tensor | None:
+    """``dW * x + W * dx + db`` for the K tangents, ``(n, K, out, h, w)``."""
+    n, K, shape = x.shape[0], tan.K, (x.shape[0], tan.K, *out_shape[1:])
+    y = None
+    if s.w_index is not None:  # the K weight tangents as one convolution with K out channels
+        w = tan.T[s.w_index]
+        y = s(x, w.reshape(-1, *w.shape[2:])).view(shape)
+    if dx is not None:  # the K input tangents as one convolution over n K images
+        z = s(dx.reshape(n * K, *dx.shape[2:]), s.weight).view(shape)
+        y = z if y is None else y.add_(z)
+    if s.b_index is not None:
+        db = tan.T[s.b_index].view(1, K, -1, 1, 1)
+        y = db.expand(shape).contiguous() if y is None else y.add_(db)
+    return y
+
+
+def _conv_backward(
+    s: _Conv,
+    x: Tensor,
+    g: Tensor,
+    out: list[Tensor | None],
+    second: tuple[Tensor | None, Tensor, _Tangent] | None,
+    need_input: bool,
+) -> Tensor | None:
+    """Accumulate the parameter cotangents of ``g`` ``(n, K, out, h, w)``; return ``x``'s.
+
+    With ``second = (dx, e, tangent)`` the terms of the gradient's tangent that involve the
+    primal error ``e`` of the step's output are added (as ``es[t + 1]`` in :func:`_backward`).
+    """
+    n, K = g.shape[0], g.shape[1]
+    o, c, *kernel = s.weight.shape
+    dx, e, tan = second if second is not None else (None, None, None)
+    if s.w_index is not None:
+        gw = s.weight_grad(x, (K * o, c, *kernel), g.reshape(n, K * o, *g.shape[3:]))
+        gw = gw.view(K, o, c, *kernel)
+        if dx is not None:  # e (*) dx_k, all k as one weight gradient with K c input channels
+            h = s.weight_grad(dx.reshape(n, K * c, *dx.shape[3:]), (o, K * c, *kernel), e)
+            gw.add_(h.view(o, K, c, *kernel).transpose(0, 1))
+        _add(out, s.w_index, gw)
+    if s.b_index is not None:
+        _add(out, s.b_index, g.sum((0, 3, 4)))
+    if not need_input:
+        return None
+    gx = s.input_grad((n * K, *x.shape[1:]), s.weight, g.reshape(n * K, o, *g.shape[3:]))
+    gx = gx.view(n, K, *x.shape[1:])
+    if tan is not None and s.w_index is not None:  # e (*)^T dW_k, all k as one
+        w = tan.T[s.w_index].transpose(0, 1).reshape(o, K * c, *kernel)
+        gx.view(n, K * c, *x.shape[2:]).add_(s.input_grad((n, K * c, *x.shape[2:]), w, e))
+    return gx
 
 
 def _backward(
@@ -405,6 +565,14 @@ def _backward(
             if tan is not None and s.w_index is not None:
                 gx.view(n, K * inp).add_(es[t + 1] @ tan.backward_weight(s.w_index))
             g = gx if s.scale == 1.0 else gx.mul_(s.scale)
+        elif isinstance(s, _Conv):
+            conv_second = (dx, es[t + 1], tan) if tan is not None else None
+            gx = _conv_backward(s, x, g, out, conv_second, need_input=t != chain.first)
+            if gx is None:
+                break
+            g = gx
+        elif isinstance(s, _MaxPool):
+            g = _scatter(g, derivs[t], x.shape)
         elif isinstance(s, _Flatten):
             g = g.reshape(n, K, *x.shape[1:])
         elif s.derivs is None:
@@ -473,6 +641,10 @@ class ChainGradientGraph:
             s = chain.steps[t]
             if isinstance(s, _Affine):
                 e = e @ s.weight if s.scale == 1.0 else s.scale * (e @ s.weight)
+            elif isinstance(s, _Conv):
+                e = s.input_grad(self.xs[t].shape, s.weight, e)
+            elif isinstance(s, _MaxPool):
+                e = _scatter(e, self.derivs[t], self.xs[t].shape)
             elif isinstance(s, _Flatten):
                 e = e.reshape(self.xs[t].shape)
             elif s.derivs is None:

@@ -98,8 +98,9 @@ class ModelOperator(TorchLinearOperator):
             found = None if self._route_request == "autograd" else Chain.of(self.space)
             if found is None and self._route_request == "chain":
                 raise ValueError(
-                    "route: 'chain' needs a model that is a chain of nn.Linear layers and "
-                    "supported elementwise modules (an nn.Sequential, or one declaring "
+                    "route: 'chain' needs a model that is a chain of nn.Linear, nn.Conv2d "
+                    "(one group, zero padding), nn.MaxPool2d and supported elementwise "
+                    "modules (an nn.Sequential, or one declaring "
                     f"linops_chain()), got {type(self.model).__name__}"
                 )
             self._chain = found

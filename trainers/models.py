@@ -229,3 +229,7 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+    def linops_chain(self) -> list[nn.Module | float]:
+        """The forward pass as a chain of steps, for linops' hand-derived products."""
+        return [*self.features, *self.classifier]

@@ -1,17 +1,17 @@
-"""The chain route (hand-derived MLP products) against dense float64 torch.func references."""
+"""The chain route (hand-derived MLP and CNN products) against dense float64 references."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 import linops
 from linops._loss import OutputLoss
-from trainers.models import MLP, SmallCNN
+from trainers.models import MLP, SmallCNN, activation
 
 RTOL = 1e-10
 ACTS = ["relu", "tanh", "gelu", "sigmoid", "silu", "softplus", "identity"]
@@ -199,11 +199,11 @@ def test_linear_on_3d_inputs_and_non_chains_use_autograd() -> None:
     assert _rel(Jw.to_dense(), D) < RTOL
     J @ torch.ones(J.shape[1], dtype=torch.float64)
     assert J.route == "autograd"
-    cnn = SmallCNN(1, 3, channels=(2, 2)).double()
+    grouped = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(8, 1)).double()
     with pytest.raises(ValueError, match="route: 'chain' needs"):
         linops.JacobianOperator(
-            cnn, torch.randn(2, 1, 8, 8, dtype=torch.float64), route="chain"
-        ) @ (torch.ones(sum(p.numel() for p in cnn.parameters()), dtype=torch.float64))
+            grouped, torch.randn(2, 2, 4, 4, dtype=torch.float64), route="chain"
+        ) @ (torch.ones(sum(p.numel() for p in grouped.parameters()), dtype=torch.float64))
     with pytest.raises(ValueError, match="route: expected one of"):
         linops.JacobianOperator(seq, X, route="fast")
 
@@ -232,3 +232,76 @@ def test_chain_equals_autograd_on_random_mlps(seed, widths, act, k, mse) -> None
     for name in ("J", "H", "G"):
         assert _rel(fast[name] @ V, slow[name] @ V) < 1e-11, name
     assert _rel(fast["J"].T @ U, slow["J"].T @ U) < 1e-11
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_cnn_products_match_torch_func(act: str) -> None:
+    """Convolutions and max pooling on the chain route: every product exact, all K."""
+    torch.manual_seed(11)
+    model = SmallCNN(1, 3, channels=(2, 3), act=act).double().eval()
+    X = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    _check_all(model, X, y, nn.CrossEntropyLoss())
+    _check_all(model, X, y, nn.CrossEntropyLoss(), max_vectors=2)  # several batched passes
+
+
+def test_cnn_strides_padding_dilation_subsets_and_overlapping_pools() -> None:
+    torch.manual_seed(12)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=2, dilation=2),
+        nn.GELU(),
+        nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True),  # windows overlap
+        nn.Conv2d(3, 2, (2, 1), padding=(1, 0), bias=False),
+        nn.Softplus(),
+        nn.Flatten(),
+        nn.Linear(2 * 5 * 4, 2),
+    ).double()
+    X = torch.randn(3, 2, 7, 8, dtype=torch.float64)
+    y = torch.randn(3, 2, dtype=torch.float64)
+    _check_all(model, X, y, nn.MSELoss())
+    for subset in (["3.weight"], ["0.bias", "6.weight"], ["0.weight"]):
+        _check_all(model, X, y, nn.MSELoss(), subset)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10**6),
+    channels=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 1),
+    dilation=st.integers(1, 2),
+    pool=st.sampled_from([None, (2, 2, 0), (2, 1, 1), (3, 2, 1)]),
+    act=st.sampled_from(ACTS),
+    k=st.integers(1, 9),
+)
+def test_chain_equals_autograd_on_random_cnns(
+    seed, channels, kernel, stride, padding, dilation, pool, act, k
+) -> None:
+    """Property: convolution and pooling products equal autograd's, any geometry and K."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    c1, c2 = channels
+    steps: list[nn.Module] = [
+        nn.Conv2d(2, c1, kernel, stride=stride, padding=padding, dilation=dilation),
+        activation(act),
+    ]
+    if pool is not None:
+        steps.append(nn.MaxPool2d(pool[0], stride=pool[1], padding=pool[2]))
+    steps.append(nn.Conv2d(c1, c2, 2, padding=1))
+    X = torch.randn(4, 2, 7, 7, generator=g, dtype=torch.float64)
+    features = nn.Sequential(*steps).double()
+    try:
+        width = features(X).flatten(1).shape[1]
+    except RuntimeError:  # the geometry leaves no output pixel
+        assume(False)
+    model = nn.Sequential(features, nn.Flatten(), nn.Linear(width, 2)).double()
+    loss, y = nn.CrossEntropyLoss(), torch.randint(0, 2, (4,), generator=g)
+    fast = _operators(model, X, y, loss, "chain", max_vectors=4)
+    slow = _operators(model, X, y, loss, "autograd", max_vectors=4)
+    V = torch.randn(fast["H"].shape[1], k, generator=g, dtype=torch.float64)
+    U = torch.randn(fast["J"].shape[0], k, generator=g, dtype=torch.float64)
+    for name in ("J", "H", "G"):
+        assert _rel(fast[name] @ V, slow[name] @ V) < 1e-11, name
+    assert _rel(fast["J"].T @ U, slow["J"].T @ U) < 1e-11
+    assert all(op.route == "chain" for op in fast.values())
