@@ -435,9 +435,15 @@ class _Tangent:
 
 
 def _tangents_forward(
-    chain: Chain, xs: list[Tensor], derivs: list, tan: _Tangent
+    chain: Chain, xs: list[Tensor], derivs: list, tan: _Tangent, keep: bool = False
 ) -> list[Tensor | None]:
-    """``dx_t`` of every step input and of the output (``None`` where zero), ``(n, K, width)``."""
+    """``dx_t`` of every step input and of the output (``None`` where zero), ``(n, K, width)``.
+
+    Elementwise steps scale their (freshly computed) input tangent in place, which spares a
+    tensor of ``n K width`` per step, unless ``keep`` asks for the inputs of the steps with a
+    second-order term (the HVP's backward sweep reads them); those entries then hold the
+    step's output instead.
+    """
     K = tan.K
     dxs: list[Tensor | None] = [None] * len(xs)
     for t in range(chain.first, len(chain.steps)):
@@ -468,9 +474,11 @@ def _tangents_forward(
         elif isinstance(s, _Flatten):
             dxs[t + 1] = dx.reshape(n, K, -1)
         elif s.derivs is None:
-            dxs[t + 1] = s.scale * dx
-        else:
+            dxs[t + 1] = dx.mul_(s.scale)
+        elif keep and derivs[t][1] is not None:
             dxs[t + 1] = dx * derivs[t][0].unsqueeze(1)
+        else:
+            dxs[t + 1] = dx.mul_(derivs[t][0].unsqueeze(1))
     return dxs
 
 
@@ -545,6 +553,7 @@ def _backward(
     out: list[Tensor | None] = [None] * len(space.names)
     dxs, es, d2es, tan = second if second is not None else (None, None, None, None)
     g = cot
+    owned = False  # whether g may be scaled in place: not while it is (a view of) the caller's
     for t in range(len(chain.steps) - 1, chain.first - 1, -1):
         s, x = chain.steps[t], xs[t]
         dx = dxs[t] if dxs is not None else None
@@ -563,7 +572,7 @@ def _backward(
                 break
             gx = (g.reshape(n * K, o) @ s.weight).view(n, K, inp)
             if tan is not None and s.w_index is not None:
-                gx.view(n, K * inp).add_(es[t + 1] @ tan.backward_weight(s.w_index))
+                gx.view(n, K * inp).addmm_(es[t + 1], tan.backward_weight(s.w_index))
             g = gx if s.scale == 1.0 else gx.mul_(s.scale)
         elif isinstance(s, _Conv):
             conv_second = (dx, es[t + 1], tan) if tan is not None else None
@@ -576,11 +585,13 @@ def _backward(
         elif isinstance(s, _Flatten):
             g = g.reshape(n, K, *x.shape[1:])
         elif s.derivs is None:
-            g = s.scale * g
+            g = g.mul_(s.scale) if owned else s.scale * g
         else:
-            g = g * derivs[t][0].unsqueeze(1)
+            d1 = derivs[t][0].unsqueeze(1)
+            g = g.mul_(d1) if owned else g * d1
             if dx is not None and d2es[t] is not None:
                 g.addcmul_(d2es[t].unsqueeze(1), dx)
+        owned = owned or not isinstance(s, _Flatten)  # every other step makes a new g
     return [
         o.view(K, *shape) if o is not None else cot.new_zeros((K, *shape))
         for o, shape in zip(out, space.shapes, strict=True)
@@ -658,7 +669,7 @@ class ChainGradientGraph:
 
     def hvp(self, tangents: Sequence[Tensor], batched: bool) -> list[Tensor]:
         tan = _Tangent(tangents, batched)
-        dxs = _tangents_forward(self.chain, self.xs, self.derivs, tan)
+        dxs = _tangents_forward(self.chain, self.xs, self.derivs, tan, keep=True)
         df = dxs[-1]
         if df is None:
             de = tan.T[0].new_zeros((self.xs[-1].shape[0], tan.K, self.xs[-1].shape[1]))

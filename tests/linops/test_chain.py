@@ -305,3 +305,22 @@ def test_chain_equals_autograd_on_random_cnns(
         assert _rel(fast[name] @ V, slow[name] @ V) < 1e-11, name
     assert _rel(fast["J"].T @ U, slow["J"].T @ U) < 1e-11
     assert all(op.route == "chain" for op in fast.values())
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_products_leave_their_inputs_intact(k: int) -> None:
+    """Elementwise steps scale tangents in place; never the caller's vector (last steps here
+    are a Tanh and a scalar multiple, so the cotangent meets them first)."""
+    torch.manual_seed(13)
+    model = MLP(3, 2, (4,), activation="tanh", kappa=0.5).double()
+    ends_in_tanh = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.Tanh()).double()
+    X = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (5,))
+    for m in (model, ends_in_tanh):
+        ops = _operators(m, X, y, nn.CrossEntropyLoss(), "chain")
+        for name, op in [*ops.items(), ("JT", ops["J"].T)]:
+            V = torch.randn(op.shape[1], k, dtype=torch.float64)
+            before = V.clone()
+            first = op @ V[:, 0] if k == 1 else op @ V
+            assert torch.equal(V, before), name
+            assert torch.equal(op @ V[:, 0] if k == 1 else op @ V, first), name  # no stale state
