@@ -1,4 +1,4 @@
-r"""Hand-derived products for chains of affine layers and elementwise functions (MLPs).
+r"""Hand-derived products for chains of affine, convolution, pooling and elementwise steps.
 
 A model that is a chain :math:`x_0 \to x_1 \to \dots \to x_T = f` of steps
 

@@ -21,7 +21,7 @@ from linops.params import ParamSpace
 #: set ``max_vectors=1`` for large models.
 DEFAULT_MAX_VECTORS = 8
 
-#: how products are computed: hand-derived for chains (MLPs) when possible, or autograd
+#: how products are computed: hand-derived for chains (MLPs, plain CNNs) when possible, or autograd
 ROUTES = ("auto", "chain", "autograd")
 
 
