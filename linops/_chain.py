@@ -183,15 +183,21 @@ class _Conv:
     b_index: int | None
 
     def __call__(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation)
+        # contiguous: a channels-last input or weight gives a channels-last output, which the
+        # (n, K, out, h, w) views of the products cannot take
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation).contiguous()
 
     def weight_grad(self, x: Tensor, shape: Sequence[int], g: Tensor) -> Tensor:
         """The gradient w.r.t. a weight of ``shape`` of ``<g, w * x>``."""
-        return nn.grad.conv2d_weight(x, shape, g, self.stride, self.padding, self.dilation)
+        return nn.grad.conv2d_weight(
+            x, shape, g, self.stride, self.padding, self.dilation
+        ).contiguous()
 
     def input_grad(self, shape: Sequence[int], w: Tensor, g: Tensor) -> Tensor:
         """The gradient w.r.t. an input of ``shape`` of ``<g, w * x>`` (transposed convolution)."""
-        return nn.grad.conv2d_input(shape, w, g, self.stride, self.padding, self.dilation)
+        return nn.grad.conv2d_input(
+            shape, w, g, self.stride, self.padding, self.dilation
+        ).contiguous()
 
 
 @dataclass

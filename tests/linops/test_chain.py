@@ -324,3 +324,21 @@ def test_products_leave_their_inputs_intact(k: int) -> None:
             first = op @ V[:, 0] if k == 1 else op @ V
             assert torch.equal(V, before), name
             assert torch.equal(op @ V[:, 0] if k == 1 else op @ V, first), name  # no stale state
+
+
+def test_channels_last_cnn_gives_the_same_products() -> None:
+    """Channels-last weights and inputs (convolutions then answer channels-last) change nothing."""
+    torch.manual_seed(14)
+    plain = SmallCNN(3, 3, channels=(4, 3)).double()
+    last = SmallCNN(3, 3, channels=(4, 3)).double().to(memory_format=torch.channels_last)
+    last.load_state_dict(plain.state_dict())
+    X = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,))
+    a = _operators(plain, X, y, nn.CrossEntropyLoss(), "chain")
+    b = _operators(last, X.to(memory_format=torch.channels_last), y, nn.CrossEntropyLoss(), "chain")
+    V = torch.randn(a["H"].shape[1], 3, dtype=torch.float64)
+    U = torch.randn(a["J"].shape[0], 2, dtype=torch.float64)
+    for name in ("J", "H", "G"):
+        assert _rel(b[name] @ V, a[name] @ V) < 1e-13, name
+        assert _rel(b[name] @ V[:, 0], a[name] @ V[:, 0]) < 1e-13, name
+    assert _rel(b["J"].T @ U, a["J"].T @ U) < 1e-13
