@@ -9,7 +9,8 @@ A model that is a chain :math:`x_0 \to x_1 \to \dots \to x_T = f` of steps
 * ``Flatten`` of everything but the sample dimension;
 * convolution: :math:`x_{t+1} = W \star x_t + b` (``nn.Conv2d``, zero padding, one group);
 * max pooling: :math:`x_{t+1} = x_t[\iota]`, the entries at the argmax positions
-  :math:`\iota` of the primal pass (``nn.MaxPool2d``),
+  :math:`\iota` of the primal pass (``nn.MaxPool2d``); average pooling, a fixed linear map
+  (``nn.AvgPool2d``),
 
 has its Jacobian and Hessian products written out directly, with the primal quantities of one
 batch (inputs of every step, :math:`\phi'`, :math:`\phi''`, back-propagated errors) computed
@@ -211,6 +212,50 @@ class _MaxPool:
         )
 
 
+@dataclass
+class _AvgPool:
+    """Average pooling; linear, so its tangent map is itself and its adjoint torch's backward."""
+
+    module: nn.AvgPool2d
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Pooling of ``(n, C, H, W)`` or ``(n, K, C, H, W)`` (the K folded into the batch)."""
+        m = self.module
+        lead = x.shape[:-3]
+        y = F.avg_pool2d(
+            x.reshape(-1, *x.shape[-3:]),
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.ceil_mode,
+            m.count_include_pad,
+            m.divisor_override,
+        )
+        return y.view(*lead, *y.shape[1:])
+
+    def adjoint(self, g: Tensor, shape: torch.Size) -> Tensor:
+        """The transpose applied to ``g`` ``(n, [K,] C, h, w)``, for inputs of ``shape``."""
+        m = self.module
+        lead = g.shape[:-3]
+        flat = g.reshape(-1, *g.shape[-3:])
+        like = g.new_empty(1).expand(flat.shape[0], *shape[1:])  # only its shape is read
+        out = torch.ops.aten.avg_pool2d_backward(
+            flat,
+            like,
+            _pair(m.kernel_size),
+            _pair(m.stride if m.stride is not None else m.kernel_size),
+            _pair(m.padding),
+            m.ceil_mode,
+            m.count_include_pad,
+            m.divisor_override,
+        )
+        return out.view(*lead, *shape[1:])
+
+
+def _pair(v: int | Sequence[int]) -> list[int]:
+    return [v, v] if isinstance(v, int) else list(v)
+
+
 def _gather(x: Tensor, idx: Tensor) -> Tensor:
     """``x[..., c, idx]`` of ``(n, [K,] C, H, W)`` at pooling indices ``(n, C, h, w)``."""
     lead = x.shape[:-3]
@@ -228,7 +273,7 @@ def _scatter(g: Tensor, idx: Tensor, shape: torch.Size) -> Tensor:
     return out.scatter_add_(-1, ii, g.flatten(-2)).view(*lead, *shape[1:])
 
 
-Step = _Affine | _Conv | _MaxPool | _Pointwise | _Flatten
+Step = _Affine | _Conv | _MaxPool | _AvgPool | _Pointwise | _Flatten
 
 
 def recognise_chain(model: nn.Module) -> list[nn.Module | float] | None:
@@ -247,7 +292,7 @@ def recognise_chain(model: nn.Module) -> list[nn.Module | float] | None:
             isinstance(item, nn.Linear)
             or _is_flatten(item)
             or _is_conv(item)
-            or _is_max_pool(item)
+            or _is_pool(item)
             or _elementwise(item) is not None
         ):
             flat.append(item)
@@ -269,8 +314,8 @@ def _is_conv(mod: object) -> bool:
     )
 
 
-def _is_max_pool(mod: object) -> bool:
-    return type(mod) is nn.MaxPool2d and not mod.return_indices
+def _is_pool(mod: object) -> bool:
+    return (type(mod) is nn.MaxPool2d and not mod.return_indices) or type(mod) is nn.AvgPool2d
 
 
 class Chain:
@@ -317,6 +362,8 @@ class Chain:
                 )
             elif isinstance(item, nn.MaxPool2d):
                 self.steps.append(_MaxPool(item))
+            elif isinstance(item, nn.AvgPool2d):
+                self.steps.append(_AvgPool(item))
             elif _is_flatten(item):
                 self.steps.append(_Flatten())
             else:
@@ -359,7 +406,7 @@ class Chain:
                     y = s.scale * y
                 xs.append(y + s.bias if s.bias is not None else y)
                 derivs.append(None)
-            elif isinstance(s, _Conv | _MaxPool) and x.dim() != 4:
+            elif isinstance(s, _Conv | _MaxPool | _AvgPool) and x.dim() != 4:
                 raise _NotAChain
             elif isinstance(s, _Conv):
                 xs.append(s(x, s.weight, s.bias))
@@ -368,6 +415,9 @@ class Chain:
                 y, idx = s(x)
                 xs.append(y)
                 derivs.append(idx)
+            elif isinstance(s, _AvgPool):
+                xs.append(s(x))
+                derivs.append(None)
             elif isinstance(s, _Flatten):
                 xs.append(x.reshape(x.shape[0], -1))
                 derivs.append(None)
@@ -477,6 +527,8 @@ def _tangents_forward(
             continue
         elif isinstance(s, _MaxPool):
             dxs[t + 1] = _gather(dx, derivs[t])
+        elif isinstance(s, _AvgPool):
+            dxs[t + 1] = s(dx)
         elif isinstance(s, _Flatten):
             dxs[t + 1] = dx.reshape(n, K, -1)
         elif s.derivs is None:
@@ -588,6 +640,8 @@ def _backward(
             g = gx
         elif isinstance(s, _MaxPool):
             g = _scatter(g, derivs[t], x.shape)
+        elif isinstance(s, _AvgPool):
+            g = s.adjoint(g, x.shape)
         elif isinstance(s, _Flatten):
             g = g.reshape(n, K, *x.shape[1:])
         elif s.derivs is None:
@@ -662,6 +716,8 @@ class ChainGradientGraph:
                 e = s.input_grad(self.xs[t].shape, s.weight, e)
             elif isinstance(s, _MaxPool):
                 e = _scatter(e, self.derivs[t], self.xs[t].shape)
+            elif isinstance(s, _AvgPool):
+                e = s.adjoint(e, self.xs[t].shape)
             elif isinstance(s, _Flatten):
                 e = e.reshape(self.xs[t].shape)
             elif s.derivs is None:

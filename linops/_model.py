@@ -101,7 +101,7 @@ class ModelOperator(TorchLinearOperator):
             if found is None and self._route_request == "chain":
                 raise ValueError(
                     "route: 'chain' needs a model that is a chain of nn.Linear, nn.Conv2d "
-                    "(one group, zero padding), nn.MaxPool2d and supported elementwise "
+                    "(one group, zero padding), nn.MaxPool2d, nn.AvgPool2d and supported elementwise "
                     "modules (an nn.Sequential, or one declaring "
                     f"linops_chain()), got {type(self.model).__name__}"
                 )

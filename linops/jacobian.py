@@ -58,9 +58,10 @@ class JacobianOperator(ModelOperator):
         Bound the number of vectors per batched pass (see :class:`TorchLinearOperator`).
     route
         ``"auto"`` (default): hand-derived products when the model is a chain of
-        ``nn.Linear``, ``nn.Conv2d``, ``nn.MaxPool2d`` and elementwise modules (an MLP or a
-        plain CNN; :mod:`linops._chain`), else autograd on a retained graph; ``"chain"`` requires the former, ``"autograd"``
-        forces the latter. The route taken is ``op.route`` after the first product.
+        ``nn.Linear``, ``nn.Conv2d``, ``nn.MaxPool2d``, ``nn.AvgPool2d`` and elementwise
+        modules (an MLP or a plain CNN; :mod:`linops._chain`), else autograd on a retained
+        graph; ``"chain"`` requires the former, ``"autograd"`` forces the latter. The route
+        taken is ``op.route`` after the first product.
     process_group
         A ``torch.distributed`` process group: each rank passes its own shard of the inputs
         (contiguous, in rank order, e.g. :func:`linops.distributed.shard`) and the operator

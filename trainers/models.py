@@ -190,6 +190,10 @@ class LeNet5(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
+    def linops_chain(self) -> list[nn.Module | float]:
+        """The forward pass as a chain of steps, for linops' hand-derived products."""
+        return [*self.features, *self.classifier]
+
 
 class SmallCNN(nn.Module):
     """Two 3x3 convolutions with ReLU and pooling, then a linear read-out.
