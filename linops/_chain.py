@@ -32,8 +32,8 @@ with :math:`e_t = \partial \ell / \partial x_t` the errors of the primal backwar
 convolution is linear in ``W`` and in ``x`` like an affine step, so the same formulas hold with
 :math:`x \dot W^\top` read as :math:`\dot W \star x`, :math:`\bar x W` as the transposed
 convolution of :math:`\bar x` with ``W`` and :math:`\bar x^\top x` as the weight gradient of
-the convolution; max pooling is linear with fixed indices (a gather forward, a scatter-add
-backward), and like ReLU has no second-order term. The loss
+the convolution. Pooling is linear (max pooling with the primal's argmax indices held fixed:
+a gather forward, a scatter-add backward) and, like ReLU, has no second-order term. The loss
 enters only through :math:`e_T` and the output-Hessian product :math:`\nabla^2_f \ell\, u`
 (:class:`linops._loss.OutputLoss`: closed forms for cross-entropy and MSE, autograd on the
 ``(n, d)`` outputs for any other loss). Every product over ``K`` vectors is a handful of matrix

@@ -12,15 +12,16 @@ from linops._data import Batches, check_model_mode
 from linops.base import TorchLinearOperator
 from linops.params import ParamSpace
 
-#: Vectors per batched pass. Batching pays where single products are overhead-bound: in the
-#: warm sweep of ``bench/operators.py --chunks`` (32 vectors in passes of 1-32, per vector, over
-#: one vector) 8 per pass gave 0.54-0.98 on the 10k-parameter MLP and 0.72-1.34 on the small
-#: CNN, whose tangents of n K width entries outgrow the caches a single product's fit in, and
-#: 0.85-1.30 on the 1M-parameter MLP, whose single products are already large GEMMs. A one-shot
-#: timing at the first product to choose per operator was tried and reverted: a single
-#: measurement was too noisy and picked the slower route. One vector per pass is no cure for
-#: large models: it was 1.10-1.88 on the 1M MLP (a column of a row-major block is strided: a
-#: J v took 17.2 ms per column of a 32-column block there, 8.6 ms for a contiguous vector).
+#: Vectors per batched pass. Batching pays where single products are overhead-bound. In two
+#: warm sweeps of ``bench/operators.py --chunks`` (32 vectors in passes of 1-32, per vector,
+#: over one vector; they differ run to run on this machine) 8 per pass gave 0.54-1.40 on the
+#: 10k-parameter MLP and 0.69-1.34 on the small CNN, whose tangents of n K width entries outgrow
+#: the caches a single product's fit in, and 0.85-1.62 on the 1M-parameter MLP, whose single
+#: products are already large GEMMs. A one-shot timing at the first product to choose per
+#: operator was tried and reverted: a single measurement was too noisy and picked the slower
+#: route. One vector per pass is no cure for large models: 1.10-2.03 on the 1M MLP (a column of
+#: a row-major block is strided: a J v took 17.2 ms per column of a 32-column block there,
+#: 8.6 ms for a contiguous vector).
 DEFAULT_MAX_VECTORS = 8
 
 #: how products are computed: hand-derived for chains (MLPs, plain CNNs) when possible, or autograd
