@@ -65,6 +65,19 @@ def _check_all(model, X, y, loss, params=None, **kw) -> dict:
     return ops
 
 
+def _check_against_autograd(model, X, y, loss, k: int, g=None, **kw) -> None:
+    """Products of ``k`` vectors (and of one) on the chain route equal the autograd route's."""
+    fast = _operators(model, X, y, loss, "chain", **kw)
+    slow = _operators(model, X, y, loss, "autograd", **kw)
+    V = torch.randn(fast["H"].shape[1], k, generator=g, dtype=torch.float64)
+    U = torch.randn(fast["J"].shape[0], k, generator=g, dtype=torch.float64)
+    for name in ("J", "H", "G"):
+        assert _rel(fast[name] @ V, slow[name] @ V) < 1e-11, name
+        assert _rel(fast[name] @ V[:, 0], slow[name] @ V[:, 0]) < 1e-11, name
+    assert _rel(fast["J"].T @ U, slow["J"].T @ U) < 1e-11
+    assert all(op.route == "chain" for op in fast.values())
+
+
 @pytest.mark.parametrize("act", ACTS)
 def test_scaled_mlp_products_match_torch_func(act: str) -> None:
     """trainers.models.MLP declares its chain (multipliers, kappa): every product is exact."""
@@ -225,13 +238,7 @@ def test_chain_equals_autograd_on_random_mlps(seed, widths, act, k, mse) -> None
         loss, y = nn.MSELoss(), torch.randn(5, 2, generator=g, dtype=torch.float64)
     else:
         loss, y = nn.CrossEntropyLoss(), torch.randint(0, 2, (5,), generator=g)
-    fast = _operators(model, X, y, loss, "chain", max_vectors=4)
-    slow = _operators(model, X, y, loss, "autograd", max_vectors=4)
-    V = torch.randn(fast["H"].shape[1], k, generator=g, dtype=torch.float64)
-    U = torch.randn(fast["J"].shape[0], k, generator=g, dtype=torch.float64)
-    for name in ("J", "H", "G"):
-        assert _rel(fast[name] @ V, slow[name] @ V) < 1e-11, name
-    assert _rel(fast["J"].T @ U, slow["J"].T @ U) < 1e-11
+    _check_against_autograd(model, X, y, loss, k, g, max_vectors=4)
 
 
 @pytest.mark.parametrize("act", ["relu", "tanh"])
@@ -300,14 +307,7 @@ def test_chain_equals_autograd_on_random_cnns(
         assume(False)
     model = nn.Sequential(features, nn.Flatten(), nn.Linear(width, 2)).double()
     loss, y = nn.CrossEntropyLoss(), torch.randint(0, 2, (4,), generator=g)
-    fast = _operators(model, X, y, loss, "chain", max_vectors=4)
-    slow = _operators(model, X, y, loss, "autograd", max_vectors=4)
-    V = torch.randn(fast["H"].shape[1], k, generator=g, dtype=torch.float64)
-    U = torch.randn(fast["J"].shape[0], k, generator=g, dtype=torch.float64)
-    for name in ("J", "H", "G"):
-        assert _rel(fast[name] @ V, slow[name] @ V) < 1e-11, name
-    assert _rel(fast["J"].T @ U, slow["J"].T @ U) < 1e-11
-    assert all(op.route == "chain" for op in fast.values())
+    _check_against_autograd(model, X, y, loss, k, g, max_vectors=4)
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -353,11 +353,4 @@ def test_lenet5_on_the_chain_route_equals_autograd() -> None:
     model = LeNet5().double()
     X = torch.randn(3, 1, 32, 32, dtype=torch.float64)
     y = torch.randint(0, 10, (3,))
-    fast = _operators(model, X, y, nn.CrossEntropyLoss(), "chain")
-    slow = _operators(model, X, y, nn.CrossEntropyLoss(), "autograd")
-    V = torch.randn(fast["H"].shape[1], 3, dtype=torch.float64)
-    U = torch.randn(fast["J"].shape[0], 2, dtype=torch.float64)
-    for name in ("J", "H", "G"):
-        assert _rel(fast[name] @ V, slow[name] @ V) < 1e-11, name
-        assert _rel(fast[name] @ V[:, 0], slow[name] @ V[:, 0]) < 1e-11, name
-    assert _rel(fast["J"].T @ U, slow["J"].T @ U) < 1e-11
+    _check_against_autograd(model, X, y, nn.CrossEntropyLoss(), 3)
