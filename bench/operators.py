@@ -2,8 +2,9 @@
 
 What is measured
 ----------------
-For each model (an MLP of about 10k parameters and a small CNN on scikit-learn's digits, and
-an MLP above 1M parameters on a slice of them) and each operator (Hessian ``H v``, GGN
+For each model (an MLP of about 10k parameters and a small CNN on scikit-learn's digits, an
+MLP above 1M parameters on a slice of them, and with ``--lenet`` LeNet-5 on 512 digits scaled
+to 32x32) and each operator (Hessian ``H v``, GGN
 ``G v``, Jacobian ``J v``, transposed Jacobian ``J^T u``), the median wall-clock seconds of
 
 * ``linops`` with one vector, and with 32 vectors (reported per vector);
@@ -49,7 +50,7 @@ reused ``torch.func.linearize``), so the choice made there can be rerun.
 
 Usage::
 
-    python bench/operators.py [--quick] [--routes] [--out results/operators]
+    python bench/operators.py [--quick] [--routes | --chunks] [--lenet] [--out results/operators]
 
 writes ``operators.json`` (times in ``seconds_*`` keys) and ``operators.md`` (or
 ``routes.json`` / ``routes.md``) under ``--out`` and prints the markdown table.
@@ -80,7 +81,7 @@ from linops import GGNOperator, HessianOperator, JacobianOperator
 from linops._autodiff import GradientGraph, OutputGraph
 from linops.params import ParamSpace
 from trainers.data import digits
-from trainers.models import MLP, SmallCNN
+from trainers.models import MLP, LeNet5, SmallCNN
 
 OPERATORS = ("hessian", "ggn", "jacobian", "jacobian_t")
 K = 32  # vectors of the many-vector product
@@ -97,8 +98,9 @@ class Case(NamedTuple):
     curvlinops_many: bool  # whether the 32-vector curvlinops product is cheap enough to time
 
 
-def make_cases(quick: bool) -> list[Case]:
-    """MLP ~10k parameters, small CNN, MLP > 1M parameters (eval mode, float32, seeded)."""
+def make_cases(quick: bool, lenet: bool = False) -> list[Case]:
+    """MLP ~10k parameters, small CNN, MLP > 1M parameters (eval mode, float32, seeded), and
+    with ``lenet`` LeNet-5 on the digits scaled up to 32x32 (512 of them)."""
     torch.manual_seed(0)
     ds = digits()
     n = 256 if quick else len(ds.X_train)
@@ -115,6 +117,12 @@ def make_cases(quick: bool) -> list[Case]:
             False,
         ),
     ]
+    if lenet:
+        n_lenet = 64 if quick else 512
+        X32 = nn.functional.interpolate(
+            ds.X_train[:n_lenet].reshape(-1, 1, 8, 8), size=32, mode="bilinear"
+        )
+        cases.append(Case("lenet5", LeNet5(), X32, ds.y_train[:n_lenet], False))
     for c in cases:
         c.model.eval()
     return cases
@@ -657,6 +665,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("results/operators"))
     p.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds")
     p.add_argument("--no-curvlinops", action="store_true", help="skip the curvlinops columns")
+    p.add_argument("--lenet", action="store_true", help="add LeNet-5 on 512 32x32 inputs")
     p.add_argument(
         "--chunks",
         action="store_true",
@@ -667,7 +676,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = _meta(args)
     meta["budget_s"] = 0.5 if args.quick else 2.0
     if args.chunks:
-        rows = run_chunks(make_cases(args.quick), repeats=args.repeats)
+        rows = run_chunks(make_cases(args.quick, args.lenet), repeats=args.repeats)
         meta["loadavg_end"] = _loadavg()
         write(args.out, "chunks", {"meta": meta, "rows": rows}, chunks_markdown(rows, meta))
         return
@@ -677,7 +686,7 @@ def main(argv: list[str] | None = None) -> None:
         write(args.out, "routes", {"meta": meta, "rows": rows}, routes_markdown(rows, meta))
         return
     rows = []
-    for case in make_cases(args.quick):
+    for case in make_cases(args.quick, args.lenet):
         rows += bench_case(
             case, repeats=args.repeats, curvlinops=not args.no_curvlinops, budget_s=meta["budget_s"]
         )
