@@ -18,9 +18,11 @@ to 32x32) and each operator (Hessian ``H v``, GGN
   the small models, where it is cheap) 32 vectors.
 
 All candidates of one operator are timed in the same run and interleaved: after the warm-up
-every round calls each candidate once, in a rotated order, and the median over rounds is
-kept, so that a change of machine load moves all candidates alike and the ratios stay
-meaningful. Each call then runs after other work has evicted its data from the caches; the
+every round calls each candidate once, in an order shuffled afresh each round (seeded), and
+the median over rounds is kept, so that a change of machine load moves all candidates alike
+and the ratios stay meaningful. (A rotated order, used before, made each candidate always
+follow the same other one: the 10k-MLP ``J^T u`` always ran right after a 512^3 matmul, which
+costs it 0.45 -> 0.71 ms, and curvlinops' always after a 32-vector product.) Each call then runs after other work has evicted its data from the caches; the
 single products of linops and curvlinops are also timed back to back (``*_back_to_back``:
 consecutive calls, as inside Lanczos or CG), which is where a retained graph's data stays warm.
 The linops operators keep one retained autodiff graph per batch
@@ -62,6 +64,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -145,8 +148,11 @@ def time_interleaved(
     repeats = int(min(4 * repeats, max(repeats, budget_s / max(per_round, 1e-9))))
     names = list(fns)
     samples: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+    # a fresh order every round: with a rotated one each candidate always followed the same
+    # other, and what that one leaves behind (caches, sleeping OpenMP threads) biased it alone
+    order = random.Random(0)
+    for _ in range(repeats):
+        for name in order.sample(names, len(names)):
             t0 = time.perf_counter()
             fns[name]()
             samples[name].append(time.perf_counter() - t0)
