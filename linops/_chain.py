@@ -580,7 +580,7 @@ def _conv_forward(
     y = None
     if s.w_index is not None:
         w = tan.T[s.w_index]
-        unfolded = _patches(s, x, patches, t) if K > 1 and patches is not None else None
+        unfolded = _patches(s, x, out_shape, patches, t) if K > 1 and patches is not None else None
         if unfolded is not None:
             y = torch.matmul(w.reshape(K * w.shape[1], -1), unfolded).view(shape)
         else:
@@ -594,22 +594,14 @@ def _conv_forward(
     return y
 
 
-def _patches(s: _Conv, x: Tensor, cache: dict[int, Tensor | None], t: int) -> Tensor | None:
+def _patches(
+    s: _Conv, x: Tensor, out_shape: torch.Size, cache: dict[int, Tensor | None], t: int
+) -> Tensor | None:
     """``s.unfold(x)``, made once per batch, or None if it would be too large."""
     if t not in cache:
-        o, c, kh, kw = s.weight.shape
-        h, w = _conv_out_size(s, x.shape[2:])
-        cache[t] = s.unfold(x) if x.shape[0] * c * kh * kw * h * w <= _MAX_PATCHES else None
+        size = x.shape[0] * s.weight[0].numel() * out_shape[2] * out_shape[3]
+        cache[t] = s.unfold(x) if size <= _MAX_PATCHES else None
     return cache[t]
-
-
-def _conv_out_size(s: _Conv, size: Sequence[int]) -> tuple[int, int]:
-    kernel = s.weight.shape[2:]
-    h, w = (
-        (size[i] + 2 * s.padding[i] - s.dilation[i] * (kernel[i] - 1) - 1) // s.stride[i] + 1
-        for i in range(2)
-    )
-    return h, w
 
 
 def _conv_backward(

@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 import linops
+import linops._chain
 from linops._loss import OutputLoss
 from trainers.models import MLP, LeNet5, SmallCNN, activation
 
@@ -241,9 +242,13 @@ def test_chain_equals_autograd_on_random_mlps(seed, widths, act, k, mse) -> None
     _check_against_autograd(model, X, y, loss, k, g, max_vectors=4)
 
 
+@pytest.mark.parametrize("patches", [True, False])
 @pytest.mark.parametrize("act", ["relu", "tanh"])
-def test_cnn_products_match_torch_func(act: str) -> None:
-    """Convolutions and max pooling on the chain route: every product exact, all K."""
+def test_cnn_products_match_torch_func(act: str, patches: bool, monkeypatch) -> None:
+    """Convolutions and max pooling on the chain route: every product exact, all K, with the
+    batched weight tangents through unfolded patches or (when too large) a convolution."""
+    if not patches:
+        monkeypatch.setattr(linops._chain, "_MAX_PATCHES", 0)
     torch.manual_seed(11)
     model = SmallCNN(1, 3, channels=(2, 3), act=act).double().eval()
     X = torch.randn(6, 1, 8, 8, dtype=torch.float64)
