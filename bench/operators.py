@@ -4,8 +4,8 @@ What is measured
 ----------------
 For each model (an MLP of about 10k parameters and a small CNN on scikit-learn's digits, an
 MLP above 1M parameters on a slice of them, and with ``--lenet`` LeNet-5 on 512 digits scaled
-to 32x32) and each operator (Hessian ``H v``, GGN
-``G v``, Jacobian ``J v``, transposed Jacobian ``J^T u``), the median wall-clock seconds of
+to 32x32) and each operator (Hessian ``H v``, GGN ``G v``, Jacobian ``J v``, transposed
+Jacobian ``J^T u``), the median wall-clock seconds of
 
 * ``linops`` with one vector, and with 32 vectors (reported per vector);
 * the hand-written reference in plain torch on the same data: a double-backward HVP
@@ -22,9 +22,10 @@ every round calls each candidate once, in an order shuffled afresh each round (s
 the median over rounds is kept, so that a change of machine load moves all candidates alike
 and the ratios stay meaningful. (A rotated order, used before, made each candidate always
 follow the same other one: the 10k-MLP ``J^T u`` always ran right after a 512^3 matmul, which
-costs it 0.45 -> 0.71 ms, and curvlinops' always after a 32-vector product.) Each call then runs after other work has evicted its data from the caches; the
-single products of linops and curvlinops are also timed back to back (``*_back_to_back``:
-consecutive calls, as inside Lanczos or CG), which is where a retained graph's data stays warm.
+costs it 0.45 -> 0.71 ms, and curvlinops' always after a 32-vector product.) Each call then
+runs after other work has evicted its data from the caches; the single products of linops and
+curvlinops are also timed back to back (``*_back_to_back``: consecutive calls, as inside
+Lanczos or CG), which is where a retained graph's data stays warm.
 The linops operators keep one retained autodiff graph per batch
 (``linops/_autodiff.py``); it is built by the warm-up, and its one-off cost is reported
 separately as ``seconds_linops_first`` (construction plus the first product).
