@@ -12,19 +12,20 @@ from linops._data import Batches, check_model_mode
 from linops.base import TorchLinearOperator
 from linops.params import ParamSpace
 
-#: Vectors per batched pass. Batching pays where single products are overhead-bound. In two
+#: Vectors per batched pass. Batching pays where single products are overhead-bound. In four
 #: warm sweeps of ``bench/operators.py --chunks`` (32 vectors in passes of 1-32, per vector,
 #: over one vector; they differ run to run on this machine) 8 per pass gave 0.54-1.40 on the
-#: 10k-parameter MLP and 0.69-1.34 on the small CNN, whose tangents of n K width entries outgrow
-#: the caches a single product's fit in, and 0.85-1.62 on the 1M-parameter MLP, whose single
-#: products are already large GEMMs. A one-shot timing at the first product to choose per
-#: operator was tried and reverted: a single measurement was too noisy and picked the slower
-#: route. One vector per pass is no cure for large models: 1.10-2.03 on the 1M MLP (a column of
-#: a row-major block is strided: a J v took 17.2 ms per column of a 32-column block there,
-#: 8.6 ms for a contiguous vector).
+#: 10k-parameter MLP and 0.63-1.59 on the small CNN, whose tangents of n K width entries
+#: outgrow the caches a single product's fit in, and 0.85-1.62 on the 1M-parameter MLP, whose
+#: single products are already large GEMMs. A one-shot timing at the first product to choose
+#: per operator was tried and reverted: a single measurement was too noisy and picked the
+#: slower route. One vector per pass is no cure for large models: 1.10-2.27 on the 1M MLP (a
+#: column of a row-major block is strided: a J v took 17.2 ms per column of a 32-column block
+#: there, 8.6 ms for a contiguous vector).
 DEFAULT_MAX_VECTORS = 8
 
-#: how products are computed: hand-derived for chains (MLPs, plain CNNs) when possible, or autograd
+#: how products are computed: hand-derived for chains (MLPs, plain CNNs) when possible, or
+#: autograd
 ROUTES = ("auto", "chain", "autograd")
 
 
@@ -102,8 +103,8 @@ class ModelOperator(TorchLinearOperator):
             if found is None and self._route_request == "chain":
                 raise ValueError(
                     "route: 'chain' needs a model that is a chain of nn.Linear, nn.Conv2d "
-                    "(one group, zero padding), nn.MaxPool2d, nn.AvgPool2d and supported elementwise "
-                    "modules (an nn.Sequential, or one declaring "
+                    "(one group, zero padding), nn.MaxPool2d, nn.AvgPool2d and supported "
+                    "elementwise modules (an nn.Sequential, or one declaring "
                     f"linops_chain()), got {type(self.model).__name__}"
                 )
             self._chain = found
