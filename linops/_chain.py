@@ -362,9 +362,8 @@ class Chain:
             elif isinstance(item, nn.Conv2d):
                 W, wi = bind(item.weight)
                 b, bi = bind(item.bias)
-                self.steps.append(
-                    _Conv(W, b, item.stride, item.padding, item.dilation, wi, bi)  # type: ignore[arg-type]
-                )
+                geometry = (item.stride, item.padding, item.dilation)
+                self.steps.append(_Conv(W, b, *geometry, wi, bi))  # type: ignore[arg-type]
             elif isinstance(item, nn.MaxPool2d):
                 self.steps.append(_MaxPool(item))
             elif isinstance(item, nn.AvgPool2d):
