@@ -573,9 +573,9 @@ def _conv_forward(
     channels, K = 8) it took 3.2 ms per vector against 0.32 ms for the patches' product, and
     10.6 / 2.5 / 4.7 against 5.3 / 1.0 / 2.2 ms on 512 inputs of layers 1 -> 6 (5x5, 32x32),
     3 -> 8 (3x3, 16x16), 6 -> 16 (5x5, 14x14). A whole 32-vector product of that CNN took from
-    5% more to 14% less time than with the convolution (H, GGN, J; two interleaved rounds),
-    and 17-42% less once the weight cotangents used the patches too (H, GGN, J, J^T; ten
-    alternating rounds; :func:`_conv_backward`).
+    5% more to 14% less time with the patches here only (H, GGN, J; two interleaved rounds),
+    and 17-42% less with them here and in :func:`_conv_backward`'s weight cotangents, against
+    none (H, GGN, J, J^T; ten alternating rounds).
     """
     n, K, shape = x.shape[0], tan.K, (x.shape[0], tan.K, *out_shape[1:])
     y = None
