@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from estimators.counting import singular_value_count  # noqa: E402
+from linops.testing import with_singular_values  # noqa: E402
 
 
 def load(path: Path) -> np.ndarray:
@@ -39,11 +40,8 @@ def load(path: Path) -> np.ndarray:
 
 
 def synthetic(n: int = 600) -> np.ndarray:
-    g = torch.Generator().manual_seed(0)
     s = torch.logspace(1, -3, n, dtype=torch.float64)
-    U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
-    W = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
-    return (U @ torch.diag(s) @ W.T + torch.eye(n, dtype=torch.float64)).numpy()
+    return (with_singular_values(s) + torch.eye(n, dtype=torch.float64)).numpy()
 
 
 def study(J: np.ndarray, taus: list[float], seeds: int, smoothing: float) -> dict:

@@ -34,6 +34,7 @@ __all__ = [
     "inputs_for",
     "jacobian_operators",
     "small_models",
+    "with_singular_values",
 ]
 
 
@@ -150,6 +151,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _require(err: float, tol: float, message: str) -> None:
     if not err <= tol:
         raise AssertionError(f"{message}: relative error {err:.3e} > rtol {tol:.3e}")
+
+
+def with_singular_values(s: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    r"""A dense float64 square matrix :math:`U \operatorname{diag}(s) W^\top` with random
+    orthogonal ``U``, ``W`` (QR factors of Gaussians from one generator seeded with ``seed``): a
+    matrix with a known spectrum for checking rank, SVD and counting routines."""
+    g = torch.Generator().manual_seed(seed)
+    n = s.numel()
+    U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    W = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    return U @ torch.diag(s.to(torch.float64)) @ W.T
 
 
 # --------------------------------------------------------------------------- strategies

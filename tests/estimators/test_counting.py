@@ -16,17 +16,9 @@ from estimators.counting import (
 )
 from linops import TorchLinearOperator
 from linops import _krylov as kr
+from linops.testing import with_singular_values
 
 F64 = torch.float64
-
-
-def with_spectrum(s: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """A dense square matrix U diag(s) W^T with random orthogonal U, W."""
-    g = torch.Generator().manual_seed(seed)
-    n = s.numel()
-    U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0]
-    W = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0]
-    return U @ torch.diag(s.to(F64)) @ W.T
 
 
 class Counted(TorchLinearOperator):
@@ -48,7 +40,7 @@ class Counted(TorchLinearOperator):
 def test_gapped_spectrum_is_counted_exactly() -> None:
     """With a gap at the threshold the basis holds every value above it and the rest has none."""
     s = torch.cat([torch.linspace(3.0, 10.0, 30), torch.linspace(0.01, 0.5, 370)])
-    A = Counted(with_spectrum(s))
+    A = Counted(with_singular_values(s))
     res = singular_value_count(A, 1.0, 400, block_size=16, seed=1)
     assert float(res.counts[0]) == pytest.approx(30, abs=1e-9)
     assert float(res.krylov_counts[0]) == pytest.approx(30, abs=1e-9)
@@ -60,7 +52,7 @@ def test_full_basis_counts_exactly_whatever_the_smoothing() -> None:
     """When the Krylov basis spans the space nothing is left to the quadrature: the count is
     the number of Ritz values (the singular values) above each threshold."""
     s = torch.linspace(0.05, 2.0, 40, dtype=F64) + 0.013  # no value on a threshold
-    A = with_spectrum(s, seed=4)
+    A = with_singular_values(s, seed=4)
     for h in (0.0, 0.1, 0.3):
         res = singular_value_count(A, [0.5, 1.0, 1.5], 200, block_size=8, smoothing=h, seed=0)
         assert res.basis_size == 40
@@ -94,7 +86,7 @@ def test_krylov_split_with_schur_complement_is_exact(seed, b, iters, tau) -> Non
     g = torch.Generator().manual_seed(seed)
     n = 90
     s = 2.0 * torch.rand(n, generator=g, dtype=F64)
-    A = with_spectrum(s, seed=seed)
+    A = with_singular_values(s, seed=seed)
     op, _ = kr.prepare(A)
     AQ, Q, MQ = _block_krylov(op, b, iters, kr.make_generator(seed, op.device))
     theta, W = torch.linalg.eigh(AQ.T @ AQ)
@@ -119,7 +111,7 @@ def test_gapless_spectrum_is_unbiased_and_within_its_errors() -> None:
     s = torch.logspace(1, -3, n, dtype=F64)  # 10 down to 1e-3, no gap: 100 above 1, 157 above 0.3
     taus = [1.0, 0.3]
     true = torch.tensor([int((s > t).sum()) for t in taus], dtype=F64)
-    A = Counted(with_spectrum(s, seed=2))
+    A = Counted(with_singular_values(s, seed=2))
     counts = []
     for seed in range(6):
         A.products = 0
@@ -133,7 +125,7 @@ def test_gapless_spectrum_is_unbiased_and_within_its_errors() -> None:
 
 
 def test_one_run_shares_the_basis_between_thresholds() -> None:
-    A = Counted(with_spectrum(torch.logspace(0.5, -2, 200, dtype=F64), seed=5))
+    A = Counted(with_singular_values(torch.logspace(0.5, -2, 200, dtype=F64), seed=5))
     both = singular_value_count(A, [1.0, 0.2], 160, block_size=8, seed=3)
     assert A.products == both.total_products
     assert both.total_products - both.num_products == 2 * both.probes * both.steps
