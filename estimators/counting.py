@@ -251,14 +251,14 @@ def _block_krylov(
     """
     m = op.shape[1]
     X = kr.random_block(m, b, op, gen)
-    V = X[:, :0]
+    V = X.new_empty(m, b * iters)  # filled block by block (no re-copying of the basis)
     AV, AtAV = [], []
-    for _ in range(iters):
-        Qb, _, _ = kr.orth_qr(X, V, gen, ref=1.0)
+    for i in range(iters):
+        Qb, _, _ = kr.orth_qr(X, V[:, : i * b], gen, ref=1.0)
         Y = op._apply(Qb)
         X = op._apply(Y, adjoint=True)
-        kr.check_products(X, 2 * b * (len(AV) + 1))
-        V = torch.cat([V, Qb], dim=1)
+        kr.check_products(X, 2 * b * (i + 1))
+        V[:, i * b : (i + 1) * b] = Qb
         AV.append(Y)
         AtAV.append(X)
     return torch.cat(AV, dim=1), V, torch.cat(AtAV, dim=1)
