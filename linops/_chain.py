@@ -208,13 +208,28 @@ class _Conv:
 
 @dataclass
 class _MaxPool:
+    """Max pooling; linear once the primal pass's argmax indices are held fixed."""
+
     module: nn.MaxPool2d
 
-    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def primal(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The pooled ``x`` and the indices kept for the products."""
         m = self.module
         return F.max_pool2d(
             x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True
         )
+
+    def tangent(self, dx: Tensor, idx: Tensor) -> Tensor:
+        """``dx[..., c, idx]`` of ``(n, K, C, H, W)`` at the indices ``(n, C, h, w)``."""
+        lead = dx.shape[:-3]
+        return dx.flatten(-2).gather(-1, _pool_index(idx, lead)).view(*lead, *idx.shape[1:])
+
+    def adjoint(self, g: Tensor, idx: Tensor, shape: torch.Size) -> Tensor:
+        """The transpose of :meth:`tangent`: ``g`` added into zeros of ``(n, [K,] *shape[1:])``."""
+        lead = g.shape[:-3]
+        out = g.new_zeros((*lead, shape[1], shape[2] * shape[3]))
+        out.scatter_add_(-1, _pool_index(idx, lead), g.flatten(-2))
+        return out.view(*lead, *shape[1:])
 
 
 @dataclass
@@ -223,7 +238,10 @@ class _AvgPool:
 
     module: nn.AvgPool2d
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def primal(self, x: Tensor) -> tuple[Tensor, None]:
+        return self.tangent(x, None), None
+
+    def tangent(self, x: Tensor, _: None) -> Tensor:
         """Pooling of ``(n, C, H, W)`` or ``(n, K, C, H, W)`` (the K folded into the batch)."""
         m = self.module
         lead = x.shape[:-3]
@@ -238,7 +256,7 @@ class _AvgPool:
         )
         return y.view(*lead, *y.shape[1:])
 
-    def adjoint(self, g: Tensor, shape: torch.Size) -> Tensor:
+    def adjoint(self, g: Tensor, _: None, shape: torch.Size) -> Tensor:
         """The transpose applied to ``g`` ``(n, [K,] C, h, w)``, for inputs of ``shape``."""
         m = self.module
         lead = g.shape[:-3]
@@ -257,28 +275,20 @@ class _AvgPool:
         return out.view(*lead, *shape[1:])
 
 
+_Pool = _MaxPool | _AvgPool
+
+
 def _pair(v: int | Sequence[int]) -> list[int]:
     return [v, v] if isinstance(v, int) else list(v)
 
 
-def _gather(x: Tensor, idx: Tensor) -> Tensor:
-    """``x[..., c, idx]`` of ``(n, [K,] C, H, W)`` at pooling indices ``(n, C, h, w)``."""
-    lead = x.shape[:-3]
+def _pool_index(idx: Tensor, lead: torch.Size) -> Tensor:
+    """Pooling indices ``(n, C, h, w)`` expanded to ``(*lead, C, h w)`` (``lead`` starts with n)."""
     view = (idx.shape[0], *[1] * (len(lead) - 1), idx.shape[1], -1)
-    ii = idx.reshape(view).expand(*lead, idx.shape[1], idx[0, 0].numel())
-    return x.flatten(-2).gather(-1, ii).view(*lead, *idx.shape[1:])
+    return idx.reshape(view).expand(*lead, idx.shape[1], idx[0, 0].numel())
 
 
-def _scatter(g: Tensor, idx: Tensor, shape: torch.Size) -> Tensor:
-    """The adjoint of :func:`_gather`: ``g`` added into zeros of ``(n, [K,] *shape[1:])``."""
-    lead = g.shape[:-3]
-    view = (idx.shape[0], *[1] * (len(lead) - 1), idx.shape[1], -1)
-    ii = idx.reshape(view).expand(*lead, idx.shape[1], idx[0, 0].numel())
-    out = g.new_zeros((*lead, shape[1], shape[2] * shape[3]))
-    return out.scatter_add_(-1, ii, g.flatten(-2)).view(*lead, *shape[1:])
-
-
-Step = _Affine | _Conv | _MaxPool | _AvgPool | _Pointwise | _Flatten
+Step = _Affine | _Conv | _Pool | _Pointwise | _Flatten
 
 
 def recognise_chain(model: nn.Module) -> list[nn.Module | float] | None:
@@ -410,18 +420,15 @@ class Chain:
                     y = s.scale * y
                 xs.append(y + s.bias if s.bias is not None else y)
                 derivs.append(None)
-            elif isinstance(s, _Conv | _MaxPool | _AvgPool) and x.dim() != 4:
+            elif isinstance(s, _Conv | _Pool) and x.dim() != 4:
                 raise _NotAChain
             elif isinstance(s, _Conv):
                 xs.append(s(x, s.weight, s.bias))
                 derivs.append(None)
-            elif isinstance(s, _MaxPool):
-                y, idx = s(x)
+            elif isinstance(s, _Pool):
+                y, aux = s.primal(x)
                 xs.append(y)
-                derivs.append(idx)
-            elif isinstance(s, _AvgPool):
-                xs.append(s(x))
-                derivs.append(None)
+                derivs.append(aux)
             elif isinstance(s, _Flatten):
                 xs.append(x.reshape(x.shape[0], -1))
                 derivs.append(None)
@@ -535,10 +542,8 @@ def _tangents_forward(
             dxs[t + 1] = _conv_forward(s, x, dx, tan, xs[t + 1].shape, patches, t)
         elif dx is None:
             continue
-        elif isinstance(s, _MaxPool):
-            dxs[t + 1] = _gather(dx, derivs[t])
-        elif isinstance(s, _AvgPool):
-            dxs[t + 1] = s(dx)
+        elif isinstance(s, _Pool):
+            dxs[t + 1] = s.tangent(dx, derivs[t])
         elif isinstance(s, _Flatten):
             dxs[t + 1] = dx.reshape(n, K, -1)
         elif s.derivs is None:
@@ -596,9 +601,18 @@ def _conv_forward(
 
 
 def _patches(
-    s: _Conv, x: Tensor, out_shape: torch.Size, cache: dict[int, Tensor | None], t: int
+    s: _Conv,
+    x: Tensor,
+    out_shape: torch.Size,
+    cache: dict[int, Tensor | None],
+    t: int,
+    weight_grad: bool = False,
 ) -> Tensor | None:
-    """``s.unfold(x)``, made once per batch, or None if it would be too large."""
+    """``s.unfold(x)``, made once per batch, or None if it would be too large; for the weight
+    cotangents (``weight_grad``) also None when a patch is longer than an output channel, as
+    the product's ``(n, K out, in kh kw)`` result would then outgrow ``g``."""
+    if weight_grad and s.weight[0].numel() > out_shape[2] * out_shape[3]:
+        return None
     if t not in cache:
         size = x.shape[0] * s.weight[0].numel() * out_shape[2] * out_shape[3]
         cache[t] = s.unfold(x) if size <= _MAX_PATCHES else None
@@ -619,9 +633,8 @@ def _conv_backward(
     With ``second = (dx, e, tangent)`` the terms of the gradient's tangent that involve the
     primal error ``e`` of the step's output are added (as ``es[t + 1]`` in :func:`_backward`).
     With ``unfolded``, the patches of ``x`` (:meth:`_Conv.unfold`), the K weight cotangents are
-    ``sum_n g_n patches_n^T``: a batched product whose ``(n, K out, in kh kw)`` result is no
-    larger than ``g`` when a patch is no longer than an output channel (the caller's rule),
-    and which beat oneDNN's weight gradient from few input channels.
+    ``sum_n g_n patches_n^T``, a batched product that beat oneDNN's weight gradient from few
+    input channels (:func:`_patches` says when it is used).
     """
     n, K = g.shape[0], g.shape[1]
     o, c, *kernel = s.weight.shape
@@ -692,17 +705,14 @@ def _backward(
             g = gx if s.scale == 1.0 else gx.mul_(s.scale)
         elif isinstance(s, _Conv):
             conv_second = (dx, es[t + 1], tan) if tan is not None else None
-            unfolded = None
-            if patches is not None and K > 1 and s.weight[0].numel() <= xs[t + 1][0, 0].numel():
-                unfolded = _patches(s, x, xs[t + 1].shape, patches, t)
+            use = patches is not None and K > 1
+            unfolded = _patches(s, x, xs[t + 1].shape, patches, t, True) if use else None
             gx = _conv_backward(s, x, g, out, conv_second, t != chain.first, unfolded)
             if gx is None:
                 break
             g = gx
-        elif isinstance(s, _MaxPool):
-            g = _scatter(g, derivs[t], x.shape)
-        elif isinstance(s, _AvgPool):
-            g = s.adjoint(g, x.shape)
+        elif isinstance(s, _Pool):
+            g = s.adjoint(g, derivs[t], x.shape)
         elif isinstance(s, _Flatten):
             g = g.reshape(n, K, *x.shape[1:])
         elif s.derivs is None:
@@ -777,10 +787,8 @@ class ChainGradientGraph:
                 e = e @ s.weight if s.scale == 1.0 else s.scale * (e @ s.weight)
             elif isinstance(s, _Conv):
                 e = s.input_grad(self.xs[t].shape, s.weight, e)
-            elif isinstance(s, _MaxPool):
-                e = _scatter(e, self.derivs[t], self.xs[t].shape)
-            elif isinstance(s, _AvgPool):
-                e = s.adjoint(e, self.xs[t].shape)
+            elif isinstance(s, _Pool):
+                e = s.adjoint(e, self.derivs[t], self.xs[t].shape)
             elif isinstance(s, _Flatten):
                 e = e.reshape(self.xs[t].shape)
             elif s.derivs is None:
