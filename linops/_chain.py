@@ -481,7 +481,9 @@ class _Tangent:
     """The K parameter tangents of one product, with the layouts the matrix products take."""
 
     def __init__(self, tangents: Sequence[Tensor], batched: bool) -> None:
-        self.T = list(tangents) if batched else [t.unsqueeze(0) for t in tangents]
+        # columns of a row-major (m, K) block are strided; one copy up front makes every
+        # later read of a tangent contiguous (and the forward weight layout a view)
+        self.T = [t.contiguous() for t in tangents] if batched else [t[None] for t in tangents]
         self.K = self.T[0].shape[0]
         self._fwd: dict[int, Tensor] = {}
         self._bwd: dict[int, Tensor] = {}
