@@ -43,6 +43,10 @@ to wake them) 1.07 ms, while curvlinops' took 2.4-3.1 ms under either. On a mach
 other busy processes spinning is ruinous instead (a small matmul ran 10-20x slower), so run
 ``OMP_WAIT_POLICY=PASSIVE python bench/operators.py`` there. Policy and load are recorded.
 
+The run calls :func:`linops.retain_freed_memory` first (``--default-malloc``: not), so that
+glibc keeps freed blocks for reuse rather than page-faulting every product's temporaries in
+afresh; it applies to every candidate alike, as all run in this one process.
+
 ``--chunks`` times 32-vector products in passes of 1 to 32 vectors (``max_vectors``), back to
 back, against one vector (``chunks.json`` / ``chunks.md``).
 
@@ -53,7 +57,8 @@ reused ``torch.func.linearize``), so the choice made there can be rerun.
 
 Usage::
 
-    python bench/operators.py [--quick] [--routes | --chunks] [--lenet] [--out results/operators]
+    python bench/operators.py [--quick] [--routes | --chunks] [--lenet] [--default-malloc]
+                              [--out results/operators]
 
 writes ``operators.json`` (times in ``seconds_*`` keys) and ``operators.md`` (or
 ``routes.json`` / ``routes.md``) under ``--out`` and prints the markdown table.
@@ -81,7 +86,7 @@ from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from linops import GGNOperator, HessianOperator, JacobianOperator
+from linops import GGNOperator, HessianOperator, JacobianOperator, retain_freed_memory
 from linops._autodiff import GradientGraph, OutputGraph
 from linops.params import ParamSpace
 from trainers.data import digits
@@ -627,7 +632,8 @@ def markdown(
 def _meta_line(meta: dict[str, Any]) -> str:
     return (
         f"torch {meta['torch']}, curvlinops {meta['curvlinops']}, {meta['threads']} threads, "
-        f"OMP_WAIT_POLICY={meta['omp_wait_policy']}, load average {meta['loadavg_start']} -> "
+        f"OMP_WAIT_POLICY={meta['omp_wait_policy']}, "
+        f"retain_freed_memory: {meta.get('retain_freed_memory')}, load average {meta['loadavg_start']} -> "
         f"{meta['loadavg_end']}, at least {meta['repeats']} interleaved rounds (median), "
         f"`{meta['command']}`"
     )
@@ -678,9 +684,16 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="time 32-vector products with 1-32 vectors per pass against one vector instead",
     )
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc thresholds alone (default: linops.retain_freed_memory())",
+    )
     args = p.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 7)
+    retained = None if args.default_malloc else retain_freed_memory()
     meta = _meta(args)
+    meta["retain_freed_memory"] = retained
     meta["budget_s"] = 0.5 if args.quick else 2.0
     if args.chunks:
         rows = run_chunks(make_cases(args.quick, args.lenet), repeats=args.repeats)

@@ -6,6 +6,7 @@ from linops.distributed import DistributedError, dense_columns, shard, shared_se
 from linops.hessian import GGNOperator, HessianOperator, OutputHessianOperator
 from linops.jacobian import JacobianOperator, NTKOperator
 from linops.lanczos import LanczosNoConvergence, LanczosResult, lanczos
+from linops.memory import retain_freed_memory
 from linops.params import ParamSpace
 from linops.randomized import (
     EighResult,
@@ -26,6 +27,7 @@ __all__ = [
     "TorchLinearOperator",
     "aslinearoperator",
     "ParamSpace",
+    "retain_freed_memory",
     # model operators
     "JacobianOperator",
     "NTKOperator",
