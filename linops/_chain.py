@@ -200,7 +200,18 @@ class _Conv:
         return F.unfold(x, kernel, self.dilation, self.padding, self.stride)
 
     def input_grad(self, shape: Sequence[int], w: Tensor, g: Tensor) -> Tensor:
-        """The gradient w.r.t. an input of ``shape`` of ``<g, w * x>`` (transposed convolution)."""
+        """The gradient w.r.t. an input of ``shape`` of ``<g, w * x>`` (transposed convolution).
+
+        With stride one it is the convolution of ``g`` with the flipped, transposed kernel and
+        padding ``d (k - 1) - p``, which oneDNN's forward convolution computes faster than its
+        backward-data one: on ``bench/operators.py``'s CNN (8 -> 16 channels, 3x3, 4x4 images)
+        0.81 against 1.39 ms for 1600 images and 18.7 against 21.3 ms for 12800.
+        """
+        kernel = w.shape[2:]
+        pad = [d * (k - 1) - p for d, k, p in zip(self.dilation, kernel, self.padding, strict=True)]
+        if all(s == 1 for s in self.stride) and min(pad) >= 0:
+            flipped = w.flip(2, 3).transpose(0, 1)
+            return F.conv2d(g, flipped, None, 1, pad, self.dilation).contiguous()
         return nn.grad.conv2d_input(
             shape, w, g, self.stride, self.padding, self.dilation
         ).contiguous()
