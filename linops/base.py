@@ -106,10 +106,17 @@ class TorchLinearOperator(LinearOperator):
         if X.is_complex() and not self.torch_dtype.is_complex:
             return torch.complex(self._apply(X.real, adjoint), self._apply(X.imag, adjoint))
         hook = self._rmatmat_torch if adjoint else self._matmat_torch
+        k = X.shape[1]
+        if k > 1 and X.stride(0) != 1:
+            # column-major blocks: one transposed copy makes every column, and every
+            # parameter-shaped view of one, contiguous (gathering a chunk's columns from a
+            # row-major block took 134 ms for 32 columns of 1.1M rows, the copy 50 ms)
+            X = X.T.contiguous().T
         chunk = self.vectors_per_pass()
-        if chunk is None or X.shape[1] <= chunk:
+        if chunk is None or k <= chunk:
             return hook(X)
-        return torch.cat([hook(X[:, i : i + chunk]) for i in range(0, X.shape[1], chunk)], dim=1)
+        parts = [hook(X[:, i : i + chunk]) for i in range(0, k, chunk)]
+        return torch.cat([part.T for part in parts]).T  # column-major, as a single pass gives
 
     # ----------------------------------------------------------------- public products
     def matmat(self, X: Any) -> Any:
