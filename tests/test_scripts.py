@@ -17,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = [
     "bench/operators.py",
+    "bench/batching.py",
     "bench/algorithms.py",
     "bench/training_jacobian.py",
     "bench/lowrank_step.py",
