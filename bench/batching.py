@@ -14,7 +14,7 @@ data (``operators.make_cases``):
 
 If the kernels cost per vector what they cost for one vector, batching can only remove the
 per-call overhead of a single product, and the operators' ratio cannot go much below the graph
-products' ratio. Times are medians of back-to-back calls after a warm-up.
+products' ratio. Times are medians of back-to-back calls after a warm-up call.
 
 Usage::
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators import Case, make_cases
+from operators import Case, make_cases, time_back_to_back
 
 from linops import HessianOperator, JacobianOperator, retain_freed_memory
 
@@ -48,15 +47,8 @@ KS = (1, 8, 32)
 
 
 def median_seconds(f: Callable[[], Any], repeats: int) -> float:
-    """Median wall-clock seconds of ``repeats`` back-to-back calls after two warm-up calls."""
-    f()
-    f()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    """Median wall-clock seconds of ``repeats`` back-to-back calls after a warm-up call."""
+    return time_back_to_back({"f": f}, repeats=repeats)["f"]
 
 
 def _tangents(shapes: list[torch.Size], k: int, gen: torch.Generator) -> list[torch.Tensor]:
