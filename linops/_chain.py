@@ -39,9 +39,9 @@ enters only through :math:`e_T` and the output-Hessian product :math:`\nabla^2_f
 ``(n, d)`` outputs for any other loss). Every product over ``K`` vectors is a handful of matrix
 products on ``(n, K, width)`` tensors, with none of autograd's per-node cost:
 on this project's 2-core CPU that is what separates a 10k-parameter MLP's products from
-curvlinops' by more than 3x (``bench/operators.py``). Convolutions take the ``K`` weight
-tangents as one convolution with ``K`` times the output channels, and the ``K`` input tangents
-as one convolution over ``n K`` images.
+curvlinops' by more than 3x (``bench/operators.py``). Convolutions take the ``K`` input
+tangents as one convolution over ``n K`` images, and the ``K`` weight tangents as one product
+with the primal input's patches, unfolded once per batch (:func:`_conv_forward`).
 
 A chain is recognised in an ``nn.Sequential`` (nested ones included) or in a model that
 declares ``linops_chain()``, returning its steps in order (modules and Python floats for scalar
@@ -519,8 +519,8 @@ def _tangents_forward(
     xs: list[Tensor],
     derivs: list,
     tan: _Tangent,
+    patches: dict[int, Tensor | None],
     keep: bool = False,
-    patches: dict[int, Tensor | None] | None = None,
 ) -> list[Tensor | None]:
     """``dx_t`` of every step input and of the output (``None`` where zero), ``(n, K, width)``.
 
@@ -578,8 +578,8 @@ def _conv_forward(
     dx: Tensor | None,
     tan: _Tangent,
     out_shape: torch.Size,
-    patches: dict[int, Tensor | None] | None = None,
-    t: int = 0,
+    patches: dict[int, Tensor | None],
+    t: int,
 ) -> Tensor | None:
     """``dW * x + W * dx + db`` for the K tangents, ``(n, K, out, h, w)``.
 
@@ -599,7 +599,7 @@ def _conv_forward(
     y = None
     if s.w_index is not None:
         w = tan.T[s.w_index]
-        unfolded = _patches(s, x, out_shape, patches, t) if K > 1 and patches is not None else None
+        unfolded = _patches(s, x, out_shape, patches, t) if K > 1 else None
         if unfolded is not None:
             y = torch.matmul(w.reshape(K * w.shape[1], -1), unfolded).view(shape)
         else:
@@ -680,8 +680,8 @@ def _backward(
     xs: list[Tensor],
     derivs: list,
     cot: Tensor,
+    patches: dict[int, Tensor | None],
     second: tuple[list[Tensor | None], list[Tensor], list[Tensor | None], _Tangent] | None = None,
-    patches: dict[int, Tensor | None] | None = None,
 ) -> list[Tensor]:
     r"""Parameter cotangents ``(K, *shape)`` of output cotangents ``cot`` ``(n, K, d)``.
 
@@ -718,8 +718,7 @@ def _backward(
             g = gx if s.scale == 1.0 else gx.mul_(s.scale)
         elif isinstance(s, _Conv):
             conv_second = (dx, es[t + 1], tan) if tan is not None else None
-            use = patches is not None and K > 1
-            unfolded = _patches(s, x, xs[t + 1].shape, patches, t, True) if use else None
+            unfolded = _patches(s, x, xs[t + 1].shape, patches, t, True) if K > 1 else None
             gx = _conv_backward(s, x, g, out, conv_second, t != chain.first, unfolded)
             if gx is None:
                 break
@@ -764,7 +763,7 @@ class ChainOutputGraph:
     def jvp(self, tangents: Sequence[Tensor], batched: bool) -> Tensor:
         """``(K, n, d)`` (batched) or ``(n, d)`` outputs' tangents."""
         tan = _Tangent(tangents, batched)
-        y = _tangents_forward(self.chain, self.xs, self.derivs, tan, patches=self.patches)[-1]
+        y = _tangents_forward(self.chain, self.xs, self.derivs, tan, self.patches)[-1]
         if y is None:
             y = tan.T[0].new_zeros((self.xs[-1].shape[0], tan.K, self.xs[-1].shape[1]))
         if self.output_index is not None:
@@ -778,7 +777,7 @@ class ChainOutputGraph:
             full = cot.new_zeros((cot.shape[0], cot.shape[1], self.xs[-1].shape[1]))
             full[..., self.output_index] = cot[..., 0]
             cot = full
-        res = _backward(self.chain, self.xs, self.derivs, cot.contiguous(), patches=self.patches)
+        res = _backward(self.chain, self.xs, self.derivs, cot.contiguous(), self.patches)
         return _unbatch(res, batched)
 
 
@@ -816,14 +815,12 @@ class ChainGradientGraph:
 
     def hvp(self, tangents: Sequence[Tensor], batched: bool) -> list[Tensor]:
         tan = _Tangent(tangents, batched)
-        dxs = _tangents_forward(
-            self.chain, self.xs, self.derivs, tan, keep=True, patches=self.patches
-        )
+        dxs = _tangents_forward(self.chain, self.xs, self.derivs, tan, self.patches, keep=True)
         df = dxs[-1]
         if df is None:
             de = tan.T[0].new_zeros((self.xs[-1].shape[0], tan.K, self.xs[-1].shape[1]))
         else:
             de = self.loss.hvp_sample_major(df)
         second = (dxs, self.es, self.d2es, tan)
-        res = _backward(self.chain, self.xs, self.derivs, de, second, self.patches)
+        res = _backward(self.chain, self.xs, self.derivs, de, self.patches, second)
         return _unbatch(res, batched)

@@ -37,6 +37,8 @@ class ModelOperator(TorchLinearOperator):
     :meth:`_join_params` to move between flat ``(m, k)`` blocks and parameter-shaped tensors.
     """
 
+    column_major_blocks = True  # columns are split into parameter-shaped tangents
+
     def __init__(
         self,
         model: torch.nn.Module,

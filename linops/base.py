@@ -56,6 +56,9 @@ class TorchLinearOperator(LinearOperator):
     """
 
     is_symmetric: bool = False
+    #: whether the hooks read each column as parameter-shaped pieces, which a row-major block
+    #: would make strided: :meth:`_apply` then hands them column-major blocks
+    column_major_blocks: bool = False
 
     def __init__(
         self,
@@ -107,10 +110,10 @@ class TorchLinearOperator(LinearOperator):
             return torch.complex(self._apply(X.real, adjoint), self._apply(X.imag, adjoint))
         hook = self._rmatmat_torch if adjoint else self._matmat_torch
         k = X.shape[1]
-        if k > 1 and X.stride(0) != 1:
-            # column-major blocks: one transposed copy makes every column, and every
-            # parameter-shaped view of one, contiguous (gathering a chunk's columns from a
-            # row-major block took 134 ms for 32 columns of 1.1M rows, the copy 50 ms)
+        if self.column_major_blocks and k > 1 and X.stride(0) != 1:
+            # one transposed copy makes every column, and every parameter-shaped view of one,
+            # contiguous (gathering a chunk's columns from a row-major block took 134 ms for
+            # 32 columns of 1.1M rows, the copy 50 ms)
             X = X.T.contiguous().T
         chunk = self.vectors_per_pass()
         if chunk is None or k <= chunk:
