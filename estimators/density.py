@@ -108,6 +108,7 @@ def spectral_density(
     n = op.shape[0]
     if op.shape[0] != op.shape[1]:
         raise ValueError(f"A: expected a square (symmetric) operator, got shape {op.shape}")
+    kr.check_symmetric(op)  # 3 products, not counted in num_matvecs
     N = kr.check_int(num_probes, "num_probes", 1)
     m = kr.check_int(num_steps, "num_steps", 1, n)
     gen = kr.make_generator(seed, op.device)

@@ -264,6 +264,7 @@ def randomized_eigh(
     n = op.shape[0]
     if op.shape[0] != op.shape[1]:
         raise ValueError(f"A: expected a square (symmetric) operator, got shape {op.shape}")
+    kr.check_symmetric(op)  # 3 products, not counted in num_matvecs
     rank = kr.check_int(rank, "rank", 1, n)
     ell = min(rank + kr.check_int(oversample, "oversample", 0), n)
     q = kr.check_int(power_iters, "power_iters", 0)
