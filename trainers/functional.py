@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from linops.params import ParamSpace
 from trainers._hvp import FuncEngine, MLPEngine, make_engine, resolve_loss
@@ -225,6 +226,10 @@ class TrainingRun:
         self.loss_name, self.loss_fn = resolve_loss(loss)
         self.data, self.optimizer, self.schedule = data, optimizer, as_schedule(lr)
         self.engine: FuncEngine | MLPEngine = make_engine(self.space, loss, engine)
+        #: the loss as the torch.func loops call it (see :func:`_forward_mode_safe`)
+        self._loss_fn = _forward_mode_safe(self.loss_fn)
+        if isinstance(self.engine, FuncEngine):
+            self.engine = FuncEngine(self.space, self._loss_fn)
         self.checkpoint_every = checkpoint_every
         self.memory_limit_bytes = memory_limit_bytes
         self._traj_key: tuple[int, str] | None = None
@@ -265,7 +270,7 @@ class TrainingRun:
     def __call__(self, theta0: Tensor) -> Tensor:
         """:math:`\\theta_T` by the plain loop; differentiable by ``torch.autograd``/``torch.func``."""
         self._check_theta(theta0)
-        space, loss_fn = self.space, self.loss_fn
+        space, loss_fn = self.space, self._loss_fn
 
         def batch_loss(theta: Tensor, X: Tensor, y: Tensor) -> Tensor:
             return loss_fn(space.functional_call(space.unflatten(theta), X), y)
@@ -350,6 +355,43 @@ class TrainingRun:
     def _unblocks(blocks: list[Tensor], like: Tensor) -> Tensor:
         out = torch.cat([b.T for b in blocks], dim=0)
         return out[:, 0].contiguous() if like.ndim == 1 else out
+
+
+class _MeanMSEMode(TorchFunctionMode):
+    """Route ``F.mse_loss(input, target)`` with the mean reduction through the sum reduction.
+
+    In torch 2.13 the forward-mode derivative of ``mse_loss``'s backward with
+    ``reduction="mean"`` writes into an immutable zero tangent, so ``torch.func.jvp`` of
+    ``torch.func.grad`` through it (the Hessian-vector products of the ``func`` engine) raises
+    "ZeroTensors are immutable". ``mse_loss(input, target, reduction="sum") / n``, with ``n``
+    the number of broadcast elements, is the same function with the same derivatives.
+    """
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if (
+            func is torch.nn.functional.mse_loss
+            and len(args) == 2
+            and kwargs.get("reduction", "mean") == "mean"
+            and all(kwargs.get(k) is None for k in ("size_average", "reduce", "weight"))
+        ):
+            out, target = args
+            n = torch.broadcast_shapes(out.shape, target.shape).numel()
+            return torch.nn.functional.mse_loss(out, target, reduction="sum") / n
+        return func(*args, **kwargs)
+
+
+def _forward_mode_safe(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable:
+    """``loss_fn`` with its ``F.mse_loss`` calls made differentiable in forward mode
+    (:class:`_MeanMSEMode`); ``nn.MSELoss()`` and user losses that call it included."""
+
+    def loss(out: Tensor, target: Tensor) -> Tensor:
+        with _MeanMSEMode():
+            return loss_fn(out, target)
+
+    return loss
 
 
 class _Trajectory:
