@@ -1,36 +1,58 @@
-"""Atomic, resumable column-chunk checkpoints for long dense computations.
+"""Atomic, verified, resumable column-chunk checkpoints for long dense computations.
 
 A dense ``(m, n)`` matrix built column chunk by column chunk (e.g. a training Jacobian, seed 004)
 is written to a directory as one ``.npy`` file per finished chunk plus a ``manifest.json`` that
-fingerprints the computation. Every file is written to a temporary name in the same directory,
-flushed, ``fsync``-ed and renamed into place, so a killed run leaves only whole chunks behind; a
-rerun with the same fingerprint skips them. Files are read with ``allow_pickle=False``: nothing in
-the directory is ever unpickled.
+identifies the computation (a content fingerprint, :mod:`linops._fingerprint`, with the shape,
+dtype and chunking). Trust comes from four rules:
 
-Several processes may share one directory (the ranks of a column-parallel ``to_dense``), so a
-temporary file carries its writer's host and pid, and only those of dead writers on this host
-are swept away as left-overs of a killed run.
+* **Every chunk names its computation and its content**:
+  ``cols_<start>_<stop>.<key>.<sha>.npy``, where ``key`` is a hash of the manifest and ``sha``
+  the first 16 hex digits of the SHA-256 of the file's bytes. Chunks of another computation
+  (another key: e.g. left behind when ``manifest.json`` was deleted) are never loaded, and a
+  chunk whose bytes do not match its checksum (a flipped byte, a truncated file) is named in a
+  :class:`CheckpointWarning`, deleted and recomputed.
+* **The manifest is created exclusively**: written to a temporary file, then hard-linked into
+  place (``link`` fails if the name exists; ``O_EXCL`` where links are not supported), so of
+  two computations started together on one empty directory exactly one creates it, and the
+  other finds a different manifest and refuses with a ``ValueError``.
+* **Writes are atomic**: every file is written to a temporary name in the same directory,
+  flushed, ``fsync``-ed and renamed into place, so a killed run leaves only whole chunks.
+* **Nothing is unpickled**: chunks are read with ``allow_pickle=False``.
+
+Several processes may share one directory (the ranks of a column-parallel ``to_dense``, forked
+workers), so a temporary file carries its writer's host and pid, and only those of dead writers
+on this host are swept away as left-overs of a killed run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import re
 import socket
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["ColumnCheckpoint"]
+__all__ = ["CheckpointWarning", "ColumnCheckpoint"]
 
-_FORMAT = "linops-column-checkpoint-v1"
+_FORMAT = "linops-column-checkpoint-v2"
+_CHUNK = re.compile(r"^cols_(\d{9})_(\d{9})\.([0-9a-f]{16})\.([0-9a-f]{16})\.npy$")
+_MANIFEST_READ_TRIES = 20  # a manifest created with O_EXCL may be read before it is whole
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint file was damaged (and is recomputed) or belongs to another computation."""
 
 
 class ColumnCheckpoint:
-    """A directory of finished column chunks of one dense ``(m, n)`` matrix.
+    """A directory of finished, checksummed column chunks of one dense ``(m, n)`` matrix.
 
     Parameters
     ----------
@@ -41,19 +63,23 @@ class ColumnCheckpoint:
     dtype
         numpy dtype of the chunks.
     fingerprint
-        A string that identifies the computation; a directory holding another fingerprint,
-        shape or dtype is refused rather than mixed in.
+        A string that identifies the computation (:func:`linops._fingerprint.operator_fingerprint`
+        and the chunking); a directory holding another fingerprint, shape or dtype is refused
+        rather than mixed in.
 
     Raises
     ------
     ValueError
-        If the directory already holds a checkpoint of a different computation.
+        If the directory already holds a checkpoint of a different computation, or its
+        manifest cannot be read.
     """
 
     def __init__(
         self, directory: str | os.PathLike, *, shape: tuple[int, int], dtype: Any, fingerprint: str
     ) -> None:
         self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"checkpoint_dir: expected a directory, got the file {directory}")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = np.dtype(dtype)
@@ -63,62 +89,152 @@ class ColumnCheckpoint:
             "dtype": self.dtype.str,
             "fingerprint": fingerprint,
         }
+        #: names this computation's chunk files
+        self.key = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
         path = self.directory / "manifest.json"
-        if path.exists():
-            try:
-                old = json.loads(path.read_text())
-            except json.JSONDecodeError as err:
-                raise ValueError(f"checkpoint: {path} is not a valid manifest ({err})") from err
+        if not _create_exclusively(path, json.dumps(manifest, indent=1).encode()):
+            old = _read_manifest(path)
             if old != manifest:
                 diff = sorted(k for k in manifest if old.get(k) != manifest[k])
                 raise ValueError(
-                    f"checkpoint: {self.directory} holds a different computation (differs in {diff}); "
-                    "expected an empty directory or one written by the same computation"
+                    f"checkpoint: {self.directory} holds a different computation (differs in "
+                    f"{diff}); expected an empty directory or one written by the same computation"
                 )
-        else:
-            _atomic_write(path, json.dumps(manifest, indent=1).encode())
         _sweep_stale_temporaries(self.directory)
+        self._index: dict[tuple[int, int], list[Path]] = {}
+        foreign = self.refresh()
+        if foreign:
+            warnings.warn(
+                f"checkpoint: ignoring {foreign} chunk file(s) in {self.directory} that belong "
+                "to another computation (or an older checkpoint format)",
+                CheckpointWarning,
+                stacklevel=2,
+            )
 
-    def path(self, start: int, stop: int) -> Path:
-        """File of columns ``[start, stop)``."""
-        return self.directory / f"cols_{start:09d}_{stop:09d}.npy"
+    def refresh(self) -> int:
+        """Rescan the directory for this computation's chunks; returns the number of others."""
+        index: dict[tuple[int, int], list[Path]] = {}
+        foreign = 0
+        for name in sorted(os.listdir(self.directory)):
+            match = _CHUNK.match(name)
+            if match is None or match.group(3) != self.key:
+                foreign += name.startswith("cols_") and name.endswith(".npy")
+                continue
+            span = (int(match.group(1)), int(match.group(2)))
+            index.setdefault(span, []).append(self.directory / name)
+        self._index = index
+        return foreign
+
+    def _name(self, start: int, stop: int, checksum: str) -> str:
+        return f"cols_{start:09d}_{stop:09d}.{self.key}.{checksum}.npy"
 
     def has(self, start: int, stop: int) -> bool:
-        """Whether columns ``[start, stop)`` are finished."""
-        return self.path(start, stop).exists()
+        """Whether a file of columns ``[start, stop)`` was seen (it is verified on loading)."""
+        return bool(self._index.get((start, stop)))
 
-    def load(self, start: int, stop: int) -> np.ndarray:
+    def load(self, start: int, stop: int) -> np.ndarray | None:
         """The finished chunk of columns ``[start, stop)``, shape ``(m, stop - start)``.
 
-        Raises
-        ------
-        ValueError
-            If the file does not hold an array of that shape and dtype.
+        Returns ``None`` if there is none, or if every file of it is damaged: such a file
+        (checksum mismatch, truncated, wrong shape or dtype) is named in a
+        :class:`CheckpointWarning` and deleted, and the caller recomputes the chunk.
         """
-        arr = np.load(self.path(start, stop), allow_pickle=False)
         expected = (self.shape[0], stop - start)
-        if arr.shape != expected or arr.dtype != self.dtype:
-            raise ValueError(
-                f"checkpoint: {self.path(start, stop).name}: expected shape {expected} and dtype "
-                f"{self.dtype}, got {arr.shape} and {arr.dtype}"
+        for path in list(self._index.get((start, stop), [])):
+            problem = None
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                self._index[(start, stop)].remove(path)
+                continue
+            checksum = _CHUNK.match(path.name).group(4)  # type: ignore[union-attr]
+            if hashlib.sha256(data).hexdigest()[:16] != checksum:
+                problem = "its bytes do not match its checksum (truncated or modified)"
+            else:
+                try:
+                    arr = np.load(io.BytesIO(data), allow_pickle=False)
+                except ValueError as err:
+                    problem = f"it is not a readable array ({err})"
+                else:
+                    if arr.shape == expected and arr.dtype == self.dtype:
+                        return arr
+                    problem = (
+                        f"expected shape {expected} and dtype {self.dtype}, got {arr.shape} "
+                        f"and {arr.dtype}"
+                    )
+            warnings.warn(
+                f"checkpoint: {path} is damaged: {problem}; recomputing columns [{start}, {stop})",
+                CheckpointWarning,
+                stacklevel=2,
             )
-        return arr
+            path.unlink(missing_ok=True)
+            self._index[(start, stop)].remove(path)
+        return None
 
-    def save(self, start: int, stop: int, chunk: np.ndarray) -> None:
-        """Write columns ``[start, stop)`` atomically."""
+    def save(self, start: int, stop: int, chunk: np.ndarray) -> Path:
+        """Write columns ``[start, stop)`` atomically, named by their checksum; returns the path."""
         chunk = np.ascontiguousarray(chunk, dtype=self.dtype)
         expected = (self.shape[0], stop - start)
         if chunk.shape != expected:
             raise ValueError(f"chunk: expected shape {expected}, got {chunk.shape}")
-        _atomic_save(self.path(start, stop), chunk)
+        buf = io.BytesIO()
+        np.save(buf, chunk, allow_pickle=False)
+        data = buf.getvalue()
+        path = self.directory / self._name(start, stop, hashlib.sha256(data).hexdigest()[:16])
+        _atomic_write(path, data)
+        paths = self._index.setdefault((start, stop), [])
+        if path not in paths:
+            paths.append(path)
+        return path
 
     def finished(self) -> list[tuple[int, int]]:
-        """Column ranges already on disk."""
-        out = []
-        for p in sorted(self.directory.glob("cols_*.npy")):
-            _, a, b = p.stem.split("_")
-            out.append((int(a), int(b)))
-        return out
+        """Column ranges with a file on disk (as of the last :meth:`refresh` or save)."""
+        return sorted(span for span, paths in self._index.items() if paths)
+
+
+def _create_exclusively(path: Path, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` unless it exists; whether this call created it.
+
+    The file is written whole under a temporary name and hard-linked into place, which fails
+    if the name exists, so no reader ever sees a partial manifest and of two racing writers
+    exactly one succeeds. Where hard links are not supported, ``O_CREAT | O_EXCL``.
+    """
+    fd, tmp = _temporary(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # pragma: no cover - file systems without hard links
+            try:
+                fd2 = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd2, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return True
+
+
+def _read_manifest(path: Path) -> dict:
+    for attempt in range(_MANIFEST_READ_TRIES):
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            if attempt == _MANIFEST_READ_TRIES - 1:
+                raise ValueError(f"checkpoint: {path} is not a valid manifest ({err})") from err
+            time.sleep(0.05)  # an O_EXCL manifest being written (no hard links here)
+        except FileNotFoundError as err:
+            raise ValueError(f"checkpoint: {path} disappeared while being read") from err
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 _SEP = "~"  # between the parts of a temporary name: <file>.<host>~<pid>~<random>.tmp
@@ -162,20 +278,6 @@ def _sweep_stale_temporaries(directory: Path) -> None:
             continue
         if stale:
             tmp.unlink(missing_ok=True)
-
-
-def _atomic_save(path: Path, arr: np.ndarray) -> None:
-    fd, tmp = _temporary(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

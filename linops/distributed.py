@@ -399,11 +399,14 @@ def dense_columns(
         Columns per chunk (default: the operator's own bound, else 256).
     checkpoint_dir
         If given, every finished chunk is written there atomically
-        (:class:`linops._checkpoint.ColumnCheckpoint`: ``.npy`` files read with
-        ``allow_pickle=False`` and a manifest that fingerprints the computation) and chunks
-        already there are loaded instead of recomputed, so an interrupted run resumes, also
-        with another number of ranks (the chunk grid depends only on ``n`` and
-        ``max_vectors``). The fingerprint is ``op.fingerprint()`` if the operator has one.
+        (:class:`linops._checkpoint.ColumnCheckpoint`: checksummed ``.npy`` files read with
+        ``allow_pickle=False`` and an exclusively created manifest) and chunks already there
+        are loaded instead of recomputed, so an interrupted run resumes, also with another
+        number of ranks (the chunk grid depends only on ``n`` and ``max_vectors``). Chunks
+        belong to a content fingerprint of the computation
+        (:func:`linops._fingerprint.operator_fingerprint`: operator options, parameter and
+        buffer values, data, loss, dtype, chunking): a directory of another computation is
+        refused, and a damaged chunk is named in a warning and recomputed.
     gather
         Whether every rank gets the whole matrix; ``False`` returns only this rank's chunks
         (zeros elsewhere) and skips the all-reduce, e.g. for a checkpoint-writing run.
@@ -419,7 +422,9 @@ def dense_columns(
     ------
     ValueError
         If ``op`` is data-parallel, ``max_vectors`` is not positive, or the checkpoint
-        directory holds another computation or a damaged chunk.
+        directory holds another computation.
+    FloatingPointError
+        If a computed chunk holds a NaN or an infinity (single process).
     DistributedError
         On every rank, if anything above, or computing a chunk, failed on any rank.
     """
@@ -440,13 +445,7 @@ def dense_columns(
     def open_checkpoint() -> Any:
         if checkpoint_dir is None:
             return None
-        from linops._checkpoint import ColumnCheckpoint
-
-        # same fingerprint as TrainingJacobianOperator.to_dense: the directories interoperate
-        name = op.fingerprint() if hasattr(op, "fingerprint") else f"{op!r}"
-        dtype = np.dtype(str(op.torch_dtype).removeprefix("torch."))
-        fingerprint = f"{name} chunk={chunk}"
-        return ColumnCheckpoint(checkpoint_dir, shape=(m, n), dtype=dtype, fingerprint=fingerprint)
+        return open_column_checkpoint(op, checkpoint_dir, chunk)
 
     def local(ckpt: Any) -> torch.Tensor:
         out = torch.zeros(m, n, dtype=op.torch_dtype, device=op.device)
@@ -471,12 +470,40 @@ def dense_columns(
     return dense
 
 
+def open_column_checkpoint(op: Any, directory: str | os.PathLike[str], chunk: int) -> Any:
+    """The :class:`linops._checkpoint.ColumnCheckpoint` of ``op``'s dense matrix in chunks
+    of ``chunk`` columns, identified by :func:`linops._fingerprint.operator_fingerprint`
+    (the same for :func:`dense_columns` and ``TrainingJacobianOperator.to_dense``, so their
+    directories interoperate)."""
+    from linops._checkpoint import ColumnCheckpoint
+    from linops._fingerprint import operator_fingerprint
+
+    m, n = op.shape
+    dtype = np.dtype(str(op.torch_dtype).removeprefix("torch."))
+    fingerprint = f"{operator_fingerprint(op)} chunk={chunk}"
+    return ColumnCheckpoint(directory, shape=(m, n), dtype=dtype, fingerprint=fingerprint)
+
+
 def _chunk(op: Any, start: int, stop: int, ckpt: Any) -> torch.Tensor:
-    if ckpt is not None and ckpt.has(start, stop):
-        return torch.from_numpy(ckpt.load(start, stop)).to(op.device)
+    if ckpt is not None:
+        saved = ckpt.load(start, stop)  # None if missing, or damaged (warned, deleted)
+        if saved is not None:
+            return torch.from_numpy(saved).to(op.device)
     E = torch.zeros(op.shape[1], stop - start, dtype=op.torch_dtype, device=op.device)
     E[torch.arange(start, stop), torch.arange(stop - start)] = 1.0
     cols = op._apply(E)
+    if getattr(op, "check_finite", True):
+        _check_finite(cols, f"columns [{start}, {stop}) of {type(op).__name__}")
     if ckpt is not None:
         ckpt.save(start, stop, cols.detach().cpu().numpy())
     return cols
+
+
+def _check_finite(Y: torch.Tensor, what: str) -> None:
+    """Raise if ``Y`` holds a NaN or an infinity (one reduction: a NaN or inf propagates)."""
+    if Y.numel() and not math.isfinite(float(Y.detach().abs().sum().real)):
+        bad = int((~torch.isfinite(Y)).sum())
+        raise FloatingPointError(
+            f"{what}: expected finite values, got {bad} NaN or infinite entries of {Y.numel()}; "
+            "check this rank's data, weights and targets"
+        )

@@ -17,15 +17,16 @@ chunks with optional atomic, resumable checkpoints on disk and a progress bar.
 
 from __future__ import annotations
 
-import hashlib
+import ctypes
 import multiprocessing as mp
 import os
+import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -133,9 +134,16 @@ class TrainingJacobianOperator(TorchLinearOperator):
         return self.run.trajectory(self.theta0).final
 
     def fingerprint(self) -> str:
-        """Identifies the computation: the run's description and a hash of :math:`\\theta_0`."""
-        h = hashlib.sha256(self.theta0.cpu().contiguous().numpy().tobytes()).hexdigest()
-        return f"{self.run.describe()} theta0_sha256={h} dtype={self.torch_dtype}"
+        """SHA-256 of the computation (:func:`linops._fingerprint.operator_fingerprint`).
+
+        Covers the run's definition (model architecture, trained parameter names, loss by
+        name or by bytecode, data and batch order, optimizer, learning-rate schedule, gradient
+        engine), :math:`\\theta_0`, the values of the model's untrained parameters and buffers,
+        and the dtype; never a memory address, so it is the same in a new process.
+        """
+        from linops._fingerprint import operator_fingerprint
+
+        return operator_fingerprint(self)
 
     def to_dense(
         self,
@@ -197,12 +205,9 @@ class TrainingJacobianOperator(TorchLinearOperator):
                 )
         ckpt = None
         if checkpoint_dir is not None:
-            ckpt = ColumnCheckpoint(
-                checkpoint_dir,
-                shape=(m, m),
-                dtype=np.dtype(str(self.torch_dtype).removeprefix("torch.")),
-                fingerprint=f"{self.fingerprint()} chunk={chunk}",
-            )
+            from linops.distributed import open_column_checkpoint
+
+            ckpt = open_column_checkpoint(self, checkpoint_dir, chunk)
         out = torch.empty(m, m, dtype=self.torch_dtype, device=self.device)
         bar = tqdm(total=m, disable=not progress, desc="training Jacobian", unit="col")
         if ckpt is not None and workers > 1:
@@ -210,8 +215,9 @@ class TrainingJacobianOperator(TorchLinearOperator):
                 ckpt, [c for c in chunks if not ckpt.has(*c)], workers, bar, on_chunk
             )
         for start, stop in chunks:
-            if ckpt is not None and ckpt.has(start, stop):
-                out[:, start:stop] = torch.from_numpy(ckpt.load(start, stop)).to(self.device)
+            saved = ckpt.load(start, stop) if ckpt is not None else None
+            if saved is not None:
+                out[:, start:stop] = torch.from_numpy(saved).to(self.device)
             else:
                 out[:, start:stop] = self._matmat_torch(_unit_columns(m, start, stop, out))
                 if ckpt is not None:
@@ -234,8 +240,9 @@ class TrainingJacobianOperator(TorchLinearOperator):
         """Run the missing chunks in ``workers`` forked processes, reporting progress as files land."""
         self.run.trajectory(self.theta0)  # computed once, inherited by the children
         ctx = mp.get_context("fork")
+        parent = os.getpid()
         procs = [
-            ctx.Process(target=_worker, args=(self, ckpt, todo[w::workers]), daemon=True)
+            ctx.Process(target=_worker, args=(self, ckpt, todo[w::workers], parent), daemon=True)
             for w in range(workers)
         ]
         for p in procs:
@@ -244,8 +251,8 @@ class TrainingJacobianOperator(TorchLinearOperator):
         bar.update(self.shape[0] - sum(b - a for a, b in todo))
         try:
             while pending:
-                names = set(os.listdir(ckpt.directory))
-                for c in sorted(c for c in pending if ckpt.path(*c).name in names):
+                ckpt.refresh()
+                for c in sorted(c for c in pending if ckpt.has(*c)):
                     pending.discard(c)
                     self.num_products += c[1] - c[0]
                     bar.update(c[1] - c[0])
@@ -274,10 +281,33 @@ def _unit_columns(m: int, start: int, stop: int, like: torch.Tensor) -> torch.Te
 
 
 def _worker(
-    op: TrainingJacobianOperator, ckpt: ColumnCheckpoint, chunks: list[tuple[int, int]]
+    op: TrainingJacobianOperator,
+    ckpt: ColumnCheckpoint,
+    chunks: list[tuple[int, int]],
+    parent: int,
 ) -> None:
+    _die_with_parent(parent)
     torch.set_num_threads(1)
     m = op.shape[0]
     for start, stop in chunks:
+        if os.getppid() != parent:  # the parent died (where PR_SET_PDEATHSIG is missing)
+            os._exit(1)
         cols = op._matmat_torch(_unit_columns(m, start, stop, op.theta0))
         ckpt.save(start, stop, cols.cpu().numpy())
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make this forked worker get SIGKILL when its parent dies (Linux ``prctl``), and exit
+    now if the parent is already gone; elsewhere the worker polls ``os.getppid()`` between
+    chunks. A worker that outlived a killed parent would keep writing into the directory."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no libc prctl
+            pass
+    if os.getppid() != parent:
+        os._exit(1)

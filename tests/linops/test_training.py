@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from torch.func import jacrev
 
 from linops import IdentityOperator, TrainingJacobianOperator
+from linops._checkpoint import CheckpointWarning
 from trainers.functional import SGD, Adam, CosineLR, DataSchedule, TrainingRun
 from trainers.models import MLP
 
@@ -158,10 +159,16 @@ def test_checkpoint_refuses_other_computation(tmp_path: Path) -> None:
         other.to_dense(max_vectors=16, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="holds a different computation"):
         op.to_dense(max_vectors=8, checkpoint_dir=tmp_path)
-    # a corrupted chunk is reported, never unpickled
+    # a file that is not one of this computation's chunks is ignored, with a warning
     np.save(tmp_path / "cols_000000000_000000016.npy", np.zeros((3, 3)))
-    with pytest.raises(ValueError, match="expected shape"):
-        op.to_dense(max_vectors=16, checkpoint_dir=tmp_path)
+    before = op.to_dense(max_vectors=16)
+    with pytest.warns(CheckpointWarning, match="ignoring 1 chunk file"):
+        assert torch.equal(op.to_dense(max_vectors=16, checkpoint_dir=tmp_path), before)
+    # a chunk of ours that was overwritten is named, never unpickled, and recomputed
+    (chunk,) = tmp_path.glob("cols_000000000_000000016.*.*.npy")
+    np.save(chunk, np.zeros((3, 3)))
+    with pytest.warns(CheckpointWarning, match=f"{chunk.name} is damaged"):
+        assert torch.equal(op.to_dense(max_vectors=16, checkpoint_dir=tmp_path), before)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid manifest"):
         op.to_dense(max_vectors=16, checkpoint_dir=tmp_path)
