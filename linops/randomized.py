@@ -17,6 +17,7 @@ on the operator's device and touch the operator only through block products.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import torch
@@ -37,12 +38,16 @@ __all__ = [
 
 
 class RangeFinderResult(NamedTuple):
-    """``basis``: ``(m, l)`` orthonormal; ``error_estimate``: bound on ``||(I - QQ^H) A||``
-    (``nan`` when no tolerance was asked); ``num_matvecs``: products used."""
+    """``basis``: ``(m, l)`` orthonormal (``l`` may be 0); ``error_estimate``: the posterior
+    bound on ``||(I - QQ^H) A||`` computed from a fresh Gaussian block against the returned
+    ``basis`` (``nan`` when no tolerance was asked); ``num_matvecs``: products used;
+    ``converged``: whether ``error_estimate <= tol`` (``True`` in fixed-rank mode, where no
+    tolerance is asked)."""
 
     basis: Any
     error_estimate: float
     num_matvecs: int
+    converged: bool = True
 
 
 class RandomizedSVDResult(NamedTuple):
@@ -76,13 +81,44 @@ def range_finder(
     r"""Orthonormal basis :math:`Q` of (approximately) the range of ``A``.
 
     Give exactly one of ``rank`` (fixed size ``rank + oversample`` with ``power_iters``
-    power iterations, re-orthonormalised at every product) or ``tol`` (adaptive): blocks of
-    ``block_size`` Gaussian vectors are added until the posterior estimate
+    power iterations, re-orthonormalised at every product) or ``tol`` (adaptive).
 
-    .. math:: \|(I - QQ^H)A\| \le 10\sqrt{2/\pi}\,\max_j \|(I - QQ^H) A\omega_j\|,
+    **Adaptive mode** (HMT 2011, Algorithm 4.2, blocked). Each step draws a fresh Gaussian
+    block :math:`\Omega` of ``block_size`` columns and forms the residual sketch
+    :math:`R = (I - QQ^H)A\Omega` of the *current* basis; the posterior estimate
 
-    which holds with probability at least :math:`1 - 10^{-\mathrm{block\_size}}` (HMT 2011,
-    eq. 4.3), is at most the absolute tolerance ``tol``. The test block is kept in ``Q``.
+    .. math:: \|(I - QQ^H)A\| \le e := 10\sqrt{2/\pi}\,\max_j \|R e_j\|
+
+    holds with probability at least :math:`1 - 10^{-\mathrm{block\_size}}` (HMT 2011,
+    eq. 4.3). If :math:`e \le` ``tol`` (absolute) the current :math:`Q` is returned with
+    ``converged=True`` and :math:`e` as ``error_estimate``, so the estimate always refers to the
+    returned basis and the test block is not added to it. Otherwise :math:`R = U\Sigma W^H`
+    and only the directions :math:`u_j` with :math:`\sigma_j > \max(e_{\mathrm{tol}}/10,\;
+    10\,\varepsilon\,\|A\omega\|_{\max})`, :math:`e_{\mathrm{tol}} =
+    \mathrm{tol}/(10\sqrt{2/\pi})`, are added: directions the tolerance does not need, or at
+    the rounding level of the products, are not (the zero operator gets an empty basis, a
+    rank-3 one three columns).
+
+    **Unreachable tolerances.** The estimate cannot fall below the rounding error of the
+    products themselves, about :math:`\varepsilon\,\|A\omega\|` (in float32, with
+    :math:`\varepsilon = 1.2\cdot 10^{-7}`, typically :math:`10^{-6}\|A\|` to
+    :math:`10^{-5}\|A\|`). The loop stops with ``converged=False`` when
+
+    * no direction of the residual sketch is above the rounding level (all at
+      :math:`10\,\varepsilon\,\|A\omega\|_{\max}` or below),
+    * the estimate has stagnated at the rounding level (the best of the last three blocks
+      below :math:`10\sqrt{2/\pi}\cdot 20\,\varepsilon\,\|A\omega\|_{\max}` and not half
+      the best before them), or
+    * the basis has ``max_rank`` (default :math:`\min(m, n)`) columns and a last block still
+      gives :math:`e >` ``tol``.
+
+    The reported estimate is :math:`\max(e,\; 2\,\widehat{\|Q^HQ - I\|}_2\,
+    \|A\omega\|_{\max})`: once :math:`Q` spans the space the projection computed with
+    :math:`Q` sees almost nothing, while the true error is at the level of :math:`Q`'s loss of
+    orthogonality (a four-step power estimate, no products); it is never 0 unless
+    :math:`A\Omega = 0`. ``converged`` is whether that estimate is at most ``tol``.
+
+    Each step costs ``block_size`` products, the final certifying block included.
 
     Raises
     ------
@@ -99,8 +135,8 @@ def range_finder(
     >>> import torch
     >>> A = torch.diag(torch.tensor([3.0, 2.0, 1e-9, 0.0], dtype=torch.float64))
     >>> res = range_finder(A, tol=1e-6, block_size=1, seed=0)
-    >>> res.error_estimate <= 1e-6
-    True
+    >>> res.error_estimate <= 1e-6, res.converged, res.basis.shape[1]
+    (True, True, 2)
     """
     op, kind = kr.prepare(A)
     m, n = op.shape
@@ -112,13 +148,15 @@ def range_finder(
         rank = kr.check_int(rank, "rank", 1, min(m, n))
         ell = min(rank + kr.check_int(oversample, "oversample", 0), min(m, n))
         Q, nmv = _subspace_iteration(op, ell, q, gen)
-        return RangeFinderResult(kr.to_output(Q, kind), math.nan, nmv)
-    if not float(tol) > 0:
-        raise ValueError(f"tol: expected a positive number, got {tol!r}")
+        return RangeFinderResult(kr.to_output(Q, kind), math.nan, nmv, True)
+    real = isinstance(tol, numbers.Real) and not isinstance(tol, bool)
+    tol_f = float(tol) if real else math.nan
+    if not (math.isfinite(tol_f) and tol_f > 0):
+        raise ValueError(f"tol: expected a positive finite number, got {tol!r}")
     b = kr.check_int(block_size, "block_size", 1, min(m, n))
     top = min(m, n) if max_rank is None else kr.check_int(max_rank, "max_rank", 1, min(m, n))
-    Q, err, nmv = _adaptive(op, float(tol), b, top, gen)
-    return RangeFinderResult(kr.to_output(Q, kind), err, nmv)
+    Q, err, nmv, ok = _adaptive(op, tol_f, b, top, gen)
+    return RangeFinderResult(kr.to_output(Q, kind), err, nmv, ok)
 
 
 def _subspace_iteration(
@@ -132,27 +170,70 @@ def _subspace_iteration(
     return Q, ell * (1 + 2 * q)
 
 
+_HMT = 10 * math.sqrt(2 / math.pi)  # the posterior estimate's factor (HMT 2011, eq. 4.3)
+
+
 def _adaptive(
     op: TorchLinearOperator, tol: float, b: int, top: int, gen: torch.Generator
-) -> tuple[torch.Tensor, float, int]:
+) -> tuple[torch.Tensor, float, int, bool]:
+    """Blocked adaptive range finder; ``(Q, error_estimate, products, converged)``."""
     m, n = op.shape
+    eps = torch.finfo(op.torch_dtype).eps
     Q = torch.empty(m, 0, dtype=op.torch_dtype, device=op.device)
-    nmv, err, ref = 0, math.inf, 0.0
-    while Q.shape[1] < top:
-        bb = min(b, top - Q.shape[1])
-        Y = op._apply(kr.random_block(n, bb, op, gen))
-        nmv += bb
+    nmv, ref, errs = 0, 0.0, []
+    while True:
+        Y = op._apply(kr.random_block(n, b, op, gen))
+        nmv += b
         kr.check_products(Y, nmv)
         ref = max(ref, float(torch.linalg.vector_norm(Y, dim=0).max()))
-        Qn, _, _ = kr.orth_qr(Y, Q, gen, ref)
-        resid = Y - Q @ (Q.mH @ Y)
-        err = 10 * math.sqrt(2 / math.pi) * float(torch.linalg.vector_norm(resid, dim=0).max())
-        Q = torch.cat([Q, Qn], dim=1)
-        if err <= tol:
-            break
-    if Q.shape[1] >= min(m, n):
-        err = 0.0
-    return Q, err, nmv
+        R = _project_out(Y, Q)
+        err = _HMT * float(torch.linalg.vector_norm(R, dim=0).max())
+        errs.append(err)
+        U, s, _ = torch.linalg.svd(R, full_matrices=False)
+        keep = int((s > max(tol / _HMT / 10, 10 * eps * ref)).sum())
+        if (
+            err <= tol
+            or Q.shape[1] >= top
+            or keep == 0  # the whole residual is at the rounding level of the products
+            or _stagnated(errs, _HMT * 20 * eps * ref)
+        ):
+            err = max(err, ref * _orthogonality_defect(Q, gen))
+            return Q, err, nmv, err <= tol
+        Qn = _project_out(U[:, : min(keep, top - Q.shape[1])], Q)
+        Q = torch.cat([Q, torch.linalg.qr(Qn)[0]], dim=1)
+
+
+def _project_out(Y: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """:math:`(I - QQ^H)Y`, classical Gram-Schmidt twice."""
+    for _ in range(2):
+        Y = Y - Q @ (Q.mH @ Y)
+    return Y
+
+
+def _orthogonality_defect(Q: torch.Tensor, gen: torch.Generator) -> float:
+    r"""Twice a power-iteration estimate (four probes, four steps) of :math:`\|Q^HQ - I\|_2`.
+
+    The rounding floor of :math:`\|(I - QQ^H)A\|` is about :math:`\|Q^HQ - I\|\,\|A\|`,
+    which a projection computed with ``Q`` itself cannot see once ``Q`` spans the space."""
+    if Q.shape[1] == 0:
+        return 0.0
+
+    def defect(X: torch.Tensor) -> torch.Tensor:
+        return Q.mH @ (Q @ X) - X
+
+    X = torch.randn(Q.shape[1], 4, generator=gen, dtype=Q.dtype, device=Q.device)
+    for _ in range(4):
+        X = defect(X / torch.linalg.vector_norm(X, dim=0).clamp(min=1e-300))
+    return 2 * float(torch.linalg.vector_norm(X, dim=0).max())
+
+
+def _stagnated(errs: list[float], floor: float) -> bool:
+    """Whether the estimates sit at the rounding floor: the best of the last three blocks is
+    below ``floor`` and not half the best before them."""
+    if len(errs) < 4:
+        return False
+    recent = min(errs[-3:])
+    return recent <= floor and recent > 0.5 * min(errs[:-3])
 
 
 def randomized_svd(

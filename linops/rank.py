@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
 
@@ -31,16 +32,27 @@ def numerical_rank(s_or_A: Any, rtol: float | None = None, *, seed: int | None =
         Singular values (1-d), a dense matrix (2-d tensor/array), or an operator.
     rtol
         Relative threshold. Default ``max(m, n) * eps`` for singular values and dense
-        matrices (as ``numpy.linalg.matrix_rank``), ``sqrt(eps)`` for operators.
+        matrices (as ``numpy.linalg.matrix_rank``), ``sqrt(eps)`` for operators, with ``eps``
+        the machine epsilon of the *input's* dtype: a float32 numpy array gets float32's
+        ``eps`` although its SVD is computed in float64 (its entries carry float32 rounding,
+        which shows as singular values near ``eps_float32 * sigma_1``).
     seed
         Seed of the randomized routines used for operators.
+
+    Raises
+    ------
+    ValueError
+        For ``rtol`` outside ``[0, 1)``, input that is neither 1-d nor 2-d, non-finite entries,
+        or (operators) an ``rtol`` below what the operator's dtype can resolve.
 
     Notes
     -----
     For an operator, :math:`\sigma_1` comes from :func:`linops.svds`, then the adaptive range
     finder (:func:`linops.range_finder`) grows a basis :math:`Q` until
     :math:`\|(I - QQ^H)A\| \le \mathrm{rtol}\,\sigma_1 / 10` and the singular values of
-    :math:`Q^H A` are counted, so the rank need not be known in advance.
+    :math:`Q^H A` are counted, so the rank need not be known in advance. If the range finder
+    stalls at its rounding floor above :math:`\mathrm{rtol}\,\sigma_1` (a tolerance the
+    operator's dtype cannot resolve) a ValueError says which ``rtol`` is reachable.
 
     Examples
     --------
@@ -54,8 +66,33 @@ def numerical_rank(s_or_A: Any, rtol: float | None = None, *, seed: int | None =
     if s.numel() == 0 or float(s.max()) == 0:
         return 0
     if rtol is None:
-        rtol = max(shape) * torch.finfo(s.dtype).eps
+        rtol = max(shape) * _input_eps(s_or_A)
     return int((s > _check_rtol(rtol) * s.max()).sum())
+
+
+def _input_eps(X: Any) -> float:
+    """Machine epsilon of the precision ``X`` is stored in (before any conversion).
+
+    A float32 numpy array is converted to float64 for the SVD, but its entries carry float32
+    rounding, so its singular values below about ``eps_float32 * sigma_1`` are noise: the
+    default tolerance must come from the input's own dtype (as ``numpy.linalg.matrix_rank``
+    does), not from the dtype of the computation. Integers and Python floats count as float64.
+    """
+    if isinstance(X, torch.Tensor):
+        dt = X.dtype
+        if dt.is_floating_point or dt.is_complex:
+            return float(torch.finfo(dt).eps)
+        return float(torch.finfo(torch.float64).eps)
+    dtype = getattr(X, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(X).dtype
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:  # e.g. a CuPy or other array whose dtype numpy does not take
+        return float(torch.finfo(torch.float64).eps)
+    if dtype.kind in "fc":
+        return float(np.finfo(dtype).eps)
+    return float(np.finfo(np.float64).eps)
 
 
 def effective_rank(s_or_A: Any) -> float:
@@ -144,6 +181,13 @@ def _operator_rank(A: LinearOperator, rtol: float | None, seed: int | None) -> i
     smax = float(torch.as_tensor(svds(op, 1, seed=seed).singular_values)[0])
     if smax == 0 or math.isnan(smax):
         return 0
-    Q = range_finder(op, tol=max(rtol * smax / 10, 1e-300), seed=seed).basis
+    rf = range_finder(op, tol=max(rtol * smax / 10, 1e-300), seed=seed)
+    if not rf.converged and rf.error_estimate > rtol * smax:
+        raise ValueError(
+            f"rtol: expected at least about {rf.error_estimate / smax:.1e} for this "
+            f"{op.torch_dtype} operator (the range finder's error estimate stalls at "
+            f"{rf.error_estimate:.2e}, sigma_1 = {smax:.3e}), got {rtol!r}"
+        )
+    Q = torch.as_tensor(rf.basis)
     s = torch.linalg.svdvals(op._apply(Q, adjoint=True))
     return int((s > rtol * smax).sum())

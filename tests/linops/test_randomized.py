@@ -109,3 +109,85 @@ def test_bad_input_raises() -> None:
         range_finder(A, tol=-1.0)
     with pytest.raises(ValueError, match="expected a square"):
         randomized_eigh(np.ones((4, 3)), 2)
+
+
+def _true_error(A: np.ndarray, Q: np.ndarray) -> float:
+    """``||(I - QQ^T) A||_2`` in float64 for the operator ``A`` (float32 entries kept)."""
+    A64, Q64 = A.astype(np.float64), Q.astype(np.float64)
+    return float(np.linalg.norm(A64 - Q64 @ (Q64.T @ A64), 2))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_range_finder_keeps_only_the_directions_needed(dtype) -> None:
+    """Issue 16: with a tolerance it returned 10 columns for the zero operator and 20 (float64)
+    or 80 (float32) for a rank-3 one."""
+    rng = np.random.default_rng(0)
+    zero = np.zeros((100, 80), dtype)
+    res = range_finder(zero, tol=1e-3, seed=0)
+    assert res.basis.shape == (100, 0) and res.error_estimate == 0.0 and res.converged
+    B = (rng.standard_normal((100, 3)) @ rng.standard_normal((3, 80))).astype(dtype)
+    res = range_finder(B, tol=1e-3, seed=0)
+    assert res.basis.shape == (100, 3) and res.converged
+    assert _true_error(B, res.basis) <= res.error_estimate <= 1e-3
+    assert res.num_matvecs == 20  # one block finds the range, one certifies it
+
+
+def test_range_finder_float32_reachable_tolerance() -> None:
+    """Issue 16: in float32 a reachable tolerance (1e-4 on a 0.7^i spectrum) ran to the full
+    dimension (200 products); it needs about as many products as in float64."""
+    A = spectrum_matrix(FAST).astype(np.float32)
+    res = range_finder(A, tol=1e-4, seed=0)
+    ref = range_finder(A.astype(np.float64), tol=1e-4, seed=0)
+    assert res.converged and res.error_estimate <= 1e-4
+    assert _true_error(A, res.basis) <= res.error_estimate
+    assert res.num_matvecs <= ref.num_matvecs + 10 < 100
+
+
+@pytest.mark.parametrize("tol", [1e-7, 1e-10])
+def test_range_finder_float32_unreachable_tolerance_is_reported(tol: float) -> None:
+    """Issue 16: a tolerance float32 cannot reach ran to the full dimension and reported an
+    error estimate of 0.0 (true error about 1e-6). It must stop early with
+    ``converged=False`` and an estimate that bounds the true error."""
+    A = spectrum_matrix(FAST).astype(np.float32)
+    res = range_finder(A, tol=tol, seed=0)
+    assert not res.converged
+    assert res.error_estimate > tol
+    assert _true_error(A, res.basis) <= res.error_estimate
+    assert res.num_matvecs <= 100  # half the dimension: detected, not exhausted
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_range_finder_full_basis_estimate_is_never_zero(dtype) -> None:
+    """A slowly decaying spectrum drives the basis to the full dimension: the estimate must
+    still bound the true (rounding-level) error, not be 0.0."""
+    A = spectrum_matrix(1.0 / np.arange(1, 121)).astype(dtype)
+    res = range_finder(A, tol=1e-9, seed=0)
+    assert res.basis.shape == (120, 120)
+    true = _true_error(A, res.basis)
+    assert 0.0 < true <= res.error_estimate
+    assert res.converged == (res.error_estimate <= 1e-9)
+    assert not range_finder(A.astype(np.float32), tol=1e-9, seed=0).converged
+
+
+def test_range_finder_estimate_bounds_the_error_over_seeds() -> None:
+    """The posterior estimate is a bound with probability 1 - 10^-block_size: over 30 seeds
+    and three tolerances it is never below the true error, and converged means <= tol."""
+    A = spectrum_matrix(0.8 ** np.arange(150))
+    for seed in range(30):
+        for tol in (1e-3, 1e-6, 1e-9):
+            res = range_finder(A, tol=tol, block_size=5, seed=seed)
+            assert res.converged and res.error_estimate <= tol
+            assert _true_error(A, res.basis) <= res.error_estimate
+
+
+def test_range_finder_max_rank_cap_is_not_converged() -> None:
+    A = spectrum_matrix(FAST)
+    res = range_finder(A, tol=1e-10, max_rank=20, seed=0)
+    assert res.basis.shape[1] == 20 and not res.converged
+    assert _true_error(A, res.basis) <= res.error_estimate
+    assert res.error_estimate > 1e-10
+    fixed = range_finder(A, 5, seed=0)
+    assert fixed.converged and np.isnan(fixed.error_estimate)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "1e-3"):
+        with pytest.raises(ValueError, match="tol: expected a positive finite number"):
+            range_finder(A, tol=bad)

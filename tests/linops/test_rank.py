@@ -53,3 +53,27 @@ def test_bad_input_raises() -> None:
     with pytest.raises(ValueError, match="expected singular values"):
         numerical_rank(np.ones((2, 2, 2)))
     assert numerical_rank(np.zeros(3)) == 0
+
+
+def test_float32_numpy_default_rtol_comes_from_the_input_dtype() -> None:
+    """Issue 16: a float32 numpy array of rank 60 was counted as 800 (the default tolerance
+    was taken after conversion to float64), a float32 torch tensor as 60."""
+    rng = np.random.default_rng(0)
+    A = (rng.standard_normal((1000, 60)) @ rng.standard_normal((60, 800))).astype(np.float32)
+    assert np.linalg.matrix_rank(A) == 60
+    assert numerical_rank(A) == 60
+    assert numerical_rank(torch.from_numpy(A)) == 60
+    s32 = np.linalg.svd(A, compute_uv=False)  # float32 singular values: same rule
+    assert s32.dtype == np.float32 and numerical_rank(s32) == 60
+    assert numerical_rank(A.astype(np.float64)) > 60  # float64 entries: float64 tolerance
+
+
+def test_float32_operator_rank_and_an_unreachable_rtol() -> None:
+    """A float32 operator: the default ``sqrt(eps)`` counts 60; an ``rtol`` of 1e-9 cannot be
+    resolved in float32 and is refused with the reachable value, instead of a count of noise."""
+    rng = np.random.default_rng(1)
+    A = (rng.standard_normal((300, 60)) @ rng.standard_normal((60, 200))).astype(np.float32)
+    op = aslinearoperator(torch.from_numpy(A))
+    assert numerical_rank(op) == 60
+    with pytest.raises(ValueError, match="rtol: expected at least about"):
+        numerical_rank(op, rtol=1e-9)
