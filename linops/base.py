@@ -1,30 +1,56 @@
 r"""The operator core: a SciPy ``LinearOperator`` that speaks torch (and CuPy) natively.
 
-A :class:`TorchLinearOperator` represents a matrix :math:`A \in \mathbb{R}^{m \times n}` through
-its products :math:`A X` and :math:`A^\top Y`. Subclasses implement two hooks on torch tensors
+A :class:`TorchLinearOperator` represents a matrix :math:`A \in \mathbb{C}^{m \times n}` through
+its products :math:`A X` and :math:`A^H Y`. Subclasses implement two hooks on torch tensors
 of shape ``(n, k)`` and ``(m, k)``; the base class does all conversion, validation, chunking of
-many-vector products and composition:
+many-vector products and composition, with SciPy's semantics for every entry point
+(``matvec``, ``matmat``, ``rmatvec``, ``rmatmat``, ``dot``, ``@`` on either side, ``*``,
+``__call__``, ``**``, ``.H``, ``.T``, ``.args``):
 
-* numpy in -> numpy out, so ``scipy.sparse.linalg.eigsh(op)`` works as is;
+* numpy in -> numpy out (``np.matrix`` stays a matrix through ``matvec``/``matmat``/
+  ``rmatvec``/``rmatmat``, as in SciPy), so ``scipy.sparse.linalg.eigsh(op)`` works as is;
 * torch in -> torch out on the operator's device, no host copy;
 * CuPy in -> CuPy out through DLPack, zero copy.
 
-Composition (``@``, ``+``, ``-``, scalar ``*``, ``.T``/``.H``) builds lazy torch composites of
-this module, never SciPy's (which would turn tensors into numpy arrays).
+Dtype policy (the same for numpy, torch and CuPy inputs): a product's dtype is numpy's
+promotion of the operator's dtype and the input's dtype (:func:`linops._backend.result_dtype`),
+so a float32 operator times a float64 or int64 vector is float64, as SciPy returns it.
+Operators backed by data that can be cast (dense matrices, the identity, SciPy operators, and
+composites of them) *compute* in that promoted dtype, so a float32 matrix solved against a
+float64 right-hand side reaches float64 accuracy. Every other operator (the model operators)
+computes in its own dtype and returns the promoted dtype: ``op.to(dtype=torch.float64)`` gives
+a new operator that computes in float64. Python scalars are weak in ``alpha * A`` (NEP 50):
+``0.5 * A`` keeps a float32 operator float32, ``2j * A`` makes it complex64.
+
+Composition (``@``, ``+``, ``-``, ``*``, ``**``, ``.T``/``.H``) builds lazy torch composites of
+this module, never SciPy's (which would turn tensors into numpy arrays); importing this module
+also makes ``scipy_op + A``, ``scipy_op @ A``, ``scipy_op * A`` and ``scipy_op.dot(A)`` build
+them when ``A`` is a :class:`TorchLinearOperator` (:func:`_defer_scipy_composition`).
 """
 
 from __future__ import annotations
 
 import cmath
+import functools
 import itertools
-from collections.abc import Sequence
+import numbers
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
 
-from linops._backend import array_kind, from_torch, numpy_dtype, to_torch, torch_dtype
+from linops._backend import (
+    array_kind,
+    from_torch,
+    numpy_dtype,
+    operator_dtype,
+    result_dtype,
+    scalar_dtype,
+    tensor_of,
+    torch_dtype,
+)
 
 __all__ = ["IdentityOperator", "TorchLinearOperator", "aslinearoperator"]
 
@@ -37,7 +63,8 @@ class TorchLinearOperator(LinearOperator):
     shape
         ``(m, n)``: the operator maps vectors of length ``n`` to vectors of length ``m``.
     dtype
-        Torch dtype of the products (``torch.float32`` or ``torch.float64``, or complex).
+        Torch dtype of the operator (``torch.float32`` or ``torch.float64``, or complex; a
+        numpy dtype is accepted too).
     device
         Torch device on which the products run and vectors live.
     max_vectors
@@ -51,20 +78,34 @@ class TorchLinearOperator(LinearOperator):
     Notes
     -----
     Subclasses implement ``_matmat_torch(X) -> A X`` and ``_rmatmat_torch(Y) -> A^H Y``; a
-    subclass that sets ``is_symmetric = True`` needs only the first. Inputs to the hooks are
-    already validated, on the right device and dtype, two-dimensional and finite.
+    subclass that sets ``is_symmetric = True`` (Hermitian, for a complex operator) needs only
+    the first. Inputs to the hooks are already validated, on the right device, two-dimensional
+    and finite, and in the operator's own dtype, unless the subclass sets
+    ``computes_in_promoted_dtype = True``: then they come in the product's promoted dtype
+    (real, when the operator is real: complex blocks reach a real operator's hooks as their
+    real and imaginary parts side by side). A subclass holding data overrides
+    :meth:`_to` so that :meth:`to` can convert it.
+
+    Products take the dtype numpy's promotion gives for the operator's and the input's dtype;
+    see the module docstring for the policy.
     """
 
     is_symmetric: bool = False
+    #: whether the hooks compute in the promoted dtype of a product (dense data, identities,
+    #: composites) rather than in the operator's own dtype (model operators)
+    computes_in_promoted_dtype: bool = False
     #: whether the hooks read each column as parameter-shaped pieces, which a row-major block
     #: would make strided: :meth:`_apply` then hands them column-major blocks
     column_major_blocks: bool = False
+    #: SciPy's ``args``: the operands of a composite (``(A, B)`` of ``A + B``, ``(A, alpha)``
+    #: of ``alpha * A``, ``(A, p)`` of ``A ** p``, ``(A,)`` of ``A.H``), ``()`` otherwise
+    args: tuple[Any, ...] = ()
 
     def __init__(
         self,
         shape: Sequence[int],
         *,
-        dtype: torch.dtype,
+        dtype: torch.dtype | np.dtype | type,
         device: torch.device | str,
         max_vectors: int | None = None,
         memory_limit_bytes: int | None = None,
@@ -87,9 +128,72 @@ class TorchLinearOperator(LinearOperator):
             return self._matmat_torch(Y)
         raise NotImplementedError(f"{type(self).__name__} does not implement _rmatmat_torch")
 
+    def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
+        """Hook of :meth:`to`: a new operator computing in ``dtype`` on ``device``.
+
+        ``dtype`` is a floating or complex torch dtype, already checked (a complex operator
+        is never asked for a real dtype). Must not modify ``self``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__}.to: this operator does not implement the "
+            "_to(dtype, device) hook that converts it"
+        )
+
     def bytes_per_vector(self) -> int:
         """Estimated extra memory of one vector in a batched pass (used with the memory limit)."""
         return (self.shape[0] + self.shape[1]) * _itemsize(self.torch_dtype)
+
+    # ----------------------------------------------------------------- conversion
+    def to(
+        self,
+        dtype: torch.dtype | np.dtype | type | None = None,
+        *,
+        device: torch.device | str | None = None,
+    ) -> TorchLinearOperator:
+        """A new operator whose products run in ``dtype`` on ``device``; ``self`` is unchanged.
+
+        Parameters
+        ----------
+        dtype
+            Floating or complex dtype (torch or numpy); ``None`` keeps the operator's.
+        device
+            Torch device; ``None`` keeps the operator's.
+
+        Returns
+        -------
+        TorchLinearOperator
+            ``self`` if neither changes (as ``torch.Tensor.to``), else a new operator.
+
+        Raises
+        ------
+        TypeError
+            For a dtype that is not floating or complex, or a real dtype for a complex
+            operator (the imaginary part would be lost).
+        NotImplementedError
+            For an operator class that does not implement the :meth:`_to` hook.
+
+        Examples
+        --------
+        >>> import torch
+        >>> A = aslinearoperator(torch.eye(2))  # float32
+        >>> A.to(torch.float64).dtype
+        dtype('float64')
+        """
+        new_dtype = self.torch_dtype if dtype is None else torch_dtype(operator_dtype(dtype))
+        new_device = self.device if device is None else torch.device(device)
+        if self.torch_dtype.is_complex and not new_dtype.is_complex:
+            raise TypeError(
+                f"dtype: expected a complex dtype for a complex operator, got {new_dtype} "
+                "(the imaginary part would be lost)"
+            )
+        if new_dtype == self.torch_dtype and new_device == self.device:
+            return self
+        new = self._to(new_dtype, new_device)
+        new.max_vectors, new.memory_limit_bytes = self.max_vectors, self.memory_limit_bytes
+        new.check_finite = self.check_finite
+        if "is_symmetric" in vars(self):
+            new.is_symmetric = self.is_symmetric
+        return new
 
     # ----------------------------------------------------------------- the batched fast path
     def vectors_per_pass(self) -> int | None:
@@ -102,12 +206,30 @@ class TorchLinearOperator(LinearOperator):
         return min(limits) if limits else None
 
     def _apply(self, X: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
-        """Unchecked product with a 2-d tensor on the right device, chunked over columns.
+        """Unchecked product with a 2-d floating or complex tensor on the right device.
 
-        This is the entry point algorithms use inside their iterations (no validation).
+        This is the entry point algorithms use inside their iterations (no validation). The
+        result has the promoted dtype of the operator and ``X``; the hooks compute in the
+        operator's own dtype or, with ``computes_in_promoted_dtype``, in the promoted one.
         """
-        if X.is_complex() and not self.torch_dtype.is_complex:
-            return torch.complex(self._apply(X.real, adjoint), self._apply(X.imag, adjoint))
+        out = (
+            X.dtype
+            if X.dtype == self.torch_dtype
+            else torch.promote_types(self.torch_dtype, X.dtype)
+        )
+        if self.computes_in_promoted_dtype:
+            work = out if self.torch_dtype.is_complex else out.to_real()
+        else:
+            work = self.torch_dtype
+        if X.is_complex() and not work.is_complex:
+            # real and imaginary parts side by side: one batched pass of 2k real columns
+            k = X.shape[1]
+            Z = self._hooks(torch.cat([X.real, X.imag], dim=1).to(work), adjoint)
+            return torch.complex(Z[:, :k], Z[:, k:]).to(out)
+        return self._hooks(X.to(work), adjoint).to(out)
+
+    def _hooks(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
+        """The hooks on a block in their working dtype, chunked over columns."""
         hook = self._rmatmat_torch if adjoint else self._matmat_torch
         k = X.shape[1]
         if self.column_major_blocks and k > 1 and X.stride(0) != 1:
@@ -124,46 +246,48 @@ class TorchLinearOperator(LinearOperator):
     # ----------------------------------------------------------------- public products
     def matmat(self, X: Any) -> Any:
         """``A @ X`` for a matrix ``X`` of shape ``(n, k)`` (numpy, torch or CuPy)."""
-        return self._dispatch(X, adjoint=False, matrix_only=True)
+        return self._product(X, adjoint=False, form="matrix", keep_matrix=True)
 
     def matvec(self, x: Any) -> Any:
         """``A @ x`` for a vector of length ``n`` (or an ``(n, 1)`` matrix)."""
-        return self._dispatch(x, adjoint=False, vector_only=True)
+        return self._product(x, adjoint=False, form="vector", keep_matrix=True)
 
     def rmatmat(self, Y: Any) -> Any:
         """``A^H @ Y`` for a matrix ``Y`` of shape ``(m, k)``."""
-        return self._dispatch(Y, adjoint=True, matrix_only=True)
+        return self._product(Y, adjoint=True, form="matrix", keep_matrix=True)
 
     def rmatvec(self, y: Any) -> Any:
-        """``A^H @ y`` for a vector of length ``m``."""
-        return self._dispatch(y, adjoint=True, vector_only=True)
+        """``A^H @ y`` for a vector of length ``m`` (or an ``(m, 1)`` matrix)."""
+        return self._product(y, adjoint=True, form="vector", keep_matrix=True)
 
-    def _dispatch(
-        self, x: Any, *, adjoint: bool, matrix_only: bool = False, vector_only: bool = False
+    def _product(
+        self, x: Any, *, adjoint: bool, form: str = "array", keep_matrix: bool = False
     ) -> Any:
+        """Validate and convert ``x``, multiply, and return the kind ``x`` came as."""
         n = self.shape[0] if adjoint else self.shape[1]
         name = "y" if adjoint else "x"
-        t, kind = to_torch(x, dtype=self.torch_dtype, device=self.device)
-        if vector_only and not (t.ndim == 1 or (t.ndim == 2 and t.shape[1] == 1)):
+        t, kind = tensor_of(x, device=self.device, name=name)
+        if form == "vector" and not (t.ndim == 1 or (t.ndim == 2 and t.shape[1] == 1)):
             raise ValueError(f"{name}: expected a vector of length {n}, got shape {tuple(t.shape)}")
-        if matrix_only and t.ndim != 2:
+        if form == "matrix" and t.ndim != 2:
             raise ValueError(f"{name}: expected a matrix with {n} rows, got shape {tuple(t.shape)}")
         if t.ndim not in (1, 2) or t.shape[0] != n:
             raise ValueError(
                 f"{name}: dimension mismatch, expected shape ({n},) or ({n}, k) for an operator "
                 f"of shape {self.shape}{' (adjoint)' if adjoint else ''}, got {tuple(t.shape)}"
             )
-        self._check_tensor(t, name)
-        out = self._apply(t.reshape(n, -1), adjoint)
-        out = out.reshape(-1) if t.ndim == 1 else out
-        return from_torch(out, kind)
+        out = from_torch(self._product_tensor(t, adjoint, name), kind)
+        return np.asmatrix(out) if keep_matrix and isinstance(x, np.matrix) else out
 
-    def _check_tensor(self, t: torch.Tensor, name: str) -> None:
-        allowed = (self.torch_dtype, _complex_of(self.torch_dtype))
-        if t.dtype not in allowed:
-            raise TypeError(f"{name}: expected dtype {self.torch_dtype}, got {t.dtype}")
-        if t.device != self.device:
-            raise ValueError(f"{name}: expected a tensor on device {self.device}, got {t.device}")
+    def _product_tensor(self, t: torch.Tensor, adjoint: bool, name: str) -> torch.Tensor:
+        """``A t`` (or ``A^H t``) of a 1-d or 2-d tensor in the promoted dtype, checked finite."""
+        if t.dtype != self.torch_dtype:
+            t = t.to(result_dtype(self.dtype, t.dtype, name))
+        self._check_finite(t, name)
+        out = self._apply(t[:, None] if t.ndim == 1 else t, adjoint)
+        return out[:, 0] if t.ndim == 1 else out
+
+    def _check_finite(self, t: torch.Tensor, name: str) -> None:
         # a sum is NaN or inf if any entry is (one cheap pass, about 50x faster than an
         # elementwise isfinite on a million entries); only then is the exact test run, so
         # an overflowing sum of finite entries is not mistaken for bad input. cmath on the
@@ -189,72 +313,90 @@ class TorchLinearOperator(LinearOperator):
     def _rmatmat(self, Y: Any) -> Any:
         return self.rmatmat(Y)
 
-    # ----------------------------------------------------------------- composition
-    def _adjoint(self) -> TorchLinearOperator:
-        return self if self.is_symmetric and not self.torch_dtype.is_complex else _Adjoint(self)
-
-    def _transpose(self) -> TorchLinearOperator:
-        if self.torch_dtype.is_complex:
-            raise NotImplementedError("transpose of a complex operator: use .H (the adjoint)")
-        return self._adjoint()
-
-    def __matmul__(self, other: Any) -> Any:
-        if isinstance(other, LinearOperator):
-            return _Product([self, aslinearoperator(other)])
-        if np.isscalar(other):
-            raise ValueError("scalar operands are not allowed with '@', use '*' instead")
-        return self._dispatch(other, adjoint=False)
-
-    def __rmatmul__(self, other: Any) -> Any:
-        if np.isscalar(other):
-            raise ValueError("scalar operands are not allowed with '@', use '*' instead")
-        if isinstance(other, LinearOperator):
-            return _Product([aslinearoperator(other), self])
-        # x @ A = (A^T x^T)^T
-        kind = array_kind(other)
-        xt = other.T if getattr(other, "ndim", 1) == 2 else other
-        out = self.T._dispatch(xt, adjoint=False)
-        return out.T if kind != "numpy" or np.ndim(out) == 2 else out
-
+    # ----------------------------------------------------------------- SciPy's operators
     def dot(self, x: Any) -> Any:
-        """SciPy's ``dot``: operator -> product, scalar -> scaled operator, array -> ``A @ x``."""
+        """SciPy's ``dot``: operator -> product, scalar -> scaled operator, array -> ``A @ x``.
+
+        Arrays of shape ``(n,)``, ``(n, 1)`` and ``(n, k)`` give ``(m,)``, ``(m, 1)`` and
+        ``(m, k)`` (an ``np.matrix`` comes back as an ``ndarray``, as in SciPy).
+        """
         if isinstance(x, LinearOperator):
-            return self @ x
-        if np.isscalar(x) or (isinstance(x, torch.Tensor) and x.ndim == 0):
+            return _Product(self, x)
+        if _is_scalar(x):
             return _Scaled(self, x)
-        return self._dispatch(x, adjoint=False)
+        return self._product(x, adjoint=False)
+
+    def _rdot(self, x: Any) -> Any:
+        """``x @ A`` for an array ``x`` of shape ``(m,)`` or ``(k, m)``: ``(A^T x^T)^T``."""
+        if isinstance(x, LinearOperator):
+            return _Product(x, self)
+        if _is_scalar(x):
+            return _Scaled(self, x)
+        t, kind = tensor_of(x, device=self.device, name="x")
+        m = self.shape[0]
+        if t.ndim not in (1, 2) or t.shape[-1] != m:
+            raise ValueError(
+                f"x: dimension mismatch, expected shape ({m},) or (k, {m}) on the left of an "
+                f"operator of shape {self.shape}, got {tuple(t.shape)}"
+            )
+        out = self.T._product_tensor(t.mT if t.ndim == 2 else t, False, "x")
+        return from_torch(out.mT if out.ndim == 2 else out, kind)
 
     def __mul__(self, x: Any) -> Any:
         return self.dot(x)
 
     def __rmul__(self, x: Any) -> Any:
-        if np.isscalar(x) or (isinstance(x, torch.Tensor) and x.ndim == 0):
-            return _Scaled(self, x)
-        return NotImplemented
+        return self._rdot(x)
+
+    def __matmul__(self, other: Any) -> Any:
+        if _is_scalar(other):
+            raise ValueError("scalar operands are not allowed with '@', use '*' instead")
+        return self.dot(other)
+
+    def __rmatmul__(self, other: Any) -> Any:
+        if _is_scalar(other):
+            raise ValueError("scalar operands are not allowed with '@', use '*' instead")
+        return self._rdot(other)
 
     def __truediv__(self, x: Any) -> TorchLinearOperator:
-        if not np.isscalar(x):
+        if not _is_scalar(x):
             raise ValueError(f"can only divide an operator by a scalar, got {type(x).__name__}")
-        return _Scaled(self, 1.0 / x)
+        return _Scaled(self, 1.0 / _python_scalar(x) if isinstance(x, torch.Tensor) else 1.0 / x)
+
+    def __pow__(self, p: Any) -> TorchLinearOperator:
+        if not np.isscalar(p):
+            return NotImplemented
+        return _Power(self, p)
 
     def __add__(self, other: Any) -> TorchLinearOperator:
         if not isinstance(other, LinearOperator):
             return NotImplemented
-        return _Sum([self, aslinearoperator(other)])
+        return _Sum(self, other)
 
     def __radd__(self, other: Any) -> TorchLinearOperator:
         if not isinstance(other, LinearOperator):
             return NotImplemented
-        return _Sum([aslinearoperator(other), self])
+        return _Sum(other, self)
 
     def __neg__(self) -> TorchLinearOperator:
-        return _Scaled(self, -1.0)
+        return _Scaled(self, -1)
 
     def __sub__(self, other: Any) -> TorchLinearOperator:
-        return self + (-aslinearoperator(other))
+        if not isinstance(other, LinearOperator):
+            return NotImplemented
+        return _Sum(self, -aslinearoperator(other))
 
     def __rsub__(self, other: Any) -> TorchLinearOperator:
-        return aslinearoperator(other) + (-self)
+        if not isinstance(other, LinearOperator):
+            return NotImplemented
+        return _Sum(other, -self)
+
+    def _adjoint(self) -> TorchLinearOperator:
+        return self if self.is_symmetric and not self.torch_dtype.is_complex else _Adjoint(self)
+
+    def _transpose(self) -> TorchLinearOperator:
+        # A^T = conj(A^H): the adjoint itself for a real operator
+        return _Transposed(self) if self.torch_dtype.is_complex else self._adjoint()
 
     # ----------------------------------------------------------------- dense forms
     def to_dense(
@@ -297,80 +439,161 @@ class TorchLinearOperator(LinearOperator):
 
 # --------------------------------------------------------------------------- composites
 class _Composite(TorchLinearOperator):
-    def __init__(self, shape: tuple[int, int], ops: Sequence[TorchLinearOperator]) -> None:
-        dtype = ops[0].torch_dtype
-        for op in ops[1:]:
-            dtype = torch.promote_types(dtype, op.torch_dtype)
+    """An operator built from others; computes in the promoted dtype of each product."""
+
+    computes_in_promoted_dtype = True
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        ops: Sequence[TorchLinearOperator],
+        dtype: np.dtype | None = None,
+    ) -> None:
+        dtype = np.result_type(*(op.dtype for op in ops)) if dtype is None else dtype
         devices = {op.device for op in ops}
         if len(devices) > 1:
             raise ValueError(f"operands live on different devices: {sorted(map(str, devices))}")
         super().__init__(shape, dtype=dtype, device=devices.pop())
         self.ops = list(ops)
 
+    def _converted_ops(self, dtype: torch.dtype, device: torch.device) -> list[TorchLinearOperator]:
+        """The operands converted so that the rebuilt composite has ``dtype``."""
+        if dtype.is_complex and not self.torch_dtype.is_complex:
+            return [op.to(dtype, device=device) for op in self.ops]
+        real = dtype.to_real()
+        return [
+            op.to(dtype if op.torch_dtype.is_complex else real, device=device) for op in self.ops
+        ]
+
 
 class _Sum(_Composite):
-    def __init__(self, ops: Sequence[TorchLinearOperator]) -> None:
+    """``A + B``; nested sums are flattened into ``ops``, ``args`` keeps the two operands."""
+
+    def __init__(self, *operands: Any) -> None:
         flat: list[TorchLinearOperator] = []
-        for op in ops:
+        for op in map(aslinearoperator, operands):
             flat.extend(op.ops if isinstance(op, _Sum) else [op])
         shapes = {op.shape for op in flat}
         if len(shapes) > 1:
             raise ValueError(f"cannot add operators of shapes {sorted(shapes)}")
         super().__init__(flat[0].shape, flat)
+        self.args = operands
         self.is_symmetric = all(op.is_symmetric for op in flat)
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
-        return sum(op._apply(X.to(op.torch_dtype)).to(self.torch_dtype) for op in self.ops)
+        return sum(op._apply(X) for op in self.ops)
 
     def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
-        return sum(op._apply(Y.to(op.torch_dtype), True).to(self.torch_dtype) for op in self.ops)
+        return sum(op._apply(Y, True) for op in self.ops)
+
+    def _adjoint(self) -> TorchLinearOperator:
+        if self.is_symmetric and not self.torch_dtype.is_complex:
+            return self
+        return _Sum(*(op.H for op in self.ops))
+
+    def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
+        return _Sum(*self._converted_ops(dtype, device))
 
 
 class _Product(_Composite):
-    """``ops[0] @ ops[1] @ ... @ ops[-1]``, applied right to left."""
+    """``ops[0] @ ops[1] @ ... @ ops[-1]``, applied right to left; ``args`` keeps the two operands."""
 
-    def __init__(self, ops: Sequence[TorchLinearOperator]) -> None:
+    def __init__(self, *operands: Any) -> None:
         flat: list[TorchLinearOperator] = []
-        for op in ops:
+        for op in map(aslinearoperator, operands):
             flat.extend(op.ops if isinstance(op, _Product) else [op])
         for left, right in itertools.pairwise(flat):
             if left.shape[1] != right.shape[0]:
                 raise ValueError(f"dimension mismatch in product: {left.shape} @ {right.shape}")
         super().__init__((flat[0].shape[0], flat[-1].shape[1]), flat)
+        self.args = operands
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         for op in reversed(self.ops):
-            X = op._apply(X.to(op.torch_dtype))
-        return X.to(self.torch_dtype)
+            X = op._apply(X)
+        return X
 
     def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
         for op in self.ops:
-            Y = op._apply(Y.to(op.torch_dtype), True)
-        return Y.to(self.torch_dtype)
+            Y = op._apply(Y, True)
+        return Y
+
+    def _adjoint(self) -> TorchLinearOperator:
+        return _Product(*(op.H for op in reversed(self.ops)))
+
+    def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
+        return _Product(*self._converted_ops(dtype, device))
 
 
 class _Scaled(_Composite):
-    def __init__(self, op: TorchLinearOperator, alpha: Any) -> None:
-        alpha = alpha.item() if isinstance(alpha, torch.Tensor) else alpha
+    """``alpha * A``; its dtype is numpy's promotion of ``A``'s and ``alpha``'s (NEP 50)."""
+
+    def __init__(self, op: TorchLinearOperator, alpha: Any, dtype: np.dtype | None = None) -> None:
+        alpha = _python_scalar(alpha) if isinstance(alpha, torch.Tensor) else alpha
         if isinstance(op, _Scaled):
-            op, alpha = op.ops[0], alpha * op.alpha
-        super().__init__(op.shape, [op])
-        if isinstance(alpha, complex) and not self.torch_dtype.is_complex:
-            raise TypeError(f"cannot scale a real operator by the complex number {alpha}")
-        self.alpha = alpha
-        self.is_symmetric = op.is_symmetric and not isinstance(alpha, complex)
+            op, alpha = op.args[0], alpha * op.args[1]
+        dtype = scalar_dtype(op.dtype, alpha) if dtype is None else dtype
+        super().__init__(op.shape, [op], dtype)
+        self.args = (op, alpha)
+        #: the scale as a Python number (weak in torch's promotion)
+        self.alpha = complex(alpha) if np.iscomplexobj(alpha) else float(alpha)
+        self.is_symmetric = op.is_symmetric and not np.iscomplexobj(alpha)
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         return self.alpha * self.ops[0]._apply(X)
 
     def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
-        alpha = self.alpha.conjugate() if isinstance(self.alpha, complex) else self.alpha
-        return alpha * self.ops[0]._apply(Y, True)
+        return self.alpha.conjugate() * self.ops[0]._apply(Y, True)
+
+    def _adjoint(self) -> TorchLinearOperator:
+        if self.is_symmetric and not self.torch_dtype.is_complex:
+            return self
+        return _Scaled(self.ops[0].H, self.args[1].conjugate(), self.dtype)
+
+    def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
+        return _Scaled(self._converted_ops(dtype, device)[0], self.alpha, numpy_dtype(dtype))
+
+
+class _Power(_Composite):
+    """``A ** p``: ``p`` products with the square operator ``A`` (a copy of ``x`` for ``p = 0``)."""
+
+    def __init__(self, op: TorchLinearOperator, p: Any) -> None:
+        if op.shape[0] != op.shape[1]:
+            raise ValueError(f"p: powers need a square operator, got shape {op.shape}")
+        if not isinstance(p, numbers.Integral | np.integer) or p < 0:
+            raise ValueError(f"p: expected a non-negative integer, got {p!r}")
+        super().__init__(op.shape, [op])
+        self.args, self.p = (op, p), int(p)
+        self.is_symmetric = op.is_symmetric
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        return self._power(X, False)
+
+    def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
+        return self._power(Y, True)
+
+    def _power(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
+        if self.p == 0:
+            return X.clone()
+        for _ in range(self.p):
+            X = self.ops[0]._apply(X, adjoint)
+        return X
+
+    def _adjoint(self) -> TorchLinearOperator:
+        if self.is_symmetric and not self.torch_dtype.is_complex:
+            return self
+        return _Power(self.ops[0].H, self.p)
+
+    def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
+        return _Power(self._converted_ops(dtype, device)[0], self.p)
 
 
 class _Adjoint(_Composite):
+    """``A^H``."""
+
     def __init__(self, op: TorchLinearOperator) -> None:
         super().__init__((op.shape[1], op.shape[0]), [op])
+        self.args = (op,)
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         return self.ops[0]._apply(X, True)
@@ -381,42 +604,94 @@ class _Adjoint(_Composite):
     def _adjoint(self) -> TorchLinearOperator:
         return self.ops[0]
 
+    def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
+        return self._converted_ops(dtype, device)[0].H
+
+
+class _Transposed(_Composite):
+    """``A^T = conj(A^H)`` of a complex operator: ``A^T x = conj(A^H conj(x))``."""
+
+    def __init__(self, op: TorchLinearOperator) -> None:
+        super().__init__((op.shape[1], op.shape[0]), [op])
+        self.args = (op,)
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        return _conj(self.ops[0]._apply(_conj(X), True))
+
+    def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
+        return _conj(self.ops[0]._apply(_conj(Y)))
+
+    def _transpose(self) -> TorchLinearOperator:
+        return self.ops[0]
+
+    def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
+        return self._converted_ops(dtype, device)[0].T
+
 
 class _Dense(TorchLinearOperator):
-    """A dense matrix held as a torch tensor."""
+    """A dense matrix held as a torch tensor; products run in their promoted dtype.
+
+    A product in another dtype than the matrix's casts the matrix for that product (a
+    cached cast would go stale if the caller writes to the matrix they passed in);
+    :meth:`TorchLinearOperator.to` gives an operator holding the cast once.
+    """
+
+    computes_in_promoted_dtype = True
 
     def __init__(self, A: torch.Tensor) -> None:
         super().__init__(tuple(A.shape), dtype=A.dtype, device=A.device)
         self.A = A
+        self.args = (A,)
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
-        return self.A @ X
+        return self.A.to(X.dtype) @ X
 
     def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
-        return self.A.mH @ Y
+        return self.A.to(Y.dtype).mH @ Y
+
+    def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
+        return _Dense(self.A.to(dtype=dtype, device=device))
 
     def to_dense(self, **_: Any) -> torch.Tensor:
         return self.A
 
 
 class _FromScipy(TorchLinearOperator):
-    """A SciPy ``LinearOperator`` (or sparse matrix) seen through torch; products go via numpy."""
+    """A SciPy ``LinearOperator`` (or sparse matrix) seen through torch; products go via numpy.
 
-    def __init__(self, A: LinearOperator) -> None:
-        super().__init__(A.shape, dtype=torch_dtype(A.dtype), device="cpu")
-        self.A = A
+    Integer dtypes (an integer matrix, SciPy's int8-inferred ``LinearOperator(shape, matvec)``)
+    are promoted to float64; products are computed by SciPy in their promoted dtype, on the host.
+    """
+
+    computes_in_promoted_dtype = True
+
+    def __init__(self, A: Any, *, dtype: Any = None, device: torch.device | str = "cpu") -> None:
+        from scipy.sparse.linalg import aslinearoperator as sp_aslinop
+
+        self.A = sp_aslinop(A)
+        dtype = operator_dtype(self.A.dtype, "A") if dtype is None else dtype
+        super().__init__(self.A.shape, dtype=dtype, device=device)
+        self.args = (A,)
+
+    def _via_numpy(self, f: Callable[[np.ndarray], Any], X: torch.Tensor) -> torch.Tensor:
+        out = np.asarray(f(X.detach().cpu().resolve_conj().numpy()))
+        return torch.from_numpy(np.ascontiguousarray(out)).to(device=self.device, dtype=X.dtype)
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.A.matmat(X.numpy()))).to(self.torch_dtype)
+        return self._via_numpy(self.A.matmat, X)
 
     def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.A.rmatmat(Y.numpy()))).to(self.torch_dtype)
+        return self._via_numpy(self.A.rmatmat, Y)
+
+    def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
+        return _FromScipy(self.args[0], dtype=dtype, device=device)
 
 
 class IdentityOperator(TorchLinearOperator):
     """The ``n x n`` identity (for shifts such as ``J - I`` of a training Jacobian)."""
 
     is_symmetric = True
+    computes_in_promoted_dtype = True
 
     def __init__(
         self, n: int, *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
@@ -426,6 +701,9 @@ class IdentityOperator(TorchLinearOperator):
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         return X
 
+    def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
+        return IdentityOperator(self.shape[0], dtype=dtype, device=device)
+
 
 def aslinearoperator(A: Any) -> TorchLinearOperator:
     """View ``A`` as a :class:`TorchLinearOperator`.
@@ -434,8 +712,10 @@ def aslinearoperator(A: Any) -> TorchLinearOperator:
     ----------
     A
         A ``TorchLinearOperator`` (returned as is), a dense 2-d torch tensor (stays on its
-        device), a dense 2-d numpy or CuPy array, a SciPy sparse matrix, or a SciPy
-        ``LinearOperator`` (its products go through numpy on the host).
+        device), a dense 2-d numpy array, ``np.matrix``, nested list or CuPy array, a SciPy
+        sparse matrix, a SciPy ``LinearOperator`` or any object with ``shape`` and ``matvec``
+        (its products go through numpy on the host). Integer and boolean data are promoted
+        to float64.
 
     Returns
     -------
@@ -444,7 +724,10 @@ def aslinearoperator(A: Any) -> TorchLinearOperator:
     Raises
     ------
     TypeError
-        If ``A`` is none of the above.
+        If ``A`` is none of the above, or holds ``longdouble`` data.
+    ValueError
+        If a dense ``A`` is not two-dimensional (SciPy reads a 1-d array as a row; this
+        refuses it).
 
     Examples
     --------
@@ -452,35 +735,71 @@ def aslinearoperator(A: Any) -> TorchLinearOperator:
     >>> A = aslinearoperator(torch.tensor([[2.0, 0.0], [0.0, 3.0]], dtype=torch.float64))
     >>> (A @ torch.ones(2, dtype=torch.float64)).tolist()
     [2.0, 3.0]
+    >>> aslinearoperator([[1, 2], [3, 4]]).dtype  # integers are promoted to float64
+    dtype('float64')
     """
     if isinstance(A, TorchLinearOperator):
         return A
-    if isinstance(A, torch.Tensor):
-        if A.ndim != 2:
-            raise ValueError(f"A: expected a 2-d tensor, got shape {tuple(A.shape)}")
-        if not (A.is_floating_point() or A.is_complex()):
-            A = A.to(torch.get_default_dtype())
-        return _Dense(A)
-    if array_kind(A) == "cupy":
-        return _Dense(torch.from_dlpack(A))
     if isinstance(A, LinearOperator) or hasattr(A, "tocsr"):
-        from scipy.sparse.linalg import aslinearoperator as sp_aslinop
-
-        return _FromScipy(sp_aslinop(A))
-    if isinstance(A, np.ndarray | list):
-        arr = np.asarray(A)
-        if arr.ndim != 2:
-            raise ValueError(f"A: expected a 2-d array, got shape {arr.shape}")
-        if arr.dtype.kind not in "fc":
-            arr = arr.astype(np.float64)
-        return _Dense(torch.from_numpy(np.ascontiguousarray(arr)))
+        return _FromScipy(A)
+    if isinstance(A, torch.Tensor | np.ndarray | list | tuple) or array_kind(A) == "cupy":
+        t, _ = tensor_of(A, device=A.device if isinstance(A, torch.Tensor) else "cpu", name="A")
+        if t.ndim != 2:
+            raise ValueError(f"A: expected a 2-d array, got shape {tuple(t.shape)}")
+        return _Dense(t.to(torch_dtype(operator_dtype(t.dtype, "A"))))
+    if hasattr(A, "shape") and hasattr(A, "matvec"):
+        return _FromScipy(A)
     raise TypeError(
         "A: expected a TorchLinearOperator, a SciPy LinearOperator or sparse matrix, or a "
         f"2-d torch/numpy/CuPy array, got {type(A).__name__}"
     )
 
 
+# --------------------------------------------------------------------------- SciPy's side
+def _defer_scipy_composition() -> None:
+    """Make SciPy's operators build linops composites when the other operand is ours.
+
+    ``scipy_op + A`` and ``scipy_op @ A`` call SciPy's ``__add__`` / ``dot`` first, which
+    never return ``NotImplemented``: their composites would turn torch tensors into numpy
+    arrays. The patched methods hand the operation to ``A`` when ``A`` is a
+    :class:`TorchLinearOperator` and behave exactly as before otherwise. Idempotent.
+    """
+    if getattr(LinearOperator.dot, "_linops_defers", False):
+        return
+    add, dot = LinearOperator.__add__, LinearOperator.dot
+
+    @functools.wraps(add)
+    def __add__(self: LinearOperator, x: Any) -> Any:
+        if isinstance(x, TorchLinearOperator) and not isinstance(self, TorchLinearOperator):
+            return _Sum(self, x)
+        return add(self, x)
+
+    @functools.wraps(dot)
+    def dot_(self: LinearOperator, x: Any) -> Any:
+        if isinstance(x, TorchLinearOperator) and not isinstance(self, TorchLinearOperator):
+            return _Product(self, x)
+        return dot(self, x)
+
+    __add__._linops_defers = dot_._linops_defers = True  # type: ignore[attr-defined]
+    LinearOperator.__add__, LinearOperator.dot = __add__, dot_  # type: ignore[method-assign]
+
+
+_defer_scipy_composition()
+
+
 # --------------------------------------------------------------------------- helpers
+def _is_scalar(x: Any) -> bool:
+    return bool(np.isscalar(x)) or (isinstance(x, torch.Tensor) and x.ndim == 0)
+
+
+def _python_scalar(t: torch.Tensor) -> Any:
+    return t.item()
+
+
+def _conj(X: torch.Tensor) -> torch.Tensor:
+    return X.conj_physical() if X.is_complex() else X
+
+
 def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
     shape = tuple(shape)
     if len(shape) != 2 or not all(isinstance(s, int | np.integer) and s >= 0 for s in shape):
@@ -496,9 +815,3 @@ def _check_positive_or_none(value: int | None, name: str) -> int | None:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-def _complex_of(dtype: torch.dtype) -> torch.dtype:
-    if dtype.is_complex:
-        return dtype
-    return torch.complex128 if dtype == torch.float64 else torch.complex64

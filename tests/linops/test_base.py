@@ -47,7 +47,7 @@ def test_numpy_in_numpy_out_torch_in_torch_out() -> None:
     t = op @ torch.arange(3.0, dtype=F64)
     assert isinstance(t, torch.Tensor) and t.dtype == F64
     assert isinstance(op.matmat(np.ones((3, 2))), np.ndarray)
-    assert (op @ np.arange(3)).dtype == np.float64  # integer input is cast to the operator dtype
+    assert (op @ np.arange(3)).dtype == np.float64  # integer input: numpy's promotion
     np.testing.assert_allclose(np.ones(4) @ op, np.ones(4) @ A.numpy())  # x @ A = (A^T x^T)^T
 
 
@@ -118,10 +118,12 @@ def test_scipy_solvers_accept_the_operator() -> None:
     )
 
 
-def test_float32_operator_returns_declared_dtype_for_float64_numpy_input() -> None:
+def test_float32_operator_returns_the_promoted_dtype_for_float64_input() -> None:
     op = linops.aslinearoperator(torch.ones(2, 2))
     assert op.dtype == np.float32
-    assert (op @ np.ones(2)).dtype == np.float32
+    assert (op @ np.ones(2)).dtype == np.float64  # numpy's promotion, as SciPy returns it
+    assert (op @ np.ones(2, dtype=np.float32)).dtype == np.float32
+    assert (op @ torch.ones(2, dtype=F64)).dtype == F64  # the same policy for torch inputs
 
 
 @pytest.mark.parametrize(
@@ -132,10 +134,11 @@ def test_float32_operator_returns_declared_dtype_for_float64_numpy_input() -> No
         (lambda op: op.matvec(np.ones((3, 2))), ValueError, r"x: expected a vector of length 3"),
         (lambda op: op.matmat(np.ones(3)), ValueError, r"x: expected a matrix with 3 rows"),
         (
-            lambda op: op @ torch.ones(3),
+            lambda op: op @ np.ones(3, dtype=np.longdouble),
             TypeError,
-            "x: expected dtype torch.float64, got torch.float32",
+            "x: expected float16, float32, float64, complex64 or complex128, got float128",
         ),
+        (lambda op: op @ np.array(["a", "b", "c"]), TypeError, "x: expected a numeric array"),
         (lambda op: op @ np.array([1.0, np.nan, 0]), ValueError, "x: contains NaN or inf"),
         (lambda op: op @ 2.0, ValueError, "scalar operands are not allowed"),
         (
@@ -166,7 +169,7 @@ def test_bad_constructor_arguments() -> None:
         TorchLinearOperator((3, 3), dtype=torch.int64, device="cpu")
     with pytest.raises(TypeError, match="A: expected a TorchLinearOperator"):
         linops.aslinearoperator("matrix")
-    with pytest.raises(ValueError, match="A: expected a 2-d tensor"):
+    with pytest.raises(ValueError, match="A: expected a 2-d array"):
         linops.aslinearoperator(torch.ones(3))
 
 
