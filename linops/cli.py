@@ -5,14 +5,24 @@ few epochs, then prints a short report of the operators of the trained network (
 Hessian and NTK eigenvalues by ``scipy.sparse.linalg.eigsh`` run directly on the operators) and
 of the sections the analysis modules contribute, and writes ``report.json`` and PNG figures to
 the output folder.
+
+The folder is written atomically: the report is built in a hidden temporary folder beside it
+and renamed into place when complete (a previous report in the folder is swapped out), so an
+interrupted or failed run never leaves a folder that looks complete but mixes two runs. Bad
+arguments get a one-line error and exit code 2, Ctrl-C exits with 130, and ``linops bench``
+runs only the benchmarks of ``bench/`` it lists.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import runpy
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -168,22 +178,119 @@ def _sections() -> list[tuple[str, Section]]:
 
 
 def report(out: Path, *, quick: bool = False, seed: int = 0, epochs: int | None = None) -> dict:
-    """Run the report; return its numbers (also written to ``out/report.json``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    """Run the report; return its numbers (also written to ``out/report.json``).
+
+    Everything is written to a temporary folder beside ``out`` and renamed to ``out`` when the
+    report is complete; a previous report in ``out`` is replaced as a whole.
+
+    Raises
+    ------
+    ValueError
+        If ``out`` is a file, or a folder holding anything but a previous report, or
+        ``epochs`` is not a positive integer.
+    OSError
+        If the folder cannot be written.
+    """
     epochs = epochs if epochs is not None else (2 if quick else 5)
-    print(f"linops report: training the default MLP on digits for {epochs} epochs ...")
-    setup = _default_setup(seed, epochs)
-    result: dict[str, Any] = {"model": "MLP 64-64-10 GELU on digits", "epochs": epochs}
-    for key, section in _sections():
-        print(f"  section {key} ...", flush=True)
-        t0 = time.perf_counter()
-        result[key] = section(setup, out, quick)
-        result[key]["seconds_section"] = time.perf_counter() - t0
-    result["seconds_total"] = time.perf_counter() - start
-    (out / "report.json").write_text(json.dumps(result, indent=2))
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"epochs: expected a positive integer, got {epochs!r}")
+    out = Path(out)
+    _check_out(out)
+    with _Staging(out) as tmp:
+        start = time.perf_counter()
+        print(f"linops report: training the default MLP on digits for {epochs} epochs ...")
+        setup = _default_setup(seed, epochs)
+        result: dict[str, Any] = {"model": "MLP 64-64-10 GELU on digits", "epochs": epochs}
+        for key, section in _sections():
+            print(f"  section {key} ...", flush=True)
+            t0 = time.perf_counter()
+            result[key] = section(setup, tmp, quick)
+            result[key]["seconds_section"] = time.perf_counter() - t0
+        result["seconds_total"] = time.perf_counter() - start
+        (tmp / "report.json").write_text(json.dumps(result, indent=2))
     _print_summary(result, out)
     return result
+
+
+#: what a report folder holds; a folder with anything else is not replaced
+_REPORT_SUFFIXES = (".json", ".png")
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[^/]*$")
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an ``out`` that is a file, or a folder with files that are not a report's."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: expected a folder, got the file {out}")
+    if out.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise ValueError(
+            f"--out: expected a folder of its own (it is replaced as a whole), got {out}, "
+            "the current folder or one above it"
+        )
+    if out.is_dir():
+        others = sorted(
+            p.name for p in out.iterdir() if not (p.is_file() and p.suffix in _REPORT_SUFFIXES)
+        )
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise ValueError(
+                f"--out: expected a new folder or one holding a previous report, got {out} "
+                f"holding {shown}"
+            )
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out: expected a writable location, got {out} ({parent} is not)")
+
+
+class _Staging:
+    """A hidden temporary folder beside ``out``, renamed to ``out`` on success, removed on
+    failure or interruption. Left-overs of killed runs (dead pids) are swept first."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def __enter__(self) -> Path:
+        parent = self.out.absolute().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        _sweep_staging(parent, self.out.name)
+        prefix = f".{self.out.name}.partial-{os.getpid()}-"
+        self.tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        self.tmp.chmod(0o777 & ~umask)  # mkdtemp's 0o700 would become the report folder's
+        return self.tmp
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        if kind is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}-"
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _sweep_staging(parent: Path, name: str) -> None:
+    for p in parent.iterdir():
+        match = _STAGING.match(p.name)
+        if match and match["name"] == name and not _alive(int(match["pid"])):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - another user's process
+        return True
+    return True
 
 
 def _print_summary(result: dict[str, Any], out: Path) -> None:
@@ -206,38 +313,98 @@ def _print_summary(result: dict[str, Any], out: Path) -> None:
     print("\n".join(lines))
 
 
-def _bench(name: str, rest: list[str]) -> None:
-    path = Path.cwd() / "bench" / f"{name}.py"
-    if not path.exists():
-        available = sorted(p.stem for p in (Path.cwd() / "bench").glob("*.py"))
-        raise SystemExit(
-            f"linops bench: no bench/{name}.py in {Path.cwd()} (run from a checkout of the "
-            f"repository); available: {available}"
+def benchmarks(root: Path | None = None) -> list[str]:
+    """The benchmarks ``linops bench`` runs: ``bench/NAME.py`` of a checkout, no helpers."""
+    bench = (root or Path.cwd()) / "bench"
+    if not bench.is_dir():
+        return []
+    return sorted(
+        p.stem
+        for p in bench.glob("*.py")
+        if p.is_file() and not p.stem.startswith("_") and re.fullmatch(r"\w+", p.stem)
+    )
+
+
+def _bench(parser: argparse.ArgumentParser, name: str, rest: list[str]) -> None:
+    available = benchmarks()
+    if not available:
+        parser.error(
+            f"no bench/ folder in {Path.cwd()}: run linops bench from a checkout of the repository"
         )
+    if name not in available:
+        parser.error(f"NAME: expected one of {available}, got {name!r}")
+    path = Path.cwd() / "bench" / f"{name}.py"
     sys.argv = [str(path), *rest]
     runpy.run_path(str(path), run_name="__main__")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``linops`` console script."""
-    parser = argparse.ArgumentParser(prog="linops", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``linops report: error: ...`` and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {value}")
+    return value
+
+
+def _parser() -> tuple[_Parser, dict[str, _Parser]]:
+    """The ``linops`` parser and its subcommands' parsers, by name."""
+    parser = _Parser(prog="linops", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     rep = sub.add_parser("report", help="analyse the default MLP on digits; write JSON + plots")
     rep.add_argument("--out", type=Path, default=Path("results/report"))
     rep.add_argument("--quick", action="store_true", help="a smaller, faster run")
-    rep.add_argument("--seed", type=int, default=0)
-    rep.add_argument("--epochs", type=int, default=None)
+    rep.add_argument("--seed", type=_seed, default=0)
+    rep.add_argument("--epochs", type=_positive_int, default=None)
     ben = sub.add_parser("bench", help="run bench/NAME.py of a checkout (extra args passed on)")
-    ben.add_argument("name")
+    ben.add_argument("name", metavar="NAME")
+    return parser, {"report": rep, "bench": ben}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``linops`` console script.
+
+    Exit codes: 0 success, 1 a failure while running (one line on stderr), 2 bad arguments,
+    130 interrupted (Ctrl-C).
+    """
+    parser, commands = _parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "report":
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        retain_freed_memory()  # this process is ours: keep freed blocks for the next product
-        report(args.out, quick=args.quick, seed=args.seed, epochs=args.epochs)
-    else:
-        _bench(args.name, rest)
-
-
-if __name__ == "__main__":
-    main()
+    sub = commands[args.command]
+    try:
+        if args.command == "report":
+            if rest:
+                sub.error(f"unrecognized arguments: {' '.join(rest)}")
+            try:
+                _check_out(args.out)
+            except ValueError as err:
+                sub.error(str(err))
+            retain_freed_memory()  # this process is ours: keep freed blocks for the next product
+            report(args.out, quick=args.quick, seed=args.seed, epochs=args.epochs)
+        else:
+            _bench(sub, args.name, rest)
+    except KeyboardInterrupt:
+        print(f"linops {args.command}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except OSError as err:
+        if args.command != "report":
+            raise
+        print(f"linops report: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
