@@ -112,7 +112,8 @@ def spectral_density(
     N = kr.check_int(num_probes, "num_probes", 1)
     m = kr.check_int(num_steps, "num_steps", 1, n)
     gen = kr.make_generator(seed, op.device)
-    alpha, beta = _lanczos_batch(op, N, m, gen)
+    V0 = torch.sign(kr.random_block(n, N, op, gen)) / math.sqrt(n)
+    alpha, beta = _lanczos_batch(op, V0, m)
     T = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
     theta, S = torch.linalg.eigh(T.to("cpu", torch.float64))
     tau = S[:, 0, :] ** 2
@@ -133,13 +134,13 @@ def spectral_density(
     return SpectralDensity(*out, float(per_probe.mean()), tr_se, sigma, N * m)
 
 
-def _lanczos_batch(op: Any, N: int, m: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """``N`` independent fully reorthogonalised Lanczos runs of ``m`` steps; ``(N, m)``
-    diagonals and ``(N, m - 1)`` off-diagonals."""
-    n = op.shape[0]
+def _lanczos_batch(op: Any, V0: torch.Tensor, m: int) -> tuple[torch.Tensor, ...]:
+    """``N`` independent fully reorthogonalised Lanczos runs of ``m`` steps from the unit
+    columns of ``V0`` (``(n, N)``); ``(N, m)`` diagonals and ``(N, m - 1)`` off-diagonals."""
+    n, N = V0.shape
     kw = {"dtype": op.torch_dtype, "device": op.device}
     V = torch.zeros(m, n, N, **kw)
-    V[0] = torch.sign(kr.random_block(n, N, op, gen)) / math.sqrt(n)
+    V[0] = V0
     alpha, beta = torch.zeros(m, N, **kw), torch.zeros(max(m - 1, 0), N, **kw)
     anorm = 0.0
     for j in range(m):

@@ -44,7 +44,7 @@ def test_gapped_spectrum_is_counted_exactly() -> None:
     res = singular_value_count(A, 1.0, 400, block_size=16, seed=1)
     assert float(res.counts[0]) == pytest.approx(30, abs=1e-9)
     assert float(res.krylov_counts[0]) == pytest.approx(30, abs=1e-9)
-    assert float(res.stderrs[0]) == pytest.approx(0.0, abs=1e-9)
+    assert 0.0 <= float(res.stderrs[0]) < 1.0  # the quadrature bound, small with a gap
     assert A.products == res.total_products == res.num_products <= 400
 
 
@@ -118,10 +118,10 @@ def test_gapless_spectrum_is_unbiased_and_within_its_errors() -> None:
         res = singular_value_count(A, taus, n, block_size=8, seed=seed)
         assert A.products == res.total_products and res.num_products <= n
         assert bool((res.krylov_counts < true).all())  # no gap: the basis alone undercounts
-        assert bool(((res.counts - true).abs() <= 4 * res.stderrs + 2).all())
+        assert bool(((res.counts - true).abs() <= 2 * res.stderrs).all())
         counts.append(res.counts)
     mean = torch.stack(counts).mean(dim=0)
-    assert bool(((mean - true).abs() <= 0.03 * true).all())
+    assert bool(((mean - true).abs() <= 0.04 * true).all())  # the ramp's quadrature: +2%
 
 
 def test_one_run_shares_the_basis_between_thresholds() -> None:
@@ -158,3 +158,58 @@ def test_bad_arguments() -> None:
     for bad in (1.0, -0.1):
         with pytest.raises(ValueError, match="smoothing"):
             singular_value_count(A, 1.0, 100, smoothing=bad)
+
+
+def _matrix(m: int, n: int, s: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``U diag(s) V^T`` with orthonormal ``U`` (m x n) and ``V`` (n x n)."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=F64))[0]
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0]
+    return U @ torch.diag(s.to(F64)) @ V.T
+
+
+def test_issue16_linear_spectrum_count_within_dimension_and_errors() -> None:
+    """Issue 16: singular values linear from 3 to 0.01 (2500 x 1000), threshold 0.1, 1200
+    products gave 1060-1223 against 969, more than the dimension, with stderrs of 27-42."""
+    s = torch.linspace(3.0, 0.01, 1000, dtype=F64)
+    A = _matrix(2500, 1000, s)
+    true = int((s > 0.1).sum())
+    assert true == 969
+    for seed in range(3):
+        res = singular_value_count(A, 0.1, 1200, seed=seed)
+        c, se = float(res.counts[0]), float(res.stderrs[0])
+        assert 0.0 <= c <= 1000.0
+        assert abs(c - true) <= 2 * se
+        assert abs(c - true) <= 0.05 * true
+
+
+@pytest.mark.parametrize(
+    ("name", "m", "s", "tau", "budget"),
+    [
+        ("linear", 500, torch.linspace(3.0, 0.01, 200, dtype=F64), 0.1, 240),
+        ("log", 300, torch.logspace(1, -3, 300, dtype=F64), 0.3, 300),
+    ],
+)
+def test_stderr_interval_covers_the_truth_in_a_seed_study(name, m, s, tau, budget) -> None:
+    """+-2 stderrs cover the dense count in >= 90% of 60 seeds, and no count leaves
+    [0, min(m, n)] (before: 73% and 65% coverage, counts up to 207 of 200)."""
+    A = _matrix(m, s.numel(), s)
+    true = int((s > tau).sum())
+    covered, n = 0, s.numel()
+    for seed in range(60):
+        res = singular_value_count(A, tau, budget, block_size=8, seed=seed)
+        c, se = float(res.counts[0]), float(res.stderrs[0])
+        assert 0.0 <= c <= n
+        covered += abs(c - true) <= 2 * se
+    assert covered / 60 >= 0.9
+
+
+def test_counts_never_leave_zero_to_dimension_for_wide_operators() -> None:
+    """A wide operator has at most ``min(m, n)`` nonzero singular values."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(30, 200, generator=g, dtype=F64)
+    s = torch.linalg.svdvals(A)
+    res = singular_value_count(A, [0.5 * float(s.min()), float(s.median())], 120, block_size=4)
+    assert bool((res.counts <= 30).all()) and bool((res.counts >= 0).all())
+    true = torch.tensor([30.0, float((s > s.median()).sum())], dtype=F64)
+    assert bool(((res.counts - true).abs() <= 2 * res.stderrs + 1e-9).all())
