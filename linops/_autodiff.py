@@ -127,27 +127,3 @@ class LossOutputGraph:
     def hvp(self, u: torch.Tensor, batched: bool) -> torch.Tensor:
         """``H_loss u`` with ``u`` shaped like the model output (leading batch dim if ``batched``)."""
         return _grad([self.g], [self.out], [u], batched)[0]
-
-
-def infer_reduction(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor) -> str:
-    """Whether ``loss_fn`` sums or averages over samples, checked on one batch.
-
-    A loss that returns a non-scalar (``reduction="none"``) is refused. The test compares the
-    loss of the batch with the loss of the batch concatenated with itself.
-    """
-    explicit = getattr(loss_fn, "reduction", None)
-    with torch.no_grad():
-        value = loss_fn(out, y)
-        if value.dim() != 0:
-            raise ValueError(
-                "loss_fn: expected a scalar loss (reduction 'mean' or 'sum'), got a tensor of "
-                f"shape {tuple(value.shape)}; a loss without a reduction does not define a Hessian"
-            )
-        if explicit in ("mean", "sum"):
-            return explicit
-        doubled = loss_fn(torch.cat([out, out]), torch.cat([y, y]))
-    if torch.isclose(doubled, 2 * value, rtol=1e-4) and not torch.isclose(
-        doubled, value, rtol=1e-4
-    ):
-        return "sum"
-    return "mean"

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from linops._autodiff import LossFn
 from linops._loss import OutputLoss
@@ -303,19 +304,37 @@ Step = _Affine | _Conv | _Pool | _Pointwise | _Flatten
 
 
 def recognise_chain(model: nn.Module) -> list[nn.Module | float] | None:
-    """The steps of ``model`` if it is a chain of supported modules, else None."""
+    """The steps of ``model`` if it provably is a chain of supported modules, else None.
+
+    Matching outputs are not proof: a forward that detaches, a hook or a parametrization can
+    leave the values alone and change the derivatives. So every module must run torch's own
+    forward (an ``nn.Sequential`` whose class does not override ``forward``, layers of exactly
+    the supported classes), without hooks (module or global) or parametrizations, and without
+    submodules the chain would not visit. A model declaring ``linops_chain()`` vouches for its
+    own forward and may use ``nn.Linear`` subclasses computing ``c x W^T + b`` (``c`` their
+    ``multiplier``); its steps are otherwise held to the same rules.
+    """
+    if _has_hooks(model):
+        return None
     declared = getattr(model, "linops_chain", None)
     items = list(declared()) if callable(declared) else [model]
     flat: list[nn.Module | float] = []
     while items:
         item = items.pop(0)
         if isinstance(item, nn.Sequential):
+            if type(item).forward is not nn.Sequential.forward:
+                return None
             items = list(item) + items
             continue
         if isinstance(item, float | int) and not isinstance(item, bool):
             flat.append(float(item))
+        elif isinstance(item, nn.Module) and (
+            _has_hooks(item) or parametrize.is_parametrized(item)
+        ):
+            return None
         elif (
-            isinstance(item, nn.Linear)
+            type(item) is nn.Linear
+            or (callable(declared) and isinstance(item, nn.Linear))  # e.g. a multiplier
             or _is_flatten(item)
             or _is_conv(item)
             or _is_pool(item)
@@ -325,6 +344,18 @@ def recognise_chain(model: nn.Module) -> list[nn.Module | float] | None:
         else:
             return None
     return flat if any(isinstance(m, nn.Linear | nn.Conv2d) for m in flat) else None
+
+
+_HOOKS = ("forward_hooks", "forward_pre_hooks", "backward_hooks", "backward_pre_hooks")
+
+
+def _has_hooks(model: nn.Module) -> bool:
+    """Whether a forward or backward hook of a module in ``model``, or a global one, is set."""
+    from torch.nn.modules import module as torch_module
+
+    if any(getattr(torch_module, f"_global_{h}", None) for h in _HOOKS):
+        return True
+    return any(getattr(m, f"_{h}", None) for m in model.modules() for h in _HOOKS)
 
 
 def _is_flatten(mod: object) -> bool:

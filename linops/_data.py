@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import BatchSampler
 
 _STATEFUL_IN_TRAINING = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
@@ -35,15 +36,48 @@ def check_model_mode(model: nn.Module, *, allow_train_mode: bool) -> None:
         )
 
 
+_RANDOM_SAMPLERS = (
+    torch.utils.data.RandomSampler,
+    torch.utils.data.WeightedRandomSampler,
+    torch.utils.data.SubsetRandomSampler,
+)
+
+
 def check_loader(data: Any, *, allow_reshuffle: bool) -> None:
-    """Refuse a ``DataLoader`` whose sampler reshuffles between passes."""
-    sampler = getattr(data, "sampler", None)
-    if not allow_reshuffle and isinstance(sampler, torch.utils.data.RandomSampler):
+    """Refuse a ``DataLoader`` whose sampler does not give one fixed order.
+
+    torch's random samplers (``shuffle=True``, ``WeightedRandomSampler``,
+    ``RandomSampler(replacement=True)``, ``SubsetRandomSampler``) are refused by type; any
+    other sampler (or batch sampler) is drawn twice and refused if the two orders differ.
+    """
+    if allow_reshuffle or not isinstance(data, torch.utils.data.DataLoader):
+        return
+    samplers = [data.sampler]
+    if data.batch_sampler is not None and type(data.batch_sampler) is not BatchSampler:
+        samplers.append(data.batch_sampler)  # a custom batch sampler
+    random = [type(s).__name__ for s in samplers if not _fixed_order(s)]
+    if random:
         raise ValueError(
-            "data: the DataLoader reshuffles between passes (shuffle=True), so the operator would "
-            "change from one product to the next; use shuffle=False, or pass "
-            "allow_reshuffle=True to skip this check"
+            f"data: the DataLoader's sampler ({random[0]}) draws a different order or resample "
+            "at every pass, so the operator would be the one of a single random draw; use a "
+            "fixed order (shuffle=False, a SequentialSampler or a fixed list of indices), or "
+            "pass allow_reshuffle=True to skip this check"
         )
+
+
+def _fixed_order(sampler: Any) -> bool:
+    """Whether two passes over ``sampler`` give the same indices (or it cannot be told)."""
+    try:
+        if isinstance(sampler, torch.utils.data.SequentialSampler):
+            return True
+        if isinstance(sampler, _RANDOM_SAMPLERS):
+            return False
+        if type(sampler) is BatchSampler:
+            return _fixed_order(sampler.sampler)
+        first, second = list(iter(sampler)), list(iter(sampler))
+    except TypeError:  # e.g. the sampler of an IterableDataset: no indices to compare
+        return True
+    return first == second
 
 
 class Batches:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +60,7 @@ class ModelOperator(TorchLinearOperator):
         memory_limit_bytes: int | None,
         process_group: Any = None,
         route: str = "auto",
+        output: Callable[[Any], torch.Tensor] | None = None,
     ) -> None:
         if route not in ROUTES:
             raise ValueError(f"route: expected one of {list(ROUTES)}, got {route!r}")
@@ -64,12 +68,12 @@ class ModelOperator(TorchLinearOperator):
         _check_process_group(process_group)
         self.process_group = process_group
         self._num_samples: int | None = None
-        space = ParamSpace(model, params)
+        space = ParamSpace(model, params, output=output)
         dtype = dtype or space.dtype
-        if not (dtype.is_floating_point or dtype.is_complex):
-            raise TypeError(f"dtype: expected a floating torch dtype, got {dtype}")
+        if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex):
+            raise TypeError(f"dtype: expected a floating torch dtype, got {dtype!r}")
         device = torch.device(device) if device is not None else space.device
-        self.space = space.to(dtype=dtype, device=device)
+        self.space = _converted(space, dtype, device)
         self.batches = Batches(
             data,
             dtype=dtype,
@@ -92,6 +96,9 @@ class ModelOperator(TorchLinearOperator):
         self._chain: Chain | bool | None = False  # False: not looked for yet
         #: the route the products take, ``"chain"`` or ``"autograd"`` (known after the first)
         self.route: str | None = None
+        #: whether a pass takes several vectors at once, per direction (``None``: not yet
+        #: verified; ``False``: one vector per pass, see :meth:`_apply`)
+        self.batched: dict[bool, bool | None] = {False: None, True: None}
 
     def _route_graph(self, chained: Callable[[Chain], Any], autograd: Callable[[], Any]) -> Any:
         """One batch's graph by the chain route (:mod:`linops._chain`) when it applies.
@@ -154,11 +161,53 @@ class ModelOperator(TorchLinearOperator):
         return self._num_samples
 
     def _apply(self, X: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
-        if self.process_group is None:
-            return super()._apply(X, adjoint)
-        from linops.distributed import data_parallel_apply
+        if self.process_group is not None:
+            from linops.distributed import data_parallel_apply
 
-        return data_parallel_apply(self, X, adjoint)
+            return data_parallel_apply(self, X, adjoint)
+        if X.shape[1] > 1 and self.batched[adjoint] is None:
+            return self._first_batched(X, adjoint)
+        apply = super()._apply
+        if self.batched[adjoint] is False and X.shape[1] > 1:
+            return torch.cat([apply(X[:, i : i + 1], adjoint) for i in range(X.shape[1])], 1)
+        return apply(X, adjoint)
+
+    def _first_batched(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
+        """The first many-vector product of a direction, verified against a single-vector one.
+
+        torch's batching rules (``is_grads_batched``, i.e. vmap over a backward pass) are
+        missing or wrong for some kernels (:mod:`linops._defects`: GroupNorm's double
+        backward). On the autograd route the first column of the first batched product is
+        recomputed alone; if the batched pass raised or disagrees, this operator computes one
+        vector per pass from then on (``op.batched``, ``op.route``) and warns once.
+        """
+        apply = super()._apply
+        try:
+            out, failure = apply(X, adjoint), None
+        except RuntimeError as err:
+            out, failure = None, err
+        if self.route == "chain" and failure is None:
+            self.batched[adjoint] = True
+            return out  # type: ignore[return-value]
+        single = apply(X[:, :1], adjoint)  # raises if products fail altogether
+        if out is not None:
+            diff = float((out[:, :1] - single).abs().max())
+            tol = math.sqrt(torch.finfo(single.real.dtype).eps) * float(single.abs().max())
+            if diff <= tol:
+                self.batched[adjoint] = True
+                return out
+            failure = f"its first column differs from a single-vector product by {diff:.3g}"
+        self.batched[adjoint] = False
+        self.route = f"{self.route}, one vector per pass"
+        warnings.warn(
+            f"{type(self).__name__}: torch's batched {'adjoint ' if adjoint else ''}product "
+            f"failed on this model ({str(failure).splitlines()[0][:200]}); computing one vector "
+            "per pass instead (exact, slower)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        rest = [apply(X[:, i : i + 1], adjoint) for i in range(1, X.shape[1])]
+        return torch.cat([single, *rest], dim=1)
 
     def clear_cache(self) -> None:
         """Free the retained graphs (they are rebuilt at the next product)."""
@@ -178,6 +227,38 @@ class ModelOperator(TorchLinearOperator):
     def bytes_per_vector(self) -> int:
         itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
         return 4 * (self.shape[0] + self.shape[1]) * itemsize
+
+
+def _converted(space: ParamSpace, dtype: torch.dtype, device: torch.device) -> ParamSpace:
+    """The space on a model whose parameters *and buffers* have ``dtype`` and ``device``.
+
+    A model already there is used as it is (its parameters live: later in-place updates show
+    in the products). Otherwise the model is deep-copied and converted, so BatchNorm
+    statistics, frozen layers and other buffers match the products' dtype; the user's model
+    is never changed.
+    """
+    model = space.model
+
+    def ready(t: torch.Tensor) -> bool:
+        return t.device == device and (t.dtype == dtype or not t.is_floating_point())
+
+    others = [p for n, p in model.named_parameters() if n not in space.names]
+    if all(ready(t) for t in [*others, *model.buffers()]):
+        return space.to(dtype=dtype, device=device)  # only the selected values, if any, differ
+    try:
+        copied = copy.deepcopy(model)
+    except Exception as err:  # a model holding something that cannot be copied
+        raise TypeError(
+            f"dtype: converting the model to {dtype} on {device} needs a copy of it, which "
+            f"failed ({type(err).__name__}: {err}); convert the model yourself "
+            f"(model.to({dtype}))"
+        ) from None
+    copied.to(device=device)
+    for t in [*copied.parameters(), *copied.buffers()]:
+        if t.is_floating_point():
+            t.data = t.data.to(dtype=dtype)
+    values = {n: v.detach().to(dtype=dtype, device=device) for n, v in space.values().items()}
+    return ParamSpace(copied, values, output=space.output)
 
 
 def _check_process_group(group: Any) -> None:

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from linops._autodiff import GradientGraph, LossFn, OutputGraph, infer_reduction
+from linops._autodiff import GradientGraph, LossFn, OutputGraph
 from linops._chain import ChainGradientGraph, ChainOutputGraph
 from linops._loss import OutputLoss
 from linops._model import ModelOperator
+from linops._reduction import Reduction, check_reduction, loss_reduction
 
 __all__ = ["GGNOperator", "HessianOperator", "OutputHessianOperator"]
 
@@ -37,7 +38,8 @@ class _LossOperator(ModelOperator):
         data: Any,
         params: Any = None,
         *,
-        reduction: str | None = None,
+        reduction: Any = None,
+        output: Any = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         batch_size: int | None = None,
@@ -51,8 +53,7 @@ class _LossOperator(ModelOperator):
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
-        if reduction not in (None, "mean", "sum"):
-            raise ValueError(f"reduction: expected 'mean', 'sum' or None, got {reduction!r}")
+        check_reduction(reduction)
         super().__init__(
             model,
             data,
@@ -69,24 +70,50 @@ class _LossOperator(ModelOperator):
             memory_limit_bytes=memory_limit_bytes,
             process_group=process_group,
             route=route,
+            output=output,
         )
         self.loss_fn, self._reduction = loss_fn, reduction
+        self._loss_reduction: Reduction | None = None
+        self._batch_weights: list[float] | None = None
 
     @property
     def reduction(self) -> str:
-        """``"mean"`` or ``"sum"``: given, or inferred from the loss on the first batch."""
-        if self._reduction is None:
-            x, y = self.batches.batches[0]
-            with torch.no_grad():
-                out = self.space.functional_call(self.space.values(), x)
-            self._reduction = infer_reduction(self.loss_fn, out, y)
-        return self._reduction
+        """``"mean"`` or ``"sum"``: given, or read from the loss (:mod:`linops._reduction`)."""
+        return self._reduce().kind
+
+    def _reduce(self) -> Reduction:
+        if self._loss_reduction is None:
+            several = len(self.batches) > 1 or self.process_group is not None
+            self._loss_reduction = loss_reduction(
+                self.loss_fn, self._reduction, several_batches=several
+            )
+        return self._loss_reduction
 
     def _weights(self) -> list[float]:
-        """Weight of each batch's loss in the dataset loss."""
-        sizes = [len(x) for x, _ in self.batches]
-        total = self.num_samples  # over all ranks of the process group, if any
-        return [s / total for s in sizes] if self.reduction == "mean" else [1.0] * len(sizes)
+        r"""Weight of each batch's loss in the dataset loss: :math:`W_b / \sum_{b'} W_{b'}`.
+
+        With a mean reduction :math:`W_b` is the batch's normaliser (samples, entries,
+        non-ignored targets or their class weights: :mod:`linops._reduction`), so the operator
+        over batches is the one of the loss on the concatenated data. Computed once, from one
+        forward pass per batch.
+        """
+        if self._batch_weights is None:
+            reduction = self._reduce()
+            outs = []
+            with torch.no_grad():
+                for i, (x, y) in enumerate(self.batches):
+                    out = self.space.functional_call(self.space.values(), x)
+                    if i == 0:
+                        _check_scalar_loss(self.loss_fn, out, y)
+                    outs.append((out, y))
+            total = None
+            if self.process_group is not None and reduction.kind == "mean":
+                local = sum(float(reduction.normaliser(o, y)) for o, y in outs)  # type: ignore[misc]
+                t = torch.tensor([local], dtype=torch.float64, device=self.device)
+                torch.distributed.all_reduce(t, group=self.process_group)
+                total = float(t.item())
+            self._batch_weights = reduction.weights(outs, total)
+        return self._batch_weights
 
     def _accumulate(self, X: torch.Tensor, product: Any) -> torch.Tensor:
         tangents, batched = self._split_params(X)
@@ -95,6 +122,16 @@ class _LossOperator(ModelOperator):
             part = [w * t for t in product(graph, tangents, batched)]
             total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
         return self._join_params(total, batched)
+
+
+def _check_scalar_loss(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor | None) -> None:
+    value = loss_fn(out, y)
+    if not isinstance(value, torch.Tensor) or value.dim() != 0:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(
+            f"loss_fn: expected a scalar loss (reduction 'mean' or 'sum'), got {shape}; a loss "
+            "without a reduction does not define a Hessian"
+        )
 
 
 class HessianOperator(_LossOperator):
@@ -106,15 +143,25 @@ class HessianOperator(_LossOperator):
         The network (evaluated at its current parameters).
     loss_fn
         ``loss_fn(outputs, targets) -> scalar`` with a mean or sum reduction (a loss
-        returning per-sample values is refused).
+        returning per-sample values is refused): any torch loss module or functional
+        (class weights, ``ignore_index``, label smoothing, soft targets, ``KLDivLoss``
+        with ``"batchmean"``, ``pos_weight``, sequence losses on ``(N, C, T)`` logits), or a
+        plain function (then, over several batches, say how it reduces with ``reduction``).
     data
         An ``(X, y)`` pair of tensors or an iterable of ``(x, y)`` batches.
     params
         Which parameters (see :class:`linops.ParamSpace`).
     reduction
-        ``"mean"`` or ``"sum"`` over the whole dataset; default: the loss module's
-        ``reduction`` attribute, else inferred on the first batch. With ``"mean"`` a batch of
-        ``n_b`` samples is weighted ``n_b / N``.
+        How the loss reduces over the dataset. Default: read from torch's loss (its
+        ``reduction`` and, for a mean, the normaliser :math:`W_b` of each batch: samples,
+        entries, non-ignored targets or their class weights), so that the operator over
+        batches equals the one on the concatenated data. ``"sum"``; ``"mean"`` (for a plain
+        function: a mean over samples); or a callable ``(outputs, targets) -> W_b`` (batch
+        ``b`` weighted :math:`W_b / \sum W`). A plain function over several batches without
+        it is refused.
+    output
+        Selects the tensor to differentiate from the model's return value
+        (``lambda out: out.logits``); see :class:`linops.ParamSpace`.
     process_group
         A ``torch.distributed`` process group: each rank passes its own shard of the data,
         a product is the all-reduce of the local products (replicated on every rank) and

@@ -44,6 +44,10 @@ class JacobianOperator(ModelOperator):
         Which parameters (see :class:`linops.ParamSpace`); columns follow its order.
     output_index
         If given, only output unit ``j``: the ``n x m`` slice :math:`J_{:, j, :}` of seed 000.
+    output
+        Selects the tensor to differentiate from what the model returns, for models that
+        return tuples, dicts or output objects (``lambda out: out[0]``,
+        ``lambda out: out.logits``); see :class:`linops.ParamSpace`.
     dtype, device
         Of the products (default: those of the parameters); inputs are cast and moved once.
     batch_size
@@ -57,11 +61,13 @@ class JacobianOperator(ModelOperator):
     max_vectors, memory_limit_bytes
         Bound the number of vectors per batched pass (see :class:`TorchLinearOperator`).
     route
-        ``"auto"`` (default): hand-derived products when the model is a chain of
+        ``"auto"`` (default): hand-derived products when the model provably is a chain of
         ``nn.Linear``, ``nn.Conv2d``, ``nn.MaxPool2d``, ``nn.AvgPool2d`` and elementwise
-        modules (an MLP or a plain CNN; :mod:`linops._chain`), else autograd on a retained
-        graph; ``"chain"`` requires the former, ``"autograd"`` forces the latter. The route
-        taken is ``op.route`` after the first product.
+        modules (a plain ``nn.Sequential`` MLP or CNN without hooks, parametrizations or
+        subclassed forwards; :mod:`linops._chain`), else autograd on a retained graph;
+        ``"chain"`` requires the former, ``"autograd"`` forces the latter. The route taken is
+        ``op.route`` after the first product (``"autograd, one vector per pass"`` where torch
+        cannot batch a layer's derivatives: see :mod:`linops._defects`).
     process_group
         A ``torch.distributed`` process group: each rank passes its own shard of the inputs
         (contiguous, in rank order, e.g. :func:`linops.distributed.shard`) and the operator
@@ -95,6 +101,7 @@ class JacobianOperator(ModelOperator):
         params: Any = None,
         *,
         output_index: int | None = None,
+        output: Any = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         batch_size: int | None = None,
@@ -123,6 +130,7 @@ class JacobianOperator(ModelOperator):
             memory_limit_bytes=memory_limit_bytes,
             process_group=process_group,
             route=route,
+            output=output,
         )
 
     def _infer_shape(self, batches: Batches, space: ParamSpace) -> tuple[int, int]:
@@ -218,6 +226,11 @@ class NTKOperator(TorchLinearOperator):
             dtype=self.J1.torch_dtype,
             device=self.J1.device,
         )
+
+    @property
+    def route(self) -> str | None:
+        """The route of the Jacobians' products (see :class:`JacobianOperator`)."""
+        return self.J1.route
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         return self.J1._apply(self.J2._apply(X, adjoint=True))

@@ -4,16 +4,20 @@ A :class:`ParamSpace` fixes a list of named parameters of a ``torch.nn.Module`` 
 ones by default, or a subset such as one layer). The flat vector
 :math:`\theta \in \mathbb{R}^m` concatenates them in that order, each flattened row-major.
 Parameters outside the subset and all buffers (e.g. BatchNorm statistics) are held fixed at
-their values in the model.
+their values in the model. A model that returns a tuple, a dict or an output object is read
+through an ``output`` selector (``lambda out: out.logits``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 from torch.func import functional_call
+
+from linops._defects import uses_weight_norm, workarounds
 
 __all__ = ["ParamSpace"]
 
@@ -26,15 +30,24 @@ class ParamSpace:
     model
         The module whose parameters are differentiated.
     params
-        ``None`` (all parameters with ``requires_grad``), a sequence of parameter names
-        (``"0.weight"``), a sequence of the model's parameter tensors, or a mapping from names
-        to tensors (values override the model's, e.g. a point other than the current one).
+        ``None`` (all parameters with ``requires_grad``); a submodule of the model (all its
+        trainable parameters); a sequence of parameter names (``"0.weight"``), name prefixes
+        of submodules (``"2"`` or ``"encoder.layers.0"``: their trainable parameters), the
+        model's parameter tensors or submodules; or a mapping from names to tensors (values
+        override the model's, e.g. a point other than the current one).
+    output
+        Selects the tensor to differentiate from what the model returns (``lambda out:
+        out[0]``, ``lambda out: out["logits"]``, ``lambda out: out.logits``); default: the
+        return value, which must then be a tensor.
 
     Raises
     ------
     ValueError
         If the model has no trainable parameters, or ``params`` names or holds a tensor that
         is not a parameter of the model.
+    TypeError
+        If ``output`` is not callable, or ``params`` holds something that is neither a name,
+        a tensor nor a module.
 
     Examples
     --------
@@ -44,8 +57,22 @@ class ParamSpace:
     (['weight', 'bias'], 8)
     """
 
-    def __init__(self, model: torch.nn.Module, params: Any = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        params: Any = None,
+        *,
+        output: Callable[[Any], torch.Tensor] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if output is not None and not callable(output):
+            raise TypeError(
+                f"output: expected a callable selecting a tensor, got {type(output).__name__}"
+            )
         named = dict(model.named_parameters())
+        if isinstance(params, str | nn.Module | torch.Tensor):
+            params = [params]
         if params is None:
             names = [n for n, p in named.items() if p.requires_grad]
             if not names:
@@ -55,7 +82,7 @@ class ParamSpace:
             values = dict(params)
             _check_names(values, named)
         else:
-            values = _resolve(list(params), named)
+            values = _resolve(list(params), named, model)
         if not values:
             raise ValueError("params: expected at least one parameter, got an empty selection")
         self.model = model
@@ -69,6 +96,8 @@ class ParamSpace:
         self._shared_modules = len(list(model.named_modules(remove_duplicate=False))) != len(
             list(model.named_modules())
         )
+        self.output = output
+        self._weight_norm = uses_weight_norm(model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -121,11 +150,33 @@ class ParamSpace:
         """Call the model with ``params`` in place of the selected parameters.
 
         Parameters outside the space and buffers keep their values in the model, which is left
-        as it was (also when a module appears in it twice).
+        as it was (also when a module appears in it twice). The call runs in the context that
+        works around torch's known derivative defects (:mod:`linops._defects`), and the
+        ``output`` selector picks the tensor from what the model returns.
+
+        Raises
+        ------
+        TypeError
+            If the (selected) output is not a tensor.
         """
-        if self._shared_modules:
-            return _call_swapped(self.model, params, args)
-        return functional_call(self.model, dict(params), args)
+        with workarounds(self.model, weight_norm=self._weight_norm):
+            if self._shared_modules:
+                out = _call_swapped(self.model, params, args)
+            else:
+                out = functional_call(self.model, dict(params), args)
+        if self.output is not None:
+            out = self.output(out)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(
+                    f"output: expected the selector to return a tensor, got {_kind(out)}"
+                )
+        elif not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"model: expected the forward pass to return a tensor, got {_kind(out)}; pass "
+                "output= to select the tensor to differentiate (e.g. output=lambda out: out[0] "
+                "or output=lambda out: out.logits)"
+            )
+        return out
 
     def to(self, dtype: torch.dtype | None = None, device: Any = None) -> ParamSpace:
         """A copy of the space whose reference values live in another dtype or device."""
@@ -171,16 +222,39 @@ def _check_names(values: Mapping[str, torch.Tensor], named: Mapping[str, Any]) -
             )
 
 
-def _resolve(items: Iterable[Any], named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _kind(out: Any) -> str:
+    if isinstance(out, tuple | list):
+        return f"a {type(out).__name__} of {len(out)}"
+    if isinstance(out, Mapping):
+        return f"a {type(out).__name__} with keys {list(out)}"
+    return f"a {type(out).__name__}"
+
+
+def _resolve(
+    items: Iterable[Any], named: Mapping[str, torch.Tensor], model: nn.Module
+) -> dict[str, torch.Tensor]:
     by_id = {id(p): n for n, p in named.items()}
+    modules = dict(model.named_modules())
     values: dict[str, torch.Tensor] = {}
     for item in items:
-        if isinstance(item, str):
-            if item not in named:
+        if isinstance(item, str) and item not in named:
+            if item not in modules:
                 raise ValueError(
-                    f"params: {item!r} is not a parameter of the model; expected names among "
-                    f"{list(named)}"
+                    f"params: {item!r} is neither a parameter nor a submodule of the model; "
+                    f"expected names among {list(named)} or a prefix such as "
+                    f"{sorted({n.rsplit('.', 1)[0] for n in named if '.' in n})[:8]}"
                 )
+            item = modules[item]
+        if isinstance(item, nn.Module):
+            found = [by_id.get(id(p)) for p in item.parameters() if p.requires_grad]
+            if not found or None in found:
+                raise ValueError(
+                    f"params: expected a submodule of the model with trainable parameters, got "
+                    f"a {type(item).__name__} "
+                    + ("without any" if not found else "that is not part of the model")
+                )
+            values.update({n: named[n] for n in found if n is not None})
+        elif isinstance(item, str):
             values[item] = named[item]
         elif isinstance(item, torch.Tensor):
             if id(item) not in by_id:
@@ -190,5 +264,7 @@ def _resolve(items: Iterable[Any], named: Mapping[str, torch.Tensor]) -> dict[st
                 )
             values[by_id[id(item)]] = item
         else:
-            raise TypeError(f"params: expected names or tensors, got {type(item).__name__}")
+            raise TypeError(
+                f"params: expected names, tensors or modules, got {type(item).__name__}"
+            )
     return values

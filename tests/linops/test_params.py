@@ -47,7 +47,9 @@ def test_functional_call_uses_given_values_and_keeps_the_rest() -> None:
 
 def test_errors() -> None:
     model = _model()
-    with pytest.raises(ValueError, match=r"params: 'x' is not a parameter of the model"):
+    with pytest.raises(
+        ValueError, match=r"params: 'x' is neither a parameter nor a submodule of the model"
+    ):
         ParamSpace(model, ["x"])
     with pytest.raises(ValueError, match=r"params\['2.bias'\]: expected shape \(2,\), got \(3,\)"):
         ParamSpace(model, {"2.bias": torch.ones(3)})

@@ -1,0 +1,314 @@
+"""Every operator on the zoo of models researchers study, against independent references.
+
+For each model of :mod:`tests.linops.zoo` (attention of every kind, normalization layers,
+recurrent nets, custom forwards, parametrizations, weight sharing, tuple/dict outputs, losses
+over loaders), the Hessian, GGN, Jacobian, its transpose, the NTK and the Hessian of one output
+are built densely through the operators' products and compared in float64 with the
+references of :mod:`tests.linops.references` (reverse-over-reverse, no vmap). The reference
+Hessian itself is checked against a central finite difference of gradients. The regression
+tests of the issue's failures follow.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
+
+import linops
+from linops._defects import KNOWN_DEFECTS
+from tests.linops.references import Reference
+from tests.linops.zoo import BY_NAME, ZOO, ZooCase, _mlp
+
+RTOL = 1e-10
+OPERATORS = ("H", "GGN", "J", "JT", "NTK", "OH")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / max(float(b.norm()), 1e-300))
+
+
+def _setup(case: ZooCase) -> tuple[Any, ...]:
+    model, X, y, loss = case.build()
+    kw = dict(case.kwargs)
+    if kw.get("params") == "module:2":
+        kw["params"] = model[2]
+    names = (
+        case.names(model)
+        if case.names
+        else [n for n, p in model.named_parameters() if p.requires_grad]
+    )
+    call = case.reference_call(model) if case.reference_call else None
+    ref = Reference(model, names, X, output=kw.get("output"), call=call)
+    if case.loader_batch:
+        data: Any = DataLoader(TensorDataset(X, y), batch_size=case.loader_batch)
+        inputs: Any = DataLoader(TensorDataset(X), batch_size=case.loader_batch)
+    else:
+        data, inputs = (X, y), X
+    return model, X, y, loss, kw, ref, data, inputs
+
+
+def _operator(name: str, case: ZooCase, route: str = "auto") -> tuple[Any, torch.Tensor]:
+    model, X, y, loss, kw, ref, data, inputs = _setup(case)
+    jkw = {k: v for k, v in kw.items() if k != "reduction"}
+    if name == "H":
+        return linops.HessianOperator(model, loss, data, route=route, **kw), ref.hessian(loss, y)
+    if name == "GGN":
+        return linops.GGNOperator(model, loss, data, route=route, **kw), ref.ggn(loss, y)
+    if name in ("J", "JT"):
+        J = linops.JacobianOperator(model, inputs, route=route, **jkw)
+        D = ref.jacobian()
+        return (J, D) if name == "J" else (J.T, D.T)
+    if name == "NTK":
+        D = ref.jacobian()
+        return linops.NTKOperator(model, X, route=route, **jkw), D @ D.T
+    x = X[:2]
+    return linops.OutputHessianOperator(model, x, 1, route=route, **jkw), ref.output_hessian(x, 1)
+
+
+@pytest.mark.parametrize("op_name", OPERATORS)
+@pytest.mark.parametrize("case", ZOO, ids=[c.name for c in ZOO])
+def test_zoo_operator_is_exact(case: ZooCase, op_name: str) -> None:
+    op, D = _operator(op_name, case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the GroupNorm fallback announces itself
+        dense = op.to_dense()
+    assert _rel(dense, D) < RTOL
+    v = torch.randn(op.shape[1], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert _rel(op @ v, D @ v) < RTOL  # a many-vector product, not only the dense build
+    assert _rel(op @ v[:, 0], D @ v[:, 0]) < RTOL  # and a single one
+
+
+@pytest.mark.parametrize("case", ZOO, ids=[c.name for c in ZOO])
+def test_zoo_reference_hessian_agrees_with_finite_differences(case: ZooCase) -> None:
+    if not case.finite_difference:
+        pytest.skip("autograd's derivatives treat .detach() as a constant, the values do not")
+    _, _, y, loss, _, ref, _, _ = _setup(case)
+    H = ref.hessian(loss, y)
+    assert ref.fd_hessian_error(H, loss, y) < 1e-6
+
+
+@pytest.mark.parametrize("case", ZOO, ids=[c.name for c in ZOO])
+def test_routes_never_disagree(case: ZooCase) -> None:
+    """The chain route, where taken, gives the autograd route's products."""
+    auto, _ = _operator("H", case)
+    v = torch.randn(auto.shape[1], 2, dtype=torch.float64, generator=torch.Generator())
+    forced, _ = _operator("H", case, route="autograd")
+    assert _rel(auto @ v, forced @ v) < RTOL
+    J, _ = _operator("J", case)
+    Ja, _ = _operator("J", case, route="autograd")
+    assert _rel(J @ v, Ja @ v) < RTOL
+
+
+# ------------------------------------------------------------------ regressions of the issue
+def test_transformers_take_the_math_attention_and_keep_the_users_settings() -> None:
+    fast = torch.backends.mha.get_fastpath_enabled()
+    op, D = _operator("H", BY_NAME["transformer-post-norm"])
+    assert _rel(op.to_dense(), D) < RTOL
+    assert op.route == "autograd"
+    assert torch.backends.mha.get_fastpath_enabled() == fast
+
+
+def test_transformer_in_float32_is_close_to_float64() -> None:
+    case = BY_NAME["gpt-tied-sequence-ce"]
+    model, X, y, loss, _, ref, _, _ = _setup(case)
+    H32 = linops.HessianOperator(model.float(), loss, (X, y))
+    D = ref.hessian(loss, y)
+    v = torch.randn(H32.shape[1], 4, generator=torch.Generator().manual_seed(0))
+    assert (H32 @ v).dtype == torch.float32
+    assert _rel((H32 @ v).double(), D @ v.double()) < 1e-4
+
+
+def test_group_norm_falls_back_to_one_vector_per_pass_visibly() -> None:
+    op, D = _operator("H", BY_NAME["group-norm-cnn"])
+    v = torch.randn(op.shape[1], 4, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="one vector per pass"):
+        out = op @ v
+    assert _rel(out, D @ v) < RTOL
+    assert op.route == "autograd, one vector per pass" and op.batched[False] is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert _rel(op @ v, D @ v) < RTOL
+
+
+@pytest.mark.parametrize(
+    "name", ["sequential-subclass-detach", "linear-subclass", "forward-hook", "weight-norm"]
+)
+def test_models_the_chain_would_misread_take_autograd(name: str) -> None:
+    op, D = _operator("J", BY_NAME[name])
+    assert _rel(op.to_dense(), D) < RTOL
+    assert op.route == "autograd"
+    with pytest.raises(ValueError, match="route: 'chain' needs"):
+        _operator("J", BY_NAME[name], route="chain")[0] @ torch.ones(op.shape[1]).double()
+
+
+def test_plain_sequential_still_takes_the_chain() -> None:
+    op, D = _operator("H", BY_NAME["ce-class-weights-loader"])
+    assert _rel(op.to_dense(), D) < RTOL
+    assert op.route == "chain"
+
+
+def test_weight_norm_hessian_is_exact_and_the_defect_is_listed() -> None:
+    op, D = _operator("H", BY_NAME["weight-norm"])
+    assert _rel(op.to_dense(), D) < RTOL
+    assert any("weight_norm" in d.name for d in KNOWN_DEFECTS)
+    # the model itself still computes torch's own weight norm afterwards
+    model = BY_NAME["weight-norm"].build()[0]
+    pieces = model[0].parametrizations.weight
+    assert torch.equal(model[0].weight, torch._weight_norm(pieces.original1, pieces.original0, 0))
+
+
+def test_old_style_weight_norm_hook_is_exact() -> None:
+    torch.manual_seed(0)
+    model = _mlp().double()
+    nn.utils.weight_norm(model[2])
+    X, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    names = [n for n, _ in model.named_parameters()]
+    H = linops.HessianOperator(model, nn.CrossEntropyLoss(), (X, y)).to_dense()
+    loss = nn.CrossEntropyLoss()
+    ref = Reference(model, names, X)
+    assert ref.fd_hessian_error(H, loss, y) < 1e-6
+    assert _rel(H, H.T) < 1e-12
+
+
+def test_loader_losses_weight_batches_by_their_share_of_the_total() -> None:
+    for name in ("ce-class-weights-loader", "ce-ignore-index-loader"):
+        for op_name in ("H", "GGN"):
+            op, D = _operator(op_name, BY_NAME[name])
+            assert _rel(op.to_dense(), D) < RTOL
+
+
+def test_float32_model_with_buffers_and_frozen_layers_in_float64() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 5), nn.Linear(5, 3)
+    ).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    model[3].requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    H = linops.HessianOperator(model, nn.CrossEntropyLoss(), (X, y), dtype=torch.float64)
+    reference = Reference(
+        _double_copy(model), [n for n, p in model.named_parameters() if p.requires_grad], X
+    )
+    assert _rel(H.to_dense(), reference.hessian(nn.CrossEntropyLoss(), y)) < RTOL
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert next(model.parameters()).dtype == torch.float32  # the user's model is unchanged
+
+
+def _double_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
+def test_tuple_output_without_a_selector_is_refused_clearly() -> None:
+    model, X, *_ = BY_NAME["tuple-output"].build()
+    with pytest.raises(
+        TypeError, match=r"model: expected the forward pass to return a tensor.*output="
+    ):
+        linops.JacobianOperator(model, X)
+    with pytest.raises(TypeError, match="output: expected the selector to return a tensor"):
+        linops.JacobianOperator(model, X, output=lambda out: out[1].item())
+    with pytest.raises(TypeError, match="output: expected a callable"):
+        linops.JacobianOperator(model, X, output="logits")
+
+
+def test_plain_function_loss_over_several_batches_needs_its_reduction() -> None:
+    model, X, y, loss = BY_NAME["plain-function-loss"].build()
+    loader = DataLoader(TensorDataset(X, y), batch_size=4)
+    H = linops.HessianOperator(model, loss, loader)
+    with pytest.raises(ValueError, match="reduction: loss_fn _plain_ce is a plain function"):
+        H @ torch.ones(H.shape[1], dtype=torch.float64)
+    one_batch = linops.HessianOperator(model, loss, (X, y))  # one batch: no ambiguity
+    one_batch @ torch.ones(H.shape[1], dtype=torch.float64)
+    with pytest.raises(ValueError, match="reduction: expected 'mean', 'sum', None"):
+        linops.HessianOperator(model, loss, loader, reduction="avg")
+    none = linops.HessianOperator(model, nn.CrossEntropyLoss(reduction="none"), loader)
+    with pytest.raises(ValueError, match="reduction='none'"):
+        none @ torch.ones(H.shape[1], dtype=torch.float64)
+
+
+def test_a_callable_reduction_gives_each_batch_its_normaliser() -> None:
+    model, X, y, _ = BY_NAME["ce-ignore-index-loader"].build()
+    loader = DataLoader(TensorDataset(X, y), batch_size=3)
+
+    def mean_over_kept(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(out, t, reduction="sum") / max(
+            int((t != -100).sum()), 1
+        )
+
+    H = linops.HessianOperator(
+        model, mean_over_kept, loader, reduction=lambda out, t: float((t != -100).sum())
+    )
+    ref = linops.HessianOperator(model, nn.CrossEntropyLoss(), (X, y))
+    assert _rel(H.to_dense(), ref.to_dense()) < RTOL
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        lambda ds: WeightedRandomSampler(torch.ones(len(ds)), len(ds)),
+        lambda ds: RandomSampler(ds, replacement=True),
+        lambda ds: RandomSampler(ds),
+    ],
+)
+def test_samplers_that_change_between_passes_are_refused(sampler: Any) -> None:
+    model, X, y, loss = BY_NAME["ce-class-weights-loader"].build()
+    ds = TensorDataset(X, y)
+    loader = DataLoader(ds, batch_size=4, sampler=sampler(ds))
+    with pytest.raises(ValueError, match="draws a different order or resample at every pass"):
+        linops.HessianOperator(model, loss, loader)
+    linops.HessianOperator(model, loss, loader, allow_reshuffle=True)  # the opt-out
+
+
+def test_a_custom_sampler_with_a_fixed_order_is_accepted_and_a_changing_one_refused() -> None:
+    model, X, y, loss = BY_NAME["ce-class-weights-loader"].build()
+    ds = TensorDataset(X, y)
+    fixed = DataLoader(ds, batch_size=4, sampler=[8, 1, 2, 3, 0, 4, 5, 6, 7])
+    linops.HessianOperator(model, loss, fixed)
+
+    class Drifting(torch.utils.data.Sampler):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __iter__(self) -> Any:
+            self.calls += 1
+            return iter(range(self.calls % 2, 9))
+
+        def __len__(self) -> int:
+            return 9
+
+    with pytest.raises(ValueError, match="Drifting"):
+        linops.HessianOperator(model, loss, DataLoader(ds, batch_size=4, sampler=Drifting()))
+
+
+def test_params_accept_modules_and_prefixes() -> None:
+    model, X, *_ = BY_NAME["layer-params-prefix"].build()
+    by_module = linops.JacobianOperator(model, X, params=model[2])
+    by_prefix = linops.JacobianOperator(model, X, params=["2"])
+    by_names = linops.JacobianOperator(model, X, params=["2.weight", "2.bias"])
+    assert by_module.space.names == by_prefix.space.names == ["2.weight", "2.bias"]
+    assert torch.equal(by_module.to_dense(), by_names.to_dense())
+    with pytest.raises(ValueError, match="params: '7' is neither a parameter nor a submodule"):
+        linops.JacobianOperator(model, X, params=["7"])
+    with pytest.raises(ValueError, match="not part of the model"):
+        linops.JacobianOperator(model, X, params=nn.Linear(2, 2))
+
+
+def test_every_operator_has_a_route() -> None:
+    model, X, y, loss = BY_NAME["lstm"].build()
+    ops = [
+        linops.HessianOperator(model, loss, (X, y)),
+        linops.GGNOperator(model, loss, (X, y)),
+        linops.JacobianOperator(model, X),
+        linops.NTKOperator(model, X),
+        linops.OutputHessianOperator(model, X[:1], 0),
+    ]
+    for op in ops:
+        op @ torch.ones(op.shape[1], dtype=torch.float64)
+        assert op.route == "autograd"
