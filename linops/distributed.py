@@ -19,11 +19,14 @@ call ``op._apply``, run unchanged on every rank as long as they draw the same ra
 pass the same ``seed`` everywhere (:func:`shared_seed`).
 
 Failure handling. Before every payload collective, each rank runs its local work inside a
-``try``, then joins one small *header* all-reduce that carries an error flag, the payload
-shapes, a per-operator call counter and a checksum of the (supposedly replicated) input. If any
-rank failed, or the ranks disagree (different shapes, a rank that skipped a product, different
-start vectors), every rank raises :class:`DistributedError` naming the ranks and their
-messages, instead of one rank raising and the others hanging in the next collective. A rank
+``try``, then joins one small *header* all-reduce (one row per rank) that carries an error
+flag, the dtypes and payload shapes, a per-operator call counter and a checksum of the
+(supposedly replicated) input. If any rank failed (a non-finite local product included), or
+the ranks disagree, every rank raises :class:`DistributedError` saying what differs and each
+rank's value ("dtype (rank 0: torch.float64; rank 1: torch.float32)", the columns of a block,
+i.e. an algorithm's ``k``, or input vectors of equal shape but different values, i.e. a
+different ``seed``), instead of one rank raising and the others hanging in the next
+collective. A rank
 that dies or never arrives is caught by the process group's own ``timeout``
 (``init_process_group(..., timeout=...)``), which bounds every wait.
 """
@@ -52,9 +55,9 @@ __all__ = [
 T = TypeVar("T")
 
 #: The header of a guarded step has a fixed length (so two headers always pair up in one
-#: all-reduce): error flag, up to eight named integers that must agree, an input checksum and
+#: all-reduce): error flag, up to twelve named integers that must agree, an input checksum and
 #: its tolerance.
-_SLOTS = 8
+_SLOTS = 12
 _MESSAGE_BYTES = 512
 
 
@@ -207,6 +210,43 @@ def _checksum(X: torch.Tensor | None) -> tuple[float, float]:
     return value, math.sqrt(eps) * float(Xd.abs().sum()) + 1e-300
 
 
+#: dtypes sent through the header as small integer codes (0: another dtype)
+_DTYPES = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.complex64,
+    torch.complex128,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+)
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) + 1 if dtype in _DTYPES else 0
+
+
+def _show(name: str, value: float) -> str:
+    if "dtype" in name:
+        code = int(value)
+        return str(_DTYPES[code - 1]) if 0 < code <= len(_DTYPES) else "another dtype"
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.6g}"
+
+
+def _per_rank(name: str, values: list[float]) -> str:
+    """``"rank 0: 3; ranks 1, 2: 4"``: each distinct value with the ranks that hold it."""
+    groups: dict[float, list[int]] = {}
+    for rank, v in enumerate(values):
+        groups.setdefault(v, []).append(rank)
+    parts = [
+        f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {_show(name, v)}"
+        for v, r in groups.items()
+    ]
+    return "; ".join(parts)
+
+
 def _guarded(
     group: Any,
     local: Callable[[], T],
@@ -219,9 +259,9 @@ def _guarded(
     """Run ``local()`` on this rank, then agree with every rank of ``group`` in one all-reduce.
 
     Raises :class:`DistributedError` on every rank if any rank's ``local()`` raised, or if the
-    ranks' ``exact`` signatures (operator, call counter, shapes) or input checksums differ,
-    and on this rank if the all-reduce itself fails (a rank died or did not arrive within the
-    process group's timeout).
+    ranks' ``exact`` signatures (operator, dtypes, call counter, shapes) or input checksums
+    differ, naming what differs and each rank's value; and on this rank if the all-reduce
+    itself fails (a rank died or did not arrive within the process group's timeout).
     """
     error: BaseException | None = None
     try:
@@ -230,31 +270,36 @@ def _guarded(
         check, tol = _checksum(checksum_of)
     except Exception as exc:  # reported on every rank below
         error, out, sig, check, tol = exc, None, {}, 0.0, 0.0
+    world, me = _world(group)
     values = [float(v) for v in sig.values()] + [0.0] * (_SLOTS - len(sig))
-    head = torch.tensor([1.0 if error else 0.0, *values, check, tol], dtype=torch.float64)
-    both = torch.cat([head, -head]).to(device)
+    table = torch.zeros(world, 3 + _SLOTS, dtype=torch.float64)
+    table[me] = torch.tensor([1.0 if error else 0.0, *values, check, tol], dtype=torch.float64)
+    table = table.to(device)
     try:
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)  # each rank fills its row
     except Exception as exc:
         raise DistributedError(
             f"{what}: a rank did not join the collective (it died, or did not arrive within the "
             f"process group's timeout): {exc}"
         ) from (error or exc)
-    hi, lo = both[: len(head)].cpu().tolist(), (-both[len(head) :]).cpu().tolist()
-    if hi[0] > 0:
+    rows = table.cpu().tolist()
+    if any(row[0] > 0 for row in rows):
         _raise_failure(group, error, what, device)
     bad = [
-        f"{n} in [{lo[1 + i]:.0f}, {hi[1 + i]:.0f}]"
-        for i, n in enumerate(sig)
-        if hi[1 + i] != lo[1 + i]
+        f"{name} ({_per_rank(name, [row[1 + i] for row in rows])})"
+        for i, name in enumerate(sig)
+        if len({row[1 + i] for row in rows}) > 1
     ]
-    if hi[-2] - lo[-2] > hi[-1]:
+    checks = [row[-2] for row in rows]
+    if not bad and max(checks) - min(checks) > max(row[-1] for row in rows):
         bad.append(
-            f"the replicated input (checksums in [{lo[-2]:.6g}, {hi[-2]:.6g}]): draw random "
-            "vectors from the same seed on every rank (linops.distributed.shared_seed)"
+            f"the values of the input vectors, which must be replicated (same shape and dtype "
+            f"on every rank, checksums {_per_rank('checksum', checks)}): the ranks drew different "
+            "random vectors (pass the same seed on every rank: "
+            "linops.distributed.shared_seed) or called the algorithm with different arguments"
         )
     if bad:
-        raise DistributedError(f"{what}: the ranks disagree on " + "; ".join(bad))
+        raise DistributedError(f"{what}: the ranks disagree on " + "; and on ".join(bad))
     return out  # type: ignore[return-value]
 
 
@@ -287,11 +332,37 @@ def global_num_samples(op: Any) -> int:
         lambda: op.batches.num_samples,
         device=op.device,
         what=f"{type(op).__name__}: counting samples",
-        exact=lambda _: {"operator": _operator_tag(op), "parameters": op.shape[1]},
+        exact=lambda _: {
+            "operator": _operator_tag(op),
+            "dtype": _dtype_code(op.torch_dtype),
+            "parameters": op.shape[1],
+        },
     )
     t = torch.tensor([n], dtype=torch.int64, device=op.device)
     dist.all_reduce(t, group=group)
     return int(t.item())
+
+
+def global_sum(op: Any, local: Callable[[], float], *, what: str) -> float:
+    """The sum over the ranks of ``op.process_group`` of ``local()`` (e.g. a loss normaliser).
+
+    Guarded like every step here: if ``local`` raises on one rank, every rank raises
+    :class:`DistributedError`. Call it outside the local work of a product (from the
+    operator's ``prepare_distributed()``, which :func:`data_parallel_apply` calls before each
+    product's guarded step): a collective inside a product's local work deadlocks or aborts
+    when another rank fails before reaching it.
+    """
+    group = op.process_group
+    value = _guarded(
+        group,
+        lambda: float(local()),
+        device=op.device,
+        what=f"{type(op).__name__}: {what}",
+        exact=lambda _: {"operator": _operator_tag(op)},
+    )
+    t = torch.tensor([value], dtype=torch.float64, device=op.device)
+    dist.all_reduce(t, group=group)
+    return float(t.item())
 
 
 def gather_counts(
@@ -332,22 +403,33 @@ def data_parallel_apply(op: Any, X: torch.Tensor, adjoint: bool) -> torch.Tensor
         )
     group = op.process_group
     op.num_samples  # noqa: B018 - a collective of its own (once), outside the guarded work
+    prepare = getattr(op, "prepare_distributed", None)
+    if prepare is not None:
+        prepare()  # the operator's own collectives (e.g. global_sum), outside the guarded work
     op._calls = getattr(op, "_calls", 0) + 1
     rows = getattr(op, "row_counts", None)
     X_local = X[op.local_rows.start : op.local_rows.stop] if rows is not None and adjoint else X
     what = f"{type(op).__name__} product #{op._calls}{' (adjoint)' if adjoint else ''}"
+
+    def local() -> torch.Tensor:
+        Y = TorchLinearOperator._apply(op, X_local, adjoint)
+        if getattr(op, "check_finite", True):
+            _check_finite(Y, f"the local product of rank {_world(group)[1]}")
+        return Y
+
     out = _guarded(
         group,
-        lambda: TorchLinearOperator._apply(op, X_local, adjoint),
+        local,
         device=op.device,
         what=what,
         exact=lambda Y: {
             "operator": _operator_tag(op),
+            "dtype": _dtype_code(X.dtype),
             "operator rows": op.shape[0],
             "operator columns": op.shape[1],
             "product number": op._calls,
             "input rows": X.shape[0],
-            "columns": X.shape[1],
+            "columns of the block (an algorithm's k or block size)": X.shape[1],
             "output rows": sum(rows) if rows is not None and not adjoint else Y.shape[0],
         },
         checksum_of=X,
@@ -424,7 +506,8 @@ def dense_columns(
         If ``op`` is data-parallel, ``max_vectors`` is not positive, or the checkpoint
         directory holds another computation.
     FloatingPointError
-        If a computed chunk holds a NaN or an infinity (single process).
+        If a computed chunk holds a NaN or an infinity (single process; with a process group
+        a :class:`DistributedError` on every rank).
     DistributedError
         On every rank, if anything above, or computing a chunk, failed on any rank.
     """
@@ -459,7 +542,13 @@ def dense_columns(
     if world == 1:
         return local(open_checkpoint())
     what = f"{type(op).__name__}.to_dense (column-parallel)"
-    sig = {"operator": _operator_tag(op), "rows": m, "columns": n, "chunk": chunk}
+    sig = {
+        "operator": _operator_tag(op),
+        "dtype": _dtype_code(op.torch_dtype),
+        "rows": m,
+        "columns": n,
+        "chunk": chunk,
+    }
     # opening the checkpoint is a step of its own: a barrier before any rank writes a chunk
     ckpt = _guarded(
         process_group, open_checkpoint, device=op.device, what=what, exact=lambda _: sig

@@ -159,8 +159,28 @@ def scenario_failures(rank: int, out: dict, errors: dict) -> None:
             raise RuntimeError("loss exploded on rank 1")
         return loss(out_, y_)
 
-    H_loss = linops.HessianOperator(model, raise_on_rank1, data, process_group=world)
+    H_loss = linops.HessianOperator(
+        model, raise_on_rank1, data, process_group=world, reduction="sum"
+    )
     _expect_error("loss_error", errors, lambda: H_loss @ v)
+
+    # what differs between the ranks is named, with each rank's value
+    dtype = torch.float32 if rank == 1 else torch.float64
+    H_dtype = linops.HessianOperator(model, loss, data, process_group=world, dtype=dtype)
+    _expect_error("dtype_mismatch", errors, lambda: H_dtype @ v)
+    _expect_error("k_mismatch", errors, lambda: randomized_svd(H, 2 + rank, seed=9))
+
+    # a non-finite product on one rank raises on every rank (not NaN everywhere, silently)
+    def nan_on_rank1(out_, y_):
+        value = loss(out_, y_)
+        return value * float("nan") if rank == 1 else value
+
+    H_nan = linops.HessianOperator(model, nan_on_rank1, data, process_group=world, reduction="mean")
+    _expect_error("nan_product", errors, lambda: H_nan @ v)
+    local_nan = linops.HessianOperator(model, nan_on_rank1, (X, y), reduction="mean")
+    _expect_error(
+        "colpar_nan", errors, lambda: local_nan.to_dense(process_group=world, max_vectors=5)
+    )
     # the process group is still usable after all of the above
     out["after_failures"] = H @ v
 
@@ -192,6 +212,7 @@ def scenario_dead(rank: int, out: dict, errors: dict) -> None:
 SCENARIOS = {
     "all": ("products", "failures", "unresponsive", "dead"),
     "products": ("products",),
+    "failures": ("failures",),
 }
 
 

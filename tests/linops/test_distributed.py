@@ -202,10 +202,42 @@ def _failure(run: list[dict], name: str) -> list[dict]:
     [
         ("data_error", r"failed on rank\(s\) \[1\] of 2: rank 1: ValueError: corrupt shard", [1]),
         ("loss_error", r"failed on rank\(s\) \[1\].*loss exploded on rank 1", [1]),
-        ("shape_mismatch", r"counting samples: the ranks disagree on parameters in \[", []),
-        ("jacobian_shape_mismatch", r"constructing: the ranks disagree on parameters in", []),
-        ("columns_mismatch", r"product #1: the ranks disagree on columns in \[1, 2\]", []),
-        ("seed_mismatch", r"the replicated input .*shared_seed", []),
+        (
+            "shape_mismatch",
+            r"counting samples: the ranks disagree on parameters \(rank 0: 38; rank 1: 44\)",
+            [],
+        ),
+        (
+            "jacobian_shape_mismatch",
+            r"constructing: the ranks disagree on parameters \(rank 0: 38; rank 1: 44\)",
+            [],
+        ),
+        (
+            "columns_mismatch",
+            r"product #1: the ranks disagree on columns of the block \(an algorithm's k or block size\) \(rank 0: 1; rank 1: 2\)$",
+            [],
+        ),
+        (
+            "seed_mismatch",
+            r"the values of the input vectors, .*checksums rank 0: .*; rank 1: .*\): the ranks drew different random vectors \(pass the same seed on every rank",
+            [],
+        ),
+        (
+            "dtype_mismatch",
+            r"the ranks disagree on dtype \(rank 0: torch.float64; rank 1: torch.float32\)$",
+            [],
+        ),
+        (
+            "k_mismatch",
+            r"the ranks disagree on columns of the block \(an algorithm's k or block size\) \(rank 0: (\d+); rank 1: (?!\1)\d+\)$",
+            [],
+        ),
+        (
+            "nan_product",
+            r"product #1 failed on rank\(s\) \[1\] of 2: rank 1: \w+: .*(finite|NaN)",
+            [1],
+        ),
+        ("colpar_nan", r"failed on rank\(s\) \[1\] of 2: rank 1: \w+: .*(finite|NaN)", [1]),
     ],
 )
 def test_failure_on_one_rank_raises_on_every_rank(run, name, pattern, failed):
