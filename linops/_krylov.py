@@ -8,6 +8,7 @@ dependent columns by fresh random directions.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -17,14 +18,18 @@ from linops._backend import ArrayKind, array_kind, from_torch
 from linops.base import TorchLinearOperator, aslinearoperator
 
 __all__ = [
+    "Verifier",
     "check_int",
     "check_products",
     "check_symmetric",
     "check_which",
+    "clusters",
+    "keep_count",
     "make_generator",
     "orth_qr",
     "output_kind",
     "prepare",
+    "probe_block",
     "random_block",
     "raise_if_not_symmetric",
     "start_block",
@@ -243,3 +248,93 @@ def check_symmetric(op: TorchLinearOperator, name: str = "A") -> int:
     check_products(AZ, SYMMETRY_PROBES)
     raise_if_not_symmetric(Z, AZ, name)
     return SYMMETRY_PROBES
+
+
+def probe_block(op: TorchLinearOperator, count: int) -> torch.Tensor:
+    """``count`` Gaussian probe vectors from the fixed-seed generator of :func:`check_symmetric`."""
+    gen = torch.Generator(device=op.device)
+    gen.manual_seed(0x5E11)
+    return random_block(op.shape[0], count, op, gen)
+
+
+def clusters(values: torch.Tensor, gap: float) -> bool:
+    """Whether two of ``values`` (1-d, any order) lie within ``gap`` of each other."""
+    if values.numel() < 2:
+        return False
+    v = torch.sort(values.reshape(-1)).values
+    return bool((torch.diff(v) <= gap).any())
+
+
+def keep_count(k: int, nconv: int, ncv: int, b: int) -> int:
+    """Ritz vectors kept at a thick restart: ``k + min(nconv, (ncv - k) / 2)``.
+
+    ARPACK's rule (``dsaup2``: ``nev + min(nconv, np / 2)``): as more wanted pairs converge,
+    more Ritz vectors are kept, which keeps the unconverged ones from stagnating; at least
+    two are kept and room is left for one new block.
+    """
+    keep = k + min(nconv, (ncv - k) // 2)
+    return max(min(keep, ncv - b), min(2, ncv - b), 1)
+
+
+class Verifier:
+    r"""When to recompute true residuals, and what they say (shared by Lanczos and svds).
+
+    The Ritz residual estimates of a Krylov method (``||R E^H s||``) are exact only in exact
+    arithmetic: in floating point they keep falling while the true residuals
+    :math:`\|A v - \theta v\|` stall at the precision floor (a few ``eps ||A||``). So
+    convergence is never declared from the estimates: once they are below ``tol ||A||`` the
+    caller recomputes the true residuals with one block product (:meth:`judge`), and
+
+    * true residuals ``<= tol ||A||``: converged;
+    * true residuals above ``tol ||A||`` and more than 4 times the estimates: the estimates no
+      longer describe the true residuals, which are at the precision floor, so ``tol`` is out
+      of reach (``"floor"``; the caller raises, naming the tolerance the dtype reaches);
+    * otherwise the estimates were optimistic: iterate until they fall 10 times lower.
+
+    When ``tol`` is below ``10 eps`` the first check comes at ``10 eps`` already, and
+    estimates that stop falling near the floor (no halving in ``window`` restarts, window
+    doubling after each such check) trigger a check too, so an unreachable tolerance is
+    detected after a small multiple of the products a reachable one needs.
+    """
+
+    def __init__(self, tol: float, dtype: torch.dtype) -> None:
+        self.tol, self.eps = tol, float(torch.finfo(dtype).eps)
+        self.level = max(tol, 10 * self.eps)
+        self.best, self.since, self.window = float("inf"), 0, 3
+
+    def due(self, est_max: float, anorm: float) -> bool:
+        """Whether the estimates ask for a true-residual check."""
+        return est_max <= self.level * anorm
+
+    def stalled(self, est_max: float, anorm: float) -> bool:
+        """Called at each restart: whether estimates stuck near the floor ask for a check."""
+        if est_max < self.best / 2:
+            self.best, self.since = est_max, 0
+            return False
+        self.since += 1
+        if self.since >= self.window and est_max <= 1e3 * self.eps * anorm:
+            self.since, self.window = 0, 2 * self.window
+            return True
+        return False
+
+    def judge(self, true_max: float, est_max: float, anorm: float) -> str:
+        """``"converged"``, ``"floor"`` or ``"continue"`` (see the class docstring)."""
+        if true_max <= self.tol * anorm:
+            return "converged"
+        if true_max > 4 * est_max:
+            return "floor"
+        self.level = est_max / max(anorm, float.fromhex("0x1p-1000")) / 10
+        return "continue"
+
+    def floor_message(
+        self, name: str, dtype: torch.dtype, true_max: float, est_max: float, anorm: float, nmv: int
+    ) -> str:
+        """The error message of an unreachable tolerance, with the tolerance that is reachable."""
+        rel = true_max / anorm if anorm > 0 else true_max
+        reach = 10.0 ** math.ceil(math.log10(2 * rel)) if rel > 0 else self.eps
+        return (
+            f"{name}: tol={self.tol:.3g} is below what {dtype} reaches for this operator: "
+            f"after {nmv} products the true residuals stagnate at {rel:.2g} ||A|| (the Krylov "
+            f"estimates say {est_max / anorm:.2g} ||A||); use tol >= {reach:.0e}, or a wider "
+            "dtype"
+        )

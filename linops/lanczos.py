@@ -22,10 +22,12 @@ from typing import Any, NamedTuple
 import torch
 
 from linops import _krylov as kr
+from linops.base import TorchLinearOperator
 
 __all__ = ["LanczosNoConvergence", "LanczosResult", "lanczos"]
 
 _WHICH = ("LA", "SA", "LM", "BE")
+_PROBES = 2  # random vectors added to the first product for the symmetry check
 
 
 class LanczosResult(NamedTuple):
@@ -143,46 +145,148 @@ def lanczos(
         raise ValueError(f"tol: expected a positive number, got {tol!r}")
     gen = kr.make_generator(seed, op.device)
     P = kr.start_block(v0, n, b, op, gen)
-    return _thick_restart(op, kind, P, k, which, tol, maxiter, ncv, gen)
+    return _thick_restart(_Lanczos(op, P, ncv, gen), kind, k, which, tol, maxiter)
 
 
-def _thick_restart(op, kind, P, k, which, tol, maxiter, ncv, gen) -> LanczosResult:
-    n, b = P.shape
-    V = torch.empty(n, ncv, dtype=op.torch_dtype, device=op.device)
-    H = torch.zeros(ncv, ncv, dtype=op.torch_dtype, device=op.device)
-    j, nmv, anorm = 0, 0, 0.0
+class _Lanczos:
+    """State of the thick-restart iteration: basis ``V``, projection ``H``, pending block ``P``."""
+
+    def __init__(self, op: TorchLinearOperator, P: torch.Tensor, ncv: int, gen: torch.Generator):
+        n, b = P.shape
+        kw = {"dtype": op.torch_dtype, "device": op.device}
+        self.op, self.P, self.gen, self.ncv, self.b = op, P, gen, ncv, b
+        self.V, self.H = torch.empty(n, ncv, **kw), torch.zeros(ncv, ncv, **kw)
+        self.j, self.nmv, self.anorm = 0, 0, 0.0
+        self.first: torch.Tensor | None = None
+
+    def probe(self) -> None:
+        """First product together with the symmetry probe: ``A [P, Z]`` for two more vectors."""
+        Z = torch.cat([self.P, kr.probe_block(self.op, _PROBES)], dim=1)
+        AZ = self.op._apply(Z)
+        self.nmv += Z.shape[1]
+        kr.check_products(AZ, self.nmv)
+        kr.raise_if_not_symmetric(Z, AZ)
+        self.first = AZ[:, : self.b]
+
+    def step(self) -> torch.Tensor:
+        """Apply ``A`` to the pending block, orthogonalise it twice; returns its ``R``."""
+        j, b, P = self.j, self.b, self.P
+        if self.first is not None:
+            W, self.first = self.first, None
+        else:
+            W = self.op._apply(P)
+            self.nmv += b
+            kr.check_products(W, self.nmv)
+        self.V[:, j : j + b] = P
+        self.anorm = max(self.anorm, float(torch.linalg.vector_norm(W, dim=0).max()))
+        self.P, C, R = kr.orth_qr(W, self.V[:, : j + b], self.gen, self.anorm)
+        H = self.H
+        H[: j + b, j : j + b] = C
+        H[j : j + b, :j] = C[:j].mH
+        H[j : j + b, j : j + b] = (C[j:] + C[j:].mH) / 2
+        self.j = j + b
+        return R
+
+    def restart(self, S: torch.Tensor, theta: torch.Tensor, keep: torch.Tensor) -> None:
+        """Keep the Ritz vectors ``V S[:, keep]``: ``H`` becomes diagonal, ``P`` stays."""
+        p = keep.numel()
+        self.V[:, :p] = self.V[:, : self.j] @ S[:, keep].to(self.V)
+        self.H.zero_()
+        self.H[:p, :p] = torch.diag(theta[keep]).to(self.H)
+        self.j = p
+
+    def lock_and_inject(self, Y: torch.Tensor, vals: torch.Tensor) -> None:
+        """Restart from the verified pairs ``(vals, Y)`` alone plus a fresh random vector.
+
+        Their coupling to the old pending block is at most ``tol ||A||`` (they have converged)
+        and is dropped (locking, Stewart 2001 section 3); the new block, orthogonal to ``Y``,
+        starts a Krylov space that sees the copies of repeated eigenvalues ``Y`` lacks.
+        """
+        p = Y.shape[1]
+        self.V[:, :p] = Y
+        self.H.zero_()
+        self.H[:p, :p] = torch.diag(vals).to(self.H)
+        self.j = p
+        X = kr.random_block(Y.shape[0], self.b, self.op, self.gen)
+        self.P, _, _ = kr.orth_qr(X, Y, self.gen, 1.0)
+
+    def true_residuals(self, S: torch.Tensor, theta: torch.Tensor, want: torch.Tensor):
+        """Ritz vectors ``Y`` of ``want`` and ``||A y_i - theta_i y_i||`` (one block product)."""
+        Y = self.V[:, : self.j] @ S[:, want].to(self.V)
+        AY = self.op._apply(Y)
+        self.nmv += Y.shape[1]
+        kr.check_products(AY, self.nmv)
+        vals = theta[want].to(device=Y.device, dtype=Y.real.dtype)
+        res = torch.linalg.vector_norm(AY - Y * vals.to(Y.dtype), dim=0)
+        return Y, vals, res
+
+
+def _thick_restart(
+    state: _Lanczos, kind: str, k: int, which: str, tol: float, maxiter: int
+) -> LanczosResult:
+    n, b, ncv = state.V.shape[0], state.b, state.ncv
+    verifier = kr.Verifier(tol, state.op.torch_dtype)
+    state.probe()
+    rounds, k_eff, locked_vals = 0, k, None
     for it in range(maxiter + 1):
-        while j + b <= ncv:
-            W = op._apply(P)
-            nmv += b
-            kr.check_products(W, nmv)
-            V[:, j : j + b] = P
-            anorm = max(anorm, float(torch.linalg.vector_norm(W, dim=0).max()))
-            P, C, R = kr.orth_qr(W, V[:, : j + b], gen, anorm)
-            H[: j + b, j : j + b] = C
-            H[j : j + b, :j] = C[:j].mH
-            H[j : j + b, j : j + b] = (C[j:] + C[j:].mH) / 2
-            j += b
-            theta, S, res = _ritz(H[:j, :j], R)
-            anorm = max(anorm, float(theta.abs().max()))
-            want = _select(theta, k, which) if j >= k else None
-            if want is not None and bool((res[want] <= tol * anorm).all()):
-                return _finish(V[:, :j], theta, S, res, want, nmv, True, kind)
+        while state.j + b <= ncv:
+            R = state.step()
+            theta, S, est = _ritz(state.H[: state.j, : state.j], R)
+            state.anorm = max(state.anorm, float(theta.abs().max()))
+            if state.j < k_eff:
+                continue
+            want = _select(theta, k_eff, which)
+            est_max = float(est[want].max())
+            if not verifier.due(est_max, state.anorm):
+                continue
+            want = _select(theta, k, which)
+            Y, vals, res = state.true_residuals(S, theta, want)
+            verdict = verifier.judge(float(res.max()), est_max, state.anorm)
+            if verdict == "floor":
+                raise LanczosNoConvergence(
+                    verifier.floor_message(
+                        "lanczos",
+                        state.op.torch_dtype,
+                        float(res.max()),
+                        est_max,
+                        state.anorm,
+                        state.nmv,
+                    ),
+                    _result(Y, vals, res, state.nmv, False, kind),
+                )
+            if verdict == "continue":
+                continue
+            gap = max(tol, torch.finfo(state.op.torch_dtype).eps ** 0.5) * state.anorm
+            grew = locked_vals is not None and not _same(vals, locked_vals, tol * state.anorm)
+            more = (locked_vals is None and kr.clusters(vals, gap)) or grew
+            if not more or rounds >= k or k + 1 > min(ncv - b, n - b):
+                return _result(Y, vals, res, state.nmv, True, kind)
+            state.lock_and_inject(Y, vals)
+            rounds, k_eff, locked_vals = rounds + 1, k + 1, vals.cpu()
         if it == maxiter:
             break
-        keep = _select(theta, _keep_count(j, k, b, ncv), which)
-        V[:, : keep.numel()] = V[:, :j] @ S[:, keep].to(V)
-        j = keep.numel()
-        H.zero_()
-        H[:j, :j] = torch.diag(theta[keep]).to(H)
+        nconv = int((est[_select(theta, k, which)] <= tol * state.anorm).sum())
+        if verifier.stalled(float(est[_select(theta, k, which)].max()), state.anorm):
+            verifier.level = float("inf")  # check the true residuals at the next step
+        state.restart(S, theta, _select(theta, kr.keep_count(k, nconv, ncv, b), which))
     want = _select(theta, k, which)
-    result = _finish(V[:, :j], theta, S, res, want, nmv, False, kind)
-    k_ok = int((res[want] <= tol * anorm).sum())
+    Y, vals, res = state.true_residuals(S, theta, want)
+    k_ok = int((res <= tol * state.anorm).sum())
     raise LanczosNoConvergence(
-        f"lanczos did not converge: {maxiter} restarts ({nmv} products), {k_ok}/{k} converged "
-        f"to tol={tol:.3g}",
-        result,
+        f"lanczos did not converge: {maxiter} restarts ({state.nmv} products), {k_ok}/{k} "
+        f"converged to tol={tol:.3g} (true residuals)",
+        _result(Y, vals, res, state.nmv, False, kind),
     )
+
+
+def _same(vals: torch.Tensor, old: torch.Tensor, atol: float) -> bool:
+    """Whether a verification round left the wanted values where they were."""
+    return bool(((vals.cpu().to(old.dtype) - old).abs() <= atol).all())
+
+
+def _result(Y, vals, res, nmv, converged, kind) -> LanczosResult:
+    out = (kr.to_output(t, kind) for t in (vals, Y, res))
+    return LanczosResult(*out, num_matvecs=nmv, converged=converged)
 
 
 def _ritz(H: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -206,19 +310,6 @@ def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
         return torch.sort(torch.argsort(theta.abs(), descending=True, stable=True)[:k]).values
     low = k // 2
     return torch.cat([torch.arange(low), torch.arange(m - (k - low), m)])
-
-
-def _keep_count(j: int, k: int, b: int, ncv: int) -> int:
-    """Ritz vectors kept at a restart: the wanted ones plus half of the rest (room for a block)."""
-    return max(min(k + (j - k) // 2, ncv - b), 1)
-
-
-def _finish(V, theta, S, res, want, nmv, converged, kind) -> LanczosResult:
-    vals = theta[want].to(device=V.device, dtype=V.real.dtype)
-    vecs = V @ S[:, want].to(V)
-    r = res[want].to(device=V.device, dtype=V.real.dtype)
-    out = (kr.to_output(t, kind) for t in (vals, vecs, r))
-    return LanczosResult(*out, num_matvecs=nmv, converged=converged)
 
 
 def _default_ncv(n: int, k: int, b: int) -> int:

@@ -172,13 +172,14 @@ def test_bad_input_raises() -> None:
         lanczos(A, 2, tol=0.0)
     with pytest.raises(TypeError, match="seed: expected"):
         lanczos(A, 2, seed="x")
-    with pytest.raises(FloatingPointError, match="NaN or inf at product 4"):
+    with pytest.raises(FloatingPointError, match="NaN or inf at product 6"):
         lanczos(_NaNAfter(torch.from_numpy(A), 3), 2, seed=0)
 
 
 @pytest.mark.parametrize("name", ["1/i", "1/i^2", "0.9^i", "outliers"])
 def test_no_more_products_than_arpack(name: str) -> None:
-    """Top-10 at tol 1e-6 with at most as many products as ARPACK from the same start."""
+    """Top-10 at tol 1e-6 with at most as many products as ARPACK from the same start, plus
+    the 10 of the true-residual check and the 2 of the symmetry probe that ARPACK skips."""
     from scipy.sparse.linalg import LinearOperator, eigsh
 
     n = 400
@@ -197,6 +198,6 @@ def test_no_more_products_than_arpack(name: str) -> None:
     v0 = np.random.default_rng(5).standard_normal(n)
     eigsh(LinearOperator(A.shape, matvec=mv, matmat=mv, dtype=A.dtype), 10, tol=1e-6, v0=v0)
     res = lanczos(A, 10, "LA", tol=1e-6, v0=v0)
-    assert res.num_matvecs <= count[0]
+    assert res.num_matvecs <= count[0] + 10 + 2
     resid = np.linalg.norm(A @ res.eigenvectors - res.eigenvectors * res.eigenvalues, axis=0)
     assert resid.max() <= 1e-6 * np.abs(lam).max() * (1 + 1e-3)
