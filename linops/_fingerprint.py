@@ -68,6 +68,8 @@ _OPERATOR_PROPERTIES = ("reduction",)
 #: TrainingRun attributes that define the function theta0 -> theta_T
 _RUN_FIELDS = ("space", "loss_name", "loss_fn", "data", "optimizer", "schedule")
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
+#: objects nested deeper than this (through attributes of plain objects) are hashed by type
+_MAX_DEPTH = 32
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
 
 
@@ -124,6 +126,7 @@ class _Hasher:
         self._h = hashlib.sha256()
         self._seen: dict[int, int] = {}
         self._keep: list[Any] = []  # keeps memoised objects alive, so ids stay unique
+        self._depth = 0
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
@@ -370,12 +373,26 @@ class _Hasher:
             return
         cls = type(obj)
         self.field("object", _qualname(cls))
+        if self._depth >= _MAX_DEPTH:
+            return
+        self._depth += 1
+        try:
+            self._object_state(obj, cls)
+        finally:
+            self._depth -= 1
+
+    def _object_state(self, obj: Any, cls: type) -> None:
         call = inspect.getattr_static(cls, "__call__", None)
         if isinstance(call, types.FunctionType):
             self.code(call.__code__)
         state = getattr(obj, "__dict__", None)
         if state is None:
-            slots = [s for c in cls.__mro__ for s in getattr(c, "__slots__", ())]
+            slots = [
+                s
+                for c in cls.__mro__
+                for s in _as_tuple(getattr(c, "__slots__", ()))
+                if s not in ("__dict__", "__weakref__")
+            ]
             state = {s: getattr(obj, s) for s in slots if hasattr(obj, s)}
         if state:
             for key in sorted(state):
@@ -383,6 +400,10 @@ class _Hasher:
                 self.value(state[key])
         else:  # no attributes: the repr, without memory addresses, is all there is
             self.field("repr", _ADDRESS.sub("0x?", repr(obj)))
+
+
+def _as_tuple(slots: Any) -> tuple:
+    return (slots,) if isinstance(slots, str) else tuple(slots)
 
 
 def _global_names(co: types.CodeType) -> set[str]:

@@ -574,3 +574,57 @@ def counting_matmat(op) -> list[int]:
     matmat = op._matmat_torch
     op._matmat_torch = lambda X: computed.append(X.shape[1]) or matmat(X)
     return computed
+
+
+class _Diagonal(linops.TorchLinearOperator):
+    """A user-defined operator: fingerprinted by its class and attributes."""
+
+    is_symmetric = True
+
+    def __init__(self, d: torch.Tensor) -> None:
+        super().__init__((len(d), len(d)), dtype=d.dtype, device=d.device)
+        self.d = d
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        return self.d[:, None] * X
+
+
+class _Node:
+    __slots__ = ("next", "value")
+
+    def __init__(self, value: float, nxt: object = None) -> None:
+        self.value, self.next = value, nxt
+
+
+def test_fingerprint_of_other_operator_kinds():
+    import functools
+
+    import scipy.sparse
+    import scipy.sparse.linalg as spla
+
+    S = scipy.sparse.random(6, 6, density=0.5, random_state=0, format="csr")
+    chain = None
+    for i in range(5000):  # deeper than the recursion limit would allow unguarded
+        chain = _Node(float(i), chain)
+    variants = {
+        "sparse": lambda: linops.aslinearoperator(S),
+        "sparse x2": lambda: linops.aslinearoperator(2 * S),
+        "scipy f": lambda: linops.aslinearoperator(
+            spla.LinearOperator((3, 3), matvec=lambda v: v, dtype=np.float64)
+        ),
+        "scipy g": lambda: linops.aslinearoperator(
+            spla.LinearOperator((3, 3), matvec=lambda v: 2 * v, dtype=np.float64)
+        ),
+        "user 1": lambda: _Diagonal(torch.ones(3, dtype=F64)),
+        "user 2": lambda: _Diagonal(torch.arange(3, dtype=F64)),
+        "partial 1": lambda: hessian(loss=functools.partial(torch.nn.functional.mse_loss)),
+        "partial 2": lambda: hessian(
+            loss=functools.partial(torch.nn.functional.mse_loss, reduction="sum")
+        ),
+    }
+    prints = {name: operator_fingerprint(make()) for name, make in variants.items()}
+    assert len(set(prints.values())) == len(prints)
+    assert all(operator_fingerprint(variants[n]()) == p for n, p in prints.items())
+    from linops._fingerprint import value_fingerprint
+
+    assert value_fingerprint(chain) == value_fingerprint(chain)
