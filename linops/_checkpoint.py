@@ -96,9 +96,16 @@ class ColumnCheckpoint:
             old = _read_manifest(path)
             if old != manifest:
                 diff = sorted(k for k in manifest if old.get(k) != manifest[k])
+                hint = (
+                    f" (it was written by {old.get('format')!r}, this is {_FORMAT!r}: "
+                    "recompute into a new directory)"
+                    if old.get("format") != _FORMAT
+                    else ""
+                )
                 raise ValueError(
                     f"checkpoint: {self.directory} holds a different computation (differs in "
-                    f"{diff}); expected an empty directory or one written by the same computation"
+                    f"{diff}){hint}; expected an empty directory or one written by the same "
+                    "computation"
                 )
         _sweep_stale_temporaries(self.directory)
         self._index: dict[tuple[int, int], list[Path]] = {}

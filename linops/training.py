@@ -163,7 +163,10 @@ class TrainingJacobianOperator(TorchLinearOperator):
         checkpoint_dir
             Write each finished chunk atomically to this directory and skip the chunks already
             there, so an interrupted computation resumes where it stopped and gives the same
-            matrix. A directory written by a different computation is refused.
+            matrix. Chunks are tied to :meth:`fingerprint` and the chunking, and checksummed:
+            a directory written by a different computation is refused, and a damaged chunk is
+            named in a :class:`linops._checkpoint.CheckpointWarning` and recomputed. The
+            directory interoperates with :func:`linops.dense_columns` of this operator.
         progress
             Show a progress bar over columns.
         on_chunk
@@ -172,7 +175,8 @@ class TrainingJacobianOperator(TorchLinearOperator):
             Number of forked worker processes (POSIX only), each running one torch thread on its
             share of the chunks; the trajectory is computed once, before forking. On a small
             shared CPU, processes with one thread each scale better than intra-op threads.
-            Chunks travel through ``checkpoint_dir`` (or a temporary directory).
+            Chunks travel through ``checkpoint_dir`` (or a temporary directory). Workers exit
+            when this process dies (Linux ``PR_SET_PDEATHSIG``; elsewhere between chunks).
 
         Returns
         -------
