@@ -24,6 +24,7 @@ __all__ = [
     "check_symmetric",
     "check_which",
     "clusters",
+    "completeness",
     "keep_count",
     "make_generator",
     "orth_qr",
@@ -338,3 +339,37 @@ class Verifier:
             f"estimates say {est_max / anorm:.2g} ||A||); use tol >= {reach:.0e}, or a wider "
             "dtype"
         )
+
+
+def completeness(
+    vals: torch.Tensor,
+    locked: torch.Tensor | None,
+    tol: float,
+    anorm: float,
+    dtype: torch.dtype,
+    rounds: int,
+    k: int,
+    room: bool,
+) -> str:
+    """After verified convergence: ``"done"``, ``"inject"`` (one more round) or an error text.
+
+    A single-vector Krylov space holds one direction of each eigenspace (in exact
+    arithmetic), so copies of a repeated value are found only through rounding, and some may
+    be missing. When the ``k`` verified values contain a cluster (two within
+    ``max(tol, sqrt(eps)) ||A||``), the caller locks them and restarts from a fresh random
+    vector orthogonal to them (``"inject"``), asking for ``k + 1`` pairs; a round that
+    changes the wanted values (``locked`` is the previous round's) found a missing copy and
+    asks for another round; a round that changes nothing ends the search (``"done"``).
+    """
+    if locked is not None:
+        if bool(((vals.detach().cpu().to(locked) - locked).abs() <= tol * anorm).all()):
+            return "done"
+    elif not clusters(vals, max(tol, float(torch.finfo(dtype).eps) ** 0.5) * anorm):
+        return "done"
+    if not room or rounds > k:
+        return (
+            f"the {k} wanted values contain repeated values, and a search for missing copies "
+            f"needs room for k + 1 = {k + 1} vectors plus a block in the basis; raise ncv or "
+            "use block_size >= the multiplicity"
+        )
+    return "inject"

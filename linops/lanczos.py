@@ -12,7 +12,10 @@ The Ritz pairs :math:`(\theta_i, V_j s_i)` of :math:`H_j = S \Theta S^H` have re
 :math:`\|A V_j s_i - \theta_i V_j s_i\| = \|R\, E_j^H s_i\|`, checked after every block. When
 the basis is full it is thick-restarted (Wu & Simon 2000; Stewart 2001, Krylov-Schur): the
 wanted Ritz vectors are kept, :math:`H` becomes diagonal and :math:`P` is untouched, so the
-relation above still holds and nothing is recomputed.
+relation above still holds and nothing is recomputed. The number kept grows with the number
+of converged wanted pairs as in ARPACK (``k + min(nconv, (ncv - k) / 2)``, Lehoucq, Sorensen
+and Yang 1998, ``dsaup2``). Convergence is declared only from true residuals (see
+:class:`linops._krylov.Verifier`).
 """
 
 from __future__ import annotations
@@ -40,11 +43,13 @@ class LanczosResult(NamedTuple):
     eigenvectors
         ``(n, k)`` orthonormal Ritz vectors, column ``i`` belongs to ``eigenvalues[i]``.
     residuals
-        ``(k,)`` residual norms :math:`\\|A v_i - \\lambda_i v_i\\|`.
+        ``(k,)`` true residual norms :math:`\\|A v_i - \\lambda_i v_i\\|`, recomputed from one
+        block product at the end (not the Krylov estimates).
     num_matvecs
-        Number of operator-vector products used (a block of ``b`` vectors counts ``b``).
+        Number of operator-vector products used (a block of ``b`` vectors counts ``b``),
+        including the symmetry probe and the final true-residual check.
     converged
-        Whether every residual is at most ``tol * ||A||``.
+        Whether every true residual is at most ``tol * ||A||``.
     """
 
     eigenvalues: Any
@@ -97,6 +102,10 @@ def lanczos(
     block_size
         Vectors per block. A single vector (the default) finds each distinct eigenvalue once
         in exact arithmetic; ``block_size >= m`` resolves eigenvalues of multiplicity ``m``.
+        When the converged wanted values contain repeated (clustered) values, the verified
+        pairs are locked and the iteration restarts from a fresh random vector orthogonal to
+        them, round after round, until a round finds no further copy; so every copy of a
+        repeated value is returned once at least two copies have shown up.
     v0
         Start vector ``(n,)`` or block ``(n, block_size)``; default Gaussian.
     seed
@@ -110,11 +119,17 @@ def lanczos(
     Raises
     ------
     ValueError
-        For a non-square operator, ``k`` out of range, an unknown ``which``, or a zero ``v0``.
+        For a non-square or non-symmetric operator (checked once with a random probe,
+        :math:`\\langle Ax, y\\rangle` against :math:`\\langle x, Ay\\rangle`), ``k`` out of range,
+        an unknown ``which``, or a zero ``v0``.
     FloatingPointError
         If the operator returns NaN or inf.
     LanczosNoConvergence
-        If not all ``k`` pairs converge within ``maxiter`` restarts (carries ``.result``).
+        If not all ``k`` true residuals reach ``tol ||A||`` within ``maxiter`` restarts, if
+        ``tol`` is below what the dtype reaches (the true residuals stagnate above ``tol``
+        while the Krylov estimates keep falling; the message names the reachable
+        tolerance), or if repeated values leave no room in the basis to search for missing
+        copies. ``.result`` carries the partial result with its true residuals.
 
     References
     ----------
@@ -256,11 +271,17 @@ def _thick_restart(
                 )
             if verdict == "continue":
                 continue
-            gap = max(tol, torch.finfo(state.op.torch_dtype).eps ** 0.5) * state.anorm
-            grew = locked_vals is not None and not _same(vals, locked_vals, tol * state.anorm)
-            more = (locked_vals is None and kr.clusters(vals, gap)) or grew
-            if not more or rounds >= k or k + 1 > min(ncv - b, n - b):
+            room = k + 1 <= min(ncv - b, n - b)
+            if k == n:  # the whole space: nothing can be missing
                 return _result(Y, vals, res, state.nmv, True, kind)
+            dt = state.op.torch_dtype
+            todo = kr.completeness(vals, locked_vals, tol, state.anorm, dt, rounds, k, room)
+            if todo == "done":
+                return _result(Y, vals, res, state.nmv, True, kind)
+            if todo != "inject":
+                raise LanczosNoConvergence(
+                    f"lanczos: {todo}", _result(Y, vals, res, state.nmv, False, kind)
+                )
             state.lock_and_inject(Y, vals)
             rounds, k_eff, locked_vals = rounds + 1, k + 1, vals.cpu()
         if it == maxiter:
@@ -277,11 +298,6 @@ def _thick_restart(
         f"converged to tol={tol:.3g} (true residuals)",
         _result(Y, vals, res, state.nmv, False, kind),
     )
-
-
-def _same(vals: torch.Tensor, old: torch.Tensor, atol: float) -> bool:
-    """Whether a verification round left the wanted values where they were."""
-    return bool(((vals.cpu().to(old.dtype) - old).abs() <= atol).all())
 
 
 def _result(Y, vals, res, nmv, converged, kind) -> LanczosResult:

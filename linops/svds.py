@@ -37,11 +37,13 @@ class SVDSResult(NamedTuple):
     right_vectors
         ``(n, k)`` orthonormal.
     residuals
-        ``(k,)`` :math:`\\|A^H u_i - \\sigma_i v_i\\|` (the other residual is zero).
+        ``(k,)`` true residuals :math:`(\\|A v_i - \\sigma_i u_i\\|^2 + \\|A^H u_i - \\sigma_i
+        v_i\\|^2)^{1/2}`, recomputed from two block products at the end.
     num_matvecs
-        Products with :math:`A` plus products with :math:`A^H` (vectors).
+        Products with :math:`A` plus products with :math:`A^H` (vectors), the final check
+        included.
     converged
-        Whether every residual is at most ``tol * ||A||``.
+        Whether every true residual is at most ``tol * ||A||``.
     """
 
     singular_values: Any
@@ -90,7 +92,10 @@ def svds(
     ncv
         Basis size (default ``min(min(m, n), max(2k + 1, k + 30))``).
     block_size
-        Vectors per block (``>= m`` resolves singular values of multiplicity ``m``).
+        Vectors per block (``>= m`` resolves singular values of multiplicity ``m``). With a
+        smaller block, repeated converged values start rounds that lock the verified triplets
+        and restart from a fresh random vector until no further copy appears (as
+        :func:`linops.lanczos`).
     v0
         Start vector of the short side (length ``min(m, n)``; of ``n`` when ``m == n``).
     seed
@@ -107,7 +112,10 @@ def svds(
     FloatingPointError
         If the operator returns NaN or inf.
     SVDSNoConvergence
-        If not all ``k`` triplets converge within ``maxiter`` restarts (carries ``.result``).
+        If not all ``k`` true residuals reach ``tol ||A||`` within ``maxiter`` restarts, if
+        ``tol`` is below what the dtype reaches (the message names the reachable tolerance),
+        or if repeated values leave no room in the basis to search for missing copies
+        (carries ``.result``).
 
     Notes
     -----
@@ -199,36 +207,87 @@ class _Bidiag:
         self.B[:p, :p] = torch.diag(s[keep]).to(self.B)
         self.j = p
 
-    def run(self, k: int, which: str, tol: float, maxiter: int, kind: str) -> SVDSResult:
-        b = self.P.shape[1]
-        for it in range(maxiter + 1):
-            while self.j + b <= self.ncv:
-                X, s, Y, res = self.ritz(self.step())
-                self.anorm = max(self.anorm, float(s[0]))
-                if self.j >= k and bool((res[_select(s, k, which)] <= tol * self.anorm).all()):
-                    return self.finish(X, s, Y, res, _select(s, k, which), True, kind)
-            if it < maxiter:
-                keep_n = max(min(k + (self.j - k) // 2, self.ncv - b), 1)
-                self.restart(X, s, Y, _select(s, keep_n, which))
-        want = _select(s, k, which)
-        result = self.finish(X, s, Y, res, want, False, kind)
-        k_ok = int((res[want] <= tol * self.anorm).sum())
-        raise SVDSNoConvergence(
-            f"svds did not converge: {maxiter} restarts ({self.nmv} products), {k_ok}/{k} "
-            f"converged to tol={tol:.3g}",
-            result,
-        )
+    def lock_and_inject(self, u: torch.Tensor, v: torch.Tensor, sv: torch.Tensor) -> None:
+        """Restart from the verified triplets alone plus a fresh random right block.
 
-    def finish(self, X, s, Y, res, want, converged, kind) -> SVDSResult:
+        Their coupling to the old pending block is below ``tol ||A||`` and is dropped
+        (locking); the fresh block, orthogonal to ``v``, sees copies of repeated singular
+        values that the single-vector Krylov space lacked.
+        """
+        p = sv.numel()
+        self.V[:, :p], self.U[:, :p] = v, u
+        self.B.zero_()
+        self.B[:p, :p] = torch.diag(sv).to(self.B)
+        self.j = p
+        X = kr.random_block(v.shape[0], self.P.shape[1], self.op, self.gen)
+        self.P, _, _ = kr.orth_qr(X, v, self.gen, 1.0)
+
+    def true_residuals(self, X, s, Y, want) -> tuple[torch.Tensor, ...]:
+        r"""``u, v, sigma`` of ``want`` and :math:`\sqrt{\|Av - \sigma u\|^2 + \|A^H u -
+        \sigma v\|^2}` from two block products (counted).
+        """
         j = self.j
         u = self.U[:, :j] @ X[:, want].to(self.U)
         v = self.V[:, :j] @ Y[:, want].to(self.V)
+        sv = s[want].to(device=v.device, dtype=v.real.dtype)
+        ru = torch.linalg.vector_norm(self.apply(v, adjoint=False) - u * sv.to(u.dtype), dim=0)
+        rv = torch.linalg.vector_norm(self.apply(u, adjoint=True) - v * sv.to(v.dtype), dim=0)
+        return u, v, sv, torch.hypot(ru, rv)
+
+    def run(self, k: int, which: str, tol: float, maxiter: int, kind: str) -> SVDSResult:
+        b, dt = self.P.shape[1], self.op.torch_dtype
+        verifier = kr.Verifier(tol, dt)
+        rounds, k_eff, locked = 0, k, None
+        for it in range(maxiter + 1):
+            while self.j + b <= self.ncv:
+                X, s, Y, est = self.ritz(self.step())
+                self.anorm = max(self.anorm, float(s[0]))
+                if self.j < k_eff:
+                    continue
+                est_max = float(est[_select(s, k_eff, which)].max())
+                if not verifier.due(est_max, self.anorm):
+                    continue
+                u, v, sv, res = self.true_residuals(X, s, Y, _select(s, k, which))
+                verdict = verifier.judge(float(res.max()), est_max, self.anorm)
+                if verdict == "floor":
+                    raise SVDSNoConvergence(
+                        verifier.floor_message(
+                            "svds", dt, float(res.max()), est_max, self.anorm, self.nmv
+                        ),
+                        self.finish(u, v, sv, res, False, kind),
+                    )
+                if verdict == "continue":
+                    continue
+                room = k + 1 <= min(self.ncv - b, self.V.shape[0] - b)
+                if k == self.V.shape[0]:  # all singular values: none can be missing
+                    return self.finish(u, v, sv, res, True, kind)
+                todo = kr.completeness(sv, locked, tol, self.anorm, dt, rounds, k, room)
+                if todo == "done":
+                    return self.finish(u, v, sv, res, True, kind)
+                if todo != "inject":
+                    raise SVDSNoConvergence(
+                        f"svds: {todo}", self.finish(u, v, sv, res, False, kind)
+                    )
+                self.lock_and_inject(u, v, sv)
+                rounds, k_eff, locked = rounds + 1, k + 1, sv.cpu()
+            if it < maxiter:
+                want = _select(s, k, which)
+                nconv = int((est[want] <= tol * self.anorm).sum())
+                if verifier.stalled(float(est[want].max()), self.anorm):
+                    verifier.level = float("inf")  # check the true residuals at the next step
+                self.restart(X, s, Y, _select(s, kr.keep_count(k, nconv, self.ncv, b), which))
+        u, v, sv, res = self.true_residuals(X, s, Y, _select(s, k, which))
+        k_ok = int((res <= tol * self.anorm).sum())
+        raise SVDSNoConvergence(
+            f"svds did not converge: {maxiter} restarts ({self.nmv} products), {k_ok}/{k} "
+            f"converged to tol={tol:.3g} (true residuals)",
+            self.finish(u, v, sv, res, False, kind),
+        )
+
+    def finish(self, u, v, sv, res, converged, kind) -> SVDSResult:
         if self.flip:
             u, v = v, u
-        rdt = self.V.real.dtype
-        sv = s[want].to(device=self.V.device, dtype=rdt)
-        r = res[want].to(device=self.V.device, dtype=rdt)
-        out = (kr.to_output(t, kind) for t in (sv, u, v, r))
+        out = (kr.to_output(t, kind) for t in (sv, u, v, res))
         return SVDSResult(*out, num_matvecs=self.nmv, converged=converged)
 
 
