@@ -101,15 +101,12 @@ def result_dtype(op_dtype: np.dtype, x_dtype: Any, name: str) -> torch.dtype:
     Raises
     ------
     TypeError
-        If the input is not numeric, or the promoted dtype is one torch cannot hold
-        (``longdouble``).
+        If the promoted dtype is one torch cannot hold (``longdouble``).
     """
     if isinstance(x_dtype, torch.dtype):
         if x_dtype not in _TORCH_TO_NUMPY_ANY:
             return torch.promote_types(torch_dtype(op_dtype), x_dtype)
         x_dtype = np.dtype(_TORCH_TO_NUMPY_ANY[x_dtype])
-    if x_dtype.kind not in "biufc":
-        raise TypeError(f"{name}: expected a numeric array, got dtype {x_dtype}")
     return torch_dtype(_supported(np.result_type(op_dtype, x_dtype), name))
 
 

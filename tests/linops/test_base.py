@@ -258,3 +258,35 @@ def test_finite_check_does_not_mistake_an_overflowing_sum_for_inf() -> None:
     torch.testing.assert_close(op @ big, big)
     with pytest.raises(ValueError, match="contains NaN or inf"):
         op @ torch.tensor([float("inf"), float("-inf")])  # the sum is NaN
+
+
+def test_conversion_and_composition_refusals() -> None:
+    op = linops.aslinearoperator(_mat(2, 2))
+    with pytest.raises(
+        TypeError, match="A: expected a floating or complex dtype, got torch.bfloat16"
+    ):
+        linops.aslinearoperator(torch.ones(2, 2, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="dtype: expected a floating or complex dtype, got <U"):
+        op.to(np.str_)
+    with pytest.raises(TypeError, match="alpha: expected a real or complex number, got 'a'"):
+        "a" * op
+    with pytest.raises(ValueError, match="x: expected a tensor on device cpu, got meta"):
+        op @ torch.ones(2, dtype=F64, device="meta")
+    meta = linops.aslinearoperator(torch.ones(2, 2, dtype=F64, device="meta"))
+    with pytest.raises(ValueError, match="operands live on different devices"):
+        op + meta
+
+
+def test_to_keeps_instance_flags_and_bounds() -> None:
+    op = linops.aslinearoperator(_mat(3, 3) + _mat(3, 3).T)
+    op.is_symmetric, op.check_finite, op.max_vectors = True, False, 2
+    new = op.to(torch.float32)
+    assert (new.is_symmetric, new.check_finite, new.max_vectors) == (True, False, 2)
+    assert op.dtype == np.float64  # unchanged
+
+
+def test_bfloat16_inputs_promote_as_torch_promotes_them() -> None:
+    op = linops.aslinearoperator(torch.eye(2))
+    out = op @ torch.ones(2, dtype=torch.bfloat16)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.ones(2))

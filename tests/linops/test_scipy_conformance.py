@@ -897,3 +897,35 @@ def test_expm_multiply_and_onenormest_match_scipy(dtype: Any) -> None:
     assert np.asarray(norm).dtype == np.asarray(norm_ref).dtype
     np.testing.assert_allclose(norm, norm_ref, rtol=1e-12)
     assert norm <= np.abs(S.astype(np.float64)).sum(axis=0).max() * (1 + 1e-6)  # a lower bound
+
+
+# --------------------------------------------------------------------------- figures
+def solver_figures() -> list[str]:
+    """The residuals and errors the solver tests compare, one line per dtype and solver."""
+    lines = []
+    for dtype in (np.float32, np.float64):
+        S, b = _spd(20, dtype), _random((20,), np.float64, 51)
+        for solver in (sla.cg, sla.gmres, sla.minres, sla.bicgstab):
+            cells = []
+            for op in (linops.aslinearoperator(S), sla.aslinearoperator(S)):
+                x, info = solver(op, b, rtol=SOLVE_RTOL)
+                cells.append(f"info={info} residual={_residual(S, x, b):.1e}")
+            lines.append(
+                f"{np.dtype(dtype).name:8} {solver.__name__:9} linops {cells[0]:25} scipy {cells[1]}"
+            )
+        M, c = _random((10, 8), dtype, 52), _random((10,), np.float64, 53)
+        exact = np.linalg.lstsq(M.astype(np.float64), c, rcond=None)[0]
+        for solver in (sla.lsmr, sla.lsqr):
+            cells = []
+            for op in (linops.aslinearoperator(M), sla.aslinearoperator(M)):
+                out = solver(op, c, atol=SOLVE_RTOL, btol=SOLVE_RTOL)
+                err = np.linalg.norm(out[0] - exact) / np.linalg.norm(exact)
+                cells.append(f"istop={out[1]} error={err:.1e}")
+            lines.append(
+                f"{np.dtype(dtype).name:8} {solver.__name__:9} linops {cells[0]:25} scipy {cells[1]}"
+            )
+    return lines
+
+
+if __name__ == "__main__":  # python3 -m tests.linops.test_scipy_conformance
+    print("\n".join(solver_figures()))
