@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -201,3 +203,111 @@ def test_no_more_products_than_arpack(name: str) -> None:
     assert res.num_matvecs <= count[0] + 10 + 2
     resid = np.linalg.norm(A @ res.eigenvectors - res.eigenvectors * res.eigenvalues, axis=0)
     assert resid.max() <= 1e-6 * np.abs(lam).max() * (1 + 1e-3)
+
+
+# ---- issue 16: no silently wrong answer (each fails on the code before the fix) ----
+
+
+def _true_residuals(A: np.ndarray, vals: np.ndarray, vecs: np.ndarray) -> np.ndarray:
+    """``||A v - lambda v||`` evaluated in float64 with the dense matrix."""
+    V = np.asarray(vecs, dtype=np.float64)
+    return np.linalg.norm(A.astype(np.float64) @ V - V * np.asarray(vals, np.float64), axis=0)
+
+
+def _outliers(n: int = 300, seed: int = 1) -> np.ndarray:
+    lam = np.r_[np.linspace(10, 5, 10), np.random.default_rng(0).uniform(0, 1, n - 10)]
+    return spectrum_matrix(lam, seed)
+
+
+@pytest.mark.parametrize("tol", [1e-8, 1e-10])
+def test_float32_tolerance_below_reach_raises_early(tol: float) -> None:
+    """float32 cannot reach 1e-8 ||A||: it used to return converged=True with estimated
+    residuals <= 1e-8 while the true ones were ~1.2e-7 (and at 1e-10 ran ~1200 products)."""
+    A = _outliers().astype(np.float32)
+    reachable = lanczos(A, 5, "LA", tol=1e-5, seed=0)
+    assert reachable.converged
+    with pytest.raises(LanczosNoConvergence, match=r"below what torch.float32 reaches") as info:
+        lanczos(A, 5, "LA", tol=tol, seed=0)
+    assert re.search(r"use tol >= 1e-0[5-7]", str(info.value))
+    partial = info.value.result
+    assert not partial.converged
+    assert partial.num_matvecs <= 3 * reachable.num_matvecs
+    true = _true_residuals(A, partial.eigenvalues, partial.eigenvectors)
+    assert np.all(partial.residuals >= 0.5 * true)  # reported residuals are the true ones
+
+
+def test_float32_reported_residuals_are_true_residuals() -> None:
+    """Reported residuals and ``converged`` come from ``||A v - lambda v||`` itself, not from
+    the Krylov estimates (which fell to 5e-8 ||A|| while the true ones were 1.2e-7 ||A||)."""
+    A = _outliers().astype(np.float32)
+    res = lanczos(A, 5, "LA", tol=1e-6, seed=0)
+    true = _true_residuals(A, res.eigenvalues, res.eigenvectors)
+    assert res.converged and true.max() <= 1e-6 * 10
+    assert np.all(res.residuals >= 0.5 * true)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_float32_cluster_of_ten_all_found(seed: int) -> None:
+    """Ten eigenvalues within 1e-5 of 1 in float32: all ten, not 6-9 of them plus values near
+    0.9 flagged converged."""
+    lam = np.r_[1 + 1e-6 * np.arange(10), np.linspace(0, 0.9, 290)]
+    A = spectrum_matrix(lam, seed).astype(np.float32)
+    res = lanczos(A, 10, "LA", seed=seed)
+    assert res.converged
+    np.testing.assert_allclose(res.eigenvalues, np.sort(lam)[-10:], atol=1e-4)
+    true = _true_residuals(A, res.eigenvalues, res.eigenvectors)
+    assert true.max() <= 1e-3
+    V = np.asarray(res.eigenvectors, np.float64)
+    np.testing.assert_allclose(V.T @ V, np.eye(10), atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_repeated_eigenvalues_every_copy_with_single_vector(dtype: type) -> None:
+    """Eigenvalues 3 (x3) and 2 (x4) with block_size=1: k=7 returns all seven copies."""
+    lam = np.r_[[3.0] * 3, [2.0] * 4, np.linspace(1.5, -1.5, 93)]
+    A = spectrum_matrix(lam, 7).astype(dtype)
+    tol = 1e-12 if dtype == np.float64 else None
+    for seed in range(3):
+        res = lanczos(A, 7, "LA", tol=tol, seed=seed)
+        assert res.converged
+        np.testing.assert_allclose(res.eigenvalues, [2, 2, 2, 2, 3, 3, 3], atol=1e-4)
+        scale = 1e-10 if dtype == np.float64 else 1e-3
+        assert _true_residuals(A, res.eigenvalues, res.eigenvectors).max() <= scale * 3
+
+
+def test_repeated_values_without_room_to_search_raise() -> None:
+    """With a basis too small to look for missing copies it says so instead of guessing."""
+    lam = np.r_[[3.0] * 3, [2.0] * 4, np.linspace(1.5, -1.5, 93)]
+    with pytest.raises(LanczosNoConvergence, match="repeated values.*raise ncv"):
+        lanczos(spectrum_matrix(lam, 7), 7, "LA", ncv=8, seed=0)
+
+
+def _nonsymmetric(n: int = 100) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((n, n))
+
+
+def test_non_symmetric_operator_refused() -> None:
+    """A non-symmetric matrix used to come back converged=True with wrong eigenvalues."""
+    with pytest.raises(ValueError, match=r"A: expected a symmetric \(Hermitian\) operator"):
+        lanczos(_nonsymmetric(), 3, "LM", seed=0)
+
+
+def test_randomized_eigh_and_spectral_density_refuse_non_symmetric() -> None:
+    from estimators.density import spectral_density
+    from linops.randomized import randomized_eigh
+
+    with pytest.raises(ValueError, match=r"A: expected a symmetric \(Hermitian\) operator"):
+        randomized_eigh(_nonsymmetric(), 3, seed=0)
+    with pytest.raises(ValueError, match=r"A: expected a symmetric \(Hermitian\) operator"):
+        spectral_density(_nonsymmetric(), num_probes=2, num_steps=10, seed=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_symmetry_probe_accepts_rounding_and_rejects_small_skew(dtype: type) -> None:
+    """Symmetric up to roundoff passes (float32, n=1500); a skew part of 1% is refused."""
+    B = _nonsymmetric(1500).astype(dtype)
+    S = (B + B.T) / 2
+    res = lanczos(S, 2, "LA", seed=0)
+    assert res.converged
+    with pytest.raises(ValueError, match="relative asymmetry"):
+        lanczos(S + 1e-2 * (B - B.T), 2, "LA", seed=0)

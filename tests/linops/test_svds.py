@@ -77,3 +77,61 @@ def test_bad_input_raises() -> None:
         svds(A, 2, v0=np.zeros(4))
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         svds(np.full((6, 4), np.nan), 2, seed=0)
+
+
+# ---- issue 16: no silently wrong answer (each fails on the code before the fix) ----
+
+REPEATED = np.r_[[3.0] * 3, [2.0] * 4, np.linspace(1.5, 0.1, 53)]
+
+
+def _true_residuals(A: np.ndarray, res) -> np.ndarray:
+    """``sqrt(||A v - s u||^2 + ||A^T u - s v||^2)`` in float64 with the dense matrix."""
+    A = A.astype(np.float64)
+    U, V = (np.asarray(x, np.float64) for x in (res.left_vectors, res.right_vectors))
+    s = np.asarray(res.singular_values, np.float64)
+    return np.hypot(np.linalg.norm(A @ V - U * s, axis=0), np.linalg.norm(A.T @ U - V * s, axis=0))
+
+
+@pytest.mark.parametrize("shape", [(100, 60), (60, 100)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_repeated_singular_values_every_copy(shape: tuple[int, int], dtype: type) -> None:
+    """Singular values 3 (x3) and 2 (x4), k=7, block_size=1: all seven copies, not
+    3,3,3,2,2,2,1.5 flagged converged (in float32 and at tol=1e-12 in float64)."""
+    A = rect_matrix(*shape, REPEATED).astype(dtype)
+    ref = np.linalg.svd(A.astype(np.float64), compute_uv=False)[:7]
+    tol = 1e-12 if dtype == np.float64 else None
+    for seed in range(3):
+        res = svds(A, 7, tol=tol, seed=seed)
+        assert res.converged
+        np.testing.assert_allclose(res.singular_values, ref, atol=1e-10 if tol else 1e-4)
+        assert _true_residuals(A, res).max() <= (1e-10 if tol else 1e-3) * 3
+        for X in (res.left_vectors, res.right_vectors):
+            X = np.asarray(X, np.float64)
+            np.testing.assert_allclose(X.T @ X, np.eye(7), atol=1e-10 if tol else 1e-4)
+
+
+def test_repeated_singular_values_without_room_raise() -> None:
+    with pytest.raises(SVDSNoConvergence, match="repeated values.*raise ncv"):
+        svds(rect_matrix(100, 60, REPEATED), 7, ncv=8, seed=0)
+
+
+def test_float32_tolerance_below_reach_raises_early() -> None:
+    """float32 at tol=1e-9: raises naming the reachable tolerance, after a few times the
+    products of a reachable tolerance, with the true residuals in the partial result."""
+    A = rect_matrix(120, 80, np.linspace(5, 0.1, 80)).astype(np.float32)
+    reachable = svds(A, 3, tol=1e-5, seed=0)
+    assert reachable.converged
+    with pytest.raises(SVDSNoConvergence, match=r"below what torch.float32 reaches") as info:
+        svds(A, 3, tol=1e-9, seed=0)
+    partial = info.value.result
+    assert not partial.converged
+    assert partial.num_matvecs <= 3 * reachable.num_matvecs
+    assert np.all(partial.residuals >= 0.5 * _true_residuals(A, partial))
+
+
+def test_reported_residuals_are_true_residuals() -> None:
+    A = rect_matrix(120, 80, np.linspace(5, 0.1, 80)).astype(np.float32)
+    res = svds(A, 3, tol=1e-5, seed=0)
+    true = _true_residuals(A, res)
+    assert res.converged and true.max() <= 1e-5 * 5
+    assert np.all(res.residuals >= 0.5 * true)
