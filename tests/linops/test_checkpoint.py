@@ -528,7 +528,7 @@ def _slow_dense(op, directory: Path, workers: int) -> None:
     fast = op._matmat_torch
 
     def slow(X):
-        time.sleep(0.2)
+        time.sleep(0.4)
         return fast(X)
 
     op._matmat_torch = slow
@@ -551,7 +551,7 @@ def test_killed_training_jacobian_resumes_and_takes_its_workers_along(tmp_path, 
         while not list(directory.glob("cols_*.npy")):
             assert p.is_alive() and time.monotonic() - start < PATIENCE_S, "no chunk landed"
             time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.5))
+        time.sleep(rng.uniform(0.0, 0.4))
         helpers = _children(p.pid)
         assert len(helpers) == (workers if workers > 1 else 0)
         os.kill(p.pid, signal.SIGKILL)
