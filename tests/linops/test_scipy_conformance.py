@@ -734,6 +734,18 @@ def test_deviation_python_scalars_are_weak_in_the_declared_dtype() -> None:
     ).dtype
 
 
+def test_deviation_zero_dimensional_tensors_are_scalars() -> None:
+    A = linops.aslinearoperator(np.eye(2))
+    two = torch.tensor(2.0, dtype=torch.float64)
+    for S in (A * two, two * A, A.dot(two), A / (1 / two)):
+        assert isinstance(S, TorchLinearOperator)
+        np.testing.assert_allclose(S @ np.ones(2), [2.0, 2.0])
+    with pytest.raises(ValueError, match="scalar operands are not allowed"):
+        A @ two
+    with pytest.raises(ValueError):  # SciPy: a 0-d array is neither vector nor matrix
+        sla.aslinearoperator(np.eye(2)).dot(np.array(2.0))
+
+
 # --------------------------------------------------------------------------- hypothesis
 @settings(max_examples=60, deadline=None)
 @given(
