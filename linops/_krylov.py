@@ -292,7 +292,7 @@ class Verifier:
       of reach (``"floor"``; the caller raises, naming the tolerance the dtype reaches);
     * otherwise the estimates were optimistic: iterate until they fall 10 times lower.
 
-    When ``tol`` is below ``10 eps`` the first check comes at ``10 eps`` already, and
+    When ``tol`` is below ``eps`` the first check comes at ``eps`` already, and
     estimates that stop falling near the floor (no halving in ``window`` restarts, window
     doubling after each such check) trigger a check too, so an unreachable tolerance is
     detected after a small multiple of the products a reachable one needs.
@@ -300,7 +300,7 @@ class Verifier:
 
     def __init__(self, tol: float, dtype: torch.dtype) -> None:
         self.tol, self.eps = tol, float(torch.finfo(dtype).eps)
-        self.level = max(tol, 10 * self.eps)
+        self.level = max(tol, self.eps)
         self.best, self.since, self.window = float("inf"), 0, 3
 
     def due(self, est_max: float, anorm: float) -> bool:
