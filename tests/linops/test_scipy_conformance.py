@@ -23,7 +23,7 @@ import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.func import functional_call, jacrev
 
@@ -767,8 +767,7 @@ def test_random_products_match_scipy(m, n, dtype, x_dtype, k, entry, kind, seed)
     if entry == "left":
         shape = shape[::-1]
     x = (_random(shape, np.float64, seed + 1) * 4).astype(x_dtype)
-    if not _applies(entry, x if entry != "left" else x.T):
-        return
+    assume(_applies(entry, x if entry != "left" else x.T))
     call = (lambda A, v: v @ A) if entry == "left" else RIGHT[entry]
     expected = call(ref, x)
     if kind == "torch":
