@@ -58,8 +58,8 @@ class SpectralDensity(NamedTuple):
 def spectral_density(
     A: Any,
     *,
-    num_probes: int = 8,
-    num_steps: int = 40,
+    num_probes: int = 10,
+    num_steps: int | None = None,
     num_points: int = 512,
     sigma: float | None = None,
     grid: Any = None,
@@ -72,11 +72,13 @@ def spectral_density(
     A
         Symmetric ``n x n`` operator (a Hessian, a GGN, a dense array, ...).
     num_probes, num_steps
-        Probes :math:`N` and Lanczos steps :math:`m` per probe; ``N * m`` products in all.
+        Probes :math:`N` (default 10) and Lanczos steps :math:`m` per probe (default
+        ``min(32, n)``); ``N * m`` products in all (320 by default).
     num_points
         Grid size when ``grid`` is not given.
     sigma
-        Gaussian broadening; default 1/200 of the span of the nodes.
+        Gaussian broadening; default :math:`(\theta_{\max} - \theta_{\min}) / m`, the span of
+        the nodes over the number of steps (Notes).
     grid
         Abscissae (1-d); default ``num_points`` points spanning the nodes plus ``5 sigma``.
     seed
@@ -88,6 +90,25 @@ def spectral_density(
         For a non-square operator or out-of-range counts.
     FloatingPointError
         If the operator returns NaN or inf.
+
+    Notes
+    -----
+    **Default broadening.** One probe's Gauss rule has :math:`m` nodes across the spectrum,
+    about :math:`\mathrm{span}/m` apart, and a Gaussian narrower than that spacing shows the
+    nodes rather than the density. Measured L1 distance :math:`\int|\hat\phi_\sigma -
+    \phi_\sigma|` to the exact eigenvalues smoothed with the same :math:`\sigma` (mean / max
+    over 10 seeds, :math:`n = 1000`, ``bench/estimator_coverage.py``): the former default
+    (8 probes, 40 steps, :math:`\sigma = \mathrm{span}/200`) gave 0.68 on a uniform and 0.31
+    on a bimodal spectrum (two Gaussians); 8 x 40 with :math:`\mathrm{span}/40`
+    0.041 / 0.049 and 0.028 / 0.033; the default 10 x 32 with :math:`\mathrm{span}/32`, at the
+    same 320 products, 0.031 / 0.036 and 0.021 / 0.029. A wider :math:`\sigma` lowers this
+    distance further but blurs the density itself (bimodal, L1 to the true mixture density:
+    0.11 at :math:`\mathrm{span}/40`, 0.16 at :math:`\mathrm{span}/32`, 0.32 at
+    :math:`\mathrm{span}/20`). The rest of the error is probe noise, which falls like
+    :math:`1/\sqrt{nN}`: at :math:`n = 800` the uniform spectrum's L1 is 0.042 with 10
+    probes, 0.026 with 20 (the quadrature's own part, with 200 probes, is 0.006); pass more
+    probes for small operators. The span includes outliers: for a bulk with a few far
+    eigenvalues (a Hessian) pass ``sigma`` (and ``grid``) for the bulk.
 
     References
     ----------
@@ -110,7 +131,7 @@ def spectral_density(
         raise ValueError(f"A: expected a square (symmetric) operator, got shape {op.shape}")
     kr.check_symmetric(op)  # 3 products, not counted in num_matvecs
     N = kr.check_int(num_probes, "num_probes", 1)
-    m = kr.check_int(num_steps, "num_steps", 1, n)
+    m = min(32, n) if num_steps is None else kr.check_int(num_steps, "num_steps", 1, n)
     gen = kr.make_generator(seed, op.device)
     V0 = torch.sign(kr.random_block(n, N, op, gen)) / math.sqrt(n)
     alpha, beta = _lanczos_batch(op, V0, m)
@@ -120,7 +141,7 @@ def spectral_density(
     per_probe = n * (tau * theta).sum(dim=1)
     tr_se = float(per_probe.std()) / math.sqrt(N) if N > 1 else math.nan
     span = float(theta.max() - theta.min()) or max(1.0, float(theta.abs().max()))
-    sigma = span / 200 if sigma is None else float(sigma)
+    sigma = span / m if sigma is None else float(sigma)
     if not sigma > 0:
         raise ValueError(f"sigma: expected a positive number, got {sigma!r}")
     if grid is None:
