@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -73,6 +73,7 @@ class ModelOperator(TorchLinearOperator):
         if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex):
             raise TypeError(f"dtype: expected a floating torch dtype, got {dtype!r}")
         device = torch.device(device) if device is not None else space.device
+        self._given_space = space  # the user's model and selection, for .to()
         self.space = _converted(space, dtype, device)
         self.batches = Batches(
             data,
@@ -208,6 +209,38 @@ class ModelOperator(TorchLinearOperator):
         )
         rest = [apply(X[:, i : i + 1], adjoint) for i in range(1, X.shape[1])]
         return torch.cat([single, *rest], dim=1)
+
+    def _to(self, dtype: torch.dtype, device: torch.device) -> ModelOperator:
+        """The same operator computing in ``dtype`` on ``device`` (a converted copy of the model
+        when its parameters or buffers differ; data cast and moved once; no graph shared)."""
+        new = copy.copy(self)
+        TorchLinearOperator.__init__(
+            new,
+            self.shape,
+            dtype=dtype,
+            device=device,
+            max_vectors=self.max_vectors,
+            memory_limit_bytes=self.memory_limit_bytes,
+        )
+        new.space = _converted(self._given_space, dtype, device)
+        source = self.batches._source
+        if isinstance(source, Iterator) and self.batches._batches is not None:
+            source = self.batches._batches  # a one-shot iterator, already drawn
+        new.batches = Batches(
+            source,
+            dtype=dtype,
+            device=device,
+            targets=self.batches._targets,
+            batch_size=self.batches._batch_size,
+            allow_reshuffle=True,  # checked when this operator was made
+        )
+        new._graph_cache, new._chain, new.route = None, False, None
+        new.batched = {False: None, True: None}
+        new._reset_derived()
+        return new
+
+    def _reset_derived(self) -> None:
+        """Forget what a subclass derived from the dtype or the data (see :meth:`_to`)."""
 
     def clear_cache(self) -> None:
         """Free the retained graphs (they are rebuilt at the next product)."""

@@ -98,22 +98,42 @@ class _LossOperator(ModelOperator):
         forward pass per batch.
         """
         if self._batch_weights is None:
-            reduction = self._reduce()
-            outs = []
-            with torch.no_grad():
-                for i, (x, y) in enumerate(self.batches):
-                    out = self.space.functional_call(self.space.values(), x)
-                    if i == 0:
-                        _check_scalar_loss(self.loss_fn, out, y)
-                    outs.append((out, y))
+            local: dict[str, Any] = {}
+
+            def normalisers() -> float:  # everything a rank can fail at, before the collective
+                reduction = local["reduction"] = self._reduce()
+                outs = local["outs"] = self._batch_outputs()
+                if reduction.kind == "sum" or reduction.normaliser is None:
+                    return 0.0
+                return sum(float(reduction.normaliser(o, y)) for o, y in outs)
+
             total = None
-            if self.process_group is not None and reduction.kind == "mean":
-                local = sum(float(reduction.normaliser(o, y)) for o, y in outs)  # type: ignore[misc]
-                t = torch.tensor([local], dtype=torch.float64, device=self.device)
-                torch.distributed.all_reduce(t, group=self.process_group)
-                total = float(t.item())
-            self._batch_weights = reduction.weights(outs, total)
+            if self.process_group is None:
+                normalisers()
+            else:
+                from linops.distributed import global_sum
+
+                total = global_sum(self, normalisers, what="loss normaliser")
+            self._batch_weights = local["reduction"].weights(local["outs"], total)
         return self._batch_weights
+
+    def _batch_outputs(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each batch's model outputs and targets (no graph), the loss checked to be scalar."""
+        outs = []
+        with torch.no_grad():
+            for i, (x, y) in enumerate(self.batches):
+                out = self.space.functional_call(self.space.values(), x)
+                if i == 0:
+                    _check_scalar_loss(self.loss_fn, out, y)
+                outs.append((out, y))
+        return outs
+
+    def _reset_derived(self) -> None:
+        self._batch_weights = None
+
+    def prepare_distributed(self) -> None:
+        """The collectives a product needs first (the loss normaliser's sum over the ranks)."""
+        self._weights()
 
     def _accumulate(self, X: torch.Tensor, product: Any) -> torch.Tensor:
         tangents, batched = self._split_params(X)
@@ -284,7 +304,13 @@ class OutputHessianOperator(ModelOperator):
             memory_limit_bytes=kwargs.pop("memory_limit_bytes", None),
             **kwargs,
         )
+        self._eps = eps
         self.eps = eps if eps is not None else torch.finfo(self.torch_dtype).eps ** (1 / 3)
+
+    def _reset_derived(self) -> None:
+        self.eps = (
+            self._eps if self._eps is not None else torch.finfo(self.torch_dtype).eps ** (1 / 3)
+        )
 
     def _infer_shape(self, batches: Any, space: Any) -> tuple[int, int]:
         x = batches.batches[0][0]

@@ -15,6 +15,7 @@ and the empirical NTK Gram matrix is :math:`K = J J^\top` (seed 000 section 2,
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -231,6 +232,13 @@ class NTKOperator(TorchLinearOperator):
     def route(self) -> str | None:
         """The route of the Jacobians' products (see :class:`JacobianOperator`)."""
         return self.J1.route
+
+    def _to(self, dtype: torch.dtype, device: torch.device) -> NTKOperator:
+        new = copy.copy(self)
+        TorchLinearOperator.__init__(new, self.shape, dtype=dtype, device=device)
+        new.J1 = self.J1.to(dtype, device=device)
+        new.J2 = new.J1 if self.J2 is self.J1 else self.J2.to(dtype, device=device)
+        return new
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         return self.J1._apply(self.J2._apply(X, adjoint=True))

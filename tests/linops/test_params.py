@@ -55,7 +55,7 @@ def test_errors() -> None:
         ParamSpace(model, {"2.bias": torch.ones(3)})
     with pytest.raises(ValueError, match="params: expected at least one parameter"):
         ParamSpace(model, [])
-    with pytest.raises(TypeError, match="params: expected names or tensors, got int"):
+    with pytest.raises(TypeError, match="params: expected names, tensors or modules, got int"):
         ParamSpace(model, [3])
     with pytest.raises(ValueError, match="expected a vector of length 26"):
         ParamSpace(model).unflatten(torch.ones(5))

@@ -583,16 +583,17 @@ def test_to_refusals() -> None:
         NoHook((2, 2), dtype=torch.float32, device="cpu").to(torch.float64)
 
 
-def test_model_operator_to_float64_when_the_hook_exists() -> None:
+def test_model_operator_to_float64() -> None:
     model, X = _mlp()
     J32 = linops.JacobianOperator(model, X, dtype=torch.float32)
-    if type(J32)._to is TorchLinearOperator._to:
-        with pytest.raises(NotImplementedError, match="JacobianOperator.to"):
-            J32.to(torch.float64)
-        pytest.skip("JacobianOperator has no _to hook yet (linops/_model.py)")
     J64 = J32.to(torch.float64)
+    assert J32.dtype == np.float32 and J64.dtype == np.float64
     x = _random((J32.shape[1],), np.float64, 36)
     np.testing.assert_allclose(J64 @ x, _jacobian_reference(model, X) @ x, rtol=1e-12)
+    np.testing.assert_allclose(J32 @ x, J64 @ x, rtol=1e-5)  # J32 itself is unchanged
+    K64 = linops.NTKOperator(model, X, dtype=torch.float32).to(torch.float64)
+    D = _jacobian_reference(model, X)
+    np.testing.assert_allclose(K64 @ x[: K64.shape[1]], D @ (D.T @ x[: K64.shape[1]]), rtol=1e-12)
 
 
 # --------------------------------------------------------------------------- wrapping scipy

@@ -312,3 +312,16 @@ def test_every_operator_has_a_route() -> None:
     for op in ops:
         op @ torch.ones(op.shape[1], dtype=torch.float64)
         assert op.route == "autograd"
+
+
+def test_to_float64_converts_buffers_and_data_on_a_copy() -> None:
+    model, X, y, loss = BY_NAME["resnet-batchnorm-eval"].build()
+    model32 = model.float()
+    H32 = linops.HessianOperator(model32, loss, (X, y))
+    H64 = H32.to(torch.float64)
+    direct = linops.HessianOperator(model32, loss, (X, y), dtype=torch.float64)
+    v = torch.randn(H32.shape[1], 3, dtype=torch.float64)
+    assert torch.equal(H64 @ v, direct @ v)
+    assert H32.torch_dtype == torch.float32 and next(model32.parameters()).dtype == torch.float32
+    assert (H32 @ v).dtype == torch.float64  # computed in float32, returned promoted
+    assert _rel(H32 @ v, H64 @ v) < 1e-4
