@@ -3,7 +3,10 @@
 Input normalisation (operator, output kind, generator), checked integers, and block
 orthogonalisation against a basis with classical Gram-Schmidt applied twice ("twice is
 enough", Giraud et al. 2005) followed by a QR factorisation that replaces numerically
-dependent columns by fresh random directions.
+dependent columns by fresh random directions. Also what the eigen- and singular-value solvers
+share to make ``converged`` trustworthy: the symmetry probe (:func:`check_symmetric`), the
+true-residual verification of Ritz pairs (:class:`Verifier`), the search for missing copies
+of repeated values (:func:`completeness`) and ARPACK's restart size (:func:`keep_count`).
 """
 
 from __future__ import annotations
@@ -241,10 +244,7 @@ def check_symmetric(op: TorchLinearOperator, name: str = "A") -> int:
     FloatingPointError
         If the operator returns NaN or inf.
     """
-    n = op.shape[0]
-    gen = torch.Generator(device=op.device)
-    gen.manual_seed(0x5E11)
-    Z = random_block(n, SYMMETRY_PROBES, op, gen)
+    Z = probe_block(op, SYMMETRY_PROBES)
     AZ = op._apply(Z)
     check_products(AZ, SYMMETRY_PROBES)
     raise_if_not_symmetric(Z, AZ, name)
