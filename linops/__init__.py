@@ -3,6 +3,7 @@
 from linops.angles import principal_angles, subspace_similarity, subspace_similarity_curve
 from linops.base import IdentityOperator, TorchLinearOperator, aslinearoperator
 from linops.distributed import DistributedError, dense_columns, shard, shared_seed
+from linops.fisher import EmpiricalFisherOperator, FisherOperator
 from linops.hessian import GGNOperator, HessianOperator, OutputHessianOperator
 from linops.jacobian import JacobianOperator, NTKOperator
 from linops.lanczos import LanczosNoConvergence, LanczosResult, lanczos
@@ -34,6 +35,9 @@ __all__ = [
     "HessianOperator",
     "GGNOperator",
     "OutputHessianOperator",
+    # the Fisher family (issue 23)
+    "EmpiricalFisherOperator",
+    "FisherOperator",
     # data-parallel operators on torch.distributed (process_group=...)
     "DistributedError",
     "dense_columns",
