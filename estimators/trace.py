@@ -197,7 +197,7 @@ def xtrace(
     ([1], section 2, and its reference code), treats the terms as independent; they share all
     but one probe and are positively correlated, and :math:`\pm 2` of it covered the truth in
     only 54-93% (mostly 78-87%) of 200 seeds on five decaying spectra (:math:`n = 200`,
-    :math:`N = 10` to 80); now 92-100%, with mean standard errors 1-3.5 times the
+    :math:`N = 10` to 80); now 94-100%, with mean standard errors 1-3.5 times the
     root-mean-square error (``bench/estimator_coverage.py``). By the Efron-Stein inequality [2] the jackknife
     variance is conservative in expectation. With very few probes the jackknife is itself
     noisy, so the larger of it and a moment estimate of the remainder's variance
