@@ -366,10 +366,15 @@ def completeness(
             return "done"
     elif not clusters(vals, max(tol, float(torch.finfo(dtype).eps) ** 0.5) * anorm):
         return "done"
-    if not room or rounds > k:
+    if not room:
         return (
             f"the {k} wanted values contain repeated values, and a search for missing copies "
             f"needs room for k + 1 = {k + 1} vectors plus a block in the basis; raise ncv or "
             "use block_size >= the multiplicity"
+        )
+    if rounds > k:
+        return (
+            f"the {k} wanted values contain repeated values, and {rounds} searches for "
+            "missing copies each found another one; use block_size >= the multiplicity"
         )
     return "inject"

@@ -239,65 +239,76 @@ class _Lanczos:
 def _thick_restart(
     state: _Lanczos, kind: str, k: int, which: str, tol: float, maxiter: int
 ) -> LanczosResult:
-    n, b, ncv = state.V.shape[0], state.b, state.ncv
-    verifier = kr.Verifier(tol, state.op.torch_dtype)
+    b, ncv = state.b, state.ncv
+    check = _Check(state, kind, k, which, tol)
     state.probe()
-    rounds, k_eff, locked_vals = 0, k, None
     for it in range(maxiter + 1):
         while state.j + b <= ncv:
             R = state.step()
             theta, S, est = _ritz(state.H[: state.j, : state.j], R)
             state.anorm = max(state.anorm, float(theta.abs().max()))
-            if state.j < k_eff:
-                continue
-            want = _select(theta, k_eff, which)
-            est_max = float(est[want].max())
-            if not verifier.due(est_max, state.anorm):
-                continue
-            want = _select(theta, k, which)
-            Y, vals, res = state.true_residuals(S, theta, want)
-            verdict = verifier.judge(float(res.max()), est_max, state.anorm)
-            if verdict == "floor":
-                raise LanczosNoConvergence(
-                    verifier.floor_message(
-                        "lanczos",
-                        state.op.torch_dtype,
-                        float(res.max()),
-                        est_max,
-                        state.anorm,
-                        state.nmv,
-                    ),
-                    _result(Y, vals, res, state.nmv, False, kind),
-                )
-            if verdict == "continue":
-                continue
-            room = k + 1 <= min(ncv - b, n - b)
-            if k == n:  # the whole space: nothing can be missing
-                return _result(Y, vals, res, state.nmv, True, kind)
-            dt = state.op.torch_dtype
-            todo = kr.completeness(vals, locked_vals, tol, state.anorm, dt, rounds, k, room)
-            if todo == "done":
-                return _result(Y, vals, res, state.nmv, True, kind)
-            if todo != "inject":
-                raise LanczosNoConvergence(
-                    f"lanczos: {todo}", _result(Y, vals, res, state.nmv, False, kind)
-                )
-            state.lock_and_inject(Y, vals)
-            rounds, k_eff, locked_vals = rounds + 1, k + 1, vals.cpu()
+            done = check(theta, S, est)
+            if done is not None:
+                return done
         if it == maxiter:
             break
-        nconv = int((est[_select(theta, k, which)] <= tol * state.anorm).sum())
-        if verifier.stalled(float(est[_select(theta, k, which)].max()), state.anorm):
-            verifier.level = float("inf")  # check the true residuals at the next step
+        est_want = est[_select(theta, k, which)]
+        if check.verifier.stalled(float(est_want.max()), state.anorm):
+            check.verifier.level = float("inf")  # check the true residuals at the next step
+        nconv = int((est_want <= tol * state.anorm).sum())
         state.restart(S, theta, _select(theta, kr.keep_count(k, nconv, ncv, b), which))
-    want = _select(theta, k, which)
-    Y, vals, res = state.true_residuals(S, theta, want)
+    Y, vals, res = state.true_residuals(S, theta, _select(theta, k, which))
     k_ok = int((res <= tol * state.anorm).sum())
     raise LanczosNoConvergence(
         f"lanczos did not converge: {maxiter} restarts ({state.nmv} products), {k_ok}/{k} "
         f"converged to tol={tol:.3g} (true residuals)",
         _result(Y, vals, res, state.nmv, False, kind),
     )
+
+
+class _Check:
+    """The end game: true residuals once the estimates allow, then the search for copies."""
+
+    def __init__(self, state: _Lanczos, kind: str, k: int, which: str, tol: float) -> None:
+        self.state, self.kind, self.k, self.which, self.tol = state, kind, k, which, tol
+        self.verifier = kr.Verifier(tol, state.op.torch_dtype)
+        self.rounds, self.k_eff, self.locked = 0, k, None
+
+    def __call__(
+        self, theta: torch.Tensor, S: torch.Tensor, est: torch.Tensor
+    ) -> LanczosResult | None:
+        """The result if the wanted pairs are verified and complete, else ``None``."""
+        st, k = self.state, self.k
+        if st.j < self.k_eff:
+            return None
+        est_max = float(est[_select(theta, self.k_eff, self.which)].max())
+        if not self.verifier.due(est_max, st.anorm):
+            return None
+        Y, vals, res = st.true_residuals(S, theta, _select(theta, k, self.which))
+        verdict = self.verifier.judge(float(res.max()), est_max, st.anorm)
+        dt = st.op.torch_dtype
+        if verdict == "floor":
+            msg = self.verifier.floor_message(
+                "lanczos", dt, float(res.max()), est_max, st.anorm, st.nmv
+            )
+            raise LanczosNoConvergence(msg, self.result(Y, vals, res, False))
+        if verdict == "continue":
+            return None
+        n = st.V.shape[0]
+        if k == n:  # the whole space: nothing can be missing
+            return self.result(Y, vals, res, True)
+        room = k + 1 <= min(st.ncv - st.b, n - st.b)
+        todo = kr.completeness(vals, self.locked, self.tol, st.anorm, dt, self.rounds, k, room)
+        if todo == "done":
+            return self.result(Y, vals, res, True)
+        if todo != "inject":
+            raise LanczosNoConvergence(f"lanczos: {todo}", self.result(Y, vals, res, False))
+        st.lock_and_inject(Y, vals)
+        self.rounds, self.k_eff, self.locked = self.rounds + 1, k + 1, vals.cpu()
+        return None
+
+    def result(self, Y, vals, res, converged: bool) -> LanczosResult:
+        return _result(Y, vals, res, self.state.nmv, converged, self.kind)
 
 
 def _result(Y, vals, res, nmv, converged, kind) -> LanczosResult:
