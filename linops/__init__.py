@@ -5,6 +5,14 @@ from linops.base import IdentityOperator, TorchLinearOperator, aslinearoperator
 from linops.distributed import DistributedError, dense_columns, shard, shared_seed
 from linops.fisher import EmpiricalFisherOperator, FisherOperator
 from linops.hessian import GGNOperator, HessianOperator, OutputHessianOperator
+from linops.inverse import (
+    InverseNoConvergence,
+    InverseOperator,
+    InverseResult,
+    NystromPreconditioner,
+    inverse,
+    nystrom_preconditioner,
+)
 from linops.jacobian import JacobianOperator, NTKOperator
 from linops.lanczos import LanczosNoConvergence, LanczosResult, lanczos
 from linops.memory import retain_freed_memory
@@ -65,4 +73,11 @@ __all__ = [
     "numerical_rank",
     "effective_rank",
     "stable_rank",
+    # damped inverses as operators (issue 23)
+    "inverse",
+    "InverseOperator",
+    "InverseResult",
+    "InverseNoConvergence",
+    "nystrom_preconditioner",
+    "NystromPreconditioner",
 ]

@@ -1,0 +1,199 @@
+"""linops.inverse against dense float64 solves (torch.linalg.solve), and its failure policy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from linops import GGNOperator, aslinearoperator
+from linops.inverse import (
+    InverseNoConvergence,
+    InverseOperator,
+    NystromPreconditioner,
+    inverse,
+    nystrom_preconditioner,
+)
+
+F64 = torch.float64
+
+
+def _spd(n: int, cond: float, seed: int = 0, dtype: torch.dtype = F64) -> torch.Tensor:
+    """Symmetric positive definite with eigenvalues log-spaced in [1/cond, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    ev = torch.logspace(0, -float(np.log10(cond)), n, dtype=F64)
+    return ((Q * ev) @ Q.T).to(dtype)
+
+
+def _rhs(n: int, k: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def _rel(X: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(X - ref) / torch.linalg.matrix_norm(ref))
+
+
+def _jacobi(A: torch.Tensor, lam: float) -> torch.Tensor:
+    return torch.diag(1.0 / (torch.diagonal(A) + lam))
+
+
+@pytest.mark.parametrize("pc", [None, "nystrom", "jacobi"])
+@pytest.mark.parametrize("method", ["cg", "minres", "lsmr", "neumann"])
+def test_every_method_matches_a_dense_solve(method: str, pc: str | None) -> None:
+    if method == "lsmr" and pc is not None:
+        pytest.skip("lsmr takes no preconditioner")
+    n, lam = 40, 0.02 if method == "neumann" else 1e-3
+    A = _spd(n, 1e3)
+    B = _rhs(n, 5)
+    B[:, 3] = 0.0  # a zero right-hand side is solved by x = 0
+    M = {"nystrom": "nystrom", "jacobi": _jacobi(A, lam), None: None}[pc]
+    if method == "neumann" and pc == "jacobi":
+        with pytest.raises(ValueError, match="preconditioner: method='neumann' expected a Nys"):
+            inverse(A, damping=lam, method=method, preconditioner=M) @ B
+        return
+    maxiter = 5000 if method == "neumann" else None  # Richardson needs ~ cond * log(1/rtol)
+    Ainv = inverse(
+        A, damping=lam, method=method, rtol=1e-12, preconditioner=M, seed=0, maxiter=maxiter
+    )
+    X = Ainv @ B
+    ref = torch.linalg.solve(A + lam * torch.eye(n, dtype=F64), B)
+    assert _rel(X, ref) < 1e-10
+    info = Ainv.info
+    true = torch.linalg.vector_norm(B - (A + lam * torch.eye(n, dtype=F64)) @ X, dim=0)
+    assert info.converged and info.x is None
+    # the reported residuals are the true ones (up to the rounding of recomputing them)
+    assert bool(((info.residuals - true).abs() <= 1e-14 * B.norm(dim=0) + 1e-6 * true).all())
+    assert bool((info.residuals <= info.tolerances).all())
+    assert torch.allclose(info.tolerances, 1e-12 * torch.linalg.vector_norm(B, dim=0))
+    assert info.num_matvecs >= info.iterations > 0
+
+
+def test_vectors_numpy_and_accumulated_counts() -> None:
+    A = _spd(30, 100.0)
+    Ainv = inverse(A, damping=0.1, rtol=1e-12)
+    b = _rhs(30, 1)[:, 0]
+    ref = torch.linalg.solve(A + 0.1 * torch.eye(30, dtype=F64), b)
+    x = Ainv @ b.numpy()
+    assert isinstance(x, np.ndarray) and x.shape == (30,)
+    assert np.abs(x - ref.numpy()).max() / np.abs(ref.numpy()).max() < 1e-10
+    first = Ainv.info.num_matvecs
+    assert first == 3 + Ainv.info.iterations + 1  # symmetry probe, iterations, true residual
+    Ainv @ b
+    assert Ainv.num_matvecs == first + Ainv.info.num_matvecs and Ainv.info.num_matvecs < first
+    assert isinstance(Ainv, InverseOperator) and Ainv.is_symmetric
+
+
+def test_minres_indefinite_and_lsmr_nonsymmetric() -> None:
+    n = 40
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    S = (Q * torch.linspace(-1, 1, n, dtype=F64).add(0.0123)) @ Q.T
+    B = _rhs(n, 3)
+    X = inverse(S, method="minres", rtol=1e-12) @ B
+    assert _rel(X, torch.linalg.solve(S, B)) < 1e-10
+    with pytest.raises(ValueError, match="A: expected A \\+ damping I positive definite"):
+        inverse(S, method="cg") @ B
+    N = torch.randn(n, n, generator=g, dtype=F64) + 8 * torch.eye(n, dtype=F64)
+    Ninv = inverse(N, method="lsmr", damping=0.5, rtol=1e-13)
+    shifted = N + 0.5 * torch.eye(n, dtype=F64)
+    assert _rel(Ninv @ B, torch.linalg.solve(shifted, B)) < 1e-10
+    assert _rel(Ninv.T @ B, torch.linalg.solve(shifted.T, B)) < 1e-10
+    assert not Ninv.is_symmetric
+    with pytest.raises(ValueError, match="A: expected a symmetric operator for method='cg'"):
+        inverse(N) @ B
+
+
+def test_model_operator() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(20, 4, dtype=F64), torch.randint(0, 3, (20,))
+    G = GGNOperator(model, nn.CrossEntropyLoss(), (X, y))
+    dense = G.to_dense()
+    lam = 1e-3 * float(torch.linalg.eigvalsh(dense).max())
+    B = _rhs(G.shape[0], 4)
+    ref = torch.linalg.solve(dense + lam * torch.eye(G.shape[0], dtype=F64), B)
+    for pc in (None, "nystrom"):
+        Ginv = inverse(G, damping=lam, rtol=1e-12, preconditioner=pc, seed=0)
+        assert _rel(Ginv @ B, ref) < 1e-10
+
+
+def test_no_convergence_carries_the_partial_result() -> None:
+    A, B = _spd(40, 1e4), _rhs(40, 2)
+    Ainv = inverse(A, damping=1e-4, rtol=1e-10, maxiter=5)
+    with pytest.raises(InverseNoConvergence, match="reached maxiter=5 after 5 iterations") as e:
+        Ainv @ B
+    res = e.value.result
+    assert isinstance(e.value, RuntimeError) and not res.converged
+    assert res.x.shape == (40, 2) and res.iterations == 5
+    true = torch.linalg.vector_norm(B - (A + 1e-4 * torch.eye(40, dtype=F64)) @ res.x, dim=0)
+    assert torch.allclose(res.residuals, true) and bool((res.residuals > res.tolerances).all())
+    assert Ainv.info is not None and not Ainv.info.converged
+
+
+def test_float32_unreachable_tolerance_is_an_error() -> None:
+    A, B = _spd(50, 1e3, dtype=torch.float32), _rhs(50, 3).float()
+    with pytest.raises(ValueError, match="rtol: expected a tolerance at least 4 eps"):
+        inverse(A, rtol=1e-7) @ B
+    with pytest.raises(InverseNoConvergence, match="below what torch.float32 reaches") as e:
+        inverse(A, rtol=1e-6) @ B
+    assert not e.value.result.converged and e.value.result.x.dtype == torch.float32
+    Ainv = inverse(A, rtol=1e-4)
+    X = Ainv @ B
+    true = torch.linalg.vector_norm(B - A @ X, dim=0)
+    assert bool((true <= 1e-4 * torch.linalg.vector_norm(B, dim=0) * 1.01).all())
+    assert Ainv.info.converged
+    # default rtol: sqrt(eps) of the dtype
+    Ainv = inverse(A.double())
+    Ainv @ B.double()
+    expected = torch.finfo(F64).eps ** 0.5 * torch.linalg.vector_norm(B.double(), dim=0)
+    assert torch.allclose(Ainv.info.tolerances, expected)
+    assert Ainv.to(torch.float32).torch_dtype == torch.float32
+
+
+def test_nystrom_preconditioner_formula_and_effect() -> None:
+    n, mu = 60, 1e-4
+    A = _spd(n, 1e6, seed=4)
+    P = nystrom_preconditioner(A, 20, damping=mu, seed=0)
+    assert isinstance(P, NystromPreconditioner) and P.rank == 20 and P.num_matvecs == 30
+    U, lam = P.eigenvectors, P.eigenvalues
+    Pinv = (lam.min() + mu) * (U * (1 / (lam + mu))) @ U.T + torch.eye(n, dtype=F64) - U @ U.T
+    assert _rel(P.to_dense(), Pinv) < 1e-12
+    half = P.sqrt_inverse().to_dense()
+    assert _rel(half @ half, Pinv) < 1e-12
+    # the adaptive rank: doubled from 16 until the smallest kept eigenvalue is below 10 mu
+    Pa = nystrom_preconditioner(A, damping=mu, seed=0)
+    assert float(Pa.eigenvalues.min()) <= 10 * mu and Pa.num_matvecs == 26 + 42
+    B = _rhs(n, 3)
+    plain, pre = inverse(A, damping=mu), inverse(A, damping=mu, preconditioner=Pa)
+    plain @ B, pre @ B
+    assert 3 * pre.info.iterations <= plain.info.iterations
+
+
+def test_errors() -> None:
+    A = _spd(10, 10.0)
+    with pytest.raises(ValueError, match="A: expected a square operator, got shape"):
+        inverse(torch.zeros(3, 4, dtype=F64))
+    with pytest.raises(ValueError, match="damping: expected a number >= 0, got -1"):
+        inverse(A, damping=-1)
+    with pytest.raises(ValueError, match="method: expected one of"):
+        inverse(A, method="gmres")
+    with pytest.raises(ValueError, match="preconditioner: expected None with method='lsmr'"):
+        inverse(A, method="lsmr", preconditioner="nystrom")
+    with pytest.raises(ValueError, match="preconditioner: expected one of"):
+        inverse(A, preconditioner="jacobi")
+    with pytest.raises(ValueError, match="preconditioner: expected shape"):
+        inverse(A, preconditioner=torch.eye(3, dtype=F64))
+    with pytest.raises(ValueError, match="rtol: expected a number in \\[0, 1\\)"):
+        inverse(A, rtol=2.0)
+    with pytest.raises(ValueError, match="atol: expected a number >= 0"):
+        inverse(A, atol=-1.0)
+    with pytest.raises(ValueError, match="maxiter: expected an integer >= 1"):
+        inverse(A, maxiter=0)
+    with pytest.raises(ValueError, match="damping: expected a number > 0, got 0"):
+        nystrom_preconditioner(A, damping=0)
+    with pytest.raises(ValueError, match="A: expected a square \\(PSD\\) operator"):
+        nystrom_preconditioner(aslinearoperator(torch.zeros(3, 4, dtype=F64)), damping=1.0)
+    with pytest.raises(ValueError, match="A: method='neumann' expected a positive definite"):
+        inverse(-A, method="neumann") @ torch.ones(10, dtype=F64)
