@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import BatchSampler
@@ -106,6 +107,18 @@ class Batches:
         allow_reshuffle: bool = False,
     ) -> None:
         check_loader(data, allow_reshuffle=allow_reshuffle)
+        if batch_size is not None and (
+            not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
+        ):
+            raise ValueError(f"batch_size: expected a positive integer or None, got {batch_size!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                "device: expected an available device, got 'cuda' while "
+                "torch.cuda.is_available() is False"
+            )
+        for i, t in enumerate(data if isinstance(data, tuple | list) else (data,)):
+            if isinstance(t, torch.Tensor):  # tensors given directly: checked now, not later
+                _check_finite(t, "data: " + ("targets" if i == 1 and targets else "inputs"))
         self._source, self._dtype, self._device = data, dtype, device
         self._targets, self._batch_size = targets, batch_size
         self._batches: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
@@ -119,7 +132,7 @@ class Batches:
     @property
     def batches(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         if self._batches is None:
-            self._batches = [self._prepare(b) for b in self._split(self._source)]
+            self._batches = [self._prepare(b, i) for i, b in enumerate(self._split(self._source))]
             if not self._batches or self.num_samples == 0:
                 raise ValueError("data: expected at least one sample, got an empty dataset")
         return self._batches
@@ -129,6 +142,13 @@ class Batches:
         return sum(len(x) for x, _ in self.batches)
 
     def _split(self, data: Any) -> Iterable[Any]:
+        if isinstance(data, np.ndarray):
+            data = _as_tensor(data, "inputs")
+        elif isinstance(data, tuple | list) and data and isinstance(data[0], np.ndarray):
+            data = type(data)(
+                _as_tensor(t, "targets" if i else "inputs") if isinstance(t, np.ndarray) else t
+                for i, t in enumerate(data)
+            )
         if isinstance(data, torch.Tensor):
             data = (data,) if not self._targets else data
         if isinstance(data, tuple | list) and data and isinstance(data[0], torch.Tensor):
@@ -151,7 +171,7 @@ class Batches:
             f"{type(data).__name__}"
         )
 
-    def _prepare(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _prepare(self, batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(batch, torch.Tensor):
             x, y = batch, None
         elif isinstance(batch, tuple | list) and len(batch) in (1, 2):
@@ -162,10 +182,31 @@ class Batches:
             )
         if self._targets and y is None:
             raise ValueError("data: this operator needs targets; expected (x, y) batches")
-        return self._move(x), (self._move(y) if self._targets else None)
+        x = self._move(x, f"batch {index} inputs")
+        return x, (self._move(y, f"batch {index} targets") if self._targets else None)
 
-    def _move(self, t: Any) -> torch.Tensor:
+    def _move(self, t: Any, what: str) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
-            t = torch.as_tensor(t)
+            try:
+                t = _as_tensor(t, what) if isinstance(t, np.ndarray) else torch.as_tensor(t)
+            except (ValueError, RuntimeError) as err:
+                raise TypeError(
+                    f"data: expected numeric arrays or tensors, got {what} of type "
+                    f"{type(t).__name__} ({str(err).splitlines()[0]})"
+                ) from None
+        _check_finite(t, f"data: {what}")
         dtype = self._dtype if t.is_floating_point() else None
         return t.to(device=self._device, dtype=dtype)
+
+
+def _as_tensor(a: np.ndarray, what: str) -> torch.Tensor:
+    if a.dtype.kind not in "biufc":
+        raise TypeError(f"data: expected numeric arrays for the {what}, got dtype {a.dtype}")
+    return torch.as_tensor(a)
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    """Refuse NaN or inf (one sum first: the exact test only runs when the sum is not finite)."""
+    if (t.is_floating_point() or t.is_complex()) and t.numel():
+        if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{what} contain NaN or inf")

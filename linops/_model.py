@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import cmath
 import copy
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
+from linops._backend import torch_dtype
 from linops._chain import Chain, ChainMismatch
 from linops._data import Batches, check_model_mode
 from linops.base import TorchLinearOperator
@@ -69,10 +73,9 @@ class ModelOperator(TorchLinearOperator):
         self.process_group = process_group
         self._num_samples: int | None = None
         space = ParamSpace(model, params, output=output)
-        dtype = dtype or space.dtype
-        if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex):
-            raise TypeError(f"dtype: expected a floating torch dtype, got {dtype!r}")
-        device = torch.device(device) if device is not None else space.device
+        dtype = _check_dtype(dtype) if dtype is not None else space.dtype
+        device = _check_device(device) if device is not None else space.device
+        _check_finite_model(space)
         self._given_space = space  # the user's model and selection, for .to()
         self.space = _converted(space, dtype, device)
         self.batches = Batches(
@@ -170,8 +173,17 @@ class ModelOperator(TorchLinearOperator):
             return self._first_batched(X, adjoint)
         apply = super()._apply
         if self.batched[adjoint] is False and X.shape[1] > 1:
-            return torch.cat([apply(X[:, i : i + 1], adjoint) for i in range(X.shape[1])], 1)
-        return apply(X, adjoint)
+            out = torch.cat([apply(X[:, i : i + 1], adjoint) for i in range(X.shape[1])], 1)
+        else:
+            out = apply(X, adjoint)
+        if self.check_finite and out.numel() and not cmath.isfinite(out.sum().item()):
+            if not bool(torch.isfinite(out).all()):
+                raise FloatingPointError(
+                    f"{type(self).__name__}: the product contains NaN or inf although its input "
+                    "was finite (an overflow in the model or the loss at these parameters; "
+                    "float64 may help: op.to(torch.float64))"
+                )
+        return out
 
     def _first_batched(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
         """The first many-vector product of a direction, verified against a single-vector one.
@@ -260,6 +272,81 @@ class ModelOperator(TorchLinearOperator):
     def bytes_per_vector(self) -> int:
         itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
         return 4 * (self.shape[0] + self.shape[1]) * itemsize
+
+
+def forward_checked(space: ParamSpace, x: torch.Tensor) -> torch.Tensor:
+    """The model's outputs on ``x`` (no graph), with a clear error if the forward pass fails.
+
+    Used on the first batch an operator sees, so a wrong feature dimension or input dtype is
+    named as such rather than surfacing as a raw torch error inside a product.
+    """
+    try:
+        with torch.no_grad():
+            return space.functional_call(space.values(), x)
+    except (RuntimeError, ValueError, IndexError) as err:
+        first = next(
+            (m for m in space.model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)),
+            None,
+        )
+        hint = ""
+        if isinstance(first, torch.nn.Linear) and x.dim() >= 2 and x.shape[-1] != first.in_features:
+            hint = f"expected {first.in_features} features per sample, got {x.shape[-1]}; "
+        elif (
+            isinstance(first, torch.nn.Conv2d) and x.dim() == 4 and x.shape[1] != first.in_channels
+        ):
+            hint = f"expected {first.in_channels} channels per sample, got {x.shape[1]}; "
+        raise ValueError(
+            f"inputs: {hint}the model's forward pass raised on inputs of shape "
+            f"{tuple(x.shape)} and dtype {x.dtype}: {str(err).splitlines()[0][:300]}"
+        ) from None
+
+
+def check_output_index(index: Any, d_out: int, *, optional: bool) -> int | None:
+    """``index`` as an output unit in ``[0, d_out)`` (``None`` allowed when ``optional``)."""
+    if index is None and optional:
+        return None
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+        raise TypeError(f"output_index: expected an integer, got {type(index).__name__}")
+    if not 0 <= int(index) < d_out:
+        raise ValueError(f"output_index: expected an integer in [0, {d_out - 1}], got {index}")
+    return int(index)
+
+
+def _check_dtype(dtype: Any) -> torch.dtype:
+    """A floating or complex torch dtype from a torch dtype, a numpy dtype or its name."""
+    if not isinstance(dtype, torch.dtype):
+        try:
+            dtype = torch_dtype(np.dtype(dtype))
+        except TypeError:
+            raise TypeError(
+                f"dtype: expected a floating torch dtype such as torch.float64, got {dtype!r}"
+            ) from None
+    if not (dtype.is_floating_point or dtype.is_complex):
+        raise TypeError(f"dtype: expected a floating torch dtype, got {dtype}")
+    return dtype
+
+
+def _check_device(device: Any) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected a torch device such as 'cpu', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device: expected an available device, got {str(device)!r} while "
+            "torch.cuda.is_available() is False"
+        )
+    return device
+
+
+def _check_finite_model(space: ParamSpace) -> None:
+    """Refuse NaN or inf in the differentiated parameters and in the model's buffers."""
+    named = [(f"params[{n!r}]", v) for n, v in space.values().items()]
+    named += [(f"model buffer {n!r}", b) for n, b in space.model.named_buffers()]
+    for what, t in named:
+        if (t.is_floating_point() or t.is_complex()) and t.numel():
+            if not bool(torch.isfinite(t.detach()).all()):
+                raise ValueError(f"{what}: contains NaN or inf")
 
 
 def _converted(space: ParamSpace, dtype: torch.dtype, device: torch.device) -> ParamSpace:

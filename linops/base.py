@@ -374,7 +374,10 @@ class TorchLinearOperator(LinearOperator):
     def __truediv__(self, x: Any) -> TorchLinearOperator:
         if not _is_scalar(x):
             raise ValueError(f"can only divide an operator by a scalar, got {type(x).__name__}")
-        return _Scaled(self, 1.0 / _python_scalar(x) if isinstance(x, torch.Tensor) else 1.0 / x)
+        value = _python_scalar(x) if isinstance(x, torch.Tensor) else x
+        if value == 0:
+            raise ZeroDivisionError(f"divisor: expected a non-zero scalar, got {x!r}")
+        return _Scaled(self, 1.0 / value)
 
     def __pow__(self, p: Any) -> TorchLinearOperator:
         if not np.isscalar(p):
@@ -434,6 +437,7 @@ class TorchLinearOperator(LinearOperator):
                 self, process_group, max_vectors=max_vectors, checkpoint_dir=checkpoint_dir
             )
         m, n = self.shape
+        _check_positive_or_none(max_vectors, "max_vectors")
         chunk = max_vectors or self.vectors_per_pass() or 256
         eye = torch.eye(n, dtype=self.torch_dtype, device=self.device)
         cols = [self._apply(eye[:, i : i + chunk]) for i in range(0, n, chunk)]

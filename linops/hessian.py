@@ -20,7 +20,7 @@ import torch
 from linops._autodiff import GradientGraph, LossFn, OutputGraph
 from linops._chain import ChainGradientGraph, ChainOutputGraph
 from linops._loss import OutputLoss
-from linops._model import ModelOperator
+from linops._model import ModelOperator, check_output_index, forward_checked
 from linops._reduction import Reduction, check_reduction, loss_reduction
 
 __all__ = ["GGNOperator", "HessianOperator", "OutputHessianOperator"]
@@ -122,7 +122,7 @@ class _LossOperator(ModelOperator):
         outs = []
         with torch.no_grad():
             for i, (x, y) in enumerate(self.batches):
-                out = self.space.functional_call(self.space.values(), x)
+                out = forward_checked(self.space, x)
                 if i == 0:
                     _check_scalar_loss(self.loss_fn, out, y)
                 outs.append((out, y))
@@ -145,7 +145,18 @@ class _LossOperator(ModelOperator):
 
 
 def _check_scalar_loss(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor | None) -> None:
-    value = loss_fn(out, y)
+    try:
+        value = loss_fn(out, y)
+    except TypeError as err:
+        raise TypeError(
+            f"loss_fn: expected a callable loss_fn(outputs, targets), calling it raised: {err}"
+        ) from None
+    except (RuntimeError, ValueError, IndexError) as err:
+        raise ValueError(
+            f"loss_fn: raised on outputs of shape {tuple(out.shape)} and targets of shape "
+            f"{tuple(y.shape) if y is not None else None} (dtype "
+            f"{y.dtype if y is not None else None}): {str(err).splitlines()[0][:300]}"
+        ) from None
     if not isinstance(value, torch.Tensor) or value.dim() != 0:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(
@@ -287,6 +298,8 @@ class OutputHessianOperator(ModelOperator):
             raise ValueError(f"method: expected 'exact' or 'finite_difference', got {method!r}")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
+        if eps is not None and not (isinstance(eps, int | float) and 0 < eps < 1):
+            raise ValueError(f"eps: expected a relative step in (0, 1), got {eps!r}")
         self.method, self.output_index = method, output_index
         kwargs.setdefault("dtype", None)
         kwargs.setdefault("device", None)
@@ -314,12 +327,8 @@ class OutputHessianOperator(ModelOperator):
 
     def _infer_shape(self, batches: Any, space: Any) -> tuple[int, int]:
         x = batches.batches[0][0]
-        with torch.no_grad():
-            d_out = space.functional_call(space.values(), x[:1]).reshape(1, -1).shape[1]
-        if not 0 <= self.output_index < d_out:
-            raise ValueError(
-                f"output_index: expected an integer in [0, {d_out - 1}], got {self.output_index}"
-            )
+        d_out = forward_checked(space, x[:1]).reshape(1, -1).shape[1]
+        self.output_index = check_output_index(self.output_index, d_out, optional=False)
         return space.dim, space.dim
 
     def _select(self, out: torch.Tensor, _: Any = None) -> torch.Tensor:

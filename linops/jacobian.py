@@ -23,7 +23,7 @@ import torch
 from linops._autodiff import OutputGraph
 from linops._chain import ChainOutputGraph
 from linops._data import Batches
-from linops._model import ModelOperator
+from linops._model import ModelOperator, check_output_index, forward_checked
 from linops.base import TorchLinearOperator
 from linops.params import ParamSpace
 
@@ -152,12 +152,8 @@ class JacobianOperator(ModelOperator):
 
     def _local_shape(self, batches: Batches, space: ParamSpace) -> tuple[int, int]:
         x0 = batches.batches[0][0][:1]
-        with torch.no_grad():
-            d_out = space.functional_call(space.values(), x0).reshape(1, -1).shape[1]
-        if self.output_index is not None and not 0 <= self.output_index < d_out:
-            raise ValueError(
-                f"output_index: expected an integer in [0, {d_out - 1}], got {self.output_index}"
-            )
+        d_out = forward_checked(space, x0).reshape(1, -1).shape[1]
+        self.output_index = check_output_index(self.output_index, d_out, optional=True)
         self.num_outputs = 1 if self.output_index is not None else d_out
         self.batch_rows = [len(x) * self.num_outputs for x, _ in batches]
         return sum(self.batch_rows), space.dim

@@ -160,10 +160,13 @@ class ParamSpace:
             If the (selected) output is not a tensor.
         """
         with workarounds(self.model, weight_norm=self._weight_norm):
+            # a module in training mode (allow_train_mode=True) updates its running statistics
+            # in place: it updates copies, so the user's model is never changed by a product
+            kept = _training_buffers(self.model)
             if self._shared_modules:
-                out = _call_swapped(self.model, params, args)
+                out = _call_swapped(self.model, params, args, kept)
             else:
-                out = functional_call(self.model, dict(params), args)
+                out = functional_call(self.model, {**params, **kept}, args)
         if self.output is not None:
             out = self.output(out)
             if not isinstance(out, torch.Tensor):
@@ -186,7 +189,25 @@ class ParamSpace:
         return new
 
 
-def _call_swapped(model: torch.nn.Module, params: Mapping[str, torch.Tensor], args: Any) -> Any:
+def _training_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the buffers of modules in training mode (empty in eval mode)."""
+    if not any(m.training for m in model.modules()):
+        return {}
+    return {
+        n: b.clone()
+        for mod_name, mod in model.named_modules()
+        if mod.training
+        for n, b in ((f"{mod_name}.{k}" if mod_name else k, b) for k, b in mod._buffers.items())
+        if b is not None
+    }
+
+
+def _call_swapped(
+    model: torch.nn.Module,
+    params: Mapping[str, torch.Tensor],
+    args: Any,
+    buffers: Mapping[str, torch.Tensor],
+) -> Any:
     """``model(*args)`` with ``params`` in place of the named parameters, restored afterwards.
 
     Every slot holding one of the named parameters is swapped, so modules registered twice and
@@ -200,6 +221,7 @@ def _call_swapped(model: torch.nn.Module, params: Mapping[str, torch.Tensor], ar
         for key, p in mod._parameters.items()
         if p is not None and id(p) in new
     ]
+    saved = {n: b.clone() for n, b in model.named_buffers() if n in buffers}
     try:
         for mod, key, p in slots:
             mod._parameters[key] = new[id(p)]
@@ -207,6 +229,10 @@ def _call_swapped(model: torch.nn.Module, params: Mapping[str, torch.Tensor], ar
     finally:
         for mod, key, p in slots:
             mod._parameters[key] = p
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in saved:
+                    b.copy_(saved[n])
 
 
 def _check_names(values: Mapping[str, torch.Tensor], named: Mapping[str, Any]) -> None:

@@ -105,6 +105,8 @@ class TrainingJacobianOperator(TorchLinearOperator):
             raise ValueError(f"theta0: expected a tensor of shape ({run.dim},), got {shape}")
         if not theta0.is_floating_point():
             raise TypeError(f"theta0: expected a floating dtype, got {theta0.dtype}")
+        if not bool(torch.isfinite(theta0).all()):
+            raise ValueError("theta0: contains NaN or inf")
         super().__init__(
             (run.dim, run.dim),
             dtype=theta0.dtype,
@@ -115,6 +117,10 @@ class TrainingJacobianOperator(TorchLinearOperator):
         self.run = run
         self.theta0 = theta0.detach()
         self.num_products = 0
+
+    #: how products are computed: forward-mode (``J V``) and reverse-mode (``J^T U``) through
+    #: the run's own differentiable loop (as the model operators' ``route``)
+    route = "training run"
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         self.num_products += X.shape[1]
