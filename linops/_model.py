@@ -68,6 +68,8 @@ class ModelOperator(TorchLinearOperator):
     ) -> None:
         if route not in ROUTES:
             raise ValueError(f"route: expected one of {list(ROUTES)}, got {route!r}")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         check_model_mode(model, allow_train_mode=allow_train_mode)
         _check_process_group(process_group)
         self.process_group = process_group
@@ -165,6 +167,9 @@ class ModelOperator(TorchLinearOperator):
         return self._num_samples
 
     def _apply(self, X: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
+        if X.shape[1] == 0:  # no vector: no pass through the model
+            rows = self.shape[1] if adjoint else self.shape[0]
+            return X.new_zeros((rows, 0), dtype=torch.promote_types(self.torch_dtype, X.dtype))
         if self.process_group is not None:
             from linops.distributed import data_parallel_apply
 
