@@ -1,7 +1,7 @@
 """JAX reference for the dense training Jacobian of seed 004: ``jax.jacfwd`` through the whole run.
 
 The paper computes the training Jacobian with ``jax.jacfwd`` (seed 004, section 3, footnote 2).
-This module reproduces that computation for the setup of :func:`estimators._seed004.digits_mlp_run`
+This module reproduces that computation for the setup of :func:`trainers.setups.digits_mlp_run`
 (an MLP with one GELU hidden layer, mean cross-entropy, fixed batch order, SGD with PyTorch-style
 momentum and cosine decay), with the same flat parameter layout as ``linops.ParamSpace``
 (``W1`` row-major ``(out, in)``, ``b1``, ``W2``, ``b2``), so the two matrices can be compared.

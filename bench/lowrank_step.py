@@ -56,7 +56,7 @@ def backprop_bytes(trainer: BackpropTrainer, x: torch.Tensor, y: torch.Tensor) -
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    params = {n: p.detach().requires_grad_(True) for n, p in trainer.params.items()}
+    params = {n: p.detach().requires_grad_(True) for n, p in trainer.values.items()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = CE(trainer.forward(x, params), y)
     loss.backward()

@@ -10,7 +10,7 @@ forked processes with one thread each); JAX runs ``jax.jit(jax.jacfwd(train))`` 
 ``lax.scan`` of the same steps (``bench/_jax_training_jacobian.py``), with its default threading.
 
 Then :math:`\\operatorname{rank}(J - I)` is counted densely (float64 SVD of the linops matrix)
-and estimated matrix-free with :func:`estimators.spectrum.training_dimension` (block Krylov,
+and estimated matrix-free with :func:`estimators.dimension.training_dimension` (block Krylov,
 adaptive range finder, and deflated stochastic Lanczos quadrature per threshold), whose product
 counts are compared with the ``m`` products of a dense computation.
 
@@ -55,8 +55,8 @@ def _rss_bytes(who: int) -> int:
 def _child_linops(cfg: dict, out: Path, workers: int, chunk: int, dtype: str) -> dict:
     import torch
 
-    from estimators._seed004 import digits_mlp_run
     from linops import TrainingJacobianOperator
+    from trainers.setups import digits_mlp_run
 
     base = _rss_bytes(resource.RUSAGE_SELF)
     setup = digits_mlp_run(dtype=getattr(torch, dtype), **cfg)
@@ -135,9 +135,9 @@ def _spawn(kind: str, args: argparse.Namespace, cfg: dict) -> dict:
 def _rank_study(cfg: dict, args: argparse.Namespace, J: np.ndarray) -> dict:
     import torch
 
-    from estimators._seed004 import digits_mlp_run
-    from estimators.spectrum import training_dimension
+    from estimators.dimension import training_dimension
     from linops import TrainingJacobianOperator
+    from trainers.setups import digits_mlp_run
 
     torch.set_num_threads(2)
     m = J.shape[0]
@@ -154,14 +154,14 @@ def _rank_study(cfg: dict, args: argparse.Namespace, J: np.ndarray) -> dict:
         op = TrainingJacobianOperator(setup.run, setup.theta0, max_vectors=args.chunk)
         t0 = time.perf_counter()
         res = training_dimension(
-            op, taus, max_products=m // 2, method=method, block_size=args.rank_block
+            op, taus, num_matvecs=m // 2, method=method, block_size=args.rank_block
         )
         est = [int((res.singular_values > t).sum()) for t in taus]
         out[f"rank_{method}"] = est
         out[f"rank_relative_error_{method}"] = [
             abs(e - d) / max(d, 1) for e, d in zip(est, out["rank_dense"], strict=True)
         ]
-        out[f"products_{method}"] = res.num_products
+        out[f"products_{method}"] = res.num_matvecs
         out[f"seconds_rank_{method}"] = time.perf_counter() - t0
     # Krylov-deflated SLQ: one shared basis, one quadrature per threshold, each count within
     # m / 2 products (basis + its quadrature)
@@ -199,7 +199,7 @@ def lenet(args: argparse.Namespace) -> dict:
     rank(J - I) matrix-free. No dense 61,706 x 61,706 matrix is formed."""
     import torch
 
-    from estimators.spectrum import training_dimension
+    from estimators.dimension import training_dimension
     from linops import TrainingJacobianOperator, svds
     from trainers.data import digits
     from trainers.functional import Adam, CosineLR, DataSchedule, TrainingRun
@@ -228,11 +228,11 @@ def lenet(args: argparse.Namespace) -> dict:
     budget = 64 if args.quick else args.lenet_budget
     taus = [2.0, 3.0, 5.0, 10.0]
     t0 = time.perf_counter()
-    dim = training_dimension(op, taus, max_products=budget, block_size=min(32, budget // 2))
+    dim = training_dimension(op, taus, num_matvecs=budget, block_size=min(32, budget // 2))
     out["seconds_rank"] = time.perf_counter() - t0
     out["rank_thresholds"] = taus
     out["rank_krylov"] = [int((dim.singular_values > t).sum()) for t in taus]
-    out["products_rank"] = dim.num_products
+    out["products_rank"] = dim.num_matvecs
     out["rank_note"] = (
         "counts above a threshold are lower bounds when the Krylov basis is not converged"
     )

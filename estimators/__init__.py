@@ -7,17 +7,21 @@ from estimators.density import (
     plot_spectral_density,
     spectral_density,
 )
-from estimators.guess_quality import (
-    ActivationGradientOverlap,
+from estimators.dimension import DimensionResult, training_dimension, training_dimension_dense
+from estimators.guess_bias import (
     BiasAnalysis,
-    CosineSaturation,
-    CosineSimilarity,
     GuessCovarianceOperator,
     GuessNoiseOperator,
+    guess_bias,
+)
+from estimators.guess_quality import (
+    ActivationGradientOverlap,
+    CosineSaturation,
+    CosineSimilarity,
     OneStep,
+    TrueGradient,
     activation_gradient_overlap,
     cosine_saturation,
-    guess_bias,
     guess_cosine,
     one_step_effectiveness,
     true_gradient,
@@ -35,9 +39,11 @@ from estimators.guesses import (
     WTranspose,
     make_guesser,
 )
+from estimators.jacobian_rank import exact_jacobian_rank
 from estimators.kernel import (
     GramDrift,
     GramSpectrum,
+    RelativeDistances,
     gram_drift,
     gram_extremes,
     gram_operator,
@@ -45,46 +51,44 @@ from estimators.kernel import (
     relative_distance,
 )
 from estimators.laziness import (
+    HessianNorm,
     JacobianDrift,
     LazinessResult,
     hessian_norm,
     jacobian_drift,
     laziness_ratio,
-    laziness_report,
+)
+from estimators.perturbation import (
+    LinearityResult,
+    OODInputs,
+    bulk_overlap,
+    kl_perturbation,
+    linearity_test,
+    ood_inputs,
+    parameter_function_jacobian,
+    random_subspace_similarity,
 )
 from estimators.reference import (
-    STRATEGIES,
     RankCurve,
     ReferenceGram,
-    exact_jacobian_rank,
-    jacobian_column_norms,
+    eigenvalue_threshold,
     rank_curve,
     reference_gram_eigh,
     reference_jacobian,
     reference_rank,
-    select_reference_set,
 )
+from estimators.seeding import Seed, make_generator
+from estimators.selection import STRATEGIES, jacobian_column_norms, select_reference_set
 from estimators.spectrum import (
-    DimensionResult,
-    LinearityResult,
     RegionCounts,
+    RegionRow,
     TrainingJacobianSVD,
     bulk_order,
-    bulk_overlap,
-    kl_perturbation,
     left_right_cosine,
-    linearity_test,
-    ood_inputs,
-    parameter_function_jacobian,
-    plot_training_jacobian_report,
-    random_subspace_similarity,
     region_table,
     spectral_regions,
     svd_training_jacobian,
     top_singular_values,
-    training_dimension,
-    training_dimension_dense,
-    training_jacobian_report,
 )
 from estimators.trace import (
     DiagonalEstimate,
@@ -96,9 +100,13 @@ from estimators.trace import (
 )
 
 __all__ = [
+    # the one meaning of seed
+    "Seed",
+    "make_generator",
+    # counting singular values above a threshold
     "SingularValueCount",
     "singular_value_count",
-    # seed 003: gradient guessers
+    # gradient guessers ("How to Guess a Gradient", arXiv:2312.04709)
     "GUESSERS",
     "ActivationMixing",
     "ActivationPerturbation",
@@ -110,10 +118,12 @@ __all__ = [
     "SelfSharpening",
     "WTranspose",
     "make_guesser",
-    # seed 000: reference-set Jacobians and low-rank checks
+    # reference-set Jacobians and low-rank checks ("Leveraging Low Rank Structure in the Lazy
+    # Regime", anonymous ICLR 2025 submission)
     "STRATEGIES",
     "RankCurve",
     "ReferenceGram",
+    "eigenvalue_threshold",
     "exact_jacobian_rank",
     "jacobian_column_norms",
     "rank_curve",
@@ -121,7 +131,7 @@ __all__ = [
     "reference_jacobian",
     "reference_rank",
     "select_reference_set",
-    # seed 003: guess quality
+    # guess quality and bias ("How to Guess a Gradient")
     "ActivationGradientOverlap",
     "BiasAnalysis",
     "CosineSaturation",
@@ -129,22 +139,25 @@ __all__ = [
     "GuessCovarianceOperator",
     "GuessNoiseOperator",
     "OneStep",
+    "TrueGradient",
     "activation_gradient_overlap",
     "cosine_saturation",
     "guess_bias",
     "guess_cosine",
     "one_step_effectiveness",
     "true_gradient",
-    # seed 000: laziness ratio and Jacobian drift
+    # laziness ratio and Jacobian drift ("Leveraging Low Rank Structure in the Lazy Regime")
+    "HessianNorm",
     "JacobianDrift",
     "LazinessResult",
     "hessian_norm",
     "jacobian_drift",
     "laziness_ratio",
-    "laziness_report",
-    # seed 002: Gram matrices, their drift, relative distance
+    # Gram matrices, their drift, relative distance ("Demystifying Lazy Training of Neural
+    # Networks from a Macroscopic Viewpoint", arXiv:2404.04859)
     "GramDrift",
     "GramSpectrum",
+    "RelativeDistances",
     "gram_drift",
     "gram_extremes",
     "gram_operator",
@@ -161,10 +174,13 @@ __all__ = [
     "plot_spectral_density",
     "spectral_density",
     "xtrace",
-    # seed 004: training-Jacobian spectrum
+    # training-Jacobian spectrum ("Understanding Gradient Descent through the Training
+    # Jacobian", anonymous submission)
     "DimensionResult",
     "LinearityResult",
+    "OODInputs",
     "RegionCounts",
+    "RegionRow",
     "TrainingJacobianSVD",
     "bulk_order",
     "bulk_overlap",
@@ -173,7 +189,6 @@ __all__ = [
     "linearity_test",
     "ood_inputs",
     "parameter_function_jacobian",
-    "plot_training_jacobian_report",
     "random_subspace_similarity",
     "region_table",
     "spectral_regions",
@@ -181,5 +196,4 @@ __all__ = [
     "top_singular_values",
     "training_dimension",
     "training_dimension_dense",
-    "training_jacobian_report",
 ]

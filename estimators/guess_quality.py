@@ -1,4 +1,8 @@
-r"""How good is a guessed gradient? Quality measures of seed 003 (sections 3.3, 4, 5).
+r"""How good is a guessed gradient? Quality measures of "How to Guess a Gradient".
+
+U. Singhal, B. Cheung, K. Chandra, J. Ragan-Kelley, J. B. Tenenbaum, T. A. Poggio and S. X. Yu,
+"How to Guess a Gradient" (no arXiv id in the research document; "the paper" below), sections
+3.3 and 4:
 
 * :func:`guess_cosine`: cosine of a guess to the true gradient, per layer and whole model
   (Figure 1).
@@ -6,13 +10,11 @@ r"""How good is a guessed gradient? Quality measures of seed 003 (sections 3.3, 
   backprop step, each at its best step size on a grid (section 4, "One step effectiveness").
 * :func:`cosine_saturation`: cosine of the average of ``K`` guesses as ``K`` grows (Figure 4
   left): it tends to 1 for unbiased guessers and saturates for biased ones.
-* :class:`GuessNoiseOperator`, :class:`GuessCovarianceOperator`, :func:`guess_bias`: the
-  expected update :math:`E[\hat g] = \mathrm{Cov}(y) \nabla L` and its bias
-  :math:`(\mathrm{Cov}(y) - I)\nabla L` (section 5, eqs. (14)-(16)) as toolkit operators.
 * :func:`activation_gradient_overlap`: how much of the gradient with respect to a layer's
   activations lies in the span of those activations (Figure 2 right), with principal angles.
 
-The true gradient here comes from backprop: these are measurements of the guessers, not parts
+The bias of a guesser (section 5) is in :mod:`estimators.guess_bias`. The true gradient here
+comes from backprop: these are measurements of the guessers, not parts
 of them.
 """
 
@@ -28,34 +30,32 @@ from torch import nn
 
 from estimators._guess_layers import Record, find_layers, record_pass, vjp
 from estimators.guesses import GradientGuesser
-from linops.base import IdentityOperator, TorchLinearOperator
+from estimators.seeding import Seed, make_generator
 from linops.params import ParamSpace
 
 __all__ = [
     "STEP_SIZES",
     "ActivationGradientOverlap",
-    "BiasAnalysis",
-    "CosineSimilarity",
     "CosineSaturation",
-    "GuessCovarianceOperator",
-    "GuessNoiseOperator",
+    "CosineSimilarity",
     "OneStep",
+    "TrueGradient",
     "activation_gradient_overlap",
     "cosine_saturation",
-    "guess_bias",
     "guess_cosine",
     "one_step_effectiveness",
     "true_gradient",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-#: Step-size grid of :func:`one_step_effectiveness`: seed 003 searches 1e-5 ... 1e-1; the grid
+#: Step-size grid of :func:`one_step_effectiveness`: the paper searches 1e-5 ... 1e-1; the grid
 #: is widened to 1e-6 ... 1e2 (half decades) so that guesses of any scale (e.g. directional
 #: descent with appendix A.2's 1/N mean) find their best step inside it.
 STEP_SIZES: tuple[float, ...] = tuple(10.0 ** (k / 2) for k in range(-12, 5))
 
 
-def _space(model: nn.Module | ParamSpace) -> ParamSpace:
+def as_space(model: nn.Module | ParamSpace) -> ParamSpace:
+    """The model's :class:`linops.ParamSpace` (all parameters), or the space as given."""
     if isinstance(model, ParamSpace):
         return model
     if isinstance(model, nn.Module):
@@ -65,21 +65,43 @@ def _space(model: nn.Module | ParamSpace) -> ParamSpace:
     )
 
 
+class TrueGradient(NamedTuple):
+    """Batch loss and its gradient by backprop (fields as :class:`estimators.Guess`'s).
+
+    Attributes
+    ----------
+    loss
+        The batch loss (0-d, detached).
+    grads
+        Its gradient by parameter name.
+    """
+
+    loss: torch.Tensor
+    grads: dict[str, torch.Tensor]
+
+
 def true_gradient(
     model: nn.Module | ParamSpace,
-    params: Mapping[str, torch.Tensor] | None,
+    values: Mapping[str, torch.Tensor] | None,
     x: torch.Tensor,
     y: torch.Tensor,
     loss_fn: LossFn,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Batch loss and its gradient by reverse-mode autodiff (the reference of every measure)."""
-    space = _space(model)
-    params = space.values() if params is None else params
-    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+) -> TrueGradient:
+    """Batch loss and its gradient by reverse-mode autodiff (the reference of every measure).
+
+    ``values`` are the parameter values by name (``None``: the model's).
+
+    Returns
+    -------
+    TrueGradient
+    """
+    space = as_space(model)
+    values = space.values() if values is None else values
+    leaves = {n: p.detach().requires_grad_(True) for n, p in values.items()}
     with torch.enable_grad():
         loss = loss_fn(space.functional_call(leaves, x), y)
         grads = torch.autograd.grad(loss, list(leaves.values()))
-    return loss.detach(), dict(zip(leaves, grads, strict=True))
+    return TrueGradient(loss.detach(), dict(zip(leaves, grads, strict=True)))
 
 
 # ----------------------------------------------------------------------------- cosine
@@ -90,7 +112,8 @@ class CosineSimilarity(NamedTuple):
     whole_model: float
 
 
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine of two flat vectors (0 when either is zero)."""
     den = float(a.norm() * b.norm())
     return float(a @ b) / den if den > 0 else 0.0
 
@@ -98,7 +121,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 def guess_cosine(
     guess: Mapping[str, torch.Tensor], grad: Mapping[str, torch.Tensor]
 ) -> CosineSimilarity:
-    r"""Cosine similarity :math:`\hat g \cdot g / (\|\hat g\| \|g\|)` (seed 003 section 3.1).
+    r"""Cosine similarity :math:`\hat g \cdot g / (\|\hat g\| \|g\|)` (the paper's section 3.1).
 
     Per layer the weight and bias of one module are concatenated (layers are keyed by module
     name: the parameter name without its last component); a zero vector has cosine 0.
@@ -130,8 +153,8 @@ def guess_cosine(
     def flat(d: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
         return torch.cat([d[n].reshape(-1) for n in names]).double()
 
-    per_layer = {k: _cos(flat(guess, v), flat(grad, v)) for k, v in groups.items()}
-    return CosineSimilarity(per_layer, _cos(flat(guess, list(grad)), flat(grad, list(grad))))
+    per_layer = {k: cosine(flat(guess, v), flat(grad, v)) for k, v in groups.items()}
+    return CosineSimilarity(per_layer, cosine(flat(guess, list(grad)), flat(grad, list(grad))))
 
 
 # ----------------------------------------------------------------------------- one step
@@ -152,17 +175,17 @@ class OneStep(NamedTuple):
 @torch.no_grad()
 def _best_reduction(
     space: ParamSpace,
-    params: Mapping[str, torch.Tensor],
+    values: Mapping[str, torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
     loss_fn: LossFn,
     d: Mapping[str, torch.Tensor],
     steps: Sequence[float],
 ) -> tuple[float, float]:
-    loss0 = float(loss_fn(space.functional_call(params, x), y))
+    loss0 = float(loss_fn(space.functional_call(values, x), y))
     best, best_eta = 0.0, 0.0
     for eta in steps:
-        moved = {n: p - eta * d[n] for n, p in params.items()}
+        moved = {n: p - eta * d[n] for n, p in values.items()}
         red = loss0 - float(loss_fn(space.functional_call(moved, x), y))
         if math.isfinite(red) and red > best:
             best, best_eta = red, eta
@@ -171,7 +194,7 @@ def _best_reduction(
 
 def one_step_effectiveness(
     model: nn.Module | ParamSpace,
-    params: Mapping[str, torch.Tensor] | None,
+    values: Mapping[str, torch.Tensor] | None,
     x: torch.Tensor,
     y: torch.Tensor,
     loss_fn: LossFn,
@@ -195,15 +218,15 @@ def one_step_effectiveness(
     ValueError
         If ``step_sizes`` is empty or holds a non-positive value.
     """
-    space = _space(model)
-    params = space.values() if params is None else dict(params)
+    space = as_space(model)
+    values = space.values() if values is None else dict(values)
     steps = [float(s) for s in step_sizes]
     if not steps or min(steps) <= 0:
         raise ValueError(f"step_sizes: expected positive step sizes, got {list(step_sizes)!r}")
     if grad is None:
-        _, grad = true_gradient(space, params, x, y, loss_fn)
-    red_g, eta_g = _best_reduction(space, params, x, y, loss_fn, guess, steps)
-    red_b, eta_b = _best_reduction(space, params, x, y, loss_fn, grad, steps)
+        _, grad = true_gradient(space, values, x, y, loss_fn)
+    red_g, eta_g = _best_reduction(space, values, x, y, loss_fn, guess, steps)
+    red_b, eta_b = _best_reduction(space, values, x, y, loss_fn, grad, steps)
     eff = red_g / red_b if red_b > 0 else 0.0
     return OneStep(eff, red_g, red_b, eta_g, eta_b)
 
@@ -219,14 +242,14 @@ class CosineSaturation(NamedTuple):
 def cosine_saturation(
     guesser: GradientGuesser,
     model: nn.Module | ParamSpace,
-    params: Mapping[str, torch.Tensor] | None,
+    values: Mapping[str, torch.Tensor] | None,
     x: torch.Tensor,
     y: torch.Tensor,
     loss_fn: LossFn,
     *,
     counts: Sequence[int] = tuple(2**k for k in range(1, 11)),
     max_replicas: int = 256,
-    generator: torch.Generator | None = None,
+    seed: Seed = None,
 ) -> CosineSaturation:
     r"""Cosine of :math:`\frac1K \sum_{k \le K} \hat g_k` to :math:`\nabla L` (Figure 4 left).
 
@@ -235,6 +258,12 @@ def cosine_saturation(
     replicated batch is the mean of the per-copy guesses); weight-space guessers call the
     guesser ``K`` times. Larger counts extend the running mean (counts must be increasing).
     Unbiased guessers approach cosine 1 at rate :math:`1/\sqrt K`; biased ones saturate.
+    ``values`` are the parameter values by name (``None``: the model's); ``seed`` is the
+    randomness of the guesses (one generator threads through all of them).
+
+    Returns
+    -------
+    CosineSaturation
 
     Raises
     ------
@@ -244,16 +273,17 @@ def cosine_saturation(
     counts = [int(c) for c in counts]
     if not counts or counts[0] < 1 or any(b <= a for a, b in itertools.pairwise(counts)):
         raise ValueError(f"counts: expected increasing positive integers, got {counts!r}")
-    space = _space(model)
-    params = space.values() if params is None else dict(params)
-    _, grad = true_gradient(space, params, x, y, loss_fn)
+    space = as_space(model)
+    values = space.values() if values is None else dict(values)
+    _, grad = true_gradient(space, values, x, y, loss_fn)
+    gen = make_generator(seed, x.device)
     per_call = 1 if not hasattr(guesser, "jvp_mode") else max_replicas
 
     def draw(k: int) -> dict[str, torch.Tensor]:
         if per_call == 1:
-            return guesser(space, params, x, y, loss_fn, generator=generator).grads
+            return guesser(space, values, x, y, loss_fn, seed=gen).grads
         xs, ys = x.repeat(k, *[1] * (x.ndim - 1)), y.repeat(k, *[1] * (y.ndim - 1))
-        return guesser(space, params, xs, ys, loss_fn, generator=generator).grads
+        return guesser(space, values, xs, ys, loss_fn, seed=gen).grads
 
     total = {n: torch.zeros_like(g) for n, g in grad.items()}
     done, cosines = 0, []
@@ -272,168 +302,6 @@ def cosine_saturation(
     return CosineSaturation(counts, cosines)
 
 
-# ----------------------------------------------------------------------------- section 5
-class GuessNoiseOperator(TorchLinearOperator):
-    r"""The linear map :math:`A` from noise to one example's pre-activation guess (section 5).
-
-    The guess of layer :math:`l` is :math:`y = A \xi` with :math:`\xi \sim N(0, I)`:
-
-    * ``"activation_perturbation"``: :math:`A = I`;
-    * ``"w_transpose"``: :math:`A = D_l\, c\, W_{l+1}^\top` (:math:`\xi` at :math:`s_{l+1}`);
-    * ``"downstream"``: :math:`A = D_l\, c\, W_{l+1}^\top D_{l+1}` (:math:`\xi` at :math:`x_{l+2}`).
-
-    Products with :math:`A` are local vector-Jacobian products; products with :math:`A^\top`
-    are their transposes by double backward. Shape ``(n_l, n_noise)``.
-
-    Parameters
-    ----------
-    model
-        Network or parameter space.
-    params
-        Parameter values (``None``: the model's).
-    x
-        One example, shape ``(1, ...)``.
-    layer
-        Index of the layer (execution order of its Linear / Conv2d layers); must not be the
-        last one for ``"w_transpose"`` / ``"downstream"``.
-    method
-        One of the three above.
-
-    Raises
-    ------
-    ValueError
-        For an unknown method, a batch of more than one example or a layer out of range.
-    """
-
-    METHODS = ("activation_perturbation", "w_transpose", "downstream")
-
-    def __init__(
-        self,
-        model: nn.Module | ParamSpace,
-        params: Mapping[str, torch.Tensor] | None,
-        x: torch.Tensor,
-        layer: int,
-        *,
-        method: str = "w_transpose",
-    ) -> None:
-        if method not in self.METHODS:
-            raise ValueError(f"method: expected one of {self.METHODS}, got {method!r}")
-        if x.shape[0] != 1:
-            raise ValueError(f"x: expected one example (a batch of 1), got {x.shape[0]}")
-        space = _space(model)
-        params = space.values() if params is None else params
-        layers = find_layers(space, x)
-        last = len(layers) - 1 if method == "activation_perturbation" else len(layers) - 2
-        if not (isinstance(layer, int) and 0 <= layer <= last):
-            raise ValueError(f"layer: expected an integer in [0, {last}], got {layer!r}")
-        self.rec = record_pass(space, params, x, layers)
-        self.layer, self.method = layer, method
-        self._down = method == "downstream" and layer + 2 < len(layers)
-        if method == "activation_perturbation":
-            self._start = self.rec.leaves[layer]
-        elif self._down:
-            self._start = self.rec.inputs[layer + 2]
-        else:
-            self._start = self.rec.raw[layer + 1]
-        target = self.rec.leaves[layer]
-        super().__init__(
-            (target[0].numel(), self._start[0].numel()), dtype=target.dtype, device=target.device
-        )
-
-    def _pull(self, v: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
-        """``A v``: local vector-Jacobian products from the noise position back to ``s_l``."""
-        i, rec = self.layer, self.rec
-        if self.method == "activation_perturbation":
-            return v
-        steps = [(self._start, rec.leaves[i + 1])] if self._down else []
-        steps.append((rec.raw[i + 1], rec.leaves[i]))
-        for out, inp in steps:
-            (v,) = torch.autograd.grad(out, inp, v, retain_graph=True, create_graph=create_graph)
-        return v
-
-    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
-        shape = self._start.shape
-        cols = [self._pull(X[:, j].reshape(shape)).reshape(-1) for j in range(X.shape[1])]
-        return torch.stack(cols, dim=1) if cols else X.new_zeros(self.shape[0], 0)
-
-    def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
-        if self.method == "activation_perturbation":
-            return Y
-        u = torch.zeros(self._start.shape, dtype=Y.dtype, device=Y.device, requires_grad=True)
-        with torch.enable_grad():
-            out = self._pull(u, create_graph=True)
-        cols = []
-        for j in range(Y.shape[1]):
-            (g,) = torch.autograd.grad(out, u, Y[:, j].reshape(out.shape), retain_graph=True)
-            cols.append(g.reshape(-1))
-        return torch.stack(cols, dim=1) if cols else Y.new_zeros(self.shape[1], 0)
-
-
-class GuessCovarianceOperator(TorchLinearOperator):
-    r""":math:`\mathrm{Cov}(y) = A A^\top` for a guess :math:`y = A\xi`, :math:`\xi \sim N(0, I)`.
-
-    Seed 003 eq. (14): :math:`E[\hat g] = E[y y^\top] \nabla L = \mathrm{Cov}(y) \nabla L`; for
-    :math:`W^\top`, :math:`\mathrm{Cov}(y) = D W^\top W D` (section 5). Symmetric positive
-    semi-definite, so Lanczos and the spectral routines of :mod:`linops` apply.
-    """
-
-    is_symmetric = True
-
-    def __init__(self, noise: TorchLinearOperator) -> None:
-        super().__init__(
-            (noise.shape[0], noise.shape[0]), dtype=noise.torch_dtype, device=noise.device
-        )
-        self.noise = noise
-
-    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
-        return self.noise._apply(self.noise._apply(X, True))
-
-
-class BiasAnalysis(NamedTuple):
-    """Section 5 for one layer and example: :math:`E[\\hat g_s]`, its bias, and summaries."""
-
-    gradient: torch.Tensor
-    expected: torch.Tensor
-    bias: torch.Tensor
-    cosine_expected: float
-    relative_bias: float
-
-
-def guess_bias(cov: TorchLinearOperator, gradient: torch.Tensor) -> BiasAnalysis:
-    r"""Expected guess :math:`\mathrm{Cov}(y) g` and bias :math:`(\mathrm{Cov}(y) - I) g` (eq. (15)).
-
-    Parameters
-    ----------
-    cov
-        :math:`\mathrm{Cov}(y)` as an operator (e.g. :class:`GuessCovarianceOperator`).
-    gradient
-        The true gradient :math:`g` in the guess space (flat, length ``cov.shape[0]``).
-
-    Returns
-    -------
-    BiasAnalysis
-        With ``cosine_expected`` the cosine of :math:`E[\hat g]` to :math:`g` and
-        ``relative_bias`` :math:`\|(\mathrm{Cov} - I) g\| / \|g\|`.
-
-    Raises
-    ------
-    ValueError
-        If ``gradient`` is not a vector of length ``cov.shape[0]``.
-    """
-    g = gradient.reshape(-1) if gradient.ndim > 1 and gradient.shape[0] == 1 else gradient
-    if g.ndim != 1 or g.shape[0] != cov.shape[0]:
-        raise ValueError(
-            f"gradient: expected a vector of length {cov.shape[0]}, got shape {tuple(gradient.shape)}"
-        )
-    g = g.to(cov.torch_dtype)
-    expected = cov @ g
-    bias = (cov - IdentityOperator(cov.shape[0], dtype=cov.torch_dtype, device=cov.device)) @ g
-    gn = float(g.norm())
-    return BiasAnalysis(
-        g, expected, bias, _cos(expected, g), float(bias.norm()) / gn if gn else 0.0
-    )
-
-
 # ----------------------------------------------------------------------------- Figure 2
 class ActivationGradientOverlap(NamedTuple):
     """Result of :func:`activation_gradient_overlap` (one layer)."""
@@ -446,16 +314,16 @@ class ActivationGradientOverlap(NamedTuple):
 
 def activation_gradient_overlap(
     model: nn.Module | ParamSpace,
-    params: Mapping[str, torch.Tensor] | None,
+    values: Mapping[str, torch.Tensor] | None,
     x: torch.Tensor,
     y: torch.Tensor,
     loss_fn: LossFn,
     layer: int,
     *,
     ks: Sequence[int] = (1, 2, 4, 8, 16),
-    generator: torch.Generator | None = None,
+    seed: Seed = None,
 ) -> ActivationGradientOverlap:
-    r"""Do gradients lie in the span of activations? (seed 003 section 3.3, Figure 2 right).
+    r"""Do gradients lie in the span of activations? (the paper's section 3.3, Figure 2 right).
 
     For the input :math:`x_{l}` (a post-activation, so ``layer >= 1``) of layer ``layer`` over the batch (rows :math:`x_{l,b}`) and the
     per-example gradients :math:`G_b = \partial L / \partial x_{l,b}` (backprop), the top-``k``
@@ -470,12 +338,12 @@ def activation_gradient_overlap(
     ValueError
         If ``layer`` is out of range or a ``k`` exceeds the activation dimension.
     """
-    space = _space(model)
-    params = space.values() if params is None else params
+    space = as_space(model)
+    values = space.values() if values is None else values
     layers = find_layers(space, x)
     if not (isinstance(layer, int) and 1 <= layer < len(layers)):
         raise ValueError(f"layer: expected an integer in [1, {len(layers) - 1}], got {layer!r}")
-    rec = record_pass(space, params, x, layers)
+    rec = record_pass(space, values, x, layers)
     act = rec.inputs[layer].detach().reshape(x.shape[0], -1).double()
     with torch.enable_grad():
         loss = loss_fn(rec.output, y)
@@ -485,8 +353,9 @@ def activation_gradient_overlap(
     if not ks or min(ks) < 1 or max(ks) > n:
         raise ValueError(f"ks: expected integers in [1, {n}], got {ks!r}")
     U_act = torch.linalg.svd((act - act.mean(0)).T, full_matrices=False).U
+    gen = make_generator(seed, act.device)
     Q, _ = torch.linalg.qr(
-        torch.randn(n, max(ks), generator=generator, dtype=torch.float64, device=act.device)
+        torch.randn(n, max(ks), generator=gen, dtype=torch.float64, device=act.device)
     )
     Gn = G / G.norm(dim=1, keepdim=True).clamp_min(1e-300)
 

@@ -94,6 +94,7 @@ from estimators._guess_layers import (
     record_pass,
     vjp,
 )
+from estimators.seeding import Seed, make_generator
 from linops.params import ParamSpace
 
 __all__ = [
@@ -121,7 +122,7 @@ class Guess(NamedTuple):
     Attributes
     ----------
     loss
-        Batch loss at ``params`` (a 0-d tensor).
+        Batch loss at ``values`` (a 0-d tensor).
     grads
         The guessed gradient :math:`\\hat g`, by parameter name (shapes of the parameters).
     jvps
@@ -140,8 +141,8 @@ class Guess(NamedTuple):
     tangents: Any
 
 
-def _noise(like: torch.Tensor, generator: torch.Generator | None, kind: str) -> torch.Tensor:
-    shape, kw = like.shape, {"dtype": like.dtype, "device": like.device, "generator": generator}
+def _noise(like: torch.Tensor, gen: torch.Generator | None, kind: str) -> torch.Tensor:
+    shape, kw = like.shape, {"dtype": like.dtype, "device": like.device, "generator": gen}
     if kind == "normal":
         return torch.randn(shape, **kw)
     u = torch.rand(shape, **kw)
@@ -149,7 +150,7 @@ def _noise(like: torch.Tensor, generator: torch.Generator | None, kind: str) -> 
 
 
 class GradientGuesser:
-    """Base of the guessers: ``guesser(model_or_space, params, x, y, loss_fn) -> Guess``.
+    """Base of the guessers: ``guesser(model_or_space, values, x, y, loss_fn) -> Guess``.
 
     Parameters
     ----------
@@ -173,28 +174,29 @@ class GradientGuesser:
     def __call__(
         self,
         model: nn.Module | ParamSpace,
-        params: Mapping[str, torch.Tensor] | None,
+        values: Mapping[str, torch.Tensor] | None,
         x: torch.Tensor,
         y: torch.Tensor,
         loss_fn: LossFn,
         *,
-        generator: torch.Generator | None = None,
+        seed: Seed = None,
     ) -> Guess:
-        """Guess the gradient of ``loss_fn(model(x), y)`` at ``params``.
+        """Guess the gradient of ``loss_fn(model(x), y)`` at ``values``.
 
         Parameters
         ----------
         model
             The network, or a :class:`linops.ParamSpace` of it (selects the trained
             parameters; default all).
-        params
+        values
             Parameter values by name (the space's names); ``None`` uses the model's own.
         x, y
             A batch of inputs and targets (equal non-zero lengths).
         loss_fn
             ``loss_fn(outputs, targets) -> scalar``, mean or sum over examples.
-        generator
-            Source of the random guesses (default: torch's global generator).
+        seed
+            Randomness of the guesses (see :mod:`estimators.seeding`; pass one
+            ``torch.Generator`` to thread its state through many calls).
 
         Returns
         -------
@@ -205,20 +207,20 @@ class GradientGuesser:
         TypeError
             If ``loss_fn`` is not callable or ``model`` is neither a module nor a space.
         ValueError
-            If ``x``/``y`` lengths differ or are zero, or ``params`` does not hold exactly the
+            If ``x``/``y`` lengths differ or are zero, or ``values`` does not hold exactly the
             space's parameters.
         """
-        space, params = _check_inputs(model, params, x, y, loss_fn)
-        return self._guess(space, params, x, y, loss_fn, generator)
+        space, values = _check_inputs(model, values, x, y, loss_fn)
+        return self._guess(space, values, x, y, loss_fn, make_generator(seed, x.device))
 
     def _guess(
         self,
         space: ParamSpace,
-        params: dict[str, torch.Tensor],
+        values: dict[str, torch.Tensor],
         x: torch.Tensor,
         y: torch.Tensor,
         loss_fn: LossFn,
-        generator: torch.Generator | None,
+        gen: torch.Generator | None,
     ) -> Guess:
         raise NotImplementedError
 
@@ -232,7 +234,7 @@ class GradientGuesser:
 
 
 def _check_inputs(
-    model: Any, params: Any, x: torch.Tensor, y: torch.Tensor, loss_fn: Any
+    model: Any, values: Any, x: torch.Tensor, y: torch.Tensor, loss_fn: Any
 ) -> tuple[ParamSpace, dict[str, torch.Tensor]]:
     if isinstance(model, ParamSpace):
         space = model
@@ -248,13 +250,13 @@ def _check_inputs(
         raise TypeError(f"x, y: expected tensors, got {type(x).__name__} and {type(y).__name__}")
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"x, y: expected equal non-zero lengths, got {len(x)} and {len(y)}")
-    if params is None:
-        params = space.values()
-    if set(params) != set(space.names):
+    if values is None:
+        values = space.values()
+    if set(values) != set(space.names):
         raise ValueError(
-            f"params: expected exactly the parameters {space.names}, got {sorted(params)}"
+            f"values: expected exactly the parameters {space.names}, got {sorted(values)}"
         )
-    return space, dict(params)
+    return space, dict(values)
 
 
 # =========================================================================== weight space
@@ -277,7 +279,7 @@ class DirectionalDescent(GradientGuesser):
     >>> import torch
     >>> net = torch.nn.Linear(3, 2)
     >>> g = DirectionalDescent()(net, None, torch.randn(4, 3), torch.randn(4, 2),
-    ...                          torch.nn.functional.mse_loss, generator=torch.Generator().manual_seed(0))
+    ...                          torch.nn.functional.mse_loss, seed=0)
     >>> sorted(g.grads), tuple(g.jvps.shape)
     (['bias', 'weight'], (1,))
     """
@@ -292,26 +294,25 @@ class DirectionalDescent(GradientGuesser):
             raise ValueError(f"num_guesses: expected a positive integer, got {num_guesses!r}")
         self.normalize, self.num_guesses = normalize, num_guesses
 
-    def _guess(self, space, params, x, y, loss_fn, generator):
+    def _guess(self, space, values, x, y, loss_fn, gen):
         std = 1.0 / math.sqrt(space.dim) if self.normalize else 1.0
         if self.num_guesses == 1:
-            v = {n: std * _noise(p, generator, "normal") for n, p in params.items()}
-            out, out_dot = param_jvp(space, params, x, v, self.backend)
+            v = {n: std * _noise(p, gen, "normal") for n, p in values.items()}
+            out, out_dot = param_jvp(space, values, x, v, self.backend)
             loss, e = output_error(loss_fn, out, y)
             d = per_example_dot(e, out_dot).sum()
             return Guess(loss, {n: d * t for n, t in v.items()}, d[None], v)
         # several directions: vmap over torch.func.jvp, in chunks
         with torch.no_grad():
-            loss, e = output_error(loss_fn, space.functional_call(params, x), y)
-        total = {n: torch.zeros_like(p) for n, p in params.items()}
+            loss, e = output_error(loss_fn, space.functional_call(values, x), y)
+        total = {n: torch.zeros_like(p) for n, p in values.items()}
         jvps = []
         for start in range(0, self.num_guesses, _CHUNK):
             k = min(_CHUNK, self.num_guesses - start)
             V = {
-                n: std * _noise(p.new_empty(k, *p.shape), generator, "normal")
-                for n, p in params.items()
+                n: std * _noise(p.new_empty(k, *p.shape), gen, "normal") for n, p in values.items()
             }
-            out_dot = param_jvp_many(space, params, x, V)
+            out_dot = param_jvp_many(space, values, x, V)
             d = (out_dot * e).reshape(k, -1).sum(1)
             jvps.append(d)
             for n in total:
@@ -346,17 +347,17 @@ class MatchedCosine(GradientGuesser):
             raise ValueError(f"cosine: expected a number in (0, 1], got {cosine!r}")
         self.cosine = float(cosine)
 
-    def _guess(self, space, params, x, y, loss_fn, generator):
-        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    def _guess(self, space, values, x, y, loss_fn, gen):
+        leaves = {n: p.detach().requires_grad_(True) for n, p in values.items()}
         with torch.enable_grad():
             loss_bp = loss_fn(space.functional_call(leaves, x), y)
             g = space.flatten(torch.autograd.grad(loss_bp, list(leaves.values())))
         u = g / g.norm().clamp_min(torch.finfo(g.dtype).tiny)
-        v = _noise(g, generator, "normal")
+        v = _noise(g, gen, "normal")
         w = v - (v @ u) * u
         w = w / w.norm()
         direction = space.unflatten(self.cosine * u + math.sqrt(1.0 - self.cosine**2) * w)
-        out, out_dot = param_jvp(space, params, x, direction, self.backend)
+        out, out_dot = param_jvp(space, values, x, direction, self.backend)
         loss, e = output_error(loss_fn, out, y)
         d = per_example_dot(e, out_dot).sum()
         return Guess(loss, {n: d * t for n, t in direction.items()}, d[None], direction)
@@ -376,7 +377,7 @@ class _PreactivationGuesser(GradientGuesser):
         return f"{type(self).__name__}(jvp_mode={self.jvp_mode!r}, backend={self.backend!r})"
 
     def preactivation_guesses(
-        self, rec: Record, generator: torch.Generator | None
+        self, rec: Record, gen: torch.Generator | None
     ) -> list[torch.Tensor | None]:
         """The guesses :math:`\\epsilon_l` (shape of :math:`s_l`) for every layer."""
         raise NotImplementedError
@@ -385,17 +386,17 @@ class _PreactivationGuesser(GradientGuesser):
         """Layers whose pre-activation gradient is known locally and used as is (none here)."""
         return {}
 
-    def _guess(self, space, params, x, y, loss_fn, generator):
+    def _guess(self, space, values, x, y, loss_fn, gen):
         layers = self.layers(space, x)
-        rec = record_pass(space, params, x, layers)
+        rec = record_pass(space, values, x, layers)
         loss, e = output_error(loss_fn, rec.output, y)
-        eps = self.preactivation_guesses(rec, generator)
+        eps = self.preactivation_guesses(rec, gen)
         exact = self.exact_errors(rec, e)
         eps = [
             None if (i in exact or not layer.param_names) else t
             for i, (layer, t) in enumerate(zip(layers, eps, strict=True))
         ]
-        d = self._jvps(space, params, x, layers, eps, e)
+        d = self._jvps(space, values, x, layers, eps, e)
         grads: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(layers):
             if not layer.param_names:
@@ -404,17 +405,17 @@ class _PreactivationGuesser(GradientGuesser):
                 cot = exact[i]
             else:
                 cot = d[i].view(-1, *[1] * (eps[i].ndim - 1)) * eps[i]
-            grads.update(layer_param_vjp(layer, params, rec.inputs[i].detach(), cot))
+            grads.update(layer_param_vjp(layer, values, rec.inputs[i].detach(), cot))
         return Guess(loss, grads, d, eps)
 
-    def _jvps(self, space, params, x, layers, eps, e) -> torch.Tensor:
+    def _jvps(self, space, values, x, layers, eps, e) -> torch.Tensor:
         B = x.shape[0]
         active = [i for i, t in enumerate(eps) if t is not None]
         d = e.new_zeros(len(layers), B)
         if not active:
             return d
         if self.jvp_mode == "all":
-            _, out_dot = preactivation_jvp(space, params, x, layers, eps, self.backend)
+            _, out_dot = preactivation_jvp(space, values, x, layers, eps, self.backend)
             d[active] = per_example_dot(e, out_dot)
             return d
         K = len(active)
@@ -424,7 +425,7 @@ class _PreactivationGuesser(GradientGuesser):
             t[j * B : (j + 1) * B] = eps[i]
             tangents[i] = t
         xs = x.repeat(K, *[1] * (x.ndim - 1))
-        _, out_dot = preactivation_jvp(space, params, xs, layers, tangents, self.backend)
+        _, out_dot = preactivation_jvp(space, values, xs, layers, tangents, self.backend)
         d[active] = per_example_dot(e.repeat(K, *[1] * (e.ndim - 1)), out_dot).view(K, B)
         return d
 
@@ -446,8 +447,8 @@ class ActivationPerturbation(_PreactivationGuesser):
 
     name = "activation_perturbation"
 
-    def preactivation_guesses(self, rec, generator):
-        return [_noise(s, generator, "normal") for s in rec.leaves]
+    def preactivation_guesses(self, rec, gen):
+        return [_noise(s, gen, "normal") for s in rec.leaves]
 
 
 class WTranspose(_PreactivationGuesser):
@@ -461,13 +462,13 @@ class WTranspose(_PreactivationGuesser):
 
     name = "w_transpose"
 
-    def preactivation_guesses(self, rec, generator):
+    def preactivation_guesses(self, rec, gen):
         L = len(rec.leaves)
         out = [
-            vjp(rec.raw[i + 1], rec.leaves[i], _noise(rec.raw[i + 1], generator, "normal"))
+            vjp(rec.raw[i + 1], rec.leaves[i], _noise(rec.raw[i + 1], gen, "normal"))
             for i in range(L - 1)
         ]
-        return [*out, _noise(rec.leaves[-1], generator, "normal")]
+        return [*out, _noise(rec.leaves[-1], gen, "normal")]
 
 
 class Downstream(_PreactivationGuesser):
@@ -506,17 +507,17 @@ class Downstream(_PreactivationGuesser):
             raise ValueError(f"noise: expected one of {_NOISES}, got {noise!r}")
         self.depth, self.noise = depth, noise
 
-    def preactivation_guesses(self, rec, generator):
+    def preactivation_guesses(self, rec, gen):
         L = len(rec.leaves)
         guesses = []
         for i in range(L):
             k = i + self.depth
             if k + 1 < L:
-                v = _noise(rec.inputs[k + 1], generator, self.noise)
+                v = _noise(rec.inputs[k + 1], gen, self.noise)
                 v = vjp(rec.inputs[k + 1], rec.leaves[k], v)
             else:
                 k = L - 1
-                v = _noise(rec.leaves[k], generator, self.noise)
+                v = _noise(rec.leaves[k], gen, self.noise)
             for j in range(k, i, -1):
                 v = vjp(rec.raw[j], rec.leaves[j - 1], v)
             guesses.append(v)
@@ -558,19 +559,19 @@ class ActivationMixing(_PreactivationGuesser):
 
     name = "activation_mixing"
 
-    def preactivation_guesses(self, rec, generator):
+    def preactivation_guesses(self, rec, gen):
         L = len(rec.leaves)
         guesses = []
         for i in range(L - 1):
             act = rec.inputs[i + 1]
             B = act.shape[0]
-            alpha = torch.randn(B, B, generator=generator, dtype=act.dtype, device=act.device)
+            alpha = torch.randn(B, B, generator=gen, dtype=act.dtype, device=act.device)
             xi = (alpha @ act.detach().reshape(B, -1)).view_as(act)
             eps = vjp(act, rec.leaves[i], xi)
             flat = eps.reshape(B, -1)
             norms = flat.norm(dim=1, keepdim=True).clamp_min(torch.finfo(eps.dtype).tiny)
             guesses.append((flat * (math.sqrt(flat.shape[1]) / norms)).view_as(eps))
-        return [*guesses, _noise(rec.leaves[-1], generator, "normal")]
+        return [*guesses, _noise(rec.leaves[-1], gen, "normal")]
 
 
 GUESSERS: dict[str, type[GradientGuesser]] = {

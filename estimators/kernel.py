@@ -1,4 +1,7 @@
-r"""Gram matrices of the theta-lazy analysis (seed 002): NTK, per-layer Grams, their drift, RD.
+r"""Gram matrices of the theta-lazy analysis: NTK, per-layer Grams, their drift, RD.
+
+The quantities of "Demystifying Lazy Training of Neural Networks from a Macroscopic Viewpoint"
+(arXiv:2404.04859; "the paper" below).
 
 For inputs :math:`x_1, \dots, x_n` and the Jacobian :math:`J_l = \partial f / \partial \theta_l`
 of the outputs with respect to one group of parameters :math:`\theta_l` (the weights
@@ -9,7 +12,7 @@ of the outputs with respect to one group of parameters :math:`\theta_l` (the wei
     G^{[l]}(\theta) = J_l J_l^\top \in \mathbb{R}^{n d_y \times n d_y}, \qquad
     K(\theta) = J J^\top = \sum_l G^{[l]}(\theta) \quad (\text{summing over all parameters}).
 
-Seed 002's lazy-regime argument has three steps, each measurable here: the Grams at
+The paper's lazy-regime argument has three steps, each measurable here: the Grams at
 initialisation are positive definite (:func:`gram_extremes`: :math:`\lambda_{\min}` and
 :math:`\lambda_{\max}` by Lanczos), they stay close to their initial values
 (:func:`gram_drift`: :math:`\|G(\theta_t) - G(\theta_0)\|_2 / \|G(\theta_0)\|_2`), and the
@@ -17,7 +20,7 @@ parameters stay close to initialisation, :math:`RD(W^{[l]}(t)) = \|W^{[l]}(t) - 
 / \|W^{[l]}(0)\|_F` (:func:`relative_distance`, and the trainer callback
 :class:`trainers.RelativeDistance`). :class:`GramDrift` records the Gram drift during training.
 
-Seed 002 normalises its Grams by the output scale (:math:`G/\kappa^2`); drift and the ratio
+The paper normalises its Grams by the output scale (:math:`G/\kappa^2`); drift and the ratio
 :math:`\lambda_{\min}/\lambda_{\max}` do not depend on that normalisation, so the operators here
 are unnormalised (scale them with ``op * c`` if needed).
 """
@@ -30,6 +33,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from estimators.seeding import Seed
 from linops.jacobian import NTKOperator
 from linops.lanczos import lanczos
 
@@ -40,6 +44,7 @@ __all__ = [
     "gram_extremes",
     "gram_operator",
     "layer_parameter_names",
+    "RelativeDistances",
     "relative_distance",
 ]
 
@@ -158,7 +163,7 @@ def gram_operator(
 
 
 def gram_extremes(
-    op: Any, *, method: str = "lanczos", tol: float | None = None, seed: int = 0
+    op: Any, *, method: str = "lanczos", rtol: float | None = None, seed: Seed = 0
 ) -> GramSpectrum:
     r""":math:`\lambda_{\min}` and :math:`\lambda_{\max}` of a symmetric PSD Gram matrix.
 
@@ -169,11 +174,12 @@ def gram_extremes(
     method
         ``"lanczos"`` (:func:`linops.lanczos`, ``which="SA"`` and ``"LA"``) or ``"dense"``
         (``eigvalsh`` of the assembled matrix, for small ``n``).
-    tol
-        Lanczos tolerance relative to :math:`\|A\|` (default ``sqrt(eps)``); a small
-        :math:`\lambda_{\min}` is resolved only to about ``tol * lambda_max``.
+    rtol
+        Lanczos tolerance relative to :math:`\|A\|` (:func:`linops.lanczos`'s ``tol``; default
+        ``sqrt(eps)``); a small :math:`\lambda_{\min}` is resolved only to about
+        ``rtol * lambda_max``.
     seed
-        Seed of the start vectors.
+        Randomness of the start vectors (an int ``s`` seeds the two runs ``s`` and ``s + 1``).
 
     Returns
     -------
@@ -187,8 +193,9 @@ def gram_extremes(
         return GramSpectrum(
             float(w[0]), float(w[-1]), A.shape[0] if not isinstance(op, torch.Tensor) else 0
         )
-    lo = lanczos(op, 1, "SA", tol=tol, seed=seed)
-    hi = lanczos(op, 1, "LA", tol=tol, seed=seed + 1)
+    second = seed + 1 if isinstance(seed, int) else seed
+    lo = lanczos(op, 1, "SA", tol=rtol, seed=seed)
+    hi = lanczos(op, 1, "LA", tol=rtol, seed=second)
     return GramSpectrum(
         float(lo.eigenvalues[0]), float(hi.eigenvalues[-1]), lo.num_matvecs + hi.num_matvecs
     )
@@ -203,8 +210,8 @@ def gram_drift(
     layer: int | str | Sequence[str] | None = None,
     method: str = "lanczos",
     output_index: int | None = None,
-    tol: float = 1e-6,
-    seed: int = 0,
+    rtol: float = 1e-6,
+    seed: Seed = 0,
 ) -> float:
     r"""Relative drift :math:`\|G(\theta_t) - G(\theta_0)\|_2 / \|G(\theta_0)\|_2` of the NTK or a layer Gram.
 
@@ -222,8 +229,8 @@ def gram_drift(
         (``n d_y`` products each), for small probe sets.
     output_index
         One output unit.
-    tol, seed
-        Lanczos tolerance and seed.
+    rtol, seed
+        Lanczos tolerance (relative to the norms) and randomness of the start vectors.
 
     Returns
     -------
@@ -236,17 +243,34 @@ def gram_drift(
     if method == "dense":
         A_t, A_0 = G_t.to_dense(), G_0.to_dense()
         return float(torch.linalg.matrix_norm(A_t - A_0, 2) / torch.linalg.matrix_norm(A_0, 2))
-    diff = lanczos(G_t - G_0, 1, "LM", tol=tol, seed=seed).eigenvalues
-    base = lanczos(G_0, 1, "LA", tol=tol, seed=seed).eigenvalues
+    diff = lanczos(G_t - G_0, 1, "LM", tol=rtol, seed=seed).eigenvalues
+    base = lanczos(G_0, 1, "LA", tol=rtol, seed=seed).eigenvalues
     return float(diff.abs().max()) / float(base[-1])
+
+
+class RelativeDistances(NamedTuple):
+    r"""Relative distances :math:`\|W(t) - W(0)\|_F / \|W(0)\|_F` from initialisation.
+
+    Attributes
+    ----------
+    per_layer
+        ``name -> RD`` for each parameter tensor.
+    whole_model
+        The same over all of them together (the concatenated vectors).
+    """
+
+    per_layer: dict[str, float]
+    whole_model: float
 
 
 def relative_distance(
     values_t: Mapping[str, torch.Tensor],
     values_0: Mapping[str, torch.Tensor],
     names: Iterable[str] | None = None,
-) -> dict[str, float]:
-    r"""Per-layer :math:`RD(W(t)) = \|W(t) - W(0)\|_F / \|W(0)\|_F` (seed 002).
+) -> RelativeDistances:
+    r"""Per-layer :math:`RD(W(t)) = \|W(t) - W(0)\|_F / \|W(0)\|_F` (the paper's RD).
+
+    The toolkit's one RD: the trainer callback :class:`trainers.RelativeDistance` logs it.
 
     Parameters
     ----------
@@ -257,15 +281,19 @@ def relative_distance(
 
     Returns
     -------
-    dict
-        ``name -> RD``.
+    RelativeDistances
+
+    Raises
+    ------
+    ValueError
+        If a name is missing from either set of values.
 
     Examples
     --------
     >>> import torch
     >>> w0 = {"w.weight": torch.tensor([3.0, 4.0], dtype=torch.float64)}
     >>> relative_distance({"w.weight": torch.tensor([3.0, 4.5], dtype=torch.float64)}, w0)
-    {'w.weight': 0.1}
+    RelativeDistances(per_layer={'w.weight': 0.1}, whole_model=0.1)
     """
     names = list(names) if names is not None else [n for n in values_0 if n.endswith("weight")]
     missing = [n for n in names if n not in values_t or n not in values_0]
@@ -273,10 +301,13 @@ def relative_distance(
         raise ValueError(
             f"names: expected parameters present in both value sets, missing {missing}"
         )
-    return {
+    per_layer = {
         n: float((values_t[n] - values_0[n]).norm() / values_0[n].norm().clamp_min(1e-300))
         for n in names
     }
+    diff = sum(float((values_t[n] - values_0[n]).norm()) ** 2 for n in names)
+    base = sum(float(values_0[n].norm()) ** 2 for n in names)
+    return RelativeDistances(per_layer, (diff / max(base, 1e-300)) ** 0.5 if names else 0.0)
 
 
 class GramDrift:
@@ -295,7 +326,7 @@ class GramDrift:
 
     Notes
     -----
-    Logs ``gram_drift`` (and ``gram_drift/<name>``); :attr:`values` keeps ``(step, dict)``.
+    Logs ``gram_drift`` (and ``gram_drift/<name>``); :attr:`records` keeps ``(step, dict)``.
     """
 
     def __init__(
@@ -304,18 +335,18 @@ class GramDrift:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every: expected a positive integer, got {every!r}")
         self.inputs, self.every, self.layers, self.method = inputs, every, layers, method
-        self.values: list[tuple[int, dict[str, float]]] = []
+        self.records: list[tuple[int, dict[str, float]]] = []
 
     def __call__(self, trainer: Any, step: int) -> dict[str, float] | None:
         if step % self.every:
             return None
         model = trainer.model
-        p_t, p_0 = dict(trainer.params), dict(trainer.initial_params)
+        p_t, p_0 = dict(trainer.values), dict(trainer.initial_values)
         out = {"gram_drift": gram_drift(model, self.inputs, p_t, p_0, method=self.method)}
         if self.layers:
             for name in layer_parameter_names(model):
                 out[f"gram_drift/{name}"] = gram_drift(
                     model, self.inputs, p_t, p_0, layer=name, method=self.method
                 )
-        self.values.append((step, out))
+        self.records.append((step, out))
         return out

@@ -1,6 +1,7 @@
-r"""Laziness: the Hessian-to-gradient ratio and the measured Jacobian drift (seed 000 section 3.2).
+r"""Laziness: the Hessian-to-gradient ratio and the measured Jacobian drift.
 
-Seed 000 (after Chizat et al. 2019 and Liu et al. 2020) measures how lazy a network is by
+"Leveraging Low Rank Structure in the Lazy Regime" (an anonymous ICLR 2025 submission, no arXiv
+id given; "the paper" below), section 3.2, after Chizat et al. 2019 and Liu et al. 2020, measures how lazy a network is by
 
 .. math::
 
@@ -36,6 +37,8 @@ References
    NeurIPS 2019. arXiv:1812.07956
 .. [2] C. Liu, L. Zhu and M. Belkin, "On the linearity of large non-linear models: when and
    why the tangent kernel is constant", NeurIPS 2020. arXiv:2010.01092
+.. [3] Anonymous, "Leveraging Low Rank Structure in the Lazy Regime", ICLR 2025 submission
+   (OpenReview; no arXiv id given).
 """
 
 from __future__ import annotations
@@ -46,16 +49,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from estimators.reference import (
-    _inputs_tensor,
-    _num_outputs,
-    _per_sample_blocks,
-    exact_jacobian_rank,
-    rank_curve,
-    reference_gram_eigh,
-    reference_jacobian,
-    select_reference_set,
-)
+from estimators._jacobian_blocks import inputs_tensor, num_outputs, per_sample_blocks
+from estimators.reference import reference_gram_eigh, reference_jacobian
+from estimators.seeding import Seed, make_generator
+from estimators.selection import select_reference_set
 from linops.hessian import OutputHessianOperator
 from linops.jacobian import JacobianOperator
 from linops.lanczos import lanczos
@@ -63,12 +60,12 @@ from linops.params import ParamSpace
 from linops.svds import svds
 
 __all__ = [
+    "HessianNorm",
     "JacobianDrift",
     "LazinessResult",
     "hessian_norm",
     "jacobian_drift",
     "laziness_ratio",
-    "laziness_report",
 ]
 
 
@@ -111,6 +108,21 @@ class LazinessResult(NamedTuple):
     num_matvecs: int
 
 
+class HessianNorm(NamedTuple):
+    r"""Result of :func:`hessian_norm`.
+
+    Attributes
+    ----------
+    norm
+        :math:`\|\nabla^2_\theta f_j(\theta; x)\|_2`.
+    num_matvecs
+        Hessian-vector products used by Lanczos.
+    """
+
+    norm: float
+    num_matvecs: int
+
+
 def hessian_norm(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -119,9 +131,9 @@ def hessian_norm(
     method: str = "exact",
     eps: float | None = None,
     params: Any = None,
-    tol: float | None = None,
-    seed: int = 0,
-) -> tuple[float, int]:
+    rtol: float | None = None,
+    seed: Seed = 0,
+) -> HessianNorm:
     r"""Spectral norm :math:`\|\nabla^2_\theta f_j(\theta; x)\|_2` by Lanczos (``which="LM"``).
 
     Parameters
@@ -132,27 +144,28 @@ def hessian_norm(
         ``"exact"`` or ``"finite_difference"`` products (see :class:`linops.OutputHessianOperator`).
     params
         Which parameters (see :class:`linops.ParamSpace`).
-    tol
-        Lanczos tolerance (default ``sqrt(eps)`` of the dtype).
+    rtol
+        Lanczos tolerance, relative to the norm (:func:`linops.lanczos`'s ``tol``; default
+        ``sqrt(eps)`` of the dtype).
     seed
-        Seed of the Lanczos start vector.
+        Randomness of the Lanczos start vector.
 
     Returns
     -------
-    tuple[float, int]
+    HessianNorm
         The norm and the number of Hessian-vector products.
 
     Examples
     --------
     >>> import torch
     >>> lin = torch.nn.Linear(3, 2).double()
-    >>> hessian_norm(lin, torch.ones(1, 3, dtype=torch.float64))[0]  # a linear model is flat
+    >>> hessian_norm(lin, torch.ones(1, 3, dtype=torch.float64)).norm  # a linear model is flat
     0.0
     """
     x = x if x.ndim > 1 else x[None]
     H = OutputHessianOperator(model, x[:1], output_index, method=method, eps=eps, params=params)
-    res = lanczos(H, 1, "LM", tol=tol, seed=seed)
-    return float(res.eigenvalues.abs().max()), int(res.num_matvecs)
+    res = lanczos(H, 1, "LM", tol=rtol, seed=seed)
+    return HessianNorm(float(res.eigenvalues.abs().max()), int(res.num_matvecs))
 
 
 def _pick(count: int | None, total: int, gen: torch.Generator) -> torch.Tensor:
@@ -175,10 +188,10 @@ def laziness_ratio(
     reference_strategy: str = "random",
     params: Any = None,
     dtype: torch.dtype | None = None,
-    tol: float | None = None,
-    generator: torch.Generator | None = None,
+    rtol: float | None = None,
+    seed: Seed = 0,
 ) -> LazinessResult:
-    r"""The laziness ratio :math:`\|\nabla^2 f_j(x)\| / \|\nabla f_j(x)\|^2` (seed 000 section 3.2).
+    r"""The laziness ratio :math:`\|\nabla^2 f_j(x)\| / \|\nabla f_j(x)\|^2` (the paper's section 3.2).
 
     Parameters
     ----------
@@ -200,10 +213,12 @@ def laziness_ratio(
         Which parameters (see :class:`linops.ParamSpace`).
     dtype
         Compute in this dtype (a float64 copy of the model is made if needed).
-    tol
-        Lanczos tolerance.
-    generator
-        For the choice of points and of the reference set (default seeded 0).
+    rtol
+        Lanczos tolerance, relative to each Hessian's norm (see :func:`hessian_norm`).
+    seed
+        Randomness of the choice of points and of the reference set. The Lanczos start
+        vector of pair ``(a, b)`` (``a``-th point, ``b``-th unit) is seeded
+        ``a * len(output_indices) + b`` whatever ``seed``.
 
     Returns
     -------
@@ -216,15 +231,15 @@ def laziness_ratio(
     """
     if method not in ("exact", "finite_difference"):
         raise ValueError(f"method: expected 'exact' or 'finite_difference', got {method!r}")
-    X = _inputs_tensor(inputs)
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    X = inputs_tensor(inputs)
+    gen = make_generator(seed)
     model = _cast(model, dtype)
     space = ParamSpace(model, params)
     X = X.to(dtype=space.dtype, device=space.device)
-    d = _num_outputs(space, X, None)
+    d = num_outputs(space, X, None)
     outputs = list(range(d)) if output_indices is None else [int(j) for j in output_indices]
     for j in outputs:
-        _num_outputs(space, X, j)
+        num_outputs(space, X, j)
     points = _pick(num_points, len(X), gen)
     hn = torch.zeros(len(points), len(outputs), dtype=torch.float64)
     gn = torch.zeros_like(hn)
@@ -232,7 +247,7 @@ def laziness_ratio(
     for a, i in enumerate(points.tolist()):
         for b, j in enumerate(outputs):
             H = OutputHessianOperator(model, X[i : i + 1], j, method=method, eps=eps, params=params)
-            res = lanczos(H, 1, "LM", tol=tol, seed=a * len(outputs) + b)
+            res = lanczos(H, 1, "LM", tol=rtol, seed=a * len(outputs) + b)
             hn[a, b] = float(res.eigenvalues.abs().max())
             gn[a, b] = float(H.gradient().norm())
             total += int(res.num_matvecs)
@@ -240,7 +255,7 @@ def laziness_ratio(
     ref_norms, paper = None, None
     if reference_size is not None:
         idx = select_reference_set(
-            model, X, reference_size, reference_strategy, params=params, generator=gen
+            model, X, reference_size, reference_strategy, params=params, seed=gen
         )
         ref_norms = torch.tensor(
             [
@@ -283,7 +298,7 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
     return copy.deepcopy(model).to(dtype)
 
 
-def _full_params(space: ParamSpace, values: Any, name: str) -> dict[str, torch.Tensor]:
+def _full_values(space: ParamSpace, values: Any, name: str) -> dict[str, torch.Tensor]:
     if isinstance(values, torch.Tensor):
         if values.shape != (space.dim,):
             raise ValueError(
@@ -303,34 +318,34 @@ def _full_params(space: ParamSpace, values: Any, name: str) -> dict[str, torch.T
 def jacobian_drift(
     model: torch.nn.Module,
     inputs: Any,
-    params_t: Mapping[str, torch.Tensor] | torch.Tensor,
-    params_0: Mapping[str, torch.Tensor] | torch.Tensor | None = None,
+    values_t: Mapping[str, torch.Tensor] | torch.Tensor,
+    values_0: Mapping[str, torch.Tensor] | torch.Tensor | None = None,
     *,
     norm: str = "spectral",
     output_index: int | None = None,
-    tol: float = 1e-4,
-    seed: int = 0,
+    rtol: float = 1e-4,
+    seed: Seed = 0,
 ) -> float:
     r"""Measured relative change of the Jacobian, :math:`\|J_t - J_0\| / \|J_0\|`.
 
     Parameters
     ----------
     model
-        The network (its parameters are :math:`\theta_0` unless ``params_0`` is given).
+        The network (its parameters are :math:`\theta_0` unless ``values_0`` is given).
     inputs
         ``(n, ...)`` inputs (the probe set) or an ``(X, y)`` pair.
-    params_t, params_0
-        Parameters by name (all of the model's trainable ones), or flat vectors.
+    values_t, values_0
+        Parameter values by name (all of the model's trainable ones), or flat vectors.
     norm
         ``"spectral"``: :math:`\sigma_1` of both operators by :func:`linops.svds` (matrix-free;
         the difference is the lazy operator ``J_t - J_0``); ``"frobenius"``: exact, from
         per-sample Jacobian blocks (memory bounded; cost about ``d_y`` backward passes).
     output_index
         Restrict to one output unit.
-    tol
-        Relative tolerance of ``svds``.
+    rtol
+        Relative tolerance of ``svds`` (its ``tol``).
     seed
-        Seed of the ``svds`` start vector.
+        Randomness of the ``svds`` start vector.
 
     Returns
     -------
@@ -338,22 +353,22 @@ def jacobian_drift(
     """
     if norm not in ("spectral", "frobenius"):
         raise ValueError(f"norm: expected 'spectral' or 'frobenius', got {norm!r}")
-    X = _inputs_tensor(inputs)
+    X = inputs_tensor(inputs)
     space = ParamSpace(model)
-    p_t = _full_params(space, params_t, "params_t")
-    p_0 = space.values() if params_0 is None else _full_params(space, params_0, "params_0")
+    p_t = _full_values(space, values_t, "values_t")
+    p_0 = space.values() if values_0 is None else _full_values(space, values_0, "values_0")
     X = X.to(dtype=space.dtype, device=space.device)
     if norm == "spectral":
         J_t = JacobianOperator(model, X, p_t, output_index=output_index)
         J_0 = JacobianOperator(model, X, p_0, output_index=output_index)
-        top = svds(J_t - J_0, 1, tol=tol, seed=seed).singular_values
-        base = svds(J_0, 1, tol=tol, seed=seed).singular_values
+        top = svds(J_t - J_0, 1, tol=rtol, seed=seed).singular_values
+        base = svds(J_0, 1, tol=rtol, seed=seed).singular_values
         return float(top[0]) / float(base[0])
-    d = _num_outputs(space, X, output_index)
+    d = num_outputs(space, X, output_index)
     diff, base = 0.0, 0.0
     with torch.no_grad():
-        blocks_t = _per_sample_blocks(ParamSpace(model, p_t), X, output_index, d)
-        blocks_0 = _per_sample_blocks(ParamSpace(model, p_0), X, output_index, d)
+        blocks_t = per_sample_blocks(ParamSpace(model, p_t), X, output_index, d)
+        blocks_0 = per_sample_blocks(ParamSpace(model, p_0), X, output_index, d)
         for bt, b0 in zip(blocks_t, blocks_0, strict=True):
             diff += float(((bt - b0) ** 2).sum())
             base += float((b0**2).sum())
@@ -376,7 +391,7 @@ class JacobianDrift:
 
     Notes
     -----
-    Logs ``jacobian_drift`` in the trainer's history; :attr:`values` keeps ``(step, drift)``.
+    Logs ``jacobian_drift`` in the trainer's history; :attr:`records` keeps ``(step, drift)``.
     """
 
     def __init__(
@@ -390,90 +405,17 @@ class JacobianDrift:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every: expected a positive integer, got {every!r}")
         self.inputs, self.every, self.norm, self.output_index = inputs, every, norm, output_index
-        self.values: list[tuple[int, float]] = []
+        self.records: list[tuple[int, float]] = []
 
     def __call__(self, trainer: Any, step: int) -> dict[str, float] | None:
         if step % self.every:
             return None
         full = dict(trainer.space.values())
         p_t, p_0 = dict(full), dict(full)
-        p_t.update(trainer.params)
-        p_0.update(trainer.initial_params)
+        p_t.update(trainer.values)
+        p_0.update(trainer.initial_values)
         value = jacobian_drift(
             trainer.model, self.inputs, p_t, p_0, norm=self.norm, output_index=self.output_index
         )
-        self.values.append((step, value))
+        self.records.append((step, value))
         return {"jacobian_drift": value}
-
-
-def laziness_report(
-    model: torch.nn.Module,
-    inputs: Any,
-    *,
-    num_points: int = 4,
-    output_indices: Sequence[int] | None = (0,),
-    reference_sizes: Sequence[int] = (16, 64, 256),
-    strategy: str = "random",
-    exact_rank: bool = True,
-    seed: int = 0,
-) -> dict[str, Any]:
-    r"""A JSON-ready laziness and low-rank summary of one model on one dataset (for ``linops report``).
-
-    Parameters
-    ----------
-    model, inputs
-        The network and an ``(n, ...)`` input tensor (or ``(X, y)`` pair).
-    num_points, output_indices
-        Points and units of the laziness ratio (exact Hessian products).
-    reference_sizes
-        Reference-set sizes of the rank curve (per unit ``output_indices[0]``, row-centred).
-    strategy
-        Reference-set strategy.
-    exact_rank
-        Also the numerical rank of the full centred Jacobian of that unit (dense when small,
-        else matrix-free).
-    seed
-        Seed of every random choice.
-
-    Returns
-    -------
-    dict
-        Keys: ``num_parameters``, ``num_samples``, ``laziness_ratio_mean``,
-        ``laziness_ratio_std``, ``hessian_norm_mean``, ``gradient_norm_mean``,
-        ``laziness_paper_ratio_mean``, ``reference_sizes``, ``reference_ranks``,
-        ``rank_to_model_size``, ``rank_to_reference_size``, ``exact_rank`` (or ``None``),
-        ``output_index``.
-    """
-    X = _inputs_tensor(inputs)
-    space = ParamSpace(model)
-    m = space.dim
-    gen = torch.Generator().manual_seed(seed)
-    sizes = sorted({min(int(s), m) for s in reference_sizes})
-    lr = laziness_ratio(
-        model,
-        X,
-        num_points=num_points,
-        output_indices=output_indices,
-        reference_size=sizes[-1],
-        generator=gen,
-    )
-    j = lr.outputs[0]
-    curve = rank_curve(
-        model, X, sizes, strategy, output_index=j, generator=torch.Generator().manual_seed(seed)
-    )
-    exact = exact_jacobian_rank(model, X, output_index=j, center=True) if exact_rank else None
-    return {
-        "num_parameters": m,
-        "num_samples": len(X),
-        "output_index": j,
-        "laziness_ratio_mean": lr.ratio_mean,
-        "laziness_ratio_std": lr.ratio_std,
-        "hessian_norm_mean": float(lr.hessian_norms.mean()),
-        "gradient_norm_mean": float(lr.gradient_norms.mean()),
-        "laziness_paper_ratio_mean": lr.paper_ratio_mean,
-        "reference_sizes": curve.sizes,
-        "reference_ranks": curve.ranks,
-        "rank_to_model_size": curve.rank_to_model_size,
-        "rank_to_reference_size": curve.rank_to_reference_size,
-        "exact_rank": exact,
-    }

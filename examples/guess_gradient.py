@@ -35,12 +35,10 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import linops
+from estimators.guess_bias import GuessCovarianceOperator, GuessNoiseOperator, guess_bias
 from estimators.guess_quality import (
-    GuessCovarianceOperator,
-    GuessNoiseOperator,
     activation_gradient_overlap,
     cosine_saturation,
-    guess_bias,
     guess_cosine,
     one_step_effectiveness,
     true_gradient,
@@ -86,7 +84,7 @@ class EffectiveRank:
     def __call__(self, trainer: Any, step: int) -> dict[str, float] | None:
         if step % self.every:
             return None
-        r = _effective_rank(trainer.params[self.name])
+        r = _effective_rank(trainer.values[self.name])
         return None if r is None else {"effective_rank": r}
 
 
@@ -115,12 +113,12 @@ def figure1(ds, cfg: dict, gen: torch.Generator) -> dict:
             )
         idx = order[(c * bs) % len(order) :][:bs]
         x, y = ds.X_train[idx], ds.y_train[idx]
-        space, params = trainer.space, trainer.params
+        space, params = trainer.space, trainer.values
         _, grad = true_gradient(space, params, x, y, F.cross_entropy)
         checkpoints.append(trainer.steps_done)
         for m, guesser in guessers.items():
             for _ in range(cfg["fig1_repeats"]):
-                g = guesser(space, params, x, y, F.cross_entropy, generator=gen).grads
+                g = guesser(space, params, x, y, F.cross_entropy, seed=gen).grads
                 cos = guess_cosine(g, grad)
                 rec[m]["cos_layer"].append(float(np.mean(list(cos.per_layer.values()))))
                 rec[m]["cos_whole"].append(cos.whole_model)
@@ -196,13 +194,13 @@ def train_all(ds, name: str, depth: int, width: int, cfg: dict, track: bool, ext
 # ----------------------------------------------------------------------------- bias
 def bias_analyses(trainer, ds, cfg: dict, gen: torch.Generator) -> dict:
     """Figure 4 left (saturation), section 5 (Cov(y) bias) and Figure 2 right (overlap)."""
-    space, params = trainer.space, trainer.params
+    space, params = trainer.space, trainer.values
     x, y = ds.X_train[: cfg["sat_batch"]], ds.y_train[: cfg["sat_batch"]]
     sat = {}
     for m in ["activation_perturbation", "activation_mixing", "w_transpose", "downstream"]:
         r = cosine_saturation(
             make_guesser(m), space, params, x, y, F.cross_entropy,
-            counts=cfg["sat_counts"], max_replicas=cfg["sat_replicas"], generator=gen,
+            counts=cfg["sat_counts"], max_replicas=cfg["sat_replicas"], seed=gen,
         )  # fmt: skip
         sat[m] = {"counts": r.counts, "cosine": r.cosine}
     # section 5: E[g_hat_s] = Cov(y) g_s per layer, averaged over a few examples
@@ -229,7 +227,7 @@ def bias_analyses(trainer, ds, cfg: dict, gen: torch.Generator) -> dict:
         xo, yo = ds.X_train[: cfg["overlap_batch"]], ds.y_train[: cfg["overlap_batch"]]
         for layer in range(1, n_layers):
             r = activation_gradient_overlap(
-                space, params, xo, yo, F.cross_entropy, layer, ks=cfg["overlap_ks"], generator=gen
+                space, params, xo, yo, F.cross_entropy, layer, ks=cfg["overlap_ks"], seed=gen
             )
             overlap[f"layer_{layer}"] = r._asdict()
     return {"saturation": sat, "section5": sec5, "overlap": overlap}

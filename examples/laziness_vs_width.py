@@ -52,7 +52,7 @@ def run_width(width: int, data, probe: torch.Tensor, args) -> dict:
         num_points=args.points,
         output_indices=[0, 3, 7],
         reference_size=min(m, 512),
-        generator=torch.Generator().manual_seed(0),
+        seed=0,
     )
     trainer = BackpropTrainer(net, torch.nn.functional.cross_entropy, lr=args.lr)
     trainer.fit(
@@ -63,10 +63,10 @@ def run_width(width: int, data, probe: torch.Tensor, args) -> dict:
         progress=False,
         validation=(data.X_test, data.y_test),
     )
-    full_t = dict(trainer.params)
+    full_t = dict(trainer.values)
     drift = jacobian_drift(net, probe, full_t, norm="frobenius")
     ntk = gram_drift(net, probe, full_t, output_index=0, method="dense")
-    rd = relative_distance(trainer.params, trainer.initial_params)
+    rd = relative_distance(trainer.values, trainer.initial_values).per_layer
     h = trainer.history.metrics
     return {
         "width": width,

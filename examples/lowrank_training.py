@@ -61,7 +61,7 @@ def gradient_cosines(trainer: LowRankJacobianTrainer, X: torch.Tensor, y: torch.
     """Cosines of the low-rank update with the network gradient and the exact linearized one."""
     idx = torch.arange(len(X))
     _, g_hat, out = trainer.approximate_gradient(idx, y, X)
-    params = {n: p.detach().requires_grad_(True) for n, p in trainer.params.items()}
+    params = {n: p.detach().requires_grad_(True) for n, p in trainer.values.items()}
     loss = CE(trainer.forward(X, params), y)
     g_net = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(params.values()))])
     out = out.requires_grad_(True)

@@ -57,8 +57,8 @@ def run(m: int, alpha: float, data, steps: int, every: int, eta: float) -> dict:
             t.fit(X, y, epochs=every, progress=False)
         except FloatingPointError:
             return {"m": m, "alpha": alpha, "kappa": kappa, "diverged": True}
-        rd_sup = max(rd_sup, max(relative_distance(t.params, t.initial_params).values()))
-        gram_sup = max(gram_sup, gram_drift(net, X, t.params, method="dense"))
+        rd_sup = max(rd_sup, max(relative_distance(t.values, t.initial_values).per_layer.values()))
+        gram_sup = max(gram_sup, gram_drift(net, X, t.values, method="dense"))
     return {
         "m": m,
         "alpha": alpha,

@@ -35,20 +35,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from estimators._seed004 import digits_mlp_run  # noqa: E402
-from estimators.spectrum import (  # noqa: E402
-    bulk_order,
+from estimators.perturbation import (  # noqa: E402
     bulk_overlap,
     kl_perturbation,
     linearity_test,
     ood_inputs,
     parameter_function_jacobian,
     random_subspace_similarity,
+)
+from estimators.spectrum import (  # noqa: E402
+    bulk_order,
     region_table,
     spectral_regions,
     svd_training_jacobian,
 )
 from linops import TrainingJacobianOperator  # noqa: E402
+from trainers.setups import digits_mlp_run  # noqa: E402
 from trainers.subspace import SubspaceTrainer, subspace_basis  # noqa: E402
 
 NAME = "training_jacobian"
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     res["test_accuracy"], res["test_loss"] = accuracy(setup, thetaT)
     res["singular_values"] = s.tolist()
     res["left_right_cosine"] = cos.tolist()
-    res["region_table"] = region_table(s, TOLS)
+    res["region_table"] = [r._asdict() for r in region_table(s, TOLS)]
     res["regions"] = spectral_regions(s)._asdict()
     order = bulk_order(s)
     bulk = (s - 1).abs() <= 1e-3
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
             grp: kl_perturbation(run.space, thetaT, U[:, idx].float(), X).tolist()
             for grp, idx in groups.items()
         }
-        for name, X in sets.items()
+        for name, X in sets._asdict().items()
     }
     change = (V.T.float() @ (thetaT - theta0)).abs()
     res["parameter_change"] = {grp: change[idx].tolist() for grp, idx in groups.items()}
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     res["pfj"] = {"k": ks}
     Vb = V[:, order]
     for name in ("test", "noise"):
-        P = parameter_function_jacobian(run.space, theta0.double(), sets[name].double())
+        P = parameter_function_jacobian(run.space, theta0.double(), getattr(sets, name).double())
         _, sp, Vh = torch.linalg.svd(P, full_matrices=True)
         null = Vh.T.flip(1)  # ascending singular value (the exact nullspace first)
         res["pfj"][name] = {
@@ -169,7 +171,10 @@ def main(argv: list[str] | None = None) -> dict:
                 s2, _, V2, _ = svd_training_jacobian(J2)
             else:
                 s2 = torch.linalg.svdvals(J2.double())
-            entry = {"seconds_dense_jacobian": sec, "region_table": region_table(s2, TOLS)}
+            entry = {
+                "seconds_dense_jacobian": sec,
+                "region_table": [r._asdict() for r in region_table(s2, TOLS)],
+            }
             if tag != "white_noise":
                 entry["overlap"] = bulk_overlap(V2[:, bulk_order(s2)], Vb, ks).tolist()
             else:
@@ -321,7 +326,7 @@ def summary(res: dict) -> None:
         f"{'tol':>8s} {'chaotic':>8s} {'bulk':>8s} {'stable':>8s}   (sigma > 1+tol, |sigma-1| <= tol, sigma < 1-tol)"
     )
     for r in res["region_table"]:
-        print(f"{r['tol']:8.0e} {r['chaotic']:8d} {r['bulk']:8d} {r['stable']:8d}")
+        print(f"{r['threshold']:8.0e} {r['chaotic']:8d} {r['bulk']:8d} {r['stable']:8d}")
     print(
         f"mean cos(u_i, v_i): bulk(1e-3) {res['mean_cosine_bulk']:.4f}, chaotic(>1.1) {res['mean_cosine_chaotic']:.3f}, "
         f"stable(<0.9) {res['mean_cosine_stable']:.3f}"

@@ -113,7 +113,7 @@ def _plot_spectra(h_top: np.ndarray, ntk_top: np.ndarray, path: Path) -> None:
 
 def _laziness_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str, Any]:
     """Seed 000 section 3.2: laziness ratio and reference-set rank of the default model."""
-    from estimators.laziness import laziness_report
+    from reports import laziness_report
 
     X = setup["data"].X_train[: 200 if quick else 500]
     result = laziness_report(
@@ -150,7 +150,7 @@ def _density_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str,
 
 def _training_jacobian_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str, Any]:
     """Seed 004: a small training Jacobian (width-16 MLP, 2 epochs), dense, with its spectrum."""
-    from estimators.spectrum import plot_training_jacobian_report, training_jacobian_report
+    from reports import plot_training_jacobian_report, training_jacobian_report
 
     result = training_jacobian_report(quick=True)
     plot_training_jacobian_report(result, out / "training_jacobian.png")

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from estimators.kernel import relative_distance
 from linops.params import ParamSpace
 
 __all__ = ["Callback", "History", "RelativeDistance", "Trainer", "make_optimizer"]
@@ -50,7 +51,11 @@ class Callback(Protocol):
 
 
 class RelativeDistance:
-    r"""Per-layer relative distance :math:`RD(W^{[l]}(t)) = \|W(t) - W(0)\|_F / \|W(0)\|_F` (seed 002).
+    r"""Callback: per-layer relative distance :math:`RD(W^{[l]}(t)) = \|W(t) - W(0)\|_F / \|W(0)\|_F`.
+
+    The RD of "Demystifying Lazy Training of Neural Networks from a Macroscopic Viewpoint"
+    (arXiv:2404.04859), computed by :func:`estimators.relative_distance` and logged as
+    ``RD/<name>``.
 
     Parameters
     ----------
@@ -65,29 +70,42 @@ class RelativeDistance:
 
     def __call__(self, trainer: Trainer, step: int) -> dict[str, float] | None:
         if self.initial is None:
-            names = self.names or [n for n in trainer.params if n.endswith("weight")]
-            self.initial = {n: trainer.initial_params[n].clone() for n in names}
+            names = self.names or [n for n in trainer.values if n.endswith("weight")]
+            self.initial = {n: trainer.initial_values[n].clone() for n in names}
         if step % self.every:
             return None
-        return {
-            f"RD/{n}": float((trainer.params[n] - w0).norm() / w0.norm().clamp_min(1e-300))
-            for n, w0 in self.initial.items()
-        }
+        rd = relative_distance(trainer.values, self.initial, list(self.initial))
+        return {f"RD/{n}": v for n, v in rd.per_layer.items()}
 
 
 def make_optimizer(
-    params: Iterable[torch.Tensor], optimizer: str | Callable[..., torch.optim.Optimizer], **kw: Any
+    values: Iterable[torch.Tensor],
+    optimizer: str | Callable[..., torch.optim.Optimizer],
+    **kw: Any,
 ) -> torch.optim.Optimizer:
-    """A torch optimizer by name (``"sgd"``, ``"adam"``, ``"adamw"``) or from a factory."""
-    params = list(params)
+    """A torch optimizer of the leaf tensors ``values``, by name or from a factory.
+
+    ``optimizer`` is ``"sgd"``, ``"adam"``, ``"adamw"`` or a factory ``f(tensors, **kw)``; ``kw``
+    are its options (``lr``, ...).
+
+    Returns
+    -------
+    torch.optim.Optimizer
+
+    Raises
+    ------
+    ValueError
+        For an unknown optimizer name.
+    """
+    tensors = list(values)
     if callable(optimizer):
-        return optimizer(params, **kw)
+        return optimizer(tensors, **kw)
     table = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if optimizer not in table:
         raise ValueError(
             f"optimizer: expected one of {sorted(table)} or a factory, got {optimizer!r}"
         )
-    return table[optimizer](params, **kw)
+    return table[optimizer](tensors, **kw)
 
 
 class Trainer:
@@ -118,10 +136,10 @@ class Trainer:
     ) -> None:
         self.model, self.loss_fn = model, loss_fn
         self.space = ParamSpace(model, params)
-        self.params = {n: v.detach().clone() for n, v in self.space.values().items()}
-        self.initial_params = {n: v.clone() for n, v in self.params.items()}
+        self.values = {n: v.detach().clone() for n, v in self.space.values().items()}
+        self.initial_values = {n: v.clone() for n, v in self.values.items()}
         optimizer_kw.setdefault("lr", 0.1)
-        self.optimizer = make_optimizer(self.params.values(), optimizer, **optimizer_kw)
+        self.optimizer = make_optimizer(self.values.values(), optimizer, **optimizer_kw)
         self.history = History()
         self.steps_done = 0
 
@@ -131,14 +149,14 @@ class Trainer:
         raise NotImplementedError
 
     # --------------------------------------------------------------- shared machinery
-    def forward(self, x: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> Any:
+    def forward(self, x: torch.Tensor, values: Mapping[str, torch.Tensor] | None = None) -> Any:
         """Model outputs at the trainer's (or the given) parameters."""
-        return self.space.functional_call(params if params is not None else self.params, x)
+        return self.space.functional_call(values if values is not None else self.values, x)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimizer step on a batch; returns the batch loss before the step."""
         loss, direction = self.direction(x, y)
-        for n, p in self.params.items():
+        for n, p in self.values.items():
             p.grad = direction[n]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ class BackpropTrainer(Trainer):
     """
 
     def direction(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
-        params = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
-        loss = self.loss_fn(self.forward(x, params), y)
-        grads = torch.autograd.grad(loss, list(params.values()))
-        return float(loss.detach()), dict(zip(params, grads, strict=True))
+        leaves = {n: p.detach().requires_grad_(True) for n, p in self.values.items()}
+        loss = self.loss_fn(self.forward(x, leaves), y)
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        return float(loss.detach()), dict(zip(leaves, grads, strict=True))

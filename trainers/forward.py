@@ -1,7 +1,10 @@
-r"""Forward-gradient training (seed 003): the optimizer steps along a guessed gradient.
+r"""Forward-gradient training: the optimizer steps along a guessed gradient.
+
+The training of "How to Guess a Gradient" (Singhal et al., arXiv:2312.04709; "the paper"
+below).
 
 At every step a guesser of :mod:`estimators.guesses` produces :math:`\hat g \approx \nabla L`
-from forward-mode directional derivatives only, and any torch optimizer (seed 003 uses AdamW,
+from forward-mode directional derivatives only, and any torch optimizer (the paper uses AdamW,
 appendix A.1) takes it as the gradient. History, callbacks and the progress bar are those of
 :class:`trainers.Trainer`.
 """
@@ -13,7 +16,9 @@ from typing import Any
 
 import torch
 
+from estimators.guess_quality import guess_cosine, true_gradient
 from estimators.guesses import GradientGuesser, Guess, make_guesser
+from estimators.seeding import Seed, make_generator
 from trainers._base import LossFn, Trainer
 
 __all__ = ["ForwardGradientTrainer", "GuessCosine"]
@@ -33,7 +38,7 @@ class ForwardGradientTrainer(Trainer):
     params
         Which parameters to train.
     seed
-        Seed of the trainer's ``torch.Generator`` that draws every guess.
+        Randomness of the guesses: one ``torch.Generator`` made from it draws every guess.
     **optimizer_kw
         Passed to the optimizer (``lr``, ``weight_decay``, ...).
 
@@ -42,8 +47,8 @@ class ForwardGradientTrainer(Trainer):
     last_guess
         The :class:`~estimators.Guess` of the latest step.
     last_batch
-        ``(x, y, params)`` at which it was made (params before the step), for callbacks such
-        as :class:`GuessCosine`.
+        ``(x, y, values)`` at which it was made (parameter values before the step), for
+        callbacks such as :class:`GuessCosine`.
 
     Raises
     ------
@@ -71,7 +76,7 @@ class ForwardGradientTrainer(Trainer):
         guesser: GradientGuesser | str,
         optimizer: str | Callable[..., torch.optim.Optimizer] = "sgd",
         params: Any = None,
-        seed: int = 0,
+        seed: Seed = 0,
         **optimizer_kw: Any,
     ) -> None:
         if isinstance(guesser, str):
@@ -82,15 +87,15 @@ class ForwardGradientTrainer(Trainer):
             )
         super().__init__(model, loss_fn, optimizer=optimizer, params=params, **optimizer_kw)
         self.guesser = guesser
-        self.generator = torch.Generator(device=self.space.device).manual_seed(seed)
+        self._generator = make_generator(seed, self.space.device)
         self.last_guess: Guess | None = None
         self.last_batch: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None = None
 
     def direction(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
         """Batch loss and the guessed gradient (no backward pass through the network)."""
-        guess = self.guesser(self.space, self.params, x, y, self.loss_fn, generator=self.generator)
+        guess = self.guesser(self.space, self.values, x, y, self.loss_fn, seed=self._generator)
         self.last_guess = guess
-        self.last_batch = (x, y, {n: p.detach().clone() for n, p in self.params.items()})
+        self.last_batch = (x, y, {n: p.detach().clone() for n, p in self.values.items()})
         return float(guess.loss), guess.grads
 
 
@@ -108,12 +113,14 @@ class GuessCosine:
         self.every, self.per_layer = every, per_layer
 
     def __call__(self, trainer: Trainer, step: int) -> dict[str, float] | None:
-        if step % self.every or getattr(trainer, "last_guess", None) is None:
+        if not isinstance(trainer, ForwardGradientTrainer):
+            raise TypeError(
+                f"trainer: expected a ForwardGradientTrainer, got {type(trainer).__name__}"
+            )
+        if step % self.every or trainer.last_guess is None or trainer.last_batch is None:
             return None
-        from estimators.guess_quality import guess_cosine, true_gradient
-
-        x, y, params = trainer.last_batch
-        _, grad = true_gradient(trainer.space, params, x, y, trainer.loss_fn)
+        x, y, values = trainer.last_batch
+        _, grad = true_gradient(trainer.space, values, x, y, trainer.loss_fn)
         cos = guess_cosine(trainer.last_guess.grads, grad)
         out = {"cosine": cos.whole_model}
         if self.per_layer:

@@ -1,6 +1,7 @@
 r"""Exact training of the linearized model (NTK / lazy dynamics), with JVPs and VJPs.
 
-Seed 000 equation 4 replaces the network by its first-order Taylor expansion at the
+"Leveraging Low Rank Structure in the Lazy Regime" (an anonymous ICLR 2025 submission, no arXiv
+id given; "the paper" below), equation 4, replaces the network by its first-order Taylor expansion at the
 initial parameters :math:`w_0`,
 
 .. math::
@@ -18,21 +19,28 @@ and trains it with the loss of equation 1. Its gradient on a batch :math:`S` is 
 so one step costs one JVP (the outputs :math:`J_0 (w - w_0)`) and one VJP (the update
 :math:`J_0^\top a_t`), both at the fixed point :math:`w_0`: no Jacobian is ever formed. In
 function space, full-batch gradient descent with step size :math:`\eta` is the NTK dynamics
-:math:`f_{t+1} = f_t - \eta\, K_0 a_t` with :math:`K_0 = J_0 J_0^\top` (seed 000 eq. 2).
+:math:`f_{t+1} = f_t - \eta\, K_0 a_t` with :math:`K_0 = J_0 J_0^\top` (the paper's eq. 2).
 This is the exact reference that the low-rank trainer (:mod:`trainers.lowrank`) approximates.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from linops._autodiff import OutputGraph
+from linops.jacobian import JacobianOperator
 from trainers._base import History, LossFn, Trainer
 
 __all__ = ["LinearizedTrainer"]
+
+
+class _Linearization(NamedTuple):
+    """The Jacobian at :math:`w_0` on one batch and the outputs there."""
+
+    J: JacobianOperator
+    f0: torch.Tensor
 
 
 class LinearizedTrainer(Trainer):
@@ -51,9 +59,10 @@ class LinearizedTrainer(Trainer):
         train/test metrics) is the linearized model, the model this trainer trains; if false it
         is the network itself at the trained parameters.
     cache_graph
-        Keep the autodiff graph at :math:`w_0` of the last batch and reuse it when the next
-        batch has the same inputs (full-batch training): each step is then two backward passes
-        through a retained graph instead of a forward and three backward passes.
+        Keep the Jacobian operator at :math:`w_0` of the last batch (its retained autodiff
+        graph and outputs) and reuse it when the next batch has the same inputs (full-batch
+        training): each step is then two backward passes through a retained graph instead of
+        two forward and three backward passes.
 
     Notes
     -----
@@ -63,9 +72,10 @@ class LinearizedTrainer(Trainer):
     2. :math:`a_t = \partial \ell / \partial f_S` (autodiff through the loss only);
     3. direction :math:`J_0^\top a_t` (a VJP at :math:`w_0`), handed to the optimizer.
 
-    JVP and VJP replay one retained graph of :math:`f(w_0; x_S)` (:mod:`linops._autodiff`:
-    the JVP is the double-backward trick). With ``batch_size=None`` ``fit`` does not shuffle,
-    so the full batch keeps its order and its graph is built once.
+    JVP and VJP are products with a :class:`linops.JacobianOperator` at :math:`w_0` on the
+    batch (``route="autograd"``: they replay one retained graph of :math:`f(w_0; x_S)`, the JVP
+    by the double-backward trick). With ``batch_size=None`` ``fit`` does not shuffle, so the
+    full batch keeps its order and its operator is built once.
 
     Examples
     --------
@@ -93,52 +103,52 @@ class LinearizedTrainer(Trainer):
         super().__init__(model, loss_fn, optimizer=optimizer, params=params, **optimizer_kw)
         self.evaluate_linearized = bool(evaluate_linearized)
         self.cache_graph = bool(cache_graph)
-        self._cached: tuple[torch.Tensor, OutputGraph] | None = None
+        self._cached: tuple[torch.Tensor, _Linearization] | None = None
 
     # ----------------------------------------------------------------- linearized model
-    def _graph(self, x: torch.Tensor) -> OutputGraph:
-        """Retained graph of ``f(w0; x)`` (reused for identical consecutive inputs)."""
+    def _linearization(self, x: torch.Tensor) -> _Linearization:
+        """:math:`J_0` and :math:`f(w_0; x)` on ``x`` (reused for identical consecutive inputs)."""
         if self._cached is not None:
-            x_ref, graph = self._cached
+            x_ref, lin = self._cached
             if x_ref.shape == x.shape and torch.equal(x_ref, x):
-                return graph
-        graph = OutputGraph(self.space, x, None)
-        self._cached = (x, graph) if self.cache_graph else None
-        return graph
+                return lin
+        J = JacobianOperator(
+            self.model, x, self.initial_values, allow_train_mode=True, route="autograd"
+        )
+        with torch.no_grad():
+            f0 = self.space.functional_call(self.initial_values, x)
+        lin = _Linearization(J, f0)
+        self._cached = (x, lin) if self.cache_graph else None
+        return lin
 
-    def _delta(self) -> list[torch.Tensor]:
-        return [self.params[n].detach() - self.initial_params[n] for n in self.space.names]
+    def _delta(self) -> torch.Tensor:
+        return self.space.flatten(
+            [self.values[n].detach() - self.initial_values[n] for n in self.space.names]
+        )
 
-    def linearized_outputs(self, x: torch.Tensor, graph: OutputGraph | None = None) -> torch.Tensor:
+    def linearized_outputs(self, x: torch.Tensor) -> torch.Tensor:
         r"""Outputs :math:`f(w_0; x) + J_0(x)(w_t - w_0)` of the linearized model, shape of ``f``."""
-        graph = graph if graph is not None else OutputGraph(self.space, x, None)
-        flat = graph.out.detach() + graph.jvp(self._delta(), batched=False)
-        return flat.reshape(self._out_shape(x, graph))
+        return self._outputs(self._linearization(x))
 
-    def _out_shape(self, x: torch.Tensor, graph: OutputGraph) -> torch.Size:
-        shape = getattr(graph, "full_shape", None)
-        if shape is None:
-            with torch.no_grad():
-                shape = self.space.functional_call(self.space.values(), x[:1]).shape[1:]
-            graph.full_shape = shape
-        return torch.Size((x.shape[0], *shape))
+    def _outputs(self, lin: _Linearization) -> torch.Tensor:
+        return lin.f0 + (lin.J @ self._delta()).reshape(lin.f0.shape)
 
-    def forward(self, x: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> Any:
-        """Linearized outputs (or the network's, see ``evaluate_linearized`` / ``params``)."""
-        if params is not None or not self.evaluate_linearized:
-            return super().forward(x, params)
+    def forward(self, x: torch.Tensor, values: Mapping[str, torch.Tensor] | None = None) -> Any:
+        """Linearized outputs (or the network's, see ``evaluate_linearized`` / ``values``)."""
+        if values is not None or not self.evaluate_linearized:
+            return super().forward(x, values)
         return self.linearized_outputs(x)
 
     # ----------------------------------------------------------------- the trainer interface
     def direction(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
         """Loss of the linearized model on the batch and its exact gradient :math:`J_0^\\top a`."""
-        graph = self._graph(x)
-        out = self.linearized_outputs(x, graph).requires_grad_(True)
+        lin = self._linearization(x)
+        out = self._outputs(lin).requires_grad_(True)
         with torch.enable_grad():
             loss = self.loss_fn(out, y)
             (a,) = torch.autograd.grad(loss, out)
-        grads = graph.vjp(a.reshape(graph.out.shape), batched=False)
-        return float(loss.detach()), dict(zip(self.space.names, grads, strict=True))
+        grads = self.space.unflatten(lin.J.H @ a.reshape(-1))
+        return float(loss.detach()), dict(grads)
 
     def fit(
         self,

@@ -67,11 +67,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from estimators.reference import (
-    reference_gram_eigh,
-    reference_jacobian,
-    select_reference_set,
-)
+from estimators.reference import eigenvalue_threshold, reference_gram_eigh, reference_jacobian
+from estimators.seeding import Seed, make_generator
+from estimators.selection import select_reference_set
 from linops.jacobian import JacobianOperator
 from trainers._base import LossFn, Trainer
 
@@ -132,21 +130,21 @@ def _check_int(value: Any, name: str, low: int = 1) -> int:
 def _reference_blocks(
     model: torch.nn.Module,
     X: torch.Tensor,
-    params: dict[str, torch.Tensor],
+    values: dict[str, torch.Tensor],
     d: int,
     *,
     reference_size: int,
     strategy: Any,
     per_unit: bool,
     center: bool,
-    generator: torch.Generator,
+    gen: torch.Generator,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Reference matrices ``A`` (one per unit, or one joint) and their index sets."""
-    kw = {"params": params}
+    kw: dict[str, Any] = {"params": values}
     units: list[int | None] = list(range(d)) if per_unit else [None]
     shared = not isinstance(strategy, str) or strategy in ("random", "magnitude")
     if shared:  # one reference set for every unit: one joint JVP pass, sliced per unit
-        idx = select_reference_set(model, X, reference_size, strategy, generator=generator, **kw)
+        idx = select_reference_set(model, X, reference_size, strategy, seed=gen, **kw)
         A = reference_jacobian(model, X, idx, center=False, **kw)
         if not per_unit:
             return [_center(A) if center else A], [idx]
@@ -155,7 +153,7 @@ def _reference_blocks(
     As, sets = [], []
     for j in units:
         idx = select_reference_set(
-            model, X, reference_size, strategy, output_index=j, generator=generator, **kw
+            model, X, reference_size, strategy, output_index=j, seed=gen, **kw
         )
         As.append(reference_jacobian(model, X, idx, output_index=j, center=center, **kw))
         sets.append(idx)
@@ -171,8 +169,7 @@ def _orthonormal_basis(P: torch.Tensor, rtol: float | None) -> torch.Tensor:
     M = (P.T @ P).double()
     s, U = torch.linalg.eigh(M)
     s, U = s.flip(0), U.flip(1)
-    tol = (P.shape[1] * torch.finfo(P.dtype).eps if rtol is None else rtol) * float(s[0])
-    keep = s > max(tol, 0.0)
+    keep = s > eigenvalue_threshold(s, P.dtype, rtol=rtol)  # the reference Gram's rule
     return P @ (U[:, keep] / s[keep].sqrt()).to(P.dtype)
 
 
@@ -181,7 +178,7 @@ def lowrank_factors(
     X: torch.Tensor,
     rank: int,
     *,
-    params: dict[str, torch.Tensor] | None = None,
+    values: dict[str, torch.Tensor] | None = None,
     reference_size: int | None = None,
     strategy: Any = "random",
     per_unit: bool = True,
@@ -189,9 +186,9 @@ def lowrank_factors(
     projection: str = "parameter",
     rtol: float | None = None,
     batch_size: int | None = None,
-    generator: torch.Generator | None = None,
+    seed: Seed = 0,
 ) -> LowRankFactors:
-    r"""Algorithm 1's preprocessing at ``params`` (default: the model's current parameters).
+    r"""Algorithm 1's preprocessing at ``values`` (default: the model's current parameters).
 
     Parameters
     ----------
@@ -203,7 +200,7 @@ def lowrank_factors(
         Eigenvectors kept per unit (or jointly): at most ``rank``, fewer when the reference
         Gram has fewer eigenvalues above the threshold of
         :func:`estimators.reference.reference_gram_eigh` (``rtol``).
-    params
+    values
         Parameter values by name (the linearization point); default the model's.
     reference_size
         Size ``r`` of the reference set; default ``rank`` (the paper uses one ``r``).
@@ -219,8 +216,8 @@ def lowrank_factors(
         Relative eigenvalue threshold for the reference Gram and for :math:`P^\top P`.
     batch_size
         Samples per batch of the JVP/VJP passes (bounds the memory of the retained graphs).
-    generator
-        For the ``"random"`` and ``"leverage"`` strategies (default seeded 0).
+    seed
+        Randomness of the ``"random"`` and ``"leverage"`` strategies.
 
     Returns
     -------
@@ -237,17 +234,17 @@ def lowrank_factors(
     reference_size = _check_int(reference_size or rank, "reference_size")
     if reference_size < rank:
         raise ValueError(f"reference_size: expected >= rank = {rank}, got {reference_size}")
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    gen = make_generator(seed)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = {n: p.detach() for n, p in (params or dict(model.named_parameters())).items()}
-    names = [n for n in names if n in params]
-    params = {n: params[n] for n in names}
-    w_ref = torch.cat([params[n].reshape(-1) for n in names])
+    values = {n: p.detach() for n, p in (values or dict(model.named_parameters())).items()}
+    names = [n for n in names if n in values]
+    values = {n: values[n] for n in names}
+    w_ref = torch.cat([values[n].reshape(-1) for n in names])
     X = X.to(dtype=w_ref.dtype, device=w_ref.device)
     with torch.no_grad():
         f0 = torch.cat(
             [
-                torch.func.functional_call(model, params, (X[i : i + (batch_size or len(X))],))
+                torch.func.functional_call(model, values, (X[i : i + (batch_size or len(X))],))
                 for i in range(0, len(X), batch_size or len(X))
             ]
         ).reshape(len(X), -1)
@@ -257,17 +254,17 @@ def lowrank_factors(
     As, sets = _reference_blocks(
         model,
         X,
-        params,
+        values,
         d,
         reference_size=reference_size,
         strategy=strategy,
         per_unit=per_unit,
         center=center,
-        generator=gen,
+        gen=gen,
     )
     Vs = [reference_gram_eigh(A, rtol=rtol).left_vectors[:, :rank] for A in As]
     V = _stack_units(Vs, n, d, per_unit, rows)
-    J = JacobianOperator(model, X, params, batch_size=batch_size)
+    J = JacobianOperator(model, X, values, batch_size=batch_size)
     # every reference column can be zero (dead weights): then the stored subspace is {0}
     P = J._apply(V, adjoint=True) if V.shape[1] else V.new_zeros(w_ref.numel(), 0)
     B = JB = None
@@ -374,7 +371,8 @@ class LowRankJacobianTrainer(Trainer):
     rtol, batch_size
         Passed to :func:`lowrank_factors`.
     seed
-        Seed of the generator of the reference-set selection (each refresh draws anew).
+        Randomness of the reference-set selection (one generator, so each refresh draws
+        anew).
     optimizer, params, **optimizer_kw
         As for every :class:`trainers.Trainer`.
 
@@ -418,7 +416,7 @@ class LowRankJacobianTrainer(Trainer):
         refresh_tol: float | None = None,
         rtol: float | None = None,
         batch_size: int | None = None,
-        seed: int = 0,
+        seed: Seed = 0,
         optimizer: str | Callable[..., torch.optim.Optimizer] = "sgd",
         params: Any = None,
         **optimizer_kw: Any,
@@ -450,7 +448,7 @@ class LowRankJacobianTrainer(Trainer):
         }
         self.X_train = X_train.to(dtype=self.space.dtype, device=self.space.device)
         self._rows = _RowIndex(self.X_train)
-        self.generator = torch.Generator().manual_seed(seed)
+        self._generator = make_generator(seed)
         self.factors: LowRankFactors | None = None
         self.seconds_preprocess: list[float] = []
         self.refresh_steps: list[int] = []
@@ -464,8 +462,8 @@ class LowRankJacobianTrainer(Trainer):
             self.model,
             self.X_train,
             self.rank,
-            params=self.params,
-            generator=self.generator,
+            values=self.values,
+            seed=self._generator,
             **self.options,
         )
         self.seconds_preprocess.append(self.factors.seconds)
@@ -482,7 +480,7 @@ class LowRankJacobianTrainer(Trainer):
 
     # ----------------------------------------------------------------- the algebra
     def _flat_params(self) -> torch.Tensor:
-        return torch.cat([self.params[n].detach().reshape(-1) for n in self.space.names])
+        return torch.cat([self.values[n].detach().reshape(-1) for n in self.space.names])
 
     def _rows_of(self, idx: torch.Tensor) -> torch.Tensor:
         d = self.factors.f0.shape[1]

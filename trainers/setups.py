@@ -1,4 +1,7 @@
-"""The training setup of seed 004 (section 3), shared by the example, the benchmark and the report.
+"""The digits-MLP training run of "Understanding Gradient Descent through the Training Jacobian".
+
+The setup of section 3 of that paper (an anonymous submission under double-blind review; no
+arXiv id given), shared by the example, the benchmark and the report:
 
 scikit-learn's digits, 1600 train / 197 test (``random_state=0``), inputs divided by 16; an MLP
 64-64-10 with GELU and LeCun-normal weights (4810 parameters); mean cross-entropy; batch 64 in a
@@ -19,7 +22,19 @@ __all__ = ["DigitsSetup", "digits_mlp_run"]
 
 
 class DigitsSetup(NamedTuple):
-    """A seed-004 training run with its data and initial parameters."""
+    """A training run with its data and initial parameters.
+
+    Attributes
+    ----------
+    run
+        The differentiable training run.
+    theta0
+        Its initial parameters, flat.
+    data
+        The dataset (train and test splits).
+    model
+        The network whose parameters ``theta0`` holds.
+    """
 
     run: TrainingRun
     theta0: torch.Tensor
@@ -41,7 +56,7 @@ def digits_mlp_run(
     white_noise: bool = False,
     checkpoint_every: int | None = None,
 ) -> DigitsSetup:
-    """The seed-004 run (defaults) or a variant of it.
+    """The paper's run (defaults) or a variant of it.
 
     Parameters
     ----------
@@ -57,9 +72,9 @@ def digits_mlp_run(
     n_train
         Training-set size (the rest of the 1797 digits is the test set).
     shuffle_labels
-        Train on randomly permuted labels (seed 004 section 3.5).
+        Train on randomly permuted labels (the paper's section 3.5).
     white_noise
-        Train on uniform white-noise inputs instead of the digits (seed 004 figure 5b).
+        Train on uniform white-noise inputs instead of the digits (the paper's figure 5b).
     checkpoint_every
         Passed to :class:`trainers.functional.TrainingRun`.
     """

@@ -54,7 +54,7 @@ class SubspaceTrainer(Trainer):
     >>> net = MLP(3, 2, widths=4).double()
     >>> P = torch.linalg.qr(torch.randn(26, 5, dtype=torch.float64))[0]
     >>> t = SubspaceTrainer(net, torch.nn.functional.cross_entropy, P, lr=0.1)
-    >>> t.params["z"].shape
+    >>> t.values["z"].shape
     torch.Size([5])
     """
 
@@ -93,19 +93,19 @@ class SubspaceTrainer(Trainer):
             raise ValueError(f"theta0: expected a tensor of shape ({m},), got {shape}")
         self.theta0 = theta0.detach().to(dtype).clone()
         self.basis = basis.detach().to(dtype)
-        self.params = {"z": torch.zeros(basis.shape[1], dtype=dtype)}
-        self.initial_params = {"z": self.params["z"].clone()}
+        self.values = {"z": torch.zeros(basis.shape[1], dtype=dtype)}
+        self.initial_values = {"z": self.values["z"].clone()}
         self.optimizer = make_optimizer(
-            self.params.values(), optimizer, lr=self.schedule(0), **optimizer_kw
+            self.values.values(), optimizer, lr=self.schedule(0), **optimizer_kw
         )
 
     def theta(self, z: torch.Tensor | None = None) -> torch.Tensor:
         r""":math:`\theta_0 + P z` (flat)."""
-        return self.theta0 + self.basis @ (self.params["z"] if z is None else z)
+        return self.theta0 + self.basis @ (self.values["z"] if z is None else z)
 
-    def forward(self, x: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> Any:
+    def forward(self, x: torch.Tensor, values: Mapping[str, torch.Tensor] | None = None) -> Any:
         """Model outputs at :math:`\\theta_0 + P z`."""
-        z = (params or self.params)["z"]
+        z = (values or self.values)["z"]
         return self.space.functional_call(self.space.unflatten(self.theta(z)), x)
 
     def direction(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:

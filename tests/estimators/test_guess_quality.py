@@ -8,12 +8,10 @@ import pytest
 import torch
 
 import linops
+from estimators.guess_bias import GuessCovarianceOperator, GuessNoiseOperator, guess_bias
 from estimators.guess_quality import (
-    GuessCovarianceOperator,
-    GuessNoiseOperator,
     activation_gradient_overlap,
     cosine_saturation,
-    guess_bias,
     guess_cosine,
     one_step_effectiveness,
     true_gradient,
@@ -69,15 +67,13 @@ def test_cosine_saturation_unbiased_versus_biased():
     gen = torch.Generator().manual_seed(0)
     counts = [4, 64, 1024, 4096]
     ap = cosine_saturation(
-        ActivationPerturbation(), net, None, x, y, F.cross_entropy, counts=counts, generator=gen
+        ActivationPerturbation(), net, None, x, y, F.cross_entropy, counts=counts, seed=gen
     )
-    wt = cosine_saturation(
-        WTranspose(), net, None, x, y, F.cross_entropy, counts=counts, generator=gen
-    )
+    wt = cosine_saturation(WTranspose(), net, None, x, y, F.cross_entropy, counts=counts, seed=gen)
     assert ap.cosine[-1] > 0.99  # unbiased: 1 - cos ~ N / (2K)
     assert wt.cosine[-1] < 0.98  # biased: saturates below 1
     dd = cosine_saturation(
-        DirectionalDescent(), net, None, x, y, F.cross_entropy, counts=[1, 2, 3], generator=gen
+        DirectionalDescent(), net, None, x, y, F.cross_entropy, counts=[1, 2, 3], seed=gen
     )
     assert len(dd.cosine) == 3
     with pytest.raises(ValueError, match="counts: expected increasing"):
@@ -121,7 +117,7 @@ def test_guess_bias_matches_dense_and_monte_carlo():
         x1.repeat(K, 1),
         y1.repeat(K),
         F.cross_entropy,
-        generator=torch.Generator().manual_seed(1),
+        seed=1,
     )
     mean = (guess.jvps[0][:, None] * guess.tangents[0]).sum(0)  # (1/K) sum_k (g.eps_k) eps_k
     sd = (
@@ -164,7 +160,7 @@ def test_activation_gradient_overlap():
         F.cross_entropy,
         1,
         ks=(1, 3, 6),
-        generator=torch.Generator().manual_seed(0),
+        seed=0,
     )
     assert res.cosine_activation[-1] == pytest.approx(1.0)  # k = n: the whole space
     assert res.cosine_random[-1] == pytest.approx(1.0)

@@ -76,7 +76,7 @@ def test_preactivation_jvp_is_dot_of_guess_and_true_gradient(name, jvp_mode, bac
     x, y = _batch()
     _grads, ds = _reference(model, x, y, F.cross_entropy)
     guess = make_guesser(name, jvp_mode=jvp_mode, backend=backend)(
-        model, None, x, y, F.cross_entropy, generator=_gen()
+        model, None, x, y, F.cross_entropy, seed=_gen()
     )
     dots = [
         None if t is None else (d * t).flatten(1).sum(1)
@@ -109,7 +109,7 @@ def test_self_sharpening_last_layer_is_exact():
     model = _mlp()
     x, y = _batch()
     grads, _ = _reference(model, x, y, F.cross_entropy)
-    guess = SelfSharpening()(model, None, x, y, F.cross_entropy, generator=_gen())
+    guess = SelfSharpening()(model, None, x, y, F.cross_entropy, seed=_gen())
     torch.testing.assert_close(
         guess.grads["layers.4.weight"], grads["layers.4.weight"], atol=1e-12, rtol=0
     )
@@ -122,7 +122,7 @@ def test_kappa_output_scale_in_exact_error():
     model = MLP(4, 3, (5,), kappa=3.0, generator=_gen(2)).double()
     x, y = _batch()
     grads, _ = _reference(model, x, y, F.cross_entropy)
-    guess = SelfSharpening()(model, None, x, y, F.cross_entropy, generator=_gen())
+    guess = SelfSharpening()(model, None, x, y, F.cross_entropy, seed=_gen())
     torch.testing.assert_close(
         guess.grads["layers.2.weight"], grads["layers.2.weight"], atol=1e-12, rtol=0
     )
@@ -133,9 +133,7 @@ def test_directional_descent_jvp_is_dot_with_true_gradient(backend):
     model = _mlp()
     x, y = _batch()
     grads, _ = _reference(model, x, y, F.cross_entropy)
-    guess = DirectionalDescent(backend=backend)(
-        model, None, x, y, F.cross_entropy, generator=_gen()
-    )
+    guess = DirectionalDescent(backend=backend)(model, None, x, y, F.cross_entropy, seed=_gen())
     dot = sum((grads[n] * guess.tangents[n]).sum() for n in grads)
     torch.testing.assert_close(guess.jvps[0], dot, rtol=0, atol=1e-10)
     for n in grads:
@@ -146,7 +144,7 @@ def test_matched_cosine_has_the_requested_cosine():
     model = _mlp()
     x, y = _batch()
     grads, _ = _reference(model, x, y, F.cross_entropy)
-    guess = MatchedCosine(0.2)(model, None, x, y, F.cross_entropy, generator=_gen())
+    guess = MatchedCosine(0.2)(model, None, x, y, F.cross_entropy, seed=_gen())
     space = ParamSpace(model)
     g, gh, v = (space.flatten(d) for d in (grads, guess.grads, guess.tangents))
     torch.testing.assert_close(gh @ g / (gh.norm() * g.norm()), torch.tensor(0.2, dtype=g.dtype))
@@ -157,8 +155,8 @@ def test_matched_cosine_has_the_requested_cosine():
 def test_backends_agree():
     model = _mlp()
     x, y = _batch()
-    a = WTranspose(backend="forward_ad")(model, None, x, y, F.cross_entropy, generator=_gen(3))
-    b = WTranspose(backend="func")(model, None, x, y, F.cross_entropy, generator=_gen(3))
+    a = WTranspose(backend="forward_ad")(model, None, x, y, F.cross_entropy, seed=_gen(3))
+    b = WTranspose(backend="func")(model, None, x, y, F.cross_entropy, seed=_gen(3))
     for n in a.grads:
         torch.testing.assert_close(a.grads[n], b.grads[n], rtol=1e-12, atol=1e-14)
 
@@ -173,7 +171,7 @@ def test_linear_network_guesses_lie_in_range_of_next_weight_transpose(guesser):
     """Seed 003 eq. (6): for a linear network the guess for layer l lies in range(W_{l+1}^T)."""
     model = _mlp(widths=(6, 2, 6), activation="identity", d_in=5)
     x, y = _batch(n=16, d_in=5)
-    guess = guesser(model, None, x, y, F.cross_entropy, generator=_gen())
+    guess = guesser(model, None, x, y, F.cross_entropy, seed=_gen())
     W1 = model.linear_layers()[1].weight.detach()  # 2 x 6: range(W1^T) has dimension 2
     eps0 = guess.tangents[0]  # (16, 6)
     assert torch.linalg.matrix_rank(eps0) == 2
@@ -187,7 +185,7 @@ def test_linear_network_guesses_lie_in_range_of_next_weight_transpose(guesser):
 def test_linear_network_two_layer_downstream_lies_in_product_range():
     model = _mlp(widths=(6, 6, 2, 6), activation="identity", d_in=5)
     x, y = _batch(n=16, d_in=5)
-    guess = Downstream(depth=2)(model, None, x, y, F.cross_entropy, generator=_gen())
+    guess = Downstream(depth=2)(model, None, x, y, F.cross_entropy, seed=_gen())
     lin = model.linear_layers()
     M = (lin[2].weight @ lin[1].weight).detach().T  # 6 x 2
     assert _max_angle(guess.tangents[0].T, M) < 1e-6
@@ -205,7 +203,7 @@ def test_directional_descent_is_unbiased_at_the_sqrt_rate():
     ratios = []
     for K in (256, 1024, 4096):
         est = DirectionalDescent(normalize=False, num_guesses=K)(
-            model, None, x, y, F.cross_entropy, generator=_gen(K)
+            model, None, x, y, F.cross_entropy, seed=_gen(K)
         )
         err2 = float((space.flatten(est.grads) - g).norm() ** 2)
         ratios.append(err2 * K / ((N + 1) * float(g.norm() ** 2)))
@@ -219,7 +217,7 @@ def test_directional_descent_paper_scale_is_gradient_over_n():
     grads, _ = _reference(model, x, y, F.cross_entropy)
     space = ParamSpace(model)
     g, N, K = space.flatten(grads), space.dim, 4096
-    est = DirectionalDescent(num_guesses=K)(model, None, x, y, F.cross_entropy, generator=_gen(5))
+    est = DirectionalDescent(num_guesses=K)(model, None, x, y, F.cross_entropy, seed=_gen(5))
     err = float((N * space.flatten(est.grads) - g).norm())
     assert err < 4 * math.sqrt((N + 1) / K) * float(g.norm())
 
@@ -233,7 +231,7 @@ def test_activation_perturbation_is_unbiased():
     g = space.flatten(grads)
     K = 4000
     xs, ys = x.repeat(K, 1), y.repeat(K)
-    est = ActivationPerturbation()(model, None, xs, ys, F.cross_entropy, generator=_gen(1))
+    est = ActivationPerturbation()(model, None, xs, ys, F.cross_entropy, seed=_gen(1))
     rel = float((space.flatten(est.grads) - g).norm() / g.norm())
     assert rel < 5 * math.sqrt(20 / K)
 
@@ -248,7 +246,7 @@ def test_conv_net_jvps(name):
     x = torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64)
     y = torch.randint(0, 10, (3,), generator=g)
     _grads, ds = _reference(model, x, y, F.cross_entropy)
-    guess = make_guesser(name)(model, None, x, y, F.cross_entropy, generator=_gen())
+    guess = make_guesser(name)(model, None, x, y, F.cross_entropy, seed=_gen())
     for i, t in enumerate(guess.tangents):
         torch.testing.assert_close(guess.jvps[i], (ds[i] * t).flatten(1).sum(1), rtol=0, atol=1e-10)
     assert guess.grads["features.0.weight"].shape == (2, 1, 3, 3)
@@ -257,7 +255,7 @@ def test_conv_net_jvps(name):
 def test_activation_mixing_is_in_span_of_masked_activations():
     model = _mlp(widths=(8, 8), d_in=4)
     x, y = _batch(n=3)
-    guess = ActivationMixing()(model, None, x, y, F.cross_entropy, generator=_gen())
+    guess = ActivationMixing()(model, None, x, y, F.cross_entropy, seed=_gen())
     h = torch.relu(model.linear_layers()[0](x)).detach()  # x_1 = relu(s_0), 3 x 8
     for b in range(3):
         mask = (h[b] > 0).double()
@@ -272,7 +270,7 @@ def test_subset_of_parameters():
     model = _mlp()
     x, y = _batch()
     space = ParamSpace(model, ["layers.2.weight"])
-    guess = WTranspose()(space, None, x, y, F.cross_entropy, generator=_gen())
+    guess = WTranspose()(space, None, x, y, F.cross_entropy, seed=_gen())
     assert list(guess.grads) == ["layers.2.weight"]
 
 
@@ -302,7 +300,7 @@ def test_errors():
         WTranspose()(model, None, x.numpy(), y, F.cross_entropy)
     with pytest.raises(ValueError, match="x, y: expected equal non-zero lengths"):
         WTranspose()(model, None, x, y[:3], F.cross_entropy)
-    with pytest.raises(ValueError, match="params: expected exactly"):
+    with pytest.raises(ValueError, match="values: expected exactly"):
         WTranspose()(model, {"layers.0.weight": model.layers[0].weight}, x, y, F.cross_entropy)
     with pytest.raises(ValueError, match="loss_fn: expected a scalar loss"):
         WTranspose()(model, None, x, y, lambda o, t: F.cross_entropy(o, t, reduction="none"))

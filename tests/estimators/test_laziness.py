@@ -15,9 +15,9 @@ from estimators.laziness import (
     hessian_norm,
     jacobian_drift,
     laziness_ratio,
-    laziness_report,
 )
 from linops.params import ParamSpace
+from reports import laziness_report
 from trainers.backprop import BackpropTrainer
 from trainers.models import MLP
 
@@ -44,15 +44,16 @@ def test_hessian_norm_matches_dense_hessian() -> None:
             return functional_call(net, space.unflatten(th), (X[i : i + 1],))[0, j]
 
         dense = torch.linalg.eigvalsh(hessian(f)(space.flat_values())).abs().max()
-        value, nmv = hessian_norm(net, X[i], j, tol=1e-12)
+        value, nmv = hessian_norm(net, X[i], j, rtol=1e-12)
         assert abs(value - float(dense)) <= 1e-8 * float(dense)
         assert nmv >= 1
 
 
 def test_exact_and_finite_difference_agree() -> None:
     net, X = _net(2), _X()
-    exact = laziness_ratio(net, X, num_points=3, tol=1e-10)
-    fd = laziness_ratio(net, X, num_points=3, method="finite_difference", tol=1e-10)
+    exact = laziness_ratio(net, X, num_points=3, rtol=1e-10)
+    # finite-difference products carry about 1e-9 ||H|| of noise: lanczos refuses a tighter rtol
+    fd = laziness_ratio(net, X, num_points=3, method="finite_difference", rtol=1e-8)
     torch.testing.assert_close(fd.hessian_norms, exact.hessian_norms, rtol=1e-5, atol=0)
     assert abs(fd.ratio_mean / exact.ratio_mean - 1) < 1e-5
 
@@ -95,8 +96,8 @@ def test_linear_model_is_exactly_lazy() -> None:
 @given(c=st.floats(0.05, 20.0), seed=st.integers(0, 1000))
 def test_ratio_scales_as_one_over_output_scale(c: float, seed: int) -> None:
     X = _X(4, seed)
-    base = laziness_ratio(_net(seed), X, num_points=2, tol=1e-10)
-    scaled = laziness_ratio(_net(seed, kappa=c), X, num_points=2, tol=1e-10)
+    base = laziness_ratio(_net(seed), X, num_points=2, rtol=1e-10)
+    scaled = laziness_ratio(_net(seed, kappa=c), X, num_points=2, rtol=1e-10)
     torch.testing.assert_close(scaled.ratios * c, base.ratios, rtol=1e-6, atol=0)
 
 
@@ -114,7 +115,7 @@ def test_jacobian_drift_matches_dense() -> None:
     J0, Jt = _dense_J(net, X, p0), _dense_J(net, X, pt)
     spec = torch.linalg.matrix_norm(Jt - J0, 2) / torch.linalg.matrix_norm(J0, 2)
     frob = (Jt - J0).norm() / J0.norm()
-    assert jacobian_drift(net, X, pt, tol=1e-10) == pytest.approx(float(spec), rel=1e-7)
+    assert jacobian_drift(net, X, pt, rtol=1e-10) == pytest.approx(float(spec), rel=1e-7)
     assert jacobian_drift(net, X, pt, norm="frobenius") == pytest.approx(float(frob), rel=1e-10)
     flat = ParamSpace(net, pt).flat_values()
     assert jacobian_drift(net, X, flat, p0, norm="frobenius") == pytest.approx(float(frob))
@@ -128,7 +129,7 @@ def test_jacobian_drift_callback_logs_along_training() -> None:
     t = BackpropTrainer(net, torch.nn.functional.mse_loss, lr=0.1)
     t.fit(X, y, epochs=4, progress=False, callbacks=[cb])
     drifts = t.history.metrics["jacobian_drift"]
-    assert len(drifts) == 2 and [s for s, _ in cb.values] == [2, 4]
+    assert len(drifts) == 2 and [s for s, _ in cb.records] == [2, 4]
     assert all(d > 0 for d in drifts)
 
 
@@ -150,11 +151,11 @@ def test_errors() -> None:
         laziness_ratio(net, X, output_indices=[5])
     with pytest.raises(ValueError, match="norm: expected 'spectral' or 'frobenius'"):
         jacobian_drift(net, X, dict(net.named_parameters()), norm="x")
-    with pytest.raises(ValueError, match="params_t: expected a flat vector of length"):
+    with pytest.raises(ValueError, match="values_t: expected a flat vector of length"):
         jacobian_drift(net, X, torch.zeros(3, dtype=F64))
-    with pytest.raises(TypeError, match="params_t: expected a mapping of tensors"):
+    with pytest.raises(TypeError, match="values_t: expected a mapping of tensors"):
         jacobian_drift(net, X, [1, 2])
-    with pytest.raises(ValueError, match="params_t: expected values for every parameter"):
+    with pytest.raises(ValueError, match="values_t: expected values for every parameter"):
         jacobian_drift(net, X, {"layers.0.weight": net.layers[0].weight})
     with pytest.raises(ValueError, match="every: expected a positive integer"):
         JacobianDrift(X, every=0)

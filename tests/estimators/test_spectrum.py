@@ -1,4 +1,6 @@
-"""estimators.spectrum (seed 004 sections 3.1-3.6) against dense references."""
+"""estimators.spectrum, .perturbation and .dimension (the training-Jacobian analysis of
+"Understanding Gradient Descent through the Training Jacobian", sections 2-3.6) against dense
+references."""
 
 from __future__ import annotations
 
@@ -7,20 +9,22 @@ import pytest
 import torch
 from torch.func import functional_call, jacrev
 
-from estimators.spectrum import (
-    bulk_order,
+from estimators.dimension import training_dimension, training_dimension_dense
+from estimators.perturbation import (
     bulk_overlap,
     kl_perturbation,
-    left_right_cosine,
     linearity_test,
     ood_inputs,
     parameter_function_jacobian,
     random_subspace_similarity,
+)
+from estimators.spectrum import (
+    RegionRow,
+    bulk_order,
+    left_right_cosine,
     region_table,
     spectral_regions,
     svd_training_jacobian,
-    training_dimension,
-    training_dimension_dense,
 )
 from linops import TrainingJacobianOperator
 from trainers.functional import SGD, CosineLR, DataSchedule, TrainingRun
@@ -62,9 +66,9 @@ def test_regions_and_table() -> None:
     s = torch.tensor([40.0, 2.0, 1.05, 1.0 + 1e-4, 1.0, 1.0 - 1e-5, 0.95, 0.3], dtype=F64)
     r = spectral_regions(s, chaotic_threshold=1.1, bulk_tol=1e-3, stable_threshold=0.9)
     assert (r.chaotic, r.bulk, r.stable, r.other) == (2, 3, 1, 2)
-    rows = region_table(s.numpy(), tols=[1e-1, 1e-4])
-    assert rows[0] == {"tol": 0.1, "chaotic": 2, "bulk": 5, "stable": 1}
-    assert rows[1] == {"tol": 1e-4, "chaotic": 3, "bulk": 3, "stable": 2}
+    rows = region_table(s.numpy(), thresholds=[1e-1, 1e-4])
+    assert rows[0] == RegionRow(threshold=0.1, chaotic=2, bulk=5, stable=1)
+    assert rows[1] == RegionRow(threshold=1e-4, chaotic=3, bulk=3, stable=2)
     assert bulk_order(s)[:3].tolist() == [4, 5, 3]
     with pytest.raises(ValueError, match="thresholds: expected stable_threshold <= 1 - bulk_tol"):
         spectral_regions(s, chaotic_threshold=1.0, bulk_tol=0.1)
@@ -103,8 +107,8 @@ def test_kl_perturbation_matches_loop(tiny) -> None:
         torch.testing.assert_close(kl[i], ref, atol=1e-12, rtol=1e-10)
     assert abs(float(kl[2])) < 1e-15
     sets = ood_inputs(X, seed=0)
-    torch.testing.assert_close(sets["inverted"], 1 - X)
-    assert sets["noise"].shape == X.shape and float(sets["noise"].min()) >= 0
+    torch.testing.assert_close(sets.inverted, 1 - X)
+    assert sets.noise.shape == X.shape and float(sets.noise.min()) >= 0
     with pytest.raises(ValueError, match="directions: expected shape"):
         kl_perturbation(space, theta0, D[:5], X)
 
@@ -143,13 +147,13 @@ def test_training_dimension_on_dense_matrix() -> None:
         + 1e-7 * torch.randn(m, m, generator=g, dtype=F64)
     )
     for method in ("krylov", "range_finder"):
-        res = training_dimension(J, 1e-3, max_products=60, block_size=4, method=method)
+        res = training_dimension(J, 1e-3, num_matvecs=60, block_size=4, method=method)
         assert res.rank == training_dimension_dense(J, 1e-3) == r
-        assert res.num_products <= 60 and res.basis_size < m
+        assert res.num_matvecs <= 60 and res.basis_size < m
     with pytest.raises(ValueError, match="method: expected 'deflated', 'krylov' or 'range_finder'"):
         training_dimension(J, 1e-3, method="dense")
-    with pytest.raises(ValueError, match="max_products: expected at least 2"):
-        training_dimension(J, 1e-3, max_products=1)
+    with pytest.raises(ValueError, match="num_matvecs: expected at least 2"):
+        training_dimension(J, 1e-3, num_matvecs=1)
     with pytest.raises(ValueError, match="op: expected a square operator"):
         training_dimension(torch.ones(3, 4, dtype=F64), 1e-3)
 
@@ -158,15 +162,15 @@ def test_training_dimension_matrix_free_on_training_run(tiny) -> None:
     run, theta0, J, _ = tiny
     op = TrainingJacobianOperator(run, theta0)
     tau = 1e-6
-    res = training_dimension(op, tau, max_products=2 * run.dim, block_size=4)
+    res = training_dimension(op, tau, num_matvecs=2 * run.dim, block_size=4)
     assert res.rank == training_dimension_dense(J, tau)
-    assert res.num_products == op.num_products
+    assert res.num_matvecs == op.num_products
 
 
 def test_training_jacobian_report_is_json_ready(tmp_path) -> None:
     import json
 
-    from estimators.spectrum import plot_training_jacobian_report, training_jacobian_report
+    from reports import plot_training_jacobian_report, training_jacobian_report
 
     r = training_jacobian_report(quick=True)
     assert r["dim"] == 1210 and len(r["singular_values"]) == 1210
@@ -179,8 +183,8 @@ def test_training_dimension_deflated_matrix_free_on_training_run(tiny) -> None:
     """Deflated SLQ through the training run: exact with a gap above, within its error below."""
     run, theta0, J, _ = tiny
     op = TrainingJacobianOperator(run, theta0)
-    res = training_dimension(op, 0.5, max_products=2 * run.dim, block_size=4, method="deflated")
+    res = training_dimension(op, 0.5, num_matvecs=2 * run.dim, block_size=4, method="deflated")
     assert res.rank == training_dimension_dense(J, 0.5)  # 7, all deflated: 0.5 sits in a gap
-    assert res.num_products == op.num_products <= 2 * run.dim
-    res = training_dimension(op, 0.05, max_products=2 * run.dim, block_size=4, method="deflated")
+    assert res.num_matvecs == op.num_products <= 2 * run.dim
+    res = training_dimension(op, 0.05, num_matvecs=2 * run.dim, block_size=4, method="deflated")
     assert abs(res.rank - training_dimension_dense(J, 0.05)) <= 4 * res.error_estimate + 4  # + b

@@ -47,13 +47,13 @@ def test_full_batch_sgd_trajectory_and_history() -> None:
         g = grad(lambda p: torch.nn.functional.cross_entropy(functional_call(model, p, (X,)), y))(w)
         w = {n: w[n] - lr * g[n] for n in w}
     for n in w:
-        torch.testing.assert_close(t.params[n], w[n])
+        torch.testing.assert_close(t.values[n], w[n])
     assert hist.step == [1, 2, 3] and hist.epoch == [1, 2, 3]
     assert set(hist.metrics) >= {"train_loss", "train_accuracy", "test_accuracy"}
     assert len(hist.metrics["RD/layers.0.weight"]) == 3
     assert set(hist.as_dict()) >= {"step", "loss", "epoch", "test_loss"}
     for n, p in model.named_parameters():  # the model itself is never modified
-        torch.testing.assert_close(p.detach(), t.initial_params[n])
+        torch.testing.assert_close(p.detach(), t.initial_values[n])
 
 
 def test_errors() -> None:

@@ -140,7 +140,7 @@ def test_reference_matches_torch_optim(opt: str) -> None:
     data = DataSchedule(X, y, 4, epochs=3, shuffle=True, seed=5)
     ref = _reference_run(model, X, y, data.indices, opt, kw, [0.05] * data.num_steps)
     theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    final = torch.cat([p.reshape(-1) for p in trainer.params.values()])
+    final = torch.cat([p.reshape(-1) for p in trainer.values.values()])
     torch.testing.assert_close(ref(theta0), final, atol=1e-12, rtol=1e-12)
 
 

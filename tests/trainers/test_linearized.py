@@ -50,8 +50,8 @@ def test_full_batch_mse_matches_dense_ntk_dynamics() -> None:
         f = f - lr * (K @ a.reshape(-1)).reshape(f.shape)
     torch.testing.assert_close(trainer.forward(X), f, rtol=1e-10, atol=1e-10)
     # and in parameter space: w_T - w_0 = -lr sum_t J^T a_t
-    w0 = _flat(trainer.initial_params)
-    torch.testing.assert_close(f0 + (J @ (_flat(trainer.params) - w0)).reshape(f.shape), f)
+    w0 = _flat(trainer.initial_values)
+    torch.testing.assert_close(f0 + (J @ (_flat(trainer.values) - w0)).reshape(f.shape), f)
 
 
 def test_minibatch_cross_entropy_matches_dense_dynamics() -> None:
@@ -61,7 +61,7 @@ def test_minibatch_cross_entropy_matches_dense_dynamics() -> None:
     lr, bs, epochs = 0.5, 4, 3
     trainer = LinearizedTrainer(model, torch.nn.functional.cross_entropy, lr=lr)
     trainer.fit(X, y, epochs=epochs, batch_size=bs, shuffle=False, progress=False)
-    w0 = _flat(trainer.initial_params)
+    w0 = _flat(trainer.initial_values)
     w = w0.clone()
     Jr = J.reshape(len(X), 3, -1)
     for _ in range(epochs):
@@ -70,7 +70,7 @@ def test_minibatch_cross_entropy_matches_dense_dynamics() -> None:
             out = f0[S] + torch.einsum("ndm,m->nd", Jr[S], w - w0)
             a = (torch.softmax(out, -1) - torch.nn.functional.one_hot(y[S], 3)) / out.shape[0]
             w = w - lr * torch.einsum("ndm,nd->m", Jr[S], a)
-    torch.testing.assert_close(_flat(trainer.params), w, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(_flat(trainer.values), w, rtol=1e-10, atol=1e-12)
 
 
 def test_first_step_equals_backprop_and_graph_is_reused() -> None:
@@ -93,6 +93,6 @@ def test_evaluate_network_instead_of_linearization() -> None:
     y = torch.randn(len(X), 2, generator=g, dtype=torch.float64)
     t = LinearizedTrainer(model, torch.nn.functional.mse_loss, lr=0.5, evaluate_linearized=False)
     t.fit(X, y, epochs=5, progress=False)
-    net = functional_call(model, t.params, (X,))
+    net = functional_call(model, t.values, (X,))
     torch.testing.assert_close(t.forward(X), net)
     assert not torch.allclose(t.linearized_outputs(X), net)

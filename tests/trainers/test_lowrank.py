@@ -67,7 +67,7 @@ def test_full_rank_equals_exact_linearized_trajectory(projection: str, per_unit:
         for name in d_e:
             torch.testing.assert_close(d_l[name], d_e[name], rtol=1e-10, atol=1e-10)
         for t, d in ((lowrank, d_l), (exact, d_e)):
-            for name, p in t.params.items():
+            for name, p in t.values.items():
                 p.grad = d[name]
             t.optimizer.step()
 
@@ -77,7 +77,7 @@ def test_full_rank_forward_outputs_use_the_initial_jacobian() -> None:
     J = _dense_jacobian(model, X)
     t = LowRankJacobianTrainer(model, mse, X, rank=40, reference_size=_num_params(model), lr=0.5)
     t.fit(X, Y, epochs=3, progress=False)
-    out = functional_call(model, t.params, (X,))
+    out = functional_call(model, t.values, (X,))
     a = 2 * (out - Y) / out.numel()
     _, g, _ = t.approximate_gradient(torch.arange(len(X)), Y)
     torch.testing.assert_close(g, J.T @ a.reshape(-1), rtol=1e-10, atol=1e-12)
@@ -141,8 +141,8 @@ def test_stored_linearization_matches_dense_taylor_model() -> None:
     f0 = model(X).detach()
     t = LowRankJacobianTrainer(model, mse, X, rank=3, outputs="linearized", lr=0.5)
     t.fit(X, Y, epochs=4, batch_size=5, progress=False)
-    w = torch.cat([p.reshape(-1) for p in t.params.values()])
-    w0 = torch.cat([p.reshape(-1) for p in t.initial_params.values()])
+    w = torch.cat([p.reshape(-1) for p in t.values.values()])
+    w0 = torch.cat([p.reshape(-1) for p in t.initial_values.values()])
     expected = f0 + (J @ (w - w0)).reshape(f0.shape)  # SGD keeps w - w0 in span(P): exact
     torch.testing.assert_close(t.stored_outputs(torch.arange(len(X))), expected)
 
@@ -159,7 +159,7 @@ def test_refresh_every_and_on_drift() -> None:
     t3 = LowRankJacobianTrainer(model, mse, X, rank=2, outputs="linearized", refresh_tol=0.5)
     t3.fit(X, Y, epochs=2, progress=False)
     assert t3.history.metrics["drift"][0] == 0.0
-    w = torch.cat([p.reshape(-1) for p in t.params.values()])
+    w = torch.cat([p.reshape(-1) for p in t.values.values()])
     t.preprocess()
     torch.testing.assert_close(t.factors.w_ref, w)
 

@@ -30,7 +30,7 @@ def test_full_basis_matches_backprop_and_functional_run() -> None:
     ref = BackpropTrainer(model, CE, lr=0.1, momentum=0.9)
     ref.fit(X, y, epochs=3, batch_size=4, shuffle=False, progress=False)
     torch.testing.assert_close(
-        t.theta(), torch.cat([p.reshape(-1) for p in ref.params.values()]), atol=1e-12, rtol=1e-12
+        t.theta(), torch.cat([p.reshape(-1) for p in ref.values.values()]), atol=1e-12, rtol=1e-12
     )
     # with a cosine schedule it matches the functional run of the same schedule
     sched = CosineLR(0.1, total_steps=9)
@@ -61,10 +61,10 @@ def test_restricted_gradient_and_trajectory_stay_in_subspace() -> None:
         )
 
     z = torch.randn(5, generator=g, dtype=F64)
-    t.params["z"].copy_(z)
+    t.values["z"].copy_(z)
     _, d = t.direction(X, y)
     torch.testing.assert_close(d["z"], torch.func.grad(loss_z)(z), atol=1e-12, rtol=1e-12)
-    t.params["z"].zero_()
+    t.values["z"].zero_()
     before = t.evaluate(X, y)["loss"]
     t.fit(X, y, epochs=5, batch_size=6, progress=False)
     delta = t.theta() - theta0
