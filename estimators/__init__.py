@@ -7,7 +7,16 @@ from estimators.density import (
     plot_spectral_density,
     spectral_density,
 )
+from estimators.diagonal import NormEstimate, frobenius_norm, xdiag
 from estimators.dimension import DimensionResult, training_dimension, training_dimension_dense
+from estimators.functions import (
+    QuadratureBounds,
+    SLQEstimate,
+    logdet,
+    logdet_bounds,
+    quadratic_form_bounds,
+    trace_function,
+)
 from estimators.guess_bias import (
     BiasAnalysis,
     GuessCovarianceOperator,
@@ -174,6 +183,16 @@ __all__ = [
     "plot_spectral_density",
     "spectral_density",
     "xtrace",
+    # matrix functions, quadrature bounds, XDiag, Frobenius norm (issue 23)
+    "NormEstimate",
+    "QuadratureBounds",
+    "SLQEstimate",
+    "frobenius_norm",
+    "logdet",
+    "logdet_bounds",
+    "quadratic_form_bounds",
+    "trace_function",
+    "xdiag",
     # training-Jacobian spectrum ("Understanding Gradient Descent through the Training
     # Jacobian", anonymous submission)
     "DimensionResult",

@@ -1,0 +1,155 @@
+"""SLQ log-determinant / trace functions and Gauss / Gauss-Radau bounds against dense float64."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from estimators.functions import (
+    logdet,
+    logdet_bounds,
+    quadratic_form_bounds,
+    trace_function,
+)
+from linops import GGNOperator
+
+F64 = torch.float64
+
+
+def _sym(n: int, eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    return (Q * eigenvalues) @ Q.T
+
+
+MATRICES = {
+    "logspaced": lambda: _sym(60, torch.logspace(0, -3, 60, dtype=F64)),
+    "uniform": lambda: _sym(50, torch.linspace(0.5, 4.0, 50, dtype=F64), seed=1),
+    "cluster": lambda: _sym(
+        40, torch.cat([torch.full((30,), 1e-2), torch.rand(10) * 5 + 1]).double(), seed=2
+    ),
+}
+
+
+def _exact_logdet(A: torch.Tensor, lam: float) -> float:
+    return float(torch.linalg.slogdet(A + lam * torch.eye(A.shape[0], dtype=F64))[1])
+
+
+@pytest.mark.parametrize("name", list(MATRICES))
+def test_logdet_within_three_stderr_and_coverage(name: str) -> None:
+    A, lam = MATRICES[name](), 1e-3
+    exact = _exact_logdet(A, lam)
+    z = []
+    for seed in range(40):
+        est = logdet(A, damping=lam, num_probes=20, num_steps=25, seed=seed)
+        z.append(abs(est.estimate - exact) / est.stderr)
+        assert est.num_matvecs == 20 * 25 + 3
+    z = np.array(z)
+    assert z[0] <= 3.0 and (z <= 3).mean() >= 0.97  # every seed but at most one
+    assert 0.85 <= (z <= 2).mean()  # +-2 stderr: about 95% when the stderr is right
+    assert (z <= 1).mean() <= 0.9  # and not grossly conservative (about 68%)
+
+
+def test_trace_function_matches_dense_and_reuses_nodes() -> None:
+    A = MATRICES["uniform"]()
+    L = torch.linalg.eigvalsh(A)
+    est = trace_function(A, torch.exp, num_probes=200, num_steps=20, seed=0)
+    assert abs(est.estimate - float(torch.exp(L).sum())) <= 3 * est.stderr
+    assert math.isnan(est.lower) and math.isnan(est.upper)  # no bounds for a general f
+    # tr(A) (a polynomial of degree 1: the quadrature is exact, only probe noise remains)
+    tr = trace_function(A, lambda x: x, num_probes=30, num_steps=5, seed=1)
+    assert abs(tr.estimate - float(L.sum())) <= 3 * tr.stderr
+    # the stored nodes and weights give tr g(A) for another g without new products
+    lg = logdet(A, num_probes=30, num_steps=20, seed=3)
+    sq = trace_function(A, torch.sqrt, num_probes=30, num_steps=20, seed=3)
+    again = A.shape[0] * float((lg.weights * torch.sqrt(lg.nodes)).sum(1).mean())
+    assert abs(again - sq.estimate) < 1e-10 * abs(sq.estimate)
+    assert torch.allclose(lg.weights.sum(1), torch.ones(30, dtype=F64))
+
+
+def test_slq_bounds_bracket_the_probes_exact_quadratic_forms() -> None:
+    A, lam = MATRICES["logspaced"](), 1e-3
+    n, N, seed = A.shape[0], 12, 5
+    Z = torch.sign(torch.randn(n, N, generator=torch.Generator().manual_seed(seed), dtype=F64))
+    L, V = torch.linalg.eigh(A + lam * torch.eye(n, dtype=F64))
+    exact_probes = float(((V.T @ Z) ** 2 * torch.log(L)[:, None]).sum(0).mean())
+    for m in (2, 5, 10, 30):
+        est = logdet(A, damping=lam, num_probes=N, num_steps=m, seed=seed)
+        assert est.lower <= exact_probes <= est.upper
+        assert est.lower <= est.estimate <= est.upper + 1e-9 * abs(est.upper)
+
+
+@pytest.mark.parametrize("name", list(MATRICES))
+def test_quadratic_form_bounds_contain_the_exact_values(name: str) -> None:
+    A, lam = MATRICES[name](), 1e-2
+    n = A.shape[0]
+    b = torch.randn(n, 5, generator=torch.Generator().manual_seed(7), dtype=F64)
+    L, V = torch.linalg.eigh(A + lam * torch.eye(n, dtype=F64))
+    coef = (V.T @ b) ** 2
+    exact = {"inverse": (coef / L[:, None]).sum(0), "log": (coef * torch.log(L)[:, None]).sum(0)}
+    for f in ("inverse", "log"):
+        widths = []
+        for m in (1, 2, 4, 8, 16, 32):
+            bd = quadratic_form_bounds(A, b, f, damping=lam, num_steps=m)
+            slack = 1e-12 * exact[f].abs()
+            assert bool(((bd.lower <= exact[f] + slack) & (exact[f] <= bd.upper + slack)).all())
+            widths.append(float((bd.upper - bd.lower).max()))
+        assert widths[-1] < 1e-3 * widths[0]  # the bracket closes as m grows
+    # with m = n the rules are exact (Lanczos spans the whole space)
+    bd = quadratic_form_bounds(A, b[:, 0], "inverse", damping=lam, num_steps=n)
+    assert abs(float(bd.gauss[0]) - float(exact["inverse"][0])) < 1e-8 * float(exact["inverse"][0])
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_logdet_bounds_certify(m: int) -> None:
+    for name in MATRICES:
+        A, lam = MATRICES[name](), 1e-3
+        exact = _exact_logdet(A, lam)
+        bd = logdet_bounds(A, damping=lam, num_steps=m, block=16)
+        assert bd.lower <= exact <= bd.upper
+        assert bd.num_matvecs == A.shape[0] * m + 3 * math.ceil(A.shape[0] / 16)
+    # a looser lower spectrum bound keeps them valid (and wider)
+    A = MATRICES["uniform"]()
+    tight = logdet_bounds(A, num_steps=2, spectrum_lower=0.5)
+    loose = logdet_bounds(A, num_steps=2, spectrum_lower=0.1)
+    assert loose.lower <= tight.lower <= _exact_logdet(A, 0.0) <= tight.upper
+
+
+def test_logdet_of_a_damped_ggn() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    X, y = torch.randn(30, 5, dtype=F64), torch.randint(0, 3, (30,))
+    G = GGNOperator(model, nn.CrossEntropyLoss(), (X, y))
+    lam = 1e-2
+    exact = _exact_logdet(G.to_dense(), lam)
+    est = logdet(G, damping=lam, num_probes=30, num_steps=30, seed=0)
+    assert abs(est.estimate - exact) <= 3 * est.stderr
+    assert logdet_bounds(G, damping=lam, num_steps=6).lower <= exact
+
+
+def test_errors() -> None:
+    A = MATRICES["uniform"]()
+    with pytest.raises(ValueError, match="f: expected one of"):
+        trace_function(A, "sqrt")
+    with pytest.raises(TypeError, match="f: expected 'log', 'inverse' or a callable"):
+        trace_function(A, 3)
+    with pytest.raises(ValueError, match="f: expected a function defined on the spectrum"):
+        logdet(A - 2 * torch.eye(50, dtype=F64), num_probes=3, seed=0)
+    with pytest.raises(ValueError, match="A: expected a square"):
+        logdet(torch.zeros(3, 4, dtype=F64))
+    with pytest.raises(ValueError, match="A: expected a symmetric"):
+        logdet(torch.triu(A))
+    with pytest.raises(ValueError, match="damping: expected a number >= 0"):
+        logdet(A, damping=-1.0)
+    with pytest.raises(ValueError, match="num_steps: expected an integer >= 1 and <= 50"):
+        logdet(A, num_steps=51)
+    with pytest.raises(ValueError, match="spectrum_lower: expected a positive lower bound"):
+        quadratic_form_bounds(A, torch.ones(50, dtype=F64))
+    with pytest.raises(ValueError, match="f: expected 'inverse' or 'log'"):
+        quadratic_form_bounds(A, torch.ones(50, dtype=F64), torch.exp, damping=1.0)
+    with pytest.raises(ValueError, match="b: expected nonzero columns"):
+        quadratic_form_bounds(A, torch.zeros(50, dtype=F64), damping=1.0)
