@@ -70,8 +70,17 @@ class _OutputBlock:
     :math:`B_n = S_n S_n^\\top`.
     """
 
-    def __init__(self, outputs: Any, factor: Tensor | None, closed: Any, scale: float) -> None:
+    def __init__(
+        self, outputs: Any, factor: Tensor | None, closed: Any, scale: float,
+        closed_factor: Any = None,
+    ) -> None:  # fmt: skip
         self.outputs, self.factor, self.closed, self.scale = outputs, factor, closed, scale
+        self.closed_factor = closed_factor  # () -> (n, d, r) factor of the closed form
+
+    def factor_matrix(self) -> Tensor:
+        r""":math:`S_n` with :math:`\mathrm{scale}\, B_n = S_n S_n^\top`, ``(n, d, r)``."""
+        S = self.factor if self.factor is not None else self.closed_factor()
+        return math.sqrt(self.scale) * S
 
     def apply(self, U: Tensor) -> Tensor:
         if self.factor is None:
@@ -110,6 +119,36 @@ class _OutputFactorOperator(_LossOperator):
             return block.outputs.vjp(block.apply(U), batched)
 
         return self._accumulate(X, product)
+
+    def diagonal(self, *, max_samples: int = 32) -> Tensor:
+        r"""The exact diagonal :math:`\sum_b w_b \sum_n \sum_r (J_n^\top s_{nr})^2`.
+
+        From the per-sample output-space factors :math:`B_n = S_n S_n^\top` (``d x r``:
+        :math:`\hat g_n` for the empirical Fisher, the :math:`M` sampled gradients over
+        :math:`\sqrt M`, or :math:`\operatorname{diag}(\sqrt p) - p\sqrt p^\top`,
+        :math:`\sqrt2 I`, :math:`\operatorname{diag}(\sqrt{\sigma(1-\sigma)})` for the
+        exact Fisher = GGN) and per-sample Jacobians :math:`J_n` (``torch.func``: ``vmap`` of
+        ``jacrev`` over ``max_samples`` samples at a time, ``max_samples * d * m`` numbers
+        in memory). No products with the operator; a tensor of length ``m`` on its device.
+        """
+        names = self.space.names
+        values = tuple(self.space.values().values())
+
+        def f(vals: tuple[Tensor, ...], xi: Tensor) -> Tensor:
+            out = self.space.functional_call(dict(zip(names, vals, strict=True)), xi[None])
+            return out.reshape(-1)
+
+        jac = torch.func.vmap(torch.func.jacrev(f), in_dims=(None, 0))
+        total = torch.zeros(self.shape[0], dtype=self.torch_dtype, device=self.device)
+        for w, (x, _), block in zip(self._weights(), self.batches, self._graphs(), strict=True):
+            S = block.factor_matrix()
+            for i in range(0, x.shape[0], max_samples):
+                parts = jac(values, x[i : i + max_samples])
+                J = torch.cat([t.reshape(t.shape[0], t.shape[1], -1) for t in parts], dim=2)
+                total += w * torch.einsum("cdr,cdp->crp", S[i : i + max_samples], J).pow(2).sum(
+                    (0, 1)
+                )
+        return total
 
 
 class EmpiricalFisherOperator(_OutputFactorOperator):
@@ -237,7 +276,10 @@ class FisherOperator(_OutputFactorOperator):
             )
         scale = 1.0 / self._normaliser(out, model_shape, y)
         if self.mc_samples is None:
-            return _OutputBlock(None, None, _exact_block(self.family, out), scale)
+            return _OutputBlock(
+                None, None, _exact_block(self.family, out), scale,
+                lambda: _exact_factor(self.family, out),
+            )  # fmt: skip
         G = _sample_output_grads(self.family, out, self.mc_samples, self._generator)
         return _OutputBlock(None, G.permute(1, 2, 0) / math.sqrt(self.mc_samples), None, scale)
 
@@ -286,6 +328,21 @@ def _exact_block(family: str, out: Tensor) -> Any:
         return lambda U: h * U
     p = torch.softmax(out, dim=1)
     return lambda U: p * U - p * (p * U).sum(-1, keepdim=True)
+
+
+def _exact_factor(family: str, out: Tensor) -> Tensor:
+    r""":math:`S_n` (``(n, d, d)``) with :math:`S_n S_n^\top = \nabla^2_f \ell` per sample; for
+    cross-entropy :math:`\operatorname{diag}(\sqrt p) - p\sqrt p^\top` (as
+    :math:`\sum_i p_i = 1`)."""
+    n, d = out.shape
+    eye = torch.eye(d, dtype=out.dtype, device=out.device)
+    if family == "mse":
+        return math.sqrt(2.0) * eye.expand(n, d, d)
+    if family == "bce":
+        s = torch.sigmoid(out)
+        return torch.diag_embed((s * (1 - s)).sqrt())
+    p = torch.softmax(out, dim=1)
+    return torch.diag_embed(p.sqrt()) - p[:, :, None] * p.sqrt()[:, None, :]
 
 
 def _sample_output_grads(family: str, out: Tensor, M: int, gen: torch.Generator) -> Tensor:
