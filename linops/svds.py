@@ -235,46 +235,21 @@ class _Bidiag:
         return u, v, sv, torch.hypot(ru, rv)
 
     def run(self, k: int, which: str, tol: float, maxiter: int, kind: str) -> SVDSResult:
-        b, dt = self.P.shape[1], self.op.torch_dtype
-        verifier = kr.Verifier(tol, dt)
-        rounds, k_eff, locked = 0, k, None
+        b = self.P.shape[1]
+        self.verifier = kr.Verifier(tol, self.op.torch_dtype)
+        self.rounds, self.k_eff, self.locked = 0, k, None
         for it in range(maxiter + 1):
             while self.j + b <= self.ncv:
                 X, s, Y, est = self.ritz(self.step())
                 self.anorm = max(self.anorm, float(s[0]))
-                if self.j < k_eff:
-                    continue
-                est_max = float(est[_select(s, k_eff, which)].max())
-                if not verifier.due(est_max, self.anorm):
-                    continue
-                u, v, sv, res = self.true_residuals(X, s, Y, _select(s, k, which))
-                verdict = verifier.judge(float(res.max()), est_max, self.anorm)
-                if verdict == "floor":
-                    raise SVDSNoConvergence(
-                        verifier.floor_message(
-                            "svds", dt, float(res.max()), est_max, self.anorm, self.nmv
-                        ),
-                        self.finish(u, v, sv, res, False, kind),
-                    )
-                if verdict == "continue":
-                    continue
-                room = k + 1 <= min(self.ncv - b, self.V.shape[0] - b)
-                if k == self.V.shape[0]:  # all singular values: none can be missing
-                    return self.finish(u, v, sv, res, True, kind)
-                todo = kr.completeness(sv, locked, tol, self.anorm, dt, rounds, k, room)
-                if todo == "done":
-                    return self.finish(u, v, sv, res, True, kind)
-                if todo != "inject":
-                    raise SVDSNoConvergence(
-                        f"svds: {todo}", self.finish(u, v, sv, res, False, kind)
-                    )
-                self.lock_and_inject(u, v, sv)
-                rounds, k_eff, locked = rounds + 1, k + 1, sv.cpu()
+                done = self.end_game(X, s, Y, est, k, which, tol, kind)
+                if done is not None:
+                    return done
             if it < maxiter:
                 want = _select(s, k, which)
                 nconv = int((est[want] <= tol * self.anorm).sum())
-                if verifier.stalled(float(est[want].max()), self.anorm):
-                    verifier.level = float("inf")  # check the true residuals at the next step
+                if self.verifier.stalled(float(est[want].max()), self.anorm):
+                    self.verifier.level = float("inf")  # check the true residuals next step
                 self.restart(X, s, Y, _select(s, kr.keep_count(k, nconv, self.ncv, b), which))
         u, v, sv, res = self.true_residuals(X, s, Y, _select(s, k, which))
         k_ok = int((res <= tol * self.anorm).sum())
@@ -283,6 +258,35 @@ class _Bidiag:
             f"converged to tol={tol:.3g} (true residuals)",
             self.finish(u, v, sv, res, False, kind),
         )
+
+    def end_game(self, X, s, Y, est, k, which, tol, kind) -> SVDSResult | None:
+        """True residuals once the estimates allow, then the search for missing copies."""
+        if self.j < self.k_eff:
+            return None
+        est_max = float(est[_select(s, self.k_eff, which)].max())
+        if not self.verifier.due(est_max, self.anorm):
+            return None
+        u, v, sv, res = self.true_residuals(X, s, Y, _select(s, k, which))
+        verdict = self.verifier.judge(float(res.max()), est_max, self.anorm)
+        dt, short, b = self.op.torch_dtype, self.V.shape[0], self.P.shape[1]
+        if verdict == "floor":
+            msg = self.verifier.floor_message(
+                "svds", dt, float(res.max()), est_max, self.anorm, self.nmv
+            )
+            raise SVDSNoConvergence(msg, self.finish(u, v, sv, res, False, kind))
+        if verdict == "continue":
+            return None
+        if k == short:  # all singular values: none can be missing
+            return self.finish(u, v, sv, res, True, kind)
+        room = k + 1 <= min(self.ncv - b, short - b)
+        todo = kr.completeness(sv, self.locked, tol, self.anorm, dt, self.rounds, k, room)
+        if todo == "done":
+            return self.finish(u, v, sv, res, True, kind)
+        if todo != "inject":
+            raise SVDSNoConvergence(f"svds: {todo}", self.finish(u, v, sv, res, False, kind))
+        self.lock_and_inject(u, v, sv)
+        self.rounds, self.k_eff, self.locked = self.rounds + 1, k + 1, sv.cpu()
+        return None
 
     def finish(self, u, v, sv, res, converged, kind) -> SVDSResult:
         if self.flip:
