@@ -47,6 +47,7 @@ _OPERATOR_SKIP = frozenset(
     {
         "route",
         "batched",
+        "unbatched_reason",
         "max_vectors",
         "memory_limit_bytes",
         "cache",

@@ -105,6 +105,8 @@ class ModelOperator(TorchLinearOperator):
         #: whether a pass takes several vectors at once, per direction (``None``: not yet
         #: verified; ``False``: one vector per pass, see :meth:`_apply`)
         self.batched: dict[bool, bool | None] = {False: None, True: None}
+        #: why a direction computes one vector per pass (``None``: it does not)
+        self.unbatched_reason: dict[bool, str | None] = {False: None, True: None}
 
     def _route_graph(self, chained: Callable[[Chain], Any], autograd: Callable[[], Any]) -> Any:
         """One batch's graph by the chain route (:mod:`linops._chain`) when it applies.
@@ -195,35 +197,52 @@ class ModelOperator(TorchLinearOperator):
 
         torch's batching rules (``is_grads_batched``, i.e. vmap over a backward pass) are
         missing or wrong for some kernels (:mod:`linops._defects`: GroupNorm's double
-        backward). On the autograd route the first column of the first batched product is
-        recomputed alone; if the batched pass raised or disagrees, this operator computes one
-        vector per pass from then on (``op.batched``, ``op.route``) and warns once.
+        backward), and where a rule is missing vmap loops over the vectors inside the pass. On
+        the autograd route the first column of the first batched product is recomputed alone:
+
+        * if the batched pass raised or disagrees, this operator computes one vector per pass
+          from then on and warns once;
+        * if vmap fell back to its loop for some kernel, it computes one vector per pass too
+          (no warning): the batched pass is then a loop inside vmap, with vmap's overhead and
+          every vector's temporaries alive at once. Measured here (``bench/models.py`` and the
+          note of the issue that added this), such a pass cost 1.0-2.1x a single product per
+          vector against 0.84-1.19x for a plain loop, on every model and product that showed
+          a fallback (residual LayerNorm MLP, ResNet with BatchNorm, transformer, the 10k MLP
+          and small CNN on this route). The choice depends only on the model's kernels, never
+          on a timing, so the same operator always takes the same route.
+
+        ``op.batched`` says what was chosen per direction, ``op.route`` ends in
+        ``", one vector per pass"`` and ``op.unbatched_reason`` says why.
         """
         apply = super()._apply
-        try:
-            out, failure = apply(X, adjoint), None
-        except RuntimeError as err:
-            out, failure = None, err
+        out, failure, loops = _attempt_batched(apply, X, adjoint)
         if self.route == "chain" and failure is None:
             self.batched[adjoint] = True
             return out  # type: ignore[return-value]
         single = apply(X[:, :1], adjoint)  # raises if products fail altogether
+        reason = None
         if out is not None:
             diff = float((out[:, :1] - single).abs().max())
             tol = math.sqrt(torch.finfo(single.real.dtype).eps) * float(single.abs().max())
-            if diff <= tol:
+            if diff > tol:
+                failure = f"its first column differs from a single-vector product by {diff:.3g}"
+            elif loops:
+                reason = f"vmap has no batching rule for {', '.join(loops)}"
+            else:
                 self.batched[adjoint] = True
                 return out
-            failure = f"its first column differs from a single-vector product by {diff:.3g}"
+        if failure is not None:
+            reason = f"the batched pass failed: {str(failure).splitlines()[0][:200]}"
+            warnings.warn(
+                f"{type(self).__name__}: torch's batched {'adjoint ' if adjoint else ''}product "
+                f"failed on this model ({str(failure).splitlines()[0][:200]}); computing one "
+                "vector per pass instead (exact, slower)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         self.batched[adjoint] = False
+        self.unbatched_reason[adjoint] = reason
         self.route = f"{self.route}, one vector per pass"
-        warnings.warn(
-            f"{type(self).__name__}: torch's batched {'adjoint ' if adjoint else ''}product "
-            f"failed on this model ({str(failure).splitlines()[0][:200]}); computing one vector "
-            "per pass instead (exact, slower)",
-            RuntimeWarning,
-            stacklevel=4,
-        )
         rest = [apply(X[:, i : i + 1], adjoint) for i in range(1, X.shape[1])]
         return torch.cat([single, *rest], dim=1)
 
@@ -253,6 +272,7 @@ class ModelOperator(TorchLinearOperator):
         )
         new._graph_cache, new._chain, new.route = None, False, None
         new.batched = {False: None, True: None}
+        new.unbatched_reason = {False: None, True: None}
         new._reset_derived()
         return new
 
@@ -277,6 +297,34 @@ class ModelOperator(TorchLinearOperator):
     def bytes_per_vector(self) -> int:
         itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
         return 4 * (self.shape[0] + self.shape[1]) * itemsize
+
+
+_VMAP_LOOP = "we have not yet implemented the batching rule for "
+
+
+def _attempt_batched(
+    apply: Callable[[torch.Tensor, bool], torch.Tensor], X: torch.Tensor, adjoint: bool
+) -> tuple[torch.Tensor | None, BaseException | None, list[str]]:
+    """A batched product, its failure if any, and the kernels vmap looped over inside it."""
+    enabled = torch._C._debug_only_are_vmap_fallback_warnings_enabled()
+    torch._C._debug_only_display_vmap_fallback_warnings(True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                out, failure = apply(X, adjoint), None
+            except RuntimeError as err:
+                out, failure = None, err
+    finally:
+        torch._C._debug_only_display_vmap_fallback_warnings(enabled)
+    loops = set()
+    for w in caught:
+        text = str(w.message)
+        if _VMAP_LOOP in text:
+            loops.add(text.split(_VMAP_LOOP)[1].split(".")[0].split(" ")[0])
+        else:  # not ours to swallow
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return out, failure, sorted(loops)
 
 
 def forward_checked(space: ParamSpace, x: torch.Tensor) -> torch.Tensor:
