@@ -98,7 +98,9 @@ def find_layers(space: ParamSpace, x: torch.Tensor) -> list[Layer]:
         If a layer runs twice in one forward pass (weight sharing), no layer is found, or a
         trained parameter belongs to no Linear / Conv2d layer.
     """
-    names = {m: n for n, m in space.model.named_modules() if isinstance(m, LAYER_TYPES)}
+    names: dict[nn.Module, str] = {
+        m: n for n, m in space.model.named_modules() if isinstance(m, LAYER_TYPES)
+    }
     order: list[nn.Module] = []
 
     def hook(module: nn.Module, args: Any, out: Any) -> None:
@@ -218,7 +220,8 @@ def preactivation_jvp(
     ``backend="func"``: :func:`torch.func.jvp`). ``None`` tangents are skipped.
     """
     active = [i for i, t in enumerate(tangents) if t is not None]
-    modules = {layers[i].module: i for i in active}
+    modules: dict[nn.Module, int] = {layers[i].module: i for i in active}
+    given = {i: t for i, t in enumerate(tangents) if t is not None}
     deltas: dict[int, torch.Tensor] = {}
 
     def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
@@ -231,20 +234,26 @@ def preactivation_jvp(
             if backend == "forward_ad":
                 with fwAD.dual_level():
                     for i in active:
-                        t = tangents[i]
+                        t = given[i]
                         deltas[i] = fwAD.make_dual(torch.zeros_like(t), t)
                     out = fwAD.unpack_dual(_call(space, detached, x))
-                    return out.primal, out.tangent
+                    return _pair(out)
 
             def f(*ds: torch.Tensor) -> torch.Tensor:
                 deltas.update(zip(active, ds, strict=True))
                 return _call(space, detached, x)
 
-            zeros = tuple(torch.zeros_like(tangents[i]) for i in active)
-            return torch.func.jvp(f, zeros, tuple(tangents[i] for i in active))
+            zeros = tuple(torch.zeros_like(given[i]) for i in active)
+            return _pair(torch.func.jvp(f, zeros, tuple(given[i] for i in active)))
     finally:
         for h in handles:
             h.remove()
+
+
+def _pair(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(primal, tangent)`` of a forward-mode result (an unpacked dual or ``jvp``'s pair)."""
+    primal, tangent = out[0], out[1]
+    return primal, tangent
 
 
 def param_jvp(
@@ -261,9 +270,11 @@ def param_jvp(
             with fwAD.dual_level():
                 dual = {n: fwAD.make_dual(p, v[n]) for n, p in detached.items()}
                 out = fwAD.unpack_dual(_call(space, dual, x))
-                return out.primal, out.tangent
-        return torch.func.jvp(
-            lambda p: _call(space, p, x), (detached,), ({n: v[n] for n in detached},)
+                return _pair(out)
+        return _pair(
+            torch.func.jvp(
+                lambda p: _call(space, p, x), (detached,), ({n: v[n] for n in detached},)
+            )
         )
 
 

@@ -52,6 +52,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: is widened to 1e-6 ... 1e2 (half decades) so that guesses of any scale (e.g. directional
 #: descent with appendix A.2's 1/N mean) find their best step inside it.
 STEP_SIZES: tuple[float, ...] = tuple(10.0 ** (k / 2) for k in range(-12, 5))
+#: Default guess counts of :func:`cosine_saturation`: 2, 4, ..., 1024.
+SATURATION_COUNTS: tuple[int, ...] = tuple(2**k for k in range(1, 11))
 
 
 def as_space(model: nn.Module | ParamSpace) -> ParamSpace:
@@ -247,7 +249,7 @@ def cosine_saturation(
     y: torch.Tensor,
     loss_fn: LossFn,
     *,
-    counts: Sequence[int] = tuple(2**k for k in range(1, 11)),
+    counts: Sequence[int] = SATURATION_COUNTS,
     max_replicas: int = 256,
     seed: Seed = None,
 ) -> CosineSaturation:

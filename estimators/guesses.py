@@ -142,10 +142,9 @@ class Guess(NamedTuple):
 
 
 def _noise(like: torch.Tensor, gen: torch.Generator | None, kind: str) -> torch.Tensor:
-    shape, kw = like.shape, {"dtype": like.dtype, "device": like.device, "generator": gen}
     if kind == "normal":
-        return torch.randn(shape, **kw)
-    u = torch.rand(shape, **kw)
+        return torch.randn(like.shape, generator=gen, dtype=like.dtype, device=like.device)
+    u = torch.rand(like.shape, generator=gen, dtype=like.dtype, device=like.device)
     return u if kind == "uniform" else 2.0 * u - 1.0
 
 
@@ -404,7 +403,9 @@ class _PreactivationGuesser(GradientGuesser):
             if i in exact:
                 cot = exact[i]
             else:
-                cot = d[i].view(-1, *[1] * (eps[i].ndim - 1)) * eps[i]
+                e_i = eps[i]
+                assert e_i is not None  # a layer with parameters always gets a guess
+                cot = d[i].view(-1, *[1] * (e_i.ndim - 1)) * e_i
             grads.update(layer_param_vjp(layer, values, rec.inputs[i].detach(), cot))
         return Guess(loss, grads, d, eps)
 

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from estimators.reference import exact_jacobian_rank, reference_jacobian, reference_rank
+from estimators.jacobian_rank import exact_jacobian_rank
+from estimators.reference import reference_jacobian, reference_rank
 from trainers.data import digits
 from trainers.models import MLP
 

@@ -51,6 +51,8 @@ reproduced the model's outputs on the batch; otherwise the operators fall back t
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -434,6 +436,25 @@ class Chain:
             if isinstance(s, _Affine | _Conv) and (s.w_index is not None or s.b_index is not None)
         )
 
+    def with_values(self, values: Sequence[Tensor]) -> Chain:
+        """The same chain at other values of the space's parameters (``space.names`` order).
+
+        The steps are copied with the differentiated weights and biases replaced; nothing is
+        recognised or verified again (the values must have the space's shapes and dtype).
+        """
+        new = copy.copy(self)
+        new.steps = [
+            dataclasses.replace(
+                s,
+                weight=values[s.w_index] if s.w_index is not None else s.weight,
+                bias=values[s.b_index] if s.b_index is not None else s.bias,
+            )
+            if isinstance(s, _Affine | _Conv)
+            else s
+            for s in self.steps
+        ]
+        return new
+
     @classmethod
     def of(cls, space: ParamSpace) -> Chain | None:
         """The chain of ``space.model``, or None if it is not one or misses some parameter."""
@@ -813,11 +834,26 @@ class ChainOutputGraph:
 
 
 class ChainGradientGraph:
-    """``H v`` of ``loss(f(theta; x), y)`` on one batch through a chain (as ``GradientGraph``)."""
+    """``H v`` of ``loss(f(theta; x), y)`` on one batch through a chain (as ``GradientGraph``).
 
-    def __init__(self, chain: Chain, loss_fn: LossFn, x: Tensor, y: Tensor | None) -> None:
+    With ``model_shape`` (the model's per-sample output shape, known from an earlier verified
+    batch) the chain's forward pass is trusted and not checked against the model's.
+    """
+
+    def __init__(
+        self,
+        chain: Chain,
+        loss_fn: LossFn,
+        x: Tensor,
+        y: Tensor | None,
+        model_shape: torch.Size | None = None,
+    ) -> None:
         self.chain = chain
-        self.xs, self.derivs, model_shape = _forward_checked(chain, x)
+        if model_shape is None:
+            self.xs, self.derivs, model_shape = _forward_checked(chain, x)
+        else:
+            self.xs, self.derivs = chain.forward(x)
+        self.model_shape = model_shape
         f = self.xs[-1]
         self.loss = OutputLoss(f, loss_fn, y, model_shape)
         e = self.loss.grad
@@ -844,7 +880,14 @@ class ChainGradientGraph:
         self.es, self.d2es = es, d2es
         self.patches: dict[int, Tensor | None] = {}
 
+    def gradient(self) -> list[Tensor]:
+        """The parameter-shaped gradient of the loss on the batch (one backward sweep)."""
+        e = self.loss.grad
+        res = _backward(self.chain, self.xs, self.derivs, e.unsqueeze(1), self.patches)
+        return _unbatch(res, False)
+
     def hvp(self, tangents: Sequence[Tensor], batched: bool) -> list[Tensor]:
+        """Parameter-shaped ``H v`` of parameter-shaped tangents (leading batch dim if ``batched``)."""
         tan = _Tangent(tangents, batched)
         dxs = _tangents_forward(self.chain, self.xs, self.derivs, tan, self.patches, keep=True)
         df = dxs[-1]

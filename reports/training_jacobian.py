@@ -38,7 +38,7 @@ def training_jacobian_report(quick: bool = True, *, workers: int = 1) -> dict[st
     >>> sorted(r)[:3]  # doctest: +SKIP
     ['dim', 'left_right_cosine', 'mean_cosine_bulk']
     """
-    setup = digits_mlp_run(**({"width": 16, "epochs": 2} if quick else {}))
+    setup = digits_mlp_run(width=16, epochs=2) if quick else digits_mlp_run()
     op = TrainingJacobianOperator(setup.run, setup.theta0)
     t0 = time.perf_counter()
     J = op.to_dense(workers=workers)

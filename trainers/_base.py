@@ -66,15 +66,17 @@ class RelativeDistance:
     """
 
     def __init__(self, every: int = 1, names: Iterable[str] | None = None) -> None:
-        self.every, self.names, self.initial = every, names, None
+        self.every, self.names = every, names
+        self.initial: dict[str, torch.Tensor] | None = None
 
     def __call__(self, trainer: Trainer, step: int) -> dict[str, float] | None:
-        if self.initial is None:
+        initial = self.initial
+        if initial is None:
             names = self.names or [n for n in trainer.values if n.endswith("weight")]
-            self.initial = {n: trainer.initial_values[n].clone() for n in names}
+            initial = self.initial = {n: trainer.initial_values[n].clone() for n in names}
         if step % self.every:
             return None
-        rd = relative_distance(trainer.values, self.initial, list(self.initial))
+        rd = relative_distance(trainer.values, initial, list(initial))
         return {f"RD/{n}": v for n, v in rd.per_layer.items()}
 
 

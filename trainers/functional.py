@@ -36,7 +36,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from linops.params import ParamSpace
-from trainers._hvp import FuncEngine, MLPEngine, make_engine, resolve_loss
+from trainers._hvp import ChainEngine, FuncEngine, make_engine, resolve_loss
 from trainers._optim import SGD, Adam, AdamW, FunctionalOptimizer
 from trainers._schedules import ConstantLR, CosineLR, Schedule, WarmupLR, as_schedule
 
@@ -173,8 +173,9 @@ class TrainingRun:
     params
         Which parameters are trained and differentiated (see :class:`linops.ParamSpace`).
     engine
-        Gradient engine for the derivatives: ``"auto"`` (the hand-derived MLP fast path when it
-        applies, else ``torch.func``), ``"mlp"`` or ``"func"``.
+        Gradient engine for the derivatives: ``"auto"`` (linops' hand-derived chain products
+        when the model is a chain, :mod:`linops.chain`, else ``torch.func``), ``"mlp"`` (those
+        products, required) or ``"func"``.
     checkpoint_every
         Keep the trajectory every this many steps and recompute segments in between. ``None``:
         store every step when that takes at most ``memory_limit_bytes``, else
@@ -225,7 +226,7 @@ class TrainingRun:
         self.space = ParamSpace(model, params)
         self.loss_name, self.loss_fn = resolve_loss(loss)
         self.data, self.optimizer, self.schedule = data, optimizer, as_schedule(lr)
-        self.engine: FuncEngine | MLPEngine = make_engine(self.space, loss, engine)
+        self.engine: FuncEngine | ChainEngine = make_engine(self.space, loss, engine)
         #: the loss as the torch.func loops call it (see :func:`_forward_mode_safe`)
         self._loss_fn = _forward_mode_safe(self.loss_fn)
         if isinstance(self.engine, FuncEngine):
@@ -411,7 +412,7 @@ class _Trajectory:
         theta, state = theta0, run.optimizer.init(theta0)
         self._stored: list[_Step] | None = None
         steps: list[_Step] = []
-        with torch.no_grad(), _threads(1 if isinstance(run.engine, MLPEngine) else None):
+        with torch.no_grad(), _threads(1 if isinstance(run.engine, ChainEngine) else None):
             for t in range(T):
                 if t % self.every == 0:
                     self.checkpoints.append((theta, state))
@@ -464,7 +465,7 @@ def _threads(n: int | None) -> Iterator[None]:
 
 
 def _cache_bytes(run: TrainingRun, theta0: Tensor) -> int:
-    """Rough size of one step's engine cache (activations of one batch for the MLP path)."""
+    """Rough size of one step's engine cache (activations of one batch for the chain path)."""
     X, _ = run.data.batch(0, theta0.dtype)
-    width = sum(s[0] for s in getattr(run.engine, "shapes", [])) or X[0].numel()
+    width = getattr(run.engine, "widths", 0) or X[0].numel()
     return 6 * X.shape[0] * (X[0].numel() + width) * theta0.element_size()

@@ -271,10 +271,10 @@ def lowrank_factors(
     if projection == "parameter":
         B = _orthonormal_basis(P, rtol) if P.shape[1] else P
         JB = J._apply(B) if B.shape[1] else V.new_zeros(V.shape[0], 0)
-        P = None
     J.clear_cache()
     ranks = [v.shape[1] for v in Vs]
-    return LowRankFactors(w_ref, f0, V, P, B, JB, ranks, sets, time.perf_counter() - start)
+    stored_P = None if projection == "parameter" else P
+    return LowRankFactors(w_ref, f0, V, stored_P, B, JB, ranks, sets, time.perf_counter() - start)
 
 
 def _stack_units(Vs: list[torch.Tensor], n: int, d: int, per_unit: bool, rows: int) -> torch.Tensor:
@@ -482,18 +482,31 @@ class LowRankJacobianTrainer(Trainer):
     def _flat_params(self) -> torch.Tensor:
         return torch.cat([self.values[n].detach().reshape(-1) for n in self.space.names])
 
+    def _stored(self) -> LowRankFactors:
+        """The factors, computed first if :meth:`preprocess` has not run yet."""
+        return self.factors if self.factors is not None else self.preprocess()
+
     def _rows_of(self, idx: torch.Tensor) -> torch.Tensor:
-        d = self.factors.f0.shape[1]
-        return (idx[:, None] * d + torch.arange(d)).reshape(-1).to(self.factors.f0.device)
+        f0 = self._stored().f0
+        d = f0.shape[1]
+        return (idx[:, None] * d + torch.arange(d)).reshape(-1).to(f0.device)
+
+    def _update(self, F: LowRankFactors, rows: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        r""":math:`\hat g` for output-gradient ``a`` on ``rows`` (module docstring)."""
+        if F.B is not None and F.JB is not None:
+            return F.B @ (F.JB[rows].T @ a)
+        assert F.P is not None  # projection="sample" stores P
+        return F.P @ (F.V[rows].T @ a)
 
     def stored_outputs(self, idx: torch.Tensor) -> torch.Tensor:
         r"""Outputs of the stored model, :math:`f_0 + \hat J (w - w_0)`, on training rows ``idx``."""
-        F = self.factors
+        F = self._stored()
         delta = self._flat_params() - F.w_ref
         rows = self._rows_of(idx)
-        if F.B is not None:
+        if F.B is not None and F.JB is not None:
             change = F.JB[rows] @ (F.B.T @ delta)
         else:
+            assert F.P is not None  # projection="sample" stores P
             change = F.V[rows] @ (F.P.T @ delta)
         return F.f0[idx.to(F.f0.device)] + change.reshape(len(idx), -1)
 
@@ -504,7 +517,7 @@ class LowRankJacobianTrainer(Trainer):
 
         ``x`` (the inputs of those rows) is needed with ``outputs="forward"``.
         """
-        F = self.factors
+        F = self._stored()
         if self.outputs == "forward":
             x = self.X_train[idx] if x is None else x
             with torch.no_grad():
@@ -517,8 +530,7 @@ class LowRankJacobianTrainer(Trainer):
             (a,) = torch.autograd.grad(loss, out)
         a = a.reshape(-1)
         rows = self._rows_of(idx)
-        g = F.B @ (F.JB[rows].T @ a) if F.B is not None else F.P @ (F.V[rows].T @ a)
-        return loss.detach(), g, out.detach()
+        return loss.detach(), self._update(F, rows, a), out.detach()
 
     def _out_shape(self) -> torch.Size:
         shape = getattr(self, "_shape", None)
@@ -546,7 +558,7 @@ class LowRankJacobianTrainer(Trainer):
         :math:`\|f(w; x) - f_{\text{stored}}(x)\| / \|f(w; x) - f_0(x)\|` (0 at the reference
         point); one forward pass unless ``network_outputs`` are given.
         """
-        F = self.factors
+        F = self._stored()
         if network_outputs is None:
             with torch.no_grad():
                 network_outputs = self.forward(self.X_train[idx])

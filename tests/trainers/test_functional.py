@@ -193,6 +193,7 @@ def test_generic_engine_on_cnn_with_checkpointed_segments() -> None:
         SGD(0.9, nesterov=True),
         0.05,
         checkpoint_every=3,
+        engine="func",
     )
     assert run.engine.name == "func"
     theta0 = run.initial_params()
@@ -223,7 +224,7 @@ def test_parameter_subset_and_data_order() -> None:
         0.1,
         params=["layers.2.weight"],
     )
-    assert run.engine.name == "func" and run.dim == 12
+    assert run.engine.name == "mlp" and run.dim == 12  # a subset of the chain's parameters
     theta0 = run.initial_params()
     J = jacrev(run)(theta0)
     V = torch.eye(run.dim, dtype=F64)[:, :3]
@@ -297,8 +298,17 @@ def test_errors() -> None:
         TrainingRun(model, 3, data, SGD())
     with pytest.raises(ValueError, match="engine: expected 'auto', 'mlp' or 'func'"):
         TrainingRun(model, "cross_entropy", data, SGD(), engine="jax")
-    with pytest.raises(ValueError, match="engine: expected a trainers.models.MLP"):
-        TrainingRun(model, torch.nn.functional.cross_entropy, data, SGD(), engine="mlp")
+
+    class Custom(torch.nn.Module):  # a forward of its own: not provably a chain
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(X.shape[1], 3).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+    with pytest.raises(ValueError, match="engine: expected a chain of nn.Linear"):
+        TrainingRun(Custom(), "cross_entropy", data, SGD(), engine="mlp")
     run = TrainingRun(model, "cross_entropy", data, SGD())
     with pytest.raises(ValueError, match=r"theta0: expected a tensor of shape \(31,\)"):
         run(torch.zeros(5, dtype=F64))
