@@ -209,4 +209,50 @@ def neumann_step(
     return cols.stop(s["x"]), budget, False
 
 
-SOLVERS = {"cg": cg, "minres": minres, "lsmr": lsmr}
+def _orth(Z: Tensor, drop: float) -> Tensor:
+    """Orthonormal basis of the columns of ``Z`` without its numerically dependent directions
+    (singular values below ``drop`` times the largest)."""
+    U, s, _ = torch.linalg.svd(Z, full_matrices=False)
+    keep = s > drop * s[0] if s.numel() and s[0] > 0 else s > 0
+    return U[:, keep]
+
+
+def block_cg(apply: Apply, minv: Apply | None, B: Tensor, tol: Tensor, budget: int) -> Any:
+    r"""Breakdown-free block conjugate gradients (O'Leary 1980; Ji & Li 2017, Algorithm 2).
+
+    One Krylov space for all columns: :math:`P` is an orthonormal basis of
+    :math:`Z + P\beta` with its dependent directions dropped (so the block shrinks as columns
+    converge or their residuals become dependent), :math:`\alpha = (P^\top AP)^{-1}
+    P^\top R`, :math:`\beta = -(P^\top AP)^{-1}(AP)^\top Z`. A step costs one product per
+    column of :math:`P`; the residual is exact (not a recurrence per column), and the search
+    space after :math:`j` steps is the block Krylov space, so outlying eigenvalues are
+    resolved ``k`` at a time.
+    """
+    drop = torch.finfo(B.dtype).eps ** 0.5
+    X, R = torch.zeros_like(B), B.clone()
+    Z = minv(R) if minv is not None else R
+    P = _orth(Z, drop)
+    for its in range(budget + 1):
+        if bool((_norm(R) <= tol).all()):
+            return X, its, True
+        if its == budget or P.shape[1] == 0:
+            break
+        Q = apply(P)
+        PQ = P.mT @ Q
+        PQ = (PQ + PQ.mT) / 2
+        L, info = torch.linalg.cholesky_ex(PQ)
+        if int(info) != 0:
+            raise ValueError(
+                "A: expected A + damping I positive definite for method='cg', got a search "
+                "block with P^T (A + damping I) P not positive definite; use method='minres'"
+            )
+        alpha = torch.cholesky_solve(P.mT @ R, L)
+        X = X + P @ alpha
+        R = R - Q @ alpha
+        Z = minv(R) if minv is not None else R
+        beta = -torch.cholesky_solve(Q.mT @ Z, L)
+        P = _orth(Z + P @ beta, drop)
+    return X, budget, False
+
+
+SOLVERS = {"cg": cg, "block_cg": block_cg, "minres": minres, "lsmr": lsmr}

@@ -40,8 +40,10 @@ def _jacobi(A: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("pc", [None, "nystrom", "jacobi"])
-@pytest.mark.parametrize("method", ["cg", "minres", "lsmr", "neumann"])
+@pytest.mark.parametrize("method", ["cg", "cg-columns", "minres", "lsmr", "neumann"])
 def test_every_method_matches_a_dense_solve(method: str, pc: str | None) -> None:
+    block = False if method == "cg-columns" else None  # "cg": block CG for 5 columns
+    method = method.removesuffix("-columns")
     if method == "lsmr" and pc is not None:
         pytest.skip("lsmr takes no preconditioner")
     n, lam = 40, 0.02 if method == "neumann" else 1e-3
@@ -55,8 +57,9 @@ def test_every_method_matches_a_dense_solve(method: str, pc: str | None) -> None
         return
     maxiter = 5000 if method == "neumann" else None  # Richardson needs ~ cond * log(1/rtol)
     Ainv = inverse(
-        A, damping=lam, method=method, rtol=1e-12, preconditioner=M, seed=0, maxiter=maxiter
-    )
+        A, damping=lam, method=method, rtol=1e-12, preconditioner=M, seed=0, maxiter=maxiter,
+        block=block,
+    )  # fmt: skip
     X = Ainv @ B
     ref = torch.linalg.solve(A + lam * torch.eye(n, dtype=F64), B)
     assert _rel(X, ref) < 1e-10
@@ -197,3 +200,21 @@ def test_errors() -> None:
         nystrom_preconditioner(aslinearoperator(torch.zeros(3, 4, dtype=F64)), damping=1.0)
     with pytest.raises(ValueError, match="A: method='neumann' expected a positive definite"):
         inverse(-A, method="neumann") @ torch.ones(10, dtype=F64)
+
+
+def test_block_cg_pays_with_many_right_hand_sides() -> None:
+    """One block Krylov space resolves 20 outlying eigenvalues k at a time."""
+    n = 200
+    ev = torch.cat(
+        [torch.logspace(0, -1, 20, dtype=F64), torch.logspace(-3, -4, n - 20, dtype=F64)]
+    )
+    g = torch.Generator().manual_seed(8)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    A = (Q * ev) @ Q.T
+    B = _rhs(n, 16)
+    ref = torch.linalg.solve(A, B)
+    block, columns = inverse(A, rtol=1e-10), inverse(A, rtol=1e-10, block=False)
+    assert _rel(block @ B, ref) < 1e-7 and _rel(columns @ B, ref) < 1e-7
+    assert 4 * block.info.num_matvecs < columns.info.num_matvecs
+    with pytest.raises(TypeError, match="block: expected True, False or None"):
+        inverse(A, block=1)
