@@ -80,7 +80,13 @@ def test_mixing_with_scipy_and_sparse_operators() -> None:
     scipy_op = sla.aslinearoperator(A.numpy())
     mixed = linops.aslinearoperator(A) @ scipy_op
     np.testing.assert_allclose(mixed @ np.ones(3), A.numpy() @ A.numpy() @ np.ones(3))
-    assert linops.aslinearoperator(A).to_scipy() is not None
+    op = linops.aslinearoperator(A)
+    sp_op = op.to_scipy()
+    assert sp_op is op and isinstance(sp_op, sla.LinearOperator)  # to_scipy() is simply self
+    np.testing.assert_allclose(sp_op.rmatvec(np.arange(3.0)), A.numpy().T @ np.arange(3.0))
+    np.testing.assert_allclose(
+        sla.lsqr(sp_op, A.numpy() @ np.ones(3), atol=1e-14, btol=1e-14)[0], np.ones(3), rtol=1e-8
+    )
 
 
 def test_identity_and_symmetric_adjoint() -> None:

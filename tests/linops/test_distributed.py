@@ -299,4 +299,7 @@ def test_bad_inputs_are_refused():
     assert not linops.distributed.is_data_parallel(H)
     D = dense_columns(H, max_vectors=7)
     np.testing.assert_allclose(D.numpy(), H.to_dense().numpy(), rtol=TOL)
-    assert isinstance(DistributedError("x"), RuntimeError)
+    err = DistributedError("rank 1 failed", failed_ranks=(1, 3))
+    assert err.failed_ranks == [1, 3] and DistributedError("x").failed_ranks == []
+    with pytest.raises(RuntimeError, match="rank 1 failed"):  # callers may catch RuntimeError
+        raise err

@@ -42,7 +42,7 @@ def test_training_reduces_loss(guesser):
 
 def test_guess_cosine_callback_and_reproducibility():
     ds = _data()
-    runs = []
+    runs, trainers = [], []
     for _ in range(2):
         t = ForwardGradientTrainer(
             _net(), F.cross_entropy, guesser=WTranspose(), optimizer="sgd", lr=0.1, seed=3
@@ -56,10 +56,25 @@ def test_guess_cosine_callback_and_reproducibility():
             progress=False,
         )
         runs.append(h)
+        trainers.append(t)
     assert runs[0].loss == runs[1].loss
     cos = runs[0].metrics["cosine"]
-    assert len(cos) == 2 and all(-1 <= c <= 1 for c in cos)
-    assert "cosine/layers.0" in runs[0].metrics
+    assert len(cos) == 2
+    # the logged cosine is that of the last guess to backprop's gradient at the same point
+    t = trainers[0]
+    assert t.last_guess is not None and t.last_batch is not None
+    x, y, values = t.last_batch
+    leaves = {n: v.clone().requires_grad_(True) for n, v in values.items()}
+    loss = F.cross_entropy(torch.func.functional_call(t.model, leaves, (x,)), y)
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    g = torch.cat([gr.reshape(-1) for gr in grads])
+    guess = torch.cat([t.last_guess.grads[n].reshape(-1) for n in leaves])
+    want = float(guess @ g / (guess.norm() * g.norm()))
+    assert cos[-1] == pytest.approx(want, rel=1e-5, abs=1e-7)
+    w = torch.cat([t.last_guess.grads[n].reshape(-1) for n in ("layers.0.weight", "layers.0.bias")])
+    gw = torch.cat([gr.reshape(-1) for gr in grads[:2]])
+    want0 = float(w @ gw / (w.norm() * gw.norm()))
+    assert runs[0].metrics["cosine/layers.0"][-1] == pytest.approx(want0, rel=1e-5, abs=1e-7)
     # the model itself is never modified
     t2 = ForwardGradientTrainer(_net(), F.cross_entropy, guesser="directional_descent")
     assert isinstance(t2.guesser, DirectionalDescent)
