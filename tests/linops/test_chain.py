@@ -196,7 +196,7 @@ def test_a_chain_that_misreads_the_model_falls_back_to_autograd() -> None:
     ops = _operators(model, X, y, nn.MSELoss(), "auto")
     assert _rel(ops["J"].to_dense(), J) < RTOL
     assert _rel(ops["H"].to_dense(), H) < RTOL
-    assert ops["J"].route == "autograd" and ops["H"].route == "autograd"
+    assert ops["J"].route.startswith("autograd") and ops["H"].route.startswith("autograd")
     with pytest.raises(ValueError, match="route: .chain. needs a model"):
         linops.JacobianOperator(model, X, route="chain") @ torch.ones(J.shape[1]).double()
 
@@ -212,7 +212,7 @@ def test_linear_on_3d_inputs_and_non_chains_use_autograd() -> None:
     Jw = linops.JacobianOperator(seq, X, params=["0.weight"])
     assert _rel(Jw.to_dense(), D) < RTOL
     J @ torch.ones(J.shape[1], dtype=torch.float64)
-    assert J.route == "autograd"
+    assert J.route.startswith("autograd")
     grouped = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(8, 1)).double()
     with pytest.raises(ValueError, match="route: 'chain' needs"):
         linops.JacobianOperator(

@@ -167,7 +167,13 @@ def test_nystrom_preconditioner_formula_and_effect() -> None:
     assert _rel(half @ half, Pinv) < 1e-12
     # the adaptive rank: doubled from 16 until the smallest kept eigenvalue is below 10 mu
     Pa = nystrom_preconditioner(A, damping=mu, seed=0)
-    assert float(Pa.eigenvalues.min()) <= 10 * mu and Pa.num_matvecs == 26 + 42
+    assert float(Pa.eigenvalues.min()) <= 10 * mu and Pa.rank == 32
+    assert Pa.num_matvecs == 32 + 10  # the sketch grew from 26 to 42 columns, none redone
+    top = torch.linalg.eigvalsh(A)[-5:]
+    assert torch.allclose(Pa.eigenvalues[-5:], top, rtol=1e-3)  # Nystrom: below, close at the top
+    assert bool((Pa.eigenvalues[-5:] <= top * (1 + 1e-12)).all())
+    U, lam = Pa.eigenvectors, Pa.eigenvalues
+    assert torch.allclose(U.T @ U, torch.eye(32, dtype=F64), atol=1e-12)
     B = _rhs(n, 3)
     plain, pre = inverse(A, damping=mu), inverse(A, damping=mu, preconditioner=Pa)
     plain @ B, pre @ B

@@ -64,4 +64,4 @@ def test_tiny_gpt2_operators_match_references() -> None:
     assert _rel(H @ v, DH @ v) < 1e-10
     G = linops.GGNOperator(model, _sequence_ce, (ids, targets), output=logits)
     assert _rel(G @ v, ref.ggn(_sequence_ce, targets) @ v) < 1e-10
-    assert H.route == J.route == "autograd"
+    assert H.route.startswith("autograd") and J.route.startswith("autograd")
