@@ -100,8 +100,9 @@ def nystrom_preconditioner(
     A
         Symmetric positive semi-definite operator (a GGN, a Fisher, a kernel matrix).
     rank
-        :math:`\ell`; default adaptive: 16, doubled (a fresh sketch each time, all products
-        counted) until :math:`\hat\lambda_\ell \le 10\mu` or ``max_rank`` is reached.
+        :math:`\ell`; default adaptive: 16, doubled (the sketch grows, keeping the columns
+        already multiplied: :math:`\ell` + ``oversample`` products in all) until
+        :math:`\hat\lambda_\ell \le 10\mu` or ``max_rank`` is reached.
     damping
         :math:`\mu > 0`, the damping of the system the preconditioner is for.
     oversample
@@ -138,14 +139,48 @@ def nystrom_preconditioner(
         raise ValueError(f"damping: expected a number > 0, got {damping!r}")
     cap = kr.check_int(max_rank, "max_rank", 1, n) if max_rank is not None else min(n, 1024)
     gen = kr.make_generator(seed, op.device)
-    ell = kr.check_int(rank, "rank", 1, n) if rank is not None else min(16, cap)
-    used = 0
-    while True:
-        res = nystrom(op, ell, oversample=oversample, seed=gen)
-        used += res.num_matvecs
+    if rank is not None:
+        res = nystrom(op, kr.check_int(rank, "rank", 1, n), oversample=oversample, seed=gen)
         lam = torch.as_tensor(res.eigenvalues, device=op.device)
-        if rank is not None or ell >= cap or float(lam.min()) <= RATIO * damping:
-            break
+        U = torch.as_tensor(res.eigenvectors, device=op.device)
+        return NystromPreconditioner(U, lam, float(damping), res.num_matvecs)
+    over = kr.check_int(oversample, "oversample", 0)
+    ell = min(16, cap)
+    Omega = torch.zeros(n, 0, dtype=op.torch_dtype, device=op.device)
+    Y = torch.zeros_like(Omega)
+    while True:  # the sketch grows: the columns already multiplied are kept
+        Omega, Y = _extend(op, Omega, Y, min(ell + over, n), gen)
+        lam, U = _nystrom_from(Omega, Y, ell)
+        if ell >= cap or float(lam.min()) <= RATIO * damping:
+            return NystromPreconditioner(U, lam, float(damping), Omega.shape[1])
         ell = min(2 * ell, cap)
-    U = torch.as_tensor(res.eigenvectors, device=op.device)
-    return NystromPreconditioner(U, lam, float(damping), used)
+
+
+def _extend(
+    op: TorchLinearOperator, Omega: torch.Tensor, Y: torch.Tensor, size: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grow the orthonormal test matrix to ``size`` columns and multiply only the new ones."""
+    G = kr.random_block(op.shape[0], size - Omega.shape[1], op, gen)
+    for _ in range(2):
+        G = G - Omega @ (Omega.mT @ G)
+    new = torch.linalg.qr(G)[0]
+    AN = op._apply(new)
+    kr.check_products(AN, size)
+    return torch.cat([Omega, new], dim=1), torch.cat([Y, AN], dim=1)
+
+
+def _nystrom_from(
+    Omega: torch.Tensor, Y: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``rank`` largest eigenpairs of the Nyström approximation from ``Y = A Omega``
+    (Tropp, Yurtsever, Udell & Cevher 2017, Algorithm 3; the steps of :func:`linops.nystrom`,
+    which starts from a fresh sketch)."""
+    nu = torch.finfo(Y.dtype).eps * float(torch.linalg.matrix_norm(Y))
+    Y = Y + nu * Omega
+    core = Omega.mH @ Y
+    C, info = torch.linalg.cholesky_ex((core + core.mH) / 2)
+    if int(info) != 0:
+        raise ValueError("A: expected a positive semidefinite operator (Nystrom core not PD)")
+    B = torch.linalg.solve_triangular(C.mH, Y, upper=True, left=False)
+    U, s, _ = torch.linalg.svd(B, full_matrices=False)
+    return (s[:rank] ** 2 - nu).clamp(min=0).flip(0), U[:, :rank].flip(1)
