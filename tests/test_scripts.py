@@ -17,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = [
     "bench/operators.py",
+    "bench/models.py",
     "bench/batching.py",
     "bench/algorithms.py",
     "bench/training_jacobian.py",
@@ -30,7 +31,11 @@ SCRIPTS = [
     "examples/guess_gradient.py",
     "examples/training_jacobian.py",
 ]
-OPTIONAL = {"bench/operators.py": "curvlinops", "bench/training_jacobian.py": "jax"}
+OPTIONAL = {
+    "bench/operators.py": "curvlinops",
+    "bench/models.py": "curvlinops",
+    "bench/training_jacobian.py": "jax",
+}
 
 
 @pytest.mark.slow
