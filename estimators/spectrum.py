@@ -43,8 +43,8 @@ class TrainingJacobianSVD(NamedTuple):
     and the cosine :math:`u_i^\\top v_i` of each pair."""
 
     singular_values: Tensor
-    left: Tensor
-    right: Tensor
+    left_vectors: Tensor
+    right_vectors: Tensor
     cosine: Tensor
 
 

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from estimators.kernel import relative_distance
+from estimators.seeding import Seed, make_generator
 from linops.params import ParamSpace
 
 __all__ = ["Callback", "History", "RelativeDistance", "Trainer", "make_optimizer"]
@@ -189,7 +190,7 @@ class Trainer:
         epochs: int = 1,
         batch_size: int | None = None,
         shuffle: bool = True,
-        seed: int = 0,
+        seed: Seed = 0,
         validation: tuple[torch.Tensor, torch.Tensor] | None = None,
         callbacks: Iterable[Callback] = (),
         progress: bool = True,
@@ -204,7 +205,7 @@ class Trainer:
         if len(X) != len(y) or len(X) == 0:
             raise ValueError(f"X, y: expected equal non-zero lengths, got {len(X)} and {len(y)}")
         bs = batch_size or len(X)
-        g = torch.Generator().manual_seed(seed)
+        g = make_generator(seed)
         callbacks = list(callbacks)
         steps = epochs * math.ceil(len(X) / bs)
         bar = tqdm(total=steps, disable=not progress, desc=type(self).__name__, leave=False)

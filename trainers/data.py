@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import torch
 
+from estimators.seeding import Seed, make_generator
+
 __all__ = ["Dataset", "digits", "synthetic_classification", "synthetic_regression"]
 
 
@@ -29,7 +31,7 @@ class Dataset(NamedTuple):
 def digits(
     *,
     n_train: int = 1600,
-    random_state: int = 0,
+    seed: Seed = 0,
     image: bool = False,
     size: int = 8,
     dtype: torch.dtype = torch.float32,
@@ -40,9 +42,11 @@ def digits(
     ----------
     n_train
         Training-set size; the rest (``1797 - n_train``) is the test set. The default 1600 / 197
-        split with ``random_state=0`` is seed 004's setup.
-    random_state
-        Seed of the shuffled split (``sklearn.model_selection.train_test_split``).
+        split with ``seed=0`` is the setup of "Understanding Gradient Descent through the
+        Training Jacobian".
+    seed
+        Randomness of the shuffled split: an int is ``train_test_split``'s ``random_state``
+        (scikit-learn); a generator or None draws one.
     image
         Return inputs as ``(N, 1, size, size)`` images instead of flat 64-vectors.
     size
@@ -60,7 +64,12 @@ def digits(
     X, y = load_digits(return_X_y=True)
     if not 0 < n_train < len(X):
         raise ValueError(f"n_train: expected an integer in [1, {len(X) - 1}], got {n_train}")
-    X_tr, X_te, y_tr, y_te = train_test_split(X, y, train_size=n_train, random_state=random_state)
+    state = (
+        seed
+        if isinstance(seed, int)
+        else int(torch.randint(2**31, (1,), generator=make_generator(seed)))
+    )
+    X_tr, X_te, y_tr, y_te = train_test_split(X, y, train_size=n_train, random_state=state)
 
     def prep(a: object) -> torch.Tensor:
         t = torch.as_tensor(a, dtype=dtype) / 16.0
@@ -82,14 +91,14 @@ def synthetic_regression(
     *,
     noise: float = 0.1,
     n_test: int = 0,
-    seed: int = 0,
+    seed: Seed = 0,
     dtype: torch.dtype = torch.float32,
 ) -> Dataset:
     """Targets from a random two-layer tanh teacher plus Gaussian noise; inputs on the sphere.
 
     Inputs are normalised to unit norm (bounded, non-parallel samples: Assumption 2 of seed 002).
     """
-    g = torch.Generator().manual_seed(seed)
+    g = make_generator(seed)
     X = torch.randn(n + n_test, d, generator=g, dtype=torch.float64)
     X = X / X.norm(dim=1, keepdim=True)
     W1 = torch.randn(d, 32, generator=g, dtype=torch.float64) / d**0.5
@@ -105,11 +114,11 @@ def synthetic_classification(
     num_classes: int = 3,
     *,
     n_test: int = 0,
-    seed: int = 0,
+    seed: Seed = 0,
     dtype: torch.dtype = torch.float32,
 ) -> Dataset:
     """Gaussian blobs around random class centres, labels int64."""
-    g = torch.Generator().manual_seed(seed)
+    g = make_generator(seed)
     centres = 2.0 * torch.randn(num_classes, d, generator=g)
     y = torch.randint(0, num_classes, (n + n_test,), generator=g)
     X = centres[y] + torch.randn(n + n_test, d, generator=g)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from estimators.seeding import Seed, make_generator
 from linops.params import ParamSpace
 from trainers._hvp import ChainEngine, FuncEngine, make_engine, resolve_loss
 from trainers._optim import SGD, Adam, AdamW, FunctionalOptimizer
@@ -84,7 +85,7 @@ class DataSchedule:
         *,
         epochs: int = 1,
         shuffle: bool = False,
-        seed: int = 0,
+        seed: Seed = 0,
         drop_last: bool = False,
     ) -> None:
         if not isinstance(X, Tensor) or not isinstance(y, Tensor):
@@ -99,7 +100,7 @@ class DataSchedule:
         self.X, self.y = X, y
         self.batch_size, self.epochs, self.shuffle, self.seed = batch_size, epochs, shuffle, seed
         n = len(X)
-        g = torch.Generator().manual_seed(seed)
+        g = make_generator(seed)
         self.indices: list[Tensor] = []
         for _ in range(epochs):
             order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from estimators.seeding import Seed, make_generator
 from trainers._base import Trainer, make_optimizer
 from trainers._schedules import Schedule, as_schedule
 
@@ -129,7 +130,7 @@ def subspace_basis(
     sigma: torch.Tensor | None = None,
     vectors: torch.Tensor | None = None,
     dim: int | None = None,
-    seed: int = 0,
+    seed: Seed = 0,
 ) -> torch.Tensor:
     r"""A basis :math:`P` for :class:`SubspaceTrainer` from a training-Jacobian SVD (section 3.6).
 
@@ -174,7 +175,7 @@ def subspace_basis(
                 "dim: expected the ambient dimension (or vectors) for a random basis, got None"
             )
         _check_k(k, m)
-        g = torch.Generator().manual_seed(seed)
+        g = make_generator(seed)
         return torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))[0]
     if sigma is None or vectors is None:
         raise ValueError(

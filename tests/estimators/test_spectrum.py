@@ -51,9 +51,9 @@ def test_svd_and_cosines(tiny) -> None:
     np.testing.assert_allclose(
         res.singular_values.numpy(), np.linalg.svd(J.numpy(), compute_uv=False), rtol=1e-12
     )
-    recon = res.left @ torch.diag(res.singular_values) @ res.right.T
+    recon = res.left_vectors @ torch.diag(res.singular_values) @ res.right_vectors.T
     torch.testing.assert_close(recon, J, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(res.cosine, (res.left * res.right).sum(0))
+    torch.testing.assert_close(res.cosine, (res.left_vectors * res.right_vectors).sum(0))
     assert torch.all(res.cosine.abs() <= 1 + 1e-12)
     # symmetric positive definite: left = right, cosine 1
     A = torch.randn(6, 6, dtype=F64, generator=torch.Generator().manual_seed(1))
@@ -83,7 +83,7 @@ def test_regions_and_table() -> None:
 def test_linearity_small_stimuli_follow_jacobian(tiny) -> None:
     run, theta0, J, _ = tiny
     res = svd_training_jacobian(J)
-    u, v, s = res.left[:, 0], res.right[:, 0], float(res.singular_values[0])
+    u, v, s = res.left_vectors[:, 0], res.right_vectors[:, 0], float(res.singular_values[0])
     lin = linearity_test(run, theta0, u, v, s, stimuli=[1e-5, 1e-4])
     np.testing.assert_allclose(lin.response, lin.predicted, rtol=1e-3)
     assert np.all(lin.orthogonal < 1e-3 * np.abs(lin.response))
@@ -127,7 +127,7 @@ def test_parameter_function_jacobian_and_overlaps(tiny) -> None:
         pfj, torch.autograd.functional.jacobian(f, theta0), atol=1e-12, rtol=1e-12
     )
     res = svd_training_jacobian(J)
-    Vb = res.right[:, bulk_order(res.singular_values)]
+    Vb = res.right_vectors[:, bulk_order(res.singular_values)]
     ks = [1, 5, run.dim]
     same = bulk_overlap(Vb, Vb, ks)
     np.testing.assert_allclose(same, 1.0, atol=1e-10)
