@@ -1,0 +1,328 @@
+"""Fisher-family products and damped inverse solves: linops against curvlinops 3.0.1 and scipy.
+
+What is measured
+----------------
+On the digits MLP (``trainers.models.MLP(64, 10, widths=(128,))``, 9,610 parameters, at its
+seeded initialisation, float64, cross-entropy; 1,600 training digits, 256 with ``--quick``):
+
+* **Products** of the empirical Fisher (``linops.EmpiricalFisherOperator`` against
+  curvlinops' ``EFLinearOperator``) and of the Monte-Carlo Fisher with one sample
+  (``FisherOperator(mc_samples=1)`` against ``FisherMCLinearOperator``, same seed, hence the
+  same sampled labels), with one vector and with 32 (reported per vector), and the largest
+  relative difference of the two libraries' products.
+* **Solves** of :math:`(G + \\lambda I) x = b` for the GGN at :math:`\\lambda = 10^{-4}
+  \\lambda_{\\max}(G)` and one right-hand side, to a relative residual of 1e-8:
+  ``linops.inverse`` with CG, with CG and the randomized Nystrom preconditioner (its sketch
+  built inside the timed call and its products counted), and with MINRES; ``scipy.sparse.
+  linalg.cg(rtol=1e-8)`` on the linops operator; curvlinops' ``CGInverseLinearOperator`` on
+  its GGN plus damping (GPyTorch's ``linear_cg`` with ``tolerance=1e-8``, at most 2,000
+  iterations: on 256 digits it stalled at a relative residual of 1e-5 after 20,000). For each: products
+  of ``G``, seconds, and the relative residual and error reached (against a linops solve at
+  ``rtol=1e-12``), the residual recomputed outside the timing. Then 8 right-hand sides at
+  once: linops' block CG, one CG per column (``block=False``), block CG with Nystrom.
+
+All candidates of a section are timed in the same run, interleaved: every round calls each
+candidate once in an order shuffled afresh (seeded); medians over rounds are kept.
+
+Usage::
+
+    python bench/curvature.py [--quick] [--repeats R] [--out results/curvature]
+
+writes ``curvature.json`` (times in ``seconds_*`` keys) and ``curvature.md`` under ``--out``
+and prints the markdown tables. curvlinops is optional: without it its columns are empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse.linalg as sla
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from linops import (
+    EmpiricalFisherOperator,
+    FisherOperator,
+    GGNOperator,
+    inverse,
+    lanczos,
+)
+from trainers.data import digits
+from trainers.models import MLP
+
+try:
+    import curvlinops
+except ImportError:  # optional: the bench runs without it
+    curvlinops = None
+
+K = 32
+RTOL = 1e-8
+BLOCK = 8  # right-hand sides of the block solves
+#: curvlinops' CG stalls near 1e-5 here (20,000 iterations, 146 s, on 256 digits): capped
+CURV_MAXITER = 2000
+
+
+def interleaved(cands: dict[str, Callable[[], Any]], rounds: int, seed: int = 0) -> dict:
+    """Median seconds of each candidate over ``rounds`` shuffled rounds (after one warm-up)."""
+    rng = random.Random(seed)
+    times: dict[str, list[float]] = {k: [] for k in cands}
+    for name in cands:
+        cands[name]()
+    for _ in range(rounds):
+        order = list(cands)
+        rng.shuffle(order)
+        for name in order:
+            t0 = time.perf_counter()
+            cands[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def setup(quick: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    ds = digits(dtype=torch.float64)
+    n = 256 if quick else len(ds.X_train)
+    model = MLP(64, 10, widths=(128,)).double().eval()
+    return model, ds.X_train[:n], ds.y_train[:n]
+
+
+def products(model: nn.Module, X: torch.Tensor, y: torch.Tensor, rounds: int) -> dict:
+    loss = nn.CrossEntropyLoss()
+    ef = EmpiricalFisherOperator(model, loss, (X, y))
+    fmc = FisherOperator(model, loss, (X, y), mc_samples=1, seed=3)
+    g = torch.Generator().manual_seed(1)
+    V = torch.randn(ef.shape[0], K, generator=g, dtype=torch.float64)
+    v = V[:, :1]
+    cands: dict[str, Callable[[], Any]] = {
+        "linops_ef_1": lambda: ef @ v,
+        "linops_ef_32": lambda: ef @ V,
+        "linops_fmc_1": lambda: fmc @ v,
+    }
+    row: dict[str, Any] = {"num_params": ef.shape[0], "num_samples": len(X)}
+    if curvlinops is not None:
+        params = list(model.parameters())
+        data = [(X, y)]
+        kw = {"check_deterministic": False}
+        cef = curvlinops.EFLinearOperator(model, loss, params, data, **kw)
+        cfmc = curvlinops.FisherMCLinearOperator(model, loss, params, data, seed=3, **kw)
+        cands |= {
+            "curvlinops_ef_1": lambda: cef @ v,
+            "curvlinops_ef_32": lambda: cef @ V,
+            "curvlinops_fmc_1": lambda: cfmc @ v,
+        }
+        ref = cef @ V
+        row["max_rel_diff_ef"] = float((ef @ V - ref).abs().max() / ref.abs().max())
+        ref = cfmc @ V
+        row["max_rel_diff_fmc"] = float((fmc @ V - ref).abs().max() / ref.abs().max())
+    t = interleaved(cands, rounds)
+    for k, s in t.items():
+        row[f"seconds_{k}"] = s / K if k.endswith("_32") else s
+    return row
+
+
+class _Counted(sla.LinearOperator):
+    """``G + lam I`` for scipy's cg, counting products."""
+
+    def __init__(self, G: Any, lam: float) -> None:
+        super().__init__(dtype=np.float64, shape=G.shape)
+        self.G, self.lam, self.count = G, lam, 0
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        self.count += 1
+        return self.G @ x + self.lam * x
+
+
+def _curvlinops_inverse(model: nn.Module, X: torch.Tensor, y: torch.Tensor, lam: float) -> Any:
+    from curvlinops._torch_base import PyTorchLinearOperator
+
+    params = list(model.parameters())
+    G = curvlinops.GGNLinearOperator(
+        model, nn.CrossEntropyLoss(), params, [(X, y)], check_deterministic=False
+    )
+
+    class Damping(PyTorchLinearOperator):
+        SELF_ADJOINT = True
+        count = 0
+
+        def _matmat(self, M: list[torch.Tensor]) -> list[torch.Tensor]:
+            Damping.count += M[0].shape[-1]
+            return [lam * m for m in M]
+
+        @property
+        def device(self) -> torch.device:
+            return torch.device("cpu")
+
+        @property
+        def dtype(self) -> torch.dtype:
+            return torch.float64
+
+    shapes = [tuple(p.shape) for p in params]
+    A = G + Damping(shapes, shapes)
+    inv = curvlinops.CGInverseLinearOperator(A, tolerance=RTOL, max_iter=CURV_MAXITER)
+    return inv, Damping
+
+
+def solves(model: nn.Module, X: torch.Tensor, y: torch.Tensor, rounds: int) -> dict:
+    G = GGNOperator(model, nn.CrossEntropyLoss(), (X, y))
+    lmax = float(torch.as_tensor(lanczos(G, 1, "LA", tol=1e-6, seed=0).eigenvalues)[0])
+    lam = 1e-4 * lmax
+    n = G.shape[0]
+    b = torch.randn(n, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref = inverse(G, damping=lam, rtol=1e-12) @ b
+    counts: dict[str, int] = {}
+    out: dict[str, torch.Tensor] = {}
+
+    def linops_solve(name: str, rhs: torch.Tensor | None = None, **kw: Any) -> Callable[[], Any]:
+        def run() -> None:
+            op = inverse(G, damping=lam, rtol=RTOL, seed=0, **kw)
+            out[name] = op @ (b if rhs is None else rhs)
+            pc = op.preconditioner
+            counts[name] = op.info.num_matvecs
+            counts[name + "_preconditioner"] = getattr(pc, "num_matvecs", 0)
+
+        return run
+
+    def scipy_cg() -> None:
+        A = _Counted(G, lam)
+        x, info = sla.cg(A, b[:, 0].numpy(), rtol=RTOL, maxiter=20000)
+        out["scipy_cg"], counts["scipy_cg"] = torch.as_tensor(x)[:, None], A.count
+
+    cands = {
+        "linops_cg": linops_solve("linops_cg"),
+        "linops_cg_nystrom": linops_solve("linops_cg_nystrom", preconditioner="nystrom"),
+        "linops_minres": linops_solve("linops_minres", method="minres"),
+        "scipy_cg": scipy_cg,
+    }
+    if curvlinops is not None:
+        cinv, damping = _curvlinops_inverse(model, X, y, lam)
+
+        def curv_cg() -> None:
+            damping.count = 0
+            out["curvlinops_cg"] = cinv @ b
+            counts["curvlinops_cg"] = damping.count
+
+        cands["curvlinops_cg"] = curv_cg
+    B8 = torch.randn(n, BLOCK, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ref8 = inverse(G, damping=lam, rtol=1e-12) @ B8
+    cands |= {
+        f"linops_block_cg_{BLOCK}rhs": linops_solve(f"linops_block_cg_{BLOCK}rhs", rhs=B8),
+        f"linops_cg_columns_{BLOCK}rhs": linops_solve(
+            f"linops_cg_columns_{BLOCK}rhs", rhs=B8, block=False
+        ),
+        f"linops_block_cg_nystrom_{BLOCK}rhs": linops_solve(
+            f"linops_block_cg_nystrom_{BLOCK}rhs", rhs=B8, preconditioner="nystrom"
+        ),
+    }
+    t = interleaved(cands, rounds)
+    rows = []
+    for name, secs in t.items():
+        x = out[name]
+        rhs, sol = (B8, ref8) if name.endswith("rhs") else (b, ref)
+        r = rhs - (G @ x + lam * x)
+        rows.append(
+            {
+                "solver": name,
+                "num_matvecs": counts[name],
+                "num_matvecs_preconditioner": counts.get(name + "_preconditioner", 0),
+                "seconds": secs,
+                "relative_residual": float((r.norm(dim=0) / rhs.norm(dim=0)).max()),
+                "relative_error": float((x - sol).norm() / sol.norm()),
+            }
+        )
+    return {"lambda": lam, "lambda_max": lmax, "num_params": n, "rtol": RTOL, "rows": rows}
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def markdown(prod: dict, sol: dict, meta: dict) -> str:
+    lines = [
+        "# Curvature products and damped solves (digits MLP, float64)",
+        "",
+        f"{prod['num_params']} parameters, {prod['num_samples']} samples; "
+        f"torch {meta['torch']}, curvlinops {meta['curvlinops']}, {meta['rounds']} rounds.",
+        "",
+        "| product | linops 1 vec (ms) | curvlinops 1 vec (ms) | linops per vec of 32 (ms) "
+        "| curvlinops per vec of 32 (ms) | max rel diff |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def ms(key: str) -> str:
+        return f"{1e3 * prod[key]:.2f}" if key in prod else "-"
+
+    for op, label in (("ef", "empirical Fisher"), ("fmc", "MC Fisher (1 sample)")):
+        diff = prod.get(f"max_rel_diff_{op}")
+        lines.append(
+            f"| {label} | {ms(f'seconds_linops_{op}_1')} | {ms(f'seconds_curvlinops_{op}_1')} "
+            f"| {ms(f'seconds_linops_{op}_32')} | {ms(f'seconds_curvlinops_{op}_32')} "
+            f"| {'-' if diff is None else f'{diff:.1e}'} |"
+        )
+    lines += [
+        "",
+        f"Solves of (G + lambda I) x = b, lambda = 1e-4 lambda_max = {sol['lambda']:.3g}, "
+        f"rtol {sol['rtol']:g}, one right-hand side (``*_8rhs``: 8 at once; the residual is "
+        "the largest column's):",
+        "",
+        "| solver | products of G (solve + preconditioner) | seconds | relative residual "
+        "| relative error |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sol["rows"]:
+        lines.append(
+            f"| {r['solver']} | {r['num_matvecs']} + {r['num_matvecs_preconditioner']} "
+            f"| {r['seconds']:.2f} "
+            f"| {r['relative_residual']:.1e} | {r['relative_error']:.1e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="256 digits, one round")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds")
+    p.add_argument("--out", type=Path, default=Path("results/curvature"))
+    args = p.parse_args(argv)
+    rounds = args.repeats or (1 if args.quick else 3)
+    model, X, y = setup(args.quick)
+    meta = {
+        "torch": torch.__version__,
+        "curvlinops": _version("curvlinops-for-pytorch"),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "quick": args.quick,
+        "command": "python " + " ".join(sys.argv),
+    }
+    prod = products(model, X, y, rounds)
+    sol = solves(model, X, y, rounds)
+    table = markdown(prod, sol, meta)
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "products": prod, "solves": sol}
+    (args.out / "curvature.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (args.out / "curvature.md").write_text(table)
+    print(table)
+    print(f"wrote {args.out / 'curvature.json'} and {args.out / 'curvature.md'}")
+
+
+if __name__ == "__main__":
+    main()
