@@ -129,7 +129,7 @@ def spectral_density(
     n = op.shape[0]
     if op.shape[0] != op.shape[1]:
         raise ValueError(f"A: expected a square (symmetric) operator, got shape {op.shape}")
-    kr.check_symmetric(op)  # 3 products, not counted in num_matvecs
+    probes = kr.check_symmetric(op)  # the symmetry probe's products count
     N = kr.check_int(num_probes, "num_probes", 1)
     m = min(32, n) if num_steps is None else kr.check_int(num_steps, "num_steps", 1, n)
     gen = kr.make_generator(seed, op.device)
@@ -152,7 +152,7 @@ def spectral_density(
     g = torch.exp(-((x[:, None, None] - theta[None]) ** 2) / (2 * sigma**2))
     dens = (g * tau[None]).sum(dim=(1, 2)) / (N * sigma * math.sqrt(2 * math.pi))
     out = [kr.to_output(t.to(op.device), kind) for t in (x, dens, theta, tau)]
-    return SpectralDensity(*out, float(per_probe.mean()), tr_se, sigma, N * m)
+    return SpectralDensity(*out, float(per_probe.mean()), tr_se, sigma, N * m + probes)
 
 
 def _lanczos_batch(op: Any, V0: torch.Tensor, m: int) -> tuple[torch.Tensor, ...]:

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 
 from linops import _krylov as kr
+from linops._checks import check_square
 from linops.base import TorchLinearOperator
 from linops.svds import _Bidiag
 
@@ -343,9 +344,8 @@ def randomized_eigh(
     """
     op, kind = kr.prepare(A)
     n = op.shape[0]
-    if op.shape[0] != op.shape[1]:
-        raise ValueError(f"A: expected a square (symmetric) operator, got shape {op.shape}")
-    kr.check_symmetric(op)  # 3 products, not counted in num_matvecs
+    check_square(op.shape)
+    probes = kr.check_symmetric(op)  # the symmetry probe's products count
     rank = kr.check_int(rank, "rank", 1, n)
     ell = min(rank + kr.check_int(oversample, "oversample", 0), n)
     q = kr.check_int(power_iters, "power_iters", 0)
@@ -364,7 +364,7 @@ def randomized_eigh(
     lam, S = torch.linalg.eigh((T + T.mH) / 2)
     idx = torch.sort(torch.argsort(lam.abs(), descending=True)[:rank]).values
     vals, vecs = lam[idx], V @ S[:, idx]
-    return EighResult(kr.to_output(vals, kind), kr.to_output(vecs, kind), ell * len(basis))
+    return EighResult(kr.to_output(vals, kind), kr.to_output(vecs, kind), ell * len(basis) + probes)
 
 
 def nystrom(
@@ -402,8 +402,7 @@ def nystrom(
     """
     op, kind = kr.prepare(A)
     n = op.shape[0]
-    if op.shape[0] != op.shape[1]:
-        raise ValueError(f"A: expected a square (PSD) operator, got shape {op.shape}")
+    check_square(op.shape, kind="PSD")
     rank = kr.check_int(rank, "rank", 1, n)
     ell = min(rank + kr.check_int(oversample, "oversample", 0), n)
     gen = kr.make_generator(seed, op.device)
