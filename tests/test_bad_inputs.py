@@ -66,6 +66,17 @@ def _nan_buffer() -> Any:
     return linops.JacobianOperator(model, _data()[0])
 
 
+def _run() -> Any:
+    from trainers.functional import SGD, DataSchedule, TrainingRun
+    from trainers.models import MLP
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(8, 3, generator=g, dtype=F64), torch.arange(8) % 2
+    torch.manual_seed(0)
+    model = MLP(3, 2, widths=4).double()
+    return TrainingRun(model, "cross_entropy", DataSchedule(X, y, 4), SGD(0.9), 0.1)
+
+
 def _loader_with_nan() -> Any:
     X, y = _data(6)
     X[4, 1] = float("inf")
@@ -138,6 +149,16 @@ CASES: dict[str, tuple[Callable[[], Any], type[Exception], str]] = {
         ),
         ValueError,
         "loss_fn: CrossEntropyLoss has reduction='none'",
+    ),
+    "NaN theta0": (
+        lambda: linops.TrainingJacobianOperator(_run(), _nan(_run().initial_params())),
+        ValueError,
+        "theta0: contains NaN or inf",
+    ),
+    "theta0 of the wrong shape": (
+        lambda: linops.TrainingJacobianOperator(_run(), torch.zeros(3, dtype=F64)),
+        ValueError,
+        r"theta0: expected a tensor of shape \(26,\), got \(3,\)",
     ),
     # ------------------------------------------------------------ operators: arguments
     "output_index of the wrong type": (
