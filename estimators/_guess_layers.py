@@ -1,4 +1,4 @@
-r"""Layer plumbing for the gradient guessers of seed 003 (private).
+r"""Layer plumbing for the gradient guessers of "How to Guess a Gradient" (private).
 
 The guessers of :mod:`estimators.guesses` see a network as a chain of *layers* (``Linear``,
 including :class:`trainers.models.ScaledLinear`, and ``Conv2d``) found in execution order with
@@ -11,7 +11,7 @@ Three passes are provided:
 
 * :func:`record_pass`: a forward pass in which every layer output is replaced by a fresh leaf
   tensor, so that each recorded autograd graph spans one layer only (``leaf s_l -> x_{l+1} ->
-  s_{l+1}``). Backpropagating through one of these graphs is the "1-layer" backprop of seed 003
+  s_{l+1}``). Backpropagating through one of these graphs is the "1-layer" backprop of the paper
   section 3.2; nothing is ever backpropagated through the whole network.
 * :func:`preactivation_jvp`: one batched forward-mode pass with tangents :math:`\epsilon_l` added
   at the pre-activations (the perturbation formulation :math:`s_l \leftarrow s_l + \delta_l`,
@@ -189,7 +189,7 @@ def output_error(
     r"""Batch loss :math:`L` and the output error :math:`e_b = \partial L / \partial f(x_b)`.
 
     The error differentiates the loss function alone (a ``B x d_out`` computation, the
-    "true error vector" of seed 003 section 4.1), never the network.
+    "true error vector" of the paper's section 4.1), never the network.
     """
     out = output.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -306,7 +306,7 @@ def layer_param_vjp(
     r"""Weight update of one layer from a pre-activation cotangent: :math:`(\partial s/\partial W)^\top \hat g_s`.
 
     For a linear layer :math:`s = c W x + b` this is :math:`c\, \hat g_s^\top x` and
-    :math:`\sum_b \hat g_{s,b}` (the outer product of seed 003 eq. (3)); for a convolution it
+    :math:`\sum_b \hat g_{s,b}` (the outer product of the paper's eq. (3)); for a convolution it
     is the convolution's weight gradient. Only this one layer is differentiated.
     """
     prefix = _prefix(layer.name)

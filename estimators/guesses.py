@@ -1,9 +1,14 @@
-r"""Gradient guessers of seed 003 ("How to guess a gradient", Singhal et al.): forward mode only.
+r"""Gradient guessers of "How to Guess a Gradient" (Singhal et al.): forward mode only.
+
+"The paper" below is U. Singhal, B. Cheung, K. Chandra, J. Ragan-Kelley, J. B. Tenenbaum,
+T. A. Poggio and S. X. Yu, "How to Guess a Gradient", arXiv:2312.04709. The module is about
+600 lines because it holds one concept, the guessers, one class each (the layer plumbing they
+share is in ``estimators/_guess_layers.py``).
 
 Every guesser returns an estimate :math:`\hat g` of :math:`\nabla_\theta L` built from
 directional derivatives (JVPs), never from a backward pass through the network. Two families:
 
-*Weight space* (seed 003 eq. (1), appendix A.2). A direction :math:`v` is drawn, one JVP gives
+*Weight space* (the paper's eq. (1), appendix A.2). A direction :math:`v` is drawn, one JVP gives
 :math:`\nabla L \cdot v`, and :math:`\hat g = (\nabla L \cdot v)\, v`, so
 :math:`E[\hat g] = \mathrm{Cov}(v) \nabla L` (section 5, eq. (14)).
 
@@ -36,7 +41,7 @@ vector-Jacobian products through one layer (see :mod:`estimators._guess_layers`)
 
 Notes
 -----
-Choices seed 003 leaves open, and the ones taken here:
+Choices the paper leaves open, and the ones taken here:
 
 * **JVP per layer or for all layers.** ``jvp_mode="per_layer"`` (default) measures one JVP per
   layer and example, so layer :math:`l`'s update is scaled by its own
@@ -66,7 +71,7 @@ Choices seed 003 leaves open, and the ones taken here:
 References
 ----------
 Singhal, Cheung, Chandra, Ragan-Kelley, Tenenbaum, Poggio, Yu. "How to guess a gradient",
-arXiv:2312.04709 (seed 003). Baydin et al., "Gradients without backpropagation",
+arXiv:2312.04709. Baydin et al., "Gradients without backpropagation",
 arXiv:2202.08587. Ren et al., "Scaling forward gradient with local losses", arXiv:2210.03310.
 """
 
@@ -449,6 +454,7 @@ class ActivationPerturbation(_PreactivationGuesser):
     name = "activation_perturbation"
 
     def preactivation_guesses(self, rec, gen):
+        r"""The noise guesses :math:`\epsilon_l` of every layer (see the class docstring)."""
         return [_noise(s, gen, "normal") for s in rec.leaves]
 
 
@@ -464,6 +470,7 @@ class WTranspose(_PreactivationGuesser):
     name = "w_transpose"
 
     def preactivation_guesses(self, rec, gen):
+        r"""The noise guesses :math:`\epsilon_l` of every layer (see the class docstring)."""
         L = len(rec.leaves)
         out = [
             vjp(rec.raw[i + 1], rec.leaves[i], _noise(rec.raw[i + 1], gen, "normal"))
@@ -484,7 +491,7 @@ class Downstream(_PreactivationGuesser):
     Parameters
     ----------
     depth
-        Number of downstream layers (seed 003 uses 1; appendix A.3 compares 2).
+        Number of downstream layers (the paper uses 1; appendix A.3 compares 2).
     noise
         ``"normal"``, ``"uniform"`` (:math:`U[0,1)`) or ``"uniform_symmetric"`` (:math:`U[-1,1)`).
     jvp_mode, backend
@@ -509,6 +516,7 @@ class Downstream(_PreactivationGuesser):
         self.depth, self.noise = depth, noise
 
     def preactivation_guesses(self, rec, gen):
+        r"""The noise guesses :math:`\epsilon_l` of every layer (see the class docstring)."""
         L = len(rec.leaves)
         guesses = []
         for i in range(L):
@@ -545,6 +553,7 @@ class SelfSharpening(Downstream):
         super().__init__(depth=1, noise=noise, jvp_mode=jvp_mode, backend=backend)
 
     def exact_errors(self, rec, e):
+        """Layers whose error is known exactly (the last one, from the loss), by index."""
         return {len(rec.leaves) - 1: vjp(rec.output, rec.leaves[-1], e)}
 
 
@@ -561,6 +570,7 @@ class ActivationMixing(_PreactivationGuesser):
     name = "activation_mixing"
 
     def preactivation_guesses(self, rec, gen):
+        r"""The noise guesses :math:`\epsilon_l` of every layer (see the class docstring)."""
         L = len(rec.leaves)
         guesses = []
         for i in range(L - 1):

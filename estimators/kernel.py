@@ -338,6 +338,7 @@ class GramDrift:
         self.records: list[tuple[int, dict[str, float]]] = []
 
     def __call__(self, trainer: Any, step: int) -> dict[str, float] | None:
+        """Log the Gram drift at steps divisible by ``every`` (else ``None``)."""
         if step % self.every:
             return None
         model = trainer.model

@@ -408,6 +408,7 @@ class JacobianDrift:
         self.records: list[tuple[int, float]] = []
 
     def __call__(self, trainer: Any, step: int) -> dict[str, float] | None:
+        """Log the Jacobian drift at steps divisible by ``every`` (else ``None``)."""
         if step % self.every:
             return None
         full = dict(trainer.space.values())

@@ -21,10 +21,11 @@ __all__ = [
     "LowRankJacobianTrainer",
     "LowRankFactors",
     "lowrank_factors",
-    # seed 003: forward-gradient training
+    # forward-gradient training ("How to Guess a Gradient", arXiv:2312.04709)
     "ForwardGradientTrainer",
     "GuessCosine",
-    # seed 004: differentiable training runs and subspace training
+    # differentiable training runs and subspace training ("Understanding Gradient Descent
+    # through the Training Jacobian")
     "DataSchedule",
     "TrainingRun",
     "SubspaceTrainer",

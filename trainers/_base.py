@@ -48,7 +48,9 @@ class History:
 class Callback(Protocol):
     """Called after every optimizer step; may return metrics to log (or ``None``)."""
 
-    def __call__(self, trainer: Trainer, step: int) -> Mapping[str, float] | None: ...
+    def __call__(self, trainer: Trainer, step: int) -> Mapping[str, float] | None:
+        """Metrics to log after step ``step`` (or ``None``)."""
+        ...
 
 
 class RelativeDistance:
@@ -71,6 +73,7 @@ class RelativeDistance:
         self.initial: dict[str, torch.Tensor] | None = None
 
     def __call__(self, trainer: Trainer, step: int) -> dict[str, float] | None:
+        """``RD/<name>`` of each tracked weight at steps divisible by ``every``."""
         initial = self.initial
         if initial is None:
             names = self.names or [n for n in trainer.values if n.endswith("weight")]

@@ -4,7 +4,7 @@ One optimizer step is :math:`(\theta_{t+1}, s_{t+1}) = U_t(\theta_t, s_t, g_t)` 
 :math:`g_t = \nabla L_t(\theta_t)` the mini-batch gradient and :math:`s_t` the optimizer state
 (momentum buffer, Adam moments). :math:`U_t` acts elementwise, so its derivatives are cheap; the
 only expensive part of differentiating a step is the derivative of the gradient, the Hessian
-:math:`H_t = \nabla^2 L_t(\theta_t)`, which is symmetric. Hence (seed 004, section 2)
+:math:`H_t = \nabla^2 L_t(\theta_t)`, which is symmetric. Hence ("Understanding Gradient Descent through the Training Jacobian", section 2)
 
 .. math::
 
@@ -169,12 +169,15 @@ class SGD(FunctionalOptimizer):
     def update(
         self, t: int, lr: float, theta: Tensor, state: State, g: Tensor
     ) -> tuple[Tensor, State]:
+        """As :meth:`FunctionalOptimizer.update`."""
         return self._step(lr, theta, state, g)
 
     def tangent(self, t, lr, theta, state, g, dtheta, dstate, dg):
+        """As :meth:`FunctionalOptimizer.tangent`."""
         return self._step(lr, dtheta, dstate, dg)
 
     def tangent_step(self, t, lr, theta, state, g, dtheta, dstate, hvp):
+        """As :meth:`FunctionalOptimizer.tangent_step`."""
         mu, wd = self.momentum, self.weight_decay
         if self.num_states and not self.nesterov:
             # b' = mu b + H dtheta + wd dtheta (accumulated in place), dtheta' = dtheta - lr b'
@@ -196,6 +199,7 @@ class SGD(FunctionalOptimizer):
         return dtheta, dstate
 
     def cotangent(self, t, lr, theta, state, g, btheta, bstate):
+        """As :meth:`FunctionalOptimizer.cotangent`."""
         bstep = -lr * btheta
         if self.num_states:
             mu = self.momentum
@@ -270,6 +274,7 @@ class Adam(FunctionalOptimizer):
     def update(
         self, t: int, lr: float, theta: Tensor, state: State, g: Tensor
     ) -> tuple[Tensor, State]:
+        """As :meth:`FunctionalOptimizer.update`."""
         ge = self._geff(theta, g)
         m = self.beta1 * state[0] + (1.0 - self.beta1) * ge
         v = self.beta2 * state[1] + (1.0 - self.beta2) * ge * ge
@@ -278,6 +283,7 @@ class Adam(FunctionalOptimizer):
         return a * theta - c * m / D, (m, v)
 
     def tangent(self, t, lr, theta, state, g, dtheta, dstate, dg):
+        """As :meth:`FunctionalOptimizer.tangent`."""
         ge, m, _, D, dsdv, c, a = self._moments(t, lr, theta, state, g)
         dge = dg + self.weight_decay * dtheta if self.weight_decay and not self.decoupled else dg
         dm = self.beta1 * dstate[0] + (1.0 - self.beta1) * dge
@@ -286,6 +292,7 @@ class Adam(FunctionalOptimizer):
         return dth, (dm, dv)
 
     def cotangent(self, t, lr, theta, state, g, btheta, bstate):
+        """As :meth:`FunctionalOptimizer.cotangent`."""
         ge, m, _, D, dsdv, c, a = self._moments(t, lr, theta, state, g)
         bm = bstate[0] - (c / D) * btheta
         bv = bstate[1] + (c * m * dsdv / (D * D)) * btheta

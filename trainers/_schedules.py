@@ -2,7 +2,7 @@ r"""Learning-rate schedules for the functional trainers: pure functions of the s
 
 A schedule maps the step index :math:`t = 0, 1, \dots, T - 1` (the update that produces
 :math:`\theta_{t+1}` from :math:`\theta_t`) to a learning rate :math:`\eta_t`. Schedules hold no
-state, so a training run through them stays a pure function of the initial parameters (seed 004,
+state, so a training run through them stays a pure function of the initial parameters ("Understanding Gradient Descent through the Training Jacobian",
 section 2) and can be differentiated forward and backward.
 """
 
@@ -17,6 +17,7 @@ class Schedule:
     """Base class: ``schedule(t) -> learning rate`` at step ``t``."""
 
     def __call__(self, t: int) -> float:
+        """The learning rate of step ``t`` (0-based)."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -37,6 +38,7 @@ class ConstantLR(Schedule):
         self.lr = _check_lr(lr, "lr")
 
     def __call__(self, t: int) -> float:
+        """The learning rate of step ``t`` (0-based)."""
         return self.lr
 
     def __repr__(self) -> str:
@@ -47,7 +49,7 @@ class CosineLR(Schedule):
     r"""Cosine decay, :math:`\eta_t = \eta_{\min} + (\eta - \eta_{\min})\,\tfrac12(1 + \cos(\pi t / T))`.
 
     Matches ``torch.optim.lr_scheduler.CosineAnnealingLR`` (``T_max = total_steps``) and optax's
-    ``cosine_decay_schedule``; seed 004 trains with cosine decay from 0.1 over all 625 steps.
+    ``cosine_decay_schedule``; that paper trains with cosine decay from 0.1 over all 625 steps.
 
     Parameters
     ----------
@@ -73,6 +75,7 @@ class CosineLR(Schedule):
         self.total_steps = total_steps
 
     def __call__(self, t: int) -> float:
+        """The learning rate of step ``t`` (0-based)."""
         frac = min(t, self.total_steps) / self.total_steps
         return self.final_lr + (self.lr - self.final_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
@@ -104,6 +107,7 @@ class WarmupLR(Schedule):
         self.warmup_steps = warmup_steps
 
     def __call__(self, t: int) -> float:
+        """The learning rate of step ``t`` (0-based)."""
         if t < self.warmup_steps:
             return self.base(0) * (t + 1) / self.warmup_steps
         return self.base(t - self.warmup_steps)

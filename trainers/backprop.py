@@ -25,6 +25,7 @@ class BackpropTrainer(Trainer):
     """
 
     def direction(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+        """Batch loss and its exact gradient by backprop."""
         leaves = {n: p.detach().requires_grad_(True) for n, p in self.values.items()}
         loss = self.loss_fn(self.forward(x, leaves), y)
         grads = torch.autograd.grad(loss, list(leaves.values()))

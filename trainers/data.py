@@ -96,7 +96,8 @@ def synthetic_regression(
 ) -> Dataset:
     """Targets from a random two-layer tanh teacher plus Gaussian noise; inputs on the sphere.
 
-    Inputs are normalised to unit norm (bounded, non-parallel samples: Assumption 2 of seed 002).
+    Inputs are normalised to unit norm (bounded, non-parallel samples: Assumption 2 of "Demystifying Lazy Training of Neural
+    Networks from a Macroscopic Viewpoint", arXiv:2404.04859).
     """
     g = make_generator(seed)
     X = torch.randn(n + n_test, d, generator=g, dtype=torch.float64)

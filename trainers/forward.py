@@ -113,6 +113,13 @@ class GuessCosine:
         self.every, self.per_layer = every, per_layer
 
     def __call__(self, trainer: Trainer, step: int) -> dict[str, float] | None:
+        """Cosines of the latest guess at steps divisible by ``every`` (else ``None``).
+
+        Raises
+        ------
+        TypeError
+            If ``trainer`` is not a :class:`ForwardGradientTrainer`.
+        """
         if not isinstance(trainer, ForwardGradientTrainer):
             raise TypeError(
                 f"trainer: expected a ForwardGradientTrainer, got {type(trainer).__name__}"

@@ -1,4 +1,6 @@
-r"""Training as a pure function of the initial parameters, and its derivatives (seed 004, section 2).
+r"""Training as a pure function of the initial parameters, and its derivatives.
+
+Section 2 of "Understanding Gradient Descent through the Training Jacobian" (an anonymous submission under double-blind review, no arXiv id given); "the paper" below.
 
 A :class:`TrainingRun` fixes a model, a loss, a data schedule (which mini-batch each step sees),
 a functional optimizer and a learning-rate schedule, so that
@@ -8,7 +10,7 @@ a functional optimizer and a learning-rate schedule, so that
     \theta_T = f(\theta_0), \qquad \theta_{t+1}, s_{t+1} = U_t(\theta_t, s_t, \nabla L_t(\theta_t))
 
 is a deterministic function of :math:`\theta_0` alone. Its Jacobian
-:math:`J = \partial \theta_T / \partial \theta_0` is the *training Jacobian* of seed 004.
+:math:`J = \partial \theta_T / \partial \theta_0` is the *training Jacobian* of the paper.
 
 * ``run(theta0)`` is the plain differentiable loop (``torch.func`` gradients), which
   ``torch.func.jacrev`` / ``jvp`` can differentiate directly;

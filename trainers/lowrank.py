@@ -1,6 +1,11 @@
-r"""Backprop-free training with a stored low-rank Jacobian (seed 000 section 3.3, Algorithm 1).
+r"""Backprop-free training with a stored low-rank Jacobian.
 
-Notation (seed 000 section 1.1): ``n`` training samples, ``d`` outputs, ``m`` parameters,
+Section 3.3 and Algorithm 1 of "Leveraging Low Rank Structure in the Lazy Regime" (an anonymous
+ICLR 2025 submission, no arXiv id given; "the paper" below); its reviewers' questions (the
+refresh below) come from the OpenReview discussion. About 560 lines for one concept, the
+trainer and its factors (the preprocessing is most of it).
+
+Notation (the paper's section 1.1): ``n`` training samples, ``d`` outputs, ``m`` parameters,
 :math:`J \in \mathbb{R}^{nd \times m}` the Jacobian at the reference point :math:`w_0`
 (sample-major rows ``i * d + j``, as :class:`linops.JacobianOperator`), :math:`J_j` its
 ``n x m`` slice for output unit ``j`` and :math:`a_t = \partial \ell / \partial f` the loss
@@ -338,7 +343,7 @@ class _RowIndex:
 
 
 class LowRankJacobianTrainer(Trainer):
-    r"""Seed 000 Algorithm 1: training without backpropagation from stored Jacobian factors.
+    r"""The paper's Algorithm 1: training without backpropagation from stored Jacobian factors.
 
     Parameters
     ----------

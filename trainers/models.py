@@ -1,6 +1,8 @@
 r"""Models the research documents study: scaled MLPs, LeNet-5 and a small CNN.
 
-The :class:`MLP` exposes the parameterizations that seeds 000 and 002 vary. With input
+The :class:`MLP` exposes the parameterizations that "Leveraging Low Rank Structure in the Lazy
+Regime" (anonymous ICLR 2025 submission) and "Demystifying Lazy Training of Neural Networks
+from a Macroscopic Viewpoint" (arXiv:2404.04859) vary. With input
 :math:`h_0 = x`, hidden widths :math:`n_1, \dots, n_L` and fan-ins :math:`n_{l-1}`,
 
 .. math::
@@ -14,9 +16,10 @@ with biases initialised to zero and
 * ``"ntk"``: :math:`W_l \sim N(0, \beta_l^2)`, :math:`c_l = 1/\sqrt{n_{l-1}}` for every layer;
 * ``"mean_field"``: as ``"ntk"`` except the output layer, :math:`c_{L+1} = 1/n_L`.
 
-``"standard"`` with :math:`\beta_l = 1` is LeCun-normal initialisation (seed 004). The output
-scale :math:`\kappa` is the initial output scale of seed 002: the theta-lazy regime is
-:math:`\lim_{m\to\infty} \log\kappa / \log m > 0` for width :math:`m`. Seed 002 writes the
+``"standard"`` with :math:`\beta_l = 1` is LeCun-normal initialisation (as in "Understanding Gradient Descent through the Training
+Jacobian"). The output
+scale :math:`\kappa` is the initial output scale of the macroscopic-viewpoint paper: the theta-lazy regime is
+:math:`\lim_{m\to\infty} \log\kappa / \log m > 0` for width :math:`m`. That paper writes the
 same network with per-layer scales :math:`\beta_l = m^{-\gamma_l}` and
 :math:`\kappa = \prod_l \beta_l \cdot (\text{width factors})`; here :math:`\kappa` is a separate
 knob so that initialisation and output scale can be varied independently.
@@ -59,12 +62,13 @@ class ScaledLinear(nn.Linear):
         self.multiplier = multiplier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's outputs on a batch ``x``."""
         y = self.multiplier * (x @ self.weight.T)
         return y + self.bias if self.bias is not None else y
 
 
 class MLP(nn.Module):
-    """Fully connected network with the scalings of seeds 000, 002 and 004 (module docstring).
+    """Fully connected network with the scalings of the papers of the module docstring.
 
     Parameters
     ----------
@@ -133,6 +137,7 @@ class MLP(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's outputs on a batch ``x``."""
         return self.kappa * self.layers(x.flatten(1))
 
     def linops_chain(self) -> list[nn.Module | float]:
@@ -188,6 +193,7 @@ class LeNet5(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's outputs on a batch ``x``."""
         return self.classifier(self.features(x))
 
     def linops_chain(self) -> list[nn.Module | float]:
@@ -232,6 +238,7 @@ class SmallCNN(nn.Module):
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c2 * side * side, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's outputs on a batch ``x``."""
         return self.classifier(self.features(x))
 
     def linops_chain(self) -> list[nn.Module | float]:

@@ -1,6 +1,8 @@
-r"""Training restricted to an affine subspace :math:`\theta = \theta_0 + P z` (seed 004, section 3.6).
+r"""Training restricted to an affine subspace :math:`\theta = \theta_0 + P z`.
 
-Following Li et al. (2018) and Song et al. (2024), seed 004 re-parameterises the network as
+Section 3.6 of "Understanding Gradient Descent through the Training Jacobian" (an anonymous submission under double-blind review, no arXiv id given); "the paper" below.
+
+Following Li et al. (2018) and Song et al. (2024), the paper re-parameterises the network as
 
 .. math:: \theta_t = \theta_0 + P z_t, \qquad z_0 = 0,
 
@@ -25,7 +27,7 @@ __all__ = ["SubspaceTrainer", "subspace_basis"]
 
 
 class SubspaceTrainer(Trainer):
-    r"""Train :math:`z` in :math:`\theta = \theta_0 + P z` (seed 004, section 3.6, equation 3).
+    r"""Train :math:`z` in :math:`\theta = \theta_0 + P z` (the paper's section 3.6, equation 3).
 
     Parameters
     ----------
