@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler
 
+from linops._checks import check_finite, check_positive_or_none
+
 _STATEFUL_IN_TRAINING = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
@@ -107,10 +109,9 @@ class Batches:
         allow_reshuffle: bool = False,
     ) -> None:
         check_loader(data, allow_reshuffle=allow_reshuffle)
-        if batch_size is not None and (
-            not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
-        ):
+        if isinstance(batch_size, bool | np.integer):  # refused as before: not a plain int
             raise ValueError(f"batch_size: expected a positive integer or None, got {batch_size!r}")
+        check_positive_or_none(batch_size, "batch_size")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(
                 "device: expected an available device, got 'cuda' while "
@@ -118,7 +119,7 @@ class Batches:
             )
         for i, t in enumerate(data if isinstance(data, tuple | list) else (data,)):
             if isinstance(t, torch.Tensor):  # tensors given directly: checked now, not later
-                _check_finite(t, "data: " + ("targets" if i == 1 and targets else "inputs"))
+                check_finite(t, "data", "targets" if i == 1 and targets else "inputs")
         self._source, self._dtype, self._device = data, dtype, device
         self._targets, self._batch_size = targets, batch_size
         self._batches: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
@@ -194,7 +195,7 @@ class Batches:
                     f"data: expected numeric arrays or tensors, got {what} of type "
                     f"{type(t).__name__} ({str(err).splitlines()[0]})"
                 ) from None
-        _check_finite(t, f"data: {what}")
+        check_finite(t, "data", what)
         dtype = self._dtype if t.is_floating_point() else None
         return t.to(device=self._device, dtype=dtype)
 
@@ -203,10 +204,3 @@ def _as_tensor(a: np.ndarray, what: str) -> torch.Tensor:
     if a.dtype.kind not in "biufc":
         raise TypeError(f"data: expected numeric arrays for the {what}, got dtype {a.dtype}")
     return torch.as_tensor(a)
-
-
-def _check_finite(t: torch.Tensor, what: str) -> None:
-    """Refuse NaN or inf (one sum first: the exact test only runs when the sum is not finite)."""
-    if (t.is_floating_point() or t.is_complex()) and t.numel():
-        if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{what} contain NaN or inf")

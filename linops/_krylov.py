@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from linops._backend import ArrayKind, array_kind, from_torch
+from linops._checks import check_int, check_which
 from linops.base import TorchLinearOperator, aslinearoperator
 
 __all__ = [
@@ -72,22 +73,6 @@ def make_generator(seed: int | torch.Generator | None, device: torch.device) -> 
     else:
         raise TypeError(f"seed: expected an int, a torch.Generator or None, got {seed!r}")
     return gen
-
-
-def check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
-    """Return ``value`` as an int if ``lo <= value <= hi``; raise ValueError otherwise."""
-    ok = isinstance(value, int | np.integer) and not isinstance(value, bool)
-    if not ok or value < lo or (hi is not None and value > hi):
-        upper = f" and <= {hi}" if hi is not None else ""
-        raise ValueError(f"{name}: expected an integer >= {lo}{upper}, got {value!r}")
-    return int(value)
-
-
-def check_which(which: str, allowed: tuple[str, ...], name: str = "which") -> str:
-    """Validate a string option (``which``, ``method``, ...) against the allowed values."""
-    if which not in allowed:
-        raise ValueError(f"{name}: expected one of {allowed}, got {which!r}")
-    return which
 
 
 def random_block(n: int, b: int, op: TorchLinearOperator, gen: torch.Generator) -> torch.Tensor:

@@ -5,16 +5,14 @@ from __future__ import annotations
 import cmath
 import copy
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 
-from linops._backend import torch_dtype
 from linops._chain import Chain, ChainMismatch
+from linops._checks import check_device, check_dtype, check_finite
 from linops._data import Batches, check_model_mode
 from linops.base import TorchLinearOperator
 from linops.params import ParamSpace
@@ -75,8 +73,8 @@ class ModelOperator(TorchLinearOperator):
         self.process_group = process_group
         self._num_samples: int | None = None
         space = ParamSpace(model, params, output=output)
-        dtype = _check_dtype(dtype) if dtype is not None else space.dtype
-        device = _check_device(device) if device is not None else space.device
+        dtype = check_dtype(dtype) if dtype is not None else space.dtype
+        device = check_device(device) if device is not None else space.device
         _check_finite_model(space)
         self._given_space = space  # the user's model and selection, for .to()
         self.space = _converted(space, dtype, device)
@@ -354,52 +352,12 @@ def forward_checked(space: ParamSpace, x: torch.Tensor) -> torch.Tensor:
         ) from None
 
 
-def check_output_index(index: Any, d_out: int, *, optional: bool) -> int | None:
-    """``index`` as an output unit in ``[0, d_out)`` (``None`` allowed when ``optional``)."""
-    if index is None and optional:
-        return None
-    if isinstance(index, bool) or not isinstance(index, numbers.Integral):
-        raise TypeError(f"output_index: expected an integer, got {type(index).__name__}")
-    if not 0 <= int(index) < d_out:
-        raise ValueError(f"output_index: expected an integer in [0, {d_out - 1}], got {index}")
-    return int(index)
-
-
-def _check_dtype(dtype: Any) -> torch.dtype:
-    """A floating or complex torch dtype from a torch dtype, a numpy dtype or its name."""
-    if not isinstance(dtype, torch.dtype):
-        try:
-            dtype = torch_dtype(np.dtype(dtype))
-        except TypeError:
-            raise TypeError(
-                f"dtype: expected a floating torch dtype such as torch.float64, got {dtype!r}"
-            ) from None
-    if not (dtype.is_floating_point or dtype.is_complex):
-        raise TypeError(f"dtype: expected a floating torch dtype, got {dtype}")
-    return dtype
-
-
-def _check_device(device: Any) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device: expected a torch device such as 'cpu', got {device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device: expected an available device, got {str(device)!r} while "
-            "torch.cuda.is_available() is False"
-        )
-    return device
-
-
 def _check_finite_model(space: ParamSpace) -> None:
     """Refuse NaN or inf in the differentiated parameters and in the model's buffers."""
     named = [(f"params[{n!r}]", v) for n, v in space.values().items()]
     named += [(f"model buffer {n!r}", b) for n, b in space.model.named_buffers()]
     for what, t in named:
-        if (t.is_floating_point() or t.is_complex()) and t.numel():
-            if not bool(torch.isfinite(t.detach()).all()):
-                raise ValueError(f"{what}: contains NaN or inf")
+        check_finite(t.detach(), what)
 
 
 def _converted(space: ParamSpace, dtype: torch.dtype, device: torch.device) -> ParamSpace:

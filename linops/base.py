@@ -22,19 +22,21 @@ computes in its own dtype and returns the promoted dtype: ``op.to(dtype=torch.fl
 a new operator that computes in float64. Python scalars are weak in ``alpha * A`` (NEP 50):
 ``0.5 * A`` keeps a float32 operator float32, ``2j * A`` makes it complex64.
 
-Composition (``@``, ``+``, ``-``, ``*``, ``**``, ``.T``/``.H``) builds lazy torch composites of
-this module, never SciPy's (which would turn tensors into numpy arrays); importing this module
-also makes ``scipy_op + A``, ``scipy_op @ A``, ``scipy_op * A`` and ``scipy_op.dot(A)`` build
-them when ``A`` is a :class:`TorchLinearOperator` (:func:`_defer_scipy_composition`).
+Composition (``@``, ``+``, ``-``, ``*``, ``**``, ``.T``/``.H``) builds lazy torch composites
+(:mod:`linops._composites`), never SciPy's (which would turn tensors into numpy arrays);
+importing this module also makes ``scipy_op + A``, ``scipy_op @ A``, ``scipy_op * A`` and
+``scipy_op.dot(A)`` build them when ``A`` is a :class:`TorchLinearOperator`
+(:func:`linops._composites._defer_scipy_composition`). Dense and SciPy-backed operators live in
+:mod:`linops._dense`.
+
+This module is over 500 lines for one reason: it is one class, the protocol every operator
+inherits, and each of SciPy's entry points it implements (``matvec`` ... ``__pow__``) keeps
+its own documented contract; the composites and data-backed operators are already elsewhere.
 """
 
 from __future__ import annotations
 
-import cmath
-import functools
-import itertools
-import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -47,10 +49,10 @@ from linops._backend import (
     numpy_dtype,
     operator_dtype,
     result_dtype,
-    scalar_dtype,
     tensor_of,
     torch_dtype,
 )
+from linops._checks import check_finite, check_positive_or_none, check_shape
 
 __all__ = ["IdentityOperator", "TorchLinearOperator", "aslinearoperator"]
 
@@ -121,13 +123,13 @@ class TorchLinearOperator(LinearOperator):
         max_vectors: int | None = None,
         memory_limit_bytes: int | None = None,
     ) -> None:
-        shape = _check_shape(shape)
+        shape = check_shape(shape)
         self.torch_dtype = torch_dtype(dtype)
         self.device = torch.device(device)
         # explicit dtype: SciPy would otherwise probe with an int8 matvec (a hidden JVP)
         super().__init__(dtype=numpy_dtype(self.torch_dtype), shape=shape)
-        self.max_vectors = _check_positive_or_none(max_vectors, "max_vectors")
-        self.memory_limit_bytes = _check_positive_or_none(memory_limit_bytes, "memory_limit_bytes")
+        self.max_vectors = check_positive_or_none(max_vectors, "max_vectors")
+        self.memory_limit_bytes = check_positive_or_none(memory_limit_bytes, "memory_limit_bytes")
         self.check_finite = True
 
     # ----------------------------------------------------------------- subclass hooks
@@ -299,17 +301,8 @@ class TorchLinearOperator(LinearOperator):
         return out.squeeze(1) if t.ndim == 1 else out
 
     def _check_finite(self, t: torch.Tensor, name: str) -> None:
-        # a sum is NaN or inf if any entry is (one cheap pass, about 50x faster than an
-        # elementwise isfinite on a million entries); only then is the exact test run, so
-        # an overflowing sum of finite entries is not mistaken for bad input. cmath on the
-        # Python scalar spares the two kernels of torch.isfinite (2.8 against 9.1 us here)
-        if (
-            self.check_finite
-            and t.numel()
-            and not cmath.isfinite(t.sum().item())
-            and not bool(torch.isfinite(t).all())
-        ):
-            raise ValueError(f"{name}: contains NaN or inf")
+        if self.check_finite:  # one sum first: see linops._checks.check_finite
+            check_finite(t, name)
 
     # SciPy's hooks, used only by SciPy's own composites and helpers
     def _matvec(self, x: Any) -> Any:
@@ -437,7 +430,7 @@ class TorchLinearOperator(LinearOperator):
                 self, process_group, max_vectors=max_vectors, checkpoint_dir=checkpoint_dir
             )
         m, n = self.shape
-        _check_positive_or_none(max_vectors, "max_vectors")
+        check_positive_or_none(max_vectors, "max_vectors")
         chunk = max_vectors or self.vectors_per_pass() or 256
         eye = torch.eye(n, dtype=self.torch_dtype, device=self.device)
         cols = [self._apply(eye[:, i : i + chunk]) for i in range(0, n, chunk)]
@@ -452,256 +445,6 @@ class TorchLinearOperator(LinearOperator):
             f"<{self.shape[0]}x{self.shape[1]} {type(self).__name__} "
             f"with dtype={self.torch_dtype}, device={self.device}>"
         )
-
-
-# --------------------------------------------------------------------------- composites
-class _Composite(TorchLinearOperator):
-    """An operator built from others; computes in the promoted dtype of each product."""
-
-    computes_in_promoted_dtype = True
-
-    def __init__(
-        self,
-        shape: tuple[int, int],
-        ops: Sequence[TorchLinearOperator],
-        dtype: np.dtype | None = None,
-    ) -> None:
-        dtype = np.result_type(*(op.dtype for op in ops)) if dtype is None else dtype
-        devices = {op.device for op in ops}
-        if len(devices) > 1:
-            raise ValueError(f"operands live on different devices: {sorted(map(str, devices))}")
-        super().__init__(shape, dtype=dtype, device=devices.pop())
-        self.ops = list(ops)
-
-    def _converted_ops(self, dtype: torch.dtype, device: torch.device) -> list[TorchLinearOperator]:
-        """The operands converted so that the rebuilt composite has ``dtype``."""
-        if dtype.is_complex and not self.torch_dtype.is_complex:
-            return [op.to(dtype, device=device) for op in self.ops]
-        real = dtype.to_real()
-        return [
-            op.to(dtype if op.torch_dtype.is_complex else real, device=device) for op in self.ops
-        ]
-
-
-class _Sum(_Composite):
-    """``A + B``; nested sums are flattened into ``ops``, ``args`` keeps the two operands."""
-
-    def __init__(self, *operands: Any) -> None:
-        flat: list[TorchLinearOperator] = []
-        for op in map(aslinearoperator, operands):
-            flat.extend(op.ops if isinstance(op, _Sum) else [op])
-        shapes = {op.shape for op in flat}
-        if len(shapes) > 1:
-            raise ValueError(f"cannot add operators of shapes {sorted(shapes)}")
-        super().__init__(flat[0].shape, flat)
-        self.args = operands
-        self.is_symmetric = all(op.is_symmetric for op in flat)
-
-    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
-        return sum(op._apply(X) for op in self.ops)
-
-    def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
-        return sum(op._apply(Y, True) for op in self.ops)
-
-    def _adjoint(self) -> TorchLinearOperator:
-        if self.is_symmetric and not self.torch_dtype.is_complex:
-            return self
-        return _Sum(*(op.H for op in self.ops))
-
-    def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
-        return _Sum(*self._converted_ops(dtype, device))
-
-
-class _Product(_Composite):
-    """``ops[0] @ ops[1] @ ... @ ops[-1]``, applied right to left; ``args`` keeps the two operands."""
-
-    def __init__(self, *operands: Any) -> None:
-        flat: list[TorchLinearOperator] = []
-        for op in map(aslinearoperator, operands):
-            flat.extend(op.ops if isinstance(op, _Product) else [op])
-        for left, right in itertools.pairwise(flat):
-            if left.shape[1] != right.shape[0]:
-                raise ValueError(f"dimension mismatch in product: {left.shape} @ {right.shape}")
-        super().__init__((flat[0].shape[0], flat[-1].shape[1]), flat)
-        self.args = operands
-
-    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
-        for op in reversed(self.ops):
-            X = op._apply(X)
-        return X
-
-    def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
-        for op in self.ops:
-            Y = op._apply(Y, True)
-        return Y
-
-    def _adjoint(self) -> TorchLinearOperator:
-        return _Product(*(op.H for op in reversed(self.ops)))
-
-    def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
-        return _Product(*self._converted_ops(dtype, device))
-
-
-class _Scaled(_Composite):
-    """``alpha * A``; its dtype is numpy's promotion of ``A``'s and ``alpha``'s (NEP 50)."""
-
-    def __init__(self, op: TorchLinearOperator, alpha: Any, dtype: np.dtype | None = None) -> None:
-        alpha = _python_scalar(alpha) if isinstance(alpha, torch.Tensor) else alpha
-        if isinstance(op, _Scaled):
-            op, alpha = op.args[0], alpha * op.args[1]
-        dtype = scalar_dtype(op.dtype, alpha) if dtype is None else dtype
-        super().__init__(op.shape, [op], dtype)
-        self.args = (op, alpha)
-        #: the scale as a Python number (weak in torch's promotion)
-        self.alpha = complex(alpha) if np.iscomplexobj(alpha) else float(alpha)
-        self.is_symmetric = op.is_symmetric and not np.iscomplexobj(alpha)
-
-    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
-        return self.alpha * self.ops[0]._apply(X)
-
-    def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
-        return self.alpha.conjugate() * self.ops[0]._apply(Y, True)
-
-    def _adjoint(self) -> TorchLinearOperator:
-        if self.is_symmetric and not self.torch_dtype.is_complex:
-            return self
-        return _Scaled(self.ops[0].H, self.args[1].conjugate(), self.dtype)
-
-    def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
-        return _Scaled(self._converted_ops(dtype, device)[0], self.alpha, numpy_dtype(dtype))
-
-
-class _Power(_Composite):
-    """``A ** p``: ``p`` products with the square operator ``A`` (a copy of ``x`` for ``p = 0``)."""
-
-    def __init__(self, op: TorchLinearOperator, p: Any) -> None:
-        if op.shape[0] != op.shape[1]:
-            raise ValueError(f"p: powers need a square operator, got shape {op.shape}")
-        if not isinstance(p, numbers.Integral | np.integer) or p < 0:
-            raise ValueError(f"p: expected a non-negative integer, got {p!r}")
-        super().__init__(op.shape, [op])
-        self.args, self.p = (op, p), int(p)
-        self.is_symmetric = op.is_symmetric
-
-    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
-        return self._power(X, False)
-
-    def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
-        return self._power(Y, True)
-
-    def _power(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
-        if self.p == 0:
-            return X.clone()
-        for _ in range(self.p):
-            X = self.ops[0]._apply(X, adjoint)
-        return X
-
-    def _adjoint(self) -> TorchLinearOperator:
-        if self.is_symmetric and not self.torch_dtype.is_complex:
-            return self
-        return _Power(self.ops[0].H, self.p)
-
-    def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
-        return _Power(self._converted_ops(dtype, device)[0], self.p)
-
-
-class _Adjoint(_Composite):
-    """``A^H``."""
-
-    def __init__(self, op: TorchLinearOperator) -> None:
-        super().__init__((op.shape[1], op.shape[0]), [op])
-        self.args = (op,)
-
-    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
-        return self.ops[0]._apply(X, True)
-
-    def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
-        return self.ops[0]._apply(Y)
-
-    def _adjoint(self) -> TorchLinearOperator:
-        return self.ops[0]
-
-    def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
-        return self._converted_ops(dtype, device)[0].H
-
-
-class _Transposed(_Composite):
-    """``A^T = conj(A^H)`` of a complex operator: ``A^T x = conj(A^H conj(x))``."""
-
-    def __init__(self, op: TorchLinearOperator) -> None:
-        super().__init__((op.shape[1], op.shape[0]), [op])
-        self.args = (op,)
-
-    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
-        return _conj(self.ops[0]._apply(_conj(X), True))
-
-    def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
-        return _conj(self.ops[0]._apply(_conj(Y)))
-
-    def _transpose(self) -> TorchLinearOperator:
-        return self.ops[0]
-
-    def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
-        return self._converted_ops(dtype, device)[0].T
-
-
-class _Dense(TorchLinearOperator):
-    """A dense matrix held as a torch tensor; products run in their promoted dtype.
-
-    A product in another dtype than the matrix's casts the matrix for that product (a
-    cached cast would go stale if the caller writes to the matrix they passed in);
-    :meth:`TorchLinearOperator.to` gives an operator holding the cast once.
-    """
-
-    computes_in_promoted_dtype = True
-
-    def __init__(self, A: torch.Tensor) -> None:
-        super().__init__(tuple(A.shape), dtype=A.dtype, device=A.device)
-        self.A = A
-        self.args = (A,)
-
-    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
-        return (self.A if X.dtype == self.A.dtype else self.A.to(X.dtype)) @ X
-
-    def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
-        return (self.A if Y.dtype == self.A.dtype else self.A.to(Y.dtype)).mH @ Y
-
-    def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
-        return _Dense(self.A.to(dtype=dtype, device=device))
-
-    def to_dense(self, **_: Any) -> torch.Tensor:
-        return self.A
-
-
-class _FromScipy(TorchLinearOperator):
-    """A SciPy ``LinearOperator`` (or sparse matrix) seen through torch; products go via numpy.
-
-    Integer dtypes (an integer matrix, SciPy's int8-inferred ``LinearOperator(shape, matvec)``)
-    are promoted to float64; products are computed by SciPy in their promoted dtype, on the host.
-    """
-
-    computes_in_promoted_dtype = True
-
-    def __init__(self, A: Any, *, dtype: Any = None, device: torch.device | str = "cpu") -> None:
-        from scipy.sparse.linalg import aslinearoperator as sp_aslinop
-
-        self.A = sp_aslinop(A)
-        dtype = operator_dtype(self.A.dtype, "A") if dtype is None else dtype
-        super().__init__(self.A.shape, dtype=dtype, device=device)
-        self.args = (A,)
-
-    def _via_numpy(self, f: Callable[[np.ndarray], Any], X: torch.Tensor) -> torch.Tensor:
-        out = np.asarray(f(X.detach().cpu().resolve_conj().numpy()))
-        return torch.from_numpy(np.ascontiguousarray(out)).to(device=self.device, dtype=X.dtype)
-
-    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
-        return self._via_numpy(self.A.matmat, X)
-
-    def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
-        return self._via_numpy(self.A.rmatmat, Y)
-
-    def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
-        return _FromScipy(self.args[0], dtype=dtype, device=device)
 
 
 class IdentityOperator(TorchLinearOperator):
@@ -772,36 +515,18 @@ def aslinearoperator(A: Any) -> TorchLinearOperator:
     )
 
 
-# --------------------------------------------------------------------------- SciPy's side
-def _defer_scipy_composition() -> None:
-    """Make SciPy's operators build linops composites when the other operand is ours.
-
-    ``scipy_op + A`` and ``scipy_op @ A`` call SciPy's ``__add__`` / ``dot`` first, which
-    never return ``NotImplemented``: their composites would turn torch tensors into numpy
-    arrays. The patched methods hand the operation to ``A`` when ``A`` is a
-    :class:`TorchLinearOperator` and behave exactly as before otherwise. Idempotent.
-    """
-    if getattr(LinearOperator.dot, "_linops_defers", False):
-        return
-    add, dot = LinearOperator.__add__, LinearOperator.dot
-
-    @functools.wraps(add)
-    def __add__(self: LinearOperator, x: Any) -> Any:
-        if isinstance(x, TorchLinearOperator) and not isinstance(self, TorchLinearOperator):
-            return _Sum(self, x)
-        return add(self, x)
-
-    @functools.wraps(dot)
-    def dot_(self: LinearOperator, x: Any) -> Any:
-        if isinstance(x, TorchLinearOperator) and not isinstance(self, TorchLinearOperator):
-            return _Product(self, x)
-        return dot(self, x)
-
-    __add__._linops_defers = dot_._linops_defers = True  # type: ignore[attr-defined]
-    LinearOperator.__add__, LinearOperator.dot = __add__, dot_  # type: ignore[method-assign]
-
-
-_defer_scipy_composition()
+# the composites and data-backed operators subclass TorchLinearOperator, so they are imported
+# once it and aslinearoperator exist (their modules import both from here)
+from linops._composites import (  # noqa: E402
+    _Adjoint,
+    _Power,
+    _Product,
+    _python_scalar,
+    _Scaled,
+    _Sum,
+    _Transposed,
+)
+from linops._dense import _Dense, _FromScipy  # noqa: E402
 
 
 # --------------------------------------------------------------------------- helpers
@@ -810,27 +535,6 @@ def _is_scalar(x: Any) -> bool:
     if isinstance(x, torch.Tensor):
         return x.ndim == 0
     return not isinstance(x, np.ndarray) and bool(np.isscalar(x))
-
-
-def _python_scalar(t: torch.Tensor) -> Any:
-    return t.item()
-
-
-def _conj(X: torch.Tensor) -> torch.Tensor:
-    return X.conj_physical() if X.is_complex() else X
-
-
-def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
-    shape = tuple(shape)
-    if len(shape) != 2 or not all(isinstance(s, int | np.integer) and s >= 0 for s in shape):
-        raise ValueError(f"shape: expected two non-negative integers, got {shape!r}")
-    return int(shape[0]), int(shape[1])
-
-
-def _check_positive_or_none(value: int | None, name: str) -> int | None:
-    if value is not None and (not isinstance(value, int | np.integer) or value < 1):
-        raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
-    return value
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from linops._checks import check_positive
+
 __all__ = [
     "DistributedError",
     "dense_columns",
@@ -519,8 +521,7 @@ def dense_columns(
         )
     m, n = op.shape
     chunk = max_vectors or op.vectors_per_pass() or 256
-    if not isinstance(chunk, int | np.integer) or chunk < 1:
-        raise ValueError(f"max_vectors: expected a positive integer, got {max_vectors!r}")
+    check_positive(chunk, "max_vectors")
     world, me = _world(process_group) if process_group is not None else (1, 0)
     starts = list(range(0, n, chunk))
     mine = [starts[i] for i in _split(len(starts), world, me)]

@@ -19,8 +19,9 @@ import torch
 
 from linops._autodiff import GradientGraph, LossFn, OutputGraph
 from linops._chain import ChainGradientGraph, ChainOutputGraph
+from linops._checks import check_output_index
 from linops._loss import OutputLoss
-from linops._model import ModelOperator, check_output_index, forward_checked
+from linops._model import ModelOperator, forward_checked
 from linops._reduction import Reduction, check_reduction, loss_reduction
 
 __all__ = ["GGNOperator", "HessianOperator", "OutputHessianOperator"]

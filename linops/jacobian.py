@@ -22,8 +22,9 @@ import torch
 
 from linops._autodiff import OutputGraph
 from linops._chain import ChainOutputGraph
+from linops._checks import check_output_index
 from linops._data import Batches
-from linops._model import ModelOperator, check_output_index, forward_checked
+from linops._model import ModelOperator, forward_checked
 from linops.base import TorchLinearOperator
 from linops.params import ParamSpace
 

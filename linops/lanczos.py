@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from linops import _krylov as kr
+from linops._checks import check_square
 from linops.base import TorchLinearOperator
 
 __all__ = ["LanczosNoConvergence", "LanczosResult", "lanczos"]
@@ -147,7 +148,7 @@ def lanczos(
     [98, 99, 100]
     """
     op, kind = kr.prepare(A)
-    n = _check_square(op.shape)
+    n = check_square(op.shape, nonempty=True)
     b = kr.check_int(block_size, "block_size", 1, n)
     k = kr.check_int(k, "k", 1, n)
     kr.check_which(which, _WHICH)
@@ -354,11 +355,3 @@ def _fit_ncv(ncv: int, n: int, k: int, b: int) -> int:
             f"block_size={b} for n={n}; lower k or block_size"
         )
     return ncv
-
-
-def _check_square(shape: tuple[int, int]) -> int:
-    if shape[0] != shape[1]:
-        raise ValueError(f"A: expected a square (symmetric) operator, got shape {shape}")
-    if shape[0] == 0:
-        raise ValueError("A: expected a non-empty operator, got shape (0, 0)")
-    return shape[0]

@@ -19,6 +19,7 @@ from scipy.sparse.linalg import LinearOperator
 
 from linops import _krylov as kr
 from linops._backend import to_torch
+from linops._checks import check_rtol
 
 __all__ = ["effective_rank", "numerical_rank", "stable_rank"]
 
@@ -67,7 +68,7 @@ def numerical_rank(s_or_A: Any, rtol: float | None = None, *, seed: int | None =
         return 0
     if rtol is None:
         rtol = max(shape) * _input_eps(s_or_A)
-    return int((s > _check_rtol(rtol) * s.max()).sum())
+    return int((s > check_rtol(rtol) * s.max()).sum())
 
 
 def _input_eps(X: Any) -> float:
@@ -166,18 +167,12 @@ def _singular_values(X: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
     )
 
 
-def _check_rtol(rtol: float) -> float:
-    if not (isinstance(rtol, int | float) and 0 <= rtol < 1):
-        raise ValueError(f"rtol: expected a number in [0, 1), got {rtol!r}")
-    return float(rtol)
-
-
 def _operator_rank(A: LinearOperator, rtol: float | None, seed: int | None) -> int:
     from linops.randomized import range_finder
     from linops.svds import svds
 
     op, _ = kr.prepare(A)
-    rtol = _check_rtol(torch.finfo(op.torch_dtype).eps ** 0.5 if rtol is None else rtol)
+    rtol = check_rtol(torch.finfo(op.torch_dtype).eps ** 0.5 if rtol is None else rtol)
     smax = float(torch.as_tensor(svds(op, 1, seed=seed).singular_values)[0])
     if smax == 0 or math.isnan(smax):
         return 0

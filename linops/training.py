@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from linops._checkpoint import ColumnCheckpoint
+from linops._checks import check_finite, check_positive
 from linops.base import TorchLinearOperator
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,8 +106,7 @@ class TrainingJacobianOperator(TorchLinearOperator):
             raise ValueError(f"theta0: expected a tensor of shape ({run.dim},), got {shape}")
         if not theta0.is_floating_point():
             raise TypeError(f"theta0: expected a floating dtype, got {theta0.dtype}")
-        if not bool(torch.isfinite(theta0).all()):
-            raise ValueError("theta0: contains NaN or inf")
+        check_finite(theta0, "theta0")
         super().__init__(
             (run.dim, run.dim),
             dtype=theta0.dtype,
@@ -199,10 +199,8 @@ class TrainingJacobianOperator(TorchLinearOperator):
         """
         m = self.shape[0]
         chunk = max_vectors or self.vectors_per_pass() or 256
-        if not isinstance(chunk, int) or chunk < 1:
-            raise ValueError(f"max_vectors: expected a positive integer, got {max_vectors!r}")
-        if not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers: expected a positive integer, got {workers!r}")
+        check_positive(chunk, "max_vectors")
+        check_positive(workers, "workers")
         chunks = [(a, min(a + chunk, m)) for a in range(0, m, chunk)]
         if workers > 1 and checkpoint_dir is None and len(chunks) > 1:
             with tempfile.TemporaryDirectory(prefix="linops-tj-") as tmp:

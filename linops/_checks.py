@@ -1,0 +1,154 @@
+"""Argument checks shared by the linops modules: one helper per kind of check.
+
+Every message reads ``"name: expected ..., got ..."`` (the argument's name first, then what
+was expected, then the value or its shape, dtype or device), so an error names the argument
+the caller passed. The checks run once, at a public entry point; inner loops stay check-free.
+"""
+
+from __future__ import annotations
+
+import cmath
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from linops._backend import torch_dtype
+
+__all__ = [
+    "check_device",
+    "check_dtype",
+    "check_finite",
+    "check_int",
+    "check_output_index",
+    "check_positive",
+    "check_positive_or_none",
+    "check_rtol",
+    "check_shape",
+    "check_square",
+    "check_which",
+]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
+    """Return ``value`` as an int if ``lo <= value <= hi``; raise ValueError otherwise."""
+    if not _is_int(value) or value < lo or (hi is not None and value > hi):
+        upper = f" and <= {hi}" if hi is not None else ""
+        raise ValueError(f"{name}: expected an integer >= {lo}{upper}, got {value!r}")
+    return int(value)
+
+
+def check_positive(value: Any, name: str) -> int:
+    """Return ``value`` as an int if it is a positive integer; raise ValueError otherwise."""
+    if not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_positive_or_none(value: Any, name: str) -> int | None:
+    """Return ``value`` if it is a positive integer or None; raise ValueError otherwise."""
+    if value is not None and (not isinstance(value, int | np.integer) or value < 1):
+        raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
+    return value
+
+
+def check_which(which: str, allowed: tuple[str, ...], name: str = "which") -> str:
+    """Validate a string option (``which``, ``method``, ...) against the allowed values."""
+    if which not in allowed:
+        raise ValueError(f"{name}: expected one of {allowed}, got {which!r}")
+    return which
+
+
+def check_rtol(rtol: Any, name: str = "rtol") -> float:
+    """Return ``rtol`` as a float if it is a number in ``[0, 1)``; raise ValueError otherwise."""
+    if not (isinstance(rtol, int | float) and 0 <= rtol < 1):
+        raise ValueError(f"{name}: expected a number in [0, 1), got {rtol!r}")
+    return float(rtol)
+
+
+def check_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """Return an operator shape as two ints; raise ValueError unless two non-negative integers."""
+    shape = tuple(shape)
+    if len(shape) != 2 or not all(isinstance(s, int | np.integer) and s >= 0 for s in shape):
+        raise ValueError(f"shape: expected two non-negative integers, got {shape!r}")
+    return int(shape[0]), int(shape[1])
+
+
+def check_square(
+    shape: tuple[int, int], name: str = "A", kind: str = "symmetric", *, nonempty: bool = False
+) -> int:
+    """Return ``n`` of an ``n x n`` shape; raise ValueError for a non-square (or empty) one.
+
+    ``kind`` names the structure the caller needs (``"symmetric"``, ``"PSD"``) in the message.
+    """
+    if shape[0] != shape[1]:
+        raise ValueError(f"{name}: expected a square ({kind}) operator, got shape {shape}")
+    if nonempty and shape[0] == 0:
+        raise ValueError(f"{name}: expected a non-empty operator, got shape (0, 0)")
+    return shape[0]
+
+
+def check_finite(t: torch.Tensor, name: str, subject: str | None = None) -> None:
+    """Raise ValueError if the tensor ``t`` holds a NaN or an infinity.
+
+    The message is ``"name: contains NaN or inf"``, or ``"name: <subject> contain NaN or inf"``
+    when ``subject`` says which part of the argument (``"data: targets contain ..."``).
+
+    A sum is NaN or inf if any entry is (one cheap pass, about 50x faster than an elementwise
+    ``isfinite`` on a million entries); only then is the exact test run, so an overflowing sum
+    of finite entries is not mistaken for bad input. ``cmath`` on the Python scalar spares the
+    two kernels of ``torch.isfinite`` (2.8 against 9.1 us here). Integer tensors pass.
+    """
+    if (
+        (t.is_floating_point() or t.is_complex())
+        and t.numel()
+        and not cmath.isfinite(t.sum().item())
+        and not bool(torch.isfinite(t).all())
+    ):
+        what = "contains" if subject is None else f"{subject} contain"
+        raise ValueError(f"{name}: {what} NaN or inf")
+
+
+def check_dtype(dtype: Any) -> torch.dtype:
+    """A floating or complex torch dtype from a torch dtype, a numpy dtype or its name."""
+    if not isinstance(dtype, torch.dtype):
+        try:
+            dtype = torch_dtype(np.dtype(dtype))
+        except TypeError:
+            raise TypeError(
+                f"dtype: expected a floating torch dtype such as torch.float64, got {dtype!r}"
+            ) from None
+    if not (dtype.is_floating_point or dtype.is_complex):
+        raise TypeError(f"dtype: expected a floating torch dtype, got {dtype}")
+    return dtype
+
+
+def check_device(device: Any) -> torch.device:
+    """A ``torch.device`` from ``device``; refuses unknown names and CUDA without a GPU."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected a torch device such as 'cpu', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device: expected an available device, got {str(device)!r} while "
+            "torch.cuda.is_available() is False"
+        )
+    return device
+
+
+def check_output_index(index: Any, d_out: int, *, optional: bool) -> int | None:
+    """``index`` as an output unit in ``[0, d_out)`` (``None`` allowed when ``optional``)."""
+    if index is None and optional:
+        return None
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+        raise TypeError(f"output_index: expected an integer, got {type(index).__name__}")
+    if not 0 <= int(index) < d_out:
+        raise ValueError(f"output_index: expected an integer in [0, {d_out - 1}], got {index}")
+    return int(index)
