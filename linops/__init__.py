@@ -14,6 +14,7 @@ from linops.inverse import (
     nystrom_preconditioner,
 )
 from linops.jacobian import JacobianOperator, NTKOperator
+from linops.kfac import KFACOperator
 from linops.lanczos import LanczosNoConvergence, LanczosResult, lanczos
 from linops.memory import retain_freed_memory
 from linops.params import ParamSpace
@@ -46,6 +47,7 @@ __all__ = [
     # the Fisher family (issue 23)
     "EmpiricalFisherOperator",
     "FisherOperator",
+    "KFACOperator",
     # data-parallel operators on torch.distributed (process_group=...)
     "DistributedError",
     "dense_columns",

@@ -1,0 +1,153 @@
+"""KFACOperator: closed forms against dense float64 algebra, the GGN of one layer, curvlinops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from linops import GGNOperator, inverse
+from linops.kfac import KFACOperator
+
+F64 = torch.float64
+LOSSES = {"ce": nn.CrossEntropyLoss, "mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss}
+
+
+def _setup(loss: str, n: int = 12) -> tuple[nn.Module, list]:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X = torch.randn(n, 4, dtype=F64)
+    y = {
+        "ce": torch.randint(0, 3, (n,)),
+        "mse": torch.randn(n, 3, dtype=F64),
+        "bce": torch.randint(0, 2, (n, 3)).double(),
+    }[loss]
+    return model, [(X[:5], y[:5]), (X[5:], y[5:])]
+
+
+def _rel(A: torch.Tensor, B: torch.Tensor) -> float:
+    return float((A - B).abs().max() / B.abs().max())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_one_linear_layer_with_mse_is_the_ggn(reduction: str, bias: bool) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3, bias=bias).double()
+    X, y = torch.randn(12, 4, dtype=F64), torch.randn(12, 3, dtype=F64)
+    loss = nn.MSELoss(reduction=reduction)
+    data = [(X[:5], y[:5]), (X[5:], y[5:])]
+    K = KFACOperator(lin, loss, data, separate_weight_and_bias=False).to_dense()
+    assert _rel(K, GGNOperator(lin, loss, (X, y)).to_dense()) < 1e-12
+    # separate weight and bias blocks drop the cross terms: no longer the GGN
+    if bias:
+        Ks = KFACOperator(lin, loss, data).to_dense()
+        assert _rel(Ks, GGNOperator(lin, loss, (X, y)).to_dense()) > 1e-3
+
+
+def _dense_kfac(K: KFACOperator, kron=lambda A, G: torch.kron(G, A)) -> torch.Tensor:
+    """Block diagonal of kron(G, A) from the factors, independently: row-major weights, and
+    for a joint block the (W | b) rows permuted into the flat order (W row-major, then b)."""
+    blocks = []
+    for A, G in K._blocks():
+        B = kron(A, G)
+        out, cols = G.shape[0], A.shape[0]
+        if not K.separate and cols > 1:
+            inn = cols - 1  # the last column of (W | b) is the bias
+            perm = [
+                i * inn + j if j < inn else out * inn + i for i in range(out) for j in range(cols)
+            ]
+            P = torch.zeros(len(perm), len(perm), dtype=F64)
+            P[perm, torch.arange(len(perm))] = 1.0
+            B = P @ B @ P.T
+        blocks.append(B)
+    return torch.block_diag(*blocks)
+
+
+@pytest.mark.parametrize("separate", [True, False])
+@pytest.mark.parametrize("fisher_type", ["type-2", "mc", "empirical"])
+def test_closed_forms(fisher_type: str, separate: bool) -> None:
+    model, data = _setup("ce")
+    K = KFACOperator(
+        model, nn.CrossEntropyLoss(), data, fisher_type=fisher_type, seed=1,
+        separate_weight_and_bias=separate, mc_samples=2 if fisher_type == "mc" else 1,
+    )  # fmt: skip
+    D = K.to_dense()
+    assert _rel(D, _dense_kfac(K)) < 1e-13  # the parameter order of the flat vector
+    assert abs(K.trace() - float(torch.trace(D))) < 1e-12 * abs(float(torch.trace(D)))
+    assert abs(K.frobenius_norm() - float(torch.linalg.matrix_norm(D))) < 1e-12 * K.frobenius_norm()
+    lam = 1e-2
+    eye = torch.eye(D.shape[0], dtype=F64)
+    assert abs(K.logdet(lam) - float(torch.logdet(D + lam * eye))) < 1e-10 * D.shape[0]
+    inv = K.inverse(lam).to_dense()
+    assert _rel(inv, torch.linalg.inv(D + lam * eye)) < 1e-10
+
+    # heuristic damping: (A + pi sqrt(lam) I)^-1 (x) (G + sqrt(lam)/pi I)^-1, built densely
+    def damped(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        pi = float(((torch.trace(A) / A.shape[0]) / (torch.trace(G) / G.shape[0])).sqrt())
+        Ad = A + max(pi * lam**0.5, 1e-8) * torch.eye(A.shape[0], dtype=F64)
+        Gd = G + max(lam**0.5 / pi, 1e-8) * torch.eye(G.shape[0], dtype=F64)
+        return torch.kron(torch.linalg.inv(Gd), torch.linalg.inv(Ad))
+
+    assert _rel(K.inverse(lam, heuristic=True).to_dense(), _dense_kfac(K, damped)) < 1e-10
+
+
+def test_kfac_preconditions_cg_on_the_ggn() -> None:
+    model, data = _setup("ce", n=40)
+    X = torch.cat([x for x, _ in data])
+    y = torch.cat([t for _, t in data])
+    G = GGNOperator(model, nn.CrossEntropyLoss(), (X, y))
+    lam = 1e-3
+    K = KFACOperator(model, nn.CrossEntropyLoss(), data)
+    B = torch.randn(G.shape[0], 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    plain = inverse(G, damping=lam, rtol=1e-10, block=False)
+    pre = inverse(G, damping=lam, rtol=1e-10, block=False, preconditioner=K.inverse(lam))
+    ref = torch.linalg.solve(G.to_dense() + lam * torch.eye(G.shape[0], dtype=F64), B)
+    assert _rel(pre @ B, ref) < 1e-8 and _rel(plain @ B, ref) < 1e-8
+    assert pre.info.iterations < plain.info.iterations
+
+
+def test_curvlinops_agreement() -> None:
+    curvlinops = pytest.importorskip("curvlinops")
+    for loss in ("ce", "mse", "bce"):
+        for reduction in ("mean", "sum"):
+            for fisher_type in ("type-2", "mc", "empirical"):
+                model, data = _setup(loss)
+                fn = LOSSES[loss](reduction=reduction)
+                kw = {"mc_samples": 2} if fisher_type == "mc" else {}
+                theirs = curvlinops.KFACLinearOperator(
+                    model, fn, list(model.parameters()), data, fisher_type=fisher_type,
+                    seed=5, check_deterministic=False, **kw,
+                )  # fmt: skip
+                eye = torch.eye(theirs.shape[1], dtype=F64)
+                ours = KFACOperator(model, fn, data, fisher_type=fisher_type, seed=5, **kw)
+                assert _rel(ours.to_dense(), theirs @ eye) < 1e-12, (loss, reduction, fisher_type)
+                if (loss, reduction) == ("ce", "mean"):
+                    inv = curvlinops.KFACInverseLinearOperator(
+                        theirs, damping=1e-2, use_exact_damping=True
+                    )
+                    assert _rel(ours.inverse(1e-2).to_dense(), inv @ eye) < 1e-12
+                    assert abs(ours.trace() - float(theirs.trace)) < 1e-12 * ours.trace()
+                    fro = float(theirs.frobenius_norm)
+                    assert abs(ours.frobenius_norm() - fro) < 1e-12 * fro
+
+
+def test_errors() -> None:
+    model, data = _setup("ce")
+    with pytest.raises(ValueError, match="fisher_type: expected one of"):
+        KFACOperator(model, nn.CrossEntropyLoss(), data, fisher_type="exact")
+    with pytest.raises(ValueError, match="mc_samples: expected an integer >= 1"):
+        KFACOperator(model, nn.CrossEntropyLoss(), data, mc_samples=0)
+    with pytest.raises(ValueError, match="loss_fn: expected nn.CrossEntropyLoss"):
+        KFACOperator(model, nn.L1Loss(), data)
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).double()
+    Xi = torch.randn(4, 1, 4, 4, dtype=F64)
+    with pytest.raises(ValueError, match="params: expected only weights and biases of nn.Linear"):
+        KFACOperator(conv, nn.CrossEntropyLoss(), (Xi, torch.zeros(4, dtype=torch.long)))
+    seq = nn.Sequential(nn.Linear(4, 3)).double()
+    Xs = torch.randn(6, 2, 4, dtype=F64)
+    K = KFACOperator(seq, nn.MSELoss(), (Xs, torch.zeros(6, 2, 3, dtype=F64)))
+    with pytest.raises(ValueError, match="takes inputs of shape"):
+        K.to_dense()
+    with pytest.raises(ValueError, match="damping: expected a number > 0"):
+        KFACOperator(model, nn.CrossEntropyLoss(), data).inverse(0.0)
