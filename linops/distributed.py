@@ -29,21 +29,31 @@ different ``seed``), instead of one rank raising and the others hanging in the n
 collective. A rank
 that dies or never arrives is caught by the process group's own ``timeout``
 (``init_process_group(..., timeout=...)``), which bounds every wait.
+The guard itself (header, agreement, shared error messages) is in :mod:`linops._collective`;
+this module holds the sharding and the operators' collective products.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import zlib
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from linops._checks import check_positive
+from linops._collective import (
+    DistributedError,
+    dtype_code,
+    group_device,
+    group_or_world,
+    guarded,
+    operator_tag,
+    world_rank,
+)
 
 __all__ = [
     "DistributedError",
@@ -53,28 +63,6 @@ __all__ = [
     "shard_range",
     "shared_seed",
 ]
-
-T = TypeVar("T")
-
-#: The header of a guarded step has a fixed length (so two headers always pair up in one
-#: all-reduce): error flag, up to twelve named integers that must agree, an input checksum and
-#: its tolerance.
-_SLOTS = 12
-_MESSAGE_BYTES = 512
-
-
-class DistributedError(RuntimeError):
-    """Raised on every rank when a collective operation failed or the ranks disagree.
-
-    Attributes
-    ----------
-    failed_ranks
-        Ranks whose local work raised (empty for a disagreement between ranks).
-    """
-
-    def __init__(self, message: str, failed_ranks: Sequence[int] = ()) -> None:
-        super().__init__(message)
-        self.failed_ranks = list(failed_ranks)
 
 
 # --------------------------------------------------------------------------- sharding
@@ -99,7 +87,7 @@ def shard_range(n: int, process_group: Any = None, *, rank: int | None = None) -
     >>> [list(shard_range(5, rank=r, process_group=None)) for r in (0,)]
     [[0, 1, 2, 3, 4]]
     """
-    world, me = _world(process_group)
+    world, me = world_rank(process_group)
     me = me if rank is None else rank
     if not isinstance(n, int | np.integer) or n < 0:
         raise ValueError(f"n: expected a non-negative integer, got {n!r}")
@@ -159,13 +147,15 @@ def shared_seed(process_group: Any = None, seed: int | None = None) -> int:
     int
         A non-negative 62-bit integer, the same on every rank.
     """
-    world, _ = _world(process_group)
+    world, _ = world_rank(process_group)
     if seed is None:
         seed = int.from_bytes(os.urandom(8), "little") >> 2
     if world == 1:
         return int(seed)
-    t = torch.tensor([int(seed)], dtype=torch.int64, device=_group_device(process_group))
-    dist.broadcast(t, src=dist.get_global_rank(_pg(process_group), 0), group=process_group)
+    t = torch.tensor([int(seed)], dtype=torch.int64, device=group_device(process_group))
+    dist.broadcast(
+        t, src=dist.get_global_rank(group_or_world(process_group), 0), group=process_group
+    )
     return int(t.item())
 
 
@@ -178,165 +168,18 @@ def is_data_parallel(op: Any) -> bool:
     return any(is_data_parallel(c) for c in children if c is not op)
 
 
-# --------------------------------------------------------------------------- guarded steps
-def _world(process_group: Any) -> tuple[int, int]:
-    if process_group is None and not (dist.is_available() and dist.is_initialized()):
-        return 1, 0
-    return dist.get_world_size(process_group), dist.get_rank(process_group)
-
-
-def _pg(process_group: Any) -> Any:
-    return process_group if process_group is not None else dist.group.WORLD
-
-
-def _group_device(process_group: Any) -> torch.device:
-    backend = dist.get_backend(process_group)
-    if backend == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _operator_tag(op: Any) -> int:
-    """A small integer naming the operator's class (equal across ranks)."""
-    return zlib.crc32(type(op).__name__.encode()) % (1 << 31)
-
-
-def _checksum(X: torch.Tensor | None) -> tuple[float, float]:
-    """A weighted sum of ``X`` and the tolerance within which replicas must agree."""
-    if X is None or X.numel() == 0:
-        return 0.0, 0.0
-    Xd = X.detach().to(torch.float64)
-    w = torch.cos(torch.arange(Xd.numel(), dtype=torch.float64, device=Xd.device))
-    value = float(Xd.reshape(-1) @ w)
-    eps = torch.finfo(X.dtype).eps if X.dtype.is_floating_point else 0.0
-    return value, math.sqrt(eps) * float(Xd.abs().sum()) + 1e-300
-
-
-#: dtypes sent through the header as small integer codes (0: another dtype)
-_DTYPES = (
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-    torch.complex64,
-    torch.complex128,
-    torch.int32,
-    torch.int64,
-    torch.bool,
-)
-
-
-def _dtype_code(dtype: torch.dtype) -> int:
-    return _DTYPES.index(dtype) + 1 if dtype in _DTYPES else 0
-
-
-def _show(name: str, value: float) -> str:
-    if "dtype" in name:
-        code = int(value)
-        return str(_DTYPES[code - 1]) if 0 < code <= len(_DTYPES) else "another dtype"
-    return f"{value:.0f}" if float(value).is_integer() else f"{value:.6g}"
-
-
-def _per_rank(name: str, values: list[float]) -> str:
-    """``"rank 0: 3; ranks 1, 2: 4"``: each distinct value with the ranks that hold it."""
-    groups: dict[float, list[int]] = {}
-    for rank, v in enumerate(values):
-        groups.setdefault(v, []).append(rank)
-    parts = [
-        f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {_show(name, v)}"
-        for v, r in groups.items()
-    ]
-    return "; ".join(parts)
-
-
-def _guarded(
-    group: Any,
-    local: Callable[[], T],
-    *,
-    device: torch.device,
-    what: str,
-    exact: Callable[[T], dict[str, int]] = lambda _: {},
-    checksum_of: torch.Tensor | None = None,
-) -> T:
-    """Run ``local()`` on this rank, then agree with every rank of ``group`` in one all-reduce.
-
-    Raises :class:`DistributedError` on every rank if any rank's ``local()`` raised, or if the
-    ranks' ``exact`` signatures (operator, dtypes, call counter, shapes) or input checksums
-    differ, naming what differs and each rank's value; and on this rank if the all-reduce
-    itself fails (a rank died or did not arrive within the process group's timeout).
-    """
-    error: BaseException | None = None
-    try:
-        out = local()
-        sig = exact(out)
-        check, tol = _checksum(checksum_of)
-    except Exception as exc:  # reported on every rank below
-        error, out, sig, check, tol = exc, None, {}, 0.0, 0.0
-    world, me = _world(group)
-    values = [float(v) for v in sig.values()] + [0.0] * (_SLOTS - len(sig))
-    table = torch.zeros(world, 3 + _SLOTS, dtype=torch.float64)
-    table[me] = torch.tensor([1.0 if error else 0.0, *values, check, tol], dtype=torch.float64)
-    table = table.to(device)
-    try:
-        dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)  # each rank fills its row
-    except Exception as exc:
-        raise DistributedError(
-            f"{what}: a rank did not join the collective (it died, or did not arrive within the "
-            f"process group's timeout): {exc}"
-        ) from (error or exc)
-    rows = table.cpu().tolist()
-    if any(row[0] > 0 for row in rows):
-        _raise_failure(group, error, what, device)
-    bad = [
-        f"{name} ({_per_rank(name, [row[1 + i] for row in rows])})"
-        for i, name in enumerate(sig)
-        if len({row[1 + i] for row in rows}) > 1
-    ]
-    checks = [row[-2] for row in rows]
-    if not bad and max(checks) - min(checks) > max(row[-1] for row in rows):
-        bad.append(
-            f"the values of the input vectors, which must be replicated (same shape and dtype "
-            f"on every rank, checksums {_per_rank('checksum', checks)}): the ranks drew different "
-            "random vectors (pass the same seed on every rank: "
-            "linops.distributed.shared_seed) or called the algorithm with different arguments"
-        )
-    if bad:
-        raise DistributedError(f"{what}: the ranks disagree on " + "; and on ".join(bad))
-    return out  # type: ignore[return-value]
-
-
-def _raise_failure(
-    group: Any, error: BaseException | None, what: str, device: torch.device
-) -> None:
-    """Share every rank's error message (fixed-size byte rows summed in one all-reduce)."""
-    world, me = _world(group)
-    text = f"{type(error).__name__}: {error}".encode()[:_MESSAGE_BYTES] if error else b""
-    rows = torch.zeros(world, _MESSAGE_BYTES, dtype=torch.int32)
-    rows[me, : len(text)] = torch.tensor(list(text), dtype=torch.int32)
-    rows = rows.to(device)
-    dist.all_reduce(rows, op=dist.ReduceOp.SUM, group=group)
-    messages = {
-        r: bytes(rows[r].cpu().to(torch.uint8).tolist()).rstrip(b"\0").decode(errors="replace")
-        for r in range(world)
-    }
-    failed = [r for r, m in messages.items() if m]
-    detail = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
-    message = f"{what} failed on rank(s) {failed} of {world}: {detail}"
-    raise DistributedError(message, failed) from error
-
-
 # --------------------------------------------------------------------------- operator products
 def global_num_samples(op: Any) -> int:
     """Number of samples over all ranks of ``op.process_group`` (forces the local batches)."""
     group = op.process_group
-    n = _guarded(
+    n = guarded(
         group,
         lambda: op.batches.num_samples,
         device=op.device,
         what=f"{type(op).__name__}: counting samples",
         exact=lambda _: {
-            "operator": _operator_tag(op),
-            "dtype": _dtype_code(op.torch_dtype),
+            "operator": operator_tag(op),
+            "dtype": dtype_code(op.torch_dtype),
             "parameters": op.shape[1],
         },
     )
@@ -355,12 +198,12 @@ def global_sum(op: Any, local: Callable[[], float], *, what: str) -> float:
     when another rank fails before reaching it.
     """
     group = op.process_group
-    value = _guarded(
+    value = guarded(
         group,
         lambda: float(local()),
         device=op.device,
         what=f"{type(op).__name__}: {what}",
-        exact=lambda _: {"operator": _operator_tag(op)},
+        exact=lambda _: {"operator": operator_tag(op)},
     )
     t = torch.tensor([value], dtype=torch.float64, device=op.device)
     dist.all_reduce(t, group=group)
@@ -376,13 +219,13 @@ def gather_counts(
     parameters) that differ between ranks, raise :class:`DistributedError` on every rank.
     """
     group = op.process_group
-    world, me = _world(group)
-    n, _ = _guarded(
+    world, me = world_rank(group)
+    n, _ = guarded(
         group,
         local,
         device=device,
         what=f"{type(op).__name__}: constructing",
-        exact=lambda out: {"operator": _operator_tag(op), **out[1]},
+        exact=lambda out: {"operator": operator_tag(op), **out[1]},
     )
     t = torch.zeros(world, dtype=torch.int64, device=device)
     t[me] = n
@@ -416,17 +259,17 @@ def data_parallel_apply(op: Any, X: torch.Tensor, adjoint: bool) -> torch.Tensor
     def local() -> torch.Tensor:
         Y = TorchLinearOperator._apply(op, X_local, adjoint)
         if getattr(op, "check_finite", True):
-            _check_finite(Y, f"the local product of rank {_world(group)[1]}")
+            _check_finite(Y, f"the local product of rank {world_rank(group)[1]}")
         return Y
 
-    out = _guarded(
+    out = guarded(
         group,
         local,
         device=op.device,
         what=what,
         exact=lambda Y: {
-            "operator": _operator_tag(op),
-            "dtype": _dtype_code(X.dtype),
+            "operator": operator_tag(op),
+            "dtype": dtype_code(X.dtype),
             "operator rows": op.shape[0],
             "operator columns": op.shape[1],
             "product number": op._calls,
@@ -522,7 +365,7 @@ def dense_columns(
     m, n = op.shape
     chunk = max_vectors or op.vectors_per_pass() or 256
     check_positive(chunk, "max_vectors")
-    world, me = _world(process_group) if process_group is not None else (1, 0)
+    world, me = world_rank(process_group) if process_group is not None else (1, 0)
     starts = list(range(0, n, chunk))
     mine = [starts[i] for i in _split(len(starts), world, me)]
 
@@ -544,17 +387,15 @@ def dense_columns(
         return local(open_checkpoint())
     what = f"{type(op).__name__}.to_dense (column-parallel)"
     sig = {
-        "operator": _operator_tag(op),
-        "dtype": _dtype_code(op.torch_dtype),
+        "operator": operator_tag(op),
+        "dtype": dtype_code(op.torch_dtype),
         "rows": m,
         "columns": n,
         "chunk": chunk,
     }
     # opening the checkpoint is a step of its own: a barrier before any rank writes a chunk
-    ckpt = _guarded(
-        process_group, open_checkpoint, device=op.device, what=what, exact=lambda _: sig
-    )
-    dense = _guarded(process_group, lambda: local(ckpt), device=op.device, what=what)
+    ckpt = guarded(process_group, open_checkpoint, device=op.device, what=what, exact=lambda _: sig)
+    dense = guarded(process_group, lambda: local(ckpt), device=op.device, what=what)
     if gather:
         dist.all_reduce(dense, group=process_group)
     return dense

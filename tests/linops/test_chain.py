@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 import linops
-import linops._chain
+import linops._propagation
 from linops._loss import OutputLoss
 from trainers.models import MLP, LeNet5, SmallCNN, activation
 
@@ -248,7 +248,7 @@ def test_cnn_products_match_torch_func(act: str, patches: bool, monkeypatch) -> 
     """Convolutions and max pooling on the chain route: every product exact, all K, with the
     batched weight tangents through unfolded patches or (when too large) a convolution."""
     if not patches:
-        monkeypatch.setattr(linops._chain, "_MAX_PATCHES", 0)
+        monkeypatch.setattr(linops._propagation, "_MAX_PATCHES", 0)
     torch.manual_seed(11)
     model = SmallCNN(1, 3, channels=(2, 3), act=act).double().eval()
     X = torch.randn(6, 1, 8, 8, dtype=torch.float64)
