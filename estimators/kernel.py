@@ -70,9 +70,10 @@ def layer_parameter_names(model: torch.nn.Module) -> list[str]:
 
     Examples
     --------
-    >>> from trainers.models import MLP
-    >>> layer_parameter_names(MLP(3, 1, (4, 4)))
-    ['layers.0.weight', 'layers.2.weight', 'layers.4.weight']
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    >>> layer_parameter_names(net)
+    ['0.weight', '2.weight']
     """
     return [n for n, p in model.named_parameters() if n.endswith("weight") and p.requires_grad]
 
