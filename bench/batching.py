@@ -25,8 +25,6 @@ writes ``batching.json`` and ``batching.md`` under ``--out`` and prints the mark
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +37,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _harness import parser, write_json
 from operators import Case, make_cases, time_back_to_back
 
 from linops import HessianOperator, JacobianOperator, retain_freed_memory
@@ -179,10 +178,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller data, fewer calls")
+    p = parser(__doc__, "results/batching", quick_help="smaller data, fewer calls")
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--out", type=Path, default=Path("results/batching"))
     args = p.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 9)
     meta = {
@@ -197,8 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += graph_rows(case, repeats) + kernel_rows(case, repeats)
         print(f"{case.name}: done", file=sys.stderr)
     table = markdown(rows, meta)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "batching.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_json(args.out, "batching", {"meta": meta, "rows": rows}, indent=2)
     (args.out / "batching.md").write_text(table)
     print(table)
 

@@ -37,6 +37,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
+
+from _harness import parser, write_json
 
 import linops
 from linops.lanczos import lanczos
@@ -47,9 +50,7 @@ NAME = "distributed"
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path(f"results/{NAME}"))
-    p.add_argument("--quick", action="store_true", help="small run (CI smoke test)")
+    p = parser(__doc__, f"results/{NAME}", quick_help="small run (CI smoke test)")
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     p.add_argument("--k", type=int, default=10, help="top eigenvalues for lanczos")
@@ -133,7 +134,7 @@ def worker(args: argparse.Namespace) -> None:
             "lanczos_products": res.num_matvecs,
             "eigenvalues": res.eigenvalues.tolist(),
         }
-        (args.out / f"p{world}.json").write_text(json.dumps(row))
+        write_json(args.out, f"p{world}", row, indent=None)
     if group is not None:
         dist.barrier()
         dist.destroy_process_group()
@@ -204,7 +205,7 @@ def main() -> None:
         "quick": args.quick,
         "rows": rows,
     }
-    (args.out / f"{NAME}.json").write_text(json.dumps(result, indent=1))
+    write_json(args.out, NAME, result)
     print(
         f"Hessian of {base['num_params']} params over {base['num_samples']} samples, "
         f"{args.threads} thread(s) per process, {os.cpu_count()} CPUs"

@@ -18,11 +18,8 @@ Run ``python bench/guess_step.py [--quick] [--out DIR] [--threads N]``; writes
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import os
-import statistics
 import sys
 import threading
 import time
@@ -35,6 +32,9 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and __name__ == "__main__":
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
+
+from _harness import median_seconds, parser, write_json
 
 from estimators.guesses import make_guesser
 from trainers import BackpropTrainer, ForwardGradientTrainer
@@ -104,18 +104,12 @@ def measure(method: str, cfg: dict, repeats: int) -> dict:
         with PeakRSS() as m:
             t.step(x, y)
         mems.append(m.bytes)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        t.step(x, y)
-        times.append(time.perf_counter() - start)
-    return {"seconds_step": statistics.median(times), "bytes_step_peak": min(mems)}
+    seconds = median_seconds(lambda: t.step(x, y), repeats)
+    return {"seconds_step": seconds, "bytes_step_peak": min(mems)}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("results/guess_step"))
-    p.add_argument("--quick", action="store_true", help="small smoke run (< ~30 s)")
+    p = parser(__doc__, "results/guess_step", quick_help="small smoke run (< ~30 s)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -151,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
             r["bytes_saved_vs_backprop"] = base["bytes_step_peak"] - r["bytes_step_peak"]
             rows[method] = r
         results["methods"][cname] = rows
-    (args.out / "guess_step.json").write_text(json.dumps(results, indent=1))
+    write_json(args.out, "guess_step", results)
     _plot(results, args.out)
     for cname, rows in results["methods"].items():
         c = configs[cname]

@@ -24,11 +24,7 @@ Run ``python bench/lowrank_step.py [--quick] [--out DIR]``.
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +32,9 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
+
+from _harness import median_seconds, parser, write_json
 
 from trainers import BackpropTrainer, LowRankJacobianTrainer
 from trainers.models import MLP, SmallCNN
@@ -94,13 +93,12 @@ def stored_bytes(F: Any) -> int:
 def time_steps(trainer: Any, batches: list, repeats: int) -> float:
     """Median seconds of one ``trainer.step`` over ``repeats`` steps after one warm-up step."""
     trainer.step(*batches[0])
-    times = []
-    for i in range(repeats):
-        x, y = batches[(i + 1) % len(batches)]
-        start = time.perf_counter()
-        trainer.step(x, y)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    calls = iter(range(1, repeats + 1))
+
+    def step() -> None:
+        trainer.step(*batches[next(calls) % len(batches)])
+
+    return median_seconds(step, repeats)
 
 
 def case(kind: str, size: int, cfg: dict) -> dict[str, Any]:
@@ -145,9 +143,7 @@ def case(kind: str, size: int, cfg: dict) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=f"results/{NAME}")
-    ap.add_argument("--quick", action="store_true", help="smoke run (< 30 s)")
+    ap = parser(__doc__, f"results/{NAME}", quick_help="smoke run (< 30 s)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust timings)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -162,7 +158,7 @@ def main() -> None:
     rows = [case(kind, size, cfg) for kind, size in tqdm(cases, desc=NAME)]
     payload = {"config": {**cfg, "quick": args.quick, "threads": torch.get_num_threads()}}
     payload["cases"] = rows
-    (out / f"{NAME}.json").write_text(json.dumps(payload, indent=1))
+    write_json(out, NAME, payload)
     plot(rows, out)
     print(
         f"\n{'model':5s} {'size':>4s} {'params':>8s} {'s_bp':>8s} {'s_fwd':>8s} {'s_lin':>8s} "

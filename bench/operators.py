@@ -67,7 +67,6 @@ writes ``operators.json`` (times in ``seconds_*`` keys) and ``operators.md`` (or
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -85,6 +84,9 @@ from torch import nn
 from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
+
+from _harness import parser, write_json
 
 from linops import GGNOperator, HessianOperator, JacobianOperator, retain_freed_memory
 from linops._autodiff import GradientGraph, OutputGraph
@@ -664,18 +666,15 @@ def _loadavg() -> float | None:
 
 
 def write(out: Path, stem: str, payload: dict[str, Any], table: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(out, stem, payload, indent=2)
     (out / f"{stem}.md").write_text(table)
     print(table)
     print(f"wrote {out / stem}.json and {out / stem}.md")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller data and fewer rounds (~30 s)")
+    p = parser(__doc__, "results/operators", quick_help="smaller data and fewer rounds (~30 s)")
     p.add_argument("--routes", action="store_true", help="time the autodiff routes instead")
-    p.add_argument("--out", type=Path, default=Path("results/operators"))
     p.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds")
     p.add_argument("--no-curvlinops", action="store_true", help="skip the curvlinops columns")
     p.add_argument("--lenet", action="store_true", help="add LeNet-5 on 512 32x32 inputs")

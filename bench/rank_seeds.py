@@ -15,8 +15,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,6 +23,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
+
+from _harness import parser, write_json  # noqa: E402
 
 from estimators.counting import singular_value_count  # noqa: E402
 from linops.testing import with_singular_values  # noqa: E402
@@ -68,13 +69,11 @@ def study(J: np.ndarray, taus: list[float], seeds: int, smoothing: float) -> dic
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__, ROOT / "results" / "rank_seeds")
     p.add_argument("matrices", type=Path, nargs="*")
     p.add_argument("--thresholds", type=float, nargs="+", default=[3.0, 2.0, 1.0, 0.5])
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--smoothing", type=float, default=0.1)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "rank_seeds")
     args = p.parse_args()
     torch.set_num_threads(2)
     if args.quick:
@@ -94,8 +93,7 @@ def main() -> None:
                 f"sd {100 * r['sd_error'][i]:.2f}%, max {100 * r['max_abs_error'][i]:.2f}%, "
                 f"within 2%: {r['within_2_percent'][i]}/{r['seeds']}"
             )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "rank_seeds.json").write_text(json.dumps(results, indent=1))
+    write_json(args.out, "rank_seeds", results)
 
 
 if __name__ == "__main__":

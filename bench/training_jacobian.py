@@ -37,6 +37,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
+
+from _harness import parser, write_json  # noqa: E402
 
 NAME = "training_jacobian"
 
@@ -238,7 +241,7 @@ def lenet(args: argparse.Namespace) -> dict:
     )
     out["bytes_peak"] = _rss_bytes(resource.RUSAGE_SELF)
     out["bytes_dense_would_be"] = run.dim**2 * 4
-    (args.out / f"{NAME}_lenet.json").write_text(json.dumps(out, indent=1))
+    write_json(args.out, f"{NAME}_lenet", out)
     print(f"LeNet-5 ({out['dim']} parameters, {out['steps']} steps, engine {out['engine']})")
     print(
         f"top singular values {[round(v, 3) for v in out['top_singular_values']]}: {out['seconds_top_singular_values']:.0f} s, {out['products_top_singular_values']} products"
@@ -250,10 +253,8 @@ def lenet(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # not results/training_jacobian/: that is the example's directory (same script name)
-    p.add_argument("--out", type=Path, default=ROOT / "results" / f"bench_{NAME}")
-    p.add_argument("--quick", action="store_true", help="small run for smoke tests")
+    p = parser(__doc__, ROOT / "results" / f"bench_{NAME}")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["speedup_vs_jax"] = result["seconds_jax"] / result["seconds_linops"]
     result["loadavg_start"], result["loadavg_end"] = list(load0), list(os.getloadavg())
     result.update(_rank_study(cfg, args, J))
-    (args.out / f"{NAME}.json").write_text(json.dumps(result, indent=1))
+    write_json(args.out, NAME, result)
     _plot(result, args.out)
     _summary(result)
     return result
