@@ -3,6 +3,7 @@
 from linops.angles import principal_angles, subspace_similarity, subspace_similarity_curve
 from linops.base import IdentityOperator, TorchLinearOperator, aslinearoperator
 from linops.distributed import DistributedError, dense_columns, shard, shared_seed
+from linops.ekfac import EKFACOperator
 from linops.fisher import EmpiricalFisherOperator, FisherOperator
 from linops.hessian import GGNOperator, HessianOperator, OutputHessianOperator
 from linops.inverse import (
@@ -48,6 +49,7 @@ __all__ = [
     "EmpiricalFisherOperator",
     "FisherOperator",
     "KFACOperator",
+    "EKFACOperator",
     # data-parallel operators on torch.distributed (process_group=...)
     "DistributedError",
     "dense_columns",

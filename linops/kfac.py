@@ -39,7 +39,7 @@ from linops.base import TorchLinearOperator
 from linops.fisher import _exact_factor, _fisher_family, _int_seed
 from linops.hessian import _LossOperator
 
-__all__ = ["KFACOperator"]
+__all__ = ["KFACOperator"]  # EKFACOperator: linops.ekfac
 
 Tensor = torch.Tensor
 _TYPES = ("type-2", "mc", "empirical")
@@ -173,19 +173,17 @@ class KFACOperator(_LossOperator):
         p = out.sigmoid()
         return p - p.bernoulli(generator=gen)
 
-    def compute_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """The Kronecker factors ``{module name: (A, G)}`` (computed once, then kept)."""
-        if self.factors is not None:
-            return self.factors
+    def _layer_gradients(self) -> Any:
+        r"""Per batch: ``(inputs, grads)``, each layer's (augmented) inputs ``(n, d_in)`` and,
+        per factor column ``r``, its backpropagated ``(n, d_out)`` gradients, scaled so that
+        :math:`G_\ell = \sum g^\top g` (one pass; the generator re-seeded, so every pass
+        draws the same labels)."""
         modules = dict(self.space.model.named_modules())
         gen = torch.Generator(device=self.device).manual_seed(self.seed)
-        reduction = self._reduce()
-        N = self.num_samples
-        A: dict[str, Tensor] = {}
-        G: dict[str, Tensor] = {}
+        reduction, names = self._reduce(), list(self.layers)
         for w, (x, y) in zip(self._weights(), self.batches, strict=True):
             inputs, outputs, hooks = {}, {}, []
-            for name in self.layers:
+            for name in names:
 
                 def hook(
                     mod: nn.Module, args: Any, out: Tensor, name: str = name,
@@ -196,23 +194,13 @@ class KFACOperator(_LossOperator):
                 hooks.append(modules[name].register_forward_hook(hook))
             try:
                 with torch.enable_grad():
-                    leaves = {
-                        k: v.detach().requires_grad_(True) for k, v in self.space.values().items()
-                    }
-                    f = self.space.functional_call(leaves, x)
+                    values = self.space.values().items()
+                    f = self.space.functional_call(
+                        {k: v.detach().requires_grad_(True) for k, v in values}, x
+                    )
             finally:
                 for h in hooks:
                     h.remove()
-            f2 = f.reshape(f.shape[0], -1)
-            W_b = 1.0 if reduction.kind == "sum" else float(reduction.normaliser(f, y))
-            S = self._output_factor(f2.detach(), y, gen) * math.sqrt(w / W_b)
-            names = list(self.layers)
-            for r in range(S.shape[0]):
-                grads = torch.autograd.grad(
-                    f2, [outputs[k] for k in names], grad_outputs=S[r], retain_graph=True
-                )
-                for k, g in zip(names, grads, strict=True):
-                    G[k] = G.get(k, 0) + g.mT @ g
             for k in names:
                 a = inputs[k]
                 if a.dim() != 2:
@@ -221,9 +209,29 @@ class KFACOperator(_LossOperator):
                         "expected (N, d_in) (no weight sharing)"
                     )
                 if not self.separate and self.layers[k][1] is not None:
-                    a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
-                A[k] = A.get(k, 0) + a.mT @ a / N
-        self.factors = {k: (A[k], G[k]) for k in self.layers}
+                    inputs[k] = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
+            f2 = f.reshape(f.shape[0], -1)
+            W_b = 1.0 if reduction.kind == "sum" else float(reduction.normaliser(f, y))
+            S = self._output_factor(f2.detach(), y, gen) * math.sqrt(w / W_b)
+            grads = [
+                dict(zip(names, torch.autograd.grad(
+                    f2, [outputs[k] for k in names], grad_outputs=S[r], retain_graph=True
+                ), strict=True))
+                for r in range(S.shape[0])
+            ]  # fmt: skip
+            yield inputs, grads
+
+    def compute_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """The Kronecker factors ``{module name: (A, G)}`` (computed once, then kept)."""
+        if self.factors is None:
+            N = self.num_samples
+            A: dict[str, Any] = dict.fromkeys(self.layers, 0)
+            G: dict[str, Any] = dict.fromkeys(self.layers, 0)
+            for inputs, grads in self._layer_gradients():
+                for k in self.layers:
+                    A[k] = A[k] + inputs[k].mT @ inputs[k] / N
+                    G[k] = G[k] + sum(g[k].mT @ g[k] for g in grads)
+            self.factors = {k: (A[k], G[k]) for k in self.layers}
         return self.factors
 
     # ------------------------------------------------------------------ products
@@ -234,6 +242,41 @@ class KFACOperator(_LossOperator):
             lambda k, V: factors[k][1] @ V @ factors[k][0],
             lambda k, v: (factors[k][1] @ v[..., None])[..., 0],
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a later session needs to skip the data passes: the factors (and EKFAC's
+        corrected eigenbasis) with the settings that produced them (``torch.save``-able)."""
+        state = {
+            "class": type(self).__name__, "layers": dict(self.layers),
+            "fisher_type": self.fisher_type, "mc_samples": self.mc_samples, "seed": self.seed,
+            "separate_weight_and_bias": self.separate, "factors": self.compute_factors(),
+        }  # fmt: skip
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Use saved factors instead of computing them.
+
+        Raises
+        ------
+        ValueError
+            If the state comes from another class, other layers or other settings.
+        """
+        expected = {
+            "class": type(self).__name__, "layers": dict(self.layers),
+            "fisher_type": self.fisher_type, "mc_samples": self.mc_samples, "seed": self.seed,
+            "separate_weight_and_bias": self.separate,
+        }  # fmt: skip
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"state: expected {key}={value!r} for this operator, got {state.get(key)!r}"
+                )
+        kw = {"dtype": self.torch_dtype, "device": self.device}
+        self.factors = {k: (A.to(**kw), G.to(**kw)) for k, (A, G) in state["factors"].items()}
+        if "corrected" in state:
+            self._corrected = {
+                k: tuple(t.to(**kw) for t in v) for k, v in state["corrected"].items()
+            }
 
     def _map_blocks(self, X: Tensor, weight: Any, bias: Any) -> Tensor:
         """Apply ``weight(k, V)`` (``V``: ``(..., out, in[+1])``) and ``bias(k, v)`` per layer."""
@@ -249,6 +292,14 @@ class KFACOperator(_LossOperator):
             if bn is not None:
                 out[bn] = bias(k, parts[bn])
         return self.space.flatten([out[n] for n in self.space.names])
+
+    def _eigen_map(self, X: Tensor, eig: dict, f: Any) -> Tensor:
+        r""":math:`V \mapsto Q_G[(Q_G^\top V Q_A) \odot f(E)]Q_A^\top` per block."""
+        return self._map_blocks(
+            X,
+            lambda k, V: _rotate(V, eig[k][0], eig[k][1], f(eig[k][2])),
+            lambda k, v: _rotate(v[..., None], _one(v), eig[k][1], f(eig[k][3]))[..., 0],
+        )
 
     def _blocks(self) -> list[tuple[Tensor, Tensor]]:
         """``(A, G)`` of every diagonal block (a separate bias block has ``A = [[1]]``)."""
@@ -297,42 +348,24 @@ class KFACOperator(_LossOperator):
         """
         if not isinstance(damping, int | float) or not damping > 0:
             raise ValueError(f"damping: expected a number > 0, got {damping!r}")
-        return _KFACInverse(self, float(damping), heuristic)
+        from linops.ekfac import _EigenInverse
+
+        return _EigenInverse(self, float(damping), heuristic)
+
+    def _eigen(self) -> dict[str, tuple[Tensor, ...]]:
+        r"""Per layer ``(Q_A, Q_G, E, E_bias)``: the eigenbasis of the blocks and their
+        eigenvalues :math:`E = g a^\top` (``E_bias = g`` for a separate bias block)."""
+        out = {}
+        for k, (A, G) in self.compute_factors().items():
+            a, QA = torch.linalg.eigh(A)
+            g, QG = torch.linalg.eigh(G)
+            out[k] = (QA, QG, g[:, None] * a[None, :], g[:, None])
+        return out
 
 
-class _KFACInverse(TorchLinearOperator):
-    is_symmetric = True
+def _one(v: Tensor) -> Tensor:
+    return torch.ones(1, 1, dtype=v.dtype, device=v.device)
 
-    def __init__(self, kfac: KFACOperator, damping: float, heuristic: bool) -> None:
-        super().__init__(kfac.shape, dtype=kfac.torch_dtype, device=kfac.device)
-        self.kfac, self.damping, self.heuristic = kfac, damping, heuristic
-        self._eig: dict[str, Any] = {}
-        one = torch.ones(1, 1, dtype=kfac.torch_dtype, device=kfac.device)
-        for k, (A, G) in kfac.compute_factors().items():
-            self._eig[k] = (self._decompose(A, G), self._decompose(one, G))
 
-    def _decompose(self, A: Tensor, G: Tensor) -> tuple[Tensor, ...]:
-        lam = self.damping
-        if self.heuristic:
-            pi = math.sqrt(
-                (float(torch.trace(A)) / A.shape[0])
-                / max(float(torch.trace(G)) / G.shape[0], 1e-300)
-            )
-            da, dg = max(pi * math.sqrt(lam), 1e-8), max(math.sqrt(lam) / pi, 1e-8)
-            A = A + da * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-            G = G + dg * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-            lam = 0.0
-        a, QA = torch.linalg.eigh(A)
-        g, QG = torch.linalg.eigh(G)
-        return QA, QG, 1.0 / (g[:, None] * a[None, :] + lam)
-
-    @staticmethod
-    def _solve(V: Tensor, QA: Tensor, QG: Tensor, D: Tensor) -> Tensor:
-        return QG @ ((QG.mT @ V @ QA) * D) @ QA.mT
-
-    def _matmat_torch(self, X: Tensor) -> Tensor:
-        return self.kfac._map_blocks(
-            X,
-            lambda k, V: self._solve(V, *self._eig[k][0]),
-            lambda k, v: self._solve(v[..., None], *self._eig[k][1])[..., 0],
-        )
+def _rotate(V: Tensor, QA: Tensor, QG: Tensor, D: Tensor) -> Tensor:
+    return QG @ ((QG.mT @ V @ QA) * D) @ QA.mT

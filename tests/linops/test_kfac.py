@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from linops import GGNOperator, inverse
+from linops import EmpiricalFisherOperator, FisherOperator, GGNOperator, inverse
+from linops.ekfac import EKFACOperator
 from linops.kfac import KFACOperator
 
 F64 = torch.float64
@@ -151,3 +152,77 @@ def test_errors() -> None:
         K.to_dense()
     with pytest.raises(ValueError, match="damping: expected a number > 0"):
         KFACOperator(model, nn.CrossEntropyLoss(), data).inverse(0.0)
+
+
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+def test_ekfac_eigenvalues_are_the_exact_blocks_diagonal_in_the_kfac_basis(
+    fisher_type: str,
+) -> None:
+    """E = diag(Q^T F_l Q) with Q = Q_G (x) Q_A and F_l the layer's block of the exact Fisher
+    (type-2: the FisherOperator; empirical: the EmpiricalFisherOperator), built independently."""
+    model, data = _setup("mse")
+    fn = nn.MSELoss()
+    E = EKFACOperator(model, fn, data, fisher_type=fisher_type)
+    full = (FisherOperator if fisher_type == "type-2" else EmpiricalFisherOperator)(model, fn, data)
+    F = full.to_dense()
+    names, sizes = E.space.names, [p.numel() for p in model.parameters()]
+    offsets = dict(
+        zip(names, torch.cumsum(torch.tensor([0, *sizes[:-1]]), 0).tolist(), strict=True)
+    )
+    for k, (QA, QG, Ew, Eb) in E._eigen().items():
+        wn, bn = E.layers[k]
+        i = offsets[wn]
+        Fw = F[i : i + QG.shape[0] * QA.shape[0], i : i + QG.shape[0] * QA.shape[0]]
+        Q = torch.kron(QG, QA)
+        assert _rel(Ew.reshape(-1), torch.diagonal(Q.T @ Fw @ Q)) < 1e-10
+        j = offsets[bn]
+        Fb = F[j : j + QG.shape[0], j : j + QG.shape[0]]
+        assert _rel(Eb[:, 0], torch.diagonal(QG.T @ Fb @ QG)) < 1e-10
+    D = E.to_dense()
+    lam = 1e-2
+    eye = torch.eye(D.shape[0], dtype=F64)
+    assert abs(E.trace() - float(torch.trace(D))) < 1e-12 * E.trace()
+    assert abs(E.frobenius_norm() - float(torch.linalg.matrix_norm(D))) < 1e-12 * E.frobenius_norm()
+    assert abs(E.logdet(lam) - float(torch.logdet(D + lam * eye))) < 1e-10 * D.shape[0]
+    assert _rel(E.inverse(lam).to_dense(), torch.linalg.inv(D + lam * eye)) < 1e-10
+    with pytest.raises(ValueError, match="heuristic: expected False for EKFAC"):
+        E.inverse(lam, heuristic=True)
+
+
+def test_ekfac_curvlinops_agreement() -> None:
+    curvlinops = pytest.importorskip("curvlinops")
+    for loss, reduction, fisher_type, separate in [
+        ("ce", "mean", "type-2", True), ("mse", "sum", "mc", False),
+        ("bce", "mean", "empirical", True), ("ce", "sum", "mc", True),
+    ]:  # fmt: skip
+        model, data = _setup(loss)
+        fn = LOSSES[loss](reduction=reduction)
+        kw = {"mc_samples": 2} if fisher_type == "mc" else {}
+        theirs = curvlinops.EKFACLinearOperator(
+            model, fn, list(model.parameters()), data, fisher_type=fisher_type, seed=5,
+            separate_weight_and_bias=separate, check_deterministic=False, **kw,
+        )  # fmt: skip
+        ours = EKFACOperator(
+            model, fn, data, fisher_type=fisher_type, seed=5, separate_weight_and_bias=separate,
+            **kw,
+        )  # fmt: skip
+        eye = torch.eye(theirs.shape[1], dtype=F64)
+        assert _rel(ours.to_dense(), theirs @ eye) < 1e-12, (loss, reduction, fisher_type)
+
+
+@pytest.mark.parametrize("cls", [KFACOperator, EKFACOperator])
+def test_state_saves_and_loads(cls: type) -> None:
+    import io
+
+    model, data = _setup("ce")
+    op = cls(model, nn.CrossEntropyLoss(), data, fisher_type="mc", seed=4)
+    buf = io.BytesIO()
+    torch.save(op.state_dict(), buf)
+    buf.seek(0)
+    other_data = [(torch.zeros_like(x), y) for x, y in data]  # would give other factors
+    fresh = cls(model, nn.CrossEntropyLoss(), other_data, fisher_type="mc", seed=4)
+    fresh.load_state_dict(torch.load(buf))
+    assert _rel(fresh.to_dense(), op.to_dense()) < 1e-15
+    wrong = cls(model, nn.CrossEntropyLoss(), data, fisher_type="mc", seed=5)
+    with pytest.raises(ValueError, match="state: expected seed=5 for this operator, got 4"):
+        wrong.load_state_dict(op.state_dict())
