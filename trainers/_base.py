@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -21,9 +21,24 @@ from estimators.kernel import relative_distance
 from estimators.seeding import Seed, make_generator
 from linops.params import ParamSpace
 
-__all__ = ["Callback", "History", "RelativeDistance", "Trainer", "make_optimizer"]
+__all__ = ["Callback", "Direction", "History", "RelativeDistance", "Trainer", "make_optimizer"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Direction(NamedTuple):
+    """What :meth:`Trainer.direction` returns (fields as :class:`estimators.Guess`'s).
+
+    Attributes
+    ----------
+    loss
+        The batch loss before the step.
+    grads
+        The update direction by parameter name: the gradient, or an estimate of it.
+    """
+
+    loss: float
+    grads: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -150,7 +165,7 @@ class Trainer:
         self.steps_done = 0
 
     # --------------------------------------------------------------- what subclasses implement
-    def direction(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    def direction(self, x: torch.Tensor, y: torch.Tensor) -> Direction:
         """Loss on the batch and the update direction (the gradient or an estimate of it)."""
         raise NotImplementedError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from trainers._base import Trainer
+from trainers._base import Direction, Trainer
 
 __all__ = ["BackpropTrainer"]
 
@@ -24,9 +24,9 @@ class BackpropTrainer(Trainer):
     True
     """
 
-    def direction(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    def direction(self, x: torch.Tensor, y: torch.Tensor) -> Direction:
         """Batch loss and its exact gradient by backprop."""
         leaves = {n: p.detach().requires_grad_(True) for n, p in self.values.items()}
         loss = self.loss_fn(self.forward(x, leaves), y)
         grads = torch.autograd.grad(loss, list(leaves.values()))
-        return float(loss.detach()), dict(zip(leaves, grads, strict=True))
+        return Direction(float(loss.detach()), dict(zip(leaves, grads, strict=True)))

@@ -19,7 +19,7 @@ import torch
 from estimators.guess_quality import guess_cosine, true_gradient
 from estimators.guesses import GradientGuesser, Guess, make_guesser
 from estimators.seeding import Seed, make_generator
-from trainers._base import LossFn, Trainer
+from trainers._base import Direction, LossFn, Trainer
 
 __all__ = ["ForwardGradientTrainer", "GuessCosine"]
 
@@ -91,12 +91,12 @@ class ForwardGradientTrainer(Trainer):
         self.last_guess: Guess | None = None
         self.last_batch: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None = None
 
-    def direction(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    def direction(self, x: torch.Tensor, y: torch.Tensor) -> Direction:
         """Batch loss and the guessed gradient (no backward pass through the network)."""
         guess = self.guesser(self.space, self.values, x, y, self.loss_fn, seed=self._generator)
         self.last_guess = guess
         self.last_batch = (x, y, {n: p.detach().clone() for n, p in self.values.items()})
-        return float(guess.loss), guess.grads
+        return Direction(float(guess.loss), guess.grads)
 
 
 class GuessCosine:

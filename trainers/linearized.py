@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 
 from linops.jacobian import JacobianOperator
-from trainers._base import History, LossFn, Trainer
+from trainers._base import Direction, History, LossFn, Trainer
 
 __all__ = ["LinearizedTrainer"]
 
@@ -140,7 +140,7 @@ class LinearizedTrainer(Trainer):
         return self.linearized_outputs(x)
 
     # ----------------------------------------------------------------- the trainer interface
-    def direction(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    def direction(self, x: torch.Tensor, y: torch.Tensor) -> Direction:
         """Loss of the linearized model on the batch and its exact gradient :math:`J_0^\\top a`."""
         lin = self._linearization(x)
         out = self._outputs(lin).requires_grad_(True)
@@ -148,7 +148,7 @@ class LinearizedTrainer(Trainer):
             loss = self.loss_fn(out, y)
             (a,) = torch.autograd.grad(loss, out)
         grads = self.space.unflatten(lin.J.H @ a.reshape(-1))
-        return float(loss.detach()), dict(grads)
+        return Direction(float(loss.detach()), dict(grads))
 
     def fit(
         self,

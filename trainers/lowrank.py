@@ -76,9 +76,9 @@ from estimators.reference import eigenvalue_threshold, reference_gram_eigh, refe
 from estimators.seeding import Seed, make_generator
 from estimators.selection import select_reference_set
 from linops.jacobian import JacobianOperator
-from trainers._base import LossFn, Trainer
+from trainers._base import Direction, LossFn, Trainer
 
-__all__ = ["LowRankFactors", "LowRankJacobianTrainer", "lowrank_factors"]
+__all__ = ["LowRankFactors", "LowRankJacobianTrainer", "LowRankUpdate", "lowrank_factors"]
 
 PROJECTIONS = ("parameter", "sample")
 OUTPUTS = ("forward", "linearized")
@@ -118,6 +118,24 @@ class LowRankFactors(NamedTuple):
     ranks: list[int]
     reference: list[torch.Tensor]
     seconds: float
+
+
+class LowRankUpdate(NamedTuple):
+    r"""What :meth:`LowRankJacobianTrainer.approximate_gradient` returns.
+
+    Attributes
+    ----------
+    loss
+        The batch loss (0-d, detached).
+    update
+        The flat low-rank update :math:`\hat g`, ``(m,)``.
+    outputs
+        The outputs the loss was computed from, the model's shape.
+    """
+
+    loss: torch.Tensor
+    update: torch.Tensor
+    outputs: torch.Tensor
 
 
 def _check_choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
@@ -517,7 +535,7 @@ class LowRankJacobianTrainer(Trainer):
 
     def approximate_gradient(
         self, idx: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> LowRankUpdate:
         r"""Loss, flat update :math:`\hat g` and outputs on training rows ``idx`` (no side effects).
 
         ``x`` (the inputs of those rows) is needed with ``outputs="forward"``.
@@ -535,7 +553,7 @@ class LowRankJacobianTrainer(Trainer):
             (a,) = torch.autograd.grad(loss, out)
         a = a.reshape(-1)
         rows = self._rows_of(idx)
-        return loss.detach(), self._update(F, rows, a), out.detach()
+        return LowRankUpdate(loss.detach(), self._update(F, rows, a), out.detach())
 
     def _out_shape(self) -> torch.Size:
         shape = getattr(self, "_shape", None)
@@ -546,7 +564,7 @@ class LowRankJacobianTrainer(Trainer):
         return shape
 
     # ----------------------------------------------------------------- the trainer interface
-    def direction(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    def direction(self, x: torch.Tensor, y: torch.Tensor) -> Direction:
         """Loss on the batch and the low-rank update :math:`\\hat g` (refreshing if due)."""
         self._maybe_refresh()
         idx = self._rows(x)
@@ -555,7 +573,7 @@ class LowRankJacobianTrainer(Trainer):
             self._drift = self.drift(idx, out if self.outputs == "forward" else None)
             self.history.log(drift=self._drift)
         self._since_refresh += 1
-        return float(loss), self.space.unflatten(g)
+        return Direction(float(loss), self.space.unflatten(g))
 
     def drift(self, idx: torch.Tensor, network_outputs: torch.Tensor | None = None) -> float:
         r"""Relative error of the stored model's predicted output change on rows ``idx``.

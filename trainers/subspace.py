@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from estimators.seeding import Seed, make_generator
-from trainers._base import Trainer, make_optimizer
+from trainers._base import Direction, Trainer, make_optimizer
 from trainers._schedules import Schedule, as_schedule
 
 __all__ = ["SubspaceTrainer", "subspace_basis"]
@@ -111,12 +111,12 @@ class SubspaceTrainer(Trainer):
         z = (values or self.values)["z"]
         return self.space.functional_call(self.space.unflatten(self.theta(z)), x)
 
-    def direction(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    def direction(self, x: torch.Tensor, y: torch.Tensor) -> Direction:
         r"""Loss and :math:`\nabla_z L = P^\top \nabla_\theta L(\theta_0 + P z)`."""
         theta = self.theta().requires_grad_(True)
         loss = self.loss_fn(self.space.functional_call(self.space.unflatten(theta), x), y)
         (g,) = torch.autograd.grad(loss, theta)
-        return float(loss.detach()), {"z": self.basis.T @ g}
+        return Direction(float(loss.detach()), {"z": self.basis.T @ g})
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One step at the scheduled learning rate."""
