@@ -10,10 +10,14 @@ seeded initialisation, float64, cross-entropy; 1,600 training digits, 256 with `
   (``FisherOperator(mc_samples=1)`` against ``FisherMCLinearOperator``, same seed, hence the
   same sampled labels), with one vector and with 32 (reported per vector), and the largest
   relative difference of the two libraries' products.
+* **KFAC / EKFAC** (type-2): construction of the factors (and EKFAC's eigenvalue correction)
+  and products, against curvlinops' ``KFACLinearOperator`` / ``EKFACLinearOperator``.
 * **Solves** of :math:`(G + \\lambda I) x = b` for the GGN at :math:`\\lambda = 10^{-4}
   \\lambda_{\\max}(G)` and one right-hand side, to a relative residual of 1e-8:
   ``linops.inverse`` with CG, with CG and the randomized Nystrom preconditioner (its sketch
-  built inside the timed call and its products counted), and with MINRES; ``scipy.sparse.
+  built inside the timed call and its products counted), with CG preconditioned by the KFAC
+  inverse at the same damping (KFAC built inside the timed call: data passes, no products of
+  ``G``), and with MINRES; ``scipy.sparse.
   linalg.cg(rtol=1e-8)`` on the linops operator; curvlinops' ``CGInverseLinearOperator`` on
   its GGN plus damping (GPyTorch's ``linear_cg`` with ``tolerance=1e-8``, at most 2,000
   iterations: on 256 digits it stalled at a relative residual of 1e-5 after 20,000). For each: products
@@ -54,9 +58,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from linops import (
+    EKFACOperator,
     EmpiricalFisherOperator,
     FisherOperator,
     GGNOperator,
+    KFACOperator,
     inverse,
     lanczos,
 )
@@ -127,6 +133,39 @@ def products(model: nn.Module, X: torch.Tensor, y: torch.Tensor, rounds: int) ->
         row["max_rel_diff_ef"] = float((ef @ V - ref).abs().max() / ref.abs().max())
         ref = cfmc @ V
         row["max_rel_diff_fmc"] = float((fmc @ V - ref).abs().max() / ref.abs().max())
+    kfac = KFACOperator(model, loss, (X, y))
+    ekfac = EKFACOperator(model, loss, (X, y))
+    kfac.compute_factors(), ekfac._eigen()
+    cands |= {
+        "linops_kfac_build": lambda: KFACOperator(model, loss, (X, y)).compute_factors(),
+        "linops_ekfac_build": lambda: EKFACOperator(model, loss, (X, y))._eigen(),
+        "linops_kfac_1": lambda: kfac @ v,
+        "linops_kfac_32": lambda: kfac @ V,
+        "linops_ekfac_1": lambda: ekfac @ v,
+    }
+    if curvlinops is not None:
+        ck = curvlinops.KFACLinearOperator(model, loss, params, data, fisher_type="type-2", **kw)
+        ce = curvlinops.EKFACLinearOperator(model, loss, params, data, fisher_type="type-2", **kw)
+
+        def build(cls: Any, method: str) -> Callable[[], Any]:
+            return lambda: getattr(
+                cls(model, loss, params, data, fisher_type="type-2", **kw), method
+            )()
+
+        ref, ref_e = ck @ V, ce @ V
+        row["max_rel_diff_kfac"] = float((kfac @ V - ref).abs().max() / ref.abs().max())
+        row["max_rel_diff_ekfac"] = float((ekfac @ V - ref_e).abs().max() / ref_e.abs().max())
+        cands |= {
+            "curvlinops_kfac_build": build(
+                curvlinops.KFACLinearOperator, "compute_kronecker_factors"
+            ),
+            "curvlinops_ekfac_build": build(
+                curvlinops.EKFACLinearOperator, "compute_eigenvalue_correction"
+            ),
+            "curvlinops_kfac_1": lambda: ck @ v,
+            "curvlinops_kfac_32": lambda: ck @ V,
+            "curvlinops_ekfac_1": lambda: ce @ v,
+        }
     t = interleaved(cands, rounds)
     for k, s in t.items():
         row[f"seconds_{k}"] = s / K if k.endswith("_32") else s
@@ -200,8 +239,15 @@ def solves(model: nn.Module, X: torch.Tensor, y: torch.Tensor, rounds: int) -> d
         x, info = sla.cg(A, b[:, 0].numpy(), rtol=RTOL, maxiter=20000)
         out["scipy_cg"], counts["scipy_cg"] = torch.as_tensor(x)[:, None], A.count
 
+    def kfac_pc() -> None:
+        K = KFACOperator(model, nn.CrossEntropyLoss(), (X, y))
+        op = inverse(G, damping=lam, rtol=RTOL, preconditioner=K.inverse(lam))
+        out["linops_cg_kfac"] = op @ b
+        counts["linops_cg_kfac"], counts["linops_cg_kfac_preconditioner"] = op.info.num_matvecs, 0
+
     cands = {
         "linops_cg": linops_solve("linops_cg"),
+        "linops_cg_kfac": kfac_pc,
         "linops_cg_nystrom": linops_solve("linops_cg_nystrom", preconditioner="nystrom"),
         "linops_minres": linops_solve("linops_minres", method="minres"),
         "scipy_cg": scipy_cg,
@@ -269,13 +315,24 @@ def markdown(prod: dict, sol: dict, meta: dict) -> str:
     def ms(key: str) -> str:
         return f"{1e3 * prod[key]:.2f}" if key in prod else "-"
 
-    for op, label in (("ef", "empirical Fisher"), ("fmc", "MC Fisher (1 sample)")):
+    for op, label in (
+        ("ef", "empirical Fisher"), ("fmc", "MC Fisher (1 sample)"), ("kfac", "KFAC (type-2)"),
+        ("ekfac", "EKFAC (type-2)"),
+    ):  # fmt: skip
         diff = prod.get(f"max_rel_diff_{op}")
         lines.append(
             f"| {label} | {ms(f'seconds_linops_{op}_1')} | {ms(f'seconds_curvlinops_{op}_1')} "
             f"| {ms(f'seconds_linops_{op}_32')} | {ms(f'seconds_curvlinops_{op}_32')} "
             f"| {'-' if diff is None else f'{diff:.1e}'} |"
         )
+    lines += [
+        "",
+        "KFAC / EKFAC construction (one pass over the data, 10 backward passes per batch; "
+        "EKFAC: both passes) in seconds: linops "
+        f"{prod['seconds_linops_kfac_build']:.3f} / {prod['seconds_linops_ekfac_build']:.3f}, "
+        f"curvlinops {prod.get('seconds_curvlinops_kfac_build', float('nan')):.3f} / "
+        f"{prod.get('seconds_curvlinops_ekfac_build', float('nan')):.3f}.",
+    ]
     lines += [
         "",
         f"Solves of (G + lambda I) x = b, lambda = 1e-4 lambda_max = {sol['lambda']:.3g}, "

@@ -104,6 +104,7 @@ class KFACOperator(_LossOperator):
             raise ValueError(f"fisher_type: expected one of {_TYPES}, got {fisher_type!r}")
         if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
             raise ValueError(f"mc_samples: expected an integer >= 1, got {mc_samples!r}")
+        kwargs.setdefault("max_vectors", 1024)  # products are small matmuls: no chunking
         super().__init__(model, loss_fn, data, params, **kwargs)
         self.fisher_type, self.mc_samples = fisher_type, mc_samples
         self.seed, self.separate = _int_seed(seed), bool(separate_weight_and_bias)
