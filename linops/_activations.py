@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -86,9 +87,10 @@ def elementwise(mod: nn.Module) -> Derivs | None:
     if kind is nn.GELU and mod.approximate == "none":
         return _gelu
     if kind is nn.LeakyReLU:
-        return _leaky(float(mod.negative_slope))
+        return _leaky(float(cast(nn.LeakyReLU, mod).negative_slope))
     if kind is nn.Softplus:
-        return _softplus(float(mod.beta), float(mod.threshold))
+        softplus = cast(nn.Softplus, mod)
+        return _softplus(float(softplus.beta), float(softplus.threshold))
     return None
 
 

@@ -20,12 +20,15 @@ activations do not fit in memory.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from linops.params import ParamSpace
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: a loss called as ``loss(outputs, targets)``; targets are None for a target-free objective
+#: (the output Hessian's selected output), hence Any in the second place
+LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 
 
 def _leaves(space: ParamSpace) -> list[torch.Tensor]:
@@ -75,12 +78,12 @@ class OutputGraph:
                 out = out[:, output_index : output_index + 1]
             self.out = out
             self.u = torch.zeros_like(out, requires_grad=True)
-            self.gu = torch.autograd.grad(
+            gu = torch.autograd.grad(
                 out, self.leaves, grad_outputs=self.u, create_graph=True, allow_unused=True
             )
         self.gu = [
             g if g is not None else torch.zeros_like(x)
-            for g, x in zip(self.gu, self.leaves, strict=True)
+            for g, x in zip(gu, self.leaves, strict=True)
         ]
 
     def jvp(self, tangents: Sequence[torch.Tensor], batched: bool) -> torch.Tensor:
@@ -96,18 +99,16 @@ class GradientGraph:
     """Retained graph of the gradient of ``loss(f(theta; x), y)`` on one batch, for ``H v``."""
 
     def __init__(
-        self, space: ParamSpace, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor
+        self, space: ParamSpace, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor | None
     ) -> None:
         self.leaves = _leaves(space)
         with torch.enable_grad():
             out = space.functional_call(dict(zip(space.names, self.leaves, strict=True)), x)
             loss = loss_fn(out, y)
-            self.grads = torch.autograd.grad(
-                loss, self.leaves, create_graph=True, allow_unused=True
-            )
+            grads = torch.autograd.grad(loss, self.leaves, create_graph=True, allow_unused=True)
         self.grads = [
             g if g is not None else torch.zeros_like(x)
-            for g, x in zip(self.grads, self.leaves, strict=True)
+            for g, x in zip(grads, self.leaves, strict=True)
         ]
 
     def hvp(self, tangents: Sequence[torch.Tensor], batched: bool) -> list[torch.Tensor]:
@@ -118,7 +119,7 @@ class LossOutputGraph:
     """Retained graph of the loss gradient w.r.t. the outputs, for ``H_loss u`` (GGN)."""
 
     def __init__(
-        self, out: torch.Tensor, loss_fn: LossFn, y: torch.Tensor, shape: torch.Size
+        self, out: torch.Tensor, loss_fn: LossFn, y: torch.Tensor | None, shape: torch.Size
     ) -> None:
         with torch.enable_grad():
             self.out = out.detach().reshape(shape).requires_grad_(True)

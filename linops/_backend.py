@@ -12,7 +12,7 @@ operator times a float64 or int64 vector is float64, as ``scipy.sparse.linalg`` 
 from __future__ import annotations
 
 import numbers
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -120,7 +120,7 @@ def scalar_dtype(op_dtype: np.dtype, alpha: Any) -> np.dtype:
     """
     if isinstance(alpha, str | bytes) or not isinstance(alpha, numbers.Number | np.bool_):
         raise TypeError(f"alpha: expected a real or complex number, got {alpha!r}")
-    return _supported(np.result_type(op_dtype, alpha), "alpha")
+    return _supported(np.result_type(op_dtype, cast(Any, alpha)), "alpha")
 
 
 def _supported(npd: np.dtype, name: str) -> np.dtype:
@@ -134,7 +134,7 @@ def _supported(npd: np.dtype, name: str) -> np.dtype:
     raise TypeError(f"{name}: expected a floating or complex dtype, got {npd}")
 
 
-def tensor_of(x: Any, *, device: torch.device, name: str) -> tuple[torch.Tensor, ArrayKind]:
+def tensor_of(x: Any, *, device: torch.device | str, name: str) -> tuple[torch.Tensor, ArrayKind]:
     """``x`` as a torch tensor on ``device`` in its own dtype, and the kind it came as.
 
     Torch tensors must already be on ``device`` (no hidden host-device copies); CuPy arrays

@@ -61,6 +61,7 @@ import copy
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,6 +77,9 @@ from linops.params import ParamSpace
 __all__ = ["Chain", "ChainGradientGraph", "ChainOutputGraph", "recognise_chain"]
 
 Tensor = torch.Tensor
+#: what a step's primal pass keeps for the products: ``(phi', phi'')`` of an elementwise step
+#: (``phi''`` None when piecewise linear), the argmax indices of max pooling, else None
+StepAux = Any
 
 
 def recognise_chain(model: nn.Module) -> list[nn.Module | float] | None:
@@ -113,7 +117,7 @@ def recognise_chain(model: nn.Module) -> list[nn.Module | float] | None:
             or _is_flatten(item)
             or _is_conv(item)
             or _is_pool(item)
-            or elementwise(item) is not None
+            or (isinstance(item, nn.Module) and elementwise(item) is not None)
         ):
             flat.append(item)
         else:
@@ -239,13 +243,14 @@ class Chain:
         except ValueError:
             return None
 
-    def forward(self, x: Tensor) -> tuple[list[Tensor], list[tuple[Tensor, Tensor | None] | None]]:
+    def forward(self, x: Tensor) -> tuple[list[Tensor], list[StepAux]]:
         """Inputs of every step and the output (``xs``, length T + 1), and ``(phi', phi'')``.
 
         The second list holds ``(phi', phi'')`` of elementwise steps, the argmax indices of
         pooling steps and None for the others.
         """
-        xs, derivs = [x], []
+        xs: list[Tensor] = [x]
+        derivs: list[StepAux] = []
         for s in self.steps:
             x = xs[-1]
             if isinstance(s, Affine):
@@ -282,7 +287,7 @@ class _NotAChain(Exception):
     """The chain's forward pass does not apply to this input (e.g. a 3-d input of a Linear)."""
 
 
-def _forward_checked(chain: Chain, x: Tensor) -> tuple[list[Tensor], list, torch.Size]:
+def _forward_checked(chain: Chain, x: Tensor) -> tuple[list[Tensor], list[StepAux], torch.Size]:
     """The chain's forward pass, verified against the model's own outputs on ``x``.
 
     Returns the step inputs and output, the ``(phi', phi'')`` pairs and the model's per-sample
@@ -299,9 +304,9 @@ def _forward_checked(chain: Chain, x: Tensor) -> tuple[list[Tensor], list, torch
     if ref.shape[0] != f.shape[0] or ref.reshape(ref.shape[0], -1).shape != f.shape:
         raise ChainMismatch(f"outputs of shape {tuple(f.shape)}, model gives {tuple(ref.shape)}")
     tol = math.sqrt(torch.finfo(f.dtype).eps) * (1.0 + float(ref.abs().max()))
-    err = float((f - ref.reshape(f.shape)).abs().max())
-    if not err <= tol:
-        raise ChainMismatch(f"outputs differ from the model's by {err:.3g} (tolerance {tol:.3g})")
+    diff = float((f - ref.reshape(f.shape)).abs().max())
+    if not diff <= tol:
+        raise ChainMismatch(f"outputs differ from the model's by {diff:.3g} (tolerance {tol:.3g})")
     return xs, derivs, ref.shape[1:]
 
 

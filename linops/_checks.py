@@ -10,7 +10,7 @@ from __future__ import annotations
 import cmath
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, cast, overload
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ def check_positive_or_none(value: Any, name: str) -> int | None:
     """Return ``value`` if it is a positive integer or None; raise ValueError otherwise."""
     if value is not None and (not isinstance(value, int | np.integer) or value < 1):
         raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
-    return value
+    return cast(int | None, value)  # as given (an np.integer stays one)
 
 
 def check_which(which: str, allowed: tuple[str, ...], name: str = "which") -> str:
@@ -143,6 +143,10 @@ def check_device(device: Any) -> torch.device:
     return device
 
 
+@overload
+def check_output_index(index: Any, d_out: int, *, optional: Literal[False]) -> int: ...
+@overload
+def check_output_index(index: Any, d_out: int, *, optional: bool) -> int | None: ...
 def check_output_index(index: Any, d_out: int, *, optional: bool) -> int | None:
     """``index`` as an output unit in ``[0, d_out)`` (``None`` allowed when ``optional``)."""
     if index is None and optional:

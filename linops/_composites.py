@@ -13,7 +13,7 @@ import functools
 import itertools
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -68,10 +68,10 @@ class _Sum(_Composite):
         self.is_symmetric = all(op.is_symmetric for op in flat)
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
-        return sum(op._apply(X) for op in self.ops)
+        return cast(torch.Tensor, sum(op._apply(X) for op in self.ops))
 
     def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
-        return sum(op._apply(Y, True) for op in self.ops)
+        return cast(torch.Tensor, sum(op._apply(Y, True) for op in self.ops))
 
     def _adjoint(self) -> TorchLinearOperator:
         if self.is_symmetric and not self.torch_dtype.is_complex:
@@ -249,7 +249,7 @@ def _defer_scipy_composition() -> None:
         return dot(self, x)
 
     __add__._linops_defers = dot_._linops_defers = True  # type: ignore[attr-defined]
-    LinearOperator.__add__, LinearOperator.dot = __add__, dot_  # type: ignore[method-assign]
+    LinearOperator.__add__, LinearOperator.dot = __add__, dot_
 
 
 _defer_scipy_composition()

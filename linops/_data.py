@@ -10,7 +10,7 @@ operator it defines would change from one product to the next.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -146,14 +146,18 @@ class Batches:
         if isinstance(data, np.ndarray):
             data = _as_tensor(data, "inputs")
         elif isinstance(data, tuple | list) and data and isinstance(data[0], np.ndarray):
-            data = type(data)(
-                _as_tensor(t, "targets" if i else "inputs") if isinstance(t, np.ndarray) else t
-                for i, t in enumerate(data)
+            data = cast(
+                Any,
+                type(data)(
+                    _as_tensor(t, "targets" if i else "inputs") if isinstance(t, np.ndarray) else t
+                    for i, t in enumerate(data)
+                ),
             )
-        if isinstance(data, torch.Tensor):
-            data = (data,) if not self._targets else data
+        if isinstance(data, torch.Tensor) and not self._targets:
+            data = cast(Any, (data,))
         if isinstance(data, tuple | list) and data and isinstance(data[0], torch.Tensor):
-            if len(data) == 2 or (len(data) == 1 and not self._targets):
+            parts = len(data)  # (a separate name: mypy would read len() as a tuple's length)
+            if parts == 2 or (parts == 1 and not self._targets):
                 n, bs = len(data[0]), self._batch_size or max(1, len(data[0]))
                 if self._targets and len(data[1]) != n:
                     raise ValueError(

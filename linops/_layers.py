@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn import grad as nn_grad
 
 from linops._activations import Derivs
 
@@ -57,7 +58,7 @@ class Conv:
 
     def weight_grad(self, x: Tensor, shape: Sequence[int], g: Tensor) -> Tensor:
         """The gradient w.r.t. a weight of ``shape`` of ``<g, w * x>``."""
-        return nn.grad.conv2d_weight(
+        return nn_grad.conv2d_weight(
             x, shape, g, self.stride, self.padding, self.dilation
         ).contiguous()
 
@@ -79,7 +80,7 @@ class Conv:
         if all(s == 1 for s in self.stride) and min(pad) >= 0:
             flipped = w.flip(2, 3).transpose(0, 1)
             return F.conv2d(g, flipped, None, 1, pad, self.dilation).contiguous()
-        return nn.grad.conv2d_input(
+        return nn_grad.conv2d_input(
             shape, w, g, self.stride, self.padding, self.dilation
         ).contiguous()
 

@@ -75,8 +75,8 @@ class OutputLoss:
         def shaped(o: Tensor, t: Tensor | None) -> Tensor:
             return loss_fn(o.reshape(o.shape[0], *model_shape), t)
 
-        self._graph = LossOutputGraph(out, shaped, y, out.shape)
-        self.grad = self._graph.g.detach()
+        self._graph: LossOutputGraph | None = LossOutputGraph(out, shaped, y, out.shape)
+        self.grad = self._autograd().g.detach()
         self.closed_form = False
         kind = _kind(loss_fn)
         if kind is None or kind[1] not in ("mean", "sum") or y is None:
@@ -87,7 +87,7 @@ class OutputLoss:
             if out.dim() != 2 or y.dim() != 1 or y.dtype.is_floating_point or y.min() < 0:
                 return
             n = out.shape[0]
-            self._p = torch.softmax(out, dim=1)
+            self._p: Tensor | None = torch.softmax(out, dim=1)
             self._scale = 1.0 / n if reduction == "mean" else 1.0
             onehot = nn.functional.one_hot(y, out.shape[1]).to(out.dtype)
             grad = self._scale * (self._p - onehot)
@@ -105,7 +105,7 @@ class OutputLoss:
     def hvp(self, u: Tensor, batched: bool) -> Tensor:
         r""":math:`\nabla^2_f \ell\, u` for ``u`` of shape ``(n, d)``, or ``(K, n, d)`` if batched."""
         if not self.closed_form:
-            return self._graph.hvp(u, batched)
+            return self._autograd().hvp(u, batched)
         return self._closed(u, self._p)
 
     def hvp_sample_major(self, u: Tensor) -> Tensor:
@@ -113,8 +113,14 @@ class OutputLoss:
         if self.closed_form:
             return self._closed(u, None if self._p is None else self._p.unsqueeze(1))
         if u.shape[1] == 1:  # no vmap for a single vector
-            return self._graph.hvp(u[:, 0], False).unsqueeze(1)
-        return self._graph.hvp(u.transpose(0, 1), True).transpose(0, 1).contiguous()
+            return self._autograd().hvp(u[:, 0], False).unsqueeze(1)
+        return self._autograd().hvp(u.transpose(0, 1), True).transpose(0, 1).contiguous()
+
+    def _autograd(self) -> LossOutputGraph:
+        """The retained autograd graph (kept exactly when the closed form does not apply)."""
+        if self._graph is None:
+            raise RuntimeError("OutputLoss: the closed form was verified, no graph is kept")
+        return self._graph
 
     def _closed(self, u: Tensor, p: Tensor | None) -> Tensor:
         """The closed form, with ``p`` the softmax broadcast to ``u``'s layout (None: MSE)."""

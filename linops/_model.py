@@ -123,7 +123,7 @@ class ModelOperator(TorchLinearOperator):
                     f"linops_chain()), got {type(self.model).__name__}"
                 )
             self._chain = found
-        if self._chain:
+        if isinstance(self._chain, Chain):
             try:
                 graph = chained(self._chain)
                 self.route = self.route or "chain"
@@ -213,6 +213,7 @@ class ModelOperator(TorchLinearOperator):
         ``", one vector per pass"`` and ``op.unbatched_reason`` says why.
         """
         apply = super()._apply
+        failure: BaseException | str | None
         out, failure, loops = _attempt_batched(apply, X, adjoint)
         if self.route == "chain" and failure is None:
             self.batched[adjoint] = True
@@ -304,8 +305,8 @@ def _attempt_batched(
     apply: Callable[[torch.Tensor, bool], torch.Tensor], X: torch.Tensor, adjoint: bool
 ) -> tuple[torch.Tensor | None, BaseException | None, list[str]]:
     """A batched product, its failure if any, and the kernels vmap looped over inside it."""
-    enabled = torch._C._debug_only_are_vmap_fallback_warnings_enabled()
-    torch._C._debug_only_display_vmap_fallback_warnings(True)
+    enabled = torch._C._debug_only_are_vmap_fallback_warnings_enabled()  # type: ignore[attr-defined]
+    torch._C._debug_only_display_vmap_fallback_warnings(True)  # type: ignore[attr-defined]
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -314,7 +315,7 @@ def _attempt_batched(
             except RuntimeError as err:
                 out, failure = None, err
     finally:
-        torch._C._debug_only_display_vmap_fallback_warnings(enabled)
+        torch._C._debug_only_display_vmap_fallback_warnings(enabled)  # type: ignore[attr-defined]
     loops = set()
     for w in caught:
         text = str(w.message)

@@ -195,7 +195,7 @@ def _conv_backward(
         else:
             gw = s.weight_grad(x, (K * o, c, *kernel), g.reshape(n, K * o, *g.shape[3:]))
         gw = gw.view(K, o, c, *kernel)
-        if dx is not None:  # e (*) dx_k, all k as one weight gradient with K c input channels
+        if dx is not None and e is not None:  # e (*) dx_k, all k as one weight gradient
             h = s.weight_grad(dx.reshape(n, K * c, *dx.shape[3:]), (o, K * c, *kernel), e)
             gw.add_(h.view(o, K, c, *kernel).transpose(0, 1))
         _add(out, s.w_index, gw)
@@ -206,7 +206,7 @@ def _conv_backward(
         return None
     gx = s.input_grad((n * K, *x.shape[1:]), s.weight, g.reshape(n * K, o, *g.shape[3:]))
     gx = gx.view(n, K, *x.shape[1:])
-    if tan is not None and s.w_index is not None:  # e (*)^T dW_k, all k as one
+    if tan is not None and e is not None and s.w_index is not None:  # e (*)^T dW_k, all k
         w = tan.T[s.w_index].transpose(0, 1).reshape(o, K * c, *kernel)
         gx.view(n, K * c, *x.shape[2:]).add_(s.input_grad((n, K * c, *x.shape[2:]), w, e))
     return gx
@@ -230,7 +230,12 @@ def backward(
     n, K = cot.shape[0], cot.shape[1]
     space = chain.space
     out: list[Tensor | None] = [None] * len(space.names)
-    dxs, es, d2es, tan = second if second is not None else (None, None, None, None)
+    dxs: list[Tensor | None] | None = None
+    es: list[Tensor] = []  # read only with ``second``
+    d2es: list[Tensor | None] = []
+    tan: Tangent | None = None
+    if second is not None:
+        dxs, es, d2es, tan = second
     g = cot
     owned = False  # whether g may be scaled in place: not while it is (a view of) the caller's
     for t in range(len(chain.steps) - 1, chain.first - 1, -1):
@@ -256,10 +261,10 @@ def backward(
         elif isinstance(s, Conv):
             conv_second = (dx, es[t + 1], tan) if tan is not None else None
             unfolded = _patches(s, x, xs[t + 1].shape, patches, t, True) if K > 1 else None
-            gx = _conv_backward(s, x, g, out, conv_second, t != chain.first, unfolded)
-            if gx is None:
+            gc = _conv_backward(s, x, g, out, conv_second, t != chain.first, unfolded)
+            if gc is None:
                 break
-            g = gx
+            g = gc
         elif isinstance(s, Pool):
             g = s.adjoint(g, derivs[t], x.shape)
         elif isinstance(s, Flatten):
@@ -269,8 +274,9 @@ def backward(
         else:
             d1 = derivs[t][0].unsqueeze(1)
             g = g.mul_(d1) if owned else g * d1
-            if dx is not None and d2es[t] is not None:
-                g.addcmul_(d2es[t].unsqueeze(1), dx)
+            d2e = d2es[t] if dx is not None else None
+            if dx is not None and d2e is not None:
+                g.addcmul_(d2e.unsqueeze(1), dx)
         owned = owned or not isinstance(s, Flatten)  # every other step makes a new g
     return [
         o.view(K, *shape) if o is not None else cot.new_zeros((K, *shape))
@@ -280,7 +286,8 @@ def backward(
 
 def _add(out: list[Tensor | None], i: int, g: Tensor) -> None:
     """Accumulate (a layer that appears twice in the chain shares its parameters)."""
-    out[i] = g if out[i] is None else out[i] + g
+    prev = out[i]
+    out[i] = g if prev is None else prev + g
 
 
 def unbatch(res: list[Tensor], batched: bool) -> list[Tensor]:

@@ -28,7 +28,7 @@ from torch import nn
 __all__ = ["Reduction", "check_reduction", "loss_reduction"]
 
 Tensor = torch.Tensor
-Normaliser = Callable[[Tensor, Tensor], float]
+Normaliser = Callable[[Tensor, Tensor | None], float]
 
 #: torch's functional losses, all with a mean reduction by default
 _FUNCTIONALS: dict[Any, str] = {

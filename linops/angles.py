@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from linops import _krylov as kr
-from linops._backend import array_kind, to_torch
+from linops._backend import ArrayKind, array_kind, to_torch
 
 __all__ = ["principal_angles", "subspace_similarity", "subspace_similarity_curve"]
 
@@ -158,7 +158,7 @@ def _pair(U: Any, V: Any, columns: int | None = None) -> tuple[torch.Tensor, tor
     return Qu, Qv
 
 
-def _kind(X: Any) -> str:
+def _kind(X: Any) -> ArrayKind:
     return array_kind(_unwrap(X))
 
 

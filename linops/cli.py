@@ -59,7 +59,7 @@ def _default_setup(seed: int, epochs: int) -> dict[str, Any]:
     )
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(trainer.params[name])
+            p.copy_(trainer.values[name])
     model.eval()
     return {"model": model, "loss": loss, "data": data, "history": trainer.history}
 

@@ -106,7 +106,7 @@ class _LossOperator(ModelOperator):
                 outs = local["outs"] = self._batch_outputs()
                 if reduction.kind == "sum" or reduction.normaliser is None:
                     return 0.0
-                return sum(float(reduction.normaliser(o, y)) for o, y in outs)
+                return sum((float(reduction.normaliser(o, y)) for o, y in outs), 0.0)
 
             total = None
             if self.process_group is None:
@@ -138,10 +138,11 @@ class _LossOperator(ModelOperator):
 
     def _accumulate(self, X: torch.Tensor, product: Any) -> torch.Tensor:
         tangents, batched = self._split_params(X)
-        total = None
+        total: list[torch.Tensor] | None = None
         for w, graph in zip(self._weights(), self._graphs(), strict=True):
             part = [w * t for t in product(graph, tangents, batched)]
             total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
+        assert total is not None  # the data has at least one batch
         return self._join_params(total, batched)
 
 

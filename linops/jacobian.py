@@ -175,12 +175,13 @@ class JacobianOperator(ModelOperator):
 
     def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
         k, batched = Y.shape[1], Y.shape[1] > 1
-        total = None
+        total: list[torch.Tensor] | None = None
         for graph, Yb in zip(self._graphs(), torch.split(Y, self.batch_rows), strict=True):
             shape = graph.out.shape
             cot = Yb.T.reshape(k, *shape) if batched else Yb.reshape(shape)
             part = graph.vjp(cot, batched)
             total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
+        assert total is not None  # the data has at least one batch
         return self._join_params(total, batched)
 
 

@@ -169,7 +169,7 @@ class _Lanczos:
 
     def __init__(self, op: TorchLinearOperator, P: torch.Tensor, ncv: int, gen: torch.Generator):
         n, b = P.shape
-        kw = {"dtype": op.torch_dtype, "device": op.device}
+        kw: dict[str, Any] = {"dtype": op.torch_dtype, "device": op.device}
         self.op, self.P, self.gen, self.ncv, self.b = op, P, gen, ncv, b
         self.V, self.H = torch.empty(n, ncv, **kw), torch.zeros(ncv, ncv, **kw)
         self.j, self.nmv, self.anorm = 0, 0, 0.0
@@ -313,8 +313,8 @@ class _Check:
 
 
 def _result(Y, vals, res, nmv, converged, kind) -> LanczosResult:
-    out = (kr.to_output(t, kind) for t in (vals, Y, res))
-    return LanczosResult(*out, num_matvecs=nmv, converged=converged)
+    w, v, r = (kr.to_output(t, kind) for t in (vals, Y, res))
+    return LanczosResult(w, v, r, num_matvecs=nmv, converged=converged)
 
 
 def _ritz(H: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

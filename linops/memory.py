@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from collections.abc import Callable
 
 # mallopt parameters of glibc's <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -58,7 +59,7 @@ def retain_freed_memory(limit_bytes: int = 2**30) -> bool:
     return took_mmap and took_trim
 
 
-def _mallopt() -> ctypes._CFuncPtr | None:
+def _mallopt() -> Callable[[int, ctypes.c_int], int] | None:
     """glibc's ``mallopt``, or None where the C library has none."""
     name = ctypes.util.find_library("c")
     if name is None:

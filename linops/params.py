@@ -77,7 +77,7 @@ class ParamSpace:
             names = [n for n, p in named.items() if p.requires_grad]
             if not names:
                 raise ValueError("model: expected at least one trainable parameter, got none")
-            values = {n: named[n] for n in names}
+            values: dict[str, torch.Tensor] = {n: named[n] for n in names}
         elif isinstance(params, Mapping):
             values = dict(params)
             _check_names(values, named)
@@ -224,7 +224,7 @@ def _call_swapped(
     saved = {n: b.clone() for n, b in model.named_buffers() if n in buffers}
     try:
         for mod, key, p in slots:
-            mod._parameters[key] = new[id(p)]
+            mod._parameters[key] = new[id(p)]  # type: ignore[assignment]  # a plain tensor
         return model(*args)
     finally:
         for mod, key, p in slots:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -151,7 +151,7 @@ def range_finder(
         Q, nmv = _subspace_iteration(op, ell, q, gen)
         return RangeFinderResult(kr.to_output(Q, kind), math.nan, nmv, True)
     real = isinstance(tol, numbers.Real) and not isinstance(tol, bool)
-    tol_f = float(tol) if real else math.nan
+    tol_f = float(cast(float, tol)) if real else math.nan
     if not (math.isfinite(tol_f) and tol_f > 0):
         raise ValueError(f"tol: expected a positive finite number, got {tol!r}")
     b = kr.check_int(block_size, "block_size", 1, min(m, n))
@@ -293,8 +293,8 @@ def randomized_svd(
     else:
         bsz = rank if block_size is None else kr.check_int(block_size, "block_size", 1, short)
         U, s, V, nmv = _svd_block_krylov(op, bsz, ell * (2 * q + 2), gen)
-    out = (kr.to_output(t, kind) for t in (s[:rank], U[:, :rank], V[:, :rank]))
-    return RandomizedSVDResult(*out, num_matvecs=nmv)
+    s_, U_, V_ = (kr.to_output(t, kind) for t in (s[:rank], U[:, :rank], V[:, :rank]))
+    return RandomizedSVDResult(s_, U_, V_, num_matvecs=nmv)
 
 
 def _svd_subspace(op: TorchLinearOperator, ell: int, q: int, gen: torch.Generator):
@@ -351,7 +351,9 @@ def randomized_eigh(
     q = kr.check_int(power_iters, "power_iters", 0)
     gen = kr.make_generator(seed, op.device)
     Q = kr.start_block(None, n, ell, op, gen)
-    basis, images, ref = [], [], 0.0
+    basis: list[torch.Tensor] = []
+    images: list[torch.Tensor] = []
+    ref = 0.0
     for _ in range(min(q + 1, n // ell)):
         W = op._apply(Q)
         kr.check_products(W, ell * (len(basis) + 1))

@@ -165,7 +165,7 @@ class _Bidiag:
     ) -> None:
         self.op, self.flip, self.gen, self.P = op, flip, gen, P
         n, long = P.shape[0], max(op.shape)
-        kw = {"dtype": op.torch_dtype, "device": op.device}
+        kw: dict[str, Any] = {"dtype": op.torch_dtype, "device": op.device}
         self.V, self.U = torch.empty(n, ncv, **kw), torch.empty(long, ncv, **kw)
         self.B = torch.zeros(ncv, ncv, **kw)
         self.j, self.nmv, self.anorm, self.ncv = 0, 0, 0.0, ncv
@@ -237,7 +237,8 @@ class _Bidiag:
     def run(self, k: int, which: str, tol: float, maxiter: int, kind: str) -> SVDSResult:
         b = self.P.shape[1]
         self.verifier = kr.Verifier(tol, self.op.torch_dtype)
-        self.rounds, self.k_eff, self.locked = 0, k, None
+        self.rounds, self.k_eff = 0, k
+        self.locked: torch.Tensor | None = None
         for it in range(maxiter + 1):
             while self.j + b <= self.ncv:
                 X, s, Y, est = self.ritz(self.step())
@@ -291,8 +292,8 @@ class _Bidiag:
     def finish(self, u, v, sv, res, converged, kind) -> SVDSResult:
         if self.flip:
             u, v = v, u
-        out = (kr.to_output(t, kind) for t in (sv, u, v, res))
-        return SVDSResult(*out, num_matvecs=self.nmv, converged=converged)
+        s_, u_, v_, r_ = (kr.to_output(t, kind) for t in (sv, u, v, res))
+        return SVDSResult(s_, u_, v_, r_, num_matvecs=self.nmv, converged=converged)
 
 
 def _select(s: torch.Tensor, k: int, which: str) -> torch.Tensor:

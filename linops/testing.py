@@ -18,7 +18,7 @@ The strategies build small random models, inputs and operators for property-base
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from hypothesis import strategies as st
@@ -210,7 +210,7 @@ def inputs_for(draw: st.DrawFn, model: nn.Module, *, max_samples: int = 5) -> to
     n = draw(st.integers(1, max_samples))
     seed = draw(st.integers(0, 2**16))
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, model.d_in, generator=g, dtype=torch.float64)
+    return torch.randn(n, cast(int, model.d_in), generator=g, dtype=torch.float64)
 
 
 @st.composite

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -155,6 +155,7 @@ class TrainingJacobianOperator(TorchLinearOperator):
         self,
         *,
         max_vectors: int | None = None,
+        process_group: Any = None,
         checkpoint_dir: str | os.PathLike | None = None,
         progress: bool = False,
         on_chunk: Callable[[int, int], None] | None = None,
@@ -166,6 +167,12 @@ class TrainingJacobianOperator(TorchLinearOperator):
         ----------
         max_vectors
             Columns per chunk (default: the operator's ``max_vectors``).
+        process_group
+            A ``torch.distributed`` process group (as :meth:`TorchLinearOperator.to_dense`):
+            the column chunks are split across its ranks and all-gathered, so every rank
+            returns the whole matrix (:func:`linops.distributed.dense_columns`, which also
+            takes ``checkpoint_dir``). ``progress``, ``on_chunk`` and ``workers`` apply to the
+            single-process path and must keep their defaults here.
         checkpoint_dir
             Write each finished chunk atomically to this directory and skip the chunks already
             there, so an interrupted computation resumes where it stopped and gives the same
@@ -192,8 +199,9 @@ class TrainingJacobianOperator(TorchLinearOperator):
         Raises
         ------
         ValueError
-            If ``max_vectors`` or ``workers`` is not a positive integer, or ``checkpoint_dir``
-            holds another computation.
+            If ``max_vectors`` or ``workers`` is not a positive integer, ``checkpoint_dir``
+            holds another computation, or ``process_group`` is given with ``progress``,
+            ``on_chunk`` or ``workers > 1``.
         RuntimeError
             If a worker process fails.
         """
@@ -201,6 +209,16 @@ class TrainingJacobianOperator(TorchLinearOperator):
         chunk = max_vectors or self.vectors_per_pass() or 256
         check_positive(chunk, "max_vectors")
         check_positive(workers, "workers")
+        if process_group is not None:
+            if progress or on_chunk is not None or workers != 1:
+                raise ValueError(
+                    "process_group: expected progress=False, on_chunk=None and workers=1 with a "
+                    f"process group, got progress={progress}, on_chunk={on_chunk!r}, "
+                    f"workers={workers}"
+                )
+            return super().to_dense(
+                max_vectors=max_vectors, process_group=process_group, checkpoint_dir=checkpoint_dir
+            )
         chunks = [(a, min(a + chunk, m)) for a in range(0, m, chunk)]
         if workers > 1 and checkpoint_dir is None and len(chunks) > 1:
             with tempfile.TemporaryDirectory(prefix="linops-tj-") as tmp:
