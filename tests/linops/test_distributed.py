@@ -271,10 +271,39 @@ def test_dead_rank_gives_an_error_not_a_hang(run):
 
 
 # --------------------------------------------------------------------------- single process, no spawn
-def test_shard_range_covers_in_rank_order():
-    ranges = [range(r * 11 // 3, (r + 1) * 11 // 3) for r in range(3)]
-    assert [i for r in ranges for i in r] == list(range(11))
-    assert shard_range(11) == range(11)  # no process group: one process owns everything
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7, 12])
+@pytest.mark.parametrize("n", [0, 1, 5, 11])
+def test_shard_range_covers_in_rank_order(monkeypatch, world, n):
+    """shard_range's own split (was: a range computed in the test, which could not fail): the
+    ranks' ranges are contiguous, in rank order, cover 0..n-1 once and differ in size by <= 1."""
+    group = object()  # a stand-in process group: only the world size is read from it
+    monkeypatch.setattr(linops.distributed, "world_rank", lambda pg: (world, 0))
+    ranges = [shard_range(n, group, rank=r) for r in range(world)]
+    assert [i for r in ranges for i in r] == list(range(n))
+    assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+    monkeypatch.undo()
+    assert shard_range(n) == range(n)  # no process group: one process owns everything
+    with pytest.raises(ValueError, match=r"^n: expected a non-negative integer, got -1$"):
+        shard_range(-1)
+
+
+def test_training_jacobian_to_dense_takes_process_group():
+    """TrainingJacobianOperator.to_dense has the base method's process_group (issue 17)."""
+    from trainers.functional import SGD, DataSchedule, TrainingRun
+    from trainers.models import MLP
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.arange(8) % 2
+    torch.manual_seed(0)
+    run = TrainingRun(
+        MLP(3, 2, widths=4).double(), "cross_entropy", DataSchedule(X, y, 4), SGD(0.9), 0.1
+    )
+    J = linops.TrainingJacobianOperator(run, run.initial_params())
+    want = torch.func.jacrev(run)(run.initial_params())
+    torch.testing.assert_close(J.to_dense(process_group=None, max_vectors=7), want)
+    for kw in ({"workers": 2}, {"progress": True}, {"on_chunk": print}):
+        with pytest.raises(ValueError, match=r"^process_group: expected progress=False"):
+            J.to_dense(process_group=object(), **kw)
 
 
 def test_shard_without_process_group_is_identity():
