@@ -24,8 +24,8 @@ class EKFACOperator(KFACOperator):
 
     In the eigenbasis :math:`Q_G \otimes Q_A` of each KFAC block the eigenvalues
     :math:`g_i a_j` are replaced by the second moments of the per-sample gradients there,
-    :math:`E_{ij} = \sum_n \sum_r (Q_G^\top \hat g_{nr})_i^2 (Q_A^\top \tilde a_n)_j^2`
-    (with KFAC's scaling), the diagonal of the exact block of the Fisher family in that
+    :math:`E = \sum_n \sum_r (Q_G^\top \hat g_{nr} \tilde a_n^\top Q_A)^{\odot 2}`
+    (per-sample gradients summed over shared positions for convolutions; KFAC's scaling), the diagonal of the exact block of the Fisher family in that
     basis; one more pass over the data (the same labels for ``"mc"``). Parameters as
     :class:`KFACOperator`; ``inverse`` supports exact damping only.
 
@@ -48,11 +48,12 @@ class EKFACOperator(KFACOperator):
             E = {k: [0, 0] for k in self.layers}
             for inputs, grads in self._layer_gradients():
                 for k, (QA, QG, _, _) in basis.items():
-                    aa = (inputs[k] @ QA) ** 2
+                    Ar = inputs[k] @ QA  # (n, L, d_A): L positions sharing the weight
                     for g in grads:
-                        gg = (g[k] @ QG) ** 2
-                        E[k][0] = E[k][0] + gg.mT @ aa
-                        E[k][1] = E[k][1] + gg.sum(0)[:, None]
+                        Gr = g[k] @ QG
+                        # the rotated per-sample gradient sum_l (Q_G^T g_l)(Q_A^T a_l)^T
+                        E[k][0] = E[k][0] + (Gr.mT @ Ar).pow(2).sum(0)
+                        E[k][1] = E[k][1] + Gr.sum(1).pow(2).sum(0)[:, None]
             self._corrected = {k: (QA, QG, *E[k]) for k, (QA, QG, _, _) in basis.items()}
         return self._corrected
 

@@ -1,4 +1,4 @@
-r"""Kronecker-factored approximate curvature (KFAC) of the Fisher family, for ``nn.Linear`` layers.
+r"""Kronecker-factored approximate curvature (KFAC) of the Fisher family (``Linear``, ``Conv2d``).
 
 For a linear layer :math:`z = W a + b` the block of the Fisher / GGN (module docstring of
 :mod:`linops.fisher`, same :math:`c`) is :math:`c\sum_n \tilde a_n\tilde a_n^\top \otimes
@@ -52,8 +52,8 @@ class KFACOperator(_LossOperator):
     ----------
     model, loss_fn, data, params, **kwargs
         As in :class:`linops.FisherOperator` (CE, MSE, BCE-with-logits; mean or sum);
-        ``params`` must select only weights and biases of ``nn.Linear`` layers whose inputs
-        are ``(N, d_in)`` (no weight sharing).
+        ``params`` must select only weights and biases of ``nn.Linear`` and ``nn.Conv2d``
+        (``groups=1``, integer zero padding) layers.
     fisher_type
         ``"type-2"`` (default: exact loss Hessian, the GGN's KFAC), ``"mc"`` or
         ``"empirical"``.
@@ -62,6 +62,12 @@ class KFACOperator(_LossOperator):
     separate_weight_and_bias
         Separate blocks for a layer's weight and bias (default), or one block of
         :math:`(W, b)` with the inputs augmented by ones.
+    kfac_approx
+        For weight sharing (the :math:`L` patches of a convolution, the middle axes of a
+        ``Linear`` on ``(N, ..., d_in)``; arXiv:2311.00636): ``"expand"`` (default) counts
+        every position as a sample, :math:`A = \frac{1}{NL}\sum_{n,l}\tilde a_{nl}\tilde
+        a_{nl}^\top`, :math:`G = c\sum_{n,l,r}\hat g_{nlr}\hat g_{nlr}^\top`; ``"reduce"``
+        uses the mean input and the summed gradient of each sample.
 
     Attributes
     ----------
@@ -72,8 +78,9 @@ class KFACOperator(_LossOperator):
     Raises
     ------
     ValueError
-        For an unsupported loss, ``fisher_type``, or parameters outside ``nn.Linear``
-        layers (at construction); for a layer input that is not 2-d (at the first product).
+        For an unsupported loss, ``fisher_type`` or ``kfac_approx``, or parameters outside
+        ``nn.Linear`` / ``nn.Conv2d`` layers (at construction); for a grouped or
+        string-padded convolution (at the first product).
 
     Examples
     --------
@@ -97,9 +104,13 @@ class KFACOperator(_LossOperator):
         mc_samples: int = 1,
         seed: int | torch.Generator | None = None,
         separate_weight_and_bias: bool = True,
+        kfac_approx: str = "expand",
         **kwargs: Any,
     ) -> None:
         self.family = _fisher_family(loss_fn)
+        if kfac_approx not in ("expand", "reduce"):
+            raise ValueError(f"kfac_approx: expected 'expand' or 'reduce', got {kfac_approx!r}")
+        self.kfac_approx = kfac_approx
         if fisher_type not in _TYPES:
             raise ValueError(f"fisher_type: expected one of {_TYPES}, got {fisher_type!r}")
         if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
@@ -115,7 +126,7 @@ class KFACOperator(_LossOperator):
         """``{module name: (weight name, bias name)}`` of the selected parameters."""
         layers: dict[str, tuple[str | None, str | None]] = {}
         for name, mod in self.space.model.named_modules():
-            if isinstance(mod, nn.Linear):
+            if isinstance(mod, nn.Linear | nn.Conv2d):
                 w, b = f"{name}.weight" if name else "weight", f"{name}.bias" if name else "bias"
                 pair = (w if w in self.space.names else None, b if b in self.space.names else None)
                 if pair != (None, None):
@@ -124,7 +135,8 @@ class KFACOperator(_LossOperator):
         missing = [n for n in self.space.names if n not in covered]
         if missing:
             raise ValueError(
-                "params: expected only weights and biases of nn.Linear layers for KFAC, got "
+                "params: expected only weights and biases of nn.Linear / nn.Conv2d layers for "
+                "KFAC, got "
                 f"{missing[:3]}"
             )
         return layers
@@ -203,21 +215,17 @@ class KFACOperator(_LossOperator):
                 for h in hooks:
                     h.remove()
             for k in names:
-                a = inputs[k]
-                if a.dim() != 2:
-                    raise ValueError(
-                        f"model: layer {k!r} takes inputs of shape {tuple(a.shape)}; KFAC here "
-                        "expected (N, d_in) (no weight sharing)"
-                    )
+                a = _shared_inputs(modules[k], inputs[k])  # (n, L, d_in): L shared positions
                 if not self.separate and self.layers[k][1] is not None:
-                    inputs[k] = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
+                    a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+                inputs[k] = a
             f2 = f.reshape(f.shape[0], -1)
             W_b = 1.0 if reduction.kind == "sum" else float(reduction.normaliser(f, y))
             S = self._output_factor(f2.detach(), y, gen) * math.sqrt(w / W_b)
             grads = [
-                dict(zip(names, torch.autograd.grad(
+                {k: _shared_outputs(modules[k], g) for k, g in zip(names, torch.autograd.grad(
                     f2, [outputs[k] for k in names], grad_outputs=S[r], retain_graph=True
-                ), strict=True))
+                ), strict=True)}
                 for r in range(S.shape[0])
             ]  # fmt: skip
             yield inputs, grads
@@ -228,10 +236,18 @@ class KFACOperator(_LossOperator):
             N = self.num_samples
             A: dict[str, Any] = dict.fromkeys(self.layers, 0)
             G: dict[str, Any] = dict.fromkeys(self.layers, 0)
+            expand = self.kfac_approx == "expand"
             for inputs, grads in self._layer_gradients():
                 for k in self.layers:
-                    A[k] = A[k] + inputs[k].mT @ inputs[k] / N
-                    G[k] = G[k] + sum(g[k].mT @ g[k] for g in grads)
+                    a = inputs[k]
+                    if expand:  # every shared position a sample: mean over N L
+                        a = a.reshape(-1, a.shape[-1]) / math.sqrt(inputs[k].shape[1])
+                    else:  # reduce: the mean input and the summed gradient per sample
+                        a = a.mean(dim=1)
+                    A[k] = A[k] + a.mT @ a / N
+                    for g in grads:
+                        g = g[k].reshape(-1, g[k].shape[-1]) if expand else g[k].sum(dim=1)
+                        G[k] = G[k] + g.mT @ g
             self.factors = {k: (A[k], G[k]) for k in self.layers}
         return self.factors
 
@@ -250,7 +266,8 @@ class KFACOperator(_LossOperator):
         state = {
             "class": type(self).__name__, "layers": dict(self.layers),
             "fisher_type": self.fisher_type, "mc_samples": self.mc_samples, "seed": self.seed,
-            "separate_weight_and_bias": self.separate, "factors": self.compute_factors(),
+            "separate_weight_and_bias": self.separate, "kfac_approx": self.kfac_approx,
+            "factors": self.compute_factors(),
         }  # fmt: skip
         return state
 
@@ -265,7 +282,7 @@ class KFACOperator(_LossOperator):
         expected = {
             "class": type(self).__name__, "layers": dict(self.layers),
             "fisher_type": self.fisher_type, "mc_samples": self.mc_samples, "seed": self.seed,
-            "separate_weight_and_bias": self.separate,
+            "separate_weight_and_bias": self.separate, "kfac_approx": self.kfac_approx,
         }  # fmt: skip
         for key, value in expected.items():
             if state.get(key) != value:
@@ -284,12 +301,16 @@ class KFACOperator(_LossOperator):
         parts = self.space.unflatten(X)
         out: dict[str, Tensor] = {}
         for k, (wn, bn) in self.layers.items():
+            Vw = None
+            if wn is not None:  # (out, in, kh, kw) conv weights as (out, in kh kw)
+                shape = self.space.shapes[self.space.names.index(wn)]
+                Vw = parts[wn].reshape(*parts[wn].shape[: -len(shape)], shape[0], -1)
             if not self.separate and wn is not None and bn is not None:
-                R = weight(k, torch.cat([parts[wn], parts[bn][..., None]], dim=-1))
-                out[wn], out[bn] = R[..., :-1], R[..., -1]
+                R = weight(k, torch.cat([Vw, parts[bn][..., None]], dim=-1))
+                out[wn], out[bn] = R[..., :-1].reshape(parts[wn].shape), R[..., -1]
                 continue
             if wn is not None:
-                out[wn] = weight(k, parts[wn])
+                out[wn] = weight(k, Vw).reshape(parts[wn].shape)
             if bn is not None:
                 out[bn] = bias(k, parts[bn])
         return self.space.flatten([out[n] for n in self.space.names])
@@ -370,3 +391,25 @@ def _one(v: Tensor) -> Tensor:
 
 def _rotate(V: Tensor, QA: Tensor, QG: Tensor, D: Tensor) -> Tensor:
     return QG @ ((QG.mT @ V @ QA) * D) @ QA.mT
+
+
+def _shared_inputs(mod: nn.Module, a: Tensor) -> Tensor:
+    """A layer's inputs as ``(n, L, d_in)``: the ``L`` positions sharing its weight (the
+    unfolded patches of a ``Conv2d``, the middle axes of a ``Linear`` on ``(n, ..., d_in)``)."""
+    if isinstance(mod, nn.Linear):
+        return a.reshape(a.shape[0], -1, a.shape[-1])
+    if mod.groups != 1 or isinstance(mod.padding, str) or mod.padding_mode != "zeros":
+        raise ValueError(
+            f"model: KFAC expected Conv2d layers with groups=1 and integer zero padding, got {mod}"
+        )
+    patches = nn.functional.unfold(
+        a, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride
+    )
+    return patches.transpose(1, 2)
+
+
+def _shared_outputs(mod: nn.Module, g: Tensor) -> Tensor:
+    """Output gradients as ``(n, L, d_out)``, matching :func:`_shared_inputs`."""
+    if isinstance(mod, nn.Conv2d):
+        return g.flatten(2).transpose(1, 2)
+    return g.reshape(g.shape[0], -1, g.shape[-1])

@@ -141,15 +141,18 @@ def test_errors() -> None:
         KFACOperator(model, nn.CrossEntropyLoss(), data, mc_samples=0)
     with pytest.raises(ValueError, match="loss_fn: expected nn.CrossEntropyLoss"):
         KFACOperator(model, nn.L1Loss(), data)
-    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).double()
-    Xi = torch.randn(4, 1, 4, 4, dtype=F64)
-    with pytest.raises(ValueError, match="params: expected only weights and biases of nn.Linear"):
-        KFACOperator(conv, nn.CrossEntropyLoss(), (Xi, torch.zeros(4, dtype=torch.long)))
-    seq = nn.Sequential(nn.Linear(4, 3)).double()
-    Xs = torch.randn(6, 2, 4, dtype=F64)
-    K = KFACOperator(seq, nn.MSELoss(), (Xs, torch.zeros(6, 2, 3, dtype=F64)))
-    with pytest.raises(ValueError, match="takes inputs of shape"):
+    conv = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(8, 3)).double()
+    Xi = torch.randn(4, 2, 4, 4, dtype=F64)
+    K = KFACOperator(conv, nn.CrossEntropyLoss(), (Xi, torch.zeros(4, dtype=torch.long)))
+    with pytest.raises(ValueError, match="model: KFAC expected Conv2d layers with groups=1"):
         K.to_dense()
+    norm = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)).double()
+    with pytest.raises(ValueError, match="params: expected only weights and biases of nn.Linear"):
+        KFACOperator(
+            norm, nn.MSELoss(), (torch.randn(4, 4, dtype=F64), torch.zeros(4, 3, dtype=F64))
+        )
+    with pytest.raises(ValueError, match="kfac_approx: expected 'expand' or 'reduce'"):
+        KFACOperator(model, nn.CrossEntropyLoss(), data, kfac_approx="mean")
     with pytest.raises(ValueError, match="damping: expected a number > 0"):
         KFACOperator(model, nn.CrossEntropyLoss(), data).inverse(0.0)
 
@@ -226,3 +229,82 @@ def test_state_saves_and_loads(cls: type) -> None:
     wrong = cls(model, nn.CrossEntropyLoss(), data, fisher_type="mc", seed=5)
     with pytest.raises(ValueError, match="state: expected seed=5 for this operator, got 4"):
         wrong.load_state_dict(op.state_dict())
+
+
+def _cnn_case() -> tuple[nn.Module, list]:
+    from trainers.models import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN(1, 3, channels=(2, 3), image_size=8).double()
+    X = torch.randn(10, 1, 8, 8, dtype=F64)
+    y = torch.randint(0, 3, (10,))
+    return model, [(X[:4], y[:4]), (X[4:], y[4:])]
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_conv_input_factor_from_unfolded_patches(approx: str) -> None:
+    """A of the first convolution from F.unfold directly: expand averages the N L patch outer
+    products, reduce the outer products of the per-sample mean patch."""
+    model, data = _cnn_case()
+    K = KFACOperator(model, nn.CrossEntropyLoss(), data, kfac_approx=approx)
+    X = torch.cat([x for x, _ in data])
+    conv = model.features[0]
+    P = nn.functional.unfold(X, conv.kernel_size, padding=conv.padding).transpose(1, 2)
+    if approx == "expand":
+        ref = torch.einsum("nli,nlj->ij", P, P) / (P.shape[0] * P.shape[1])
+    else:
+        m = P.mean(1)
+        ref = m.T @ m / P.shape[0]
+    A, _ = K.compute_factors()["features.0"]
+    assert _rel(A, ref) < 1e-13
+    D = K.to_dense()
+    assert _rel(D, _dense_kfac(K)) < 1e-13  # conv weights flattened as (out, in kh kw)
+    assert abs(K.trace() - float(torch.trace(D))) < 1e-12 * K.trace()
+
+
+def test_weight_sharing_curvlinops_agreement() -> None:
+    curvlinops = pytest.importorskip("curvlinops")
+    model, data = _cnn_case()
+    torch.manual_seed(1)
+    seq = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2), nn.Flatten()).double()
+    Xs = torch.randn(8, 5, 4, dtype=F64)  # 5 positions share each Linear's weight
+    seq_data = [(Xs[:3], torch.randn(3, 10, dtype=F64)), (Xs[3:], torch.randn(5, 10, dtype=F64))]
+    for net, fn, batches in [(model, nn.CrossEntropyLoss(), data), (seq, nn.MSELoss(), seq_data)]:
+        for approx in ("expand", "reduce"):
+            for fisher_type in ("type-2", "mc", "empirical"):
+                kw = {"mc_samples": 2} if fisher_type == "mc" else {}
+                common = {"fisher_type": fisher_type, "seed": 5, "kfac_approx": approx, **kw}
+                theirs = curvlinops.KFACLinearOperator(
+                    net, fn, list(net.parameters()), batches, check_deterministic=False, **common
+                )
+                eye = torch.eye(theirs.shape[1], dtype=F64)
+                ours = KFACOperator(net, fn, batches, **common).to_dense()
+                assert _rel(ours, theirs @ eye) < 1e-12, (type(net).__name__, approx, fisher_type)
+        for fisher_type in ("type-2", "empirical"):  # EKFAC: per-sample sums over positions
+            theirs = curvlinops.EKFACLinearOperator(
+                net, fn, list(net.parameters()), batches, check_deterministic=False,
+                fisher_type=fisher_type,
+            )  # fmt: skip
+            ours = EKFACOperator(net, fn, batches, fisher_type=fisher_type).to_dense()
+            assert _rel(ours, theirs @ torch.eye(theirs.shape[1], dtype=F64)) < 1e-12
+
+
+def test_ekfac_with_weight_sharing_sums_squared_per_sample_gradients() -> None:
+    """sum(E) of a layer is basis-free: sum_n sum_r ||dW (f_n . s_r)||_F^2, here by brute force
+    (one backward pass per sample and output, on the model itself)."""
+    torch.manual_seed(1)
+    seq = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2), nn.Flatten()).double()
+    X = torch.randn(8, 5, 4, dtype=F64)
+    data = [(X[:3], torch.randn(3, 10, dtype=F64)), (X[3:], torch.randn(5, 10, dtype=F64))]
+    E = EKFACOperator(seq, nn.MSELoss(reduction="sum"), data)
+    totals = {"0": [0.0, 0.0], "2": [0.0, 0.0]}
+    for n in range(8):
+        for r in range(10):
+            seq.zero_grad()
+            (seq(X[n : n + 1])[0, r] * 2**0.5).backward()  # S_n = sqrt(2) I for the squared error
+            for k in totals:
+                totals[k][0] += float(seq.get_submodule(k).weight.grad.pow(2).sum())
+                totals[k][1] += float(seq.get_submodule(k).bias.grad.pow(2).sum())
+    for k, (_, _, Ew, Eb) in E._eigen().items():
+        assert abs(float(Ew.sum()) - totals[k][0]) < 1e-12 * totals[k][0]
+        assert abs(float(Eb.sum()) - totals[k][1]) < 1e-12 * totals[k][1]
