@@ -55,7 +55,7 @@ __all__ = [
     "dense_columns",
     "shard",
     "shared_seed",
-    # training Jacobian (seed 004)
+    # training Jacobian ("Understanding Gradient Descent through the Training Jacobian")
     "TrainingJacobianOperator",
     # matrix-free linear algebra
     "lanczos",

@@ -48,7 +48,7 @@ _NUMPY_SUPPORTED = frozenset(np.dtype(d) for d in _TORCH_TO_NUMPY.values())
 
 
 def numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    """The numpy dtype that corresponds to a floating or complex torch dtype."""
+    """Return the numpy dtype that corresponds to a floating or complex torch dtype."""
     try:
         return np.dtype(_TORCH_TO_NUMPY[dtype])
     except KeyError:
@@ -56,7 +56,7 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
 
 
 def torch_dtype(dtype: Any) -> torch.dtype:
-    """The torch dtype that corresponds to a numpy dtype (or a torch dtype, returned as is)."""
+    """Return the torch dtype that corresponds to a numpy dtype (or a torch dtype, returned as is)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     npd = np.dtype(dtype)
@@ -67,7 +67,7 @@ def torch_dtype(dtype: Any) -> torch.dtype:
 
 
 def operator_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
-    """The floating or complex numpy dtype an operator of (numpy or torch) ``dtype`` computes in.
+    """Return the floating or complex numpy dtype an operator of (numpy or torch) ``dtype`` computes in.
 
     Integer and boolean dtypes (an integer matrix, a SciPy operator whose dtype SciPy inferred
     as int8) are promoted to float64; ``longdouble`` is refused (torch has no such dtype).

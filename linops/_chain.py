@@ -83,7 +83,7 @@ StepAux = Any
 
 
 def recognise_chain(model: nn.Module) -> list[nn.Module | float] | None:
-    """The steps of ``model`` if it provably is a chain of supported modules, else None.
+    """Return the steps of ``model`` if it provably is a chain of supported modules, else None.
 
     Matching outputs are not proof: a forward that detaches, a hook or a parametrization can
     leave the values alone and change the derivatives. So every module must run torch's own
@@ -214,7 +214,7 @@ class Chain:
         )
 
     def with_values(self, values: Sequence[Tensor]) -> Chain:
-        """The same chain at other values of the space's parameters (``space.names`` order).
+        """Return the same chain at other values of the space's parameters (``space.names`` order).
 
         The steps are copied with the differentiated weights and biases replaced; nothing is
         recognised or verified again (the values must have the space's shapes and dtype).
@@ -234,7 +234,7 @@ class Chain:
 
     @classmethod
     def of(cls, space: ParamSpace) -> Chain | None:
-        """The chain of ``space.model``, or None if it is not one or misses some parameter."""
+        """Return the chain of ``space.model``, or None if it is not one or misses some parameter."""
         items = recognise_chain(space.model)
         if items is None:
             return None
@@ -244,7 +244,7 @@ class Chain:
             return None
 
     def forward(self, x: Tensor) -> tuple[list[Tensor], list[StepAux]]:
-        """Inputs of every step and the output (``xs``, length T + 1), and ``(phi', phi'')``.
+        """Return the inputs of every step and the output (``xs``, length T + 1), and ``(phi', phi'')``.
 
         The second list holds ``(phi', phi'')`` of elementwise steps, the argmax indices of
         pooling steps and None for the others.
@@ -288,7 +288,7 @@ class _NotAChain(Exception):
 
 
 def _forward_checked(chain: Chain, x: Tensor) -> tuple[list[Tensor], list[StepAux], torch.Size]:
-    """The chain's forward pass, verified against the model's own outputs on ``x``.
+    """Return the chain's forward pass, verified against the model's own outputs on ``x``.
 
     Returns the step inputs and output, the ``(phi', phi'')`` pairs and the model's per-sample
     output shape (the chain's output is flattened to ``(n, d)``).
@@ -393,7 +393,7 @@ class ChainGradientGraph:
         self.patches: dict[int, Tensor | None] = {}
 
     def gradient(self) -> list[Tensor]:
-        """The parameter-shaped gradient of the loss on the batch (one backward sweep)."""
+        """Return the parameter-shaped gradient of the loss on the batch (one backward sweep)."""
         e = self.loss.grad
         res = backward(self.chain, self.xs, self.derivs, e.unsqueeze(1), self.patches)
         return unbatch(res, False)

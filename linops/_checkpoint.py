@@ -1,6 +1,6 @@
 """Atomic, verified, resumable column-chunk checkpoints for long dense computations.
 
-A dense ``(m, n)`` matrix built column chunk by column chunk (e.g. a training Jacobian, seed 004)
+A dense ``(m, n)`` matrix built column chunk by column chunk (e.g. a training Jacobian)
 is written to a directory as one ``.npy`` file per finished chunk plus a ``manifest.json`` that
 identifies the computation (a content fingerprint, :mod:`linops._fingerprint`, with the shape,
 dtype and chunking). Trust comes from four rules:
@@ -140,7 +140,7 @@ class ColumnCheckpoint:
         return bool(self._index.get((start, stop)))
 
     def load(self, start: int, stop: int) -> np.ndarray | None:
-        """The finished chunk of columns ``[start, stop)``, shape ``(m, stop - start)``.
+        """Return the finished chunk of columns ``[start, stop)``, shape ``(m, stop - start)``.
 
         Returns ``None`` if there is none, or if every file of it is damaged: such a file
         (checksum mismatch, truncated, wrong shape or dtype) is named in a

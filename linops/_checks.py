@@ -116,7 +116,7 @@ def check_finite(t: torch.Tensor, name: str, subject: str | None = None) -> None
 
 
 def check_dtype(dtype: Any) -> torch.dtype:
-    """A floating or complex torch dtype from a torch dtype, a numpy dtype or its name."""
+    """Return a floating or complex torch dtype from a torch dtype, a numpy dtype or its name."""
     if not isinstance(dtype, torch.dtype):
         try:
             dtype = torch_dtype(np.dtype(dtype))
@@ -130,7 +130,7 @@ def check_dtype(dtype: Any) -> torch.dtype:
 
 
 def check_device(device: Any) -> torch.device:
-    """A ``torch.device`` from ``device``; refuses unknown names and CUDA without a GPU."""
+    """Return a ``torch.device`` from ``device``; refuse unknown names and CUDA without a GPU."""
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):

@@ -69,12 +69,12 @@ def group_device(process_group: Any) -> torch.device:
 
 
 def operator_tag(op: Any) -> int:
-    """A small integer naming the operator's class (equal across ranks)."""
+    """Return a small integer naming the operator's class (equal across ranks)."""
     return zlib.crc32(type(op).__name__.encode()) % (1 << 31)
 
 
 def checksum(X: torch.Tensor | None) -> tuple[float, float]:
-    """A weighted sum of ``X`` and the tolerance within which replicas must agree."""
+    """Return a weighted sum of ``X`` and the tolerance within which replicas must agree."""
     if X is None or X.numel() == 0:
         return 0.0, 0.0
     Xd = X.detach().to(torch.float64)

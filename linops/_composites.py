@@ -1,6 +1,7 @@
-"""The lazy composites of :class:`linops.base.TorchLinearOperator`: sums, products, scalings,
-powers, adjoints and transposes (``A + B``, ``A @ B``, ``alpha * A``, ``A ** p``, ``A.H``,
-``A.T``).
+"""The lazy composites of :class:`linops.base.TorchLinearOperator`.
+
+Sums, products, scalings, powers, adjoints and transposes (``A + B``, ``A @ B``,
+``alpha * A``, ``A ** p``, ``A.H``, ``A.T``).
 
 Each one holds its operands in ``ops`` (chains of sums and of products are flattened) and
 computes in the promoted dtype of each product; ``args`` keeps the operands as SciPy's
@@ -44,7 +45,7 @@ class _Composite(TorchLinearOperator):
         self.ops = list(ops)
 
     def _converted_ops(self, dtype: torch.dtype, device: torch.device) -> list[TorchLinearOperator]:
-        """The operands converted so that the rebuilt composite has ``dtype``."""
+        """Return the operands converted so that the rebuilt composite has ``dtype``."""
         if dtype.is_complex and not self.torch_dtype.is_complex:
             return [op.to(dtype, device=device) for op in self.ops]
         real = dtype.to_real()

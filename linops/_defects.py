@@ -106,7 +106,7 @@ def uses_weight_norm(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def workarounds(model: nn.Module, *, weight_norm: bool | None = None) -> Iterator[None]:
-    """The context every graph-building forward pass of ``model`` runs in.
+    """Return the context every graph-building forward pass of ``model`` runs in.
 
     ``weight_norm``: whether the model uses weight norm (looked up when None).
     """

@@ -1,4 +1,4 @@
-"""Content fingerprints of operators: what a checkpointed column depends on, hashed.
+r"""Content fingerprints of operators: what a checkpointed column depends on, hashed.
 
 A dense matrix built chunk by chunk into a checkpoint directory
 (:class:`linops._checkpoint.ColumnCheckpoint`) may only resume from chunks of the *same*
@@ -19,7 +19,7 @@ computation. :func:`operator_fingerprint` hashes (SHA-256) everything the column
   a memory address, so the fingerprint is the same in a new process;
 * composites through their parts, dense operators through their matrix, and a training
   Jacobian through its run (model, trained parameter names, loss, data schedule, optimizer,
-  learning-rate schedule, gradient engine), :math:`\\theta_0` and the model's other values.
+  learning-rate schedule, gradient engine), :math:`\theta_0` and the model's other values.
 
 Objects of other types are hashed by their class and attributes, recursively; shared objects
 and cycles are hashed once and referred to by the order they were first met.

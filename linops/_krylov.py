@@ -52,7 +52,7 @@ def output_kind(A: Any) -> ArrayKind:
 
 
 def prepare(A: Any) -> tuple[TorchLinearOperator, ArrayKind]:
-    """The operator view of ``A`` and the kind of arrays the caller expects back."""
+    """Return the operator view of ``A`` and the kind of arrays the caller expects back."""
     return aslinearoperator(A), output_kind(A)
 
 
@@ -62,7 +62,7 @@ def to_output(t: torch.Tensor, kind: ArrayKind) -> Any:
 
 
 def make_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator:
-    """A ``torch.Generator`` on ``device`` seeded by ``seed`` (fresh entropy when ``None``)."""
+    """Return a ``torch.Generator`` on ``device`` seeded by ``seed`` (fresh entropy when ``None``)."""
     if isinstance(seed, torch.Generator):
         return seed
     gen = torch.Generator(device=device)
@@ -76,7 +76,7 @@ def make_generator(seed: int | torch.Generator | None, device: torch.device) -> 
 
 
 def random_block(n: int, b: int, op: TorchLinearOperator, gen: torch.Generator) -> torch.Tensor:
-    """A Gaussian ``(n, b)`` block on the operator's device and dtype."""
+    """Return a Gaussian ``(n, b)`` block on the operator's device and dtype."""
     return torch.randn(n, b, generator=gen, dtype=op.torch_dtype, device=op.device)
 
 
@@ -293,7 +293,7 @@ class Verifier:
         return est_max <= self.level * anorm
 
     def stalled(self, est_max: float, anorm: float) -> bool:
-        """Called at each restart: whether estimates stuck near the floor ask for a check."""
+        """Check at each restart whether estimates stuck near the floor ask for a check."""
         if est_max < self.best / 2:
             self.best, self.since = est_max, 0
             return False
@@ -315,7 +315,7 @@ class Verifier:
     def floor_message(
         self, name: str, dtype: torch.dtype, true_max: float, est_max: float, anorm: float, nmv: int
     ) -> str:
-        """The error message of an unreachable tolerance, with the tolerance that is reachable."""
+        """Return the error message of an unreachable tolerance, with the tolerance that is reachable."""
         rel = true_max / anorm if anorm > 0 else true_max
         reach = 10.0 ** math.ceil(math.log10(2 * rel)) if rel > 0 else self.eps
         return (

@@ -1,6 +1,8 @@
-"""The steps of a chain (:mod:`linops._chain`): affine, elementwise, flatten, convolution and
-pooling steps, each holding what its products need (weights, their positions in the
-parameter space, geometry), with the convolution's and pooling's linear maps and adjoints.
+"""The steps of a chain (:mod:`linops._chain`).
+
+Affine, elementwise, flatten, convolution and pooling steps, each holding what its products
+need (weights, their positions in the parameter space, geometry), with the convolution's and
+pooling's linear maps and adjoints.
 """
 
 from __future__ import annotations
@@ -57,18 +59,18 @@ class Conv:
         return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation).contiguous()
 
     def weight_grad(self, x: Tensor, shape: Sequence[int], g: Tensor) -> Tensor:
-        """The gradient w.r.t. a weight of ``shape`` of ``<g, w * x>``."""
+        """Return the gradient w.r.t. a weight of ``shape`` of ``<g, w * x>``."""
         return nn_grad.conv2d_weight(
             x, shape, g, self.stride, self.padding, self.dilation
         ).contiguous()
 
     def unfold(self, x: Tensor) -> Tensor:
-        """The patches of ``x``, ``(n, in kh kw, h w)``: ``w * x`` is ``w.view(out, -1) @`` them."""
+        """Return the patches of ``x``, ``(n, in kh kw, h w)``: ``w * x`` is ``w.view(out, -1) @`` them."""
         kernel = self.weight.shape[2:]
         return F.unfold(x, kernel, self.dilation, self.padding, self.stride)
 
     def input_grad(self, shape: Sequence[int], w: Tensor, g: Tensor) -> Tensor:
-        """The gradient w.r.t. an input of ``shape`` of ``<g, w * x>`` (transposed convolution).
+        """Return the gradient w.r.t. an input of ``shape`` of ``<g, w * x>`` (transposed convolution).
 
         With stride one it is the convolution of ``g`` with the flipped, transposed kernel and
         padding ``d (k - 1) - p``, which oneDNN's forward convolution computes faster than its
@@ -92,7 +94,7 @@ class MaxPool:
     module: nn.MaxPool2d
 
     def primal(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The pooled ``x`` and the indices kept for the products."""
+        """Return the pooled ``x`` and the indices kept for the products."""
         m = self.module
         return F.max_pool2d(
             x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True
@@ -104,7 +106,7 @@ class MaxPool:
         return dx.flatten(-2).gather(-1, _pool_index(idx, lead)).view(*lead, *idx.shape[1:])
 
     def adjoint(self, g: Tensor, idx: Tensor, shape: torch.Size) -> Tensor:
-        """The transpose of :meth:`tangent`: ``g`` added into zeros of ``(n, [K,] *shape[1:])``."""
+        """Return the transpose of :meth:`tangent`: ``g`` added into zeros of ``(n, [K,] *shape[1:])``."""
         lead = g.shape[:-3]
         out = g.new_zeros((*lead, shape[1], shape[2] * shape[3]))
         out.scatter_add_(-1, _pool_index(idx, lead), g.flatten(-2))
@@ -136,7 +138,7 @@ class AvgPool:
         return y.view(*lead, *y.shape[1:])
 
     def adjoint(self, g: Tensor, _: None, shape: torch.Size) -> Tensor:
-        """The transpose applied to ``g`` ``(n, [K,] C, h, w)``, for inputs of ``shape``."""
+        """Return the transpose applied to ``g`` ``(n, [K,] C, h, w)``, for inputs of ``shape``."""
         m = self.module
         lead = g.shape[:-3]
         flat = g.reshape(-1, *g.shape[-3:])

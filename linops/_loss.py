@@ -117,13 +117,13 @@ class OutputLoss:
         return self._autograd().hvp(u.transpose(0, 1), True).transpose(0, 1).contiguous()
 
     def _autograd(self) -> LossOutputGraph:
-        """The retained autograd graph (kept exactly when the closed form does not apply)."""
+        """Return the retained autograd graph (kept exactly when the closed form does not apply)."""
         if self._graph is None:
             raise RuntimeError("OutputLoss: the closed form was verified, no graph is kept")
         return self._graph
 
     def _closed(self, u: Tensor, p: Tensor | None) -> Tensor:
-        """The closed form, with ``p`` the softmax broadcast to ``u``'s layout (None: MSE)."""
+        """Return the closed form, with ``p`` the softmax broadcast to ``u``'s layout (None: MSE)."""
         if p is None:
             return self._scale * u
         pu = (u * p).sum(-1, keepdim=True)

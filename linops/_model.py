@@ -191,7 +191,7 @@ class ModelOperator(TorchLinearOperator):
         return out
 
     def _first_batched(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
-        """The first many-vector product of a direction, verified against a single-vector one.
+        """Return the first many-vector product of a direction, verified against a single-vector one.
 
         torch's batching rules (``is_grads_batched``, i.e. vmap over a backward pass) are
         missing or wrong for some kernels (:mod:`linops._defects`: GroupNorm's double
@@ -246,8 +246,11 @@ class ModelOperator(TorchLinearOperator):
         return torch.cat([single, *rest], dim=1)
 
     def _to(self, dtype: torch.dtype, device: torch.device) -> ModelOperator:
-        """The same operator computing in ``dtype`` on ``device`` (a converted copy of the model
-        when its parameters or buffers differ; data cast and moved once; no graph shared)."""
+        """Return the same operator computing in ``dtype`` on ``device``.
+
+        The model is a converted copy when its parameters or buffers differ; data are cast and
+        moved once; no graph is shared.
+        """
         new = copy.copy(self)
         TorchLinearOperator.__init__(
             new,
@@ -304,7 +307,7 @@ _VMAP_LOOP = "we have not yet implemented the batching rule for "
 def _attempt_batched(
     apply: Callable[[torch.Tensor, bool], torch.Tensor], X: torch.Tensor, adjoint: bool
 ) -> tuple[torch.Tensor | None, BaseException | None, list[str]]:
-    """A batched product, its failure if any, and the kernels vmap looped over inside it."""
+    """Return a batched product, its failure if any, and the kernels vmap looped over inside it."""
     enabled = torch._C._debug_only_are_vmap_fallback_warnings_enabled()  # type: ignore[attr-defined]
     torch._C._debug_only_display_vmap_fallback_warnings(True)  # type: ignore[attr-defined]
     try:
@@ -327,7 +330,7 @@ def _attempt_batched(
 
 
 def forward_checked(space: ParamSpace, x: torch.Tensor) -> torch.Tensor:
-    """The model's outputs on ``x`` (no graph), with a clear error if the forward pass fails.
+    """Return the model's outputs on ``x`` (no graph), with a clear error if the forward pass fails.
 
     Used on the first batch an operator sees, so a wrong feature dimension or input dtype is
     named as such rather than surfacing as a raw torch error inside a product.
@@ -362,7 +365,7 @@ def _check_finite_model(space: ParamSpace) -> None:
 
 
 def _converted(space: ParamSpace, dtype: torch.dtype, device: torch.device) -> ParamSpace:
-    """The space on a model whose parameters *and buffers* have ``dtype`` and ``device``.
+    """Return the space on a model whose parameters *and buffers* have ``dtype`` and ``device``.
 
     A model already there is used as it is (its parameters live: later in-place updates show
     in the products). Otherwise the model is deep-copied and converted, so BatchNorm

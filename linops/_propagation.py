@@ -158,9 +158,11 @@ def _patches(
     t: int,
     weight_grad: bool = False,
 ) -> Tensor | None:
-    """``s.unfold(x)``, made once per batch, or None if it would be too large; for the weight
-    cotangents (``weight_grad``) also None when a patch is longer than an output channel, as
-    the product's ``(n, K out, in kh kw)`` result would then outgrow ``g``."""
+    """Return ``s.unfold(x)``, made once per batch, or None if it would be too large.
+
+    For the weight cotangents (``weight_grad``) also None when a patch is longer than an output
+    channel, as the product's ``(n, K out, in kh kw)`` result would then outgrow ``g``.
+    """
     if weight_grad and s.weight[0].numel() > out_shape[2] * out_shape[3]:
         return None
     if t not in cache:

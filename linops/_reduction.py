@@ -54,9 +54,9 @@ class Reduction:
         self.normaliser = normaliser
 
     def weights(self, batches: list[tuple[Tensor, Tensor]], total: float | None = None) -> list:
-        """Each batch's weight in the dataset loss, from its ``(outputs, targets)``.
+        r"""Each batch's weight in the dataset loss, from its ``(outputs, targets)``.
 
-        ``total``: :math:`\\sum_b W_b` over all ranks when the data is sharded (default: over
+        ``total``: :math:`\sum_b W_b` over all ranks when the data is sharded (default: over
         ``batches``).
         """
         if self.kind == "sum" or self.normaliser is None:
@@ -82,7 +82,7 @@ def check_reduction(reduction: Any) -> None:
 
 
 def loss_reduction(loss_fn: Any, reduction: Any, *, several_batches: bool) -> Reduction:
-    """The reduction of ``loss_fn``: given by the user, else read from torch's loss.
+    """Return the reduction of ``loss_fn``: given by the user, else read from torch's loss.
 
     Raises
     ------
@@ -154,9 +154,9 @@ def _describe(loss_fn: Any) -> tuple[str | None, str | None, dict[str, Any]]:
 def _cross_entropy_normaliser(
     out: Tensor, y: Tensor, *, weight: Tensor | None, ignore_index: int
 ) -> float:
-    """Cross-entropy's mean divides by the class weights of the targets not ignored.
+    r"""Cross-entropy's mean divides by the class weights of the targets not ignored.
 
-    Class-index targets: :math:`W_b = \\sum_{i: y_i \\neq \\text{ignore}} w_{y_i}` (a count without
+    Class-index targets: :math:`W_b = \sum_{i: y_i \neq \text{ignore}} w_{y_i}` (a count without
     weights). Probability targets: the number of positions ``N * d_1 * ...``.
     """
     if y.is_floating_point():

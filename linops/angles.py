@@ -74,8 +74,8 @@ def principal_angles(U: Any, V: Any) -> Any:
 def subspace_similarity(U: Any, V: Any) -> float:
     r"""Mean cosine of the principal angles, :math:`\frac{1}{q}\sum_i \cos\theta_i \in [0, 1]`.
 
-    1 for equal subspaces, 0 for orthogonal ones; the subspace-overlap measure of seed 004
-    section 3.5. Only the cosines :math:`\sigma_i(Q_U^H Q_V)` are needed: they are accurate to
+    1 for equal subspaces, 0 for orthogonal ones; the subspace-overlap measure of section 3.5
+    of "Understanding Gradient Descent through the Training Jacobian" (anonymous, no arXiv id). Only the cosines :math:`\sigma_i(Q_U^H Q_V)` are needed: they are accurate to
     rounding in absolute terms, which is all a mean of cosines can resolve (the sines that
     :func:`principal_angles` adds matter for the angles themselves, not for their cosines).
 
@@ -92,7 +92,7 @@ def subspace_similarity(U: Any, V: Any) -> float:
 def subspace_similarity_curve(U: Any, V: Any, ks: Any, *, precise: bool = False) -> Any:
     r""":func:`subspace_similarity` of ``span(U[:, :k])`` and ``span(V[:, :k])`` for every ``k``.
 
-    The "bulk at k" curves of seed 004 sections 3.4-3.5 compare the leading ``k`` columns of two
+    The "bulk at k" curves of sections 3.4-3.5 of the training-Jacobian paper compare the leading ``k`` columns of two
     ordered bases for many ``k``. A QR factorisation keeps leading spans (``span(Q[:, :k]) =
     span(U[:, :k])``), so both bases are orthonormalised once, :math:`C = Q_U^H Q_V` is formed
     once, and each ``k`` costs only the singular values of the block :math:`C_{:k,:k}`:

@@ -142,7 +142,7 @@ class TorchLinearOperator(LinearOperator):
         raise NotImplementedError(f"{type(self).__name__} does not implement _rmatmat_torch")
 
     def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
-        """Hook of :meth:`to`: a new operator computing in ``dtype`` on ``device``.
+        """Return a new operator computing in ``dtype`` on ``device`` (the hook of :meth:`to`).
 
         ``dtype`` is a floating or complex torch dtype, already checked (a complex operator
         is never asked for a real dtype). Must not modify ``self``.
@@ -163,7 +163,7 @@ class TorchLinearOperator(LinearOperator):
         *,
         device: torch.device | str | None = None,
     ) -> TorchLinearOperator:
-        """A new operator whose products run in ``dtype`` on ``device``; ``self`` is unchanged.
+        """Return a new operator whose products run in ``dtype`` on ``device``; ``self`` is unchanged.
 
         Parameters
         ----------
@@ -210,7 +210,7 @@ class TorchLinearOperator(LinearOperator):
 
     # ----------------------------------------------------------------- the batched fast path
     def vectors_per_pass(self) -> int | None:
-        """Number of vectors per batched pass implied by ``max_vectors`` and the memory limit."""
+        """Return the number of vectors per batched pass implied by ``max_vectors`` and the memory limit."""
         limits = []
         if self.max_vectors is not None:
             limits.append(self.max_vectors)
@@ -242,7 +242,7 @@ class TorchLinearOperator(LinearOperator):
         return Y if Y.dtype == out else Y.to(out)
 
     def _hooks(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
-        """The hooks on a block in their working dtype, chunked over columns."""
+        """Return the hooks on a block in their working dtype, chunked over columns."""
         hook = self._rmatmat_torch if adjoint else self._matmat_torch
         k = X.shape[1]
         if self.column_major_blocks and k > 1 and X.stride(0) != 1:
@@ -258,11 +258,11 @@ class TorchLinearOperator(LinearOperator):
 
     # ----------------------------------------------------------------- public products
     def matmat(self, X: Any) -> Any:
-        """``A @ X`` for a matrix ``X`` of shape ``(n, k)`` (numpy, torch or CuPy)."""
+        """Return ``A @ X`` for a matrix ``X`` of shape ``(n, k)`` (numpy, torch or CuPy)."""
         return self._product(X, adjoint=False, form="matrix", keep_matrix=True)
 
     def matvec(self, x: Any) -> Any:
-        """``A @ x`` for a vector of length ``n`` (or an ``(n, 1)`` matrix)."""
+        """Return ``A @ x`` for a vector of length ``n`` (or an ``(n, 1)`` matrix)."""
         return self._product(x, adjoint=False, form="vector", keep_matrix=True)
 
     def rmatmat(self, Y: Any) -> Any:
@@ -293,7 +293,7 @@ class TorchLinearOperator(LinearOperator):
         return np.asmatrix(out) if keep_matrix and isinstance(x, np.matrix) else out
 
     def _product_tensor(self, t: torch.Tensor, adjoint: bool, name: str) -> torch.Tensor:
-        """``A t`` (or ``A^H t``) of a 1-d or 2-d tensor in the promoted dtype, checked finite."""
+        """Return ``A t`` (or ``A^H t``) of a 1-d or 2-d tensor in the promoted dtype, checked finite."""
         if t.dtype != self.torch_dtype:
             t = t.to(result_dtype(self.dtype, t.dtype, name))
         self._check_finite(t, name)
@@ -347,12 +347,15 @@ class TorchLinearOperator(LinearOperator):
         return from_torch(out.mT if out.ndim == 2 else out, kind)
 
     def __mul__(self, x: Any) -> Any:
+        """Return ``A * x``: the product with an array, or ``alpha * A`` for a scalar (as SciPy)."""
         return self.dot(x)
 
     def __rmul__(self, x: Any) -> Any:
+        """Return ``x * A``: a scalar multiple, or ``x @ A`` for an array (as SciPy)."""
         return self._rdot(x)
 
     def __matmul__(self, other: Any) -> Any:
+        """Return ``A @ B`` (a lazy product) or ``A @ x`` (an array of the input's kind)."""
         if isinstance(other, LinearOperator):
             return _Product(self, other)
         if _is_scalar(other):
@@ -360,11 +363,13 @@ class TorchLinearOperator(LinearOperator):
         return self._product(other, adjoint=False)
 
     def __rmatmul__(self, other: Any) -> Any:
+        """Return ``x @ A`` for an array ``x`` (rows times the operator); scalars are refused."""
         if _is_scalar(other):
             raise ValueError("scalar operands are not allowed with '@', use '*' instead")
         return self._rdot(other)
 
     def __truediv__(self, x: Any) -> TorchLinearOperator:
+        """Return ``A / alpha``: the operator scaled by ``1 / alpha``; only scalars divide."""
         if not _is_scalar(x):
             raise ValueError(f"can only divide an operator by a scalar, got {type(x).__name__}")
         value = _python_scalar(x) if isinstance(x, torch.Tensor) else x
@@ -373,29 +378,35 @@ class TorchLinearOperator(LinearOperator):
         return _Scaled(self, 1.0 / value)
 
     def __pow__(self, p: Any) -> TorchLinearOperator:
+        """Return ``A ** p``: ``p`` products with the square operator (a non-negative integer)."""
         if not np.isscalar(p):
             return NotImplemented
         return _Power(self, p)
 
     def __add__(self, other: Any) -> TorchLinearOperator:
+        """Return ``A + B``: a lazy sum of operators of equal shape."""
         if not isinstance(other, LinearOperator):
             return NotImplemented
         return _Sum(self, other)
 
     def __radd__(self, other: Any) -> TorchLinearOperator:
+        """Return ``B + A``: a lazy sum, ``B`` another (SciPy) operator."""
         if not isinstance(other, LinearOperator):
             return NotImplemented
         return _Sum(other, self)
 
     def __neg__(self) -> TorchLinearOperator:
+        """Return ``-A``: the operator scaled by ``-1``."""
         return _Scaled(self, -1)
 
     def __sub__(self, other: Any) -> TorchLinearOperator:
+        """Return ``A - B``: the lazy sum ``A + (-B)``."""
         if not isinstance(other, LinearOperator):
             return NotImplemented
         return _Sum(self, -aslinearoperator(other))
 
     def __rsub__(self, other: Any) -> TorchLinearOperator:
+        """Return ``B - A``: the lazy sum ``B + (-A)``."""
         if not isinstance(other, LinearOperator):
             return NotImplemented
         return _Sum(other, -self)
@@ -415,7 +426,7 @@ class TorchLinearOperator(LinearOperator):
         process_group: Any = None,
         checkpoint_dir: Any = None,
     ) -> torch.Tensor:
-        """The operator as a dense ``(m, n)`` tensor on its device, built in column chunks.
+        """Return the operator as a dense ``(m, n)`` tensor on its device, built in column chunks.
 
         Meant for small operators and tests. ``max_vectors`` bounds the columns per pass
         (default: the operator's own bound, else 256). With a ``torch.distributed``
@@ -437,10 +448,11 @@ class TorchLinearOperator(LinearOperator):
         return torch.cat(cols, dim=1) if cols else torch.zeros(m, 0, dtype=self.torch_dtype)
 
     def to_scipy(self) -> TorchLinearOperator:
-        """The operator as a SciPy ``LinearOperator``: it already is one."""
+        """Return the operator as a SciPy ``LinearOperator``: it already is one."""
         return self
 
     def __repr__(self) -> str:
+        """Show the shape, class, dtype and device, e.g. ``<3x3 _Dense with dtype=torch.float64, device=cpu>``."""
         return (
             f"<{self.shape[0]}x{self.shape[1]} {type(self).__name__} "
             f"with dtype={self.torch_dtype}, device={self.device}>"

@@ -38,7 +38,7 @@ class ChainLossAt:
         self._graph = graph
 
     def gradient(self) -> list[Tensor]:
-        """:math:`\\nabla_\\theta L`, one tensor per parameter (the space's order and shapes)."""
+        r""":math:`\nabla_\theta L`, one tensor per parameter (the space's order and shapes)."""
         return self._graph.gradient()
 
     def hvp(self, tangents: Sequence[Tensor]) -> list[Tensor]:
@@ -99,7 +99,7 @@ class ChainLoss:
         return Chain.of(space) is not None
 
     def at(self, theta: Tensor, X: Tensor, y: Tensor) -> ChainLossAt:
-        """The loss on the batch ``(X, y)`` at the flat parameters ``theta``.
+        """Return the loss on the batch ``(X, y)`` at the flat parameters ``theta``.
 
         Raises
         ------

@@ -112,7 +112,11 @@ def _plot_spectra(h_top: np.ndarray, ntk_top: np.ndarray, path: Path) -> None:
 
 
 def _laziness_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str, Any]:
-    """Seed 000 section 3.2: laziness ratio and reference-set rank of the default model."""
+    """Laziness ratio and reference-set rank of the default model.
+
+    Section 3.2 of "Leveraging Low Rank Structure in the Lazy Regime" (an anonymous ICLR 2025
+    submission, no arXiv id given).
+    """
     from reports import laziness_report
 
     X = setup["data"].X_train[: 200 if quick else 500]
@@ -149,7 +153,11 @@ def _density_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str,
 
 
 def _training_jacobian_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str, Any]:
-    """Seed 004: a small training Jacobian (width-16 MLP, 2 epochs), dense, with its spectrum."""
+    """Compute a small training Jacobian (width-16 MLP, 2 epochs), dense, with its spectrum.
+
+    As in "Understanding Gradient Descent through the Training Jacobian" (an anonymous
+    submission, no arXiv id given).
+    """
     from reports import plot_training_jacobian_report, training_jacobian_report
 
     result = training_jacobian_report(quick=True)
@@ -168,7 +176,7 @@ def _training_jacobian_section(setup: dict[str, Any], out: Path, quick: bool) ->
 
 
 def _sections() -> list[tuple[str, Section]]:
-    """The report's sections in order; each returns JSON-ready numbers (and may write PNGs)."""
+    """Return the report's sections in order; each returns JSON-ready numbers (and may write PNGs)."""
     return [
         ("operators", _operators_section),
         ("hessian_density", _density_section),
@@ -244,8 +252,11 @@ def _check_out(out: Path) -> None:
 
 
 class _Staging:
-    """A hidden temporary folder beside ``out``, renamed to ``out`` on success, removed on
-    failure or interruption. Left-overs of killed runs (dead pids) are swept first."""
+    """A hidden temporary folder beside ``out``, renamed to ``out`` on success.
+
+    It is removed on failure or interruption. Left-overs of killed runs (dead pids) are swept
+    first.
+    """
 
     def __init__(self, out: Path) -> None:
         self.out = out
@@ -314,7 +325,7 @@ def _print_summary(result: dict[str, Any], out: Path) -> None:
 
 
 def benchmarks(root: Path | None = None) -> list[str]:
-    """The benchmarks ``linops bench`` runs: ``bench/NAME.py`` of a checkout, no helpers."""
+    """Return the benchmarks ``linops bench`` runs: ``bench/NAME.py`` of a checkout, no helpers."""
     bench = (root or Path.cwd()) / "bench"
     if not bench.is_dir():
         return []
@@ -366,7 +377,7 @@ def _seed(text: str) -> int:
 
 
 def _parser() -> tuple[_Parser, dict[str, _Parser]]:
-    """The ``linops`` parser and its subcommands' parsers, by name."""
+    """Return the ``linops`` parser and its subcommands' parsers, by name."""
     parser = _Parser(prog="linops", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     rep = sub.add_parser("report", help="analyse the default MLP on digits; write JSON + plots")

@@ -67,10 +67,10 @@ __all__ = [
 
 # --------------------------------------------------------------------------- sharding
 def shard_range(n: int, process_group: Any = None, *, rank: int | None = None) -> range:
-    """The contiguous index range of ``n`` items owned by a rank (balanced, in rank order).
+    r"""Return the contiguous index range of ``n`` items owned by a rank (balanced, in rank order).
 
-    Rank :math:`r` of :math:`P` owns :math:`[\\lfloor rn/P \\rfloor, \\lfloor (r+1)n/P
-    \\rfloor)`, so the shards concatenated in rank order give ``range(n)`` back: the rows of a
+    Rank :math:`r` of :math:`P` owns :math:`[\lfloor rn/P \rfloor, \lfloor (r+1)n/P
+    \rfloor)`, so the shards concatenated in rank order give ``range(n)`` back: the rows of a
     distributed Jacobian are then exactly those of the single-process one.
 
     Parameters
@@ -99,7 +99,7 @@ def _split(n: int, world: int, rank: int) -> range:
 
 
 def shard(data: Any, process_group: Any = None) -> Any:
-    """This rank's contiguous shard of a tensor or of an ``(X, y)`` pair of tensors.
+    """Return this rank's contiguous shard of a tensor or of an ``(X, y)`` pair of tensors.
 
     Parameters
     ----------
@@ -135,7 +135,7 @@ def shard(data: Any, process_group: Any = None) -> Any:
 
 
 def shared_seed(process_group: Any = None, seed: int | None = None) -> int:
-    """A seed that every rank agrees on: rank 0's ``seed`` (or fresh entropy), broadcast.
+    """Return a seed that every rank agrees on: rank 0's ``seed`` (or fresh entropy), broadcast.
 
     Random start and probe vectors of ``lanczos``, ``svds``, ``randomized_svd`` and the trace
     estimators come from a ``torch.Generator`` seeded by their ``seed``; with the same seed on
@@ -170,7 +170,7 @@ def is_data_parallel(op: Any) -> bool:
 
 # --------------------------------------------------------------------------- operator products
 def global_num_samples(op: Any) -> int:
-    """Number of samples over all ranks of ``op.process_group`` (forces the local batches)."""
+    """Return the number of samples over all ranks of ``op.process_group`` (forces the local batches)."""
     group = op.process_group
     n = guarded(
         group,
@@ -189,7 +189,7 @@ def global_num_samples(op: Any) -> int:
 
 
 def global_sum(op: Any, local: Callable[[], float], *, what: str) -> float:
-    """The sum over the ranks of ``op.process_group`` of ``local()`` (e.g. a loss normaliser).
+    """Return the sum over the ranks of ``op.process_group`` of ``local()`` (e.g. a loss normaliser).
 
     Guarded like every step here: if ``local`` raises on one rank, every rank raises
     :class:`DistributedError`. Call it outside the local work of a product (from the
@@ -234,7 +234,7 @@ def gather_counts(
 
 
 def data_parallel_apply(op: Any, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
-    """The product of a data-parallel :class:`linops.base.TorchLinearOperator`, replicated.
+    """Return the product of a data-parallel :class:`linops.base.TorchLinearOperator`, replicated.
 
     ``op`` sums over data (one all-reduce of the local products) unless it has
     ``row_counts`` (rows owned by ranks): then ``J X`` all-gathers the local rows and
@@ -306,7 +306,7 @@ def dense_columns(
     gather: bool = True,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    r"""The dense matrix of ``op``, its column chunks split across the ranks of a process group.
+    r"""Return the dense matrix of ``op``, its column chunks split across the ranks of a process group.
 
     The ``n`` columns :math:`A e_j` are cut into global chunks of ``max_vectors`` columns;
     rank :math:`r` of :math:`P` computes chunks :math:`\lfloor rC/P \rfloor` to
@@ -402,10 +402,12 @@ def dense_columns(
 
 
 def open_column_checkpoint(op: Any, directory: str | os.PathLike[str], chunk: int) -> Any:
-    """The :class:`linops._checkpoint.ColumnCheckpoint` of ``op``'s dense matrix in chunks
-    of ``chunk`` columns, identified by :func:`linops._fingerprint.operator_fingerprint`
-    (the same for :func:`dense_columns` and ``TrainingJacobianOperator.to_dense``, so their
-    directories interoperate)."""
+    """Return the :class:`linops._checkpoint.ColumnCheckpoint` of ``op``'s dense matrix.
+
+    The matrix is stored in chunks of ``chunk`` columns, identified by
+    :func:`linops._fingerprint.operator_fingerprint` (the same for :func:`dense_columns` and
+    ``TrainingJacobianOperator.to_dense``, so their directories interoperate).
+    """
     from linops._checkpoint import ColumnCheckpoint
     from linops._fingerprint import operator_fingerprint
 

@@ -8,7 +8,10 @@ with :math:`c = 1/N` for a mean reduction and :math:`c = 1` for a sum, and
 
     H = \nabla^2_\theta L, \qquad
     G = c \sum_n J_n^\top \, \nabla^2_f \ell(f_n, y_n) \, J_n \quad (\text{GGN}), \qquad
-    H_j(x) = \nabla^2_\theta f_j(\theta; x) \quad (\text{output Hessian, seed 000 section 3.2}).
+    H_j(x) = \nabla^2_\theta f_j(\theta; x) \quad (\text{output Hessian}).
+
+The output Hessian is the laziness numerator of section 3.2 of "Leveraging Low Rank Structure in the Lazy Regime"
+(an anonymous ICLR 2025 submission, no arXiv id given).
 """
 
 from __future__ import annotations
@@ -133,7 +136,7 @@ class _LossOperator(ModelOperator):
         self._batch_weights = None
 
     def prepare_distributed(self) -> None:
-        """The collectives a product needs first (the loss normaliser's sum over the ranks)."""
+        """Return the collectives a product needs first (the loss normaliser's sum over the ranks)."""
         self._weights()
 
     def _accumulate(self, X: torch.Tensor, product: Any) -> torch.Tensor:
@@ -252,7 +255,7 @@ class GGNOperator(_LossOperator):
 
 
 class OutputHessianOperator(ModelOperator):
-    r"""Hessian :math:`\nabla^2_\theta f_j(\theta; x)` of one model output (seed 000 section 3.2).
+    r"""Hessian :math:`\nabla^2_\theta f_j(\theta; x)` of one model output (section 3.2 of the lazy-regime paper).
 
     The numerator of the laziness ratio
     :math:`\|\nabla^2_\theta f_j(x)\| / \|\nabla_\theta f_j(x)\|^2`.
@@ -334,7 +337,7 @@ class OutputHessianOperator(ModelOperator):
         return space.dim, space.dim
 
     def _select(self, out: torch.Tensor, _: Any = None) -> torch.Tensor:
-        """:math:`\\sum_i f_j(\\theta; x_i)` from the model outputs."""
+        r""":math:`\sum_i f_j(\theta; x_i)` from the model outputs."""
         return out.reshape(out.shape[0], -1)[:, self.output_index].sum()
 
     def _scalar_output(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -348,7 +351,7 @@ class OutputHessianOperator(ModelOperator):
         )
 
     def gradient(self) -> torch.Tensor:
-        """The flat gradient :math:`\\nabla_\\theta f_j(\\theta; x)` (the laziness denominator)."""
+        r"""Return the flat gradient :math:`\nabla_\theta f_j(\theta; x)` (the laziness denominator)."""
         return self.space.flatten(self._grad_at(self.space.flat_values()))
 
     def _grad_at(self, theta: torch.Tensor) -> list[torch.Tensor]:

@@ -1,7 +1,8 @@
 r"""The Jacobian of a model's outputs over a dataset, and the NTK Gram matrix it defines.
 
 For inputs :math:`x^{(1)}, \dots, x^{(n)}` and a model :math:`f(\theta; x) \in \mathbb{R}^{d_y}`
-with :math:`m` parameters, the Jacobian (seed 000 section 1.1, there :math:`J` of size
+with :math:`m` parameters, the Jacobian (section 1.1 of "Leveraging Low Rank Structure in the Lazy Regime", an anonymous
+ICLR 2025 submission with no arXiv id given; there :math:`J` of size
 :math:`n \times d_y \times m`) is flattened sample-major into the matrix
 
 .. math::
@@ -9,7 +10,7 @@ with :math:`m` parameters, the Jacobian (seed 000 section 1.1, there :math:`J` o
     J \in \mathbb{R}^{n d_y \times m}, \qquad
     J_{i d_y + j,\, p} = \frac{\partial f_j(\theta; x^{(i)})}{\partial \theta_p},
 
-and the empirical NTK Gram matrix is :math:`K = J J^\top` (seed 000 section 2,
+and the empirical NTK Gram matrix is :math:`K = J J^\top` (section 2 of that paper,
 :math:`K_{NTK}(i, j) = \langle J_i, J_j \rangle`).
 """
 
@@ -45,7 +46,7 @@ class JacobianOperator(ModelOperator):
     params
         Which parameters (see :class:`linops.ParamSpace`); columns follow its order.
     output_index
-        If given, only output unit ``j``: the ``n x m`` slice :math:`J_{:, j, :}` of seed 000.
+        If given, only output unit ``j``: the ``n x m`` slice :math:`J_{:, j, :}` of that paper's Jacobian.
     output
         Selects the tensor to differentiate from what the model returns, for models that
         return tuples, dicts or output objects (``lambda out: out[0]``,

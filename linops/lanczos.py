@@ -35,7 +35,7 @@ _PROBES = 2  # random vectors added to the first product for the symmetry check
 
 
 class LanczosResult(NamedTuple):
-    """Eigenpairs from :func:`lanczos`, eigenvalues in ascending algebraic order.
+    r"""Eigenpairs from :func:`lanczos`, eigenvalues in ascending algebraic order.
 
     Attributes
     ----------
@@ -44,7 +44,7 @@ class LanczosResult(NamedTuple):
     eigenvectors
         ``(n, k)`` orthonormal Ritz vectors, column ``i`` belongs to ``eigenvalues[i]``.
     residuals
-        ``(k,)`` true residual norms :math:`\\|A v_i - \\lambda_i v_i\\|`, recomputed from one
+        ``(k,)`` true residual norms :math:`\|A v_i - \lambda_i v_i\|`, recomputed from one
         block product at the end (not the Krylov estimates).
     num_matvecs
         Number of operator-vector products used (a block of ``b`` vectors counts ``b``),
@@ -278,7 +278,7 @@ class _Check:
     def __call__(
         self, theta: torch.Tensor, S: torch.Tensor, est: torch.Tensor
     ) -> LanczosResult | None:
-        """The result if the wanted pairs are verified and complete, else ``None``."""
+        """Return the result if the wanted pairs are verified and complete, else ``None``."""
         st, k = self.state, self.k
         if st.j < self.k_eff:
             return None
@@ -327,7 +327,7 @@ def _ritz(H: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
-    """Indices (into ascending ``theta``) of the ``k`` wanted Ritz values."""
+    """Return the indices (into ascending ``theta``) of the ``k`` wanted Ritz values."""
     m = theta.numel()
     k = min(k, m)
     if which == "LA":

@@ -60,7 +60,7 @@ def retain_freed_memory(limit_bytes: int = 2**30) -> bool:
 
 
 def _mallopt() -> Callable[[int, ctypes.c_int], int] | None:
-    """glibc's ``mallopt``, or None where the C library has none."""
+    """Glibc's ``mallopt``, or None where the C library has none."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None

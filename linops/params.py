@@ -101,18 +101,20 @@ class ParamSpace:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the parameter values (that of the first parameter)."""
         return self._values[self.names[0]].dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the parameter values (that of the first parameter)."""
         return self._values[self.names[0]].device
 
     def values(self) -> dict[str, torch.Tensor]:
-        """The parameter values (detached) this space was built with, by name."""
+        """Return the parameter values (detached) this space was built with, by name."""
         return dict(self._values)
 
     def flat_values(self) -> torch.Tensor:
-        """The parameter values as one flat vector of length :attr:`dim`."""
+        """Return the parameter values as one flat vector of length :attr:`dim`."""
         return self.flatten(self._values)
 
     def flatten(self, tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -182,7 +184,7 @@ class ParamSpace:
         return out
 
     def to(self, dtype: torch.dtype | None = None, device: Any = None) -> ParamSpace:
-        """A copy of the space whose reference values live in another dtype or device."""
+        """Return a copy of the space whose reference values live in another dtype or device."""
         new = object.__new__(ParamSpace)
         new.__dict__.update(self.__dict__)
         new._values = {n: v.to(dtype=dtype, device=device) for n, v in self._values.items()}
@@ -190,7 +192,7 @@ class ParamSpace:
 
 
 def _training_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the buffers of modules in training mode (empty in eval mode)."""
+    """Return copies of the buffers of modules in training mode (empty in eval mode)."""
     if not any(m.training for m in model.modules()):
         return {}
     return {

@@ -39,11 +39,14 @@ __all__ = [
 
 
 class RangeFinderResult(NamedTuple):
-    """``basis``: ``(m, l)`` orthonormal (``l`` may be 0); ``error_estimate``: the posterior
+    """Orthonormal basis of an approximate range from :func:`range_finder`.
+
+    ``basis``: ``(m, l)`` orthonormal (``l`` may be 0); ``error_estimate``: the posterior
     bound on ``||(I - QQ^H) A||`` computed from a fresh Gaussian block against the returned
     ``basis`` (``nan`` when no tolerance was asked); ``num_matvecs``: products used;
     ``converged``: whether ``error_estimate <= tol`` (``True`` in fixed-rank mode, where no
-    tolerance is asked)."""
+    tolerance is asked).
+    """
 
     basis: Any
     error_estimate: float
@@ -52,7 +55,7 @@ class RangeFinderResult(NamedTuple):
 
 
 class RandomizedSVDResult(NamedTuple):
-    """Approximate truncated SVD :math:`A \\approx U \\mathrm{diag}(s) V^H`, ``s`` descending."""
+    r"""Approximate truncated SVD :math:`A \approx U \mathrm{diag}(s) V^H`, ``s`` descending."""
 
     singular_values: Any
     left_vectors: Any
@@ -61,7 +64,7 @@ class RandomizedSVDResult(NamedTuple):
 
 
 class EighResult(NamedTuple):
-    """Approximate eigenpairs :math:`A \\approx V \\mathrm{diag}(\\lambda) V^H`, ascending."""
+    r"""Approximate eigenpairs :math:`A \approx V \mathrm{diag}(\lambda) V^H`, ascending."""
 
     eigenvalues: Any
     eigenvectors: Any
@@ -215,7 +218,8 @@ def _orthogonality_defect(Q: torch.Tensor, gen: torch.Generator) -> float:
     r"""Twice a power-iteration estimate (four probes, four steps) of :math:`\|Q^HQ - I\|_2`.
 
     The rounding floor of :math:`\|(I - QQ^H)A\|` is about :math:`\|Q^HQ - I\|\,\|A\|`,
-    which a projection computed with ``Q`` itself cannot see once ``Q`` spans the space."""
+    which a projection computed with ``Q`` itself cannot see once ``Q`` spans the space.
+    """
     if Q.shape[1] == 0:
         return 0.0
 
@@ -229,8 +233,11 @@ def _orthogonality_defect(Q: torch.Tensor, gen: torch.Generator) -> float:
 
 
 def _stagnated(errs: list[float], floor: float) -> bool:
-    """Whether the estimates sit at the rounding floor: the best of the last three blocks is
-    below ``floor`` and not half the best before them."""
+    """Whether the estimates sit at the rounding floor.
+
+    That is, the best of the last three blocks is below ``floor`` and not half the best before
+    them.
+    """
     if len(errs) < 4:
         return False
     recent = min(errs[-3:])

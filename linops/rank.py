@@ -25,7 +25,7 @@ __all__ = ["effective_rank", "numerical_rank", "stable_rank"]
 
 
 def numerical_rank(s_or_A: Any, rtol: float | None = None, *, seed: int | None = 0) -> int:
-    r"""Number of singular values above ``rtol`` times the largest.
+    r"""Return the number of singular values above ``rtol`` times the largest.
 
     Parameters
     ----------

@@ -26,19 +26,19 @@ __all__ = ["SVDSNoConvergence", "SVDSResult", "svds"]
 
 
 class SVDSResult(NamedTuple):
-    """Singular triplets from :func:`svds`, singular values in descending order.
+    r"""Singular triplets from :func:`svds`, singular values in descending order.
 
     Attributes
     ----------
     singular_values
         ``(k,)``, descending.
     left_vectors
-        ``(m, k)`` orthonormal, :math:`A v_i = \\sigma_i u_i`.
+        ``(m, k)`` orthonormal, :math:`A v_i = \sigma_i u_i`.
     right_vectors
         ``(n, k)`` orthonormal.
     residuals
-        ``(k,)`` true residuals :math:`(\\|A v_i - \\sigma_i u_i\\|^2 + \\|A^H u_i - \\sigma_i
-        v_i\\|^2)^{1/2}`, recomputed from two block products at the end.
+        ``(k,)`` true residuals :math:`(\|A v_i - \sigma_i u_i\|^2 + \|A^H u_i - \sigma_i
+        v_i\|^2)^{1/2}`, recomputed from two block products at the end.
     num_matvecs
         Products with :math:`A` plus products with :math:`A^H` (vectors), the final check
         included.
@@ -223,8 +223,10 @@ class _Bidiag:
         self.P, _, _ = kr.orth_qr(X, v, self.gen, 1.0)
 
     def true_residuals(self, X, s, Y, want) -> tuple[torch.Tensor, ...]:
-        r"""``u, v, sigma`` of ``want`` and :math:`\sqrt{\|Av - \sigma u\|^2 + \|A^H u -
-        \sigma v\|^2}` from two block products (counted).
+        r"""Return ``u, v, sigma`` of ``want`` and their true residuals.
+
+        The residuals are :math:`\sqrt{\|Av - \sigma u\|^2 + \|A^H u - \sigma v\|^2}`, from
+        two block products (counted).
         """
         j = self.j
         u = self.U[:, :j] @ X[:, want].to(self.U)
@@ -261,7 +263,7 @@ class _Bidiag:
         )
 
     def end_game(self, X, s, Y, est, k, which, tol, kind) -> SVDSResult | None:
-        """True residuals once the estimates allow, then the search for missing copies."""
+        """Compute the true residuals once the estimates allow, then the search for missing copies."""
         if self.j < self.k_eff:
             return None
         est_max = float(est[_select(s, self.k_eff, which)].max())
@@ -297,7 +299,7 @@ class _Bidiag:
 
 
 def _select(s: torch.Tensor, k: int, which: str) -> torch.Tensor:
-    """Indices (into descending ``s``) of the ``k`` wanted values, in descending order."""
+    """Return the indices (into descending ``s``) of the ``k`` wanted values, in descending order."""
     k = min(k, s.numel())
     return torch.arange(k) if which == "LM" else torch.arange(s.numel() - k, s.numel())
 

@@ -131,8 +131,10 @@ def check_operator(
 
 
 def _adjoint_error(X: torch.Tensor, AX: torch.Tensor, Y: torch.Tensor, ATY: torch.Tensor) -> float:
-    r"""Largest :math:`|\langle A x, y\rangle - \langle x, A^H y\rangle|` over the columns,
-    relative to :math:`\max(\|A x\| \|y\|, \|x\| \|A^H y\|)`.
+    r"""Return the largest relative adjoint defect over the columns.
+
+    The defect is :math:`|\langle A x, y\rangle - \langle x, A^H y\rangle|` relative to
+    :math:`\max(\|A x\| \|y\|, \|x\| \|A^H y\|)`.
 
     Both inner products are computed to within about eps times that scale, whereas
     :math:`\|A x\| \|y\|` alone can be far smaller when :math:`A x` cancels (a 1 x 2
@@ -168,9 +170,12 @@ def _require(err: float, tol: float, message: str) -> None:
 
 
 def with_singular_values(s: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    r"""A dense float64 square matrix :math:`U \operatorname{diag}(s) W^\top` with random
-    orthogonal ``U``, ``W`` (QR factors of Gaussians from one generator seeded with ``seed``): a
-    matrix with a known spectrum for checking rank, SVD and counting routines."""
+    r"""Return a dense float64 square matrix with singular values ``s``.
+
+    The matrix is :math:`U \operatorname{diag}(s) W^\top` with random orthogonal ``U``, ``W``
+    (QR factors of Gaussians from one generator seeded with ``seed``): a matrix with a known
+    spectrum for checking rank, SVD and counting routines.
+    """
     g = torch.Generator().manual_seed(seed)
     n = s.numel()
     U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]

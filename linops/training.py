@@ -1,4 +1,7 @@
-r"""The training Jacobian as an operator (seed 004).
+r"""The training Jacobian as an operator.
+
+The object studied in "Understanding Gradient Descent through the Training Jacobian"
+(an anonymous submission under double-blind review; its document gives no arXiv id).
 
 For a training run :math:`\theta_T = f(\theta_0)` (a :class:`trainers.functional.TrainingRun`),
 the training Jacobian is
@@ -8,7 +11,7 @@ the training Jacobian is
     J(\theta_0) = \frac{\partial \theta_T}{\partial \theta_0} \in \mathbb{R}^{m \times m},
     \qquad f(\theta) \approx f(\theta_0) + J(\theta_0)(\theta - \theta_0)
 
-(seed 004, eq. 1). Products :math:`J V` are forward-mode derivatives through the whole run
+(that paper, eq. 1). Products :math:`J V` are forward-mode derivatives through the whole run
 (tangents pushed through every step, batched over the columns of :math:`V`), and
 :math:`J^\top U` reverse-mode ones through the checkpointed trajectory. The matrix is never
 formed unless :meth:`TrainingJacobianOperator.to_dense` is asked for, which builds it in column
@@ -140,11 +143,11 @@ class TrainingJacobianOperator(TorchLinearOperator):
         return self.run.trajectory(self.theta0).final
 
     def fingerprint(self) -> str:
-        """SHA-256 of the computation (:func:`linops._fingerprint.operator_fingerprint`).
+        r"""SHA-256 of the computation (:func:`linops._fingerprint.operator_fingerprint`).
 
         Covers the run's definition (model architecture, trained parameter names, loss by
         name or by bytecode, data and batch order, optimizer, learning-rate schedule, gradient
-        engine), :math:`\\theta_0`, the values of the model's untrained parameters and buffers,
+        engine), :math:`\theta_0`, the values of the model's untrained parameters and buffers,
         and the dtype; never a memory address, so it is the same in a new process.
         """
         from linops._fingerprint import operator_fingerprint
@@ -161,7 +164,7 @@ class TrainingJacobianOperator(TorchLinearOperator):
         on_chunk: Callable[[int, int], None] | None = None,
         workers: int = 1,
     ) -> torch.Tensor:
-        """The dense ``(m, m)`` training Jacobian, built in column chunks.
+        """Return the dense ``(m, m)`` training Jacobian, built in column chunks.
 
         Parameters
         ----------
@@ -326,9 +329,12 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _die_with_parent(parent: int) -> None:
-    """Make this forked worker get SIGKILL when its parent dies (Linux ``prctl``), and exit
-    now if the parent is already gone; elsewhere the worker polls ``os.getppid()`` between
-    chunks. A worker that outlived a killed parent would keep writing into the directory."""
+    """Make this forked worker get SIGKILL when its parent dies (Linux ``prctl``).
+
+    It exits now if the parent is already gone; elsewhere the worker polls ``os.getppid()``
+    between chunks. A worker that outlived a killed parent would keep writing into the
+    directory.
+    """
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
