@@ -24,6 +24,7 @@ __all__ = [
     "check_int",
     "check_output_index",
     "check_positive",
+    "check_positive_number",
     "check_positive_or_none",
     "check_rtol",
     "check_shape",
@@ -46,9 +47,17 @@ def check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
 
 def check_positive(value: Any, name: str) -> int:
     """Return ``value`` as an int if it is a positive integer; raise ValueError otherwise."""
-    if not isinstance(value, int | np.integer) or value < 1:
+    if not _is_int(value) or value < 1:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     return int(value)
+
+
+def check_positive_number(value: Any, name: str) -> float:
+    """Return ``float(value)`` if it is positive (``inf`` included); raise ValueError otherwise."""
+    number = float(value)
+    if not number > 0:
+        raise ValueError(f"{name}: expected a positive number, got {number!r}")
+    return number
 
 
 def check_positive_or_none(value: Any, name: str) -> int | None:

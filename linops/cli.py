@@ -32,6 +32,7 @@ import numpy as np
 import scipy.sparse.linalg as sla
 import torch
 
+from linops._checks import check_positive
 from linops.memory import retain_freed_memory
 
 __all__ = ["main", "report"]
@@ -200,8 +201,9 @@ def report(out: Path, *, quick: bool = False, seed: int = 0, epochs: int | None 
         If the folder cannot be written.
     """
     epochs = epochs if epochs is not None else (2 if quick else 5)
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+    if not isinstance(epochs, int):  # a plain int, as before (np.integer refused)
         raise ValueError(f"epochs: expected a positive integer, got {epochs!r}")
+    check_positive(epochs, "epochs")
     out = Path(out)
     _check_out(out)
     with _Staging(out) as tmp:

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from linops import _krylov as kr
-from linops._checks import check_square
+from linops._checks import check_positive_number, check_square
 from linops.base import TorchLinearOperator
 
 __all__ = ["LanczosNoConvergence", "LanczosResult", "lanczos"]
@@ -156,9 +156,7 @@ def lanczos(
     ncv = _fit_ncv(ncv, n, k, b)
     maxiter = 10 * n if maxiter is None else kr.check_int(maxiter, "maxiter", 1)
     eps = torch.finfo(op.torch_dtype).eps
-    tol = eps**0.5 if tol is None else float(tol)
-    if not tol > 0:
-        raise ValueError(f"tol: expected a positive number, got {tol!r}")
+    tol = eps**0.5 if tol is None else check_positive_number(tol, "tol")
     gen = kr.make_generator(seed, op.device)
     P = kr.start_block(v0, n, b, op, gen)
     return _thick_restart(_Lanczos(op, P, ncv, gen), kind, k, which, tol, maxiter)

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from linops import _krylov as kr
+from linops._checks import check_positive_number
 from linops.base import TorchLinearOperator
 
 __all__ = ["SVDSNoConvergence", "SVDSResult", "svds"]
@@ -147,9 +148,9 @@ def svds(
     ncv = min(short, max(2 * k + 1, k + 30)) if ncv is None else ncv
     ncv = _fit_ncv(kr.check_int(ncv, "ncv", min(short, k + 1), short), short, k, b)
     maxiter = 10 * short if maxiter is None else kr.check_int(maxiter, "maxiter", 1)
-    tol = torch.finfo(op.torch_dtype).eps ** 0.5 if tol is None else float(tol)
-    if not tol > 0:
-        raise ValueError(f"tol: expected a positive number, got {tol!r}")
+    tol = (
+        torch.finfo(op.torch_dtype).eps ** 0.5 if tol is None else check_positive_number(tol, "tol")
+    )
     gen = kr.make_generator(seed, op.device)
     flip = m < n
     P = kr.start_block(v0, short, b, op, gen)

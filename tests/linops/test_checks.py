@@ -23,7 +23,7 @@ def test_check_int_bounds_and_types() -> None:
 
 def test_check_positive_and_positive_or_none() -> None:
     assert ck.check_positive(np.int32(5), "workers") == 5
-    for bad in (0, -1, 1.5, None):
+    for bad in (0, -1, 1.5, None, True):
         with pytest.raises(ValueError, match=r"^workers: expected a positive integer, got "):
             ck.check_positive(bad, "workers")
     assert ck.check_positive_or_none(None, "max_vectors") is None
@@ -31,6 +31,14 @@ def test_check_positive_and_positive_or_none() -> None:
     for bad in (0, 2.5, "3"):
         with pytest.raises(ValueError, match=r"^max_vectors: expected a positive integer or None"):
             ck.check_positive_or_none(bad, "max_vectors")
+
+
+def test_check_positive_number() -> None:
+    assert ck.check_positive_number(np.float32(0.5), "tol") == 0.5
+    assert ck.check_positive_number(float("inf"), "tol") == float("inf")
+    for bad in (0, -1e-3, float("nan")):
+        with pytest.raises(ValueError, match=r"^tol: expected a positive number, got "):
+            ck.check_positive_number(bad, "tol")
 
 
 def test_check_which_and_rtol() -> None:
