@@ -77,9 +77,9 @@ class NystromPreconditioner(TorchLinearOperator):
         )
 
     def _to(self, dtype: torch.dtype, device: torch.device) -> NystromPreconditioner:
-        kw = {"dtype": dtype, "device": device}
         return NystromPreconditioner(
-            self.eigenvectors.to(**kw), self.eigenvalues.to(**kw), self.damping,
+            self.eigenvectors.to(dtype=dtype, device=device),
+            self.eigenvalues.to(dtype=dtype, device=device), self.damping,
             self.num_matvecs, self._power,
         )  # fmt: skip
 
@@ -172,9 +172,11 @@ def _extend(
 def _nystrom_from(
     Omega: torch.Tensor, Y: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``rank`` largest eigenpairs of the Nyström approximation from ``Y = A Omega``
-    (Tropp, Yurtsever, Udell & Cevher 2017, Algorithm 3; the steps of :func:`linops.nystrom`,
-    which starts from a fresh sketch)."""
+    """Return the ``rank`` largest eigenpairs of the Nyström approximation from ``Y = A Omega``.
+
+    Tropp, Yurtsever, Udell & Cevher 2017, Algorithm 3: the steps of :func:`linops.nystrom`,
+    which starts from a fresh sketch.
+    """
     nu = torch.finfo(Y.dtype).eps * float(torch.linalg.matrix_norm(Y))
     Y = Y + nu * Omega
     core = Omega.mH @ Y

@@ -83,8 +83,11 @@ def cg(apply: Apply, minv: Apply | None, B: Tensor, tol: Tensor, budget: int) ->
 
 
 def minres(apply: Apply, minv: Apply | None, B: Tensor, tol: Tensor, budget: int) -> Any:
-    r"""MINRES (Paige & Saunders 1975), the recurrences of ``scipy.sparse.linalg.minres``
-    vectorised over columns; the estimate :math:`\bar\phi` is :math:`\|r\|_{M^{-1}}`."""
+    r"""Solve by MINRES (Paige & Saunders 1975), one run per column.
+
+    The recurrences of ``scipy.sparse.linalg.minres`` vectorised over columns; the estimate
+    :math:`\bar\phi` is :math:`\|r\|_{M^{-1}}`.
+    """
     cols = _Columns(B, tol)
     y = minv(B) if minv is not None else B.clone()
     beta1 = _dot(B, y)
@@ -144,8 +147,11 @@ def _unit(U: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def lsmr(apply: Apply, minv: Apply | None, B: Tensor, tol: Tensor, budget: int) -> Any:
-    r"""LSMR (Fong & Saunders 2011, arXiv:1006.0758) without damping, the recurrences of
-    ``scipy.sparse.linalg.lsmr`` vectorised over columns; two products per iteration."""
+    r"""Solve by LSMR (Fong & Saunders 2011, arXiv:1006.0758) without damping.
+
+    The recurrences of ``scipy.sparse.linalg.lsmr`` vectorised over columns; two products
+    per iteration.
+    """
     cols = _Columns(B, tol)
     u, beta = _unit(B)
     v, alpha = _unit(apply(u, True))
@@ -192,10 +198,12 @@ def lsmr(apply: Apply, minv: Apply | None, B: Tensor, tol: Tensor, budget: int) 
 def neumann_step(
     apply: Apply, minv: Apply | None, B: Tensor, tol: Tensor, budget: int, alpha: float
 ) -> Any:
-    r"""Truncated Neumann series, i.e. Richardson iteration
+    r"""Solve by the truncated Neumann series, i.e. Richardson iteration.
+
     :math:`x \leftarrow x + \alpha M^{-1} r`, :math:`r \leftarrow r - \alpha (A + \lambda I)
     M^{-1} r`: after :math:`j` steps :math:`x = \alpha \sum_{i<j} (I - \alpha M^{-1}
-    (A + \lambda I))^i M^{-1} b`."""
+    (A + \lambda I))^i M^{-1} b`.
+    """
     cols = _Columns(B, tol)
     s = {"x": torch.zeros_like(B), "r": B.clone()}
     for its in range(budget + 1):
@@ -210,8 +218,10 @@ def neumann_step(
 
 
 def _orth(Z: Tensor, drop: float) -> Tensor:
-    """Orthonormal basis of the columns of ``Z`` without its numerically dependent directions
-    (singular values below ``drop`` times the largest)."""
+    """Return an orthonormal basis of the columns of ``Z`` without dependent directions.
+
+    Directions with singular values below ``drop`` times the largest are dropped.
+    """
     U, s, _ = torch.linalg.svd(Z, full_matrices=False)
     keep = s > drop * s[0] if s.numel() and s[0] > 0 else s > 0
     return U[:, keep]

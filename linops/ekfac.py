@@ -36,8 +36,6 @@ class EKFACOperator(KFACOperator):
        arXiv:1806.03884
     """
 
-    _corrected: dict[str, tuple[Tensor, ...]] | None = None
-
     def _reset_derived(self) -> None:
         super()._reset_derived()
         self._corrected = None
@@ -45,7 +43,7 @@ class EKFACOperator(KFACOperator):
     def _eigen(self) -> dict[str, tuple[Tensor, ...]]:
         if self._corrected is None:
             basis = super()._eigen()
-            E = {k: [0, 0] for k in self.layers}
+            E: dict[str, list[Any]] = {k: [0, 0] for k in self.layers}
             for inputs, grads in self._layer_gradients():
                 for k, (QA, QG, _, _) in basis.items():
                     Ar = inputs[k] @ QA  # (n, L, d_A): L positions sharing the weight
@@ -72,26 +70,39 @@ class EKFACOperator(KFACOperator):
         return vals
 
     def trace(self) -> float:
+        r"""Return :math:`\sum E`, the trace."""
         return float(sum(v.sum() for v in self._eigenvalues()))
 
     def frobenius_norm(self) -> float:
+        r"""Return :math:`(\sum E^2)^{1/2}`, the Frobenius norm."""
         return float(sum((v**2).sum() for v in self._eigenvalues())) ** 0.5
 
     def logdet(self, damping: float = 0.0) -> float:
+        r"""Return :math:`\sum \log(E + \lambda)`, the damped log-determinant."""
         return float(sum(torch.log(v.clamp(min=0) + damping).sum() for v in self._eigenvalues()))
 
     def state_dict(self) -> dict[str, Any]:
+        """Return KFAC's state with the corrected eigenbasis and eigenvalues."""
         return super().state_dict() | {"corrected": self._eigen()}
 
     def inverse(self, damping: float, *, heuristic: bool = False) -> TorchLinearOperator:
+        r"""Return :math:`(B + \lambda I)^{-1}` in the eigenbasis (exact damping only).
+
+        Raises
+        ------
+        ValueError
+            For ``heuristic=True`` or a damping that is not positive.
+        """
         if heuristic:
             raise ValueError("heuristic: expected False for EKFAC (no Kronecker factors to damp)")
         return super().inverse(damping)
 
 
 class _EigenInverse(TorchLinearOperator):
-    r""":math:`(B + \lambda I)^{-1}` of a KFAC / EKFAC operator in its eigenbasis (or with
-    KFAC's heuristic factored damping)."""
+    r""":math:`(B + \lambda I)^{-1}` of a KFAC / EKFAC operator.
+
+    In its eigenbasis, or with KFAC's heuristic factored damping.
+    """
 
     is_symmetric = True
 

@@ -63,7 +63,7 @@ _FAMILIES = ("cross_entropy", "mse", "bce")
 
 
 class _OutputBlock:
-    """One batch: its retained output graph and the ``d x d`` per-sample blocks ``B_n``.
+    r"""One batch: its retained output graph and the ``d x d`` per-sample blocks ``B_n``.
 
     ``apply(U)`` returns :math:`\\mathrm{scale}\\, B_n U_n` for ``U`` laid out ``(n, d)`` or
     ``(K, n, d)``; ``factor`` (``(n, d, r)``, or None for a closed form) holds :math:`S_n` with
@@ -75,7 +75,7 @@ class _OutputBlock:
         closed_factor: Any = None,
     ) -> None:  # fmt: skip
         self.outputs, self.factor, self.closed, self.scale = outputs, factor, closed, scale
-        self.closed_factor = closed_factor  # () -> (n, d, r) factor of the closed form
+        self.closed_factor: Any = closed_factor  # () -> (n, d, r) factor of the closed form
 
     def factor_matrix(self) -> Tensor:
         r""":math:`S_n` with :math:`\mathrm{scale}\, B_n = S_n S_n^\top`, ``(n, d, r)``."""
@@ -92,7 +92,7 @@ class _OutputBlock:
 
 
 class _OutputFactorOperator(_LossOperator):
-    """:math:`\\sum_b w_b \\sum_n J_n^\\top B_n J_n` with output-space blocks from a subclass."""
+    r""":math:`\sum_b w_b \sum_n J_n^\top B_n J_n` with output-space blocks from a subclass."""
 
     def _blocks(self, out: Tensor, model_shape: torch.Size, y: Tensor | None) -> _OutputBlock:
         raise NotImplementedError
@@ -102,7 +102,8 @@ class _OutputFactorOperator(_LossOperator):
         reduction = self._reduce()
         if reduction.kind == "sum":
             return 1.0
-        return float(reduction.normaliser(out.reshape(out.shape[0], *model_shape), y))
+        normaliser: Any = reduction.normaliser
+        return float(normaliser(out.reshape(out.shape[0], *model_shape), y))
 
     def _build_graph(self, x: Tensor, y: Tensor | None) -> Any:
         outputs = self._route_graph(
@@ -121,7 +122,7 @@ class _OutputFactorOperator(_LossOperator):
         return self._accumulate(X, product)
 
     def diagonal(self, *, max_samples: int = 32) -> Tensor:
-        r"""The exact diagonal :math:`\sum_b w_b \sum_n \sum_r (J_n^\top s_{nr})^2`.
+        r"""Return the exact diagonal :math:`\sum_b w_b \sum_n \sum_r (J_n^\top s_{nr})^2`.
 
         From the per-sample output-space factors :math:`B_n = S_n S_n^\top` (``d x r``:
         :math:`\hat g_n` for the empirical Fisher, the :math:`M` sampled gradients over
@@ -280,7 +281,8 @@ class FisherOperator(_OutputFactorOperator):
                 None, None, _exact_block(self.family, out), scale,
                 lambda: _exact_factor(self.family, out),
             )  # fmt: skip
-        G = _sample_output_grads(self.family, out, self.mc_samples, self._generator)
+        gen: Any = self._generator  # set by _graphs before any graph is built
+        G = _sample_output_grads(self.family, out, self.mc_samples, gen)
         return _OutputBlock(None, G.permute(1, 2, 0) / math.sqrt(self.mc_samples), None, scale)
 
 
@@ -331,9 +333,11 @@ def _exact_block(family: str, out: Tensor) -> Any:
 
 
 def _exact_factor(family: str, out: Tensor) -> Tensor:
-    r""":math:`S_n` (``(n, d, d)``) with :math:`S_n S_n^\top = \nabla^2_f \ell` per sample; for
-    cross-entropy :math:`\operatorname{diag}(\sqrt p) - p\sqrt p^\top` (as
-    :math:`\sum_i p_i = 1`)."""
+    r"""Return :math:`S_n` (``(n, d, d)``) with :math:`S_n S_n^\top = \nabla^2_f \ell` per sample.
+
+    For cross-entropy :math:`\operatorname{diag}(\sqrt p) - p\sqrt p^\top` (as
+    :math:`\sum_i p_i = 1`).
+    """
     n, d = out.shape
     eye = torch.eye(d, dtype=out.dtype, device=out.device)
     if family == "mse":

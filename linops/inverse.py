@@ -80,8 +80,11 @@ class InverseResult(NamedTuple):
 
 
 class InverseNoConvergence(RuntimeError):
-    """A solve missed its tolerance; ``.result`` (an :class:`InverseResult`) holds the partial
-    solution and the residuals it reached."""
+    """A solve missed its tolerance.
+
+    ``.result`` (an :class:`InverseResult`) holds the partial solution and the residuals it
+    reached.
+    """
 
     def __init__(self, message: str, result: InverseResult) -> None:
         super().__init__(message)
@@ -216,7 +219,8 @@ class InverseOperator(TorchLinearOperator):
 
     def _run(self, apply: Any, minv: Any, R: torch.Tensor, tol: torch.Tensor, budget: int) -> Any:
         if self.method == "neumann":
-            return neumann_step(apply, minv, R, tol, budget, self._step)
+            step: Any = self._step  # set by _prepare before the first solve
+            return neumann_step(apply, minv, R, tol, budget, step)
         if self.method == "cg" and (self.block or (self.block is None and R.shape[1] > 1)):
             return SOLVERS["block_cg"](apply, minv, R, tol, budget)
         return SOLVERS[self.method](apply, minv, R, tol, budget)
@@ -249,8 +253,11 @@ class InverseOperator(TorchLinearOperator):
 
 
 def _neumann_step_size(op: InverseOperator, pc: Any, count: list[int]) -> float:
-    r""":math:`\alpha = 1/\hat\lambda_{\max}` of :math:`M^{-1/2}(A + \lambda I)M^{-1/2}`
-    (an upper bound from a Lanczos Ritz value plus its residual, products counted)."""
+    r"""Return :math:`\alpha = 1/\hat\lambda_{\max}` of :math:`M^{-1/2}(A + \lambda I)M^{-1/2}`.
+
+    :math:`\hat\lambda_{\max}` is an upper bound from a Lanczos Ritz value plus its residual
+    (products counted).
+    """
     from linops.lanczos import lanczos
 
     S = op.A + op.damping * _identity(op.A)
@@ -291,7 +298,7 @@ def inverse(
     seed: int | torch.Generator | None = None,
     block: bool | None = None,
 ) -> InverseOperator:
-    r"""The operator :math:`(A + \lambda I)^{-1}`: each product is a converged block solve.
+    r"""Return the operator :math:`(A + \lambda I)^{-1}`: each product a converged block solve.
 
     Parameters
     ----------

@@ -121,9 +121,10 @@ class KFACOperator(_LossOperator):
         self.seed, self.separate = _int_seed(seed), bool(separate_weight_and_bias)
         self.layers = self._linear_layers()
         self.factors: dict[str, tuple[Tensor, Tensor]] | None = None
+        self._corrected: dict[str, tuple[Tensor, ...]] | None = None  # EKFAC's eigenvalues
 
     def _linear_layers(self) -> dict[str, tuple[str | None, str | None]]:
-        """``{module name: (weight name, bias name)}`` of the selected parameters."""
+        """Map each selected layer to its ``(weight name, bias name)``."""
         layers: dict[str, tuple[str | None, str | None]] = {}
         for name, mod in self.space.model.named_modules():
             if isinstance(mod, nn.Linear | nn.Conv2d):
@@ -147,8 +148,11 @@ class KFACOperator(_LossOperator):
 
     # ------------------------------------------------------------------ the factors
     def _output_factor(self, out: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
-        """Per-sample output-space factor columns ``(r, n, d)`` including :math:`\\sqrt{c_b}`
-        (the batch's share of :math:`c`: :math:`w_b / W_b`)."""
+        r"""Return the per-sample output-space factor columns ``(r, n, d)``.
+
+        The caller scales them by :math:`\sqrt{c_b}` (the batch's share of :math:`c`:
+        :math:`w_b / W_b`).
+        """
         n, d = out.shape
         if self.fisher_type == "type-2":
             S = _exact_factor(self.family, out).permute(2, 0, 1)
@@ -162,11 +166,11 @@ class KFACOperator(_LossOperator):
         return S
 
     def _unreduced(self, out: Tensor, y: Tensor) -> Tensor:
-        """The per-sample losses summed (``reduction="sum"``): gradients :math:`\\hat g_n`."""
-        kind = type(self.loss_fn) if isinstance(self.loss_fn, nn.Module) else None
+        r"""Sum the per-sample losses (``reduction="sum"``): their gradients are :math:`\hat g_n`."""
+        kind: Any = type(self.loss_fn) if isinstance(self.loss_fn, nn.Module) else None
         if kind is not None:
             return kind(reduction="sum")(out, y)
-        fn = {
+        fn: Any = {
             "cross_entropy": nn.functional.cross_entropy,
             "mse": nn.functional.mse_loss,
             "bce": nn.functional.binary_cross_entropy_with_logits,
@@ -174,8 +178,10 @@ class KFACOperator(_LossOperator):
         return fn(out, y, reduction="sum")
 
     def _draw(self, out: Tensor, gen: torch.Generator) -> Tensor:
-        r""":math:`\nabla_f \ell(f, \tilde y)` for one label per sample drawn as curvlinops'
-        ``KFACLinearOperator.draw_label`` draws it."""
+        r"""Return :math:`\nabla_f \ell(f, \tilde y)` for one label drawn per sample.
+
+        Drawn as curvlinops' ``KFACLinearOperator.draw_label`` draws it.
+        """
         if self.family == "mse":
             eps = torch.randn(out.shape, device=out.device, dtype=out.dtype, generator=gen)
             return -2 * math.sqrt(0.5) * eps  # 2 (f - y~) with y~ = f + sqrt(1/2) eps
@@ -187,15 +193,20 @@ class KFACOperator(_LossOperator):
         return p - p.bernoulli(generator=gen)
 
     def _layer_gradients(self) -> Any:
-        r"""Per batch: ``(inputs, grads)``, each layer's (augmented) inputs ``(n, d_in)`` and,
-        per factor column ``r``, its backpropagated ``(n, d_out)`` gradients, scaled so that
+        r"""Yield per batch ``(inputs, grads)`` of every layer.
+
+        Each layer's (augmented) inputs ``(n, L, d_in)`` and, per factor column ``r``, its
+        backpropagated ``(n, L, d_out)`` gradients, scaled so that
         :math:`G_\ell = \sum g^\top g` (one pass; the generator re-seeded, so every pass
-        draws the same labels)."""
+        draws the same labels).
+        """
         modules = dict(self.space.model.named_modules())
         gen = torch.Generator(device=self.device).manual_seed(self.seed)
         reduction, names = self._reduce(), list(self.layers)
         for w, (x, y) in zip(self._weights(), self.batches, strict=True):
-            inputs, outputs, hooks = {}, {}, []
+            inputs: dict[str, Tensor] = {}
+            outputs: dict[str, Tensor] = {}
+            hooks = []
             for name in names:
 
                 def hook(
@@ -220,7 +231,8 @@ class KFACOperator(_LossOperator):
                     a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
                 inputs[k] = a
             f2 = f.reshape(f.shape[0], -1)
-            W_b = 1.0 if reduction.kind == "sum" else float(reduction.normaliser(f, y))
+            normaliser: Any = reduction.normaliser
+            W_b = 1.0 if reduction.kind == "sum" else float(normaliser(f, y))
             S = self._output_factor(f2.detach(), y, gen) * math.sqrt(w / W_b)
             grads = [
                 {k: _shared_outputs(modules[k], g) for k, g in zip(names, torch.autograd.grad(
@@ -231,7 +243,7 @@ class KFACOperator(_LossOperator):
             yield inputs, grads
 
     def compute_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """The Kronecker factors ``{module name: (A, G)}`` (computed once, then kept)."""
+        """Return the Kronecker factors ``{module name: (A, G)}`` (computed once, then kept)."""
         if self.factors is None:
             N = self.num_samples
             A: dict[str, Any] = dict.fromkeys(self.layers, 0)
@@ -261,8 +273,10 @@ class KFACOperator(_LossOperator):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """What a later session needs to skip the data passes: the factors (and EKFAC's
-        corrected eigenbasis) with the settings that produced them (``torch.save``-able)."""
+        """Return what a later session needs to skip the data passes (``torch.save``-able).
+
+        The factors (and EKFAC's corrected eigenbasis) with the settings that produced them.
+        """
         state = {
             "class": type(self).__name__, "layers": dict(self.layers),
             "fisher_type": self.fisher_type, "mc_samples": self.mc_samples, "seed": self.seed,
@@ -301,7 +315,7 @@ class KFACOperator(_LossOperator):
         parts = self.space.unflatten(X)
         out: dict[str, Tensor] = {}
         for k, (wn, bn) in self.layers.items():
-            Vw = None
+            Vw = X[:0]  # placeholder, replaced when the layer has a weight
             if wn is not None:  # (out, in, kh, kw) conv weights as (out, in kh kw)
                 shape = self.space.shapes[self.space.names.index(wn)]
                 Vw = parts[wn].reshape(*parts[wn].shape[: -len(shape)], shape[0], -1)
@@ -324,11 +338,12 @@ class KFACOperator(_LossOperator):
         )
 
     def _blocks(self) -> list[tuple[Tensor, Tensor]]:
-        """``(A, G)`` of every diagonal block (a separate bias block has ``A = [[1]]``)."""
+        """Return ``(A, G)`` of every diagonal block (a separate bias block has ``A = [[1]]``)."""
         one = torch.ones(1, 1, dtype=self.torch_dtype, device=self.device)
         blocks = []
-        for k, (wn, bn) in self.compute_factors().items():
-            A, G = self.factors[k]
+        factors = self.compute_factors()
+        for k, (wn, bn) in self.layers.items():
+            A, G = factors[k]
             if wn is not None:
                 blocks.append((A, G))
             if bn is not None and (self.separate or wn is None):
@@ -345,8 +360,10 @@ class KFACOperator(_LossOperator):
         return float(sq) ** 0.5
 
     def logdet(self, damping: float = 0.0) -> float:
-        r""":math:`\log\det(B + \lambda I) = \sum_\ell \sum_{ij} \log(a_i g_j + \lambda)` from the
-        factors' eigenvalues (``-inf`` for a singular undamped KFAC)."""
+        r"""Return :math:`\log\det(B + \lambda I) = \sum_\ell \sum_{ij} \log(a_i g_j + \lambda)`.
+
+        From the factors' eigenvalues (``-inf`` for a singular undamped KFAC).
+        """
         total = 0.0
         for A, G in self._blocks():
             a, g = torch.linalg.eigvalsh(A).clamp(min=0), torch.linalg.eigvalsh(G).clamp(min=0)
@@ -375,9 +392,11 @@ class KFACOperator(_LossOperator):
         return _EigenInverse(self, float(damping), heuristic)
 
     def _eigen(self) -> dict[str, tuple[Tensor, ...]]:
-        r"""Per layer ``(Q_A, Q_G, E, E_bias)``: the eigenbasis of the blocks and their
-        eigenvalues :math:`E = g a^\top` (``E_bias = g`` for a separate bias block)."""
-        out = {}
+        r"""Return per layer ``(Q_A, Q_G, E, E_bias)``: the blocks' eigenbasis and eigenvalues.
+
+        :math:`E = g a^\top` (``E_bias = g`` for a separate bias block).
+        """
+        out: dict[str, tuple[Tensor, ...]] = {}
         for k, (A, G) in self.compute_factors().items():
             a, QA = torch.linalg.eigh(A)
             g, QG = torch.linalg.eigh(G)
@@ -393,9 +412,11 @@ def _rotate(V: Tensor, QA: Tensor, QG: Tensor, D: Tensor) -> Tensor:
     return QG @ ((QG.mT @ V @ QA) * D) @ QA.mT
 
 
-def _shared_inputs(mod: nn.Module, a: Tensor) -> Tensor:
-    """A layer's inputs as ``(n, L, d_in)``: the ``L`` positions sharing its weight (the
-    unfolded patches of a ``Conv2d``, the middle axes of a ``Linear`` on ``(n, ..., d_in)``)."""
+def _shared_inputs(mod: Any, a: Tensor) -> Tensor:
+    """Return a layer's inputs as ``(n, L, d_in)``: the ``L`` positions sharing its weight.
+
+    The unfolded patches of a ``Conv2d``, the middle axes of a ``Linear`` on ``(n, ..., d_in)``.
+    """
     if isinstance(mod, nn.Linear):
         return a.reshape(a.shape[0], -1, a.shape[-1])
     if mod.groups != 1 or isinstance(mod.padding, str) or mod.padding_mode != "zeros":
