@@ -308,3 +308,35 @@ def test_ekfac_with_weight_sharing_sums_squared_per_sample_gradients() -> None:
     for k, (_, _, Ew, Eb) in E._eigen().items():
         assert abs(float(Ew.sum()) - totals[k][0]) < 1e-12 * totals[k][0]
         assert abs(float(Eb.sum()) - totals[k][1]) < 1e-12 * totals[k][1]
+
+
+def test_cnn_mse_bce_kfac_and_ekfac_curvlinops_agreement() -> None:
+    """KFAC and EKFAC, expand and reduce, on the CNN with MSE (mean) and BCE (sum)."""
+    curvlinops = pytest.importorskip("curvlinops")
+    model, data = _cnn_case()
+    X = torch.cat([x for x, _ in data])
+    g = torch.Generator().manual_seed(2)
+    for fn, y in [
+        (nn.MSELoss(), torch.randn(10, 3, generator=g, dtype=F64)),
+        (nn.BCEWithLogitsLoss(reduction="sum"), torch.randint(0, 2, (10, 3), generator=g).double()),
+    ]:
+        batches = [(X[:4], y[:4]), (X[4:], y[4:])]
+        params = list(model.parameters())
+        for approx in ("expand", "reduce"):
+            for fisher_type in ("type-2", "mc", "empirical"):
+                kw = {"mc_samples": 2} if fisher_type == "mc" else {}
+                common = {"fisher_type": fisher_type, "seed": 5, "kfac_approx": approx, **kw}
+                for theirs_cls, ours_cls in [
+                    (curvlinops.KFACLinearOperator, KFACOperator),
+                    (curvlinops.EKFACLinearOperator, EKFACOperator),
+                ]:
+                    theirs = theirs_cls(
+                        model, fn, params, batches, check_deterministic=False, **common
+                    )
+                    eye = torch.eye(theirs.shape[1], dtype=F64)
+                    ours = ours_cls(model, fn, batches, **common).to_dense()
+                    assert _rel(ours, theirs @ eye) < 1e-12, (
+                        ours_cls.__name__,
+                        approx,
+                        fisher_type,
+                    )
