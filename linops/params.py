@@ -148,8 +148,8 @@ class ParamSpace:
             n: p.T.reshape(k, *s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)
         }
 
-    def functional_call(self, params: Mapping[str, torch.Tensor], *args: Any) -> Any:
-        """Call the model with ``params`` in place of the selected parameters.
+    def functional_call(self, values: Mapping[str, torch.Tensor], *args: Any) -> Any:
+        """Call the model with ``values`` in place of the selected parameters.
 
         Parameters outside the space and buffers keep their values in the model, which is left
         as it was (also when a module appears in it twice). The call runs in the context that
@@ -166,9 +166,9 @@ class ParamSpace:
             # in place: it updates copies, so the user's model is never changed by a product
             kept = _training_buffers(self.model)
             if self._shared_modules:
-                out = _call_swapped(self.model, params, args, kept)
+                out = _call_swapped(self.model, values, args, kept)
             else:
-                out = functional_call(self.model, {**params, **kept}, args)
+                out = functional_call(self.model, {**values, **kept}, args)
         if self.output is not None:
             out = self.output(out)
             if not isinstance(out, torch.Tensor):

@@ -24,7 +24,9 @@ from linops._checks import check_rtol
 __all__ = ["effective_rank", "numerical_rank", "stable_rank"]
 
 
-def numerical_rank(s_or_A: Any, rtol: float | None = None, *, seed: int | None = 0) -> int:
+def numerical_rank(
+    s_or_A: Any, rtol: float | None = None, *, seed: int | torch.Generator | None = 0
+) -> int:
     r"""Return the number of singular values above ``rtol`` times the largest.
 
     Parameters
@@ -38,7 +40,9 @@ def numerical_rank(s_or_A: Any, rtol: float | None = None, *, seed: int | None =
         ``eps`` although its SVD is computed in float64 (its entries carry float32 rounding,
         which shows as singular values near ``eps_float32 * sigma_1``).
     seed
-        Seed of the randomized routines used for operators.
+        Seed of the randomized routines used for operators: an int (the default 0, so the
+        same operator gives the same rank), a ``torch.Generator`` (advanced) or None (fresh
+        entropy).
 
     Raises
     ------
@@ -120,7 +124,9 @@ def effective_rank(s_or_A: Any) -> float:
     return float(torch.exp(-(p * torch.log(p)).sum()))
 
 
-def stable_rank(s_or_A: Any, *, num_matvecs: int = 64, seed: int | None = 0) -> float:
+def stable_rank(
+    s_or_A: Any, *, num_matvecs: int = 64, seed: int | torch.Generator | None = 0
+) -> float:
     r"""Stable rank :math:`\|A\|_F^2 / \|A\|_2^2`.
 
     For an operator, :math:`\|A\|_2` comes from :func:`linops.svds` and :math:`\|A\|_F^2` from
@@ -167,7 +173,9 @@ def _singular_values(X: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
     )
 
 
-def _operator_rank(A: LinearOperator, rtol: float | None, seed: int | None) -> int:
+def _operator_rank(
+    A: LinearOperator, rtol: float | None, seed: int | torch.Generator | None
+) -> int:
     from linops.randomized import range_finder
     from linops.svds import svds
 

@@ -24,6 +24,7 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
+from linops._krylov import make_generator
 from linops.base import TorchLinearOperator, aslinearoperator
 
 __all__ = [
@@ -54,7 +55,7 @@ def check_operator(
     dense: torch.Tensor | None = None,
     rtol: float | None = None,
     num_vectors: int = 3,
-    seed: int = 0,
+    seed: int | torch.Generator | None = 0,
     max_dense_size: int = 4096,
 ) -> CheckReport:
     """Check the laws a linear operator must satisfy; raise ``AssertionError`` if one fails.
@@ -73,7 +74,8 @@ def check_operator(
     num_vectors
         Number of random vectors per law.
     seed
-        Seed of the random vectors.
+        Seed of the random vectors: an int (default 0), a ``torch.Generator`` on the
+        operator's device (advanced) or None (fresh entropy).
     max_dense_size
         Largest column count for which the dense comparison runs.
 
@@ -98,7 +100,7 @@ def check_operator(
     m, n = op.shape
     dtype, device = op.torch_dtype, op.device
     tol = rtol if rtol is not None else 1e3 * torch.finfo(dtype).eps
-    g = torch.Generator(device=device).manual_seed(seed)
+    g = make_generator(seed, device)
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g, dtype=dtype, device=device)
@@ -169,14 +171,15 @@ def _require(err: float, tol: float, message: str) -> None:
         raise AssertionError(f"{message}: relative error {err:.3e} > rtol {tol:.3e}")
 
 
-def with_singular_values(s: torch.Tensor, seed: int = 0) -> torch.Tensor:
+def with_singular_values(s: torch.Tensor, seed: int | torch.Generator | None = 0) -> torch.Tensor:
     r"""Return a dense float64 square matrix with singular values ``s``.
 
     The matrix is :math:`U \operatorname{diag}(s) W^\top` with random orthogonal ``U``, ``W``
-    (QR factors of Gaussians from one generator seeded with ``seed``): a matrix with a known
+    (QR factors of Gaussians from one generator made from ``seed``: an int, a CPU
+    ``torch.Generator`` or None): a matrix with a known
     spectrum for checking rank, SVD and counting routines.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = make_generator(seed, torch.device("cpu"))
     n = s.numel()
     U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
     W = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
