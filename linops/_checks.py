@@ -2,7 +2,8 @@
 
 Every message reads ``"name: expected ..., got ..."`` (the argument's name first, then what
 was expected, then the value or its shape, dtype or device), so an error names the argument
-the caller passed. The checks run once, at a public entry point; inner loops stay check-free.
+the caller passed; the one exception is :func:`check_finite`'s ``"name: contains NaN or inf"``,
+kept as it was because callers and tests match it. The checks run once, at a public entry point; inner loops stay check-free.
 """
 
 from __future__ import annotations
