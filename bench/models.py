@@ -42,7 +42,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators import (  # noqa: E402
+from operators import (
     Case,
     _loadavg,
     _meta,
@@ -51,9 +51,9 @@ from operators import (  # noqa: E402
     write,
 )
 
-from linops import retain_freed_memory  # noqa: E402
-from linops._defects import workarounds  # noqa: E402
-from trainers.data import digits  # noqa: E402
+from linops import retain_freed_memory
+from linops._defects import workarounds
+from trainers.data import digits
 
 
 class ResidualLNMLP(nn.Module):
