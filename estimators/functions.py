@@ -279,7 +279,9 @@ def trace_function(
         S0 = torch.linalg.eigh(_tridiag(alpha[i], beta[i], k))[1]
         BZ[:, i] = math.sqrt(n) * (V[:k, :, i].T.cpu().double() @ (S0 @ (fn(th) * S0[0])))
         lo, up = _bounds(name, g, r)
-        vals.append(n * g), lows.append(n * lo), ups.append(n * up)
+        vals.append(n * g)
+        lows.append(n * lo)
+        ups.append(n * up)
     v = torch.tensor(vals, dtype=torch.float64)
     if not bool(torch.isfinite(v).all()):
         raise ValueError(
