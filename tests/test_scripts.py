@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = [
     "bench/operators.py",
     "bench/models.py",
+    "bench/curvature.py",
     "bench/batching.py",
     "bench/algorithms.py",
     "bench/training_jacobian.py",
