@@ -48,6 +48,7 @@ from operators import (
     _meta,
     bench_case,
     markdown,
+    target_adder,
     write,
 )
 
@@ -140,14 +141,8 @@ def make_cases(quick: bool) -> list[Case]:
 
 def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's targets: 2x curvlinops, no slower than plain torch, batching pays."""
-    out = []
-
-    def add(what: str, value: float | None, bound: float, upper: bool) -> None:
-        if value is not None:
-            met = value <= bound if upper else value >= bound
-            out.append(
-                {"target": what, "value": value, "bound": bound, "upper_bound": upper, "met": met}
-            )
+    out: list[dict[str, Any]] = []
+    add = target_adder(out)
 
     for r in rows:
         m, o = r["model"], r["operator"]

@@ -413,9 +413,9 @@ def _roofline(row: dict[str, Any], flops: int, gemm_seconds: float) -> dict[str,
 
 
 # ------------------------------------------------------------------------------ targets
-def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's speed targets, each as measured value, bound and verdict."""
-    out = []
+def target_adder(out: list[dict[str, Any]]) -> Callable[[str, float | None, float, bool], None]:
+    """``add(what, value, bound, upper)``: append a target's value, bound and verdict to ``out``
+    (skipped when ``value`` is None, e.g. a peer that did not run)."""
 
     def add(what: str, value: float | None, bound: float, upper: bool) -> None:
         if value is not None:
@@ -423,6 +423,14 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append(
                 {"target": what, "value": value, "bound": bound, "upper_bound": upper, "met": met}
             )
+
+    return add
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's speed targets, each as measured value, bound and verdict."""
+    out: list[dict[str, Any]] = []
+    add = target_adder(out)
 
     for r in rows:
         m, o = r["model"], r["operator"]
