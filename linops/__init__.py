@@ -1,5 +1,7 @@
 """linops: matrix-free linear algebra for studying how neural networks train."""
 
+from importlib import metadata as _metadata
+
 from linops.angles import principal_angles, subspace_similarity, subspace_similarity_curve
 from linops.base import IdentityOperator, TorchLinearOperator, aslinearoperator
 from linops.distributed import DistributedError, dense_columns, shard, shared_seed
@@ -31,6 +33,11 @@ from linops.randomized import (
 from linops.rank import effective_rank, numerical_rank, stable_rank
 from linops.svds import SVDSNoConvergence, SVDSResult, svds
 from linops.training import TrainingJacobianOperator
+
+try:
+    __version__ = _metadata.version("linops")  # single-sourced from the package metadata
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     # operator core

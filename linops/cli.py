@@ -380,13 +380,31 @@ def _seed(text: str) -> int:
 
 def _parser() -> tuple[_Parser, dict[str, _Parser]]:
     """Return the ``linops`` parser and its subcommands' parsers, by name."""
+    from linops import __version__
+
     parser = _Parser(prog="linops", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"linops {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     rep = sub.add_parser("report", help="analyse the default MLP on digits; write JSON + plots")
-    rep.add_argument("--out", type=Path, default=Path("results/report"))
-    rep.add_argument("--quick", action="store_true", help="a smaller, faster run")
-    rep.add_argument("--seed", type=_seed, default=0)
-    rep.add_argument("--epochs", type=_positive_int, default=None)
+    rep.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/report"),
+        help="folder of report.json and the plots, replaced whole (default: results/report)",
+    )
+    rep.add_argument("--quick", action="store_true", help="a smaller, faster smoke run")
+    rep.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        help="seed of the model, data split and probes (default: 0)",
+    )
+    rep.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help="training epochs (default: 5, or 2 with --quick)",
+    )
     ben = sub.add_parser("bench", help="run bench/NAME.py of a checkout (extra args passed on)")
     ben.add_argument("name", metavar="NAME")
     return parser, {"report": rep, "bench": ben}

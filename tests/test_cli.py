@@ -272,3 +272,19 @@ def test_bench_outside_a_checkout_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, _, err = _main(["bench", "operators"], capsys)
     assert code == 2 and "no bench/ folder" in _one_line(err)
+
+
+def test_version_and_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
+    import linops
+    from linops.cli import main
+
+    assert linops.__version__ and linops.__version__ != "0+unknown"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"linops {linops.__version__}"
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    text = capsys.readouterr().out
+    for option, default in (("--out", "results/report"), ("--seed", "0"), ("--epochs", "5")):
+        assert option in text and f"default: {default}" in text
