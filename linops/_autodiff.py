@@ -128,3 +128,31 @@ class LossOutputGraph:
     def hvp(self, u: torch.Tensor, batched: bool) -> torch.Tensor:
         """``H_loss u`` with ``u`` shaped like the model output (leading batch dim if ``batched``)."""
         return _grad([self.g], [self.out], [u], batched)[0]
+
+
+def forward_mode_jvp(
+    space: ParamSpace, x: torch.Tensor, output_index: int | None, tangents: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """``J V`` of one batch for ``K`` batched tangents by forward mode: ``(K, n_b, d)``.
+
+    ``torch.func.vmap`` over ``torch.func.jvp``: the forward pass is recomputed with ``K``
+    tangents at once. Unlike ``is_grads_batched`` (vmap over a *backward* pass, without
+    batching rules for many backward kernels in torch 2.13), torch has batching rules for most
+    forward-mode kernels, so this pass is truly batched where the retained graph's is not.
+    Used only after :class:`linops._model.ModelOperator` has checked it against a
+    single-vector product of the retained graph.
+    """
+    values = space.values()
+    names = space.names
+
+    def f(*params: torch.Tensor) -> torch.Tensor:
+        out = space.functional_call(dict(zip(names, params, strict=True)), x)
+        out = out.reshape(out.shape[0], -1)
+        return out if output_index is None else out[:, output_index : output_index + 1]
+
+    primals = tuple(values[n] for n in names)
+
+    def one(*t: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(f, primals, t)[1]
+
+    return torch.func.vmap(one)(*tangents)

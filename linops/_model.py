@@ -214,7 +214,7 @@ class ModelOperator(TorchLinearOperator):
         """
         apply = super()._apply
         failure: BaseException | str | None
-        out, failure, loops = _attempt_batched(apply, X, adjoint)
+        out, failure, loops = attempt_batched(apply, X, adjoint)
         if self.route == "chain" and failure is None:
             self.batched[adjoint] = True
             return out  # type: ignore[return-value]
@@ -304,21 +304,23 @@ class ModelOperator(TorchLinearOperator):
 _VMAP_LOOP = "we have not yet implemented the batching rule for "
 
 
-def _attempt_batched(
+def attempt_batched(
     apply: Callable[[torch.Tensor, bool], torch.Tensor], X: torch.Tensor, adjoint: bool
 ) -> tuple[torch.Tensor | None, BaseException | None, list[str]]:
     """Return a batched product, its failure if any, and the kernels vmap looped over inside it."""
     enabled = torch._C._debug_only_are_vmap_fallback_warnings_enabled()  # type: ignore[attr-defined]
     torch._C._debug_only_display_vmap_fallback_warnings(True)  # type: ignore[attr-defined]
+    torch._C._functorch._set_vmap_fallback_warning_enabled(True)  # type: ignore[attr-defined]
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
                 out, failure = apply(X, adjoint), None
-            except RuntimeError as err:
+            except (RuntimeError, NotImplementedError) as err:  # e.g. no forward AD for a kernel
                 out, failure = None, err
     finally:
         torch._C._debug_only_display_vmap_fallback_warnings(enabled)  # type: ignore[attr-defined]
+        torch._C._functorch._set_vmap_fallback_warning_enabled(False)  # type: ignore[attr-defined]
     loops = set()
     for w in caught:
         text = str(w.message)

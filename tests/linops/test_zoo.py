@@ -337,3 +337,55 @@ def test_batched_passes_that_vmap_would_loop_become_plain_loops() -> None:
     chain, Dc = _operator("H", BY_NAME["ce-class-weights-loader"])
     assert _rel(chain @ V[: chain.shape[1]], Dc @ V[: chain.shape[1]]) < RTOL
     assert chain.batched[False] is True and chain.route == "chain"
+
+
+def test_many_vector_jacobians_take_forward_mode_on_the_autograd_route() -> None:
+    op, D = _operator("J", BY_NAME["transformer-pre-norm-gelu"])
+    V = torch.randn(op.shape[1], 4, dtype=torch.float64)
+    assert _rel(op @ V, D @ V) < RTOL
+    assert op.route == "autograd, forward mode for many vectors"
+    assert _rel(op.T @ (D @ V), D.T @ (D @ V)) < RTOL  # J^T keeps the retained graph
+
+
+class _Cube(torch.autograd.Function):
+    """x^3 with a backward but no forward-mode rule (as many users' custom Functions)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
+
+
+class _CubeNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(_Cube.apply(self.a(x)))
+
+
+def test_a_model_without_forward_mode_keeps_the_retained_graph() -> None:
+    torch.manual_seed(0)
+    model = _CubeNet().double()
+    X = torch.randn(5, 4, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    # the reference differentiates x^3 itself, not the custom Function
+    ref = Reference(
+        model,
+        names,
+        X,
+        call=lambda p, x: (
+            p["b.bias"]
+            + (torch.nn.functional.linear(x, p["a.weight"], p["a.bias"]) ** 3) @ p["b.weight"].T
+        ),
+    )
+    J = linops.JacobianOperator(model, X)
+    V = torch.randn(J.shape[1], 3, dtype=torch.float64)
+    assert _rel(J @ V, ref.jacobian() @ V) < RTOL
+    assert "forward mode" not in J.route
