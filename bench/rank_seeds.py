@@ -53,7 +53,7 @@ def study(J: np.ndarray, taus: list[float], seeds: int, smoothing: float) -> dic
     for seed in range(seeds):
         res = singular_value_count(A, taus, A.shape[0] // 2, smoothing=smoothing, seed=seed)
         errs.append((res.counts.numpy() - dense) / np.maximum(dense, 1))
-        products = res.num_products
+        products = res.num_matvecs
     E = np.array(errs)
     return {
         "thresholds": taus,

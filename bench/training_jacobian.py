@@ -180,7 +180,7 @@ def _rank_study(cfg: dict, args: argparse.Namespace, J: np.ndarray) -> dict:
     out["rank_estimate_deflated"] = res.counts.tolist()
     out["rank_stderr_deflated"] = res.stderrs.tolist()
     out["rank_krylov_part_deflated"] = res.krylov_counts.tolist()
-    out["products_deflated"] = res.num_products  # per threshold
+    out["products_deflated"] = res.num_matvecs  # per threshold
     out["products_deflated_total"] = op.num_products
     out["deflated_setup"] = {
         "block_size": res.block_size,

@@ -1,12 +1,7 @@
 """estimators: stochastic estimators and model-analysis quantities."""
 
 from estimators.counting import SingularValueCount, singular_value_count
-from estimators.density import (
-    SpectralDensity,
-    density_report,
-    plot_spectral_density,
-    spectral_density,
-)
+from estimators.density import SpectralDensity, spectral_density
 from estimators.diagonal import NormEstimate, frobenius_norm, xdiag
 from estimators.dimension import DimensionResult, training_dimension, training_dimension_dense
 from estimators.functions import (
@@ -176,11 +171,9 @@ __all__ = [
     "DiagonalEstimate",
     "SpectralDensity",
     "TraceEstimate",
-    "density_report",
     "diagonal",
     "hutchinson_trace",
     "hutchpp_trace",
-    "plot_spectral_density",
     "spectral_density",
     "xtrace",
     # matrix functions, quadrature bounds, XDiag, Frobenius norm (issue 23)

@@ -1,9 +1,10 @@
 r"""How many singular values exceed a threshold? Krylov-deflated stochastic Lanczos quadrature.
 
 The numerical rank :math:`N(\tau) = \#\{i : \sigma_i(A) > \tau\}` of a large operator is the
-dimension of training of seed 004 (section 2) for :math:`A = J - I`. A projection method
+dimension of training of "Understanding Gradient Descent through the Training Jacobian" (an anonymous submission
+under double-blind review, no arXiv id given; "the paper" below), section 2, for :math:`A = J - I`. A projection method
 (block Krylov, range finder) counts it exactly only when a gap separates the singular values
-above :math:`\tau` from those below; without one (seed 004's MLP has about 1200 singular values
+above :math:`\tau` from those below; without one (the paper's MLP has about 1200 singular values
 of :math:`J - I` per decade below 1) its Ritz values sit below the true ones and the count
 comes out low. This estimator splits :math:`M = A^\top A` along a block Krylov basis, counts
 one part exactly and the other stochastically:
@@ -35,7 +36,7 @@ one part exactly and the other stochastically:
    :math:`S_\tau = PMP - PMQ (T - \tau^2)^{-1} Q^\top M P`, is estimated by stochastic Lanczos
    quadrature (Ubaru, Chen & Saad 2017); every threshold has its own :math:`S_\tau` and its
    own quadrature, the basis and the probes are shared. Deflating the top of the spectrum
-   shrinks the interval the quadrature must resolve (on seed 004's MLP from :math:`[0, 21^2]`
+   shrinks the interval the quadrature must resolve (on the paper's MLP from :math:`[0, 21^2]`
    to about :math:`[0, 2^2]`). The probes are uniform on the unit sphere of
    :math:`\mathrm{range}(P)` (Gaussian, projected twice, normalised) and each counts
    :math:`(m - k)\,v^\top g(S_\tau) v`, :math:`k` the basis size: unbiased (for Gaussian
@@ -52,7 +53,7 @@ one part exactly and the other stochastically:
 :math:`[(1-h)\tau, (1+h)\tau]`, instead of the step :math:`\mathbb{1}(\sigma > \tau)`. The
 Gauss rule of a step is off by up to the weight of the node nearest :math:`\tau^2`, and with
 equally long Lanczos runs on one spectrum those nodes fall in similar places, so the error is
-shared by all probes: on seed 004's :math:`J - I` (three training runs, 5 seeds each, thresholds
+shared by all probes: on the paper's :math:`J - I` (three training runs, 5 seeds each, thresholds
 1 and 0.5) the plain step's count was off by -0.4% to -4.4% on average, the ramp's by at most
 0.84% on two of the runs. The ramp moves the count by the imbalance of the spectrum inside the
 window: zero for a density linear across it, at most half the eigenvalues inside it, and +2.1%
@@ -85,6 +86,7 @@ from typing import Any, NamedTuple
 import torch
 
 from estimators.density import _lanczos_batch
+from estimators.seeding import Seed
 from linops import IdentityOperator, aslinearoperator
 from linops import _krylov as kr
 
@@ -97,9 +99,9 @@ class SingularValueCount(NamedTuple):
     One entry per threshold (1-d float64 tensors, in the order given): ``counts``, the estimates
     :math:`N_Q + \\hat N_\\perp` (within ``[0, min(m, n)]``); ``stderrs``, their standard
     errors, the probes' spread plus the quadrature bound (module docstring); ``krylov_counts``,
-    :math:`N_Q`; ``rest``, :math:`\\hat N_\\perp`. Then ``thresholds``; ``num_products``, products
+    :math:`N_Q`; ``rest``, :math:`\\hat N_\\perp`. Then ``thresholds``; ``num_matvecs``, products
     with ``A`` and ``A^T`` for one threshold (the shared basis and one quadrature);
-    ``total_products``, for all of them; ``basis_size``, columns of the Krylov basis :math:`Q`;
+    ``num_matvecs_total``, for all of them; ``basis_size``, columns of the Krylov basis :math:`Q`;
     ``ritz_values``, the singular values of ``A`` on it (descending); ``block_size``, ``probes``,
     ``steps`` (Lanczos steps per probe) and ``smoothing``."""
 
@@ -108,8 +110,8 @@ class SingularValueCount(NamedTuple):
     krylov_counts: torch.Tensor
     rest: torch.Tensor
     thresholds: torch.Tensor
-    num_products: int
-    total_products: int
+    num_matvecs: int
+    num_matvecs_total: int
     basis_size: int
     ritz_values: torch.Tensor
     block_size: int
@@ -121,15 +123,15 @@ class SingularValueCount(NamedTuple):
 def singular_value_count(
     A: Any,
     threshold: float | Sequence[float],
-    max_products: int,
+    num_matvecs: int,
     *,
     block_size: int = 16,
     deflation_share: float = 0.55,
     steps: int = 15,
     smoothing: float = 0.1,
-    seed: int = 0,
+    seed: Seed = 0,
 ) -> SingularValueCount:
-    r"""Estimate :math:`\#\{i : \sigma_i(A) > \tau\}` with at most ``max_products`` products.
+    r"""Estimate :math:`\#\{i : \sigma_i(A) > \tau\}` with at most ``num_matvecs`` products.
 
     Parameters
     ----------
@@ -137,27 +139,27 @@ def singular_value_count(
         A square or rectangular operator (any type :func:`linops.aslinearoperator` takes).
     threshold
         :math:`\tau > 0`, or several: one run counts at all of them.
-    max_products
+    num_matvecs
         Products with ``A`` and ``A^T`` together per threshold. About ``deflation_share`` of them
         build the Krylov basis (``2 * block_size`` per iteration, shared by all thresholds), the
         rest pay for one quadrature per threshold (``2 * steps`` per probe, at least two
         probes).
     block_size
-        Vectors per Krylov block. Smaller blocks capture more per product (on seed 004's
+        Vectors per Krylov block. Smaller blocks capture more per product (on the paper's
         matrix with 2048 products, blocks of 16 against 64: 681 against 671 Ritz values above 1
         of the 788 singular values), at the cost of more, smaller batched passes.
     deflation_share
         Share of the budget for the Krylov basis, in ``(0, 1)``.
     steps
         Lanczos steps per probe (shortened if the budget is small). The deflated operator's
-        spectrum is short, so few steps and many probes beat the reverse: on seed 004's matrix
+        spectrum is short, so few steps and many probes beat the reverse: on the paper's matrix
         37 x 15 had the smallest spread of the splits tried (16 x 35, 22 x 25, 28 x 20; measured
         before the Schur correction, with a 640-column basis).
     smoothing
         :math:`h \in [0, 1)`: count the ramp :math:`g_h` instead of the step (module docstring);
         0 counts the step.
     seed
-        Seed of the Gaussian start block and the probes.
+        Randomness of the Gaussian start block and the probes.
 
     Returns
     -------
@@ -178,7 +180,7 @@ def singular_value_count(
     [267, 134]
     >>> res.counts.round().tolist(), res.stderrs.round().tolist()
     ([264.0, 123.0], [28.0, 18.0])
-    >>> res.num_products <= 400
+    >>> res.num_matvecs <= 400
     True
     """
     op, _ = kr.prepare(A)
@@ -190,7 +192,7 @@ def singular_value_count(
     h = float(smoothing)
     if not 0.0 <= h < 1.0:
         raise ValueError(f"smoothing: expected a number in [0, 1), got {smoothing!r}")
-    budget = kr.check_int(max_products, "max_products", 1)
+    budget = kr.check_int(num_matvecs, "num_matvecs", 1)
     b = kr.check_int(block_size, "block_size", 1)
     if not 0.0 < deflation_share < 1.0:
         raise ValueError(f"deflation_share: expected a number in (0, 1), got {deflation_share!r}")
@@ -201,7 +203,7 @@ def singular_value_count(
     d = min(kr.check_int(steps, "steps", 2), rest_budget // 4, m)
     if d < 2:
         raise ValueError(
-            f"max_products: expected at least {2 * b + 8} for one Krylov iteration of block "
+            f"num_matvecs: expected at least {2 * b + 8} for one Krylov iteration of block "
             f"{b} and two probes of two Lanczos steps, got {budget}"
         )
     probes = max(2, rest_budget // (2 * d))

@@ -1,4 +1,6 @@
-r"""Spectral density by stochastic Lanczos quadrature (SLQ), and a report helper.
+r"""Spectral density by stochastic Lanczos quadrature (SLQ).
+
+The report of ``linops report`` built on it is :func:`reports.density_report`.
 
 For symmetric :math:`A = \sum_i \lambda_i u_i u_i^H` the spectral density
 :math:`\phi(x) = \frac1n\sum_i \delta(x - \lambda_i)` is smoothed by a Gaussian
@@ -17,14 +19,13 @@ each is fully reorthogonalised.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from linops import _krylov as kr
 
-__all__ = ["SpectralDensity", "density_report", "plot_spectral_density", "spectral_density"]
+__all__ = ["SpectralDensity", "spectral_density"]
 
 
 class SpectralDensity(NamedTuple):
@@ -152,7 +153,17 @@ def spectral_density(
     g = torch.exp(-((x[:, None, None] - theta[None]) ** 2) / (2 * sigma**2))
     dens = (g * tau[None]).sum(dim=(1, 2)) / (N * sigma * math.sqrt(2 * math.pi))
     out = [kr.to_output(t.to(op.device), kind) for t in (x, dens, theta, tau)]
-    return SpectralDensity(*out, float(per_probe.mean()), tr_se, sigma, N * m + probes)
+    grid_out, dens_out, nodes_out, weights_out = out
+    return SpectralDensity(
+        grid_out,
+        dens_out,
+        nodes_out,
+        weights_out,
+        float(per_probe.mean()),
+        tr_se,
+        sigma,
+        N * m + probes,
+    )
 
 
 def _lanczos_batch(op: Any, V0: torch.Tensor, m: int) -> tuple[torch.Tensor, ...]:
@@ -180,61 +191,3 @@ def _lanczos_batch(op: Any, V0: torch.Tensor, m: int) -> tuple[torch.Tensor, ...
         beta[j] = torch.where(ok, b, torch.zeros_like(b))
         V[j + 1] = torch.where(ok, W / torch.where(ok, b, torch.ones_like(b)), torch.zeros_like(W))
     return alpha.T.real, beta.T.real
-
-
-def density_report(
-    A: Any,
-    *,
-    num_matvecs: int = 400,
-    num_probes: int = 8,
-    seed: int = 0,
-    png: str | Path | None = None,
-    title: str = "Hessian spectral density",
-) -> dict[str, Any]:
-    """Spectral density and trace estimates of a symmetric operator as a JSON-ready dict.
-
-    Spends about half of ``num_matvecs`` on SLQ (``num_probes`` probes) and half on
-    :func:`estimators.trace.xtrace`; writes the density plot to ``png`` when given. Meant for
-    ``linops report`` on a ``HessianOperator``.
-    """
-    from estimators.trace import xtrace
-
-    n = A.shape[0]
-    steps = max(1, min(n, num_matvecs // (2 * num_probes)))
-    sd = spectral_density(A, num_probes=num_probes, num_steps=steps, seed=seed)
-    tr = xtrace(A, max(4, num_matvecs - num_probes * steps), seed=seed)
-    nodes = torch.as_tensor(sd.nodes)
-    report = {
-        "grid": torch.as_tensor(sd.grid).tolist(),
-        "density": torch.as_tensor(sd.density).tolist(),
-        "sigma": sd.sigma,
-        "lambda_min_estimate": float(nodes.min()),
-        "lambda_max_estimate": float(nodes.max()),
-        "trace_slq": sd.trace,
-        "trace_slq_stderr": sd.trace_stderr,
-        "trace_estimate": tr.estimate,
-        "trace_stderr": tr.stderr,
-        "trace_method": tr.method,
-        "num_matvecs": sd.num_matvecs + tr.num_matvecs,
-    }
-    if png is not None:
-        plot_spectral_density(sd, png, title=title)
-    return report
-
-
-def plot_spectral_density(
-    sd: SpectralDensity, path: str | Path, *, title: str = "spectral density"
-) -> None:
-    """Save the density (log scale, as is usual for Hessian spectra) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x, y = torch.as_tensor(sd.grid).cpu(), torch.as_tensor(sd.density).cpu()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.semilogy(x.numpy(), (y.clamp(min=1e-12)).numpy())
-    ax.set(xlabel="eigenvalue", ylabel="density", title=title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

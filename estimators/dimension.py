@@ -128,7 +128,7 @@ def training_dimension(
         block_size = 16 if method == "deflated" else 64
     if method == "deflated":
         c = singular_value_count(A, taus[0], budget, block_size=block_size, seed=seed)
-        used = c.num_products if products0 is None else op.num_products - products0
+        used = c.num_matvecs if products0 is None else op.num_products - products0
         count, se = float(c.counts[0]), float(c.stderrs[0])
         return DimensionResult(round(count), int(used), c.basis_size, se, c.ritz_values)
     if method == "krylov":

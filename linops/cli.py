@@ -140,7 +140,7 @@ def _laziness_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str
 def _density_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str, Any]:
     """Hessian spectral density (SLQ) and trace (XTrace), with the exact trace as a check."""
     import linops
-    from estimators.density import density_report
+    from reports import density_report
 
     model, loss, data = setup["model"], setup["loss"], setup["data"]
     H = linops.HessianOperator(model, loss, (data.X_train, data.y_train))

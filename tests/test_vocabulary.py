@@ -64,12 +64,6 @@ PENDING = {
     "linops.distributed.shared_seed:seed-annotation": (
         "the int every rank agrees on (it returns one); a generator cannot be broadcast"
     ),
-    # estimators/counting.py and density.py: another engineer's files until they finish
-    "estimators.counting.SingularValueCount:num_products": "counting.py is being edited",
-    "estimators.counting.SingularValueCount:total_products": "counting.py is being edited",
-    "estimators.counting.singular_value_count:max_products": "counting.py is being edited",
-    "estimators.counting.singular_value_count:seed-annotation": "counting.py is being edited",
-    "estimators.density.density_report:seed-annotation": "density.py is being edited",
     # trainers.models: tests/linops build models with generator= (not this test's files)
     "trainers.models.MLP:generator": "tests/linops construct MLP(generator=...)",
     "trainers.models.LeNet5:generator": "tests/linops construct models with generator=",

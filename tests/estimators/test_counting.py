@@ -45,7 +45,7 @@ def test_gapped_spectrum_is_counted_exactly() -> None:
     assert float(res.counts[0]) == pytest.approx(30, abs=1e-9)
     assert float(res.krylov_counts[0]) == pytest.approx(30, abs=1e-9)
     assert 0.0 <= float(res.stderrs[0]) < 1.0  # the quadrature bound, small with a gap
-    assert A.products == res.total_products == res.num_products <= 400
+    assert A.products == res.num_matvecs_total == res.num_matvecs <= 400
 
 
 def test_full_basis_counts_exactly_whatever_the_smoothing() -> None:
@@ -116,7 +116,7 @@ def test_gapless_spectrum_is_unbiased_and_within_its_errors() -> None:
     for seed in range(6):
         A.products = 0
         res = singular_value_count(A, taus, n, block_size=8, seed=seed)
-        assert A.products == res.total_products and res.num_products <= n
+        assert A.products == res.num_matvecs_total and res.num_matvecs <= n
         assert bool((res.krylov_counts < true).all())  # no gap: the basis alone undercounts
         assert bool(((res.counts - true).abs() <= 2 * res.stderrs).all())
         counts.append(res.counts)
@@ -127,9 +127,9 @@ def test_gapless_spectrum_is_unbiased_and_within_its_errors() -> None:
 def test_one_run_shares_the_basis_between_thresholds() -> None:
     A = Counted(with_singular_values(torch.logspace(0.5, -2, 200, dtype=F64), seed=5))
     both = singular_value_count(A, [1.0, 0.2], 160, block_size=8, seed=3)
-    assert A.products == both.total_products
-    assert both.total_products - both.num_products == 2 * both.probes * both.steps
-    assert both.num_products <= 160
+    assert A.products == both.num_matvecs_total
+    assert both.num_matvecs_total - both.num_matvecs == 2 * both.probes * both.steps
+    assert both.num_matvecs <= 160
     one = singular_value_count(A, 1.0, 160, block_size=8, seed=3)  # same basis, same probes
     torch.testing.assert_close(one.counts[0], both.counts[0], atol=1e-9, rtol=0)
     other = singular_value_count(A, 0.2, 160, block_size=8, seed=3)
@@ -151,7 +151,7 @@ def test_bad_arguments() -> None:
     for bad in (0.0, [1.0, -1.0], [], float("nan")):
         with pytest.raises(ValueError, match="threshold"):
             singular_value_count(A, bad, 100)
-    with pytest.raises(ValueError, match="max_products"):
+    with pytest.raises(ValueError, match="num_matvecs"):
         singular_value_count(A, 1.0, 5, block_size=4)
     with pytest.raises(ValueError, match="deflation_share"):
         singular_value_count(A, 1.0, 100, deflation_share=1.0)

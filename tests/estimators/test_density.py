@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from estimators.density import density_report, spectral_density
+from estimators.density import spectral_density
+from reports import density_report
 
 
 def spectrum_matrix(lam: np.ndarray, seed: int = 0) -> np.ndarray:
