@@ -1,6 +1,7 @@
-"""JAX reference for the dense training Jacobian of seed 004: ``jax.jacfwd`` through the whole run.
+"""JAX reference for the dense training Jacobian of
+"Understanding Gradient Descent through the Training Jacobian" (anonymous submission): ``jax.jacfwd`` through the whole run.
 
-The paper computes the training Jacobian with ``jax.jacfwd`` (seed 004, section 3, footnote 2).
+The paper computes the training Jacobian with ``jax.jacfwd`` (its section 3, footnote 2).
 This module reproduces that computation for the setup of :func:`trainers.setups.digits_mlp_run`
 (an MLP with one GELU hidden layer, mean cross-entropy, fixed batch order, SGD with PyTorch-style
 momentum and cosine decay), with the same flat parameter layout as ``linops.ParamSpace``

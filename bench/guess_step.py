@@ -1,4 +1,4 @@
-r"""Time and memory of one guess-and-update step per seed-003 method, against a backprop step.
+r"""Time and memory of one guess-and-update step per method of "How to Guess a Gradient", against a backprop step.
 
 For an MLP and a deeper, wider one, every guesser of :mod:`estimators.guesses` drives a
 :class:`trainers.ForwardGradientTrainer` (plain SGD, so no optimizer state enters the memory

@@ -1,4 +1,4 @@
-"""Step time and memory of the low-rank Jacobian trainer (seed 000 Algorithm 1) against backprop.
+"""Step time and memory of the low-rank Jacobian trainer (Algorithm 1 of the lazy-regime low-rank paper) against backprop.
 
 For an MLP and for :class:`trainers.models.SmallCNN` on 32x32 inputs with growing channel
 counts, measured in one run on the same batches:

@@ -1,6 +1,6 @@
-"""Dense training Jacobian of seed 004: linops against ``jax.jacfwd``, and matrix-free rank(J - I).
+"""Dense training Jacobian of "Understanding Gradient Descent through the Training Jacobian" (anonymous submission): linops against ``jax.jacfwd``, and matrix-free rank(J - I).
 
-Setup (seed 004, section 3): digits 1600/197, MLP 64-64-10 GELU (4810 parameters), mean
+Setup (its section 3): digits 1600/197, MLP 64-64-10 GELU (4810 parameters), mean
 cross-entropy, batch 64 in a fixed order, 25 epochs (625 steps) of SGD with momentum 0.9 and
 cosine decay from 0.1. Both dense computations run in fresh subprocesses of this run, one after
 the other, in the same dtype (float32: JAX's default, which the paper used), and their peak
@@ -197,7 +197,7 @@ def _rank_study(cfg: dict, args: argparse.Namespace, J: np.ndarray) -> dict:
 
 
 def lenet(args: argparse.Namespace) -> dict:
-    """Seed 004 appendix A.1 at small scale: LeNet-5 (61,706 parameters) on digits upsampled to
+    """The paper's appendix A.1 at small scale: LeNet-5 (61,706 parameters) on digits upsampled to
     32x32, Adam with cosine decay from 0.01 (the appendix's optimizer), top singular values and
     rank(J - I) matrix-free. No dense 61,706 x 61,706 matrix is formed."""
     import torch

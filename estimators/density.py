@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from estimators.trace import TraceEstimate
 from linops import _krylov as kr
 
 __all__ = ["SpectralDensity", "spectral_density"]
@@ -37,9 +38,10 @@ class SpectralDensity(NamedTuple):
         ``(num_points,)`` abscissae and smoothed density (integrates to about 1).
     nodes, weights
         ``(num_probes, num_steps)`` quadrature nodes and weights (each row sums to 1).
-    trace, trace_stderr
+    trace
         :math:`n \cdot \frac1N\sum_l\sum_j \tau_{lj}\theta_{lj}` (Hutchinson's estimate of
-        :math:`\operatorname{tr}A`) and its standard error.
+        :math:`\operatorname{tr}A` from the same probes), a
+        :class:`estimators.TraceEstimate` with ``method="slq"`` and its standard error.
     sigma
         Gaussian broadening used.
     num_matvecs
@@ -50,8 +52,7 @@ class SpectralDensity(NamedTuple):
     density: Any
     nodes: Any
     weights: Any
-    trace: float
-    trace_stderr: float
+    trace: TraceEstimate
     sigma: float
     num_matvecs: int
 
@@ -159,8 +160,7 @@ def spectral_density(
         dens_out,
         nodes_out,
         weights_out,
-        float(per_probe.mean()),
-        tr_se,
+        TraceEstimate(float(per_probe.mean()), tr_se, N * m + probes, "slq"),
         sigma,
         N * m + probes,
     )

@@ -74,7 +74,7 @@ class LazinessResult(NamedTuple):
 
     Attributes
     ----------
-    ratio_mean, ratio_std, ratio_stderr
+    mean, std, stderr
         Mean, standard deviation and standard error of :math:`\rho_j(x)` over all pairs.
     ratios
         ``(p, q)`` :math:`\rho_j(x)` for ``p`` points and ``q`` output units.
@@ -95,9 +95,9 @@ class LazinessResult(NamedTuple):
         Hessian-vector products used by Lanczos, in total.
     """
 
-    ratio_mean: float
-    ratio_std: float
-    ratio_stderr: float
+    mean: float
+    std: float
+    stderr: float
     ratios: torch.Tensor
     hessian_norms: torch.Tensor
     gradient_norms: torch.Tensor

@@ -1,4 +1,4 @@
-r"""Guessing gradients (seed 003) on scikit-learn digits and a synthetic set.
+r"""Guessing gradients ("How to Guess a Gradient", arXiv:2312.04709) on scikit-learn digits and a synthetic set.
 
 Reproduces the shape of the paper's results with this toolkit's guessers
 (:mod:`estimators.guesses`), quality measures (:mod:`estimators.guess_quality`) and

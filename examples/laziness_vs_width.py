@@ -1,4 +1,4 @@
-"""Seed 000 Figure 3: laziness ratio against width, next to the measured drift in training.
+"""Figure 3 of "Leveraging Low Rank Structure in the Lazy Regime" (anonymous ICLR 2025 submission): laziness ratio against width, next to the measured drift in training.
 
 One-hidden-layer tanh MLPs in the NTK parameterization on digits, widths 16 ... 2048. At
 initialisation: the laziness ratio ``||H_j(x)|| / ||grad f_j(x)||^2`` (exact Hessian products,
@@ -71,8 +71,8 @@ def run_width(width: int, data, probe: torch.Tensor, args) -> dict:
     return {
         "width": width,
         "num_parameters": m,
-        "laziness_ratio_mean": lz.ratio_mean,
-        "laziness_ratio_std": lz.ratio_std,
+        "laziness_ratio_mean": lz.mean,
+        "laziness_ratio_std": lz.std,
         "laziness_paper_ratio_mean": lz.paper_ratio_mean,
         "hessian_norm_mean": float(lz.hessian_norms.mean()),
         "gradient_norm_mean": float(lz.gradient_norms.mean()),

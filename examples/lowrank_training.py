@@ -1,6 +1,6 @@
-"""Seed 000 Algorithm 1 on digits: backprop vs exact linearized vs low-rank Jacobian training.
+"""Algorithm 1 of "Leveraging Low Rank Structure in the Lazy Regime" (anonymous ICLR 2025 submission) on digits: backprop vs exact linearized vs low-rank Jacobian training.
 
-Answers the reviewers' questions (seed 001) with measurements:
+Answers the paper's reviewers' questions (OpenReview, ICLR 2025) with measurements:
 
 1. training / test curves of :class:`trainers.BackpropTrainer`, :class:`trainers.LinearizedTrainer`
    and :class:`trainers.LowRankJacobianTrainer` across MLP widths and ranks ``r``;

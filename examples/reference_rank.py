@@ -1,4 +1,4 @@
-"""Seed 000 Figure 2: reference-set Jacobian rank against reference-set size, on digits.
+"""Figure 2 of "Leveraging Low Rank Structure in the Lazy Regime" (anonymous ICLR 2025 submission): reference-set Jacobian rank against reference-set size, on digits.
 
 Two tanh MLPs (two hidden layers of 155 and 376 units: 35,815 and 169,962 parameters) at
 initialisation, output unit 0, row-centred reference matrices ``[J~]_{:, 0, R}`` of size
@@ -96,7 +96,7 @@ def _plot(out: dict, folder: Path) -> None:
         xscale="log",
         xlabel="reference-set size r",
         ylabel="rank / model size",
-        title="Seed 000 Fig. 2 (dotted: full Jacobian)",
+        title="Fig. 2, low rank in the lazy regime (dotted: full Jacobian)",
     )
     axes[1].plot(
         sizes, [min(s, out["num_samples"]) for s in sizes], "k-", lw=0.8, label="min(n, r)"

@@ -1,7 +1,8 @@
-"""Seed 002: the theta-lazy phase diagram over width m and output scale kappa = m^alpha.
+"""The theta-lazy phase diagram of "Demystifying Lazy Training of Neural Networks from a
+Macroscopic Viewpoint" (arXiv:2404.04859) over width m and output scale kappa = m^alpha.
 
 One-hidden-layer tanh MLPs in the mean-field parameterization, f(x) = kappa / m * sum_k a_k
-tanh(w_k . x / sqrt(d)), (no biases, as in seed 002) so that seed 002's exponent is alpha = log(kappa) / log(m): alpha = 1/2
+tanh(w_k . x / sqrt(d)), (no biases, as in the paper) so that the paper's exponent is alpha = log(kappa) / log(m): alpha = 1/2
 is the NTK scaling, alpha = 0 the mean-field one, and the theta-lazy regime is alpha > 0.
 Full-batch gradient descent on a synthetic regression set (inputs on the sphere), with the
 learning rate lr = eta * m / kappa^2 so that the function-space dynamics run on the same time

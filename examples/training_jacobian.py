@@ -1,6 +1,7 @@
-"""Seed 004 reproduced: the training Jacobian of an MLP on digits and its bulk (sections 3.1-3.6).
+"""Reproduced: "Understanding Gradient Descent through the Training Jacobian" (anonymous
+submission), the training Jacobian of an MLP on digits and its bulk (sections 3.1-3.6).
 
-Setup (seed 004, section 3): scikit-learn digits, 1600 train / 197 test (``random_state=0``),
+Setup (the paper's section 3): scikit-learn digits, 1600 train / 197 test (``random_state=0``),
 inputs / 16; MLP 64-64-10 with GELU and LeCun-normal weights (4810 parameters); mean
 cross-entropy; batch 64 in a fixed order; 25 epochs (625 steps) of SGD with momentum 0.9 and
 cosine decay from 0.1. The dense 4810 x 4810 training Jacobian is built with

@@ -10,7 +10,7 @@ checks argument and field names against the conventions:
 * ``params`` only selects parameters: an argument ``params`` annotated as a mapping or a
   tensor (parameter values) is an error, values are called ``values``;
 * result fields: ``num_matvecs`` for products, ``left_vectors`` / ``right_vectors`` for
-  singular vectors.
+  singular vectors, ``stderr`` for a standard error (no ``trace_stderr`` / ``ratio_stderr``).
 
 ``linops`` is read here, not edited by this test's owners: its known departures are listed in
 ``PENDING`` (with the reason) and reported, not failed; a new departure anywhere fails.
@@ -49,6 +49,9 @@ BANNED_FIELDS = {
     "products": "num_matvecs",
     "left": "left_vectors",
     "right": "right_vectors",
+    "trace_stderr": "a TraceEstimate (estimate, stderr)",
+    "ratio_stderr": "stderr",
+    "ratio_std": "std",
 }
 
 #: known departures, ``"module.qualname:argument" -> why it is still there``
