@@ -106,7 +106,8 @@ class ChainEngine:
     and each product over ``K`` tangents is a handful of matrix products
     (:class:`linops.chain.ChainLoss`, the engine of :class:`linops.HessianOperator`'s chain
     route). Tested against ``torch.func`` in float64; the fast path of the dense training
-    Jacobian.
+    Jacobian: about 1.3x the time of the MLP-only engine it replaced (width-64 digits MLP, two
+    epochs, one thread: 11.0-12.2 s against 8.1-9.4 s; ``examples/training_jacobian.md``).
     """
 
     name = "mlp"  # the option that selects it (tests/linops/test_training.py passes "mlp")
