@@ -185,7 +185,7 @@ def _lanczos_batch(op: Any, V0: torch.Tensor, m: int) -> tuple[torch.Tensor, ...
             )
         if j + 1 == m:
             break
-        b = torch.linalg.vector_norm(W, dim=0)
+        b = kr.column_norms(W)
         anorm = max(anorm, float(alpha[j].abs().max()), float(b.max()))
         ok = b > 100 * torch.finfo(b.dtype).eps * max(anorm, 1e-300)
         beta[j] = torch.where(ok, b, torch.zeros_like(b))

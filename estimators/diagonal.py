@@ -108,7 +108,7 @@ def xdiag(
     Z = op._apply(Q, adjoint=True)
     kr.check_products(Z, m)
     S = torch.linalg.inv(_lift_diagonal(R)).mH
-    S = S / torch.linalg.vector_norm(S, dim=0)
+    S = S / kr.column_norms(S)
     QS, ZS = Q @ S, Z @ S
     base = (Q * Z.conj()).sum(dim=1)  # diag(Q Q^H A)
     QY = Q.mH @ Y

@@ -135,7 +135,7 @@ def _lanczos(op: Any, V0: torch.Tensor, m: int) -> tuple[torch.Tensor, ...]:
             W = W - torch.einsum(
                 "jnl,jl->nl", V[: j + 1], torch.einsum("jnl,nl->jl", V[: j + 1], W)
             )
-        b = torch.linalg.vector_norm(W, dim=0)
+        b = kr.column_norms(W)
         scale = max(scale, float(a.abs().max()), float(b.max()))
         live = steps == m
         broke = live & (b.cpu() <= 100 * torch.finfo(b.dtype).eps * max(scale, 1e-300))
@@ -375,7 +375,7 @@ def quadratic_form_bounds(
     n = op.shape[0]
     m = kr.check_int(num_steps, "num_steps", 1, n)
     B = torch.as_tensor(b, dtype=op.torch_dtype, device=op.device).reshape(n, -1)
-    norms = torch.linalg.vector_norm(B, dim=0)
+    norms = kr.column_norms(B)
     if bool((norms == 0).any()):
         raise ValueError("b: expected nonzero columns, got a zero column")
     used = kr.check_symmetric(op)

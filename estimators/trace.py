@@ -285,7 +285,7 @@ def _exact_trace(op: TorchLinearOperator, block: int = 256) -> float:
 def _normalized_inverse_adjoint(R: torch.Tensor) -> torch.Tensor:
     """Columns of :math:`R^{-H}`, normalised: the :math:`s_i` of the leave-one-out downdates."""
     S = torch.linalg.inv(R).mH
-    return S / torch.linalg.vector_norm(S, dim=0)
+    return S / kr.column_norms(S)
 
 
 def _xtrace_inner_products(Om, Y, Q, Z) -> tuple[torch.Tensor, ...]:

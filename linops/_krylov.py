@@ -108,6 +108,23 @@ def _project_twice(W: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torc
     return W - V @ D, C + D
 
 
+def column_norms(X: torch.Tensor) -> torch.Tensor:
+    r"""Euclidean norm of every column of ``X``, accurate to the dtype's rounding.
+
+    ``torch.linalg.vector_norm(X, dim=0)`` of a float32 block measured 3.5e-5 relative error on
+    this CPU (272,000 x 8), the norm of one contiguous vector 6e-7, and a scaled sum of squares
+    5.6e-8: Lanczos betas, quadrature weights and residuals use this one. The columns are
+    scaled by their largest entry first, so squares neither overflow nor underflow.
+    """
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        return X.new_zeros(X.shape[1], dtype=X.real.dtype if X.is_complex() else X.dtype)
+    scale = X.abs().amax(dim=0)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    Y = X / safe
+    sq = (Y.real * Y.real + Y.imag * Y.imag) if X.is_complex() else Y * Y
+    return sq.sum(dim=0).sqrt() * scale
+
+
 def orth_qr(
     W: torch.Tensor, V: torch.Tensor, gen: torch.Generator, ref: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from linops._krylov import column_norms
+
 Tensor = torch.Tensor
 Apply = Callable[..., Tensor]
 
@@ -25,7 +27,7 @@ def _dot(U: Tensor, V: Tensor) -> Tensor:
 
 
 def _norm(U: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(U, dim=0)
+    return column_norms(U)
 
 
 class _Columns:

@@ -182,7 +182,7 @@ class InverseOperator(TorchLinearOperator):
         minv = self._prepare(apply, count, B.dtype)
         eps = torch.finfo(B.dtype).eps
         rtol = math.sqrt(eps) if self.rtol is None else self.rtol
-        bnorm = torch.linalg.vector_norm(B, dim=0)
+        bnorm = kr.column_norms(B)
         tol = torch.clamp(rtol * bnorm, min=self.atol)
         if bool((tol < 4 * eps * bnorm).any()):
             raise ValueError(
@@ -203,7 +203,7 @@ class InverseOperator(TorchLinearOperator):
             iterations += its
             X[:, todo] += D
             R[:, todo] = B[:, todo] - apply(X[:, todo])
-            new = torch.linalg.vector_norm(R[:, todo], dim=0)
+            new = kr.column_norms(R[:, todo])
             stalled = (new > tol[todo]) & (new > 0.5 * res[todo]) & (its > 0)
             # a solver whose estimate is not the 2-norm (preconditioned MINRES) aims lower
             aim[todo] = torch.where(new > tol[todo], aim[todo] * 0.5 * tol[todo] / new, aim[todo])

@@ -192,7 +192,7 @@ class _Lanczos:
             self.nmv += b
             kr.check_products(W, self.nmv)
         self.V[:, j : j + b] = P
-        self.anorm = max(self.anorm, float(torch.linalg.vector_norm(W, dim=0).max()))
+        self.anorm = max(self.anorm, float(kr.column_norms(W).max()))
         self.P, C, R = kr.orth_qr(W, self.V[:, : j + b], self.gen, self.anorm)
         H = self.H
         H[: j + b, j : j + b] = C
@@ -231,7 +231,7 @@ class _Lanczos:
         self.nmv += Y.shape[1]
         kr.check_products(AY, self.nmv)
         vals = theta[want].to(device=Y.device, dtype=Y.real.dtype)
-        res = torch.linalg.vector_norm(AY - Y * vals.to(Y.dtype), dim=0)
+        res = kr.column_norms(AY - Y * vals.to(Y.dtype))
         return Y, vals, res
 
 
@@ -320,7 +320,7 @@ def _ritz(H: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     b = R.shape[0]
     Hh = H.detach().to("cpu", torch.complex128 if H.is_complex() else torch.float64)
     theta, S = torch.linalg.eigh((Hh + Hh.mH) / 2)
-    res = torch.linalg.vector_norm(R.detach().to(S).cpu() @ S[-b:], dim=0)
+    res = kr.column_norms(R.detach().to(S).cpu() @ S[-b:])
     return theta, S, res
 
 

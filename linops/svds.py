@@ -181,7 +181,7 @@ class _Bidiag:
         """One block step; returns ``R`` of the new pending block."""
         j, b, P = self.j, self.P.shape[1], self.P
         X = self.apply(P, adjoint=False)
-        self.anorm = max(self.anorm, float(torch.linalg.vector_norm(X, dim=0).max()))
+        self.anorm = max(self.anorm, float(kr.column_norms(X).max()))
         Q, C, Ru = kr.orth_qr(X, self.U[:, :j], self.gen, self.anorm)
         self.V[:, j : j + b], self.U[:, j : j + b] = P, Q
         self.B[:j, j : j + b], self.B[j : j + b, j : j + b] = C, Ru
@@ -195,7 +195,7 @@ class _Bidiag:
         j, b = self.j, R.shape[0]
         dt = torch.complex128 if self.B.is_complex() else torch.float64
         X, s, Yh = torch.linalg.svd(self.B[:j, :j].detach().to("cpu", dt))
-        res = torch.linalg.vector_norm(R.detach().to("cpu", dt) @ X[-b:], dim=0)
+        res = kr.column_norms(R.detach().to("cpu", dt) @ X[-b:])
         return X, s, Yh.mH, res
 
     def restart(
@@ -233,8 +233,8 @@ class _Bidiag:
         u = self.U[:, :j] @ X[:, want].to(self.U)
         v = self.V[:, :j] @ Y[:, want].to(self.V)
         sv = s[want].to(device=v.device, dtype=v.real.dtype)
-        ru = torch.linalg.vector_norm(self.apply(v, adjoint=False) - u * sv.to(u.dtype), dim=0)
-        rv = torch.linalg.vector_norm(self.apply(u, adjoint=True) - v * sv.to(v.dtype), dim=0)
+        ru = kr.column_norms(self.apply(v, adjoint=False) - u * sv.to(u.dtype))
+        rv = kr.column_norms(self.apply(u, adjoint=True) - v * sv.to(v.dtype))
         return u, v, sv, torch.hypot(ru, rv)
 
     def run(self, k: int, which: str, tol: float, maxiter: int, kind: str) -> SVDSResult:
