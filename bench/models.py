@@ -52,8 +52,7 @@ from operators import (
     write,
 )
 
-from linops import retain_freed_memory
-from linops._defects import workarounds
+from linops import retain_freed_memory, workarounds
 from trainers.data import digits
 
 

@@ -88,7 +88,7 @@ import torch
 from estimators.density import _lanczos_batch
 from estimators.seeding import Seed
 from linops import IdentityOperator, aslinearoperator
-from linops import _krylov as kr
+from linops import blocks as kr
 
 __all__ = ["SingularValueCount", "singular_value_count"]
 

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import torch
 
 from estimators.trace import TraceEstimate
-from linops import _krylov as kr
+from linops import blocks as kr
 
 __all__ = ["SpectralDensity", "spectral_density"]
 

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 
 from estimators.trace import DiagonalEstimate
-from linops import _krylov as kr
+from linops import blocks as kr
 
 __all__ = ["NormEstimate", "frobenius_norm", "xdiag"]
 

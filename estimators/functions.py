@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 
 from linops import IdentityOperator, aslinearoperator
-from linops import _krylov as kr
+from linops import blocks as kr
 
 __all__ = [
     "QuadratureBounds",

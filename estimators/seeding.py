@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from linops._krylov import make_generator as _make_generator
+from linops.blocks import make_generator as _make_generator
 
 __all__ = ["Seed", "make_generator"]
 

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from linops import _krylov as kr
+from linops import blocks as kr
 from linops.base import TorchLinearOperator
 
 __all__ = [

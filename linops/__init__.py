@@ -2,6 +2,7 @@
 
 from importlib import metadata as _metadata
 
+from linops._defects import KNOWN_DEFECTS, TorchDefect, workarounds
 from linops.angles import principal_angles, subspace_similarity, subspace_similarity_curve
 from linops.base import IdentityOperator, TorchLinearOperator, aslinearoperator
 from linops.distributed import DistributedError, dense_columns, shard, shared_seed
@@ -46,6 +47,10 @@ __all__ = [
     "aslinearoperator",
     "ParamSpace",
     "retain_freed_memory",
+    # torch's derivative defects the operators work around (linops/_defects.py)
+    "KNOWN_DEFECTS",
+    "TorchDefect",
+    "workarounds",
     # model operators
     "JacobianOperator",
     "NTKOperator",
