@@ -118,7 +118,7 @@ def _eig_case(A64: np.ndarray, lam: np.ndarray, case: dict, seed: int) -> dict:
     t = time.perf_counter()
     try:
         maxiter = max(100, 8 * count[0] // (ncv - k))  # stop past ~4x ARPACK's products
-        res = linops.lanczos(torch.from_numpy(A), k, which, tol=target, ncv=ncv,
+        res = linops.lanczos(torch.from_numpy(A), k, which, rtol=target, ncv=ncv,
                              v0=torch.from_numpy(v0), maxiter=maxiter)  # fmt: skip
         wl, Vl = res.eigenvalues.numpy(), res.eigenvectors.numpy()
         row["products_lanczos"] = res.num_matvecs
@@ -289,7 +289,7 @@ def bench_operators(seed: int, quick: bool) -> dict:
     w, _ = eigsh(L, 5, which="LM", tol=1e-6, v0=v0)
     out.update(hessian_products_arpack=count[0], seconds_hessian_arpack=time.perf_counter() - t)
     t = time.perf_counter()
-    res = linops.lanczos(H, 5, "LM", tol=1e-6, v0=torch.from_numpy(v0))
+    res = linops.lanczos(H, 5, "LM", rtol=1e-6, v0=torch.from_numpy(v0))
     out.update(
         hessian_products_lanczos=res.num_matvecs, seconds_hessian_lanczos=time.perf_counter() - t
     )
@@ -299,7 +299,7 @@ def bench_operators(seed: int, quick: bool) -> dict:
     s = scipy_svds(L, 5, tol=1e-6, random_state=seed, solver="arpack")[1]
     out.update(jacobian_products_arpack=count[0], seconds_jacobian_arpack=time.perf_counter() - t)
     t = time.perf_counter()
-    r = linops.svds(J, 5, tol=1e-6, seed=seed)
+    r = linops.svds(J, 5, rtol=1e-6, seed=seed)
     out.update(jacobian_products_svds=r.num_matvecs, seconds_jacobian_svds=time.perf_counter() - t)
     out["jacobian_singular_value_difference"] = float(
         np.abs(np.sort(s)[::-1] - r.singular_values.numpy()).max()

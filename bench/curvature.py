@@ -216,7 +216,7 @@ def _curvlinops_inverse(model: nn.Module, X: torch.Tensor, y: torch.Tensor, lam:
 
 def solves(model: nn.Module, X: torch.Tensor, y: torch.Tensor, rounds: int) -> dict:
     G = GGNOperator(model, nn.CrossEntropyLoss(), (X, y))
-    lmax = float(torch.as_tensor(lanczos(G, 1, "LA", tol=1e-6, seed=0).eigenvalues)[0])
+    lmax = float(torch.as_tensor(lanczos(G, 1, "LA", rtol=1e-6, seed=0).eigenvalues)[0])
     lam = 1e-4 * lmax
     n = G.shape[0]
     b = torch.randn(n, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)

@@ -224,7 +224,7 @@ def lenet(args: argparse.Namespace) -> dict:
     out["seconds_trajectory"] = time.perf_counter() - t0
     k = 4 if args.quick else args.lenet_k
     t0, p0 = time.perf_counter(), op.num_products
-    top = svds(op, k, tol=1e-3, block_size=k, seed=0)
+    top = svds(op, k, rtol=1e-3, block_size=k, seed=0)
     out["seconds_top_singular_values"] = time.perf_counter() - t0
     out["top_singular_values"] = torch.as_tensor(top.singular_values).tolist()
     out["products_top_singular_values"] = op.num_products - p0

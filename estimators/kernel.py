@@ -195,8 +195,8 @@ def gram_extremes(
             float(w[0]), float(w[-1]), A.shape[0] if not isinstance(op, torch.Tensor) else 0
         )
     second = seed + 1 if isinstance(seed, int) else seed
-    lo = lanczos(op, 1, "SA", tol=rtol, seed=seed)
-    hi = lanczos(op, 1, "LA", tol=rtol, seed=second)
+    lo = lanczos(op, 1, "SA", rtol=rtol, seed=seed)
+    hi = lanczos(op, 1, "LA", rtol=rtol, seed=second)
     return GramSpectrum(
         float(lo.eigenvalues[0]), float(hi.eigenvalues[-1]), lo.num_matvecs + hi.num_matvecs
     )
@@ -244,8 +244,8 @@ def gram_drift(
     if method == "dense":
         A_t, A_0 = G_t.to_dense(), G_0.to_dense()
         return float(torch.linalg.matrix_norm(A_t - A_0, 2) / torch.linalg.matrix_norm(A_0, 2))
-    diff = lanczos(G_t - G_0, 1, "LM", tol=rtol, seed=seed).eigenvalues
-    base = lanczos(G_0, 1, "LA", tol=rtol, seed=seed).eigenvalues
+    diff = lanczos(G_t - G_0, 1, "LM", rtol=rtol, seed=seed).eigenvalues
+    base = lanczos(G_0, 1, "LA", rtol=rtol, seed=seed).eigenvalues
     return float(diff.abs().max()) / float(base[-1])
 
 

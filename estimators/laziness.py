@@ -164,7 +164,7 @@ def hessian_norm(
     """
     x = x if x.ndim > 1 else x[None]
     H = OutputHessianOperator(model, x[:1], output_index, method=method, eps=eps, params=params)
-    res = lanczos(H, 1, "LM", tol=rtol, seed=seed)
+    res = lanczos(H, 1, "LM", rtol=rtol, seed=seed)
     return HessianNorm(float(res.eigenvalues.abs().max()), int(res.num_matvecs))
 
 
@@ -247,7 +247,7 @@ def laziness_ratio(
     for a, i in enumerate(points.tolist()):
         for b, j in enumerate(outputs):
             H = OutputHessianOperator(model, X[i : i + 1], j, method=method, eps=eps, params=params)
-            res = lanczos(H, 1, "LM", tol=rtol, seed=a * len(outputs) + b)
+            res = lanczos(H, 1, "LM", rtol=rtol, seed=a * len(outputs) + b)
             hn[a, b] = float(res.eigenvalues.abs().max())
             gn[a, b] = float(H.gradient().norm())
             total += int(res.num_matvecs)
@@ -361,8 +361,8 @@ def jacobian_drift(
     if norm == "spectral":
         J_t = JacobianOperator(model, X, p_t, output_index=output_index)
         J_0 = JacobianOperator(model, X, p_0, output_index=output_index)
-        top = svds(J_t - J_0, 1, tol=rtol, seed=seed).singular_values
-        base = svds(J_0, 1, tol=rtol, seed=seed).singular_values
+        top = svds(J_t - J_0, 1, rtol=rtol, seed=seed).singular_values
+        base = svds(J_0, 1, rtol=rtol, seed=seed).singular_values
         return float(top[0]) / float(base[0])
     d = num_outputs(space, X, output_index)
     diff, base = 0.0, 0.0

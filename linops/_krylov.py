@@ -336,9 +336,9 @@ class Verifier:
         rel = true_max / anorm if anorm > 0 else true_max
         reach = 10.0 ** math.ceil(math.log10(2 * rel)) if rel > 0 else self.eps
         return (
-            f"{name}: tol={self.tol:.3g} is below what {dtype} reaches for this operator: "
+            f"{name}: rtol={self.tol:.3g} is below what {dtype} reaches for this operator: "
             f"after {nmv} products the true residuals stagnate at {rel:.2g} ||A|| (the Krylov "
-            f"estimates say {est_max / anorm:.2g} ||A||); use tol >= {reach:.0e}, or a wider "
+            f"estimates say {est_max / anorm:.2g} ||A||); use rtol >= {reach:.0e}, or a wider "
             "dtype"
         )
 

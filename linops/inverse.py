@@ -269,7 +269,7 @@ def _neumann_step_size(op: InverseOperator, pc: Any, count: list[int]) -> float:
             )
         half = pc.sqrt_inverse()
         S = half @ S @ half
-    res = lanczos(S, 1, "LA", tol=1e-3, seed=0)
+    res = lanczos(S, 1, "LA", rtol=1e-3, seed=0)
     count[0] += res.num_matvecs
     upper = float(torch.as_tensor(res.eigenvalues)[0]) + float(torch.as_tensor(res.residuals)[0])
     if not upper > 0:

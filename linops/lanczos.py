@@ -50,7 +50,7 @@ class LanczosResult(NamedTuple):
         Number of operator-vector products used (a block of ``b`` vectors counts ``b``),
         including the symmetry probe and the final true-residual check.
     converged
-        Whether every true residual is at most ``tol * ||A||``.
+        Whether every true residual is at most ``rtol * ||A||``.
     """
 
     eigenvalues: Any
@@ -73,7 +73,7 @@ def lanczos(
     k: int = 6,
     which: str = "LA",
     *,
-    tol: float | None = None,
+    rtol: float | None = None,
     maxiter: int | None = None,
     ncv: int | None = None,
     block_size: int = 1,
@@ -92,9 +92,9 @@ def lanczos(
     which
         ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest magnitude,
         ``"BE"`` both ends (``k // 2`` from the bottom, the rest from the top).
-    tol
+    rtol
         Relative tolerance: pair ``i`` has converged when
-        :math:`\|A v_i - \theta_i v_i\| \le \mathrm{tol}\,\|A\|`, with :math:`\|A\|` estimated by
+        :math:`\|A v_i - \theta_i v_i\| \le \mathrm{rtol}\,\|A\|`, with :math:`\|A\|` estimated by
         the largest :math:`|\theta|` seen. Default ``sqrt(eps)`` of the operator's dtype.
     maxiter
         Largest number of restarts (default ``10 n``, as ARPACK).
@@ -126,8 +126,8 @@ def lanczos(
     FloatingPointError
         If the operator returns NaN or inf.
     LanczosNoConvergence
-        If not all ``k`` true residuals reach ``tol ||A||`` within ``maxiter`` restarts, if
-        ``tol`` is below what the dtype reaches (the true residuals stagnate above ``tol``
+        If not all ``k`` true residuals reach ``rtol ||A||`` within ``maxiter`` restarts, if
+        ``rtol`` is below what the dtype reaches (the true residuals stagnate above ``rtol``
         while the Krylov estimates keep falling; the message names the reachable
         tolerance), or if repeated values leave no room in the basis to search for missing
         copies. ``.result`` carries the partial result with its true residuals.
@@ -156,7 +156,7 @@ def lanczos(
     ncv = _fit_ncv(ncv, n, k, b)
     maxiter = 10 * n if maxiter is None else kr.check_int(maxiter, "maxiter", 1)
     eps = torch.finfo(op.torch_dtype).eps
-    tol = eps**0.5 if tol is None else check_positive_number(tol, "tol")
+    tol = eps**0.5 if rtol is None else check_positive_number(rtol, "rtol")
     gen = kr.make_generator(seed, op.device)
     P = kr.start_block(v0, n, b, op, gen)
     return _thick_restart(_Lanczos(op, P, ncv, gen), kind, k, which, tol, maxiter)
@@ -212,7 +212,7 @@ class _Lanczos:
     def lock_and_inject(self, Y: torch.Tensor, vals: torch.Tensor) -> None:
         """Restart from the verified pairs ``(vals, Y)`` alone plus a fresh random vector.
 
-        Their coupling to the old pending block is at most ``tol ||A||`` (they have converged)
+        Their coupling to the old pending block is at most ``rtol ||A||`` (they have converged)
         and is dropped (locking, Stewart 2001 section 3); the new block, orthogonal to ``Y``,
         starts a Krylov space that sees the copies of repeated eigenvalues ``Y`` lacks.
         """
@@ -260,7 +260,7 @@ def _thick_restart(
     k_ok = int((res <= tol * state.anorm).sum())
     raise LanczosNoConvergence(
         f"lanczos did not converge: {maxiter} restarts ({state.nmv} products), {k_ok}/{k} "
-        f"converged to tol={tol:.3g} (true residuals)",
+        f"converged to rtol={tol:.3g} (true residuals)",
         _result(Y, vals, res, state.nmv, False, kind),
     )
 

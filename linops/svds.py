@@ -44,7 +44,7 @@ class SVDSResult(NamedTuple):
         Products with :math:`A` plus products with :math:`A^H` (vectors), the final check
         included.
     converged
-        Whether every true residual is at most ``tol * ||A||``.
+        Whether every true residual is at most ``rtol * ||A||``.
     """
 
     singular_values: Any
@@ -68,7 +68,7 @@ def svds(
     k: int = 6,
     which: str = "LM",
     *,
-    tol: float | None = None,
+    rtol: float | None = None,
     maxiter: int | None = None,
     ncv: int | None = None,
     block_size: int = 1,
@@ -85,9 +85,9 @@ def svds(
         Number of triplets, ``1 <= k <= min(m, n)``.
     which
         ``"LM"`` largest or ``"SM"`` smallest singular values (of the ``min(m, n)``).
-    tol
+    rtol
         Triplet ``i`` has converged when :math:`\|A^H u_i - \sigma_i v_i\| \le
-        \mathrm{tol}\,\sigma_{\max}`. Default ``sqrt(eps)`` of the dtype.
+        \mathrm{rtol}\,\sigma_{\max}`. Default ``sqrt(eps)`` of the dtype.
     maxiter
         Largest number of restarts (default ``10 min(m, n)``).
     ncv
@@ -113,8 +113,8 @@ def svds(
     FloatingPointError
         If the operator returns NaN or inf.
     SVDSNoConvergence
-        If not all ``k`` true residuals reach ``tol ||A||`` within ``maxiter`` restarts, if
-        ``tol`` is below what the dtype reaches (the message names the reachable tolerance),
+        If not all ``k`` true residuals reach ``rtol ||A||`` within ``maxiter`` restarts, if
+        ``rtol`` is below what the dtype reaches (the message names the reachable tolerance),
         or if repeated values leave no room in the basis to search for missing copies
         (carries ``.result``).
 
@@ -149,7 +149,9 @@ def svds(
     ncv = _fit_ncv(kr.check_int(ncv, "ncv", min(short, k + 1), short), short, k, b)
     maxiter = 10 * short if maxiter is None else kr.check_int(maxiter, "maxiter", 1)
     tol = (
-        torch.finfo(op.torch_dtype).eps ** 0.5 if tol is None else check_positive_number(tol, "tol")
+        torch.finfo(op.torch_dtype).eps ** 0.5
+        if rtol is None
+        else check_positive_number(rtol, "rtol")
     )
     gen = kr.make_generator(seed, op.device)
     flip = m < n
@@ -211,7 +213,7 @@ class _Bidiag:
     def lock_and_inject(self, u: torch.Tensor, v: torch.Tensor, sv: torch.Tensor) -> None:
         """Restart from the verified triplets alone plus a fresh random right block.
 
-        Their coupling to the old pending block is below ``tol ||A||`` and is dropped
+        Their coupling to the old pending block is below ``rtol ||A||`` and is dropped
         (locking); the fresh block, orthogonal to ``v``, sees copies of repeated singular
         values that the single-vector Krylov space lacked.
         """
@@ -259,7 +261,7 @@ class _Bidiag:
         k_ok = int((res <= tol * self.anorm).sum())
         raise SVDSNoConvergence(
             f"svds did not converge: {maxiter} restarts ({self.nmv} products), {k_ok}/{k} "
-            f"converged to tol={tol:.3g} (true residuals)",
+            f"converged to rtol={tol:.3g} (true residuals)",
             self.finish(u, v, sv, res, False, kind),
         )
 

@@ -243,7 +243,7 @@ CASES: dict[str, tuple[Callable[[], Any], type[Exception], str]] = {
         "A: expected a square",
     ),
     "lanczos negative tol": (
-        lambda: linops.lanczos(_sym(), 2, tol=-1),
+        lambda: linops.lanczos(_sym(), 2, rtol=-1),
         ValueError,
         "tol: expected",
     ),

@@ -56,14 +56,7 @@ BANNED_FIELDS = {
 
 #: known departures, ``"module.qualname:argument" -> why it is still there``
 PENDING = {
-    "linops.lanczos.lanczos:tol": "linops side of issue 17 (tol relative to ||A||)",
-    "linops.svds.svds:tol": "linops side of issue 17 (tol relative to ||A||)",
     "linops.randomized.range_finder:tol": "linops side of issue 17 (an absolute tol)",
-    "linops.params.ParamSpace.functional_call:params": "linops side of issue 17 (values)",
-    "linops.rank.numerical_rank:seed-annotation": "linops side of issue 17 (int | None)",
-    "linops.rank.stable_rank:seed-annotation": "linops side of issue 17 (int | None)",
-    "linops.testing.check_operator:seed-annotation": "linops side of issue 17 (int)",
-    "linops.testing.with_singular_values:seed-annotation": "linops side of issue 17 (int)",
     "linops.distributed.shared_seed:seed-annotation": (
         "the int every rank agrees on (it returns one); a generator cannot be broadcast"
     ),

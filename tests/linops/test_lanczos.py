@@ -51,7 +51,7 @@ def test_eigenvalues_match_dense_reference(name: str, which: str) -> None:
     A = spectrum_matrix(lam)
     w = np.linalg.eigh(A)[0]
     bs = 3 if name == "repeated" else 1
-    res = lanczos(A, 4, which, tol=1e-10, seed=1, block_size=bs)
+    res = lanczos(A, 4, which, rtol=1e-10, seed=1, block_size=bs)
     ref = reference(w, 4, which)
     scale = np.abs(w).max()
     np.testing.assert_allclose(res.eigenvalues, ref, rtol=0, atol=1e-10 * scale)
@@ -65,7 +65,7 @@ def test_eigenvectors_within_angle_of_reference() -> None:
     lam = np.r_[10.0, 9.0, 8.0, np.linspace(0, 5, 97)]
     A = spectrum_matrix(lam, seed=3)
     w, X = np.linalg.eigh(A)
-    res = lanczos(A, 3, "LA", tol=1e-12, seed=0)
+    res = lanczos(A, 3, "LA", rtol=1e-12, seed=0)
     for i in range(3):
         angle = principal_angles(X[:, [-3 + i]], res.eigenvectors[:, [i]])
         assert angle[0] <= 1e-8
@@ -87,7 +87,7 @@ def test_no_ghost_eigenvalues_with_repeated_spectrum() -> None:
 
 def test_float32_and_torch_outputs() -> None:
     A = torch.from_numpy(spectrum_matrix(SPECTRA["indefinite"])).float()
-    res = lanczos(A, 3, "LM", tol=1e-5, seed=0)
+    res = lanczos(A, 3, "LM", rtol=1e-5, seed=0)
     assert isinstance(res.eigenvalues, torch.Tensor) and res.eigenvectors.dtype == torch.float32
     w = np.linalg.eigh(A.double().numpy())[0]
     np.testing.assert_allclose(res.eigenvalues.numpy(), reference(w, 3, "LM"), atol=1e-4)
@@ -171,7 +171,7 @@ def test_bad_input_raises() -> None:
     with pytest.raises(ValueError, match="v0: expected shape"):
         lanczos(A, 2, v0=np.ones(7))
     with pytest.raises(ValueError, match="tol: expected a positive"):
-        lanczos(A, 2, tol=0.0)
+        lanczos(A, 2, rtol=0.0)
     with pytest.raises(TypeError, match="seed: expected"):
         lanczos(A, 2, seed="x")
     with pytest.raises(FloatingPointError, match="NaN or inf at product 6"):
@@ -199,7 +199,7 @@ def test_no_more_products_than_arpack(name: str) -> None:
 
     v0 = np.random.default_rng(5).standard_normal(n)
     eigsh(LinearOperator(A.shape, matvec=mv, matmat=mv, dtype=A.dtype), 10, tol=1e-6, v0=v0)
-    res = lanczos(A, 10, "LA", tol=1e-6, v0=v0)
+    res = lanczos(A, 10, "LA", rtol=1e-6, v0=v0)
     assert res.num_matvecs <= count[0] + 10 + 2
     resid = np.linalg.norm(A @ res.eigenvectors - res.eigenvectors * res.eigenvalues, axis=0)
     assert resid.max() <= 1e-6 * np.abs(lam).max() * (1 + 1e-3)
@@ -224,11 +224,11 @@ def test_float32_tolerance_below_reach_raises_early(tol: float) -> None:
     """float32 cannot reach 1e-8 ||A||: it used to return converged=True with estimated
     residuals <= 1e-8 while the true ones were ~1.2e-7 (and at 1e-10 ran ~1200 products)."""
     A = _outliers().astype(np.float32)
-    reachable = lanczos(A, 5, "LA", tol=1e-5, seed=0)
+    reachable = lanczos(A, 5, "LA", rtol=1e-5, seed=0)
     assert reachable.converged
     with pytest.raises(LanczosNoConvergence, match=r"below what torch.float32 reaches") as info:
-        lanczos(A, 5, "LA", tol=tol, seed=0)
-    assert re.search(r"use tol >= 1e-0[5-7]", str(info.value))
+        lanczos(A, 5, "LA", rtol=tol, seed=0)
+    assert re.search(r"use rtol >= 1e-0[5-7]", str(info.value))
     partial = info.value.result
     assert not partial.converged
     assert partial.num_matvecs <= 3 * reachable.num_matvecs
@@ -240,7 +240,7 @@ def test_float32_reported_residuals_are_true_residuals() -> None:
     """Reported residuals and ``converged`` come from ``||A v - lambda v||`` itself, not from
     the Krylov estimates (which fell to 5e-8 ||A|| while the true ones were 1.2e-7 ||A||)."""
     A = _outliers().astype(np.float32)
-    res = lanczos(A, 5, "LA", tol=1e-6, seed=0)
+    res = lanczos(A, 5, "LA", rtol=1e-6, seed=0)
     true = _true_residuals(A, res.eigenvalues, res.eigenvectors)
     assert res.converged and true.max() <= 1e-6 * 10
     assert np.all(res.residuals >= 0.5 * true)
@@ -268,7 +268,7 @@ def test_repeated_eigenvalues_every_copy_with_single_vector(dtype: type) -> None
     A = spectrum_matrix(lam, 7).astype(dtype)
     tol = 1e-12 if dtype == np.float64 else None
     for seed in range(3):
-        res = lanczos(A, 7, "LA", tol=tol, seed=seed)
+        res = lanczos(A, 7, "LA", rtol=tol, seed=seed)
         assert res.converged
         np.testing.assert_allclose(res.eigenvalues, [2, 2, 2, 2, 3, 3, 3], atol=1e-4)
         scale = 1e-10 if dtype == np.float64 else 1e-3
@@ -331,7 +331,7 @@ def test_slowly_decaying_smallest_within_arpack_products() -> None:
     v0 = np.random.default_rng(0).standard_normal(n)
     op = LinearOperator(A.shape, matvec=mv, matmat=mv, dtype=A.dtype)
     eigsh(op, k, which="SA", tol=target / lam.min(), ncv=40, v0=v0)  # ||r|| <= tol |theta|
-    res = lanczos(A, k, "SA", tol=target, ncv=40, v0=v0)
+    res = lanczos(A, k, "SA", rtol=target, ncv=40, v0=v0)
     assert res.converged
     assert res.num_matvecs <= 1.2 * count[0] + k + 2
     np.testing.assert_allclose(res.eigenvalues, np.sort(lam)[:k], atol=1e-7)

@@ -26,7 +26,7 @@ def test_singular_triplets_match_dense_reference(shape: tuple[int, int], which: 
     s = np.r_[20.0, 20.0, 19.0, np.linspace(10, 1, min(m, n) - 3)]
     A = rect_matrix(m, n, s)
     ref = np.linalg.svd(A, compute_uv=False)
-    res = svds(A, 4, which, tol=1e-10, seed=0)
+    res = svds(A, 4, which, rtol=1e-10, seed=0)
     expect = ref[:4] if which == "LM" else ref[-4:]
     np.testing.assert_allclose(res.singular_values, expect, rtol=0, atol=1e-10 * ref[0])
     U, V, sv = res.left_vectors, res.right_vectors, res.singular_values
@@ -45,7 +45,7 @@ def test_low_rank_operator_with_zero_singular_values() -> None:
 
 def test_float32_torch() -> None:
     A = torch.from_numpy(rect_matrix(80, 50, np.linspace(5, 0.1, 50))).float()
-    res = svds(A, 3, tol=1e-5, seed=0)
+    res = svds(A, 3, rtol=1e-5, seed=0)
     assert isinstance(res.singular_values, torch.Tensor) and res.left_vectors.shape == (80, 3)
     np.testing.assert_allclose(res.singular_values.numpy(), np.linspace(5, 0.1, 50)[:3], atol=1e-4)
 
@@ -55,7 +55,7 @@ def test_float32_torch() -> None:
 def test_svds_of_transpose_agrees(seed: int, m: int, n: int) -> None:
     rng = np.random.default_rng(seed)
     A = rng.standard_normal((m, n))
-    a, b = svds(A, 3, seed=0, tol=1e-10), svds(A.T, 3, seed=1, tol=1e-10)
+    a, b = svds(A, 3, seed=0, rtol=1e-10), svds(A.T, 3, seed=1, rtol=1e-10)
     np.testing.assert_allclose(a.singular_values, b.singular_values, rtol=1e-9)
     np.testing.assert_allclose(a.singular_values, np.linalg.svd(A, compute_uv=False)[:3], rtol=1e-9)
 
@@ -101,7 +101,7 @@ def test_repeated_singular_values_every_copy(shape: tuple[int, int], dtype: type
     ref = np.linalg.svd(A.astype(np.float64), compute_uv=False)[:7]
     tol = 1e-12 if dtype == np.float64 else None
     for seed in range(3):
-        res = svds(A, 7, tol=tol, seed=seed)
+        res = svds(A, 7, rtol=tol, seed=seed)
         assert res.converged
         np.testing.assert_allclose(res.singular_values, ref, atol=1e-10 if tol else 1e-4)
         assert _true_residuals(A, res).max() <= (1e-10 if tol else 1e-3) * 3
@@ -119,10 +119,10 @@ def test_float32_tolerance_below_reach_raises_early() -> None:
     """float32 at tol=1e-9: raises naming the reachable tolerance, after a few times the
     products of a reachable tolerance, with the true residuals in the partial result."""
     A = rect_matrix(120, 80, np.linspace(5, 0.1, 80)).astype(np.float32)
-    reachable = svds(A, 3, tol=1e-5, seed=0)
+    reachable = svds(A, 3, rtol=1e-5, seed=0)
     assert reachable.converged
     with pytest.raises(SVDSNoConvergence, match=r"below what torch.float32 reaches") as info:
-        svds(A, 3, tol=1e-9, seed=0)
+        svds(A, 3, rtol=1e-9, seed=0)
     partial = info.value.result
     assert not partial.converged
     assert partial.num_matvecs <= 3 * reachable.num_matvecs
@@ -131,7 +131,7 @@ def test_float32_tolerance_below_reach_raises_early() -> None:
 
 def test_reported_residuals_are_true_residuals() -> None:
     A = rect_matrix(120, 80, np.linspace(5, 0.1, 80)).astype(np.float32)
-    res = svds(A, 3, tol=1e-5, seed=0)
+    res = svds(A, 3, rtol=1e-5, seed=0)
     true = _true_residuals(A, res)
     assert res.converged and true.max() <= 1e-5 * 5
     assert np.all(res.residuals >= 0.5 * true)
