@@ -170,6 +170,10 @@ class _Lanczos:
         kw: dict[str, Any] = {"dtype": op.torch_dtype, "device": op.device}
         self.op, self.P, self.gen, self.ncv, self.b = op, P, gen, ncv, b
         self.V, self.H = torch.empty(n, ncv, **kw), torch.zeros(ncv, ncv, **kw)
+        #: ``A V``: the products already taken, so that true residuals of Ritz vectors
+        #: ``V S`` cost no new product while the rounding of recombining them stays small
+        self.AV = torch.empty(n, ncv, **kw)
+        self.recombined = 0  # restarts and locks since AV was last a set of plain products
         self.j, self.nmv, self.anorm = 0, 0, 0.0
         self.first: torch.Tensor | None = None
 
@@ -192,6 +196,7 @@ class _Lanczos:
             self.nmv += b
             kr.check_products(W, self.nmv)
         self.V[:, j : j + b] = P
+        self.AV[:, j : j + b] = W
         self.anorm = max(self.anorm, float(kr.column_norms(W).max()))
         self.P, C, R = kr.orth_qr(W, self.V[:, : j + b], self.gen, self.anorm)
         H = self.H
@@ -204,12 +209,15 @@ class _Lanczos:
     def restart(self, S: torch.Tensor, theta: torch.Tensor, keep: torch.Tensor) -> None:
         """Keep the Ritz vectors ``V S[:, keep]``: ``H`` becomes diagonal, ``P`` stays."""
         p = keep.numel()
-        self.V[:, :p] = self.V[:, : self.j] @ S[:, keep].to(self.V)
+        Sk = S[:, keep].to(self.V)
+        self.V[:, :p] = self.V[:, : self.j] @ Sk
+        self.AV[:, :p] = self.AV[:, : self.j] @ Sk
+        self.recombined += 1
         self.H.zero_()
         self.H[:p, :p] = torch.diag(theta[keep]).to(self.H)
         self.j = p
 
-    def lock_and_inject(self, Y: torch.Tensor, vals: torch.Tensor) -> None:
+    def lock_and_inject(self, Y: torch.Tensor, AY: torch.Tensor, vals: torch.Tensor) -> None:
         """Restart from the verified pairs ``(vals, Y)`` alone plus a fresh random vector.
 
         Their coupling to the old pending block is at most ``rtol ||A||`` (they have converged)
@@ -218,21 +226,38 @@ class _Lanczos:
         """
         p = Y.shape[1]
         self.V[:, :p] = Y
+        self.AV[:, :p] = AY
+        self.recombined += 1
         self.H.zero_()
         self.H[:p, :p] = torch.diag(vals).to(self.H)
         self.j = p
         X = kr.random_block(Y.shape[0], self.b, self.op, self.gen)
         self.P, _, _ = kr.orth_qr(X, Y, self.gen, 1.0)
 
-    def true_residuals(self, S: torch.Tensor, theta: torch.Tensor, want: torch.Tensor):
-        """Ritz vectors ``Y`` of ``want`` and ``||A y_i - theta_i y_i||`` (one block product)."""
-        Y = self.V[:, : self.j] @ S[:, want].to(self.V)
+    def true_residuals(self, S: torch.Tensor, theta: torch.Tensor, want: torch.Tensor, tol: float):
+        """Ritz vectors ``Y`` of ``want``, their ``A Y`` and ``||A y_i - theta_i y_i||``.
+
+        The residuals are true ones, of the vectors returned, never the Lanczos recurrence's
+        estimates. First ``A Y`` is taken as ``(A V) S``, the products already taken
+        recombined: linear in the vectors, so exact but for the rounding of the recombinations,
+        at most about ``(restarts + 1) eps sqrt(j) ||A||``. If the residuals so computed plus
+        that bound are within ``tol ||A||`` they are accepted without a new product; otherwise
+        ``A Y`` is recomputed by one block product (counted in ``num_matvecs``).
+        """
+        Sw = S[:, want].to(self.V)
+        Y = self.V[:, : self.j] @ Sw
+        vals = theta[want].to(device=Y.device, dtype=Y.real.dtype)
+        eps = torch.finfo(Y.real.dtype).eps
+        rounding = (self.recombined + 1) * eps * self.j**0.5 * self.anorm
+        AY = self.AV[:, : self.j] @ Sw
+        res = kr.column_norms(AY - Y * vals.to(Y.dtype))
+        if float(res.max()) + rounding <= tol * self.anorm:
+            return Y, AY, vals, res + rounding  # an upper bound of the true residuals
         AY = self.op._apply(Y)
         self.nmv += Y.shape[1]
         kr.check_products(AY, self.nmv)
-        vals = theta[want].to(device=Y.device, dtype=Y.real.dtype)
         res = kr.column_norms(AY - Y * vals.to(Y.dtype))
-        return Y, vals, res
+        return Y, AY, vals, res
 
 
 def _thick_restart(
@@ -256,7 +281,7 @@ def _thick_restart(
             check.verifier.level = float("inf")  # check the true residuals at the next step
         nconv = int((est_want <= tol * state.anorm).sum())
         state.restart(S, theta, _select(theta, kr.keep_count(k, nconv, ncv, b), which))
-    Y, vals, res = state.true_residuals(S, theta, _select(theta, k, which))
+    Y, _, vals, res = state.true_residuals(S, theta, _select(theta, k, which), tol)
     k_ok = int((res <= tol * state.anorm).sum())
     raise LanczosNoConvergence(
         f"lanczos did not converge: {maxiter} restarts ({state.nmv} products), {k_ok}/{k} "
@@ -283,7 +308,7 @@ class _Check:
         est_max = float(est[_select(theta, self.k_eff, self.which)].max())
         if not self.verifier.due(est_max, st.anorm):
             return None
-        Y, vals, res = st.true_residuals(S, theta, _select(theta, k, self.which))
+        Y, AY, vals, res = st.true_residuals(S, theta, _select(theta, k, self.which), self.tol)
         verdict = self.verifier.judge(float(res.max()), est_max, st.anorm)
         dt = st.op.torch_dtype
         if verdict == "floor":
@@ -302,7 +327,7 @@ class _Check:
             return self.result(Y, vals, res, True)
         if todo != "inject":
             raise LanczosNoConvergence(f"lanczos: {todo}", self.result(Y, vals, res, False))
-        st.lock_and_inject(Y, vals)
+        st.lock_and_inject(Y, AY, vals)
         self.rounds, self.k_eff, self.locked = self.rounds + 1, k + 1, vals.cpu()
         return None
 
