@@ -171,7 +171,7 @@ def record_pass(
 
 
 def vjp(output: torch.Tensor, inp: torch.Tensor, cotangent: torch.Tensor) -> torch.Tensor:
-    """Local vector-Jacobian product :math:`(\\partial \\text{output}/\\partial \\text{inp})^\\top v`.
+    r"""Local vector-Jacobian product :math:`(\partial \text{output}/\partial \text{inp})^\top v`.
 
     Zero if ``output`` does not depend on ``inp``. The recorded graph is kept for reuse.
     """

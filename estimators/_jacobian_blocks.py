@@ -1,5 +1,6 @@
 """Shared plumbing of the reference-set and Jacobian-rank modules: input and index checks,
-and the full Jacobian in bounded per-sample blocks (``vmap(jacrev)``)."""
+and the full Jacobian in bounded per-sample blocks (``vmap(jacrev)``).
+"""
 
 from __future__ import annotations
 

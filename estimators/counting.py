@@ -94,16 +94,17 @@ __all__ = ["SingularValueCount", "singular_value_count"]
 
 
 class SingularValueCount(NamedTuple):
-    """Estimated :math:`\\#\\{\\sigma_i > \\tau\\}` per threshold, and its parts.
+    r"""Estimated :math:`\#\{\sigma_i > \tau\}` per threshold, and its parts.
 
     One entry per threshold (1-d float64 tensors, in the order given): ``counts``, the estimates
-    :math:`N_Q + \\hat N_\\perp` (within ``[0, min(m, n)]``); ``stderrs``, their standard
+    :math:`N_Q + \hat N_\perp` (within ``[0, min(m, n)]``); ``stderrs``, their standard
     errors, the probes' spread plus the quadrature bound (module docstring); ``krylov_counts``,
-    :math:`N_Q`; ``rest``, :math:`\\hat N_\\perp`. Then ``thresholds``; ``num_matvecs``, products
+    :math:`N_Q`; ``rest``, :math:`\hat N_\perp`. Then ``thresholds``; ``num_matvecs``, products
     with ``A`` and ``A^T`` for one threshold (the shared basis and one quadrature);
     ``num_matvecs_total``, for all of them; ``basis_size``, columns of the Krylov basis :math:`Q`;
     ``ritz_values``, the singular values of ``A`` on it (descending); ``block_size``, ``probes``,
-    ``steps`` (Lanczos steps per probe) and ``smoothing``."""
+    ``steps`` (Lanczos steps per probe) and ``smoothing``.
+    """
 
     counts: torch.Tensor
     stderrs: torch.Tensor
@@ -265,7 +266,8 @@ def _step_bracket(
     :math:`\sum_{j<k} w_j \le F(x_k - 0) \le F(x_k + 0) \le \sum_{j\le k} w_j`; so for
     :math:`x_k \le t < x_{k+1}`, :math:`1 - F(t)` lies in
     :math:`[1 - \sum_{j \le k+1} w_j,\; 1 - \sum_{j<k} w_j]` (Karlin & Shapley 1953; used for
-    SLQ by Chen, Trogdon & Ubaru 2021, arXiv:2105.06595). Rows of ``nodes`` are ascending."""
+    SLQ by Chen, Trogdon & Ubaru 2021, arXiv:2105.06595). Rows of ``nodes`` are ascending.
+    """
     k = (nodes <= t).sum(dim=-1, keepdim=True)  # nodes 0..k-1 are <= t
     j = torch.arange(nodes.shape[-1], device=nodes.device)
     lower_F = (w * (j < k - 1)).sum(dim=-1)
@@ -282,7 +284,8 @@ def _honest_mean(est: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple
     mean estimate to the far end of the mean bracket. The returned standard error
     :math:`s + \delta/2` makes :math:`\pm 2` standard errors cover
     :math:`[\overline{\mathrm{lo}} - 2s, \overline{\mathrm{hi}} + 2s]`, which holds the true
-    count whenever the probe average is within two of its standard errors."""
+    count whenever the probe average is within two of its standard errors.
+    """
     n = est.numel()
     mean = float(est.mean())
     s = max(float(x.std()) for x in (est, lo, hi)) / math.sqrt(n) if n > 1 else math.inf
@@ -294,7 +297,8 @@ def _coupling(C: torch.Tensor, theta: torch.Tensor, t: float) -> Any:
     r""":math:`C (\Theta - t I)^{-1} C^\top` as an operator (the Schur-complement correction).
 
     Ritz values within :math:`10^{-3} t` of ``t`` are moved to that distance (keeping their
-    side), so one sitting on the threshold cannot blow the correction up."""
+    side), so one sitting on the threshold cannot blow the correction up.
+    """
     d = theta - t
     floor = 1e-3 * t
     d = torch.where(d >= 0, d.clamp(min=floor), d.clamp(max=-floor))
@@ -303,7 +307,8 @@ def _coupling(C: torch.Tensor, theta: torch.Tensor, t: float) -> Any:
 
 def _ramp(s: torch.Tensor, tau: torch.Tensor, h: float) -> torch.Tensor:
     r""":math:`g_h(s)`, shape ``s.shape[:-1] + (len(tau), s.shape[-1])``: the step
-    :math:`s > \tau` when ``h == 0``, else the linear ramp across :math:`[(1-h)\tau, (1+h)\tau]`."""
+    :math:`s > \tau` when ``h == 0``, else the linear ramp across :math:`[(1-h)\tau, (1+h)\tau]`.
+    """
     s, tau = s[..., None, :], tau[:, None]
     if h == 0.0:
         return (s > tau).to(torch.float64)
@@ -334,7 +339,7 @@ def _block_krylov(
 
 
 def _deflated_normal(op: Any, Q: torch.Tensor) -> Any:
-    """:math:`P A^\\top A P` with :math:`P = I - Q Q^\\top`, as an operator."""
+    r""":math:`P A^\top A P` with :math:`P = I - Q Q^\top`, as an operator."""
     m = op.shape[1]
     AtA = op.H @ op
     eye = IdentityOperator(m, dtype=op.torch_dtype, device=op.device)

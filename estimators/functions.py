@@ -158,7 +158,8 @@ def _stderr(v: torch.Tensor, Z: torch.Tensor, BZ: torch.Tensor) -> float:
     :math:`\|B\|_F^2 \approx \frac1N\sum_l\|Bz_l\|^2` and :math:`\sum_i b_{ii}^2` by the
     U-statistic :math:`\frac{1}{N(N-1)}\sum_{l \ne l'}\langle z_l \odot Bz_l, z_{l'} \odot
     Bz_{l'}\rangle` (the rule of :func:`estimators.hutchinson_trace`; the sample variance of a
-    few skewed forms is usually too small)."""
+    few skewed forms is usually too small).
+    """
     N = v.numel()
     if N < 2:
         return math.nan

@@ -142,7 +142,7 @@ class GuessCovarianceOperator(TorchLinearOperator):
 
 
 class BiasAnalysis(NamedTuple):
-    """Section 5 for one layer and example: :math:`E[\\hat g_s]`, its bias, and summaries."""
+    r"""Section 5 for one layer and example: :math:`E[\hat g_s]`, its bias, and summaries."""
 
     gradient: torch.Tensor
     expected: torch.Tensor

@@ -161,10 +161,10 @@ def guess_cosine(
 
 # ----------------------------------------------------------------------------- one step
 class OneStep(NamedTuple):
-    """Result of :func:`one_step_effectiveness`.
+    r"""Result of :func:`one_step_effectiveness`.
 
     ``effectiveness = reduction_guess / reduction_backprop``; each reduction is the largest
-    :math:`L(\\theta) - L(\\theta - \\eta d)` over the grid, floored at 0 (not stepping).
+    :math:`L(\theta) - L(\theta - \eta d)` over the grid, floored at 0 (not stepping).
     """
 
     effectiveness: float

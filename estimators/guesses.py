@@ -122,20 +122,20 @@ _CHUNK = 256  # weight-space directions per vmapped pass
 
 
 class Guess(NamedTuple):
-    """A guessed gradient and what it was built from.
+    r"""A guessed gradient and what it was built from.
 
     Attributes
     ----------
     loss
         Batch loss at ``values`` (a 0-d tensor).
     grads
-        The guessed gradient :math:`\\hat g`, by parameter name (shapes of the parameters).
+        The guessed gradient :math:`\hat g`, by parameter name (shapes of the parameters).
     jvps
         The directional derivatives used. Pre-activation guessers: ``(L, B)``, row ``l`` scales
         layer ``l``'s guess (zero rows for layers without a guess). Weight-space guessers:
         ``(K,)``, one per guessed direction.
     tangents
-        The guessed directions: per layer the pre-activation guesses :math:`\\epsilon_l` of
+        The guessed directions: per layer the pre-activation guesses :math:`\epsilon_l` of
         shape ``(B, *s_l.shape[1:])`` (``None`` where no guess was made), or for weight-space
         guessers the direction of the last guess by parameter name.
     """
@@ -383,7 +383,7 @@ class _PreactivationGuesser(GradientGuesser):
     def preactivation_guesses(
         self, rec: Record, gen: torch.Generator | None
     ) -> list[torch.Tensor | None]:
-        """The guesses :math:`\\epsilon_l` (shape of :math:`s_l`) for every layer."""
+        r"""The guesses :math:`\epsilon_l` (shape of :math:`s_l`) for every layer."""
         raise NotImplementedError
 
     def exact_errors(self, rec: Record, e: torch.Tensor) -> dict[int, torch.Tensor]:

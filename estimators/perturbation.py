@@ -43,7 +43,8 @@ Tensor = torch.Tensor
 
 class LinearityResult(NamedTuple):
     r"""Responses to :math:`\theta_0 + \lambda v_i`: ``response`` :math:`= u_i^\top \delta`,
-    ``orthogonal`` :math:`= \|\delta - u_i u_i^\top\delta\|`, ``predicted`` :math:`= \lambda\sigma_i`."""
+    ``orthogonal`` :math:`= \|\delta - u_i u_i^\top\delta\|`, ``predicted`` :math:`= \lambda\sigma_i`.
+    """
 
     stimulus: np.ndarray
     response: np.ndarray

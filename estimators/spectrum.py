@@ -39,8 +39,9 @@ Tensor = torch.Tensor
 
 
 class TrainingJacobianSVD(NamedTuple):
-    """Dense SVD :math:`J = U \\operatorname{diag}(\\sigma) V^\\top`, :math:`\\sigma` descending,
-    and the cosine :math:`u_i^\\top v_i` of each pair."""
+    r"""Dense SVD :math:`J = U \operatorname{diag}(\sigma) V^\top`, :math:`\sigma` descending,
+    and the cosine :math:`u_i^\top v_i` of each pair.
+    """
 
     singular_values: Tensor
     left_vectors: Tensor
@@ -149,7 +150,7 @@ def spectral_regions(
 
 
 class RegionRow(NamedTuple):
-    """Region counts at one threshold :math:`\\tau` (a row of :func:`region_table`)."""
+    r"""Region counts at one threshold :math:`\tau` (a row of :func:`region_table`)."""
 
     threshold: float
     chaotic: int

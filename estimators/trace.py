@@ -34,7 +34,8 @@ __all__ = [
 
 class TraceEstimate(NamedTuple):
     """``estimate`` of the trace, its ``stderr`` (standard error, ``nan`` if unavailable), the
-    ``num_matvecs`` used and the ``method`` that produced it."""
+    ``num_matvecs`` used and the ``method`` that produced it.
+    """
 
     estimate: float
     stderr: float
@@ -88,7 +89,8 @@ def _quadratic_forms(Z: torch.Tensor, BZ: torch.Tensor, rademacher: bool) -> tup
     :math:`\sum_i b_{ii}^2` by the U-statistic
     :math:`\frac{1}{N(N-1)}\sum_{j\ne k} \langle z_j\odot Bz_j, z_k\odot Bz_k\rangle`
     (:math:`E[z\odot Bz] = \operatorname{diag}B`, Bekas et al. 2007). The standard error uses
-    the larger of that moment estimate and the sample variance."""
+    the larger of that moment estimate and the sample variance.
+    """
     N = Z.shape[1]
     samples = (Z.conj() * BZ).sum(dim=0).real
     mean, sem = _mean_sem(samples)
@@ -260,7 +262,8 @@ def _xtrace_moment_stderr(Y, Q, Z, W, S) -> float:
     variance is at most :math:`2\|B_i\|_F^2`, estimated without bias by
     :math:`2\|B_i\omega_i\|^2`; with :math:`c_i = s_i^H w_i`,
     :math:`A(I - P_i)\omega_i = y_i - Zw_i + c_iZs_i`. Returns
-    :math:`(2\sum_i\|B_i\omega_i\|^2)^{1/2}/m`."""
+    :math:`(2\sum_i\|B_i\omega_i\|^2)^{1/2}/m`.
+    """
     m = W.shape[1]
     c = (S.conj() * W).sum(dim=0)
     V = Y - Z @ W + Z @ (S * c)
@@ -290,7 +293,8 @@ def _normalized_inverse_adjoint(R: torch.Tensor) -> torch.Tensor:
 
 def _xtrace_inner_products(Om, Y, Q, Z) -> tuple[torch.Tensor, ...]:
     r"""The small quantities XTrace needs: :math:`H = Q^HAQ` (symmetrised), :math:`W = Q^H\Omega`,
-    :math:`T = Z^H\Omega` and :math:`\omega_i^H y_i`."""
+    :math:`T = Z^H\Omega` and :math:`\omega_i^H y_i`.
+    """
     H = Q.mH @ Z
     return (H + H.mH) / 2, Q.mH @ Om, Z.mH @ Om, (Om.conj() * Y).sum(dim=0)
 
@@ -304,7 +308,8 @@ def _xtrace_jackknife(H, W, T, oy, R, groups: int = 32) -> float:
     :math:`\big(\frac{g-1}{g}\sum_k(\hat t_{(-k)} - \bar t_{(\cdot)})^2\big)^{1/2}`
     (the delete-a-group jackknife). Everything lives in the span of :math:`Q`: with
     :math:`R_{:,-k} = U_k R_k'` (QR) the basis without group :math:`k` is :math:`QU_k` and its
-    product :math:`ZU_k`, so no product is spent; :math:`O(g m^3)` flops."""
+    product :math:`ZU_k`, so no product is spent; :math:`O(g m^3)` flops.
+    """
     m = R.shape[1]
     if m < 3:
         return math.nan
@@ -330,7 +335,8 @@ def _xtrace_jackknife(H, W, T, oy, R, groups: int = 32) -> float:
 def _qr_regularized(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """QR of the sketch with diagonal entries of ``R`` lifted to at least ``m eps max|r_ii|``,
     the QR of a sketch perturbed at rounding level, so that ``R`` is invertible when ``A``
-    has rank below ``m``."""
+    has rank below ``m``.
+    """
     Q, R = torch.linalg.qr(Y)
     return Q, _lift_diagonal(R)
 
@@ -357,7 +363,8 @@ def _prefer_hutchinson(hutch, Q, R, S, Om) -> bool:
 
 def _xtrace_terms(Om, Y, Q, R, S, Z) -> torch.Tensor:
     """The :math:`m` exchangeable estimates from the probes and products
-    (:func:`_xtrace_terms_small` on their inner products)."""
+    (:func:`_xtrace_terms_small` on their inner products).
+    """
     H, W, T, oy = _xtrace_inner_products(Om, Y, Q, Z)
     return _xtrace_terms_small(H, W, T, oy, R, S)
 

@@ -62,7 +62,8 @@ def plot_spectral_density(
     sd: SpectralDensity, path: str | Path, *, title: str = "spectral density"
 ) -> None:
     """Save the density of a :func:`estimators.spectral_density` (log scale, as is usual for
-    Hessian spectra) as a PNG at ``path``."""
+    Hessian spectra) as a PNG at ``path``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -251,7 +251,7 @@ class TrainingRun:
         return self.data.num_steps
 
     def initial_params(self) -> Tensor:
-        """The model's current parameter values as a flat vector (a natural :math:`\\theta_0`)."""
+        r"""The model's current parameter values as a flat vector (a natural :math:`\theta_0`)."""
         return self.space.flat_values().clone()
 
     def describe(self) -> str:
@@ -272,7 +272,7 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ the function itself
     def __call__(self, theta0: Tensor) -> Tensor:
-        """:math:`\\theta_T` by the plain loop; differentiable by ``torch.autograd``/``torch.func``."""
+        r""":math:`\theta_T` by the plain loop; differentiable by ``torch.autograd``/``torch.func``."""
         self._check_theta(theta0)
         space, loss_fn = self.space, self._loss_fn
 
@@ -290,7 +290,7 @@ class TrainingRun:
 
     @torch.no_grad()
     def final(self, theta0: Tensor) -> Tensor:
-        """:math:`\\theta_T` through the gradient engine (fast, not differentiable)."""
+        r""":math:`\theta_T` through the gradient engine (fast, not differentiable)."""
         self._check_theta(theta0)
         theta, state = theta0, self.optimizer.init(theta0)
         for t in range(self.num_steps):
@@ -328,7 +328,7 @@ class TrainingRun:
 
     @torch.no_grad()
     def vjp(self, theta0: Tensor, U: Tensor) -> Tensor:
-        """Reverse mode: :math:`J^\\top U` for ``U`` of shape ``(m, K)`` (or ``(m,)``)."""
+        r"""Reverse mode: :math:`J^\top U` for ``U`` of shape ``(m, K)`` (or ``(m,)``)."""
         traj = self.trajectory(theta0)
         bth = self._blocks(U, theta0)
         bstate = [tuple(torch.zeros_like(b) for _ in range(self.optimizer.num_states)) for b in bth]
@@ -389,7 +389,8 @@ class _MeanMSEMode(TorchFunctionMode):
 
 def _forward_mode_safe(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable:
     """``loss_fn`` with its ``F.mse_loss`` calls made differentiable in forward mode
-    (:class:`_MeanMSEMode`); ``nn.MSELoss()`` and user losses that call it included."""
+    (:class:`_MeanMSEMode`); ``nn.MSELoss()`` and user losses that call it included.
+    """
 
     def loss(out: Tensor, target: Tensor) -> Tensor:
         with _MeanMSEMode():
@@ -455,7 +456,8 @@ class _Trajectory:
 @contextlib.contextmanager
 def _threads(n: int | None) -> Iterator[None]:
     """Run a block with ``n`` intra-op threads: the MLP primal steps are tiny ops for which
-    thread synchronisation costs more than it saves on a small, shared CPU."""
+    thread synchronisation costs more than it saves on a small, shared CPU.
+    """
     if n is None or n == torch.get_num_threads():
         yield
         return

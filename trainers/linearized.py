@@ -141,7 +141,7 @@ class LinearizedTrainer(Trainer):
 
     # ----------------------------------------------------------------- the trainer interface
     def direction(self, x: torch.Tensor, y: torch.Tensor) -> Direction:
-        """Loss of the linearized model on the batch and its exact gradient :math:`J_0^\\top a`."""
+        r"""Loss of the linearized model on the batch and its exact gradient :math:`J_0^\top a`."""
         lin = self._linearization(x)
         out = self._outputs(lin).requires_grad_(True)
         with torch.enable_grad():

@@ -565,7 +565,7 @@ class LowRankJacobianTrainer(Trainer):
 
     # ----------------------------------------------------------------- the trainer interface
     def direction(self, x: torch.Tensor, y: torch.Tensor) -> Direction:
-        """Loss on the batch and the low-rank update :math:`\\hat g` (refreshing if due)."""
+        r"""Loss on the batch and the low-rank update :math:`\hat g` (refreshing if due)."""
         self._maybe_refresh()
         idx = self._rows(x)
         loss, g, out = self.approximate_gradient(idx, y, x)

@@ -68,7 +68,7 @@ class ScaledLinear(nn.Linear):
 
 
 class MLP(nn.Module):
-    """Fully connected network with the scalings of the papers of the module docstring.
+    r"""Fully connected network with the scalings of the papers of the module docstring.
 
     Parameters
     ----------
@@ -77,14 +77,14 @@ class MLP(nn.Module):
     widths
         Hidden widths ``(n_1, ..., n_L)``; an int means one hidden layer.
     activation
-        Name of the activation :math:`\\phi`.
+        Name of the activation :math:`\phi`.
     parameterization
         ``"standard"``, ``"ntk"`` or ``"mean_field"``.
     beta
-        Initialisation scale :math:`\\beta_l`, one float for all layers or one per layer
+        Initialisation scale :math:`\beta_l`, one float for all layers or one per layer
         (``L + 1`` values).
     kappa
-        Output scale :math:`\\kappa`.
+        Output scale :math:`\kappa`.
     bias
         Whether layers have biases (initialised to zero).
     generator

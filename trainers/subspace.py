@@ -107,7 +107,7 @@ class SubspaceTrainer(Trainer):
         return self.theta0 + self.basis @ (self.values["z"] if z is None else z)
 
     def forward(self, x: torch.Tensor, values: Mapping[str, torch.Tensor] | None = None) -> Any:
-        """Model outputs at :math:`\\theta_0 + P z`."""
+        r"""Model outputs at :math:`\theta_0 + P z`."""
         z = (values or self.values)["z"]
         return self.space.functional_call(self.space.unflatten(self.theta(z)), x)
 
