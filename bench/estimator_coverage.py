@@ -10,7 +10,7 @@ truth ("coverage"), the root-mean-square error and the mean reported standard er
   computed here independently of ``estimators.trace`` with brute-force leave-one-out QRs;
 * ``singular_value_count``: counts inside ``[0, min(m, n)]`` and coverage, on issue 16's
   2500 x 1000 linear spectrum and on two small gapless spectra;
-* ``range_finder(tol=...)``: basis size, ``converged``, estimate against the true error, in
+* ``range_finder(atol=...)``: basis size, ``converged``, estimate against the true error, in
   float64 and float32 (reachable and unreachable tolerances), the zero and a rank-3 operator;
 * ``numerical_rank`` of a float32 numpy array of rank 60;
 * ``spectral_density``: L1 distance to the exact eigenvalues smoothed with the same sigma,
@@ -192,7 +192,7 @@ def range_finder_study() -> dict:
         cases.append(("rank-3 100x80", rank3.astype(dtype), 1e-3))
     rows = []
     for name, A, tol in cases:
-        r = range_finder(A, tol=tol, seed=0)
+        r = range_finder(A, atol=tol, seed=0)
         rows.append(
             {
                 "matrix": name,
@@ -289,7 +289,7 @@ def main() -> None:
             f"(dimension {r['dimension']}), rmse {r['rmse']:.1f}, mean stderr "
             f"{r['mean_stderr']:.1f}, coverage {r['coverage']:.2f} over {r['seeds']} seeds"
         )
-    print("range_finder(tol):")
+    print("range_finder(atol):")
     for r in result["range_finder"]["rows"]:
         print(
             f"  {r['matrix']:14s} {r['dtype']:7s} tol {r['tol']:.0e}: {r['columns']:3d} columns, "

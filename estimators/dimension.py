@@ -30,7 +30,8 @@ class DimensionResult(NamedTuple):
     ``rank``: the estimate; ``num_matvecs``: products with :math:`J` (forward plus reverse
     passes through training); ``basis_size``: columns of the range-finder basis;
     ``error_estimate``: its bound on :math:`\|(I - QQ^\top)(J - I)\|`; ``singular_values``: the
-    singular values of :math:`J - I` seen on the basis (descending)."""
+    singular values of :math:`J - I` seen on the basis (descending).
+    """
 
     rank: int
     num_matvecs: int
@@ -138,7 +139,7 @@ def training_dimension(
         s, size, err, used = torch.as_tensor(res.singular_values), k, float("nan"), res.num_matvecs
     else:
         rf = range_finder(
-            A, tol=taus[0], block_size=block_size, max_rank=min(budget // 2, m), seed=seed
+            A, atol=taus[0], block_size=block_size, max_rank=min(budget // 2, m), seed=seed
         )
         Q = torch.as_tensor(rf.basis).to(A.torch_dtype)
         s = torch.linalg.svdvals(A._apply(Q, adjoint=True).T.to(torch.float64))

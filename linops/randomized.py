@@ -44,7 +44,7 @@ class RangeFinderResult(NamedTuple):
     ``basis``: ``(m, l)`` orthonormal (``l`` may be 0); ``error_estimate``: the posterior
     bound on ``||(I - QQ^H) A||`` computed from a fresh Gaussian block against the returned
     ``basis`` (``nan`` when no tolerance was asked); ``num_matvecs``: products used;
-    ``converged``: whether ``error_estimate <= tol`` (``True`` in fixed-rank mode, where no
+    ``converged``: whether ``error_estimate <= atol`` (``True`` in fixed-rank mode, where no
     tolerance is asked).
     """
 
@@ -74,7 +74,7 @@ class EighResult(NamedTuple):
 def range_finder(
     A: Any,
     rank: int | None = None,
-    tol: float | None = None,
+    atol: float | None = None,
     *,
     oversample: int = 10,
     power_iters: int = 0,
@@ -85,7 +85,7 @@ def range_finder(
     r"""Orthonormal basis :math:`Q` of (approximately) the range of ``A``.
 
     Give exactly one of ``rank`` (fixed size ``rank + oversample`` with ``power_iters``
-    power iterations, re-orthonormalised at every product) or ``tol`` (adaptive).
+    power iterations, re-orthonormalised at every product) or ``atol`` (adaptive).
 
     **Adaptive mode** (HMT 2011, Algorithm 4.2, blocked). Each step draws a fresh Gaussian
     block :math:`\Omega` of ``block_size`` columns and forms the residual sketch
@@ -94,12 +94,12 @@ def range_finder(
     .. math:: \|(I - QQ^H)A\| \le e := 10\sqrt{2/\pi}\,\max_j \|R e_j\|
 
     holds with probability at least :math:`1 - 10^{-\mathrm{block\_size}}` (HMT 2011,
-    eq. 4.3). If :math:`e \le` ``tol`` (absolute) the current :math:`Q` is returned with
+    eq. 4.3). If :math:`e \le` ``atol`` (absolute) the current :math:`Q` is returned with
     ``converged=True`` and :math:`e` as ``error_estimate``, so the estimate always refers to the
     returned basis and the test block is not added to it. Otherwise :math:`R = U\Sigma W^H`
-    and only the directions :math:`u_j` with :math:`\sigma_j > \max(e_{\mathrm{tol}}/10,\;
-    10\,\varepsilon\,\|A\omega\|_{\max})`, :math:`e_{\mathrm{tol}} =
-    \mathrm{tol}/(10\sqrt{2/\pi})`, are added: directions the tolerance does not need, or at
+    and only the directions :math:`u_j` with :math:`\sigma_j > \max(e_{\mathrm{atol}}/10,\;
+    10\,\varepsilon\,\|A\omega\|_{\max})`, :math:`e_{\mathrm{atol}} =
+    \mathrm{atol}/(10\sqrt{2/\pi})`, are added: directions the tolerance does not need, or at
     the rounding level of the products, are not (the zero operator gets an empty basis, a
     rank-3 one three columns).
 
@@ -114,20 +114,20 @@ def range_finder(
       below :math:`10\sqrt{2/\pi}\cdot 20\,\varepsilon\,\|A\omega\|_{\max}` and not half
       the best before them), or
     * the basis has ``max_rank`` (default :math:`\min(m, n)`) columns and a last block still
-      gives :math:`e >` ``tol``.
+      gives :math:`e >` ``atol``.
 
     The reported estimate is :math:`\max(e,\; 2\,\widehat{\|Q^HQ - I\|}_2\,
     \|A\omega\|_{\max})`: once :math:`Q` spans the space the projection computed with
     :math:`Q` sees almost nothing, while the true error is at the level of :math:`Q`'s loss of
     orthogonality (a four-step power estimate, no products); it is never 0 unless
-    :math:`A\Omega = 0`. ``converged`` is whether that estimate is at most ``tol``.
+    :math:`A\Omega = 0`. ``converged`` is whether that estimate is at most ``atol``.
 
     Each step costs ``block_size`` products, the final certifying block included.
 
     Raises
     ------
     ValueError
-        If both or neither of ``rank`` and ``tol`` are given, or they are out of range.
+        If both or neither of ``rank`` and ``atol`` are given, or they are out of range.
 
     References
     ----------
@@ -138,25 +138,25 @@ def range_finder(
     --------
     >>> import torch
     >>> A = torch.diag(torch.tensor([3.0, 2.0, 1e-9, 0.0], dtype=torch.float64))
-    >>> res = range_finder(A, tol=1e-6, block_size=1, seed=0)
+    >>> res = range_finder(A, atol=1e-6, block_size=1, seed=0)
     >>> res.error_estimate <= 1e-6, res.converged, res.basis.shape[1]
     (True, True, 2)
     """
     op, kind = kr.prepare(A)
     m, n = op.shape
     gen = kr.make_generator(seed, op.device)
-    if (rank is None) == (tol is None):
-        raise ValueError(f"expected exactly one of rank and tol, got rank={rank!r}, tol={tol!r}")
+    if (rank is None) == (atol is None):
+        raise ValueError(f"expected exactly one of rank and atol, got rank={rank!r}, atol={atol!r}")
     q = kr.check_int(power_iters, "power_iters", 0)
     if rank is not None:
         rank = kr.check_int(rank, "rank", 1, min(m, n))
         ell = min(rank + kr.check_int(oversample, "oversample", 0), min(m, n))
         Q, nmv = _subspace_iteration(op, ell, q, gen)
         return RangeFinderResult(kr.to_output(Q, kind), math.nan, nmv, True)
-    real = isinstance(tol, numbers.Real) and not isinstance(tol, bool)
-    tol_f = float(cast(float, tol)) if real else math.nan
+    real = isinstance(atol, numbers.Real) and not isinstance(atol, bool)
+    tol_f = float(cast(float, atol)) if real else math.nan
     if not (math.isfinite(tol_f) and tol_f > 0):
-        raise ValueError(f"tol: expected a positive finite number, got {tol!r}")
+        raise ValueError(f"atol: expected a positive finite number, got {atol!r}")
     b = kr.check_int(block_size, "block_size", 1, min(m, n))
     top = min(m, n) if max_rank is None else kr.check_int(max_rank, "max_rank", 1, min(m, n))
     Q, err, nmv, ok = _adaptive(op, tol_f, b, top, gen)

@@ -263,7 +263,7 @@ CASES: dict[str, tuple[Callable[[], Any], type[Exception], str]] = {
         "rank: expected an integer",
     ),
     "range_finder negative tol": (
-        lambda: linops.range_finder(_sym(), tol=-1.0),
+        lambda: linops.range_finder(_sym(), atol=-1.0),
         ValueError,
         "tol: expected a positive finite number",
     ),

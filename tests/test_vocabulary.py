@@ -56,7 +56,6 @@ BANNED_FIELDS = {
 
 #: known departures, ``"module.qualname:argument" -> why it is still there``
 PENDING = {
-    "linops.randomized.range_finder:tol": "linops side of issue 17 (an absolute tol)",
     "linops.distributed.shared_seed:seed-annotation": (
         "the int every rank agrees on (it returns one); a generator cannot be broadcast"
     ),

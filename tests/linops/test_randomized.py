@@ -51,7 +51,7 @@ def test_rectangular_wide_and_tall() -> None:
 
 def test_range_finder_adaptive_tolerance_and_fixed_rank() -> None:
     A = spectrum_matrix(FAST)
-    res = range_finder(A, tol=1e-8, seed=0)
+    res = range_finder(A, atol=1e-8, seed=0)
     Q = res.basis
     true_err = np.linalg.norm(A - Q @ (Q.T @ A), 2)
     assert true_err <= 1e-8 and res.error_estimate <= 1e-8
@@ -99,14 +99,14 @@ def test_device_resident_torch_path() -> None:
 
 def test_bad_input_raises() -> None:
     A = np.eye(10)
-    with pytest.raises(ValueError, match="expected exactly one of rank and tol"):
+    with pytest.raises(ValueError, match="expected exactly one of rank and atol"):
         range_finder(A)
     with pytest.raises(ValueError, match="rank: expected an integer >= 1 and <= 10, got 11"):
         randomized_svd(A, 11)
     with pytest.raises(ValueError, match="method: expected one of"):
         randomized_svd(A, 2, method="lanczos")
     with pytest.raises(ValueError, match="tol: expected a positive"):
-        range_finder(A, tol=-1.0)
+        range_finder(A, atol=-1.0)
     with pytest.raises(ValueError, match="expected a square"):
         randomized_eigh(np.ones((4, 3)), 2)
 
@@ -123,10 +123,10 @@ def test_range_finder_keeps_only_the_directions_needed(dtype) -> None:
     or 80 (float32) for a rank-3 one."""
     rng = np.random.default_rng(0)
     zero = np.zeros((100, 80), dtype)
-    res = range_finder(zero, tol=1e-3, seed=0)
+    res = range_finder(zero, atol=1e-3, seed=0)
     assert res.basis.shape == (100, 0) and res.error_estimate == 0.0 and res.converged
     B = (rng.standard_normal((100, 3)) @ rng.standard_normal((3, 80))).astype(dtype)
-    res = range_finder(B, tol=1e-3, seed=0)
+    res = range_finder(B, atol=1e-3, seed=0)
     assert res.basis.shape == (100, 3) and res.converged
     assert _true_error(B, res.basis) <= res.error_estimate <= 1e-3
     assert res.num_matvecs == 20  # one block finds the range, one certifies it
@@ -136,8 +136,8 @@ def test_range_finder_float32_reachable_tolerance() -> None:
     """Issue 16: in float32 a reachable tolerance (1e-4 on a 0.7^i spectrum) ran to the full
     dimension (200 products); it needs about as many products as in float64."""
     A = spectrum_matrix(FAST).astype(np.float32)
-    res = range_finder(A, tol=1e-4, seed=0)
-    ref = range_finder(A.astype(np.float64), tol=1e-4, seed=0)
+    res = range_finder(A, atol=1e-4, seed=0)
+    ref = range_finder(A.astype(np.float64), atol=1e-4, seed=0)
     assert res.converged and res.error_estimate <= 1e-4
     assert _true_error(A, res.basis) <= res.error_estimate
     assert res.num_matvecs <= ref.num_matvecs + 10 < 100
@@ -149,7 +149,7 @@ def test_range_finder_float32_unreachable_tolerance_is_reported(tol: float) -> N
     error estimate of 0.0 (true error about 1e-6). It must stop early with
     ``converged=False`` and an estimate that bounds the true error."""
     A = spectrum_matrix(FAST).astype(np.float32)
-    res = range_finder(A, tol=tol, seed=0)
+    res = range_finder(A, atol=tol, seed=0)
     assert not res.converged
     assert res.error_estimate > tol
     assert _true_error(A, res.basis) <= res.error_estimate
@@ -161,12 +161,12 @@ def test_range_finder_full_basis_estimate_is_never_zero(dtype) -> None:
     """A slowly decaying spectrum drives the basis to the full dimension: the estimate must
     still bound the true (rounding-level) error, not be 0.0."""
     A = spectrum_matrix(1.0 / np.arange(1, 121)).astype(dtype)
-    res = range_finder(A, tol=1e-9, seed=0)
+    res = range_finder(A, atol=1e-9, seed=0)
     assert res.basis.shape == (120, 120)
     true = _true_error(A, res.basis)
     assert 0.0 < true <= res.error_estimate
     assert res.converged == (res.error_estimate <= 1e-9)
-    assert not range_finder(A.astype(np.float32), tol=1e-9, seed=0).converged
+    assert not range_finder(A.astype(np.float32), atol=1e-9, seed=0).converged
 
 
 def test_range_finder_estimate_bounds_the_error_over_seeds() -> None:
@@ -175,14 +175,14 @@ def test_range_finder_estimate_bounds_the_error_over_seeds() -> None:
     A = spectrum_matrix(0.8 ** np.arange(150))
     for seed in range(30):
         for tol in (1e-3, 1e-6, 1e-9):
-            res = range_finder(A, tol=tol, block_size=5, seed=seed)
+            res = range_finder(A, atol=tol, block_size=5, seed=seed)
             assert res.converged and res.error_estimate <= tol
             assert _true_error(A, res.basis) <= res.error_estimate
 
 
 def test_range_finder_max_rank_cap_is_not_converged() -> None:
     A = spectrum_matrix(FAST)
-    res = range_finder(A, tol=1e-10, max_rank=20, seed=0)
+    res = range_finder(A, atol=1e-10, max_rank=20, seed=0)
     assert res.basis.shape[1] == 20 and not res.converged
     assert _true_error(A, res.basis) <= res.error_estimate
     assert res.error_estimate > 1e-10
@@ -190,4 +190,4 @@ def test_range_finder_max_rank_cap_is_not_converged() -> None:
     assert fixed.converged and np.isnan(fixed.error_estimate)
     for bad in (0.0, -1.0, float("nan"), float("inf"), True, "1e-3"):
         with pytest.raises(ValueError, match="tol: expected a positive finite number"):
-            range_finder(A, tol=bad)
+            range_finder(A, atol=bad)
