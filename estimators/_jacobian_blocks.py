@@ -1,5 +1,7 @@
-"""Shared plumbing of the reference-set and Jacobian-rank modules: input and index checks,
-and the full Jacobian in bounded per-sample blocks (``vmap(jacrev)``).
+"""Shared plumbing of the reference-set and Jacobian-rank modules.
+
+Input and index checks, and the full Jacobian in bounded per-sample blocks
+(``vmap(jacrev)``).
 """
 
 from __future__ import annotations

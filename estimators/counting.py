@@ -306,8 +306,10 @@ def _coupling(C: torch.Tensor, theta: torch.Tensor, t: float) -> Any:
 
 
 def _ramp(s: torch.Tensor, tau: torch.Tensor, h: float) -> torch.Tensor:
-    r""":math:`g_h(s)`, shape ``s.shape[:-1] + (len(tau), s.shape[-1])``: the step
-    :math:`s > \tau` when ``h == 0``, else the linear ramp across :math:`[(1-h)\tau, (1+h)\tau]`.
+    r"""Return :math:`g_h(s)`, shape ``s.shape[:-1] + (len(tau), s.shape[-1])``.
+
+    The step :math:`s > \tau` when ``h == 0``, else the linear ramp across
+    :math:`[(1-h)\tau, (1+h)\tau]`.
     """
     s, tau = s[..., None, :], tau[:, None]
     if h == 0.0:
@@ -318,8 +320,10 @@ def _ramp(s: torch.Tensor, tau: torch.Tensor, h: float) -> torch.Tensor:
 def _block_krylov(
     op: Any, b: int, iters: int, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""``(A Q, Q, A^T A Q)`` for the orthonormal basis :math:`Q` of
-    :math:`\mathcal{K}_q(A^\top A, \Omega)`, :math:`\Omega` Gaussian with ``b`` columns.
+    r"""Return ``(A Q, Q, A^T A Q)`` for an orthonormal block Krylov basis :math:`Q`.
+
+    :math:`Q` spans :math:`\mathcal{K}_q(A^\top A, \Omega)`, :math:`\Omega` Gaussian with ``b``
+    columns.
 
     Each iteration applies ``A`` and ``A^T`` to one orthonormalised block (``2 b`` products).
     """

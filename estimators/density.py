@@ -167,8 +167,10 @@ def spectral_density(
 
 
 def _lanczos_batch(op: Any, V0: torch.Tensor, m: int) -> tuple[torch.Tensor, ...]:
-    """``N`` independent fully reorthogonalised Lanczos runs of ``m`` steps from the unit
-    columns of ``V0`` (``(n, N)``); ``(N, m)`` diagonals and ``(N, m - 1)`` off-diagonals.
+    """Run ``N`` independent fully reorthogonalised Lanczos runs of ``m`` steps.
+
+    They start from the unit columns of ``V0`` (``(n, N)``); returns the ``(N, m)`` diagonals
+    and ``(N, m - 1)`` off-diagonals.
     """
     n, N = V0.shape
     kw = {"dtype": op.torch_dtype, "device": op.device}

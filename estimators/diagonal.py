@@ -45,8 +45,10 @@ class NormEstimate(NamedTuple):
 
 
 def _lift_diagonal(R: torch.Tensor) -> torch.Tensor:
-    """``R`` with diagonal entries below ``s eps max|r_ii|`` lifted to that floor: the QR of a
-    sketch perturbed at rounding level, invertible when ``A`` has rank below ``s``.
+    """Return ``R`` with diagonal entries below ``s eps max|r_ii|`` lifted to that floor.
+
+    This is the QR of a sketch perturbed at rounding level, invertible when ``A`` has rank
+    below ``s``.
     """
     d = torch.linalg.diagonal(R)
     floor = max(R.shape[1] * torch.finfo(d.abs().dtype).eps * float(d.abs().max()), 1e-300)

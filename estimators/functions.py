@@ -152,8 +152,9 @@ def _tridiag(alpha: torch.Tensor, beta: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _stderr(v: torch.Tensor, Z: torch.Tensor, BZ: torch.Tensor) -> float:
-    r"""Standard error of the mean of the :math:`N` forms :math:`v_l = z_l^\top B z_l`,
-    :math:`B = f(A)`: the larger of the sample one and the moment estimate of the Rademacher
+    r"""Return the standard error of the mean of the :math:`N` forms :math:`v_l = z_l^\top B z_l`.
+
+    With :math:`B = f(A)`: the larger of the sample one and the moment estimate of the Rademacher
     variance :math:`2(\|B\|_F^2 - \sum_i b_{ii}^2)` from the same probes, with
     :math:`\|B\|_F^2 \approx \frac1N\sum_l\|Bz_l\|^2` and :math:`\sum_i b_{ii}^2` by the
     U-statistic :math:`\frac{1}{N(N-1)}\sum_{l \ne l'}\langle z_l \odot Bz_l, z_{l'} \odot
@@ -397,8 +398,10 @@ def logdet_bounds(
     spectrum_lower: float | None = None,
     block: int = 64,
 ) -> QuadratureBounds:
-    r"""Certified bounds on :math:`\log\det(A + \lambda I) = \sum_i e_i^\top \log(A + \lambda I)
-    e_i`, each term bracketed by Gauss-Radau / Gauss (:func:`quadratic_form_bounds`).
+    r"""Certified bounds on :math:`\log\det(A + \lambda I)`.
+
+    :math:`\log\det(A + \lambda I) = \sum_i e_i^\top \log(A + \lambda I) e_i`, each term
+    bracketed by Gauss-Radau / Gauss (:func:`quadratic_form_bounds`).
 
     Costs ``n * num_steps`` products (in blocks of ``block`` basis vectors): a certificate
     for moderate ``n``, next to the cheap :func:`logdet` estimate.

@@ -173,6 +173,7 @@ class GradientGuesser:
         self._layers_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
+        """Return ``ClassName(backend=...)``."""
         return f"{type(self).__name__}(backend={self.backend!r})"
 
     def __call__(

@@ -42,8 +42,10 @@ Tensor = torch.Tensor
 
 
 class LinearityResult(NamedTuple):
-    r"""Responses to :math:`\theta_0 + \lambda v_i`: ``response`` :math:`= u_i^\top \delta`,
-    ``orthogonal`` :math:`= \|\delta - u_i u_i^\top\delta\|`, ``predicted`` :math:`= \lambda\sigma_i`.
+    r"""Responses to :math:`\theta_0 + \lambda v_i`.
+
+    ``response`` :math:`= u_i^\top \delta`, ``orthogonal``
+    :math:`= \|\delta - u_i u_i^\top\delta\|`, ``predicted`` :math:`= \lambda\sigma_i`.
     """
 
     stimulus: np.ndarray
@@ -62,7 +64,7 @@ def linearity_test(
     *,
     final: Tensor | None = None,
 ) -> LinearityResult:
-    r"""How linear is training along one singular direction? (the paper's section 3.2, figure 2)
+    r"""Test how linear training is along one singular direction (the paper's section 3.2, fig. 2).
 
     For each stimulus size :math:`\lambda` (default a log grid from :math:`10^{-3}` to
     :math:`10^3`), retrain from :math:`\theta_0 + \lambda v` and record

@@ -39,8 +39,9 @@ Tensor = torch.Tensor
 
 
 class TrainingJacobianSVD(NamedTuple):
-    r"""Dense SVD :math:`J = U \operatorname{diag}(\sigma) V^\top`, :math:`\sigma` descending,
-    and the cosine :math:`u_i^\top v_i` of each pair.
+    r"""Dense SVD :math:`J = U \operatorname{diag}(\sigma) V^\top` and the pairs' cosines.
+
+    :math:`\sigma` descending, and the cosine :math:`u_i^\top v_i` of each pair.
     """
 
     singular_values: Tensor
@@ -161,8 +162,10 @@ class RegionRow(NamedTuple):
 def region_table(
     sigma: Any, thresholds: Sequence[float] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 ) -> list[RegionRow]:
-    r"""Region counts at several thresholds :math:`\tau`: chaotic :math:`\sigma > 1 + \tau`,
-    bulk :math:`|\sigma - 1| \le \tau`, stable :math:`\sigma < 1 - \tau` (one row per :math:`\tau`).
+    r"""Count the regions at several thresholds :math:`\tau` (one row per :math:`\tau`).
+
+    Chaotic :math:`\sigma > 1 + \tau`, bulk :math:`|\sigma - 1| \le \tau`, stable
+    :math:`\sigma < 1 - \tau`.
 
     Examples
     --------

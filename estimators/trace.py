@@ -33,7 +33,9 @@ __all__ = [
 
 
 class TraceEstimate(NamedTuple):
-    """``estimate`` of the trace, its ``stderr`` (standard error, ``nan`` if unavailable), the
+    """A trace estimate with its standard error and cost.
+
+    ``estimate`` of the trace, its ``stderr`` (standard error, ``nan`` if unavailable), the
     ``num_matvecs`` used and the ``method`` that produced it.
     """
 
@@ -292,8 +294,10 @@ def _normalized_inverse_adjoint(R: torch.Tensor) -> torch.Tensor:
 
 
 def _xtrace_inner_products(Om, Y, Q, Z) -> tuple[torch.Tensor, ...]:
-    r"""The small quantities XTrace needs: :math:`H = Q^HAQ` (symmetrised), :math:`W = Q^H\Omega`,
-    :math:`T = Z^H\Omega` and :math:`\omega_i^H y_i`.
+    r"""Return the small quantities XTrace needs.
+
+    :math:`H = Q^HAQ` (symmetrised), :math:`W = Q^H\Omega`, :math:`T = Z^H\Omega` and
+    :math:`\omega_i^H y_i`.
     """
     H = Q.mH @ Z
     return (H + H.mH) / 2, Q.mH @ Om, Z.mH @ Om, (Om.conj() * Y).sum(dim=0)
@@ -333,9 +337,10 @@ def _xtrace_jackknife(H, W, T, oy, R, groups: int = 32) -> float:
 
 
 def _qr_regularized(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """QR of the sketch with diagonal entries of ``R`` lifted to at least ``m eps max|r_ii|``,
-    the QR of a sketch perturbed at rounding level, so that ``R`` is invertible when ``A``
-    has rank below ``m``.
+    """QR of the sketch with diagonal entries of ``R`` lifted to at least ``m eps max|r_ii|``.
+
+    This is the QR of a sketch perturbed at rounding level, so that ``R`` is invertible when
+    ``A`` has rank below ``m``.
     """
     Q, R = torch.linalg.qr(Y)
     return Q, _lift_diagonal(R)
@@ -362,15 +367,16 @@ def _prefer_hutchinson(hutch, Q, R, S, Om) -> bool:
 
 
 def _xtrace_terms(Om, Y, Q, R, S, Z) -> torch.Tensor:
-    """The :math:`m` exchangeable estimates from the probes and products
-    (:func:`_xtrace_terms_small` on their inner products).
+    """Return the :math:`m` exchangeable estimates from the probes and products.
+
+    (:func:`_xtrace_terms_small` on their inner products.)
     """
     H, W, T, oy = _xtrace_inner_products(Om, Y, Q, Z)
     return _xtrace_terms_small(H, W, T, oy, R, S)
 
 
 def _xtrace_terms_small(H, W, T, oy, R, S) -> torch.Tensor:
-    r"""The :math:`m` exchangeable estimates, all from :math:`H = Q^H A Q` and small products.
+    r"""Return the :math:`m` exchangeable estimates from :math:`H = Q^H A Q` and small products.
 
     With :math:`w = Q^H\omega`, :math:`c = s^H w`, :math:`t = Z^H\omega`, :math:`r = Q^H y`:
     :math:`\operatorname{tr}H - s^H H s + \omega^H y - w^H r + c\,r^H s - t^H w + w^H H w

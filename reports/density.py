@@ -61,8 +61,9 @@ def density_report(
 def plot_spectral_density(
     sd: SpectralDensity, path: str | Path, *, title: str = "spectral density"
 ) -> None:
-    """Save the density of a :func:`estimators.spectral_density` (log scale, as is usual for
-    Hessian spectra) as a PNG at ``path``.
+    """Save the density of a :func:`estimators.spectral_density` as a PNG at ``path``.
+
+    Log scale, as is usual for Hessian spectra.
     """
     import matplotlib
 

@@ -25,6 +25,7 @@ class Dataset(NamedTuple):
 
     @property
     def num_classes(self) -> int:
+        """Number of classes (largest label + 1), or 0 for floating (regression) targets."""
         return int(self.y_train.max().item()) + 1 if not self.y_train.is_floating_point() else 0
 
 

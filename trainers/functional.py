@@ -388,8 +388,9 @@ class _MeanMSEMode(TorchFunctionMode):
 
 
 def _forward_mode_safe(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable:
-    """``loss_fn`` with its ``F.mse_loss`` calls made differentiable in forward mode
-    (:class:`_MeanMSEMode`); ``nn.MSELoss()`` and user losses that call it included.
+    """Wrap ``loss_fn`` so that its ``F.mse_loss`` calls are differentiable in forward mode.
+
+    Uses :class:`_MeanMSEMode`; ``nn.MSELoss()`` and user losses that call it included.
     """
 
     def loss(out: Tensor, target: Tensor) -> Tensor:
@@ -455,8 +456,10 @@ class _Trajectory:
 
 @contextlib.contextmanager
 def _threads(n: int | None) -> Iterator[None]:
-    """Run a block with ``n`` intra-op threads: the MLP primal steps are tiny ops for which
-    thread synchronisation costs more than it saves on a small, shared CPU.
+    """Run a block with ``n`` intra-op threads.
+
+    The MLP primal steps are tiny ops for which thread synchronisation costs more than it saves
+    on a small, shared CPU.
     """
     if n is None or n == torch.get_num_threads():
         yield
