@@ -181,7 +181,7 @@ def _rank_study(cfg: dict, args: argparse.Namespace, J: np.ndarray) -> dict:
     out["rank_stderr_deflated"] = res.stderrs.tolist()
     out["rank_krylov_part_deflated"] = res.krylov_counts.tolist()
     out["products_deflated"] = res.num_matvecs  # per threshold
-    out["products_deflated_total"] = op.num_products
+    out["products_deflated_total"] = op.num_matvecs
     out["deflated_setup"] = {
         "block_size": res.block_size,
         "basis_size": res.basis_size,
@@ -223,11 +223,11 @@ def lenet(args: argparse.Namespace) -> dict:
     run.trajectory(theta0)
     out["seconds_trajectory"] = time.perf_counter() - t0
     k = 4 if args.quick else args.lenet_k
-    t0, p0 = time.perf_counter(), op.num_products
+    t0, p0 = time.perf_counter(), op.num_matvecs
     top = svds(op, k, rtol=1e-3, block_size=k, seed=0)
     out["seconds_top_singular_values"] = time.perf_counter() - t0
     out["top_singular_values"] = torch.as_tensor(top.singular_values).tolist()
-    out["products_top_singular_values"] = op.num_products - p0
+    out["products_top_singular_values"] = op.num_matvecs - p0
     budget = 64 if args.quick else args.lenet_budget
     taus = [2.0, 3.0, 5.0, 10.0]
     t0 = time.perf_counter()

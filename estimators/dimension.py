@@ -124,12 +124,12 @@ def training_dimension(
         raise ValueError(f"num_matvecs: expected at least 2, got {num_matvecs!r}")
     if method not in ("deflated", "krylov", "range_finder"):
         raise ValueError(f"method: expected 'deflated', 'krylov' or 'range_finder', got {method!r}")
-    products0 = getattr(op, "num_products", None)
+    products0 = getattr(op, "num_matvecs", None)
     if block_size is None:
         block_size = 16 if method == "deflated" else 64
     if method == "deflated":
         c = singular_value_count(A, taus[0], budget, block_size=block_size, seed=seed)
-        used = c.num_matvecs if products0 is None else op.num_products - products0
+        used = c.num_matvecs if products0 is None else op.num_matvecs - products0
         count, se = float(c.counts[0]), float(c.stderrs[0])
         return DimensionResult(round(count), int(used), c.basis_size, se, c.ritz_values)
     if method == "krylov":
@@ -145,7 +145,7 @@ def training_dimension(
         s = torch.linalg.svdvals(A._apply(Q, adjoint=True).T.to(torch.float64))
         size, err, used = Q.shape[1], float(rf.error_estimate), rf.num_matvecs + Q.shape[1]
     if products0 is not None:
-        used = op.num_products - products0
+        used = op.num_matvecs - products0
     s = s.to(torch.float64)
     return DimensionResult(int((s > taus[0]).sum()), int(used), size, err, s)
 

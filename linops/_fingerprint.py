@@ -56,6 +56,7 @@ _OPERATOR_SKIP = frozenset(
         "dtype",
         "torch_dtype",
         "shape",
+        "num_matvecs",
         "num_products",
         "process_group",
         "row_counts",

@@ -62,7 +62,7 @@ class TrainingJacobianOperator(TorchLinearOperator):
 
     Attributes
     ----------
-    num_products
+    num_matvecs
         Number of vectors pushed through training so far (forward and reverse): the cost unit of
         matrix-free algorithms on this operator.
 
@@ -119,18 +119,18 @@ class TrainingJacobianOperator(TorchLinearOperator):
         )
         self.run = run
         self.theta0 = theta0.detach()
-        self.num_products = 0
+        self.num_matvecs = 0
 
     #: how products are computed: forward-mode (``J V``) and reverse-mode (``J^T U``) through
     #: the run's own differentiable loop (as the model operators' ``route``)
     route = "training run"
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
-        self.num_products += X.shape[1]
+        self.num_matvecs += X.shape[1]
         return self.run.jvp(self.theta0, X)
 
     def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
-        self.num_products += Y.shape[1]
+        self.num_matvecs += Y.shape[1]
         return self.run.vjp(self.theta0, Y)
 
     def bytes_per_vector(self) -> int:
@@ -283,7 +283,7 @@ class TrainingJacobianOperator(TorchLinearOperator):
                 ckpt.refresh()
                 for c in sorted(c for c in pending if ckpt.has(*c)):
                     pending.discard(c)
-                    self.num_products += c[1] - c[0]
+                    self.num_matvecs += c[1] - c[0]
                     bar.update(c[1] - c[0])
                     if on_chunk is not None:
                         on_chunk(*c)

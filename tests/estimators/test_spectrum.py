@@ -164,7 +164,7 @@ def test_training_dimension_matrix_free_on_training_run(tiny) -> None:
     tau = 1e-6
     res = training_dimension(op, tau, num_matvecs=2 * run.dim, block_size=4)
     assert res.rank == training_dimension_dense(J, tau)
-    assert res.num_matvecs == op.num_products
+    assert res.num_matvecs == op.num_matvecs
 
 
 def test_training_jacobian_report_is_json_ready(tmp_path) -> None:
@@ -185,6 +185,6 @@ def test_training_dimension_deflated_matrix_free_on_training_run(tiny) -> None:
     op = TrainingJacobianOperator(run, theta0)
     res = training_dimension(op, 0.5, num_matvecs=2 * run.dim, block_size=4, method="deflated")
     assert res.rank == training_dimension_dense(J, 0.5)  # 7, all deflated: 0.5 sits in a gap
-    assert res.num_matvecs == op.num_products <= 2 * run.dim
+    assert res.num_matvecs == op.num_matvecs <= 2 * run.dim
     res = training_dimension(op, 0.05, num_matvecs=2 * run.dim, block_size=4, method="deflated")
     assert abs(res.rank - training_dimension_dense(J, 0.05)) <= 4 * res.error_estimate + 4  # + b

@@ -70,7 +70,7 @@ def test_products_and_dense_match_jacrev(case) -> None:
         shifted @ X, (J - torch.eye(31, dtype=F64)) @ X, atol=1e-10, rtol=1e-10
     )
     torch.testing.assert_close(op.final_params(), run(theta0), atol=1e-12, rtol=1e-12)
-    assert op.num_products > 0
+    assert op.num_matvecs > 0
 
 
 def test_adam_operator_against_finite_differences() -> None:
