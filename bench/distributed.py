@@ -103,7 +103,7 @@ def worker(args: argparse.Namespace) -> None:
         group = dist.group.WORLD
     timer = CollectiveTimer()
     data = digits(n_train=args.samples, dtype=torch.float64)
-    model = MLP(64, 10, widths=(args.width,), generator=torch.Generator().manual_seed(0)).double()
+    model = MLP(64, 10, widths=(args.width,), seed=torch.Generator().manual_seed(0)).double()
     X, y = data.X_train, data.y_train
     H = linops.HessianOperator(
         model, torch.nn.CrossEntropyLoss(), linops.shard((X, y), group), process_group=group

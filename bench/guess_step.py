@@ -84,7 +84,7 @@ class PeakRSS:
 
 
 def _trainer(method: str, depth: int, width: int, d_in: int, d_out: int):
-    net = MLP(d_in, d_out, (width,) * (depth - 1), generator=torch.Generator().manual_seed(0))
+    net = MLP(d_in, d_out, (width,) * (depth - 1), seed=torch.Generator().manual_seed(0))
     if method == "backprop":
         return BackpropTrainer(net, F.cross_entropy, optimizer="sgd", lr=1e-3)
     name, kw = VARIANTS[method]

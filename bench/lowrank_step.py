@@ -108,7 +108,7 @@ def case(kind: str, size: int, cfg: dict) -> dict[str, Any]:
     y = torch.randint(0, 10, (n,), generator=g)
     torch.manual_seed(0)
     if kind == "mlp":
-        model = MLP(side * side, 10, (size, size), generator=g)
+        model = MLP(side * side, 10, (size, size), seed=g)
     else:
         model = SmallCNN(channels=(size, 2 * size), image_size=side)
     batches = [(X[i : i + bs], y[i : i + bs]) for i in range(0, n, bs)]

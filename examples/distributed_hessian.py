@@ -69,7 +69,7 @@ def main() -> None:
     rank, world = (dist.get_rank(), dist.get_world_size()) if group is not None else (0, 1)
     n_train, k = (400, min(args.k, 5)) if args.quick else (1600, args.k)
     data = digits(n_train=n_train, dtype=torch.float64)
-    model = MLP(64, 10, widths=(args.width,), generator=torch.Generator().manual_seed(0))
+    model = MLP(64, 10, widths=(args.width,), seed=torch.Generator().manual_seed(0))
     model = model.double().to(device)
     loss = torch.nn.CrossEntropyLoss()
     X, y = data.X_train.to(device), data.y_train.to(device)

@@ -64,7 +64,7 @@ GUESS_ORDER = [*METHODS, "backprop"]
 def _mlp(d_in: int, d_out: int, depth: int, width: int, seed: int) -> MLP:
     """``depth`` linear layers (``depth - 1`` hidden ReLU layers of ``width``)."""
     g = torch.Generator().manual_seed(seed)
-    return MLP(d_in, d_out, (width,) * (depth - 1), generator=g)
+    return MLP(d_in, d_out, (width,) * (depth - 1), seed=g)
 
 
 def _effective_rank(W: torch.Tensor) -> float | None:

@@ -43,7 +43,7 @@ def run_width(width: int, data, probe: torch.Tensor, args) -> dict:
         (width,),
         activation="tanh",
         parameterization="ntk",
-        generator=torch.Generator().manual_seed(width),
+        seed=torch.Generator().manual_seed(width),
     )
     m = sum(p.numel() for p in net.parameters())
     lz = laziness_ratio(

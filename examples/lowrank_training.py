@@ -42,7 +42,7 @@ CE = torch.nn.functional.cross_entropy
 def make_model(kind: str, width: int, seed: int) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     if kind == "mlp":
-        return MLP(64, 10, width, activation="relu", generator=g)
+        return MLP(64, 10, width, activation="relu", seed=g)
     torch.manual_seed(seed)  # nn.Conv2d initialises from the global generator
     return SmallCNN(channels=(width, 2 * width), image_size=8)
 

@@ -49,7 +49,7 @@ def main() -> None:
     sizes = [16, 64, 256] if args.quick else [25, 50, 100, 200, 400, 800, 1600, 3200]
     out: dict = {"num_samples": n, "output_index": 0, "reference_sizes": sizes, "networks": {}}
     for name, h in widths.items():
-        net = MLP(64, 10, (h, h), activation="tanh", generator=torch.Generator().manual_seed(0))
+        net = MLP(64, 10, (h, h), activation="tanh", seed=torch.Generator().manual_seed(0))
         m = sum(p.numel() for p in net.parameters())
         order = torch.randperm(m, generator=torch.Generator().manual_seed(1))[: sizes[-1]]
         t0 = time.perf_counter()

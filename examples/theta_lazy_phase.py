@@ -48,7 +48,7 @@ def run(m: int, alpha: float, data, steps: int, every: int, eta: float) -> dict:
         parameterization="mean_field",
         kappa=kappa,
         bias=False,  # an unscaled output bias would carry kappa^2, not kappa^2 / m, of the NTK
-        generator=torch.Generator().manual_seed(m),
+        seed=torch.Generator().manual_seed(m),
     ).double()
     t = BackpropTrainer(net, torch.nn.functional.mse_loss, lr=eta * m / kappa**2)
     X, y = data.X_train.double(), data.y_train.double()

@@ -60,7 +60,6 @@ PENDING = {
         "the int every rank agrees on (it returns one); a generator cannot be broadcast"
     ),
     # trainers.models: tests/linops build models with generator= (not this test's files)
-    "trainers.models.MLP:generator": "tests/linops construct MLP(generator=...)",
     "trainers.models.LeNet5:generator": "tests/linops construct models with generator=",
     "trainers.models.SmallCNN:generator": "tests/linops construct models with generator=",
     "trainers.setups.digits_mlp_run:seed-annotation": (

@@ -60,7 +60,7 @@ class ForwardGradientTrainer(Trainer):
     >>> import torch
     >>> from trainers.models import MLP
     >>> X, y = torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 3
-    >>> net = MLP(4, 3, 16, generator=torch.Generator().manual_seed(0))
+    >>> net = MLP(4, 3, 16, seed=torch.Generator().manual_seed(0))
     >>> t = ForwardGradientTrainer(net, torch.nn.functional.cross_entropy, guesser="w_transpose",
     ...                            optimizer="adam", lr=1e-2)
     >>> h = t.fit(X, y, epochs=30, batch_size=32, progress=False)

@@ -83,7 +83,7 @@ class LinearizedTrainer(Trainer):
     >>> from trainers.models import MLP
     >>> g = torch.Generator().manual_seed(0)
     >>> X, y = torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
-    >>> t = LinearizedTrainer(MLP(4, 3, 16, generator=g), torch.nn.functional.cross_entropy, lr=0.5)
+    >>> t = LinearizedTrainer(MLP(4, 3, 16, seed=g), torch.nn.functional.cross_entropy, lr=0.5)
     >>> h = t.fit(X, y, epochs=20, progress=False)
     >>> h.loss[-1] < h.loss[0]
     True
@@ -127,7 +127,7 @@ class LinearizedTrainer(Trainer):
         )
 
     def linearized_outputs(self, x: torch.Tensor) -> torch.Tensor:
-        r"""Outputs :math:`f(w_0; x) + J_0(x)(w_t - w_0)` of the linearized model, shape of ``f``."""
+        r"""Evaluate the linearized model :math:`f(w_0; x) + J_0(x)(w_t - w_0)` (shape of ``f``)."""
         return self._outputs(self._linearization(x))
 
     def _outputs(self, lin: _Linearization) -> torch.Tensor:

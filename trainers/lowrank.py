@@ -162,7 +162,7 @@ def _reference_blocks(
     center: bool,
     gen: torch.Generator,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Reference matrices ``A`` (one per unit, or one joint) and their index sets."""
+    """Return reference matrices ``A`` (one per unit, or one joint) and their index sets."""
     kw: dict[str, Any] = {"params": values}
     units: list[int | None] = list(range(d)) if per_unit else [None]
     shared = not isinstance(strategy, str) or strategy in ("random", "magnitude")
@@ -301,7 +301,7 @@ def lowrank_factors(
 
 
 def _stack_units(Vs: list[torch.Tensor], n: int, d: int, per_unit: bool, rows: int) -> torch.Tensor:
-    """Unit bases ``V_j (n, k_j)`` -> one ``(n d, k)`` block matrix on sample-major rows."""
+    """Stack unit bases ``V_j (n, k_j)`` into one ``(n d, k)`` block matrix, sample-major rows."""
     if not per_unit:
         return Vs[0]
     k = sum(v.shape[1] for v in Vs)
@@ -415,7 +415,7 @@ class LowRankJacobianTrainer(Trainer):
     >>> from trainers.models import MLP
     >>> g = torch.Generator().manual_seed(0)
     >>> X, y = torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
-    >>> net = MLP(4, 3, 64, generator=g)
+    >>> net = MLP(4, 3, 64, seed=g)
     >>> t = LowRankJacobianTrainer(net, torch.nn.functional.cross_entropy, X, rank=8, lr=0.5)
     >>> h = t.fit(X, y, epochs=20, progress=False)
     >>> h.loss[-1] < h.loss[0]
@@ -506,7 +506,7 @@ class LowRankJacobianTrainer(Trainer):
         return torch.cat([self.values[n].detach().reshape(-1) for n in self.space.names])
 
     def _stored(self) -> LowRankFactors:
-        """The factors, computed first if :meth:`preprocess` has not run yet."""
+        """Return the factors, computed first if :meth:`preprocess` has not run yet."""
         return self.factors if self.factors is not None else self.preprocess()
 
     def _rows_of(self, idx: torch.Tensor) -> torch.Tensor:
@@ -522,7 +522,7 @@ class LowRankJacobianTrainer(Trainer):
         return F.P @ (F.V[rows].T @ a)
 
     def stored_outputs(self, idx: torch.Tensor) -> torch.Tensor:
-        r"""Outputs of the stored model, :math:`f_0 + \hat J (w - w_0)`, on training rows ``idx``."""
+        r"""Evaluate the stored model :math:`f_0 + \hat J (w - w_0)` on training rows ``idx``."""
         F = self._stored()
         delta = self._flat_params() - F.w_ref
         rows = self._rows_of(idx)

@@ -34,6 +34,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from linops.blocks import make_generator
+
 __all__ = ["MLP", "LeNet5", "SmallCNN", "activation"]
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -48,7 +50,7 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 
 
 def activation(name: str) -> nn.Module:
-    """An activation module by name (relu, tanh, gelu, sigmoid, softplus, silu, identity)."""
+    """Make an activation module by name (relu, tanh, gelu, sigmoid, softplus, silu, identity)."""
     if name not in _ACTIVATIONS:
         raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {name!r}")
     return _ACTIVATIONS[name]()
@@ -62,7 +64,7 @@ class ScaledLinear(nn.Linear):
         self.multiplier = multiplier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The network's outputs on a batch ``x``."""
+        """Return the network's outputs on a batch ``x``."""
         y = self.multiplier * (x @ self.weight.T)
         return y + self.bias if self.bias is not None else y
 
@@ -87,8 +89,9 @@ class MLP(nn.Module):
         Output scale :math:`\kappa`.
     bias
         Whether layers have biases (initialised to zero).
-    generator
-        Random generator for the initialisation (default: the global one).
+    seed
+        Seed of the initialisation (``int`` or ``torch.Generator``); ``None`` draws from torch's
+        global generator, as ``nn.Linear`` does (so ``torch.manual_seed`` applies).
 
     Examples
     --------
@@ -108,9 +111,10 @@ class MLP(nn.Module):
         beta: float | Sequence[float] = 1.0,
         kappa: float = 1.0,
         bias: bool = True,
-        generator: torch.Generator | None = None,
+        seed: int | torch.Generator | None = None,
     ) -> None:
         super().__init__()
+        generator = None if seed is None else make_generator(seed, torch.device("cpu"))
         widths = (widths,) if isinstance(widths, int) else tuple(widths)
         if parameterization not in ("standard", "ntk", "mean_field"):
             raise ValueError(
@@ -137,15 +141,15 @@ class MLP(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The network's outputs on a batch ``x``."""
+        """Return the network's outputs on a batch ``x``."""
         return self.kappa * self.layers(x.flatten(1))
 
     def linops_chain(self) -> list[nn.Module | float]:
-        """The forward pass as a chain of steps, for linops' hand-derived products."""
+        """Return the forward pass as a chain of steps, for linops' hand-derived products."""
         return [nn.Flatten(), *self.layers, self.kappa]
 
     def linear_layers(self) -> list[ScaledLinear]:
-        """The linear layers in order (per-layer quantities such as RD and Gram matrices)."""
+        """Return the linear layers in order (per-layer quantities such as RD and Gram matrices)."""
         return [m for m in self.layers if isinstance(m, ScaledLinear)]
 
 
@@ -193,11 +197,11 @@ class LeNet5(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The network's outputs on a batch ``x``."""
+        """Return the network's outputs on a batch ``x``."""
         return self.classifier(self.features(x))
 
     def linops_chain(self) -> list[nn.Module | float]:
-        """The forward pass as a chain of steps, for linops' hand-derived products."""
+        """Return the forward pass as a chain of steps, for linops' hand-derived products."""
         return [*self.features, *self.classifier]
 
 
@@ -238,9 +242,9 @@ class SmallCNN(nn.Module):
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c2 * side * side, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The network's outputs on a batch ``x``."""
+        """Return the network's outputs on a batch ``x``."""
         return self.classifier(self.features(x))
 
     def linops_chain(self) -> list[nn.Module | float]:
-        """The forward pass as a chain of steps, for linops' hand-derived products."""
+        """Return the forward pass as a chain of steps, for linops' hand-derived products."""
         return [*self.features, *self.classifier]

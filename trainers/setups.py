@@ -56,7 +56,7 @@ def digits_mlp_run(
     white_noise: bool = False,
     checkpoint_every: int | None = None,
 ) -> DigitsSetup:
-    """The paper's run (defaults) or a variant of it.
+    """Set up the paper's run (defaults) or a variant of it.
 
     Parameters
     ----------
@@ -86,7 +86,7 @@ def digits_mlp_run(
     if white_noise:
         X = torch.rand(X.shape, generator=g, dtype=torch.float64).to(dtype)
     model = MLP(
-        64, 10, widths=(width,), activation="gelu", generator=torch.Generator().manual_seed(seed)
+        64, 10, widths=(width,), activation="gelu", seed=torch.Generator().manual_seed(seed)
     )
     model = model.to(dtype)
     sched = DataSchedule(X, y, batch_size, epochs=epochs)

@@ -24,7 +24,7 @@ F = torch.nn.functional
 
 def _setup(n=8, widths=(6, 5), seed=0):
     g = torch.Generator().manual_seed(seed)
-    net = MLP(4, 3, widths, generator=g).double()
+    net = MLP(4, 3, widths, seed=g).double()
     x = torch.randn(n, 4, dtype=torch.float64, generator=g)
     y = torch.randint(0, 3, (n,), generator=g)
     return net, x, y

@@ -35,7 +35,7 @@ PREACT = [
 
 def _mlp(widths=(6, 5), activation="relu", d_in=4, d_out=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return MLP(d_in, d_out, widths, activation=activation, generator=g).double()
+    return MLP(d_in, d_out, widths, activation=activation, seed=g).double()
 
 
 def _batch(n=7, d_in=4, d_out=3, seed=1):
@@ -119,7 +119,7 @@ def test_self_sharpening_last_layer_is_exact():
 
 
 def test_kappa_output_scale_in_exact_error():
-    model = MLP(4, 3, (5,), kappa=3.0, generator=_gen(2)).double()
+    model = MLP(4, 3, (5,), kappa=3.0, seed=_gen(2)).double()
     x, y = _batch()
     grads, _ = _reference(model, x, y, F.cross_entropy)
     guess = SelfSharpening()(model, None, x, y, F.cross_entropy, seed=_gen())

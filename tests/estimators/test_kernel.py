@@ -26,7 +26,7 @@ F64 = torch.float64
 
 def _net(width: int = 12, seed: int = 0, param: str = "standard") -> MLP:
     g = torch.Generator().manual_seed(seed)
-    return MLP(3, 1, (width,), activation="tanh", parameterization=param, generator=g).double()
+    return MLP(3, 1, (width,), activation="tanh", parameterization=param, seed=g).double()
 
 
 def _X(n: int = 6, seed: int = 1) -> torch.Tensor:

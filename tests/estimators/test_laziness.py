@@ -27,7 +27,7 @@ F64 = torch.float64
 def _net(seed: int = 0, kappa: float = 1.0, width: int = 6, param: str = "standard") -> MLP:
     g = torch.Generator().manual_seed(seed)
     return MLP(
-        4, 2, (width,), activation="tanh", kappa=kappa, parameterization=param, generator=g
+        4, 2, (width,), activation="tanh", kappa=kappa, parameterization=param, seed=g
     ).double()
 
 

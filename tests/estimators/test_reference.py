@@ -25,7 +25,7 @@ F64 = torch.float64
 
 def _net(seed: int = 0, d_in: int = 5, d_out: int = 3, width: int = 7) -> MLP:
     g = torch.Generator().manual_seed(seed)
-    return MLP(d_in, d_out, (width,), activation="tanh", generator=g).double()
+    return MLP(d_in, d_out, (width,), activation="tanh", seed=g).double()
 
 
 def _dense_jacobian(model: torch.nn.Module, X: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ F64 = torch.float64
 def tiny():
     g = torch.Generator().manual_seed(0)
     X, y = torch.rand(16, 4, generator=g, dtype=F64), torch.randint(0, 3, (16,), generator=g)
-    model = MLP(4, 3, widths=(5,), activation="gelu", generator=g).double()
+    model = MLP(4, 3, widths=(5,), activation="gelu", seed=g).double()
     run = TrainingRun(
         model, "cross_entropy", DataSchedule(X, y, 8, epochs=4), SGD(0.9), CosineLR(0.2, 8)
     )

@@ -233,7 +233,7 @@ def test_linear_on_3d_inputs_and_non_chains_use_autograd() -> None:
 def test_chain_equals_autograd_on_random_mlps(seed, widths, act, k, mse) -> None:
     """Property: the hand-derived products equal autograd's, any width, depth, activation, K."""
     g = torch.Generator().manual_seed(seed)
-    model = MLP(3, 2, tuple(widths), activation=act, generator=g).double()
+    model = MLP(3, 2, tuple(widths), activation=act, seed=g).double()
     X = torch.randn(5, 3, generator=g, dtype=torch.float64)
     if mse:
         loss, y = nn.MSELoss(), torch.randn(5, 2, generator=g, dtype=torch.float64)

@@ -102,7 +102,7 @@ def hessian(seed: int = 0, data_seed: int = 0, loss=squared_error, **kwargs):
 def make_run(*, seed: int = 0, lr: float = 0.1, momentum: float = 0.9, **kwargs) -> TrainingRun:
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(12, 3, generator=g, dtype=F64), torch.randint(0, 3, (12,), generator=g)
-    model = MLP(3, 3, widths=(4,), activation="tanh", generator=torch.Generator().manual_seed(seed))
+    model = MLP(3, 3, widths=(4,), activation="tanh", seed=torch.Generator().manual_seed(seed))
     data = DataSchedule(X, y, 4, epochs=kwargs.pop("epochs", 2), shuffle=True, seed=1)
     loss = kwargs.pop("loss", "cross_entropy")
     return TrainingRun(model.double(), loss, data, SGD(momentum), lr, **kwargs)

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _run(opt=None, steps_epochs: int = 4, engine: str = "auto") -> TrainingRun:
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(12, 3, generator=g, dtype=F64), torch.randint(0, 3, (12,), generator=g)
-    model = MLP(3, 3, widths=(4,), activation="gelu", generator=g).double()
+    model = MLP(3, 3, widths=(4,), activation="gelu", seed=g).double()
     data = DataSchedule(X, y, 4, epochs=steps_epochs, shuffle=True, seed=1)
     return TrainingRun(
         model,
@@ -212,7 +212,7 @@ def test_checkpoint_keeps_live_writers_temporaries_and_sweeps_dead_ones(tmp_path
 def _mse_run(loss, engine: str) -> TrainingRun:
     g = torch.Generator().manual_seed(5)
     X, y = torch.randn(8, 3, generator=g, dtype=F64), torch.randn(8, 2, generator=g, dtype=F64)
-    model = MLP(3, 2, widths=(4,), activation="tanh", generator=g).double()
+    model = MLP(3, 2, widths=(4,), activation="tanh", seed=g).double()
     return TrainingRun(model, loss, DataSchedule(X, y, 4, epochs=2), SGD(0.9), 0.1, engine=engine)
 
 

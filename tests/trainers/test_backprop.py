@@ -14,7 +14,7 @@ F64 = torch.float64
 
 def _case(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    model = MLP(4, 3, 16, activation="tanh", generator=g).double()
+    model = MLP(4, 3, 16, activation="tanh", seed=g).double()
     X = torch.randn(20, 4, generator=g, dtype=F64)
     y = torch.randint(0, 3, (20,), generator=g)
     return model, X, y

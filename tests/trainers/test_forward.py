@@ -19,7 +19,7 @@ def _data():
 
 
 def _net(seed=0):
-    return MLP(6, 3, (16, 16), generator=torch.Generator().manual_seed(seed))
+    return MLP(6, 3, (16, 16), seed=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize(

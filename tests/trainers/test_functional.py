@@ -32,7 +32,7 @@ def _data(n: int = 12, d: int = 3, classes: int = 3, seed: int = 0):
 
 def _model(act: str = "tanh", widths=(4,), seed: int = 1) -> MLP:
     return MLP(
-        3, 3, widths=widths, activation=act, generator=torch.Generator().manual_seed(seed)
+        3, 3, widths=widths, activation=act, seed=torch.Generator().manual_seed(seed)
     ).double()
 
 
@@ -170,7 +170,7 @@ def test_mse_scaled_mlp_and_no_bias() -> None:
         parameterization="ntk",
         kappa=0.5,
         bias=False,
-        generator=g,
+        seed=g,
     ).double()
     run = TrainingRun(model, "mse", DataSchedule(X, Y, 5, epochs=4), Adam(), CosineLR(0.05, 8))
     assert run.engine.name == "mlp"

@@ -12,7 +12,7 @@ from trainers.models import MLP
 
 def _case(seed: int = 0, n: int = 12, d_in: int = 3, d_out: int = 2, width: int = 8):
     g = torch.Generator().manual_seed(seed)
-    model = MLP(d_in, d_out, width, activation="tanh", generator=g).double()
+    model = MLP(d_in, d_out, width, activation="tanh", seed=g).double()
     X = torch.randn(n, d_in, generator=g, dtype=torch.float64)
     return model, X, g
 

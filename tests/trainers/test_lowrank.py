@@ -18,7 +18,7 @@ mse = torch.nn.functional.mse_loss
 
 def _case(seed: int = 0, n: int = 10, d_in: int = 3, d_out: int = 2, width: int = 8):
     g = torch.Generator().manual_seed(seed)
-    model = MLP(d_in, d_out, width, activation="tanh", generator=g).double()
+    model = MLP(d_in, d_out, width, activation="tanh", seed=g).double()
     X = torch.randn(n, d_in, generator=g, dtype=F64)
     Y = torch.randn(n, d_out, generator=g, dtype=F64)
     return model, X, Y

@@ -21,7 +21,7 @@ def test_parameter_counts_of_the_papers_models() -> None:
 def test_initial_weight_scale_and_multiplier_follow_the_docstring(kind: str) -> None:
     fan_in, beta = 400, 2.0
     g = torch.Generator().manual_seed(0)
-    net = MLP(fan_in, 3, (500,), parameterization=kind, beta=beta, generator=g)
+    net = MLP(fan_in, 3, (500,), parameterization=kind, beta=beta, seed=g)
     first, last = net.linear_layers()
     std = float(first.weight.std())
     expected_std = beta / math.sqrt(fan_in) if kind == "standard" else beta
@@ -35,11 +35,9 @@ def test_initial_weight_scale_and_multiplier_follow_the_docstring(kind: str) -> 
 @given(st.floats(0.1, 100.0), st.sampled_from(["standard", "ntk", "mean_field"]))
 def test_output_is_linear_in_kappa(kappa: float, kind: str) -> None:
     x = torch.randn(4, 5, dtype=torch.float64)
-    base = MLP(
-        5, 2, (7, 7), parameterization=kind, generator=torch.Generator().manual_seed(1)
-    ).double()
+    base = MLP(5, 2, (7, 7), parameterization=kind, seed=torch.Generator().manual_seed(1)).double()
     scaled = MLP(
-        5, 2, (7, 7), parameterization=kind, kappa=kappa, generator=torch.Generator().manual_seed(1)
+        5, 2, (7, 7), parameterization=kind, kappa=kappa, seed=torch.Generator().manual_seed(1)
     ).double()
     torch.testing.assert_close(scaled(x), kappa * base(x))
 
@@ -48,9 +46,7 @@ def test_ntk_hidden_preactivations_are_order_one_at_any_width() -> None:
     x = torch.randn(64, 16)
     x = x / x.norm(dim=1, keepdim=True) * 4.0
     for width in (64, 4096):
-        net = MLP(
-            16, 1, (width,), parameterization="ntk", generator=torch.Generator().manual_seed(0)
-        )
+        net = MLP(16, 1, (width,), parameterization="ntk", seed=torch.Generator().manual_seed(0))
         pre = net.layers[0](x)
         assert 0.5 < float(pre.std()) < 2.0
 

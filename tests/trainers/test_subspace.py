@@ -17,7 +17,7 @@ CE = torch.nn.functional.cross_entropy
 
 def _case(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    model = MLP(3, 3, widths=(4,), activation="tanh", generator=g).double()
+    model = MLP(3, 3, widths=(4,), activation="tanh", seed=g).double()
     X, y = torch.randn(12, 3, generator=g, dtype=F64), torch.randint(0, 3, (12,), generator=g)
     return model, X, y
 
