@@ -59,9 +59,6 @@ PENDING = {
     "linops.distributed.shared_seed:seed-annotation": (
         "the int every rank agrees on (it returns one); a generator cannot be broadcast"
     ),
-    # trainers.models: tests/linops build models with generator= (not this test's files)
-    "trainers.models.LeNet5:generator": "tests/linops construct models with generator=",
-    "trainers.models.SmallCNN:generator": "tests/linops construct models with generator=",
     "trainers.setups.digits_mlp_run:seed-annotation": (
         "an int names one of the paper's runs (two generators are derived from it)"
     ),
