@@ -78,7 +78,7 @@ def _prefix(name: str) -> str:
 
 
 def find_layers(space: ParamSpace, x: torch.Tensor) -> list[Layer]:
-    """The Linear / Conv2d layers of ``space.model`` in the order a forward pass runs them.
+    """Find the Linear / Conv2d layers of ``space.model`` in the order a forward pass runs them.
 
     Parameters
     ----------

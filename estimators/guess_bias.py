@@ -93,7 +93,7 @@ class GuessNoiseOperator(TorchLinearOperator):
         )
 
     def _pull(self, v: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
-        """``A v``: local vector-Jacobian products from the noise position back to ``s_l``."""
+        """Apply ``A v``: local vector-Jacobian products from the noise position back to ``s_l``."""
         i, rec = self.layer, self.rec
         if self.method == "activation_perturbation":
             return v
@@ -152,7 +152,9 @@ class BiasAnalysis(NamedTuple):
 
 
 def guess_bias(cov: TorchLinearOperator, gradient: torch.Tensor) -> BiasAnalysis:
-    r"""Expected guess :math:`\mathrm{Cov}(y) g` and bias :math:`(\mathrm{Cov}(y) - I) g` (eq. (15)).
+    r"""Return the expected guess and bias of eq. (15).
+
+    Expected guess :math:`\mathrm{Cov}(y) g` and bias :math:`(\mathrm{Cov}(y) - I) g`.
 
     Parameters
     ----------

@@ -57,7 +57,7 @@ SATURATION_COUNTS: tuple[int, ...] = tuple(2**k for k in range(1, 11))
 
 
 def as_space(model: nn.Module | ParamSpace) -> ParamSpace:
-    """The model's :class:`linops.ParamSpace` (all parameters), or the space as given."""
+    """Return the model's :class:`linops.ParamSpace` (all parameters), or the space as given."""
     if isinstance(model, ParamSpace):
         return model
     if isinstance(model, nn.Module):
@@ -373,7 +373,7 @@ def activation_gradient_overlap(
 
 
 def _backprop_to_input(rec: Record, layer: int, loss: torch.Tensor) -> torch.Tensor:
-    """Reference gradient at layer ``layer``'s input: backprop chained over the local graphs."""
+    """Compute the reference gradient at layer ``layer``'s input by chained local backprop."""
     (v,) = torch.autograd.grad(loss, rec.leaves[-1], retain_graph=True)
     for j in range(len(rec.leaves) - 1, layer, -1):
         v = vjp(rec.raw[j], rec.leaves[j - 1], v)

@@ -230,7 +230,7 @@ class GradientGuesser:
         raise NotImplementedError
 
     def layers(self, space: ParamSpace, x: torch.Tensor) -> list[Layer]:
-        """The model's guessable layers (cached per model and parameter selection)."""
+        """Return the model's guessable layers (cached per model and parameter selection)."""
         per_model = self._layers_cache.setdefault(space.model, {})
         key = tuple(space.names)
         if key not in per_model:
@@ -384,7 +384,7 @@ class _PreactivationGuesser(GradientGuesser):
     def preactivation_guesses(
         self, rec: Record, gen: torch.Generator | None
     ) -> list[torch.Tensor | None]:
-        r"""The guesses :math:`\epsilon_l` (shape of :math:`s_l`) for every layer."""
+        r"""Return the guesses :math:`\epsilon_l` (shape of :math:`s_l`) for every layer."""
         raise NotImplementedError
 
     def exact_errors(self, rec: Record, e: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -455,7 +455,7 @@ class ActivationPerturbation(_PreactivationGuesser):
     name = "activation_perturbation"
 
     def preactivation_guesses(self, rec, gen):
-        r"""The noise guesses :math:`\epsilon_l` of every layer (see the class docstring)."""
+        r"""Return the noise guesses :math:`\epsilon_l` of every layer (see the class docstring)."""
         return [_noise(s, gen, "normal") for s in rec.leaves]
 
 
@@ -471,7 +471,7 @@ class WTranspose(_PreactivationGuesser):
     name = "w_transpose"
 
     def preactivation_guesses(self, rec, gen):
-        r"""The noise guesses :math:`\epsilon_l` of every layer (see the class docstring)."""
+        r"""Return the noise guesses :math:`\epsilon_l` of every layer (see the class docstring)."""
         L = len(rec.leaves)
         out = [
             vjp(rec.raw[i + 1], rec.leaves[i], _noise(rec.raw[i + 1], gen, "normal"))
@@ -517,7 +517,7 @@ class Downstream(_PreactivationGuesser):
         self.depth, self.noise = depth, noise
 
     def preactivation_guesses(self, rec, gen):
-        r"""The noise guesses :math:`\epsilon_l` of every layer (see the class docstring)."""
+        r"""Return the noise guesses :math:`\epsilon_l` of every layer (see the class docstring)."""
         L = len(rec.leaves)
         guesses = []
         for i in range(L):
@@ -571,7 +571,7 @@ class ActivationMixing(_PreactivationGuesser):
     name = "activation_mixing"
 
     def preactivation_guesses(self, rec, gen):
-        r"""The noise guesses :math:`\epsilon_l` of every layer (see the class docstring)."""
+        r"""Return the noise guesses :math:`\epsilon_l` of every layer (see the class docstring)."""
         L = len(rec.leaves)
         guesses = []
         for i in range(L - 1):
@@ -601,7 +601,7 @@ GUESSERS: dict[str, type[GradientGuesser]] = {
 
 
 def make_guesser(name: str, **options: Any) -> GradientGuesser:
-    """A guesser by its name (a key of :data:`GUESSERS`), configured with ``options``.
+    """Make a guesser by its name (a key of :data:`GUESSERS`), configured with ``options``.
 
     Raises
     ------

@@ -96,7 +96,7 @@ def _layer_params(model: torch.nn.Module, layer: int | str | Sequence[str] | Non
 
 
 def _model_at(model: torch.nn.Module, values: Mapping[str, torch.Tensor] | None) -> torch.nn.Module:
-    """A copy of ``model`` with the given parameter values (all other state copied)."""
+    """Return a copy of ``model`` with the given parameter values (all other state copied)."""
     if values is None:
         return model
     if not isinstance(values, Mapping):
@@ -124,7 +124,7 @@ def gram_operator(
     output_index: int | None = None,
     **kwargs: Any,
 ) -> NTKOperator:
-    r"""The NTK :math:`K = J J^\top` or the per-layer Gram :math:`G^{[l]} = J_l J_l^\top` as an operator.
+    r"""Return the NTK :math:`K = J J^\top` or a per-layer Gram :math:`J_l J_l^\top` as an operator.
 
     Parameters
     ----------

@@ -191,7 +191,7 @@ def laziness_ratio(
     rtol: float | None = None,
     seed: Seed = 0,
 ) -> LazinessResult:
-    r"""The laziness ratio :math:`\|\nabla^2 f_j(x)\| / \|\nabla f_j(x)\|^2` (the paper's section 3.2).
+    r"""Compute the laziness ratio :math:`\|\nabla^2 f_j(x)\| / \|\nabla f_j(x)\|^2` (section 3.2).
 
     Parameters
     ----------

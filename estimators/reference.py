@@ -138,7 +138,7 @@ def reference_jacobian(
     dtype: torch.dtype | None = None,
     batch_size: int | None = None,
 ) -> torch.Tensor:
-    r"""The reference submatrix :math:`A = [J]_{:, j, \mathcal{R}}` (the paper's section 3.1).
+    r"""Return the reference submatrix :math:`A = [J]_{:, j, \mathcal{R}}` (the paper's sec. 3.1).
 
     Parameters
     ----------
@@ -232,7 +232,7 @@ def eigenvalue_threshold(
     rtol: float | None = None,
     atol: float | None = None,
 ) -> float:
-    r"""The paper's rank threshold on the eigenvalues of an ``r``-column Gram :math:`A^\top A`.
+    r"""Return the paper's rank threshold on eigenvalues of an ``r``-column Gram :math:`A^\top A`.
 
     :math:`\max(\mathrm{atol}, \mathrm{rtol}\,\lambda_1)` with default
     :math:`\mathrm{rtol} = r\,\epsilon` (``r = len(eigenvalues)``, :math:`\epsilon` the machine
@@ -406,7 +406,7 @@ def rank_curve(
     dtype: torch.dtype | None = None,
     seed: Seed = 0,
 ) -> RankCurve:
-    r"""Reference rank against reference-set size (the paper's section 4.1, Figure 2).
+    r"""Compute the reference rank against reference-set size (the paper's section 4.1, Figure 2).
 
     The reference sets are nested: one ordering of the parameters is drawn with the largest
     size and each smaller set is a prefix of it (for ``"magnitude"`` / ``"gradient"`` the top

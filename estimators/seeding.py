@@ -21,7 +21,7 @@ Seed = int | torch.Generator | None
 
 
 def make_generator(seed: Seed, device: torch.device | str = "cpu") -> torch.Generator:
-    """A ``torch.Generator`` on ``device`` from ``seed`` (see the module docstring).
+    """Make a ``torch.Generator`` on ``device`` from ``seed`` (see the module docstring).
 
     Raises
     ------

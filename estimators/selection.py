@@ -176,7 +176,7 @@ def ordered_selection(
     output_index: int | None,
     seed: Seed,
 ) -> torch.Tensor:
-    """Indices in selection order (prefixes are the smaller reference sets)."""
+    """Return indices in selection order (prefixes are the smaller reference sets)."""
     space = ParamSpace(model, params)
     gen = make_generator(seed)
     if strategy == "random":

@@ -185,7 +185,10 @@ def region_table(
 
 
 def bulk_order(sigma: Any) -> Tensor:
-    r"""Indices sorting the singular values by :math:`|\sigma_i - 1|` ascending ("bulk at k" = first k)."""
+    r"""Return indices sorting the singular values by :math:`|\sigma_i - 1|` ascending.
+
+    ("bulk at k" = the first k.)
+    """
     return torch.argsort((as_1d(sigma) - 1).abs(), stable=True)
 
 

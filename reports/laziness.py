@@ -31,7 +31,7 @@ def laziness_report(
     exact_rank: bool = True,
     seed: int = 0,
 ) -> dict[str, Any]:
-    r"""A JSON-ready laziness and low-rank summary of one model on one dataset (for ``linops report``).
+    r"""Summarise laziness and low rank of one model on one dataset (JSON-ready, ``linops report``).
 
     Parameters
     ----------

@@ -23,7 +23,7 @@ __all__ = ["plot_training_jacobian_report", "training_jacobian_report"]
 
 
 def training_jacobian_report(quick: bool = True, *, workers: int = 1) -> dict[str, Any]:
-    r"""A small training-Jacobian study for ``linops report``: JSON-ready numbers.
+    r"""Run a small training-Jacobian study for ``linops report``: JSON-ready numbers.
 
     ``quick=True``: the paper's setup (:func:`trainers.setups.digits_mlp_run`) shrunk to a hidden width of 16 and 2 epochs (1210
     parameters, 50 steps; a few seconds). ``quick=False``: the full 4810-parameter, 625-step

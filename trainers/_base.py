@@ -56,7 +56,7 @@ class History:
             self.metrics.setdefault(k, []).append(float(v))
 
     def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
+        """Return a JSON-ready dict."""
         return {"step": self.step, "loss": self.loss, "epoch": self.epoch, **self.metrics}
 
 
@@ -104,7 +104,7 @@ def make_optimizer(
     optimizer: str | Callable[..., torch.optim.Optimizer],
     **kw: Any,
 ) -> torch.optim.Optimizer:
-    """A torch optimizer of the leaf tensors ``values``, by name or from a factory.
+    """Make a torch optimizer of the leaf tensors ``values``, by name or from a factory.
 
     ``optimizer`` is ``"sgd"``, ``"adam"``, ``"adamw"`` or a factory ``f(tensors, **kw)``; ``kw``
     are its options (``lr``, ...).

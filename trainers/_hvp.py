@@ -147,7 +147,9 @@ class ChainEngine:
 def make_engine(
     space: ParamSpace, loss: str | LossFn, engine: str = "auto"
 ) -> FuncEngine | ChainEngine:
-    """The gradient engine for a model and loss: ``"auto"`` (fast path when it applies), ``"mlp"``, ``"func"``.
+    """Pick the gradient engine for a model and loss.
+
+    ``engine`` is ``"auto"`` (fast path when it applies), ``"mlp"`` or ``"func"``.
 
     ``"mlp"`` is :class:`ChainEngine`, linops' hand-derived chain products (MLPs and plain
     CNNs); ``"func"`` is :class:`FuncEngine`.

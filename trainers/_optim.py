@@ -39,7 +39,7 @@ class FunctionalOptimizer:
     num_states: int = 0
 
     def init(self, theta: Tensor) -> State:
-        """Initial state for parameters ``theta`` (zeros, which do not depend on ``theta``)."""
+        """Return the initial state for parameters ``theta`` (zeros, independent of ``theta``)."""
         return tuple(torch.zeros_like(theta) for _ in range(self.num_states))
 
     def update(
@@ -76,7 +76,7 @@ class FunctionalOptimizer:
         raise NotImplementedError
 
     def describe(self) -> str:
-        """A short stable description (used in checkpoint fingerprints)."""
+        """Return a short stable description (used in checkpoint fingerprints)."""
         return repr(self)
 
     # batched passes over parameter blocks, used by TrainingRun.jvp / vjp

@@ -17,11 +17,11 @@ class Schedule:
     """Base class: ``schedule(t) -> learning rate`` at step ``t``."""
 
     def __call__(self, t: int) -> float:
-        """The learning rate of step ``t`` (0-based)."""
+        """Return the learning rate of step ``t`` (0-based)."""
         raise NotImplementedError
 
     def describe(self) -> str:
-        """A short stable description (used in checkpoint fingerprints)."""
+        """Return a short stable description (used in checkpoint fingerprints)."""
         return repr(self)
 
 
@@ -38,7 +38,7 @@ class ConstantLR(Schedule):
         self.lr = _check_lr(lr, "lr")
 
     def __call__(self, t: int) -> float:
-        """The learning rate of step ``t`` (0-based)."""
+        """Return the learning rate of step ``t`` (0-based)."""
         return self.lr
 
     def __repr__(self) -> str:
@@ -75,7 +75,7 @@ class CosineLR(Schedule):
         self.total_steps = total_steps
 
     def __call__(self, t: int) -> float:
-        """The learning rate of step ``t`` (0-based)."""
+        """Return the learning rate of step ``t`` (0-based)."""
         frac = min(t, self.total_steps) / self.total_steps
         return self.final_lr + (self.lr - self.final_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
@@ -107,7 +107,7 @@ class WarmupLR(Schedule):
         self.warmup_steps = warmup_steps
 
     def __call__(self, t: int) -> float:
-        """The learning rate of step ``t`` (0-based)."""
+        """Return the learning rate of step ``t`` (0-based)."""
         if t < self.warmup_steps:
             return self.base(0) * (t + 1) / self.warmup_steps
         return self.base(t - self.warmup_steps)
@@ -117,7 +117,7 @@ class WarmupLR(Schedule):
 
 
 def as_schedule(lr: Schedule | float) -> Schedule:
-    """A :class:`Schedule` from a schedule (returned as is) or a number (constant)."""
+    """Make a :class:`Schedule` from a schedule (returned as is) or a number (constant)."""
     if isinstance(lr, Schedule):
         return lr
     if isinstance(lr, int | float) and not isinstance(lr, bool):

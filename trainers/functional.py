@@ -121,7 +121,7 @@ class DataSchedule:
         return len(self.indices)
 
     def batch(self, t: int, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-        """The ``(X, y)`` batch of step ``t`` (floating inputs cast to ``dtype``)."""
+        """Return the ``(X, y)`` batch of step ``t`` (floating inputs cast to ``dtype``)."""
         idx = self.indices[t]
         X, y = self.X[idx], self.y[idx]
         if dtype is not None and X.is_floating_point():
@@ -131,7 +131,7 @@ class DataSchedule:
         return X, y
 
     def describe(self) -> str:
-        """A stable fingerprint of the data and the order."""
+        """Return a stable fingerprint of the data and the order."""
         h = hashlib.sha256()
         for t in (self.X, self.y):
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -251,11 +251,11 @@ class TrainingRun:
         return self.data.num_steps
 
     def initial_params(self) -> Tensor:
-        r"""The model's current parameter values as a flat vector (a natural :math:`\theta_0`)."""
+        r"""Return the current parameter values as a flat vector (a natural :math:`\theta_0`)."""
         return self.space.flat_values().clone()
 
     def describe(self) -> str:
-        """A stable description of everything that defines the function (checkpoint fingerprints)."""
+        """Describe stably everything that defines the function (for checkpoint fingerprints)."""
         return (
             f"TrainingRun(model={self.space.model!r}, params={self.space.names}, "
             f"loss={self.loss_name or repr(self.loss_fn)}, data={self.data.describe()}, "
@@ -301,7 +301,7 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ derivatives
     def trajectory(self, theta0: Tensor) -> _Trajectory:
-        """The (cached) checkpointed trajectory from ``theta0``."""
+        """Return the (cached) checkpointed trajectory from ``theta0``."""
         self._check_theta(theta0)
         key = (
             theta0.data_ptr(),
@@ -436,7 +436,7 @@ class _Trajectory:
 
     @torch.no_grad()
     def segment(self, k: int) -> list[_Step]:
-        """Steps ``[k c, (k + 1) c)`` recomputed from checkpoint ``k``."""
+        """Recompute steps ``[k c, (k + 1) c)`` from checkpoint ``k``."""
         if self._stored is not None:
             return self._stored
         theta, state = self.checkpoints[k]
@@ -448,7 +448,7 @@ class _Trajectory:
         return out
 
     def segments(self, reverse: bool = False) -> Iterator[list[_Step]]:
-        """The segments in order (or reversed), each recomputed as it is reached."""
+        """Yield the segments in order (or reversed), each recomputed as it is reached."""
         ks = range(len(self.checkpoints))
         for k in reversed(ks) if reverse else ks:
             yield self.segment(k)

@@ -134,7 +134,7 @@ def subspace_basis(
     dim: int | None = None,
     seed: Seed = 0,
 ) -> torch.Tensor:
-    r"""A basis :math:`P` for :class:`SubspaceTrainer` from a training-Jacobian SVD (section 3.6).
+    r"""Make a basis :math:`P` for :class:`SubspaceTrainer` from a training-Jacobian SVD (sec. 3.6).
 
     Parameters
     ----------
