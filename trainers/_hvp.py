@@ -110,7 +110,7 @@ class ChainEngine:
     epochs, one thread: 11.0-12.2 s against 8.1-9.4 s; ``examples/training_jacobian.md``).
     """
 
-    name = "mlp"  # the option that selects it (tests/linops/test_training.py passes "mlp")
+    name = "chain"  # the option that selects it
 
     def __init__(self, space: ParamSpace, loss_fn: LossFn) -> None:
         self.space = space
@@ -149,9 +149,9 @@ def make_engine(
 ) -> FuncEngine | ChainEngine:
     """Pick the gradient engine for a model and loss.
 
-    ``engine`` is ``"auto"`` (fast path when it applies), ``"mlp"`` or ``"func"``.
+    ``engine`` is ``"auto"`` (fast path when it applies), ``"chain"`` or ``"func"``.
 
-    ``"mlp"`` is :class:`ChainEngine`, linops' hand-derived chain products (MLPs and plain
+    ``"chain"`` is :class:`ChainEngine`, linops' hand-derived chain products (MLPs and plain
     CNNs); ``"func"`` is :class:`FuncEngine`.
 
     Returns
@@ -164,14 +164,14 @@ def make_engine(
         For an unknown ``engine``, or ``"chain"`` for a model that is not a chain.
     """
     _, fn = resolve_loss(loss)
-    if engine not in ("auto", "mlp", "func"):
-        raise ValueError(f"engine: expected 'auto', 'mlp' or 'func', got {engine!r}")
+    if engine not in ("auto", "chain", "func"):
+        raise ValueError(f"engine: expected 'auto', 'chain' or 'func', got {engine!r}")
     fast = engine != "func" and ChainEngine.supports(space)
-    if engine == "mlp" and not fast:
+    if engine == "chain" and not fast:
         raise ValueError(
             "engine: expected a chain of nn.Linear, nn.Conv2d, pooling and elementwise modules "
             "(e.g. trainers.models.MLP) with all its parameters weights or biases for "
-            f"engine='mlp', got {type(space.model).__name__}"
+            f"engine='chain', got {type(space.model).__name__}"
         )
     if fast:
         return ChainEngine(space, fn)

@@ -177,7 +177,7 @@ class TrainingRun:
         Which parameters are trained and differentiated (see :class:`linops.ParamSpace`).
     engine
         Gradient engine for the derivatives: ``"auto"`` (linops' hand-derived chain products
-        when the model is a chain, :mod:`linops.chain`, else ``torch.func``), ``"mlp"`` (those
+        when the model is a chain, :mod:`linops.chain`, else ``torch.func``), ``"chain"`` (those
         products, required) or ``"func"``.
     checkpoint_every
         Keep the trajectory every this many steps and recompute segments in between. ``None``:

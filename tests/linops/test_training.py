@@ -258,5 +258,5 @@ def test_mse_loss_on_the_func_engine(loss) -> None:
     _, jv = torch.func.jvp(run, (theta0,), (U[:, 0],))
     torch.testing.assert_close(jv, J @ U[:, 0], atol=1e-10, rtol=1e-10)
     if loss == "mse":
-        fast = TrainingJacobianOperator(_mse_run(loss, "mlp"), theta0)
+        fast = TrainingJacobianOperator(_mse_run(loss, "chain"), theta0)
         torch.testing.assert_close(fast.to_dense(), J, atol=1e-10, rtol=1e-10)

@@ -93,7 +93,7 @@ SCHEDULES = {
 }
 
 
-CASES = [("mlp", o, s) for o in OPTIMIZERS for s in SCHEDULES] + [
+CASES = [("chain", o, s) for o in OPTIMIZERS for s in SCHEDULES] + [
     ("func", o, s)
     for o, s in zip(
         OPTIMIZERS, ["cosine", "warmup-cosine", "constant", "cosine", "warmup-cosine"], strict=True
@@ -149,9 +149,9 @@ def test_mlp_engine_activations_and_depth(act: str) -> None:
     X, y = _data(seed=2)
     model = _model(act, widths=(5, 4), seed=3)
     run = TrainingRun(
-        model, "cross_entropy", DataSchedule(X, y, 6, epochs=3), SGD(0.5), 0.1, engine="mlp"
+        model, "cross_entropy", DataSchedule(X, y, 6, epochs=3), SGD(0.5), 0.1, engine="chain"
     )
-    assert run.engine.name == "mlp"
+    assert run.engine.name == "chain"
     theta0 = run.initial_params()
     J = jacrev(run)(theta0)
     V = torch.randn(run.dim, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
@@ -173,7 +173,7 @@ def test_mse_scaled_mlp_and_no_bias() -> None:
         seed=g,
     ).double()
     run = TrainingRun(model, "mse", DataSchedule(X, Y, 5, epochs=4), Adam(), CosineLR(0.05, 8))
-    assert run.engine.name == "mlp"
+    assert run.engine.name == "chain"
     theta0 = run.initial_params()
     J = jacrev(run)(theta0)
     V = torch.randn(run.dim, 2, generator=g, dtype=F64)
@@ -224,7 +224,7 @@ def test_parameter_subset_and_data_order() -> None:
         0.1,
         params=["layers.2.weight"],
     )
-    assert run.engine.name == "mlp" and run.dim == 12  # a subset of the chain's parameters
+    assert run.engine.name == "chain" and run.dim == 12  # a subset of the chain's parameters
     theta0 = run.initial_params()
     J = jacrev(run)(theta0)
     V = torch.eye(run.dim, dtype=F64)[:, :3]
@@ -296,7 +296,7 @@ def test_errors() -> None:
         TrainingRun(model, "hinge", data, SGD())
     with pytest.raises(TypeError, match="loss: expected a loss name or a callable"):
         TrainingRun(model, 3, data, SGD())
-    with pytest.raises(ValueError, match="engine: expected 'auto', 'mlp' or 'func'"):
+    with pytest.raises(ValueError, match="engine: expected 'auto', 'chain' or 'func'"):
         TrainingRun(model, "cross_entropy", data, SGD(), engine="jax")
 
     class Custom(torch.nn.Module):  # a forward of its own: not provably a chain
@@ -308,7 +308,7 @@ def test_errors() -> None:
             return self.lin(x)
 
     with pytest.raises(ValueError, match="engine: expected a chain of nn.Linear"):
-        TrainingRun(Custom(), "cross_entropy", data, SGD(), engine="mlp")
+        TrainingRun(Custom(), "cross_entropy", data, SGD(), engine="chain")
     run = TrainingRun(model, "cross_entropy", data, SGD())
     with pytest.raises(ValueError, match=r"theta0: expected a tensor of shape \(31,\)"):
         run(torch.zeros(5, dtype=F64))
