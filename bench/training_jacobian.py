@@ -216,7 +216,7 @@ def lenet(args: argparse.Namespace) -> dict:
     model = LeNet5(act="relu")
     sched = DataSchedule(X, y, 64, epochs=1 if args.quick else args.lenet_epochs)
     run = TrainingRun(model, "cross_entropy", sched, Adam(), CosineLR(0.01, sched.num_steps))
-    theta0 = run.initial_params()
+    theta0 = run.initial_values()
     op = TrainingJacobianOperator(run, theta0, max_vectors=args.lenet_chunk)
     out: dict = {"dim": run.dim, "steps": run.num_steps, "engine": run.engine.name, "n_train": n}
     t0 = time.perf_counter()

@@ -82,10 +82,10 @@ class TrainingJacobianOperator(TorchLinearOperator):
     >>> g = torch.Generator().manual_seed(0)
     >>> X, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.arange(8) % 2
     >>> run = TrainingRun(MLP(3, 2, widths=4).double(), "cross_entropy", DataSchedule(X, y, 4), SGD(0.9), 0.1)
-    >>> J = TrainingJacobianOperator(run, run.initial_params())
+    >>> J = TrainingJacobianOperator(run, run.initial_values())
     >>> J.shape
     (26, 26)
-    >>> bool(torch.allclose(J.to_dense(), torch.func.jacrev(run)(run.initial_params())))
+    >>> bool(torch.allclose(J.to_dense(), torch.func.jacrev(run)(run.initial_values())))
     True
     """
 

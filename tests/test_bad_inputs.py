@@ -151,7 +151,7 @@ CASES: dict[str, tuple[Callable[[], Any], type[Exception], str]] = {
         "loss_fn: CrossEntropyLoss has reduction='none'",
     ),
     "NaN theta0": (
-        lambda: linops.TrainingJacobianOperator(_run(), _nan(_run().initial_params())),
+        lambda: linops.TrainingJacobianOperator(_run(), _nan(_run().initial_values())),
         ValueError,
         "theta0: contains NaN or inf",
     ),

@@ -194,7 +194,7 @@ class TrainingRun:
     >>> X, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.arange(8) % 2
     >>> net = MLP(3, 2, widths=4, activation="tanh").double()
     >>> run = TrainingRun(net, "cross_entropy", DataSchedule(X, y, 4, epochs=2), SGD(0.9), 0.1)
-    >>> theta0 = run.initial_params()
+    >>> theta0 = run.initial_values()
     >>> J = torch.func.jacrev(run)(theta0)
     >>> V = torch.randn(run.dim, 3, generator=g, dtype=torch.float64)
     >>> bool(torch.allclose(run.jvp(theta0, V), J @ V)), bool(torch.allclose(run.vjp(theta0, V), J.T @ V))
@@ -250,7 +250,7 @@ class TrainingRun:
         """Number of optimizer steps :math:`T`."""
         return self.data.num_steps
 
-    def initial_params(self) -> Tensor:
+    def initial_values(self) -> Tensor:
         r"""Return the current parameter values as a flat vector (a natural :math:`\theta_0`)."""
         return self.space.flat_values().clone()
 

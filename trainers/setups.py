@@ -98,4 +98,4 @@ def digits_mlp_run(
         CosineLR(lr, total_steps=sched.num_steps),
         checkpoint_every=checkpoint_every,
     )
-    return DigitsSetup(run, run.initial_params(), data, model)
+    return DigitsSetup(run, run.initial_values(), data, model)

@@ -41,7 +41,7 @@ def tiny():
     run = TrainingRun(
         model, "cross_entropy", DataSchedule(X, y, 8, epochs=4), SGD(0.9), CosineLR(0.2, 8)
     )
-    theta0 = run.initial_params()
+    theta0 = run.initial_values()
     return run, theta0, jacrev(run)(theta0), X
 
 

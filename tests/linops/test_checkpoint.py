@@ -110,7 +110,7 @@ def make_run(*, seed: int = 0, lr: float = 0.1, momentum: float = 0.9, **kwargs)
 
 def training(run: TrainingRun | None = None, shift: float = 0.0) -> TrainingJacobianOperator:
     run = run or make_run()
-    return TrainingJacobianOperator(run, run.initial_params() + shift)
+    return TrainingJacobianOperator(run, run.initial_values() + shift)
 
 
 def fingerprints() -> dict[str, str]:

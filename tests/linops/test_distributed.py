@@ -298,8 +298,8 @@ def test_training_jacobian_to_dense_takes_process_group():
     run = TrainingRun(
         MLP(3, 2, widths=4).double(), "cross_entropy", DataSchedule(X, y, 4), SGD(0.9), 0.1
     )
-    J = linops.TrainingJacobianOperator(run, run.initial_params())
-    want = torch.func.jacrev(run)(run.initial_params())
+    J = linops.TrainingJacobianOperator(run, run.initial_values())
+    want = torch.func.jacrev(run)(run.initial_values())
     torch.testing.assert_close(J.to_dense(process_group=None, max_vectors=7), want)
     for kw in ({"workers": 2}, {"progress": True}, {"on_chunk": print}):
         with pytest.raises(ValueError, match=r"^process_group: expected progress=False"):

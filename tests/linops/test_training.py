@@ -46,7 +46,7 @@ def _run(opt=None, steps_epochs: int = 4, engine: str = "auto") -> TrainingRun:
 @pytest.fixture(scope="module")
 def case():
     run = _run()
-    theta0 = run.initial_params()
+    theta0 = run.initial_values()
     return run, theta0, jacrev(run)(theta0)
 
 
@@ -75,7 +75,7 @@ def test_products_and_dense_match_jacrev(case) -> None:
 
 def test_adam_operator_against_finite_differences() -> None:
     run = _run(Adam(), steps_epochs=2)
-    theta0 = run.initial_params()
+    theta0 = run.initial_values()
     op = TrainingJacobianOperator(run, theta0)
     v = torch.randn(run.dim, dtype=F64, generator=torch.Generator().manual_seed(1))
     eps = 1e-6
@@ -107,7 +107,7 @@ def test_checkpoint_resume_after_kill_is_bitwise_identical(tmp_path: Path) -> No
         from test_training import _run
         from linops import TrainingJacobianOperator
         run = _run()
-        op = TrainingJacobianOperator(run, run.initial_params())
+        op = TrainingJacobianOperator(run, run.initial_values())
         op.to_dense(max_vectors=3, checkpoint_dir={str(ckpt)!r}, on_chunk=lambda a, b: time.sleep(0.25))
         print("finished")
         """
@@ -135,26 +135,26 @@ def test_checkpoint_resume_after_kill_is_bitwise_identical(tmp_path: Path) -> No
     torch.set_num_threads(1)
     try:
         run = _run()
-        op = TrainingJacobianOperator(run, run.initial_params())
+        op = TrainingJacobianOperator(run, run.initial_values())
         computed = []
         resumed = op.to_dense(
             max_vectors=3, checkpoint_dir=ckpt, on_chunk=lambda a, b: computed.append(a)
         )
-        fresh = TrainingJacobianOperator(_run(), run.initial_params()).to_dense(max_vectors=3)
+        fresh = TrainingJacobianOperator(_run(), run.initial_values()).to_dense(max_vectors=3)
     finally:
         torch.set_num_threads(threads)
     assert len(list(ckpt.glob("cols_*.npy"))) == 11
     assert torch.equal(resumed, fresh)
-    torch.testing.assert_close(resumed, jacrev(run)(run.initial_params()), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(resumed, jacrev(run)(run.initial_values()), atol=1e-10, rtol=1e-10)
 
 
 def test_checkpoint_refuses_other_computation(tmp_path: Path) -> None:
     run = _run(steps_epochs=1)
-    op = TrainingJacobianOperator(run, run.initial_params())
+    op = TrainingJacobianOperator(run, run.initial_values())
     op.to_dense(max_vectors=16, checkpoint_dir=tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["shape"] == [31, 31]
-    other = TrainingJacobianOperator(run, run.initial_params() + 1.0)
+    other = TrainingJacobianOperator(run, run.initial_values() + 1.0)
     with pytest.raises(ValueError, match="holds a different computation"):
         other.to_dense(max_vectors=16, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="holds a different computation"):
@@ -242,7 +242,7 @@ def _plain_mse_jacobian(run: TrainingRun, theta0: torch.Tensor) -> torch.Tensor:
 def test_mse_loss_on_the_func_engine(loss) -> None:
     """Regression (issue 16): every product raised 'ZeroTensors are immutable'."""
     run = _mse_run(loss, "func")
-    theta0 = run.initial_params()
+    theta0 = run.initial_values()
     op = TrainingJacobianOperator(run, theta0)
     J = _plain_mse_jacobian(run, theta0)
     torch.testing.assert_close(op.to_dense(), J, atol=1e-10, rtol=1e-10)

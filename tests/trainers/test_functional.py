@@ -111,7 +111,7 @@ def test_jvp_vjp_match_jacrev_of_unrolled_training(opt: str, sched: str, engine:
     run = TrainingRun(
         model, "cross_entropy", data, optimizer, schedule, engine=engine, checkpoint_every=4
     )
-    theta0 = run.initial_params()
+    theta0 = run.initial_values()
     ref = _reference_run(model, X, y, data.indices, kind, kw, [schedule(t) for t in range(15)])
     J = jacrev(ref)(theta0)
     g = torch.Generator().manual_seed(7)
@@ -152,7 +152,7 @@ def test_mlp_engine_activations_and_depth(act: str) -> None:
         model, "cross_entropy", DataSchedule(X, y, 6, epochs=3), SGD(0.5), 0.1, engine="chain"
     )
     assert run.engine.name == "chain"
-    theta0 = run.initial_params()
+    theta0 = run.initial_values()
     J = jacrev(run)(theta0)
     V = torch.randn(run.dim, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(run.jvp(theta0, V), J @ V, atol=TOL, rtol=TOL)
@@ -174,7 +174,7 @@ def test_mse_scaled_mlp_and_no_bias() -> None:
     ).double()
     run = TrainingRun(model, "mse", DataSchedule(X, Y, 5, epochs=4), Adam(), CosineLR(0.05, 8))
     assert run.engine.name == "chain"
-    theta0 = run.initial_params()
+    theta0 = run.initial_values()
     J = jacrev(run)(theta0)
     V = torch.randn(run.dim, 2, generator=g, dtype=F64)
     torch.testing.assert_close(run.jvp(theta0, V), J @ V, atol=TOL, rtol=TOL)
@@ -196,7 +196,7 @@ def test_generic_engine_on_cnn_with_checkpointed_segments() -> None:
         engine="func",
     )
     assert run.engine.name == "func"
-    theta0 = run.initial_params()
+    theta0 = run.initial_values()
     J = jacrev(run)(theta0)
     V = torch.randn(run.dim, 2, generator=g, dtype=F64)
     torch.testing.assert_close(run.jvp(theta0, V), J @ V, atol=TOL, rtol=TOL)
@@ -209,7 +209,7 @@ def test_trajectory_memory_bound_selects_sqrt_checkpoints() -> None:
     run = TrainingRun(
         _model(), "cross_entropy", DataSchedule(X, y, 1, epochs=3), SGD(), 0.1, memory_limit_bytes=1
     )
-    traj = run.trajectory(run.initial_params())
+    traj = run.trajectory(run.initial_values())
     assert traj.every == math.ceil(math.sqrt(36)) and traj._stored is None
 
 
@@ -225,7 +225,7 @@ def test_parameter_subset_and_data_order() -> None:
         params=["layers.2.weight"],
     )
     assert run.engine.name == "chain" and run.dim == 12  # a subset of the chain's parameters
-    theta0 = run.initial_params()
+    theta0 = run.initial_values()
     J = jacrev(run)(theta0)
     V = torch.eye(run.dim, dtype=F64)[:, :3]
     torch.testing.assert_close(run.jvp(theta0, V), J @ V, atol=TOL, rtol=TOL)
@@ -315,4 +315,4 @@ def test_errors() -> None:
     with pytest.raises(TypeError, match="theta0: expected a floating dtype"):
         run.final(torch.zeros(31, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"V: expected a tensor of shape \(31,\) or \(31, K\)"):
-        run.jvp(run.initial_params(), torch.zeros(4, 2, dtype=F64))
+        run.jvp(run.initial_values(), torch.zeros(4, 2, dtype=F64))

@@ -37,7 +37,7 @@ def test_full_basis_matches_backprop_and_functional_run() -> None:
     t2 = SubspaceTrainer(model, CE, torch.eye(m, dtype=F64), lr=sched, momentum=0.9)
     t2.fit(X, y, epochs=3, batch_size=4, shuffle=False, progress=False)
     run = TrainingRun(model, "cross_entropy", DataSchedule(X, y, 4, epochs=3), SGD(0.9), sched)
-    torch.testing.assert_close(t2.theta(), run.final(run.initial_params()), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(t2.theta(), run.final(run.initial_values()), atol=1e-12, rtol=1e-12)
 
 
 def test_restricted_gradient_and_trajectory_stay_in_subspace() -> None:
