@@ -275,6 +275,7 @@ class ModelOperator(TorchLinearOperator):
         new._graph_cache, new._chain, new.route = None, False, None
         new.batched = {False: None, True: None}
         new.unbatched_reason = {False: None, True: None}
+        new._forward_mode = False  # chosen afresh by the new operator's first batched product
         new._reset_derived()
         return new
 
