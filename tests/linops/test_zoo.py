@@ -389,3 +389,12 @@ def test_a_model_without_forward_mode_keeps_the_retained_graph() -> None:
     V = torch.randn(J.shape[1], 3, dtype=torch.float64)
     assert _rel(J @ V, ref.jacobian() @ V) < RTOL
     assert "forward mode" not in J.route
+
+
+def test_many_vector_ggn_takes_forward_mode_on_the_autograd_route() -> None:
+    op, D = _operator("GGN", BY_NAME["gpt-tied-sequence-ce"])
+    V = torch.randn(op.shape[1], 4, dtype=torch.float64)
+    assert _rel(op @ V, D @ V) < RTOL
+    assert op.route == "autograd, forward mode for many vectors"
+    copy64 = op.to(torch.float64, device="cpu")
+    assert copy64 is op  # same dtype and device: the operator itself
