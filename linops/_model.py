@@ -175,6 +175,8 @@ class ModelOperator(TorchLinearOperator):
 
             return data_parallel_apply(self, X, adjoint)
         if X.shape[1] > 1 and self.batched[adjoint] is None:
+            if self._has_forward_mode(adjoint):
+                return self._forward_mode_first(X, adjoint)
             return self._first_batched(X, adjoint)
         apply = super()._apply
         if self.batched[adjoint] is False and X.shape[1] > 1:
@@ -189,6 +191,45 @@ class ModelOperator(TorchLinearOperator):
                     "float64 may help: op.to(torch.float64))"
                 )
         return out
+
+    #: whether many-vector products take the subclass's forward-mode formulation (set by
+    #: :meth:`_forward_mode_first`; subclasses that have one read it in their hooks)
+    _forward_mode = False
+
+    def _has_forward_mode(self, adjoint: bool) -> bool:
+        """Whether a many-vector product of this direction has a forward-mode formulation."""
+        return False
+
+    def _forward_mode_first(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
+        """First many-vector product, by the subclass's forward-mode formulation if it holds.
+
+        On the autograd route the product is first computed with ``_forward_mode`` set. It is
+        kept if it ran without any kernel vmap loops over and its first column matches a
+        single-vector product of the retained graph (``op.route`` then ends in
+        ``", forward mode for many vectors"``); otherwise :meth:`_first_batched` decides.
+        """
+        if self.process_group is not None:
+            return self._first_batched(X, adjoint)
+        if self.route is None:
+            for _ in self._graphs():  # learn the route (and keep the graphs when caching)
+                pass
+        if not (self.route or "").startswith("autograd"):
+            return self._first_batched(X, adjoint)
+        apply = super()._apply
+        self._forward_mode = True
+        out, failure, loops = attempt_batched(apply, X, adjoint)
+        self._forward_mode = False
+        if out is not None and failure is None and not loops:
+            single = apply(X[:, :1], adjoint)
+            diff = float((out[:, :1] - single).abs().max())
+            tol = math.sqrt(torch.finfo(single.real.dtype).eps) * float(single.abs().max())
+            if diff <= tol:
+                self._forward_mode = True
+                self.batched[adjoint] = True
+                if "forward mode" not in (self.route or ""):
+                    self.route = f"{self.route}, forward mode for many vectors"
+                return out
+        return self._first_batched(X, adjoint)
 
     def _first_batched(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
         """Return the first many-vector product of a direction, verified against a single-vector one.

@@ -16,7 +16,6 @@ The output Hessian is the laziness numerator of section 3.2 of "Leveraging Low R
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -25,9 +24,8 @@ from linops._autodiff import GradientGraph, LossFn, OutputGraph, forward_mode_jv
 from linops._chain import ChainGradientGraph, ChainOutputGraph
 from linops._checks import check_output_index
 from linops._loss import OutputLoss
-from linops._model import ModelOperator, attempt_batched, forward_checked
+from linops._model import ModelOperator, forward_checked
 from linops._reduction import Reduction, check_reduction, loss_reduction
-from linops.base import TorchLinearOperator
 
 __all__ = ["GGNOperator", "HessianOperator", "OutputHessianOperator"]
 
@@ -241,8 +239,6 @@ class GGNOperator(_LossOperator):
     positive semi-definite for convex losses (MSE, cross-entropy).
     """
 
-    _forward_mode = False  # many-vector products by forward mode (see _first_batched)
-
     def _build_graph(self, x: torch.Tensor, y: torch.Tensor | None) -> Any:
         outputs = self._route_graph(
             lambda chain: ChainOutputGraph(chain, x, None),
@@ -273,34 +269,8 @@ class GGNOperator(_LossOperator):
         cols = [outputs.vjp(hv[i], False) for i in range(hv.shape[0])]
         return [torch.stack(parts) for parts in zip(*cols, strict=True)]
 
-    def _first_batched(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
-        """As :meth:`ModelOperator._first_batched`, trying the forward-mode product first.
-
-        Kept when it ran without any kernel vmap loops over and its first column matches a
-        single-vector product (``op.route`` then ends in ``", forward mode for many
-        vectors"``); otherwise the base class decides.
-        """
-        if self.process_group is not None:
-            return super()._first_batched(X, adjoint)
-        if self.route is None:
-            for _ in self._graphs():  # learn the route (and keep the graphs when caching)
-                pass
-        if not (self.route or "").startswith("autograd"):
-            return super()._first_batched(X, adjoint)
-        self._forward_mode = True
-        out, failure, loops = attempt_batched(TorchLinearOperator._apply.__get__(self), X, adjoint)
-        self._forward_mode = False
-        if out is not None and failure is None and not loops:
-            single = TorchLinearOperator._apply(self, X[:, :1], adjoint)
-            diff = float((out[:, :1] - single).abs().max())
-            tol = math.sqrt(torch.finfo(single.real.dtype).eps) * float(single.abs().max())
-            if diff <= tol:
-                self._forward_mode = True
-                self.batched[adjoint] = True
-                if "forward mode" not in (self.route or ""):
-                    self.route = f"{self.route}, forward mode for many vectors"
-                return out
-        return super()._first_batched(X, adjoint)
+    def _has_forward_mode(self, adjoint: bool) -> bool:
+        return True  # symmetric: both directions are the same product
 
 
 class OutputHessianOperator(ModelOperator):

@@ -17,7 +17,6 @@ and the empirical NTK Gram matrix is :math:`K = J J^\top` (section 2 of that pap
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ from linops._autodiff import OutputGraph, forward_mode_jvp
 from linops._chain import ChainOutputGraph
 from linops._checks import check_output_index
 from linops._data import Batches
-from linops._model import ModelOperator, attempt_batched, forward_checked
+from linops._model import ModelOperator, forward_checked
 from linops.base import TorchLinearOperator
 from linops.params import ParamSpace
 
@@ -136,7 +135,6 @@ class JacobianOperator(ModelOperator):
             route=route,
             output=output,
         )
-        self._forward_mode = False  # many-vector J V by forward mode (see _first_batched)
 
     def _infer_shape(self, batches: Batches, space: ParamSpace) -> tuple[int, int]:
         if self.process_group is None:
@@ -181,35 +179,8 @@ class JacobianOperator(ModelOperator):
             rows.append(jv.reshape(X.shape[1], -1).T if batched else jv.reshape(-1, 1))
         return torch.cat(rows, dim=0)
 
-    def _first_batched(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
-        """As :meth:`ModelOperator._first_batched`, trying forward mode first for ``J V``.
-
-        On the autograd route a many-vector ``J V`` is first computed by forward mode
-        (:func:`linops._autodiff.forward_mode_jvp`). It is kept if it ran without any kernel
-        that vmap loops over and its first column matches a single-vector product of the
-        retained graph; otherwise the base class decides between the retained graph's batched
-        pass and a loop. ``op.route`` then reads ``"autograd, forward mode for many vectors"``.
-        """
-        if adjoint or self.process_group is not None:
-            return super()._first_batched(X, adjoint)
-        if self.route is None:
-            for _ in self._graphs():  # learn the route (and keep the graphs when caching)
-                pass
-        if not (self.route or "").startswith("autograd"):
-            return super()._first_batched(X, adjoint)
-        self._forward_mode = True
-        out, failure, loops = attempt_batched(TorchLinearOperator._apply.__get__(self), X, False)
-        self._forward_mode = False
-        if out is not None and failure is None and not loops:
-            single = TorchLinearOperator._apply(self, X[:, :1], False)
-            diff = float((out[:, :1] - single).abs().max())
-            tol = math.sqrt(torch.finfo(single.real.dtype).eps) * float(single.abs().max())
-            if diff <= tol:
-                self._forward_mode = True
-                self.batched[False] = True
-                self.route = f"{self.route}, forward mode for many vectors"
-                return out
-        return super()._first_batched(X, adjoint)
+    def _has_forward_mode(self, adjoint: bool) -> bool:
+        return not adjoint  # J V by forward mode; J^T U replays the retained graph
 
     def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
         k, batched = Y.shape[1], Y.shape[1] > 1
