@@ -173,7 +173,8 @@ class _Lanczos:
         #: ``A V``: the products already taken, so that true residuals of Ritz vectors
         #: ``V S`` cost no new product while the rounding of recombining them stays small
         self.AV = torch.empty(n, ncv, **kw)
-        self.recombined = 0  # restarts and locks since AV was last a set of plain products
+        #: per column of ``AV``, a bound on ``||AV_i - A V_i|| / ||A||`` from recombining
+        self.av_err = torch.zeros(ncv, dtype=torch.float64)
         self.j, self.nmv, self.anorm = 0, 0, 0.0
         self.first: torch.Tensor | None = None
 
@@ -197,6 +198,7 @@ class _Lanczos:
             kr.check_products(W, self.nmv)
         self.V[:, j : j + b] = P
         self.AV[:, j : j + b] = W
+        self.av_err[j : j + b] = 0.0
         self.anorm = max(self.anorm, float(kr.column_norms(W).max()))
         self.P, C, R = kr.orth_qr(W, self.V[:, : j + b], self.gen, self.anorm)
         H = self.H
@@ -212,12 +214,24 @@ class _Lanczos:
         Sk = S[:, keep].to(self.V)
         self.V[:, :p] = self.V[:, : self.j] @ Sk
         self.AV[:, :p] = self.AV[:, : self.j] @ Sk
-        self.recombined += 1
+        self.av_err[:p] = self._recombination_error(Sk)
         self.H.zero_()
         self.H[:p, :p] = torch.diag(theta[keep]).to(self.H)
         self.j = p
 
-    def lock_and_inject(self, Y: torch.Tensor, AY: torch.Tensor, vals: torch.Tensor) -> None:
+    def _recombination_error(self, Sk: torch.Tensor) -> torch.Tensor:
+        """Bound on ``||(A V) s - A (V s)|| / ||A||`` for each column ``s`` of ``Sk``.
+
+        ``V s`` and ``(A V) s`` are each rounded by at most ``eps sum_i |s_i|`` (columns of
+        ``V`` are unit, of ``A V`` at most ``||A||``), on top of the columns' own errors.
+        """
+        eps = torch.finfo(self.V.real.dtype).eps
+        weights = Sk.abs().double().cpu()
+        return weights.T @ (self.av_err[: self.j] + 2 * eps)
+
+    def lock_and_inject(
+        self, Y: torch.Tensor, AY: torch.Tensor, vals: torch.Tensor, err: torch.Tensor
+    ) -> None:
         """Restart from the verified pairs ``(vals, Y)`` alone plus a fresh random vector.
 
         Their coupling to the old pending block is at most ``rtol ||A||`` (they have converged)
@@ -227,7 +241,7 @@ class _Lanczos:
         p = Y.shape[1]
         self.V[:, :p] = Y
         self.AV[:, :p] = AY
-        self.recombined += 1
+        self.av_err[:p] = err
         self.H.zero_()
         self.H[:p, :p] = torch.diag(vals).to(self.H)
         self.j = p
@@ -240,24 +254,25 @@ class _Lanczos:
         The residuals are true ones, of the vectors returned, never the Lanczos recurrence's
         estimates. First ``A Y`` is taken as ``(A V) S``, the products already taken
         recombined: linear in the vectors, so exact but for the rounding of the recombinations,
-        at most about ``(restarts + 1) eps sqrt(j) ||A||``. If the residuals so computed plus
-        that bound are within ``tol ||A||`` they are accepted without a new product; otherwise
-        ``A Y`` is recomputed by one block product (counted in ``num_matvecs``).
+        bounded column by column through every restart (:meth:`_recombination_error`). If the
+        residuals so computed plus that bound are within ``tol ||A||`` they are accepted without
+        a new product; otherwise ``A Y`` is recomputed by one block product (counted in
+        ``num_matvecs``). Also returns the bound on ``A Y``'s error (zero after a product).
         """
         Sw = S[:, want].to(self.V)
         Y = self.V[:, : self.j] @ Sw
         vals = theta[want].to(device=Y.device, dtype=Y.real.dtype)
-        eps = torch.finfo(Y.real.dtype).eps
-        rounding = (self.recombined + 1) * eps * self.j**0.5 * self.anorm
+        err = self._recombination_error(Sw)
         AY = self.AV[:, : self.j] @ Sw
         res = kr.column_norms(AY - Y * vals.to(Y.dtype))
-        if float(res.max()) + rounding <= tol * self.anorm:
-            return Y, AY, vals, res + rounding  # an upper bound of the true residuals
+        rounding = (err * self.anorm).to(res)
+        if bool((res + rounding <= tol * self.anorm).all()):
+            return Y, AY, vals, res + rounding, err  # an upper bound of the true residuals
         AY = self.op._apply(Y)
         self.nmv += Y.shape[1]
         kr.check_products(AY, self.nmv)
         res = kr.column_norms(AY - Y * vals.to(Y.dtype))
-        return Y, AY, vals, res
+        return Y, AY, vals, res, torch.zeros_like(err)
 
 
 def _thick_restart(
@@ -281,7 +296,7 @@ def _thick_restart(
             check.verifier.level = float("inf")  # check the true residuals at the next step
         nconv = int((est_want <= tol * state.anorm).sum())
         state.restart(S, theta, _select(theta, kr.keep_count(k, nconv, ncv, b), which))
-    Y, _, vals, res = state.true_residuals(S, theta, _select(theta, k, which), tol)
+    Y, _, vals, res, _ = state.true_residuals(S, theta, _select(theta, k, which), tol)
     k_ok = int((res <= tol * state.anorm).sum())
     raise LanczosNoConvergence(
         f"lanczos did not converge: {maxiter} restarts ({state.nmv} products), {k_ok}/{k} "
@@ -308,7 +323,7 @@ class _Check:
         est_max = float(est[_select(theta, self.k_eff, self.which)].max())
         if not self.verifier.due(est_max, st.anorm):
             return None
-        Y, AY, vals, res = st.true_residuals(S, theta, _select(theta, k, self.which), self.tol)
+        Y, AY, vals, res, err = st.true_residuals(S, theta, _select(theta, k, self.which), self.tol)
         verdict = self.verifier.judge(float(res.max()), est_max, st.anorm)
         dt = st.op.torch_dtype
         if verdict == "floor":
@@ -327,7 +342,7 @@ class _Check:
             return self.result(Y, vals, res, True)
         if todo != "inject":
             raise LanczosNoConvergence(f"lanczos: {todo}", self.result(Y, vals, res, False))
-        st.lock_and_inject(Y, AY, vals)
+        st.lock_and_inject(Y, AY, vals, err)
         self.rounds, self.k_eff, self.locked = self.rounds + 1, k + 1, vals.cpu()
         return None
 
