@@ -174,12 +174,13 @@ class ModelOperator(TorchLinearOperator):
             from linops.distributed import data_parallel_apply
 
             return data_parallel_apply(self, X, adjoint)
-        if X.shape[1] > 1 and self.batched[adjoint] is None:
-            if self._has_forward_mode(adjoint):
-                return self._forward_mode_first(X, adjoint)
-            return self._first_batched(X, adjoint)
         apply = super()._apply
-        if self.batched[adjoint] is False and X.shape[1] > 1:
+        if X.shape[1] > 1 and self.batched[adjoint] is None:  # decided once per direction
+            if self._has_forward_mode(adjoint):
+                out = self._forward_mode_first(X, adjoint)
+            else:
+                out = self._first_batched(X, adjoint)
+        elif self.batched[adjoint] is False and X.shape[1] > 1:
             out = torch.cat([apply(X[:, i : i + 1], adjoint) for i in range(X.shape[1])], 1)
         else:
             out = apply(X, adjoint)
