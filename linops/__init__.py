@@ -3,6 +3,16 @@
 from importlib import metadata as _metadata
 
 from linops._defects import KNOWN_DEFECTS, TorchDefect, workarounds
+from linops._types import (
+    Array,
+    ArrayLike,
+    Data,
+    LossFunction,
+    OperatorLike,
+    OutputSelector,
+    Params,
+    Seed,
+)
 from linops.angles import principal_angles, subspace_similarity, subspace_similarity_curve
 from linops.base import IdentityOperator, TorchLinearOperator, aslinearoperator
 from linops.distributed import DistributedError, dense_columns, shard, shared_seed
@@ -96,4 +106,13 @@ __all__ = [
     "InverseNoConvergence",
     "nystrom_preconditioner",
     "NystromPreconditioner",
+    # the types of the signatures (linops/_types.py says what each admits)
+    "Array",
+    "ArrayLike",
+    "OperatorLike",
+    "Seed",
+    "Params",
+    "Data",
+    "LossFunction",
+    "OutputSelector",
 ]
