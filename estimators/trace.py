@@ -15,10 +15,11 @@ the operator's device, and products are taken in blocks.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
+from linops import Array, OperatorLike, Seed
 from linops import blocks as kr
 from linops.base import TorchLinearOperator
 
@@ -48,12 +49,14 @@ class TraceEstimate(NamedTuple):
 class DiagonalEstimate(NamedTuple):
     """``(n,)`` ``estimate`` of the diagonal, per-entry ``stderr``, and ``num_matvecs``."""
 
-    estimate: Any
-    stderr: Any
+    estimate: Array
+    stderr: Array
     num_matvecs: int
 
 
-def _setup(A: Any, num_matvecs: int, lo: int, seed: Any) -> tuple[TorchLinearOperator, int, Any]:
+def _setup(
+    A: OperatorLike, num_matvecs: int, lo: int, seed: Seed
+) -> tuple[TorchLinearOperator, int, tuple[torch.Generator, Literal["numpy", "torch", "cupy"]]]:
     op, kind = kr.prepare(A)
     if op.shape[0] != op.shape[1]:
         raise ValueError(f"A: expected a square operator, got shape {op.shape}")
@@ -109,7 +112,7 @@ def _quadratic_forms(Z: torch.Tensor, BZ: torch.Tensor, rademacher: bool) -> tup
 
 
 def hutchinson_trace(
-    A: Any,
+    A: OperatorLike,
     num_matvecs: int = 100,
     *,
     distribution: str = "rademacher",
@@ -144,7 +147,7 @@ def hutchinson_trace(
 
 
 def hutchpp_trace(
-    A: Any, num_matvecs: int = 102, *, seed: int | torch.Generator | None = None
+    A: OperatorLike, num_matvecs: int = 102, *, seed: int | torch.Generator | None = None
 ) -> TraceEstimate:
     r"""Hutch++: :math:`\operatorname{tr}(Q^H A Q) + \frac{1}{m}\sum_j g_j^H(I-QQ^H)A(I-QQ^H)g_j`.
 
@@ -171,7 +174,7 @@ def hutchpp_trace(
 
 
 def xtrace(
-    A: Any,
+    A: OperatorLike,
     num_matvecs: int = 100,
     *,
     fallback: bool = True,
@@ -405,7 +408,7 @@ def _xtrace_terms_small(H, W, T, oy, R, S) -> torch.Tensor:
 
 
 def diagonal(
-    A: Any,
+    A: OperatorLike,
     num_matvecs: int = 100,
     *,
     method: str = "deflated",
