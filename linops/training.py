@@ -133,6 +133,25 @@ class TrainingJacobianOperator(TorchLinearOperator):
         self.num_matvecs += Y.shape[1]
         return self.run.vjp(self.theta0, Y)
 
+    def _to(self, dtype: torch.dtype, device: torch.device) -> TrainingJacobianOperator:
+        r"""Return the training Jacobian at ``theta0`` cast to ``dtype`` (the run computes in its dtype).
+
+        The run is shared (it is a pure function of :math:`\theta_0`); its model and data stay
+        where they are, so another device is refused.
+        """
+        if device != self.device:
+            raise NotImplementedError(
+                f"TrainingJacobianOperator.to: expected device {self.device} (where the run's "
+                f"model and data live), got {device}; build a TrainingRun on {device} and a new "
+                "operator from it"
+            )
+        return TrainingJacobianOperator(
+            self.run,
+            self.theta0.to(dtype),
+            max_vectors=self.max_vectors,
+            memory_limit_bytes=self.memory_limit_bytes,
+        )
+
     def bytes_per_vector(self) -> int:
         """Tangent state per vector: parameters, optimizer state and one step's activations."""
         states = getattr(getattr(self.run, "optimizer", None), "num_states", 1)
