@@ -1,5 +1,6 @@
 """estimators: stochastic estimators and model-analysis quantities."""
 
+from estimators.blockwise import BlockSpectrum, BlockwiseSpectra, blockwise_spectra, js_distance
 from estimators.counting import SingularValueCount, singular_value_count
 from estimators.density import SpectralDensity, spectral_density
 from estimators.diagonal import NormEstimate, frobenius_norm, xdiag
@@ -176,6 +177,11 @@ __all__ = [
     "hutchpp_trace",
     "spectral_density",
     "xtrace",
+    # blockwise Hessian spectra and their JS distance ("Why Transformers Need Adam", arXiv:2402.16788)
+    "BlockSpectrum",
+    "BlockwiseSpectra",
+    "blockwise_spectra",
+    "js_distance",
     # matrix functions, quadrature bounds, XDiag, Frobenius norm (issue 23)
     "NormEstimate",
     "QuadratureBounds",
