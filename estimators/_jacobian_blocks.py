@@ -6,25 +6,25 @@ Input and index checks, and the full Jacobian in bounded per-sample blocks
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.func import functional_call, jacrev, vmap
 
+from linops import Params
 from linops.params import ParamSpace
 
 #: Bound on the per-sample Jacobian block held at once (bytes).
 PER_SAMPLE_BYTES = 256 * 2**20
 
 
-def check_size(r: Any, m: int) -> int:
+def check_size(r: object, m: int) -> int:
     if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= m:
         raise ValueError(f"r: expected an integer in [1, {m}] (the parameter count), got {r!r}")
     return r
 
 
-def check_indices(indices: Any, m: int) -> torch.Tensor:
+def check_indices(indices: Sequence[int] | torch.Tensor, m: int) -> torch.Tensor:
     idx = torch.as_tensor(indices)
     if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.ndim != 1 or idx.numel() == 0:
         raise ValueError(
@@ -42,7 +42,7 @@ def check_indices(indices: Any, m: int) -> torch.Tensor:
     return idx
 
 
-def inputs_tensor(inputs: Any) -> torch.Tensor:
+def inputs_tensor(inputs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     if isinstance(inputs, tuple | list) and inputs and isinstance(inputs[0], torch.Tensor):
         inputs = inputs[0]
     if not isinstance(inputs, torch.Tensor):
@@ -54,7 +54,9 @@ def inputs_tensor(inputs: Any) -> torch.Tensor:
     return inputs
 
 
-def param_space(model: torch.nn.Module, params: Any, dtype: torch.dtype | None) -> ParamSpace:
+def param_space(
+    model: torch.nn.Module, params: Params | None, dtype: torch.dtype | None
+) -> ParamSpace:
     space = ParamSpace(model, params)
     return space.to(dtype=dtype) if dtype is not None else space
 
