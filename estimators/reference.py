@@ -40,7 +40,7 @@ Jacobian from :func:`estimators.jacobian_rank.exact_jacobian_rank`:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -54,6 +54,7 @@ from estimators._jacobian_blocks import (
 )
 from estimators.seeding import Seed
 from estimators.selection import ordered_selection
+from linops import Params
 from linops.jacobian import JacobianOperator
 from linops.params import ParamSpace
 from linops.rank import numerical_rank
@@ -128,10 +129,10 @@ class RankCurve(NamedTuple):
 
 def reference_jacobian(
     model: torch.nn.Module,
-    inputs: Any,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
     indices: Sequence[int] | torch.Tensor,
     *,
-    params: Any = None,
+    params: Params | None = None,
     output_index: int | None = None,
     center: bool = False,
     method: str = "auto",
@@ -215,7 +216,7 @@ def reference_jacobian(
     return A - A.mean(dim=1, keepdim=True) if center else A
 
 
-def _check_matrix(A: Any) -> torch.Tensor:
+def _check_matrix(A: object) -> torch.Tensor:
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"A: expected a torch tensor, got {type(A).__name__}")
     if A.ndim != 2 or A.shape[0] == 0 or A.shape[1] == 0:
@@ -394,11 +395,11 @@ def reference_rank(
 
 def rank_curve(
     model: torch.nn.Module,
-    inputs: Any,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
     sizes: Sequence[int],
     strategy: str = "random",
     *,
-    params: Any = None,
+    params: Params | None = None,
     output_index: int | None = None,
     center: bool = True,
     rule: str = "paper",
