@@ -10,7 +10,6 @@ weight magnitude, by Jacobian column norm or by leverage-score sampling) and
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -23,6 +22,7 @@ from estimators._jacobian_blocks import (
     per_sample_blocks,
 )
 from estimators.seeding import Seed, make_generator
+from linops import Params
 from linops.jacobian import JacobianOperator
 from linops.params import ParamSpace
 from linops.rank import numerical_rank
@@ -35,9 +35,9 @@ STRATEGIES = ("random", "magnitude", "gradient", "leverage")
 
 def jacobian_column_norms(
     model: torch.nn.Module,
-    inputs: Any,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
     *,
-    params: Any = None,
+    params: Params | None = None,
     output_index: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -80,11 +80,11 @@ def _leverage_scores(
 
 def select_reference_set(
     model: torch.nn.Module,
-    inputs: Any,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
     r: int,
     strategy: str | Sequence[int] | torch.Tensor = "random",
     *,
-    params: Any = None,
+    params: Params | None = None,
     output_index: int | None = None,
     oversample: int = 10,
     seed: Seed = 0,
@@ -169,10 +169,10 @@ def select_reference_set(
 
 def ordered_selection(
     model: torch.nn.Module,
-    inputs: Any,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
     r: int,
     strategy: str,
-    params: Any,
+    params: Params | None,
     output_index: int | None,
     seed: Seed,
 ) -> torch.Tensor:
