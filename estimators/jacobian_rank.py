@@ -7,12 +7,14 @@ section 3.2); thresholds are :func:`linops.numerical_rank`'s.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from estimators._jacobian_blocks import inputs_tensor, num_outputs, param_space, per_sample_blocks
 from estimators.seeding import Seed
+from linops import Params
 from linops.base import TorchLinearOperator
 from linops.jacobian import JacobianOperator
 from linops.rank import numerical_rank
@@ -22,9 +24,9 @@ __all__ = ["exact_jacobian_rank"]
 
 def exact_jacobian_rank(
     model: torch.nn.Module,
-    inputs: Any,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
     *,
-    params: Any = None,
+    params: Params | None = None,
     output_index: int | None = None,
     center: bool = False,
     rtol: float | None = None,
@@ -100,7 +102,7 @@ def _gram_singular_values(J: torch.Tensor, block: int = 8192) -> torch.Tensor:
 def _matrix_free_rank(
     model: torch.nn.Module,
     X: torch.Tensor,
-    params: Any,
+    params: Params | None,
     output_index: int | None,
     center: bool,
     rtol: float | None,
