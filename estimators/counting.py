@@ -81,13 +81,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from estimators.density import _lanczos_batch
 from estimators.seeding import Seed
-from linops import IdentityOperator, aslinearoperator
+from linops import IdentityOperator, OperatorLike, TorchLinearOperator, aslinearoperator
 from linops import blocks as kr
 
 __all__ = ["SingularValueCount", "singular_value_count"]
@@ -122,7 +122,7 @@ class SingularValueCount(NamedTuple):
 
 
 def singular_value_count(
-    A: Any,
+    A: OperatorLike,
     threshold: float | Sequence[float],
     num_matvecs: int,
     *,
@@ -293,7 +293,7 @@ def _honest_mean(est: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple
     return mean, s + delta / 2
 
 
-def _coupling(C: torch.Tensor, theta: torch.Tensor, t: float) -> Any:
+def _coupling(C: torch.Tensor, theta: torch.Tensor, t: float) -> TorchLinearOperator:
     r""":math:`C (\Theta - t I)^{-1} C^\top` as an operator (the Schur-complement correction).
 
     Ritz values within :math:`10^{-3} t` of ``t`` are moved to that distance (keeping their
@@ -318,7 +318,7 @@ def _ramp(s: torch.Tensor, tau: torch.Tensor, h: float) -> torch.Tensor:
 
 
 def _block_krylov(
-    op: Any, b: int, iters: int, gen: torch.Generator
+    op: TorchLinearOperator, b: int, iters: int, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Return ``(A Q, Q, A^T A Q)`` for an orthonormal block Krylov basis :math:`Q`.
 
@@ -342,7 +342,7 @@ def _block_krylov(
     return torch.cat(AV, dim=1), V, torch.cat(AtAV, dim=1)
 
 
-def _deflated_normal(op: Any, Q: torch.Tensor) -> Any:
+def _deflated_normal(op: TorchLinearOperator, Q: torch.Tensor) -> TorchLinearOperator:
     r""":math:`P A^\top A P` with :math:`P = I - Q Q^\top`, as an operator."""
     m = op.shape[1]
     AtA = op.H @ op
