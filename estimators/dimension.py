@@ -9,13 +9,14 @@ or matrix-free from a budget of products with :math:`J` (:func:`training_dimensi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from estimators.counting import singular_value_count
 from estimators.seeding import Seed
 from estimators.spectrum import square
+from linops import OperatorLike
 from linops.base import IdentityOperator, TorchLinearOperator, aslinearoperator
 from linops.randomized import randomized_svd, range_finder
 
@@ -48,7 +49,7 @@ def training_dimension_dense(J: Tensor, threshold: float) -> int:
 
 
 def training_dimension(
-    op: Any,
+    op: OperatorLike,
     threshold: float | Sequence[float],
     *,
     num_matvecs: int | None = None,
@@ -129,7 +130,8 @@ def training_dimension(
         block_size = 16 if method == "deflated" else 64
     if method == "deflated":
         c = singular_value_count(A, taus[0], budget, block_size=block_size, seed=seed)
-        used = c.num_matvecs if products0 is None else op.num_matvecs - products0
+        # op.num_matvecs exists where products0 is not None (mypy cannot see it through getattr)
+        used = c.num_matvecs if products0 is None else op.num_matvecs - products0  # type: ignore[union-attr]
         count, se = float(c.counts[0]), float(c.stderrs[0])
         return DimensionResult(round(count), int(used), c.basis_size, se, c.ritz_values)
     if method == "krylov":
@@ -145,12 +147,12 @@ def training_dimension(
         s = torch.linalg.svdvals(A._apply(Q, adjoint=True).T.to(torch.float64))
         size, err, used = Q.shape[1], float(rf.error_estimate), rf.num_matvecs + Q.shape[1]
     if products0 is not None:
-        used = op.num_matvecs - products0
+        used = op.num_matvecs - products0  # type: ignore[union-attr]  # (as above)
     s = s.to(torch.float64)
     return DimensionResult(int((s > taus[0]).sum()), int(used), size, err, s)
 
 
-def _shifted(op: Any) -> TorchLinearOperator:
+def _shifted(op: OperatorLike) -> TorchLinearOperator:
     """``op - I`` as an operator (``op`` square)."""
     A = aslinearoperator(op)
     if A.shape[0] != A.shape[1]:
