@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from estimators.seeding import Seed
+from linops import ArrayLike, OperatorLike
 from linops.svds import SVDSResult, svds
 
 __all__ = [
@@ -105,7 +106,7 @@ class RegionCounts(NamedTuple):
 
 
 def spectral_regions(
-    sigma: Any,
+    sigma: ArrayLike,
     *,
     chaotic_threshold: float = 1.1,
     bulk_tol: float = 1e-3,
@@ -160,7 +161,7 @@ class RegionRow(NamedTuple):
 
 
 def region_table(
-    sigma: Any, thresholds: Sequence[float] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
+    sigma: ArrayLike, thresholds: Sequence[float] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 ) -> list[RegionRow]:
     r"""Count the regions at several thresholds :math:`\tau` (one row per :math:`\tau`).
 
@@ -184,7 +185,7 @@ def region_table(
     ]
 
 
-def bulk_order(sigma: Any) -> Tensor:
+def bulk_order(sigma: ArrayLike) -> Tensor:
     r"""Return indices sorting the singular values by :math:`|\sigma_i - 1|` ascending.
 
     ("bulk at k" = the first k.)
@@ -192,7 +193,13 @@ def bulk_order(sigma: Any) -> Tensor:
     return torch.argsort((as_1d(sigma) - 1).abs(), stable=True)
 
 
-def top_singular_values(op: Any, k: int, *, seed: Seed = 0, **kw: Any) -> SVDSResult:
+def top_singular_values(
+    op: OperatorLike,
+    k: int,
+    *,
+    seed: Seed = 0,
+    **kw: Any,  # forwarded to linops.svds as they are
+) -> SVDSResult:
     """Top-``k`` singular triplets of a training Jacobian matrix-free (:func:`linops.svds`).
 
     Each Golub-Kahan step costs one forward (JVP) and one reverse (VJP) pass through training.
@@ -205,7 +212,7 @@ def top_singular_values(op: Any, k: int, *, seed: Seed = 0, **kw: Any) -> SVDSRe
     return svds(op, k, seed=seed, **kw)
 
 
-def as_1d(sigma: Any) -> Tensor:
+def as_1d(sigma: ArrayLike) -> Tensor:
     s = torch.as_tensor(np.asarray(sigma) if not isinstance(sigma, Tensor) else sigma).to(
         torch.float64
     )
@@ -216,7 +223,7 @@ def as_1d(sigma: Any) -> Tensor:
     return s
 
 
-def square(J: Any, name: str) -> Tensor:
+def square(J: ArrayLike, name: str) -> Tensor:
     J = torch.as_tensor(J)
     if J.ndim != 2 or J.shape[0] != J.shape[1]:
         raise ValueError(f"{name}: expected a square matrix, got shape {tuple(J.shape)}")
