@@ -18,7 +18,7 @@ submission under double-blind review, no arXiv id given; "the paper" below), for
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 from estimators.seeding import Seed, make_generator
 from linops.angles import subspace_similarity_curve
+from linops.params import ParamSpace
 
 __all__ = [
     "LinearityResult",
@@ -39,6 +40,14 @@ __all__ = [
 ]
 
 Tensor = torch.Tensor
+
+
+class _Run(Protocol):
+    """A training run as a function of its initial parameters (``trainers.functional.TrainingRun``)."""
+
+    def final(self, theta0: Tensor, /) -> Tensor:
+        r"""Return the final parameters :math:`\theta_T` of a run from ``theta0``."""
+        ...
 
 
 class LinearityResult(NamedTuple):
@@ -55,7 +64,7 @@ class LinearityResult(NamedTuple):
 
 
 def linearity_test(
-    run: Any,
+    run: _Run,
     theta0: Tensor,
     u: Tensor,
     v: Tensor,
@@ -132,7 +141,7 @@ def ood_inputs(X: Tensor, *, seed: Seed = 0) -> OODInputs:
 
 
 def kl_perturbation(
-    space: Any,
+    space: ParamSpace,
     theta: Tensor,
     directions: Tensor,
     X: Tensor,
@@ -187,7 +196,9 @@ def kl_perturbation(
     return torch.cat(out)
 
 
-def parameter_function_jacobian(space: Any, theta: Tensor, X: Tensor, *, chunk: int = 64) -> Tensor:
+def parameter_function_jacobian(
+    space: ParamSpace, theta: Tensor, X: Tensor, *, chunk: int = 64
+) -> Tensor:
     r"""Dense parameter-function Jacobian :math:`\partial \log g(X;\theta) / \partial\theta` (the paper's section 3.4).
 
     Rows are (example, class) pairs of the log-probabilities on ``X``; shape ``(N C, m)``.
