@@ -149,7 +149,8 @@ class TorchLinearOperator(LinearOperator):
         """
         raise NotImplementedError(
             f"{type(self).__name__}.to: this operator does not implement the "
-            "_to(dtype, device) hook that converts it"
+            "_to(dtype, device) hook that converts it; build it again from inputs in the "
+            "dtype and on the device you want"
         )
 
     def bytes_per_vector(self) -> int:
@@ -163,7 +164,14 @@ class TorchLinearOperator(LinearOperator):
         *,
         device: torch.device | str | None = None,
     ) -> TorchLinearOperator:
-        """Return a new operator whose products run in ``dtype`` on ``device``; ``self`` is unchanged.
+        r"""Return a new operator whose products run in ``dtype`` on ``device``; ``self`` is unchanged.
+
+        Dense operators hold a converted copy of their matrix, composites convert every
+        operand, model operators rebuild on a converted copy of the model and data (the
+        caller's model is never changed) and a training Jacobian recasts :math:`\theta_0` on
+        the same run. This is the way to compute in float64 with a float32 model operator,
+        whose products otherwise run in its own dtype (see the module docstring's dtype
+        policy).
 
         Parameters
         ----------

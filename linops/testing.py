@@ -18,6 +18,8 @@ The strategies build small random models, inputs and operators for property-base
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -40,13 +42,29 @@ __all__ = [
 
 
 class CheckReport(NamedTuple):
-    """Relative errors measured by :func:`check_operator` (``nan`` where a law was not checked)."""
+    """Relative errors measured by :func:`check_operator`; ``skipped`` says what was not checked.
+
+    A law that was not checked has the error ``nan`` and an entry in ``skipped`` (law name ->
+    the reason, and how to run it); ``str(report)`` lists both.
+    """
 
     linearity: float
     adjoint: float
     matvec_matmat: float
     symmetry: float
     dense: float
+    #: the checks that did not run, by field name, with the reason
+    skipped: Mapping[str, str] = MappingProxyType({})
+
+    def __str__(self) -> str:
+        """Return one line per law: its relative error, or ``skipped (reason)``."""
+        lines = []
+        for law in self._fields[:-1]:
+            if law in self.skipped:
+                lines.append(f"{law}: skipped ({self.skipped[law]})")
+            else:
+                lines.append(f"{law}: relative error {getattr(self, law):.3e}")
+        return "\n".join(lines)
 
 
 def check_operator(
@@ -82,7 +100,10 @@ def check_operator(
     Returns
     -------
     CheckReport
-        The relative error of each law.
+        The relative error of each law; ``report.skipped`` maps each law that was not
+        checked (``nan`` in the report) to the reason: ``symmetry`` for an operator that
+        does not claim ``is_symmetric``, ``dense`` for one with more than
+        ``max_dense_size`` columns and no ``dense`` matrix given.
 
     Raises
     ------
@@ -95,6 +116,8 @@ def check_operator(
     >>> report = check_operator(torch.randn(4, 3, dtype=torch.float64))
     >>> report.adjoint < 1e-12
     True
+    >>> report.skipped
+    {'symmetry': 'the operator does not claim is_symmetric'}
     """
     op = aslinearoperator(A)
     m, n = op.shape
@@ -116,11 +139,13 @@ def check_operator(
     _require(adj, tol, "adjoint identity: <A x, y> != <x, A^T y>")
     mv = max(_rel(op @ X[:, i], AX[:, i]) for i in range(num_vectors))
     _require(mv, tol, "matvec/matmat agreement: A @ x differs from column of A @ X")
-    sym = float("nan")
+    sym = den = float("nan")
+    skipped: dict[str, str] = {}
     if op.is_symmetric:
         sym = _rel(AX, op.H @ X)
         _require(sym, tol, "symmetry: the operator claims to be symmetric but A x != A^T x")
-    den = float("nan")
+    else:
+        skipped["symmetry"] = "the operator does not claim is_symmetric"
     if dense is not None:
         D = dense.to(dtype=dtype, device=device)
         den = max(_rel(AX, D @ X), _rel(ATY, D.mH @ Y))
@@ -129,7 +154,12 @@ def check_operator(
         D = op.to_dense()
         den = _rel(D @ X, AX)
         _require(den, tol, "dense agreement: to_dense() @ x differs from A @ x")
-    return CheckReport(lin, adj, mv, sym, den)
+    else:
+        skipped["dense"] = (
+            f"no dense matrix given and the operator has {n} columns > max_dense_size="
+            f"{max_dense_size}; pass dense= or a larger max_dense_size to run it"
+        )
+    return CheckReport(lin, adj, mv, sym, den, skipped)
 
 
 def _adjoint_error(X: torch.Tensor, AX: torch.Tensor, Y: torch.Tensor, ATY: torch.Tensor) -> float:
