@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from estimators.seeding import Seed
+from linops import Data, TorchLinearOperator
 from linops.jacobian import NTKOperator
 from linops.lanczos import lanczos
 
@@ -78,7 +79,9 @@ def layer_parameter_names(model: torch.nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if n.endswith("weight") and p.requires_grad]
 
 
-def _layer_params(model: torch.nn.Module, layer: int | str | Sequence[str] | None) -> Any:
+def _layer_params(
+    model: torch.nn.Module, layer: int | str | Sequence[str] | None
+) -> list[str] | None:
     if layer is None:
         return None
     if isinstance(layer, str):
@@ -117,12 +120,12 @@ def _model_at(model: torch.nn.Module, values: Mapping[str, torch.Tensor] | None)
 
 def gram_operator(
     model: torch.nn.Module,
-    inputs: Any,
+    inputs: Data,
     *,
     layer: int | str | Sequence[str] | None = None,
     values: Mapping[str, torch.Tensor] | None = None,
     output_index: int | None = None,
-    **kwargs: Any,
+    **kwargs: Any,  # forwarded to linops.NTKOperator as they are
 ) -> NTKOperator:
     r"""Return the NTK :math:`K = J J^\top` or a per-layer Gram :math:`J_l J_l^\top` as an operator.
 
@@ -164,7 +167,11 @@ def gram_operator(
 
 
 def gram_extremes(
-    op: Any, *, method: str = "lanczos", rtol: float | None = None, seed: Seed = 0
+    op: TorchLinearOperator | torch.Tensor,
+    *,
+    method: str = "lanczos",
+    rtol: float | None = None,
+    seed: Seed = 0,
 ) -> GramSpectrum:
     r""":math:`\lambda_{\min}` and :math:`\lambda_{\max}` of a symmetric PSD Gram matrix.
 
@@ -204,7 +211,7 @@ def gram_extremes(
 
 def gram_drift(
     model: torch.nn.Module,
-    inputs: Any,
+    inputs: Data,
     values_t: Mapping[str, torch.Tensor],
     values_0: Mapping[str, torch.Tensor] | None = None,
     *,
@@ -311,6 +318,25 @@ def relative_distance(
     return RelativeDistances(per_layer, (diff / max(base, 1e-300)) ** 0.5 if names else 0.0)
 
 
+class _TrainerView(Protocol):
+    """What :class:`GramDrift` reads of a trainer (a ``trainers.Trainer``; estimators do not import trainers)."""
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The trained model."""
+        ...
+
+    @property
+    def values(self) -> Mapping[str, torch.Tensor]:
+        """The current values of the trained parameters."""
+        ...
+
+    @property
+    def initial_values(self) -> Mapping[str, torch.Tensor]:
+        """Their values at step 0."""
+        ...
+
+
 class GramDrift:
     r"""Trainer callback: NTK (and optionally per-layer) Gram drift on a fixed probe set.
 
@@ -331,14 +357,14 @@ class GramDrift:
     """
 
     def __init__(
-        self, inputs: Any, every: int = 1, *, layers: bool = False, method: str = "dense"
+        self, inputs: Data, every: int = 1, *, layers: bool = False, method: str = "dense"
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every: expected a positive integer, got {every!r}")
         self.inputs, self.every, self.layers, self.method = inputs, every, layers, method
         self.records: list[tuple[int, dict[str, float]]] = []
 
-    def __call__(self, trainer: Any, step: int) -> dict[str, float] | None:
+    def __call__(self, trainer: _TrainerView, step: int) -> dict[str, float] | None:
         """Log the Gram drift at steps divisible by ``every`` (else ``None``)."""
         if step % self.every:
             return None
