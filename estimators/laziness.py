@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -53,6 +53,7 @@ from estimators._jacobian_blocks import inputs_tensor, num_outputs, per_sample_b
 from estimators.reference import reference_gram_eigh, reference_jacobian
 from estimators.seeding import Seed, make_generator
 from estimators.selection import select_reference_set
+from linops import Params
 from linops.hessian import OutputHessianOperator
 from linops.jacobian import JacobianOperator
 from linops.lanczos import lanczos
@@ -130,7 +131,7 @@ def hessian_norm(
     *,
     method: str = "exact",
     eps: float | None = None,
-    params: Any = None,
+    params: Params | None = None,
     rtol: float | None = None,
     seed: Seed = 0,
 ) -> HessianNorm:
@@ -178,7 +179,7 @@ def _pick(count: int | None, total: int, gen: torch.Generator) -> torch.Tensor:
 
 def laziness_ratio(
     model: torch.nn.Module,
-    inputs: Any,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
     *,
     num_points: int | None = 8,
     output_indices: Sequence[int] | None = None,
@@ -186,7 +187,7 @@ def laziness_ratio(
     eps: float | None = None,
     reference_size: int | None = None,
     reference_strategy: str = "random",
-    params: Any = None,
+    params: Params | None = None,
     dtype: torch.dtype | None = None,
     rtol: float | None = None,
     seed: Seed = 0,
@@ -298,7 +299,9 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
     return copy.deepcopy(model).to(dtype)
 
 
-def _full_values(space: ParamSpace, values: Any, name: str) -> dict[str, torch.Tensor]:
+def _full_values(
+    space: ParamSpace, values: Mapping[str, torch.Tensor] | torch.Tensor, name: str
+) -> dict[str, torch.Tensor]:
     if isinstance(values, torch.Tensor):
         if values.shape != (space.dim,):
             raise ValueError(
@@ -317,7 +320,7 @@ def _full_values(space: ParamSpace, values: Any, name: str) -> dict[str, torch.T
 
 def jacobian_drift(
     model: torch.nn.Module,
-    inputs: Any,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
     values_t: Mapping[str, torch.Tensor] | torch.Tensor,
     values_0: Mapping[str, torch.Tensor] | torch.Tensor | None = None,
     *,
@@ -375,6 +378,30 @@ def jacobian_drift(
     return math.sqrt(diff / base)
 
 
+class _TrainerView(Protocol):
+    """What :class:`JacobianDrift` reads of a trainer (a ``trainers.Trainer``; estimators do not import trainers)."""
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The trained model."""
+        ...
+
+    @property
+    def space(self) -> ParamSpace:
+        """The trained parameters."""
+        ...
+
+    @property
+    def values(self) -> Mapping[str, torch.Tensor]:
+        """The current values of the trained parameters."""
+        ...
+
+    @property
+    def initial_values(self) -> Mapping[str, torch.Tensor]:
+        """Their values at step 0."""
+        ...
+
+
 class JacobianDrift:
     r"""Trainer callback: :math:`\|J_t - J_0\| / \|J_0\|` on a fixed probe set, every ``every`` steps.
 
@@ -396,7 +423,7 @@ class JacobianDrift:
 
     def __init__(
         self,
-        inputs: Any,
+        inputs: torch.Tensor | Sequence[torch.Tensor],
         every: int = 1,
         *,
         norm: str = "frobenius",
@@ -407,7 +434,7 @@ class JacobianDrift:
         self.inputs, self.every, self.norm, self.output_index = inputs, every, norm, output_index
         self.records: list[tuple[int, float]] = []
 
-    def __call__(self, trainer: Any, step: int) -> dict[str, float] | None:
+    def __call__(self, trainer: _TrainerView, step: int) -> dict[str, float] | None:
         """Log the Jacobian drift at steps divisible by ``every`` (else ``None``)."""
         if step % self.every:
             return None
