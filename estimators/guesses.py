@@ -143,7 +143,7 @@ class Guess(NamedTuple):
     loss: torch.Tensor
     grads: dict[str, torch.Tensor]
     jvps: torch.Tensor
-    tangents: Any
+    tangents: list[torch.Tensor | None] | dict[str, torch.Tensor]
 
 
 def _noise(like: torch.Tensor, gen: torch.Generator | None, kind: str) -> torch.Tensor:
@@ -239,7 +239,11 @@ class GradientGuesser:
 
 
 def _check_inputs(
-    model: Any, values: Any, x: torch.Tensor, y: torch.Tensor, loss_fn: Any
+    model: nn.Module | ParamSpace,
+    values: Mapping[str, torch.Tensor] | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
 ) -> tuple[ParamSpace, dict[str, torch.Tensor]]:
     if isinstance(model, ParamSpace):
         space = model
@@ -600,7 +604,10 @@ GUESSERS: dict[str, type[GradientGuesser]] = {
 }
 
 
-def make_guesser(name: str, **options: Any) -> GradientGuesser:
+def make_guesser(
+    name: str,
+    **options: Any,  # forwarded to the guesser's constructor as they are
+) -> GradientGuesser:
     """Make a guesser by its name (a key of :data:`GUESSERS`), configured with ``options``.
 
     Raises
