@@ -103,7 +103,7 @@ def find_layers(space: ParamSpace, x: torch.Tensor) -> list[Layer]:
     }
     order: list[nn.Module] = []
 
-    def hook(module: nn.Module, args: Any, out: Any) -> None:
+    def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
         if module in order:
             raise ValueError(
                 f"model: expected each Linear/Conv2d layer to run once per forward pass, "
@@ -137,7 +137,7 @@ def find_layers(space: ParamSpace, x: torch.Tensor) -> list[Layer]:
     return layers
 
 
-def _call(space: ParamSpace, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> Any:
+def _call(space: ParamSpace, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return space.functional_call(params, x)
 
 
@@ -153,7 +153,7 @@ def record_pass(
     raw: list[Any] = [None] * len(layers)
     leaves: list[Any] = [None] * len(layers)
 
-    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+    def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
         i = modules[module]
         inputs[i], raw[i] = args[0], out
         leaves[i] = out.detach().requires_grad_(True)
@@ -224,7 +224,7 @@ def preactivation_jvp(
     given = {i: t for i, t in enumerate(tangents) if t is not None}
     deltas: dict[int, torch.Tensor] = {}
 
-    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+    def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
         return out + deltas[modules[module]]
 
     handles = [layers[i].module.register_forward_hook(hook) for i in active]
@@ -250,7 +250,7 @@ def preactivation_jvp(
             h.remove()
 
 
-def _pair(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair(out: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(primal, tangent)`` of a forward-mode result (an unpacked dual or ``jvp``'s pair)."""
     primal, tangent = out[0], out[1]
     return primal, tangent
