@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from estimators.kernel import relative_distance
 from estimators.seeding import Seed, make_generator
+from linops import Params
 from linops.params import ParamSpace
 
 __all__ = ["Callback", "Direction", "History", "RelativeDistance", "Trainer", "make_optimizer"]
@@ -102,7 +103,7 @@ class RelativeDistance:
 def make_optimizer(
     values: Iterable[torch.Tensor],
     optimizer: str | Callable[..., torch.optim.Optimizer],
-    **kw: Any,
+    **kw: Any,  # the optimizer's own options, forwarded as they are (a factory's are open)
 ) -> torch.optim.Optimizer:
     """Make a torch optimizer of the leaf tensors ``values``, by name or from a factory.
 
@@ -152,8 +153,8 @@ class Trainer:
         loss_fn: LossFn,
         *,
         optimizer: str | Callable[..., torch.optim.Optimizer] = "sgd",
-        params: Any = None,
-        **optimizer_kw: Any,
+        params: Params | None = None,
+        **optimizer_kw: Any,  # forwarded to make_optimizer
     ) -> None:
         self.model, self.loss_fn = model, loss_fn
         self.space = ParamSpace(model, params)
@@ -170,7 +171,9 @@ class Trainer:
         raise NotImplementedError
 
     # --------------------------------------------------------------- shared machinery
-    def forward(self, x: torch.Tensor, values: Mapping[str, torch.Tensor] | None = None) -> Any:
+    def forward(
+        self, x: torch.Tensor, values: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Model outputs at the trainer's (or the given) parameters."""
         return self.space.functional_call(values if values is not None else self.values, x)
 
