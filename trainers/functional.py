@@ -30,7 +30,7 @@ import contextlib
 import functools
 import hashlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from estimators.seeding import Seed, make_generator
+from linops import Params
 from linops.params import ParamSpace
 from trainers._hvp import ChainEngine, FuncEngine, make_engine, resolve_loss
 from trainers._optim import SGD, Adam, AdamW, FunctionalOptimizer
@@ -209,7 +210,7 @@ class TrainingRun:
         optimizer: FunctionalOptimizer,
         lr: Schedule | float = 0.1,
         *,
-        params: Any = None,
+        params: Params | None = None,
         engine: str = "auto",
         checkpoint_every: int | None = None,
         memory_limit_bytes: int = 1 << 30,
@@ -372,8 +373,12 @@ class _MeanMSEMode(TorchFunctionMode):
     """
 
     def __torch_function__(
-        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
-    ) -> Any:
+        self,
+        func: Callable[..., Any],
+        types: Iterable[type],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:  # whatever the intercepted torch function returns
         kwargs = kwargs or {}
         if (
             func is torch.nn.functional.mse_loss
