@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -75,6 +75,7 @@ import torch
 from estimators.reference import eigenvalue_threshold, reference_gram_eigh, reference_jacobian
 from estimators.seeding import Seed, make_generator
 from estimators.selection import select_reference_set
+from linops import Params
 from linops.jacobian import JacobianOperator
 from trainers._base import Direction, LossFn, Trainer
 
@@ -138,13 +139,13 @@ class LowRankUpdate(NamedTuple):
     outputs: torch.Tensor
 
 
-def _check_choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
+def _check_choice(value: str, name: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
     return value
 
 
-def _check_int(value: Any, name: str, low: int = 1) -> int:
+def _check_int(value: object, name: str, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
     return value
@@ -157,7 +158,7 @@ def _reference_blocks(
     d: int,
     *,
     reference_size: int,
-    strategy: Any,
+    strategy: str | Sequence[int] | torch.Tensor,
     per_unit: bool,
     center: bool,
     gen: torch.Generator,
@@ -203,7 +204,7 @@ def lowrank_factors(
     *,
     values: dict[str, torch.Tensor] | None = None,
     reference_size: int | None = None,
-    strategy: Any = "random",
+    strategy: str | Sequence[int] | torch.Tensor = "random",
     per_unit: bool = True,
     center: bool = False,
     projection: str = "parameter",
@@ -430,7 +431,7 @@ class LowRankJacobianTrainer(Trainer):
         *,
         rank: int,
         reference_size: int | None = None,
-        strategy: Any = "random",
+        strategy: str | Sequence[int] | torch.Tensor = "random",
         per_unit: bool = True,
         center: bool = False,
         projection: str = "parameter",
@@ -441,8 +442,8 @@ class LowRankJacobianTrainer(Trainer):
         batch_size: int | None = None,
         seed: Seed = 0,
         optimizer: str | Callable[..., torch.optim.Optimizer] = "sgd",
-        params: Any = None,
-        **optimizer_kw: Any,
+        params: Params | None = None,
+        **optimizer_kw: Any,  # forwarded to the optimizer (see Trainer)
     ) -> None:
         if not isinstance(X_train, torch.Tensor) or X_train.ndim < 1 or len(X_train) == 0:
             raise TypeError(
@@ -460,7 +461,7 @@ class LowRankJacobianTrainer(Trainer):
         if refresh_tol is not None and not (math.isfinite(refresh_tol) and refresh_tol > 0):
             raise ValueError(f"refresh_tol: expected a positive number, got {refresh_tol!r}")
         self.refresh_every, self.refresh_tol = refresh_every, refresh_tol
-        self.options = {
+        self.options: dict[str, Any] = {  # lowrank_factors keywords
             "reference_size": reference_size,
             "strategy": strategy,
             "per_unit": bool(per_unit),
