@@ -19,6 +19,7 @@ import torch
 from estimators.guess_quality import guess_cosine, true_gradient
 from estimators.guesses import GradientGuesser, Guess, make_guesser
 from estimators.seeding import Seed, make_generator
+from linops import Params
 from trainers._base import Direction, LossFn, Trainer
 
 __all__ = ["ForwardGradientTrainer", "GuessCosine"]
@@ -75,9 +76,9 @@ class ForwardGradientTrainer(Trainer):
         *,
         guesser: GradientGuesser | str,
         optimizer: str | Callable[..., torch.optim.Optimizer] = "sgd",
-        params: Any = None,
+        params: Params | None = None,
         seed: Seed = 0,
-        **optimizer_kw: Any,
+        **optimizer_kw: Any,  # forwarded to the optimizer (see Trainer)
     ) -> None:
         if isinstance(guesser, str):
             guesser = make_guesser(guesser)
