@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from estimators.seeding import Seed, make_generator
+from linops import Params
 from trainers._base import Direction, Trainer, make_optimizer
 from trainers._schedules import Schedule, as_schedule
 
@@ -70,8 +71,8 @@ class SubspaceTrainer(Trainer):
         theta0: torch.Tensor | None = None,
         optimizer: str | Callable[..., torch.optim.Optimizer] = "sgd",
         lr: float | Schedule = 0.1,
-        params: Any = None,
-        **optimizer_kw: Any,
+        params: Params | None = None,
+        **optimizer_kw: Any,  # forwarded to the optimizer (see Trainer)
     ) -> None:
         self.schedule = as_schedule(lr)
         super().__init__(
@@ -106,7 +107,9 @@ class SubspaceTrainer(Trainer):
         r""":math:`\theta_0 + P z` (flat)."""
         return self.theta0 + self.basis @ (self.values["z"] if z is None else z)
 
-    def forward(self, x: torch.Tensor, values: Mapping[str, torch.Tensor] | None = None) -> Any:
+    def forward(
+        self, x: torch.Tensor, values: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         r"""Model outputs at :math:`\theta_0 + P z`."""
         z = (values or self.values)["z"]
         return self.space.functional_call(self.space.unflatten(self.theta(z)), x)
