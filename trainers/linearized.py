@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from linops import Params
 from linops.jacobian import JacobianOperator
 from trainers._base import Direction, History, LossFn, Trainer
 
@@ -95,10 +96,10 @@ class LinearizedTrainer(Trainer):
         loss_fn: LossFn,
         *,
         optimizer: str | Callable[..., torch.optim.Optimizer] = "sgd",
-        params: Any = None,
+        params: Params | None = None,
         evaluate_linearized: bool = True,
         cache_graph: bool = True,
-        **optimizer_kw: Any,
+        **optimizer_kw: Any,  # forwarded to the optimizer (see Trainer)
     ) -> None:
         super().__init__(model, loss_fn, optimizer=optimizer, params=params, **optimizer_kw)
         self.evaluate_linearized = bool(evaluate_linearized)
@@ -133,7 +134,9 @@ class LinearizedTrainer(Trainer):
     def _outputs(self, lin: _Linearization) -> torch.Tensor:
         return lin.f0 + (lin.J @ self._delta()).reshape(lin.f0.shape)
 
-    def forward(self, x: torch.Tensor, values: Mapping[str, torch.Tensor] | None = None) -> Any:
+    def forward(
+        self, x: torch.Tensor, values: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Linearized outputs (or the network's, see ``evaluate_linearized`` / ``values``)."""
         if values is not None or not self.evaluate_linearized:
             return super().forward(x, values)
@@ -157,7 +160,7 @@ class LinearizedTrainer(Trainer):
         *,
         batch_size: int | None = None,
         shuffle: bool = True,
-        **kwargs: Any,
+        **kwargs: Any,  # Trainer.fit's options, forwarded
     ) -> History:
         """As :meth:`Trainer.fit`; a full batch (``batch_size`` None or ``>= len(X)``) is not shuffled."""
         if batch_size is None or batch_size >= len(X):
