@@ -22,7 +22,7 @@ __all__ = ["laziness_report"]
 
 def laziness_report(
     model: torch.nn.Module,
-    inputs: Any,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
     *,
     num_points: int = 4,
     output_indices: Sequence[int] | None = (0,),
