@@ -12,10 +12,12 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from linops._types import ProcessGroup
 
 __all__ = [
     "DistributedError",
@@ -51,24 +53,26 @@ class DistributedError(RuntimeError):
         self.failed_ranks = list(failed_ranks)
 
 
-def world_rank(process_group: Any) -> tuple[int, int]:
+def world_rank(process_group: ProcessGroup | None) -> tuple[int, int]:
     if process_group is None and not (dist.is_available() and dist.is_initialized()):
         return 1, 0
     return dist.get_world_size(process_group), dist.get_rank(process_group)
 
 
-def group_or_world(process_group: Any) -> Any:
-    return process_group if process_group is not None else dist.group.WORLD
+def group_or_world(process_group: ProcessGroup | None) -> ProcessGroup:
+    # dist.group.WORLD is typed optional: it is None only before init_process_group, and
+    # callers run collectives (a default group exists)
+    return process_group if process_group is not None else dist.group.WORLD  # type: ignore[return-value]
 
 
-def group_device(process_group: Any) -> torch.device:
+def group_device(process_group: ProcessGroup | None) -> torch.device:
     backend = dist.get_backend(process_group)
     if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def operator_tag(op: Any) -> int:
+def operator_tag(op: object) -> int:
     """Return a small integer naming the operator's class (equal across ranks)."""
     return zlib.crc32(type(op).__name__.encode()) % (1 << 31)
 
@@ -122,7 +126,7 @@ def _per_rank(name: str, values: list[float]) -> str:
 
 
 def guarded(
-    group: Any,
+    group: ProcessGroup | None,
     local: Callable[[], T],
     *,
     device: torch.device,
@@ -178,7 +182,7 @@ def guarded(
 
 
 def _raise_failure(
-    group: Any, error: BaseException | None, what: str, device: torch.device
+    group: ProcessGroup | None, error: BaseException | None, what: str, device: torch.device
 ) -> None:
     """Share every rank's error message (fixed-size byte rows summed in one all-reduce)."""
     world, me = world_rank(group)
