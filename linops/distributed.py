@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -54,6 +54,15 @@ from linops._collective import (
     operator_tag,
     world_rank,
 )
+from linops._types import ProcessGroup
+
+if TYPE_CHECKING:  # pragma: no cover
+    from linops._checkpoint import ColumnCheckpoint
+    from linops._model import ModelOperator
+    from linops.base import TorchLinearOperator
+
+#: what :func:`shard` splits and returns: a tensor, or a tuple or list of tensors
+ShardT = TypeVar("ShardT", torch.Tensor, tuple[torch.Tensor, ...], list[torch.Tensor])
 
 __all__ = [
     "DistributedError",
@@ -66,7 +75,9 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- sharding
-def shard_range(n: int, process_group: Any = None, *, rank: int | None = None) -> range:
+def shard_range(
+    n: int, process_group: ProcessGroup | None = None, *, rank: int | None = None
+) -> range:
     r"""Return the contiguous index range of ``n`` items owned by a rank (balanced, in rank order).
 
     Rank :math:`r` of :math:`P` owns :math:`[\lfloor rn/P \rfloor, \lfloor (r+1)n/P
@@ -98,7 +109,7 @@ def _split(n: int, world: int, rank: int) -> range:
     return range(rank * n // world, (rank + 1) * n // world)
 
 
-def shard(data: Any, process_group: Any = None) -> Any:
+def shard(data: ShardT, process_group: ProcessGroup | None = None) -> ShardT:
     """Return this rank's contiguous shard of a tensor or of an ``(X, y)`` pair of tensors.
 
     Parameters
@@ -134,7 +145,7 @@ def shard(data: Any, process_group: Any = None) -> Any:
     )
 
 
-def shared_seed(process_group: Any = None, seed: int | None = None) -> int:
+def shared_seed(process_group: ProcessGroup | None = None, seed: int | None = None) -> int:
     """Return a seed that every rank agrees on: rank 0's ``seed`` (or fresh entropy), broadcast.
 
     Random start and probe vectors of ``lanczos``, ``svds``, ``randomized_svd`` and the trace
@@ -159,7 +170,7 @@ def shared_seed(process_group: Any = None, seed: int | None = None) -> int:
     return int(t.item())
 
 
-def is_data_parallel(op: Any) -> bool:
+def is_data_parallel(op: object) -> bool:
     """Whether ``op`` (or an operand of a composite) runs collectives in its products."""
     if getattr(op, "process_group", None) is not None:
         return True
@@ -169,7 +180,7 @@ def is_data_parallel(op: Any) -> bool:
 
 
 # --------------------------------------------------------------------------- operator products
-def global_num_samples(op: Any) -> int:
+def global_num_samples(op: ModelOperator) -> int:
     """Return the number of samples over all ranks of ``op.process_group`` (forces the local batches)."""
     group = op.process_group
     n = guarded(
@@ -188,7 +199,7 @@ def global_num_samples(op: Any) -> int:
     return int(t.item())
 
 
-def global_sum(op: Any, local: Callable[[], float], *, what: str) -> float:
+def global_sum(op: ModelOperator, local: Callable[[], float], *, what: str) -> float:
     """Return the sum over the ranks of ``op.process_group`` of ``local()`` (e.g. a loss normaliser).
 
     Guarded like every step here: if ``local`` raises on one rank, every rank raises
@@ -211,7 +222,7 @@ def global_sum(op: Any, local: Callable[[], float], *, what: str) -> float:
 
 
 def gather_counts(
-    op: Any, local: Callable[[], tuple[int, dict[str, int]]], *, device: torch.device
+    op: ModelOperator, local: Callable[[], tuple[int, dict[str, int]]], *, device: torch.device
 ) -> list[int]:
     """Every rank's count, in rank order; ``local() -> (count, signature)``.
 
@@ -233,7 +244,7 @@ def gather_counts(
     return [int(v) for v in t.tolist()]
 
 
-def data_parallel_apply(op: Any, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
+def data_parallel_apply(op: ModelOperator, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
     """Return the product of a data-parallel :class:`linops.base.TorchLinearOperator`, replicated.
 
     ``op`` sums over data (one all-reduce of the local products) unless it has
@@ -286,7 +297,7 @@ def data_parallel_apply(op: Any, X: torch.Tensor, adjoint: bool) -> torch.Tensor
     return out
 
 
-def _gather_rows(local: torch.Tensor, rows: list[int], group: Any) -> torch.Tensor:
+def _gather_rows(local: torch.Tensor, rows: list[int], group: ProcessGroup | None) -> torch.Tensor:
     """Concatenate every rank's rows in rank order (padded to equal size for the backends)."""
     width = max(rows)
     padded = torch.zeros(width, local.shape[1], dtype=local.dtype, device=local.device)
@@ -298,8 +309,8 @@ def _gather_rows(local: torch.Tensor, rows: list[int], group: Any) -> torch.Tens
 
 # --------------------------------------------------------------------------- dense, by columns
 def dense_columns(
-    op: Any,
-    process_group: Any = None,
+    op: TorchLinearOperator,
+    process_group: ProcessGroup | None = None,
     *,
     max_vectors: int | None = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
@@ -369,12 +380,12 @@ def dense_columns(
     starts = list(range(0, n, chunk))
     mine = [starts[i] for i in _split(len(starts), world, me)]
 
-    def open_checkpoint() -> Any:
+    def open_checkpoint() -> ColumnCheckpoint | None:
         if checkpoint_dir is None:
             return None
         return open_column_checkpoint(op, checkpoint_dir, chunk)
 
-    def local(ckpt: Any) -> torch.Tensor:
+    def local(ckpt: ColumnCheckpoint | None) -> torch.Tensor:
         out = torch.zeros(m, n, dtype=op.torch_dtype, device=op.device)
         for start in mine:
             stop = min(n, start + chunk)
@@ -401,7 +412,9 @@ def dense_columns(
     return dense
 
 
-def open_column_checkpoint(op: Any, directory: str | os.PathLike[str], chunk: int) -> Any:
+def open_column_checkpoint(
+    op: TorchLinearOperator, directory: str | os.PathLike[str], chunk: int
+) -> ColumnCheckpoint:
     """Return the :class:`linops._checkpoint.ColumnCheckpoint` of ``op``'s dense matrix.
 
     The matrix is stored in chunks of ``chunk`` columns, identified by
@@ -417,7 +430,9 @@ def open_column_checkpoint(op: Any, directory: str | os.PathLike[str], chunk: in
     return ColumnCheckpoint(directory, shape=(m, n), dtype=dtype, fingerprint=fingerprint)
 
 
-def _chunk(op: Any, start: int, stop: int, ckpt: Any) -> torch.Tensor:
+def _chunk(
+    op: TorchLinearOperator, start: int, stop: int, ckpt: ColumnCheckpoint | None
+) -> torch.Tensor:
     if ckpt is not None:
         saved = ckpt.load(start, stop)  # None if missing, or damaged (warned, deleted)
         if saved is not None:
