@@ -33,12 +33,18 @@ import hashlib
 import inspect
 import re
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import PurePath
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias, TypeGuard
 
 import numpy as np
 import torch
+
+from linops._types import SparseMatrix
+
+if TYPE_CHECKING:  # pragma: no cover
+    from linops.base import TorchLinearOperator
+    from linops.params import ParamSpace
 
 __all__ = ["operator_fingerprint", "value_fingerprint"]
 
@@ -73,9 +79,12 @@ _ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
 #: objects nested deeper than this (through attributes of plain objects) are hashed by type
 _MAX_DEPTH = 32
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
+#: anything a fingerprint meets (the hasher dispatches on its type; ``object`` is shadowed by
+#: :meth:`_Hasher.object` inside the class)
+_Value: TypeAlias = object
 
 
-def operator_fingerprint(op: Any) -> str:
+def operator_fingerprint(op: TorchLinearOperator) -> str:
     """SHA-256 (hex) of everything the columns of ``op`` depend on.
 
     Parameters
@@ -104,18 +113,18 @@ def operator_fingerprint(op: Any) -> str:
     return h.hexdigest()
 
 
-def value_fingerprint(value: Any) -> str:
+def value_fingerprint(value: object) -> str:
     """SHA-256 (hex) of a value: tensors, modules, callables, plain data, objects."""
     h = _Hasher()
     h.value(value)
     return h.hexdigest()
 
 
-def _qualname(obj: Any) -> str:
+def _qualname(obj: object) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
 
 
-def _is_operator(obj: Any) -> bool:
+def _is_operator(obj: object) -> TypeGuard[TorchLinearOperator]:
     from scipy.sparse.linalg import LinearOperator
 
     return isinstance(obj, LinearOperator) and hasattr(obj, "torch_dtype")
@@ -127,7 +136,7 @@ class _Hasher:
     def __init__(self) -> None:
         self._h = hashlib.sha256()
         self._seen: dict[int, int] = {}
-        self._keep: list[Any] = []  # keeps memoised objects alive, so ids stay unique
+        self._keep: list[_Value] = []  # keeps memoised objects alive, so ids stay unique
         self._depth = 0
 
     def hexdigest(self) -> str:
@@ -138,7 +147,7 @@ class _Hasher:
         self._h.update(f"{tag}:{len(raw)}:".encode())
         self._h.update(raw)
 
-    def _first_visit(self, obj: Any) -> bool:
+    def _first_visit(self, obj: _Value) -> bool:
         """Whether ``obj`` is new; a repeat is hashed as a reference to its first visit."""
         if id(obj) in self._seen:
             self.field("ref", str(self._seen[id(obj)]))
@@ -148,7 +157,7 @@ class _Hasher:
         return True
 
     # ------------------------------------------------------------------ operators
-    def operator(self, op: Any) -> None:
+    def operator(self, op: TorchLinearOperator) -> None:
         if not self._first_visit(op):
             return
         self.field("operator", _qualname(type(op)))
@@ -163,7 +172,7 @@ class _Hasher:
             return
         self._options(op)
 
-    def _options(self, op: Any) -> None:
+    def _options(self, op: TorchLinearOperator) -> None:
         done = {"run", "theta0", "space", "batches", "model"}
         done |= set(getattr(op, "fingerprint_exclude", ()))
         for name in sorted(vars(op)):
@@ -178,7 +187,7 @@ class _Hasher:
                 self.field("attribute", name)
                 self.value(getattr(op, name))
 
-    def _model_operator(self, op: Any) -> None:
+    def _model_operator(self, op: TorchLinearOperator) -> None:  # a model operator
         self.field("section", "parameters")
         self.param_space(op.space)
         self.field("section", "model")
@@ -187,7 +196,7 @@ class _Hasher:
         for batch in op.batches:
             self.value(tuple(batch) if isinstance(batch, tuple | list) else batch)
 
-    def _training(self, op: Any) -> None:
+    def _training(self, op: TorchLinearOperator) -> None:  # a TrainingJacobianOperator
         run = op.run
         self.field("section", "run")
         self.field("run class", _qualname(type(run)))
@@ -199,7 +208,7 @@ class _Hasher:
         self.field("section", "theta0")
         self.tensor(op.theta0)
 
-    def param_space(self, space: Any) -> None:
+    def param_space(self, space: ParamSpace) -> None:
         if not self._first_visit(space):
             return
         self.field("names", repr(list(space.names)))
@@ -209,7 +218,7 @@ class _Hasher:
         self.module(space.model)
 
     # ------------------------------------------------------------------ values
-    def value(self, v: Any) -> None:
+    def value(self, v: _Value) -> None:
         if isinstance(v, _PLAIN):
             self.field(type(v).__name__, repr(v))
         elif isinstance(v, enum.Enum):
@@ -238,7 +247,7 @@ class _Hasher:
         elif isinstance(v, torch.nn.Module):
             self.module(v)
         elif hasattr(v, "names") and callable(getattr(v, "values", None)) and hasattr(v, "model"):
-            self.param_space(v)
+            self.param_space(v)  # type: ignore[arg-type]  # duck-typed: names, values(), model
         elif isinstance(v, types.ModuleType):
             self.field("python module", v.__name__)
         elif isinstance(v, type):
@@ -270,7 +279,7 @@ class _Hasher:
         self.field("array", f"{a.dtype.str} {a.shape}")
         self.field("bytes", np.ascontiguousarray(a).tobytes())
 
-    def _sparse(self, s: Any) -> None:
+    def _sparse(self, s: SparseMatrix) -> None:
         csr = s.tocsr()
         csr.sum_duplicates()
         csr.sort_indices()
@@ -305,7 +314,7 @@ class _Hasher:
             self.tensor(b)
 
     # ------------------------------------------------------------------ callables
-    def callable(self, fn: Any) -> None:
+    def callable(self, fn: _Value) -> None:
         if isinstance(fn, functools.partial):
             self.field("partial", "")
             self.value(fn.func)
@@ -370,7 +379,7 @@ class _Hasher:
                 self.value(const)
 
     # ------------------------------------------------------------------ other objects
-    def object(self, obj: Any) -> None:
+    def object(self, obj: _Value) -> None:
         if not self._first_visit(obj):
             return
         cls = type(obj)
@@ -383,7 +392,7 @@ class _Hasher:
         finally:
             self._depth -= 1
 
-    def _object_state(self, obj: Any, cls: type) -> None:
+    def _object_state(self, obj: _Value, cls: type) -> None:
         call = inspect.getattr_static(cls, "__call__", None)
         if isinstance(call, types.FunctionType):
             self.code(call.__code__)
@@ -404,7 +413,7 @@ class _Hasher:
             self.field("repr", _ADDRESS.sub("0x?", repr(obj)))
 
 
-def _as_tuple(slots: Any) -> tuple:
+def _as_tuple(slots: str | Iterable[str]) -> tuple:
     return (slots,) if isinstance(slots, str) else tuple(slots)
 
 
@@ -416,7 +425,7 @@ def _global_names(co: types.CodeType) -> set[str]:
     return names
 
 
-def _is_sparse(v: Any) -> bool:
+def _is_sparse(v: object) -> TypeGuard[SparseMatrix]:
     try:
         import scipy.sparse
     except ImportError:  # pragma: no cover
