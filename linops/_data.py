@@ -1,15 +1,24 @@
-"""Datasets behind operators: normalised once into a fixed list of batches on the device.
+"""Datasets behind operators: a fixed order of batches, cached on the device while they fit.
 
 An operator over a dataset is a sum over batches. ``data`` may be a tensor of inputs, an
-``(X, y)`` pair of tensors, or any iterable of batches (a ``DataLoader``). Batches are moved to
-the operator's device and cast to its floating dtype once, at the first product, and then kept:
-the order is therefore fixed. A loader that reshuffles between passes is refused, because the
-operator it defines would change from one product to the next.
+``(X, y)`` pair of tensors, a dict of tensors (keyword inputs of the model and, under
+``label_key``, the targets), or any iterable of batches (a ``DataLoader``) whose batches are
+tensors, ``(x, y)`` pairs or dicts. The order is fixed: a loader that reshuffles between
+passes is refused, because the operator it defines would change from one product to the next.
+
+Each batch is moved to the operator's device and cast to its floating dtype when a product
+needs it (from pinned host memory, without blocking, on CUDA). Batches are kept on the
+device while they fit in the operator's memory budget (:mod:`linops.memory`); beyond it the
+rest are *streamed*: drawn from the loader again at every product and freed after use, so a
+dataset never has to fit in memory and a streamed pass holds one batch at a time. A cached
+and a streamed batch are prepared by the same code, so the products are the same, bit for
+bit. A one-shot iterator (a generator, ``iter(loader)``) cannot be drawn twice: it is kept
+whole, whatever the budget.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, cast
 
 import numpy as np
@@ -18,6 +27,8 @@ from torch import nn
 from torch.utils.data import BatchSampler
 
 from linops._checks import check_finite, check_positive_or_none
+from linops.memory import MemoryBudget
+from linops.params import KeywordInputs
 
 _STATEFUL_IN_TRAINING = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
@@ -83,19 +94,34 @@ def _fixed_order(sampler: Any) -> bool:
     return first == second
 
 
+Batch = tuple[Any, torch.Tensor | None]
+
+
 class Batches:
-    """A fixed list of ``(x, y)`` batches on one device (``y`` is ``None`` for inputs only).
+    """A fixed order of ``(x, y)`` batches on one device (``y`` is ``None`` for inputs only).
+
+    ``x`` is a tensor, or :class:`linops.params.KeywordInputs` for dict batches.
 
     Parameters
     ----------
     data
-        Inputs tensor, ``(X, y)`` pair, or iterable of batches (tensors or ``(x, y)`` pairs).
+        Inputs tensor, ``(X, y)`` pair, dict of tensors, or iterable of batches (tensors,
+        ``(x, y)`` pairs or dicts).
     dtype, device
         Floating inputs and targets are cast to ``dtype``; everything moves to ``device``.
     targets
         Whether the operator needs targets (loss-based operators) or only inputs.
     batch_size
-        For tensor data, split into batches of this many samples (default: one batch).
+        For tensor (or dict of tensors) data, split into batches of this many samples
+        (default: one batch).
+    allow_reshuffle
+        Skip the check that refuses a reshuffling ``DataLoader``.
+    budget
+        The ledger batches are kept against (:class:`linops.memory.MemoryBudget`); ``None``
+        keeps every batch.
+    label_key
+        The key of the targets in dict batches (``"labels"``); the other keys are the
+        model's keyword inputs.
     """
 
     def __init__(
@@ -107,11 +133,15 @@ class Batches:
         targets: bool,
         batch_size: int | None = None,
         allow_reshuffle: bool = False,
+        budget: MemoryBudget | None = None,
+        label_key: str | None = None,
     ) -> None:
         check_loader(data, allow_reshuffle=allow_reshuffle)
         if isinstance(batch_size, bool | np.integer):  # refused as before: not a plain int
             raise ValueError(f"batch_size: expected a positive integer or None, got {batch_size!r}")
         check_positive_or_none(batch_size, "batch_size")
+        if label_key is not None and not isinstance(label_key, str):
+            raise TypeError(f"label_key: expected a string or None, got {type(label_key).__name__}")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(
                 "device: expected an available device, got 'cuda' while "
@@ -122,26 +152,111 @@ class Batches:
                 check_finite(t, "data", "targets" if i == 1 and targets else "inputs")
         self._source, self._dtype, self._device = data, dtype, device
         self._targets, self._batch_size = targets, batch_size
-        self._batches: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self._budget, self.label_key = budget, label_key
+        #: the first batches, kept on the device (all of them unless some did not fit)
+        self._cached: list[Batch] = []
+        #: whether a batch did not fit: it and every later one are streamed
+        self.streaming = False
+        self._num_batches: int | None = None
+        self._num_samples: int | None = None
+        #: whether the batches are keyword inputs (dicts), known once one has been drawn
+        self.keyword_inputs = False
 
-    def __iter__(self) -> Any:
-        return iter(self.batches)
+    # ----------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator[Any]:
+        if self._num_batches is not None and len(self._cached) == self._num_batches:
+            return iter(self._cached)  # everything kept
+        if isinstance(self._source, Iterator):  # one-shot: drawn whole, kept whatever it costs
+            return iter(self._draw_all())
+        return self._pass()
+
+    def _pass(self) -> Iterator[Batch]:
+        count = samples = 0
+        for i, raw in enumerate(self._split(self._source)):
+            if i < len(self._cached):
+                batch = self._cached[i]
+            else:
+                batch, nbytes = self._prepare(raw, i)
+                if not self.streaming and i == len(self._cached):
+                    if self._budget is None or self._budget.reserve(nbytes, "batches"):
+                        self._cached.append(batch)
+                    else:
+                        self.streaming = True
+            count, samples = count + 1, samples + len(batch[0])
+            yield batch
+        self._finish(count, samples)
+
+    def _draw_all(self) -> list[Batch]:
+        if self._num_batches is None:
+            for i, raw in enumerate(self._split(self._source)):
+                batch, nbytes = self._prepare(raw, i)
+                if self._budget is not None and not self._budget.reserve(nbytes, "batches"):
+                    self._budget.kept["batches"] += nbytes  # kept anyway: cannot be redrawn
+                    self._budget.counts["batches"] += 1
+                self._cached.append(batch)
+            self._finish(len(self._cached), sum(len(x) for x, _ in self._cached))
+        return self._cached
+
+    def _finish(self, count: int, samples: int) -> None:
+        if count == 0 or samples == 0:
+            raise ValueError("data: expected at least one sample, got an empty dataset")
+        if self._num_batches is not None and count != self._num_batches:
+            raise ValueError(
+                f"data: the loader gave {count} batches in this pass and {self._num_batches} "
+                "in the first; expected a fixed dataset"
+            )
+        self._num_batches, self._num_samples = count, samples
 
     def __len__(self) -> int:
-        return len(self.batches)
+        if self._num_batches is None:
+            for _ in self:  # one pass (keeps what fits)
+                pass
+        assert self._num_batches is not None
+        return self._num_batches
+
+    def first(self) -> Batch:
+        """Return the first batch (drawn, not the whole dataset)."""
+        for batch in self:
+            return batch
+        raise ValueError("data: expected at least one sample, got an empty dataset")
 
     @property
-    def batches(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        if self._batches is None:
-            self._batches = [self._prepare(b, i) for i, b in enumerate(self._split(self._source))]
-            if not self._batches or self.num_samples == 0:
-                raise ValueError("data: expected at least one sample, got an empty dataset")
-        return self._batches
+    def batches(self) -> list[Batch]:
+        """Return all batches as a list (every batch in memory at once: prefer iterating)."""
+        return list(self)
 
     @property
     def num_samples(self) -> int:
-        return sum(len(x) for x, _ in self.batches)
+        """Return the number of samples (one pass over the data the first time)."""
+        if self._num_samples is None:
+            len(self)
+        assert self._num_samples is not None
+        return self._num_samples
 
+    @property
+    def num_cached(self) -> int:
+        """Return the number of batches kept on the device."""
+        return len(self._cached)
+
+    def like(
+        self, dtype: torch.dtype, device: torch.device, budget: MemoryBudget | None
+    ) -> Batches:
+        """Return the same data for another dtype or device (a one-shot iterator's batches)."""
+        source = self._source
+        if isinstance(source, Iterator):
+            source = self._draw_all()  # already drawn (or drawn now): its batches, re-prepared
+        return Batches(
+            source,
+            dtype=dtype,
+            device=device,
+            targets=self._targets,
+            batch_size=self._batch_size,
+            allow_reshuffle=True,  # checked when the first was made
+            budget=budget,
+            label_key=self.label_key,
+        )
+
+    # ----------------------------------------------------------------- preparation
     def _split(self, data: Any) -> Iterable[Any]:
         if isinstance(data, np.ndarray):
             data = _as_tensor(data, "inputs")
@@ -153,6 +268,8 @@ class Batches:
                     for i, t in enumerate(data)
                 ),
             )
+        if isinstance(data, Mapping):  # one dict of tensors: the whole dataset
+            return self._split_mapping(data)
         if isinstance(data, torch.Tensor) and not self._targets:
             data = cast(Any, (data,))
         if isinstance(data, tuple | list) and data and isinstance(data[0], torch.Tensor):
@@ -172,36 +289,101 @@ class Batches:
         if isinstance(data, Iterable):
             return data
         raise TypeError(
-            "data: expected a tensor, an (X, y) pair of tensors or an iterable of batches, got "
-            f"{type(data).__name__}"
+            "data: expected a tensor, an (X, y) pair of tensors, a dict of tensors or an "
+            f"iterable of batches, got {type(data).__name__}"
         )
 
-    def _prepare(self, batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _split_mapping(self, data: Mapping[str, Any]) -> list[dict[str, Any]]:
+        lengths = {
+            k: len(v)
+            for k, v in data.items()
+            if isinstance(v, torch.Tensor | np.ndarray) and v.ndim
+        }
+        if not lengths:
+            raise ValueError(
+                f"data: expected a dict with tensors of shape (n, ...), got keys {list(data)}"
+            )
+        n = next(iter(lengths.values()))
+        if len(set(lengths.values())) > 1:
+            raise ValueError(
+                f"data: expected tensors with the same number of samples, got {lengths}"
+            )
+        bs = self._batch_size or max(1, n)
+        return [
+            {k: v[i : i + bs] if k in lengths else v for k, v in data.items()}
+            for i in range(0, n, bs)
+        ]
+
+    def _prepare(self, batch: Any, index: int) -> tuple[Batch, int]:
+        """Return the batch on the device and the bytes it newly allocated there."""
+        moved: list[int] = []
+        if isinstance(batch, Mapping):
+            x, y = self._from_mapping(batch, index, moved)
+            return (x, y), sum(moved)
         if isinstance(batch, torch.Tensor):
             x, y = batch, None
         elif isinstance(batch, tuple | list) and len(batch) in (1, 2):
             x, y = batch[0], batch[1] if len(batch) == 2 else None
         else:
             raise TypeError(
-                f"data: expected batches as tensors or (x, y) pairs, got {type(batch).__name__}"
+                "data: expected batches as tensors, (x, y) pairs or dicts, got "
+                f"{type(batch).__name__}"
             )
         if self._targets and y is None:
             raise ValueError("data: this operator needs targets; expected (x, y) batches")
-        x = self._move(x, f"batch {index} inputs")
-        return x, (self._move(y, f"batch {index} targets") if self._targets else None)
+        if isinstance(x, Mapping):
+            x = self._keywords(x, index, moved)
+        else:
+            x = self._move(x, f"batch {index} inputs", moved)
+        y = self._move(y, f"batch {index} targets", moved) if self._targets else None
+        return (x, y), sum(moved)
 
-    def _move(self, t: Any, what: str) -> torch.Tensor:
+    def _from_mapping(self, batch: Mapping[str, Any], index: int, moved: list[int]) -> Batch:
+        key = self.label_key
+        if self._targets and (key is None or key not in batch):
+            given = "no label_key was given" if key is None else f"label_key={key!r} is not one"
+            raise ValueError(
+                f"data: batch {index} is a dict with keys {list(batch)}, and {given} of them; "
+                "pass label_key= naming the key of the targets (e.g. label_key='labels')"
+            )
+        inputs = {k: v for k, v in batch.items() if k != key}
+        y = (
+            self._move(batch[cast(str, key)], f"batch {index} targets ({key!r})", moved)
+            if self._targets
+            else None
+        )
+        return self._keywords(inputs, index, moved), y
+
+    def _keywords(self, inputs: Mapping[str, Any], index: int, moved: list[int]) -> KeywordInputs:
+        self.keyword_inputs = True
+        values = {
+            k: self._move(v, f"batch {index} input {k!r}", moved)
+            if isinstance(v, torch.Tensor | np.ndarray)
+            else v
+            for k, v in inputs.items()
+        }
+        return KeywordInputs(values)
+
+    def _move(self, t: Any, what: str, moved: list[int]) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
             try:
                 t = _as_tensor(t, what) if isinstance(t, np.ndarray) else torch.as_tensor(t)
-            except (ValueError, RuntimeError) as err:
+            except (ValueError, RuntimeError, TypeError) as err:
                 raise TypeError(
                     f"data: expected numeric arrays or tensors, got {what} of type "
                     f"{type(t).__name__} ({str(err).splitlines()[0]})"
                 ) from None
         check_finite(t, "data", what)
         dtype = self._dtype if t.is_floating_point() else None
-        return t.to(device=self._device, dtype=dtype)
+        if self._device.type == "cuda" and t.device.type == "cpu":
+            # pinned host memory, copied without blocking the host; the cast runs on the device
+            source = t if t.is_pinned() else t.pin_memory()
+            out = source.to(device=self._device, non_blocking=True).to(dtype=dtype)
+        else:
+            out = t.to(device=self._device, dtype=dtype)
+        if out is not t:
+            moved.append(out.untyped_storage().nbytes())
+        return out
 
 
 def _as_tensor(a: np.ndarray, what: str) -> torch.Tensor:

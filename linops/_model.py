@@ -6,7 +6,7 @@ import cmath
 import copy
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,7 +15,14 @@ from linops._chain import Chain, ChainMismatch
 from linops._checks import check_device, check_dtype, check_finite
 from linops._data import Batches, check_model_mode
 from linops.base import TorchLinearOperator
-from linops.params import ParamSpace
+from linops.memory import (
+    CacheInfo,
+    MemoryBudget,
+    PeakMemory,
+    check_memory_budget,
+    default_memory_budget,
+)
+from linops.params import KeywordInputs, ParamSpace
 
 #: Vectors per batched pass. Batching pays where single products are overhead-bound. In four
 #: warm sweeps of ``bench/operators.py --chunks`` (32 vectors in passes of 1-32, per vector,
@@ -35,14 +42,28 @@ ROUTES = ("auto", "chain", "autograd")
 
 
 class ModelOperator(TorchLinearOperator):
-    """Base of the model operators: parameter space, device-resident batches, graph cache.
+    """Base of the model operators: parameter space, batches, graph cache, memory budget.
 
     Subclasses call :meth:`_graphs` to get one retained autodiff graph per batch (built at the
-    first product and kept when ``cache`` is true) and use :meth:`_split_params` /
-    :meth:`_join_params` to move between flat ``(m, k)`` blocks and parameter-shaped tensors.
+    first product and kept while it fits in the memory budget, see below) and use
+    :meth:`_split_params` / :meth:`_join_params` to move between flat ``(m, k)`` blocks and
+    parameter-shaped tensors.
+
+    One memory budget (``memory_budget``, bytes; default
+    :func:`linops.memory.default_memory_budget`: half the memory free on the device when the
+    operator is made) bounds what the operator keeps (:mod:`linops.memory`): batches on the
+    device and their retained graphs are cached, in batch order, while they take at most half
+    of it (measured: the bytes of each batch moved to the device, the tensor storage each
+    graph retains), and the rest are streamed from the loader and rebuilt at every product;
+    a batched pass takes at most ``(budget - cached) // p`` vectors, where ``p`` is the peak
+    of a one-vector pass measured once (:class:`linops.memory.PeakMemory`), and at most
+    ``max_vectors`` (default :data:`DEFAULT_MAX_VECTORS`). ``op.cache_info()`` says what is
+    cached; ``cache=True`` keeps every graph whatever the budget, ``cache=False`` none.
     """
 
     column_major_blocks = True  # columns are split into parameter-shaped tangents
+    #: options that change how products are computed or kept, not their values
+    fingerprint_exclude = ("memory_budget", "memory", "label_key")
 
     def __init__(
         self,
@@ -55,7 +76,7 @@ class ModelOperator(TorchLinearOperator):
         dtype: torch.dtype | None,
         device: torch.device | str | None,
         batch_size: int | None,
-        cache: bool,
+        cache: bool | None,
         allow_train_mode: bool,
         allow_reshuffle: bool,
         max_vectors: int | None,
@@ -63,7 +84,21 @@ class ModelOperator(TorchLinearOperator):
         process_group: Any = None,
         route: str = "auto",
         output: Callable[[Any], torch.Tensor] | None = None,
+        memory_budget: int | None = None,
+        label_key: str | None = None,
     ) -> None:
+        if cache is not None and not isinstance(cache, bool):
+            raise TypeError(f"cache: expected True, False or None, got {cache!r}")
+        memory_budget = check_memory_budget(memory_budget)
+        if memory_limit_bytes is not None:
+            check_memory_budget(memory_limit_bytes, "memory_limit_bytes")
+            warnings.warn(
+                "memory_limit_bytes is deprecated: pass memory_budget= (bytes), the one budget "
+                "that bounds the cached batches and graphs and the vectors per pass",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            memory_budget = memory_budget if memory_budget is not None else memory_limit_bytes
         if route not in ROUTES:
             raise ValueError(f"route: expected one of {list(ROUTES)}, got {route!r}")
         if not isinstance(model, torch.nn.Module):
@@ -78,6 +113,13 @@ class ModelOperator(TorchLinearOperator):
         _check_finite_model(space)
         self._given_space = space  # the user's model and selection, for .to()
         self.space = _converted(space, dtype, device)
+        #: the budget in bytes (given, or the default for the device), and its ledger
+        self.memory_budget = (
+            memory_budget if memory_budget is not None else default_memory_budget(device)
+        )
+        self._budget_given = memory_budget is not None
+        self.memory = MemoryBudget(self.memory_budget)
+        self.label_key = label_key
         self.batches = Batches(
             data,
             dtype=dtype,
@@ -85,17 +127,18 @@ class ModelOperator(TorchLinearOperator):
             targets=targets,
             batch_size=batch_size,
             allow_reshuffle=allow_reshuffle,
+            budget=self.memory,
+            label_key=label_key,
         )
         shape = shape(self.batches, self.space) if callable(shape) else shape
-        super().__init__(
-            shape,
-            dtype=dtype,
-            device=device,
-            max_vectors=max_vectors if max_vectors is not None else DEFAULT_MAX_VECTORS,
-            memory_limit_bytes=memory_limit_bytes,
-        )
+        super().__init__(shape, dtype=dtype, device=device, max_vectors=max_vectors)
         self.model, self.cache = model, cache
-        self._graph_cache: list[Any] | None = None
+        #: retained graphs of the first batches (all of them unless some did not fit)
+        self._graph_cache: list[Any] = []
+        self._graphs_full = False  # a graph did not fit: it and every later one are rebuilt
+        self._building_batch = 0  # index of the batch whose graph is being built
+        #: measured peak bytes of a one-vector pass, per direction (``None``: not yet)
+        self._pass_bytes: dict[bool, int | None] = {False: None, True: None}
         self._route_request = route
         self._chain: Chain | bool | None = False  # False: not looked for yet
         #: the route the products take, ``"chain"`` or ``"autograd"`` (known after the first)
@@ -114,7 +157,13 @@ class ModelOperator(TorchLinearOperator):
         ``"autograd"`` never takes it.
         """
         if self._chain is False:
-            found = None if self._route_request == "autograd" else Chain.of(self.space)
+            keywords = self.batches.keyword_inputs
+            found = None if self._route_request == "autograd" or keywords else Chain.of(self.space)
+            if keywords and self._route_request == "chain":
+                raise ValueError(
+                    "route: 'chain' needs tensor inputs; the data are keyword inputs (dict "
+                    "batches), which take route='auto' or 'autograd'"
+                )
             if found is None and self._route_request == "chain":
                 raise ValueError(
                     "route: 'chain' needs a model that is a chain of nn.Linear, nn.Conv2d "
@@ -141,18 +190,32 @@ class ModelOperator(TorchLinearOperator):
         raise NotImplementedError
 
     def _graphs(self) -> Any:
-        """One graph per batch, in batch order (generator, so uncached graphs are freed)."""
-        if self._graph_cache is not None:
-            yield from self._graph_cache
-            return
-        built = []
-        for x, y in self.batches:
-            g = self._build_graph(x, y)
+        """One graph per batch, in batch order (a generator: graphs not kept are freed).
+
+        The first batches' graphs are kept while the budget allows (``cache=None``), all of
+        them (``cache=True``) or none (``cache=False``); the size of each graph is measured
+        as it is built (:class:`linops.memory.PeakMemory`: the tensor storage it retains).
+        """
+        cache = self._graph_cache
+        for i, (x, y) in enumerate(self.batches):
+            if i < len(cache):
+                yield cache[i]
+                continue
+            self._building_batch = i  # for subclasses whose graphs depend on the batch index
+            if self.cache is False or self._graphs_full or i != len(cache):
+                yield self._build_graph(x, y)
+                continue
             if self.cache:
-                built.append(g)
+                g = self._build_graph(x, y)
+                cache.append(g)
+            else:
+                with PeakMemory() as measured:
+                    g = self._build_graph(x, y)
+                if self.memory.reserve(measured.current, "graphs"):
+                    cache.append(g)
+                else:
+                    self._graphs_full = True
             yield g
-        if self.cache:
-            self._graph_cache = built
 
     @property
     def num_samples(self) -> int:
@@ -175,6 +238,8 @@ class ModelOperator(TorchLinearOperator):
 
             return data_parallel_apply(self, X, adjoint)
         apply = super()._apply
+        if X.shape[1] > 1:
+            self._measure_pass(X, adjoint)  # block sizes from a measured pass (once)
         if X.shape[1] > 1 and self.batched[adjoint] is None:  # decided once per direction
             if self._has_forward_mode(adjoint):
                 out = self._forward_mode_first(X, adjoint)
@@ -295,26 +360,16 @@ class ModelOperator(TorchLinearOperator):
         """
         new = copy.copy(self)
         TorchLinearOperator.__init__(
-            new,
-            self.shape,
-            dtype=dtype,
-            device=device,
-            max_vectors=self.max_vectors,
-            memory_limit_bytes=self.memory_limit_bytes,
+            new, self.shape, dtype=dtype, device=device, max_vectors=self.max_vectors
         )
         new.space = _converted(self._given_space, dtype, device)
-        source = self.batches._source
-        if isinstance(source, Iterator) and self.batches._batches is not None:
-            source = self.batches._batches  # a one-shot iterator, already drawn
-        new.batches = Batches(
-            source,
-            dtype=dtype,
-            device=device,
-            targets=self.batches._targets,
-            batch_size=self.batches._batch_size,
-            allow_reshuffle=True,  # checked when this operator was made
-        )
-        new._graph_cache, new._chain, new.route = None, False, None
+        if not self._budget_given and device != self.device:
+            new.memory_budget = default_memory_budget(device)
+        new.memory = MemoryBudget(new.memory_budget)
+        new.batches = self.batches.like(dtype, device, new.memory)
+        new._graph_cache, new._graphs_full = [], False
+        new._pass_bytes = {False: None, True: None}
+        new._chain, new.route = False, None
         new.batched = {False: None, True: None}
         new.unbatched_reason = {False: None, True: None}
         new._forward_mode = False  # chosen afresh by the new operator's first batched product
@@ -325,8 +380,45 @@ class ModelOperator(TorchLinearOperator):
         """Forget what a subclass derived from the dtype or the data (see :meth:`_to`)."""
 
     def clear_cache(self) -> None:
-        """Free the retained graphs (they are rebuilt at the next product)."""
-        self._graph_cache = None
+        """Free the retained graphs (they are rebuilt, and kept within the budget, at the next product)."""
+        self._graph_cache = []
+        self._graphs_full = False
+        self.memory.release("graphs")
+
+    def cache_info(self) -> CacheInfo:
+        """Return what the operator keeps against its memory budget (see :class:`ModelOperator`)."""
+        measured = [b for b in self._pass_bytes.values() if b is not None]
+        return CacheInfo(
+            bytes_budget=self.memory_budget,
+            num_batches=self.batches._num_batches,
+            batches_cached=self.batches.num_cached,
+            graphs_cached=len(self._graph_cache),
+            bytes_batches=self.memory.kept["batches"],
+            bytes_graphs=self.memory.kept["graphs"],
+            bytes_per_pass=max(measured) if measured else None,
+            vectors_per_pass=self.vectors_per_pass(),
+        )
+
+    def vectors_per_pass(self) -> int | None:
+        """Return the vectors per batched pass: ``max_vectors``, bounded by the memory budget.
+
+        Without ``max_vectors``: :data:`DEFAULT_MAX_VECTORS`, and once the peak ``p`` of a
+        one-vector pass has been measured (at the first many-vector product) at most
+        ``(budget - cached bytes) // p``, at least 1.
+        """
+        cap = self.max_vectors if self.max_vectors is not None else DEFAULT_MAX_VECTORS
+        measured = [b for b in self._pass_bytes.values() if b is not None]
+        if self.max_vectors is not None or not measured:
+            return cap
+        return max(1, min(cap, self.memory.free_for_passes() // max(1, max(measured))))
+
+    def _measure_pass(self, X: torch.Tensor, adjoint: bool) -> None:
+        """Measure the peak memory of a one-vector product of this direction (once)."""
+        if self.max_vectors is not None or self._pass_bytes[adjoint] is not None:
+            return
+        with PeakMemory() as measured:
+            super()._apply(X[:, :1], adjoint)
+        self._pass_bytes[adjoint] = max(1, measured.peak)
 
     def _split_params(self, X: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
         """``(m, k)`` block -> parameter-shaped tensors, batched when ``k > 1``."""
@@ -340,6 +432,10 @@ class ModelOperator(TorchLinearOperator):
         return flat if batched else flat[:, None]
 
     def bytes_per_vector(self) -> int:
+        """Return the measured peak of a one-vector pass, or an estimate before it is measured."""
+        measured = [b for b in self._pass_bytes.values() if b is not None]
+        if measured:
+            return max(measured)
         itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
         return 4 * (self.shape[0] + self.shape[1]) * itemsize
 
@@ -383,7 +479,19 @@ def forward_checked(space: ParamSpace, x: torch.Tensor) -> torch.Tensor:
     try:
         with torch.no_grad():
             return space.functional_call(space.values(), x)
+    except TypeError as err:  # an unexpected keyword: name the keys given
+        if not isinstance(x, KeywordInputs) or "argument" not in str(err):
+            raise
+        raise ValueError(
+            f"inputs: the model's forward pass does not take the keyword inputs {x!r}: "
+            f"{str(err).splitlines()[0][:300]}"
+        ) from None
     except (RuntimeError, ValueError, IndexError) as err:
+        if isinstance(x, KeywordInputs):
+            raise ValueError(
+                f"inputs: the model's forward pass raised on the keyword inputs {x!r}: "
+                f"{str(err).splitlines()[0][:300]}"
+            ) from None
         first = next(
             (m for m in space.model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)),
             None,

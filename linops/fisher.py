@@ -263,10 +263,12 @@ class FisherOperator(_OutputFactorOperator):
         self.mc_samples = mc_samples
         self.seed = _int_seed(seed)
         self._generator: torch.Generator | None = None
+        self._draw_states: list[Tensor] = []  # the generator's state before each batch's draw
 
     def _graphs(self) -> Any:
-        if self._graph_cache is None:  # a pass that (re)builds graphs draws afresh from seed
+        if not self._graph_cache:  # a pass that (re)builds graphs draws afresh from seed
             self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
+            self._draw_states = []
         yield from super()._graphs()
 
     def _blocks(self, out: Tensor, model_shape: torch.Size, y: Tensor | None) -> _OutputBlock:
@@ -282,6 +284,11 @@ class FisherOperator(_OutputFactorOperator):
                 lambda: _exact_factor(self.family, out),
             )  # fmt: skip
         gen: Any = self._generator  # set by _graphs before any graph is built
+        i = self._building_batch  # a graph rebuilt (not kept by the budget) draws as before
+        if i < len(self._draw_states):
+            gen.set_state(self._draw_states[i])
+        else:
+            self._draw_states.append(gen.get_state())
         G = _sample_output_grads(self.family, out, self.mc_samples, gen)
         return _OutputBlock(None, G.permute(1, 2, 0) / math.sqrt(self.mc_samples), None, scale)
 

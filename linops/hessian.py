@@ -47,13 +47,15 @@ class _LossOperator(ModelOperator):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         batch_size: int | None = None,
-        cache: bool = True,
+        cache: bool | None = None,
         allow_train_mode: bool = False,
         allow_reshuffle: bool = False,
         max_vectors: int | None = None,
         memory_limit_bytes: int | None = None,
         process_group: Any = None,
         route: str = "auto",
+        memory_budget: int | None = None,
+        label_key: str | None = None,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
@@ -75,6 +77,8 @@ class _LossOperator(ModelOperator):
             process_group=process_group,
             route=route,
             output=output,
+            memory_budget=memory_budget,
+            label_key=label_key,
         )
         self.loss_fn, self._reduction = loss_fn, reduction
         self._loss_reduction: Reduction | None = None
@@ -206,7 +210,7 @@ class HessianOperator(_LossOperator):
         collective: all ranks must call them in the same order.
     **kwargs
         ``dtype``, ``device``, ``batch_size``, ``cache``, ``allow_train_mode``,
-        ``allow_reshuffle``, ``max_vectors``, ``memory_limit_bytes``, ``route`` as in
+        ``allow_reshuffle``, ``max_vectors``, ``memory_budget``, ``label_key``, ``route`` as in
         :class:`linops.JacobianOperator` (the chain route takes the loss's output gradient and
         output-Hessian products from autograd, so any loss works on it).
 
@@ -334,7 +338,7 @@ class OutputHessianOperator(ModelOperator):
             shape=self._infer_shape,
             targets=False,
             batch_size=None,
-            cache=kwargs.pop("cache", True),
+            cache=kwargs.pop("cache", None),
             allow_train_mode=kwargs.pop("allow_train_mode", False),
             allow_reshuffle=False,
             max_vectors=kwargs.pop("max_vectors", None),
@@ -350,7 +354,7 @@ class OutputHessianOperator(ModelOperator):
         )
 
     def _infer_shape(self, batches: Any, space: Any) -> tuple[int, int]:
-        x = batches.batches[0][0]
+        x = batches.first()[0]
         d_out = forward_checked(space, x[:1]).reshape(1, -1).shape[1]
         self.output_index = check_output_index(self.output_index, d_out, optional=False)
         return space.dim, space.dim
@@ -360,7 +364,7 @@ class OutputHessianOperator(ModelOperator):
         return out.reshape(out.shape[0], -1)[:, self.output_index].sum()
 
     def _scalar_output(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = self.batches.batches[0][0]
+        x = self.batches.first()[0]
         return self._select(self.space.functional_call(params, x))
 
     def _build_graph(self, x: torch.Tensor, y: torch.Tensor | None) -> Any:

@@ -56,13 +56,21 @@ class JacobianOperator(ModelOperator):
     batch_size
         Split tensor inputs into batches of this many samples (bounds graph memory).
     cache
-        Keep one autodiff graph per batch between products (fast; memory of the
-        activations). ``False`` rebuilds it every product.
+        ``None`` (default): keep each batch's autodiff graph between products while the
+        memory budget allows, rebuild the rest at every product; ``True``: keep every graph;
+        ``False``: keep none.
     allow_train_mode, allow_reshuffle
         Skip the checks that refuse dropout / batch norm in training mode and reshuffling
         loaders.
-    max_vectors, memory_limit_bytes
-        Bound the number of vectors per batched pass (see :class:`TorchLinearOperator`).
+    max_vectors
+        Bound the number of vectors per batched pass (default 8, lowered by the budget).
+    memory_budget
+        Bytes the operator may keep (batches on the device, graphs, block sizes); default
+        half the memory free on the device. See :mod:`linops.memory` and ``op.cache_info()``.
+        ``memory_limit_bytes`` is its deprecated former name.
+    label_key
+        For dict batches (models called as ``model(**batch)``): the key of the targets, left
+        out of the model's keyword inputs.
     route
         ``"auto"`` (default): hand-derived products when the model provably is a chain of
         ``nn.Linear``, ``nn.Conv2d``, ``nn.MaxPool2d``, ``nn.AvgPool2d`` and elementwise
@@ -108,13 +116,15 @@ class JacobianOperator(ModelOperator):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         batch_size: int | None = None,
-        cache: bool = True,
+        cache: bool | None = None,
         allow_train_mode: bool = False,
         allow_reshuffle: bool = False,
         max_vectors: int | None = None,
         memory_limit_bytes: int | None = None,
         process_group: Any = None,
         route: str = "auto",
+        memory_budget: int | None = None,
+        label_key: str | None = None,
     ) -> None:
         self.output_index = output_index
         super().__init__(
@@ -134,6 +144,8 @@ class JacobianOperator(ModelOperator):
             process_group=process_group,
             route=route,
             output=output,
+            memory_budget=memory_budget,
+            label_key=label_key,
         )
 
     def _infer_shape(self, batches: Batches, space: ParamSpace) -> tuple[int, int]:
@@ -153,7 +165,7 @@ class JacobianOperator(ModelOperator):
         return sum(self.row_counts), space.dim
 
     def _local_shape(self, batches: Batches, space: ParamSpace) -> tuple[int, int]:
-        x0 = batches.batches[0][0][:1]
+        x0 = batches.first()[0][:1]
         d_out = forward_checked(space, x0).reshape(1, -1).shape[1]
         self.output_index = check_output_index(self.output_index, d_out, optional=True)
         self.num_outputs = 1 if self.output_index is not None else d_out

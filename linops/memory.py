@@ -1,10 +1,63 @@
-"""Host memory reuse: fewer page faults for the temporaries of batched products."""
+r"""Memory: the one budget that bounds what an operator keeps, and host memory reuse.
+
+Every model operator takes ``memory_budget`` (bytes). It bounds, on the operator's device,
+
+* the **caches**: the batches moved to the device and their retained autodiff graphs are kept
+  while their total stays within :data:`CACHE_FRACTION` of the budget, first come first
+  served in batch order (the batches while the data are first drawn, then each graph as it
+  is built); a batch or graph beyond that is streamed: drawn from the loader again, or
+  rebuilt, at every product, and freed after it;
+* the **blocks**: the vectors of one batched pass. The peak memory of a one-vector pass is
+  measured once (at the first many-vector product) and a pass takes at most
+  ``(budget - cached bytes) // peak`` vectors (at least 1).
+
+The default budget is :data:`DEFAULT_BUDGET_FRACTION` of the memory free on the device when
+the operator is made (:func:`available_memory`: ``torch.cuda.mem_get_info`` on CUDA; on the
+host ``psutil.virtual_memory().available`` where psutil is installed, else ``MemAvailable``
+of ``/proc/meminfo``, else the free physical pages of ``os.sysconf``).
+
+How memory is measured (:class:`PeakMemory`): a ``TorchDispatchMode`` sees every tensor that
+an operation (forward or backward) returns, adds the bytes of each new storage and subtracts
+them when the storage is freed (a weak reference). Its peak is the largest total of tensor
+storage alive at once that the measured code allocated; its ``current`` at the end is what
+that code left alive (a retained graph's size). It is exact for torch's tensors on any device
+and does not depend on the allocator: ``tracemalloc`` does not see torch's allocations, the
+resident set size (RSS) moves with glibc's caching of freed memory (and with
+:func:`retain_freed_memory`), and CUDA's allocator statistics exist only on CUDA. It does not
+see memory a kernel uses internally without returning it as a tensor (e.g. a convolution's
+workspace), nor allocator rounding.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import math
+import os
+import weakref
 from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = [
+    "CACHE_FRACTION",
+    "DEFAULT_BUDGET_FRACTION",
+    "CacheInfo",
+    "MemoryBudget",
+    "PeakMemory",
+    "available_memory",
+    "default_memory_budget",
+    "retain_freed_memory",
+]
+
+#: fraction of the device's free memory an operator may use by default (``memory_budget=None``)
+DEFAULT_BUDGET_FRACTION = 0.5
+#: fraction of the budget that cached batches and graphs may take; the rest is for the passes
+CACHE_FRACTION = 0.5
 
 # mallopt parameters of glibc's <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -71,3 +124,210 @@ def _mallopt() -> Callable[[int, ctypes.c_int], int] | None:
     fn.argtypes = [ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
     return fn
+
+
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Return the bytes of memory free on ``device`` now.
+
+    CUDA: the free memory of ``torch.cuda.mem_get_info``. Host (any other device):
+    ``psutil.virtual_memory().available`` where psutil is installed, else ``MemAvailable`` of
+    ``/proc/meminfo`` (Linux), else the free physical pages of ``os.sysconf``.
+
+    Raises
+    ------
+    RuntimeError
+        If the free host memory cannot be read by any of these means (then pass
+        ``memory_budget=`` explicitly).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        raise RuntimeError(
+            "memory_budget: the free host memory could not be read (no psutil, no "
+            "/proc/meminfo, no os.sysconf); pass memory_budget= in bytes"
+        ) from None
+
+
+def default_memory_budget(device: torch.device | str = "cpu") -> int:
+    """Return the default budget: :data:`DEFAULT_BUDGET_FRACTION` of the memory free on ``device``."""
+    return max(1, int(DEFAULT_BUDGET_FRACTION * available_memory(device)))
+
+
+def check_memory_budget(value: Any, name: str = "memory_budget") -> int | None:
+    """Return ``value`` if it is a positive number of bytes or None, else raise ValueError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name}: expected a positive number of bytes or None, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number of bytes, got {value!r}")
+    return int(value)
+
+
+def storage_bytes(obj: Any) -> int:
+    """Return the bytes of the distinct tensor storages in a nested structure of tensors."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for t in tree_flatten(obj)[0]:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            key = (str(t.device), st.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                total += st.nbytes()
+    return total
+
+
+class PeakMemory(TorchDispatchMode):
+    """Context manager measuring the tensor memory allocated by the code it runs.
+
+    Attributes
+    ----------
+    peak
+        The largest number of bytes of tensor storage allocated inside the context and alive at
+        once (forward and backward passes, on any device).
+    current
+        The bytes allocated inside the context that are still alive (read after it ends:
+        what a built object retains).
+
+    Notes
+    -----
+    See the module docstring for the method and what it does not see. Running under it costs
+    a Python call per torch operation; it is used once per operator, never inside an
+    iteration.
+
+    Examples
+    --------
+    >>> import torch
+    >>> with PeakMemory() as m:
+    ...     x = torch.ones(1000, dtype=torch.float64)
+    ...     y = 2 * x
+    ...     del y
+    >>> m.peak, m.current
+    (16000, 8000)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._live: dict[tuple[str, int], Any] = {}
+
+    def _on_free(self, key: tuple[str, int], nbytes: int, _: Any) -> None:
+        self._freed(key, nbytes)
+
+    def _freed(self, key: tuple[str, int], nbytes: int) -> None:
+        if self._live.pop(key, None) is not None:
+            self.current -= nbytes
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        """Run ``func`` and count the storages of the tensors it returns."""
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            st = t.untyped_storage()
+            key = (str(t.device), st.data_ptr())
+            nbytes = st.nbytes()
+            if nbytes == 0 or key in self._live:
+                continue
+            self._live[key] = weakref.ref(st, functools.partial(self._on_free, key, nbytes))
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        return out
+
+
+class CacheInfo(NamedTuple):
+    """What a model operator keeps (``op.cache_info()``), in bytes as measured."""
+
+    #: the operator's memory budget
+    bytes_budget: int
+    #: batches in the dataset (``None`` until one pass has been drawn)
+    num_batches: int | None
+    #: batches kept on the device (the others are drawn from the loader at every product)
+    batches_cached: int
+    #: retained graphs kept (the others are rebuilt at every product)
+    graphs_cached: int
+    #: bytes of the kept batches (0 for views of tensors already on the device in the dtype)
+    bytes_batches: int
+    #: bytes the kept graphs retain
+    bytes_graphs: int
+    #: measured peak of a one-vector pass (``None`` until measured)
+    bytes_per_pass: int | None
+    #: vectors per batched pass these give
+    vectors_per_pass: int | None
+
+
+class MemoryBudget:
+    """A ledger of the bytes an operator keeps against its budget.
+
+    Parameters
+    ----------
+    total
+        The budget in bytes.
+
+    Notes
+    -----
+    Caches (batches, graphs) reserve their measured bytes with :meth:`reserve`, which refuses
+    once they would exceed :data:`CACHE_FRACTION` of ``total``; a refused item is streamed.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = int(total)
+        self.kept: dict[str, int] = {"batches": 0, "graphs": 0}
+        self.counts: dict[str, int] = {"batches": 0, "graphs": 0}
+
+    @property
+    def cache_limit(self) -> int:
+        """Return the bytes the caches may take."""
+        return int(CACHE_FRACTION * self.total)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Return the bytes the caches take now."""
+        return sum(self.kept.values())
+
+    def reserve(self, nbytes: int, what: str) -> bool:
+        """Keep ``nbytes`` more of ``what`` (``"batches"`` or ``"graphs"``) if they fit."""
+        if self.cached_bytes + nbytes > self.cache_limit:
+            return False
+        self.kept[what] += nbytes
+        self.counts[what] += 1
+        return True
+
+    def release(self, what: str) -> None:
+        """Forget everything kept of ``what``."""
+        self.kept[what], self.counts[what] = 0, 0
+
+    def free_for_passes(self) -> int:
+        """Return the bytes left for the passes: the budget less the caches."""
+        return max(0, self.total - self.cached_bytes)
+
+    def __repr__(self) -> str:
+        """Return the budget and what is cached against it."""
+        return (
+            f"MemoryBudget(total={_mb(self.total)}, batches cached={self.counts['batches']} "
+            f"({_mb(self.kept['batches'])}), graphs cached={self.counts['graphs']} "
+            f"({_mb(self.kept['graphs'])}))"
+        )
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"

@@ -5,7 +5,9 @@ ones by default, or a subset such as one layer). The flat vector
 :math:`\theta \in \mathbb{R}^m` concatenates them in that order, each flattened row-major.
 Parameters outside the subset and all buffers (e.g. BatchNorm statistics) are held fixed at
 their values in the model. A model that returns a tuple, a dict or an output object is read
-through an ``output`` selector (``lambda out: out.logits``).
+through an ``output`` selector (``lambda out: out.logits``). A model called with keyword
+inputs (``model(**batch)``, as Hugging Face models are) receives them as
+:class:`KeywordInputs`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,87 @@ from torch.func import functional_call
 
 from linops._defects import uses_weight_norm, workarounds
 
-__all__ = ["ParamSpace"]
+__all__ = ["KeywordInputs", "ParamSpace"]
+
+
+class KeywordInputs:
+    """One batch of keyword inputs: the model is called as ``model(**inputs)``.
+
+    The tensors share a leading batch dimension of ``len(inputs)`` samples (tensors without
+    it, and values that are not tensors such as flags, are passed as they are). Slicing
+    (``inputs[:8]``) slices every batched tensor; ``inputs["attention_mask"]`` is one value.
+
+    Parameters
+    ----------
+    values
+        Keyword arguments of the model, by name.
+
+    Raises
+    ------
+    ValueError
+        If no value is a tensor with a leading (batch) dimension, or two batched tensors
+        disagree on it.
+    """
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self.values = dict(values)
+        sized = {k: v for k, v in self.values.items() if isinstance(v, torch.Tensor) and v.dim()}
+        if not sized:
+            raise ValueError(
+                f"data: expected keyword inputs with at least one tensor of shape (n, ...), got "
+                f"keys {list(self.values)} without one"
+            )
+        first = next(iter(sized.values()))
+        lengths = {k: v.shape[0] for k, v in sized.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(
+                f"data: expected keyword inputs with the same number of samples, got {lengths}"
+            )
+        self.num_samples: int = first.shape[0]
+        self._first = first
+
+    def __len__(self) -> int:
+        """Return the number of samples."""
+        return self.num_samples
+
+    @property
+    def shape(self) -> torch.Size:
+        """Return the shape of the first batched tensor (its first entry is the sample count)."""
+        return self._first.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Return the dtype of the first batched tensor."""
+        return self._first.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Return the device of the first batched tensor."""
+        return self._first.device
+
+    def keys(self) -> list[str]:
+        """Return the names of the keyword inputs."""
+        return list(self.values)
+
+    def __getitem__(self, index: Any) -> Any:
+        """Return one value by name, or the batch sliced along its samples."""
+        if isinstance(index, str):
+            return self.values[index]
+        n = self.num_samples
+        return KeywordInputs(
+            {
+                k: v[index] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+                for k, v in self.values.items()
+            }
+        )
+
+    def __repr__(self) -> str:
+        """Return the names and shapes of the inputs."""
+        shapes = {
+            k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            for k, v in self.values.items()
+        }
+        return f"KeywordInputs({shapes})"
 
 
 class ParamSpace:
@@ -165,10 +247,14 @@ class ParamSpace:
             # a module in training mode (allow_train_mode=True) updates its running statistics
             # in place: it updates copies, so the user's model is never changed by a product
             kept = _training_buffers(self.model)
+            positional: tuple[Any, ...] = args
+            kwargs: dict[str, Any] = {}
+            if len(args) == 1 and isinstance(args[0], KeywordInputs):
+                positional, kwargs = (), args[0].values
             if self._shared_modules:
-                out = _call_swapped(self.model, values, args, kept)
+                out = _call_swapped(self.model, values, positional, kept, kwargs)
             else:
-                out = functional_call(self.model, {**values, **kept}, args)
+                out = functional_call(self.model, {**values, **kept}, positional, kwargs)
         if self.output is not None:
             out = self.output(out)
             if not isinstance(out, torch.Tensor):
@@ -209,8 +295,9 @@ def _call_swapped(
     params: Mapping[str, torch.Tensor],
     args: Any,
     buffers: Mapping[str, torch.Tensor],
+    kwargs: Mapping[str, Any],
 ) -> Any:
-    """``model(*args)`` with ``params`` in place of the named parameters, restored afterwards.
+    """``model(*args, **kwargs)`` with ``params`` in place of the named parameters, restored afterwards.
 
     Every slot holding one of the named parameters is swapped, so modules registered twice and
     parameters tied between modules see the same tensor, as with ``functional_call``.
@@ -227,7 +314,7 @@ def _call_swapped(
     try:
         for mod, key, p in slots:
             mod._parameters[key] = new[id(p)]  # type: ignore[assignment]  # a plain tensor
-        return model(*args)
+        return model(*args, **kwargs)
     finally:
         for mod, key, p in slots:
             mod._parameters[key] = p
