@@ -36,9 +36,9 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = ["CheckpointWarning", "ColumnCheckpoint"]
 
@@ -75,7 +75,12 @@ class ColumnCheckpoint:
     """
 
     def __init__(
-        self, directory: str | os.PathLike, *, shape: tuple[int, int], dtype: Any, fingerprint: str
+        self,
+        directory: str | os.PathLike,
+        *,
+        shape: tuple[int, int],
+        dtype: npt.DTypeLike,
+        fingerprint: str,
     ) -> None:
         self.directory = Path(directory)
         if self.directory.exists() and not self.directory.is_dir():
