@@ -38,8 +38,10 @@ class NystromPreconditioner(TorchLinearOperator):
 
     Attributes
     ----------
-    eigenvectors, eigenvalues
-        :math:`U` ``(n, l)`` and :math:`\hat\Lambda` ``(l,)`` of the Nyström approximation.
+    eigenvectors
+        :math:`U` ``(n, l)`` of the Nyström approximation.
+    eigenvalues
+        :math:`\hat\Lambda` ``(l,)`` of the Nyström approximation.
     damping
         :math:`\mu`.
     num_matvecs
