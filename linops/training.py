@@ -28,13 +28,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from linops._checkpoint import ColumnCheckpoint
 from linops._checks import check_finite, check_positive
+from linops._types import ProcessGroup
 from linops.base import TorchLinearOperator
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -177,7 +178,7 @@ class TrainingJacobianOperator(TorchLinearOperator):
         self,
         *,
         max_vectors: int | None = None,
-        process_group: Any = None,
+        process_group: ProcessGroup | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         progress: bool = False,
         on_chunk: Callable[[int, int], None] | None = None,
