@@ -13,7 +13,7 @@ model, its modules and torch's global settings are as they were once a graph is 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,8 +84,12 @@ def _weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torch.Tensor
 
 class _ComposedWeightNorm(TorchFunctionMode):
     def __torch_function__(
-        self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None
-    ) -> Any:
+        self,
+        func: Callable[..., Any],
+        types: Iterable[type],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:  # whatever the intercepted torch function returns
         if func is torch._weight_norm:
             return _weight_norm(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
