@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import BatchSampler
 
 from linops._checks import check_finite, check_positive_or_none
-from linops.memory import MemoryBudget
+from linops.memory import MemoryBudget, storage_bytes
 from linops.params import KeywordInputs
 
 _STATEFUL_IN_TRAINING = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
@@ -170,13 +170,23 @@ class Batches:
             return iter(self._draw_all())
         return self._pass()
 
+    def _held_by_caller(self) -> bool:
+        """Whether the source's batches live in memory anyway (tensors, a list of batches).
+
+        Keeping such a batch costs only what moving it allocated; a batch a loader made
+        (collated, read from disk) costs all its bytes while it is kept.
+        """
+        return isinstance(self._source, torch.Tensor | np.ndarray | tuple | list | Mapping)
+
     def _pass(self) -> Iterator[Batch]:
         count = samples = 0
+        held = self._held_by_caller()
         for i, raw in enumerate(self._split(self._source)):
             if i < len(self._cached):
                 batch = self._cached[i]
             else:
                 batch, nbytes = self._prepare(raw, i)
+                nbytes = nbytes if held else storage_bytes(batch)
                 if not self.streaming and i == len(self._cached):
                     if self._budget is None or self._budget.reserve(nbytes, "batches"):
                         self._cached.append(batch)
@@ -189,7 +199,8 @@ class Batches:
     def _draw_all(self) -> list[Batch]:
         if self._num_batches is None:
             for i, raw in enumerate(self._split(self._source)):
-                batch, nbytes = self._prepare(raw, i)
+                batch, _ = self._prepare(raw, i)
+                nbytes = storage_bytes(batch)
                 if self._budget is not None and not self._budget.reserve(nbytes, "batches"):
                     self._budget.kept["batches"] += nbytes  # kept anyway: cannot be redrawn
                     self._budget.counts["batches"] += 1

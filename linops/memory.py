@@ -182,10 +182,21 @@ def check_memory_budget(value: Any, name: str = "memory_budget") -> int | None:
 
 
 def storage_bytes(obj: Any) -> int:
-    """Return the bytes of the distinct tensor storages in a nested structure of tensors."""
+    """Return the bytes of the distinct tensor storages in a nested structure of tensors.
+
+    :class:`linops.params.KeywordInputs` are looked into (their ``values``).
+    """
     seen: set[tuple[str, int]] = set()
     total = 0
-    for t in tree_flatten(obj)[0]:
+    leaves = tree_flatten(obj)[0]
+    leaves = [
+        v
+        for t in leaves
+        for v in (
+            tree_flatten(t.values)[0] if isinstance(getattr(t, "values", None), dict) else [t]
+        )
+    ]
+    for t in leaves:
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
             st = t.untyped_storage()
             key = (str(t.device), st.data_ptr())

@@ -1,0 +1,212 @@
+"""Streamed datasets (issue 22, item 3): a loader drawn at every product, one batch at a time.
+
+A budget too small for any cache streams every batch and rebuilds every graph; the products
+must equal the cached operator's bit for bit in float64 on the CPU (the same batches, prepared
+and differentiated by the same code), and the dense reference on the concatenated data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from linops import GGNOperator, HessianOperator, JacobianOperator, NTKOperator
+from linops.fisher import EmpiricalFisherOperator, FisherOperator
+from tests.linops.references import Reference
+from tests.linops.zoo import _resnet
+
+Tensor = torch.Tensor
+F64 = torch.float64
+TINY = 1  # bytes: nothing fits, every batch is streamed and every graph rebuilt
+
+
+class Synthetic:
+    """A re-iterable loader that makes batch ``i`` from seed ``i`` when drawn (never stored)."""
+
+    def __init__(self, shape: tuple[int, ...], classes: int, batches: int, size: int) -> None:
+        self.shape, self.classes, self.num, self.size = shape, classes, batches, size
+        self.passes = 0
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        self.passes += 1
+        for i in range(self.num):
+            g = torch.Generator().manual_seed(1000 + i)
+            n = self.size - (i == self.num - 1)  # a shorter last batch
+            x = torch.randn(n, *self.shape, generator=g, dtype=F64)
+            yield x, torch.randint(0, self.classes, (n,), generator=g)
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        xs, ys = zip(*list(self), strict=True)
+        self.passes -= 1
+        return torch.cat(xs), torch.cat(ys)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return _resnet().double().eval()
+
+
+CASES = {
+    "mlp-chain": (_mlp, (5,), "auto"),
+    "mlp-autograd": (_mlp, (5,), "autograd"),
+    "resnet-bn": (_cnn, (1, 5, 5), "auto"),
+}
+
+
+def _pair(make: Any, cls: Any, case: str, **kw: Any) -> tuple[Any, Any, Synthetic]:
+    build, shape, route = CASES[case]
+    model = build()
+    data = Synthetic(shape, 3, batches=4, size=5)
+    cached = make(cls, model, data, route=route, **kw)
+    streamed = make(cls, model, data, route=route, memory_budget=TINY, **kw)
+    return cached, streamed, data
+
+
+def _loss_op(cls: Any, model: nn.Module, data: Any, **kw: Any) -> Any:
+    return cls(model, nn.CrossEntropyLoss(), data, **kw)
+
+
+def _jac_op(cls: Any, model: nn.Module, data: Any, **kw: Any) -> Any:
+    return cls(model, data, **kw)
+
+
+def _vectors(n: int, k: int) -> Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(7), dtype=F64)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("cls", [HessianOperator, GGNOperator, EmpiricalFisherOperator])
+def test_streamed_loss_operator_equals_cached_bitwise(case: str, cls: Any) -> None:
+    cached, streamed, _ = _pair(_loss_op, cls, case, max_vectors=3)
+    V = _vectors(cached.shape[1], 5)
+    for _ in range(2):  # the second product replays the cache / streams again
+        assert torch.equal(streamed @ V, cached @ V)
+        assert torch.equal(streamed @ V[:, 0], cached @ V[:, 0])
+    info = streamed.cache_info()
+    assert (info.batches_cached, info.graphs_cached, info.num_batches) == (0, 0, 4)
+    full = cached.cache_info()
+    assert (full.batches_cached, full.graphs_cached) == (4, 4)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_streamed_jacobian_and_ntk_equal_cached_bitwise(case: str) -> None:
+    J, Js, _ = _pair(_jac_op, JacobianOperator, case, max_vectors=3)
+    V, U = _vectors(J.shape[1], 4), _vectors(J.shape[0], 4)
+    assert torch.equal(Js @ V, J @ V)
+    assert torch.equal(Js.T @ U, J.T @ U)
+    JtJ, JtJs = J.T @ J, Js.T @ Js
+    assert torch.equal(JtJs @ V, JtJ @ V)
+    build, shape, route = CASES[case]
+    data = Synthetic(shape, 3, batches=4, size=5)
+    K = NTKOperator(build(), data, route=route, max_vectors=3)
+    Ks = NTKOperator(build(), data, route=route, max_vectors=3, memory_budget=TINY)
+    assert torch.equal(Ks @ U, K @ U)
+
+
+def test_streamed_mc_fisher_draws_the_same_labels() -> None:
+    model, data = _mlp(), Synthetic((5,), 3, batches=4, size=5)
+    kw: dict[str, Any] = {"mc_samples": 2, "seed": 3, "max_vectors": 2}
+    cached = FisherOperator(model, nn.CrossEntropyLoss(), data, **kw)
+    streamed = FisherOperator(model, nn.CrossEntropyLoss(), data, memory_budget=TINY, **kw)
+    V = _vectors(cached.shape[1], 3)
+    first = streamed @ V
+    assert torch.equal(first, cached @ V)
+    assert torch.equal(streamed @ V, first)  # rebuilt graphs draw the same labels again
+
+
+@pytest.mark.parametrize("case", ["mlp-chain", "resnet-bn"])
+def test_streamed_hessian_matches_dense_reference(case: str) -> None:
+    build, shape, route = CASES[case]
+    model, data = build(), Synthetic(shape, 3, batches=4, size=5)
+    H = HessianOperator(model, nn.CrossEntropyLoss(), data, route=route, memory_budget=TINY)
+    X, y = data.tensors()
+    ref = Reference(model, [n for n, _ in model.named_parameters()], X)
+    dense = ref.hessian(nn.CrossEntropyLoss(), y)
+    assert torch.allclose(H.to_dense(), dense, rtol=1e-10, atol=1e-12)
+
+
+def test_a_streamed_loader_is_drawn_once_per_product() -> None:
+    model, data = _mlp(), Synthetic((5,), 3, batches=4, size=5)
+    H = HessianOperator(model, nn.CrossEntropyLoss(), data, memory_budget=TINY, max_vectors=8)
+    H @ _vectors(H.shape[1], 3)  # the first product also draws the data for the loss weights
+    before = data.passes
+    for k in (1, 3):
+        H @ _vectors(H.shape[1], k)
+    assert data.passes - before == 2
+    Hc = HessianOperator(model, nn.CrossEntropyLoss(), data, max_vectors=8)
+    Hc @ _vectors(H.shape[1], 3)
+    before = data.passes
+    Hc @ _vectors(H.shape[1], 3)
+    assert data.passes == before  # cached: the loader is not drawn again
+
+
+def test_partial_cache_equals_full_cache_bitwise() -> None:
+    """A budget that keeps some graphs: the first ones replayed, the rest rebuilt."""
+    model, data = _mlp(), Synthetic((5,), 3, batches=4, size=5)
+    full = GGNOperator(model, nn.CrossEntropyLoss(), data, max_vectors=4)
+    V = _vectors(full.shape[1], 4)
+    expected = full @ V
+    per_batch = full.cache_info().bytes_batches + full.cache_info().bytes_graphs
+    # half of the budget is for caches: room for about two batches and their graphs
+    budget = int(2 * per_batch / 4 * 2.5)
+    part = GGNOperator(model, nn.CrossEntropyLoss(), data, max_vectors=4, memory_budget=budget)
+    assert torch.equal(part @ V, expected)
+    info = part.cache_info()
+    assert 0 < info.graphs_cached < 4 and info.batches_cached >= info.graphs_cached
+    assert torch.equal(part @ V, expected)
+
+
+def test_dataloader_and_tensor_pair_stream_like_they_cache() -> None:
+    model = _mlp()
+    X, y = Synthetic((5,), 3, batches=3, size=6).tensors()
+    loader = DataLoader(TensorDataset(X, y), batch_size=6, shuffle=False)
+    V = _vectors(sum(p.numel() for p in model.parameters()), 3)
+    ref = HessianOperator(model, nn.CrossEntropyLoss(), loader, max_vectors=3) @ V
+    for data, kw in [(loader, {}), ((X, y), {"batch_size": 6})]:
+        H = HessianOperator(
+            model, nn.CrossEntropyLoss(), data, memory_budget=TINY, max_vectors=3, **kw
+        )
+        assert torch.equal(H @ V, ref)
+
+
+def test_one_shot_iterator_is_kept_whatever_the_budget() -> None:
+    model, data = _mlp(), Synthetic((5,), 3, batches=3, size=5)
+    H = HessianOperator(model, nn.CrossEntropyLoss(), iter(data), memory_budget=TINY, max_vectors=2)
+    V = _vectors(H.shape[1], 2)
+    expected = HessianOperator(model, nn.CrossEntropyLoss(), data, max_vectors=2) @ V
+    assert torch.equal(H @ V, expected)
+    assert torch.equal(H @ V, expected)  # drawn once, kept: the second product is the same
+    assert H.cache_info().batches_cached == 3
+
+
+def test_streamed_float32_operator_casts_each_batch() -> None:
+    model, data = _mlp(), Synthetic((5,), 3, batches=3, size=5)
+    kw: dict[str, Any] = {"dtype": torch.float32, "max_vectors": 2}
+    H = HessianOperator(model, nn.CrossEntropyLoss(), data, memory_budget=TINY, **kw)
+    Hc = HessianOperator(model, nn.CrossEntropyLoss(), data, **kw)
+    V = _vectors(H.shape[1], 2).float()
+    assert torch.equal(H @ V, Hc @ V)
+    H64 = H.to(F64)  # a converted operator streams too
+    H64c = HessianOperator(model, nn.CrossEntropyLoss(), data, max_vectors=2)
+    assert torch.equal(H64 @ V.double(), H64c @ V.double())
+    assert H64.cache_info().graphs_cached == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_streamed_cuda_operator_equals_cached() -> None:  # pragma: no cover - CPU CI
+    model, data = _mlp(), Synthetic((5,), 3, batches=3, size=5)
+    kw: dict[str, Any] = {"device": "cuda", "max_vectors": 2}
+    H = HessianOperator(model, nn.CrossEntropyLoss(), data, memory_budget=TINY, **kw)
+    Hc = HessianOperator(model, nn.CrossEntropyLoss(), data, **kw)
+    V = _vectors(H.shape[1], 2).cuda()
+    assert torch.equal(H @ V, Hc @ V)
