@@ -6,7 +6,8 @@ user's model returns, a value forwarded untouched to torch), each with a reason.
 
 Arrays
     :data:`Array` (a numpy, torch or CuPy array; a returned ``Array`` is of the kind the input
-    came as), :data:`ArrayLike` (an ``Array`` or nested lists of numbers),
+    came as), :data:`ArrayT` (the same kind in and out), :data:`ArrayLike` (an ``Array`` or
+    nested lists of numbers),
     :class:`CupyArray` (CuPy is optional, so it is recognised structurally).
 Operators
     :data:`OperatorLike` (what :func:`linops.aslinearoperator` accepts),
@@ -25,7 +26,7 @@ import them from (no package imports another's private module).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +36,7 @@ from torch import nn
 __all__ = [
     "Array",
     "ArrayLike",
+    "ArrayT",
     "Batch",
     "CupyArray",
     "DTypeLike",
@@ -76,6 +78,10 @@ class CupyArray(Protocol):
 #: (``np.matrix`` included), a ``torch.Tensor`` or a CuPy array. As a return type: the array
 #: is of the kind the input came as (numpy in, numpy out; a tensor stays on its device).
 Array: TypeAlias = np.ndarray | torch.Tensor | CupyArray
+
+#: An :data:`Array` whose kind a function keeps: ``f(X: ArrayT) -> ArrayT`` returns numpy for
+#: numpy, a tensor (on the input's device) for a tensor, CuPy for CuPy.
+ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray, CupyArray)
 
 #: What the toolkit reads as a dense array: an :data:`Array`, or (nested) lists and tuples of
 #: numbers, read through ``numpy.asarray`` (so they give numpy results).
