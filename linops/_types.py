@@ -6,8 +6,8 @@ user's model returns, a value forwarded untouched to torch), each with a reason.
 
 Arrays
     :data:`Array` (a numpy, torch or CuPy array; a returned ``Array`` is of the kind the input
-    came as), :data:`ArrayT` (the same kind in and out), :data:`ArrayLike` (an ``Array`` or
-    nested lists of numbers),
+    came as), :data:`ArrayT` (the same kind in and out), :data:`ArrayOut` (a result field of
+    the input's kind), :data:`ArrayLike` (an ``Array`` or nested lists of numbers),
     :class:`CupyArray` (CuPy is optional, so it is recognised structurally).
 Operators
     :data:`OperatorLike` (what :func:`linops.aslinearoperator` accepts),
@@ -36,6 +36,7 @@ from torch import nn
 __all__ = [
     "Array",
     "ArrayLike",
+    "ArrayOut",
     "ArrayT",
     "Batch",
     "CupyArray",
@@ -82,6 +83,12 @@ Array: TypeAlias = np.ndarray | torch.Tensor | CupyArray
 #: An :data:`Array` whose kind a function keeps: ``f(X: ArrayT) -> ArrayT`` returns numpy for
 #: numpy, a tensor (on the input's device) for a tensor, CuPy for CuPy.
 ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray, CupyArray)
+
+#: A result field holding an :data:`Array` of the kind the input came as (numpy for numpy and
+#: SciPy operators, torch for tensors and torch operators, CuPy for CuPy). ``Any`` on purpose:
+#: a NamedTuple cannot be generic on Python 3.10, and the union :data:`Array` would make every
+#: caller that passed a torch operator narrow a value it knows is a tensor.
+ArrayOut: TypeAlias = Any
 
 #: What the toolkit reads as a dense array: an :data:`Array`, or (nested) lists and tuples of
 #: numbers, read through ``numpy.asarray`` (so they give numpy results).
