@@ -181,9 +181,12 @@ OutputSelector: TypeAlias = Callable[[ModelOutput], torch.Tensor]
 #: functional (``F.mse_loss``, a ``functools.partial`` of one) or a plain function.
 LossFunction: TypeAlias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-#: One batch: an inputs array, or an ``(x, y)`` (or ``(x,)``) tuple or list of arrays.
-Batch: TypeAlias = ArrayLike | Sequence[ArrayLike]
+#: One batch: an inputs array, an ``(x, y)`` (or ``(x,)``) tuple or list of arrays, or a dict
+#: of keyword inputs for ``model(**batch)`` (the targets under the operator's ``label_key``;
+#: values that are not tensors, such as flags, reach the model as they are: open).
+Batch: TypeAlias = ArrayLike | Sequence[ArrayLike] | Mapping[str, Any]
 
 #: A dataset: an inputs array (split into batches by ``batch_size``), an ``(X, y)`` pair of
-#: arrays, or an iterable of :data:`Batch` (a ``DataLoader`` with a fixed order, a list).
+#: arrays, one dict of keyword inputs, or an iterable of :data:`Batch` (a ``DataLoader`` with a
+#: fixed order, a list).
 Data: TypeAlias = Batch | Iterable[Batch]
