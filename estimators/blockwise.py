@@ -243,6 +243,7 @@ def blockwise_spectra(
     k: int = 5,
     rtol: float | None = None,
     maxiter: int | None = None,
+    ncv: int | None = None,
     num_probes: int = 10,
     num_steps: int | None = None,
     num_points: int = 512,
@@ -272,10 +273,11 @@ def blockwise_spectra(
         :class:`linops.ParamSpace` accepts (names, prefixes such as ``"layer1"``,
         submodules, tensors). Default: one block per layer (:func:`layer_blocks`). Blocks
         need not cover every parameter; they must not overlap.
-    k, rtol, maxiter
-        Eigenvalues per block and the tolerance and restarts of :func:`linops.lanczos`
-        (default ``rtol``: ``sqrt(eps)`` of ``H``'s dtype). A block with fewer than
-        ``k + 1`` parameters gets all its eigenvalues (``k = n_b``).
+    k, rtol, maxiter, ncv
+        Eigenvalues per block and the tolerance, restarts and basis size of
+        :func:`linops.lanczos` (defaults as there; ``rtol``: ``sqrt(eps)`` of ``H``'s dtype;
+        ``ncv`` is capped at ``n_b``). A block with at most ``k`` parameters gets all its
+        eigenvalues from its dense matrix (``n_b`` columns).
     num_probes, num_steps
         SLQ probes and Lanczos steps per block (defaults as in
         :func:`estimators.spectral_density`: 10 and ``min(32, n_b)``).
@@ -360,7 +362,8 @@ def blockwise_spectra(
                 if kb == A.shape[0]:  # a block smaller than k: its dense eigenvalues, exactly
                     return _dense_eigenvalues(A)
                 try:
-                    return lanczos(A, kb, "LA", rtol=rtol, maxiter=maxiter, seed=s)
+                    nc = None if ncv is None else max(min(ncv, A.shape[0]), kb + 1)
+                    return lanczos(A, kb, "LA", rtol=rtol, maxiter=maxiter, ncv=nc, seed=s)
                 except LanczosNoConvergence as err:
                     return err.result
 
