@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from linops import Seed
 from linops.blocks import make_generator as _make_generator
 
 __all__ = ["Seed", "make_generator"]
-
-#: The type of every ``seed`` argument.
-Seed = int | torch.Generator | None
 
 
 def make_generator(seed: Seed, device: torch.device | str = "cpu") -> torch.Generator:
