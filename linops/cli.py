@@ -46,8 +46,8 @@ def _default_setup(seed: int, epochs: int) -> dict[str, Any]:
     from trainers.models import MLP
 
     torch.manual_seed(seed)
-    data = digits()
-    model = MLP(64, 10, widths=(64,), activation="gelu")
+    data = digits(seed=seed)
+    model = MLP(64, 10, widths=(64,), activation="gelu", seed=seed)
     loss = torch.nn.CrossEntropyLoss()
     trainer = BackpropTrainer(model, loss, optimizer="sgd", lr=0.1, momentum=0.9)
     trainer.fit(
@@ -62,11 +62,41 @@ def _default_setup(seed: int, epochs: int) -> dict[str, Any]:
         for name, p in model.named_parameters():
             p.copy_(trainer.values[name])
     model.eval()
-    return {"model": model, "loss": loss, "data": data, "history": trainer.history}
+    num_parameters = sum(p.numel() for p in model.parameters())
+    return {
+        "model": model,
+        "loss": loss,
+        "data": data,
+        "history": trainer.history,
+        "models": {
+            "default": {
+                "architecture": "MLP 64-64-10 (one hidden layer of 64), GELU",
+                "num_parameters": num_parameters,
+                "initialisation": f"LeCun normal weights, zero biases (seed {seed})",
+                "training": (
+                    f"backprop, SGD lr 0.1 momentum 0.9, batch 64 shuffled (seed {seed}), "
+                    f"{epochs} epochs, mean cross-entropy"
+                ),
+                "dataset": "digits",
+                "used_by": ["operators", "hessian_density", "laziness"],
+            }
+        },
+        "datasets": {
+            "digits": {
+                "source": "scikit-learn load_digits: 1797 8x8 grey images of the digits 0-9",
+                "inputs": "flattened to 64 values, divided by 16 (range [0, 1])",
+                "num_train": len(data.X_train),
+                "num_test": len(data.X_test),
+                "split": f"train_test_split(random_state={seed})",
+            }
+        },
+    }
 
 
 def _operators_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str, Any]:
+    """Sizes, accuracies, extreme Hessian and NTK eigenvalues (scipy eigsh on the operators)."""
     import linops
+    from reports.runs import smoke_title
 
     model, loss, data = setup["model"], setup["loss"], setup["data"]
     n_ntk = 200 if quick else 500
@@ -79,7 +109,8 @@ def _operators_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[st
     t1 = time.perf_counter()
     ntk_top = np.sort(sla.eigsh(K, k=k, which="LA", tol=1e-6)[0])[::-1]
     t2 = time.perf_counter()
-    _plot_spectra(h_top, ntk_top, out / "spectrum.png")
+    title = f"MLP 64-64-10 on digits ({H.shape[0]} params, {len(data.X_train)} samples)"
+    _plot_spectra(h_top, ntk_top, n_ntk, out / "spectrum.png", smoke_title(title, quick))
     hist = setup["history"].metrics
     return {
         "num_parameters": H.shape[0],
@@ -96,17 +127,26 @@ def _operators_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[st
     }
 
 
-def _plot_spectra(h_top: np.ndarray, ntk_top: np.ndarray, path: Path) -> None:
+def _plot_spectra(
+    h_top: np.ndarray, ntk_top: np.ndarray, n_ntk: int, path: Path, title: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, vals, title in ((axes[0], h_top, "Hessian"), (axes[1], ntk_top, "NTK Gram")):
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    panels = (
+        (axes[0], h_top, "Hessian of the training loss"),
+        (axes[1], ntk_top, f"NTK Gram on {n_ntk} samples"),
+    )
+    for ax, vals, what in panels:
         ax.semilogy(np.arange(1, len(vals) + 1), np.abs(vals), "o-")
-        ax.set(xlabel="index i", ylabel="|eigenvalue|", title=f"top {len(vals)}: {title}")
-        ax.grid(alpha=0.3)
+        ax.set(xlabel="index i", ylabel="|eigenvalue i|", title=f"top {len(vals)}: {what}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -128,6 +168,7 @@ def _laziness_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str
         output_indices=(0,),
         reference_sizes=(16, 64, 256) if quick else (16, 64, 256, 1024),
         exact_rank=True,
+        seed=setup.get("seed", 0),
     )
     result["summary"] = (
         f"ratio {result['laziness_ratio_mean']:.3g} +- {result['laziness_ratio_std']:.2g}; "
@@ -138,13 +179,21 @@ def _laziness_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str
 
 
 def _density_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str, Any]:
-    """Hessian spectral density (SLQ) and trace (XTrace), with the exact trace as a check."""
+    """Hessian spectral density (SLQ) and trace (XTrace) of the default model."""
     import linops
     from reports import density_report
+    from reports.runs import smoke_title
 
     model, loss, data = setup["model"], setup["loss"], setup["data"]
     H = linops.HessianOperator(model, loss, (data.X_train, data.y_train))
-    result = density_report(H, num_matvecs=200 if quick else 400, seed=0, png=out / "density.png")
+    title = f"Hessian spectral density, MLP 64-64-10 on digits ({H.shape[0]} params)"
+    result = density_report(
+        H,
+        num_matvecs=200 if quick else 400,
+        seed=setup.get("seed", 0),
+        png=out / "density.png",
+        title=smoke_title(title, quick),
+    )
     result["summary"] = (
         f"trace {result['trace_estimate']:.4g} +- {result['trace_stderr']:.2g} "
         f"({result['trace_method']}, {result['num_matvecs']} products); spectrum in "
@@ -153,16 +202,22 @@ def _density_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str,
     return result
 
 
+#: the training-Jacobian section's run: (hidden width, epochs) of the quick and the full report
+_TJ_RUNS = {True: (8, 1), False: (16, 2)}
+
+
 def _training_jacobian_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str, Any]:
-    """Compute a small training Jacobian (width-16 MLP, 2 epochs), dense, with its spectrum.
+    """Compute a small training Jacobian (its own MLP on digits), dense, with its spectrum.
 
     As in "Understanding Gradient Descent through the Training Jacobian" (an anonymous
-    submission, no arXiv id given).
+    submission, no arXiv id given): a width-8, 1-epoch run with ``--quick`` (610 parameters,
+    25 steps), else width 16 and 2 epochs (1210 parameters, 50 steps).
     """
     from reports import plot_training_jacobian_report, training_jacobian_report
 
-    result = training_jacobian_report(quick=True)
-    plot_training_jacobian_report(result, out / "training_jacobian.png")
+    width, epochs = _TJ_RUNS[quick]
+    result = training_jacobian_report(width=width, epochs=epochs, seed=setup.get("seed", 0))
+    plot_training_jacobian_report(result, out / "training_jacobian.png", smoke=quick)
     counts = "; ".join(
         f"tol {r['tol']:g}: {r['chaotic']}/{r['bulk']}/{r['stable']}"
         for r in result["region_table"][::2]
@@ -186,11 +241,35 @@ def _sections() -> list[tuple[str, Section]]:
     ]
 
 
-def report(out: Path, *, quick: bool = False, seed: int = 0, epochs: int | None = None) -> dict:
+def report(
+    out: Path,
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    epochs: int | None = None,
+    argv: list[str] | None = None,
+) -> dict:
     """Run the report; return its numbers (also written to ``out/report.json``).
 
     Everything is written to a temporary folder beside ``out`` and renamed to ``out`` when the
-    report is complete; a previous report in ``out`` is replaced as a whole.
+    report is complete; a previous report in ``out`` is replaced as a whole. Each section
+    prints its name when it starts and its wall time when it ends. Every key of
+    ``report.json`` is explained in ``reports/report_schema.json``.
+
+    Parameters
+    ----------
+    out
+        The report's folder.
+    quick
+        A smoke run: every section does less work (smaller samples, fewer products, a smaller
+        training Jacobian), and the JSON, the printed summary and the plot titles say so.
+    seed
+        Seed of the default model's initialisation, its data split and batch order, the
+        estimators' probes, and the initialisation of the training-Jacobian section's model.
+    epochs
+        Training epochs of the default model (default: 5, or 2 with ``quick``).
+    argv
+        The command line to record (default: ``sys.argv``).
 
     Raises
     ------
@@ -200,23 +279,35 @@ def report(out: Path, *, quick: bool = False, seed: int = 0, epochs: int | None 
     OSError
         If the folder cannot be written.
     """
+    from reports.runs import SMOKE_NOTE, Sections, run_metadata
+
     epochs = epochs if epochs is not None else (2 if quick else 5)
     if not isinstance(epochs, int):  # a plain int, as before (np.integer refused)
         raise ValueError(f"epochs: expected a positive integer, got {epochs!r}")
     check_positive(epochs, "epochs")
     out = Path(out)
     _check_out(out)
+    result: dict[str, Any] = run_metadata(quick=quick, seed=seed, argv=argv)
+    if quick:
+        result["smoke_note"] = SMOKE_NOTE
+    result.update(model="MLP 64-64-10 GELU on digits", epochs=epochs, models={}, datasets={})
     with _Staging(out) as tmp:
-        start = time.perf_counter()
-        print(f"linops report: training the default MLP on digits for {epochs} epochs ...")
-        setup = _default_setup(seed, epochs)
-        result: dict[str, Any] = {"model": "MLP 64-64-10 GELU on digits", "epochs": epochs}
+        timer = Sections("linops report")
+        if quick:
+            print(f"linops report: {SMOKE_NOTE}", flush=True)
+        with timer("training", f"the default MLP on digits for {epochs} epochs"):
+            setup = _default_setup(seed, epochs)
+        setup["seed"] = seed
+        result["models"].update(setup.get("models", {}))
+        result["datasets"].update(setup.get("datasets", {}))
         for key, section in _sections():
-            print(f"  section {key} ...", flush=True)
-            t0 = time.perf_counter()
-            result[key] = section(setup, tmp, quick)
-            result[key]["seconds_section"] = time.perf_counter() - t0
-        result["seconds_total"] = time.perf_counter() - start
+            with timer(key, (section.__doc__ or "").split("\n")[0].rstrip(".")):
+                result[key] = section(setup, tmp, quick)
+            result["models"].update(result[key].pop("models", {}))
+            result["datasets"].update(result[key].pop("datasets", {}))
+            result[key]["seconds_section"] = timer.seconds[key]
+        result["seconds_sections"] = dict(timer.seconds)
+        result["seconds_total"] = timer.total()
         (tmp / "report.json").write_text(json.dumps(result, indent=2))
     _print_summary(result, out)
     return result
@@ -307,10 +398,14 @@ def _alive(pid: int) -> bool:
 
 
 def _print_summary(result: dict[str, Any], out: Path) -> None:
+    from reports.runs import print_written
+
     ops = result["operators"]
     fmt = ", ".join
-    lines = [
-        "",
+    lines = [""]
+    if result.get("smoke"):
+        lines.append(f"*** {result.get('smoke_note', 'SMOKE RUN (--quick)')} ***")
+    lines += [
         f"model            {result['model']}, {ops['num_parameters']} parameters",
         f"data             {ops['num_train']} training samples; NTK on {ops['ntk_samples']}",
         f"accuracy         train {ops['train_accuracy']:.3f}, test {ops['test_accuracy']:.3f}",
@@ -322,8 +417,11 @@ def _print_summary(result: dict[str, Any], out: Path) -> None:
         summary = section.get("summary") if isinstance(section, dict) else None
         if summary:
             lines.append(f"{key:<16} {summary}")
+    timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.get("seconds_sections", {}).items())
+    lines.append(f"wall time        {timings}")
     lines.append(f"total            {result['seconds_total']:.1f} s; written to {out}/")
     print("\n".join(lines))
+    print_written("linops report", out)
 
 
 def benchmarks(root: Path | None = None) -> list[str]:
@@ -338,8 +436,35 @@ def benchmarks(root: Path | None = None) -> list[str]:
     )
 
 
-def _bench(parser: argparse.ArgumentParser, name: str, rest: list[str]) -> None:
+def benchmark_summary(path: Path) -> str:
+    """Return the first line of a benchmark script's module docstring, read without running it."""
+    import ast
+
+    try:
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+    except (OSError, SyntaxError, ValueError):
+        return "(could not be read)"
+    return doc.strip().splitlines()[0] if doc and doc.strip() else "(no description)"
+
+
+def _bench_listing(root: Path | None = None) -> str:
+    names = benchmarks(root)
+    if not names:
+        return "no bench/ folder here: run linops bench from a checkout of the repository"
+    folder = (root or Path.cwd()) / "bench"
+    width = max(len(n) for n in names)
+    lines = [f"  {n:<{width}}  {benchmark_summary(folder / f'{n}.py')}" for n in names]
+    return "benchmarks in bench/ (linops bench NAME --help for each one's options):\n" + "\n".join(
+        lines
+    )
+
+
+def _bench(parser: argparse.ArgumentParser, name: str | None, rest: list[str]) -> None:
+    """Run ``bench/NAME.py`` with ``rest`` as its arguments (``--help`` included)."""
     available = benchmarks()
+    if name is None:
+        print(_bench_listing())
+        return
     if not available:
         parser.error(
             f"no bench/ folder in {Path.cwd()}: run linops bench from a checkout of the repository"
@@ -347,8 +472,36 @@ def _bench(parser: argparse.ArgumentParser, name: str, rest: list[str]) -> None:
     if name not in available:
         parser.error(f"NAME: expected one of {available}, got {name!r}")
     path = Path.cwd() / "bench" / f"{name}.py"
+    argv, sys_path = sys.argv, list(sys.path)
     sys.argv = [str(path), *rest]
-    runpy.run_path(str(path), run_name="__main__")
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except ModuleNotFoundError as err:
+        hint = _missing_peer_hint(err, path)
+        if hint is None:
+            raise
+        print(hint, file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        sys.argv, sys.path[:] = argv, sys_path
+
+
+def _missing_peer_hint(err: ModuleNotFoundError, script: Path) -> str | None:
+    """Return ``bench/_harness.py``'s one-line hint for a missing optional peer, if it is one."""
+    harness = sys.modules.get("_harness")
+    if harness is None or not hasattr(harness, "missing_peer_hint"):
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("_harness", script.parent / "_harness.py")
+        if spec is None or spec.loader is None:
+            return None
+        harness = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(harness)
+        except Exception:  # an old or broken harness: fall back to the traceback
+            return None
+    hint: str | None = harness.missing_peer_hint(err.name or "", script)
+    return hint
 
 
 class _Parser(argparse.ArgumentParser):
@@ -405,8 +558,19 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
         default=None,
         help="training epochs (default: 5, or 2 with --quick)",
     )
-    ben = sub.add_parser("bench", help="run bench/NAME.py of a checkout (extra args passed on)")
-    ben.add_argument("name", metavar="NAME")
+    ben = sub.add_parser(
+        "bench",
+        help="list the benchmarks of bench/, or run bench/NAME.py with the arguments after NAME",
+        description=(
+            "Run bench/NAME.py of a checkout; every argument after NAME goes to the script "
+            "(linops bench NAME --help shows its options). Without NAME: list the benchmarks. "
+            "Benchmarks that compare with optional peers (curvlinops, JAX, ...) need "
+            "`bash scripts/setup.sh bench`, or their --no-<peer> / --skip-<peer> option."
+        ),
+        epilog=_bench_listing(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ben.add_argument("name", metavar="NAME", nargs="?", help="the benchmark (see the list below)")
     return parser, {"report": rep, "bench": ben}
 
 
@@ -417,18 +581,26 @@ def main(argv: list[str] | None = None) -> None:
     130 interrupted (Ctrl-C).
     """
     parser, commands = _parser()
-    args, rest = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest: list[str] = []
+    if argv[:1] == ["bench"] and len(argv) > 1 and not argv[1].startswith("-"):
+        argv, rest = argv[:2], argv[2:]  # everything after NAME is the script's, --help too
+    args = parser.parse_args(argv)
     sub = commands[args.command]
     try:
         if args.command == "report":
-            if rest:
-                sub.error(f"unrecognized arguments: {' '.join(rest)}")
             try:
                 _check_out(args.out)
             except ValueError as err:
                 sub.error(str(err))
             retain_freed_memory()  # this process is ours: keep freed blocks for the next product
-            report(args.out, quick=args.quick, seed=args.seed, epochs=args.epochs)
+            report(
+                args.out,
+                quick=args.quick,
+                seed=args.seed,
+                epochs=args.epochs,
+                argv=["linops", *argv],
+            )
         else:
             _bench(sub, args.name, rest)
     except KeyboardInterrupt:

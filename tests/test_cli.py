@@ -288,3 +288,107 @@ def test_version_and_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
     text = capsys.readouterr().out
     for option, default in (("--out", "results/report"), ("--seed", "0"), ("--epochs", "5")):
         assert option in text and f"default: {default}" in text
+
+
+# --------------------------------------------------------------------------- bench listing
+def test_bench_without_a_name_lists_each_benchmark_with_its_first_docstring_line(
+    tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "alpha.py").write_text('"""Alpha: times A against B.\n\nMore."""\n')
+    (tmp_path / "bench" / "beta.py").write_text("x = 1\n")
+    (tmp_path / "bench" / "_harness.py").write_text('"""Not listed."""\n')
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = _main(["bench"], capsys)
+    assert code == 0
+    assert "alpha  Alpha: times A against B." in out
+    assert "beta   (no description)" in out and "_harness" not in out
+    code, out, _ = _main(["bench", "--help"], capsys)
+    assert code == 0 and "alpha  Alpha: times A against B." in out
+
+
+def test_bench_forwards_help_and_every_argument_to_the_script(checkout, capsys):
+    """Regression (issue 18): `linops bench operators --help` showed linops' own help."""
+    code, _, _ = _main(["bench", "ok", "--help", "--seed", "3", "-x"], capsys)
+    assert code == 0
+    assert checkout.read_text() == "ok --help --seed 3 -x\n"
+
+
+def test_bench_real_script_help_is_the_scripts(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    code, out, _ = _main(["bench", "rank_seeds", "--help"], capsys)
+    assert code == 0
+    assert "usage: rank_seeds.py" in out and "--thresholds" in out
+    assert "linops bench" not in out.splitlines()[0]
+
+
+def test_a_missing_optional_peer_is_one_line_with_the_way_out(tmp_path, monkeypatch, capsys):
+    """Regression (issue 18): a missing curvlinops ended in a ModuleNotFoundError traceback."""
+    (tmp_path / "bench").mkdir()
+    harness = (ROOT / "bench" / "_harness.py").read_text()
+    (tmp_path / "bench" / "_harness.py").write_text(harness)
+    script = (
+        "import argparse\n"
+        "p = argparse.ArgumentParser()\n"
+        "p.add_argument('--no-curvlinops', action='store_true')\n"
+        "import curvlinops_is_not_installed_here as curvlinops\n"
+    )
+    (tmp_path / "bench" / "peer.py").write_text(script.replace("_is_not_installed_here", ""))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "curvlinops", None)  # import fails as if not installed
+    monkeypatch.delitem(sys.modules, "_harness", raising=False)
+    code, _, err = _main(["bench", "peer", "--quick"], capsys)
+    assert code == 1
+    line = _one_line(err)
+    assert "'curvlinops' is not installed" in line
+    assert "bash scripts/setup.sh bench" in line and "--no-curvlinops" in line
+    # an ordinary missing module is not hidden
+    (tmp_path / "bench" / "broken.py").write_text("import no_such_module_xyz\n")
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(["bench", "broken"])
+
+
+def test_harness_marks_smoke_json_says_where_it_wrote_and_hints_peers(tmp_path):
+    """bench/_harness.py gives every script these without the script doing anything."""
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "_harness.py").write_text((ROOT / "bench" / "_harness.py").read_text())
+    script = (
+        "import sys\n"
+        "from _harness import parser, section, write_json\n"
+        "args = parser(__doc__, 'unused').parse_args()\n"
+        "with section('sum'):\n"
+        "    total = 1 + 1\n"
+        "write_json(args.out, 'demo', {'total': total})\n"
+        "if 'PEER' in __import__('os').environ:\n"
+        "    import jax_is_absent_here as jax\n"
+    )
+    (tmp_path / "bench" / "demo.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(tmp_path / "bench" / "demo.py"), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+
+    out = tmp_path / "out"
+    proc = run("--quick", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads((out / "demo.json").read_text())
+    assert (
+        payload["smoke"] is True and payload["total"] == 2 and "SMOKE RUN" in payload["smoke_note"]
+    )
+    assert f"wrote {out / 'demo.json'}" in proc.stdout
+    assert "demo: [1] sum done in" in proc.stdout
+    assert "wrote 1 file(s)" in proc.stdout and "demo.json" in proc.stdout.splitlines()[-1]
+    proc = run("--out", str(out))
+    assert json.loads((out / "demo.json").read_text())["smoke"] is False
+    script = script.replace("jax_is_absent_here", "jax")
+    (tmp_path / "bench" / "demo.py").write_text(
+        script.replace("import sys\n", "import sys\nsys.modules['jax'] = None\n")
+    )
+    env["PEER"] = "1"
+    proc = run("--out", str(out))
+    assert proc.returncode == 1
+    assert _one_line(proc.stderr) == (
+        "demo.py: the optional peer 'jax' is not installed: install it with "
+        "`bash scripts/setup.sh bench`"
+    )

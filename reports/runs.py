@@ -1,0 +1,201 @@
+"""What every script of the toolkit shares while it runs: metadata, timed sections, smoke marks.
+
+``linops report``, the examples and (through ``bench/_harness.py``) the benchmarks use these so
+that a user always sees the same things: the name and elapsed time of each section as it runs,
+``"smoke": true`` plus a visible mark on the tables and plot titles of a ``--quick`` run, and a
+closing list of the files written, with their sizes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "SMOKE_NOTE",
+    "Sections",
+    "human_bytes",
+    "print_written",
+    "run_metadata",
+    "smoke_title",
+    "thread_counts",
+    "versions",
+]
+
+#: printed above the tables of a ``--quick`` run and stored in its JSON as ``smoke_note``
+SMOKE_NOTE = (
+    "SMOKE RUN (--quick): sizes cut to check that the script runs; the numbers are not results"
+)
+
+
+def versions() -> dict[str, str]:
+    """Return the versions of Python, linops, torch, numpy and scipy (``"absent"`` if missing)."""
+    found = {"python": platform.python_version()}
+    for name in ("linops", "torch", "numpy", "scipy"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            module = sys.modules.get(name)
+            found[name] = str(getattr(module, "__version__", "absent"))
+    return found
+
+
+def thread_counts() -> dict[str, int | None]:
+    """Return the thread counts that set the speed of a CPU run.
+
+    ``torch_threads`` (``torch.get_num_threads()``, intra-op), ``torch_interop_threads``,
+    ``cpu_count`` (``os.cpu_count()``) and ``cpus_usable`` (the CPUs this process may run on).
+    """
+    import torch
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+    }
+
+
+def run_metadata(
+    *, quick: bool, seed: int | None, argv: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Return what is needed to rerun and compare a run, JSON-ready.
+
+    Parameters
+    ----------
+    quick
+        Whether this is a ``--quick`` smoke run (stored as ``quick`` and ``smoke``).
+    seed
+        The run's seed (``None`` if it has none).
+    argv
+        The command line (default: ``sys.argv``).
+
+    Returns
+    -------
+    dict
+        ``command_line`` (shell-quoted), ``seed``, ``quick``, ``smoke``, ``versions``
+        (:func:`versions`), ``threads`` (:func:`thread_counts`), ``platform``,
+        ``load_average`` (1, 5, 15 min, where the OS has it) and ``started_utc`` (ISO 8601).
+    """
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return {
+        "command_line": shlex.join(list(sys.argv if argv is None else argv)),
+        "seed": seed,
+        "quick": bool(quick),
+        "smoke": bool(quick),
+        "versions": versions(),
+        "threads": thread_counts(),
+        "platform": platform.platform(),
+        "load_average": load,
+        "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def smoke_title(title: str, quick: bool) -> str:
+    """Return ``title`` marked as a smoke run when ``quick`` (for plot titles)."""
+    return f"[SMOKE RUN --quick] {title}" if quick else title
+
+
+class Sections:
+    """Timed, named sections of a run: ``with sections("name"): ...`` prints start and end.
+
+    Each section prints ``PROG: [i] name ...`` when it starts and ``PROG: [i] name: 12.3 s
+    (total 45.6 s)`` when it ends (also when it fails), flushed at once so a user watching a
+    slow machine sees where the run is. The wall times are kept in :attr:`seconds`.
+    """
+
+    def __init__(self, prog: str) -> None:
+        self.prog = prog
+        self.start = time.perf_counter()
+        #: wall seconds of each finished section, by name, in order
+        self.seconds: dict[str, float] = {}
+        self._open: Any = None
+
+    def step(self, name: str, what: str = "") -> None:
+        """End the section begun by the previous :meth:`step` (if any) and begin ``name``.
+
+        For scripts that run their sections one after another; :meth:`end` closes the last.
+        """
+        self.end()
+        self._open = self(name, what)
+        self._open.__enter__()
+
+    def end(self) -> None:
+        """End the section begun by :meth:`step`, if one is open."""
+        if self._open is not None:
+            opened, self._open = self._open, None
+            opened.__exit__(None, None, None)
+
+    @contextmanager
+    def __call__(self, name: str, what: str = "") -> Iterator[None]:
+        """Time the section ``name`` (described by ``what``) and print its start and elapsed time."""
+        index = len(self.seconds) + 1
+        print(f"{self.prog}: [{index}] {name}{': ' + what if what else ''} ...", flush=True)
+        t0 = time.perf_counter()
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            dt = time.perf_counter() - t0
+            self.seconds[name] = dt
+            state = "failed after" if failed else "done in"
+            print(
+                f"{self.prog}: [{index}] {name} {state} {dt:.1f} s (total {self.total():.1f} s)",
+                flush=True,
+            )
+
+    def total(self) -> float:
+        """Return the seconds since this object was made."""
+        return time.perf_counter() - self.start
+
+
+def human_bytes(n: float) -> str:
+    """Return ``n`` bytes as a short human-readable size (``"1.2 MB"``, decimal units)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def print_written(
+    prog: str, folder: str | os.PathLike[str], *, since: float | None = None
+) -> list[Path]:
+    """Print where a run wrote: the folder, then each file (below it) with its size.
+
+    Parameters
+    ----------
+    prog
+        The script's name, printed first.
+    folder
+        Its output folder.
+    since
+        Only files modified at or after this ``time.time()`` (default: all).
+
+    Returns
+    -------
+    list of Path
+        The files listed.
+    """
+    root = Path(folder)
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and (since is None or p.stat().st_mtime >= since - 1.0)
+    )
+    total = sum(p.stat().st_size for p in files)
+    print(f"{prog}: wrote {len(files)} file(s), {human_bytes(total)}, to {root}/", flush=True)
+    for p in files:
+        print(f"  {p.relative_to(root)}  {human_bytes(p.stat().st_size)}")
+    return files
