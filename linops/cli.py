@@ -109,7 +109,7 @@ def _operators_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[st
     t1 = time.perf_counter()
     ntk_top = np.sort(sla.eigsh(K, k=k, which="LA", tol=1e-6)[0])[::-1]
     t2 = time.perf_counter()
-    title = f"MLP 64-64-10 on digits ({H.shape[0]} params, {len(data.X_train)} samples)"
+    title = f"MLP 64-64-10 on digits ({H.shape[0]} params, {len(data.X_train)} samples), trained"
     _plot_spectra(h_top, ntk_top, n_ntk, out / "spectrum.png", smoke_title(title, quick))
     hist = setup["history"].metrics
     return {
@@ -186,7 +186,7 @@ def _density_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str,
 
     model, loss, data = setup["model"], setup["loss"], setup["data"]
     H = linops.HessianOperator(model, loss, (data.X_train, data.y_train))
-    title = f"Hessian spectral density, MLP 64-64-10 on digits ({H.shape[0]} params)"
+    title = f"Hessian spectral density\nMLP 64-64-10 on digits ({H.shape[0]} params, trained)"
     result = density_report(
         H,
         num_matvecs=200 if quick else 400,

@@ -78,6 +78,7 @@ def plot_spectral_density(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     x = torch.as_tensor(sd.grid).detach().cpu().double().numpy()
     y = torch.as_tensor(sd.density).detach().cpu().double().numpy()
@@ -89,10 +90,12 @@ def plot_spectral_density(
     label = (
         f"SLQ: {probes} probes x {steps} Lanczos steps,\nGaussian broadening sigma = {sd.sigma:.3g}"
     )
-    ax.semilogy(x, y.clip(min=floor), label=label)
+    shown = np.where(y >= floor, y, np.nan)  # the curve ends at the floor, no flat segments
+    ax.semilogy(x, shown, label=label)
     ax.plot(nodes, [floor * 1.5] * len(nodes), "|", color="C3", ms=8, label="quadrature nodes")
     ax.set_ylim(floor, float(y.max()) * 3 if y.max() > 0 else 1.0)
-    ax.set(xlabel="eigenvalue", ylabel="density (integrates to 1)", title=title)
+    ax.set(xlabel="eigenvalue", ylabel="density (integrates to 1)")
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()

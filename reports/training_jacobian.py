@@ -136,7 +136,7 @@ def plot_training_jacobian_report(
     what = f"MLP 64-{width}-10 on digits, " if width is not None else ""
     title = (
         f"Training Jacobian of {what}{result['dim']} params, "
-        f"{result['steps']} SGD steps ({result.get('epochs', '?')} epochs)"
+        f"{result['steps']} SGD steps ({result.get('epochs', '?')} epoch(s))"
     )
     fig.suptitle(smoke_title(title, smoke), fontsize=10)
     fig.tight_layout()
