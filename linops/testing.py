@@ -4,7 +4,9 @@ r"""Checks and hypothesis strategies for operators, for this package's tests and
 ``A`` must satisfy (linearity, the adjoint identity :math:`\langle A x, y\rangle =
 \langle x, A^\top y\rangle`, agreement of ``matvec`` and ``matmat``, symmetry where claimed,
 agreement with a dense reference for small operators) on random vectors, and raises an
-``AssertionError`` that says which law failed and by how much.
+``AssertionError`` that says which law failed and by how much. The :class:`CheckReport` it
+returns holds each law's relative error, and in ``skipped`` the laws it did not check and why
+(``print(report)`` shows both).
 
 The strategies build small random models, inputs and operators for property-based tests::
 
