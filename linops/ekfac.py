@@ -108,30 +108,41 @@ class _EigenInverse(TorchLinearOperator):
 
     def __init__(self, op: KFACOperator, damping: float, heuristic: bool) -> None:
         super().__init__(op.shape, dtype=op.torch_dtype, device=op.device)
-        self.op, self.damping = op, damping
+        self.op, self.damping, self.heuristic = op, damping, heuristic
         if not heuristic:
-            self.eig = op._eigen()
-            self.f = lambda E: 1.0 / (E + damping)
+            eig = op._eigen()
+            self._apply_blocks = lambda X: op._eigen_map(X, eig, lambda E: 1.0 / (E + damping))
             return
-        self.eig = {}
+        # factored damping: (A + d_A I)^{-1} (x) (G + d_G I)^{-1}, two matrix products a block
+        inv: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         for k, (A, G) in op.compute_factors().items():
-            pi = math.sqrt(
-                (float(torch.trace(A)) / A.shape[0])
-                / max(float(torch.trace(G)) / G.shape[0], 1e-300)
-            )
+            dg_mean = max(float(torch.trace(G)) / G.shape[0], 1e-300)
+            pi = math.sqrt((float(torch.trace(A)) / A.shape[0]) / dg_mean)
             da, dg = max(pi * math.sqrt(damping), 1e-8), max(math.sqrt(damping) / pi, 1e-8)
-            a, QA = torch.linalg.eigh(A)
-            g, QG = torch.linalg.eigh(G)
             # a separate bias block has A = [[1]]: its own pi
-            pib = math.sqrt(1.0 / max(float(torch.trace(G)) / G.shape[0], 1e-300))
+            pib = math.sqrt(1.0 / dg_mean)
             dab, dgb = max(pib * math.sqrt(damping), 1e-8), max(math.sqrt(damping) / pib, 1e-8)
-            self.eig[k] = (
-                QA,
-                QG,
-                (g[:, None] + dg) * (a[None, :] + da),
-                (g[:, None] + dgb) * (1 + dab),
+            eye_a, eye_g = (
+                torch.eye(A.shape[0], dtype=A.dtype),
+                torch.eye(G.shape[0], dtype=G.dtype),
             )
-        self.f = lambda E: 1.0 / E
+            inv[k] = (
+                _spd_inverse(A + da * eye_a.to(A.device)),
+                _spd_inverse(G + dg * eye_g.to(G.device)),
+                _spd_inverse(G + dgb * eye_g.to(G.device)) / (1 + dab),
+            )
+        self._apply_blocks = lambda X: op._map_blocks(
+            X,
+            lambda k, V, lay, out: lay.right(lay.left(inv[k][1], V), inv[k][0], out),
+            lambda k, V, lay, out: lay.left(inv[k][2], V, out),
+        )
 
     def _matmat_torch(self, X: Tensor) -> Tensor:
-        return self.op._eigen_map(X, self.eig, self.f)
+        return self._apply_blocks(X)
+
+
+def _spd_inverse(M: Tensor) -> Tensor:
+    """Return the inverse of a symmetric positive definite matrix (by Cholesky), symmetrised."""
+    L = torch.linalg.cholesky(M)
+    inv = torch.cholesky_inverse(L)
+    return (inv + inv.mT) / 2

@@ -143,9 +143,14 @@ def test_errors() -> None:
         KFACOperator(model, nn.L1Loss(), data)
     conv = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(8, 3)).double()
     Xi = torch.randn(4, 2, 4, 4, dtype=F64)
-    K = KFACOperator(conv, nn.CrossEntropyLoss(), (Xi, torch.zeros(4, dtype=torch.long)))
-    with pytest.raises(ValueError, match="model: KFAC expected Conv2d layers with groups=1"):
-        K.to_dense()
+    cdata = (Xi, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="model: KFAC supports nn.Conv2d with groups=1"):
+        KFACOperator(conv, nn.CrossEntropyLoss(), cdata)
+    circular = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"), nn.Flatten())
+    with pytest.raises(ValueError, match="padding_mode='zeros'"):
+        KFACOperator(circular.double(), nn.CrossEntropyLoss(), cdata)
+    # leaving the grouped convolution out of params is fine
+    KFACOperator(conv, nn.CrossEntropyLoss(), cdata, params=["2.weight", "2.bias"]).to_dense()
     norm = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)).double()
     with pytest.raises(ValueError, match="params: expected only weights and biases of nn.Linear"):
         KFACOperator(
@@ -340,3 +345,92 @@ def test_cnn_mse_bce_kfac_and_ekfac_curvlinops_agreement() -> None:
                         approx,
                         fisher_type,
                     )
+
+
+@pytest.mark.parametrize("cls", [KFACOperator, EKFACOperator])
+@pytest.mark.parametrize("separate", [True, False])
+def test_products_in_every_block_layout(cls: type, separate: bool) -> None:
+    """Row-major, column-major, one vector, a strided column, a non-contiguous block: A @ X."""
+    model, data = _setup("ce")
+    K = cls(model, nn.CrossEntropyLoss(), data, separate_weight_and_bias=separate)
+    D = K.to_dense()
+    inv = K.inverse(0.1)
+    Dinv = torch.linalg.inv(D + 0.1 * torch.eye(D.shape[0], dtype=F64))
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(D.shape[0], 5, dtype=F64, generator=g)
+    blocks = [X, X.T.contiguous().T, X[:, :1].clone(), X[:, 2:3], X[:, ::2], X[:, 0]]
+    for B in blocks:
+        assert _rel(K @ B, D @ B) < 1e-13
+        assert _rel(inv @ B, Dinv @ B) < 1e-10
+    if cls is KFACOperator:
+        H = K.inverse(0.1, heuristic=True)
+        Hd = H.to_dense()
+        for B in blocks:
+            assert _rel(H @ B, Hd @ B) < 1e-13
+
+
+def _conv_net(padding: object) -> nn.Module:
+    torch.manual_seed(4)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=padding), nn.ReLU(), nn.Conv2d(3, 2, (2, 3), padding=padding),
+        nn.Flatten(), nn.LazyLinear(3),
+    ).double()  # fmt: skip
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_string_padding_patches_reproduce_the_convolution(padding: str) -> None:
+    """The unfolded patches of a 'same' (asymmetric for the even kernel) or 'valid' convolution
+    times the flattened kernel give the layer's own outputs; KFAC runs on such a model."""
+    from linops.kfac import _shared_inputs
+
+    model = _conv_net(padding)
+    X = torch.randn(5, 2, 6, 6, dtype=F64)
+    model(X)  # materialise the lazy layer
+    x = X
+    for mod in model[:3]:
+        if isinstance(mod, nn.Conv2d):
+            P = _shared_inputs(mod, x)  # (n, L, c kh kw)
+            out = mod(x)
+            ref = out.flatten(2).transpose(1, 2) - mod.bias
+            assert _rel(P @ mod.weight.reshape(mod.weight.shape[0], -1).T, ref) < 1e-13
+        x = mod(x)
+    K = KFACOperator(model, nn.CrossEntropyLoss(), (X, torch.randint(0, 3, (5,))))
+    assert _rel(K.to_dense(), _dense_kfac(K)) < 1e-13
+
+
+@pytest.mark.parametrize("fisher_type", ["type-2", "mc", "empirical"])
+def test_chain_route_factors_equal_the_hooks(fisher_type: str) -> None:
+    """Factors from the chain's stored inputs and one batched backward sweep equal the module
+    hooks' (autograd) ones, on an MLP with tanh and on a CNN with pooling."""
+    torch.manual_seed(2)
+    cnn = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(3, 2, 2),
+        nn.Flatten(), nn.Linear(2, 3),
+    ).double()  # fmt: skip
+    Xi = torch.randn(7, 2, 4, 4, dtype=F64)
+    cases = [
+        _setup("ce"),
+        (cnn, [(Xi[:3], torch.randint(0, 3, (3,))), (Xi[3:], torch.randint(0, 3, (4,)))]),
+    ]
+    for model, data in cases:
+        for approx in ("expand", "reduce"):
+            kw = {"fisher_type": fisher_type, "seed": 3, "kfac_approx": approx, "mc_samples": 2}
+            chained = KFACOperator(model, nn.CrossEntropyLoss(), data, **kw)
+            hooked = KFACOperator(model, nn.CrossEntropyLoss(), data, route="autograd", **kw)
+            fc, fh = chained.compute_factors(), hooked.compute_factors()
+            assert chained.route == "chain" and hooked.route == "autograd"
+            for k in fc:
+                assert _rel(fc[k][0], fh[k][0]) < 1e-13 and _rel(fc[k][1], fh[k][1]) < 1e-13
+
+
+@pytest.mark.parametrize("route", ["auto", "autograd"])
+def test_forward_multiplier_one_layer_mse_is_the_ggn(route: str) -> None:
+    """trainers.models.MLP's layers compute y = c W x + b (NTK parameterisation): the weight's
+    input factor carries c, so one layer with MSE is still exactly the GGN."""
+    from trainers.models import MLP
+
+    model = MLP(4, 3, widths=(), parameterization="ntk", seed=0).double()
+    assert model.layers[0].multiplier != 1.0
+    X, y = torch.randn(9, 4, dtype=F64), torch.randn(9, 3, dtype=F64)
+    K = KFACOperator(model, nn.MSELoss(), (X, y), separate_weight_and_bias=False, route=route)
+    assert _rel(K.to_dense(), GGNOperator(model, nn.MSELoss(), (X, y)).to_dense()) < 1e-12
