@@ -84,6 +84,15 @@ def missing_peer_hint(module: str, script: str | Path | None = None) -> str | No
     )
 
 
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules[module] is None
+        return False
+
+
 def _excepthook(kind: type[BaseException], err: BaseException, tb: Any) -> None:
     if isinstance(err, ModuleNotFoundError):
         hint = missing_peer_hint(err.name or "")
@@ -101,12 +110,28 @@ class _BenchParser(argparse.ArgumentParser):
     ) -> tuple[argparse.Namespace, list[str]]:
         parsed, rest = super().parse_known_args(args, namespace)
         if not _RUN and not _is_child(parsed):
+            self._check_peers(parsed)
             _runs()  # imported now: importing torch at exit would fail
             _RUN.update(
                 args=parsed, start=time.perf_counter(), wall=time.time(), script=sys.argv[0]
             )
             atexit.register(_report_written)
         return parsed, rest
+
+    def _check_peers(self, parsed: argparse.Namespace) -> None:
+        """Stop at once, with one line, when a peer the script can skip is wanted but missing.
+
+        A peer is wanted when the script has an option ``--no-PEER`` / ``--skip-PEER`` and it
+        was not given; without this check the run would fail minutes later, at the import.
+        """
+        for peer in PEERS:
+            for option in (f"--no-{peer}", f"--skip-{peer}"):
+                action = self._option_string_actions.get(option)
+                if action is None or getattr(parsed, action.dest, False):
+                    continue
+                if not _importable(peer):
+                    print(missing_peer_hint(peer), file=sys.stderr)
+                    raise SystemExit(1)
 
     def error(self, message: str) -> Any:  # type: ignore[override]
         """Report a bad command line (nothing was run, so nothing is listed at exit)."""

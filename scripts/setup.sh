@@ -25,7 +25,7 @@ pip_install() { "$PY" -m pip install --quiet --progress-bar off "$@"; }
 
 step "python: $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
 if "$PY" -c "import torch" >/dev/null 2>&1; then
-  step "torch $("$PY" -c 'import torch; print(torch.__version__)') already installed: kept"
+  step "torch $("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null) already installed: kept"
 else
   if [ -n "$TORCH_INDEX_URL" ] && ! "$PY" -c "import sys, urllib.request as u; \
       u.urlopen(sys.argv[1].rstrip('/') + '/torch/', timeout=10)" "$TORCH_INDEX_URL" >/dev/null 2>&1; then
@@ -38,7 +38,7 @@ else
   else
     pip_install "torch==2.13.0"
   fi
-  step "installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+  step "installed torch $("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null)"
 fi
 extra=""
 [ "$mode" = "test" ] && extra="[test]"

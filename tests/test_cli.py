@@ -392,3 +392,26 @@ def test_harness_marks_smoke_json_says_where_it_wrote_and_hints_peers(tmp_path):
         "demo.py: the optional peer 'jax' is not installed: install it with "
         "`bash scripts/setup.sh bench`"
     )
+
+
+def test_harness_stops_at_once_when_a_skippable_peer_is_missing(monkeypatch, capsys, tmp_path):
+    """Regression (issue 18): without curvlinops, bench/operators.py failed after 3 minutes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_harness_test", ROOT / "bench" / "_harness.py")
+    assert spec is not None and spec.loader is not None
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    monkeypatch.setitem(sys.modules, "jax", None)
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "demo.py")])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # parser() installs its own
+    p = harness.parser("Demo.", tmp_path / "missing")
+    p.add_argument("--skip-jax", action="store_true")
+    with pytest.raises(SystemExit) as stop:
+        p.parse_args([])
+    assert stop.value.code == 1
+    assert "demo.py: the optional peer 'jax' is not installed" in _one_line(capsys.readouterr().err)
+    assert p.parse_args(["--skip-jax"]).skip_jax  # skipping it runs
+    import atexit
+
+    atexit.unregister(harness._report_written)

@@ -1,7 +1,10 @@
 """Smoke runs of every benchmark and example with ``--quick`` (slow: ``pytest -m slow``).
 
 Each script must finish and write its JSON under ``--out``; the numbers themselves are checked by
-the unit tests and reported by the full runs.
+the unit tests and reported by the full runs. A quick run must say it is a smoke run
+(``"smoke": true`` in the JSON of the examples and of the benchmarks that write through
+``bench/_harness.write_json``), end by saying where it wrote, and leave no large files
+(checkpoints) behind.
 """
 
 from __future__ import annotations
@@ -61,5 +64,11 @@ def test_quick_run_writes_its_json(script: str, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     written = list(tmp_path.glob("*.json"))
     assert written, f"{script} wrote no JSON under --out"
-    for path in written:
-        json.loads(path.read_text())
+    payloads = [json.loads(path.read_text()) for path in written]
+    source = (ROOT / script).read_text()
+    if script.startswith("examples/") or "write_json" in source:
+        assert any(isinstance(p, dict) and p.get("smoke") is True for p in payloads), script
+    if script.startswith("examples/") or "from _harness import" in source:
+        assert "wrote" in proc.stdout, f"{script} did not say where it wrote"
+    large = [p for p in tmp_path.rglob("*") if p.is_file() and p.stat().st_size > 5_000_000]
+    assert not large, f"{script} --quick left large files behind: {large}"
