@@ -302,10 +302,18 @@ def plain_hvp(cfg: dict[str, Any], repeats: int) -> dict[str, Any]:
     return {"seconds_per_hvp": sorted(times)[len(times) // 2], "times": times, "products": repeats}
 
 
-def run_task(name: str, task: str, quick: bool, seed: int = 0) -> dict[str, Any]:
-    """One task on one model, in this process; returns its JSON-ready row."""
+def run_task(
+    name: str, task: str, quick: bool, seed: int = 0, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One task on one model, in this process; returns its JSON-ready row.
+
+    ``overrides`` replaces budgets of :func:`setup` (``trace_matvecs``, ``density_steps``,
+    ``maxiter``, ``ncv``, and ``bw``: keyword arguments of the blockwise call).
+    """
     torch.manual_seed(seed)
     cfg = setup(name, quick)
+    for key, value in (overrides or {}).items():
+        cfg[key] = cfg.get(key, {}) | value if key == "bw" else value
     model = cfg["model"]
     nparams = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opkw = dict(cfg["op"])
@@ -325,9 +333,10 @@ def run_task(name: str, task: str, quick: bool, seed: int = 0) -> dict[str, Any]
             bar.update(matvecs - last[0])
             last[0] = matvecs
 
-        bw = {"ncv": 8, "maxiter": 5, "num_steps": 8 if quick else 16} | cfg.get("bw", {})
+        bw = {"k": 1, "rtol": 1e-3, "ncv": 8, "maxiter": 5, "num_steps": 8 if quick else 16}
+        bw |= cfg.get("bw", {})
         res = estimators.blockwise_spectra(
-            H, cfg["blocks"], k=1, rtol=1e-3, num_probes=1, seed=seed, progress=progress, **bw
+            H, cfg["blocks"], num_probes=1, seed=seed, progress=progress, **bw
         )
         row["settings"] = bw
         bar.close()
@@ -443,7 +452,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 f"nodes [{r['node_min']:.4g}, {r['node_max']:.4g}], SLQ trace {r['trace_slq']:.4g}"
             )
         else:
-            tops = ", ".join(f"{b}: {s['top'][-1]:.3g}" for b, s in r["blocks"].items())
+            tops = ", ".join(
+                f"{b}: {s['top'][-1]:.3g}" if s["top"] else f"{b}: tr {s['trace']:.3g}"
+                for b, s in r["blocks"].items()
+            )
             res = f"JS0 {r['js_mean']:.3f}; {r['passes']} passes, {r['rounds']} rounds; top: {tops}"
         ratio = r["peak_rss_mb"] / base[r["model"]] if r["model"] in base else float("nan")
         out.append(
@@ -458,11 +470,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--budgets",
+        type=json.loads,
+        default={},
+        help='JSON overriding the per-model budgets, e.g. \'{"trace_matvecs": 4, "bw": '
+        '{"eigenvalues": false, "num_steps": 4}}\'',
+    )
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "TASK"), help=argparse_hidden())
     p.add_argument("--worker-out", type=Path, help=argparse_hidden())
     args = p.parse_args(argv)
     if args.worker:
-        row = run_task(*args.worker, quick=args.quick, seed=args.seed)
+        row = run_task(*args.worker, quick=args.quick, seed=args.seed, overrides=args.budgets)
         args.worker_out.write_text(json.dumps(row))
         return
     models = [m for m in args.models.split(",") if m]
@@ -480,6 +499,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "quick": args.quick,
+        "budgets": args.budgets,
         "command": " ".join(
             [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
         ),
@@ -490,7 +510,8 @@ def main(argv: list[str] | None = None) -> None:
         for t in tasks:
             tmp = args.out / f".worker-{m}-{t}.json"
             cmd = [sys.executable, __file__, "--worker", m, t, "--worker-out", str(tmp)]
-            cmd += ["--seed", str(args.seed)] + (["--quick"] if args.quick else [])
+            cmd += ["--seed", str(args.seed), "--budgets", json.dumps(args.budgets)]
+            cmd += ["--quick"] if args.quick else []
             load = " ".join(f"{x:.2f}" for x in os.getloadavg())
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
             if proc.returncode == 0 and tmp.exists():
