@@ -198,8 +198,11 @@ def storage_bytes(obj: Any) -> int:
     ]
     for t in leaves:
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            st = t.untyped_storage()
-            key = (str(t.device), st.data_ptr())
+            try:
+                st = t.untyped_storage()
+                key = (str(t.device), st.data_ptr())
+            except RuntimeError:  # forward AD's efficient zero tensors: no storage, no memory
+                continue
             if key not in seen:
                 seen.add(key)
                 total += st.nbytes()
@@ -254,8 +257,11 @@ class PeakMemory(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
-            st = t.untyped_storage()
-            key = (str(t.device), st.data_ptr())
+            try:
+                st = t.untyped_storage()
+                key = (str(t.device), st.data_ptr())
+            except RuntimeError:  # forward AD's efficient zero tensors: no storage, no memory
+                continue
             nbytes = st.nbytes()
             if nbytes == 0 or key in self._live:
                 continue
