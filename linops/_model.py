@@ -203,9 +203,8 @@ class ModelOperator(TorchLinearOperator):
                 continue
             self._building_batch = i  # for subclasses whose graphs depend on the batch index
             if self.cache is False or self._graphs_full or i != len(cache):
-                yield self._build_graph(x, y)
-                continue
-            if self.cache:
+                g = self._build_graph(x, y)
+            elif self.cache:
                 g = self._build_graph(x, y)
                 cache.append(g)
             else:
@@ -215,7 +214,14 @@ class ModelOperator(TorchLinearOperator):
                     cache.append(g)
                 else:
                     self._graphs_full = True
+            del x, y
             yield g
+            if not (i < len(cache) and cache[i] is g):
+                # a graph not kept is freed before the next is built, even though the
+                # caller's loop (and zip's or enumerate's reused result tuple) still
+                # refers to it: a streamed pass holds one graph at a time
+                _release(g)
+            del g
 
     @property
     def num_samples(self) -> int:
@@ -283,8 +289,12 @@ class ModelOperator(TorchLinearOperator):
             return self._first_batched(X, adjoint)
         apply = super()._apply
         self._forward_mode = True
-        out, failure, loops = attempt_batched(apply, X, adjoint)
-        self._forward_mode = False
+        try:  # a batch of one vector first: a formulation vmap loops over is never run wide
+            out, failure, loops = self._probe_batched(X, adjoint)
+            if failure is None and not loops:
+                out, failure, loops = attempt_batched(apply, X, adjoint)
+        finally:
+            self._forward_mode = False
         if out is not None and failure is None and not loops:
             single = apply(X[:, :1], adjoint)
             diff = float((out[:, :1] - single).abs().max())
@@ -297,6 +307,24 @@ class ModelOperator(TorchLinearOperator):
                 return out
         return self._first_batched(X, adjoint)
 
+    #: while true, a one-column block goes through the batched code path (:meth:`_probe_batched`)
+    _probing = False
+
+    def _probe_batched(
+        self, X: torch.Tensor, adjoint: bool
+    ) -> tuple[torch.Tensor | None, BaseException | None, list[str]]:
+        """Run the batched pass on the first column alone, as a batch of one vector.
+
+        vmap's fallback for a kernel without a batching rule fires whatever the batch size, so
+        this finds the kernels a wide pass would loop over at the memory and time of one
+        product. Returns what :func:`attempt_batched` returns.
+        """
+        self._probing = True
+        try:
+            return attempt_batched(super()._apply, X[:, :1], adjoint)
+        finally:
+            self._probing = False
+
     def _first_batched(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
         """Return the first many-vector product of a direction, verified against a single-vector one.
 
@@ -307,9 +335,12 @@ class ModelOperator(TorchLinearOperator):
 
         * if the batched pass raised or disagrees, this operator computes one vector per pass
           from then on and warns once;
-        * if vmap fell back to its loop for some kernel, it computes one vector per pass too
-          (no warning): the batched pass is then a loop inside vmap, with vmap's overhead and
-          every vector's temporaries alive at once. Measured here (``bench/models.py`` and the
+        * if vmap falls back to its loop for some kernel, it computes one vector per pass too
+          (no warning): the batched pass would be a loop inside vmap, with vmap's overhead and
+          every vector's temporaries alive at once (a CIFAR ResNet-20's 8-vector Hessian pass
+          peaked at about 11x one product's memory). Which kernels vmap loops over is found
+          by a batched pass over a batch of *one* vector (:meth:`_probe_batched`), so such a
+          block is never run wide, not even once. Measured here (``bench/models.py`` and the
           note of the issue that added this), such a pass cost 1.0-2.1x a single product per
           vector against 0.84-1.19x for a plain loop, on every model and product that showed
           a fallback (residual LayerNorm MLP, ResNet with BatchNorm, transformer, the 10k MLP
@@ -321,7 +352,12 @@ class ModelOperator(TorchLinearOperator):
         """
         apply = super()._apply
         failure: BaseException | str | None
-        out, failure, loops = attempt_batched(apply, X, adjoint)
+        out, failure, loops = None, None, []
+        if self.route != "chain":  # a batch of one vector: which kernels vmap would loop over
+            out, failure, loops = self._probe_batched(X, adjoint)
+            out = None  # one column; the block is computed below unless vmap would loop
+        if failure is None and not loops:
+            out, failure, loops = attempt_batched(apply, X, adjoint)
         if self.route == "chain" and failure is None:
             self.batched[adjoint] = True
             return out  # type: ignore[return-value]
@@ -332,11 +368,11 @@ class ModelOperator(TorchLinearOperator):
             tol = math.sqrt(torch.finfo(single.real.dtype).eps) * float(single.abs().max())
             if diff > tol:
                 failure = f"its first column differs from a single-vector product by {diff:.3g}"
-            elif loops:
-                reason = f"vmap has no batching rule for {', '.join(loops)}"
-            else:
+            elif not loops:
                 self.batched[adjoint] = True
                 return out
+        if failure is None and loops:
+            reason = f"vmap has no batching rule for {', '.join(loops)}"
         if failure is not None:
             reason = f"the batched pass failed: {str(failure).splitlines()[0][:200]}"
             warnings.warn(
@@ -416,13 +452,14 @@ class ModelOperator(TorchLinearOperator):
         """Measure the peak memory of a one-vector product of this direction (once)."""
         if self.max_vectors is not None or self._pass_bytes[adjoint] is not None:
             return
+        x = X[:, :1].contiguous()  # a column of a column-major block, as the passes get
         with PeakMemory() as measured:
-            super()._apply(X[:, :1], adjoint)
+            super()._apply(x, adjoint)
         self._pass_bytes[adjoint] = max(1, measured.peak)
 
     def _split_params(self, X: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
-        """``(m, k)`` block -> parameter-shaped tensors, batched when ``k > 1``."""
-        if X.shape[1] == 1:
+        """``(m, k)`` block -> parameter-shaped tensors, batched when ``k > 1`` (or probing)."""
+        if X.shape[1] == 1 and not self._probing:
             return list(self.space.unflatten(X[:, 0]).values()), False
         return list(self.space.unflatten(X).values()), True
 
@@ -438,6 +475,13 @@ class ModelOperator(TorchLinearOperator):
             return max(measured)
         itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
         return 4 * (self.shape[0] + self.shape[1]) * itemsize
+
+
+def _release(graph: Any) -> None:
+    """Drop the tensors of a graph that is not kept (its objects' attributes), so it is freed."""
+    for part in graph if isinstance(graph, tuple | list) else (graph,):
+        if hasattr(part, "__dict__") and not isinstance(part, torch.Tensor):
+            vars(part).clear()
 
 
 _VMAP_LOOP = "we have not yet implemented the batching rule for "
