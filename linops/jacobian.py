@@ -195,7 +195,7 @@ class JacobianOperator(ModelOperator):
         return not adjoint  # J V by forward mode; J^T U replays the retained graph
 
     def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
-        k, batched = Y.shape[1], Y.shape[1] > 1
+        k, batched = Y.shape[1], Y.shape[1] > 1 or self._probing
         total: list[torch.Tensor] | None = None
         for graph, Yb in zip(self._graphs(), torch.split(Y, self.batch_rows), strict=True):
             shape = graph.out.shape
