@@ -45,6 +45,8 @@ from estimators.guess_quality import (
 )
 from estimators.guesses import make_guesser
 from linops.params import ParamSpace
+from reports.plotting import integer_ticks, log_ticks_at
+from reports.runs import SMOKE_NOTE, Sections, print_written, run_metadata, smoke_title
 from trainers import BackpropTrainer, ForwardGradientTrainer, GuessCosine
 from trainers.data import digits, synthetic_classification
 from trainers.models import MLP
@@ -100,7 +102,9 @@ def figure1(ds, cfg: dict, gen: torch.Generator) -> dict:
     checkpoints = []
     bs = cfg["batch_size"]
     order = torch.randperm(len(ds.X_train), generator=gen)
-    bar = tqdm(total=cfg["fig1_checkpoints"], desc="figure 1", leave=False)
+    bar = tqdm(
+        total=cfg["fig1_checkpoints"], desc="figure 1: checkpoints", unit="checkpoint", leave=False
+    )
     for c in range(cfg["fig1_checkpoints"]):
         if c:  # advance the backprop trajectory by fig1_epochs_between epochs
             trainer.fit(
@@ -128,7 +132,7 @@ def figure1(ds, cfg: dict, gen: torch.Generator) -> dict:
     bar.close()
     out = {
         "steps": checkpoints,
-        "model": f"MLP depth {cfg['fig1_depth']} width {cfg['fig1_width']}",
+        "model": f"ReLU MLP, {cfg['fig1_depth']} layers of width {cfg['fig1_width']}",
     }
     for m, r in rec.items():
         out[m] = {
@@ -260,11 +264,21 @@ def plots(res: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    smoke = bool(res.get("smoke"))
+    cfg = res["config"]
     f1 = res["figure1"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
     for m in METHODS:
-        ax.semilogy(np.abs(f1[m]["cosine_whole_model_trace"]) + 1e-6, ".-", label=m)
-    ax.set(xlabel="checkpoint (x repeats)", ylabel="|cosine| to true gradient", title=f1["model"])
+        trace = np.abs(f1[m]["cosine_whole_model_trace"]) + 1e-6
+        ax.semilogy(np.arange(len(trace)) / cfg["fig1_repeats"], trace, ".-", label=m)
+    ax.set(
+        xlabel=f"checkpoint ({cfg['fig1_epochs_between']} epoch(s) of AdamW apart)",
+        ylabel="|cosine| to the true gradient",
+        title=smoke_title(f"Figure 1: guess cosines along training\n{f1['model']}, digits", smoke),
+    )
+    integer_ticks(ax)
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "figure1_cosine.png", dpi=120)
@@ -278,8 +292,14 @@ def plots(res: dict, out: Path) -> None:
         ax.bar(xs - 0.2, [run["methods"][n]["train_accuracy"] for n in names], 0.4, label="train")
         ax.bar(xs + 0.2, [run["methods"][n]["test_accuracy"] for n in names], 0.4, label="test")
         ax.set_xticks(xs, names, rotation=70, fontsize=7)
-        ax.set(title=f"{run['dataset']} D{run['depth']} W{run['width']}", ylim=(0, 1))
+        ax.set(
+            title=f"{run['dataset']}: ReLU MLP, {run['depth']} layers of width {run['width']}",
+            ylim=(0, 1),
+        )
+        ax.title.set_fontsize(9)
     axes[0][0].legend()
+    axes[0][0].set_ylabel(f"accuracy after {cfg['epochs']} epochs")
+    fig.suptitle(smoke_title("Table 2: accuracy of forward-gradient training", smoke), fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "table2_accuracy.png", dpi=120)
     plt.close(fig)
@@ -288,8 +308,13 @@ def plots(res: dict, out: Path) -> None:
     for m, r in res["bias"]["saturation"].items():
         ax.semilogx(r["counts"], r["cosine"], "o-", label=m)
     ax.set(
-        xlabel="number of guesses averaged", ylabel="cosine to true gradient", title="Figure 4 left"
+        xlabel="number of guesses averaged",
+        ylabel="cosine to the true gradient",
+        title=smoke_title(f"Figure 4 left: bias saturation\n{f1['model']}, digits", smoke),
     )
+    log_ticks_at(ax, cfg["sat_counts"])
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "bias_saturation.png", dpi=120)
@@ -305,11 +330,18 @@ def plots(res: dict, out: Path) -> None:
             steps = np.arange(len(r["effective_rank_trace"])) * every
             axes[1].plot(steps, r["effective_rank_trace"], label=m)
         axes[2].plot(r["train_accuracy_curve"], label=f"{m} train")
-    axes[0].set(xlabel="step", ylabel="cosine", title="self-sharpening (Figure 5)")
-    axes[1].set(xlabel="step", ylabel="effective rank of W_1")
-    axes[2].set(xlabel="epoch", ylabel="train accuracy")
+    axes[0].set(xlabel="step", ylabel="cosine to the true gradient", title="guess cosine")
+    axes[1].set(xlabel="step", ylabel="effective rank of W_1", title="effective rank")
+    axes[2].set(xlabel="epoch", ylabel="train accuracy", title="training")
+    integer_ticks(axes[2])
     for a in axes:
         a.legend(fontsize=7)
+        a.grid(alpha=0.3)
+    title = (
+        f"Figure 5, self-sharpening: {track['dataset']}, ReLU MLP with {track['depth']} layers "
+        f"of width {track['width']}"
+    )
+    fig.suptitle(smoke_title(title, smoke), fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "self_sharpening.png", dpi=120)
     plt.close(fig)
@@ -322,8 +354,13 @@ def plots(res: dict, out: Path) -> None:
         ax.set(
             xlabel="subspace dimension k",
             ylabel="cosine of projected gradient",
-            title="Figure 2 right",
+            title=smoke_title(
+                f"Figure 2 right: activation subspaces\n{f1['model']}, digits", smoke
+            ),
         )
+        log_ticks_at(ax, cfg["overlap_ks"])
+        ax.title.set_fontsize(10)
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "activation_overlap.png", dpi=120)
@@ -332,6 +369,8 @@ def plots(res: dict, out: Path) -> None:
 
 def summary(res: dict) -> str:
     lines = ["# guess_gradient: results\n"]
+    if res.get("smoke"):
+        lines.append(f"**{SMOKE_NOTE}**\n")
     f1 = res["figure1"]
     lines.append(f"## Figure 1 table ({f1['model']}, digits, backprop AdamW trajectory)\n")
     lines.append(
@@ -397,13 +436,18 @@ def main(argv: list[str] | None = None) -> dict:
         "overlap_batch": 256,
         "overlap_ks": [1, 2, 4, 8, 16, 32],
     }
+    sections = Sections("guess_gradient")
+    if quick:
+        print(f"guess_gradient: {SMOKE_NOTE}", flush=True)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     ds = digits()
-    f1 = figure1(ds, cfg, gen)
+    with sections("figure 1", "guess cosines and 1-step effectiveness along a backprop run"):
+        f1 = figure1(ds, cfg, gen)
     trainer = f1.pop("_trainer")
-    bias = bias_analyses(trainer, ds, cfg, gen)
+    with sections("bias", "saturation, bias and activation-subspace overlap of the guesses"):
+        bias = bias_analyses(trainer, ds, cfg, gen)
     wt_cos = f1["w_transpose"]["cosine_whole_model_mean"]
     table2 = []
     for i, (depth, width) in enumerate(cfg["configs"]):
@@ -411,13 +455,16 @@ def main(argv: list[str] | None = None) -> dict:
         extra = {}
         if track:  # section 4: matched-cosine control at W^T's measured cosine
             extra = {"matched_cosine": make_guesser("matched_cosine", cosine=max(wt_cos, 1e-3))}
-        rows = train_all(ds, "digits", depth, width, cfg, track, extra)
+        what = f"every method trained {cfg['epochs']} epochs, MLP depth {depth} width {width}"
+        with sections(f"table 2 digits D{depth} W{width}", what):
+            rows = train_all(ds, "digits", depth, width, cfg, track, extra)
         table2.append(
             {"dataset": "digits", "depth": depth, "width": width, "tracked": track, "methods": rows}
         )
     syn = synthetic_classification(1024, d=32, num_classes=8, n_test=512, seed=0)
     d, w = cfg["synthetic"]
-    rows = train_all(syn, "synthetic", d, w, cfg, False, {})
+    with sections(f"table 2 synthetic D{d} W{w}", f"every method trained {cfg['epochs']} epochs"):
+        rows = train_all(syn, "synthetic", d, w, cfg, False, {})
     table2.append(
         {
             "dataset": "synthetic_blobs_d32_c8",
@@ -444,6 +491,9 @@ def main(argv: list[str] | None = None) -> dict:
             "train_accuracy": main_run[m]["train_accuracy"],
         }
     res = {
+        **run_metadata(quick=quick, seed=0),
+        **({"smoke_note": SMOKE_NOTE} if quick else {}),
+        "seconds_sections": sections.seconds,
         "config": cfg,
         "methods": methods,
         "figure1": f1,
@@ -456,7 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = summary(res)
     (args.out / "guess_gradient.md").write_text(text)
     print(text)
-    print(f"wrote {args.out}/guess_gradient.json in {res['seconds_total']:.0f} s")
+    print_written(f"guess_gradient ({res['seconds_total']:.0f} s)", args.out)
     return res
 
 

@@ -23,12 +23,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from estimators.kernel import gram_drift, relative_distance
 from estimators.laziness import jacobian_drift, laziness_ratio
+from reports.plotting import log_ticks_at
+from reports.runs import SMOKE_NOTE, Sections, print_written, run_metadata, smoke_title
 from trainers.backprop import BackpropTrainer
 from trainers.data import digits
 from trainers.models import MLP
@@ -96,14 +97,24 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small smoke run")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    sections = Sections(NAME)
+    if args.quick:
+        print(f"{NAME}: {SMOKE_NOTE}", flush=True)
     torch.manual_seed(0)
     data = digits()
     widths = [16, 64, 256] if args.quick else [16, 32, 64, 128, 256, 512, 1024, 2048]
     args.points, args.epochs, args.lr = (2, 2, 1.0) if args.quick else (4, 10, 2.0)
     probe = data.X_train[:64]
-    rows = [run_width(w, data, probe, args) for w in tqdm(widths, desc="widths")]
+    rows = []
+    for w in widths:
+        what = f"tanh MLP 64-{w}-10 (NTK), laziness at init + {args.epochs} epochs of SGD"
+        with sections(f"width {w}", what):
+            rows.append(run_width(w, data, probe, args))
     ms = [r["width"] for r in rows]
     out = {
+        **run_metadata(quick=args.quick, seed=0),
+        **({"smoke_note": SMOKE_NOTE} if args.quick else {}),
+        "seconds_sections": sections.seconds,
         "parameterization": "ntk",
         "activation": "tanh",
         "epochs": args.epochs,
@@ -119,6 +130,8 @@ def main() -> None:
     }
     (args.out / f"{NAME}.json").write_text(json.dumps(out, indent=2))
     _plot(out, args.out)
+    if args.quick:
+        print(SMOKE_NOTE)
     print(
         f"{'width':>6} {'params':>8} {'ratio':>9} {'paper':>9} {'J drift':>9} {'NTK drift':>9} "
         f"{'RD max':>8} {'train acc':>9} {'test acc':>8}"
@@ -131,6 +144,7 @@ def main() -> None:
             f"{r['test_accuracy']:>8.3f}"
         )
     print({k: round(v, 3) for k, v in out.items() if k.startswith("slope")})
+    print_written(NAME, args.out)
 
 
 def _plot(out: dict, folder: Path) -> None:
@@ -146,25 +160,29 @@ def _plot(out: dict, folder: Path) -> None:
     )
     ax.plot(ms, [r["ntk_drift_output0"] for r in rows], "v-", label="NTK drift")
     ax.plot(ms, ratio[0] * np.sqrt(ms[0] / ms), "k:", label="1/sqrt(m)")
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="hidden width m",
-        title="laziness (NTK parameterization, digits)",
-    )
+    ax.set(yscale="log", xlabel="hidden width m", title="laziness at init, drift after training")
+    log_ticks_at(ax, ms)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax = axes[1]
     ax.plot(ms, [r["train_accuracy"] for r in rows], "o-", label="train")
     ax.plot(ms, [r["test_accuracy"] for r in rows], "s-", label="test")
     ax.set(
-        xscale="log",
         xlabel="hidden width m",
         ylabel="accuracy",
-        title=f"after {out['epochs']} epochs of SGD",
+        title=f"after {out['epochs']} epochs of SGD (lr {out['learning_rate']:g})",
     )
+    log_ticks_at(ax, ms)
+    ax.grid(alpha=0.3)
     ax.legend()
+    title = (
+        "Fig. 3 (low rank in the lazy regime): one-hidden-layer tanh MLPs 64-m-10, "
+        "NTK parameterization, on digits"
+    )
+    fig.suptitle(smoke_title(title, out.get("smoke", False)), fontsize=10)
     fig.tight_layout()
     fig.savefig(folder / f"{NAME}.png", dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

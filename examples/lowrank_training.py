@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from linops.jacobian import JacobianOperator
+from reports.plotting import integer_ticks, log_ticks_at
+from reports.runs import SMOKE_NOTE, Sections, print_written, run_metadata, smoke_title
 from trainers import BackpropTrainer, LinearizedTrainer, LowRankJacobianTrainer
 from trainers.data import digits
 from trainers.models import MLP, SmallCNN
@@ -160,6 +162,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     quick = args.quick
+    sections = Sections(NAME)
+    if quick:
+        print(f"{NAME}: {SMOKE_NOTE}", flush=True)
     E = experiments(quick)
     cfg = E["cfg"]
     flat, img = digits(), digits(image=True)
@@ -202,19 +207,39 @@ def main() -> None:
         for r in E["ranks"]:
             jobs.append(("cnn", lowrank(f"lowrank r={r}", rank=r), "cnn", c, img, True))
     results: dict[str, list[dict]] = {}
-    for section, spec, kind, w, data, cos in tqdm(jobs, desc=NAME):
-        try:
-            row = run(spec, kind, w, data, cfg, cosines=cos)
-        except FloatingPointError as err:  # a diverged run is a result too
-            row = {"label": spec["label"], "model": kind, "width": w, "error": str(err)}
-        results.setdefault(section, []).append(row)
-    payload = {"config": {**cfg, "quick": args.quick}, **results}
+    for name in dict.fromkeys(job[0] for job in jobs):
+        mine = [job for job in jobs if job[0] == name]
+        with sections(name, f"{len(mine)} training runs of {cfg['epochs']} epochs"):
+            for section, spec, kind, w, data, cos in tqdm(
+                mine, desc=f"{name}: training runs", unit="run", leave=False
+            ):
+                try:
+                    row = run(spec, kind, w, data, cfg, cosines=cos)
+                except FloatingPointError as err:  # a diverged run is a result too
+                    row = {"label": spec["label"], "model": kind, "width": w, "error": str(err)}
+                results.setdefault(section, []).append(row)
+    payload = {
+        **run_metadata(quick=quick, seed=cfg["seed"]),
+        **({"smoke_note": SMOKE_NOTE} if quick else {}),
+        "seconds_sections": sections.seconds,
+        "config": {**cfg, "quick": args.quick, "num_train": len(flat.X_train)},
+        **results,
+    }
     (out / f"{NAME}.json").write_text(json.dumps(payload, indent=1))
-    plots(results, out)
+    plots(results, out, quick=quick)
+    if quick:
+        print(SMOKE_NOTE)
     summary(results)
+    print_written(NAME, out)
 
 
-def plots(results: dict[str, list[dict]], out: Path) -> None:
+def _model_name(kind: str, width: int) -> str:
+    if kind == "mlp":
+        return f"ReLU MLP 64-{width}-10"
+    return f"small CNN ({width}, {2 * width} channels)"
+
+
+def plots(results: dict[str, list[dict]], out: Path, *, quick: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,15 +248,26 @@ def plots(results: dict[str, list[dict]], out: Path) -> None:
     for section, key in (("widths", "width"), ("cnn", "width")):
         rows = [r for r in results.get(section, []) if "error" not in r]
         groups = sorted({r[key] for r in rows})
-        fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.4), squeeze=False)
+        if not groups:
+            continue
+        size = (max(6.0, 4.0 * len(groups)), 3.8)
+        fig, axes = plt.subplots(1, len(groups), figsize=size, squeeze=False)
         for ax, gval in zip(axes[0], groups, strict=True):
             for r in (r for r in rows if r[key] == gval):
                 ep = range(1, len(r["test_accuracy"]) + 1)
                 (line,) = ax.plot(ep, r["test_accuracy"], label=r["label"])
                 ax.plot(ep, r["train_accuracy"], ls=":", color=line.get_color())
-            ax.set(title=f"{section} {key}={gval}", xlabel="epoch", ylim=(0, 1.02))
+            kind = next(r["model"] for r in rows if r[key] == gval)
+            ax.set(title=_model_name(kind, gval), xlabel="epoch", ylim=(0, 1.02))
+            integer_ticks(ax)
+            ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("accuracy (solid test, dotted train)")
         axes[0][-1].legend(fontsize=7)
+        what = "widths" if section == "widths" else "a CNN (parameter sharing)"
+        title = (
+            f"Backprop vs exact linearized vs low-rank (Algorithm 1)\ntraining on digits: {what}"
+        )
+        fig.suptitle(smoke_title(title, quick), fontsize=10)
         fig.tight_layout()
         fig.savefig(out / f"{NAME}_{section}.png", dpi=110)
         plt.close(fig)
@@ -242,9 +278,16 @@ def plots(results: dict[str, list[dict]], out: Path) -> None:
         ranks = [int(r["label"].split("r=")[1]) for r in sel]
         axes[0].plot(ranks, [r["final_test_accuracy"] for r in sel], "o-", label=s)
         axes[1].plot(ranks, [r["cos_true_gradient"] for r in sel], "o-", label=s)
-    axes[0].set(xscale="log", xlabel="rank r", ylabel="final test accuracy")
-    axes[1].set(xscale="log", xlabel="rank r", ylabel="cos(low-rank update, true gradient)")
+    axes[0].set(xlabel="rank r", ylabel="final test accuracy")
+    axes[1].set(xlabel="rank r", ylabel="cos(low-rank update, true gradient)")
+    all_ranks = sorted({int(r["label"].split("r=")[1]) for r in rows})
+    for ax in axes:
+        log_ticks_at(ax, all_ranks)
+        ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
+    width = rows[0]["width"] if rows else 0
+    title = f"Reference-set strategy and rank r, low-rank training of a ReLU MLP 64-{width}-10"
+    fig.suptitle(smoke_title(title, quick), fontsize=10)
     fig.tight_layout()
     fig.savefig(out / f"{NAME}_strategy.png", dpi=110)
     plt.close(fig)
@@ -252,7 +295,11 @@ def plots(results: dict[str, list[dict]], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for r in rows:
         ax.plot(range(1, len(r["test_accuracy"]) + 1), r["test_accuracy"], label=r["label"])
-    ax.set(xlabel="epoch", ylabel="test accuracy", title="refresh schedule")
+    width = rows[0]["width"] if rows else 0
+    title = f"Refresh schedule of the factors\n(low-rank training, ReLU MLP 64-{width}-10)"
+    ax.set(xlabel="epoch", ylabel="test accuracy", title=smoke_title(title, quick))
+    integer_ticks(ax)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / f"{NAME}_refresh.png", dpi=110)

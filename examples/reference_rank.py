@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from estimators.jacobian_rank import exact_jacobian_rank
 from estimators.reference import reference_jacobian, reference_rank
+from reports.plotting import log_ticks_at
+from reports.runs import SMOKE_NOTE, Sections, print_written, run_metadata, smoke_title
 from trainers.data import digits
 from trainers.models import MLP
 
@@ -42,44 +44,61 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small smoke run")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    sections = Sections(NAME)
+    if args.quick:
+        print(f"{NAME}: {SMOKE_NOTE}", flush=True)
     torch.manual_seed(0)
     n = 200 if args.quick else 1600
     X = digits(n_train=n if n < 1797 else 1600).X_train[:n]
     widths = {"small": 40, "large": 120} if args.quick else {"small": 155, "large": 376}
     sizes = [16, 64, 256] if args.quick else [25, 50, 100, 200, 400, 800, 1600, 3200]
-    out: dict = {"num_samples": n, "output_index": 0, "reference_sizes": sizes, "networks": {}}
+    out: dict = {
+        **run_metadata(quick=args.quick, seed=0),
+        **({"smoke_note": SMOKE_NOTE} if args.quick else {}),
+        "num_samples": n,
+        "output_index": 0,
+        "reference_sizes": sizes,
+        "networks": {},
+    }
     for name, h in widths.items():
-        net = MLP(64, 10, (h, h), activation="tanh", seed=torch.Generator().manual_seed(0))
-        m = sum(p.numel() for p in net.parameters())
-        order = torch.randperm(m, generator=torch.Generator().manual_seed(1))[: sizes[-1]]
-        t0 = time.perf_counter()
-        A = reference_jacobian(net, X, order, output_index=0, method="vjp")
-        paper, svd = [], []
-        for r in tqdm(sizes, desc=f"{name} ranks", leave=False):
-            paper.append(reference_rank(A[:, :r], center=True))
-            svd.append(reference_rank(A[:, :r], rule="svd", center=True))
-        t_ref = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        exact = exact_jacobian_rank(net, X, output_index=0, center=True)
-        exact_paper_rule = exact_jacobian_rank(
-            net, X, output_index=0, center=True, rtol=(m * torch.finfo(torch.float32).eps) ** 0.5
-        )
-        t_exact = time.perf_counter() - t0
-        out["networks"][name] = {
-            "hidden_width": h,
-            "num_parameters": m,
-            "rank_paper_rule": paper,
-            "rank_svd_rule": svd,
-            "rank_to_model_size_paper_rule": [k / m for k in paper],
-            "rank_to_reference_size_paper_rule": [k / r for k, r in zip(paper, sizes, strict=True)],
-            "exact_rank_svd_rule": exact,
-            "exact_rank_paper_rule": exact_paper_rule,
-            "seconds_reference": t_ref,
-            "seconds_exact": t_exact,
-        }
+        with sections(f"{name} network", f"tanh MLP 64-{h}-{h}-10, reference ranks and exact rank"):
+            out["networks"][name] = _network(name, h, X, sizes)
+    out["seconds_sections"] = sections.seconds
     (args.out / f"{NAME}.json").write_text(json.dumps(out, indent=2))
     _plot(out, args.out)
     _table(out)
+    print_written(NAME, args.out)
+
+
+def _network(name: str, h: int, X: torch.Tensor, sizes: list[int]) -> dict:
+    net = MLP(64, 10, (h, h), activation="tanh", seed=torch.Generator().manual_seed(0))
+    m = sum(p.numel() for p in net.parameters())
+    order = torch.randperm(m, generator=torch.Generator().manual_seed(1))[: sizes[-1]]
+    t0 = time.perf_counter()
+    A = reference_jacobian(net, X, order, output_index=0, method="vjp")
+    paper, svd = [], []
+    for r in tqdm(sizes, desc=f"{name}: rank at each reference size", unit="size", leave=False):
+        paper.append(reference_rank(A[:, :r], center=True))
+        svd.append(reference_rank(A[:, :r], rule="svd", center=True))
+    t_ref = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    exact = exact_jacobian_rank(net, X, output_index=0, center=True)
+    exact_paper_rule = exact_jacobian_rank(
+        net, X, output_index=0, center=True, rtol=(m * torch.finfo(torch.float32).eps) ** 0.5
+    )
+    t_exact = time.perf_counter() - t0
+    return {
+        "hidden_width": h,
+        "num_parameters": m,
+        "rank_paper_rule": paper,
+        "rank_svd_rule": svd,
+        "rank_to_model_size_paper_rule": [k / m for k in paper],
+        "rank_to_reference_size_paper_rule": [k / r for k, r in zip(paper, sizes, strict=True)],
+        "exact_rank_svd_rule": exact,
+        "exact_rank_paper_rule": exact_paper_rule,
+        "seconds_reference": t_ref,
+        "seconds_exact": t_exact,
+    }
 
 
 def _plot(out: dict, folder: Path) -> None:
@@ -93,28 +112,46 @@ def _plot(out: dict, folder: Path) -> None:
         axes[1].plot(sizes, res["rank_svd_rule"], "s--", color=c, label=f"{lab}, SVD rule")
         axes[1].axhline(res["exact_rank_svd_rule"], color=c, ls=":", label=f"{name}: exact rank")
     axes[0].set(
-        xscale="log",
         xlabel="reference-set size r",
         ylabel="rank / model size",
-        title="Fig. 2, low rank in the lazy regime (dotted: full Jacobian)",
+        title="rank / model size (dotted: full Jacobian)",
     )
     axes[1].plot(
         sizes, [min(s, out["num_samples"]) for s in sizes], "k-", lw=0.8, label="min(n, r)"
     )
-    axes[1].set(
-        xscale="log",
-        yscale="log",
-        xlabel="reference-set size r",
-        ylabel="numerical rank",
-        title=f"output 0, n = {out['num_samples']}",
-    )
+    axes[1].set(xlabel="reference-set size r", ylabel="numerical rank", title="numerical rank")
+    ranks = [
+        v
+        for res in out["networks"].values()
+        for v in (*res["rank_paper_rule"], *res["rank_svd_rule"], res["exact_rank_svd_rule"])
+    ]
+    log_ticks_at(axes[1], _few(ranks), axis="y")
     for ax in axes:
+        log_ticks_at(ax, sizes)
         ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    nets = ", ".join(f"{r['hidden_width']}" for r in out["networks"].values())
+    title = (
+        f"Fig. 2 (low rank in the lazy regime): tanh MLPs 64-h-h-10 (h = {nets}) at "
+        f"initialisation, digits, output 0, n = {out['num_samples']}"
+    )
+    fig.suptitle(smoke_title(title, out.get("smoke", False)), fontsize=10)
     fig.tight_layout()
     fig.savefig(folder / f"{NAME}.png", dpi=120)
+    plt.close(fig)
+
+
+def _few(values: list[int]) -> list[int]:
+    """The 1-2-5 series (10, 20, 50, 100, ...) over the range of ``values``: log labels that read."""
+    lo, hi = min(v for v in values if v > 0), max(values)
+    series = [k * 10**e for e in range(7) for k in (1, 2, 5)]
+    inside = [v for v in series if lo <= v <= hi]
+    return inside if len(inside) >= 2 else [lo, hi]
 
 
 def _table(out: dict) -> None:
+    if out.get("smoke"):
+        print(SMOKE_NOTE)
     print(
         f"{'net':>6} {'m':>7} "
         + " ".join(f"r={s:>5}" for s in out["reference_sizes"])

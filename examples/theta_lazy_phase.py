@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from estimators.kernel import gram_drift, relative_distance
+from reports.plotting import log_ticks_at
+from reports.runs import SMOKE_NOTE, Sections, print_written, run_metadata, smoke_title
 from trainers.backprop import BackpropTrainer
 from trainers.data import synthetic_regression
 from trainers.models import MLP
@@ -78,6 +80,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small smoke run")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    sections = Sections(NAME)
+    if args.quick:
+        print(f"{NAME}: {SMOKE_NOTE}", flush=True)
     torch.manual_seed(0)
     if args.quick:
         widths, alphas, steps, every = [16, 64, 256], [-0.25, 0.0, 0.5], 60, 20
@@ -86,7 +91,11 @@ def main() -> None:
         alphas, steps, every = [-0.25, 0.0, 0.25, 0.5, 0.75], 400, 50
     data = synthetic_regression(n=32, d=8, seed=0)
     eta = 0.5
-    rows = [run(m, a, data, steps, every, eta) for a in tqdm(alphas, desc="alpha") for m in widths]
+    rows = []
+    for a in alphas:
+        with sections(f"alpha {a}", f"{len(widths)} widths x {steps} steps of full-batch GD"):
+            for m in tqdm(widths, desc=f"alpha {a}: widths", unit="width", leave=False):
+                rows.append(run(m, a, data, steps, every, eta))
     slopes = {}
     for a in alphas:
         ok = [r for r in rows if r["alpha"] == a and not r["diverged"]]
@@ -95,6 +104,9 @@ def main() -> None:
                 np.polyfit(np.log([r["m"] for r in ok]), np.log([r["rd_sup"] for r in ok]), 1)[0]
             )
     out = {
+        **run_metadata(quick=args.quick, seed=0),
+        **({"smoke_note": SMOKE_NOTE} if args.quick else {}),
+        "seconds_sections": sections.seconds,
         "widths": widths,
         "alphas": alphas,
         "steps": steps,
@@ -106,11 +118,14 @@ def main() -> None:
     }
     (args.out / f"{NAME}.json").write_text(json.dumps(out, indent=2))
     _plot(out, args.out)
+    if args.quick:
+        print(SMOKE_NOTE)
     print(f"{'alpha':>6} " + " ".join(f"m={m:>5}" for m in widths) + "   slope (sup RD)")
     for a in alphas:
         vals = [r for r in rows if r["alpha"] == a]
         cells = " ".join("   div " if r["diverged"] else f"{r['rd_sup']:>7.3g}" for r in vals)
         print(f"{a:>6} {cells}   {slopes.get(str(a), float('nan')):.3f}")
+    print_written(NAME, args.out)
 
 
 def _grid(out: dict, key: str) -> np.ndarray:
@@ -143,10 +158,19 @@ def _plot(out: dict, folder: Path) -> None:
             "o-",
             label=f"alpha={a}: slope {out['slope_log_rd_sup_vs_log_m'].get(str(a), np.nan):.2f}",
         )
-    ax.set(xscale="log", yscale="log", xlabel="width m", ylabel="sup_t RD", title="RD vs width")
+    ax.set(yscale="log", xlabel="width m", ylabel="sup_t RD", title="RD vs width")
+    log_ticks_at(ax, out["widths"])
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    title = (
+        "theta-lazy phase diagram: one-hidden-layer tanh MLPs (mean-field, no biases, "
+        f"kappa = m^alpha), {out['num_samples']} synthetic regression samples, "
+        f"{out['steps']} steps of full-batch GD"
+    )
+    fig.suptitle(smoke_title(title, out.get("smoke", False)), fontsize=10)
     fig.tight_layout()
     fig.savefig(folder / f"{NAME}.png", dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,6 +52,15 @@ from estimators.spectrum import (  # noqa: E402
     svd_training_jacobian,
 )
 from linops import TrainingJacobianOperator  # noqa: E402
+from reports.plotting import log_ticks_at  # noqa: E402
+from reports.runs import (  # noqa: E402
+    SMOKE_NOTE,
+    Sections,
+    human_bytes,
+    print_written,
+    run_metadata,
+    smoke_title,
+)
 from trainers.setups import digits_mlp_run  # noqa: E402
 from trainers.subspace import SubspaceTrainer, subspace_basis  # noqa: E402
 
@@ -59,13 +69,19 @@ TOLS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 
 
 def dense_jacobian(setup, out: Path, tag: str, args) -> tuple[torch.Tensor, float]:
+    """Build the dense training Jacobian; checkpointed under ``out`` except with ``--quick``.
+
+    A quick run's chunks go through a temporary folder that is removed (nothing is left
+    behind); a full run's stay in ``out/checkpoint_TAG`` so an interrupted run resumes.
+    """
     op = TrainingJacobianOperator(setup.run, setup.theta0)
+    m = op.shape[0]
+    ckpt = None if args.quick else out / f"checkpoint_{tag}"
+    where = "no checkpoint (--quick)" if ckpt is None else f"checkpoints in {ckpt}"
+    print(f"  dense {m} x {m} training Jacobian ({tag}): {m} columns, {where}", flush=True)
     t0 = time.perf_counter()
     J = op.to_dense(
-        max_vectors=args.chunk,
-        checkpoint_dir=out / f"checkpoint_{tag}",
-        progress=True,
-        workers=args.workers,
+        max_vectors=args.chunk, checkpoint_dir=ckpt, progress=True, workers=args.workers
     )
     return J, time.perf_counter() - t0
 
@@ -82,23 +98,45 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "results" / NAME)
     p.add_argument(
-        "--quick", action="store_true", help="small run for smoke tests (width 16, 2 epochs)"
+        "--quick",
+        action="store_true",
+        help=(
+            "smoke run: width 8, 1 epoch (610 parameters, 25 steps), 4 stimuli in 3.2, 64 "
+            "inputs in 3.4, no checkpoints kept"
+        ),
     )
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--chunk", type=int, default=128)
+    p.add_argument(
+        "--workers", type=int, default=2, help="processes building the dense Jacobian (default: 2)"
+    )
+    p.add_argument(
+        "--chunk", type=int, default=128, help="columns of the Jacobian per pass (default: 128)"
+    )
     p.add_argument(
         "--no-similarity", action="store_true", help="skip section 3.5 (three more dense Jacobians)"
     )
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    cfg = {"width": 16, "epochs": 2} if args.quick else {"width": 64, "epochs": 25}
+    sections = Sections(NAME)
+    if args.quick:
+        print(f"{NAME}: {SMOKE_NOTE}", flush=True)
+    cfg = {"width": 8, "epochs": 1} if args.quick else {"width": 64, "epochs": 25}
     setup = digits_mlp_run(**cfg)
     run, theta0 = setup.run, setup.theta0
     m = run.dim
-    res: dict = {"config": {**cfg, "dim": m, "steps": run.num_steps, "dtype": "float32"}}
+    res: dict = {
+        **run_metadata(quick=args.quick, seed=0),
+        **({"smoke_note": SMOKE_NOTE} if args.quick else {}),
+        "config": {**cfg, "dim": m, "steps": run.num_steps, "dtype": "float32"},
+        "model": (
+            f"GELU MLP 64-{cfg['width']}-10 ({m} parameters), LeCun-normal init (seed 0), "
+            f"SGD momentum 0.9, cosine decay from 0.1, batch 64 in a fixed order, "
+            f"{cfg['epochs']} epoch(s) = {run.num_steps} steps, on digits (1600 / 197)"
+        ),
+    }
 
     # ---------------------------------------------------------------- 3.1 spectrum
+    sections.step("3.1 spectrum", "dense training Jacobian and its SVD")
     J, res["seconds_dense_jacobian"] = dense_jacobian(setup, args.out, "seed0", args)
     t0 = time.perf_counter()
     svd = svd_training_jacobian(J)
@@ -117,12 +155,19 @@ def main(argv: list[str] | None = None) -> dict:
     res["mean_cosine_stable"] = float(cos[s < 0.9].mean())
 
     # ---------------------------------------------------------------- 3.2 linearity
+    sections.step("3.2 linearity", "response to stimuli along a bulk and the top direction")
     g = torch.Generator().manual_seed(0)
     ib = int(order[torch.randint(0, max(1, int(bulk.sum())), (1,), generator=g)])
     res["linearity"] = {}
     for label, i in (("bulk", ib), ("top", 0)):
         lin = linearity_test(
-            run, theta0, U[:, i].float(), V[:, i].float(), float(s[i]), final=thetaT
+            run,
+            theta0,
+            U[:, i].float(),
+            V[:, i].float(),
+            float(s[i]),
+            final=thetaT,
+            stimuli=np.logspace(-3, 3, 4 if args.quick else 13),
         )
         res["linearity"][label] = {
             "index": i,
@@ -131,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
 
     # ---------------------------------------------------------------- 3.3 does the bulk matter?
+    sections.step("3.3 KL", "predictions moved along chaotic / bulk / stable directions")
     k = 20 if args.quick else 100
     groups = {"chaotic": torch.arange(k), "bulk": order[:k], "stable": torch.arange(m - k, m)}
     sets = ood_inputs(setup.data.X_test, seed=1)
@@ -145,11 +191,13 @@ def main(argv: list[str] | None = None) -> dict:
     res["parameter_change"] = {grp: change[idx].tolist() for grp, idx in groups.items()}
 
     # ---------------------------------------------------------------- 3.4 parameter-function Jacobian
+    sections.step("3.4 parameter-function Jacobian", "its nullspace against the bulk")
     ks = sorted({int(x) for x in np.linspace(max(1, m // 40), m, 20)})
     res["pfj"] = {"k": ks}
     Vb = V[:, order]
     for name in ("test", "noise"):
-        P = parameter_function_jacobian(run.space, theta0.double(), getattr(sets, name).double())
+        inputs = getattr(sets, name)[: 64 if args.quick else None].double()
+        P = parameter_function_jacobian(run.space, theta0.double(), inputs)
         _, sp, Vh = torch.linalg.svd(P, full_matrices=True)
         null = Vh.T.flip(1)  # ascending singular value (the exact nullspace first)
         res["pfj"][name] = {
@@ -160,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---------------------------------------------------------------- 3.5 seeds, labels, noise
     if not args.no_similarity:
+        sections.step("3.5 similarity", "three more dense Jacobians: seed 1, shuffled, noise")
         res["similarity"] = {"k": ks, "random": res["pfj"]["random"]}
         variants = {
             "seed1": digits_mlp_run(seed=1, **cfg),
@@ -184,12 +233,13 @@ def main(argv: list[str] | None = None) -> dict:
             del J2
 
     # ---------------------------------------------------------------- 3.6 subspace training
-    sub_ks = [20, 100, 300, 600] if args.quick else [100, 300, 1000, 2000, 3000, 4000]
+    sections.step("3.6 subspace training", "training restricted to 5 kinds of subspace")
+    sub_ks = [20, 100] if args.quick else [100, 300, 1000, 2000, 3000, 4000]
     res["subspace"] = {"k": sub_ks}
     X, y = setup.data.X_train, setup.data.y_train
     for kind in ("bulk", "chaotic", "stable", "complement", "random"):
         rows = []
-        for kk in sub_ks:
+        for kk in tqdm(sub_ks, desc=f"3.6 {kind} subspaces", unit="subspace", leave=False):
             Pk = subspace_basis(kind, kk, sigma=s, vectors=V, dim=m, seed=3).float()
             tr = SubspaceTrainer(
                 setup.model,
@@ -211,10 +261,20 @@ def main(argv: list[str] | None = None) -> dict:
             )
         res["subspace"][kind] = rows
     res["subspace"]["full"] = {"test_accuracy": res["test_accuracy"], "test_loss": res["test_loss"]}
+    sections.end()
+    res["seconds_sections"] = sections.seconds
 
     (args.out / f"{NAME}.json").write_text(json.dumps(res))
     plot(res, args.out)
     summary(res)
+    checkpoints = sorted(args.out.glob("checkpoint_*"))
+    if checkpoints:
+        size = sum(f.stat().st_size for c in checkpoints for f in c.rglob("*") if f.is_file())
+        print(
+            f"{NAME}: the dense Jacobians' checkpoints ({human_bytes(size)}) stay in "
+            f"{args.out}/checkpoint_* so a rerun resumes; delete them when done"
+        )
+    print_written(NAME, args.out)
     return res
 
 
@@ -233,7 +293,7 @@ def plot(res: dict, out: Path) -> None:
     )
     ax[1].plot(res["left_right_cosine"], ".", ms=1)
     ax[1].set(xlabel="index", ylabel=r"$u_i^\top v_i$", title="Fig. 1b: left/right cosine")
-    _save(fig, out / "fig1_spectrum.png")
+    _save(fig, res, out / "fig1_spectrum.png")
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
     for a, (label, r) in zip(ax, res["linearity"].items(), strict=True):
@@ -246,7 +306,7 @@ def plot(res: dict, out: Path) -> None:
             title=f"Fig. 2: {label} direction (sigma={r['sigma']:.4g})",
         )
         a.legend()
-    _save(fig, out / "fig2_linearity.png")
+    _save(fig, res, out / "fig2_linearity.png")
 
     fig, ax = plt.subplots(1, 4, figsize=(16, 3.6))
     for a, name in zip(ax[:3], ("test", "inverted", "noise"), strict=True):
@@ -260,7 +320,7 @@ def plot(res: dict, out: Path) -> None:
         tick_labels=["chaotic", "bulk", "stable"],
     )
     ax[3].set(yscale="log", title=r"Fig. 3c: $|v_i^\top(\theta_T - \theta_0)|$")
-    _save(fig, out / "fig3_kl.png")
+    _save(fig, res, out / "fig3_kl.png")
 
     pf = res["pfj"]
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -274,7 +334,7 @@ def plot(res: dict, out: Path) -> None:
     )
     ax[0].legend()
     ax[1].legend()
-    _save(fig, out / "fig4_pfj.png")
+    _save(fig, res, out / "fig4_pfj.png")
 
     if "similarity" in res:
         sim = res["similarity"]
@@ -292,7 +352,7 @@ def plot(res: dict, out: Path) -> None:
         )
         ax[1].set(title=r"Fig. 5b: $|\sigma_i - 1|$", xlabel="index")
         ax[1].legend()
-        _save(fig, out / "fig5_similarity.png")
+        _save(fig, res, out / "fig5_similarity.png")
 
     sub = res["subspace"]
     fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -305,11 +365,21 @@ def plot(res: dict, out: Path) -> None:
         yscale="log",
         title="Fig. 6: training in a subspace",
     )
-    ax.legend()
-    _save(fig, out / "fig6_subspace.png")
+    log_ticks_at(ax, sub["k"])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, res, out / "fig6_subspace.png")
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, res: dict, path: Path) -> None:
+    c = res["config"]
+    title = (
+        f"Training Jacobian of a GELU MLP 64-{c['width']}-10 on digits ({c['dim']} params, "
+        f"{c['steps']} SGD steps)"
+    )
+    if fig.get_figwidth() < 9:  # a narrow figure: two lines, or the title is cut
+        title = title.replace(" on digits", "\non digits")
+    fig.suptitle(smoke_title(title, bool(res.get("smoke"))), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     import matplotlib.pyplot as plt
