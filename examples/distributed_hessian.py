@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import linops
 from linops.lanczos import lanczos
+from reports.runs import SMOKE_NOTE, print_written, run_metadata
 from trainers.data import digits
 from trainers.models import MLP
 
@@ -86,6 +87,9 @@ def main() -> None:
     seconds_product = time.perf_counter() - start
 
     summary = {
+        **run_metadata(quick=args.quick, seed=args.seed),
+        **({"smoke_note": SMOKE_NOTE} if args.quick else {}),
+        "model": f"MLP 64-{args.width}-10, float64, on {n_train} digits",
         "world_size": world,
         "backend": dist.get_backend(group) if group is not None else "none",
         "num_params": H.shape[0],
@@ -105,6 +109,8 @@ def main() -> None:
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "distributed_hessian.json").write_text(json.dumps(summary, indent=1))
+        if args.quick:
+            print(SMOKE_NOTE)
         print(f"Hessian of {H.shape[0]} parameters over {H.num_samples} samples, {world} rank(s)")
         print(f"{'i':>3} {'eigenvalue':>14} {'residual':>10}")
         for i, (lam, r) in enumerate(
@@ -115,6 +121,7 @@ def main() -> None:
         for key in ("max_abs_diff_product", "max_abs_diff_eigenvalues"):
             if key in summary:
                 print(f"{key}: {summary[key]:.2e}")
+        print_written("distributed_hessian", args.out)
     if group is not None:
         dist.destroy_process_group()
 
