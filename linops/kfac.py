@@ -645,3 +645,42 @@ def _shared_outputs(mod: nn.Module, g: Tensor) -> Tensor:
     if isinstance(mod, nn.Conv2d):
         return g.flatten(2).transpose(1, 2)
     return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+def kfac_preconditioner(A: Any, damping: float, *, heuristic: bool = False) -> TorchLinearOperator:
+    r"""Return :math:`(B + \lambda I)^{-1}` for the KFAC :math:`B` of a model operator ``A``.
+
+    The KFAC of ``A``'s model, loss, data and parameters (at ``A``'s values, dtype and
+    device), of the matching Fisher type: ``"type-2"`` for a :class:`linops.GGNOperator`, a
+    :class:`linops.HessianOperator` (its GGN part) or an exact :class:`linops.FisherOperator`;
+    ``"mc"`` with the same samples and seed for a Monte-Carlo one; ``"empirical"`` for a
+    :class:`linops.EmpiricalFisherOperator`. Used by ``linops.inverse(A, damping=λ,
+    preconditioner="kfac")``: built from data passes only (no products of ``A``).
+
+    Raises
+    ------
+    ValueError
+        If ``A`` is not such a model operator (build ``KFACOperator(...).inverse(λ)`` and pass
+        it as the preconditioner instead).
+    """
+    from linops.fisher import EmpiricalFisherOperator, FisherOperator
+    from linops.hessian import GGNOperator, HessianOperator
+
+    kw: dict[str, Any] = {}
+    if isinstance(A, EmpiricalFisherOperator):
+        kw["fisher_type"] = "empirical"
+    elif isinstance(A, FisherOperator) and A.mc_samples is not None:
+        kw |= {"fisher_type": "mc", "mc_samples": A.mc_samples, "seed": A.seed}
+    elif not isinstance(A, GGNOperator | HessianOperator | FisherOperator):
+        raise ValueError(
+            "preconditioner: 'kfac' expected A to be a GGNOperator, HessianOperator, "
+            f"FisherOperator or EmpiricalFisherOperator, got {type(A).__name__}; pass "
+            "preconditioner=KFACOperator(model, loss_fn, data).inverse(damping) instead"
+        )
+    batches = A.batches
+    K = KFACOperator(
+        A.model, A.loss_fn, batches._source, params=A.space.values(), dtype=A.torch_dtype,
+        device=A.device, batch_size=batches._batch_size, reduction=A._reduction,
+        label_key=A.label_key, **kw,
+    )  # fmt: skip
+    return K.inverse(damping, heuristic=heuristic)

@@ -434,3 +434,38 @@ def test_forward_multiplier_one_layer_mse_is_the_ggn(route: str) -> None:
     X, y = torch.randn(9, 4, dtype=F64), torch.randn(9, 3, dtype=F64)
     K = KFACOperator(model, nn.MSELoss(), (X, y), separate_weight_and_bias=False, route=route)
     assert _rel(K.to_dense(), GGNOperator(model, nn.MSELoss(), (X, y)).to_dense()) < 1e-12
+
+
+def test_kfac_preconditioner_option_cuts_cg_products() -> None:
+    """inverse(G, preconditioner="kfac") builds the KFAC of G's model, loss and data itself
+    (no products of G). On a linear model's GGN with badly scaled inputs (KFAC's input factor
+    captures them; separate bias blocks drop only the weight-bias cross terms) it cuts CG's
+    products 139 -> 13 (asserted: by more than 4x). It is no general win: on the tanh MLPs of
+    this file and the digits MLP it needs more products than plain CG (bench/curvature.py)."""
+    torch.manual_seed(0)
+    model = nn.Linear(20, 5).double()
+    X = torch.randn(100, 20, dtype=F64) * torch.logspace(-2, 2, 20, dtype=F64) + 1.0
+    data = [(X[:40], torch.randn(40, 5, dtype=F64)), (X[40:], torch.randn(60, 5, dtype=F64))]
+    G = GGNOperator(model, nn.MSELoss(), data)
+    D = G.to_dense()
+    lam = 1e-6 * float(torch.linalg.eigvalsh(D)[-1])
+    B = torch.randn(G.shape[0], 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    ref = torch.linalg.solve(D + lam * torch.eye(G.shape[0], dtype=F64), B)
+    plain = inverse(G, damping=lam, rtol=1e-10, block=False)
+    pre = inverse(G, damping=lam, rtol=1e-10, block=False, preconditioner="kfac")
+    assert _rel(pre @ B, ref) < 1e-7 and _rel(plain @ B, ref) < 1e-7
+    assert pre.info.num_matvecs * 4 < plain.info.num_matvecs, (
+        pre.info.num_matvecs, plain.info.num_matvecs
+    )  # fmt: skip
+    K = KFACOperator(model, nn.MSELoss(), data).inverse(lam).to_dense()
+    assert _rel(pre.preconditioner.to_dense(), K) < 1e-12  # the same KFAC, same damping
+    mlp, mdata = _setup("ce")
+    ef = EmpiricalFisherOperator(mlp, nn.CrossEntropyLoss(), mdata)
+    pe = inverse(ef, damping=1e-2, rtol=1e-10, preconditioner="kfac")
+    pe @ torch.ones(ef.shape[0], dtype=F64)
+    Ke = KFACOperator(mlp, nn.CrossEntropyLoss(), mdata, fisher_type="empirical")
+    assert _rel(pe.preconditioner.to_dense(), Ke.inverse(1e-2).to_dense()) < 1e-13
+    with pytest.raises(ValueError, match="preconditioner: 'kfac' expected A to be a GGNOperator"):
+        inverse(torch.eye(3, dtype=F64), damping=1.0, preconditioner="kfac") @ torch.ones(
+            3, dtype=F64
+        )
