@@ -100,7 +100,7 @@ def _operators_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[st
 
     model, loss, data = setup["model"], setup["loss"], setup["data"]
     n_ntk = 200 if quick else 500
-    H = linops.HessianOperator(model, loss, (data.X_train, data.y_train))
+    H = linops.HessianOperator(model, loss, _hessian_data(data, quick))
     K = linops.NTKOperator(model, data.X_train[:n_ntk])
     k = 10
     t0 = time.perf_counter()
@@ -109,12 +109,13 @@ def _operators_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[st
     t1 = time.perf_counter()
     ntk_top = np.sort(sla.eigsh(K, k=k, which="LA", tol=1e-6)[0])[::-1]
     t2 = time.perf_counter()
-    title = f"MLP 64-64-10 on digits ({H.shape[0]} params, {len(data.X_train)} samples), trained"
+    title = f"MLP 64-64-10 on digits ({H.shape[0]} params), trained; Hessian on {H.num_samples}"
     _plot_spectra(h_top, ntk_top, n_ntk, out / "spectrum.png", smoke_title(title, quick))
     hist = setup["history"].metrics
     return {
         "num_parameters": H.shape[0],
         "num_train": len(data.X_train),
+        "hessian_samples": H.num_samples,
         "ntk_samples": n_ntk,
         "ntk_shape": list(K.shape),
         "train_accuracy": hist["train_accuracy"][-1],
@@ -125,6 +126,16 @@ def _operators_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[st
         "seconds_hessian_eigsh": t1 - t0,
         "seconds_ntk_eigsh": t2 - t1,
     }
+
+
+#: training samples of the Hessian in the operators and hessian_density sections (None: all)
+_HESSIAN_SAMPLES = {True: 512, False: None}
+
+
+def _hessian_data(data: Any, quick: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the ``(X, y)`` the report's Hessians average over: 512 samples with ``--quick``."""
+    n = _HESSIAN_SAMPLES[quick]
+    return data.X_train[:n], data.y_train[:n]
 
 
 def _plot_spectra(
@@ -185,8 +196,11 @@ def _density_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str,
     from reports.runs import smoke_title
 
     model, loss, data = setup["model"], setup["loss"], setup["data"]
-    H = linops.HessianOperator(model, loss, (data.X_train, data.y_train))
-    title = f"Hessian spectral density\nMLP 64-64-10 on digits ({H.shape[0]} params, trained)"
+    H = linops.HessianOperator(model, loss, _hessian_data(data, quick))
+    title = (
+        f"Hessian spectral density (loss over {H.num_samples} samples)\n"
+        f"MLP 64-64-10 on digits ({H.shape[0]} params, trained)"
+    )
     result = density_report(
         H,
         num_matvecs=200 if quick else 400,
@@ -194,6 +208,7 @@ def _density_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str,
         png=out / "density.png",
         title=smoke_title(title, quick),
     )
+    result["hessian_samples"] = H.num_samples
     result["summary"] = (
         f"trace {result['trace_estimate']:.4g} +- {result['trace_stderr']:.2g} "
         f"({result['trace_method']}, {result['num_matvecs']} products); spectrum in "
@@ -407,7 +422,8 @@ def _print_summary(result: dict[str, Any], out: Path) -> None:
         lines.append(f"*** {result.get('smoke_note', 'SMOKE RUN (--quick)')} ***")
     lines += [
         f"model            {result['model']}, {ops['num_parameters']} parameters",
-        f"data             {ops['num_train']} training samples; NTK on {ops['ntk_samples']}",
+        f"data             {ops['num_train']} training samples; Hessian on "
+        f"{ops.get('hessian_samples', ops['num_train'])}, NTK on {ops['ntk_samples']}",
         f"accuracy         train {ops['train_accuracy']:.3f}, test {ops['test_accuracy']:.3f}",
         f"Hessian top-5    {fmt(f'{v:.4g}' for v in ops['hessian_top_eigenvalues'][:5])}",
         f"Hessian min      {ops['hessian_smallest_eigenvalues'][0]:.4g}",
@@ -545,7 +561,14 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
         default=Path("results/report"),
         help="folder of report.json and the plots, replaced whole (default: results/report)",
     )
-    rep.add_argument("--quick", action="store_true", help="a smaller, faster smoke run")
+    rep.add_argument(
+        "--quick",
+        action="store_true",
+        help=(
+            "a smoke run: every section smaller (README, 'The report'), marked as such in "
+            "report.json, the printed summary and the plot titles"
+        ),
+    )
     rep.add_argument(
         "--seed",
         type=_seed,

@@ -34,6 +34,7 @@ SCRIPTS = [
     "examples/lowrank_training.py",
     "examples/guess_gradient.py",
     "examples/training_jacobian.py",
+    "examples/distributed_hessian.py",
 ]
 OPTIONAL = {
     "bench/operators.py": "curvlinops",
