@@ -77,7 +77,11 @@ def run(m: int, alpha: float, data, steps: int, every: int, eta: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("results") / NAME)
-    ap.add_argument("--quick", action="store_true", help="small smoke run")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 3 widths x 3 alphas, 60 steps (about 14 CPU-seconds measured)",
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sections = Sections(NAME)
