@@ -56,6 +56,92 @@ class SpectralDensity(NamedTuple):
     sigma: float
     num_matvecs: int
 
+    def resmooth(
+        self, *, sigma: float | None = None, grid: Any = None, num_points: int = 512
+    ) -> SpectralDensity:
+        r"""Return the density of the same nodes and weights with another broadening or grid.
+
+        No products: :math:`\hat\phi_\sigma(x)` (module docstring) is recomputed from the
+        stored :math:`\theta_{lj}, \tau_{lj}`, exactly as :func:`spectral_density` with the
+        same seed and this ``sigma`` / ``grid`` would compute it. ``num_matvecs`` and
+        ``trace`` stay those of the products that produced the nodes.
+
+        Parameters
+        ----------
+        sigma
+            Gaussian broadening; default: the one stored.
+        grid, num_points
+            Abscissae, or the size of the default grid (the nodes' span plus ``5 sigma``).
+
+        Raises
+        ------
+        ValueError
+            For a broadening that is not positive.
+
+        Examples
+        --------
+        >>> A = torch.diag(torch.linspace(0, 1, 40, dtype=torch.float64))
+        >>> sd = spectral_density(A, num_probes=4, num_steps=10, seed=0)
+        >>> wide = sd.resmooth(sigma=0.2)
+        >>> wide.sigma, wide.num_matvecs == sd.num_matvecs
+        (0.2, True)
+        """
+        theta, tau, back = _stored(self)
+        sig = self.sigma if sigma is None else sigma
+        x, dens, sig = _smooth(theta, tau, sig, grid, num_points)
+        return self._replace(grid=back(x), density=back(dens), sigma=sig)
+
+    def log_density(
+        self,
+        *,
+        sigma: float | None = None,
+        grid: Any = None,
+        num_points: int = 512,
+        floor: float | None = None,
+    ) -> SpectralDensity:
+        r"""Return the density of :math:`\log_{10}\lambda` from the stored nodes (no products).
+
+        For a positive semi-definite :math:`A` (a GGN, a Fisher) whose spectrum spans decades:
+        the nodes become :math:`t_{lj} = \log_{10}\max(\theta_{lj}, \mathrm{floor})` with the
+        same weights, and
+
+        .. math:: \hat\psi_\sigma(t) = \frac1N \sum_{l,j} \tau_{lj}\, g_\sigma(t - t_{lj}),
+
+        a density in :math:`t` (it integrates to about 1 over ``grid``, in decades). Nodes at
+        or below ``floor`` (the near-null space, and negative rounding) are put at
+        :math:`\log_{10}\mathrm{floor}`: their weight is the mass of that spike.
+
+        Parameters
+        ----------
+        sigma
+            Broadening in decades; default: the span of the log-nodes over the steps per probe.
+        grid, num_points
+            Abscissae in :math:`\log_{10}` units, or the size of the default grid.
+        floor
+            Smallest eigenvalue resolved; default :math:`10^{-12}\max_{lj}|\theta_{lj}|`.
+
+        Returns
+        -------
+        SpectralDensity
+            ``grid``, ``density``, ``nodes`` and ``sigma`` in :math:`\log_{10}` units; the same
+            ``weights``, ``trace`` and ``num_matvecs``. Its :meth:`resmooth` works in them.
+
+        Raises
+        ------
+        ValueError
+            For a ``floor`` or broadening that is not positive.
+        """
+        theta, tau, back = _stored(self)
+        top = float(theta.abs().max()) or 1.0
+        floor = 1e-12 * top if floor is None else float(floor)
+        if not floor > 0:
+            raise ValueError(f"floor: expected a positive number, got {floor!r}")
+        t = torch.log10(theta.clamp(min=floor))
+        if sigma is None:
+            sigma = (float(t.max() - t.min()) or 1.0) / t.shape[1]
+        x, dens, sig = _smooth(t, tau, sigma, grid, num_points)
+        return self._replace(grid=back(x), density=back(dens), nodes=back(t), sigma=sig)
+
 
 def spectral_density(
     A: Any,
@@ -143,16 +229,7 @@ def spectral_density(
     per_probe = n * (tau * theta).sum(dim=1)
     tr_se = float(per_probe.std()) / math.sqrt(N) if N > 1 else math.nan
     span = float(theta.max() - theta.min()) or max(1.0, float(theta.abs().max()))
-    sigma = span / m if sigma is None else float(sigma)
-    if not sigma > 0:
-        raise ValueError(f"sigma: expected a positive number, got {sigma!r}")
-    if grid is None:
-        lo, hi = float(theta.min()) - 5 * sigma, float(theta.max()) + 5 * sigma
-        x = torch.linspace(lo, hi, kr.check_int(num_points, "num_points", 2), dtype=torch.float64)
-    else:
-        x = torch.as_tensor(grid, dtype=torch.float64).reshape(-1).cpu()
-    g = torch.exp(-((x[:, None, None] - theta[None]) ** 2) / (2 * sigma**2))
-    dens = (g * tau[None]).sum(dim=(1, 2)) / (N * sigma * math.sqrt(2 * math.pi))
+    x, dens, sigma = _smooth(theta, tau, span / m if sigma is None else sigma, grid, num_points)
     out = [kr.to_output(t.to(op.device), kind) for t in (x, dens, theta, tau)]
     grid_out, dens_out, nodes_out, weights_out = out
     return SpectralDensity(
@@ -194,3 +271,33 @@ def _lanczos_batch(op: Any, V0: torch.Tensor, m: int) -> tuple[torch.Tensor, ...
         beta[j] = torch.where(ok, b, torch.zeros_like(b))
         V[j + 1] = torch.where(ok, W / torch.where(ok, b, torch.ones_like(b)), torch.zeros_like(W))
     return alpha.T.real, beta.T.real
+
+
+def _smooth(
+    theta: torch.Tensor, tau: torch.Tensor, sigma: Any, grid: Any, num_points: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Return the grid, the Gaussian-smoothed density of nodes ``theta`` with weights ``tau``, sigma.
+
+    The grid defaults to ``num_points`` points over the nodes' span plus ``5 sigma``.
+    """
+    sigma = float(sigma)
+    if not sigma > 0:
+        raise ValueError(f"sigma: expected a positive number, got {sigma!r}")
+    if grid is None:
+        lo, hi = float(theta.min()) - 5 * sigma, float(theta.max()) + 5 * sigma
+        x = torch.linspace(lo, hi, kr.check_int(num_points, "num_points", 2), dtype=torch.float64)
+    else:
+        x = torch.as_tensor(grid, dtype=torch.float64).reshape(-1).cpu()
+    g = torch.exp(-((x[:, None, None] - theta[None]) ** 2) / (2 * sigma**2))
+    N = theta.shape[0]
+    dens = (g * tau[None]).sum(dim=(1, 2)) / (N * sigma * math.sqrt(2 * math.pi))
+    return x, dens, sigma
+
+
+def _stored(sd: SpectralDensity) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Return a result's nodes and weights as float64 CPU tensors, and the map back to its kind."""
+    _, kind = kr.prepare(sd.nodes)
+    device = sd.nodes.device if isinstance(sd.nodes, torch.Tensor) else torch.device("cpu")
+    theta = torch.as_tensor(sd.nodes).to("cpu", torch.float64)
+    tau = torch.as_tensor(sd.weights).to("cpu", torch.float64)
+    return theta, tau, lambda t: kr.to_output(t.to(device), kind)

@@ -90,3 +90,75 @@ def test_default_broadening_is_accurate(name: str) -> None:
 def test_default_steps_fit_small_operators() -> None:
     sd = spectral_density(np.diag(np.arange(1.0, 6.0)), seed=0)
     assert sd.num_matvecs == 10 * 5 + 3 and sd.trace.estimate == pytest.approx(15.0)
+
+
+class _Counting:
+    """A dense symmetric matrix as an operator that counts its products."""
+
+    def __init__(self, A: torch.Tensor) -> None:
+        from linops import aslinearoperator
+
+        self.op = aslinearoperator(A)
+        self.count = 0
+        inner = self.op._matmat_torch
+
+        def counted(X: torch.Tensor) -> torch.Tensor:
+            self.count += X.shape[1]
+            return inner(X)
+
+        self.op._matmat_torch = counted  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_resmooth_equals_a_fresh_computation_without_products(kind: str) -> None:
+    lam = np.r_[np.linspace(0.5, 2.0, 60), [9.0] * 4]
+    A = spectrum_matrix(lam)
+    At = torch.as_tensor(A)
+    counting = _Counting(At)
+    sd = spectral_density(counting.op, num_probes=6, num_steps=12, seed=3)
+    if kind == "numpy":
+        sd = sd._replace(
+            **{k: np.asarray(getattr(sd, k)) for k in ("grid", "density", "nodes", "weights")}
+        )
+    used = counting.count
+    assert used == sd.num_matvecs
+    for sigma, grid in [(0.05, None), (0.4, None), (None, np.linspace(0, 10, 101))]:
+        again = sd.resmooth(sigma=sigma, grid=grid, num_points=300)
+        assert counting.count == used  # no products
+        fresh = spectral_density(
+            At, num_probes=6, num_steps=12, seed=3, sigma=sigma if sigma else sd.sigma,
+            grid=grid, num_points=300,
+        )  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(again.grid), np.asarray(fresh.grid))
+        np.testing.assert_allclose(
+            np.asarray(again.density), np.asarray(fresh.density), rtol=1e-13, atol=1e-15
+        )
+        assert again.num_matvecs == sd.num_matvecs and again.trace == sd.trace
+        assert isinstance(again.density, np.ndarray if kind == "numpy" else torch.Tensor)
+    with pytest.raises(ValueError, match="sigma: expected a positive number"):
+        sd.resmooth(sigma=0.0)
+
+
+def test_log_density_of_a_spectrum_over_decades() -> None:
+    """Eigenvalues 10^0 .. 10^2 and a null space: the log-density, from the stored nodes only,
+    puts the null space's weight at the floor (its Gauss nodes are below 1e-6 here) and
+    integrates to one."""
+    lam = np.r_[np.logspace(0, 2, 90), np.zeros(30)]
+    A = spectrum_matrix(lam)
+    counting = _Counting(torch.as_tensor(A))
+    sd = spectral_density(counting.op, num_probes=20, num_steps=40, seed=0)
+    used = counting.count
+    ld = sd.log_density(floor=1e-6, sigma=0.25, num_points=2000)
+    assert counting.count == used
+    t, d = ld.grid.numpy(), ld.density.numpy()
+    dt = t[1] - t[0]
+    assert d.sum() * dt == pytest.approx(1.0, abs=1e-3)
+    spike = d[t < -4.0].sum() * dt  # the weight at log10(floor) = -6
+    assert spike == pytest.approx(30 / 120, abs=0.1)  # the null space's share, to probe noise
+    bulk = d[(t > -1.5) & (t < 3.5)].sum() * dt
+    assert bulk == pytest.approx(90 / 120, abs=0.1)
+    assert ld.nodes.max() == pytest.approx(2.0, abs=1e-6)
+    # resmoothing the log-density stays in log units, still without products
+    assert ld.resmooth(sigma=0.5).sigma == 0.5 and counting.count == used
+    with pytest.raises(ValueError, match="floor: expected a positive number"):
+        sd.log_density(floor=0.0)
