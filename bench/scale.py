@@ -70,6 +70,11 @@ import linops
 from linops.base import TorchLinearOperator
 
 MODELS = ("resnet18", "gpt2", "resnet20-stream")
+TITLES = {
+    "resnet18": "ResNet-18 (BatchNorm eval), 32 CIFAR-shaped images",
+    "gpt2": "a GPT-2-small-shaped decoder, 2 x 128 tokens",
+    "resnet20-stream": "ResNet-20 (BatchNorm eval), 5,000 images streamed",
+}
 TASKS = ("hvp", "top5", "trace", "density", "blockwise")
 
 
@@ -303,12 +308,19 @@ def plain_hvp(cfg: dict[str, Any], repeats: int) -> dict[str, Any]:
 
 
 def run_task(
-    name: str, task: str, quick: bool, seed: int = 0, overrides: dict[str, Any] | None = None
+    name: str,
+    task: str,
+    quick: bool,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+    png: Path | None = None,
 ) -> dict[str, Any]:
     """One task on one model, in this process; returns its JSON-ready row.
 
-    ``overrides`` replaces budgets of :func:`setup` (``trace_matvecs``, ``density_steps``,
-    ``maxiter``, ``ncv``, and ``bw``: keyword arguments of the blockwise call).
+    ``overrides`` replaces budgets of :func:`setup` (``hvp_repeats``, ``trace_matvecs``,
+    ``density_steps``,
+    ``maxiter``, ``ncv``, and ``bw``: keyword arguments of the blockwise call); the blockwise
+    task draws its densities to ``png`` when given.
     """
     torch.manual_seed(seed)
     cfg = setup(name, quick)
@@ -324,7 +336,7 @@ def run_task(
     row: dict[str, Any] = {"model": name, "task": task, "params": nparams}
     start = time.perf_counter()
     if task == "hvp":
-        row |= plain_hvp(cfg, 1 if quick else 3)
+        row |= plain_hvp(cfg, cfg.get("hvp_repeats", 1 if quick else 3))
     elif task == "blockwise":
         bar = _bar("blockwise", None)
         last = [0]
@@ -340,6 +352,13 @@ def run_task(
         )
         row["settings"] = bw
         bar.close()
+        if png is not None:
+            from reports.blockwise import plot_blockwise_spectra
+
+            plot_blockwise_spectra(
+                res, png, model=TITLES[name] + (" (--quick: tiny shapes)" if quick else "")
+            )
+            row["png"] = str(png)
         row |= {
             "products": res.num_matvecs,
             "passes": res.num_passes,
@@ -481,7 +500,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--worker-out", type=Path, help=argparse_hidden())
     args = p.parse_args(argv)
     if args.worker:
-        row = run_task(*args.worker, quick=args.quick, seed=args.seed, overrides=args.budgets)
+        png = args.worker_out.parent / f"blockwise_{args.worker[0]}.png"
+        row = run_task(
+            *args.worker, quick=args.quick, seed=args.seed, overrides=args.budgets, png=png
+        )
         args.worker_out.write_text(json.dumps(row))
         return
     models = [m for m in args.models.split(",") if m]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import torch
@@ -48,7 +49,7 @@ def plot_blockwise_spectra(
     items = list(res.blocks.items())[:max_blocks]
     peak = max(float(torch.as_tensor(b.density).max()) for _, b in items)
     floor = peak * 10.0**-DENSITY_DECADES if peak > 0 else 1e-12
-    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    fig, ax = plt.subplots(figsize=(9.0, 4.8))
     for i, (name, b) in enumerate(items):
         y = torch.as_tensor(b.density).detach().cpu().double().numpy()
         shown = np.where(y >= floor, y, np.nan)
@@ -61,11 +62,11 @@ def plot_blockwise_spectra(
     ax.set_ylim(floor, peak * 4)
     ax.set(xlabel="eigenvalue of the diagonal block (symlog)", ylabel="density (log)")
     probes, steps = next(iter(res.blocks.values())).nodes.shape
+    title = textwrap.fill(f"Blockwise Hessian spectra of {model}", 90)
     ax.set_title(
-        f"Blockwise Hessian spectra of {model}\n"
-        f"SLQ {probes} probe(s) x {steps} steps per block, sigma = {res.sigma:.3g}; "
+        f"{title}\nSLQ {probes} probe(s) x {steps} steps per block, sigma = {res.sigma:.3g}; "
         f"averaged JS distance JS0 = {res.js_mean:.3f}",
-        fontsize=9,
+        fontsize=8.5,
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
