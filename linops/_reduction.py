@@ -18,7 +18,7 @@ reduces (``reduction="mean" | "sum"`` or a callable ``(outputs, targets) -> W_b`
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -59,9 +59,22 @@ class Reduction:
         ``total``: :math:`\sum_b W_b` over all ranks when the data is sharded (default: over
         ``batches``).
         """
+        return self.weights_of(self.normalisers(batches), total)
+
+    def normalisers(self, batches: Iterable[tuple[Tensor, Tensor | None]]) -> list[float]:
+        r"""Each batch's :math:`W_b` (1 for a sum), from ``(outputs, targets)`` drawn one at a time.
+
+        ``batches`` may be a generator: nothing of a batch is kept but its number, so a
+        streamed dataset's outputs are never all in memory.
+        """
         if self.kind == "sum" or self.normaliser is None:
-            return [1.0] * len(batches)
-        w = [float(self.normaliser(out, y)) for out, y in batches]
+            return [1.0 for _ in batches]
+        return [float(self.normaliser(out, y)) for out, y in batches]
+
+    def weights_of(self, w: list[float], total: float | None = None) -> list[float]:
+        r"""Each batch's weight :math:`W_b / \sum W` from the normalisers ``w`` (sum: all 1)."""
+        if self.kind == "sum" or self.normaliser is None:
+            return [1.0] * len(w)
         total = sum(w) if total is None else total
         if not total > 0:
             raise ValueError(

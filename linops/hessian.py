@@ -16,6 +16,7 @@ The output Hessian is the laziness numerator of section 3.2 of "Leveraging Low R
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -110,10 +111,10 @@ class _LossOperator(ModelOperator):
 
             def normalisers() -> float:  # everything a rank can fail at, before the collective
                 reduction = local["reduction"] = self._reduce()
-                outs = local["outs"] = self._batch_outputs()
+                w = local["w"] = reduction.normalisers(self._batch_outputs())
                 if reduction.kind == "sum" or reduction.normaliser is None:
                     return 0.0
-                return sum((float(reduction.normaliser(o, y)) for o, y in outs), 0.0)
+                return sum(w, 0.0)
 
             total = None
             if self.process_group is None:
@@ -122,19 +123,20 @@ class _LossOperator(ModelOperator):
                 from linops.distributed import global_sum
 
                 total = global_sum(self, normalisers, what="loss normaliser")
-            self._batch_weights = local["reduction"].weights(local["outs"], total)
+            self._batch_weights = local["reduction"].weights_of(local["w"], total)
         return self._batch_weights
 
-    def _batch_outputs(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Each batch's model outputs and targets (no graph), the loss checked to be scalar."""
-        outs = []
-        with torch.no_grad():
-            for i, (x, y) in enumerate(self.batches):
+    def _batch_outputs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each batch's model outputs and targets (no graph), the loss checked to be scalar.
+
+        A generator: one batch's outputs at a time (a streamed dataset's are never all kept).
+        """
+        for i, (x, y) in enumerate(self.batches):
+            with torch.no_grad():
                 out = forward_checked(self.space, x)
-                if i == 0:
-                    _check_scalar_loss(self.loss_fn, out, y)
-                outs.append((out, y))
-        return outs
+            if i == 0:
+                _check_scalar_loss(self.loss_fn, out, y)
+            yield out, y
 
     def _reset_derived(self) -> None:
         self._batch_weights = None
