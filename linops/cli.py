@@ -585,9 +585,9 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
         "bench",
         help="list the benchmarks of bench/, or run bench/NAME.py with the arguments after NAME",
         description=(
-            "Run bench/NAME.py of a checkout; every argument after NAME goes to the script "
-            "(linops bench NAME --help shows its options). Without NAME: list the benchmarks. "
-            "Benchmarks that compare with optional peers (curvlinops, JAX, ...) need "
+            "Run bench/NAME.py of a checkout; every argument after NAME goes to the script\n"
+            "(linops bench NAME --help shows its options). Without NAME: list the benchmarks.\n"
+            "Benchmarks that compare with optional peers (curvlinops, JAX, ...) need\n"
             "`bash scripts/setup.sh bench`, or their --no-<peer> / --skip-<peer> option."
         ),
         epilog=_bench_listing(),
