@@ -80,3 +80,59 @@ def test_the_block_pass_choice_never_changes_a_product(case: str, op_name: str) 
     assert _rel(block, singles) < 1e-12
     assert torch.equal(block, again)
 
+
+def test_single_jacobian_products_of_a_cnn_take_forward_ad_exactly() -> None:
+    op, D = _operator("J", BY_NAME["resnet-batchnorm-eval"])
+    gen = torch.Generator().manual_seed(2)
+    V = torch.randn(op.shape[1], 3, dtype=torch.float64, generator=gen)
+    for i in range(3):  # the first single product decides, the later ones take it
+        assert _rel(op @ V[:, i], D @ V[:, i]) < RTOL
+    assert op.route == "autograd, forward AD for single vectors"
+    assert _rel(op @ V, D @ V) < RTOL  # many vectors: their own choice
+    mlp, Dm = _operator("J", BY_NAME["residual-layernorm-mlp"])  # no convolution: the graph
+    assert _rel(mlp @ V[: mlp.shape[1], 0], Dm @ V[: mlp.shape[1], 0]) < RTOL
+    assert "forward AD" not in mlp.route
+
+
+class _Square(torch.autograd.Function):
+    """x^2 with a backward but no forward-mode rule."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x**2
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class _SquareCNN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = torch.nn.Conv2d(1, 2, 3), torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(_Square.apply(self.conv(x)).flatten(1))
+
+
+def test_a_cnn_without_forward_ad_keeps_the_retained_graph_for_single_products() -> None:
+    torch.manual_seed(0)
+    model = _SquareCNN().double()
+    X = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    J = linops.JacobianOperator(model, X)
+    ref = linops.JacobianOperator(model, X, route="autograd").to_dense()
+    v = torch.randn(J.shape[1], dtype=torch.float64)
+    assert _rel(J @ v, ref @ v) < RTOL
+    assert J.route == "autograd" and J._single_forward_mode is False
+    # and the dense reference of that operator is the one torch.func gives without the Function
+    p = dict(model.named_parameters())
+    f = lambda w, b, hw, hb: torch.nn.functional.linear(  # noqa: E731
+        (torch.nn.functional.conv2d(X, w, b) ** 2).flatten(1), hw, hb
+    ).reshape(-1)
+    cols = torch.func.jacrev(f, argnums=(0, 1, 2, 3))(
+        p["conv.weight"], p["conv.bias"], p["head.weight"], p["head.bias"]
+    )
+    dense = torch.cat([c.reshape(c.shape[0], -1) for c in cols], dim=1)
+    assert _rel(ref, dense) < RTOL
