@@ -253,8 +253,8 @@ class ModelOperator(TorchLinearOperator):
                 out = self._first_batched(X, adjoint)
         elif self.batched[adjoint] is False and X.shape[1] > 1:
             out = torch.cat([apply(x, adjoint) for x in _columns(X)], 1)
-        else:
-            out = apply(X, adjoint)
+        else:  # a strided column (of a row-major block) would make the product about 2x slower
+            out = apply(X if X.shape[1] > 1 or X.stride(0) == 1 else X.contiguous(), adjoint)
         if self.check_finite and out.numel() and not cmath.isfinite(out.sum().item()):
             if not bool(torch.isfinite(out).all()):
                 raise FloatingPointError(
