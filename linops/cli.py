@@ -109,7 +109,10 @@ def _operators_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[st
     t1 = time.perf_counter()
     ntk_top = np.sort(sla.eigsh(K, k=k, which="LA", tol=1e-6)[0])[::-1]
     t2 = time.perf_counter()
-    title = f"MLP 64-64-10 on digits ({H.shape[0]} params), trained; Hessian on {H.num_samples}"
+    title = (
+        f"MLP 64-64-10 on digits ({H.shape[0]} params), trained; "
+        f"Hessian over {H.num_samples} samples"
+    )
     _plot_spectra(h_top, ntk_top, n_ntk, out / "spectrum.png", smoke_title(title, quick))
     hist = setup["history"].metrics
     return {
