@@ -8,8 +8,15 @@ Every model operator takes ``memory_budget`` (bytes). It bounds, on the operator
   is built); a batch or graph beyond that is streamed: drawn from the loader again, or
   rebuilt, at every product, and freed after it;
 * the **blocks**: the vectors of one batched pass. The peak memory of a one-vector pass is
-  measured once (at the first many-vector product) and a pass takes at most
-  ``(budget - cached bytes) // peak`` vectors (at least 1).
+  measured once (at the first many-vector product, one extra single-vector product) and a
+  pass takes at most ``(budget - cached bytes) // peak`` vectors (at least 1, and at most
+  ``max_vectors``, default :data:`linops._model.DEFAULT_MAX_VECTORS`). An explicit
+  ``max_vectors`` is taken as given.
+
+A streamed batch's graph is released before the next batch's is built, so a streamed pass
+holds one batch's graph at a time; its products are the cached operator's bit for bit (the
+same batches, prepared and differentiated by the same code) when both take the same vectors
+per pass (the same ``max_vectors``): a wider block may round differently.
 
 The default budget is :data:`DEFAULT_BUDGET_FRACTION` of the memory free on the device when
 the operator is made (:func:`available_memory`: ``torch.cuda.mem_get_info`` on CUDA; on the
