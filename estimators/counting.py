@@ -224,7 +224,7 @@ def singular_value_count(
         Z = kr.random_block(m, probes, op, gen)
         Z = Z - Q @ (Q.mH @ Z)
         Z = Z - Q @ (Q.mH @ Z)
-        V0 = Z / torch.linalg.vector_norm(Z, dim=0)  # uniform on the sphere of range(P)
+        V0 = Z / kr.column_norms(Z)  # uniform on the sphere of range(P), unit to float32 rounding
     for i, tau in enumerate(taus.tolist()):
         if dim == 0:
             break
