@@ -23,6 +23,7 @@ from typing import Any
 __all__ = [
     "SMOKE_NOTE",
     "Sections",
+    "busy_machine_hint",
     "human_bytes",
     "print_written",
     "run_metadata",
@@ -101,6 +102,28 @@ def run_metadata(
     }
 
 
+def busy_machine_hint(prog: str) -> str | None:
+    """Return one line advising ``OMP_WAIT_POLICY=PASSIVE`` when the machine is busy, else None.
+
+    Busy: the 1-minute load average is above 1.5 x the usable CPUs and ``OMP_WAIT_POLICY`` is
+    not set. OpenMP's default busy-waiting then costs several-fold: ``linops report --quick``
+    measured 130 s with ``PASSIVE`` against 656-1060 s without it at a load of about 20 on 2
+    CPUs (and ``PASSIVE`` slows small kernels on an idle machine, so it is not the default).
+    The variable is read when torch starts, so it has to be set before the command.
+    """
+    if "OMP_WAIT_POLICY" in os.environ or not hasattr(os, "getloadavg"):
+        return None
+    load = os.getloadavg()[0]
+    cpus = thread_counts()["cpus_usable"] or 1
+    if load <= 1.5 * cpus:
+        return None
+    return (
+        f"{prog}: the machine is busy (load {load:.1f} on {cpus} CPUs); OpenMP's busy-waiting "
+        f"then slows torch several-fold: rerun with OMP_WAIT_POLICY=PASSIVE in front of the "
+        f"command if this is slow"
+    )
+
+
 def smoke_title(title: str, quick: bool) -> str:
     """Return ``title`` marked as a smoke run when ``quick`` (for plot titles)."""
     return f"[SMOKE RUN --quick] {title}" if quick else title
@@ -120,6 +143,9 @@ class Sections:
         #: wall seconds of each finished section, by name, in order
         self.seconds: dict[str, float] = {}
         self._open: Any = None
+        hint = busy_machine_hint(prog)
+        if hint is not None:
+            print(hint, flush=True)
 
     def step(self, name: str, what: str = "") -> None:
         """End the section begun by the previous :meth:`step` (if any) and begin ``name``.

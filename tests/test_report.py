@@ -192,3 +192,19 @@ def test_a_real_quick_report_matches_its_schema(tmp_path: Path) -> None:
     ]
     for section in ("training", "operators", "hessian_density", "laziness", "training_jacobian"):
         assert f"] {section}" in proc.stdout
+
+
+def test_a_busy_machine_gets_the_passive_hint_once(monkeypatch) -> None:
+    from reports import runs
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(runs, "thread_counts", lambda: {"cpus_usable": 2})
+    monkeypatch.setattr(runs.os, "getloadavg", lambda: (20.0, 20.0, 20.0))
+    hint = runs.busy_machine_hint("prog")
+    assert hint is not None and hint.startswith("prog: the machine is busy (load 20.0 on 2 CPUs)")
+    assert "OMP_WAIT_POLICY=PASSIVE" in hint
+    monkeypatch.setattr(runs.os, "getloadavg", lambda: (2.5, 2.0, 2.0))
+    assert runs.busy_machine_hint("prog") is None  # not busy
+    monkeypatch.setattr(runs.os, "getloadavg", lambda: (20.0, 20.0, 20.0))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert runs.busy_machine_hint("prog") is None  # the user chose
