@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from linops import _krylov as kr
+from linops._certify import Recombination, carry, recombine
 from linops._checks import check_positive_number, check_square
 from linops.base import TorchLinearOperator
 
@@ -44,11 +45,14 @@ class LanczosResult(NamedTuple):
     eigenvectors
         ``(n, k)`` orthonormal Ritz vectors, column ``i`` belongs to ``eigenvalues[i]``.
     residuals
-        ``(k,)`` true residual norms :math:`\|A v_i - \lambda_i v_i\|`, recomputed from one
-        block product at the end (not the Krylov estimates).
+        ``(k,)`` true residual norms :math:`\|A v_i - \lambda_i v_i\|` of the vectors and
+        values returned (never the Krylov estimates), or upper bounds of them: from the
+        products already taken, recombined, plus a bound on the recombinations' rounding
+        (:mod:`linops._certify`), or, where that bound cannot certify ``rtol``, from one
+        block product at the end.
     num_matvecs
         Number of operator-vector products used (a block of ``b`` vectors counts ``b``),
-        including the symmetry probe and the final true-residual check.
+        including the symmetry probe and the final true-residual check when one was needed.
     converged
         Whether every true residual is at most ``rtol * ||A||``.
     """
@@ -210,24 +214,23 @@ class _Lanczos:
 
     def restart(self, S: torch.Tensor, theta: torch.Tensor, keep: torch.Tensor) -> None:
         """Keep the Ritz vectors ``V S[:, keep]``: ``H`` becomes diagonal, ``P`` stays."""
-        p = keep.numel()
-        Sk = S[:, keep].to(self.V)
-        self.V[:, :p] = self.V[:, : self.j] @ Sk
-        self.AV[:, :p] = self.AV[:, : self.j] @ Sk
-        self.av_err[:p] = self._recombination_error(Sk)
+        p, j = keep.numel(), self.j
+        Sk = S[:, keep]
+        err = self._drift(Sk, recombine(self.V[:, :j], self.AV[:, :j], Sk, Sk, inplace=True))
+        self.av_err[:p] = err
         self.H.zero_()
         self.H[:p, :p] = torch.diag(theta[keep]).to(self.H)
         self.j = p
 
-    def _recombination_error(self, Sk: torch.Tensor) -> torch.Tensor:
-        """Bound on ``||(A V) s - A (V s)|| / ||A||`` for each column ``s`` of ``Sk``.
+    def _drift(self, Sk: torch.Tensor, rc: Recombination) -> torch.Tensor:
+        """Bound on ``||(A V) s - A (V s)|| / ||A||`` of the recombined columns ``s`` of ``Sk``.
 
-        ``V s`` and ``(A V) s`` are each rounded by at most ``eps sum_i |s_i|`` (columns of
-        ``V`` are unit, of ``A V`` at most ``||A||``), on top of the columns' own errors.
+        The columns' own bounds carried (:func:`linops._certify.carry`) plus the rounding of
+        ``(A V) s`` and of ``V s`` (times ``||A||``), measured in single precision
+        (:func:`linops._certify.recombine`).
         """
-        eps = torch.finfo(self.V.real.dtype).eps
-        weights = Sk.abs().double().cpu()
-        return weights.T @ (self.av_err[: self.j] + 2 * eps)
+        anorm = max(self.anorm, float.fromhex("0x1p-1000"))
+        return carry(self.av_err[: self.j], Sk) + rc.d_AY / anorm + rc.d_Y
 
     def lock_and_inject(
         self, Y: torch.Tensor, AY: torch.Tensor, vals: torch.Tensor, err: torch.Tensor
@@ -251,27 +254,28 @@ class _Lanczos:
     def true_residuals(self, S: torch.Tensor, theta: torch.Tensor, want: torch.Tensor, tol: float):
         """Ritz vectors ``Y`` of ``want``, their ``A Y`` and ``||A y_i - theta_i y_i||``.
 
-        The residuals are true ones, of the vectors returned, never the Lanczos recurrence's
-        estimates. First ``A Y`` is taken as ``(A V) S``, the products already taken
-        recombined: linear in the vectors, so exact but for the rounding of the recombinations,
-        bounded column by column through every restart (:meth:`_recombination_error`). If the
-        residuals so computed plus that bound are within ``tol ||A||`` they are accepted without
-        a new product; otherwise ``A Y`` is recomputed by one block product (counted in
-        ``num_matvecs``). Also returns the bound on ``A Y``'s error (zero after a product).
+        The residuals are true ones, of the vectors and values returned, never the Lanczos
+        recurrence's estimates. First ``A Y`` is taken as ``(A V) S``, the products already
+        taken recombined: linear in the vectors, so exact but for the rounding of the
+        recombinations, bounded column by column through every restart (:meth:`_drift`,
+        :mod:`linops._certify`). If the residuals so computed plus that bound are within
+        ``tol ||A||`` they are accepted without a new product; otherwise ``A Y`` is
+        recomputed by one block product (counted in ``num_matvecs``). Also returns the bound
+        on ``A Y``'s error relative to ``||A||`` (zero after a product).
         """
-        Sw = S[:, want].to(self.V)
-        Y = self.V[:, : self.j] @ Sw
-        vals = theta[want].to(device=Y.device, dtype=Y.real.dtype)
-        err = self._recombination_error(Sw)
-        AY = self.AV[:, : self.j] @ Sw
-        res = kr.column_norms(AY - Y * vals.to(Y.dtype))
-        rounding = (err * self.anorm).to(res)
-        if bool((res + rounding <= tol * self.anorm).all()):
-            return Y, AY, vals, res + rounding, err  # an upper bound of the true residuals
+        Sw = S[:, want]
+        vals = theta[want].to(device=self.V.device, dtype=self.V.real.dtype)
+        rc = recombine(self.V[:, : self.j], self.AV[:, : self.j], Sw, Sw, vals)
+        err = self._drift(Sw, rc)
+        bound = rc.residual + err * self.anorm  # an upper bound of the true residuals
+        Y, AY = rc.Y, rc.AY
+        if bool((bound <= tol * self.anorm).all()):
+            return Y, AY, vals, bound.to(device=Y.device, dtype=vals.dtype), err
         AY = self.op._apply(Y)
         self.nmv += Y.shape[1]
         kr.check_products(AY, self.nmv)
-        res = kr.column_norms(AY - Y * vals.to(Y.dtype))
+        wide = torch.complex128 if Y.is_complex() else torch.float64
+        res = kr.column_norms(AY.to(wide) - Y.to(wide) * vals.to(wide)).to(vals.dtype)
         return Y, AY, vals, res, torch.zeros_like(err)
 
 

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from linops import _krylov as kr
+from linops._certify import carry, recombine
 from linops._checks import check_positive_number
 from linops.base import TorchLinearOperator
 
@@ -39,10 +40,12 @@ class SVDSResult(NamedTuple):
         ``(n, k)`` orthonormal.
     residuals
         ``(k,)`` true residuals :math:`(\|A v_i - \sigma_i u_i\|^2 + \|A^H u_i - \sigma_i
-        v_i\|^2)^{1/2}`, recomputed from two block products at the end.
+        v_i\|^2)^{1/2}` of the vectors returned, or upper bounds of them: from the products
+        already taken, recombined, plus a bound on the recombinations' rounding, or, where
+        that bound cannot certify ``rtol``, from two block products at the end.
     num_matvecs
-        Products with :math:`A` plus products with :math:`A^H` (vectors), the final check
-        included.
+        Products with :math:`A` plus products with :math:`A^H` (vectors), a final check
+        included when one was needed.
     converged
         Whether every true residual is at most ``rtol * ||A||``.
     """
@@ -53,6 +56,19 @@ class SVDSResult(NamedTuple):
     residuals: Any
     num_matvecs: int
     converged: bool
+
+
+class _Triplets(NamedTuple):
+    """Ritz triplets with residuals, and ``A v``, ``A^H u`` with bounds on their drift."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+    sv: torch.Tensor
+    res: torch.Tensor
+    Av: torch.Tensor
+    Ahu: torch.Tensor
+    e_Av: torch.Tensor
+    e_Ahu: torch.Tensor
 
 
 class SVDSNoConvergence(RuntimeError):
@@ -170,6 +186,12 @@ class _Bidiag:
         n, long = P.shape[0], max(op.shape)
         kw: dict[str, Any] = {"dtype": op.torch_dtype, "device": op.device}
         self.V, self.U = torch.empty(n, ncv, **kw), torch.empty(long, ncv, **kw)
+        #: the products already taken, ``A V`` and ``A^H U``, so that the residuals of Ritz
+        #: triplets cost no new product (:mod:`linops._certify`), with per-column bounds on
+        #: their drift from recombining them, relative to ``||A||``
+        self.AV, self.AhU = torch.empty(long, ncv, **kw), torch.empty(n, ncv, **kw)
+        self.e_AV = torch.zeros(ncv, dtype=torch.float64)
+        self.e_AhU = torch.zeros(ncv, dtype=torch.float64)
         self.B = torch.zeros(ncv, ncv, **kw)
         self.j, self.nmv, self.anorm, self.ncv = 0, 0, 0.0, ncv
 
@@ -188,6 +210,8 @@ class _Bidiag:
         self.V[:, j : j + b], self.U[:, j : j + b] = P, Q
         self.B[:j, j : j + b], self.B[j : j + b, j : j + b] = C, Ru
         Y = self.apply(Q, adjoint=True)
+        self.AV[:, j : j + b], self.AhU[:, j : j + b] = X, Y
+        self.e_AV[j : j + b], self.e_AhU[j : j + b] = 0.0, 0.0
         self.P, _, R = kr.orth_qr(Y, self.V[:, : j + b], self.gen, self.anorm)
         self.j = j + b
         return R
@@ -204,40 +228,65 @@ class _Bidiag:
         self, X: torch.Tensor, s: torch.Tensor, Y: torch.Tensor, keep: torch.Tensor
     ) -> None:
         j, p = self.j, keep.numel()
-        self.V[:, :p] = self.V[:, :j] @ Y[:, keep].to(self.V)
-        self.U[:, :p] = self.U[:, :j] @ X[:, keep].to(self.U)
+        Yk, Xk = Y[:, keep], X[:, keep]
+        rv = recombine(self.V[:, :j], self.AV[:, :j], Yk, Yk, inplace=True)
+        ru = recombine(self.U[:, :j], self.AhU[:, :j], Xk, Xk, inplace=True)
+        e_AV = carry(self.e_AV[:j], Yk) + rv.d_AY / self._anorm() + rv.d_Y
+        self.e_AhU[:p] = carry(self.e_AhU[:j], Xk) + ru.d_AY / self._anorm() + ru.d_Y
+        self.e_AV[:p] = e_AV
         self.B.zero_()
         self.B[:p, :p] = torch.diag(s[keep]).to(self.B)
         self.j = p
 
-    def lock_and_inject(self, u: torch.Tensor, v: torch.Tensor, sv: torch.Tensor) -> None:
+    def _anorm(self) -> float:
+        return max(self.anorm, float.fromhex("0x1p-1000"))
+
+    def lock_and_inject(self, t: _Triplets) -> None:
         """Restart from the verified triplets alone plus a fresh random right block.
 
         Their coupling to the old pending block is below ``rtol ||A||`` and is dropped
         (locking); the fresh block, orthogonal to ``v``, sees copies of repeated singular
         values that the single-vector Krylov space lacked.
         """
-        p = sv.numel()
-        self.V[:, :p], self.U[:, :p] = v, u
+        p = t.sv.numel()
+        self.V[:, :p], self.U[:, :p] = t.v, t.u
+        self.AV[:, :p], self.AhU[:, :p] = t.Av, t.Ahu
+        self.e_AV[:p], self.e_AhU[:p] = t.e_Av, t.e_Ahu
         self.B.zero_()
-        self.B[:p, :p] = torch.diag(sv).to(self.B)
+        self.B[:p, :p] = torch.diag(t.sv).to(self.B)
         self.j = p
-        X = kr.random_block(v.shape[0], self.P.shape[1], self.op, self.gen)
-        self.P, _, _ = kr.orth_qr(X, v, self.gen, 1.0)
+        X = kr.random_block(t.v.shape[0], self.P.shape[1], self.op, self.gen)
+        self.P, _, _ = kr.orth_qr(X, t.v, self.gen, 1.0)
 
-    def true_residuals(self, X, s, Y, want) -> tuple[torch.Tensor, ...]:
+    def true_residuals(self, X, s, Y, want, tol: float) -> _Triplets:
         r"""Return ``u, v, sigma`` of ``want`` and their true residuals.
 
-        The residuals are :math:`\sqrt{\|Av - \sigma u\|^2 + \|A^H u - \sigma v\|^2}`, from
-        two block products (counted).
+        The residuals are :math:`\sqrt{\|Av - \sigma u\|^2 + \|A^H u - \sigma v\|^2}` of
+        the vectors and values returned. First from the products already taken, ``A v =
+        (A V) y`` and ``A^H u = (A^H U) x``, with the rounding of those recombinations bounded
+        (:mod:`linops._certify`): if the residuals plus those bounds are within
+        ``tol ||A||`` no product is needed; otherwise from two block products (counted).
         """
         j = self.j
-        u = self.U[:, :j] @ X[:, want].to(self.U)
-        v = self.V[:, :j] @ Y[:, want].to(self.V)
-        sv = s[want].to(device=v.device, dtype=v.real.dtype)
-        ru = kr.column_norms(self.apply(v, adjoint=False) - u * sv.to(u.dtype))
-        rv = kr.column_norms(self.apply(u, adjoint=True) - v * sv.to(v.dtype))
-        return u, v, sv, torch.hypot(ru, rv)
+        Xw, Yw = X[:, want], Y[:, want]
+        sv = s[want].to(device=self.V.device, dtype=self.V.real.dtype)
+        ru = recombine(self.U[:, :j], self.AV[:, :j], Xw, Yw, sv)  # u and (A V) y
+        rv = recombine(self.V[:, :j], self.AhU[:, :j], Yw, Xw, sv)  # v and (A^H U) x
+        anorm = self._anorm()
+        e_Av = carry(self.e_AV[:j], Yw) + ru.d_AY / anorm + rv.d_Y  # ||(AV)y - A v|| / ||A||
+        e_Ahu = carry(self.e_AhU[:j], Xw) + rv.d_AY / anorm + ru.d_Y
+        bound = torch.hypot(ru.residual + e_Av * anorm, rv.residual + e_Ahu * anorm)
+        u, v = ru.Y, rv.Y
+        if bool((bound <= tol * self.anorm).all()):
+            res = bound.to(device=v.device, dtype=sv.dtype)
+            return _Triplets(u, v, sv, res, ru.AY, rv.AY, e_Av, e_Ahu)
+        Av, Ahu = self.apply(v, adjoint=False), self.apply(u, adjoint=True)
+        wide = torch.complex128 if v.is_complex() else torch.float64
+        sw = sv.to(wide)
+        r1 = kr.column_norms(Av.to(wide) - u.to(wide) * sw)
+        r2 = kr.column_norms(Ahu.to(wide) - v.to(wide) * sw)
+        zero = torch.zeros_like(e_Av)
+        return _Triplets(u, v, sv, torch.hypot(r1, r2).to(sv.dtype), Av, Ahu, zero, zero)
 
     def run(self, k: int, which: str, tol: float, maxiter: int, kind: str) -> SVDSResult:
         b = self.P.shape[1]
@@ -257,7 +306,8 @@ class _Bidiag:
                 if self.verifier.stalled(float(est[want].max()), self.anorm):
                     self.verifier.level = float("inf")  # check the true residuals next step
                 self.restart(X, s, Y, _select(s, kr.keep_count(k, nconv, self.ncv, b), which))
-        u, v, sv, res = self.true_residuals(X, s, Y, _select(s, k, which))
+        t = self.true_residuals(X, s, Y, _select(s, k, which), tol)
+        u, v, sv, res = t.u, t.v, t.sv, t.res
         k_ok = int((res <= tol * self.anorm).sum())
         raise SVDSNoConvergence(
             f"svds did not converge: {maxiter} restarts ({self.nmv} products), {k_ok}/{k} "
@@ -272,7 +322,8 @@ class _Bidiag:
         est_max = float(est[_select(s, self.k_eff, which)].max())
         if not self.verifier.due(est_max, self.anorm):
             return None
-        u, v, sv, res = self.true_residuals(X, s, Y, _select(s, k, which))
+        t = self.true_residuals(X, s, Y, _select(s, k, which), tol)
+        u, v, sv, res = t.u, t.v, t.sv, t.res
         verdict = self.verifier.judge(float(res.max()), est_max, self.anorm)
         dt, short, b = self.op.torch_dtype, self.V.shape[0], self.P.shape[1]
         if verdict == "floor":
@@ -290,7 +341,7 @@ class _Bidiag:
             return self.finish(u, v, sv, res, True, kind)
         if todo != "inject":
             raise SVDSNoConvergence(f"svds: {todo}", self.finish(u, v, sv, res, False, kind))
-        self.lock_and_inject(u, v, sv)
+        self.lock_and_inject(t)
         self.rounds, self.k_eff, self.locked = self.rounds + 1, k + 1, sv.cpu()
         return None
 
