@@ -182,3 +182,9 @@ def forward_ad_jvp(
         tangent = torch.zeros_like(out)
     tangent = tangent.reshape(tangent.shape[0], -1)
     return tangent if output_index is None else tangent[:, output_index : output_index + 1]
+
+
+def has_convolution(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has a convolution, whose double backward costs more than forward AD."""
+    conv = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    return any(isinstance(m, conv) for m in model.modules())

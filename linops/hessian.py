@@ -16,12 +16,20 @@ The output Hessian is the laziness numerator of section 3.2 of "Leveraging Low R
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from linops._autodiff import GradientGraph, LossFn, OutputGraph, forward_mode_jvp
+from linops._autodiff import (
+    GradientGraph,
+    LossFn,
+    OutputGraph,
+    forward_ad_jvp,
+    forward_mode_jvp,
+    has_convolution,
+)
 from linops._chain import ChainGradientGraph, ChainOutputGraph
 from linops._checks import check_output_index
 from linops._loss import OutputLoss
@@ -257,9 +265,52 @@ class GGNOperator(_LossOperator):
             outputs, loss, x = graphs
             if batched and self._forward_mode:
                 return self._forward_mode_product(outputs, loss, x, tangents)
-            return outputs.vjp(loss.hvp(outputs.jvp(tangents, batched), batched), batched)
+            if not batched and self._single_forward_mode:
+                jv = forward_ad_jvp(self.space, x, None, tangents).reshape(outputs.out.shape)
+            else:
+                jv = outputs.jvp(tangents, batched)
+            return outputs.vjp(loss.hvp(jv, batched), batched)
 
+        if X.shape[1] == 1 and not self._probing and self._single_forward_mode is None:
+            return self._first_single(X, product)
         return self._accumulate(X, product)
+
+    #: whether single products take ``J v`` by forward AD (``None``: not decided yet)
+    _single_forward_mode: bool | None = None
+
+    def _first_single(self, X: torch.Tensor, product: Any) -> torch.Tensor:
+        """First single product; decides whether ``J v`` inside it takes forward AD.
+
+        As for :class:`linops.JacobianOperator`'s single products: on the autograd route, for
+        models with convolutions, ``J v`` by forward AD (:func:`linops._autodiff.forward_ad_jvp`)
+        instead of the retained graph's double backward, kept only if this first product
+        matches the retained graph's to rounding (``op.route`` then ends in
+        ``", forward AD for single vectors"``).
+        """
+        self._single_forward_mode = False
+        ref = self._accumulate(X, product)
+        if (
+            self.process_group is not None
+            or not (self.route or "").startswith("autograd")
+            or not has_convolution(self.space.model)
+        ):
+            return ref
+        self._single_forward_mode = True
+        try:
+            out = self._accumulate(X, product)
+        except (RuntimeError, NotImplementedError):
+            self._single_forward_mode = False
+            return ref
+        tol = math.sqrt(torch.finfo(ref.dtype).eps) * float(ref.abs().max())
+        if not float((out - ref).abs().max()) <= tol:
+            self._single_forward_mode = False
+            return ref
+        self.route = f"{self.route}, forward AD for single vectors"
+        return out
+
+    def _reset_derived(self) -> None:
+        super()._reset_derived()
+        self._single_forward_mode = None
 
     def _forward_mode_product(
         self, outputs: Any, loss: Any, x: torch.Tensor, tangents: list[torch.Tensor]

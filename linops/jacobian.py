@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from linops._autodiff import OutputGraph, forward_ad_jvp, forward_mode_jvp
+from linops._autodiff import OutputGraph, forward_ad_jvp, forward_mode_jvp, has_convolution
 from linops._chain import ChainOutputGraph
 from linops._checks import check_output_index
 from linops._data import Batches
@@ -212,12 +212,11 @@ class JacobianOperator(ModelOperator):
         """
         if self._single_forward_mode is None:
             ref = torch.cat([g.jvp(tangents, False).reshape(-1, 1) for g in self._graphs()])
-            conv = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
             self._single_forward_mode = False
             if (
                 self.process_group is not None
                 or not (self.route or "").startswith("autograd")
-                or not any(isinstance(m, conv) for m in self.space.model.modules())
+                or not has_convolution(self.space.model)
             ):
                 return ref
             try:

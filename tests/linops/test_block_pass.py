@@ -81,15 +81,16 @@ def test_the_block_pass_choice_never_changes_a_product(case: str, op_name: str) 
     assert torch.equal(block, again)
 
 
-def test_single_jacobian_products_of_a_cnn_take_forward_ad_exactly() -> None:
-    op, D = _operator("J", BY_NAME["resnet-batchnorm-eval"])
+@pytest.mark.parametrize("name", ["J", "GGN"])
+def test_single_products_of_a_cnn_take_forward_ad_exactly(name: str) -> None:
+    op, D = _operator(name, BY_NAME["resnet-batchnorm-eval"])
     gen = torch.Generator().manual_seed(2)
     V = torch.randn(op.shape[1], 3, dtype=torch.float64, generator=gen)
     for i in range(3):  # the first single product decides, the later ones take it
         assert _rel(op @ V[:, i], D @ V[:, i]) < RTOL
     assert op.route == "autograd, forward AD for single vectors"
     assert _rel(op @ V, D @ V) < RTOL  # many vectors: their own choice
-    mlp, Dm = _operator("J", BY_NAME["residual-layernorm-mlp"])  # no convolution: the graph
+    mlp, Dm = _operator(name, BY_NAME["residual-layernorm-mlp"])  # no convolution: the graph
     assert _rel(mlp @ V[: mlp.shape[1], 0], Dm @ V[: mlp.shape[1], 0]) < RTOL
     assert "forward AD" not in mlp.route
 
