@@ -11,12 +11,13 @@ from __future__ import annotations
 import cmath
 import numbers
 from collections.abc import Sequence
-from typing import Any, Literal, cast, overload
+from typing import Literal, SupportsFloat, TypeGuard, cast, overload
 
 import numpy as np
 import torch
 
 from linops._backend import torch_dtype
+from linops._types import Device, DTypeLike
 
 __all__ = [
     "check_device",
@@ -34,11 +35,11 @@ __all__ = [
 ]
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: object) -> TypeGuard[int | np.integer]:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
-def check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
+def check_int(value: object, name: str, lo: int, hi: int | None = None) -> int:
     """Return ``value`` as an int if ``lo <= value <= hi``; raise ValueError otherwise."""
     if not _is_int(value) or value < lo or (hi is not None and value > hi):
         upper = f" and <= {hi}" if hi is not None else ""
@@ -46,14 +47,14 @@ def check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
     return int(value)
 
 
-def check_positive(value: Any, name: str) -> int:
+def check_positive(value: object, name: str) -> int:
     """Return ``value`` as an int if it is a positive integer; raise ValueError otherwise."""
     if not _is_int(value) or value < 1:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     return int(value)
 
 
-def check_positive_number(value: Any, name: str) -> float:
+def check_positive_number(value: SupportsFloat, name: str) -> float:
     """Return ``float(value)`` if it is positive (``inf`` included); raise ValueError otherwise."""
     number = float(value)
     if not number > 0:
@@ -61,7 +62,7 @@ def check_positive_number(value: Any, name: str) -> float:
     return number
 
 
-def check_positive_or_none(value: Any, name: str) -> int | None:
+def check_positive_or_none(value: object, name: str) -> int | None:
     """Return ``value`` if it is a positive integer or None; raise ValueError otherwise."""
     if value is not None and (not isinstance(value, int | np.integer) or value < 1):
         raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
@@ -75,7 +76,7 @@ def check_which(which: str, allowed: tuple[str, ...], name: str = "which") -> st
     return which
 
 
-def check_rtol(rtol: Any, name: str = "rtol") -> float:
+def check_rtol(rtol: object, name: str = "rtol") -> float:
     """Return ``rtol`` as a float if it is a number in ``[0, 1)``; raise ValueError otherwise."""
     if not (isinstance(rtol, int | float) and 0 <= rtol < 1):
         raise ValueError(f"{name}: expected a number in [0, 1), got {rtol!r}")
@@ -125,7 +126,7 @@ def check_finite(t: torch.Tensor, name: str, subject: str | None = None) -> None
         raise ValueError(f"{name}: {what} NaN or inf")
 
 
-def check_dtype(dtype: Any) -> torch.dtype:
+def check_dtype(dtype: DTypeLike) -> torch.dtype:
     """Return a floating or complex torch dtype from a torch dtype, a numpy dtype or its name."""
     if not isinstance(dtype, torch.dtype):
         try:
@@ -139,7 +140,7 @@ def check_dtype(dtype: Any) -> torch.dtype:
     return dtype
 
 
-def check_device(device: Any) -> torch.device:
+def check_device(device: Device) -> torch.device:
     """Return a ``torch.device`` from ``device``; refuse unknown names and CUDA without a GPU."""
     try:
         device = torch.device(device)
@@ -154,10 +155,10 @@ def check_device(device: Any) -> torch.device:
 
 
 @overload
-def check_output_index(index: Any, d_out: int, *, optional: Literal[False]) -> int: ...
+def check_output_index(index: object, d_out: int, *, optional: Literal[False]) -> int: ...
 @overload
-def check_output_index(index: Any, d_out: int, *, optional: bool) -> int | None: ...
-def check_output_index(index: Any, d_out: int, *, optional: bool) -> int | None:
+def check_output_index(index: object, d_out: int, *, optional: bool) -> int | None: ...
+def check_output_index(index: object, d_out: int, *, optional: bool) -> int | None:
     """``index`` as an output unit in ``[0, d_out)`` (``None`` allowed when ``optional``)."""
     if index is None and optional:
         return None
