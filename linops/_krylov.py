@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import cmath
 import math
-from typing import Any
 
 import numpy as np
 import torch
 
 from linops._backend import ArrayKind, array_kind, from_torch
 from linops._checks import check_int, check_which
+from linops._types import Array, ArrayLike, OperatorLike
 from linops.base import TorchLinearOperator, aslinearoperator
 
 __all__ = [
@@ -45,19 +45,19 @@ __all__ = [
 ]
 
 
-def output_kind(A: Any) -> ArrayKind:
+def output_kind(A: OperatorLike) -> ArrayKind:
     """Kind of arrays to return: torch for tensors and torch operators, CuPy for CuPy, else numpy."""
     if isinstance(A, TorchLinearOperator):
         return "torch"
     return array_kind(A)
 
 
-def prepare(A: Any) -> tuple[TorchLinearOperator, ArrayKind]:
+def prepare(A: OperatorLike) -> tuple[TorchLinearOperator, ArrayKind]:
     """Return the operator view of ``A`` and the kind of arrays the caller expects back."""
     return aslinearoperator(A), output_kind(A)
 
 
-def to_output(t: torch.Tensor, kind: ArrayKind) -> Any:
+def to_output(t: torch.Tensor, kind: ArrayKind) -> Array:
     """Convert a result tensor to the caller's array kind (once, at the end)."""
     return from_torch(t, kind)
 
@@ -82,7 +82,7 @@ def random_block(n: int, b: int, op: TorchLinearOperator, gen: torch.Generator) 
 
 
 def start_block(
-    v0: Any, n: int, b: int, op: TorchLinearOperator, gen: torch.Generator
+    v0: ArrayLike | None, n: int, b: int, op: TorchLinearOperator, gen: torch.Generator
 ) -> torch.Tensor:
     """Orthonormal start block: ``v0`` if given (checked), else Gaussian."""
     if v0 is None:
