@@ -36,8 +36,9 @@ its own documented contract; the composites and data-backed operators are alread
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -53,6 +54,14 @@ from linops._backend import (
     torch_dtype,
 )
 from linops._checks import check_finite, check_positive_or_none, check_shape
+from linops._types import (
+    Array,
+    ArrayLike,
+    ArrayT,
+    OperatorLike,
+    ProcessGroup,
+    SupportsMatvec,
+)
 
 __all__ = ["IdentityOperator", "TorchLinearOperator", "aslinearoperator"]
 
@@ -265,25 +274,41 @@ class TorchLinearOperator(LinearOperator):
         return torch.cat([part.T for part in parts]).T  # column-major, as a single pass gives
 
     # ----------------------------------------------------------------- public products
-    def matmat(self, X: Any) -> Any:
+    @overload
+    def matmat(self, X: ArrayT) -> ArrayT: ...
+    @overload
+    def matmat(self, X: Sequence[float] | Sequence[Sequence[float]]) -> np.ndarray: ...
+    def matmat(self, X: ArrayLike) -> Array:
         """Return ``A @ X`` for a matrix ``X`` of shape ``(n, k)`` (numpy, torch or CuPy)."""
         return self._product(X, adjoint=False, form="matrix", keep_matrix=True)
 
-    def matvec(self, x: Any) -> Any:
+    @overload
+    def matvec(self, x: ArrayT) -> ArrayT: ...
+    @overload
+    def matvec(self, x: Sequence[float] | Sequence[Sequence[float]]) -> np.ndarray: ...
+    def matvec(self, x: ArrayLike) -> Array:
         """Return ``A @ x`` for a vector of length ``n`` (or an ``(n, 1)`` matrix)."""
         return self._product(x, adjoint=False, form="vector", keep_matrix=True)
 
-    def rmatmat(self, Y: Any) -> Any:
+    @overload
+    def rmatmat(self, Y: ArrayT) -> ArrayT: ...
+    @overload
+    def rmatmat(self, Y: Sequence[float] | Sequence[Sequence[float]]) -> np.ndarray: ...
+    def rmatmat(self, Y: ArrayLike) -> Array:
         """``A^H @ Y`` for a matrix ``Y`` of shape ``(m, k)``."""
         return self._product(Y, adjoint=True, form="matrix", keep_matrix=True)
 
-    def rmatvec(self, y: Any) -> Any:
+    @overload
+    def rmatvec(self, y: ArrayT) -> ArrayT: ...
+    @overload
+    def rmatvec(self, y: Sequence[float] | Sequence[Sequence[float]]) -> np.ndarray: ...
+    def rmatvec(self, y: ArrayLike) -> Array:
         """``A^H @ y`` for a vector of length ``m`` (or an ``(m, 1)`` matrix)."""
         return self._product(y, adjoint=True, form="vector", keep_matrix=True)
 
     def _product(
-        self, x: Any, *, adjoint: bool, form: str = "array", keep_matrix: bool = False
-    ) -> Any:
+        self, x: object, *, adjoint: bool, form: str = "array", keep_matrix: bool = False
+    ) -> Array:
         """Validate and convert ``x``, multiply, and return the kind ``x`` came as."""
         n = self.shape[0] if adjoint else self.shape[1]
         name = "y" if adjoint else "x"
@@ -313,20 +338,26 @@ class TorchLinearOperator(LinearOperator):
             check_finite(t, name)
 
     # SciPy's hooks, used only by SciPy's own composites and helpers
-    def _matvec(self, x: Any) -> Any:
+    def _matvec(self, x: ArrayLike) -> Array:
         return self.matvec(x)
 
-    def _matmat(self, X: Any) -> Any:
+    def _matmat(self, X: ArrayLike) -> Array:
         return self.matmat(X)
 
-    def _rmatvec(self, y: Any) -> Any:
+    def _rmatvec(self, y: ArrayLike) -> Array:
         return self.rmatvec(y)
 
-    def _rmatmat(self, Y: Any) -> Any:
+    def _rmatmat(self, Y: ArrayLike) -> Array:
         return self.rmatmat(Y)
 
     # ----------------------------------------------------------------- SciPy's operators
-    def dot(self, x: Any) -> Any:
+    @overload
+    def dot(self, x: SupportsMatvec | complex) -> TorchLinearOperator: ...
+    @overload
+    def dot(self, x: ArrayT) -> ArrayT: ...
+    @overload
+    def dot(self, x: Sequence[float] | Sequence[Sequence[float]]) -> np.ndarray: ...
+    def dot(self, x: SupportsMatvec | complex | ArrayLike) -> TorchLinearOperator | Array:
         """SciPy's ``dot``: operator -> product, scalar -> scaled operator, array -> ``A @ x``.
 
         Arrays of shape ``(n,)``, ``(n, 1)`` and ``(n, k)`` give ``(m,)``, ``(m, 1)`` and
@@ -338,7 +369,7 @@ class TorchLinearOperator(LinearOperator):
             return _Scaled(self, x)
         return self._product(x, adjoint=False)
 
-    def _rdot(self, x: Any) -> Any:
+    def _rdot(self, x: SupportsMatvec | complex | ArrayLike) -> TorchLinearOperator | Array:
         """``x @ A`` for an array ``x`` of shape ``(m,)`` or ``(k, m)``: ``(A^T x^T)^T``."""
         if isinstance(x, LinearOperator):
             return _Product(x, self)
@@ -354,15 +385,33 @@ class TorchLinearOperator(LinearOperator):
         out = self.T._product_tensor(t.mT if t.ndim == 2 else t, False, "x")
         return from_torch(out.mT if out.ndim == 2 else out, kind)
 
-    def __mul__(self, x: Any) -> Any:
+    @overload
+    def __mul__(self, x: SupportsMatvec | complex) -> TorchLinearOperator: ...
+    @overload
+    def __mul__(self, x: ArrayT) -> ArrayT: ...
+    @overload
+    def __mul__(self, x: Sequence[float] | Sequence[Sequence[float]]) -> np.ndarray: ...
+    def __mul__(self, x: SupportsMatvec | complex | ArrayLike) -> TorchLinearOperator | Array:
         """Return ``A * x``: the product with an array, or ``alpha * A`` for a scalar (as SciPy)."""
         return self.dot(x)
 
-    def __rmul__(self, x: Any) -> Any:
+    @overload
+    def __rmul__(self, x: SupportsMatvec | complex) -> TorchLinearOperator: ...
+    @overload
+    def __rmul__(self, x: ArrayT) -> ArrayT: ...
+    @overload
+    def __rmul__(self, x: Sequence[float] | Sequence[Sequence[float]]) -> np.ndarray: ...
+    def __rmul__(self, x: SupportsMatvec | complex | ArrayLike) -> TorchLinearOperator | Array:
         """Return ``x * A``: a scalar multiple, or ``x @ A`` for an array (as SciPy)."""
         return self._rdot(x)
 
-    def __matmul__(self, other: Any) -> Any:
+    @overload
+    def __matmul__(self, other: SupportsMatvec) -> TorchLinearOperator: ...
+    @overload
+    def __matmul__(self, other: ArrayT) -> ArrayT: ...
+    @overload
+    def __matmul__(self, other: Sequence[float] | Sequence[Sequence[float]]) -> np.ndarray: ...
+    def __matmul__(self, other: SupportsMatvec | ArrayLike) -> TorchLinearOperator | Array:
         """Return ``A @ B`` (a lazy product) or ``A @ x`` (an array of the input's kind)."""
         if isinstance(other, LinearOperator):
             return _Product(self, other)
@@ -370,13 +419,17 @@ class TorchLinearOperator(LinearOperator):
             raise ValueError("scalar operands are not allowed with '@', use '*' instead")
         return self._product(other, adjoint=False)
 
-    def __rmatmul__(self, other: Any) -> Any:
+    @overload
+    def __rmatmul__(self, other: ArrayT) -> ArrayT: ...
+    @overload
+    def __rmatmul__(self, other: Sequence[float] | Sequence[Sequence[float]]) -> np.ndarray: ...
+    def __rmatmul__(self, other: ArrayLike) -> TorchLinearOperator | Array:
         """Return ``x @ A`` for an array ``x`` (rows times the operator); scalars are refused."""
         if _is_scalar(other):
             raise ValueError("scalar operands are not allowed with '@', use '*' instead")
         return self._rdot(other)
 
-    def __truediv__(self, x: Any) -> TorchLinearOperator:
+    def __truediv__(self, x: complex | torch.Tensor) -> TorchLinearOperator:
         """Return ``A / alpha``: the operator scaled by ``1 / alpha``; only scalars divide."""
         if not _is_scalar(x):
             raise ValueError(f"can only divide an operator by a scalar, got {type(x).__name__}")
@@ -385,19 +438,19 @@ class TorchLinearOperator(LinearOperator):
             raise ZeroDivisionError(f"divisor: expected a non-zero scalar, got {x!r}")
         return _Scaled(self, 1.0 / value)
 
-    def __pow__(self, p: Any) -> TorchLinearOperator:
+    def __pow__(self, p: int) -> TorchLinearOperator:
         """Return ``A ** p``: ``p`` products with the square operator (a non-negative integer)."""
         if not np.isscalar(p):
             return NotImplemented
         return _Power(self, p)
 
-    def __add__(self, other: Any) -> TorchLinearOperator:
+    def __add__(self, other: object) -> TorchLinearOperator:
         """Return ``A + B``: a lazy sum of operators of equal shape."""
         if not isinstance(other, LinearOperator):
             return NotImplemented
         return _Sum(self, other)
 
-    def __radd__(self, other: Any) -> TorchLinearOperator:
+    def __radd__(self, other: object) -> TorchLinearOperator:
         """Return ``B + A``: a lazy sum, ``B`` another (SciPy) operator."""
         if not isinstance(other, LinearOperator):
             return NotImplemented
@@ -407,13 +460,13 @@ class TorchLinearOperator(LinearOperator):
         """Return ``-A``: the operator scaled by ``-1``."""
         return _Scaled(self, -1)
 
-    def __sub__(self, other: Any) -> TorchLinearOperator:
+    def __sub__(self, other: object) -> TorchLinearOperator:
         """Return ``A - B``: the lazy sum ``A + (-B)``."""
         if not isinstance(other, LinearOperator):
             return NotImplemented
         return _Sum(self, -aslinearoperator(other))
 
-    def __rsub__(self, other: Any) -> TorchLinearOperator:
+    def __rsub__(self, other: object) -> TorchLinearOperator:
         """Return ``B - A``: the lazy sum ``B + (-A)``."""
         if not isinstance(other, LinearOperator):
             return NotImplemented
@@ -431,8 +484,8 @@ class TorchLinearOperator(LinearOperator):
         self,
         *,
         max_vectors: int | None = None,
-        process_group: Any = None,
-        checkpoint_dir: Any = None,
+        process_group: ProcessGroup | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
     ) -> torch.Tensor:
         """Return the operator as a dense ``(m, n)`` tensor on its device, built in column chunks.
 
@@ -485,7 +538,7 @@ class IdentityOperator(TorchLinearOperator):
         return IdentityOperator(self.shape[0], dtype=dtype, device=device)
 
 
-def aslinearoperator(A: Any) -> TorchLinearOperator:
+def aslinearoperator(A: OperatorLike) -> TorchLinearOperator:
     """View ``A`` as a :class:`TorchLinearOperator`.
 
     Parameters
@@ -550,7 +603,7 @@ from linops._dense import _Dense, _FromScipy  # noqa: E402
 
 
 # --------------------------------------------------------------------------- helpers
-def _is_scalar(x: Any) -> bool:
+def _is_scalar(x: object) -> bool:
     # arrays first: np.isscalar of a tensor takes about 1 us, a tenth of a small product
     if isinstance(x, torch.Tensor):
         return x.ndim == 0
