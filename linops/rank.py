@@ -11,7 +11,6 @@ Each takes singular values (a 1-d tensor or array), a dense matrix, or an operat
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,12 +19,13 @@ from scipy.sparse.linalg import LinearOperator
 from linops import _krylov as kr
 from linops._backend import to_torch
 from linops._checks import check_rtol
+from linops._types import OperatorLike
 
 __all__ = ["effective_rank", "numerical_rank", "stable_rank"]
 
 
 def numerical_rank(
-    s_or_A: Any, rtol: float | None = None, *, seed: int | torch.Generator | None = 0
+    s_or_A: OperatorLike, rtol: float | None = None, *, seed: int | torch.Generator | None = 0
 ) -> int:
     r"""Return the number of singular values above ``rtol`` times the largest.
 
@@ -75,7 +75,7 @@ def numerical_rank(
     return int((s > check_rtol(rtol) * s.max()).sum())
 
 
-def _input_eps(X: Any) -> float:
+def _input_eps(X: OperatorLike) -> float:
     """Machine epsilon of the precision ``X`` is stored in (before any conversion).
 
     A float32 numpy array is converted to float64 for the SVD, but its entries carry float32
@@ -100,7 +100,7 @@ def _input_eps(X: Any) -> float:
     return float(np.finfo(np.float64).eps)
 
 
-def effective_rank(s_or_A: Any) -> float:
+def effective_rank(s_or_A: OperatorLike) -> float:
     r"""Roy-Vetterli effective rank :math:`\exp H(p)`, :math:`p = \sigma / \|\sigma\|_1`.
 
     Lies in :math:`[1, \mathrm{rank}]`; equals :math:`r` for :math:`r` equal nonzero singular
@@ -125,7 +125,7 @@ def effective_rank(s_or_A: Any) -> float:
 
 
 def stable_rank(
-    s_or_A: Any, *, num_matvecs: int = 64, seed: int | torch.Generator | None = 0
+    s_or_A: OperatorLike, *, num_matvecs: int = 64, seed: int | torch.Generator | None = 0
 ) -> float:
     r"""Stable rank :math:`\|A\|_F^2 / \|A\|_2^2`.
 
@@ -153,7 +153,7 @@ def stable_rank(
     return float((s**2).sum() / s.max() ** 2)
 
 
-def _singular_values(X: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
+def _singular_values(X: OperatorLike) -> tuple[torch.Tensor, tuple[int, ...]]:
     if isinstance(X, torch.Tensor):
         t = X.detach()
     else:
