@@ -13,18 +13,28 @@ sets with tiny and large angles together come out right.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import torch
 
 from linops import _krylov as kr
 from linops._backend import ArrayKind, array_kind, to_torch
+from linops._types import Array, ArrayLike
+
+if TYPE_CHECKING:  # pragma: no cover
+    from linops.lanczos import LanczosResult
+    from linops.randomized import EighResult, RandomizedSVDResult
+    from linops.svds import SVDSResult
+
+    #: a basis: an array, or a result whose ``eigenvectors`` / ``right_vectors`` are one
+    _Basis: TypeAlias = ArrayLike | LanczosResult | EighResult | RandomizedSVDResult | SVDSResult
 
 __all__ = ["principal_angles", "subspace_similarity", "subspace_similarity_curve"]
 
 
-def principal_angles(U: Any, V: Any) -> Any:
+def principal_angles(U: _Basis, V: _Basis) -> Array:
     r"""Principal angles between ``span(U)`` and ``span(V)``, in ascending order (radians).
 
     Parameters
@@ -71,7 +81,7 @@ def principal_angles(U: Any, V: Any) -> Any:
     return kr.to_output(theta.clamp(0.0, math.pi / 2), kind)
 
 
-def subspace_similarity(U: Any, V: Any) -> float:
+def subspace_similarity(U: _Basis, V: _Basis) -> float:
     r"""Mean cosine of the principal angles, :math:`\frac{1}{q}\sum_i \cos\theta_i \in [0, 1]`.
 
     1 for equal subspaces, 0 for orthogonal ones; the subspace-overlap measure of section 3.5
@@ -89,7 +99,9 @@ def subspace_similarity(U: Any, V: Any) -> float:
     return float(torch.linalg.svdvals(Qu.mH @ Qv).clamp(max=1.0).mean())
 
 
-def subspace_similarity_curve(U: Any, V: Any, ks: Any, *, precise: bool = False) -> Any:
+def subspace_similarity_curve(
+    U: _Basis, V: _Basis, ks: Sequence[int] | np.ndarray, *, precise: bool = False
+) -> np.ndarray:
     r""":func:`subspace_similarity` of ``span(U[:, :k])`` and ``span(V[:, :k])`` for every ``k``.
 
     The "bulk at k" curves of sections 3.4-3.5 of the training-Jacobian paper compare the leading ``k`` columns of two
@@ -136,7 +148,9 @@ def subspace_similarity_curve(U: Any, V: Any, ks: Any, *, precise: bool = False)
     return np.asarray([float(cosines(C[:k, :k]).clamp(max=1.0).mean()) for k in ks])
 
 
-def _pair(U: Any, V: Any, columns: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair(  # U, V: _Basis (Any: the names are rebound to the arrays inside)
+    U: Any, V: Any, columns: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal float64 bases of ``U`` and ``V`` (their first ``columns``), same rows."""
     U, V = _unwrap(U), _unwrap(V)
     if columns is not None:
@@ -158,18 +172,18 @@ def _pair(U: Any, V: Any, columns: int | None = None) -> tuple[torch.Tensor, tor
     return Qu, Qv
 
 
-def _kind(X: Any) -> ArrayKind:
+def _kind(X: _Basis) -> ArrayKind:
     return array_kind(_unwrap(X))
 
 
-def _unwrap(X: Any) -> Any:
+def _unwrap(X: _Basis) -> Any:  # the array inside (any kind; callers index and convert it)
     for name in ("eigenvectors", "right_vectors"):
         if hasattr(X, name) and not hasattr(X, "shape"):
             return getattr(X, name)
     return X
 
 
-def _orthonormal(X: Any, name: str) -> torch.Tensor:
+def _orthonormal(X: _Basis, name: str) -> torch.Tensor:
     X = _unwrap(X)
     if isinstance(X, torch.Tensor):
         T = X
