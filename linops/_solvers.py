@@ -20,6 +20,8 @@ from linops._krylov import column_norms
 
 Tensor = torch.Tensor
 Apply = Callable[..., Tensor]
+#: a solve's ``(correction block, iterations used, whether every column converged)``
+Solved = tuple[Tensor, int, bool]
 
 
 def _dot(U: Tensor, V: Tensor) -> Tensor:
@@ -55,7 +57,7 @@ class _Columns:
         return self.out
 
 
-def cg(apply: Apply, minv: Apply | None, B: Tensor, tol: Tensor, budget: int) -> Any:
+def cg(apply: Apply, minv: Apply | None, B: Tensor, tol: Tensor, budget: int) -> Solved:
     """Preconditioned conjugate gradients, one per column (Hestenes & Stiefel 1952)."""
     cols = _Columns(B, tol)
     r = B.clone()
@@ -84,7 +86,7 @@ def cg(apply: Apply, minv: Apply | None, B: Tensor, tol: Tensor, budget: int) ->
     return cols.stop(s["x"]), budget, False
 
 
-def minres(apply: Apply, minv: Apply | None, B: Tensor, tol: Tensor, budget: int) -> Any:
+def minres(apply: Apply, minv: Apply | None, B: Tensor, tol: Tensor, budget: int) -> Solved:
     r"""Solve by MINRES (Paige & Saunders 1975), one run per column.
 
     The recurrences of ``scipy.sparse.linalg.minres`` vectorised over columns; the estimate
@@ -148,7 +150,7 @@ def _unit(U: Tensor) -> tuple[Tensor, Tensor]:
     return U / torch.where(n > 0, n, torch.ones_like(n)), n
 
 
-def lsmr(apply: Apply, minv: Apply | None, B: Tensor, tol: Tensor, budget: int) -> Any:
+def lsmr(apply: Apply, minv: Apply | None, B: Tensor, tol: Tensor, budget: int) -> Solved:
     r"""Solve by LSMR (Fong & Saunders 2011, arXiv:1006.0758) without damping.
 
     The recurrences of ``scipy.sparse.linalg.lsmr`` vectorised over columns; two products
@@ -199,7 +201,7 @@ def lsmr(apply: Apply, minv: Apply | None, B: Tensor, tol: Tensor, budget: int) 
 
 def neumann_step(
     apply: Apply, minv: Apply | None, B: Tensor, tol: Tensor, budget: int, alpha: float
-) -> Any:
+) -> Solved:
     r"""Solve by the truncated Neumann series, i.e. Richardson iteration.
 
     :math:`x \leftarrow x + \alpha M^{-1} r`, :math:`r \leftarrow r - \alpha (A + \lambda I)
@@ -229,7 +231,7 @@ def _orth(Z: Tensor, drop: float) -> Tensor:
     return U[:, keep]
 
 
-def block_cg(apply: Apply, minv: Apply | None, B: Tensor, tol: Tensor, budget: int) -> Any:
+def block_cg(apply: Apply, minv: Apply | None, B: Tensor, tol: Tensor, budget: int) -> Solved:
     r"""Breakdown-free block conjugate gradients (O'Leary 1980; Ji & Li 2017, Algorithm 2).
 
     One Krylov space for all columns: :math:`P` is an orthonormal basis of
