@@ -28,13 +28,15 @@ eigenvalue; for a PSD :math:`A`). The randomized Nyström preconditioner is in
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import torch
 
 from linops import _krylov as kr
 from linops._nystrom_pc import NystromPreconditioner, nystrom_preconditioner
-from linops._solvers import SOLVERS, neumann_step
+from linops._solvers import SOLVERS, Apply, Solved, neumann_step
+from linops._types import OperatorLike
 from linops.base import TorchLinearOperator, aslinearoperator
 
 __all__ = [
@@ -71,7 +73,7 @@ class InverseResult(NamedTuple):
         Whether every residual is within its tolerance.
     """
 
-    x: Any
+    x: torch.Tensor | None
     residuals: torch.Tensor
     tolerances: torch.Tensor
     num_matvecs: int
@@ -112,7 +114,7 @@ class InverseOperator(TorchLinearOperator):
         rtol: float | None,
         atol: float,
         maxiter: int | None,
-        preconditioner: Any,
+        preconditioner: TorchLinearOperator | Literal["nystrom"] | None,
         seed: int | torch.Generator | None,
         block: bool | None = None,
     ) -> None:
@@ -143,7 +145,7 @@ class InverseOperator(TorchLinearOperator):
         return self._solve(Y, adjoint=self.method == "lsmr")
 
     # ------------------------------------------------------------------ the solve
-    def _shifted(self, adjoint: bool) -> Any:
+    def _shifted(self, adjoint: bool) -> tuple[Apply, list[int]]:
         lam = self.damping if not adjoint else complex(self.damping).conjugate().real
         count = [0]
 
@@ -155,7 +157,9 @@ class InverseOperator(TorchLinearOperator):
 
         return apply, count
 
-    def _prepare(self, apply: Any, count: list[int], dtype: torch.dtype) -> Any:
+    def _prepare(
+        self, apply: Apply, count: list[int], dtype: torch.dtype
+    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """First product: symmetry probe, preconditioner, Neumann step; the M^{-1} to use."""
         if not self._symmetric_checked:
             Z = kr.probe_block(self.A, kr.SYMMETRY_PROBES).to(dtype)
@@ -221,7 +225,9 @@ class InverseOperator(TorchLinearOperator):
         self.info = InverseResult(None, res, tol, count[0], iterations, True)
         return X
 
-    def _run(self, apply: Any, minv: Any, R: torch.Tensor, tol: torch.Tensor, budget: int) -> Any:
+    def _run(
+        self, apply: Apply, minv: Apply | None, R: torch.Tensor, tol: torch.Tensor, budget: int
+    ) -> Solved:
         if self.method == "neumann":
             step: Any = self._step  # set by _prepare before the first solve
             return neumann_step(apply, minv, R, tol, budget, step)
@@ -256,7 +262,9 @@ class InverseOperator(TorchLinearOperator):
         raise InverseNoConvergence(msg, result)
 
 
-def _neumann_step_size(op: InverseOperator, pc: Any, count: list[int]) -> float:
+def _neumann_step_size(
+    op: InverseOperator, pc: TorchLinearOperator | str | None, count: list[int]
+) -> float:
     r"""Return :math:`\alpha = 1/\hat\lambda_{\max}` of :math:`M^{-1/2}(A + \lambda I)M^{-1/2}`.
 
     :math:`\hat\lambda_{\max}` is an upper bound from a Lanczos Ritz value plus its residual
@@ -291,14 +299,14 @@ def _identity(A: TorchLinearOperator) -> TorchLinearOperator:
 
 
 def inverse(
-    A: Any,
+    A: OperatorLike,
     *,
     damping: float = 0.0,
     method: str = "cg",
     rtol: float | None = None,
     atol: float = 0.0,
     maxiter: int | None = None,
-    preconditioner: Any = None,
+    preconditioner: OperatorLike | Literal["nystrom"] | None = None,
     seed: int | torch.Generator | None = None,
     block: bool | None = None,
 ) -> InverseOperator:
