@@ -19,11 +19,10 @@ it does).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from linops import _krylov as kr
+from linops._types import OperatorLike
 from linops.base import TorchLinearOperator, aslinearoperator
 from linops.randomized import nystrom
 
@@ -87,7 +86,7 @@ class NystromPreconditioner(TorchLinearOperator):
 
 
 def nystrom_preconditioner(
-    A: Any,
+    A: OperatorLike,
     rank: int | None = None,
     *,
     damping: float,
