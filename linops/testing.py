@@ -22,13 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, NamedTuple, cast
+from typing import NamedTuple, cast
 
 import torch
 from hypothesis import strategies as st
 from torch import nn
 
 from linops._krylov import make_generator
+from linops._types import OperatorLike
 from linops.base import TorchLinearOperator, aslinearoperator
 
 __all__ = [
@@ -70,7 +71,7 @@ class CheckReport(NamedTuple):
 
 
 def check_operator(
-    A: Any,
+    A: OperatorLike,
     *,
     dense: torch.Tensor | None = None,
     rtol: float | None = None,
