@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NamedTuple, cast
+from typing import NamedTuple, cast
 
 import torch
 
 from linops import _krylov as kr
 from linops._checks import check_square
+from linops._types import ArrayOut, OperatorLike
 from linops.base import TorchLinearOperator
 from linops.svds import _Bidiag
 
@@ -48,7 +49,7 @@ class RangeFinderResult(NamedTuple):
     tolerance is asked).
     """
 
-    basis: Any
+    basis: ArrayOut
     error_estimate: float
     num_matvecs: int
     converged: bool = True
@@ -57,22 +58,22 @@ class RangeFinderResult(NamedTuple):
 class RandomizedSVDResult(NamedTuple):
     r"""Approximate truncated SVD :math:`A \approx U \mathrm{diag}(s) V^H`, ``s`` descending."""
 
-    singular_values: Any
-    left_vectors: Any
-    right_vectors: Any
+    singular_values: ArrayOut
+    left_vectors: ArrayOut
+    right_vectors: ArrayOut
     num_matvecs: int
 
 
 class EighResult(NamedTuple):
     r"""Approximate eigenpairs :math:`A \approx V \mathrm{diag}(\lambda) V^H`, ascending."""
 
-    eigenvalues: Any
-    eigenvectors: Any
+    eigenvalues: ArrayOut
+    eigenvectors: ArrayOut
     num_matvecs: int
 
 
 def range_finder(
-    A: Any,
+    A: OperatorLike,
     rank: int | None = None,
     atol: float | None = None,
     *,
@@ -245,7 +246,7 @@ def _stagnated(errs: list[float], floor: float) -> bool:
 
 
 def randomized_svd(
-    A: Any,
+    A: OperatorLike,
     rank: int,
     *,
     oversample: int = 10,
@@ -326,7 +327,7 @@ def _svd_block_krylov(op: TorchLinearOperator, b: int, budget: int, gen: torch.G
 
 
 def randomized_eigh(
-    A: Any,
+    A: OperatorLike,
     rank: int,
     *,
     oversample: int = 10,
@@ -377,7 +378,7 @@ def randomized_eigh(
 
 
 def nystrom(
-    A: Any,
+    A: OperatorLike,
     rank: int,
     *,
     oversample: int = 10,
