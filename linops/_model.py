@@ -14,6 +14,7 @@ import torch
 from linops._chain import Chain, ChainMismatch
 from linops._checks import check_device, check_dtype, check_finite
 from linops._data import Batches, check_model_mode
+from linops._types import Data, OutputSelector, Params, ProcessGroup
 from linops.base import TorchLinearOperator
 from linops.memory import (
     CacheInfo,
@@ -68,8 +69,8 @@ class ModelOperator(TorchLinearOperator):
     def __init__(
         self,
         model: torch.nn.Module,
-        data: Any,
-        params: Any,
+        data: Data,
+        params: Params | None,
         *,
         shape: tuple[int, int] | Callable[[Batches, ParamSpace], tuple[int, int]],
         targets: bool,
@@ -81,9 +82,9 @@ class ModelOperator(TorchLinearOperator):
         allow_reshuffle: bool,
         max_vectors: int | None,
         memory_limit_bytes: int | None,
-        process_group: Any = None,
+        process_group: ProcessGroup | None = None,
         route: str = "auto",
-        output: Callable[[Any], torch.Tensor] | None = None,
+        output: OutputSelector | None = None,
         memory_budget: int | None = None,
         label_key: str | None = None,
     ) -> None:
@@ -605,7 +606,7 @@ def _converted(space: ParamSpace, dtype: torch.dtype, device: torch.device) -> P
     return ParamSpace(copied, values, output=space.output)
 
 
-def _check_process_group(group: Any) -> None:
+def _check_process_group(group: object) -> None:
     if group is None:
         return
     dist = torch.distributed
