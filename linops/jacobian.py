@@ -27,6 +27,7 @@ from linops._chain import ChainOutputGraph
 from linops._checks import check_output_index
 from linops._data import Batches
 from linops._model import ModelOperator, forward_checked
+from linops._types import Data, OutputSelector, Params, ProcessGroup
 from linops.base import TorchLinearOperator
 from linops.params import ParamSpace
 
@@ -109,11 +110,11 @@ class JacobianOperator(ModelOperator):
     def __init__(
         self,
         model: torch.nn.Module,
-        inputs: Any,
-        params: Any = None,
+        inputs: Data,
+        params: Params | None = None,
         *,
         output_index: int | None = None,
-        output: Any = None,
+        output: OutputSelector | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         batch_size: int | None = None,
@@ -122,7 +123,7 @@ class JacobianOperator(ModelOperator):
         allow_reshuffle: bool = False,
         max_vectors: int | None = None,
         memory_limit_bytes: int | None = None,
-        process_group: Any = None,
+        process_group: ProcessGroup | None = None,
         route: str = "auto",
         memory_budget: int | None = None,
         label_key: str | None = None,
@@ -283,10 +284,10 @@ class NTKOperator(TorchLinearOperator):
     def __init__(
         self,
         model: torch.nn.Module,
-        inputs: Any,
-        inputs2: Any = None,
-        params: Any = None,
-        **kwargs: Any,
+        inputs: Data,
+        inputs2: Data | None = None,
+        params: Params | None = None,
+        **kwargs: Any,  # JacobianOperator's keywords, forwarded to both
     ) -> None:
         self.J1 = JacobianOperator(model, inputs, params, **kwargs)
         self.J2 = self.J1 if inputs2 is None else JacobianOperator(model, inputs2, params, **kwargs)
