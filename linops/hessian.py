@@ -17,8 +17,8 @@ The output Hessian is the laziness numerator of section 3.2 of "Leveraging Low R
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,11 @@ from linops._checks import check_output_index
 from linops._loss import OutputLoss
 from linops._model import ModelOperator, forward_checked
 from linops._reduction import Reduction, check_reduction, loss_reduction
+from linops._types import Data, OutputSelector, Params, ProcessGroup
+
+if TYPE_CHECKING:  # pragma: no cover
+    from linops._data import Batches
+    from linops.params import ParamSpace
 
 __all__ = ["GGNOperator", "HessianOperator", "OutputHessianOperator"]
 
@@ -48,11 +53,11 @@ class _LossOperator(ModelOperator):
         self,
         model: torch.nn.Module,
         loss_fn: LossFn,
-        data: Any,
-        params: Any = None,
+        data: Data,
+        params: Params | None = None,
         *,
-        reduction: Any = None,
-        output: Any = None,
+        reduction: str | Callable[[torch.Tensor, torch.Tensor], float | torch.Tensor] | None = None,
+        output: OutputSelector | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         batch_size: int | None = None,
@@ -61,7 +66,7 @@ class _LossOperator(ModelOperator):
         allow_reshuffle: bool = False,
         max_vectors: int | None = None,
         memory_limit_bytes: int | None = None,
-        process_group: Any = None,
+        process_group: ProcessGroup | None = None,
         route: str = "auto",
         memory_budget: int | None = None,
         label_key: str | None = None,
@@ -372,8 +377,8 @@ class OutputHessianOperator(ModelOperator):
         *,
         method: str = "exact",
         eps: float | None = None,
-        params: Any = None,
-        **kwargs: Any,
+        params: Params | None = None,
+        **kwargs: Any,  # the model operators' keywords (dtype, device, ...), forwarded
     ) -> None:
         if method not in ("exact", "finite_difference"):
             raise ValueError(f"method: expected 'exact' or 'finite_difference', got {method!r}")
@@ -406,13 +411,13 @@ class OutputHessianOperator(ModelOperator):
             self._eps if self._eps is not None else torch.finfo(self.torch_dtype).eps ** (1 / 3)
         )
 
-    def _infer_shape(self, batches: Any, space: Any) -> tuple[int, int]:
+    def _infer_shape(self, batches: Batches, space: ParamSpace) -> tuple[int, int]:
         x = batches.first()[0]
         d_out = forward_checked(space, x[:1]).reshape(1, -1).shape[1]
         self.output_index = check_output_index(self.output_index, d_out, optional=False)
         return space.dim, space.dim
 
-    def _select(self, out: torch.Tensor, _: Any = None) -> torch.Tensor:
+    def _select(self, out: torch.Tensor, _: object = None) -> torch.Tensor:
         r""":math:`\sum_i f_j(\theta; x_i)` from the model outputs."""
         return out.reshape(out.shape[0], -1)[:, self.output_index].sum()
 
