@@ -52,6 +52,7 @@ from torch import nn
 from linops._autodiff import OutputGraph
 from linops._chain import ChainOutputGraph
 from linops._reduction import _describe
+from linops._types import Data, LossFunction, Params
 from linops.hessian import _LossOperator
 
 __all__ = ["EmpiricalFisherOperator", "FisherOperator"]
@@ -246,13 +247,13 @@ class FisherOperator(_OutputFactorOperator):
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: Any,
-        data: Any,
-        params: Any = None,
+        loss_fn: LossFunction,
+        data: Data,
+        params: Params | None = None,
         *,
         mc_samples: int | None = None,
         seed: int | torch.Generator | None = None,
-        **kwargs: Any,
+        **kwargs: Any,  # the model operators' keywords (dtype, device, ...), forwarded
     ) -> None:
         self.family = _fisher_family(loss_fn)
         if mc_samples is not None and (
@@ -293,7 +294,7 @@ class FisherOperator(_OutputFactorOperator):
         return _OutputBlock(None, G.permute(1, 2, 0) / math.sqrt(self.mc_samples), None, scale)
 
 
-def _fisher_family(loss_fn: Any) -> str:
+def _fisher_family(loss_fn: LossFunction) -> str:
     kinds = {
         nn.CrossEntropyLoss: "cross_entropy",
         nn.MSELoss: "mse",
