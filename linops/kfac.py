@@ -38,6 +38,7 @@ from torch import nn
 from linops._chain import Chain, ChainMismatch
 from linops._chain import _forward_checked as forward_checked_chain
 from linops._layers import Affine, Conv, Flatten, Pool
+from linops._types import Data, LossFunction, Params
 from linops.base import TorchLinearOperator
 from linops.fisher import _exact_factor, _fisher_family, _int_seed
 from linops.hessian import _LossOperator
@@ -102,16 +103,16 @@ class KFACOperator(_LossOperator):
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: Any,
-        data: Any,
-        params: Any = None,
+        loss_fn: LossFunction,
+        data: Data,
+        params: Params | None = None,
         *,
         fisher_type: str = "type-2",
         mc_samples: int = 1,
         seed: int | torch.Generator | None = None,
         separate_weight_and_bias: bool = True,
         kfac_approx: str = "expand",
-        **kwargs: Any,
+        **kwargs: Any,  # the model operators' keywords (dtype, device, ...), forwarded
     ) -> None:
         self.family = _fisher_family(loss_fn)
         if kfac_approx not in ("expand", "reduce"):
