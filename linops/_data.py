@@ -57,7 +57,7 @@ _RANDOM_SAMPLERS = (
 )
 
 
-def check_loader(data: Any, *, allow_reshuffle: bool) -> None:
+def check_loader(data: object, *, allow_reshuffle: bool) -> None:
     """Refuse a ``DataLoader`` whose sampler does not give one fixed order.
 
     torch's random samplers (``shuffle=True``, ``WeightedRandomSampler``,
@@ -79,7 +79,7 @@ def check_loader(data: Any, *, allow_reshuffle: bool) -> None:
         )
 
 
-def _fixed_order(sampler: Any) -> bool:
+def _fixed_order(sampler: Iterable[object]) -> bool:
     """Whether two passes over ``sampler`` give the same indices (or it cannot be told)."""
     try:
         if isinstance(sampler, torch.utils.data.SequentialSampler):
