@@ -35,6 +35,7 @@ SCRIPTS = [
     "examples/guess_gradient.py",
     "examples/training_jacobian.py",
     "examples/distributed_hessian.py",
+    "examples/influence.py",
 ]
 OPTIONAL = {
     "bench/operators.py": "curvlinops",
