@@ -16,8 +16,8 @@ seeded initialisation, float64, cross-entropy; 1,600 training digits, 256 with `
   \\lambda_{\\max}(G)` and one right-hand side, to a relative residual of 1e-8:
   ``linops.inverse`` with CG, with CG and the randomized Nystrom preconditioner (its sketch
   built inside the timed call and its products counted), with CG preconditioned by the KFAC
-  inverse at the same damping (KFAC built inside the timed call: data passes, no products of
-  ``G``), and with MINRES; ``scipy.sparse.
+  inverse at the same damping (``preconditioner="kfac"``, KFAC built inside the timed call:
+  data passes, no products of ``G``), and with MINRES; ``scipy.sparse.
   linalg.cg(rtol=1e-8)`` on the linops operator; curvlinops' ``CGInverseLinearOperator`` on
   its GGN plus damping (GPyTorch's ``linear_cg`` with ``tolerance=1e-8``, at most 2,000
   iterations: on 256 digits it stalled at a relative residual of 1e-5 after 20,000). For each: products
@@ -26,11 +26,15 @@ seeded initialisation, float64, cross-entropy; 1,600 training digits, 256 with `
   once: linops' block CG, one CG per column (``block=False``), block CG with Nystrom.
 
 All candidates of a section are timed in the same run, interleaved: every round calls each
-candidate once in an order shuffled afresh (seeded); medians over rounds are kept.
+candidate (20 times in a row for the KFAC / EKFAC products, once otherwise) in an order
+shuffled afresh (seeded); medians over rounds are kept, of the wall time and of this
+process's CPU time. The run uses one torch thread (``--threads``), so its CPU time leaves
+out the time it waited for a core on a shared machine; the tables report CPU time and the
+ratios of it, the JSON both (``seconds_*`` wall, ``seconds_cpu_*`` CPU).
 
 Usage::
 
-    python bench/curvature.py [--quick] [--repeats R] [--out results/curvature]
+    python bench/curvature.py [--quick] [--repeats R] [--threads T] [--out results/curvature]
 
 writes ``curvature.json`` (times in ``seconds_*`` keys) and ``curvature.md`` under ``--out``
 and prints the markdown tables. curvlinops is optional: without it its columns are empty.
@@ -81,20 +85,33 @@ BLOCK = 8  # right-hand sides of the block solves
 CURV_MAXITER = 2000
 
 
-def interleaved(cands: dict[str, Callable[[], Any]], rounds: int, seed: int = 0) -> dict:
-    """Median seconds of each candidate over ``rounds`` shuffled rounds (after one warm-up)."""
+def interleaved(
+    cands: dict[str, Callable[[], Any]], rounds: int, seed: int = 0, reps: int | dict = 1
+) -> tuple[dict, dict]:
+    """Median wall and CPU seconds per call of each candidate over ``rounds`` shuffled rounds.
+
+    After one warm-up call each; every round calls each candidate ``reps`` times in a row (an
+    int, or per candidate), in an order shuffled afresh. CPU seconds (``time.process_time``)
+    are those of this process: with one thread they leave out the time the process waited
+    for a core, which on a shared machine is most of the wall time's noise.
+    """
     rng = random.Random(seed)
-    times: dict[str, list[float]] = {k: [] for k in cands}
+    wall: dict[str, list[float]] = {k: [] for k in cands}
+    cpu: dict[str, list[float]] = {k: [] for k in cands}
     for name in cands:
         cands[name]()
     for _ in range(rounds):
         order = list(cands)
         rng.shuffle(order)
         for name in order:
-            t0 = time.perf_counter()
-            cands[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+            r = reps.get(name, 1) if isinstance(reps, dict) else reps
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(r):
+                cands[name]()
+            wall[name].append((time.perf_counter() - t0) / r)
+            cpu[name].append((time.process_time() - c0) / r)
+    med = statistics.median
+    return {k: med(v) for k, v in wall.items()}, {k: med(v) for k, v in cpu.items()}
 
 
 def setup(quick: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -111,7 +128,7 @@ def products(model: nn.Module, X: torch.Tensor, y: torch.Tensor, rounds: int) ->
     fmc = FisherOperator(model, loss, (X, y), mc_samples=1, seed=3)
     g = torch.Generator().manual_seed(1)
     V = torch.randn(ef.shape[0], K, generator=g, dtype=torch.float64)
-    v = V[:, :1]
+    v = V[:, :1].clone()  # one contiguous vector, as a solver passes it
     cands: dict[str, Callable[[], Any]] = {
         "linops_ef_1": lambda: ef @ v,
         "linops_ef_32": lambda: ef @ V,
@@ -142,6 +159,7 @@ def products(model: nn.Module, X: torch.Tensor, y: torch.Tensor, rounds: int) ->
         "linops_kfac_1": lambda: kfac @ v,
         "linops_kfac_32": lambda: kfac @ V,
         "linops_ekfac_1": lambda: ekfac @ v,
+        "linops_ekfac_32": lambda: ekfac @ V,
     }
     if curvlinops is not None:
         ck = curvlinops.KFACLinearOperator(model, loss, params, data, fisher_type="type-2", **kw)
@@ -165,10 +183,13 @@ def products(model: nn.Module, X: torch.Tensor, y: torch.Tensor, rounds: int) ->
             "curvlinops_kfac_1": lambda: ck @ v,
             "curvlinops_kfac_32": lambda: ck @ V,
             "curvlinops_ekfac_1": lambda: ce @ v,
+            "curvlinops_ekfac_32": lambda: ce @ V,
         }
-    t = interleaved(cands, rounds)
-    for k, s in t.items():
-        row[f"seconds_{k}"] = s / K if k.endswith("_32") else s
+    reps = {k: 1 if k.endswith("_build") or "_ef_" in k or "_fmc_" in k else 20 for k in cands}
+    t, c = interleaved(cands, rounds, reps=reps)
+    for k in t:
+        per = K if k.endswith("_32") else 1
+        row[f"seconds_{k}"], row[f"seconds_cpu_{k}"] = t[k] / per, c[k] / per
     return row
 
 
@@ -239,15 +260,9 @@ def solves(model: nn.Module, X: torch.Tensor, y: torch.Tensor, rounds: int) -> d
         x, info = sla.cg(A, b[:, 0].numpy(), rtol=RTOL, maxiter=20000)
         out["scipy_cg"], counts["scipy_cg"] = torch.as_tensor(x)[:, None], A.count
 
-    def kfac_pc() -> None:
-        K = KFACOperator(model, nn.CrossEntropyLoss(), (X, y))
-        op = inverse(G, damping=lam, rtol=RTOL, preconditioner=K.inverse(lam))
-        out["linops_cg_kfac"] = op @ b
-        counts["linops_cg_kfac"], counts["linops_cg_kfac_preconditioner"] = op.info.num_matvecs, 0
-
     cands = {
         "linops_cg": linops_solve("linops_cg"),
-        "linops_cg_kfac": kfac_pc,
+        "linops_cg_kfac": linops_solve("linops_cg_kfac", preconditioner="kfac"),
         "linops_cg_nystrom": linops_solve("linops_cg_nystrom", preconditioner="nystrom"),
         "linops_minres": linops_solve("linops_minres", method="minres"),
         "scipy_cg": scipy_cg,
@@ -272,7 +287,7 @@ def solves(model: nn.Module, X: torch.Tensor, y: torch.Tensor, rounds: int) -> d
             f"linops_block_cg_nystrom_{BLOCK}rhs", rhs=B8, preconditioner="nystrom"
         ),
     }
-    t = interleaved(cands, rounds)
+    t, cpu = interleaved(cands, rounds)
     rows = []
     for name, secs in t.items():
         x = out[name]
@@ -284,6 +299,7 @@ def solves(model: nn.Module, X: torch.Tensor, y: torch.Tensor, rounds: int) -> d
                 "num_matvecs": counts[name],
                 "num_matvecs_preconditioner": counts.get(name + "_preconditioner", 0),
                 "seconds": secs,
+                "seconds_cpu": cpu[name],
                 "relative_residual": float((r.norm(dim=0) / rhs.norm(dim=0)).max()),
                 "relative_error": float((x - sol).norm() / sol.norm()),
             }
@@ -305,15 +321,26 @@ def markdown(prod: dict, sol: dict, meta: dict) -> str:
         "# Curvature products and damped solves (digits MLP, float64)",
         "",
         f"{prod['num_params']} parameters, {prod['num_samples']} samples; "
-        f"torch {meta['torch']}, curvlinops {meta['curvlinops']}, {meta['rounds']} rounds.",
+        f"torch {meta['torch']}, curvlinops {meta['curvlinops']}, {meta['rounds']} rounds, "
+        f"{meta['threads']} thread(s), load average {meta['load_average']}.",
         "",
-        "| product | linops 1 vec (ms) | curvlinops 1 vec (ms) | linops per vec of 32 (ms) "
-        "| curvlinops per vec of 32 (ms) | max rel diff |",
-        "|---|---|---|---|---|---|",
+        "CPU milliseconds of this process per product (medians; ``x`` = curvlinops / linops; "
+        "wall-clock ms in the JSON):",
+        "",
+        "| product | linops 1 vec | curvlinops 1 vec | x | linops per vec of 32 "
+        "| curvlinops per vec of 32 | x | max rel diff |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def ms(key: str) -> str:
-        return f"{1e3 * prod[key]:.2f}" if key in prod else "-"
+        return f"{1e3 * prod[key]:.3f}" if key in prod else "-"
+
+    def ratio(op: str, k: str) -> str:
+        a, b = (
+            prod.get(f"seconds_cpu_curvlinops_{op}_{k}"),
+            prod.get(f"seconds_cpu_linops_{op}_{k}"),
+        )
+        return f"{a / b:.2f}" if a and b else "-"
 
     for op, label in (
         ("ef", "empirical Fisher"), ("fmc", "MC Fisher (1 sample)"), ("kfac", "KFAC (type-2)"),
@@ -321,32 +348,37 @@ def markdown(prod: dict, sol: dict, meta: dict) -> str:
     ):  # fmt: skip
         diff = prod.get(f"max_rel_diff_{op}")
         lines.append(
-            f"| {label} | {ms(f'seconds_linops_{op}_1')} | {ms(f'seconds_curvlinops_{op}_1')} "
-            f"| {ms(f'seconds_linops_{op}_32')} | {ms(f'seconds_curvlinops_{op}_32')} "
-            f"| {'-' if diff is None else f'{diff:.1e}'} |"
+            f"| {label} | {ms(f'seconds_cpu_linops_{op}_1')} "
+            f"| {ms(f'seconds_cpu_curvlinops_{op}_1')} | {ratio(op, '1')} "
+            f"| {ms(f'seconds_cpu_linops_{op}_32')} | {ms(f'seconds_cpu_curvlinops_{op}_32')} "
+            f"| {ratio(op, '32')} | {'-' if diff is None else f'{diff:.1e}'} |"
         )
+    nan = float("nan")
     lines += [
         "",
-        "KFAC / EKFAC construction (one pass over the data, 10 backward passes per batch; "
-        "EKFAC: both passes) in seconds: linops "
-        f"{prod['seconds_linops_kfac_build']:.3f} / {prod['seconds_linops_ekfac_build']:.3f}, "
-        f"curvlinops {prod.get('seconds_curvlinops_kfac_build', float('nan')):.3f} / "
-        f"{prod.get('seconds_curvlinops_ekfac_build', float('nan')):.3f}.",
+        "KFAC / EKFAC construction (one pass over the data; EKFAC: both passes), CPU seconds: "
+        f"linops {prod['seconds_cpu_linops_kfac_build']:.3f} / "
+        f"{prod['seconds_cpu_linops_ekfac_build']:.3f}, curvlinops "
+        f"{prod.get('seconds_cpu_curvlinops_kfac_build', nan):.3f} / "
+        f"{prod.get('seconds_cpu_curvlinops_ekfac_build', nan):.3f}.",
     ]
     lines += [
         "",
         f"Solves of (G + lambda I) x = b, lambda = 1e-4 lambda_max = {sol['lambda']:.3g}, "
         f"rtol {sol['rtol']:g}, one right-hand side (``*_8rhs``: 8 at once; the residual is "
-        "the largest column's):",
+        "the largest column's); x = the baseline's CPU seconds over this row's:",
         "",
-        "| solver | products of G (solve + preconditioner) | seconds | relative residual "
-        "| relative error |",
-        "|---|---|---|---|---|",
+        "| solver | products of G (solve + preconditioner) | CPU s | wall s | x curvlinops_cg "
+        "| x scipy_cg | relative residual | relative error |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    base = {r["solver"]: r["seconds_cpu"] for r in sol["rows"]}
     for r in sol["rows"]:
+        xc = base.get("curvlinops_cg", nan) / r["seconds_cpu"]
+        xs = base.get("scipy_cg", nan) / r["seconds_cpu"]
         lines.append(
             f"| {r['solver']} | {r['num_matvecs']} + {r['num_matvecs_preconditioner']} "
-            f"| {r['seconds']:.2f} "
+            f"| {r['seconds_cpu']:.2f} | {r['seconds']:.2f} | {xc:.2f} | {xs:.2f} "
             f"| {r['relative_residual']:.1e} | {r['relative_error']:.1e} |"
         )
     return "\n".join(lines) + "\n"
@@ -357,7 +389,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="256 digits, one round")
     p.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds")
     p.add_argument("--out", type=Path, default=Path("results/curvature"))
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     rounds = args.repeats or (1 if args.quick else 3)
     model, X, y = setup(args.quick)
     meta = {
@@ -366,6 +400,7 @@ def main(argv: list[str] | None = None) -> None:
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "rounds": rounds,
         "quick": args.quick,
         "command": "python " + " ".join(sys.argv),
