@@ -311,6 +311,29 @@ class Verifier:
         self.tol, self.eps = tol, float(torch.finfo(dtype).eps)
         self.level = max(tol, self.eps)
         self.best, self.since, self.window = float("inf"), 0, 3
+        self.defer_from: int | None = None
+
+    def defer(
+        self, res_max: float, rounding_max: float, est_max: float, anorm: float, nmv: int, cost: int
+    ) -> bool:
+        """Whether to iterate on instead of taking the check's block product (``cost`` products).
+
+        When residuals recombined from the products already taken miss ``tol ||A||`` only
+        because of their rounding bound (the bound alone leaves at least half the tolerance,
+        and the residuals still follow the estimates, ``res <= 2 est``), a few more steps
+        bring them under ``tol ||A||`` minus the bound for fewer products than the check: the
+        next check waits for estimates below half that room. At most ``cost / 2`` products
+        are spent so before the block product is taken after all.
+        """
+        room = self.tol * anorm - rounding_max
+        if self.defer_from is None:
+            self.defer_from = nmv
+        if nmv - self.defer_from >= max(cost // 2, 1) or room < self.tol * anorm / 2:
+            return False
+        if res_max > 2 * est_max:
+            return False
+        self.level = min(self.level, room / 2 / max(anorm, float.fromhex("0x1p-1000")))
+        return True
 
     def due(self, est_max: float, anorm: float) -> bool:
         """Whether the estimates ask for a true-residual check."""

@@ -251,7 +251,15 @@ class _Lanczos:
         X = kr.random_block(Y.shape[0], self.b, self.op, self.gen)
         self.P, _, _ = kr.orth_qr(X, Y, self.gen, 1.0)
 
-    def true_residuals(self, S: torch.Tensor, theta: torch.Tensor, want: torch.Tensor, tol: float):
+    def true_residuals(
+        self,
+        S: torch.Tensor,
+        theta: torch.Tensor,
+        want: torch.Tensor,
+        tol: float,
+        verifier: kr.Verifier | None = None,
+        est_max: float = 0.0,
+    ):
         """Ritz vectors ``Y`` of ``want``, their ``A Y`` and ``||A y_i - theta_i y_i||``.
 
         The residuals are true ones, of the vectors and values returned, never the Lanczos
@@ -260,8 +268,10 @@ class _Lanczos:
         recombinations, bounded column by column through every restart (:meth:`_drift`,
         :mod:`linops._certify`). If the residuals so computed plus that bound are within
         ``tol ||A||`` they are accepted without a new product; otherwise ``A Y`` is
-        recomputed by one block product (counted in ``num_matvecs``). Also returns the bound
-        on ``A Y``'s error relative to ``||A||`` (zero after a product).
+        recomputed by one block product (counted in ``num_matvecs``), unless ``verifier``
+        prefers a few more steps (:meth:`linops._krylov.Verifier.defer`; ``None`` is returned
+        then). Also returns the bound on ``A Y``'s error relative to ``||A||`` (zero after a
+        product).
         """
         Sw = S[:, want]
         vals = theta[want].to(device=self.V.device, dtype=self.V.real.dtype)
@@ -271,6 +281,11 @@ class _Lanczos:
         Y, AY = rc.Y, rc.AY
         if bool((bound <= tol * self.anorm).all()):
             return Y, AY, vals, bound.to(device=Y.device, dtype=vals.dtype), err
+        rounding = float((bound - rc.residual).max())
+        if verifier is not None and verifier.defer(
+            float(rc.residual.max()), rounding, est_max, self.anorm, self.nmv, Y.shape[1]
+        ):
+            return None
         AY = self.op._apply(Y)
         self.nmv += Y.shape[1]
         kr.check_products(AY, self.nmv)
@@ -300,7 +315,9 @@ def _thick_restart(
             check.verifier.level = float("inf")  # check the true residuals at the next step
         nconv = int((est_want <= tol * state.anorm).sum())
         state.restart(S, theta, _select(theta, kr.keep_count(k, nconv, ncv, b), which))
-    Y, _, vals, res, _ = state.true_residuals(S, theta, _select(theta, k, which), tol)
+    got = state.true_residuals(S, theta, _select(theta, k, which), tol)
+    assert got is not None  # without a verifier there is no deferral
+    Y, _, vals, res, _ = got
     k_ok = int((res <= tol * state.anorm).sum())
     raise LanczosNoConvergence(
         f"lanczos did not converge: {maxiter} restarts ({state.nmv} products), {k_ok}/{k} "
@@ -327,7 +344,12 @@ class _Check:
         est_max = float(est[_select(theta, self.k_eff, self.which)].max())
         if not self.verifier.due(est_max, st.anorm):
             return None
-        Y, AY, vals, res, err = st.true_residuals(S, theta, _select(theta, k, self.which), self.tol)
+        got = st.true_residuals(
+            S, theta, _select(theta, k, self.which), self.tol, self.verifier, est_max
+        )
+        if got is None:  # iterate on: cheaper than the check's product
+            return None
+        Y, AY, vals, res, err = got
         verdict = self.verifier.judge(float(res.max()), est_max, st.anorm)
         dt = st.op.torch_dtype
         if verdict == "floor":

@@ -258,14 +258,18 @@ class _Bidiag:
         X = kr.random_block(t.v.shape[0], self.P.shape[1], self.op, self.gen)
         self.P, _, _ = kr.orth_qr(X, t.v, self.gen, 1.0)
 
-    def true_residuals(self, X, s, Y, want, tol: float) -> _Triplets:
+    def true_residuals(
+        self, X, s, Y, want, tol: float, verifier: kr.Verifier | None = None, est_max: float = 0.0
+    ) -> _Triplets | None:
         r"""Return ``u, v, sigma`` of ``want`` and their true residuals.
 
         The residuals are :math:`\sqrt{\|Av - \sigma u\|^2 + \|A^H u - \sigma v\|^2}` of
         the vectors and values returned. First from the products already taken, ``A v =
         (A V) y`` and ``A^H u = (A^H U) x``, with the rounding of those recombinations bounded
         (:mod:`linops._certify`): if the residuals plus those bounds are within
-        ``tol ||A||`` no product is needed; otherwise from two block products (counted).
+        ``tol ||A||`` no product is needed; otherwise from two block products (counted),
+        unless ``verifier`` prefers a few more steps (:meth:`linops._krylov.Verifier.defer`;
+        ``None`` is returned then).
         """
         j = self.j
         Xw, Yw = X[:, want], Y[:, want]
@@ -280,6 +284,11 @@ class _Bidiag:
         if bool((bound <= tol * self.anorm).all()):
             res = bound.to(device=v.device, dtype=sv.dtype)
             return _Triplets(u, v, sv, res, ru.AY, rv.AY, e_Av, e_Ahu)
+        plain = torch.hypot(ru.residual, rv.residual)
+        if verifier is not None and verifier.defer(
+            float(plain.max()), float((bound - plain).max()), est_max, anorm, self.nmv, 2 * len(sv)
+        ):
+            return None
         Av, Ahu = self.apply(v, adjoint=False), self.apply(u, adjoint=True)
         wide = torch.complex128 if v.is_complex() else torch.float64
         sw = sv.to(wide)
@@ -307,6 +316,7 @@ class _Bidiag:
                     self.verifier.level = float("inf")  # check the true residuals next step
                 self.restart(X, s, Y, _select(s, kr.keep_count(k, nconv, self.ncv, b), which))
         t = self.true_residuals(X, s, Y, _select(s, k, which), tol)
+        assert t is not None  # without a verifier there is no deferral
         u, v, sv, res = t.u, t.v, t.sv, t.res
         k_ok = int((res <= tol * self.anorm).sum())
         raise SVDSNoConvergence(
@@ -322,7 +332,9 @@ class _Bidiag:
         est_max = float(est[_select(s, self.k_eff, which)].max())
         if not self.verifier.due(est_max, self.anorm):
             return None
-        t = self.true_residuals(X, s, Y, _select(s, k, which), tol)
+        t = self.true_residuals(X, s, Y, _select(s, k, which), tol, self.verifier, est_max)
+        if t is None:  # iterate on: cheaper than the check's products
+            return None
         u, v, sv, res = t.u, t.v, t.sv, t.res
         verdict = self.verifier.judge(float(res.max()), est_max, self.anorm)
         dt, short, b = self.op.torch_dtype, self.V.shape[0], self.P.shape[1]
