@@ -331,10 +331,12 @@ def _eig_markdown(rows: list) -> list[str]:
     lines = [
         "## Eigenpairs: linops.lanczos against ARPACK at equal ncv and accuracy",
         "",
-        "Products of lanczos include its symmetry probe (2) and, where the products already "
-        "taken cannot certify the true residuals (their recombination's rounding bound is "
-        "too close to the tolerance, as in float32 near 1e-6), a final true-residual block "
-        "of k; 'ratio iter.' leaves k + 2 out (an upper bound on what those cost).",
+        "Products of lanczos include its symmetry probe (2) and, only where the products "
+        "already taken cannot certify the true residuals (residual plus the rounding bound "
+        "of their recombination above the tolerance, linops/_certify.py; the float32 rows "
+        "at 1e-6 no longer need it since the recombination runs in float64 with its "
+        "rounding measured), a final true-residual block of k; 'ratio iter.' leaves k + 2 "
+        "out (an upper bound on what those cost).",
         "",
         "| spectrum | n | which | ncv | dtype | target | products ARPACK | products lanczos "
         "| ratio | ratio iter. | residual ARPACK | residual lanczos | s ARPACK | s lanczos |",
