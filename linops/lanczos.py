@@ -27,6 +27,7 @@ import torch
 from linops import _krylov as kr
 from linops._certify import Recombination, carry, recombine
 from linops._checks import check_positive_number, check_square
+from linops._types import ArrayLike, ArrayOut, OperatorLike
 from linops.base import TorchLinearOperator
 
 __all__ = ["LanczosNoConvergence", "LanczosResult", "lanczos"]
@@ -57,9 +58,9 @@ class LanczosResult(NamedTuple):
         Whether every true residual is at most ``rtol * ||A||``.
     """
 
-    eigenvalues: Any
-    eigenvectors: Any
-    residuals: Any
+    eigenvalues: ArrayOut
+    eigenvectors: ArrayOut
+    residuals: ArrayOut
     num_matvecs: int
     converged: bool
 
@@ -73,7 +74,7 @@ class LanczosNoConvergence(RuntimeError):
 
 
 def lanczos(
-    A: Any,
+    A: OperatorLike,
     k: int = 6,
     which: str = "LA",
     *,
@@ -81,7 +82,7 @@ def lanczos(
     maxiter: int | None = None,
     ncv: int | None = None,
     block_size: int = 1,
-    v0: Any = None,
+    v0: ArrayLike | None = None,
     seed: int | torch.Generator | None = None,
 ) -> LanczosResult:
     r"""``k`` eigenpairs of a symmetric operator by thick-restart Lanczos.
