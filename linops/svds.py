@@ -22,6 +22,7 @@ import torch
 from linops import _krylov as kr
 from linops._certify import carry, recombine
 from linops._checks import check_positive_number
+from linops._types import ArrayLike, ArrayOut, OperatorLike
 from linops.base import TorchLinearOperator
 
 __all__ = ["SVDSNoConvergence", "SVDSResult", "svds"]
@@ -50,10 +51,10 @@ class SVDSResult(NamedTuple):
         Whether every true residual is at most ``rtol * ||A||``.
     """
 
-    singular_values: Any
-    left_vectors: Any
-    right_vectors: Any
-    residuals: Any
+    singular_values: ArrayOut
+    left_vectors: ArrayOut
+    right_vectors: ArrayOut
+    residuals: ArrayOut
     num_matvecs: int
     converged: bool
 
@@ -80,7 +81,7 @@ class SVDSNoConvergence(RuntimeError):
 
 
 def svds(
-    A: Any,
+    A: OperatorLike,
     k: int = 6,
     which: str = "LM",
     *,
@@ -88,7 +89,7 @@ def svds(
     maxiter: int | None = None,
     ncv: int | None = None,
     block_size: int = 1,
-    v0: Any = None,
+    v0: ArrayLike | None = None,
     seed: int | torch.Generator | None = None,
 ) -> SVDSResult:
     r"""``k`` singular triplets of a (rectangular) operator by thick-restart Golub-Kahan.
