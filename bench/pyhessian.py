@@ -91,9 +91,14 @@ def problem(quick: bool, dtype: torch.dtype = torch.float32) -> tuple[nn.Module,
     return model, x.to(dtype), y
 
 
+#: ``--trace-matvecs``: the trace's products when given
+TRACE_MATVECS: list[int] = []
+
+
 def budgets(quick: bool) -> dict[str, int]:
     """Products of the trace and Lanczos steps of the density."""
-    return {"trace": 20 if quick else 100, "density": 20 if quick else 100}
+    trace = TRACE_MATVECS[0] if TRACE_MATVECS else 20 if quick else 100
+    return {"trace": trace, "density": 20 if quick else 100}
 
 
 def _shim_torch_eig() -> None:
@@ -204,13 +209,16 @@ def accuracy(task: str, r: dict[str, Any], ref: dict[str, Any]) -> float:
     return max(0.0, r["node_max"] - lmax, lmin - r["node_min"]) / abs(lmax)
 
 
-def markdown(rows: list[dict[str, Any]], ref: dict[str, Any], meta: dict[str, Any]) -> str:
+def markdown(rows: list[dict[str, Any]], ref: dict[str, Any] | None, meta: dict[str, Any]) -> str:
     """Medians per tool and task, and linops over PyHessian."""
     out = [
         f"# bench/pyhessian.py ({meta['when']}, {meta['threads']} threads, load {meta['load']}; "
-        f"ResNet-20, {ref['params']:,} parameters, float32)",
+        f"ResNet-20, float32; {meta['command']})",
         "",
-        f"float64 reference: top-5 {', '.join(f'{v:.6g}' for v in reversed(ref['top5']))}; "
+        "no float64 reference (--no-reference): errors not computed"
+        if ref is None
+        else f"float64 reference ({ref['params']:,} parameters): top-5 "
+        f"{', '.join(f'{v:.6g}' for v in reversed(ref['top5']))}; "
         f"lambda_min {ref['lambda_min']:.6g}; trace {ref['trace']:.6g} +- "
         f"{ref['trace_stderr']:.2g} (XTrace)",
         "",
@@ -257,9 +265,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace-matvecs", type=int, help="the trace's products (default 100)")
+    p.add_argument(
+        "--no-reference", action="store_true", help="skip the float64 reference (no errors)"
+    )
     p.add_argument("--worker", nargs=2, metavar=("TOOL", "TASK"), help=_hidden())
     p.add_argument("--worker-out", type=Path, help=_hidden())
     args = p.parse_args(argv)
+    if args.trace_matvecs is not None:
+        TRACE_MATVECS.append(args.trace_matvecs)
     if args.worker:
         tool, task = args.worker
         if tool == "reference":
@@ -290,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
         tmp = args.out / f".worker-{tool}-{task}.json"
         cmd = [sys.executable, __file__, "--worker", tool, task, "--worker-out", str(tmp)]
         cmd += ["--seed", str(args.seed)] + (["--quick"] if args.quick else [])
+        if args.trace_matvecs is not None:
+            cmd += ["--trace-matvecs", str(args.trace_matvecs)]
         load = os.getloadavg()[0]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not tmp.exists():
@@ -300,7 +316,10 @@ def main(argv: list[str] | None = None) -> None:
         return row | {"tool": tool, "task": task, "load_at_start": load}
 
     ref_path = args.out / ("reference_quick.json" if args.quick else "reference.json")
-    if ref_path.exists():
+    ref: dict[str, Any] | None = None
+    if args.no_reference:
+        pass
+    elif ref_path.exists():
         ref = json.loads(ref_path.read_text())
     else:
         print("float64 reference ...", file=sys.stderr, flush=True)
@@ -315,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
             for tool in order:
                 row = worker(tool, task)
                 if "error_message" not in row:
-                    row["error"] = accuracy(task, row, ref)
+                    row["error"] = math.nan if ref is None else accuracy(task, row, ref)
                 row["repeat"] = rep
                 rows.append(row)
                 meta["load_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
