@@ -15,6 +15,7 @@ import numbers
 from typing import Any, Literal, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 ArrayKind = Literal["numpy", "torch", "cupy"]
@@ -55,7 +56,7 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
         raise TypeError(f"expected a floating or complex torch dtype, got {dtype}") from None
 
 
-def torch_dtype(dtype: Any) -> torch.dtype:
+def torch_dtype(dtype: npt.DTypeLike | torch.dtype) -> torch.dtype:
     """Return the torch dtype that corresponds to a numpy dtype (or a torch dtype, returned as is)."""
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -66,7 +67,7 @@ def torch_dtype(dtype: Any) -> torch.dtype:
     raise TypeError(f"expected a floating or complex dtype, got {npd}")
 
 
-def operator_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
+def operator_dtype(dtype: npt.DTypeLike | torch.dtype, name: str = "dtype") -> np.dtype:
     """Return the floating or complex numpy dtype an operator of (numpy or torch) ``dtype`` computes in.
 
     Integer and boolean dtypes (an integer matrix, a SciPy operator whose dtype SciPy inferred
@@ -92,7 +93,9 @@ def operator_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
     return _supported(npd, name)
 
 
-def result_dtype(op_dtype: np.dtype, x_dtype: Any, name: str) -> torch.dtype:
+def result_dtype(
+    op_dtype: np.dtype, x_dtype: npt.DTypeLike | torch.dtype, name: str
+) -> torch.dtype:
     """Torch dtype of a product: numpy's promotion of the operator's and the input's dtype.
 
     ``x_dtype`` is a numpy or torch dtype. Torch dtypes without a numpy counterpart
@@ -110,7 +113,7 @@ def result_dtype(op_dtype: np.dtype, x_dtype: Any, name: str) -> torch.dtype:
     return torch_dtype(_supported(np.result_type(op_dtype, x_dtype), name))
 
 
-def scalar_dtype(op_dtype: np.dtype, alpha: Any) -> np.dtype:
+def scalar_dtype(op_dtype: np.dtype, alpha: object) -> np.dtype:
     """Dtype of ``alpha * A``: numpy's promotion, Python scalars weak (NEP 50), numpy's strong.
 
     Raises
@@ -172,7 +175,7 @@ def tensor_of(x: Any, *, device: torch.device | str, name: str) -> tuple[torch.T
     return torch.from_numpy(np.ascontiguousarray(arr)).to(device), kind
 
 
-def array_kind(x: Any) -> ArrayKind:
+def array_kind(x: object) -> ArrayKind:
     """Which framework an array belongs to: ``"torch"``, ``"cupy"`` or ``"numpy"`` (the fallback)."""
     if isinstance(x, torch.Tensor):
         return "torch"
