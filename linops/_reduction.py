@@ -84,7 +84,7 @@ class Reduction:
         return [wi / total for wi in w]
 
 
-def check_reduction(reduction: Any) -> None:
+def check_reduction(reduction: object) -> None:
     """Validate the operators' ``reduction`` argument."""
     if reduction is None or callable(reduction) or reduction in ("mean", "sum"):
         return
@@ -137,7 +137,7 @@ def loss_reduction(loss_fn: Any, reduction: Any, *, several_batches: bool) -> Re
     return Reduction("mean", lambda out, y: float(out.shape[0]))
 
 
-def _describe(loss_fn: Any) -> tuple[str | None, str | None, dict[str, Any]]:
+def _describe(loss_fn: object) -> tuple[str | None, str | None, dict[str, Any]]:
     """``(family, reduction, options)`` of torch's losses; ``(None, None, {})`` otherwise."""
     if isinstance(loss_fn, nn.CrossEntropyLoss | nn.NLLLoss):
         return (
@@ -180,5 +180,5 @@ def _cross_entropy_normaliser(
     return float(weight.to(out.device)[y[valid]].sum())
 
 
-def _name(loss_fn: Any) -> str:
+def _name(loss_fn: object) -> str:
     return getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__
