@@ -15,6 +15,11 @@ batches cached (the default budget), each in its own process:
   SHA-256 are compared.
 
 Modes run interleaved, ``--repeats`` times each; medians are reported with the load average.
+The resident size also holds what glibc's ``malloc`` keeps of freed memory: by default it
+raises its mmap threshold after each large free (up to 32 MiB) and keeps freed blocks below it
+in its heap, which the graphs rebuilt by a streamed pass fragment; ``--malloc return`` runs
+the children with ``MALLOC_MMAP_THRESHOLD_=131072`` (freed blocks above 128 KiB go back to
+the system), which leaves what the operator itself holds.
 Run: ``python3 bench/streaming.py`` (``--model mlp`` for an MLP, ``--quick`` for a smoke run).
 """
 
@@ -148,6 +153,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    p.add_argument(
+        "--modes", nargs="+", choices=MODES, default=list(MODES), help="which runs (default all)"
+    )
+    p.add_argument(
+        "--malloc",
+        choices=("default", "return"),
+        default="default",
+        help="glibc's malloc as it is, or 'return': MALLOC_MMAP_THRESHOLD_=131072 in the "
+        "children, so blocks above 128 KiB are mapped and given back to the system when freed "
+        "(glibc's default raises that threshold after each large free, up to 32 MiB, and keeps "
+        "freed blocks below it in its heap, where a streamed pass's rebuilt graphs fragment it)",
+    )
     p.add_argument("--child", choices=MODES, help=argparse_hidden())
     args, _ = p.parse_known_args()
     if args.child:
@@ -155,18 +172,23 @@ def main() -> None:
         return
     if args.quick:
         args.batches, args.batch_size, args.repeats, args.products = 4, 16, 1, 1
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    modes = [m for m in MODES if m in args.modes]
+    env = dict(os.environ)
+    if args.malloc == "return":
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     for _ in range(args.repeats):
-        for mode in MODES:  # interleaved
+        for mode in modes:  # interleaved
             cmd = [sys.executable, __file__, "--child", mode, "--model", args.model]
             cmd += ["--batches", str(args.batches), "--batch-size", str(args.batch_size)]
             cmd += ["--products", str(args.products), "--threads", str(args.threads)]
             cmd += ["--dtype", args.dtype]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
             runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    med = {m: statistics.median(r["bytes_peak_above_start"] for r in runs[m]) for m in MODES}
-    sec = {m: statistics.median(r["seconds"] for r in runs[m]) for m in MODES}
-    same = {r["sha256_products"] for m in ("streamed", "cached") for r in runs[m]}
+    med = {m: statistics.median(r["bytes_peak_above_start"] for r in runs[m]) for m in modes}
+    sec = {m: statistics.median(r["seconds"] for r in runs[m]) for m in modes}
+    same = {r["sha256_products"] for m in ("streamed", "cached") if m in runs for r in runs[m]}
+    ratio = {f"ratio_{m}_over_one_batch": med[m] / med["one"] for m in modes if "one" in med}
     payload = {
         "model": args.model,
         "batches": args.batches,
@@ -174,23 +196,23 @@ def main() -> None:
         "products": args.products,
         "dtype": args.dtype,
         "threads": args.threads,
-        "parameters": runs["one"][0]["parameters"],
+        "malloc": args.malloc,
+        "parameters": runs[modes[0]][0]["parameters"],
         "load_average": list(os.getloadavg()),
         "bytes_peak_above_start_median": med,
         "seconds_median": sec,
-        "ratio_streamed_over_one_batch": med["streamed"] / med["one"],
-        "ratio_cached_over_one_batch": med["cached"] / med["one"],
-        "streamed_equals_cached_bitwise": len(same) == 1,
+        **ratio,
+        "streamed_equals_cached_bitwise": len(same) == 1 if "cached" in runs else None,
         "runs": runs,
     }
     write_json(args.out, "streaming", payload)
     print(f"{'mode':<10}{'peak above start (MB)':>24}{'seconds':>10}")
-    for m in MODES:
+    for m in modes:
         print(f"{m:<10}{med[m] / 1e6:>24.1f}{sec[m]:>10.2f}")
     print(
-        f"streamed / one batch: {payload['ratio_streamed_over_one_batch']:.3f}; cached / one "
-        f"batch: {payload['ratio_cached_over_one_batch']:.3f}; streamed == cached bit for bit: "
-        f"{payload['streamed_equals_cached_bitwise']}; load {payload['load_average']}"
+        "; ".join(f"{k}: {v:.3f}" for k, v in ratio.items())
+        + f"; streamed == cached bit for bit: {payload['streamed_equals_cached_bitwise']}; "
+        f"malloc {args.malloc}; load {payload['load_average']}"
     )
 
 
