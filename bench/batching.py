@@ -16,16 +16,36 @@ If the kernels cost per vector what they cost for one vector, batching can only 
 per-call overhead of a single product, and the operators' ratio cannot go much below the graph
 products' ratio. Times are medians of back-to-back calls after a warm-up call.
 
+**ResNet-20 blocks** (``--resnet20``, issue 22): a CIFAR ResNet-20 (272k parameters,
+BatchNorm in eval mode, identity shortcuts with zero-padded channels) on CIFAR-shaped random
+images, float32. torch 2.13 has no vmap batching rule for ``convolution_backward``,
+``_convolution_double_backward`` or ``native_batch_norm_backward``, so the operators' block pass
+(found at the first block, by a one-vector probe) is one vector per pass. Each figure comes
+from its own subprocess: the wall time of an 8-vector block ``H V`` against 8 single
+products ``H v`` (interleaved rounds, medians), and the peak resident memory above the
+resident memory before the product (``VmHWM`` of ``/proc/self/status``, reset through
+``/proc/self/clear_refs`` once the graph is built; ``ru_maxrss`` where that is not
+available) of one single product, of the first 8-vector block (probe included), and, with
+``--wide``, of the 8-vector pass torch's ``is_grads_batched`` would run (vmap looping inside
+the pass), which is what the operators avoid.
+
 Usage::
 
     python bench/batching.py [--quick] [--repeats 9] [--out results/batching]
+    python bench/batching.py --resnet20 [--quick] [--wide] [--out results/batching]
 
 writes ``batching.json`` and ``batching.md`` under ``--out`` and prints the markdown.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import resource
+import statistics
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +61,7 @@ from _harness import parser, write_json
 from operators import Case, make_cases, time_back_to_back
 
 from linops import HessianOperator, JacobianOperator, retain_freed_memory
+from linops._model import attempt_batched
 
 KS = (1, 8, 32)
 
@@ -159,6 +180,191 @@ def _kernel_row(
     return _row(model, what, per)
 
 
+# ----------------------------------------------------------------------------- ResNet-20 blocks
+class _BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.pad = c_out - c_in  # option A: identity shortcut, channels zero-padded
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        s = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
+        if self.pad:
+            s = F.pad(s, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return F.relu(h + s)
+
+
+class ResNet20(nn.Module):
+    """CIFAR ResNet-20 ("Deep Residual Learning for Image Recognition", arXiv 1512.03385)."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        layers: list[nn.Module] = []
+        c = 16
+        for c_out, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(3):
+                layers.append(_BasicBlock(c, c_out, stride if i == 0 else 1))
+                c = c_out
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layers(F.relu(self.bn(self.conv(x))))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def _resnet20_operator(n: int) -> HessianOperator:
+    torch.manual_seed(0)
+    model = ResNet20()
+    for m in model.modules():  # non-trivial running statistics, as after training
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    X, y = torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))
+    return HessianOperator(model, nn.CrossEntropyLoss(), (X, y))
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_bytes(f: Callable[[], Any]) -> dict[str, Any]:
+    """Peak resident bytes above the resident size before ``f()``, and how it was read."""
+    before = _status_kib("VmRSS")
+    if before is not None and _reset_peak():
+        f()
+        return {"bytes": 1024 * (_status_kib("VmHWM") - before), "how": "VmHWM after clear_refs"}
+    before_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    f()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"bytes": 1024 * (peak - before_max), "how": "ru_maxrss growth (a lower bound)"}
+
+
+def resnet20_worker(task: str, n: int, k: int, repeats: int) -> dict[str, Any]:
+    """One measurement in a fresh process (memory) or the time rounds (``task == 'time'``)."""
+    H = _resnet20_operator(n)
+    for _ in H._graphs():  # build and keep the graph before anything is measured
+        pass
+    gen = torch.Generator().manual_seed(1)
+    V = torch.randn(H.shape[1], k, generator=gen)
+    if task == "single":
+        return _peak_bytes(lambda: H @ V[:, 0])
+    if task == "block":
+        out = _peak_bytes(lambda: H @ V)
+        out["route"], out["reason"] = H.route, H.unbatched_reason[False]
+        return out
+    if task == "wide":  # what is_grads_batched does on its own: vmap looping inside the pass
+
+        def wide() -> None:
+            attempt_batched(lambda X, a: HessianOperator._hooks(H, X, a), V, False)
+
+        return _peak_bytes(wide)
+    # time: k single products against one k-vector block, interleaved rounds
+    H @ V  # decides the block pass
+    singles, blocks = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(k):
+            H @ V[:, i]
+        singles.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        H @ V
+        blocks.append(time.perf_counter() - t0)
+    return {
+        "seconds_k_singles": statistics.median(singles),
+        "seconds_block": statistics.median(blocks),
+        "route": H.route,
+    }
+
+
+def _run_worker(task: str, n: int, k: int, repeats: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", task, str(n), str(k), str(repeats)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def resnet20_rows(quick: bool, repeats: int, wide: bool) -> dict[str, Any]:
+    """ResNet-20: an 8-vector block against 8 single products, time and peak memory."""
+    n, k = (32 if quick else 128), 8
+    load = [round(os.getloadavg()[0], 2)]
+    timing = _run_worker("time", n, k, repeats)
+    single = _run_worker("single", n, k, repeats)
+    block = _run_worker("block", n, k, repeats)
+    out: dict[str, Any] = {
+        "images": n,
+        "vectors": k,
+        "route": block["route"],
+        "unbatched_reason": block["reason"],
+        "seconds_8_single_products": timing["seconds_k_singles"],
+        "seconds_8_vector_block": timing["seconds_block"],
+        "ratio_time_block_over_8_singles": timing["seconds_block"] / timing["seconds_k_singles"],
+        "bytes_peak_single_product": single["bytes"],
+        "bytes_peak_first_block": block["bytes"],
+        "ratio_memory_block_over_single": block["bytes"] / max(1, single["bytes"]),
+        "memory_measured_by": single["how"],
+    }
+    if wide:
+        w = _run_worker("wide", n, k, repeats)
+        out["bytes_peak_wide_vmap_pass"] = w["bytes"]
+        out["ratio_memory_wide_over_single"] = w["bytes"] / max(1, single["bytes"])
+    load.append(round(os.getloadavg()[0], 2))
+    out["loadavg_start_end"] = load
+    return out
+
+
+def resnet20_markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
+    mb = 2.0**-20
+    lines = [
+        f"ResNet-20, {r['images']} CIFAR-shaped images, float32, H with {r['vectors']} vectors: "
+        f"route `{r['route']}`",
+        "",
+        "| what | value |",
+        "|---|---|",
+        f"| 8 single products (s) | {r['seconds_8_single_products']:.3f} |",
+        f"| one 8-vector block (s) | {r['seconds_8_vector_block']:.3f} |",
+        f"| block / 8 singles, time | {r['ratio_time_block_over_8_singles']:.2f} |",
+        f"| peak of one product (MB) | {mb * r['bytes_peak_single_product']:.0f} |",
+        f"| peak of the first 8-vector block (MB) | {mb * r['bytes_peak_first_block']:.0f} |",
+        f"| block / one product, peak memory | {r['ratio_memory_block_over_single']:.2f} |",
+    ]
+    if "bytes_peak_wide_vmap_pass" in r:
+        lines += [
+            f"| peak of vmap's 8-vector pass (MB) | {mb * r['bytes_peak_wide_vmap_pass']:.0f} |",
+            f"| vmap's pass / one product, peak memory | "
+            f"{r['ratio_memory_wide_over_single']:.2f} |",
+        ]
+    lines += [
+        "",
+        f"memory: {r['memory_measured_by']}, each figure in its own process; time: medians of "
+        f"{meta['repeats']} interleaved rounds; {meta['threads']} threads; load average "
+        f"{r['loadavg_start_end'][0]} -> {r['loadavg_start_end'][1]}; `{meta['command']}`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     head = "| model | what | 1 vector (ms) | " + " | ".join(
         f"{k} vectors, per vector / one" for k in KS[1:]
@@ -178,17 +384,31 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:  # one ResNet-20 measurement, in its own process
+        task, n, k, repeats = argv[1], *map(int, argv[2:5])
+        print(json.dumps(resnet20_worker(task, n, k, repeats)))
+        return
     p = parser(__doc__, "results/batching", quick_help="smaller data, fewer calls")
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--resnet20", action="store_true", help="only the ResNet-20 block section")
+    p.add_argument("--wide", action="store_true", help="also vmap's own 8-vector pass (slow)")
     args = p.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 9)
     meta = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "retain_freed_memory": retain_freed_memory(),
         "repeats": repeats,
         "command": "python " + " ".join(sys.argv),
     }
+    if args.resnet20:
+        r = resnet20_rows(args.quick, repeats, args.wide)
+        table = resnet20_markdown(r, meta)
+        write_json(args.out, "batching_resnet20", {"meta": meta, "resnet20": r}, indent=2)
+        (args.out / "batching_resnet20.md").write_text(table)
+        print(table)
+        return
+    meta["retain_freed_memory"] = retain_freed_memory()
     rows = []
     for case in make_cases(args.quick):
         rows += graph_rows(case, repeats) + kernel_rows(case, repeats)
