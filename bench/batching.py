@@ -16,7 +16,7 @@ If the kernels cost per vector what they cost for one vector, batching can only 
 per-call overhead of a single product, and the operators' ratio cannot go much below the graph
 products' ratio. Times are medians of back-to-back calls after a warm-up call.
 
-**ResNet-20 blocks** (``--resnet20``, issue 22): a CIFAR ResNet-20 (272k parameters,
+**ResNet-20 blocks** (``--resnet20``, issue 22): a CIFAR ResNet-20 (269,722 parameters,
 BatchNorm in eval mode, identity shortcuts with zero-padded channels) on CIFAR-shaped random
 images, float32. torch 2.13 has no vmap batching rule for ``convolution_backward``,
 ``_convolution_double_backward`` or ``native_batch_norm_backward``, so the operators' block pass
