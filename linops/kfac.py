@@ -57,7 +57,9 @@ class KFACOperator(_LossOperator):
     model, loss_fn, data, params, **kwargs
         As in :class:`linops.FisherOperator` (CE, MSE, BCE-with-logits; mean or sum);
         ``params`` must select only weights and biases of ``nn.Linear`` and ``nn.Conv2d``
-        (``groups=1``, integer zero padding) layers.
+        (``groups=1``, ``padding_mode="zeros"``; integer, ``"same"`` or ``"valid"`` padding)
+        layers. A layer's forward multiplier (a ``multiplier`` attribute: ``y = c W x + b``)
+        enters the weight's input factor.
     fisher_type
         ``"type-2"`` (default: exact loss Hessian, the GGN's KFAC), ``"mc"`` or
         ``"empirical"``.
@@ -76,15 +78,18 @@ class KFACOperator(_LossOperator):
     Attributes
     ----------
     factors
-        ``{module name: (A, G)}``, computed at the first product (one pass over the data
-        with one backward pass per factor column).
+        ``{module name: (A, G)}``, computed at the first product (one pass over the data:
+        on the chain route one batched backward sweep of all factor columns, otherwise one
+        autograd backward pass per column).
+    route
+        ``"chain"`` or ``"autograd"`` (module hooks), known once the factors are computed.
 
     Raises
     ------
     ValueError
-        For an unsupported loss, ``fisher_type`` or ``kfac_approx``, or parameters outside
-        ``nn.Linear`` / ``nn.Conv2d`` layers (at construction); for a grouped or
-        string-padded convolution (at the first product).
+        For an unsupported loss, ``fisher_type`` or ``kfac_approx``, parameters outside
+        ``nn.Linear`` / ``nn.Conv2d`` layers, or a selected grouped or non-zero-padding-mode
+        convolution (all at construction).
 
     Examples
     --------
