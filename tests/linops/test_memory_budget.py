@@ -19,6 +19,7 @@ from linops.memory import (
     PeakMemory,
     available_memory,
     default_memory_budget,
+    return_freed_memory,
 )
 
 F64 = torch.float64
@@ -188,3 +189,18 @@ def test_budget_carries_through_to_and_not_into_the_fingerprint() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert operator_fingerprint(H) == operator_fingerprint(other)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2**31, 1.5, True])
+def test_return_freed_memory_refuses_bad_thresholds(bad: Any) -> None:
+    with pytest.raises(ValueError, match="threshold_bytes"):
+        return_freed_memory(bad)
+
+
+def test_return_freed_memory_in_a_subprocess() -> None:
+    import subprocess
+    import sys
+
+    code = "from linops.memory import return_freed_memory; print(return_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() in ("True", "False")
