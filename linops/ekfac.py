@@ -47,10 +47,16 @@ class EKFACOperator(KFACOperator):
             for inputs, grads in self._layer_gradients():
                 for k, (QA, QG, _, _) in basis.items():
                     Ar = inputs[k] @ QA  # (n, L, d_A): L positions sharing the weight
+                    Ar2 = Ar[:, 0].pow(2) if Ar.shape[1] == 1 else None
                     for g in grads:
                         Gr = g[k] @ QG
-                        # the rotated per-sample gradient sum_l (Q_G^T g_l)(Q_A^T a_l)^T
-                        E[k][0] = E[k][0] + (Gr.mT @ Ar).pow(2).sum(0)
+                        # the rotated per-sample gradient sum_l (Q_G^T g_l)(Q_A^T a_l)^T; with
+                        # one position its square is the outer product of the squares: one GEMM
+                        if Ar2 is not None:
+                            sq = Gr[:, 0].pow(2).mT @ Ar2
+                        else:
+                            sq = (Gr.mT @ Ar).pow(2).sum(0)
+                        E[k][0] = E[k][0] + sq
                         E[k][1] = E[k][1] + Gr.sum(1).pow(2).sum(0)[:, None]
             self._corrected = {k: (QA, QG, *E[k]) for k, (QA, QG, _, _) in basis.items()}
         return self._corrected

@@ -337,8 +337,10 @@ class KFACOperator(_LossOperator):
                 g = st.scale * g
             else:
                 g = g * derivs[t][0].unsqueeze(1)
+        per_column = {k: g.transpose(0, 1).contiguous() for k, g in outs.items()}  # (R, n, ...)
         grads = [
-            {k: _shared_outputs(modules[k], outs[k][:, r]) for k in self.layers} for r in range(R)
+            {k: _shared_outputs(modules[k], per_column[k][r]) for k in self.layers}
+            for r in range(R)
         ]
         return inputs, grads
 
