@@ -231,7 +231,11 @@ def markdown(rows: list[dict[str, Any]], ref: dict[str, Any] | None, meta: dict[
     med: dict[tuple[str, str], dict[str, float]] = {}
     for task in TASKS:
         for tool in TOOLS:
-            rs = [r for r in rows if r["task"] == task and r["tool"] == tool and "error" not in r]
+            rs = [
+                r
+                for r in rows
+                if r["task"] == task and r["tool"] == tool and "error_message" not in r
+            ]
             if not rs:
                 continue
             m = {
