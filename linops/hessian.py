@@ -162,8 +162,13 @@ class _LossOperator(ModelOperator):
         tangents, batched = self._split_params(X)
         total: list[torch.Tensor] | None = None
         for w, graph in zip(self._weights(), self._graphs(), strict=True):
-            part = [w * t for t in product(graph, tangents, batched)]
-            total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
+            part = product(graph, tangents, batched)
+            if total is None:
+                total = [w * t for t in part]
+            else:
+                # in place: a streamed pass holds one running sum, not a new one per batch
+                for a, t in zip(total, part, strict=True):
+                    a.add_(w * t)
         assert total is not None  # the data has at least one batch
         return self._join_params(total, batched)
 
