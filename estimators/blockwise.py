@@ -59,6 +59,7 @@ import torch
 from estimators.density import spectral_density
 from estimators.seeding import Seed, make_generator
 from estimators.trace import TraceEstimate
+from linops import ArrayLike, OperatorLike
 from linops import blocks as kr
 from linops.base import TorchLinearOperator
 from linops.lanczos import LanczosNoConvergence, lanczos
@@ -148,7 +149,7 @@ class BlockwiseSpectra(NamedTuple):
     num_rounds: int
 
 
-def layer_blocks(H: Any) -> dict[str, list[str]]:
+def layer_blocks(H: TorchLinearOperator | ParamSpace) -> dict[str, list[str]]:
     """Group the operator's parameters by the module that owns them (one block per layer).
 
     Parameters
@@ -178,7 +179,7 @@ def layer_blocks(H: Any) -> dict[str, list[str]]:
     return out
 
 
-def js_distance(p: Any, q: Any) -> float:
+def js_distance(p: ArrayLike, q: ArrayLike) -> float:
     r"""Jensen-Shannon distance between two densities sampled on one uniform grid.
 
     With :math:`P = p / \sum p` and :math:`Q = q / \sum q` (the densities as probability
@@ -219,7 +220,7 @@ def js_distance(p: Any, q: Any) -> float:
     return math.sqrt(max(0.0, float(kl) / (2 * math.log(2))))
 
 
-def averaged_js_distance(densities: Any) -> tuple[torch.Tensor, float]:
+def averaged_js_distance(densities: ArrayLike) -> tuple[torch.Tensor, float]:
     r"""Pairwise JS distances of ``B`` densities on one grid and their average over pairs.
 
     :math:`\mathrm{JS}_0 = \binom{B}{2}^{-1} \sum_{i<j} \mathrm{JS}(\rho_i, \rho_j)` (the
@@ -249,7 +250,7 @@ def averaged_js_distance(densities: Any) -> tuple[torch.Tensor, float]:
 
 
 def blockwise_spectra(
-    H: Any,
+    H: OperatorLike,
     blocks: Mapping[str, Any] | None = None,
     *,
     k: int = 5,

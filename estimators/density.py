@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import torch
 
 from estimators.trace import TraceEstimate
+from linops import ArrayLike, OperatorLike
 from linops import blocks as kr
 
 __all__ = ["SpectralDensity", "spectral_density"]
@@ -48,16 +49,16 @@ class SpectralDensity(NamedTuple):
         Products used (``num_probes * num_steps``).
     """
 
-    grid: Any
-    density: Any
-    nodes: Any
-    weights: Any
+    grid: Any  # array kind follows the input
+    density: Any  # array kind follows the input
+    nodes: Any  # array kind follows the input
+    weights: Any  # array kind follows the input
     trace: TraceEstimate
     sigma: float
     num_matvecs: int
 
     def resmooth(
-        self, *, sigma: float | None = None, grid: Any = None, num_points: int = 512
+        self, *, sigma: float | None = None, grid: ArrayLike | None = None, num_points: int = 512
     ) -> SpectralDensity:
         r"""Return the density of the same nodes and weights with another broadening or grid.
 
@@ -95,7 +96,7 @@ class SpectralDensity(NamedTuple):
         self,
         *,
         sigma: float | None = None,
-        grid: Any = None,
+        grid: ArrayLike | None = None,
         num_points: int = 512,
         floor: float | None = None,
     ) -> SpectralDensity:
@@ -144,13 +145,13 @@ class SpectralDensity(NamedTuple):
 
 
 def spectral_density(
-    A: Any,
+    A: OperatorLike,
     *,
     num_probes: int = 10,
     num_steps: int | None = None,
     num_points: int = 512,
     sigma: float | None = None,
-    grid: Any = None,
+    grid: ArrayLike | None = None,
     seed: int | torch.Generator | None = None,
 ) -> SpectralDensity:
     r"""Smoothed spectral density of a symmetric operator by stochastic Lanczos quadrature.

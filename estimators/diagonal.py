@@ -26,11 +26,12 @@ References
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from estimators.trace import DiagonalEstimate
+from linops import OperatorLike
 from linops import blocks as kr
 
 __all__ = ["NormEstimate", "frobenius_norm", "xdiag"]
@@ -57,7 +58,7 @@ def _lift_diagonal(R: torch.Tensor) -> torch.Tensor:
 
 
 def xdiag(
-    A: Any,
+    A: OperatorLike,
     num_matvecs: int = 100,
     *,
     seed: int | torch.Generator | None = None,
@@ -124,7 +125,7 @@ def xdiag(
 
 
 def frobenius_norm(
-    A: Any,
+    A: OperatorLike,
     num_matvecs: int = 100,
     *,
     seed: int | torch.Generator | None = None,

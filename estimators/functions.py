@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from linops import IdentityOperator, aslinearoperator
+from linops import ArrayLike, IdentityOperator, OperatorLike, aslinearoperator
 from linops import blocks as kr
 
 __all__ = [
@@ -95,10 +95,10 @@ class QuadratureBounds(NamedTuple):
         Products used.
     """
 
-    lower: Any
-    upper: Any
-    gauss: Any
-    radau: Any
+    lower: Any  # array kind follows the input
+    upper: Any  # array kind follows the input
+    gauss: Any  # array kind follows the input
+    radau: Any  # array kind follows the input
     num_matvecs: int
 
 
@@ -212,7 +212,7 @@ def _bounds(name: str | None, gauss: float, radau: float) -> tuple[float, float]
 
 
 def trace_function(
-    A: Any,
+    A: OperatorLike,
     f: str | Callable[[torch.Tensor], torch.Tensor],
     *,
     damping: float = 0.0,
@@ -298,7 +298,7 @@ def trace_function(
 
 
 def logdet(
-    A: Any,
+    A: OperatorLike,
     *,
     damping: float = 0.0,
     num_probes: int = 30,
@@ -327,8 +327,8 @@ def logdet(
 
 
 def quadratic_form_bounds(
-    A: Any,
-    b: Any,
+    A: OperatorLike,
+    b: ArrayLike,
     f: str = "inverse",
     *,
     damping: float = 0.0,
@@ -391,7 +391,7 @@ def quadratic_form_bounds(
 
 
 def logdet_bounds(
-    A: Any,
+    A: OperatorLike,
     *,
     damping: float = 0.0,
     num_steps: int = 10,

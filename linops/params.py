@@ -20,6 +20,7 @@ from torch import nn
 from torch.func import functional_call
 
 from linops._defects import uses_weight_norm, workarounds
+from linops._types import Device, Params
 
 __all__ = ["KeywordInputs", "ParamSpace"]
 
@@ -142,7 +143,7 @@ class ParamSpace:
     def __init__(
         self,
         model: torch.nn.Module,
-        params: Any = None,
+        params: Params | None = None,
         *,
         output: Callable[[Any], torch.Tensor] | None = None,
     ) -> None:
@@ -269,7 +270,7 @@ class ParamSpace:
             )
         return out
 
-    def to(self, dtype: torch.dtype | None = None, device: Any = None) -> ParamSpace:
+    def to(self, dtype: torch.dtype | None = None, device: Device | None = None) -> ParamSpace:
         """Return a copy of the space whose reference values live in another dtype or device."""
         new = object.__new__(ParamSpace)
         new.__dict__.update(self.__dict__)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scipy.sparse.linalg import LinearOperator
 
 from estimators.density import SpectralDensity, spectral_density
 from estimators.seeding import Seed
@@ -15,7 +16,7 @@ __all__ = ["DENSITY_DECADES", "density_report", "plot_spectral_density"]
 
 
 def density_report(
-    A: Any,
+    A: LinearOperator,
     *,
     num_matvecs: int = 400,
     num_probes: int = 8,

@@ -8,12 +8,15 @@ epochs get fractional ticks (0.2, 0.4, ...). These helpers put labels where the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 __all__ = ["integer_ticks", "log_ticks_at"]
 
 
-def log_ticks_at(ax: Any, values: Sequence[float], axis: str = "x") -> None:
+def log_ticks_at(ax: Axes, values: Sequence[float], axis: str = "x") -> None:
     """Make ``axis`` of ``ax`` logarithmic with plain labels at ``values`` only (no minor labels).
 
     Parameters
@@ -53,7 +56,7 @@ def _plain_formatter() -> Any:
     return FuncFormatter(lambda v, _pos: f"{v:,.0f}" if v >= 1000 else f"{v:g}")
 
 
-def integer_ticks(ax: Any, axis: str = "x") -> None:
+def integer_ticks(ax: Axes, axis: str = "x") -> None:
     """Put ticks of ``axis`` of ``ax`` on integers only (for counts: checkpoints, epochs, ranks).
 
     Raises
