@@ -1,4 +1,9 @@
-"""Shared plumbing of operators defined by a model, its parameters and a dataset."""
+"""Shared plumbing of operators defined by a model, its parameters and a dataset.
+
+It is over 500 lines for one concept, the base every model operator shares: data, routes,
+the memory budget and the many-vector pass choice all act on the same cached graphs, and
+splitting them would pass that state between modules.
+"""
 
 from __future__ import annotations
 

@@ -11,6 +11,9 @@ and renamed into place when complete (a previous report in the folder is swapped
 interrupted or failed run never leaves a folder that looks complete but mixes two runs. Bad
 arguments get a one-line error and exit code 2, Ctrl-C exits with 130, and ``linops bench``
 runs only the benchmarks of ``bench/`` it lists.
+
+The module is over 500 lines for one concept, the command line: its two commands share the
+argument parsing, run metadata and the missing-peer messages.
 """
 
 from __future__ import annotations

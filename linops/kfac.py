@@ -18,6 +18,11 @@ scaling and, for ``"mc"``, the label draws (per batch, per sample ``m``, from a 
 seeded with ``seed``) are those of curvlinops 3.0.1's ``KFACLinearOperator``. With the row-major
 flattening of ``W`` (``out x in``) the product is :math:`V \mapsto G_\ell V A_\ell`.
 
+The module is over 500 lines for one concept, the Kronecker factors: their two sources
+(chain-route stored inputs, module hooks), the layer kinds and the factored products,
+inverse and closed forms act on the same per-layer state; a split is planned once EKFAC's
+share of it settles.
+
 References
 ----------
 .. [1] J. Martens and R. Grosse, "Optimizing neural networks with Kronecker-factored
