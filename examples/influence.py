@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = run_metadata(quick=args.quick, seed=args.seed, argv=argv)
     res = run(args.quick, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta, **({"note": SMOKE_NOTE} if args.quick else {}), **res}
+    payload = {**meta, **({"smoke_note": SMOKE_NOTE} if args.quick else {}), **res}
     (args.out / "influence.json").write_text(json.dumps(payload, indent=2) + "\n")
     plot(res, args.out / "influence.png", args.quick)
     if args.quick:
