@@ -267,7 +267,11 @@ def markdown(rows: list[dict[str, Any]], ref: dict[str, Any] | None, meta: dict[
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = parser(__doc__, "results/pyhessian", quick_help="small model and budgets (about a minute)")
+    p = parser(
+        __doc__,
+        "results/pyhessian",
+        quick_help="small model and budgets (about 2 minutes, measured on a quiet 2-core CPU)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--seed", type=int, default=0)

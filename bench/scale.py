@@ -485,7 +485,11 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = parser(__doc__, "results/scale", quick_help="tiny shapes and budgets (about a minute)")
+    p = parser(
+        __doc__,
+        "results/scale",
+        quick_help="tiny shapes and budgets (about 2 minutes on a quiet 2-core CPU)",
+    )
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--seed", type=int, default=0)
