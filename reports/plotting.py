@@ -36,9 +36,7 @@ def log_ticks_at(ax: Axes, values: Sequence[float], axis: str = "x") -> None:
     """
     from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
-    if axis not in ("x", "y"):
-        raise ValueError(f"axis: expected 'x' or 'y', got {axis!r}")
-    target = ax.xaxis if axis == "x" else ax.yaxis
+    target = _axis(ax, axis)
     (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
     ticks = sorted({float(v) for v in values if float(v) > 0})
     target.set_major_locator(FixedLocator(ticks))
@@ -66,6 +64,11 @@ def integer_ticks(ax: Axes, axis: str = "x") -> None:
     """
     from matplotlib.ticker import MaxNLocator
 
+    _axis(ax, axis).set_major_locator(MaxNLocator(integer=True))
+
+
+def _axis(ax: Axes, axis: str) -> Any:
+    """Return ``ax.xaxis`` or ``ax.yaxis``; refuse any other ``axis``."""
     if axis not in ("x", "y"):
         raise ValueError(f"axis: expected 'x' or 'y', got {axis!r}")
-    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
+    return ax.xaxis if axis == "x" else ax.yaxis
