@@ -250,13 +250,13 @@ class ModelOperator(TorchLinearOperator):
 
             return data_parallel_apply(self, X, adjoint)
         apply = super()._apply
-        if X.shape[1] > 1:
-            self._measure_pass(X, adjoint)  # block sizes from a measured pass (once)
+        # block sizes from a measured pass (once); its product is the first column's
+        single = self._measure_pass(X, adjoint) if X.shape[1] > 1 else None
         if X.shape[1] > 1 and self.batched[adjoint] is None:  # decided once per direction
             if self._has_forward_mode(adjoint):
-                out = self._forward_mode_first(X, adjoint)
+                out = self._forward_mode_first(X, adjoint, single)
             else:
-                out = self._first_batched(X, adjoint)
+                out = self._first_batched(X, adjoint, single)
         elif self.batched[adjoint] is False and X.shape[1] > 1:
             out = torch.cat([apply(x, adjoint) for x in _columns(X)], 1)
         else:  # a strided column (of a row-major block) would make the product about 2x slower
@@ -278,7 +278,9 @@ class ModelOperator(TorchLinearOperator):
         """Whether a many-vector product of this direction has a forward-mode formulation."""
         return False
 
-    def _forward_mode_first(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
+    def _forward_mode_first(
+        self, X: torch.Tensor, adjoint: bool, single: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """First many-vector product, by the subclass's forward-mode formulation if it holds.
 
         On the autograd route the product is first computed with ``_forward_mode`` set. It is
@@ -287,12 +289,12 @@ class ModelOperator(TorchLinearOperator):
         ``", forward mode for many vectors"``); otherwise :meth:`_first_batched` decides.
         """
         if self.process_group is not None:
-            return self._first_batched(X, adjoint)
+            return self._first_batched(X, adjoint, single)
         if self.route is None:
             for _ in self._graphs():  # learn the route (and keep the graphs when caching)
                 pass
         if not (self.route or "").startswith("autograd"):
-            return self._first_batched(X, adjoint)
+            return self._first_batched(X, adjoint, single)
         apply = super()._apply
         self._forward_mode = True
         try:  # a batch of one vector first: a formulation vmap loops over is never run wide
@@ -302,7 +304,8 @@ class ModelOperator(TorchLinearOperator):
         finally:
             self._forward_mode = False
         if out is not None and failure is None and not loops:
-            single = apply(X[:, :1], adjoint)
+            if single is None:
+                single = apply(X[:, :1], adjoint)
             diff = float((out[:, :1] - single).abs().max())
             tol = math.sqrt(torch.finfo(single.real.dtype).eps) * float(single.abs().max())
             if diff <= tol:
@@ -311,7 +314,7 @@ class ModelOperator(TorchLinearOperator):
                 if "forward mode" not in (self.route or ""):
                     self.route = f"{self.route}, forward mode for many vectors"
                 return out
-        return self._first_batched(X, adjoint)
+        return self._first_batched(X, adjoint, single)
 
     #: while true, a one-column block goes through the batched code path (:meth:`_probe_batched`)
     _probing = False
@@ -331,7 +334,9 @@ class ModelOperator(TorchLinearOperator):
         finally:
             self._probing = False
 
-    def _first_batched(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
+    def _first_batched(
+        self, X: torch.Tensor, adjoint: bool, single: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Return the first many-vector product of a direction, verified against a single-vector one.
 
         torch's batching rules (``is_grads_batched``, i.e. vmap over a backward pass) are
@@ -369,7 +374,8 @@ class ModelOperator(TorchLinearOperator):
             self.batched[adjoint] = True
             return out  # type: ignore[return-value]
         columns = _columns(X)
-        single = apply(columns[0], adjoint)  # raises if products fail altogether
+        if single is None:  # the product of the first column, unless the caller has it
+            single = apply(columns[0], adjoint)  # raises if products fail altogether
         reason = None
         if out is not None:
             diff = float((out[:, :1] - single).abs().max())
@@ -456,14 +462,19 @@ class ModelOperator(TorchLinearOperator):
             return cap
         return max(1, min(cap, self.memory.free_for_passes() // max(1, max(measured))))
 
-    def _measure_pass(self, X: torch.Tensor, adjoint: bool) -> None:
-        """Measure the peak memory of a one-vector product of this direction (once)."""
+    def _measure_pass(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor | None:
+        """Measure the peak memory of a one-vector product of this direction (once).
+
+        Returns that product (of ``X``'s first column), which the first many-vector product
+        reuses as its single-vector check, or ``None`` when nothing was measured.
+        """
         if self.max_vectors is not None or self._pass_bytes[adjoint] is not None:
-            return
+            return None
         x = X[:, :1].contiguous()  # a column of a column-major block, as the passes get
         with PeakMemory() as measured:
-            super()._apply(x, adjoint)
+            single = super()._apply(x, adjoint)
         self._pass_bytes[adjoint] = max(1, measured.peak)
+        return single
 
     def _split_params(self, X: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
         """``(m, k)`` block -> parameter-shaped tensors, batched when ``k > 1`` (or probing)."""
