@@ -10,8 +10,11 @@ first product) and every later product is a single backward pass through it:
 * ``J^T y`` (VJP) is one backward pass through the retained forward graph.
 * ``H v`` (HVP) is one backward pass through the retained gradient graph
   (``create_graph=True``), about 2x faster than a fresh double-backward HVP.
-* Many vectors go through ``is_grads_batched=True`` (vmap over the backward pass) in chunks:
-  eight vectors per pass measured fastest per vector on this CPU.
+* Many vectors go through ``torch.func.vmap`` over the backward pass, in chunks (see
+  :data:`linops._model.DEFAULT_MAX_VECTORS`). Not ``is_grads_batched=True``: that is torch's
+  older vmap, without batching rules for layer_norm, softmax, gelu, batch_norm or convolution
+  backward (it loops over the vectors there: a 32-vector ``J^T`` of ``bench/models.py``'s
+  residual LayerNorm MLP cost 1.2 ms per vector against 0.45 ms with ``torch.func.vmap``).
 
 With ``cache=False`` the graphs are rebuilt at every product and freed, for data whose
 activations do not fit in memory.
@@ -46,15 +49,25 @@ def _grad(
     k = grad_outputs[0].shape[0] if batched else None
     if not live:
         return [_zeros(x, k) for x in inputs]
-    grads = torch.autograd.grad(
-        [outputs[i] for i in live],
-        inputs,
-        grad_outputs=[grad_outputs[i] for i in live],
-        retain_graph=True,
-        allow_unused=True,
-        is_grads_batched=batched,
-    )
-    return [g if g is not None else _zeros(x, k) for g, x in zip(grads, inputs, strict=True)]
+    outs = [outputs[i] for i in live]
+
+    def backward(*cotangents: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(
+            outs,
+            inputs,
+            grad_outputs=cotangents,
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+
+    cotangents = [grad_outputs[i] for i in live]
+    if not batched:
+        return list(backward(*cotangents))
+    # torch.func.vmap, not is_grads_batched: the latter is torch's older vmap, which has no
+    # batching rule for layer_norm, softmax, gelu, batch_norm or convolution backward and
+    # loops over the vectors there; functorch's vmap has rules for all of them
+    return list(torch.func.vmap(backward)(*cotangents))
 
 
 def _zeros(x: torch.Tensor, k: int | None) -> torch.Tensor:
@@ -136,9 +149,8 @@ def forward_mode_jvp(
     """``J V`` of one batch for ``K`` batched tangents by forward mode: ``(K, n_b, d)``.
 
     ``torch.func.vmap`` over ``torch.func.jvp``: the forward pass is recomputed with ``K``
-    tangents at once. Unlike ``is_grads_batched`` (vmap over a *backward* pass, without
-    batching rules for many backward kernels in torch 2.13), torch has batching rules for most
-    forward-mode kernels, so this pass is truly batched where the retained graph's is not.
+    tangents at once; through convolutions it is truly batched where the retained graph's
+    backward is not (:data:`linops._model.FOLDING_KERNELS`).
     Used only after :class:`linops._model.ModelOperator` has checked it against a
     single-vector product of the retained graph.
     """

@@ -55,12 +55,14 @@ KNOWN_DEFECTS: tuple[TorchDefect, ...] = (
         "a graph is built (a TorchFunctionMode, active only for models that use weight norm)",
     ),
     TorchDefect(
-        "batched double backward fails through group_norm",
-        "is_grads_batched=True (vmap over a backward pass) of a GroupNorm's double backward "
-        "raises a shape error",
-        "an autograd-route operator whose batched pass raises, or disagrees with a single-vector "
-        "pass on its first batched product, computes one vector per pass from then on, says so "
-        "in op.route and warns once",
+        "is_grads_batched lacks batching rules and fails through group_norm",
+        "torch.autograd.grad(..., is_grads_batched=True) runs torch's older vmap, which raises "
+        "a shape error on a GroupNorm's double backward and loops over the vectors inside "
+        "layer_norm, softmax, gelu, batch_norm and convolution backward",
+        "blocks go through torch.func.vmap over the backward pass, which batches all of these; "
+        "an autograd-route operator whose batched pass still raises, or disagrees with a "
+        "single-vector pass on its first batched product, computes one vector per pass from "
+        "then on, says so in op.route and warns once",
     ),
     TorchDefect(
         "vmapped second derivatives are wrong through layer_norm",

@@ -8,6 +8,7 @@ splitting them would pass that state between modules.
 from __future__ import annotations
 
 import cmath
+import contextlib
 import copy
 import math
 import warnings
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from linops._chain import Chain, ChainMismatch
 from linops._checks import check_device, check_dtype, check_finite
@@ -307,8 +309,7 @@ class ModelOperator(TorchLinearOperator):
             if single is None:
                 single = apply(X[:, :1], adjoint)
             diff = float((out[:, :1] - single).abs().max())
-            tol = math.sqrt(torch.finfo(single.real.dtype).eps) * float(single.abs().max())
-            if diff <= tol:
+            if diff <= self._agreement_tol(single):
                 self._forward_mode = True
                 self.batched[adjoint] = True
                 if "forward mode" not in (self.route or ""):
@@ -320,17 +321,17 @@ class ModelOperator(TorchLinearOperator):
     _probing = False
 
     def _probe_batched(
-        self, X: torch.Tensor, adjoint: bool
+        self, X: torch.Tensor, adjoint: bool, kernels: set[str] | None = None
     ) -> tuple[torch.Tensor | None, BaseException | None, list[str]]:
         """Run the batched pass on the first column alone, as a batch of one vector.
 
         vmap's fallback for a kernel without a batching rule fires whatever the batch size, so
         this finds the kernels a wide pass would loop over at the memory and time of one
-        product. Returns what :func:`attempt_batched` returns.
+        product. Returns what :func:`attempt_batched` returns (``kernels`` as there).
         """
         self._probing = True
         try:
-            return attempt_batched(super()._apply, X[:, :1], adjoint)
+            return attempt_batched(super()._apply, X[:, :1], adjoint, kernels)
         finally:
             self._probing = False
 
@@ -339,24 +340,25 @@ class ModelOperator(TorchLinearOperator):
     ) -> torch.Tensor:
         """Return the first many-vector product of a direction, verified against a single-vector one.
 
-        torch's batching rules (``is_grads_batched``, i.e. vmap over a backward pass) are
-        missing or wrong for some kernels (:mod:`linops._defects`: GroupNorm's double
-        backward), and where a rule is missing vmap loops over the vectors inside the pass. On
-        the autograd route the first column of the first batched product is recomputed alone:
+        A block goes through ``torch.func.vmap`` over a backward pass of the retained graph
+        (:func:`linops._autodiff._grad`). Its batching rules can be missing (vmap then loops
+        over the vectors inside the pass), slow, or wrong. On the autograd route a batched
+        pass over a batch of *one* vector (:meth:`_probe_batched`) first finds the kernels
+        the pass runs, and the first column of the first batched product is checked against
+        a single-vector product:
 
-        * if the batched pass raised or disagrees, this operator computes one vector per pass
-          from then on and warns once;
-        * if vmap falls back to its loop for some kernel, it computes one vector per pass too
-          (no warning): the batched pass would be a loop inside vmap, with vmap's overhead and
-          every vector's temporaries alive at once (a CIFAR ResNet-20's 8-vector Hessian pass
-          peaked at about 11x one product's memory). Which kernels vmap loops over is found
-          by a batched pass over a batch of *one* vector (:meth:`_probe_batched`), so such a
-          block is never run wide, not even once. Measured here (``bench/models.py`` and the
-          note of the issue that added this), such a pass cost 1.0-2.1x a single product per
-          vector against 0.84-1.19x for a plain loop, on every model and product that showed
-          a fallback (residual LayerNorm MLP, ResNet with BatchNorm, transformer, the 10k MLP
-          and small CNN on this route). The choice depends only on the model's kernels, never
-          on a timing, so the same operator always takes the same route.
+        * if vmap would loop over some kernel (torch 2.13: ``mish_backward``, the oneDNN
+          LSTM's backward in float32), or if the pass runs a kernel of
+          :data:`FOLDING_KERNELS` (convolutions, whose rules fold the K vectors into the
+          convolution's batch or groups: a CIFAR ResNet-20's 8-vector Hessian block cost
+          0.99x the time of 8 single products at 8.8x one product's peak memory,
+          ``bench/batching.py --resnet20``), the operator computes one vector per pass, with
+          no warning, and the wide pass is never run, not even once;
+        * if the batched pass raised or disagrees, it computes one vector per pass from then
+          on and warns once.
+
+        The choice depends only on the model's kernels, never on a timing, so the same
+        operator always takes the same route.
 
         ``op.batched`` says what was chosen per direction, ``op.route`` ends in
         ``", one vector per pass"`` and ``op.unbatched_reason`` says why.
@@ -365,10 +367,14 @@ class ModelOperator(TorchLinearOperator):
         failure: BaseException | str | None
         loops: list[str] = []
         out, failure = None, None
+        kernels: set[str] = set()
         if self.route != "chain":  # a batch of one vector: which kernels vmap would loop over
-            out, failure, loops = self._probe_batched(X, adjoint)
+            out, failure, loops = self._probe_batched(X, adjoint, kernels)
             out = None  # one column; the block is computed below unless vmap would loop
-        if failure is None and not loops:
+        folding = sorted(kernels.intersection(FOLDING_KERNELS))
+        if self.route == "chain":  # learned by the probe: the chain's own block products
+            loops, folding = [], []
+        if failure is None and not loops and not folding:
             out, failure, loops = attempt_batched(apply, X, adjoint)
         if self.route == "chain" and failure is None:
             self.batched[adjoint] = True
@@ -379,14 +385,18 @@ class ModelOperator(TorchLinearOperator):
         reason = None
         if out is not None:
             diff = float((out[:, :1] - single).abs().max())
-            tol = math.sqrt(torch.finfo(single.real.dtype).eps) * float(single.abs().max())
-            if diff > tol:
+            if diff > self._agreement_tol(single):
                 failure = f"its first column differs from a single-vector product by {diff:.3g}"
             elif not loops:
                 self.batched[adjoint] = True
                 return out
         if failure is None and loops:
             reason = f"vmap has no batching rule for {', '.join(loops)}"
+        elif failure is None and folding:
+            reason = (
+                f"vmap's batching rule for {', '.join(folding)} folds the vectors into the "
+                "kernel: no faster than one pass per vector, at K times the memory"
+            )
         if failure is not None:
             reason = f"the batched pass failed: {str(failure).splitlines()[0][:200]}"
             warnings.warn(
@@ -401,6 +411,15 @@ class ModelOperator(TorchLinearOperator):
         self.route = f"{self.route}, one vector per pass"
         rest = [apply(x, adjoint) for x in columns[1:]]
         return torch.cat([single, *rest], dim=1)
+
+    def _agreement_tol(self, single: torch.Tensor) -> float:
+        """How far a batched pass's first column may be from the single product ``single``.
+
+        ``sqrt(eps) * max|single|`` in the precision the operator computes in (``single`` may
+        be promoted to a wider dtype than that).
+        """
+        eps = max(torch.finfo(self.torch_dtype).eps, torch.finfo(single.dtype).eps)
+        return math.sqrt(eps) * float(single.abs().max())
 
     def _to(self, dtype: torch.dtype, device: torch.device) -> ModelOperator:
         """Return the same operator computing in ``dtype`` on ``device``.
@@ -516,23 +535,58 @@ def _columns(X: torch.Tensor) -> list[torch.Tensor]:
 _VMAP_LOOP = "we have not yet implemented the batching rule for "
 
 
+#: kernels whose batching rule folds the vectors into the kernel's own batch or groups: on the
+#: CPU a pass of K vectors through them costs about K single passes at K times the memory
+#: (``bench/batching.py --resnet20``), so a block pass through them is a loop (see
+#: :meth:`ModelOperator._first_batched`)
+FOLDING_KERNELS = ("aten.convolution_backward", "aten.convolution")
+
+
+class _KernelLog(TorchDispatchMode):
+    """Records the kernels a pass runs, as ``aten.<name>`` (after vmap's batching rules)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels: set[str] = set()
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:  # whatever the kernel returns
+        self.kernels.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
 def attempt_batched(
-    apply: Callable[[torch.Tensor, bool], torch.Tensor], X: torch.Tensor, adjoint: bool
+    apply: Callable[[torch.Tensor, bool], torch.Tensor],
+    X: torch.Tensor,
+    adjoint: bool,
+    kernels: set[str] | None = None,
 ) -> tuple[torch.Tensor | None, BaseException | None, list[str]]:
-    """Return a batched product, its failure if any, and the kernels vmap looped over inside it."""
+    """Return a batched product, its failure if any, and the kernels vmap looped over inside it.
+
+    ``kernels``: if given, the kernels the pass ran are added to it.
+    """
     enabled = torch._C._debug_only_are_vmap_fallback_warnings_enabled()  # type: ignore[attr-defined]
     torch._C._debug_only_display_vmap_fallback_warnings(True)  # type: ignore[attr-defined]
     torch._C._functorch._set_vmap_fallback_warning_enabled(True)  # type: ignore[attr-defined]
+    log = _KernelLog() if kernels is not None else contextlib.nullcontext()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                out, failure = apply(X, adjoint), None
+                with log:
+                    out, failure = apply(X, adjoint), None
             except (RuntimeError, NotImplementedError) as err:  # e.g. no forward AD for a kernel
                 out, failure = None, err
     finally:
         torch._C._debug_only_display_vmap_fallback_warnings(enabled)  # type: ignore[attr-defined]
         torch._C._functorch._set_vmap_fallback_warning_enabled(False)  # type: ignore[attr-defined]
+    if isinstance(log, _KernelLog) and kernels is not None:
+        kernels |= log.kernels
     loops = set()
     for w in caught:
         text = str(w.message)

@@ -26,18 +26,25 @@ RTOL = 1e-10
 def _recording(widths: list[int]) -> Any:
     real = linops._model.attempt_batched
 
-    def attempt(apply: Any, X: torch.Tensor, adjoint: bool) -> Any:
+    def attempt(apply: Any, X: torch.Tensor, adjoint: bool, kernels: Any = None) -> Any:
         widths.append(X.shape[1])
-        return real(apply, X, adjoint)
+        return real(apply, X, adjoint, kernels)
 
     return attempt
 
 
 @pytest.mark.parametrize("name", ["H", "JT"])
-def test_resnet_takes_one_vector_per_pass_without_running_the_wide_pass(
-    name: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("case", "why"),
+    [
+        ("resnet-batchnorm-eval", "aten.convolution_backward folds the vectors"),
+        ("conv1d-mish", "vmap has no batching rule for aten::mish_backward"),
+    ],
+)
+def test_blocks_vmap_would_not_batch_take_one_vector_per_pass_without_the_wide_pass(
+    case: str, why: str, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    op, D = _operator(name, BY_NAME["resnet-batchnorm-eval"])
+    op, D = _operator(name, BY_NAME[case])
     widths: list[int] = []
     monkeypatch.setattr(linops._model, "attempt_batched", _recording(widths))
     V = torch.randn(op.shape[1], 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -47,12 +54,31 @@ def test_resnet_takes_one_vector_per_pass_without_running_the_wide_pass(
     assert widths == [1]  # only the one-vector probe went through vmap
     assert J.batched[adjoint] is False
     reason = J.unbatched_reason[adjoint]
-    assert reason is not None and "vmap has no batching rule" in reason
-    assert "convolution_backward" in reason or "native_batch_norm_backward" in reason
+    assert reason is not None and why in reason
     assert J.route.endswith("one vector per pass")
     widths.clear()
     assert _rel(op @ V, D @ V) < RTOL  # later blocks: a plain loop, no vmap at all
     assert widths == []
+
+
+@pytest.mark.parametrize(
+    ("case", "name"),
+    [
+        ("residual-layernorm-mlp", "H"),  # native_layer_norm_backward, gelu_backward
+        ("residual-layernorm-mlp", "JT"),
+        ("transformer-pre-norm-gelu", "H"),  # softmax backward and layer norm
+        ("transformer-pre-norm-gelu", "JT"),
+    ],
+)
+def test_blocks_through_norms_and_attention_are_batched(case: str, name: str) -> None:
+    """torch.func.vmap has the batching rules torch's older ``is_grads_batched`` vmap lacks."""
+    op, D = _operator(name, BY_NAME[case])
+    V = torch.randn(op.shape[1], 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert _rel(op @ V, D @ V) < RTOL
+    J = op.args[0] if name == "JT" else op
+    adjoint = name == "JT"
+    assert J.batched[adjoint] is True and J.unbatched_reason[adjoint] is None
+    assert "one vector per pass" not in J.route
 
 
 CASES = [
@@ -128,7 +154,7 @@ def test_a_cnn_without_forward_ad_keeps_the_retained_graph_for_single_products()
     assert _rel(J @ v, ref @ v) < RTOL
     assert J.route == "autograd" and J._single_forward_mode is False
     # and the dense reference of that operator is the one torch.func gives without the Function
-    p = dict(model.named_parameters())
+    p = {k: v.detach() for k, v in model.named_parameters()}
     f = lambda w, b, hw, hb: torch.nn.functional.linear(  # noqa: E731
         (torch.nn.functional.conv2d(X, w, b) ** 2).flatten(1), hw, hb
     ).reshape(-1)
