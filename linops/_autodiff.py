@@ -22,6 +22,7 @@ activations do not fit in memory.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -98,6 +99,11 @@ class OutputGraph:
             g if g is not None else torch.zeros_like(x)
             for g, x in zip(gu, self.leaves, strict=True)
         ]
+
+    @functools.cached_property
+    def convolutional(self) -> bool:
+        """Whether the forward pass ran a convolution (a batched ``J^T`` through it folds)."""
+        return graph_has(self.out, "Convolution")
 
     def jvp(self, tangents: Sequence[torch.Tensor], batched: bool) -> torch.Tensor:
         """``J v`` for parameter-shaped tangents (leading batch dim if ``batched``)."""
@@ -194,6 +200,21 @@ def forward_ad_jvp(
         tangent = torch.zeros_like(out)
     tangent = tangent.reshape(tangent.shape[0], -1)
     return tangent if output_index is None else tangent[:, output_index : output_index + 1]
+
+
+def graph_has(out: torch.Tensor, prefix: str) -> bool:
+    """Whether the autograd graph of ``out`` has a node whose type name starts with ``prefix``."""
+    seen: set[Any] = set()
+    stack = [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        if type(fn).__name__.startswith(prefix):
+            return True
+        seen.add(fn)
+        stack.extend(f for f, _ in fn.next_functions)
+    return False
 
 
 def has_convolution(model: torch.nn.Module) -> bool:

@@ -32,17 +32,13 @@ from linops.memory import (
 )
 from linops.params import KeywordInputs, ParamSpace
 
-#: Vectors per batched pass. Batching pays where single products are overhead-bound. In four
-#: warm sweeps of ``bench/operators.py --chunks`` (32 vectors in passes of 1-32, per vector,
-#: over one vector; they differ run to run on this machine) 8 per pass gave 0.54-1.40 on the
-#: 10k-parameter MLP and 0.63-1.59 on the small CNN, whose tangents of n K width entries
-#: outgrow the caches a single product's fit in, and 0.85-1.62 on the 1M-parameter MLP, whose
-#: single products are already large GEMMs. A one-shot timing at the first product to choose
-#: per operator was tried and reverted: a single measurement was too noisy and picked the
-#: slower route. Since blocks are made column-major (``TorchLinearOperator._apply``) one vector
-#: per pass costs on the 1M MLP about what 8 do (H, J, J^T: 1.05 / 1.22 / 0.99 against
-#: 1.02 / 1.32 / 0.96 of a single product, one shuffled sweep).
-DEFAULT_MAX_VECTORS = 8
+#: Vectors per batched pass (at most; the memory budget may allow fewer, see
+#: :meth:`ModelOperator.vectors_per_pass`). With blocks through ``torch.func.vmap`` (truly
+#: batched on norms and attention), ``bench/models.py --quick`` gave 32-vector products per
+#: vector over one vector of 0.30-0.60 in passes of 32 against 0.45-0.64 in passes of 8 on
+#: the residual LayerNorm MLP and the transformer (one run each, same machine, load below 1):
+#: a forward-mode block recomputes the forward pass once per pass, so wider passes amortise it.
+DEFAULT_MAX_VECTORS = 32
 
 #: how products are computed: hand-derived for chains (MLPs, plain CNNs) when possible, or
 #: autograd

@@ -325,14 +325,17 @@ class GGNOperator(_LossOperator):
     def _forward_mode_product(
         self, outputs: Any, loss: Any, x: torch.Tensor, tangents: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        """``J^T H J V`` with ``J V`` by batched forward mode and ``J^T`` one vector at a time.
+        """``J^T H J V`` with ``J V`` by batched forward mode, then a batched ``J^T``.
 
         The forward pass is batched by torch (:func:`linops._autodiff.forward_mode_jvp`), the
-        loss Hessian on the outputs is small, and ``J^T`` replays the retained graph once per
-        vector: on the autograd route vmap would loop over the backward kernels anyway.
+        loss Hessian on the outputs is small, and ``J^T`` replays the retained graph under
+        vmap, or once per vector through a convolution, whose batching rule folds the vectors
+        into the kernel (:data:`linops._model.FOLDING_KERNELS`).
         """
         jv = forward_mode_jvp(self.space, x, None, tangents)  # (K, n_b, d)
         hv = loss.hvp(jv.reshape(jv.shape[0], *outputs.out.shape), True)
+        if not outputs.convolutional:
+            return outputs.vjp(hv, True)
         cols = [outputs.vjp(hv[i], False) for i in range(hv.shape[0])]
         return [torch.stack(parts) for parts in zip(*cols, strict=True)]
 

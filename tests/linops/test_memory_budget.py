@@ -12,6 +12,7 @@ from torch import nn
 import linops.memory as memory
 from linops import GGNOperator, HessianOperator, JacobianOperator
 from linops._fingerprint import operator_fingerprint
+from linops._model import DEFAULT_MAX_VECTORS
 from linops.memory import (
     CACHE_FRACTION,
     DEFAULT_BUDGET_FRACTION,
@@ -128,7 +129,7 @@ def test_cache_true_and_false_override_the_budget() -> None:
 def test_block_size_from_the_measured_peak_of_one_pass() -> None:
     model, data = _setup()
     H = HessianOperator(model, nn.CrossEntropyLoss(), data, cache=False)
-    assert H.vectors_per_pass() == 8  # not measured yet: the default
+    assert H.vectors_per_pass() == DEFAULT_MAX_VECTORS  # not measured yet: the default
     H @ _vectors(H.shape[1], 2)
     peak = H.cache_info().bytes_per_pass
     assert peak is not None and peak > 0
@@ -147,7 +148,7 @@ def test_block_size_from_the_measured_peak_of_one_pass() -> None:
         Hb._matmat_torch = counting  # type: ignore[method-assign]
         out = Hb @ _vectors(Hb.shape[1], 7)
         assert Hb.cache_info().bytes_per_pass == peak  # the same pass, measured the same
-        assert Hb.vectors_per_pass() == min(fit, 8)
+        assert Hb.vectors_per_pass() == min(fit, DEFAULT_MAX_VECTORS)
         assert sizes[0] == 1 and max(sizes[1:]) == min(fit, 7)  # after the measuring pass
         assert torch.allclose(out, H @ _vectors(H.shape[1], 7), rtol=1e-12, atol=1e-14)
 
