@@ -18,16 +18,17 @@ products' ratio. Times are medians of back-to-back calls after a warm-up call.
 
 **ResNet-20 blocks** (``--resnet20``, issue 22): a CIFAR ResNet-20 (269,722 parameters,
 BatchNorm in eval mode, identity shortcuts with zero-padded channels) on CIFAR-shaped random
-images, float32. torch 2.13 has no vmap batching rule for ``convolution_backward``,
-``_convolution_double_backward`` or ``native_batch_norm_backward``, so the operators' block pass
-(found at the first block, by a one-vector probe) is one vector per pass. Each figure comes
-from its own subprocess: the wall time of an 8-vector block ``H V`` against 8 single
+images, float32. ``torch.func.vmap``'s batching rule for convolutions folds the vectors into
+the convolution (no faster than a loop here, at K times the memory), so the operators' block
+pass (found at the first block, by a one-vector probe) is one vector per pass. Each figure
+comes from its own subprocess: the wall time of an 8-vector block ``H V`` against 8 single
 products ``H v`` (interleaved rounds, medians), and the peak resident memory above the
 resident memory before the product (``VmHWM`` of ``/proc/self/status``, reset through
 ``/proc/self/clear_refs`` once the graph is built; ``ru_maxrss`` where that is not
-available) of one single product, of the first 8-vector block (probe included), and, with
-``--wide``, of the 8-vector pass torch's ``is_grads_batched`` would run (vmap looping inside
-the pass), which is what the operators avoid.
+available) of the first single product and of the first 8-vector block (its measuring and
+probe passes included), of a later single product and a later block (the steady state of a
+solver, after the allocator has grown its heap), and, with ``--wide``, of the 8-vector pass
+torch's ``is_grads_batched`` would run (vmap looping inside the pass), which is what the operators avoid.
 
 Usage::
 
@@ -276,6 +277,13 @@ def resnet20_worker(task: str, n: int, k: int, repeats: int) -> dict[str, Any]:
         out = _peak_bytes(lambda: H @ V)
         out["route"], out["reason"] = H.route, H.unbatched_reason[False]
         return out
+    if task == "single_later":  # after two single products: the steady state of a solver
+        H @ V[:, 0]
+        H @ V[:, 1]
+        return _peak_bytes(lambda: H @ V[:, 2])
+    if task == "block_later":  # after a first block (which decided the block pass)
+        H @ V
+        return _peak_bytes(lambda: H @ V)
     if task == "wide":  # what is_grads_batched does on its own: vmap looping inside the pass
 
         def wide() -> None:
@@ -313,6 +321,8 @@ def resnet20_rows(quick: bool, repeats: int, wide: bool) -> dict[str, Any]:
     timing = _run_worker("time", n, k, repeats)
     single = _run_worker("single", n, k, repeats)
     block = _run_worker("block", n, k, repeats)
+    single_later = _run_worker("single_later", n, k, repeats)
+    block_later = _run_worker("block_later", n, k, repeats)
     out: dict[str, Any] = {
         "images": n,
         "vectors": k,
@@ -324,6 +334,10 @@ def resnet20_rows(quick: bool, repeats: int, wide: bool) -> dict[str, Any]:
         "bytes_peak_single_product": single["bytes"],
         "bytes_peak_first_block": block["bytes"],
         "ratio_memory_block_over_single": block["bytes"] / max(1, single["bytes"]),
+        "bytes_peak_later_single_product": single_later["bytes"],
+        "bytes_peak_later_block": block_later["bytes"],
+        "ratio_memory_later_block_over_later_single": block_later["bytes"]
+        / max(1, single_later["bytes"]),
         "memory_measured_by": single["how"],
     }
     if wide:
@@ -349,6 +363,11 @@ def resnet20_markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
         f"| peak of one product (MB) | {mb * r['bytes_peak_single_product']:.0f} |",
         f"| peak of the first 8-vector block (MB) | {mb * r['bytes_peak_first_block']:.0f} |",
         f"| block / one product, peak memory | {r['ratio_memory_block_over_single']:.2f} |",
+        f"| peak of a later single product (MB) | "
+        f"{mb * r['bytes_peak_later_single_product']:.0f} |",
+        f"| peak of a later 8-vector block (MB) | {mb * r['bytes_peak_later_block']:.0f} |",
+        f"| later block / later product, peak memory | "
+        f"{r['ratio_memory_later_block_over_later_single']:.2f} |",
     ]
     if "bytes_peak_wide_vmap_pass" in r:
         lines += [

@@ -256,7 +256,7 @@ class ModelOperator(TorchLinearOperator):
             else:
                 out = self._first_batched(X, adjoint, single)
         elif self.batched[adjoint] is False and X.shape[1] > 1:
-            out = torch.cat([apply(x, adjoint) for x in _columns(X)], 1)
+            out = _loop(apply, _columns(X), adjoint)
         else:  # a strided column (of a row-major block) would make the product about 2x slower
             out = apply(X if X.shape[1] > 1 or X.stride(0) == 1 else X.contiguous(), adjoint)
         if self.check_finite and out.numel() and not cmath.isfinite(out.sum().item()):
@@ -405,8 +405,7 @@ class ModelOperator(TorchLinearOperator):
         self.batched[adjoint] = False
         self.unbatched_reason[adjoint] = reason
         self.route = f"{self.route}, one vector per pass"
-        rest = [apply(x, adjoint) for x in columns[1:]]
-        return torch.cat([single, *rest], dim=1)
+        return _loop(apply, columns, adjoint, single)
 
     def _agreement_tol(self, single: torch.Tensor) -> float:
         """How far a batched pass's first column may be from the single product ``single``.
@@ -526,6 +525,25 @@ def _columns(X: torch.Tensor) -> list[torch.Tensor]:
     against 5.1 ms CPU time on one thread): one copy of the block up front.
     """
     return list(X.T.contiguous()[:, :, None])
+
+
+def _loop(
+    apply: Callable[[torch.Tensor, bool], torch.Tensor],
+    columns: list[torch.Tensor],
+    adjoint: bool,
+    first: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One product per column, written into the block as it comes (``first``: column 0's).
+
+    Not a ``torch.cat`` of the columns' products, which would hold the block twice.
+    """
+    out = first if first is not None else apply(columns[0], adjoint)
+    block = out.new_empty((out.shape[0], len(columns)))
+    block[:, :1] = out
+    del out
+    for i, x in enumerate(columns[1:], start=1):
+        block[:, i : i + 1] = apply(x, adjoint)
+    return block
 
 
 _VMAP_LOOP = "we have not yet implemented the batching rule for "
