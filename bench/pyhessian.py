@@ -14,9 +14,12 @@ would call them:
 * ``top1`` / ``top5``: PyHessian's ``eigenvalues(top_n=1 | 5)`` (power iteration with
   deflation, its defaults ``maxIter=100, tol=1e-3``) against :func:`linops.lanczos`
   ``(k, "LA")`` (thick restart, default ``rtol = sqrt(eps)``);
-* ``trace``: Hutchinson at 100 products: PyHessian's ``trace(maxIter=100, tol=-1)`` (the
-  negative tolerance disables its early stop) against :func:`estimators.hutchinson_trace`
-  ``(H, 100)``;
+* ``trace``: Hutchinson at 100 products: PyHessian's ``trace(maxIter=100, tol=-inf)``
+  against :func:`estimators.hutchinson_trace`
+  ``(H, 100)``. PyHessian stops when ``|mean - previous| / (previous + 1e-6) < tol``,
+  without an absolute value in the denominator: after a negative first sample any negative
+  ``tol`` can stop it at the second product (``tol=-1`` did, on the quick problem), so only
+  ``tol=-inf`` runs all ``maxIter`` products;
 * ``density``: SLQ with one probe and 100 Lanczos steps: PyHessian's ``density(iter=100,
   n_v=1)`` against :func:`estimators.spectral_density` ``(num_probes=1, num_steps=100)``.
   PyHessian's ``density`` calls ``torch.eig``, removed in torch 2.x; this bench (only) puts
@@ -141,7 +144,7 @@ def run_pyhessian(task: str, quick: bool, seed: int) -> dict[str, Any]:
         vals, _ = comp.eigenvalues(top_n=1 if task == "top1" else 5)
         out: dict[str, Any] = {"eigenvalues": sorted(float(v) for v in vals)}
     elif task == "trace":
-        vhv = comp.trace(maxIter=b["trace"], tol=-1.0)
+        vhv = comp.trace(maxIter=b["trace"], tol=-math.inf)
         se = statistics.stdev(vhv) / math.sqrt(len(vhv)) if len(vhv) > 1 else math.nan
         out = {"trace": float(sum(vhv) / len(vhv)), "trace_stderr": se}
     else:
