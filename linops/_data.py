@@ -162,6 +162,16 @@ class Batches:
         #: whether the batches are keyword inputs (dicts), known once one has been drawn
         self.keyword_inputs = False
 
+    @property
+    def source(self) -> Any:
+        """The data as given (tensors, a pair, a dict, a loader or an iterable of batches)."""
+        return self._source
+
+    @property
+    def batch_size(self) -> int | None:
+        """The split of tensor data into batches, as given (``None``: one batch)."""
+        return self._batch_size
+
     # ----------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[Any]:
         if self._num_batches is not None and len(self._cached) == self._num_batches:

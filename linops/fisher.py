@@ -54,6 +54,7 @@ from linops._chain import ChainOutputGraph
 from linops._reduction import _describe
 from linops._types import Data, LossFunction, Params
 from linops.hessian import _LossOperator
+from linops.params import KeywordInputs
 
 __all__ = ["EmpiricalFisherOperator", "FisherOperator"]
 
@@ -136,15 +137,26 @@ class _OutputFactorOperator(_LossOperator):
         names = self.space.names
         values = tuple(self.space.values().values())
 
-        def f(vals: tuple[Tensor, ...], xi: Tensor) -> Tensor:
-            out = self.space.functional_call(dict(zip(names, vals, strict=True)), xi[None])
-            return out.reshape(-1)
+        def f(vals: tuple[Tensor, ...], xi: Any, fixed: dict[str, Any]) -> Tensor:
+            params = dict(zip(names, vals, strict=True))
+            if isinstance(xi, dict):  # one sample of keyword inputs
+                one = KeywordInputs({**fixed, **{k: t[None] for k, t in xi.items()}})
+                return self.space.functional_call(params, one).reshape(-1)
+            return self.space.functional_call(params, xi[None]).reshape(-1)
 
-        jac = torch.func.vmap(torch.func.jacrev(f), in_dims=(None, 0))
+        def jac(vals: tuple[Tensor, ...], x: Any) -> tuple[Tensor, ...]:
+            fixed: dict[str, Any] = {}
+            if isinstance(x, KeywordInputs):  # vmap over the batched tensors only
+                batched = {k: v for k, v in x.values.items() if isinstance(v, Tensor) and v.dim()}
+                fixed = {k: v for k, v in x.values.items() if k not in batched}
+                x = batched
+            per_sample = torch.func.vmap(torch.func.jacrev(f), in_dims=(None, 0, None))
+            return per_sample(vals, x, fixed)
+
         total = torch.zeros(self.shape[0], dtype=self.torch_dtype, device=self.device)
         for w, (x, _), block in zip(self._weights(), self.batches, self._graphs(), strict=True):
             S = block.factor_matrix()
-            for i in range(0, x.shape[0], max_samples):
+            for i in range(0, len(x), max_samples):
                 parts = jac(values, x[i : i + max_samples])
                 J = torch.cat([t.reshape(t.shape[0], t.shape[1], -1) for t in parts], dim=2)
                 total += w * torch.einsum("cdr,cdp->crp", S[i : i + max_samples], J).pow(2).sum(

@@ -692,8 +692,8 @@ def kfac_preconditioner(A: Any, damping: float, *, heuristic: bool = False) -> T
         )
     batches = A.batches
     K = KFACOperator(
-        A.model, A.loss_fn, batches._source, params=A.space.values(), dtype=A.torch_dtype,
-        device=A.device, batch_size=batches._batch_size, reduction=A._reduction,
+        A.model, A.loss_fn, batches.source, params=A.space.values(), dtype=A.torch_dtype,
+        device=A.device, batch_size=batches.batch_size, reduction=A._reduction,
         label_key=A.label_key, **kw,
     )  # fmt: skip
     return K.inverse(damping, heuristic=heuristic)

@@ -171,3 +171,24 @@ def test_other_bad_dict_inputs() -> None:
         ).to_dense()
     with pytest.raises(TypeError, match="label_key"):
         HessianOperator(body, nn.CrossEntropyLoss(), (X, y), label_key=3)  # type: ignore[arg-type]
+
+
+def test_fisher_diagonal_on_dicts_equals_that_on_tensors() -> None:
+    from linops import EmpiricalFisherOperator, FisherOperator
+
+    X, y = _tensors()
+    body = _body()
+    for cls in (FisherOperator, EmpiricalFisherOperator):
+        on_tensors = cls(body, nn.CrossEntropyLoss(), _tensor_batches(X, y))
+        on_dicts = cls(
+            KeywordModel(copy.deepcopy(body)),
+            nn.CrossEntropyLoss(),
+            _dict_batches(X, y),
+            output=_logits,
+            label_key="labels",
+        )
+        want = on_tensors.diagonal(max_samples=3)
+        got = on_dicts.diagonal(max_samples=3)
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-15)
+        dense = torch.diagonal(on_tensors.to_dense())
+        assert torch.allclose(want, dense, rtol=1e-10, atol=1e-14)
