@@ -96,19 +96,52 @@ def _quadratic_forms(Z: torch.Tensor, BZ: torch.Tensor, rademacher: bool) -> tup
     (:math:`E[z\odot Bz] = \operatorname{diag}B`, Bekas et al. 2007). The standard error uses
     the larger of that moment estimate and the sample variance.
     """
-    N = Z.shape[1]
-    samples = (Z.conj() * BZ).sum(dim=0).real
-    mean, sem = _mean_sem(samples)
-    if N < 2:
-        return mean, sem
-    fro2 = float((BZ.abs() ** 2).sum()) / N
-    diag2 = 0.0
-    if rademacher:
-        D = (Z.conj() * BZ).real
-        total = D.sum(dim=1)
-        diag2 = (float(total @ total) - float((D * D).sum())) / (N * (N - 1))
-    model = max(2 * (fro2 - diag2), 0.0)
-    return mean, max(sem, math.sqrt(model / N))
+    forms = _Forms(rademacher)
+    forms.add(Z, BZ)
+    return forms.result()
+
+
+class _Forms:
+    """The sums :func:`_quadratic_forms` needs, accumulated over groups of probes."""
+
+    def __init__(self, rademacher: bool) -> None:
+        self.rademacher = rademacher
+        self.samples: list[torch.Tensor] = []
+        self.fro2 = 0.0  # sum of ||B z_j||^2
+        self.total: torch.Tensor | None = None  # sum_j z_j * B z_j
+        self.squares = 0.0  # sum_j ||z_j * B z_j||^2
+
+    def add(self, Z: torch.Tensor, BZ: torch.Tensor) -> None:
+        self.samples.append((Z.conj() * BZ).sum(dim=0).real)
+        self.fro2 += float((BZ.abs() ** 2).sum())
+        if self.rademacher:
+            D = (Z.conj() * BZ).real
+            part = D.sum(dim=1)
+            self.total = part if self.total is None else self.total + part
+            self.squares += float((D * D).sum())
+
+    def result(self) -> tuple[float, float]:
+        samples = torch.cat(self.samples)
+        N = samples.numel()
+        mean, sem = _mean_sem(samples)
+        if N < 2:
+            return mean, sem
+        diag2 = 0.0
+        if self.rademacher and self.total is not None:
+            diag2 = (float(self.total @ self.total) - self.squares) / (N * (N - 1))
+        model = max(2 * (self.fro2 / N - diag2), 0.0)
+        return mean, max(sem, math.sqrt(model / N))
+
+
+def _probe_group(op: TorchLinearOperator, N: int) -> int:
+    """Return the probes per block: a model operator's vectors per pass, else all ``N``.
+
+    With a model operator the probes, their products and the products' copies then never hold
+    more than one pass's worth of vectors at once.
+    """
+    per_pass = getattr(op, "vectors_per_pass", None)
+    k = per_pass() if callable(per_pass) else None
+    return N if k is None else max(1, min(N, int(k)))
 
 
 def hutchinson_trace(
@@ -141,8 +174,12 @@ def hutchinson_trace(
     """
     op, N, (gen, _) = _setup(A, num_matvecs, 1, seed)
     kr.check_which(distribution, ("rademacher", "gaussian"), "distribution")
-    Z = _probes(op, N, gen, distribution)
-    mean, sem = _quadratic_forms(Z, _apply(op, Z, N), distribution == "rademacher")
+    forms, done, group = _Forms(distribution == "rademacher"), 0, _probe_group(op, N)
+    while done < N:  # in groups, so a model operator's probes never all live at once
+        Z = _probes(op, min(group, N - done), gen, distribution)
+        done += Z.shape[1]
+        forms.add(Z, _apply(op, Z, done))
+    mean, sem = forms.result()
     return TraceEstimate(mean, sem, N, "hutchinson")
 
 

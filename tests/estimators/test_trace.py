@@ -151,3 +151,31 @@ def test_moment_stderr_is_zero_where_rademacher_is_exact() -> None:
     (Frobenius norm minus the diagonal) must then be 0, not 2 ||A||_F^2 / N."""
     res = hutchinson_trace(np.diag(np.arange(1.0, 41.0)), 10, seed=0)
     assert res.estimate == pytest.approx(820.0) and res.stderr == pytest.approx(0.0, abs=1e-9)
+
+
+def test_hutchinson_sends_a_model_operators_probes_one_pass_at_a_time() -> None:
+    from torch import nn
+
+    import linops
+    from linops import blocks as kr
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    X, y = torch.randn(7, 3, dtype=torch.float64), torch.randint(0, 2, (7,))
+    H = linops.HessianOperator(model, nn.CrossEntropyLoss(), (X, y), max_vectors=3)
+    dense = H.to_dense()
+    widths: list[int] = []
+    real = H._apply
+
+    def recording(Z: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
+        widths.append(Z.shape[1])
+        return real(Z, adjoint)
+
+    H._apply = recording  # type: ignore[method-assign]
+    est = hutchinson_trace(H, 10, seed=4)
+    assert widths == [3, 3, 3, 1]
+    gen = kr.make_generator(4, H.device)
+    Z = torch.cat([torch.sign(kr.random_block(H.shape[0], k, H, gen)) for k in widths], 1)
+    forms = (Z * (dense @ Z)).sum(0)
+    assert abs(est.estimate - float(forms.mean())) < 1e-12 * max(1.0, abs(est.estimate))
+    assert est.num_matvecs == 10
