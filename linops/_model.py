@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from linops._autodiff import has_convolution
 from linops._chain import Chain, ChainMismatch
 from linops._checks import check_device, check_dtype, check_finite
 from linops._data import Batches, check_model_mode
@@ -407,6 +408,31 @@ class ModelOperator(TorchLinearOperator):
         self.route = f"{self.route}, one vector per pass"
         return _loop(apply, columns, adjoint, single)
 
+    def _try_forward_ad(
+        self, ref: torch.Tensor, forward: Callable[[], torch.Tensor]
+    ) -> torch.Tensor | None:
+        """Return ``forward()`` if single products should take forward AD, else ``None``.
+
+        Only on the autograd route of a non-distributed model with convolutions, whose
+        retained graph's double backward costs more than a forward-mode pass; ``forward()``
+        is kept only if it runs and matches the retained graph's product ``ref`` to rounding,
+        and ``op.route`` then ends in ``", forward AD for single vectors"``.
+        """
+        if (
+            self.process_group is not None
+            or not (self.route or "").startswith("autograd")
+            or not has_convolution(self.space.model)
+        ):
+            return None
+        try:
+            out = forward()
+        except (RuntimeError, NotImplementedError):  # e.g. a Function without a forward rule
+            return None
+        if not float((out - ref).abs().max()) <= self._agreement_tol(ref):
+            return None
+        self.route = f"{self.route}, forward AD for single vectors"
+        return out
+
     def _agreement_tol(self, single: torch.Tensor) -> float:
         """How far a batched pass's first column may be from the single product ``single``.
 
@@ -584,8 +610,6 @@ def attempt_batched(
 
     ``kernels``: if given, the kernels the pass ran are added to it.
     """
-    enabled = torch._C._debug_only_are_vmap_fallback_warnings_enabled()  # type: ignore[attr-defined]
-    torch._C._debug_only_display_vmap_fallback_warnings(True)  # type: ignore[attr-defined]
     torch._C._functorch._set_vmap_fallback_warning_enabled(True)  # type: ignore[attr-defined]
     log = _KernelLog() if kernels is not None else contextlib.nullcontext()
     try:
@@ -597,7 +621,6 @@ def attempt_batched(
             except (RuntimeError, NotImplementedError) as err:  # e.g. no forward AD for a kernel
                 out, failure = None, err
     finally:
-        torch._C._debug_only_display_vmap_fallback_warnings(enabled)  # type: ignore[attr-defined]
         torch._C._functorch._set_vmap_fallback_warning_enabled(False)  # type: ignore[attr-defined]
     if isinstance(log, _KernelLog) and kernels is not None:
         kernels |= log.kernels

@@ -16,7 +16,6 @@ The output Hessian is the laziness numerator of section 3.2 of "Leveraging Low R
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +27,6 @@ from linops._autodiff import (
     OutputGraph,
     forward_ad_jvp,
     forward_mode_jvp,
-    has_convolution,
 )
 from linops._chain import ChainGradientGraph, ChainOutputGraph
 from linops._checks import check_output_index
@@ -299,24 +297,14 @@ class GGNOperator(_LossOperator):
         """
         self._single_forward_mode = False
         ref = self._accumulate(X, product)
-        if (
-            self.process_group is not None
-            or not (self.route or "").startswith("autograd")
-            or not has_convolution(self.space.model)
-        ):
-            return ref
-        self._single_forward_mode = True
-        try:
-            out = self._accumulate(X, product)
-        except (RuntimeError, NotImplementedError):
-            self._single_forward_mode = False
-            return ref
-        tol = math.sqrt(torch.finfo(ref.dtype).eps) * float(ref.abs().max())
-        if not float((out - ref).abs().max()) <= tol:
-            self._single_forward_mode = False
-            return ref
-        self.route = f"{self.route}, forward AD for single vectors"
-        return out
+
+        def forward() -> torch.Tensor:
+            self._single_forward_mode = True
+            return self._accumulate(X, product)
+
+        out = self._try_forward_ad(ref, forward)
+        self._single_forward_mode = out is not None
+        return ref if out is None else out
 
     def _reset_derived(self) -> None:
         super()._reset_derived()

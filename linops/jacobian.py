@@ -17,12 +17,11 @@ and the empirical NTK Gram matrix is :math:`K = J J^\top` (section 2 of that pap
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
 
-from linops._autodiff import OutputGraph, forward_ad_jvp, forward_mode_jvp, has_convolution
+from linops._autodiff import OutputGraph, forward_ad_jvp, forward_mode_jvp
 from linops._chain import ChainOutputGraph
 from linops._checks import check_output_index
 from linops._data import Batches
@@ -213,23 +212,9 @@ class JacobianOperator(ModelOperator):
         """
         if self._single_forward_mode is None:
             ref = torch.cat([g.jvp(tangents, False).reshape(-1, 1) for g in self._graphs()])
-            self._single_forward_mode = False
-            if (
-                self.process_group is not None
-                or not (self.route or "").startswith("autograd")
-                or not has_convolution(self.space.model)
-            ):
-                return ref
-            try:
-                out = self._forward_rows(tangents)
-            except (RuntimeError, NotImplementedError):
-                return ref
-            tol = math.sqrt(torch.finfo(ref.dtype).eps) * float(ref.abs().max())
-            if not float((out - ref).abs().max()) <= tol:
-                return ref
-            self._single_forward_mode = True
-            self.route = f"{self.route}, forward AD for single vectors"
-            return out
+            out = self._try_forward_ad(ref, lambda: self._forward_rows(tangents))
+            self._single_forward_mode = out is not None
+            return ref if out is None else out
         return self._forward_rows(tangents)
 
     def _forward_rows(self, tangents: list[torch.Tensor]) -> torch.Tensor:
