@@ -27,8 +27,9 @@ resident memory before the product (``VmHWM`` of ``/proc/self/status``, reset th
 ``/proc/self/clear_refs`` once the graph is built; ``ru_maxrss`` where that is not
 available) of the first single product and of the first 8-vector block (its measuring and
 probe passes included), of a later single product and a later block (the steady state of a
-solver, after the allocator has grown its heap), and, with ``--wide``, of the 8-vector pass
-torch's ``is_grads_batched`` would run (vmap looping inside the pass), which is what the operators avoid.
+solver, after the allocator has grown its heap), and, with ``--wide``, of the 8-vector batched pass
+itself (``torch.func.vmap`` folding the vectors into the convolutions), which is what the
+operators avoid.
 
 Usage::
 
@@ -284,7 +285,7 @@ def resnet20_worker(task: str, n: int, k: int, repeats: int) -> dict[str, Any]:
     if task == "block_later":  # after a first block (which decided the block pass)
         H @ V
         return _peak_bytes(lambda: H @ V)
-    if task == "wide":  # what is_grads_batched does on its own: vmap looping inside the pass
+    if task == "wide":  # the batched pass the operators avoid: vmap folding into convolutions
 
         def wide() -> None:
             attempt_batched(lambda X, a: HessianOperator._hooks(H, X, a), V, False)
