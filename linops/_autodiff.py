@@ -105,8 +105,13 @@ class OutputGraph:
         """Whether the forward pass ran a convolution (a batched ``J^T`` through it folds)."""
         return graph_has(self.out, "Convolution")
 
+    @functools.cached_property
+    def _differentiable_twice(self) -> bool:
+        return refuse_once_differentiable(self.gu, "J v (a double backward of the model)")
+
     def jvp(self, tangents: Sequence[torch.Tensor], batched: bool) -> torch.Tensor:
         """``J v`` for parameter-shaped tangents (leading batch dim if ``batched``)."""
+        _ = self._differentiable_twice  # raises once, at the first product, if it is not
         return _grad(self.gu, [self.u], tangents, batched)[0]
 
     def vjp(self, cotangent: torch.Tensor, batched: bool) -> list[torch.Tensor]:
@@ -130,7 +135,12 @@ class GradientGraph:
             for g, x in zip(grads, self.leaves, strict=True)
         ]
 
+    @functools.cached_property
+    def _differentiable_twice(self) -> bool:
+        return refuse_once_differentiable(self.grads, "H v (a double backward of model and loss)")
+
     def hvp(self, tangents: Sequence[torch.Tensor], batched: bool) -> list[torch.Tensor]:
+        _ = self._differentiable_twice  # raises once, at the first product, if it is not
         return _grad(self.grads, self.leaves, tangents, batched)
 
 
@@ -143,6 +153,7 @@ class LossOutputGraph:
         with torch.enable_grad():
             self.out = out.detach().reshape(shape).requires_grad_(True)
             self.g = torch.autograd.grad(loss_fn(self.out, y), self.out, create_graph=True)[0]
+        refuse_once_differentiable([self.g], "the loss's Hessian with respect to the outputs")
 
     def hvp(self, u: torch.Tensor, batched: bool) -> torch.Tensor:
         """``H_loss u`` with ``u`` shaped like the model output (leading batch dim if ``batched``)."""
@@ -173,7 +184,9 @@ def forward_mode_jvp(
     def one(*t: torch.Tensor) -> torch.Tensor:
         return torch.func.jvp(f, primals, t)[1]
 
-    return torch.func.vmap(one)(*tangents)
+    # no_grad: parameters outside the space would otherwise record a graph into the product
+    with torch.no_grad():
+        return torch.func.vmap(one)(*tangents)
 
 
 def forward_ad_jvp(
@@ -190,7 +203,7 @@ def forward_ad_jvp(
     import torch.autograd.forward_ad as fwad
 
     values = space.values()
-    with fwad.dual_level():
+    with torch.no_grad(), fwad.dual_level():  # no graph through parameters outside the space
         duals = {
             n: fwad.make_dual(values[n], t) for n, t in zip(space.names, tangents, strict=True)
         }
@@ -215,6 +228,29 @@ def graph_has(out: torch.Tensor, prefix: str) -> bool:
         seen.add(fn)
         stack.extend(f for f, _ in fn.next_functions)
     return False
+
+
+def refuse_once_differentiable(grads: Sequence[torch.Tensor], product: str) -> bool:
+    """Raise if ``grads`` (built with ``create_graph``) went through a once-differentiable step.
+
+    The backward of an ``autograd.Function`` marked ``@once_differentiable`` runs without a
+    graph; torch only attaches an ``Error`` node that raises if it is ever run, and it is never
+    run: a second derivative through it is silently zero. Returns True if there is none.
+
+    Raises
+    ------
+    NotImplementedError
+        Naming the product that would be wrong.
+    """
+    if any(g.grad_fn is not None and graph_has(g, "Error") for g in grads):
+        raise NotImplementedError(
+            f"{product} needs the second derivative of a custom torch.autograd.Function "
+            "whose backward is marked @once_differentiable (or computed without a graph); "
+            "torch would silently give zeros for it. Give the Function a differentiable "
+            "backward (torch ops on the saved tensors, without @once_differentiable) or "
+            "exclude the parameters before it from params="
+        )
+    return True
 
 
 def has_convolution(model: torch.nn.Module) -> bool:

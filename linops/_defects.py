@@ -65,6 +65,24 @@ KNOWN_DEFECTS: tuple[TorchDefect, ...] = (
         "then on, says so in op.route and warns once",
     ),
     TorchDefect(
+        "cdist, pdist and embedding_bag have no second derivative",
+        "torch.cdist, F.pdist and F.embedding_bag (nn.EmbeddingBag) have neither a double "
+        "backward nor forward AD: every Hessian, GGN and J v product through them raises",
+        "while a graph is built they are computed from differentiable primitives (a "
+        "TorchFunctionMode, active only for models that call them): cdist and pdist as "
+        "vector_norm of the pairwise differences (exact, and O(P R M) memory instead of "
+        "cdist's O(P R)), embedding_bag as embedding followed by the bag's sum, mean or max; "
+        "embedding_bag with max_norm (which renormalises the weight in place) is refused",
+    ),
+    TorchDefect(
+        "once-differentiable Functions have a silently zero second derivative",
+        "a custom autograd.Function whose backward is marked @once_differentiable gets an "
+        "Error node that is never run: a double backward through it returns zeros (with "
+        "allow_unused) instead of raising",
+        "H, GGN and J v products refuse it at the first product "
+        "(linops._autodiff.refuse_once_differentiable); J^T v, a first derivative, works",
+    ),
+    TorchDefect(
         "vmapped second derivatives are wrong through layer_norm",
         "torch.func's jvp(jacrev(f)) and jacrev(jacrev(f)) disagree with reverse-over-reverse "
         "and with finite differences through layer_norm (6-11% on a residual LayerNorm MLP)",
@@ -84,7 +102,78 @@ def _weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torch.Tensor
     return v * (g / torch.linalg.vector_norm(v, dim=dims, keepdim=True))
 
 
-class _ComposedWeightNorm(TorchFunctionMode):
+def _cdist(x1: torch.Tensor, x2: torch.Tensor, p: float = 2.0, compute_mode: Any = None) -> Any:
+    """``torch.cdist`` as the ``p``-norm of the pairwise differences (differentiable twice)."""
+    return torch.linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), ord=p, dim=-1)
+
+
+def _pdist(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """``F.pdist``: the ``p``-norm distances of the rows ``i < j``, in row-major order."""
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
+    return torch.linalg.vector_norm(x[i] - x[j], ord=p, dim=-1)
+
+
+def _embedding_bag(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2,
+    scale_grad_by_freq: bool = False,
+    mode: str = "mean",
+    sparse: bool = False,
+    per_sample_weights: torch.Tensor | None = None,
+    include_last_offset: bool = False,
+    padding_idx: int | None = None,
+) -> torch.Tensor:
+    """``F.embedding_bag`` as ``F.embedding`` followed by each bag's sum, mean or max.
+
+    Indices equal to ``padding_idx`` are left out of their bag; an empty bag gives zeros, as
+    in ``F.embedding_bag``.
+    """
+    if max_norm is not None:
+        raise NotImplementedError(
+            "embedding_bag with max_norm renormalises the embedding weight in place, which a "
+            "product cannot differentiate; rescale the weight outside the model instead"
+        )
+    if input.dim() == 2:
+        n, per = input.shape
+        bags = torch.arange(n, device=input.device).repeat_interleave(per)
+        input = input.reshape(-1)
+        if per_sample_weights is not None:
+            per_sample_weights = per_sample_weights.reshape(-1)
+    else:
+        assert offsets is not None
+        n = offsets.numel() - 1 if include_last_offset else offsets.numel()
+        ends = torch.cat([offsets[1:n], offsets.new_tensor([input.numel()])])
+        bags = torch.arange(n, device=input.device).repeat_interleave(ends - offsets[:n])
+    rows = torch.nn.functional.embedding(input, weight, scale_grad_by_freq=scale_grad_by_freq)
+    keep = torch.ones_like(input, dtype=torch.bool) if padding_idx is None else input != padding_idx
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights.unsqueeze(-1)
+    rows, bags = rows[keep], bags[keep]
+    out = rows.new_zeros(n, weight.shape[1])
+    if mode == "max":
+        index = bags.unsqueeze(-1).expand_as(rows)
+        return out.scatter_reduce(0, index, rows, "amax", include_self=False)
+    out = out.index_add(0, bags, rows)
+    if mode == "mean":
+        counts = torch.bincount(bags, minlength=n).clamp(min=1).to(out.dtype)
+        out = out / counts.unsqueeze(-1)
+    return out
+
+
+#: torch functions computed from differentiable primitives while a graph is built
+_COMPOSED: dict[Callable[..., Any], Callable[..., Any]] = {
+    torch._weight_norm: _weight_norm,
+    torch.cdist: _cdist,
+    torch.pdist: _pdist,
+    torch.nn.functional.pdist: _pdist,
+    torch.nn.functional.embedding_bag: _embedding_bag,
+}
+
+
+class _ComposedKernels(TorchFunctionMode):
     def __torch_function__(
         self,
         func: Callable[..., Any],
@@ -92,9 +181,34 @@ class _ComposedWeightNorm(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:  # whatever the intercepted torch function returns
-        if func is torch._weight_norm:
-            return _weight_norm(*args, **(kwargs or {}))
+        return _COMPOSED.get(func, func)(*args, **(kwargs or {}))
+
+
+class ComposedKernelsSeen(TorchFunctionMode):
+    """Record whether a forward pass calls a function of :data:`_COMPOSED` (``.seen``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Iterable[type],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:  # whatever the intercepted torch function returns
+        self.seen = self.seen or func in _COMPOSED
         return func(*args, **(kwargs or {}))
+
+
+def needs_composition(model: nn.Module) -> bool:
+    """Whether a module of ``model`` is known to call a function of :data:`_COMPOSED`.
+
+    Weight norm (either API) and ``nn.EmbeddingBag``; plain calls of ``torch.cdist`` and the
+    like in a ``forward`` are found by running it under :class:`ComposedKernelsSeen`.
+    """
+    return uses_weight_norm(model) or any(isinstance(m, nn.EmbeddingBag) for m in model.modules())
 
 
 def uses_weight_norm(model: nn.Module) -> bool:
@@ -111,10 +225,15 @@ def uses_weight_norm(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def workarounds(model: nn.Module, *, weight_norm: bool | None = None) -> Iterator[None]:
+def workarounds(
+    model: nn.Module, *, compose: bool | None = None, weight_norm: bool | None = None
+) -> Iterator[None]:
     """Return the context every graph-building forward pass of ``model`` runs in.
 
-    ``weight_norm``: whether the model uses weight norm (looked up when None).
+    ``compose``: whether to compute the functions whose derivatives are broken or missing
+    (weight norm, cdist, pdist, embedding_bag; see :data:`KNOWN_DEFECTS`) from differentiable
+    primitives; looked up from the model's modules when None (:func:`needs_composition`).
+    ``weight_norm`` is an older name for ``compose``.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -123,8 +242,10 @@ def workarounds(model: nn.Module, *, weight_norm: bool | None = None) -> Iterato
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-            if weight_norm if weight_norm is not None else uses_weight_norm(model):
-                stack.enter_context(_ComposedWeightNorm())
+            if compose is None:
+                compose = weight_norm
+            if compose if compose is not None else needs_composition(model):
+                stack.enter_context(_ComposedKernels())
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)

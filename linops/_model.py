@@ -11,6 +11,7 @@ import cmath
 import contextlib
 import copy
 import math
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -241,6 +242,28 @@ class ModelOperator(TorchLinearOperator):
         return self._num_samples
 
     def _apply(self, X: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
+        try:
+            return self._apply_model(X, adjoint)
+        except RuntimeError as err:  # NotImplementedError included
+            missing = _missing_derivative(err)
+            if missing is None:
+                name = type(self).__name__
+                if isinstance(err, NotImplementedError) and not str(err).startswith(name):
+                    raise NotImplementedError(f"{name}: {err}") from err
+                raise
+            kind = "forward-mode derivative" if "forward AD" in str(err) else "derivative"
+            raise NotImplementedError(
+                f"{type(self).__name__}: torch {torch.__version__} has no {kind} for "
+                f"{missing}, which the model or the loss runs and this "
+                f"{'adjoint ' if adjoint else ''}product differentiates through (Hessian, "
+                "GGN, Fisher and J v products need the second derivative of every operation "
+                "on the path, J^T v only the first). Compute that step from differentiable "
+                "primitives, as the operators do for weight norm, cdist, pdist and "
+                "embedding_bag (linops.KNOWN_DEFECTS), or differentiate with respect to "
+                "parameters it does not depend on (params=)"
+            ) from err
+
+    def _apply_model(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
         if X.shape[1] == 0:  # no vector: no pass through the model
             rows = self.shape[1] if adjoint else self.shape[0]
             return X.new_zeros((rows, 0), dtype=torch.promote_types(self.torch_dtype, X.dtype))
@@ -536,6 +559,23 @@ class ModelOperator(TorchLinearOperator):
         return 4 * (self.shape[0] + self.shape[1]) * itemsize
 
 
+_MISSING_DERIVATIVE = (
+    re.compile(r"the derivative for '([\w.:]+)' is not implemented"),
+    re.compile(r"derivative for (?:aten::)?([\w.:]+) is not implemented"),
+    re.compile(r"Trying to use forward AD with ([\w.:]+) that does not support it"),
+    re.compile(r"differentiate twice (a function that was marked with @once_differentiable)"),
+)
+
+
+def _missing_derivative(err: BaseException) -> str | None:
+    """Return the kernel named by torch's error for a missing derivative, or None."""
+    for pattern in _MISSING_DERIVATIVE:
+        found = pattern.search(str(err))
+        if found:
+            return found.group(1)
+    return None
+
+
 def _release(graph: Any) -> None:
     """Drop the tensors of a graph that is not kept (its objects' attributes), so it is freed."""
     for part in graph if isinstance(graph, tuple | list) else (graph,):
@@ -650,14 +690,21 @@ def forward_checked(space: ParamSpace, x: torch.Tensor) -> torch.Tensor:
             f"inputs: the model's forward pass does not take the keyword inputs {x!r}: "
             f"{str(err).splitlines()[0][:300]}"
         ) from None
+    except NotImplementedError:  # a refusal (linops._defects) names what it refuses
+        raise
     except (RuntimeError, ValueError, IndexError) as err:
         if isinstance(x, KeywordInputs):
             raise ValueError(
                 f"inputs: the model's forward pass raised on the keyword inputs {x!r}: "
                 f"{str(err).splitlines()[0][:300]}"
             ) from None
+        # the first module with parameters of its own, if the inputs go to it
         first = next(
-            (m for m in space.model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)),
+            (
+                m
+                for m in space.model.modules()
+                if next(m.parameters(recurse=False), None) is not None
+            ),
             None,
         )
         hint = ""

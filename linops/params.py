@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from linops._defects import uses_weight_norm, workarounds
+from linops._defects import ComposedKernelsSeen, needs_composition, workarounds
 from linops._types import Device, Params
 
 __all__ = ["KeywordInputs", "ParamSpace"]
@@ -180,7 +180,9 @@ class ParamSpace:
             list(model.named_modules())
         )
         self.output = output
-        self._weight_norm = uses_weight_norm(model)
+        # whether forward passes compute functions with broken derivatives from primitives
+        # (linops._defects); None: not known until a forward pass has run
+        self._compose: bool | None = True if needs_composition(model) else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -244,18 +246,14 @@ class ParamSpace:
         TypeError
             If the (selected) output is not a tensor.
         """
-        with workarounds(self.model, weight_norm=self._weight_norm):
-            # a module in training mode (allow_train_mode=True) updates its running statistics
-            # in place: it updates copies, so the user's model is never changed by a product
-            kept = _training_buffers(self.model)
-            positional: tuple[Any, ...] = args
-            kwargs: dict[str, Any] = {}
-            if len(args) == 1 and isinstance(args[0], KeywordInputs):
-                positional, kwargs = (), args[0].values
-            if self._shared_modules:
-                out = _call_swapped(self.model, values, positional, kept, kwargs)
-            else:
-                out = functional_call(self.model, {**values, **kept}, positional, kwargs)
+        if self._compose is None:  # the first pass finds out whether the forward calls them
+            with ComposedKernelsSeen() as seen:
+                out = self._call(values, args, compose=False)
+            self._compose = seen.seen
+            if self._compose:
+                out = self._call(values, args, compose=True)
+        else:
+            out = self._call(values, args, compose=self._compose)
         if self.output is not None:
             out = self.output(out)
             if not isinstance(out, torch.Tensor):
@@ -269,6 +267,21 @@ class ParamSpace:
                 "or output=lambda out: out.logits)"
             )
         return out
+
+    def _call(
+        self, values: Mapping[str, torch.Tensor], args: tuple[Any, ...], compose: bool
+    ) -> Any:
+        with workarounds(self.model, compose=compose):
+            # a module in training mode (allow_train_mode=True) updates its running statistics
+            # in place: it updates copies, so the user's model is never changed by a product
+            kept = _training_buffers(self.model)
+            positional: tuple[Any, ...] = args
+            kwargs: dict[str, Any] = {}
+            if len(args) == 1 and isinstance(args[0], KeywordInputs):
+                positional, kwargs = (), args[0].values
+            if self._shared_modules:
+                return _call_swapped(self.model, values, positional, kept, kwargs)
+            return functional_call(self.model, {**values, **kept}, positional, kwargs)
 
     def to(self, dtype: torch.dtype | None = None, device: Device | None = None) -> ParamSpace:
         """Return a copy of the space whose reference values live in another dtype or device."""

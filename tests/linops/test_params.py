@@ -77,3 +77,38 @@ def test_functional_call_leaves_a_model_with_a_shared_module_intact() -> None:
     assert model[0].weight is weight and model[2].weight is weight
     assert isinstance(model[0].weight, torch.nn.Parameter) and weight.requires_grad
     assert torch.allclose(model(X), torch.tanh(X @ weight.T + lin.bias) @ weight.T + lin.bias)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_products_over_some_parameters_carry_no_graph(conv: bool) -> None:
+    """Parameters outside ``params=`` still require grad; no product may record through them.
+
+    A graph recorded into a product costs memory and made the operators' own checks warn
+    ("Converting a tensor with requires_grad=True to a scalar").
+    """
+    import warnings
+
+    import linops
+
+    torch.manual_seed(0)
+    if conv:
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 2, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(8, 3)
+        ).double()
+        X = torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    else:  # a Linear over the last axis of 3-d inputs: the autograd route
+        model = torch.nn.Sequential(
+            torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3), torch.nn.Flatten()
+        ).double()
+        X = torch.randn(5, 2, 3, dtype=torch.float64)
+    first = ["0.weight"]
+    loss = torch.nn.MSELoss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ops = [
+            linops.JacobianOperator(model, X, params=first),
+            linops.GGNOperator(model, loss, (X, torch.zeros_like(model(X))), params=first),
+        ]
+        for op in ops:
+            for V in (torch.ones(op.shape[1]).double(), torch.eye(op.shape[1]).double()):
+                assert not torch.as_tensor(op @ V).requires_grad, (type(op).__name__, op.route)

@@ -11,11 +11,13 @@ tests of the issue's failures follow.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
 
@@ -235,6 +237,123 @@ def test_old_style_weight_norm_hook_is_exact() -> None:
     ref = Reference(model, names, X)
     assert ref.fd_hessian_error(H, loss, y) < 1e-6
     assert _rel(H, H.T) < 1e-12
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, math.inf])
+def test_composed_cdist_and_pdist_equal_torch(p: float) -> None:
+    from linops._defects import _cdist, _pdist
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 5, 3, generator=g).double(), torch.randn(2, 4, 3, generator=g).double()
+    assert torch.allclose(_cdist(a, b, p), torch.cdist(a, b, p), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(_pdist(a[0], p), F.pdist(a[0], p), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("layout", ["2d", "offsets", "offsets-last", "padding", "weights"])
+def test_composed_embedding_bag_equals_torch(mode: str, layout: str) -> None:
+    from linops._defects import _embedding_bag
+
+    if layout == "weights" and mode != "sum":
+        pytest.skip("per_sample_weights go with mode='sum' only")
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(9, 4, generator=g).double()
+    kw: dict[str, object] = {"mode": mode}
+    if layout in ("2d", "padding", "weights"):
+        ids = torch.randint(0, 9, (5, 3), generator=g)
+        if layout == "padding":
+            ids[1] = 0  # an all-padding bag gives zeros
+            kw["padding_idx"] = 0
+        if layout == "weights":
+            kw["per_sample_weights"] = torch.rand(5, 3, generator=g).double()
+    else:
+        ids = torch.randint(0, 9, (10,), generator=g)
+        kw["offsets"] = torch.tensor([0, 2, 2, 7] + ([10] if layout == "offsets-last" else []))
+        kw["include_last_offset"] = layout == "offsets-last"
+    ref = F.embedding_bag(ids, W, **kw)  # type: ignore[arg-type]
+    assert torch.allclose(_embedding_bag(ids, W, **kw), ref, rtol=1e-13, atol=1e-13)  # type: ignore[arg-type]
+
+
+def test_models_calling_cdist_and_embedding_bag_are_composed_only_in_products() -> None:
+    """The defect is listed, the first pass finds cdist, and the model still calls torch's."""
+    assert any("cdist" in d.name for d in KNOWN_DEFECTS)
+    model, X, y, loss = BY_NAME["cdist-prototypes"].build()
+    op = linops.HessianOperator(model, loss, (X, y))
+    assert op.space._compose is None
+    op @ torch.ones(op.shape[1], dtype=torch.float64)
+    assert op.space._compose is True
+    plain = _mlp().double()
+    op = linops.HessianOperator(plain, loss, (X, y))
+    op @ torch.ones(op.shape[1], dtype=torch.float64)
+    assert op.space._compose is False
+    with pytest.raises(NotImplementedError, match="_cdist_backward"):  # torch's own call
+        (g,) = torch.autograd.grad(model(X).sum(), model.protos, create_graph=True)
+        torch.autograd.grad(g.sum(), model.protos)
+
+
+def test_embedding_bag_with_max_norm_is_refused() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(9, 4, max_norm=1.0), nn.Linear(4, 3)).double()
+    ids, y = torch.randint(0, 9, (6, 3)), torch.randint(0, 3, (6,))
+    op = linops.HessianOperator(model, nn.CrossEntropyLoss(), (ids, y))
+    with pytest.raises(NotImplementedError, match="max_norm"):
+        op @ torch.ones(op.shape[1], dtype=torch.float64)
+
+
+class _SquareOnce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x**2
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class _OnceDifferentiable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _SquareOnce.apply(self.lin(x))
+
+
+def test_once_differentiable_functions_are_refused_not_silently_zero() -> None:
+    """torch's double backward through them is silently zero (never an error): refused."""
+    assert any("once-differentiable" in d.name for d in KNOWN_DEFECTS)
+    torch.manual_seed(0)
+    model = _OnceDifferentiable().double()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    ops = {
+        "HessianOperator": linops.HessianOperator(model, nn.CrossEntropyLoss(), (X, y)),
+        "GGNOperator": linops.GGNOperator(model, nn.CrossEntropyLoss(), (X, y)),
+        "JacobianOperator": linops.JacobianOperator(model, X),
+    }
+    for name, op in ops.items():
+        with pytest.raises(NotImplementedError, match=f"^{name}: .*once_differentiable"):
+            op @ torch.ones(op.shape[1], dtype=torch.float64)
+    J = ops["JacobianOperator"]  # J^T needs first derivatives only, which are right
+    JT = J.T @ torch.ones(J.shape[0], dtype=torch.float64)
+    (ref,) = torch.autograd.grad(model(X).sum(), model.lin.weight)
+    assert torch.allclose(torch.as_tensor(JT)[: ref.numel()], ref.reshape(-1), rtol=1e-12)
+
+
+def test_a_loss_without_a_second_derivative_is_refused_by_name() -> None:
+    torch.manual_seed(0)
+    model = _mlp().double()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+
+    def margin(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.multi_margin_loss(out, t, reduction="sum")
+
+    for cls in (linops.HessianOperator, linops.GGNOperator):
+        op = cls(model, margin, (X, y), reduction="sum")
+        with pytest.raises(NotImplementedError, match="no derivative for multi_margin_loss"):
+            op @ torch.ones(op.shape[1], dtype=torch.float64)
 
 
 def test_loader_losses_weight_batches_by_their_share_of_the_total() -> None:

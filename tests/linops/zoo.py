@@ -313,6 +313,56 @@ def _weight_norm_mlp() -> nn.Module:
     return net
 
 
+class Prototypes(nn.Module):
+    """Distances to learned prototypes by ``torch.cdist`` (no second derivative in torch)."""
+
+    def __init__(self, c: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 5)
+        self.protos = nn.Parameter(torch.randn(c, 5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return -torch.cdist(torch.tanh(self.embed(x)), self.protos)
+
+
+def _prototypes_call(model: nn.Module) -> Callable[[dict[str, Tensor], Any], Any]:
+    """:class:`Prototypes` with the distances written out as sqrt of summed squares."""
+
+    def call(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        h = torch.tanh(F.linear(x, p["embed.weight"], p["embed.bias"]))
+        return -((h.unsqueeze(1) - p["protos"].unsqueeze(0)) ** 2).sum(-1).sqrt()
+
+    return call
+
+
+class BagOfWords(nn.Module):
+    """``nn.EmbeddingBag`` (mean of each row's tokens, a padding index) and a tanh head."""
+
+    def __init__(self, vocab: int = 9, d: int = 5, c: int = 3) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(vocab, d, mode="mean", padding_idx=0)
+        self.head = nn.Linear(d, c)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.bag(ids)))
+
+
+def _bag_call(model: nn.Module) -> Callable[[dict[str, Tensor], Any], Any]:
+    """:class:`BagOfWords` with the bag mean written out over the non-padding tokens."""
+
+    def call(p: dict[str, Tensor], ids: Tensor) -> Tensor:
+        keep = (ids != 0).to(p["bag.weight"].dtype).unsqueeze(-1)
+        rows = p["bag.weight"][ids] * keep
+        h = rows.sum(1) / keep.sum(1).clamp(min=1)
+        return F.linear(torch.tanh(h), p["head.weight"], p["head.bias"])
+
+    return call
+
+
+def _bag_data() -> tuple[Tensor, Tensor]:
+    return torch.randint(0, 9, (6, 4)), torch.randint(0, 3, (6,))
+
+
 # ------------------------------------------------------------------ data
 def _vec(n: int = 6, c: int = 3) -> tuple[Tensor, Tensor]:
     return torch.randn(n, 4), torch.randint(0, c, (n,))
@@ -446,6 +496,8 @@ ZOO: list[ZooCase] = [
     _case("linear-subclass", lambda: nn.Sequential(ScaledLinear(4, 5), nn.Tanh(), nn.Linear(5, 3))),
     _case("forward-hook", _hooked),
     _case("weight-norm", _weight_norm_mlp, reference_call=_weight_norm_call),
+    _case("cdist-prototypes", Prototypes, reference_call=_prototypes_call),
+    _case("embedding-bag", BagOfWords, _bag_data, reference_call=_bag_call),
     _case("weight-sharing", SharedWeights),
     _case("unused-and-frozen", UnusedFrozen),
     _case("tuple-output", TupleModel, kwargs={"output": lambda out: out[0]}),
