@@ -83,6 +83,15 @@ KNOWN_DEFECTS: tuple[TorchDefect, ...] = (
         "(linops._autodiff.refuse_once_differentiable); J^T v, a first derivative, works",
     ),
     TorchDefect(
+        "reentrant checkpoints hide their parameters from autograd.grad",
+        "torch.utils.checkpoint.checkpoint(use_reentrant=True) on inputs that do not require "
+        "grad returns outputs without a graph (torch only warns): every derivative with "
+        "respect to the parameters inside is silently zero; on inputs that do, "
+        "torch.autograd.grad raises",
+        "refused at the first forward pass (linops.params.ParamSpace.functional_call) or "
+        "product, asking for use_reentrant=False, whose products are exact",
+    ),
+    TorchDefect(
         "vmapped second derivatives are wrong through layer_norm",
         "torch.func's jvp(jacrev(f)) and jacrev(jacrev(f)) disagree with reverse-over-reverse "
         "and with finite differences through layer_norm (6-11% on a residual LayerNorm MLP)",

@@ -245,6 +245,12 @@ class ModelOperator(TorchLinearOperator):
         try:
             return self._apply_model(X, adjoint)
         except RuntimeError as err:  # NotImplementedError included
+            if "Checkpointing is not compatible with .grad()" in str(err):
+                raise NotImplementedError(
+                    f"{type(self).__name__}: the model runs torch.utils.checkpoint.checkpoint "
+                    "with use_reentrant=True, which torch.autograd.grad cannot go through; "
+                    "pass use_reentrant=False"
+                ) from err
             missing = _missing_derivative(err)
             if missing is None:
                 name = type(self).__name__

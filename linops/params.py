@@ -12,6 +12,7 @@ inputs (``model(**batch)``, as Hugging Face models are) receives them as
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -247,8 +248,18 @@ class ParamSpace:
             If the (selected) output is not a tensor.
         """
         if self._compose is None:  # the first pass finds out whether the forward calls them
-            with ComposedKernelsSeen() as seen:
+            with warnings.catch_warnings(record=True) as caught, ComposedKernelsSeen() as seen:
+                warnings.simplefilter("always")
                 out = self._call(values, args, compose=False)
+            for w in caught:
+                if _REENTRANT_CHECKPOINT in str(w.message):
+                    raise NotImplementedError(
+                        "model: it runs torch.utils.checkpoint.checkpoint with "
+                        "use_reentrant=True, which hides the parameters inside the "
+                        "checkpointed function from torch.autograd.grad (their derivatives "
+                        "would be silently zero); pass use_reentrant=False"
+                    )
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             self._compose = seen.seen
             if self._compose:
                 out = self._call(values, args, compose=True)
@@ -289,6 +300,10 @@ class ParamSpace:
         new.__dict__.update(self.__dict__)
         new._values = {n: v.to(dtype=dtype, device=device) for n, v in self._values.items()}
         return new
+
+
+#: torch's warning when a reentrant checkpoint gets no input that requires grad
+_REENTRANT_CHECKPOINT = "None of the inputs have requires_grad=True"
 
 
 def _training_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:

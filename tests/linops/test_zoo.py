@@ -356,6 +356,41 @@ def test_a_loss_without_a_second_derivative_is_refused_by_name() -> None:
             op @ torch.ones(op.shape[1], dtype=torch.float64)
 
 
+class _Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool, first: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.reentrant, self.first = reentrant, first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        if self.first:  # the checkpoint's input does not require grad
+            h = checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=self.reentrant)
+            return self.b(h)
+        h = torch.tanh(self.a(x))
+        return checkpoint(lambda t: self.b(t), h, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_reentrant_checkpoints_are_refused_and_the_others_exact(first: bool) -> None:
+    """A reentrant checkpoint on the inputs hid its parameters: their Hessian was silently 0."""
+    torch.manual_seed(0)
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    model = _Checkpointed(reentrant=False, first=first).double()
+    H = linops.HessianOperator(model, nn.CrossEntropyLoss(), (X, y)).to_dense()
+    # the reference on the same layers without the checkpoint (whose recomputation would use
+    # the model's own parameters, not the reference's perturbed ones)
+    plain = nn.Sequential(model.a, nn.Tanh(), model.b)
+    reference = Reference(plain, ["0.weight", "0.bias", "2.weight", "2.bias"], X)
+    assert _rel(H, reference.hessian(nn.CrossEntropyLoss(), y)) < RTOL
+    model.reentrant = True
+    assert any("reentrant" in d.name for d in KNOWN_DEFECTS)
+    with pytest.raises(NotImplementedError, match="use_reentrant=False"):
+        op = linops.HessianOperator(model, nn.CrossEntropyLoss(), (X, y))
+        op @ torch.ones(op.shape[1], dtype=torch.float64)
+
+
 def test_loader_losses_weight_batches_by_their_share_of_the_total() -> None:
     for name in ("ce-class-weights-loader", "ce-ignore-index-loader"):
         for op_name in ("H", "GGN"):
