@@ -139,6 +139,11 @@ class GradientGraph:
     def _differentiable_twice(self) -> bool:
         return refuse_once_differentiable(self.grads, "H v (a double backward of model and loss)")
 
+    @functools.cached_property
+    def convolutional(self) -> bool:
+        """Whether the gradient's graph runs a convolution (a batched ``H V`` through it folds)."""
+        return any(g.grad_fn is not None and graph_has(g, "Convolution") for g in self.grads)
+
     def hvp(self, tangents: Sequence[torch.Tensor], batched: bool) -> list[torch.Tensor]:
         _ = self._differentiable_twice  # raises once, at the first product, if it is not
         return _grad(self.grads, self.leaves, tangents, batched)

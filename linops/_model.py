@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from linops._autodiff import has_convolution
 from linops._chain import Chain, ChainMismatch
@@ -27,6 +26,7 @@ from linops._types import Data, OutputSelector, Params, ProcessGroup
 from linops.base import TorchLinearOperator
 from linops.memory import (
     CacheInfo,
+    LightDispatchMode,
     MemoryBudget,
     PeakMemory,
     check_memory_budget,
@@ -370,8 +370,9 @@ class ModelOperator(TorchLinearOperator):
         (:func:`linops._autodiff._grad`). Its batching rules can be missing (vmap then loops
         over the vectors inside the pass), slow, or wrong. On the autograd route a batched
         pass over a batch of *one* vector (:meth:`_probe_batched`) first finds the kernels
-        the pass runs, and the first column of the first batched product is checked against
-        a single-vector product:
+        the pass runs (unless the cached graph already shows a convolution backward,
+        :meth:`_first_graph_convolutional`), and the first column of the first batched
+        product is checked against a single-vector product:
 
         * if vmap would loop over some kernel (torch 2.13: ``mish_backward``, the oneDNN
           LSTM's backward in float32), or if the pass runs a kernel of
@@ -394,7 +395,9 @@ class ModelOperator(TorchLinearOperator):
         loops: list[str] = []
         out, failure = None, None
         kernels: set[str] = set()
-        if self.route != "chain":  # a batch of one vector: which kernels vmap would loop over
+        if self.route != "chain" and self._first_graph_convolutional():
+            kernels.add("aten.convolution_backward")  # known from the graph: no probe needed
+        elif self.route != "chain":  # a batch of one vector: which kernels vmap would loop over
             out, failure, loops = self._probe_batched(X, adjoint, kernels)
             out = None  # one column; the block is computed below unless vmap would loop
         folding = sorted(kernels.intersection(FOLDING_KERNELS))
@@ -436,6 +439,19 @@ class ModelOperator(TorchLinearOperator):
         self.unbatched_reason[adjoint] = reason
         self.route = f"{self.route}, one vector per pass"
         return _loop(apply, columns, adjoint, single)
+
+    def _first_graph_convolutional(self) -> bool:
+        """Whether the first batch's cached graph runs a convolution backward (False if unknown).
+
+        Read from the graph's nodes, it spares a ResNet's first block the probe pass (one
+        product's time, and a batched pass's memory) that would find the same.
+        """
+        if not self._graph_cache:
+            return False
+        graph = self._graph_cache[0]
+        return bool(
+            getattr(graph[0] if isinstance(graph, tuple) else graph, "convolutional", False)
+        )
 
     def _try_forward_ad(
         self, ref: torch.Tensor, forward: Callable[[], torch.Tensor]
@@ -628,7 +644,7 @@ _VMAP_LOOP = "we have not yet implemented the batching rule for "
 FOLDING_KERNELS = ("aten.convolution_backward", "aten.convolution")
 
 
-class _KernelLog(TorchDispatchMode):
+class _KernelLog(LightDispatchMode):
     """Records the kernels a pass runs, as ``aten.<name>`` (after vmap's batching rules)."""
 
     def __init__(self) -> None:

@@ -159,14 +159,20 @@ class _LossOperator(ModelOperator):
     def _accumulate(self, X: torch.Tensor, product: Any) -> torch.Tensor:
         tangents, batched = self._split_params(X)
         total: list[torch.Tensor] | None = None
+        owned = False  # whether total holds tensors of its own (else the first batch's)
         for w, graph in zip(self._weights(), self._graphs(), strict=True):
             part = product(graph, tangents, batched)
             if total is None:
-                total = [w * t for t in part]
+                # a weight of 1 (one batch): no scaled copy per parameter tensor (65 muls and
+                # allocations a product on a ResNet-20)
+                owned = w != 1.0
+                total = [w * t for t in part] if owned else list(part)
             else:
+                if not owned:  # the first batch's tensors may belong to its graph: copy once
+                    total, owned = [t.clone() for t in total], True
                 # in place: a streamed pass holds one running sum, not a new one per batch
                 for a, t in zip(total, part, strict=True):
-                    a.add_(w * t)
+                    a.add_(t, alpha=w)
         assert total is not None  # the data has at least one batch
         return self._join_params(total, batched)
 

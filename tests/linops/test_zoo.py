@@ -544,7 +544,7 @@ def test_to_float64_converts_buffers_and_data_on_a_copy() -> None:
 
 
 def test_batched_passes_that_vmap_would_loop_become_plain_loops() -> None:
-    op, D = _operator("H", BY_NAME["conv1d-mish"])
+    op, D = _operator("H", BY_NAME["mish-mlp"])
     V = torch.randn(op.shape[1], 3, dtype=torch.float64)
     assert _rel(op @ V, D @ V) < RTOL
     assert op.batched[False] is False

@@ -487,6 +487,7 @@ ZOO: list[ZooCase] = [
     _case("gru", lambda: RNNClassifier(nn.GRU), _seq),
     _case("rnn-tanh", lambda: RNNClassifier(nn.RNN), _seq),
     _case("conv1d-mish", _conv1d, _conv1d_data),
+    _case("mish-mlp", lambda: _mlp(nn.Mish)),
     # custom forwards, hooks, parametrizations, sharing
     _case(
         "sequential-subclass-detach",
