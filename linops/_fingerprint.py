@@ -6,7 +6,7 @@ computation. :func:`operator_fingerprint` hashes (SHA-256) everything the column
 
 * the operator's class, shape, dtype and options (public attributes of plain types such as
   ``output_index``, ``method``, ``eps``, the loss reduction), but not how products are routed
-  or batched (``route``, ``batched``, ``max_vectors``, ``memory_limit_bytes``, ``cache``,
+  or batched (``route``, ``batched``, ``max_vectors``, ``memory_budget``, ``cache``,
   ``device``), nor counters and caches (private attributes). An operator class lists further
   public bookkeeping attributes in ``fingerprint_exclude``; a fingerprint must not change when
   products are computed (``tests/linops/test_checkpoint.py`` checks every operator kind);
@@ -56,6 +56,8 @@ _OPERATOR_SKIP = frozenset(
         "unbatched_reason",
         "max_vectors",
         "memory_limit_bytes",
+        "memory_budget",
+        "memory",
         "cache",
         "check_finite",
         "device",

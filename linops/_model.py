@@ -120,11 +120,9 @@ class ModelOperator(TorchLinearOperator):
         self._given_space = space  # the user's model and selection, for .to()
         self.space = _converted(space, dtype, device)
         #: the budget in bytes (given, or the default for the device), and its ledger
-        self.memory_budget = (
-            memory_budget if memory_budget is not None else default_memory_budget(device)
-        )
+        budget = memory_budget if memory_budget is not None else default_memory_budget(device)
         self._budget_given = memory_budget is not None
-        self.memory = MemoryBudget(self.memory_budget)
+        self.memory = MemoryBudget(budget)
         self.label_key = label_key
         self.batches = Batches(
             data,
@@ -137,7 +135,9 @@ class ModelOperator(TorchLinearOperator):
             label_key=label_key,
         )
         shape = shape(self.batches, self.space) if callable(shape) else shape
-        super().__init__(shape, dtype=dtype, device=device, max_vectors=max_vectors)
+        super().__init__(
+            shape, dtype=dtype, device=device, max_vectors=max_vectors, memory_budget=budget
+        )
         self.model, self.cache = model, cache
         #: retained graphs of the first batches (all of them unless some did not fit)
         self._graph_cache: list[Any] = []
@@ -494,13 +494,19 @@ class ModelOperator(TorchLinearOperator):
         moved once; no graph is shared.
         """
         new = copy.copy(self)
+        budget = self.memory.total
+        if not self._budget_given and device != self.device:
+            budget = default_memory_budget(device)
         TorchLinearOperator.__init__(
-            new, self.shape, dtype=dtype, device=device, max_vectors=self.max_vectors
+            new,
+            self.shape,
+            dtype=dtype,
+            device=device,
+            max_vectors=self.max_vectors,
+            memory_budget=budget,
         )
         new.space = _converted(self._given_space, dtype, device)
-        if not self._budget_given and device != self.device:
-            new.memory_budget = default_memory_budget(device)
-        new.memory = MemoryBudget(new.memory_budget)
+        new.memory = MemoryBudget(budget)
         new.batches = self.batches.like(dtype, device, new.memory)
         new._graph_cache, new._graphs_full = [], False
         new._pass_bytes = {False: None, True: None}
@@ -524,7 +530,7 @@ class ModelOperator(TorchLinearOperator):
         """Return what the operator keeps against its memory budget (see :class:`ModelOperator`)."""
         measured = [b for b in self._pass_bytes.values() if b is not None]
         return CacheInfo(
-            bytes_budget=self.memory_budget,
+            bytes_budget=self.memory.total,
             num_batches=self.batches._num_batches,
             batches_cached=self.batches.num_cached,
             graphs_cached=len(self._graph_cache),

@@ -37,6 +37,7 @@ its own documented contract; the composites and data-backed operators are alread
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, overload
 
@@ -62,6 +63,7 @@ from linops._types import (
     ProcessGroup,
     SupportsMatvec,
 )
+from linops.memory import check_memory_budget
 
 __all__ = ["IdentityOperator", "TorchLinearOperator", "aslinearoperator"]
 
@@ -81,10 +83,12 @@ class TorchLinearOperator(LinearOperator):
     max_vectors
         Largest number of vectors pushed through one batched pass; a product with more
         columns is split into chunks of at most this many. ``None``: derived from
-        ``memory_limit_bytes`` or unbounded.
-    memory_limit_bytes
-        Bound on the extra memory of one batched pass, turned into ``max_vectors`` through
-        :meth:`bytes_per_vector`.
+        ``memory_budget`` or unbounded.
+    memory_budget
+        Bound in bytes on the extra memory of one batched pass, turned into ``max_vectors``
+        through :meth:`bytes_per_vector` (the model operators measure a pass instead, and
+        bound their cached graphs and batches by it too). ``memory_limit_bytes`` is its
+        deprecated former name.
 
     Notes
     -----
@@ -130,6 +134,7 @@ class TorchLinearOperator(LinearOperator):
         dtype: torch.dtype | np.dtype | type,
         device: torch.device | str,
         max_vectors: int | None = None,
+        memory_budget: int | None = None,
         memory_limit_bytes: int | None = None,
     ) -> None:
         shape = check_shape(shape)
@@ -138,8 +143,22 @@ class TorchLinearOperator(LinearOperator):
         # explicit dtype: SciPy would otherwise probe with an int8 matvec (a hidden JVP)
         super().__init__(dtype=numpy_dtype(self.torch_dtype), shape=shape)
         self.max_vectors = check_positive_or_none(max_vectors, "max_vectors")
-        self.memory_limit_bytes = check_positive_or_none(memory_limit_bytes, "memory_limit_bytes")
+        self.memory_budget = check_memory_budget(memory_budget)
+        if memory_limit_bytes is not None:
+            check_memory_budget(memory_limit_bytes, "memory_limit_bytes")
+            warnings.warn(
+                "memory_limit_bytes is deprecated: pass memory_budget= (bytes)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            if self.memory_budget is None:
+                self.memory_budget = int(memory_limit_bytes)
         self.check_finite = True
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        """Deprecated name of :attr:`memory_budget`."""
+        return self.memory_budget
 
     # ----------------------------------------------------------------- subclass hooks
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
@@ -219,7 +238,9 @@ class TorchLinearOperator(LinearOperator):
         if new_dtype == self.torch_dtype and new_device == self.device:
             return self
         new = self._to(new_dtype, new_device)
-        new.max_vectors, new.memory_limit_bytes = self.max_vectors, self.memory_limit_bytes
+        new.max_vectors = self.max_vectors
+        if new.memory_budget is None:  # a model operator's _to sets the new device's own
+            new.memory_budget = self.memory_budget
         new.check_finite = self.check_finite
         if "is_symmetric" in vars(self):
             new.is_symmetric = self.is_symmetric
@@ -227,12 +248,12 @@ class TorchLinearOperator(LinearOperator):
 
     # ----------------------------------------------------------------- the batched fast path
     def vectors_per_pass(self) -> int | None:
-        """Return the number of vectors per batched pass implied by ``max_vectors`` and the memory limit."""
+        """Return the number of vectors per batched pass implied by ``max_vectors`` and the budget."""
         limits = []
         if self.max_vectors is not None:
             limits.append(self.max_vectors)
-        if self.memory_limit_bytes is not None:
-            limits.append(max(1, self.memory_limit_bytes // max(1, self.bytes_per_vector())))
+        if self.memory_budget is not None:
+            limits.append(max(1, self.memory_budget // max(1, self.bytes_per_vector())))
         return min(limits) if limits else None
 
     def _apply(self, X: torch.Tensor, adjoint: bool = False) -> torch.Tensor:

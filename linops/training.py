@@ -58,8 +58,9 @@ class TrainingJacobianOperator(TorchLinearOperator):
     max_vectors
         Tangents per batched pass (a chunk of columns). Larger chunks amortise the per-step
         overhead; smaller ones keep the tangent state in cache.
-    memory_limit_bytes
-        Optional bound on the memory of one batched pass (see :class:`TorchLinearOperator`).
+    memory_budget
+        Optional bound in bytes on the memory of one batched pass (see
+        :class:`TorchLinearOperator`); ``memory_limit_bytes`` is its deprecated former name.
 
     Attributes
     ----------
@@ -96,6 +97,7 @@ class TrainingJacobianOperator(TorchLinearOperator):
         theta0: torch.Tensor,
         *,
         max_vectors: int | None = 256,
+        memory_budget: int | None = None,
         memory_limit_bytes: int | None = None,
     ) -> None:
         for attr in ("dim", "jvp", "vjp", "describe"):
@@ -116,6 +118,7 @@ class TrainingJacobianOperator(TorchLinearOperator):
             dtype=theta0.dtype,
             device=theta0.device,
             max_vectors=max_vectors,
+            memory_budget=memory_budget,
             memory_limit_bytes=memory_limit_bytes,
         )
         self.run = run
@@ -150,7 +153,7 @@ class TrainingJacobianOperator(TorchLinearOperator):
             self.run,
             self.theta0.to(dtype),
             max_vectors=self.max_vectors,
-            memory_limit_bytes=self.memory_limit_bytes,
+            memory_budget=self.memory_budget,
         )
 
     def bytes_per_vector(self) -> int:

@@ -162,3 +162,30 @@ def test_log_density_of_a_spectrum_over_decades() -> None:
     assert ld.resmooth(sigma=0.5).sigma == 0.5 and counting.count == used
     with pytest.raises(ValueError, match="floor: expected a positive number"):
         sd.log_density(floor=0.0)
+
+
+def test_memory_budget_groups_the_probes_with_the_same_nodes() -> None:
+    lam = np.r_[np.linspace(-1, 1, 150), [5.0, 7.0]]
+    A = torch.as_tensor(spectrum_matrix(lam))
+    full = spectral_density(A, num_probes=6, num_steps=20, seed=3)
+    one_basis = 20 * lam.size * 8  # bytes of one probe's basis in float64
+    grouped = spectral_density(A, num_probes=6, num_steps=20, seed=3, memory_budget=2 * one_basis)
+    assert full.reorthogonalized and grouped.reorthogonalized
+    torch.testing.assert_close(grouped.nodes, full.nodes, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grouped.weights, full.weights, rtol=1e-10, atol=1e-12)
+    assert grouped.num_matvecs == full.num_matvecs
+
+
+def test_a_basis_over_the_budget_runs_without_reorthogonalisation_visibly() -> None:
+    """The three-term recurrence keeps Gauss quadrature: the same probes' moments agree."""
+    lam = np.r_[np.linspace(-1, 1, 150), [5.0, 7.0]]
+    A = torch.as_tensor(spectrum_matrix(lam))
+    full = spectral_density(A, num_probes=4, num_steps=20, seed=1)
+    with pytest.warns(RuntimeWarning, match="without reorthogonalisation"):
+        plain = spectral_density(A, num_probes=4, num_steps=20, seed=1, memory_budget=1000)
+    assert not plain.reorthogonalized
+    assert plain.trace.estimate == pytest.approx(full.trace.estimate, rel=1e-9)
+    for k in (2, 3, 5):  # moments of the quadrature rule: u^T A^k u per probe
+        moments = [(sd.weights * sd.nodes**k).sum(1) for sd in (plain, full)]
+        torch.testing.assert_close(*moments, rtol=1e-8, atol=1e-10)
+    assert float(plain.nodes.max()) <= 7.0 + 1e-8 and float(plain.nodes.min()) >= -1 - 1e-8

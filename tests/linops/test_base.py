@@ -101,7 +101,7 @@ def test_many_vector_products_are_chunked_by_the_memory_bound() -> None:
     X = _mat(6, 10)
     torch.testing.assert_close(op @ X, A @ X)
     assert op.calls == [4, 4, 2]
-    bounded = Counting(A, memory_limit_bytes=3 * (5 + 6) * 8)  # three vectors' worth
+    bounded = Counting(A, memory_budget=3 * (5 + 6) * 8)  # three vectors' worth
     bounded @ X
     assert max(bounded.calls) == 3
     unbounded = Counting(A)
@@ -296,3 +296,14 @@ def test_bfloat16_inputs_promote_as_torch_promotes_them() -> None:
     out = op @ torch.ones(2, dtype=torch.bfloat16)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, torch.ones(2))
+
+
+def test_memory_limit_bytes_is_a_deprecated_name_of_memory_budget() -> None:
+    A = _mat(5, 6)
+    with pytest.warns(DeprecationWarning, match="memory_budget"):
+        op = Counting(A, memory_limit_bytes=3 * (5 + 6) * 8)
+    assert op.memory_budget == op.memory_limit_bytes == 3 * (5 + 6) * 8
+    op @ _mat(6, 10)
+    assert max(op.calls) == 3
+    with pytest.raises(ValueError, match="memory_budget: expected a positive number"):
+        Counting(A, memory_budget=0)
