@@ -11,7 +11,8 @@ module:
   on the operator's device, :func:`random_block` draws Gaussian or Rademacher probe blocks from
   it, :func:`orth_qr` orthonormalises a block robustly;
 * :func:`column_norms` gives column norms of a block to the dtype's rounding (``vector_norm``
-  along a block's columns loses about 3e-5 relative in float32 here);
+  along a block's columns loses about 3e-5 relative in float32 here), :func:`residual_norms`
+  those of ``A Y - Y diag(vals)`` summed in double by chunks of rows;
 * :func:`check_symmetric` probes an operator for symmetry once (``SYMMETRY_PROBES`` products);
 * :func:`check_int`, :func:`check_products`, :func:`check_which` validate the arguments with
   the toolkit's ``"name: expected ..., got ..."`` messages.
@@ -28,6 +29,7 @@ from linops._krylov import (
     orth_qr,
     prepare,
     random_block,
+    residual_norms,
     to_output,
 )
 
@@ -42,5 +44,6 @@ __all__ = [
     "orth_qr",
     "prepare",
     "random_block",
+    "residual_norms",
     "to_output",
 ]

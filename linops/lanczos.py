@@ -290,8 +290,7 @@ class _Lanczos:
         AY = self.op._apply(Y)
         self.nmv += Y.shape[1]
         kr.check_products(AY, self.nmv)
-        wide = torch.complex128 if Y.is_complex() else torch.float64
-        res = kr.column_norms(AY.to(wide) - Y.to(wide) * vals.to(wide)).to(vals.dtype)
+        res = kr.residual_norms(AY, Y, vals)
         return Y, AY, vals, res, torch.zeros_like(err)
 
 

@@ -291,10 +291,7 @@ class _Bidiag:
         ):
             return None
         Av, Ahu = self.apply(v, adjoint=False), self.apply(u, adjoint=True)
-        wide = torch.complex128 if v.is_complex() else torch.float64
-        sw = sv.to(wide)
-        r1 = kr.column_norms(Av.to(wide) - u.to(wide) * sw)
-        r2 = kr.column_norms(Ahu.to(wide) - v.to(wide) * sw)
+        r1, r2 = kr.residual_norms(Av, u, sv), kr.residual_norms(Ahu, v, sv)
         zero = torch.zeros_like(e_Av)
         return _Triplets(u, v, sv, torch.hypot(r1, r2).to(sv.dtype), Av, Ahu, zero, zero)
 

@@ -350,3 +350,24 @@ def test_column_norms_are_accurate_in_float32() -> None:
     assert torch.equal(column_norms(torch.zeros(4, 3)), torch.zeros(3))
     Z = torch.randn(1000, 3, dtype=torch.complex128, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(column_norms(Z), torch.linalg.vector_norm(Z, dim=0), rtol=1e-14)
+
+
+def test_residual_norms_and_symmetry_defect_are_the_same_by_row_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Row chunks keep big blocks from being converted to double at once; values unchanged."""
+    from linops import _krylov
+
+    g = torch.Generator().manual_seed(0)
+    Y, AY = torch.randn(1000, 3, generator=g), torch.randn(1000, 3, generator=g)
+    vals = torch.tensor([0.5, -2.0, 3.0])
+    whole = torch.linalg.vector_norm(AY.double() - Y.double() * vals.double(), dim=0)
+    A = torch.randn(1000, 1000, generator=g, dtype=torch.float64)
+    Z = torch.randn(1000, 4, generator=g, dtype=torch.float64)
+    before = _krylov.symmetry_defect(Z, A @ Z)
+    monkeypatch.setattr(_krylov, "_CHUNK_ROWS", 64)
+    chunked = _krylov.residual_norms(AY, Y, vals)
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked.double(), whole, rtol=1e-7, atol=0)
+    assert _krylov.symmetry_defect(Z, A @ Z) == pytest.approx(before, rel=1e-12)
+    assert _krylov.symmetry_defect(Z, (A + A.T) @ Z) < 1e-12
