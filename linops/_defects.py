@@ -182,23 +182,16 @@ _COMPOSED: dict[Callable[..., Any], Callable[..., Any]] = {
 }
 
 
-class _ComposedKernels(TorchFunctionMode):
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Iterable[type],
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:  # whatever the intercepted torch function returns
-        return _COMPOSED.get(func, func)(*args, **(kwargs or {}))
+class ComposedKernels(TorchFunctionMode):
+    """Compute the functions of :data:`_COMPOSED` from primitives (``compose``), noting calls.
 
+    ``.seen`` says whether the code run inside called one of them; with ``compose=False``
+    they run as torch's own (the first forward pass of a model, to find out).
+    """
 
-class ComposedKernelsSeen(TorchFunctionMode):
-    """Record whether a forward pass calls a function of :data:`_COMPOSED` (``.seen``)."""
-
-    def __init__(self) -> None:
+    def __init__(self, compose: bool = True) -> None:
         super().__init__()
-        self.seen = False
+        self.compose, self.seen = compose, False
 
     def __torch_function__(
         self,
@@ -207,7 +200,11 @@ class ComposedKernelsSeen(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:  # whatever the intercepted torch function returns
-        self.seen = self.seen or func in _COMPOSED
+        composed = _COMPOSED.get(func)
+        if composed is not None:
+            self.seen = True
+            if self.compose:
+                func = composed
         return func(*args, **(kwargs or {}))
 
 
@@ -215,7 +212,7 @@ def needs_composition(model: nn.Module) -> bool:
     """Whether a module of ``model`` is known to call a function of :data:`_COMPOSED`.
 
     Weight norm (either API) and ``nn.EmbeddingBag``; plain calls of ``torch.cdist`` and the
-    like in a ``forward`` are found by running it under :class:`ComposedKernelsSeen`.
+    like in a ``forward`` are found by running it under :class:`ComposedKernels` with ``compose=False``.
     """
     return uses_weight_norm(model) or any(isinstance(m, nn.EmbeddingBag) for m in model.modules())
 
@@ -254,7 +251,7 @@ def workarounds(
             if compose is None:
                 compose = weight_norm
             if compose if compose is not None else needs_composition(model):
-                stack.enter_context(_ComposedKernels())
+                stack.enter_context(ComposedKernels())
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)

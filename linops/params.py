@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from linops._defects import ComposedKernelsSeen, needs_composition, workarounds
+from linops._defects import ComposedKernels, needs_composition, workarounds
 from linops._types import Device, Params
 
 __all__ = ["KeywordInputs", "ParamSpace"]
@@ -248,7 +248,7 @@ class ParamSpace:
             If the (selected) output is not a tensor.
         """
         if self._compose is None:  # the first pass finds out whether the forward calls them
-            with warnings.catch_warnings(record=True) as caught, ComposedKernelsSeen() as seen:
+            with warnings.catch_warnings(record=True) as caught, ComposedKernels(False) as seen:
                 warnings.simplefilter("always")
                 out = self._call(values, args, compose=False)
             for w in caught:

@@ -307,3 +307,21 @@ def test_memory_limit_bytes_is_a_deprecated_name_of_memory_budget() -> None:
     assert max(op.calls) == 3
     with pytest.raises(ValueError, match="memory_budget: expected a positive number"):
         Counting(A, memory_budget=0)
+
+
+def test_a_big_row_major_block_is_gathered_chunk_by_chunk_into_one_output() -> None:
+    """Over an eighth of the budget, no whole-block copy: each chunk is made contiguous."""
+
+    class ColumnMajor(Counting):
+        column_major_blocks = True
+
+        def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+            assert X.stride(0) == 1  # every hook call gets contiguous columns
+            return super()._matmat_torch(X)
+
+    A, X = _mat(5, 40), _mat(40, 6)  # row-major: 40 x 6 doubles = 1920 bytes
+    for budget in (10**6, 8 * 1920 - 1):  # whole-block copy, then chunk by chunk
+        op = ColumnMajor(A, max_vectors=4, memory_budget=budget)
+        out = op @ X
+        torch.testing.assert_close(out, A @ X)
+        assert out.stride(0) == 1 and op.calls == [4, 2]
