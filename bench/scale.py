@@ -270,6 +270,10 @@ class Counted(TorchLinearOperator):
         super().__init__(H.shape, dtype=H.torch_dtype, device=H.device)
         self.op, self.bar, self.count = H, bar, 0
 
+    def vectors_per_pass(self) -> int | None:
+        # the wrapped operator's, so estimators group their probes as they would for it
+        return self.op.vectors_per_pass()
+
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         out = self.op._apply(X)
         self.count += X.shape[1]

@@ -123,12 +123,9 @@ class _Forms:
             self.fro2 += float((BZ * BZ).sum())
         if self.rademacher:
             D = D.real
-            part = D.sum(dim=1) if D.shape[1] > 1 else D[:, 0]
-            if self.total is None:
-                self.total = part.clone() if part.data_ptr() == D.data_ptr() else part
-            else:
-                self.total += part
-            self.squares += float(D.mul_(D).sum())  # D is not needed after this
+            part = D.sum(dim=1)  # a tensor of its own: D is squared in place below
+            self.total = part if self.total is None else self.total.add_(part)
+            self.squares += float(D.mul_(D).sum())
 
     def result(self) -> tuple[float, float]:
         samples = torch.cat(self.samples)
@@ -149,9 +146,8 @@ def _probe_group(op: TorchLinearOperator, N: int) -> int:
     With a model operator the probes, their products and the products' copies then never hold
     more than one pass's worth of vectors at once.
     """
-    per_pass = getattr(op, "vectors_per_pass", None)
-    k = per_pass() if callable(per_pass) else None
-    return N if k is None else max(1, min(N, int(k)))
+    k = op.vectors_per_pass()
+    return N if k is None else max(1, min(N, k))
 
 
 def hutchinson_trace(

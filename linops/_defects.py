@@ -101,6 +101,19 @@ KNOWN_DEFECTS: tuple[TorchDefect, ...] = (
 )
 
 
+#: how torch shows a reentrant checkpoint: its warning when no input of the checkpointed function
+#: requires grad (the parameters inside then get no derivative), and its error when
+#: torch.autograd.grad meets one
+REENTRANT_WARNING = "None of the inputs have requires_grad=True"
+REENTRANT_ERROR = "Checkpointing is not compatible with .grad()"
+#: the refusal of both (KNOWN_DEFECTS)
+REENTRANT_REFUSAL = (
+    "the model runs torch.utils.checkpoint.checkpoint with use_reentrant=True, which hides "
+    "the parameters inside the checkpointed function from torch.autograd.grad (their "
+    "derivatives would be silently zero, or torch raises); pass use_reentrant=False"
+)
+
+
 def _weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """``torch._weight_norm`` from differentiable primitives: ``v * g / ||v||``.
 

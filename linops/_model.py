@@ -22,6 +22,7 @@ from linops._autodiff import has_convolution
 from linops._chain import Chain, ChainMismatch
 from linops._checks import check_device, check_dtype, check_finite
 from linops._data import Batches, check_model_mode
+from linops._defects import REENTRANT_ERROR, REENTRANT_REFUSAL
 from linops._types import Data, OutputSelector, Params, ProcessGroup
 from linops.base import TorchLinearOperator
 from linops.memory import (
@@ -245,12 +246,8 @@ class ModelOperator(TorchLinearOperator):
         try:
             return self._apply_model(X, adjoint)
         except RuntimeError as err:  # NotImplementedError included
-            if "Checkpointing is not compatible with .grad()" in str(err):
-                raise NotImplementedError(
-                    f"{type(self).__name__}: the model runs torch.utils.checkpoint.checkpoint "
-                    "with use_reentrant=True, which torch.autograd.grad cannot go through; "
-                    "pass use_reentrant=False"
-                ) from err
+            if REENTRANT_ERROR in str(err):
+                raise NotImplementedError(f"{type(self).__name__}: {REENTRANT_REFUSAL}") from err
             missing = _missing_derivative(err)
             if missing is None:
                 name = type(self).__name__

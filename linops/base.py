@@ -301,12 +301,11 @@ class TorchLinearOperator(LinearOperator):
         for i in range(0, k, chunk):
             part = X[:, i : i + chunk]
             if self.column_major_blocks and part.stride(0) != 1:
-                part = part.T.contiguous().T if part.shape[1] > 1 else part.contiguous()
+                part = part.T.contiguous().T
             R = hook(part)
             if out is None:  # column-major, as a single pass gives; filled as chunks come
                 out = R.new_empty(k, R.shape[0]).T
             out[:, i : i + R.shape[1]] = R
-            del R
         assert out is not None
         return out
 

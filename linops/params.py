@@ -20,7 +20,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from linops._defects import ComposedKernels, needs_composition, workarounds
+from linops._defects import (
+    REENTRANT_REFUSAL,
+    REENTRANT_WARNING,
+    ComposedKernels,
+    needs_composition,
+    workarounds,
+)
 from linops._types import Device, Params
 
 __all__ = ["KeywordInputs", "ParamSpace"]
@@ -252,13 +258,8 @@ class ParamSpace:
                 warnings.simplefilter("always")
                 out = self._call(values, args, compose=False)
             for w in caught:
-                if _REENTRANT_CHECKPOINT in str(w.message):
-                    raise NotImplementedError(
-                        "model: it runs torch.utils.checkpoint.checkpoint with "
-                        "use_reentrant=True, which hides the parameters inside the "
-                        "checkpointed function from torch.autograd.grad (their derivatives "
-                        "would be silently zero); pass use_reentrant=False"
-                    )
+                if REENTRANT_WARNING in str(w.message):
+                    raise NotImplementedError(f"model: {REENTRANT_REFUSAL}")
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             self._compose = seen.seen
             if self._compose:
@@ -300,10 +301,6 @@ class ParamSpace:
         new.__dict__.update(self.__dict__)
         new._values = {n: v.to(dtype=dtype, device=device) for n, v in self._values.items()}
         return new
-
-
-#: torch's warning when a reentrant checkpoint gets no input that requires grad
-_REENTRANT_CHECKPOINT = "None of the inputs have requires_grad=True"
 
 
 def _training_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
