@@ -61,7 +61,8 @@ class SLQEstimate(NamedTuple):
     estimate, stderr
         :math:`\frac nN\sum_l\sum_j\tau_{lj}f(\theta_{lj})` and its standard error over probes.
     num_matvecs
-        Products used (``num_probes * num_steps`` plus the 3 of the symmetry probe).
+        Products used (``num_probes * num_steps``, plus the 3 of the symmetry probe for an
+        operator that does not declare ``is_symmetric``).
     nodes, weights
         ``(num_probes, num_steps)`` Gauss nodes :math:`\theta_{lj}` and weights
         :math:`\tau_{lj}` (rows sum to 1): ``n * (weights * g(nodes)).sum(1).mean()``

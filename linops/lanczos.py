@@ -29,6 +29,7 @@ from linops._certify import Recombination, carry, recombine
 from linops._checks import check_positive_number, check_square
 from linops._types import ArrayLike, ArrayOut, OperatorLike
 from linops.base import TorchLinearOperator
+from linops.memory import check_memory_budget, default_memory_budget
 
 __all__ = ["LanczosNoConvergence", "LanczosResult", "lanczos"]
 
@@ -53,7 +54,8 @@ class LanczosResult(NamedTuple):
         block product at the end.
     num_matvecs
         Number of operator-vector products used (a block of ``b`` vectors counts ``b``),
-        including the symmetry probe and the final true-residual check when one was needed.
+        including the symmetry probe (two vectors with the first block, none for an operator
+        that declares ``is_symmetric``) and the final true-residual check when one was needed.
     converged
         Whether every true residual is at most ``rtol * ||A||``.
     """
@@ -84,6 +86,7 @@ def lanczos(
     block_size: int = 1,
     v0: ArrayLike | None = None,
     seed: int | torch.Generator | None = None,
+    memory_budget: int | None = None,
 ) -> LanczosResult:
     r"""``k`` eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -116,6 +119,15 @@ def lanczos(
         Start vector ``(n,)`` or block ``(n, block_size)``; default Gaussian.
     seed
         Seed (or ``torch.Generator``) for the random start and breakdown restarts.
+    memory_budget
+        Bytes the basis and the stored products may take (default:
+        :func:`linops.memory.default_memory_budget` of the operator's device, a fraction of
+        its free memory). The basis ``V`` is ``n x ncv``; by default the products ``A V`` are
+        kept too, so that true residuals cost no new product. When both do not fit, ``A V``
+        is not kept: every true-residual check then applies ``A`` to the Ritz vectors one at
+        a time (two vectors beyond the basis; more products, at most half the memory). When
+        not even the basis fits, a default ``ncv`` shrinks to what does (at least ``k + 1``
+        vectors) and an explicit one is refused with the largest that fits.
 
     Returns
     -------
@@ -126,8 +138,9 @@ def lanczos(
     ------
     ValueError
         For a non-square or non-symmetric operator (checked once with a random probe,
-        :math:`\\langle Ax, y\\rangle` against :math:`\\langle x, Ay\\rangle`), ``k`` out of range,
-        an unknown ``which``, or a zero ``v0``.
+        :math:`\\langle Ax, y\\rangle` against :math:`\\langle x, Ay\\rangle`, unless the operator
+        declares ``is_symmetric``, as linops' Hessian, GGN and Fisher operators do), ``k`` out
+        of range, an unknown ``which``, or a zero ``v0``.
     FloatingPointError
         If the operator returns NaN or inf.
     LanczosNoConvergence
@@ -157,34 +170,51 @@ def lanczos(
     b = kr.check_int(block_size, "block_size", 1, n)
     k = kr.check_int(k, "k", 1, n)
     kr.check_which(which, _WHICH)
+    budget = check_memory_budget(memory_budget) or default_memory_budget(op.device)
+    given = ncv is not None
     ncv = _default_ncv(n, k, b) if ncv is None else kr.check_int(ncv, "ncv", min(n, k + 1), n)
+    ncv, keep_products = _fit_budget(ncv, n, k, b, op.torch_dtype.itemsize, budget, given)
     ncv = _fit_ncv(ncv, n, k, b)
     maxiter = 10 * n if maxiter is None else kr.check_int(maxiter, "maxiter", 1)
     eps = torch.finfo(op.torch_dtype).eps
     tol = eps**0.5 if rtol is None else check_positive_number(rtol, "rtol")
     gen = kr.make_generator(seed, op.device)
     P = kr.start_block(v0, n, b, op, gen)
-    return _thick_restart(_Lanczos(op, P, ncv, gen), kind, k, which, tol, maxiter)
+    return _thick_restart(_Lanczos(op, P, ncv, gen, keep_products), kind, k, which, tol, maxiter)
 
 
 class _Lanczos:
     """State of the thick-restart iteration: basis ``V``, projection ``H``, pending block ``P``."""
 
-    def __init__(self, op: TorchLinearOperator, P: torch.Tensor, ncv: int, gen: torch.Generator):
+    def __init__(
+        self,
+        op: TorchLinearOperator,
+        P: torch.Tensor,
+        ncv: int,
+        gen: torch.Generator,
+        keep_products: bool = True,
+    ):
         n, b = P.shape
         kw: dict[str, Any] = {"dtype": op.torch_dtype, "device": op.device}
         self.op, self.P, self.gen, self.ncv, self.b = op, P, gen, ncv, b
         self.V, self.H = torch.empty(n, ncv, **kw), torch.zeros(ncv, ncv, **kw)
         #: ``A V``: the products already taken, so that true residuals of Ritz vectors
-        #: ``V S`` cost no new product while the rounding of recombining them stays small
-        self.AV = torch.empty(n, ncv, **kw)
+        #: ``V S`` cost no new product while the rounding of recombining them stays small;
+        #: ``None`` when the memory budget holds the basis only
+        self.AV: torch.Tensor | None = torch.empty(n, ncv, **kw) if keep_products else None
         #: per column of ``AV``, a bound on ``||AV_i - A V_i|| / ||A||`` from recombining
         self.av_err = torch.zeros(ncv, dtype=torch.float64)
         self.j, self.nmv, self.anorm = 0, 0, 0.0
         self.first: torch.Tensor | None = None
 
     def probe(self) -> None:
-        """First product together with the symmetry probe: ``A [P, Z]`` for two more vectors."""
+        """First product together with the symmetry probe: ``A [P, Z]`` for two more vectors.
+
+        An operator that declares ``is_symmetric`` is trusted (no probe, see
+        :func:`linops._krylov.check_symmetric`); its first product is taken by :meth:`step`.
+        """
+        if self.op.is_symmetric:
+            return
         Z = torch.cat([self.P, kr.probe_block(self.op, _PROBES)], dim=1)
         AZ = self.op._apply(Z)
         self.nmv += Z.shape[1]
@@ -202,7 +232,8 @@ class _Lanczos:
             self.nmv += b
             kr.check_products(W, self.nmv)
         self.V[:, j : j + b] = P
-        self.AV[:, j : j + b] = W
+        if self.AV is not None:
+            self.AV[:, j : j + b] = W
         self.av_err[j : j + b] = 0.0
         self.anorm = max(self.anorm, float(kr.column_norms(W).max()))
         self.P, C, R = kr.orth_qr(W, self.V[:, : j + b], self.gen, self.anorm)
@@ -217,11 +248,20 @@ class _Lanczos:
         """Keep the Ritz vectors ``V S[:, keep]``: ``H`` becomes diagonal, ``P`` stays."""
         p, j = keep.numel(), self.j
         Sk = S[:, keep]
-        err = self._drift(Sk, recombine(self.V[:, :j], self.AV[:, :j], Sk, Sk, inplace=True))
+        err = self._drift(Sk, recombine(self.V[:, :j], self._products(j), Sk, Sk, inplace=True))
         self.av_err[:p] = err
         self.H.zero_()
         self.H[:p, :p] = torch.diag(theta[keep]).to(self.H)
         self.j = p
+
+    def _products(self, j: int) -> torch.Tensor:
+        """Return the stored ``A V[:, :j]``, or no rows (nothing to recombine) without them."""
+        return self.V[:0, :j] if self.AV is None else self.AV[:, :j]
+
+    def ritz_vectors(self, Sw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Y = V S_w`` (new storage) and the bound on its rounding per column."""
+        rc = recombine(self.V[:, : self.j], self.V[:0, : self.j], Sw, Sw)
+        return rc.Y, rc.d_Y
 
     def _drift(self, Sk: torch.Tensor, rc: Recombination) -> torch.Tensor:
         """Bound on ``||(A V) s - A (V s)|| / ||A||`` of the recombined columns ``s`` of ``Sk``.
@@ -244,7 +284,8 @@ class _Lanczos:
         """
         p = Y.shape[1]
         self.V[:, :p] = Y
-        self.AV[:, :p] = AY
+        if self.AV is not None:
+            self.AV[:, :p] = AY
         self.av_err[:p] = err
         self.H.zero_()
         self.H[:p, :p] = torch.diag(vals).to(self.H)
@@ -276,6 +317,8 @@ class _Lanczos:
         """
         Sw = S[:, want]
         vals = theta[want].to(device=self.V.device, dtype=self.V.real.dtype)
+        if self.AV is None:
+            return self._residuals_by_products(Sw, vals)
         rc = recombine(self.V[:, : self.j], self.AV[:, : self.j], Sw, Sw, vals)
         err = self._drift(Sw, rc)
         bound = rc.residual + err * self.anorm  # an upper bound of the true residuals
@@ -292,6 +335,27 @@ class _Lanczos:
         kr.check_products(AY, self.nmv)
         res = kr.residual_norms(AY, Y, vals)
         return Y, AY, vals, res, torch.zeros_like(err)
+
+    def _residuals_by_products(self, Sw: torch.Tensor, vals: torch.Tensor):
+        """Compute true residuals without stored products, ``A y_i`` one Ritz vector at a time.
+
+        The vectors are not kept (two vectors of memory beyond the basis); the ones returned
+        are recomputed as ``V S_w`` (:meth:`ritz_vectors`), so each residual is bounded by
+        the one measured plus ``||A||`` times the rounding of both recombinations. Returns
+        ``(None, None, vals, residual bounds, zeros)``: ``Y`` is built only for a result.
+        """
+        res = torch.empty(Sw.shape[1], dtype=torch.float64)
+        for i in range(Sw.shape[1]):
+            s = Sw[:, i : i + 1]
+            rc = recombine(self.V[:, : self.j], self.V[:0, : self.j], s, s)
+            AY = self.op._apply(rc.Y)
+            self.nmv += 1
+            kr.check_products(AY, self.nmv)
+            r = kr.residual_norms(AY, rc.Y, vals[i : i + 1]).double().cpu()
+            res[i] = r[0] + 2 * self.anorm * rc.d_Y[0]  # measured, plus both roundings
+            del AY, rc
+        zero = torch.zeros(Sw.shape[1], dtype=torch.float64)
+        return None, None, vals, res.to(device=vals.device, dtype=vals.dtype), zero
 
 
 def _thick_restart(
@@ -315,9 +379,11 @@ def _thick_restart(
             check.verifier.level = float("inf")  # check the true residuals at the next step
         nconv = int((est_want <= tol * state.anorm).sum())
         state.restart(S, theta, _select(theta, kr.keep_count(k, nconv, ncv, b), which))
-    got = state.true_residuals(S, theta, _select(theta, k, which), tol)
+    want = _select(theta, k, which)
+    got = state.true_residuals(S, theta, want, tol)
     assert got is not None  # without a verifier there is no deferral
     Y, _, vals, res, _ = got
+    Y = state.ritz_vectors(S[:, want])[0] if Y is None else Y
     k_ok = int((res <= tol * state.anorm).sum())
     raise LanczosNoConvergence(
         f"lanczos did not converge: {maxiter} restarts ({state.nmv} products), {k_ok}/{k} "
@@ -344,21 +410,22 @@ class _Check:
         est_max = float(est[_select(theta, self.k_eff, self.which)].max())
         if not self.verifier.due(est_max, st.anorm):
             return None
-        got = st.true_residuals(
-            S, theta, _select(theta, k, self.which), self.tol, self.verifier, est_max
-        )
+        want = _select(theta, k, self.which)
+        got = st.true_residuals(S, theta, want, self.tol, self.verifier, est_max)
         if got is None:  # iterate on: cheaper than the check's product
             return None
         Y, AY, vals, res, err = got
         verdict = self.verifier.judge(float(res.max()), est_max, st.anorm)
+        if verdict == "continue":
+            return None
+        if Y is None:  # no stored products: the Ritz vectors are built for a result only
+            Y = st.ritz_vectors(S[:, want])[0]
         dt = st.op.torch_dtype
         if verdict == "floor":
             msg = self.verifier.floor_message(
                 "lanczos", dt, float(res.max()), est_max, st.anorm, st.nmv
             )
             raise LanczosNoConvergence(msg, self.result(Y, vals, res, False))
-        if verdict == "continue":
-            return None
         n = st.V.shape[0]
         if k == n:  # the whole space: nothing can be missing
             return self.result(Y, vals, res, True)
@@ -402,6 +469,34 @@ def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
         return torch.sort(torch.argsort(theta.abs(), descending=True, stable=True)[:k]).values
     low = k // 2
     return torch.cat([torch.arange(low), torch.arange(m - (k - low), m)])
+
+
+def _fit_budget(
+    ncv: int, n: int, k: int, b: int, itemsize: int, budget: int, given: bool
+) -> tuple[int, bool]:
+    """Basis size and whether ``A V`` is kept, within ``budget`` bytes (see :func:`lanczos`).
+
+    With ``A V``: ``2 ncv`` vectors plus the Ritz block and its image (``2 k``); without:
+    ``ncv`` plus the pending block and two vectors of the residual check.
+    """
+    vec = n * itemsize
+    if (2 * ncv + 2 * k) * vec <= budget:
+        return ncv, True
+    if (ncv + b + 2) * vec <= budget:
+        return ncv, False
+    fits = budget // vec - b - 2
+    if not given and fits >= min(n, k + 1):
+        return fits, False
+    raise ValueError(
+        f"memory_budget: a Lanczos basis of ncv={ncv} vectors of n={n} "
+        f"({(ncv + b + 2) * vec / 2**30:.3g} GiB with the pending block and two work vectors) "
+        f"exceeds the budget ({budget / 2**30:.3g} GiB); "
+        + (
+            f"the largest ncv that fits is {fits}"
+            if fits >= min(n, k + 1)
+            else f"not even k + 1 = {k + 1} vectors fit: raise memory_budget or lower k"
+        )
+    )
 
 
 def _default_ncv(n: int, k: int, b: int) -> int:
