@@ -226,10 +226,12 @@ def setup(name: str, quick: bool) -> dict[str, Any]:
         ]
         blocks = {p.removeprefix("transformer."): p for p in pre}
         cfg = {"loss": _lm_loss, "op": {"reduction": "mean", "output": lambda out: out.logits}}
-        # a probe of the full model is 496 MB: bounded bases and groups
-        cfg |= {"ncv": 10, "maxiter": 6, "rtol": None, "trace_matvecs": 10, "trace_group": 2}
-        cfg |= {"density_steps": 10, "max_vectors": 1}
-        cfg |= {"bw": {"ncv": 6, "maxiter": 3, "num_steps": 8, "max_vectors": 2}}
+        # a probe of the full model is 498 MB: bounded bases and groups, and memory budgets
+        # in vectors of the model's size: top-5 holds its basis without A V (ncv + 3
+        # vectors), SLQ's bases get 4 vectors (so its runs are not reorthogonalised)
+        cfg |= {"ncv": 10, "maxiter": 6, "rtol": None, "trace_matvecs": 10, "trace_group": 10}
+        cfg |= {"density_steps": 10, "max_vectors": 1, "budget_vectors": {"top5": 13, "density": 4}}
+        cfg |= {"bw": {"ncv": 6, "maxiter": 3, "num_steps": 8, "max_vectors": 1}}
     elif name == "resnet20-stream":
         model = resnet20(width=4 if quick else 16, depth=1 if quick else 3)
         n, b = (256, 64) if quick else (5000, 128)
@@ -336,6 +338,8 @@ def run_task(
     if "max_vectors" in cfg:
         opkw["max_vectors"] = cfg["max_vectors"]
     H = linops.HessianOperator(model, cfg["loss"], cfg["data"], **opkw)
+    vector_bytes = nparams * H.torch_dtype.itemsize
+    budgets = {t: v * vector_bytes for t, v in cfg.get("budget_vectors", {}).items()}
     setup_rss = _rss_mb()
     row: dict[str, Any] = {"model": name, "task": task, "params": nparams}
     start = time.perf_counter()
@@ -397,6 +401,7 @@ def run_task(
                     rtol=cfg["rtol"],
                     maxiter=cfg.get("maxiter"),
                     seed=seed,
+                    memory_budget=budgets.get("top5"),
                 )
             except linops.LanczosNoConvergence as err:
                 r = err.result
@@ -405,6 +410,7 @@ def run_task(
                 "residuals": r.residuals.tolist(),
                 "converged": bool(r.converged),
                 "ncv": cfg["ncv"],
+                "memory_budget": budgets.get("top5"),
             }
         elif task == "trace":
             total, group = cfg["trace_matvecs"], cfg["trace_group"]
@@ -421,12 +427,17 @@ def run_task(
             row |= {"trace": mean, "trace_stderr": se, "trace_group": group}
         elif task == "density":
             sd = estimators.spectral_density(
-                A, num_probes=1, num_steps=cfg["density_steps"], seed=seed
+                A,
+                num_probes=1,
+                num_steps=cfg["density_steps"],
+                seed=seed,
+                memory_budget=budgets.get("density"),
             )
             nodes = torch.as_tensor(sd.nodes)
             row |= {
                 "node_min": float(nodes.min()),
                 "node_max": float(nodes.max()),
+                "reorthogonalized": sd.reorthogonalized,
                 "trace_slq": sd.trace.estimate,
                 "steps": cfg["density_steps"],
                 "grid": torch.as_tensor(sd.grid).tolist(),
