@@ -59,6 +59,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from estimators._budget import budget_bytes
 from estimators.density import spectral_density
 from estimators.seeding import Seed, make_generator
 from estimators.trace import TraceEstimate
@@ -266,6 +267,7 @@ def blockwise_spectra(
     sigma: float | None = None,
     eigenvalues: bool = True,
     max_vectors: int | None = None,
+    memory_budget: int | None = None,
     seed: Seed = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> BlockwiseSpectra:
@@ -308,6 +310,10 @@ def blockwise_spectra(
     max_vectors
         Columns per product of ``H`` (default ``H.vectors_per_pass()``, else 8): bounds the
         memory of the full-length blocks built per pass (``n x max_vectors`` each way).
+    memory_budget
+        Bytes those full-length blocks may take (default a fraction of the device's free
+        memory): ``max_vectors`` is lowered to what fits (``ValueError`` if not one column
+        does). The blocks' own Lanczos bases are ``n_b``-sized and not counted.
     seed
         Seed of the probes and starts; block ``b`` draws from its own generator, seeded from
         this one, so results do not depend on the scheduling of the rounds.
@@ -363,6 +369,13 @@ def blockwise_spectra(
         kr.check_int(num_steps, "num_steps", 1)
     chunk = max_vectors if max_vectors is not None else (op.vectors_per_pass() or 8)
     chunk = kr.check_int(chunk, "max_vectors", 1)
+    fit = budget_bytes(op, memory_budget) // (2 * op.shape[0] * op.torch_dtype.itemsize)
+    if fit < 1:
+        raise ValueError(
+            f"memory_budget: one full-length column each way ({2 * op.shape[0]} numbers of "
+            f"{op.torch_dtype}) exceeds the budget ({memory_budget} bytes)"
+        )
+    chunk = min(chunk, fit)
     master = make_generator(seed, "cpu")
     seeds = [int(s) for s in torch.randint(2**62, (2 * len(index),), generator=master)]
 

@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import torch
 
+from estimators._budget import check_sketch, probe_group
 from estimators.trace import DiagonalEstimate
 from linops import OperatorLike
 from linops import blocks as kr
@@ -62,6 +63,7 @@ def xdiag(
     num_matvecs: int = 100,
     *,
     seed: int | torch.Generator | None = None,
+    memory_budget: int | None = None,
 ) -> DiagonalEstimate:
     r"""Estimate :math:`\operatorname{diag}(A)` by XDiag (module docstring).
 
@@ -74,6 +76,9 @@ def xdiag(
         ``A^H``. Exact for rank :math:`\le m/2 - 1`.
     seed
         Seed of the Rademacher probes.
+    memory_budget
+        Bytes its sketch may take (about ``3.5 m`` vectors of ``n`` at once; default a
+        fraction of the device's free memory); a sketch beyond it is refused.
 
     Returns
     -------
@@ -104,6 +109,7 @@ def xdiag(
     if m % 2:
         raise ValueError(f"num_matvecs: expected an even number (half A, half A^H), got {m}")
     s = m // 2
+    check_sketch(op, 7 * s, memory_budget, "xdiag", "lower num_matvecs or use diagonal()")
     gen = kr.make_generator(seed, op.device)
     W = torch.sign(kr.random_block(n, s, op, gen))
     Y = op._apply(W)
@@ -129,12 +135,15 @@ def frobenius_norm(
     num_matvecs: int = 100,
     *,
     seed: int | torch.Generator | None = None,
+    memory_budget: int | None = None,
 ) -> NormEstimate:
     r"""Estimate :math:`\|A\|_F` from products :math:`A\omega` with Rademacher :math:`\omega`.
 
     :math:`\widehat{\|A\|_F^2} = \frac1N\sum_j\|A\omega_j\|^2` is unbiased; the estimate is its
     square root, with standard error :math:`\mathrm{se}(\widehat{\|A\|_F^2}) / (2\|A\|_F)`
-    (delta method). Rectangular ``A`` is fine (``N`` products with ``n``-vectors).
+    (delta method). Rectangular ``A`` is fine (``N`` products with ``n``-vectors). The probes
+    go in groups of the operator's vectors per pass within ``memory_budget`` (bytes, default
+    a fraction of the device's free memory).
 
     Raises
     ------
@@ -151,10 +160,14 @@ def frobenius_norm(
     op, _ = kr.prepare(A)
     N = kr.check_int(num_matvecs, "num_matvecs", 2)
     gen = kr.make_generator(seed, op.device)
-    W = torch.sign(kr.random_block(op.shape[1], N, op, gen))
-    AW = op._apply(W)
-    kr.check_products(AW, N)
-    sq = (AW.abs() ** 2).sum(dim=0).double()
+    group = probe_group(op, N, memory_budget, arrays=2)
+    parts: list[torch.Tensor] = []
+    while (done := sum(p.numel() for p in parts)) < N:
+        W = torch.sign(kr.random_block(op.shape[1], min(group, N - done), op, gen))
+        AW = op._apply(W)
+        kr.check_products(AW, done + W.shape[1])
+        parts.append((AW.abs() ** 2).sum(dim=0).double())
+    sq = torch.cat(parts)
     est = math.sqrt(max(float(sq.mean()), 0.0))
     se_sq = float(sq.std()) / math.sqrt(N)
     return NormEstimate(est, se_sq / (2 * est) if est > 0 else 0.0, N)

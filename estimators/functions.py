@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from estimators._budget import budget_bytes
 from linops import ArrayLike, IdentityOperator, OperatorLike, aslinearoperator
 from linops import blocks as kr
 
@@ -212,6 +213,21 @@ def _bounds(name: str | None, gauss: float, radau: float) -> tuple[float, float]
     return math.nan, math.nan
 
 
+def _slq_group(op: Any, N: int, m: int, memory_budget: int | None) -> int:
+    """Probes whose ``m + 1``-vector bases fit the budget beside the probes and ``f(A) z``."""
+    n, size = op.shape[0], op.torch_dtype.itemsize
+    budget = budget_bytes(op, memory_budget)
+    basis = (m + 1) * n * size
+    group = (budget - N * n * (8 + size)) // basis
+    if group < 1:
+        raise ValueError(
+            f"memory_budget: one probe's Lanczos basis ({m + 1} vectors of n={n}) beside the "
+            f"{N} probes and their images ({(basis + N * n * (8 + size)) / 2**30:.3g} GiB) "
+            f"exceeds the budget ({budget / 2**30:.3g} GiB); lower num_steps or num_probes"
+        )
+    return min(N, group)
+
+
 def trace_function(
     A: OperatorLike,
     f: str | Callable[[torch.Tensor], torch.Tensor],
@@ -221,6 +237,7 @@ def trace_function(
     num_steps: int | None = None,
     spectrum_lower: float | None = None,
     seed: int | torch.Generator | None = None,
+    memory_budget: int | None = None,
 ) -> SLQEstimate:
     r""":math:`\operatorname{tr} f(A + \lambda I)` by stochastic Lanczos quadrature.
 
@@ -241,6 +258,11 @@ def trace_function(
         Gauss-Radau bounds (default: ``damping`` when positive, i.e. ``A`` assumed PSD).
     seed
         Seed of the probes.
+    memory_budget
+        Bytes for the Lanczos bases (``m + 1`` vectors per probe) and the probes with their
+        quadrature images (``f(A) z``, in float64); default a fraction of the device's free
+        memory. The probes run in as many groups as the budget needs (the same probes and
+        result); if not even one basis fits, ``ValueError``.
 
     Returns
     -------
@@ -263,28 +285,31 @@ def trace_function(
     op = _shifted(A, damping)
     fn, name = _function(f)
     n = op.shape[0]
-    kr.check_symmetric(op)
+    probes = kr.check_symmetric(op)  # none for an operator that declares is_symmetric
     N = kr.check_int(num_probes, "num_probes", 1)
     m = min(30, n) if num_steps is None else kr.check_int(num_steps, "num_steps", 1, n)
     a = spectrum_lower if spectrum_lower is not None else (damping or None)
     gen = kr.make_generator(seed, op.device)
     V0 = torch.sign(kr.random_block(n, N, op, gen)) / math.sqrt(n)
-    alpha, beta, steps, V = _lanczos(op, V0, m)
+    group = _slq_group(op, N, m, memory_budget)
     nodes = torch.zeros(N, m, dtype=torch.float64)
     weights = torch.zeros(N, m, dtype=torch.float64)
     BZ = torch.zeros(n, N, dtype=torch.float64)  # f(A) z_l from the same quadrature
     vals, lows, ups = [], [], []
-    for i in range(N):
-        k = int(steps[i])
-        th, tau, g, r = _rules(alpha[i], beta[i], k, fn, a if name else None)
-        nodes[i, :k], weights[i, :k] = th, tau
-        nodes[i, k:] = th[-1]  # padding with zero weight
-        S0 = torch.linalg.eigh(_tridiag(alpha[i], beta[i], k))[1]
-        BZ[:, i] = math.sqrt(n) * (V[:k, :, i].T.cpu().double() @ (S0 @ (fn(th) * S0[0])))
-        lo, up = _bounds(name, g, r)
-        vals.append(n * g)
-        lows.append(n * lo)
-        ups.append(n * up)
+    for first in range(0, N, group):
+        alpha, beta, steps, V = _lanczos(op, V0[:, first : first + group], m)
+        for j in range(alpha.shape[0]):
+            i, k = first + j, int(steps[j])
+            th, tau, g, r = _rules(alpha[j], beta[j], k, fn, a if name else None)
+            nodes[i, :k], weights[i, :k] = th, tau
+            nodes[i, k:] = th[-1]  # padding with zero weight
+            S0 = torch.linalg.eigh(_tridiag(alpha[j], beta[j], k))[1]
+            BZ[:, i] = math.sqrt(n) * (V[:k, :, j].T.cpu().double() @ (S0 @ (fn(th) * S0[0])))
+            lo, up = _bounds(name, g, r)
+            vals.append(n * g)
+            lows.append(n * lo)
+            ups.append(n * up)
+        del V
     v = torch.tensor(vals, dtype=torch.float64)
     if not bool(torch.isfinite(v).all()):
         raise ValueError(
@@ -294,7 +319,7 @@ def trace_function(
     stderr = _stderr(v, math.sqrt(n) * V0.cpu().double(), BZ)
     mean = lambda x: float(torch.tensor(x, dtype=torch.float64).mean())  # noqa: E731
     return SLQEstimate(
-        float(v.mean()), stderr, N * m + kr.SYMMETRY_PROBES, nodes, weights, mean(lows), mean(ups)
+        float(v.mean()), stderr, N * m + probes, nodes, weights, mean(lows), mean(ups)
     )
 
 
@@ -306,6 +331,7 @@ def logdet(
     num_steps: int | None = None,
     spectrum_lower: float | None = None,
     seed: int | torch.Generator | None = None,
+    memory_budget: int | None = None,
 ) -> SLQEstimate:
     r""":math:`\log\det(A + \lambda I) = \operatorname{tr}\log(A + \lambda I)` by SLQ.
 
@@ -323,7 +349,7 @@ def logdet(
     """
     return trace_function(
         A, "log", damping=damping, num_probes=num_probes, num_steps=num_steps,
-        spectrum_lower=spectrum_lower, seed=seed,
+        spectrum_lower=spectrum_lower, seed=seed, memory_budget=memory_budget,
     )  # fmt: skip
 
 

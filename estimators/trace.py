@@ -19,6 +19,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from estimators._budget import check_sketch, probe_group
 from linops import Array, OperatorLike, Seed
 from linops import blocks as kr
 from linops.base import TorchLinearOperator
@@ -52,6 +53,12 @@ class DiagonalEstimate(NamedTuple):
     estimate: Array
     stderr: Array
     num_matvecs: int
+
+
+_SKETCH_HINT = (
+    "lower num_matvecs, raise memory_budget, or use hutchinson_trace, which holds one group "
+    "of probes at a time"
+)
 
 
 def _setup(
@@ -140,22 +147,13 @@ class _Forms:
         return mean, max(sem, math.sqrt(model / N))
 
 
-def _probe_group(op: TorchLinearOperator, N: int) -> int:
-    """Return the probes per block: a model operator's vectors per pass, else all ``N``.
-
-    With a model operator the probes, their products and the products' copies then never hold
-    more than one pass's worth of vectors at once.
-    """
-    k = op.vectors_per_pass()
-    return N if k is None else max(1, min(N, k))
-
-
 def hutchinson_trace(
     A: OperatorLike,
     num_matvecs: int = 100,
     *,
     distribution: str = "rademacher",
     seed: int | torch.Generator | None = None,
+    memory_budget: int | None = None,
 ) -> TraceEstimate:
     r"""Hutchinson's estimator :math:`\frac1N\sum_{j=1}^N \omega_j^H A \omega_j`.
 
@@ -166,6 +164,12 @@ def hutchinson_trace(
     :math:`\sqrt N` (:func:`_quadratic_forms`: the sample alone covered the truth with
     :math:`\pm 2` standard errors in 89-93% of seeds at :math:`N = 10` on decaying spectra,
     now 94-98%; ``bench/estimator_coverage.py``).
+
+    The probes go in groups of the operator's vectors per pass, at most what
+    ``memory_budget`` holds (three ``n``-vectors per probe: the probe, its product, a
+    temporary; default a fraction of the device's free memory): a 124M-parameter model's
+    probes need not all live at once. The groups draw the probes one block after another, so
+    a seeded estimate depends on the group size.
 
     References
     ----------
@@ -180,7 +184,8 @@ def hutchinson_trace(
     """
     op, N, (gen, _) = _setup(A, num_matvecs, 1, seed)
     kr.check_which(distribution, ("rademacher", "gaussian"), "distribution")
-    forms, done, group = _Forms(distribution == "rademacher"), 0, _probe_group(op, N)
+    group = probe_group(op, N, memory_budget)
+    forms, done = _Forms(distribution == "rademacher"), 0
     while done < N:  # in groups, so a model operator's probes never all live at once
         Z = _probes(op, min(group, N - done), gen, distribution)
         done += Z.shape[1]
@@ -190,7 +195,11 @@ def hutchinson_trace(
 
 
 def hutchpp_trace(
-    A: OperatorLike, num_matvecs: int = 102, *, seed: int | torch.Generator | None = None
+    A: OperatorLike,
+    num_matvecs: int = 102,
+    *,
+    seed: int | torch.Generator | None = None,
+    memory_budget: int | None = None,
 ) -> TraceEstimate:
     r"""Hutch++: :math:`\operatorname{tr}(Q^H A Q) + \frac{1}{m}\sum_j g_j^H(I-QQ^H)A(I-QQ^H)g_j`.
 
@@ -201,12 +210,16 @@ def hutchpp_trace(
     sample alone: 74-92% coverage of :math:`\pm 2` standard errors at :math:`N \le 20` on
     decaying spectra; now 93-97%).
 
+    The sketch holds about ``5 N / 3`` vectors at once; beyond ``memory_budget`` (bytes,
+    default a fraction of the device's free memory) it is refused.
+
     References
     ----------
     .. [1] R. A. Meyer, C. Musco, C. Musco and D. P. Woodruff, "Hutch++: optimal stochastic
        trace estimation", SOSA 2021. arXiv:2010.09649
     """
     op, N, (gen, _) = _setup(A, num_matvecs, 3, seed)
+    check_sketch(op, 5 * (N // 3), memory_budget, "hutchpp_trace", _SKETCH_HINT)
     m = N // 3
     Q = torch.linalg.qr(_apply(op, _probes(op, m, gen, "rademacher"), m))[0]
     exact = torch.diagonal(Q.mH @ _apply(op, Q, 2 * m)).sum().real
@@ -222,6 +235,7 @@ def xtrace(
     *,
     fallback: bool = True,
     seed: int | torch.Generator | None = None,
+    memory_budget: int | None = None,
 ) -> TraceEstimate:
     r"""XTrace, the exchangeable Hutch++ estimator, for symmetric (Hermitian) ``A``.
 
@@ -265,6 +279,9 @@ def xtrace(
     on more Rademacher probes and the :math:`\omega_i^H A\omega_i` already computed are
     reused: plain Hutchinson with :math:`N` probes (``method="hutchinson"``).
 
+    The sketch holds about ``5 N / 2`` vectors at once; beyond ``memory_budget`` (bytes,
+    default a fraction of the device's free memory) it is refused.
+
     References
     ----------
     .. [1] E. N. Epperly, J. A. Tropp and R. J. Webber, "XTrace: making the most of every
@@ -281,6 +298,7 @@ def xtrace(
     9.0
     """
     op, N, (gen, _) = _setup(A, num_matvecs, 4, seed)
+    check_sketch(op, 5 * (N // 2), memory_budget, "xtrace", _SKETCH_HINT)
     n = op.shape[0]
     if N >= n:  # n products give the trace exactly: cheaper than XTrace and without error
         return TraceEstimate(_exact_trace(op), 0.0, n, "exact")
@@ -456,6 +474,7 @@ def diagonal(
     *,
     method: str = "deflated",
     seed: int | torch.Generator | None = None,
+    memory_budget: int | None = None,
 ) -> DiagonalEstimate:
     r"""Estimate :math:`\operatorname{diag}(A)` from products.
 
@@ -468,6 +487,11 @@ def diagonal(
 
     ``stderr`` is the per-entry sample standard deviation of the Hutchinson part over
     :math:`\sqrt{N_{\mathrm{probes}}}`.
+
+    The Hutchinson probes go in groups within ``memory_budget`` (bytes, default a fraction
+    of the device's free memory; four ``n``-vectors per probe), their mean and variance
+    combined group by group (Chan, Golub & LeVeque 1983); Diag++'s sketch (two vectors per
+    sketch column) must fit whole, or it is refused.
 
     References
     ----------
@@ -484,15 +508,27 @@ def diagonal(
     Q, used = None, 0
     if method == "deflated":
         m = N // 3
+        check_sketch(op, 2 * m + 4, memory_budget, "diagonal", "use method='hutchinson'")
         Q = torch.linalg.qr(_apply(op, _probes(op, m, gen, "rademacher"), m))[0]
         base = (Q * op._apply(Q, adjoint=True).conj()).sum(dim=1)
         used = 2 * m
     k = N - used
-    Z = _probes(op, k, gen, "rademacher")
-    AZ = _apply(op, Z, N)
-    if Q is not None:
-        AZ = AZ - Q @ (Q.mH @ AZ)
-    samples = Z.conj() * AZ
-    est = base + samples.mean(dim=1)
-    sem = samples.real.std(dim=1) / math.sqrt(k) if k > 1 else torch.full_like(est.real, math.nan)
+    group = probe_group(op, k, memory_budget, arrays=4)
+    count, mean, m2 = 0, torch.zeros_like(base), torch.zeros_like(base.real)
+    while count < k:  # per-entry mean and variance, combined group by group
+        Z = _probes(op, min(group, k - count), gen, "rademacher")
+        AZ = _apply(op, Z, used + count + Z.shape[1])
+        if Q is not None:
+            AZ = AZ - Q @ (Q.mH @ AZ)
+        samples = Z.conj() * AZ
+        del Z, AZ
+        g = samples.shape[1]
+        g_mean = samples.mean(dim=1)
+        g_m2 = ((samples.real - g_mean.real[:, None]) ** 2).sum(dim=1)
+        delta = g_mean.real - mean.real
+        mean += (g_mean - mean) * (g / (count + g))
+        m2 += g_m2 + delta**2 * (count * g / (count + g))
+        count += g
+    est = base + mean
+    sem = (m2 / (k - 1)).sqrt() / math.sqrt(k) if k > 1 else torch.full_like(est.real, math.nan)
     return DiagonalEstimate(kr.to_output(est, kind), kr.to_output(sem, kind), N)

@@ -110,7 +110,7 @@ def _project_twice(W: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 #: rows per chunk of the wide-precision reductions below (64 MB of float64 per 8 columns)
-_CHUNK_ROWS = 1 << 20
+CHUNK_ROWS = 1 << 20
 
 
 def _wide_dtype(*xs: torch.Tensor) -> torch.dtype:
@@ -126,8 +126,8 @@ def residual_norms(AY: torch.Tensor, Y: torch.Tensor, vals: torch.Tensor) -> tor
     wide = _wide_dtype(AY, Y, vals)
     v = vals.to(device=Y.device, dtype=wide)
     acc = torch.zeros(Y.shape[1], dtype=torch.float64, device=Y.device)
-    for lo in range(0, Y.shape[0], _CHUNK_ROWS):
-        R = AY[lo : lo + _CHUNK_ROWS].to(wide) - Y[lo : lo + _CHUNK_ROWS].to(wide) * v
+    for lo in range(0, Y.shape[0], CHUNK_ROWS):
+        R = AY[lo : lo + CHUNK_ROWS].to(wide) - Y[lo : lo + CHUNK_ROWS].to(wide) * v
         acc += (R.abs() ** 2).sum(dim=0) if R.is_complex() else (R * R).sum(dim=0)
     return acc.sqrt().to(vals.real.dtype if vals.is_complex() else vals.dtype)
 
@@ -241,8 +241,8 @@ def symmetry_defect(Z: torch.Tensor, AZ: torch.Tensor) -> float:
     M = torch.zeros(p, p, dtype=wide, device=Z.device)
     zn2 = torch.zeros(p, dtype=torch.float64, device=Z.device)
     an2 = torch.zeros(p, dtype=torch.float64, device=Z.device)
-    for lo in range(0, n, _CHUNK_ROWS):  # in double, by chunks of rows (not 2 n p doubles)
-        Z64, AZ64 = Z[lo : lo + _CHUNK_ROWS].to(wide), AZ[lo : lo + _CHUNK_ROWS].to(wide)
+    for lo in range(0, n, CHUNK_ROWS):  # in double, by chunks of rows (not 2 n p doubles)
+        Z64, AZ64 = Z[lo : lo + CHUNK_ROWS].to(wide), AZ[lo : lo + CHUNK_ROWS].to(wide)
         M += Z64.mH @ AZ64
         zn2 += (Z64.abs() ** 2).sum(dim=0)
         an2 += (AZ64.abs() ** 2).sum(dim=0)

@@ -13,7 +13,8 @@ module:
 * :func:`column_norms` gives column norms of a block to the dtype's rounding (``vector_norm``
   along a block's columns loses about 3e-5 relative in float32 here), :func:`residual_norms`
   those of ``A Y - Y diag(vals)`` summed in double by chunks of rows;
-* :func:`check_symmetric` probes an operator for symmetry once (``SYMMETRY_PROBES`` products);
+* :func:`check_symmetric` probes an operator for symmetry once (``SYMMETRY_PROBES`` products,
+  none for one that declares ``is_symmetric``);
 * :func:`check_int`, :func:`check_products`, :func:`check_which` validate the arguments with
   the toolkit's ``"name: expected ..., got ..."`` messages.
 """

@@ -197,11 +197,13 @@ class _Lanczos:
         n, b = P.shape
         kw: dict[str, Any] = {"dtype": op.torch_dtype, "device": op.device}
         self.op, self.P, self.gen, self.ncv, self.b = op, P, gen, ncv, b
-        self.V, self.H = torch.empty(n, ncv, **kw), torch.zeros(ncv, ncv, **kw)
+        # column-major (each basis vector contiguous): the projections against V[:, :j]
+        # then need no copy of the slice, and writing a column touches only its own memory
+        self.V, self.H = torch.empty(ncv, n, **kw).T, torch.zeros(ncv, ncv, **kw)
         #: ``A V``: the products already taken, so that true residuals of Ritz vectors
         #: ``V S`` cost no new product while the rounding of recombining them stays small;
         #: ``None`` when the memory budget holds the basis only
-        self.AV: torch.Tensor | None = torch.empty(n, ncv, **kw) if keep_products else None
+        self.AV: torch.Tensor | None = torch.empty(ncv, n, **kw).T if keep_products else None
         #: per column of ``AV``, a bound on ``||AV_i - A V_i|| / ||A||`` from recombining
         self.av_err = torch.zeros(ncv, dtype=torch.float64)
         self.j, self.nmv, self.anorm = 0, 0, 0.0
@@ -235,7 +237,8 @@ class _Lanczos:
         if self.AV is not None:
             self.AV[:, j : j + b] = W
         self.av_err[j : j + b] = 0.0
-        self.anorm = max(self.anorm, float(kr.column_norms(W).max()))
+        # a scale for the tolerances only: the plain norm (1e-5 relative in float32) will do
+        self.anorm = max(self.anorm, float(torch.linalg.vector_norm(W, dim=0).max()))
         self.P, C, R = kr.orth_qr(W, self.V[:, : j + b], self.gen, self.anorm)
         H = self.H
         H[: j + b, j : j + b] = C
@@ -248,20 +251,31 @@ class _Lanczos:
         """Keep the Ritz vectors ``V S[:, keep]``: ``H`` becomes diagonal, ``P`` stays."""
         p, j = keep.numel(), self.j
         Sk = S[:, keep]
-        err = self._drift(Sk, recombine(self.V[:, :j], self._products(j), Sk, Sk, inplace=True))
-        self.av_err[:p] = err
+        if self.AV is None:  # no products to certify: the basis alone, in place
+            for lo in range(0, self.V.shape[0], kr.CHUNK_ROWS):
+                rows = self.V[lo : lo + kr.CHUNK_ROWS]
+                rows[:, :p] = rows[:, :j] @ Sk.to(rows)
+        else:
+            err = self._drift(Sk, recombine(self.V[:, :j], self.AV[:, :j], Sk, Sk, inplace=True))
+            self.av_err[:p] = err
         self.H.zero_()
         self.H[:p, :p] = torch.diag(theta[keep]).to(self.H)
         self.j = p
 
-    def _products(self, j: int) -> torch.Tensor:
-        """Return the stored ``A V[:, :j]``, or no rows (nothing to recombine) without them."""
-        return self.V[:0, :j] if self.AV is None else self.AV[:, :j]
-
     def ritz_vectors(self, Sw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``Y = V S_w`` (new storage) and the bound on its rounding per column."""
-        rc = recombine(self.V[:, : self.j], self.V[:0, : self.j], Sw, Sw)
-        return rc.Y, rc.d_Y
+        r"""``Y = V S_w`` in the working dtype and an a priori bound on its rounding.
+
+        :math:`|\mathrm{fl}(V s) - V s| \le \gamma_j |V||s|` entrywise (Higham, *Accuracy
+        and Stability of Numerical Algorithms*, 2002, section 3.5), so the error of column
+        ``s`` is at most :math:`\gamma_j \sum_i |s_i| \|v_i\|`, with
+        :math:`\|v_i\| \le 1.01` for the orthonormal basis. One pass over ``V``, no wider
+        copy of it.
+        """
+        j = self.j
+        Y = self.V[:, :j] @ Sw.to(self.V)
+        u = torch.finfo(self.V.dtype).eps / 2
+        gamma = j * u / (1 - j * u)
+        return Y, gamma * 1.01 * Sw.detach().abs().double().sum(dim=0).cpu()
 
     def _drift(self, Sk: torch.Tensor, rc: Recombination) -> torch.Tensor:
         """Bound on ``||(A V) s - A (V s)|| / ||A||`` of the recombined columns ``s`` of ``Sk``.
@@ -346,14 +360,13 @@ class _Lanczos:
         """
         res = torch.empty(Sw.shape[1], dtype=torch.float64)
         for i in range(Sw.shape[1]):
-            s = Sw[:, i : i + 1]
-            rc = recombine(self.V[:, : self.j], self.V[:0, : self.j], s, s)
-            AY = self.op._apply(rc.Y)
+            y, d_y = self.ritz_vectors(Sw[:, i : i + 1])
+            Ay = self.op._apply(y)
             self.nmv += 1
-            kr.check_products(AY, self.nmv)
-            r = kr.residual_norms(AY, rc.Y, vals[i : i + 1]).double().cpu()
-            res[i] = r[0] + 2 * self.anorm * rc.d_Y[0]  # measured, plus both roundings
-            del AY, rc
+            kr.check_products(Ay, self.nmv)
+            r = kr.residual_norms(Ay, y, vals[i : i + 1]).double().cpu()
+            res[i] = r[0] + 2 * self.anorm * d_y[0]  # measured, plus both roundings
+            del Ay, y
         zero = torch.zeros(Sw.shape[1], dtype=torch.float64)
         return None, None, vals, res.to(device=vals.device, dtype=vals.dtype), zero
 

@@ -186,11 +186,12 @@ class _Bidiag:
         self.op, self.flip, self.gen, self.P = op, flip, gen, P
         n, long = P.shape[0], max(op.shape)
         kw: dict[str, Any] = {"dtype": op.torch_dtype, "device": op.device}
-        self.V, self.U = torch.empty(n, ncv, **kw), torch.empty(long, ncv, **kw)
+        # column-major bases (each vector contiguous; see linops.lanczos._Lanczos)
+        self.V, self.U = torch.empty(ncv, n, **kw).T, torch.empty(ncv, long, **kw).T
         #: the products already taken, ``A V`` and ``A^H U``, so that the residuals of Ritz
         #: triplets cost no new product (:mod:`linops._certify`), with per-column bounds on
         #: their drift from recombining them, relative to ``||A||``
-        self.AV, self.AhU = torch.empty(long, ncv, **kw), torch.empty(n, ncv, **kw)
+        self.AV, self.AhU = torch.empty(ncv, long, **kw).T, torch.empty(ncv, n, **kw).T
         self.e_AV = torch.zeros(ncv, dtype=torch.float64)
         self.e_AhU = torch.zeros(ncv, dtype=torch.float64)
         self.B = torch.zeros(ncv, ncv, **kw)

@@ -153,3 +153,15 @@ def test_errors() -> None:
         quadratic_form_bounds(A, torch.ones(50, dtype=F64), torch.exp, damping=1.0)
     with pytest.raises(ValueError, match="b: expected nonzero columns"):
         quadratic_form_bounds(A, torch.zeros(50, dtype=F64), damping=1.0)
+
+
+def test_products_counted_without_a_probe_for_declared_symmetric_operators() -> None:
+    """A GGN (symmetric by construction) pays no symmetry probe: the count is the steps'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(10, 4, dtype=F64), torch.randint(0, 3, (10,))
+    G = GGNOperator(model, nn.CrossEntropyLoss(), (x, y))
+    est = logdet(G, damping=1e-2, num_probes=3, num_steps=5, seed=0)
+    assert est.num_matvecs == 3 * 5
+    dense = G @ torch.eye(G.shape[0], dtype=F64)
+    assert logdet(dense, damping=1e-2, num_probes=3, num_steps=5, seed=0).num_matvecs == 18

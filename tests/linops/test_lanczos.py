@@ -392,7 +392,7 @@ def test_residual_norms_and_symmetry_defect_are_the_same_by_row_chunks(
     A = torch.randn(1000, 1000, generator=g, dtype=torch.float64)
     Z = torch.randn(1000, 4, generator=g, dtype=torch.float64)
     before = _krylov.symmetry_defect(Z, A @ Z)
-    monkeypatch.setattr(_krylov, "_CHUNK_ROWS", 64)
+    monkeypatch.setattr(_krylov, "CHUNK_ROWS", 64)
     chunked = _krylov.residual_norms(AY, Y, vals)
     assert chunked.dtype == torch.float32
     torch.testing.assert_close(chunked.double(), whole, rtol=1e-7, atol=0)

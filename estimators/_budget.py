@@ -1,0 +1,60 @@
+"""The memory budget of the estimators: how many probes a block may hold, whether a sketch fits.
+
+Every estimator takes ``memory_budget=`` (bytes; default
+:func:`linops.memory.default_memory_budget` of the operator's device, a fraction of its free
+memory), like the operators (:class:`linops.TorchLinearOperator`) and
+:func:`linops.lanczos`. It bounds the ``n``-sized arrays the estimator itself holds: probes
+and their products go in groups that fit, and a sketch that cannot be split (Hutch++,
+XTrace, Diag++, XDiag keep ``O(num_matvecs)`` vectors at once) is refused with what it needs.
+"""
+
+from __future__ import annotations
+
+from linops.base import TorchLinearOperator
+from linops.memory import check_memory_budget, default_memory_budget
+
+__all__ = ["budget_bytes", "check_sketch", "probe_group"]
+
+
+def budget_bytes(op: TorchLinearOperator, memory_budget: int | None) -> int:
+    """Return ``memory_budget`` checked, or the default budget of the operator's device."""
+    return check_memory_budget(memory_budget) or default_memory_budget(op.device)
+
+
+def _vector_bytes(op: TorchLinearOperator) -> int:
+    return max(op.shape) * op.torch_dtype.itemsize
+
+
+def probe_group(op: TorchLinearOperator, N: int, memory_budget: int | None, arrays: int = 3) -> int:
+    """Probes per block: the operator's vectors per pass (else all ``N``), within the budget.
+
+    ``arrays`` ``n``-vectors are held per probe (the probe, its product and one temporary).
+
+    Raises
+    ------
+    ValueError
+        If not even one probe fits.
+    """
+    k = op.vectors_per_pass()
+    group = N if k is None else max(1, min(N, k))
+    budget, vec = budget_bytes(op, memory_budget), _vector_bytes(op)
+    fit = budget // (arrays * vec)
+    if fit < 1:
+        raise ValueError(
+            f"memory_budget: one probe with its product ({arrays} vectors of n={max(op.shape)}, "
+            f"{arrays * vec / 2**30:.3g} GiB) exceeds the budget ({budget / 2**30:.3g} GiB)"
+        )
+    return min(group, fit)
+
+
+def check_sketch(
+    op: TorchLinearOperator, vectors: float, memory_budget: int | None, name: str, hint: str
+) -> None:
+    """Raise ValueError if a sketch of about ``vectors`` ``n``-vectors exceeds the budget."""
+    budget, need = budget_bytes(op, memory_budget), int(vectors * _vector_bytes(op))
+    if need > budget:
+        raise ValueError(
+            f"{name}: its sketch holds about {vectors:.0f} vectors of n={max(op.shape)} "
+            f"({need / 2**30:.3g} GiB) at once, more than memory_budget "
+            f"({budget / 2**30:.3g} GiB); {hint}"
+        )

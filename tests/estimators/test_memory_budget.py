@@ -1,0 +1,120 @@
+"""Every estimator takes ``memory_budget=``: probes in groups that fit, sketches refused."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from estimators import diagonal, hutchinson_trace, hutchpp_trace, logdet, xtrace
+from estimators.blockwise import blockwise_spectra
+from estimators.diagonal import frobenius_norm, xdiag
+from linops import HessianOperator, TorchLinearOperator
+
+F64 = torch.float64
+
+
+class _Widths(TorchLinearOperator):
+    """A dense symmetric matrix that records the width of every block it is applied to."""
+
+    is_symmetric = True
+
+    def __init__(self, A: torch.Tensor) -> None:
+        super().__init__(A.shape, dtype=A.dtype, device=A.device)
+        self.A, self.widths = A, []
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        self.widths.append(X.shape[1])
+        return self.A @ X
+
+
+def _sym(n: int = 40, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    return (Q * torch.linspace(0.1, 3.0, n, dtype=F64)) @ Q.T
+
+
+def _bytes(vectors: int, n: int = 40) -> int:
+    return vectors * n * 8
+
+
+def test_hutchinson_probes_go_in_groups_within_the_budget() -> None:
+    A = torch.diag(torch.linspace(1.0, 2.0, 40, dtype=F64))
+    op = _Widths(A)
+    est = hutchinson_trace(op, 10, seed=0, memory_budget=_bytes(7))  # 3 vectors per probe
+    assert max(op.widths) == 2 and sum(op.widths) == 10 and est.num_matvecs == 10
+    assert est.estimate == pytest.approx(float(A.trace()), rel=1e-14)  # Rademacher, diagonal
+
+
+def test_grouped_diagonal_combines_means_and_variances_exactly() -> None:
+    """Chan's group-wise combination equals the mean and standard deviation of all samples."""
+    A = _sym()
+    op = _Widths(A)
+    est = diagonal(op, 9, method="hutchinson", seed=1, memory_budget=_bytes(8))  # 2 per group
+    assert max(op.widths) == 2 and sum(op.widths) == 9
+    gen = torch.Generator().manual_seed(1)
+    Z = torch.cat(
+        [torch.sign(torch.randn(40, w, generator=gen, dtype=F64)) for w in op.widths], dim=1
+    )
+    samples = Z * (A @ Z)
+    torch.testing.assert_close(est.estimate, samples.mean(dim=1), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        est.stderr, samples.std(dim=1) / math.sqrt(9), rtol=1e-10, atol=1e-14
+    )
+
+
+def test_frobenius_norm_in_groups_is_exact_on_a_diagonal() -> None:
+    A = torch.diag(torch.linspace(-2.0, 3.0, 40, dtype=F64))
+    op = _Widths(A)
+    est = frobenius_norm(op, 6, seed=0, memory_budget=_bytes(4))
+    assert max(op.widths) == 2
+    assert est.estimate == pytest.approx(float(torch.linalg.matrix_norm(A)), rel=1e-14)
+
+
+def test_sketches_that_do_not_fit_are_refused_with_what_they_need() -> None:
+    A = _sym()
+    for call in (
+        lambda: xtrace(A, 20, seed=0, memory_budget=_bytes(10)),
+        lambda: hutchpp_trace(A, 21, seed=0, memory_budget=_bytes(10)),
+        lambda: xdiag(A, 20, seed=0, memory_budget=_bytes(10)),
+    ):
+        with pytest.raises(ValueError, match="its sketch holds about .* vectors of n=40"):
+            call()
+    with pytest.raises(ValueError, match="use method='hutchinson'"):
+        diagonal(A, 30, seed=0, memory_budget=_bytes(10))
+    with pytest.raises(ValueError, match="one probe with its product"):
+        hutchinson_trace(A, 4, seed=0, memory_budget=_bytes(2))
+    assert xtrace(A, 20, seed=0, memory_budget=_bytes(50)).num_matvecs == 20  # fits
+
+
+def test_slq_in_groups_equals_all_probes_at_once() -> None:
+    A = _sym()
+    whole = logdet(A, num_probes=6, num_steps=8, seed=2)
+    op = _Widths(A)
+    # the probes with their images (6 x (1 + 1) vectors) and two 9-vector bases
+    parts = logdet(op, num_probes=6, num_steps=8, seed=2, memory_budget=_bytes(12 + 18))
+    assert max(op.widths) == 2
+    assert parts.estimate == pytest.approx(whole.estimate, rel=1e-12)
+    assert parts.stderr == pytest.approx(whole.stderr, rel=1e-10)
+    assert (parts.lower, parts.upper) == pytest.approx(
+        (whole.lower, whole.upper), rel=1e-12, nan_ok=True
+    )
+    with pytest.raises(ValueError, match="one probe's Lanczos basis"):
+        logdet(A, num_probes=6, num_steps=8, seed=2, memory_budget=_bytes(14))
+
+
+def test_blockwise_passes_shrink_to_the_budget_with_the_same_results() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    net = net.double()
+    X, y = torch.randn(16, 4, dtype=F64), torch.arange(16) % 3
+    H = HessianOperator(net, torch.nn.CrossEntropyLoss(), (X, y), max_vectors=8)
+    n = H.shape[0]
+    kw = {"k": 2, "num_probes": 2, "num_steps": 4, "seed": 1}
+    wide = blockwise_spectra(H, max_vectors=8, **kw)
+    narrow = blockwise_spectra(H, max_vectors=8, memory_budget=2 * 2 * n * 8, **kw)
+    assert narrow.num_passes > wide.num_passes  # two columns per pass instead of eight
+    for name, b in wide.blocks.items():
+        torch.testing.assert_close(narrow.blocks[name].eigenvalues, b.eigenvalues)
+        torch.testing.assert_close(narrow.blocks[name].density, b.density)
