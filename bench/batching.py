@@ -309,10 +309,20 @@ def resnet20_worker(task: str, n: int, k: int, repeats: int) -> dict[str, Any]:
     }
 
 
-def _run_worker(task: str, n: int, k: int, repeats: int) -> dict[str, Any]:
+#: glibc's fixed mmap threshold, as :func:`linops.memory.return_freed_memory` sets it
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def _run_worker(
+    task: str, n: int, k: int, repeats: int, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", task, str(n), str(k), str(repeats)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    full_env = None if env is None else os.environ | env
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=full_env)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+_MEMORY_TASKS = ("single", "block", "single_later", "block_later")
 
 
 def resnet20_rows(quick: bool, repeats: int, wide: bool) -> dict[str, Any]:
@@ -340,6 +350,15 @@ def resnet20_rows(quick: bool, repeats: int, wide: bool) -> dict[str, Any]:
         "ratio_memory_later_block_over_later_single": block_later["bytes"]
         / max(1, single_later["bytes"]),
         "memory_measured_by": single["how"],
+    }
+    # glibc's adaptive mmap threshold keeps the freed temporaries of one product in its heap,
+    # where the next product's do not fit exactly: the same four figures with it fixed
+    fixed = {t: _run_worker(t, n, k, repeats, FIXED_MMAP)["bytes"] for t in _MEMORY_TASKS}
+    out["fixed_mmap_threshold"] = {
+        "bytes": fixed,
+        "ratio_memory_block_over_single": fixed["block"] / max(1, fixed["single"]),
+        "ratio_memory_later_block_over_later_single": fixed["block_later"]
+        / max(1, fixed["single_later"]),
     }
     if wide:
         w = _run_worker("wide", n, k, repeats)
@@ -370,6 +389,17 @@ def resnet20_markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
         f"| later block / later product, peak memory | "
         f"{r['ratio_memory_later_block_over_later_single']:.2f} |",
     ]
+    if "fixed_mmap_threshold" in r:
+        f = r["fixed_mmap_threshold"]
+        lines += [
+            "| with `MALLOC_MMAP_THRESHOLD_=131072` (`linops.memory.return_freed_memory()`): "
+            "one product / first block / later product / later block (MB) | "
+            + " / ".join(f"{mb * f['bytes'][t]:.0f}" for t in _MEMORY_TASKS)
+            + " |",
+            f"| same setting: block / one product, later block / later product | "
+            f"{f['ratio_memory_block_over_single']:.2f}, "
+            f"{f['ratio_memory_later_block_over_later_single']:.2f} |",
+        ]
     if "bytes_peak_wide_vmap_pass" in r:
         lines += [
             f"| peak of vmap's 8-vector pass (MB) | {mb * r['bytes_peak_wide_vmap_pass']:.0f} |",

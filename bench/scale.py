@@ -229,7 +229,7 @@ def setup(name: str, quick: bool) -> dict[str, Any]:
         # a probe of the full model is 498 MB: bounded bases and groups, and memory budgets
         # in vectors of the model's size: top-5 holds its basis without A V (ncv + 3
         # vectors), SLQ's bases get 4 vectors (so its runs are not reorthogonalised)
-        cfg |= {"ncv": 10, "maxiter": 6, "rtol": None, "trace_matvecs": 10, "trace_group": 10}
+        cfg |= {"ncv": 10, "maxiter": 12, "rtol": None, "trace_matvecs": 10, "trace_group": 10}
         cfg |= {"density_steps": 10, "max_vectors": 1, "budget_vectors": {"top5": 13, "density": 4}}
         cfg |= {"bw": {"ncv": 6, "maxiter": 3, "num_steps": 8, "max_vectors": 1}}
     elif name == "resnet20-stream":

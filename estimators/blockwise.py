@@ -127,8 +127,8 @@ class BlockwiseSpectra(NamedTuple):
     blocks
         Block name -> :class:`BlockSpectrum`, in the order of the ``blocks`` argument.
     grid, sigma
-        The common abscissae (float64, on the CPU) and Gaussian broadening of every block's
-        density.
+        The common abscissae, eigenvalues (float64, on the CPU), and the Gaussian broadening
+        of every block's density, in units of ``axis``.
     js_distances
         ``(B, B)`` Jensen-Shannon distances between the block densities
         (:func:`js_distance`, base 2, in :math:`[0, 1]`).
@@ -141,6 +141,9 @@ class BlockwiseSpectra(NamedTuple):
         Calls of the full operator's product (each of at most ``vectors_per_pass`` columns).
     num_rounds
         Lockstep rounds (each serves the next request of every block still running).
+    axis, linthresh
+        ``"symlog"`` (densities in :math:`\operatorname{asinh}(\lambda/\mathrm{linthresh})`)
+        or ``"linear"``; see :func:`blockwise_spectra`.
     """
 
     blocks: dict[str, BlockSpectrum]
@@ -151,6 +154,8 @@ class BlockwiseSpectra(NamedTuple):
     num_matvecs: int
     num_passes: int
     num_rounds: int
+    axis: str = "linear"
+    linthresh: float = 1.0
 
 
 def layer_blocks(H: TorchLinearOperator | ParamSpace) -> dict[str, list[str]]:
@@ -265,6 +270,8 @@ def blockwise_spectra(
     num_steps: int | None = None,
     num_points: int = 512,
     sigma: float | None = None,
+    axis: str = "symlog",
+    linthresh: float | None = None,
     eigenvalues: bool = True,
     max_vectors: int | None = None,
     memory_budget: int | None = None,
@@ -304,7 +311,18 @@ def blockwise_spectra(
         20,000) and the common broadening: default the span of all blocks' quadrature
         nodes divided by the largest ``num_steps``, the rule of
         :func:`estimators.spectral_density` applied to the union. One ``sigma`` for every
-        block so that the distances compare spectra, not smoothings.
+        block so that the distances compare spectra, not smoothings. In units of the
+        ``axis``.
+    axis, linthresh
+        Where the densities are smoothed and compared. ``"symlog"`` (default): in
+        :math:`t = \operatorname{asinh}(\lambda / \lambda_0)`, linear within
+        :math:`\lambda_0` = ``linthresh`` of zero (default :math:`10^{-6}` of the largest
+        :math:`|\theta|` over all blocks) and logarithmic beyond, so one broadening resolves
+        blocks whose spectra lie decades apart (a GPT-2's blocks span five: with a linear
+        broadening set by the largest block, every density was the same Gaussian and
+        :math:`\mathrm{JS}_0 = 0.000`). ``"linear"``: in :math:`\lambda` itself, the plain
+        reading of arXiv:2402.16788. ``grid`` holds eigenvalues either way (uniform in
+        :math:`t` for ``"symlog"``) and each ``density`` is per unit of the axis.
     eigenvalues
         Whether to compute the top eigenvalues (``False``: densities only).
     max_vectors
@@ -365,6 +383,7 @@ def blockwise_spectra(
     index = _block_indices(space, layer_blocks(space) if blocks is None else blocks)
     k = kr.check_int(k, "k", 1)
     N = kr.check_int(num_probes, "num_probes", 1)
+    kr.check_which(axis, ("symlog", "linear"), "axis")
     if num_steps is not None:
         kr.check_int(num_steps, "num_steps", 1)
     chunk = max_vectors if max_vectors is not None else (op.vectors_per_pass() or 8)
@@ -404,11 +423,17 @@ def blockwise_spectra(
         jobs.append((i, "dens", seeds[2 * i + 1], slq))
     results = lock.run(jobs, dtype=op.torch_dtype)
 
-    # one grid and one broadening for all blocks
+    # one grid and one broadening for all blocks, on the chosen axis
     sds = {name: results[(i, "dens")] for i, name in enumerate(index)}
     thetas = [torch.as_tensor(sd.nodes).to("cpu", torch.float64) for sd in sds.values()]
-    lo = min(float(t.min()) for t in thetas)
-    hi = max(float(t.max()) for t in thetas)
+    top = max(float(t.abs().max()) for t in thetas) or 1.0
+    lam0 = 1e-6 * top if linthresh is None else float(linthresh)
+    if not lam0 > 0:
+        raise ValueError(f"linthresh: expected a positive number, got {linthresh!r}")
+    forward = (lambda x: torch.asinh(x / lam0)) if axis == "symlog" else (lambda x: x)
+    axes = [forward(t) for t in thetas]
+    lo = min(float(t.min()) for t in axes)
+    hi = max(float(t.max()) for t in axes)
     steps = max(t.shape[1] for t in thetas)
     span = (hi - lo) or max(1.0, abs(hi))
     sig = span / steps if sigma is None else float(sigma)
@@ -423,9 +448,9 @@ def blockwise_spectra(
     out: dict[str, BlockSpectrum] = {}
     for i, (name, idx) in enumerate(index.items()):
         sd = sds[name]
-        theta = thetas[i]
+        theta, t = thetas[i], axes[i]
         tau = torch.as_tensor(sd.weights).to("cpu", torch.float64)
-        g = torch.exp(-((grid[:, None, None] - theta[None]) ** 2) / (2 * sig**2))
+        g = torch.exp(-((grid[:, None, None] - t[None]) ** 2) / (2 * sig**2))
         dens = (g * tau[None]).sum(dim=(1, 2)) / (theta.shape[0] * sig * math.sqrt(2 * math.pi))
         eig = results.get((i, "eig"))
         if eig is None:
@@ -448,7 +473,10 @@ def blockwise_spectra(
             lock.columns[i],
         )
     D, mean = averaged_js_distance(torch.stack([b.density for b in out.values()]))
-    return BlockwiseSpectra(out, grid, sig, D, mean, sum(lock.columns), lock.passes, lock.rounds)
+    values = lam0 * torch.sinh(grid) if axis == "symlog" else grid
+    return BlockwiseSpectra(
+        out, values, sig, D, mean, sum(lock.columns), lock.passes, lock.rounds, axis, lam0
+    )
 
 
 class _DenseEig(NamedTuple):

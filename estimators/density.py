@@ -302,16 +302,16 @@ def _lanczos_batch(
         cur = j if reorthogonalize else j % 2
         W = op._apply(V[cur])
         kr.check_products(W, (j + 1) * N)
-        alpha[j] = (V[cur].conj() * W).sum(dim=0).real
+        alpha[j] = kr.column_dots(V[cur], W).real
         if reorthogonalize:
             for _ in range(2):  # full reorthogonalisation, twice
                 W = W - torch.einsum(
                     "jnl,jl->nl", V[: j + 1], torch.einsum("jnl,nl->jl", V[: j + 1].conj(), W)
                 )
-        else:
-            W = W - V[cur] * alpha[j]
+        else:  # in place: a 124M-parameter model's vectors are 0.5 GB each
+            W.addcmul_(V[cur], alpha[j].to(W.dtype), value=-1)
             if j > 0:
-                W = W - V[1 - cur] * beta[j - 1]
+                W.addcmul_(V[1 - cur], beta[j - 1].to(W.dtype), value=-1)
         if j + 1 == m:
             break
         b = kr.column_norms(W)
@@ -319,7 +319,8 @@ def _lanczos_batch(
         ok = b > 100 * torch.finfo(b.dtype).eps * max(anorm, 1e-300)
         beta[j] = torch.where(ok, b, torch.zeros_like(b))
         nxt = j + 1 if reorthogonalize else 1 - cur
-        V[nxt] = torch.where(ok, W / torch.where(ok, b, torch.ones_like(b)), torch.zeros_like(W))
+        torch.div(W, torch.where(ok, b, torch.ones_like(b)), out=V[nxt])
+        V[nxt][:, ~ok] = 0
     return alpha.T.real, beta.T.real
 
 

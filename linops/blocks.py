@@ -10,6 +10,7 @@ module:
 * :func:`make_generator` turns a ``seed`` (``int | torch.Generator | None``) into a generator
   on the operator's device, :func:`random_block` draws Gaussian or Rademacher probe blocks from
   it, :func:`orth_qr` orthonormalises a block robustly;
+* :func:`column_dots` gives the inner products of matching columns, summed in double;
 * :func:`column_norms` gives column norms of a block to the dtype's rounding (``vector_norm``
   along a block's columns loses about 3e-5 relative in float32 here), :func:`residual_norms`
   those of ``A Y - Y diag(vals)`` summed in double by chunks of rows;
@@ -25,6 +26,7 @@ from linops._krylov import (
     check_products,
     check_symmetric,
     check_which,
+    column_dots,
     column_norms,
     make_generator,
     orth_qr,
@@ -40,6 +42,7 @@ __all__ = [
     "check_products",
     "check_symmetric",
     "check_which",
+    "column_dots",
     "column_norms",
     "make_generator",
     "orth_qr",

@@ -22,8 +22,9 @@ def plot_blockwise_spectra(
 
     One curve per block (the first ``max_blocks``), all on the result's common grid and
     broadening, so the curves compare the spectra themselves. The eigenvalue axis is
-    symmetric-logarithmic (linear within the broadening ``sigma`` of zero, logarithmic beyond:
-    Hessian blocks differ by orders of magnitude in scale), the density axis logarithmic,
+    symmetric-logarithmic (linear within the result's ``linthresh`` of zero, or within the
+    broadening ``sigma`` for a ``"linear"`` result, logarithmic beyond: Hessian blocks differ
+    by orders of magnitude in scale), the density (per unit of the result's axis) logarithmic,
     cut at :data:`DENSITY_DECADES` decades below the highest peak. A tick above each curve's
     colour marks the block's largest eigenvalue (when computed). The title names the model and
     gives the averaged Jensen-Shannon distance :math:`\mathrm{JS}_0` (arXiv:2402.16788).
@@ -58,13 +59,23 @@ def plot_blockwise_spectra(
         if len(b.eigenvalues):
             ax.plot([float(b.eigenvalues.max())], [peak * 2], "v", color=f"C{i % 10}", ms=5)
     ax.set_yscale("log")
-    ax.set_xscale("symlog", linthresh=max(res.sigma, 1e-12))
+    symlog = getattr(res, "axis", "linear") == "symlog"
+    ax.set_xscale("symlog", linthresh=res.linthresh if symlog else max(res.sigma, 1e-12))
     ax.set_ylim(floor, peak * 4)
+    if symlog:  # the nodes' span and one broadening (5 of them reach far in asinh units)
+        t = [torch.asinh(torch.as_tensor(b.nodes).double() / res.linthresh) for _, b in items]
+        lo, hi = min(float(x.min()) for x in t), max(float(x.max()) for x in t)
+        edges = torch.tensor([lo - res.sigma, hi + res.sigma], dtype=torch.float64)
+        left, right = (res.linthresh * torch.sinh(edges)).tolist()
+        ax.set_xlim(left, right)
+        ax.set_xticks(_decade_ticks(left, right, res.linthresh))
     ax.set(xlabel="eigenvalue of the diagonal block (symlog)", ylabel="density (log)")
     probes, steps = next(iter(res.blocks.values())).nodes.shape
     title = textwrap.fill(f"Blockwise Hessian spectra of {model}", 90)
     ax.set_title(
-        f"{title}\nSLQ {probes} probe(s) x {steps} steps per block, sigma = {res.sigma:.3g}; "
+        f"{title}\nSLQ {probes} probe(s) x {steps} steps per block, sigma = {res.sigma:.3g}"
+        + (f" in asinh(eigenvalue / {res.linthresh:.2g})" if symlog else "")
+        + "; "
         f"averaged JS distance JS0 = {res.js_mean:.3f}",
         fontsize=8.5,
     )
@@ -73,3 +84,16 @@ def plot_blockwise_spectra(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _decade_ticks(left: float, right: float, linthresh: float, most: int = 11) -> list[float]:
+    """Zero and signed powers of ten beyond ``linthresh`` in ``[left, right]``, thinned to ``most``."""
+    import math
+
+    first = math.ceil(math.log10(linthresh))
+    pos = [10.0**e for e in range(first, math.floor(math.log10(max(right, linthresh))) + 1)]
+    neg = [-(10.0**e) for e in range(first, math.floor(math.log10(max(-left, linthresh))) + 1)]
+    pos = [x for x in pos if x <= right]
+    neg = [x for x in neg if x >= left]
+    step = max(1, math.ceil((len(pos) + len(neg)) / most))
+    return sorted([*neg[::step], 0.0, *pos[::step]])

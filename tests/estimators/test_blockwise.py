@@ -184,3 +184,30 @@ def test_plot_writes_a_png(tmp_path) -> None:
     path = tmp_path / "blocks.png"
     plot_blockwise_spectra(res, path, model="a 3-layer tanh MLP")
     assert path.stat().st_size > 1000
+
+
+def test_symlog_axis_is_scale_invariant_and_normalised() -> None:
+    """Densities in asinh(lambda / linthresh): unchanged when H and linthresh scale together,
+    integrating to about 1 in the axis' units, on a grid of eigenvalues; linear on request."""
+    net, X, y = _problem()
+    ce = torch.nn.CrossEntropyLoss()
+    kw = {"eigenvalues": False, "num_probes": 3, "num_steps": 4, "seed": 2}
+    res = blockwise_spectra(HessianOperator(net, ce, (X, y)), **kw)
+    big = blockwise_spectra(HessianOperator(net, lambda o, t: 1e3 * ce(o, t), (X, y)), **kw)
+    assert res.axis == "symlog" and big.linthresh == pytest.approx(1e3 * res.linthresh)
+    assert big.js_mean == pytest.approx(res.js_mean, abs=1e-9)
+    torch.testing.assert_close(big.grid, 1e3 * res.grid, rtol=1e-8, atol=0)
+    t = torch.asinh(res.grid / res.linthresh)
+    dt = float(t[1] - t[0])
+    torch.testing.assert_close(t[1:] - t[:-1], torch.full_like(t[1:], dt), rtol=1e-8, atol=1e-8)
+    for name, b in res.blocks.items():
+        torch.testing.assert_close(big.blocks[name].density, b.density, rtol=1e-6, atol=1e-9)
+        assert float(b.density.sum()) * dt == pytest.approx(1.0, abs=1e-3)
+    lin = blockwise_spectra(HessianOperator(net, ce, (X, y)), axis="linear", **kw)
+    assert lin.axis == "linear"
+    for b in lin.blocks.values():
+        assert float(b.density.sum()) * float(lin.grid[1] - lin.grid[0]) == pytest.approx(
+            1.0, abs=1e-3
+        )
+    with pytest.raises(ValueError, match="axis"):
+        blockwise_spectra(HessianOperator(net, ce, (X, y)), axis="log", **kw)
