@@ -18,10 +18,9 @@ scaling and, for ``"mc"``, the label draws (per batch, per sample ``m``, from a 
 seeded with ``seed``) are those of curvlinops 3.0.1's ``KFACLinearOperator``. With the row-major
 flattening of ``W`` (``out x in``) the product is :math:`V \mapsto G_\ell V A_\ell`.
 
-The module is over 500 lines for one concept, the Kronecker factors: their two sources
-(chain-route stored inputs, module hooks), the layer kinds and the factored products,
-inverse and closed forms act on the same per-layer state; a split is planned once EKFAC's
-share of it settles.
+The factors' sources (chain-route stored inputs, module hooks) are in
+:mod:`linops._kfac_sources`, the block products on a flat vector in :mod:`linops._kron`;
+this module holds the operator: its settings, factors, products, closed forms and inverse.
 
 References
 ----------
@@ -35,14 +34,14 @@ References
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
-from linops._chain import Chain, ChainMismatch
-from linops._chain import _forward_checked as forward_checked_chain
-from linops._layers import Affine, Conv, Flatten, Pool
+from linops._chain import Chain
+from linops._kfac_sources import chain_batch, hook_batch
+from linops._kron import Layout, Slot, map_blocks
 from linops._types import Data, LossFunction, Params
 from linops.base import TorchLinearOperator
 from linops.fisher import _exact_factor, _fisher_family, _int_seed
@@ -139,7 +138,7 @@ class KFACOperator(_LossOperator):
         self.layers = self._linear_layers()
         self.factors: dict[str, tuple[Tensor, Tensor]] | None = None
         self._corrected: dict[str, tuple[Tensor, ...]] | None = None  # EKFAC's eigenvalues
-        self._slot_cache: list[_Slot] | None = None
+        self._slot_cache: list[Slot] | None = None
 
     def _linear_layers(self) -> dict[str, tuple[str | None, str | None]]:
         """Map each selected layer to its ``(weight name, bias name)``."""
@@ -241,113 +240,17 @@ class KFACOperator(_LossOperator):
                 return self._output_factor(f2, y, gen) * math.sqrt(w / W_b)
 
             def chained(chain: Chain, x: Any = x, scaled: Any = scaled) -> Any:
-                return self._chain_batch(chain, x, scaled)
+                return chain_batch(self.space, self.layers, chain, x, scaled)
 
             found = self._route_graph(chained, lambda: None)
-            inputs, grads = found if found is not None else self._hook_batch(x, scaled)
+            if found is None:
+                found = hook_batch(self.space, self.layers, x, scaled)
+            inputs, grads = found
             for k, (_, bn) in self.layers.items():
                 if not self.separate and bn is not None:
                     a = inputs[k]
                     inputs[k] = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
             yield inputs, grads
-
-    def _hook_batch(self, x: Any, scaled: Any) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
-        """One batch's layer inputs and output gradients from module hooks and autograd."""
-        modules = dict(self.space.model.named_modules())
-        names = list(self.layers)
-        inputs: dict[str, Tensor] = {}
-        outputs: dict[str, Tensor] = {}
-        hooks = []
-        for name in names:
-
-            def hook(
-                mod: nn.Module, args: Any, out: Tensor, name: str = name,
-            ) -> None:  # fmt: skip
-                inputs[name], outputs[name] = args[0].detach(), out
-
-            hooks.append(modules[name].register_forward_hook(hook))
-        try:
-            with torch.enable_grad():
-                values = self.space.values().items()
-                f = self.space.functional_call(
-                    {k: v.detach().requires_grad_(True) for k, v in values}, x
-                )
-        finally:
-            for h in hooks:
-                h.remove()
-        for k in names:
-            c = float(getattr(modules[k], "multiplier", 1.0)) if self.layers[k][0] else 1.0
-            a = _shared_inputs(modules[k], inputs[k])  # (n, L, d_in): L shared positions
-            inputs[k] = a if c == 1.0 else c * a
-        S = scaled(f)
-        f2 = f.reshape(f.shape[0], -1)
-        grads = [
-            {k: _shared_outputs(modules[k], g) for k, g in zip(names, torch.autograd.grad(
-                f2, [outputs[k] for k in names], grad_outputs=S[r], retain_graph=True
-            ), strict=True)}
-            for r in range(S.shape[0])
-        ]  # fmt: skip
-        return inputs, grads
-
-    def _chain_batch(
-        self, chain: Chain, x: Tensor, scaled: Any
-    ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
-        """One batch's layer inputs and output gradients from the chain's stored forward pass.
-
-        All factor columns go back through the chain at once, as ``(n, R, ...)`` cotangents.
-
-        Raises
-        ------
-        ChainMismatch
-            If the chain does not reproduce the model on ``x`` (the caller falls back to hooks).
-        """
-        xs, derivs, model_shape = forward_checked_chain(chain, x)
-        modules = dict(self.space.model.named_modules())
-        layer_of = {}
-        for k, (wn, bn) in self.layers.items():
-            for pn in (wn, bn):
-                if pn is not None:
-                    layer_of[self.space.names.index(pn)] = k
-        f = xs[-1]
-        S = scaled(f.reshape(f.shape[0], *model_shape))
-        n, R = f.shape[0], S.shape[0]
-        g = S.transpose(0, 1)  # (n, R, d)
-        inputs: dict[str, Tensor] = {}
-        outs: dict[str, Tensor] = {}
-        for t in range(len(chain.steps) - 1, chain.first - 1, -1):
-            st, xt = chain.steps[t], xs[t]
-            if isinstance(st, Affine | Conv) and (st.w_index is not None or st.b_index is not None):
-                k = layer_of[st.w_index if st.w_index is not None else st.b_index]  # type: ignore[index]
-                if k in inputs:  # a layer used twice: the hooks' convention is not defined
-                    raise ChainMismatch(f"layer {k!r} appears twice in the chain")
-                c = st.scale if isinstance(st, Affine) and st.w_index is not None else 1.0
-                a = _shared_inputs(modules[k], xt)
-                inputs[k] = a if c == 1.0 else c * a
-                outs[k] = g
-            if t == chain.first:
-                break
-            if isinstance(st, Affine):
-                o, i = st.weight.shape
-                g = (g.reshape(n * R, o) @ st.weight).view(n, R, i)
-                g = g if st.scale == 1.0 else st.scale * g
-            elif isinstance(st, Conv):
-                o = st.weight.shape[0]
-                flat = g.reshape(n * R, o, *g.shape[3:])
-                g = st.input_grad((n * R, *xt.shape[1:]), st.weight, flat).view(n, R, *xt.shape[1:])
-            elif isinstance(st, Pool):
-                g = st.adjoint(g, derivs[t], xt.shape)
-            elif isinstance(st, Flatten):
-                g = g.reshape(n, R, *xt.shape[1:])
-            elif st.derivs is None:
-                g = st.scale * g
-            else:
-                g = g * derivs[t][0].unsqueeze(1)
-        per_column = {k: g.transpose(0, 1).contiguous() for k, g in outs.items()}  # (R, n, ...)
-        grads = [
-            {k: _shared_outputs(modules[k], per_column[k][r]) for k in self.layers}
-            for r in range(R)
-        ]
-        return inputs, grads
 
     def compute_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Return the Kronecker factors ``{module name: (A, G)}`` (computed once, then kept)."""
@@ -425,7 +328,7 @@ class KFACOperator(_LossOperator):
                 k: tuple(t.to(**kw) for t in v) for k, v in state["corrected"].items()
             }
 
-    def _slots(self) -> list[_Slot]:
+    def _slots(self) -> list[Slot]:
         """Return where each layer's weight and bias sit in the flat vector (computed once)."""
         if self._slot_cache is None:
             space, starts, slots = self.space, {}, []
@@ -442,65 +345,24 @@ class KFACOperator(_LossOperator):
                 if bn is not None:
                     numel = space.numels[space.names.index(bn)]
                     b = slice(starts[bn], starts[bn] + numel)
-                slots.append(_Slot(k, w, rows, cols, b))
+                slots.append(Slot(k, w, rows, cols, b))
             self._slot_cache = slots
         return self._slot_cache
 
     def _map_blocks(self, X: Tensor, weight: Any, bias: Any) -> Tensor:
-        """Apply ``weight(k, V, lay, out)`` and ``bias(k, V, lay, out)`` per layer, in one pass.
-
-        ``V`` is a free view of the ``K`` columns' part of a layer: ``out x in`` matrices (the
-        bias appended as a last column for a joint block; ``out x 1`` for a separate bias)
-        stacked along the axis of ``lay`` (:class:`_Layout`), which also gives the products
-        acting on them; ``out`` (or None) is where the result may be written. A row-major block
-        is read as ``(out, in, K)``, a column-major one as ``(K, out, in)`` and one vector as
-        ``(out, in)``, so no product copies or transposes the block.
-        """
-        if X.shape[1] == 1:  # a strided column (of a wider block) is gathered once
-            lay, Z = _ONE, X[:, 0] if X.stride(0) == 1 else X[:, 0].contiguous()
-        elif X.T.is_contiguous():  # column-major
-            lay, Z = _COLS, X.T
-        else:
-            lay, Z = _ROWS, X if X.is_contiguous() else X.contiguous()
-        Y = torch.empty_like(Z) if lay is _ROWS else None
-        pieces: list[tuple[int, Tensor]] = []
-
-        def put(part: slice, R: Tensor) -> None:
-            if Y is None:
-                pieces.append((part.start, lay.flat(R)))
-            elif R.data_ptr() != Y[part].data_ptr():
-                Y[part] = R.reshape(-1, Y.shape[1])
-
-        for s in self._slots():
-            Vw = lay.view(Z, s.w, s.rows, s.cols) if s.w is not None else None
-            vb = lay.view(Z, s.b, -1, 1) if s.b is not None else None
-            if Vw is not None and vb is not None and not self.separate:
-                R = weight(s.layer, torch.cat([Vw, vb], dim=lay.in_axis), lay, None)
-                Rw, Rb = R.split([s.cols, 1], dim=lay.in_axis)
-                put(s.w, Rw)  # type: ignore[arg-type]
-                put(s.b, Rb)  # type: ignore[arg-type]
-                continue
-            if Vw is not None:
-                out = lay.view(Y, s.w, s.rows, s.cols) if Y is not None else None  # type: ignore[arg-type]
-                put(s.w, weight(s.layer, Vw, lay, out))  # type: ignore[arg-type]
-            if vb is not None:
-                out = lay.view(Y, s.b, -1, 1) if Y is not None else None  # type: ignore[arg-type]
-                put(s.b, bias(s.layer, vb, lay, out))  # type: ignore[arg-type]
-        if Y is not None:
-            return Y
-        pieces.sort(key=lambda p: p[0])
-        return lay.join([p for _, p in pieces])
+        """Apply per-layer maps ``weight`` and ``bias`` to a block (:func:`linops._kron.map_blocks`)."""
+        return map_blocks(X, self._slots(), self.separate, weight, bias)
 
     def _eigen_map(self, X: Tensor, eig: dict, f: Any) -> Tensor:
         r""":math:`V \mapsto Q_G[(Q_G^\top V Q_A) \odot f(E)]Q_A^\top` per block."""
         D = {k: (f(e[2]), f(e[3])) for k, e in eig.items()}
 
-        def weight(k: str, V: Tensor, lay: _Layout, out: Tensor | None) -> Tensor:
+        def weight(k: str, V: Tensor, lay: Layout, out: Tensor | None) -> Tensor:
             QA, QG = eig[k][0], eig[k][1]
             rotated = lay.scale(lay.right(lay.left(QG.mT, V), QA), D[k][0])
             return lay.right(lay.left(QG, rotated), QA.mT, out)
 
-        def bias(k: str, V: Tensor, lay: _Layout, out: Tensor | None) -> Tensor:
+        def bias(k: str, V: Tensor, lay: Layout, out: Tensor | None) -> Tensor:
             QG = eig[k][1]
             return lay.left(QG, lay.scale(lay.left(QG.mT, V), D[k][1]), out)
 
@@ -571,93 +433,6 @@ class KFACOperator(_LossOperator):
             g, QG = torch.linalg.eigh(G)
             out[k] = (QA, QG, g[:, None] * a[None, :], g[:, None])
         return out
-
-
-class _Layout:
-    r"""Products on a stack of ``out x in`` matrices ``V_c`` (see :meth:`view` for the layouts).
-
-    ``left(M, V)`` is :math:`M V_c`, ``right(V, M)`` :math:`V_c M`, ``scale(V, D)``
-    :math:`V_c \odot D`, for every ``c``; ``view`` reads rows ``part`` of the block as such a
-    stack. The row-major layout (``kind="rows"``) writes results straight into the output
-    block (``out=``); the others gather them by one concatenation (``flat``, ``join``).
-    """
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.in_axis = 2 if kind == "columns" else 1
-
-    def view(self, Z: Tensor, part: slice, rows: int, cols: int) -> Tensor:
-        """Rows ``part`` of the block as ``(K, rows, cols)``, ``(rows, cols)`` or ``(rows, cols, K)``."""
-        if self.kind == "columns":  # Z = X^T, (K, n)
-            return Z[:, part].view(Z.shape[0], rows, cols)
-        if self.kind == "one":  # Z = X[:, 0]
-            return Z[part].view(rows, cols)
-        return Z[part].view(rows, cols, Z.shape[1])
-
-    def left(self, M: Tensor, V: Tensor, out: Tensor | None = None) -> Tensor:
-        if self.kind != "rows":
-            return M @ V
-        R = torch.mm(
-            M, V.reshape(V.shape[0], -1), out=None if out is None else out.view(M.shape[0], -1)
-        )
-        return R.view(M.shape[0], *V.shape[1:])
-
-    def right(self, V: Tensor, M: Tensor, out: Tensor | None = None) -> Tensor:
-        return torch.matmul(M.mT, V, out=out) if self.kind == "rows" else V @ M
-
-    def scale(self, V: Tensor, D: Tensor) -> Tensor:
-        return V * D[..., None] if self.kind == "rows" else V * D
-
-    def flat(self, R: Tensor) -> Tensor:
-        return R.reshape(R.shape[0], -1) if self.kind == "columns" else R.reshape(-1)
-
-    def join(self, pieces: list[Tensor]) -> Tensor:
-        if self.kind == "columns":
-            return torch.cat(pieces, dim=1).T
-        return torch.cat(pieces)[:, None]
-
-
-_COLS, _ROWS, _ONE = _Layout("columns"), _Layout("rows"), _Layout("one")
-
-
-class _Slot(NamedTuple):
-    """A layer's place in the flat vector: its weight as ``rows x cols`` and its bias."""
-
-    layer: str
-    w: slice | None
-    rows: int
-    cols: int
-    b: slice | None
-
-
-def _shared_inputs(mod: Any, a: Tensor) -> Tensor:
-    """Return a layer's inputs as ``(n, L, d_in)``: the ``L`` positions sharing its weight.
-
-    The unfolded patches of a ``Conv2d``, the middle axes of a ``Linear`` on ``(n, ..., d_in)``.
-    """
-    if isinstance(mod, nn.Linear):
-        return a.reshape(a.shape[0], -1, a.shape[-1])
-    padding: Any = mod.padding
-    if isinstance(padding, str):  # "valid": none; "same" (stride 1): torch's split, extra right
-        total = [
-            d * (k - 1) if padding == "same" else 0
-            for d, k in zip(mod.dilation, mod.kernel_size, strict=True)
-        ]
-        a = nn.functional.pad(
-            a, [total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2]
-        )
-        padding = 0
-    patches = nn.functional.unfold(
-        a, mod.kernel_size, dilation=mod.dilation, padding=padding, stride=mod.stride
-    )
-    return patches.transpose(1, 2)
-
-
-def _shared_outputs(mod: nn.Module, g: Tensor) -> Tensor:
-    """Output gradients as ``(n, L, d_out)``, matching :func:`_shared_inputs`."""
-    if isinstance(mod, nn.Conv2d):
-        return g.flatten(2).transpose(1, 2)
-    return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
 def kfac_preconditioner(A: Any, damping: float, *, heuristic: bool = False) -> TorchLinearOperator:

@@ -381,7 +381,7 @@ def _conv_net(padding: object) -> nn.Module:
 def test_string_padding_patches_reproduce_the_convolution(padding: str) -> None:
     """The unfolded patches of a 'same' (asymmetric for the even kernel) or 'valid' convolution
     times the flattened kernel give the layer's own outputs; KFAC runs on such a model."""
-    from linops.kfac import _shared_inputs
+    from linops._kfac_sources import shared_inputs as _shared_inputs
 
     model = _conv_net(padding)
     X = torch.randn(5, 2, 6, 6, dtype=F64)

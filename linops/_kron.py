@@ -1,0 +1,121 @@
+r"""Products with block-diagonal Kronecker-factored matrices on a flat parameter vector.
+
+Each layer's weight is an ``out x in`` matrix inside the flat vector (a :class:`Slot`); a
+Kronecker block :math:`A \otimes G` acts on it as :math:`V \mapsto G V A`. :func:`map_blocks`
+applies such per-layer maps to a whole block of vectors without copying or transposing it,
+whatever its memory layout (:class:`Layout`). Used by :class:`linops.KFACOperator`,
+:class:`linops.EKFACOperator` and their inverses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = ["COLS", "ONE", "ROWS", "Layout", "Slot", "map_blocks"]
+
+Tensor = torch.Tensor
+
+
+def map_blocks(X: Tensor, slots: list[Slot], separate: bool, weight: Any, bias: Any) -> Tensor:
+    """Apply ``weight(k, V, lay, out)`` and ``bias(k, V, lay, out)`` per layer, in one pass.
+
+    ``V`` is a free view of the ``K`` columns' part of a layer: ``out x in`` matrices (the
+    bias appended as a last column for a joint block; ``out x 1`` for a separate bias)
+    stacked along the axis of ``lay`` (:class:`Layout`), which also gives the products
+    acting on them; ``out`` (or None) is where the result may be written. A row-major block
+    is read as ``(out, in, K)``, a column-major one as ``(K, out, in)`` and one vector as
+    ``(out, in)``, so no product copies or transposes the block.
+    """
+    if X.shape[1] == 1:  # a strided column (of a wider block) is gathered once
+        lay, Z = ONE, X[:, 0] if X.stride(0) == 1 else X[:, 0].contiguous()
+    elif X.T.is_contiguous():  # column-major
+        lay, Z = COLS, X.T
+    else:
+        lay, Z = ROWS, X if X.is_contiguous() else X.contiguous()
+    Y = torch.empty_like(Z) if lay is ROWS else None
+    pieces: list[tuple[int, Tensor]] = []
+
+    def put(part: slice, R: Tensor) -> None:
+        if Y is None:
+            pieces.append((part.start, lay.flat(R)))
+        elif R.data_ptr() != Y[part].data_ptr():
+            Y[part] = R.reshape(-1, Y.shape[1])
+
+    for s in slots:
+        Vw = lay.view(Z, s.w, s.rows, s.cols) if s.w is not None else None
+        vb = lay.view(Z, s.b, -1, 1) if s.b is not None else None
+        if Vw is not None and vb is not None and not separate:
+            R = weight(s.layer, torch.cat([Vw, vb], dim=lay.in_axis), lay, None)
+            Rw, Rb = R.split([s.cols, 1], dim=lay.in_axis)
+            put(s.w, Rw)  # type: ignore[arg-type]
+            put(s.b, Rb)  # type: ignore[arg-type]
+            continue
+        if Vw is not None:
+            out = lay.view(Y, s.w, s.rows, s.cols) if Y is not None else None  # type: ignore[arg-type]
+            put(s.w, weight(s.layer, Vw, lay, out))  # type: ignore[arg-type]
+        if vb is not None:
+            out = lay.view(Y, s.b, -1, 1) if Y is not None else None  # type: ignore[arg-type]
+            put(s.b, bias(s.layer, vb, lay, out))  # type: ignore[arg-type]
+    if Y is not None:
+        return Y
+    pieces.sort(key=lambda p: p[0])
+    return lay.join([p for _, p in pieces])
+
+
+class Layout:
+    r"""Products on a stack of ``out x in`` matrices ``V_c`` (see :meth:`view` for the layouts).
+
+    ``left(M, V)`` is :math:`M V_c`, ``right(V, M)`` :math:`V_c M`, ``scale(V, D)``
+    :math:`V_c \odot D`, for every ``c``; ``view`` reads rows ``part`` of the block as such a
+    stack. The row-major layout (``kind="rows"``) writes results straight into the output
+    block (``out=``); the others gather them by one concatenation (``flat``, ``join``).
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.in_axis = 2 if kind == "columns" else 1
+
+    def view(self, Z: Tensor, part: slice, rows: int, cols: int) -> Tensor:
+        """Rows ``part`` of the block as ``(K, rows, cols)``, ``(rows, cols)`` or ``(rows, cols, K)``."""
+        if self.kind == "columns":  # Z = X^T, (K, n)
+            return Z[:, part].view(Z.shape[0], rows, cols)
+        if self.kind == "one":  # Z = X[:, 0]
+            return Z[part].view(rows, cols)
+        return Z[part].view(rows, cols, Z.shape[1])
+
+    def left(self, M: Tensor, V: Tensor, out: Tensor | None = None) -> Tensor:
+        if self.kind != "rows":
+            return M @ V
+        R = torch.mm(
+            M, V.reshape(V.shape[0], -1), out=None if out is None else out.view(M.shape[0], -1)
+        )
+        return R.view(M.shape[0], *V.shape[1:])
+
+    def right(self, V: Tensor, M: Tensor, out: Tensor | None = None) -> Tensor:
+        return torch.matmul(M.mT, V, out=out) if self.kind == "rows" else V @ M
+
+    def scale(self, V: Tensor, D: Tensor) -> Tensor:
+        return V * D[..., None] if self.kind == "rows" else V * D
+
+    def flat(self, R: Tensor) -> Tensor:
+        return R.reshape(R.shape[0], -1) if self.kind == "columns" else R.reshape(-1)
+
+    def join(self, pieces: list[Tensor]) -> Tensor:
+        if self.kind == "columns":
+            return torch.cat(pieces, dim=1).T
+        return torch.cat(pieces)[:, None]
+
+
+COLS, ROWS, ONE = Layout("columns"), Layout("rows"), Layout("one")
+
+
+class Slot(NamedTuple):
+    """A layer's place in the flat vector: its weight as ``rows x cols`` and its bias."""
+
+    layer: str
+    w: slice | None
+    rows: int
+    cols: int
+    b: slice | None
