@@ -158,7 +158,7 @@ def column_norms(X: torch.Tensor) -> torch.Tensor:
     if X.shape[0] == 0 or X.shape[1] == 0:
         return X.new_zeros(X.shape[1], dtype=real)
     chunks = range(0, X.shape[0], CHUNK_ROWS)
-    if real not in (torch.float64,):
+    if real != torch.float64:
         acc = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
         for lo in chunks:
             acc += (X[lo : lo + CHUNK_ROWS].to(_wide_dtype(X)).abs() ** 2).sum(dim=0)
