@@ -229,7 +229,8 @@ def singular_value_count(
         if dim == 0:
             break
         S = B - _coupling(C, theta, tau**2)
-        alpha, beta = _lanczos_batch(S, V0, d)
+        runs = _lanczos_batch(S, V0, d)
+        alpha, beta = runs.alpha, runs.beta
         Tl = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
         nodes, vecs = torch.linalg.eigh(Tl.to("cpu", torch.float64))
         w = vecs[:, 0, :] ** 2

@@ -260,8 +260,8 @@ def spectral_density(
         _lanczos_batch(op, V0[:, i : i + group], m, reorthogonalize=reorthogonalized)
         for i in range(0, N, group)
     ]
-    alpha = torch.cat([a for a, _ in parts])
-    beta = torch.cat([b for _, b in parts])
+    alpha = torch.cat([r.alpha for r in parts])
+    beta = torch.cat([r.beta for r in parts])
     T = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
     theta, S = torch.linalg.eigh(T.to("cpu", torch.float64))
     tau = S[:, 0, :] ** 2
@@ -283,20 +283,47 @@ def spectral_density(
     )
 
 
+class LanczosRuns(NamedTuple):
+    r"""What :func:`_lanczos_batch` returns: ``N`` runs' tridiagonal matrices and more.
+
+    ``alpha`` ``(N, m)`` diagonals; ``beta`` ``(N, m - 1)`` off-diagonals, or ``(N, m)`` with
+    the last residual norm :math:`\beta_m` (``last_beta``); ``steps`` ``(N,)`` the steps
+    before an invariant subspace was found (``beta = 0`` there; the rest is zero padding);
+    ``basis`` the ``(m + 1, n, N)`` Lanczos vectors (``keep_basis``) or None.
+    """
+
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    steps: torch.Tensor
+    basis: torch.Tensor | None
+
+
 def _lanczos_batch(
-    op: Any, V0: torch.Tensor, m: int, *, reorthogonalize: bool = True
-) -> tuple[torch.Tensor, ...]:
+    op: Any,
+    V0: torch.Tensor,
+    m: int,
+    *,
+    reorthogonalize: bool = True,
+    keep_basis: bool = False,
+    last_beta: bool = False,
+) -> LanczosRuns:
     """Run ``N`` independent Lanczos runs of ``m`` steps, fully reorthogonalised by default.
 
-    They start from the unit columns of ``V0`` (``(n, N)``); returns the ``(N, m)`` diagonals
-    and ``(N, m - 1)`` off-diagonals. Without reorthogonalisation only the last two basis
-    blocks are kept (the three-term recurrence).
+    They start from the unit columns of ``V0`` (``(n, N)``), in the operator's dtype and on
+    its device (see :class:`LanczosRuns`). Without reorthogonalisation only the last two
+    basis blocks are kept (the three-term recurrence, updated in place). A run that finds an
+    invariant subspace (a residual norm below ``100 eps`` of the largest coefficient so far)
+    stops there: its later coefficients and vectors are zero.
     """
+    if keep_basis and not reorthogonalize:
+        raise ValueError("keep_basis: the basis is kept only with reorthogonalize=True")
     n, N = V0.shape
     kw = {"dtype": op.torch_dtype, "device": op.device}
-    V = torch.zeros(m if reorthogonalize else 2, n, N, **kw)
+    V = torch.zeros((m + 1 if keep_basis else m) if reorthogonalize else 2, n, N, **kw)
     V[0] = V0
-    alpha, beta = torch.zeros(m, N, **kw), torch.zeros(max(m - 1, 0), N, **kw)
+    alpha = torch.zeros(m, N, **kw)
+    beta = torch.zeros(m if last_beta else max(m - 1, 0), N, **kw)
+    steps = torch.full((N,), m, dtype=torch.long)
     anorm = 0.0
     for j in range(m):
         cur = j if reorthogonalize else j % 2
@@ -312,16 +339,20 @@ def _lanczos_batch(
             W.addcmul_(V[cur], alpha[j].to(W.dtype), value=-1)
             if j > 0:
                 W.addcmul_(V[1 - cur], beta[j - 1].to(W.dtype), value=-1)
-        if j + 1 == m:
+        if j + 1 == m and not last_beta:
             break
         b = kr.column_norms(W)
         anorm = max(anorm, float(alpha[j].abs().max()), float(b.max()))
         ok = b > 100 * torch.finfo(b.dtype).eps * max(anorm, 1e-300)
+        broke = (~ok).cpu() & (steps == m)
+        steps[broke] = j + 1
         beta[j] = torch.where(ok, b, torch.zeros_like(b))
+        if j + 1 == m and not keep_basis:
+            break
         nxt = j + 1 if reorthogonalize else 1 - cur
         torch.div(W, torch.where(ok, b, torch.ones_like(b)), out=V[nxt])
         V[nxt][:, ~ok] = 0
-    return alpha.T.real, beta.T.real
+    return LanczosRuns(alpha.T.real, beta.T.real, steps, V if keep_basis else None)
 
 
 def _smooth(

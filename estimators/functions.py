@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import torch
 
 from estimators._budget import budget_bytes
+from estimators.density import _lanczos_batch
 from linops import ArrayLike, IdentityOperator, OperatorLike, aslinearoperator
 from linops import blocks as kr
 
@@ -118,35 +119,16 @@ def _shifted(A: Any, damping: float) -> Any:
 def _lanczos(op: Any, V0: torch.Tensor, m: int) -> tuple[torch.Tensor, ...]:
     r"""``m`` fully reorthogonalised Lanczos steps from each unit column of ``V0``.
 
-    Returns ``(alpha, beta, steps, V)``: ``(N, m)`` diagonals, ``(N, m)`` off-diagonals with
-    :math:`\beta_m` (the norm of the last residual, which the Radau rule needs), the steps
-    before an invariant subspace was found (``beta = 0``: the quadrature is then exact) and
-    the ``(m + 1, n, N)`` basis.
+    Returns ``(alpha, beta, steps, V)``: ``(N, m)`` diagonals and ``(N, m)`` off-diagonals with
+    :math:`\beta_m` (the norm of the last residual, which the Radau rule needs), both float64
+    on the host, the steps before an invariant subspace was found (``beta = 0``: the
+    quadrature is then exact) and the ``(m + 1, n, N)`` basis
+    (:func:`estimators.density._lanczos_batch`).
     """
-    n, N = V0.shape
-    V = torch.zeros(m + 1, n, N, dtype=V0.dtype, device=V0.device)
-    V[0] = V0
-    alpha, beta = torch.zeros(m, N, dtype=V0.dtype), torch.zeros(m, N, dtype=V0.dtype)
-    steps = torch.full((N,), m, dtype=torch.long)
-    scale = 0.0
-    for j in range(m):
-        W = op._apply(V[j])
-        kr.check_products(W, (j + 1) * N)
-        a = (V[j] * W).sum(0)
-        for _ in range(2):
-            W = W - torch.einsum(
-                "jnl,jl->nl", V[: j + 1], torch.einsum("jnl,nl->jl", V[: j + 1], W)
-            )
-        b = kr.column_norms(W)
-        scale = max(scale, float(a.abs().max()), float(b.max()))
-        live = steps == m
-        broke = live & (b.cpu() <= 100 * torch.finfo(b.dtype).eps * max(scale, 1e-300))
-        steps[broke] = j + 1
-        live = live & ~broke
-        alpha[j] = torch.where(live | broke, a.cpu(), alpha[j])
-        beta[j] = torch.where(live, b.cpu(), torch.zeros_like(b.cpu()))
-        V[j + 1] = torch.where(live.to(W.device), W / torch.where(b > 0, b, 1.0), 0.0)
-    return alpha.T.double(), beta.T.double(), steps, V
+    runs = _lanczos_batch(op, V0, m, keep_basis=True, last_beta=True)
+    alpha, beta = runs.alpha.detach().double().cpu(), runs.beta.detach().double().cpu()
+    assert runs.basis is not None  # keep_basis=True
+    return alpha, beta, runs.steps, runs.basis
 
 
 def _tridiag(alpha: torch.Tensor, beta: torch.Tensor, k: int) -> torch.Tensor:
