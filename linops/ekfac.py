@@ -43,7 +43,7 @@ class EKFACOperator(KFACOperator):
     def _eigen(self) -> dict[str, tuple[Tensor, ...]]:
         if self._corrected is None:
             basis = super()._eigen()
-            E: dict[str, list[Any]] = {k: [0, 0] for k in self.layers}
+            E: dict[str, list[Any]] = {k: [0, 0] for k in self.units}
             for inputs, grads in self._layer_gradients():
                 for k, (QA, QG, _, _) in basis.items():
                     Ar = inputs[k] @ QA  # (n, L, d_A): L positions sharing the weight
@@ -68,7 +68,8 @@ class EKFACOperator(KFACOperator):
     def _eigenvalues(self) -> list[Tensor]:
         eig = self._eigen()
         vals = []
-        for k, (wn, bn) in self.layers.items():
+        for k, (name, _, _) in self.units.items():
+            wn, bn = self.layers[name]
             if wn is not None:
                 vals.append(eig[k][2].reshape(-1))
             if bn is not None and (self.separate or wn is None):

@@ -61,9 +61,15 @@ class KFACOperator(_LossOperator):
     model, loss_fn, data, params, **kwargs
         As in :class:`linops.FisherOperator` (CE, MSE, BCE-with-logits; mean or sum);
         ``params`` must select only weights and biases of ``nn.Linear`` and ``nn.Conv2d``
-        (``groups=1``, ``padding_mode="zeros"``; integer, ``"same"`` or ``"valid"`` padding)
-        layers. A layer's forward multiplier (a ``multiplier`` attribute: ``y = c W x + b``)
-        enters the weight's input factor.
+        (``padding_mode="zeros"``; integer, ``"same"`` or ``"valid"`` padding) layers. A
+        layer's forward multiplier (a ``multiplier`` attribute: ``y = c W x + b``) enters the
+        weight's input factor. A grouped convolution (``groups = G > 1``, depthwise ones
+        included) gets one Kronecker block per group, ``A_i`` from the patches of its own
+        input channels and ``G_i`` from its own output channels (each group is a convolution
+        of its own; the blocks between groups are dropped as those between layers are), which
+        is exact for a single grouped ``Conv2d`` with MSE at one output position. curvlinops
+        3.0.1 instead averages the inputs over the groups and keeps one ``out x out`` factor
+        (a heuristic); the two differ on grouped layers only.
     fisher_type
         ``"type-2"`` (default: exact loss Hessian, the GGN's KFAC), ``"mc"`` or
         ``"empirical"``.
@@ -82,7 +88,8 @@ class KFACOperator(_LossOperator):
     Attributes
     ----------
     factors
-        ``{module name: (A, G)}``, computed at the first product (one pass over the data:
+        ``{block: (A, G)}`` (a block is a module's name, ``"name[i]"`` for group ``i`` of a
+        grouped convolution), computed at the first product (one pass over the data:
         on the chain route one batched backward sweep of all factor columns, otherwise one
         autograd backward pass per column).
     route
@@ -92,8 +99,8 @@ class KFACOperator(_LossOperator):
     ------
     ValueError
         For an unsupported loss, ``fisher_type`` or ``kfac_approx``, parameters outside
-        ``nn.Linear`` / ``nn.Conv2d`` layers, or a selected grouped or non-zero-padding-mode
-        convolution (all at construction).
+        ``nn.Linear`` / ``nn.Conv2d`` layers, or a selected convolution with a padding mode
+        other than zeros (all at construction).
 
     Examples
     --------
@@ -136,6 +143,7 @@ class KFACOperator(_LossOperator):
         self.fisher_type, self.mc_samples = fisher_type, mc_samples
         self.seed, self.separate = _int_seed(seed), bool(separate_weight_and_bias)
         self.layers = self._linear_layers()
+        self.units = self._units()
         self.factors: dict[str, tuple[Tensor, Tensor]] | None = None
         self._corrected: dict[str, tuple[Tensor, ...]] | None = None  # EKFAC's eigenvalues
         self._slot_cache: list[Slot] | None = None
@@ -150,9 +158,9 @@ class KFACOperator(_LossOperator):
                 if pair == (None, None):
                     continue
                 layers[name] = pair
-                if isinstance(mod, nn.Conv2d) and (mod.groups != 1 or mod.padding_mode != "zeros"):
+                if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
                     raise ValueError(
-                        f"model: KFAC supports nn.Conv2d with groups=1 and padding_mode='zeros' "
+                        f"model: KFAC supports nn.Conv2d with padding_mode='zeros' "
                         f"(integer, 'same' or 'valid' padding), got {name or 'the model'}: {mod}; "
                         "leave the layer out of params=, or use the exact operators "
                         "(GGNOperator, FisherOperator)"
@@ -166,6 +174,42 @@ class KFACOperator(_LossOperator):
                 f"{missing[:3]}"
             )
         return layers
+
+    def _units(self) -> dict[str, tuple[str, int, int]]:
+        """Map each Kronecker block's key to ``(module name, group, groups)``.
+
+        A layer is one block; a grouped ``Conv2d`` (``groups = G > 1``) is ``G`` blocks,
+        ``"name[i]"``, one per group: each group is a convolution of its own, from its
+        ``C_in / G`` input channels to its ``C_out / G`` output channels.
+        """
+        modules = dict(self.space.model.named_modules())
+        units: dict[str, tuple[str, int, int]] = {}
+        for name in self.layers:
+            groups = int(getattr(modules[name], "groups", 1))
+            if groups == 1:
+                units[name] = (name, 0, 1)
+            else:
+                units |= {f"{name}[{i}]": (name, i, groups) for i in range(groups)}
+        return units
+
+    def _split_groups(
+        self, inputs: dict[str, Tensor], grads: list[dict[str, Tensor]]
+    ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+        """Key a batch's layer inputs and output gradients by block: a group's own slices.
+
+        Unfolded patches are channel-major (``C_in kh kw``), so group ``i``'s inputs are the
+        ``i``-th of ``G`` equal slices of the last axis, its output gradients likewise.
+        """
+        ins: dict[str, Tensor] = {}
+        outs: list[dict[str, Tensor]] = [{} for _ in grads]
+        for k, (name, i, groups) in self.units.items():
+            a = inputs[name]
+            d = a.shape[-1] // groups
+            ins[k] = a[..., i * d : (i + 1) * d]
+            for r, g in enumerate(grads):
+                o = g[name].shape[-1] // groups
+                outs[r][k] = g[name][..., i * o : (i + 1) * o]
+        return ins, outs
 
     def _reset_derived(self) -> None:
         super()._reset_derived()
@@ -245,9 +289,9 @@ class KFACOperator(_LossOperator):
             found = self._route_graph(chained, lambda: None)
             if found is None:
                 found = hook_batch(self.space, self.layers, x, scaled)
-            inputs, grads = found
-            for k, (_, bn) in self.layers.items():
-                if not self.separate and bn is not None:
+            inputs, grads = self._split_groups(*found)
+            for k, (name, _, _) in self.units.items():
+                if not self.separate and self.layers[name][1] is not None:
                     a = inputs[k]
                     inputs[k] = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
             yield inputs, grads
@@ -256,11 +300,11 @@ class KFACOperator(_LossOperator):
         """Return the Kronecker factors ``{module name: (A, G)}`` (computed once, then kept)."""
         if self.factors is None:
             N = self.num_samples
-            A: dict[str, Any] = dict.fromkeys(self.layers, 0)
-            G: dict[str, Any] = dict.fromkeys(self.layers, 0)
+            A: dict[str, Any] = dict.fromkeys(self.units, 0)
+            G: dict[str, Any] = dict.fromkeys(self.units, 0)
             expand = self.kfac_approx == "expand"
             for inputs, grads in self._layer_gradients():
-                for k in self.layers:
+                for k in self.units:
                     a = inputs[k]
                     if expand:  # every shared position a sample: mean over N L
                         a = a.reshape(-1, a.shape[-1]) / math.sqrt(inputs[k].shape[1])
@@ -270,7 +314,7 @@ class KFACOperator(_LossOperator):
                     for g in grads:
                         g = g[k].reshape(-1, g[k].shape[-1]) if expand else g[k].sum(dim=1)
                         G[k] = G[k] + g.mT @ g
-            self.factors = {k: (A[k], G[k]) for k in self.layers}
+            self.factors = {k: (A[k], G[k]) for k in self.units}
         return self.factors
 
     # ------------------------------------------------------------------ products
@@ -335,16 +379,18 @@ class KFACOperator(_LossOperator):
             offset = 0
             for name, numel in zip(space.names, space.numels, strict=True):
                 starts[name], offset = offset, offset + numel
-            for k, (wn, bn) in self.layers.items():
+            for k, (name, i, groups) in self.units.items():
+                wn, bn = self.layers[name]
                 w = b = None
                 rows = cols = 0
                 if wn is not None:  # (out, in, kh, kw) conv weights as (out, in kh kw)
                     shape = space.shapes[space.names.index(wn)]
-                    rows, cols = shape[0], math.prod(shape[1:])
-                    w = slice(starts[wn], starts[wn] + rows * cols)
+                    rows, cols = shape[0] // groups, math.prod(shape[1:])
+                    first = starts[wn] + i * rows * cols  # group i: rows i out/G ...
+                    w = slice(first, first + rows * cols)
                 if bn is not None:
-                    numel = space.numels[space.names.index(bn)]
-                    b = slice(starts[bn], starts[bn] + numel)
+                    numel = space.numels[space.names.index(bn)] // groups
+                    b = slice(starts[bn] + i * numel, starts[bn] + (i + 1) * numel)
                 slots.append(Slot(k, w, rows, cols, b))
             self._slot_cache = slots
         return self._slot_cache
@@ -373,7 +419,8 @@ class KFACOperator(_LossOperator):
         one = torch.ones(1, 1, dtype=self.torch_dtype, device=self.device)
         blocks = []
         factors = self.compute_factors()
-        for k, (wn, bn) in self.layers.items():
+        for k, (name, _, _) in self.units.items():
+            wn, bn = self.layers[name]
             A, G = factors[k]
             if wn is not None:
                 blocks.append((A, G))

@@ -144,12 +144,10 @@ def test_errors() -> None:
     conv = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(8, 3)).double()
     Xi = torch.randn(4, 2, 4, 4, dtype=F64)
     cdata = (Xi, torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ValueError, match="model: KFAC supports nn.Conv2d with groups=1"):
-        KFACOperator(conv, nn.CrossEntropyLoss(), cdata)
     circular = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"), nn.Flatten())
     with pytest.raises(ValueError, match="padding_mode='zeros'"):
         KFACOperator(circular.double(), nn.CrossEntropyLoss(), cdata)
-    # leaving the grouped convolution out of params is fine
+    # leaving a convolution out of params is fine
     KFACOperator(conv, nn.CrossEntropyLoss(), cdata, params=["2.weight", "2.bias"]).to_dense()
     norm = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)).double()
     with pytest.raises(ValueError, match="params: expected only weights and biases of nn.Linear"):
@@ -469,3 +467,60 @@ def test_kfac_preconditioner_option_cuts_cg_products() -> None:
         inverse(torch.eye(3, dtype=F64), damping=1.0, preconditioner="kfac") @ torch.ones(
             3, dtype=F64
         )
+
+
+@pytest.mark.parametrize("separate", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_grouped_conv_with_mse_at_one_position_is_the_ggn(bias: bool, separate: bool) -> None:
+    """Each group is a convolution of its own: with one output position and MSE, KFAC's
+    per-group blocks are the GGN's (its blocks between groups are zero), against a GGN built
+    independently from torch.func.jacrev."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 4, 3, groups=2, bias=bias).double()  # 3x3 input: one position
+    X, y = torch.randn(7, 6, 3, 3, dtype=F64), torch.randn(7, 4, 1, 1, dtype=F64)
+    loss = nn.MSELoss(reduction="sum")
+    K = KFACOperator(conv, loss, (X, y), separate_weight_and_bias=separate)
+    assert list(K.factors or K.compute_factors()) == ["[0]", "[1]"]
+    params = dict(conv.named_parameters())
+
+    def out(theta: torch.Tensor) -> torch.Tensor:
+        parts, at = {}, 0
+        for name, p in params.items():
+            parts[name], at = theta[at : at + p.numel()].view_as(p), at + p.numel()
+        return torch.func.functional_call(conv, parts, (X,)).reshape(-1)
+
+    theta = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    J = torch.func.jacrev(out)(theta)
+    ggn = 2 * J.T @ J
+    if bias and separate:  # separate blocks drop the weight-bias coupling: compare those
+        w = params["weight"].numel()
+        ggn[:w, w:], ggn[w:, :w] = 0, 0
+    assert _rel(K.to_dense(), ggn) < 1e-12
+
+
+def test_depthwise_conv_blocks_are_consistent() -> None:
+    """A depthwise CNN with cross-entropy: one block per channel, closed forms, inverse and
+    EKFAC consistent with the dense matrix, and no coupling between groups."""
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Conv2d(3, 3, 3, padding=1, groups=3), nn.Tanh(), nn.Flatten(), nn.Linear(27, 4)
+    ).double()
+    X, y = torch.randn(10, 3, 3, 3, dtype=F64), torch.randint(0, 4, (10,))
+    K = KFACOperator(net, nn.CrossEntropyLoss(), (X, y))
+    D = K.to_dense()
+    assert [k for k in K.compute_factors()][:3] == ["0[0]", "0[1]", "0[2]"]
+    torch.testing.assert_close(D, D.T, rtol=0, atol=1e-15)
+    for i in range(3):  # channel i's 3x3 weights, then its bias after all the weights
+        A, G = K.compute_factors()[f"0[{i}]"]
+        w, b = slice(9 * i, 9 * i + 9), 27 + i
+        torch.testing.assert_close(D[w, w], torch.kron(G, A), rtol=1e-12, atol=1e-15)
+        assert float(D[b, b]) == pytest.approx(float(G[0, 0]), rel=1e-12)
+    first, second = slice(0, 9), slice(9, 18)
+    assert float(D[first, second].abs().max()) == 0.0
+    lam, eye = 1e-2, torch.eye(D.shape[0], dtype=F64)
+    assert K.trace() == pytest.approx(float(torch.trace(D)), rel=1e-12)
+    assert K.logdet(lam) == pytest.approx(float(torch.logdet(D + lam * eye)), rel=1e-10)
+    assert _rel(K.inverse(lam).to_dense(), torch.linalg.inv(D + lam * eye)) < 1e-10
+    E = EKFACOperator(net, nn.CrossEntropyLoss(), (X, y)).to_dense()
+    assert float(E[first, second].abs().max()) == 0.0
+    assert _rel(E, E.T) < 1e-12
