@@ -29,9 +29,13 @@ Layers = dict[str, tuple[str | None, str | None]]
 
 
 def hook_batch(
-    space: ParamSpace, layers: Layers, x: Any, scaled: Any
+    space: ParamSpace, layers: Layers, x: Any, scaled: Any, *, average_groups: bool = False
 ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
-    """One batch's layer inputs and output gradients from module hooks and autograd."""
+    """One batch's layer inputs and output gradients from module hooks and autograd.
+
+    ``average_groups``: a grouped convolution's input channels averaged over its groups
+    (:func:`shared_inputs`).
+    """
     modules = dict(space.model.named_modules())
     names = list(layers)
     inputs: dict[str, Tensor] = {}
@@ -54,7 +58,7 @@ def hook_batch(
             h.remove()
     for k in names:
         c = float(getattr(modules[k], "multiplier", 1.0)) if layers[k][0] else 1.0
-        a = shared_inputs(modules[k], inputs[k])  # (n, L, d_in): L shared positions
+        a = shared_inputs(modules[k], inputs[k], average_groups)  # (n, L, d_in): L positions
         inputs[k] = a if c == 1.0 else c * a
     S = scaled(f)
     f2 = f.reshape(f.shape[0], -1)
@@ -125,13 +129,18 @@ def chain_batch(
     return inputs, grads
 
 
-def shared_inputs(mod: Any, a: Tensor) -> Tensor:
+def shared_inputs(mod: Any, a: Tensor, average_groups: bool = False) -> Tensor:
     """Return a layer's inputs as ``(n, L, d_in)``: the ``L`` positions sharing its weight.
 
-    The unfolded patches of a ``Conv2d``, the middle axes of a ``Linear`` on ``(n, ..., d_in)``.
+    The unfolded patches of a ``Conv2d`` (channel-major: ``C_in kh kw``), the middle axes of a
+    ``Linear`` on ``(n, ..., d_in)``. With ``average_groups`` a grouped convolution's input
+    channels are first averaged over its groups (``C_in / G`` channels: curvlinops 3.0.1's
+    approximation).
     """
     if isinstance(mod, nn.Linear):
         return a.reshape(a.shape[0], -1, a.shape[-1])
+    if average_groups and mod.groups > 1:
+        a = a.unflatten(1, (mod.groups, -1)).mean(dim=1)
     padding: Any = mod.padding
     if isinstance(padding, str):  # "valid": none; "same" (stride 1): torch's split, extra right
         total = [

@@ -69,7 +69,7 @@ class KFACOperator(_LossOperator):
         of its own; the blocks between groups are dropped as those between layers are), which
         is exact for a single grouped ``Conv2d`` with MSE at one output position. curvlinops
         3.0.1 instead averages the inputs over the groups and keeps one ``out x out`` factor
-        (a heuristic); the two differ on grouped layers only.
+        (a heuristic): ``grouped="average"`` gives that variant.
     fisher_type
         ``"type-2"`` (default: exact loss Hessian, the GGN's KFAC), ``"mc"`` or
         ``"empirical"``.
@@ -84,6 +84,10 @@ class KFACOperator(_LossOperator):
         every position as a sample, :math:`A = \frac{1}{NL}\sum_{n,l}\tilde a_{nl}\tilde
         a_{nl}^\top`, :math:`G = c\sum_{n,l,r}\hat g_{nlr}\hat g_{nlr}^\top`; ``"reduce"``
         uses the mean input and the summed gradient of each sample.
+    grouped
+        For grouped convolutions: ``"blocks"`` (default; one Kronecker block per group, see
+        above) or ``"average"`` (curvlinops 3.0.1's: the input channels averaged over the
+        groups, one block per layer).
 
     Attributes
     ----------
@@ -128,12 +132,16 @@ class KFACOperator(_LossOperator):
         seed: int | torch.Generator | None = None,
         separate_weight_and_bias: bool = True,
         kfac_approx: str = "expand",
+        grouped: str = "blocks",
         **kwargs: Any,  # the model operators' keywords (dtype, device, ...), forwarded
     ) -> None:
         self.family = _fisher_family(loss_fn)
         if kfac_approx not in ("expand", "reduce"):
             raise ValueError(f"kfac_approx: expected 'expand' or 'reduce', got {kfac_approx!r}")
         self.kfac_approx = kfac_approx
+        if grouped not in ("blocks", "average"):
+            raise ValueError(f"grouped: expected 'blocks' or 'average', got {grouped!r}")
+        self.grouped = grouped
         if fisher_type not in _TYPES:
             raise ValueError(f"fisher_type: expected one of {_TYPES}, got {fisher_type!r}")
         if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
@@ -186,7 +194,7 @@ class KFACOperator(_LossOperator):
         units: dict[str, tuple[str, int, int]] = {}
         for name in self.layers:
             groups = int(getattr(modules[name], "groups", 1))
-            if groups == 1:
+            if groups == 1 or self.grouped == "average":
                 units[name] = (name, 0, 1)
             else:
                 units |= {f"{name}[{i}]": (name, i, groups) for i in range(groups)}
@@ -288,7 +296,8 @@ class KFACOperator(_LossOperator):
 
             found = self._route_graph(chained, lambda: None)
             if found is None:
-                found = hook_batch(self.space, self.layers, x, scaled)
+                average = self.grouped == "average"
+                found = hook_batch(self.space, self.layers, x, scaled, average_groups=average)
             inputs, grads = self._split_groups(*found)
             for k, (name, _, _) in self.units.items():
                 if not self.separate and self.layers[name][1] is not None:
@@ -343,6 +352,7 @@ class KFACOperator(_LossOperator):
             "class": type(self).__name__, "layers": dict(self.layers),
             "fisher_type": self.fisher_type, "mc_samples": self.mc_samples, "seed": self.seed,
             "separate_weight_and_bias": self.separate, "kfac_approx": self.kfac_approx,
+            "grouped": self.grouped,
             "factors": self.compute_factors(),
         }  # fmt: skip
         return state
@@ -359,6 +369,7 @@ class KFACOperator(_LossOperator):
             "class": type(self).__name__, "layers": dict(self.layers),
             "fisher_type": self.fisher_type, "mc_samples": self.mc_samples, "seed": self.seed,
             "separate_weight_and_bias": self.separate, "kfac_approx": self.kfac_approx,
+            "grouped": self.grouped,
         }  # fmt: skip
         for key, value in expected.items():
             if state.get(key) != value:

@@ -524,3 +524,32 @@ def test_depthwise_conv_blocks_are_consistent() -> None:
     E = EKFACOperator(net, nn.CrossEntropyLoss(), (X, y)).to_dense()
     assert float(E[first, second].abs().max()) == 0.0
     assert _rel(E, E.T) < 1e-12
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_grouped_conv_average_variant_is_curvlinops(approx: str) -> None:
+    """``grouped="average"`` is curvlinops 3.0.1's grouped-convolution KFAC to 1e-12; the
+    default per-group blocks differ from it on the grouped layer."""
+    curvlinops = pytest.importorskip("curvlinops")
+    torch.manual_seed(2)
+    net = nn.Sequential(
+        nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(54, 3)
+    ).double()
+    X, y = torch.randn(8, 4, 3, 3, dtype=F64), torch.randint(0, 3, (8,))
+    fn = nn.CrossEntropyLoss()
+    theirs = curvlinops.KFACLinearOperator(
+        net,
+        fn,
+        list(net.parameters()),
+        [(X, y)],
+        kfac_approx=approx,
+        fisher_type="type-2",
+        check_deterministic=False,
+    )
+    dense = theirs @ torch.eye(theirs.shape[1], dtype=F64)
+    ours = KFACOperator(net, fn, (X, y), kfac_approx=approx, grouped="average")
+    assert _rel(ours.to_dense(), dense) < 1e-12
+    blocks = KFACOperator(net, fn, (X, y), kfac_approx=approx).to_dense()
+    assert _rel(blocks, dense) > 1e-3
+    with pytest.raises(ValueError, match="grouped: expected 'blocks' or 'average'"):
+        KFACOperator(net, fn, (X, y), grouped="mean")
