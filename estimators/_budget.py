@@ -13,12 +13,20 @@ from __future__ import annotations
 from linops.base import TorchLinearOperator
 from linops.memory import check_memory_budget, default_memory_budget
 
-__all__ = ["budget_bytes", "check_sketch", "probe_group"]
+__all__ = ["budget_bytes", "check_sketch", "count_within", "probe_group"]
 
 
 def budget_bytes(op: TorchLinearOperator, memory_budget: int | None) -> int:
     """Return ``memory_budget`` checked, or the default budget of the operator's device."""
     return check_memory_budget(memory_budget) or default_memory_budget(op.device)
+
+
+def count_within(
+    op: TorchLinearOperator, unit_bytes: int, memory_budget: int | None, reserved: int = 0
+) -> tuple[int, int]:
+    """Return how many units of ``unit_bytes`` fit the budget beside ``reserved`` bytes, and the budget."""
+    budget = budget_bytes(op, memory_budget)
+    return max(0, (budget - reserved) // max(1, unit_bytes)), budget
 
 
 def _vector_bytes(op: TorchLinearOperator) -> int:
@@ -37,8 +45,8 @@ def probe_group(op: TorchLinearOperator, N: int, memory_budget: int | None, arra
     """
     k = op.vectors_per_pass()
     group = N if k is None else max(1, min(N, k))
-    budget, vec = budget_bytes(op, memory_budget), _vector_bytes(op)
-    fit = budget // (arrays * vec)
+    vec = _vector_bytes(op)
+    fit, budget = count_within(op, arrays * vec, memory_budget)
     if fit < 1:
         raise ValueError(
             f"memory_budget: one probe with its product ({arrays} vectors of n={max(op.shape)}, "

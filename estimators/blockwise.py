@@ -59,7 +59,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from estimators._budget import budget_bytes
+from estimators._budget import count_within
 from estimators.density import spectral_density
 from estimators.seeding import Seed, make_generator
 from estimators.trace import TraceEstimate
@@ -388,11 +388,11 @@ def blockwise_spectra(
         kr.check_int(num_steps, "num_steps", 1)
     chunk = max_vectors if max_vectors is not None else (op.vectors_per_pass() or 8)
     chunk = kr.check_int(chunk, "max_vectors", 1)
-    fit = budget_bytes(op, memory_budget) // (2 * op.shape[0] * op.torch_dtype.itemsize)
+    fit, budget = count_within(op, 2 * op.shape[0] * op.torch_dtype.itemsize, memory_budget)
     if fit < 1:
         raise ValueError(
             f"memory_budget: one full-length column each way ({2 * op.shape[0]} numbers of "
-            f"{op.torch_dtype}) exceeds the budget ({memory_budget} bytes)"
+            f"{op.torch_dtype}) exceeds the budget ({budget} bytes)"
         )
     chunk = min(chunk, fit)
     master = make_generator(seed, "cpu")

@@ -24,10 +24,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from estimators._budget import count_within
 from estimators.trace import TraceEstimate
 from linops import ArrayLike, OperatorLike
 from linops import blocks as kr
-from linops.memory import check_memory_budget, default_memory_budget
 
 __all__ = ["SpectralDensity", "spectral_density"]
 
@@ -242,9 +242,9 @@ def spectral_density(
     m = min(32, n) if num_steps is None else kr.check_int(num_steps, "num_steps", 1, n)
     gen = kr.make_generator(seed, op.device)
     V0 = torch.sign(kr.random_block(n, N, op, gen)) / math.sqrt(n)
-    budget = check_memory_budget(memory_budget) or default_memory_budget(op.device)
     per_probe = m * n * op.torch_dtype.itemsize
-    group = min(N, budget // per_probe)
+    fit, budget = count_within(op, per_probe, memory_budget)
+    group = min(N, fit)
     reorthogonalized = group >= 1
     if not reorthogonalized:
         warnings.warn(

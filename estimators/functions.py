@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from estimators._budget import budget_bytes
+from estimators._budget import count_within
 from estimators.density import _lanczos_batch
 from linops import ArrayLike, IdentityOperator, OperatorLike, aslinearoperator
 from linops import blocks as kr
@@ -198,9 +198,8 @@ def _bounds(name: str | None, gauss: float, radau: float) -> tuple[float, float]
 def _slq_group(op: Any, N: int, m: int, memory_budget: int | None) -> int:
     """Probes whose ``m + 1``-vector bases fit the budget beside the probes and ``f(A) z``."""
     n, size = op.shape[0], op.torch_dtype.itemsize
-    budget = budget_bytes(op, memory_budget)
     basis = (m + 1) * n * size
-    group = (budget - N * n * (8 + size)) // basis
+    group, budget = count_within(op, basis, memory_budget, reserved=N * n * (8 + size))
     if group < 1:
         raise ValueError(
             f"memory_budget: one probe's Lanczos basis ({m + 1} vectors of n={n}) beside the "

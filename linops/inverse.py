@@ -127,7 +127,7 @@ class InverseOperator(TorchLinearOperator):
         self.is_symmetric = method != "lsmr"
         self.info: InverseResult | None = None
         self.num_matvecs = 0
-        self._symmetric_checked = method == "lsmr" or A.is_symmetric  # declared: trusted
+        self._symmetric_checked = method == "lsmr" or kr.trusted_symmetric(A)
         self._step: float | None = None  # Neumann's alpha
 
     def _to(self, dtype: torch.dtype, device: torch.device) -> InverseOperator:

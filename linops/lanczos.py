@@ -215,7 +215,7 @@ class _Lanczos:
         An operator that declares ``is_symmetric`` is trusted (no probe, see
         :func:`linops._krylov.check_symmetric`); its first product is taken by :meth:`step`.
         """
-        if self.op.is_symmetric:
+        if kr.trusted_symmetric(self.op):
             return
         Z = torch.cat([self.P, kr.probe_block(self.op, _PROBES)], dim=1)
         AZ = self.op._apply(Z)
