@@ -188,6 +188,15 @@ def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def _params_in(model: nn.Module, blocks: dict[str, str]) -> int:
+    """Parameters of ``model`` under the blocks' prefixes."""
+    return sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if any(n == q or n.startswith(q + ".") for q in blocks.values())
+    )
+
+
 def setup(name: str, quick: bool) -> dict[str, Any]:
     """The model, loss, data, operator options, 8 blocks and per-task budgets of one model."""
     if name == "resnet18":
@@ -228,9 +237,13 @@ def setup(name: str, quick: bool) -> dict[str, Any]:
         cfg = {"loss": _lm_loss, "op": {"reduction": "mean", "output": lambda out: out.logits}}
         # a probe of the full model is 498 MB: bounded bases and groups, and memory budgets
         # in vectors of the model's size: top-5 holds its basis without A V (ncv + 3
-        # vectors), SLQ's bases get 4 vectors (so its runs are not reorthogonalised)
+        # vectors), SLQ's bases get 4 vectors (so its runs are not reorthogonalised); the
+        # blockwise call one column each way and 13 vectors of each block's size for its runs
+        # (SLQ on 3 vectors, Lanczos with ncv = 6 without A V)
         cfg |= {"ncv": 10, "maxiter": 12, "rtol": None, "trace_matvecs": 10, "trace_group": 10}
-        cfg |= {"density_steps": 10, "max_vectors": 1, "budget_vectors": {"top5": 13, "density": 4}}
+        budget_vectors = {"top5": 13, "density": 4}
+        cfg |= {"density_steps": 10, "max_vectors": 1, "budget_vectors": budget_vectors}
+        cfg |= {"bw_block_vectors": 13}
         cfg |= {"bw": {"ncv": 6, "maxiter": 3, "num_steps": 8, "max_vectors": 1}}
     elif name == "resnet20-stream":
         model = resnet20(width=4 if quick else 16, depth=1 if quick else 3)
@@ -339,7 +352,7 @@ def run_task(
         opkw["max_vectors"] = cfg["max_vectors"]
     H = linops.HessianOperator(model, cfg["loss"], cfg["data"], **opkw)
     vector_bytes = nparams * H.torch_dtype.itemsize
-    budgets = {t: v * vector_bytes for t, v in cfg.get("budget_vectors", {}).items()}
+    budgets = {t: int(v * vector_bytes) for t, v in cfg.get("budget_vectors", {}).items()}
     setup_rss = _rss_mb()
     row: dict[str, Any] = {"model": name, "task": task, "params": nparams}
     start = time.perf_counter()
@@ -355,10 +368,26 @@ def run_task(
 
         bw = {"k": 1, "rtol": 1e-3, "ncv": 8, "maxiter": 5, "num_steps": 8 if quick else 16}
         bw |= cfg.get("bw", {})
+        budget = None
+        if "bw_block_vectors" in cfg:  # its columns, and this many vectors of each block's size
+            columns = 2 * bw.get("max_vectors", 1) * vector_bytes
+            budget = (
+                columns
+                + cfg["bw_block_vectors"]
+                * _params_in(model, cfg["blocks"])
+                * H.torch_dtype.itemsize
+            )
         res = estimators.blockwise_spectra(
-            H, cfg["blocks"], num_probes=1, seed=seed, progress=progress, **bw
+            H,
+            cfg["blocks"],
+            num_probes=1,
+            seed=seed,
+            progress=progress,
+            memory_budget=budget,
+            **bw,
         )
-        row["settings"] = bw
+        row["settings"] = bw | {"memory_budget": budget}
+        row["reorthogonalized"] = {b: s.reorthogonalized for b, s in res.blocks.items()}
         bar.close()
         if png is not None:
             from reports.blockwise import plot_blockwise_spectra

@@ -105,6 +105,9 @@ class BlockSpectrum(NamedTuple):
         error.
     num_matvecs
         Products of :math:`H_{bb}` this block used (columns it sent).
+    reorthogonalized
+        Whether the block's SLQ runs kept their bases (False when the block's share of
+        ``memory_budget`` could not hold one; see :func:`estimators.spectral_density`).
     """
 
     params: list[str]
@@ -117,6 +120,7 @@ class BlockSpectrum(NamedTuple):
     weights: torch.Tensor
     trace: TraceEstimate
     num_matvecs: int
+    reorthogonalized: bool = True
 
 
 class BlockwiseSpectra(NamedTuple):
@@ -329,9 +333,16 @@ def blockwise_spectra(
         Columns per product of ``H`` (default ``H.vectors_per_pass()``, else 8): bounds the
         memory of the full-length blocks built per pass (``n x max_vectors`` each way).
     memory_budget
-        Bytes those full-length blocks may take (default a fraction of the device's free
-        memory): ``max_vectors`` is lowered to what fits (``ValueError`` if not one column
-        does). The blocks' own Lanczos bases are ``n_b``-sized and not counted.
+        Bytes this call may hold (default: :func:`linops.memory.default_memory_budget` of
+        the device, a fraction of its free memory). The full-length blocks come first:
+        ``max_vectors`` is lowered to what fits (``ValueError`` if not one column does).
+        What is left is shared among the blocks in proportion to :math:`n_b`, and within a
+        block between its SLQ runs (their bases if they fit in half the share, else three
+        vectors per probe without reorthogonalisation, warned and recorded in
+        ``reorthogonalized``) and its Lanczos run, which gets the rest as its own
+        ``memory_budget`` (:func:`linops.lanczos`: ``A V`` dropped, then ``ncv`` lowered, to
+        at least ``k + 1``; an ``ncv`` given here is lowered too). ``ValueError`` if a
+        block's share cannot hold a Lanczos basis of ``k + 1`` vectors beside its SLQ.
     seed
         Seed of the probes and starts; block ``b`` draws from its own generator, seeded from
         this one, so results do not depend on the scheduling of the rounds.
@@ -395,30 +406,57 @@ def blockwise_spectra(
             f"{op.torch_dtype}) exceeds the budget ({budget} bytes)"
         )
     chunk = min(chunk, fit)
+    left = budget - chunk * 2 * op.shape[0] * op.torch_dtype.itemsize
+    sizes = [idx.numel() for idx in index.values()]
+    shares = [_block_share(left, nb, sum(sizes), op.torch_dtype.itemsize) for nb in sizes]
     master = make_generator(seed, "cpu")
     seeds = [int(s) for s in torch.randint(2**62, (2 * len(index),), generator=master)]
 
     lock = _Lockstep(op, [idx for idx in index.values()], chunk, progress)
     jobs: list[tuple[int, str, int, Callable[[TorchLinearOperator, int], Any]]] = []
-    for i, idx in enumerate(index.values()):
+    for i, (name, idx) in enumerate(index.items()):
         nb = idx.numel()
         m = min(32, nb) if num_steps is None else min(num_steps, nb)
+        vec = nb * op.torch_dtype.itemsize
+        # SLQ: its bases if one fits in half the block's share, else three vectors per probe
+        slq_bytes = min(N, shares[i] // 2 // (m * vec)) * m * vec or 3 * N * vec
+        kb = min(k, nb)
+        eig_bytes = shares[i] - slq_bytes
+        lanczos_need = (kb + 4) * vec if eigenvalues and kb < nb else 0
+        if eig_bytes < lanczos_need:
+            basis = f" and a Lanczos basis of k + 1 = {kb + 1} vectors" if lanczos_need else ""
+            raise ValueError(
+                f"memory_budget: block {name!r}'s share ({shares[i]} bytes of the {left} left "
+                f"beside the full-length columns) cannot hold its SLQ runs ({slq_bytes} bytes)"
+                f"{basis} (n_b = {nb}, {lanczos_need} bytes with its work vectors); raise "
+                "memory_budget or lower k, num_probes or max_vectors"
+            )
         if eigenvalues:
-            kb = min(k, nb)
+            fits = eig_bytes // vec - 3  # the basis beside one pending vector and two work ones
+            nc = None if ncv is None else max(min(ncv, nb, fits), kb + 1)
 
-            def top_k(A: TorchLinearOperator, s: int, kb: int = kb) -> Any:
+            def top_k(
+                A: TorchLinearOperator,
+                s: int,
+                kb: int = kb,
+                nc: int | None = nc,
+                b: int = eig_bytes,
+            ) -> Any:
                 if kb == A.shape[0]:  # a block smaller than k: its dense eigenvalues, exactly
                     return _dense_eigenvalues(A)
                 try:
-                    nc = None if ncv is None else max(min(ncv, A.shape[0]), kb + 1)
-                    return lanczos(A, kb, "LA", rtol=rtol, maxiter=maxiter, ncv=nc, seed=s)
+                    return lanczos(
+                        A, kb, "LA", rtol=rtol, maxiter=maxiter, ncv=nc, seed=s, memory_budget=b
+                    )
                 except LanczosNoConvergence as err:
                     return err.result
 
             jobs.append((i, "eig", seeds[2 * i], top_k))
 
-        def slq(A: TorchLinearOperator, s: int, m: int = m) -> Any:
-            return spectral_density(A, num_probes=N, num_steps=m, num_points=2, seed=s)
+        def slq(A: TorchLinearOperator, s: int, m: int = m, b: int = max(1, slq_bytes)) -> Any:
+            return spectral_density(
+                A, num_probes=N, num_steps=m, num_points=2, seed=s, memory_budget=b
+            )
 
         jobs.append((i, "dens", seeds[2 * i + 1], slq))
     results = lock.run(jobs, dtype=op.torch_dtype)
@@ -471,12 +509,18 @@ def blockwise_spectra(
             tau,
             sd.trace,
             lock.columns[i],
+            sd.reorthogonalized,
         )
     D, mean = averaged_js_distance(torch.stack([b.density for b in out.values()]))
     values = lam0 * torch.sinh(grid) if axis == "symlog" else grid
     return BlockwiseSpectra(
         out, values, sig, D, mean, sum(lock.columns), lock.passes, lock.rounds, axis, lam0
     )
+
+
+def _block_share(left: int, nb: int, total: int, itemsize: int) -> int:
+    """Bytes of ``left`` for a block of ``nb`` of the ``total`` parameters, whole numbers."""
+    return max(0, left) * nb // total // itemsize * itemsize
 
 
 class _DenseEig(NamedTuple):

@@ -113,8 +113,60 @@ def test_blockwise_passes_shrink_to_the_budget_with_the_same_results() -> None:
     n = H.shape[0]
     kw = {"k": 2, "num_probes": 2, "num_steps": 4, "seed": 1}
     wide = blockwise_spectra(H, max_vectors=8, **kw)
-    narrow = blockwise_spectra(H, max_vectors=8, memory_budget=2 * 2 * n * 8, **kw)
+    # two full-length columns each way, and 40 vectors of its size for every block's runs
+    narrow = blockwise_spectra(H, max_vectors=8, memory_budget=(2 * 2 + 40) * n * 8, **kw)
     assert narrow.num_passes > wide.num_passes  # two columns per pass instead of eight
     for name, b in wide.blocks.items():
         torch.testing.assert_close(narrow.blocks[name].eigenvalues, b.eigenvalues)
         torch.testing.assert_close(narrow.blocks[name].density, b.density)
+
+
+def _blockwise_problem() -> HessianOperator:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5))
+    X, y = torch.randn(20, 6, dtype=F64), torch.arange(20) % 5
+    return HessianOperator(net.double(), torch.nn.CrossEntropyLoss(), (X, y), max_vectors=1)
+
+
+def test_blockwise_runs_share_what_the_columns_leave_of_the_budget(monkeypatch) -> None:
+    import estimators.blockwise as bw
+
+    H = _blockwise_problem()
+    n = H.shape[0]
+    seen: dict[str, list[int]] = {"eig": [], "slq": []}
+    lanczos, density = bw.lanczos, bw.spectral_density
+
+    def lanczos_spy(A, *args, memory_budget=None, **kwargs):
+        seen["eig"].append(memory_budget)
+        return lanczos(A, *args, memory_budget=memory_budget, **kwargs)
+
+    def density_spy(A, *args, memory_budget=None, **kwargs):
+        seen["slq"].append(memory_budget)
+        return density(A, *args, memory_budget=memory_budget, **kwargs)
+
+    monkeypatch.setattr(bw, "lanczos", lanczos_spy)
+    monkeypatch.setattr(bw, "spectral_density", density_spy)
+    budget = (2 + 12) * n * 8  # one column each way, 12 vectors of n for the blocks
+    with pytest.warns(RuntimeWarning, match="without reorthogonalisation"):
+        res = bw.blockwise_spectra(
+            H, k=2, ncv=20, num_probes=2, num_steps=8, memory_budget=budget, seed=0
+        )
+    assert len(seen["eig"]) == len(seen["slq"]) == len(res.blocks) == 2
+    assert sum(seen["eig"]) + sum(seen["slq"]) <= budget - 2 * n * 8
+    # 12 vectors of each block's size: half cannot hold one SLQ basis (8), so SLQ runs
+    # on 3 vectors per probe and Lanczos gets 6, a basis of 3 (= k + 1) without A V
+    assert not any(b.reorthogonalized for b in res.blocks.values())
+    dense = H.to_dense()
+    start = 0
+    for b in res.blocks.values():
+        block = dense[start : start + b.dim, start : start + b.dim]
+        start += b.dim
+        top = torch.linalg.eigvalsh(block)[-2:]
+        torch.testing.assert_close(b.eigenvalues, top, rtol=1e-6, atol=1e-9)
+
+
+def test_blockwise_refuses_a_budget_without_room_for_the_blocks() -> None:
+    H = _blockwise_problem()
+    n = H.shape[0]
+    with pytest.raises(ValueError, match="cannot hold its SLQ runs"):
+        blockwise_spectra(H, k=2, num_probes=2, num_steps=6, memory_budget=(2 + 4) * n * 8)
