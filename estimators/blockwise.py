@@ -54,13 +54,14 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 
 from estimators._budget import count_within
-from estimators.density import spectral_density
+from estimators.density import _QUIET, spectral_density
 from estimators.seeding import Seed, make_generator
 from estimators.trace import TraceEstimate
 from linops import ArrayLike, OperatorLike
@@ -454,12 +455,24 @@ def blockwise_spectra(
             jobs.append((i, "eig", seeds[2 * i], top_k))
 
         def slq(A: TorchLinearOperator, s: int, m: int = m, b: int = max(1, slq_bytes)) -> Any:
+            _QUIET.active = True  # this thread's runs: warned about once, below
             return spectral_density(
                 A, num_probes=N, num_steps=m, num_points=2, seed=s, memory_budget=b
             )
 
         jobs.append((i, "dens", seeds[2 * i + 1], slq))
     results = lock.run(jobs, dtype=op.torch_dtype)
+    lean = [name for i, name in enumerate(index) if not results[(i, "dens")].reorthogonalized]
+    if lean:
+        warnings.warn(
+            f"blockwise_spectra: the SLQ bases of {len(lean)} of {len(index)} blocks "
+            f"({', '.join(lean[:4])}{', ...' if len(lean) > 4 else ''}) exceed their share of "
+            "memory_budget; they ran without reorthogonalisation (the quadrature stays valid; "
+            "outlying nodes may appear as ghost copies sharing their weight; see "
+            "BlockSpectrum.reorthogonalized)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     # one grid and one broadening for all blocks, on the chosen axis
     sds = {name: results[(i, "dens")] for i, name in enumerate(index)}

@@ -19,6 +19,7 @@ each is fully reorthogonalised.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from typing import Any, NamedTuple
 
@@ -150,6 +151,11 @@ class SpectralDensity(NamedTuple):
         return self._replace(grid=back(x), density=back(dens), nodes=back(t), sigma=sig)
 
 
+#: set ``_QUIET.active`` in a thread to leave the warning of an unreorthogonalised run to the
+#: caller (:func:`estimators.blockwise_spectra` warns once for all its blocks)
+_QUIET = threading.local()
+
+
 def spectral_density(
     A: OperatorLike,
     *,
@@ -246,7 +252,7 @@ def spectral_density(
     fit, budget = count_within(op, per_probe, memory_budget)
     group = min(N, fit)
     reorthogonalized = group >= 1
-    if not reorthogonalized:
+    if not reorthogonalized and not getattr(_QUIET, "active", False):
         warnings.warn(
             f"spectral_density: one probe's Lanczos basis ({m} steps x {n} = "
             f"{per_probe / 2**30:.2g} GiB) exceeds the memory budget ({budget / 2**30:.2g} "
@@ -255,7 +261,7 @@ def spectral_density(
             RuntimeWarning,
             stacklevel=2,
         )
-        group = N
+    group = group or N
     parts = [
         _lanczos_batch(op, V0[:, i : i + group], m, reorthogonalize=reorthogonalized)
         for i in range(0, N, group)

@@ -24,7 +24,8 @@ def map_blocks(X: Tensor, slots: list[Slot], separate: bool, weight: Any, bias: 
     ``V`` is a free view of the ``K`` columns' part of a layer: ``out x in`` matrices (the
     bias appended as a last column for a joint block; ``out x 1`` for a separate bias)
     stacked along the axis of ``lay`` (:class:`Layout`), which also gives the products
-    acting on them; ``out`` (or None) is where the result may be written. A row-major block
+    acting on them; ``out`` (or None) is where the result may be written (the output block's
+    part, for one vector and a row-major block: no concatenation then). A row-major block
     is read as ``(out, in, K)``, a column-major one as ``(K, out, in)`` and one vector as
     ``(out, in)``, so no product copies or transposes the block.
     """
@@ -34,14 +35,14 @@ def map_blocks(X: Tensor, slots: list[Slot], separate: bool, weight: Any, bias: 
         lay, Z = COLS, X.T
     else:
         lay, Z = ROWS, X if X.is_contiguous() else X.contiguous()
-    Y = torch.empty_like(Z) if lay is ROWS else None
+    Y = torch.empty_like(Z) if lay is not COLS else None
     pieces: list[tuple[int, Tensor]] = []
 
     def put(part: slice, R: Tensor) -> None:
         if Y is None:
             pieces.append((part.start, lay.flat(R)))
-        elif R.data_ptr() != Y[part].data_ptr():
-            Y[part] = R.reshape(-1, Y.shape[1])
+        elif R.data_ptr() != Y.data_ptr() + part.start * Y.stride(0) * Y.element_size():
+            Y[part] = R.reshape(Y[part].shape)  # not computed in place (a joint block's split)
 
     for s in slots:
         Vw = lay.view(Z, s.w, s.rows, s.cols) if s.w is not None else None
@@ -59,7 +60,7 @@ def map_blocks(X: Tensor, slots: list[Slot], separate: bool, weight: Any, bias: 
             out = lay.view(Y, s.b, -1, 1) if Y is not None else None  # type: ignore[arg-type]
             put(s.b, bias(s.layer, vb, lay, out))  # type: ignore[arg-type]
     if Y is not None:
-        return Y
+        return Y if lay is ROWS else Y[:, None]
     pieces.sort(key=lambda p: p[0])
     return lay.join([p for _, p in pieces])
 
@@ -69,8 +70,9 @@ class Layout:
 
     ``left(M, V)`` is :math:`M V_c`, ``right(V, M)`` :math:`V_c M`, ``scale(V, D)``
     :math:`V_c \odot D`, for every ``c``; ``view`` reads rows ``part`` of the block as such a
-    stack. The row-major layout (``kind="rows"``) writes results straight into the output
-    block (``out=``); the others gather them by one concatenation (``flat``, ``join``).
+    stack. The row-major and single-vector layouts (``kind="rows"``, ``"one"``) write results
+    straight into the output block (``out=``); the column-major one gathers them by one
+    concatenation (``flat``, ``join``).
     """
 
     def __init__(self, kind: str) -> None:
@@ -81,11 +83,14 @@ class Layout:
         """Rows ``part`` of the block as ``(K, rows, cols)``, ``(rows, cols)`` or ``(rows, cols, K)``."""
         if self.kind == "columns":  # Z = X^T, (K, n)
             return Z[:, part].view(Z.shape[0], rows, cols)
-        if self.kind == "one":  # Z = X[:, 0]
-            return Z[part].view(rows, cols)
+        if self.kind == "one":  # Z = X[:, 0], contiguous: a strided view is the cheapest
+            size = part.stop - part.start
+            return Z.as_strided((size // cols, cols), (cols, 1), Z.storage_offset() + part.start)
         return Z[part].view(rows, cols, Z.shape[1])
 
     def left(self, M: Tensor, V: Tensor, out: Tensor | None = None) -> Tensor:
+        if self.kind == "one":
+            return torch.mm(M, V, out=out)
         if self.kind != "rows":
             return M @ V
         R = torch.mm(
@@ -94,6 +99,8 @@ class Layout:
         return R.view(M.shape[0], *V.shape[1:])
 
     def right(self, V: Tensor, M: Tensor, out: Tensor | None = None) -> Tensor:
+        if self.kind == "one":
+            return torch.mm(V, M, out=out)
         return torch.matmul(M.mT, V, out=out) if self.kind == "rows" else V @ M
 
     def scale(self, V: Tensor, D: Tensor) -> Tensor:

@@ -147,10 +147,12 @@ def test_blockwise_runs_share_what_the_columns_leave_of_the_budget(monkeypatch) 
     monkeypatch.setattr(bw, "lanczos", lanczos_spy)
     monkeypatch.setattr(bw, "spectral_density", density_spy)
     budget = (2 + 12) * n * 8  # one column each way, 12 vectors of n for the blocks
-    with pytest.warns(RuntimeWarning, match="without reorthogonalisation"):
+    with pytest.warns(RuntimeWarning, match="without reorthogonalisation") as caught:
         res = bw.blockwise_spectra(
             H, k=2, ncv=20, num_probes=2, num_steps=8, memory_budget=budget, seed=0
         )
+    lean = [w for w in caught if "reorthogonalisation" in str(w.message)]
+    assert len(lean) == 1 and "2 of 2 blocks" in str(lean[0].message)  # once, for all blocks
     assert len(seen["eig"]) == len(seen["slq"]) == len(res.blocks) == 2
     assert sum(seen["eig"]) + sum(seen["slq"]) <= budget - 2 * n * 8
     # 12 vectors of each block's size: half cannot hold one SLQ basis (8), so SLQ runs
