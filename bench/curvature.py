@@ -153,6 +153,7 @@ def products(model: nn.Module, X: torch.Tensor, y: torch.Tensor, rounds: int) ->
     kfac = KFACOperator(model, loss, (X, y))
     ekfac = EKFACOperator(model, loss, (X, y))
     kfac.compute_factors(), ekfac._eigen()
+    cands |= _kfac_floor(kfac)
     cands |= {
         "linops_kfac_build": lambda: KFACOperator(model, loss, (X, y)).compute_factors(),
         "linops_ekfac_build": lambda: EKFACOperator(model, loss, (X, y))._eigen(),
@@ -191,6 +192,40 @@ def products(model: nn.Module, X: torch.Tensor, y: torch.Tensor, rounds: int) ->
         per = K if k.endswith("_32") else 1
         row[f"seconds_{k}"], row[f"seconds_cpu_{k}"] = t[k] / per, c[k] / per
     return row
+
+
+def _kfac_floor(kfac: KFACOperator) -> dict[str, Callable[[], Any]]:
+    """The KFAC product's matrix products alone: the least any implementation must compute.
+
+    Per layer :math:`G W A` for its ``out x in`` weight and :math:`G b` for its bias, on
+    preallocated operands and outputs (one vector), and for 32 vectors stacked as
+    ``(32, out, in)`` (``G W`` batched, then one ``(32 out) x in`` product with ``A``).
+    """
+    factors, g = kfac.compute_factors(), torch.Generator().manual_seed(2)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=kfac.torch_dtype)
+
+    one, many = [], []
+    for s in kfac._slots():
+        A, G = factors[s.layer]
+        bias = s.b is not None
+        one.append((A, G, rand(s.rows, s.cols), rand(s.rows, s.cols), bias and rand(s.rows, 1)))
+        many.append((A, G, rand(K, s.rows, s.cols), bias and rand(s.rows, K)))
+
+    def floor_1() -> None:
+        for A, G, W, out, b in one:
+            torch.mm(torch.mm(G, W), A, out=out)
+            if b is not False:
+                torch.mm(G, b)
+
+    def floor_32() -> None:
+        for A, G, W, b in many:
+            torch.matmul(G, W).reshape(-1, A.shape[0]) @ A
+            if b is not False:
+                G @ b
+
+    return {"floor_kfac_1": floor_1, "floor_kfac_32": floor_32}
 
 
 class _Counted(sla.LinearOperator):
@@ -354,6 +389,19 @@ def markdown(prod: dict, sol: dict, meta: dict) -> str:
             f"| {ratio(op, '32')} | {'-' if diff is None else f'{diff:.1e}'} |"
         )
     nan = float("nan")
+    if "seconds_cpu_floor_kfac_1" in prod:
+        f1, f32 = prod["seconds_cpu_floor_kfac_1"], prod["seconds_cpu_floor_kfac_32"]
+        c1 = prod.get("seconds_cpu_curvlinops_kfac_1", nan)
+        c32 = prod.get("seconds_cpu_curvlinops_kfac_32", nan)
+        lines += [
+            "",
+            "KFAC floor (the factors' matrix products alone, preallocated, no bookkeeping): "
+            f"{1e3 * f1:.3f} ms for one vector, {1e3 * f32:.3f} ms per vector of 32; "
+            f"curvlinops / floor {c1 / f1:.2f} and {c32 / f32:.2f} (the most any "
+            f"implementation could gain), linops / floor "
+            f"{prod['seconds_cpu_linops_kfac_1'] / f1:.2f} and "
+            f"{prod['seconds_cpu_linops_kfac_32'] / f32:.2f}.",
+        ]
     lines += [
         "",
         "KFAC / EKFAC construction (one pass over the data; EKFAC: both passes), CPU seconds: "

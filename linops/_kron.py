@@ -53,12 +53,16 @@ def map_blocks(X: Tensor, slots: list[Slot], separate: bool, weight: Any, bias: 
             put(s.w, Rw)  # type: ignore[arg-type]
             put(s.b, Rb)  # type: ignore[arg-type]
             continue
-        if Vw is not None:
-            out = lay.view(Y, s.w, s.rows, s.cols) if Y is not None else None  # type: ignore[arg-type]
-            put(s.w, weight(s.layer, Vw, lay, out))  # type: ignore[arg-type]
-        if vb is not None:
-            out = lay.view(Y, s.b, -1, 1) if Y is not None else None  # type: ignore[arg-type]
-            put(s.b, bias(s.layer, vb, lay, out))  # type: ignore[arg-type]
+        for part, V, f, rows, cols in ((s.w, Vw, weight, s.rows, s.cols), (s.b, vb, bias, -1, 1)):
+            if V is None:
+                continue
+            if Y is None:
+                pieces.append((part.start, lay.flat(f(s.layer, V, lay, None))))  # type: ignore[union-attr]
+                continue
+            out = lay.view(Y, part, rows, cols)  # type: ignore[arg-type]
+            R = f(s.layer, V, lay, out)
+            if R.data_ptr() != out.data_ptr():  # not computed in place
+                out.copy_(R.reshape(out.shape))
     if Y is not None:
         return Y if lay is ROWS else Y[:, None]
     pieces.sort(key=lambda p: p[0])
