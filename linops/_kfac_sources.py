@@ -94,6 +94,7 @@ def chain_batch(
     S = scaled(f.reshape(f.shape[0], *model_shape))
     n, R = f.shape[0], S.shape[0]
     g = S.transpose(0, 1)  # (n, R, d)
+    owned = False  # whether g is a tensor of this loop's own (then updated in place)
     inputs: dict[str, Tensor] = {}
     outs: dict[str, Tensor] = {}
     for t in range(len(chain.steps) - 1, chain.first - 1, -1):
@@ -105,26 +106,29 @@ def chain_batch(
             c = st.scale if isinstance(st, Affine) and st.w_index is not None else 1.0
             a = shared_inputs(modules[k], xt)
             inputs[k] = a if c == 1.0 else c * a
-            outs[k] = g
+            outs[k], owned = g, False
         if t == chain.first:
             break
         if isinstance(st, Affine):
             o, i = st.weight.shape
-            g = (g.reshape(n * R, o) @ st.weight).view(n, R, i)
-            g = g if st.scale == 1.0 else st.scale * g
+            g, owned = (g.reshape(n * R, o) @ st.weight).view(n, R, i), True
+            g = g if st.scale == 1.0 else g.mul_(st.scale)
         elif isinstance(st, Conv):
             o = st.weight.shape[0]
             flat = g.reshape(n * R, o, *g.shape[3:])
             g = st.input_grad((n * R, *xt.shape[1:]), st.weight, flat).view(n, R, *xt.shape[1:])
+            owned = True
         elif isinstance(st, Pool):
-            g = st.adjoint(g, derivs[t], xt.shape)
+            g, owned = st.adjoint(g, derivs[t], xt.shape), False  # may share g's memory
         elif isinstance(st, Flatten):
-            g = g.reshape(n, R, *xt.shape[1:])
+            g = g.reshape(n, R, *xt.shape[1:])  # a view of g if it can be: owned as g was
         elif st.derivs is None:
-            g = st.scale * g
-        else:
-            g = g * derivs[t][0].unsqueeze(1)
-    per_column = {k: g.transpose(0, 1).contiguous() for k, g in outs.items()}  # (R, n, ...)
+            g, owned = (g.mul_(st.scale) if owned else st.scale * g), True
+        else:  # in place where g is this loop's own (a 16 MB product spared per layer)
+            d = derivs[t][0].unsqueeze(1)
+            g, owned = (g.mul_(d) if owned else g * d), True
+    # (R, n, ...) views: the products of the factors read the strided columns (no copies)
+    per_column = {k: g.transpose(0, 1) for k, g in outs.items()}
     grads = [{k: shared_outputs(modules[k], per_column[k][r]) for k in layers} for r in range(R)]
     return inputs, grads
 
