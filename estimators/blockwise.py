@@ -425,12 +425,16 @@ def blockwise_spectra(
         eig_bytes = shares[i] - slq_bytes
         lanczos_need = (kb + 4) * vec if eigenvalues and kb < nb else 0
         if eig_bytes < lanczos_need:
-            basis = f" and a Lanczos basis of k + 1 = {kb + 1} vectors" if lanczos_need else ""
+            basis = (
+                f" and a Lanczos basis of k + 1 = {kb + 1} vectors of n_b = {nb} "
+                f"({lanczos_need} bytes with its work vectors)"
+                if lanczos_need
+                else ""
+            )
             raise ValueError(
                 f"memory_budget: block {name!r}'s share ({shares[i]} bytes of the {left} left "
                 f"beside the full-length columns) cannot hold its SLQ runs ({slq_bytes} bytes)"
-                f"{basis} (n_b = {nb}, {lanczos_need} bytes with its work vectors); raise "
-                "memory_budget or lower k, num_probes or max_vectors"
+                f"{basis}; raise memory_budget or lower k, num_probes or max_vectors"
             )
         if eigenvalues:
             fits = eig_bytes // vec - 3  # the basis beside one pending vector and two work ones
