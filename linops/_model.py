@@ -143,6 +143,8 @@ class ModelOperator(TorchLinearOperator):
         #: retained graphs of the first batches (all of them unless some did not fit)
         self._graph_cache: list[Any] = []
         self._graphs_full = False  # a graph did not fit: it and every later one are rebuilt
+        #: per batch rebuilt at each product, its first forward pass's output (sum, sum |.|)
+        self._forward_prints: dict[int, tuple[float, float]] = {}
         self._building_batch = 0  # index of the batch whose graph is being built
         #: measured peak bytes of a one-vector pass, per direction (``None``: not yet)
         self._pass_bytes: dict[bool, int | None] = {False: None, True: None}
@@ -210,7 +212,7 @@ class ModelOperator(TorchLinearOperator):
                 continue
             self._building_batch = i  # for subclasses whose graphs depend on the batch index
             if self.cache is False or self._graphs_full or i != len(cache):
-                g = self._build_graph(x, y)
+                g = self._build_recorded(i, x, y)
             elif self.cache:
                 g = self._build_graph(x, y)
                 cache.append(g)
@@ -229,6 +231,40 @@ class ModelOperator(TorchLinearOperator):
                 # refers to it: a streamed pass holds one graph at a time
                 _release(g)
             del g
+
+    def _build_recorded(self, i: int, x: torch.Tensor, y: torch.Tensor | None) -> Any:
+        """Build batch ``i``'s graph (not kept) and check its forward pass against its first one.
+
+        A graph that is not kept is rebuilt at every product; if the model's output on the
+        batch then differs from the first pass's, the operator would be a different matrix at
+        every product (a random forward pass, or a model changed in place): refused.
+        """
+        seen: list[tuple[float, float]] = []
+
+        def record(_m: Any, _a: Any, out: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # an output of a transform (vmap, jvp)
+                seen.append(_output_print(out))
+
+        hook = self.space.model.register_forward_hook(record)
+        try:
+            g = self._build_graph(x, y)
+        finally:
+            hook.remove()
+        if seen:
+            first = self._forward_prints.setdefault(i, seen[0])
+            total, scale = seen[0]
+            tol = 1000 * torch.finfo(self.torch_dtype).eps * max(scale, first[1])
+            if abs(total - first[0]) > tol:
+                raise RuntimeError(
+                    f"{type(self).__name__}: the model's output on batch {i} differs from the "
+                    f"first pass's (sum {total:.17g} against {first[0]:.17g}) when its graph, "
+                    "not kept within the memory budget, is rebuilt for this product: the "
+                    "operator would be a different matrix at every product. Make the forward "
+                    "pass deterministic (no dropout, noise or sampling in it), keep the graphs "
+                    "(cache=True or a larger memory_budget), or, if the model's parameters "
+                    "were changed on purpose, call clear_cache() first"
+                )
+        return g
 
     @property
     def num_samples(self) -> int:
@@ -505,7 +541,7 @@ class ModelOperator(TorchLinearOperator):
         new.space = _converted(self._given_space, dtype, device)
         new.memory = MemoryBudget(budget)
         new.batches = self.batches.like(dtype, device, new.memory)
-        new._graph_cache, new._graphs_full = [], False
+        new._graph_cache, new._graphs_full, new._forward_prints = [], False, {}
         new._pass_bytes = {False: None, True: None}
         new._chain, new.route = False, None
         new.batched = {False: None, True: None}
@@ -521,6 +557,7 @@ class ModelOperator(TorchLinearOperator):
         """Free the retained graphs (they are rebuilt, and kept within the budget, at the next product)."""
         self._graph_cache = []
         self._graphs_full = False
+        self._forward_prints = {}
         self.memory.release("graphs")
 
     def cache_info(self) -> CacheInfo:
@@ -663,6 +700,18 @@ class _KernelLog(LightDispatchMode):
     ) -> Any:  # whatever the kernel returns
         self.kernels.add(str(func.overloadpacket))
         return func(*args, **(kwargs or {}))
+
+
+def _output_print(out: Any) -> tuple[float, float]:
+    """Return the sum and the sum of magnitudes of a forward pass's floating outputs, in double."""
+    total = scale = 0.0
+    for t in torch.utils._pytree.tree_leaves(out):
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
+            t = t.detach()
+            wide = torch.complex128 if t.is_complex() else torch.float64
+            total += float(t.sum(dtype=wide).real)
+            scale += float(t.abs().sum(dtype=torch.float64))
+    return total, scale
 
 
 def attempt_batched(

@@ -210,3 +210,47 @@ def test_streamed_cuda_operator_equals_cached() -> None:  # pragma: no cover - C
     Hc = HessianOperator(model, nn.CrossEntropyLoss(), data, **kw)
     V = _vectors(H.shape[1], 2).cuda()
     assert torch.equal(H @ V, Hc @ V)
+
+
+class _Noisy(nn.Module):
+    """An MLP whose forward pass adds noise: a different function at every call."""
+
+    def __init__(self, noise: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2, self.noise = nn.Linear(5, 7), nn.Linear(7, 3), noise
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.l1(x))
+        return self.l2(h + self.noise * torch.randn_like(h))
+
+
+@pytest.mark.parametrize("cls", [HessianOperator, GGNOperator])
+def test_a_random_forward_is_refused_when_its_graphs_are_rebuilt(cls: Any) -> None:
+    data = Synthetic((5,), 3, batches=3, size=8)
+    # kept graphs: one draw of the noise, a fixed matrix
+    kept = cls(_Noisy(0.1).double(), nn.CrossEntropyLoss(), data)
+    v = torch.randn(kept.shape[1], dtype=F64)
+    assert torch.equal(kept @ v, kept @ v)
+    streamed = cls(_Noisy(0.1).double(), nn.CrossEntropyLoss(), data, memory_budget=TINY)
+    streamed @ v  # the first pass records each batch's output
+    with pytest.raises(RuntimeError, match="differs from the first pass"):
+        streamed @ v
+    # without noise the same model streams, equal to its cached operator
+    quiet = cls(_Noisy(0.0).double(), nn.CrossEntropyLoss(), data, memory_budget=TINY)
+    cached = cls(_Noisy(0.0).double(), nn.CrossEntropyLoss(), data)
+    assert torch.equal(quiet @ v, quiet @ v)
+    assert torch.equal(quiet @ v, cached @ v)
+
+
+def test_clear_cache_forgets_the_recorded_forward_passes() -> None:
+    data = Synthetic((5,), 3, batches=2, size=8)
+    model = _Noisy(0.0).double()
+    H = HessianOperator(model, nn.CrossEntropyLoss(), data, memory_budget=TINY)
+    v = torch.randn(H.shape[1], dtype=F64)
+    H @ v
+    model.noise = 0.5  # the model changed on purpose: the operator is refused until told
+    with pytest.raises(RuntimeError, match="clear_cache"):
+        H @ v
+    H.clear_cache()
+    H @ v  # recorded afresh
