@@ -51,6 +51,7 @@ minute on an idle 2-core machine).
 Usage::
 
     python bench/pyhessian.py [--quick] [--repeats 3] [--tasks top1,top5,trace,density]
+        [--tools pyhessian,linops,linops-retain]
         [--out results/pyhessian]
 
 writes ``pyhessian.json`` and ``pyhessian.md`` under ``--out`` (after every process) and
@@ -83,7 +84,7 @@ from scale import cifar_batches, resnet20
 import estimators
 import linops
 
-TOOLS = ("pyhessian", "linops")
+TOOLS = ("pyhessian", "linops", "linops-retain")
 TASKS = ("top1", "top5", "trace", "density")
 
 
@@ -155,8 +156,14 @@ def run_pyhessian(task: str, quick: bool, seed: int) -> dict[str, Any]:
     return out
 
 
-def run_linops(task: str, quick: bool, seed: int) -> dict[str, Any]:
-    """One task by linops; the wall time includes building the operator and its graph."""
+def run_linops(task: str, quick: bool, seed: int, retain: bool = False) -> dict[str, Any]:
+    """One task by linops; the wall time includes building the operator and its graph.
+
+    ``retain``: first :func:`linops.retain_freed_memory` (glibc keeps freed blocks for the
+    next pass instead of faulting fresh pages in; ``--tools ...,linops-retain``).
+    """
+    if retain and not linops.retain_freed_memory():
+        raise RuntimeError("linops-retain: this C library has no mallopt")
     model, x, y = problem(quick)
     start = time.perf_counter()
     H = linops.HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
@@ -255,7 +262,7 @@ def markdown(rows: list[dict[str, Any]], ref: dict[str, Any] | None, meta: dict[
                 res = f"nodes [{last['node_min']:.6g}, {last['node_max']:.6g}]"
             ratios = ["", "", ""]
             base = med.get((task, "pyhessian"))
-            if tool == "linops" and base is not None:
+            if tool.startswith("linops") and base is not None:
                 ratios = [
                     f"{m[key] / base[key]:.2f}x" for key in ("seconds", "products", "peak_rss_mb")
                 ]
@@ -277,6 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument(
+        "--tools",
+        default="pyhessian,linops",
+        help=f"among {', '.join(TOOLS)} (linops-retain: linops after retain_freed_memory())",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trace-matvecs", type=int, help="the trace's products (default 100)")
     p.add_argument(
@@ -292,8 +304,10 @@ def main(argv: list[str] | None = None) -> None:
         if tool == "reference":
             row = reference(args.quick)
         else:
-            fn = run_pyhessian if tool == "pyhessian" else run_linops
-            row = fn(task, args.quick, args.seed)
+            if tool == "pyhessian":
+                row = run_pyhessian(task, args.quick, args.seed)
+            else:
+                row = run_linops(task, args.quick, args.seed, retain=tool == "linops-retain")
         row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         args.worker_out.write_text(json.dumps(row))
         return
@@ -301,6 +315,10 @@ def main(argv: list[str] | None = None) -> None:
     for t in tasks:
         if t not in TASKS:
             p.error(f"--tasks: expected names among {list(TASKS)}, got {t!r}")
+    tools = tuple(t for t in args.tools.split(",") if t)
+    for t in tools:
+        if t not in TOOLS:
+            p.error(f"--tools: expected names among {list(TOOLS)}, got {t!r}")
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -342,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         ref_path.write_text(json.dumps(ref))
     rows: list[dict[str, Any]] = []
     for rep in range(args.repeats):
-        order = TOOLS if rep % 2 == 0 else TOOLS[::-1]
+        order = tools if rep % 2 == 0 else tools[::-1]
         for task in tasks:
             for tool in order:
                 row = worker(tool, task)
