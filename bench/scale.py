@@ -17,7 +17,10 @@ progress bar on stderr:
 * ``density``: SLQ (:func:`estimators.spectral_density`, ``density_probes x density_steps``;
   full reorthogonalisation keeps the basis, ``steps`` vectors of the model's size);
 * ``blockwise``: :func:`estimators.blockwise_spectra` of 8 named blocks: each block's top
-  eigenvalue and SLQ density, and the averaged Jensen-Shannon distance between them.
+  eigenvalue and SLQ density, and the averaged Jensen-Shannon distance between them (for
+  GPT-2 within a memory budget of one column each way and 13 vectors of each block's size,
+  so the blocks' own bases are counted; whether each block's SLQ was reorthogonalised is in
+  the JSON).
 
 Models (float32, eval mode, synthetic data from a fixed seed):
 
