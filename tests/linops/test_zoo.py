@@ -391,6 +391,29 @@ def test_reentrant_checkpoints_are_refused_and_the_others_exact(first: bool) -> 
         op @ torch.ones(op.shape[1], dtype=torch.float64)
 
 
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize(
+    "selected", [["a.weight"], ["b.weight", "b.bias"], ["a.bias", "b.weight"]], ids=str
+)
+def test_non_reentrant_checkpoints_are_exact_on_a_subset_of_parameters(
+    first: bool, selected: list[str]
+) -> None:
+    """``params=`` a subset through a non-reentrant checkpoint: H, GGN and J on that subset."""
+    torch.manual_seed(0)
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    model = _Checkpointed(reentrant=False, first=first).double()
+    plain = nn.Sequential(model.a, nn.Tanh(), model.b)  # the same layers, no checkpoint
+    names = [n.replace("a.", "0.").replace("b.", "2.") for n in selected]
+    reference = Reference(plain, names, X)
+    loss = nn.CrossEntropyLoss()
+    H = linops.HessianOperator(model, loss, (X, y), params=selected).to_dense()
+    G = linops.GGNOperator(model, loss, (X, y), params=selected).to_dense()
+    J = linops.JacobianOperator(model, X, params=selected).to_dense()
+    assert _rel(H, reference.hessian(loss, y)) < RTOL
+    assert _rel(G, reference.ggn(loss, y)) < RTOL
+    assert _rel(J, reference.jacobian()) < RTOL
+
+
 def test_loader_losses_weight_batches_by_their_share_of_the_total() -> None:
     for name in ("ce-class-weights-loader", "ce-ignore-index-loader"):
         for op_name in ("H", "GGN"):
