@@ -61,7 +61,7 @@ from typing import Any, NamedTuple
 import torch
 
 from estimators._budget import count_within
-from estimators.density import _QUIET, spectral_density
+from estimators.density import _spectral_density
 from estimators.seeding import Seed, make_generator
 from estimators.trace import TraceEstimate
 from linops import ArrayLike, OperatorLike
@@ -459,10 +459,16 @@ def blockwise_spectra(
             jobs.append((i, "eig", seeds[2 * i], top_k))
 
         def slq(A: TorchLinearOperator, s: int, m: int = m, b: int = max(1, slq_bytes)) -> Any:
-            _QUIET.active = True  # this thread's runs: warned about once, below
-            return spectral_density(
-                A, num_probes=N, num_steps=m, num_points=2, seed=s, memory_budget=b
-            )
+            return _spectral_density(  # without its warning: warned about once, below
+                A,
+                num_probes=N,
+                num_steps=m,
+                num_points=2,
+                sigma=None,
+                grid=None,
+                seed=s,
+                memory_budget=b,
+            )[0]
 
         jobs.append((i, "dens", seeds[2 * i + 1], slq))
     results = lock.run(jobs, dtype=op.torch_dtype)

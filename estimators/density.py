@@ -19,7 +19,6 @@ each is fully reorthogonalised.
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 from typing import Any, NamedTuple
 
@@ -151,11 +150,6 @@ class SpectralDensity(NamedTuple):
         return self._replace(grid=back(x), density=back(dens), nodes=back(t), sigma=sig)
 
 
-#: set ``_QUIET.active`` in a thread to leave the warning of an unreorthogonalised run to the
-#: caller (:func:`estimators.blockwise_spectra` warns once for all its blocks)
-_QUIET = threading.local()
-
-
 def spectral_density(
     A: OperatorLike,
     *,
@@ -239,6 +233,36 @@ def spectral_density(
     >>> round(float(sd.density.sum() * (sd.grid[1] - sd.grid[0])), 3)
     1.0
     """
+    sd, lean = _spectral_density(
+        A,
+        num_probes=num_probes,
+        num_steps=num_steps,
+        num_points=num_points,
+        sigma=sigma,
+        grid=grid,
+        seed=seed,
+        memory_budget=memory_budget,
+    )
+    if lean is not None:
+        warnings.warn(lean, RuntimeWarning, stacklevel=2)
+    return sd
+
+
+def _spectral_density(
+    A: OperatorLike,
+    *,
+    num_probes: int,
+    num_steps: int | None,
+    num_points: int,
+    sigma: float | None,
+    grid: ArrayLike | None,
+    seed: int | torch.Generator | None,
+    memory_budget: int | None,
+) -> tuple[SpectralDensity, str | None]:
+    """:func:`spectral_density` and, for runs without reorthogonalisation, the warning's text.
+
+    Callers that run many densities (:func:`estimators.blockwise_spectra`) warn once for all.
+    """
     op, kind = kr.prepare(A)
     n = op.shape[0]
     if op.shape[0] != op.shape[1]:
@@ -252,14 +276,13 @@ def spectral_density(
     fit, budget = count_within(op, per_probe, memory_budget)
     group = min(N, fit)
     reorthogonalized = group >= 1
-    if not reorthogonalized and not getattr(_QUIET, "active", False):
-        warnings.warn(
+    lean = None
+    if not reorthogonalized:
+        lean = (
             f"spectral_density: one probe's Lanczos basis ({m} steps x {n} = "
             f"{per_probe / 2**30:.2g} GiB) exceeds the memory budget ({budget / 2**30:.2g} "
             "GiB); running without reorthogonalisation (the quadrature stays valid; outlying "
-            "nodes may appear as ghost copies sharing their weight)",
-            RuntimeWarning,
-            stacklevel=2,
+            "nodes may appear as ghost copies sharing their weight)"
         )
     group = group or N
     parts = [
@@ -277,7 +300,7 @@ def spectral_density(
     x, dens, sigma = _smooth(theta, tau, span / m if sigma is None else sigma, grid, num_points)
     out = [kr.to_output(t.to(op.device), kind) for t in (x, dens, theta, tau)]
     grid_out, dens_out, nodes_out, weights_out = out
-    return SpectralDensity(
+    sd = SpectralDensity(
         grid_out,
         dens_out,
         nodes_out,
@@ -287,6 +310,7 @@ def spectral_density(
         N * m + probes,
         reorthogonalized,
     )
+    return sd, lean
 
 
 class LanczosRuns(NamedTuple):

@@ -38,11 +38,14 @@ def map_blocks(X: Tensor, slots: list[Slot], separate: bool, weight: Any, bias: 
     Y = torch.empty_like(Z) if lay is not COLS else None
     pieces: list[tuple[int, Tensor]] = []
 
-    def put(part: slice, R: Tensor) -> None:
+    def put(part: slice, R: Tensor, out: Tensor | None = None) -> None:
+        """Place a result: gathered for a column-major block, else into ``out`` (or ``Y[part]``)."""
         if Y is None:
             pieces.append((part.start, lay.flat(R)))
-        elif R.data_ptr() != Y.data_ptr() + part.start * Y.stride(0) * Y.element_size():
-            Y[part] = R.reshape(Y[part].shape)  # not computed in place (a joint block's split)
+            return
+        out = Y[part] if out is None else out
+        if R.data_ptr() != out.data_ptr():  # not computed in place (a joint block's split)
+            out.copy_(R.reshape(out.shape))
 
     for s in slots:
         Vw = lay.view(Z, s.w, s.rows, s.cols) if s.w is not None else None
@@ -54,15 +57,9 @@ def map_blocks(X: Tensor, slots: list[Slot], separate: bool, weight: Any, bias: 
             put(s.b, Rb)  # type: ignore[arg-type]
             continue
         for part, V, f, rows, cols in ((s.w, Vw, weight, s.rows, s.cols), (s.b, vb, bias, -1, 1)):
-            if V is None:
-                continue
-            if Y is None:
-                pieces.append((part.start, lay.flat(f(s.layer, V, lay, None))))  # type: ignore[union-attr]
-                continue
-            out = lay.view(Y, part, rows, cols)  # type: ignore[arg-type]
-            R = f(s.layer, V, lay, out)
-            if R.data_ptr() != out.data_ptr():  # not computed in place
-                out.copy_(R.reshape(out.shape))
+            if V is not None:
+                out = None if Y is None else lay.view(Y, part, rows, cols)  # type: ignore[arg-type]
+                put(part, f(s.layer, V, lay, out), out)  # type: ignore[arg-type]
     if Y is not None:
         return Y if lay is ROWS else Y[:, None]
     pieces.sort(key=lambda p: p[0])

@@ -135,13 +135,18 @@ def residual_norms(AY: torch.Tensor, Y: torch.Tensor, vals: torch.Tensor) -> tor
     return acc.sqrt().to(vals.real.dtype if vals.is_complex() else vals.dtype)
 
 
-def column_dots(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """``x_i^H y_i`` for every column pair, summed in double by chunks of rows (no n-sized temporary)."""
+def _wide_dots(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``x_i^H y_i`` for every column pair in double, by chunks of rows (no n-sized temporary)."""
     wide = _wide_dtype(X, Y)
     acc = torch.zeros(X.shape[1], dtype=wide, device=X.device)
     for lo in range(0, X.shape[0], CHUNK_ROWS):
         acc += (X[lo : lo + CHUNK_ROWS].to(wide).conj() * Y[lo : lo + CHUNK_ROWS].to(wide)).sum(0)
-    return acc.to(Y.dtype if Y.is_complex() or not X.is_complex() else X.dtype)
+    return acc
+
+
+def column_dots(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``x_i^H y_i`` for every column pair, summed in double by chunks of rows (no n-sized temporary)."""
+    return _wide_dots(X, Y).to(Y.dtype if Y.is_complex() or not X.is_complex() else X.dtype)
 
 
 def column_norms(X: torch.Tensor) -> torch.Tensor:
@@ -158,12 +163,9 @@ def column_norms(X: torch.Tensor) -> torch.Tensor:
     real = X.real.dtype if X.is_complex() else X.dtype
     if X.shape[0] == 0 or X.shape[1] == 0:
         return X.new_zeros(X.shape[1], dtype=real)
-    chunks = range(0, X.shape[0], CHUNK_ROWS)
     if real != torch.float64:
-        acc = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
-        for lo in chunks:
-            acc += (X[lo : lo + CHUNK_ROWS].to(_wide_dtype(X)).abs() ** 2).sum(dim=0)
-        return acc.sqrt().to(real)
+        return _wide_dots(X, X).real.sqrt().to(real)
+    chunks = range(0, X.shape[0], CHUNK_ROWS)
     scale = torch.stack([X[lo : lo + CHUNK_ROWS].abs().amax(dim=0) for lo in chunks]).amax(0)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     acc = torch.zeros(X.shape[1], dtype=real, device=X.device)

@@ -134,7 +134,7 @@ def test_blockwise_runs_share_what_the_columns_leave_of_the_budget(monkeypatch) 
     H = _blockwise_problem()
     n = H.shape[0]
     seen: dict[str, list[int]] = {"eig": [], "slq": []}
-    lanczos, density = bw.lanczos, bw.spectral_density
+    lanczos, density = bw.lanczos, bw._spectral_density
 
     def lanczos_spy(A, *args, memory_budget=None, **kwargs):
         seen["eig"].append(memory_budget)
@@ -145,7 +145,7 @@ def test_blockwise_runs_share_what_the_columns_leave_of_the_budget(monkeypatch) 
         return density(A, *args, memory_budget=memory_budget, **kwargs)
 
     monkeypatch.setattr(bw, "lanczos", lanczos_spy)
-    monkeypatch.setattr(bw, "spectral_density", density_spy)
+    monkeypatch.setattr(bw, "_spectral_density", density_spy)
     budget = (2 + 12) * n * 8  # one column each way, 12 vectors of n for the blocks
     with pytest.warns(RuntimeWarning, match="without reorthogonalisation") as caught:
         res = bw.blockwise_spectra(
