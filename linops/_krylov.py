@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import cmath
 import math
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import torch
@@ -21,6 +22,12 @@ from linops._backend import ArrayKind, array_kind, from_torch
 from linops._checks import check_int, check_which
 from linops._types import Array, ArrayLike, OperatorLike
 from linops.base import TorchLinearOperator, aslinearoperator
+
+if TYPE_CHECKING:
+    from linops._disk_basis import DiskColumns
+
+#: an orthonormal basis: columns of a tensor, or of a file (out of core)
+Basis = Union[torch.Tensor, "DiskColumns"]
 
 __all__ = [
     "Verifier",
@@ -103,7 +110,9 @@ def start_block(
     return Q
 
 
-def _project_twice(W: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _project_twice(W: torch.Tensor, V: Basis) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(V, torch.Tensor):  # a basis on disk: in place, by chunks of rows
+        return V.project_twice(W)
     # one new block and no temporary ``V C`` (a vector of a large model is 0.5 GB); W is
     # left unchanged for the caller
     C = V.mH @ W
@@ -175,9 +184,12 @@ def column_norms(X: torch.Tensor) -> torch.Tensor:
 
 
 def orth_qr(
-    W: torch.Tensor, V: torch.Tensor, gen: torch.Generator, ref: float
+    W: torch.Tensor, V: Basis, gen: torch.Generator, ref: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Orthonormalise the block ``W`` against the orthonormal basis ``V``.
+
+    ``V`` is a tensor or a basis on disk (:class:`linops._disk_basis.DiskColumns`, which
+    projects ``W`` in place: pass a block the caller no longer needs).
 
     Returns ``(Q, C, R)`` with :math:`W = V C + Q R`, :math:`V^H Q = 0`, :math:`Q^H Q = I`.
     Columns whose remainder is below ``100 eps ref`` are numerically in ``span(V)``; they are
@@ -203,13 +215,16 @@ def orth_qr(
 
 
 def _replace_columns(
-    Q: torch.Tensor, bad: torch.Tensor, V: torch.Tensor, gen: torch.Generator
+    Q: torch.Tensor, bad: torch.Tensor, V: Basis, gen: torch.Generator
 ) -> torch.Tensor:
     good = Q[:, ~bad]
     X = torch.randn(Q.shape[0], int(bad.sum()), generator=gen, dtype=Q.dtype, device=Q.device)
-    basis = torch.cat([V, good], dim=1)
-    X, _ = torch.linalg.qr(_project_twice(X, basis)[0])
-    X, _ = torch.linalg.qr(_project_twice(X, basis)[0])
+    for _ in range(2):
+        if isinstance(V, torch.Tensor):
+            X = _project_twice(X, torch.cat([V, good], dim=1))[0]
+        else:  # good is orthogonal to V: one after the other is the same projection
+            X = _project_twice(_project_twice(X, V)[0], good)[0]
+        X, _ = torch.linalg.qr(X)
     Q = Q.clone()
     Q[:, bad] = X
     return Q

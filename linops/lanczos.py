@@ -20,6 +20,7 @@ and Yang 1998, ``dsaup2``). Convergence is declared only from true residuals (se
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 import torch
@@ -27,6 +28,7 @@ import torch
 from linops import _krylov as kr
 from linops._certify import Recombination, carry, recombine
 from linops._checks import check_positive_number, check_square
+from linops._disk_basis import DiskColumns
 from linops._types import ArrayLike, ArrayOut, OperatorLike
 from linops.base import TorchLinearOperator
 from linops.memory import check_memory_budget, default_memory_budget
@@ -45,7 +47,8 @@ class LanczosResult(NamedTuple):
     eigenvalues
         ``(k,)`` Ritz values, ascending.
     eigenvectors
-        ``(n, k)`` orthonormal Ritz vectors, column ``i`` belongs to ``eigenvalues[i]``.
+        ``(n, k)`` orthonormal Ritz vectors, column ``i`` belongs to ``eigenvalues[i]``;
+        ``None`` with ``return_eigenvectors=False``.
     residuals
         ``(k,)`` true residual norms :math:`\|A v_i - \lambda_i v_i\|` of the vectors and
         values returned (never the Krylov estimates), or upper bounds of them: from the
@@ -61,7 +64,7 @@ class LanczosResult(NamedTuple):
     """
 
     eigenvalues: ArrayOut
-    eigenvectors: ArrayOut
+    eigenvectors: ArrayOut | None
     residuals: ArrayOut
     num_matvecs: int
     converged: bool
@@ -87,6 +90,8 @@ def lanczos(
     v0: ArrayLike | None = None,
     seed: int | torch.Generator | None = None,
     memory_budget: int | None = None,
+    basis_dir: str | os.PathLike[str] | None = None,
+    return_eigenvectors: bool = True,
 ) -> LanczosResult:
     r"""``k`` eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -127,7 +132,22 @@ def lanczos(
         is not kept: every true-residual check then applies ``A`` to the Ritz vectors one at
         a time (two vectors beyond the basis; more products, at most half the memory). When
         not even the basis fits, a default ``ncv`` shrinks to what does (at least ``k + 1``
-        vectors) and an explicit one is refused with the largest that fits.
+        vectors) and an explicit one is refused with the largest that fits. With
+        ``basis_dir`` the budget bounds what stays in memory: the pending block, its
+        product and two vectors of the residual check.
+    basis_dir
+        Directory for an out-of-core basis (:class:`linops._disk_basis.DiskColumns`): ``V``
+        is written to a temporary file there (already unlinked, its ``n ncv`` entries
+        reserved up front) and read back by chunks of rows for every projection, restart
+        and Ritz vector, so a basis larger than memory costs file reads instead. The
+        iteration is the same (true residuals by one product per Ritz vector, as without
+        ``A V``); rounding differs from the in-memory basis only in the order of the
+        projections' sums. Each step reads the basis three times: worth it when the
+        operator's product costs more than that, as for a large model's Hessian.
+    return_eigenvectors
+        ``False`` returns eigenvalues and residuals only (``eigenvectors`` is ``None``): no
+        ``n x k`` block of Ritz vectors is built at the end. Same eigenvalues, same
+        products.
 
     Returns
     -------
@@ -173,14 +193,21 @@ def lanczos(
     budget = check_memory_budget(memory_budget) or default_memory_budget(op.device)
     given = ncv is not None
     ncv = _default_ncv(n, k, b) if ncv is None else kr.check_int(ncv, "ncv", min(n, k + 1), n)
-    ncv, keep_products = _fit_budget(ncv, n, k, b, op.torch_dtype.itemsize, budget, given)
+    if basis_dir is None:
+        ncv, keep_products = _fit_budget(ncv, n, k, b, op.torch_dtype.itemsize, budget, given)
+    else:
+        keep_products = _fit_disk_budget(n, b, op.torch_dtype.itemsize, budget)
     ncv = _fit_ncv(ncv, n, k, b)
     maxiter = 10 * n if maxiter is None else kr.check_int(maxiter, "maxiter", 1)
     eps = torch.finfo(op.torch_dtype).eps
     tol = eps**0.5 if rtol is None else check_positive_number(rtol, "rtol")
     gen = kr.make_generator(seed, op.device)
     P = kr.start_block(v0, n, b, op, gen)
-    return _thick_restart(_Lanczos(op, P, ncv, gen, keep_products), kind, k, which, tol, maxiter)
+    state = _Lanczos(op, P, ncv, gen, keep_products, basis_dir)
+    try:
+        return _thick_restart(state, kind, k, which, tol, maxiter, return_eigenvectors)
+    finally:
+        state.close()
 
 
 class _Lanczos:
@@ -193,13 +220,20 @@ class _Lanczos:
         ncv: int,
         gen: torch.Generator,
         keep_products: bool = True,
+        basis_dir: str | os.PathLike[str] | None = None,
     ):
         n, b = P.shape
         kw: dict[str, Any] = {"dtype": op.torch_dtype, "device": op.device}
-        self.op, self.P, self.gen, self.ncv, self.b = op, P, gen, ncv, b
+        self.op, self.P, self.gen, self.ncv, self.b, self.n = op, P, gen, ncv, b, n
+        self.dtype, self.device = op.torch_dtype, op.device
         # column-major (each basis vector contiguous): the projections against V[:, :j]
         # then need no copy of the slice, and writing a column touches only its own memory
-        self.V, self.H = torch.empty(ncv, n, **kw).T, torch.zeros(ncv, ncv, **kw)
+        self.V: torch.Tensor | DiskColumns = (
+            torch.empty(ncv, n, **kw).T
+            if basis_dir is None
+            else DiskColumns(n, ncv, op.torch_dtype, op.device, basis_dir)
+        )
+        self.H = torch.zeros(ncv, ncv, **kw)
         #: ``A V``: the products already taken, so that true residuals of Ritz vectors
         #: ``V S`` cost no new product while the rounding of recombining them stays small;
         #: ``None`` when the memory budget holds the basis only
@@ -208,6 +242,30 @@ class _Lanczos:
         self.av_err = torch.zeros(ncv, dtype=torch.float64)
         self.j, self.nmv, self.anorm = 0, 0, 0.0
         self.first: torch.Tensor | None = None
+
+    def close(self) -> None:
+        if isinstance(self.V, DiskColumns):
+            self.V.close()
+
+    def _columns(self, j: int) -> kr.Basis:
+        """Return the first ``j`` basis vectors."""
+        return self.V[:, :j] if isinstance(self.V, torch.Tensor) else self.V.view(j)
+
+    def _write(self, j: int, X: torch.Tensor) -> None:
+        if isinstance(self.V, torch.Tensor):
+            self.V[:, j : j + X.shape[1]] = X
+        else:
+            self.V.write(j, X)
+
+    def _recombine_in_place(self, S: torch.Tensor) -> None:
+        """``V[:, :p] = V[:, :j] S`` for ``S`` of shape ``(j, p)``, by chunks of rows."""
+        j, p = S.shape
+        if not isinstance(self.V, torch.Tensor):
+            self.V.view(j).recombine_(S)
+            return
+        for lo in range(0, self.n, kr.CHUNK_ROWS):
+            rows = self.V[lo : lo + kr.CHUNK_ROWS]
+            rows[:, :p] = rows[:, :j] @ S.to(rows)
 
     def probe(self) -> None:
         """First product together with the symmetry probe: ``A [P, Z]`` for two more vectors.
@@ -233,13 +291,13 @@ class _Lanczos:
             W = self.op._apply(P)
             self.nmv += b
             kr.check_products(W, self.nmv)
-        self.V[:, j : j + b] = P
+        self._write(j, P)
         if self.AV is not None:
             self.AV[:, j : j + b] = W
         self.av_err[j : j + b] = 0.0
         # a scale for the tolerances only: the plain norm (1e-5 relative in float32) will do
         self.anorm = max(self.anorm, float(torch.linalg.vector_norm(W, dim=0).max()))
-        self.P, C, R = kr.orth_qr(W, self.V[:, : j + b], self.gen, self.anorm)
+        self.P, C, R = kr.orth_qr(W, self._columns(j + b), self.gen, self.anorm)
         H = self.H
         H[: j + b, j : j + b] = C
         H[j : j + b, :j] = C[:j].mH
@@ -252,10 +310,9 @@ class _Lanczos:
         p, j = keep.numel(), self.j
         Sk = S[:, keep]
         if self.AV is None:  # no products to certify: the basis alone, in place
-            for lo in range(0, self.V.shape[0], kr.CHUNK_ROWS):
-                rows = self.V[lo : lo + kr.CHUNK_ROWS]
-                rows[:, :p] = rows[:, :j] @ Sk.to(rows)
+            self._recombine_in_place(Sk)
         else:
+            assert isinstance(self.V, torch.Tensor)  # A V is kept with a basis in memory
             err = self._drift(Sk, recombine(self.V[:, :j], self.AV[:, :j], Sk, Sk, inplace=True))
             self.av_err[:p] = err
         self.H.zero_()
@@ -272,8 +329,9 @@ class _Lanczos:
         copy of it.
         """
         j = self.j
-        Y = self.V[:, :j] @ Sw.to(self.V)
-        u = torch.finfo(self.V.dtype).eps / 2
+        V = self._columns(j)
+        Y = V @ Sw.to(V) if isinstance(V, torch.Tensor) else V.combine(Sw)
+        u = torch.finfo(self.dtype).eps / 2
         gamma = j * u / (1 - j * u)
         return Y, gamma * 1.01 * Sw.detach().abs().double().sum(dim=0).cpu()
 
@@ -297,15 +355,25 @@ class _Lanczos:
         starts a Krylov space that sees the copies of repeated eigenvalues ``Y`` lacks.
         """
         p = Y.shape[1]
-        self.V[:, :p] = Y
+        self._write(0, Y)
         if self.AV is not None:
             self.AV[:, :p] = AY
         self.av_err[:p] = err
+        self._inject(vals)
+
+    def lock_in_place(self, Sw: torch.Tensor, vals: torch.Tensor) -> None:
+        """:meth:`lock_and_inject` for a basis without ``A V``: ``V S_w`` recombined in place."""
+        self._recombine_in_place(Sw)
+        self.av_err[: Sw.shape[1]] = 0.0
+        self._inject(vals)
+
+    def _inject(self, vals: torch.Tensor) -> None:
+        p = vals.numel()
         self.H.zero_()
         self.H[:p, :p] = torch.diag(vals).to(self.H)
         self.j = p
-        X = kr.random_block(Y.shape[0], self.b, self.op, self.gen)
-        self.P, _, _ = kr.orth_qr(X, Y, self.gen, 1.0)
+        X = kr.random_block(self.n, self.b, self.op, self.gen)
+        self.P, _, _ = kr.orth_qr(X, self._columns(p), self.gen, 1.0)
 
     def true_residuals(
         self,
@@ -330,9 +398,10 @@ class _Lanczos:
         product).
         """
         Sw = S[:, want]
-        vals = theta[want].to(device=self.V.device, dtype=self.V.real.dtype)
+        vals = theta[want].to(device=self.device, dtype=self.dtype.to_real())
         if self.AV is None:
             return self._residuals_by_products(Sw, vals)
+        assert isinstance(self.V, torch.Tensor)  # A V is kept with a basis in memory
         rc = recombine(self.V[:, : self.j], self.AV[:, : self.j], Sw, Sw, vals)
         err = self._drift(Sw, rc)
         bound = rc.residual + err * self.anorm  # an upper bound of the true residuals
@@ -372,10 +441,10 @@ class _Lanczos:
 
 
 def _thick_restart(
-    state: _Lanczos, kind: str, k: int, which: str, tol: float, maxiter: int
+    state: _Lanczos, kind: str, k: int, which: str, tol: float, maxiter: int, vectors: bool
 ) -> LanczosResult:
     b, ncv = state.b, state.ncv
-    check = _Check(state, kind, k, which, tol)
+    check = _Check(state, kind, k, which, tol, vectors)
     state.probe()
     for it in range(maxiter + 1):
         while state.j + b <= ncv:
@@ -396,20 +465,22 @@ def _thick_restart(
     got = state.true_residuals(S, theta, want, tol)
     assert got is not None  # without a verifier there is no deferral
     Y, _, vals, res, _ = got
-    Y = state.ritz_vectors(S[:, want])[0] if Y is None else Y
     k_ok = int((res <= tol * state.anorm).sum())
     raise LanczosNoConvergence(
         f"lanczos did not converge: {maxiter} restarts ({state.nmv} products), {k_ok}/{k} "
         f"converged to rtol={tol:.3g} (true residuals)",
-        _result(Y, vals, res, state.nmv, False, kind),
+        check.result(Y, S[:, want], vals, res, False),
     )
 
 
 class _Check:
     """The end game: true residuals once the estimates allow, then the search for copies."""
 
-    def __init__(self, state: _Lanczos, kind: str, k: int, which: str, tol: float) -> None:
+    def __init__(
+        self, state: _Lanczos, kind: str, k: int, which: str, tol: float, vectors: bool
+    ) -> None:
         self.state, self.kind, self.k, self.which, self.tol = state, kind, k, which, tol
+        self.vectors = vectors
         self.verifier = kr.Verifier(tol, state.op.torch_dtype)
         self.rounds, self.k_eff, self.locked = 0, k, None
 
@@ -431,34 +502,37 @@ class _Check:
         verdict = self.verifier.judge(float(res.max()), est_max, st.anorm)
         if verdict == "continue":
             return None
-        if Y is None:  # no stored products: the Ritz vectors are built for a result only
-            Y = st.ritz_vectors(S[:, want])[0]
-        dt = st.op.torch_dtype
+        Sw, dt = S[:, want], st.op.torch_dtype
         if verdict == "floor":
             msg = self.verifier.floor_message(
                 "lanczos", dt, float(res.max()), est_max, st.anorm, st.nmv
             )
-            raise LanczosNoConvergence(msg, self.result(Y, vals, res, False))
-        n = st.V.shape[0]
+            raise LanczosNoConvergence(msg, self.result(Y, Sw, vals, res, False))
+        n = st.n
         if k == n:  # the whole space: nothing can be missing
-            return self.result(Y, vals, res, True)
+            return self.result(Y, Sw, vals, res, True)
         room = k + 1 <= min(st.ncv - st.b, n - st.b)
         todo = kr.completeness(vals, self.locked, self.tol, st.anorm, dt, self.rounds, k, room)
         if todo == "done":
-            return self.result(Y, vals, res, True)
+            return self.result(Y, Sw, vals, res, True)
         if todo != "inject":
-            raise LanczosNoConvergence(f"lanczos: {todo}", self.result(Y, vals, res, False))
-        st.lock_and_inject(Y, AY, vals, err)
+            raise LanczosNoConvergence(f"lanczos: {todo}", self.result(Y, Sw, vals, res, False))
+        if Y is None:  # no stored products: the Ritz vectors are formed in the basis itself
+            st.lock_in_place(Sw, vals)
+        else:
+            st.lock_and_inject(Y, AY, vals, err)
         self.rounds, self.k_eff, self.locked = self.rounds + 1, k + 1, vals.cpu()
         return None
 
-    def result(self, Y, vals, res, converged: bool) -> LanczosResult:
-        return _result(Y, vals, res, self.state.nmv, converged, self.kind)
-
-
-def _result(Y, vals, res, nmv, converged, kind) -> LanczosResult:
-    w, v, r = (kr.to_output(t, kind) for t in (vals, Y, res))
-    return LanczosResult(w, v, r, num_matvecs=nmv, converged=converged)
+    def result(self, Y, Sw, vals, res, converged: bool) -> LanczosResult:
+        """Build the result; without stored products its Ritz vectors ``V S_w`` are formed here."""
+        if not self.vectors:
+            Y = None
+        elif Y is None:
+            Y = self.state.ritz_vectors(Sw)[0]
+        w, r = kr.to_output(vals, self.kind), kr.to_output(res, self.kind)
+        v = None if Y is None else kr.to_output(Y, self.kind)
+        return LanczosResult(w, v, r, num_matvecs=self.state.nmv, converged=converged)
 
 
 def _ritz(H: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -507,9 +581,25 @@ def _fit_budget(
         + (
             f"the largest ncv that fits is {fits}"
             if fits >= min(n, k + 1)
-            else f"not even k + 1 = {k + 1} vectors fit: raise memory_budget or lower k"
+            else f"not even k + 1 = {k + 1} vectors fit: raise memory_budget, lower k, or "
+            "keep the basis on disk with basis_dir="
         )
     )
+
+
+def _fit_disk_budget(n: int, b: int, itemsize: int, budget: int) -> bool:
+    """Check room for the pending block, its product and two vectors (basis on disk).
+
+    Returns ``False``: ``A V`` is not kept (it would be a second file to read back).
+    """
+    need = (2 * b + 2) * n * itemsize
+    if need > budget:
+        raise ValueError(
+            f"memory_budget: with the basis on disk, the pending block, its product and two "
+            f"work vectors of n={n} need {need / 2**30:.3g} GiB, more than the budget "
+            f"({budget / 2**30:.3g} GiB); raise memory_budget or lower block_size"
+        )
+    return False
 
 
 def _default_ncv(n: int, k: int, b: int) -> int:
