@@ -51,7 +51,7 @@ minute on an idle 2-core machine).
 Usage::
 
     python bench/pyhessian.py [--quick] [--repeats 3] [--tasks top1,top5,trace,density]
-        [--tools pyhessian,linops,linops-retain]
+        [--tools pyhessian,linops,linops-retain,linops-noprime]
         [--out results/pyhessian]
 
 writes ``pyhessian.json`` and ``pyhessian.md`` under ``--out`` (after every process) and
@@ -84,7 +84,7 @@ from scale import cifar_batches, resnet20
 import estimators
 import linops
 
-TOOLS = ("pyhessian", "linops", "linops-retain")
+TOOLS = ("pyhessian", "linops", "linops-retain", "linops-noprime")
 TASKS = ("top1", "top5", "trace", "density")
 
 
@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--tools",
         default="pyhessian,linops",
-        help=f"among {', '.join(TOOLS)} (linops-retain: linops after retain_freed_memory())",
+        help=f"among {', '.join(TOOLS)} (linops-retain: linops after retain_freed_memory(); "
+        "linops-noprime: with LINOPS_NO_PRIME=1, see linops.memory.prime_host_allocator)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trace-matvecs", type=int, help="the trace's products (default 100)")
@@ -338,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.trace_matvecs is not None:
             cmd += ["--trace-matvecs", str(args.trace_matvecs)]
         load = os.getloadavg()[0]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        env = os.environ | ({"LINOPS_NO_PRIME": "1"} if tool == "linops-noprime" else {})
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0 or not tmp.exists():
             msg = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
             return {"tool": tool, "task": task, "error": math.nan, "error_message": msg[:300]}

@@ -32,6 +32,7 @@ from linops.memory import (
     PeakMemory,
     check_memory_budget,
     default_memory_budget,
+    prime_host_allocator,
 )
 from linops.params import KeywordInputs, ParamSpace
 
@@ -97,6 +98,7 @@ class ModelOperator(TorchLinearOperator):
         if cache is not None and not isinstance(cache, bool):
             raise TypeError(f"cache: expected True, False or None, got {cache!r}")
         memory_budget = check_memory_budget(memory_budget)
+        prime_host_allocator()
         if memory_limit_bytes is not None:
             check_memory_budget(memory_limit_bytes, "memory_limit_bytes")
             warnings.warn(

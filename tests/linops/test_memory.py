@@ -1,7 +1,8 @@
-"""retain_freed_memory: argument checks, and that freed blocks are reused (Linux, glibc)."""
+"""retain_freed_memory and prime_host_allocator: freed blocks are reused (Linux, glibc)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -49,3 +50,56 @@ def test_freed_blocks_are_reused_without_page_faults() -> None:
 def test_bad_limit_is_refused(bad: object) -> None:
     with pytest.raises(ValueError, match="limit_bytes"):
         retain_freed_memory(bad)  # type: ignore[arg-type]
+
+
+# eight 4 MiB blocks allocated, touched and freed together, eight times: the 32 MiB they free
+# at the top of the heap exceed glibc's trim threshold (twice its adaptive mmap threshold,
+# about 2 x 4 MiB here) and are given back, to be faulted in again, unless it was primed
+_PRIMED_FAULTS = textwrap.dedent(
+    """
+    import resource, sys, torch
+    import linops
+    from linops import memory
+    if sys.argv[1] == "prime":
+        memory.prime_host_allocator()
+    elif sys.argv[1] == "operator":
+        model = torch.nn.Linear(3, 2)
+        linops.HessianOperator(model, torch.nn.MSELoss(), (torch.ones(4, 3), torch.ones(4, 2)))
+    faults = []
+    for _ in range(8):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        xs = [torch.empty(2**20) for _ in range(8)]
+        for x in xs:
+            x.fill_(1.0)
+        del xs, x
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(memory._primed, min(faults[4:]))
+    """
+)
+
+
+def _primed_faults(mode: str, **env: str) -> tuple[bool, int]:
+    out = subprocess.run(
+        [sys.executable, "-c", _PRIMED_FAULTS, mode],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=os.environ | env,
+    )
+    primed, faults = out.stdout.split()[-2:]
+    return primed == "True", int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_minflt: glibc")
+def test_a_model_operator_primes_the_allocator_once_and_blocks_are_reused() -> None:
+    pages = 32 * 2**20 // 4096
+    primed, faults = _primed_faults("default")
+    assert not primed  # importing linops does not touch the allocator
+    if faults < pages // 2:
+        pytest.skip("this C library already keeps 32 MiB of freed blocks")
+    primed, faults = _primed_faults("prime")
+    assert primed and faults < pages // 16
+    primed, faults = _primed_faults("operator")
+    assert primed and faults < pages // 16
+    primed, faults = _primed_faults("operator", LINOPS_NO_PRIME="1")
+    assert not primed and faults >= pages // 2
