@@ -84,7 +84,7 @@ class DiskColumns:
         raw = buf.view(torch.uint8).numpy()
         fd = self._file.fileno()
         for c in range(self.width):
-            _read_fully(fd, memoryview(raw[c]), self._offset(c, lo))
+            _read_fully(fd, raw[c].data, self._offset(c, lo))
         return buf.T.to(self.device)
 
     def write(self, col: int, X: torch.Tensor) -> None:
@@ -138,7 +138,7 @@ class DiskColumns:
         part = rows.detach().to("cpu", self.dtype)
         for c in range(rows.shape[1]):
             raw = part[:, c].contiguous().view(torch.uint8).numpy()
-            _write_fully(fd, memoryview(raw), self._offset(col + c, lo))
+            _write_fully(fd, raw.data, self._offset(col + c, lo))
 
 
 def _read_fully(fd: int, buf: memoryview, offset: int) -> None:

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 
 from linops import _krylov as kr
+from linops._backend import ArrayKind
 from linops._certify import Recombination, carry, recombine
 from linops._checks import check_positive_number, check_square
 from linops._disk_basis import DiskColumns
@@ -441,7 +442,7 @@ class _Lanczos:
 
 
 def _thick_restart(
-    state: _Lanczos, kind: str, k: int, which: str, tol: float, maxiter: int, vectors: bool
+    state: _Lanczos, kind: ArrayKind, k: int, which: str, tol: float, maxiter: int, vectors: bool
 ) -> LanczosResult:
     b, ncv = state.b, state.ncv
     check = _Check(state, kind, k, which, tol, vectors)
@@ -477,7 +478,7 @@ class _Check:
     """The end game: true residuals once the estimates allow, then the search for copies."""
 
     def __init__(
-        self, state: _Lanczos, kind: str, k: int, which: str, tol: float, vectors: bool
+        self, state: _Lanczos, kind: ArrayKind, k: int, which: str, tol: float, vectors: bool
     ) -> None:
         self.state, self.kind, self.k, self.which, self.tol = state, kind, k, which, tol
         self.vectors = vectors
