@@ -196,8 +196,9 @@ def lanczos(
     ncv = _default_ncv(n, k, b) if ncv is None else kr.check_int(ncv, "ncv", min(n, k + 1), n)
     if basis_dir is None:
         ncv, keep_products = _fit_budget(ncv, n, k, b, op.torch_dtype.itemsize, budget, given)
-    else:
-        keep_products = _fit_disk_budget(n, b, op.torch_dtype.itemsize, budget)
+    else:  # A V is not kept: it would be a second file to read back
+        _check_disk_budget(n, b, op.torch_dtype.itemsize, budget)
+        keep_products = False
     ncv = _fit_ncv(ncv, n, k, b)
     maxiter = 10 * n if maxiter is None else kr.check_int(maxiter, "maxiter", 1)
     eps = torch.finfo(op.torch_dtype).eps
@@ -588,11 +589,8 @@ def _fit_budget(
     )
 
 
-def _fit_disk_budget(n: int, b: int, itemsize: int, budget: int) -> bool:
-    """Check room for the pending block, its product and two vectors (basis on disk).
-
-    Returns ``False``: ``A V`` is not kept (it would be a second file to read back).
-    """
+def _check_disk_budget(n: int, b: int, itemsize: int, budget: int) -> None:
+    """Check room for the pending block, its product and two vectors (basis on disk)."""
     need = (2 * b + 2) * n * itemsize
     if need > budget:
         raise ValueError(
@@ -600,7 +598,6 @@ def _fit_disk_budget(n: int, b: int, itemsize: int, budget: int) -> bool:
             f"work vectors of n={n} need {need / 2**30:.3g} GiB, more than the budget "
             f"({budget / 2**30:.3g} GiB); raise memory_budget or lower block_size"
         )
-    return False
 
 
 def _default_ncv(n: int, k: int, b: int) -> int:

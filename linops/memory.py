@@ -65,6 +65,7 @@ __all__ = [
     "PeakMemory",
     "available_memory",
     "default_memory_budget",
+    "prime_host_allocator",
     "retain_freed_memory",
     "return_freed_memory",
 ]
