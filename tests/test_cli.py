@@ -137,8 +137,12 @@ def test_staging_folders_of_killed_runs_are_swept(fake, tmp_path, capsys):
 
 
 def test_ctrl_c_in_a_real_process_exits_130_with_one_line(tmp_path):
+    # a process started with SIGINT ignored (a background job of a non-interactive shell, as
+    # `nohup bash .ci/run &`) passes that on and Python then keeps ignoring it: install the
+    # handler an interactive terminal's process gets
     script = (
-        "import time\n"
+        "import signal, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from linops import cli\n"
         "def slow(seed, epochs):\n"
         "    print('training', flush=True)\n"
