@@ -136,9 +136,11 @@ class DiskColumns:
         """Rows ``lo : lo + len(rows)`` of columns ``col : col + rows.shape[1]``."""
         fd = self._file.fileno()
         part = rows.detach().to("cpu", self.dtype)
-        for c in range(rows.shape[1]):
-            raw = part[:, c].contiguous().view(torch.uint8).numpy()
-            _write_fully(fd, raw.data, self._offset(col + c, lo))
+        for c in range(part.shape[1]):
+            x = part[:, c]
+            if x.stride(0) != 1:  # not .contiguous(): it keeps a one-row chunk's stride
+                x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
+            _write_fully(fd, x.view(torch.uint8).numpy().data, self._offset(col + c, lo))
 
 
 def _read_fully(fd: int, buf: memoryview, offset: int) -> None:

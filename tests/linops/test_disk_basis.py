@@ -154,6 +154,18 @@ def test_disk_columns_match_the_same_products_in_memory(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("layout", ["column-major", "row-major"])
+def test_a_last_chunk_of_one_row_is_written_whole(tmp_path: Path, layout: str) -> None:
+    """n = 38 with chunks of 37 rows: the last chunk's columns are single strided elements
+    (found by the property test below: they could not be viewed as bytes)."""
+    X = torch.randn(38, 3, dtype=torch.float64)
+    X = X.T.contiguous().T if layout == "column-major" else X.contiguous()
+    cols = DiskColumns(38, 3, torch.float64, torch.device("cpu"), tmp_path)
+    cols.write(0, X)
+    assert torch.equal(cols.combine(torch.eye(3, dtype=torch.float64)), X)
+    cols.close()
+
+
 def test_a_model_hessian_on_disk_equals_its_dense_eigenvalues(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
