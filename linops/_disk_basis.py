@@ -75,6 +75,10 @@ class DiskColumns:
     def close(self) -> None:
         self._file.close()
 
+    def _chunks(self) -> list[tuple[int, int]]:
+        """Row ranges ``(lo, hi)`` of the chunks read back at a time."""
+        return [(lo, min(lo + CHUNK_ROWS, self.n)) for lo in range(0, self.n, CHUNK_ROWS)]
+
     def _offset(self, col: int, row: int) -> int:
         return (col * self.n + row) * self.itemsize
 
@@ -89,8 +93,8 @@ class DiskColumns:
 
     def write(self, col: int, X: torch.Tensor) -> None:
         """Columns ``col : col + X.shape[1]`` become ``X`` (``n x b``)."""
-        for lo in range(0, self.n, CHUNK_ROWS):
-            self._write_rows(lo, X[lo : lo + CHUNK_ROWS], col)
+        for lo, hi in self._chunks():
+            self._write_rows(lo, X[lo:hi], col)
 
     def project_twice(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``W <- (I - V V^H)^2 W`` **in place**; returns ``(W, C)`` with ``C`` the coefficients.
@@ -102,34 +106,29 @@ class DiskColumns:
         C = W.new_zeros(self.width, W.shape[1])
         if self.width == 0:
             return W, C
-        chunks = range(0, self.n, CHUNK_ROWS)
-        for lo in chunks:
-            C += self._rows(lo, min(lo + CHUNK_ROWS, self.n)).mH @ W[lo : lo + CHUNK_ROWS]
+        chunks = self._chunks()
+        for lo, hi in chunks:
+            C += self._rows(lo, hi).mH @ W[lo:hi]
         D = torch.zeros_like(C)
-        for lo in chunks:
-            V = self._rows(lo, min(lo + CHUNK_ROWS, self.n))
-            Wr = W[lo : lo + CHUNK_ROWS].addmm_(V, C, alpha=-1)
-            D += V.mH @ Wr
-        for lo in chunks:
-            W[lo : lo + CHUNK_ROWS].addmm_(
-                self._rows(lo, min(lo + CHUNK_ROWS, self.n)), D, alpha=-1
-            )
+        for lo, hi in chunks:
+            V = self._rows(lo, hi)
+            D += V.mH @ W[lo:hi].addmm_(V, C, alpha=-1)
+        for lo, hi in chunks:
+            W[lo:hi].addmm_(self._rows(lo, hi), D, alpha=-1)
         return W, C + D
 
     def combine(self, S: torch.Tensor) -> torch.Tensor:
         """``V S`` (``n x p``, column-major, in memory on the device)."""
         Y = torch.empty(S.shape[1], self.n, dtype=self.dtype, device=self.device).T
         S = S.to(device=self.device, dtype=self.dtype)
-        for lo in range(0, self.n, CHUNK_ROWS):
-            hi = min(lo + CHUNK_ROWS, self.n)
+        for lo, hi in self._chunks():
             torch.mm(self._rows(lo, hi), S, out=Y[lo:hi])
         return Y
 
     def recombine_(self, S: torch.Tensor) -> None:
         """Columns ``0 : p`` become ``V S`` (``S`` is ``width x p``), chunk by chunk in place."""
         S = S.to(device=self.device, dtype=self.dtype)
-        for lo in range(0, self.n, CHUNK_ROWS):
-            hi = min(lo + CHUNK_ROWS, self.n)
+        for lo, hi in self._chunks():
             self._write_rows(lo, self._rows(lo, hi) @ S, 0)
 
     def _write_rows(self, lo: int, rows: torch.Tensor, col: int) -> None:

@@ -29,10 +29,10 @@ def map_blocks(X: Tensor, slots: list[Slot], separate: bool, weight: Any, bias: 
     is read as ``(out, in, K)``, a column-major one as ``(K, out, in)`` and one vector as
     ``(out, in)``, so no product copies or transposes the block.
     """
-    if X.shape[1] == 1 and (separate or all(s.w is None or s.b is None for s in slots)):
-        return _map_one(X[:, 0] if X.stride(0) == 1 else X[:, 0].contiguous(), slots, weight, bias)
     if X.shape[1] == 1:  # a strided column (of a wider block) is gathered once
         lay, Z = ONE, X[:, 0] if X.stride(0) == 1 else X[:, 0].contiguous()
+        if separate or all(s.w is None or s.b is None for s in slots):
+            return _map_one(Z, slots, weight, bias)
     elif X.T.is_contiguous():  # column-major
         lay, Z = COLS, X.T
     else:
