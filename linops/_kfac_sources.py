@@ -11,10 +11,12 @@ for modern neural network architectures", arXiv:2311.00636).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from linops._chain import Chain, ChainMismatch
 from linops._chain import _forward_checked as forward_checked_chain
@@ -29,46 +31,154 @@ Layers = dict[str, tuple[str | None, str | None]]
 
 
 def hook_batch(
-    space: ParamSpace, layers: Layers, x: Any, scaled: Any, *, average_groups: bool = False
+    space: ParamSpace,
+    layers: Layers,
+    x: Any,
+    scaled: Any,
+    *,
+    average_groups: bool = False,
+    check: bool = False,
 ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
     """One batch's layer inputs and output gradients from module hooks and autograd.
 
+    Each call of a layer is recorded (a forward hook run before the model's own hooks, so the
+    output is the layer's ``W x + b`` before anything changes it), and the calls of a layer
+    used more than once are its shared positions, after those of each call: the inputs and
+    gradients of all its uses, as arXiv:2311.00636 treats weight sharing. The output
+    gradients are taken at the recorded outputs' autograd edges, so an in-place operation on
+    an output afterwards (``nn.ReLU(inplace=True)``) does not change them. A selected layer
+    the forward never calls has zero inputs and gradients (its block is zero, as the GGN's).
+
     ``average_groups``: a grouped convolution's input channels averaged over its groups
-    (:func:`shared_inputs`).
+    (:func:`shared_inputs`). ``check``: verify first that the recorded inputs and output
+    gradients give the parameters' gradients (:func:`_check_layer_gradients`).
     """
     modules = dict(space.model.named_modules())
     names = list(layers)
-    inputs: dict[str, Tensor] = {}
-    outputs: dict[str, Tensor] = {}
+    calls: dict[str, list[tuple[Tensor, Tensor, Any]]] = {k: [] for k in names}
     hooks = []
     for name in names:
 
-        def hook(
-            mod: nn.Module, args: Any, out: Tensor, name: str = name,
-        ) -> None:  # fmt: skip
-            inputs[name], outputs[name] = args[0].detach(), out
+        def hook(mod: nn.Module, args: Any, out: Tensor, name: str = name) -> None:
+            calls[name].append((args[0].detach(), out, get_gradient_edge(out)))
 
-        hooks.append(modules[name].register_forward_hook(hook))
+        hooks.append(modules[name].register_forward_hook(hook, prepend=True))
     try:
         with torch.enable_grad():
-            values = space.values().items()
-            f = space.functional_call({k: v.detach().requires_grad_(True) for k, v in values}, x)
+            values = {k: v.detach().requires_grad_(True) for k, v in space.values().items()}
+            f = space.functional_call(values, x)
     finally:
         for h in hooks:
             h.remove()
+    f2 = f.reshape(f.shape[0], -1)
+    if check:
+        _check_layer_gradients(modules, layers, values, f2, calls)
+    inputs: dict[str, Tensor] = {}
     for k in names:
         c = float(getattr(modules[k], "multiplier", 1.0)) if layers[k][0] else 1.0
-        a = shared_inputs(modules[k], inputs[k], average_groups)  # (n, L, d_in): L positions
+        a = _all_calls(modules[k], [a for a, *_ in calls[k]], f, "in", average_groups)
         inputs[k] = a if c == 1.0 else c * a
     S = scaled(f)
-    f2 = f.reshape(f.shape[0], -1)
-    grads = [
-        {k: shared_outputs(modules[k], g) for k, g in zip(names, torch.autograd.grad(
-            f2, [outputs[k] for k in names], grad_outputs=S[r], retain_graph=True
-        ), strict=True)}
-        for r in range(S.shape[0])
-    ]  # fmt: skip
+    edges = [(k, i) for k in names for i in range(len(calls[k]))]
+    grads = []
+    for r in range(S.shape[0]):
+        got = torch.autograd.grad(
+            f2, [calls[k][i][2] for k, i in edges], grad_outputs=S[r], retain_graph=True,
+            allow_unused=True,
+        ) if edges else ()  # fmt: skip
+        g = {e: torch.zeros_like(calls[e[0]][e[1]][1]) if t is None else t
+             for e, t in zip(edges, got, strict=True)}  # fmt: skip
+        grads.append({
+            k: _all_calls(modules[k], [g[k, i] for i in range(len(calls[k]))], f, "out",
+                          average_groups)
+            for k in names
+        })  # fmt: skip
     return inputs, grads
+
+
+def _all_calls(mod: Any, per_call: list[Tensor], f: Tensor, side: str, average: bool) -> Tensor:
+    """Return a layer's ``(n, L, d)`` inputs (``side="in"``) or output gradients of all calls.
+
+    Zeros at one position (in the dtype of the model's outputs ``f``) for a layer that was not
+    called.
+    """
+    if side == "in":
+        parts = [shared_inputs(mod, a, average) for a in per_call]
+    else:
+        parts = [shared_outputs(mod, g) for g in per_call]
+    if parts:
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    w = mod.weight.shape
+    if side == "out":
+        d = w[0]
+    elif isinstance(mod, nn.Linear):
+        d = w[1]
+    else:  # a convolution's patches: every input channel, or a group's after averaging
+        d = w[1] * (1 if average else mod.groups) * math.prod(w[2:])
+    return f.new_zeros(f.shape[0], 1, d)
+
+
+def _check_layer_gradients(
+    modules: dict[str, nn.Module],
+    layers: Layers,
+    values: dict[str, Tensor],
+    f: Tensor,
+    calls: dict[str, list[tuple[Tensor, Tensor, Any]]],
+) -> None:
+    r"""Raise unless every selected layer's gradient is its output gradient times its input.
+
+    KFAC's factors assume that a weight's gradient is :math:`c\sum g\,a^\top` over the
+    layer's calls (``g`` at the layer's output ``W a + b``, ``c`` its ``multiplier``) and a
+    bias's :math:`\sum g`. That fails silently for a subclass with its own ``forward``
+    (``2 * super().forward(x)``), a weight also used outside the layer (tied weights), or a
+    forward hook that reads the weight. One backward pass of a fixed random cotangent of the
+    outputs compares both to autograd's parameter gradients, to :math:`\sqrt{\epsilon}` of
+    :math:`\sum \|g\|\|a\|`.
+    """
+    gen = torch.Generator(device=f.device).manual_seed(0)
+    d = torch.randn(f.shape, generator=gen, dtype=f.dtype, device=f.device)
+    edges = [(k, i) for k in layers for i in range(len(calls[k]))]
+    params = [p for pair in layers.values() for p in pair if p is not None]
+    got = torch.autograd.grad(
+        f, [calls[k][i][2] for k, i in edges] + [values[p] for p in params], grad_outputs=d,
+        retain_graph=True, allow_unused=True,
+    )  # fmt: skip
+    out_grads = dict(zip(edges, got[: len(edges)], strict=True))
+    param_grads = dict(zip(params, got[len(edges) :], strict=True))
+    eps = torch.finfo(f.dtype).eps
+    for k, (wn, bn) in layers.items():
+        mod: Any = modules[k]
+        c = float(getattr(mod, "multiplier", 1.0))
+        groups = getattr(mod, "groups", 1)
+        W = f.new_zeros(mod.weight.shape[0], math.prod(mod.weight.shape[1:]))
+        B = f.new_zeros(mod.weight.shape[0])
+        bound = 0.0
+        for i, (a, _, _) in enumerate(calls[k]):
+            g = out_grads[k, i]
+            if g is None:
+                continue
+            a, g = shared_inputs(mod, a), shared_outputs(mod, g)
+            ga, gg = a.unflatten(-1, (groups, -1)), g.unflatten(-1, (groups, -1))
+            W += c * torch.einsum("nlgo,nlgi->goi", gg, ga).flatten(0, 1)
+            B += g.sum(dim=(0, 1))
+            bound += float((g.norm(dim=-1) * (1 + a.norm(dim=-1))).sum())
+        for name, ours in ((wn, W), (bn, B)):
+            if name is None:
+                continue
+            ref = param_grads[name]
+            ref = torch.zeros_like(ours) if ref is None else ref.reshape(ours.shape)
+            err, scale = float((ours - ref).norm()), max(bound, float(ref.norm()), 1e-300)
+            if err > math.sqrt(eps) * scale:
+                raise ValueError(
+                    f"params: the gradient of {name!r} is not layer {k or '(the model)'!r}'s "
+                    f"output gradient times its input (relative difference {err / scale:.2g}): "
+                    "KFAC needs "
+                    f"each selected {type(mod).__name__} to compute W x + b. A subclass with "
+                    "its own forward, a weight also used outside the layer (tied weights) or a "
+                    "hook that changes how the weight enters break that. Leave these "
+                    "parameters out with params=, or give a layer computing c W x + b a "
+                    "'multiplier' attribute"
+                )
 
 
 def chain_batch(

@@ -89,6 +89,21 @@ class KFACOperator(_LossOperator):
         above) or ``"average"`` (curvlinops 3.0.1's: the input channels averaged over the
         groups, one block per layer).
 
+    Notes
+    -----
+    On the hooks route each call of a layer is recorded: its input and its own output
+    :math:`W a + b`, before the model's forward hooks change it and before an in-place
+    operation overwrites it. A layer called several times shares its weight over all its calls'
+    positions (expand: every position of every call a sample of :math:`A`; reduce: the mean
+    input and summed gradient over them), as arXiv:2311.00636 treats weight sharing.
+    curvlinops 3.0.1 instead adds one :math:`A` per call (each averaged over its own
+    positions), so its :math:`A` is larger by the number of calls, and reads the output after
+    the model's forward hooks. Once, on the first batch, the recorded inputs and output
+    gradients must give autograd's gradient of every selected parameter for a random
+    cotangent; a layer that does not compute :math:`W a + b` (a subclass with its own
+    ``forward``, a weight also used outside the layer, as ``nn.MultiheadAttention``'s
+    ``out_proj`` and tied weights are) is refused instead of approximated wrongly.
+
     Attributes
     ----------
     factors
@@ -104,7 +119,8 @@ class KFACOperator(_LossOperator):
     ValueError
         For an unsupported loss, ``fisher_type`` or ``kfac_approx``, parameters outside
         ``nn.Linear`` / ``nn.Conv2d`` layers, or a selected convolution with a padding mode
-        other than zeros (all at construction).
+        other than zeros (all at construction); at the first product, for a selected layer
+        whose parameters' gradients are not its output gradient times its input (Notes).
 
     Examples
     --------
@@ -283,7 +299,7 @@ class KFACOperator(_LossOperator):
         """
         gen = torch.Generator(device=self.device).manual_seed(self.seed)
         reduction = self._reduce()
-        for w, (x, y) in zip(self._weights(), self.batches, strict=True):
+        for b, (w, (x, y)) in enumerate(zip(self._weights(), self.batches, strict=True)):
 
             def scaled(f: Tensor, y: Any = y, w: float = w) -> Tensor:
                 normaliser: Any = reduction.normaliser
@@ -297,7 +313,9 @@ class KFACOperator(_LossOperator):
             found = self._route_graph(chained, lambda: None)
             if found is None:
                 average = self.grouped == "average"
-                found = hook_batch(self.space, self.layers, x, scaled, average_groups=average)
+                found = hook_batch(
+                    self.space, self.layers, x, scaled, average_groups=average, check=b == 0
+                )
             inputs, grads = self._split_groups(*found)
             for k, (name, _, _) in self.units.items():
                 if not self.separate and self.layers[name][1] is not None:

@@ -553,3 +553,170 @@ def test_grouped_conv_average_variant_is_curvlinops(approx: str) -> None:
     assert _rel(blocks, dense) > 1e-3
     with pytest.raises(ValueError, match="grouped: expected 'blocks' or 'average'"):
         KFACOperator(net, fn, (X, y), grouped="mean")
+
+
+class _Scaled(nn.Linear):
+    """Its own forward: 2 (W x + b), not the W x + b that KFAC's factors assume."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * super().forward(x)
+
+
+class _Tied(nn.Module):
+    """The layer's weight also used outside the layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + 0.3 * x @ self.lin.weight
+
+
+class _Multiplied(nn.Linear):
+    """y = 3 W x + b, declared through the ``multiplier`` attribute."""
+
+    multiplier = 3.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(3.0 * x, self.weight, self.bias)
+
+
+@pytest.mark.parametrize("cls", [KFACOperator, EKFACOperator])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _Scaled(4, 3),
+        lambda: nn.Sequential(_Scaled(4, 5), nn.Tanh(), nn.Linear(5, 3)),
+        _Tied,
+        lambda: nn.Sequential(
+            nn.Linear(4, 5), nn.Tanh(), _Multiplied(5, 3).requires_grad_(True)
+        ).apply(lambda m: setattr(m, "multiplier", 2.0) if isinstance(m, _Multiplied) else None),
+    ],
+    ids=["subclass-forward", "subclass-in-a-sequential", "tied-weight", "wrong-multiplier"],
+)
+def test_layers_that_do_not_compute_w_x_plus_b_are_refused(cls: type, make) -> None:
+    """Hooks see a layer's input and output, not how its weight entered: checked, not assumed."""
+    torch.manual_seed(0)
+    model = make().double()
+    X = torch.randn(6, 4, dtype=F64)
+    y = torch.randn(6, model(X).shape[1], dtype=F64)
+    with pytest.raises(ValueError, match="is not layer .* output gradient times its input"):
+        cls(model, nn.MSELoss(), (X, y)).to_dense()
+
+
+def test_multihead_attention_out_projection_is_refused() -> None:
+    """nn.MultiheadAttention reads out_proj's weight directly, never calling out_proj."""
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x.view(x.shape[0], 2, 4)
+            return self.attn(h, h, h, need_weights=False)[0].flatten(1)
+
+    torch.manual_seed(0)
+    model = Attention().double().eval()
+    X, y = torch.randn(5, 8, dtype=F64), torch.randn(5, 8, dtype=F64)
+    params = ["attn.out_proj.weight", "attn.out_proj.bias"]
+    with pytest.raises(ValueError, match="'attn.out_proj.weight' is not layer 'attn.out_proj'"):
+        KFACOperator(model, nn.MSELoss(), (X, y), params=params).to_dense()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_layer_with_a_forward_multiplier_or_an_output_hook_with_mse_is_the_ggn(
+    bias: bool,
+) -> None:
+    """KFAC equals the GGN for one layer and MSE, also when the layer's output is changed by a
+    forward hook (the factors see the layer's own output) or declares c W x + b."""
+    torch.manual_seed(0)
+    hooked = nn.Linear(4, 3, bias=bias).double()
+    hooked.register_forward_hook(lambda mod, inp, out: 0.5 * out)
+    for lin in (hooked, _Multiplied(4, 3, bias=bias).double()):
+        X, y = torch.randn(9, 4, dtype=F64), torch.randn(9, 3, dtype=F64)
+        K = KFACOperator(lin, nn.MSELoss(), (X, y), separate_weight_and_bias=False).to_dense()
+        assert _rel(K, GGNOperator(lin, nn.MSELoss(), (X, y)).to_dense()) < 1e-12
+
+
+class _InplaceAfterLinear(nn.Module):
+    """Not a chain (the routes' recogniser does not read it): hooks; ReLU in place on an output."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.inplace = nn.Linear(4, 5), nn.Linear(5, 3), inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h = h.relu_() if self.inplace else h.relu()
+        return self.b(h) + 0.0 * x.sum()
+
+
+def test_an_in_place_activation_on_a_layer_output_leaves_its_gradients_alone() -> None:
+    torch.manual_seed(0)
+    ref = _InplaceAfterLinear(False).double()
+    model = _InplaceAfterLinear(True).double()
+    model.load_state_dict(ref.state_dict())
+    X, y = torch.randn(8, 4, dtype=F64), torch.randint(0, 3, (8,))
+    for cls in (KFACOperator, EKFACOperator):
+        ours = cls(model, nn.CrossEntropyLoss(), (X, y))
+        assert _rel(ours.to_dense(), cls(ref, nn.CrossEntropyLoss(), (X, y)).to_dense()) < 1e-14
+        assert ours.route == "autograd"
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_a_layer_called_twice_shares_its_weight_over_both_calls(approx: str) -> None:
+    r"""Both calls are the weight's shared positions (arXiv:2311.00636), by hand: inputs x and
+    h = tanh(z_1), z_1 = W x + b; output gradients of f . s_r (f = W h + b, s_r = sqrt(2) e_r:
+    MSE, sum) g_2 = s_r at the second call's output and g_1 = (s_r W) * (1 - h^2) at the
+    first's. expand: A = (x^T x + h^T h) / 2N, G = sum_r g_1^T g_1 + g_2^T g_2; reduce: A of
+    the mean input (x + h) / 2, G of the summed gradient g_1 + g_2."""
+    torch.manual_seed(0)
+    model = _Twice().double()
+    X, y = torch.randn(7, 4, dtype=F64), torch.randn(7, 4, dtype=F64)
+    K = KFACOperator(model, nn.MSELoss(reduction="sum"), (X, y), kfac_approx=approx)
+    A, G = K.compute_factors()["a"]
+    W, b = model.a.weight.detach(), model.a.bias.detach()
+    h = torch.tanh(X @ W.T + b)
+    ref_G = torch.zeros(4, 4, dtype=F64)
+    for r in range(4):
+        g2 = torch.zeros(7, 4, dtype=F64)
+        g2[:, r] = 2**0.5
+        g1 = (g2 @ W) * (1 - h**2)
+        ref_G += g1.T @ g1 + g2.T @ g2 if approx == "expand" else (g1 + g2).T @ (g1 + g2)
+    if approx == "expand":
+        ref_A = (X.T @ X + h.T @ h) / 14
+    else:
+        m = (X + h) / 2
+        ref_A = m.T @ m / 7
+    assert _rel(A, ref_A) < 1e-13
+    assert _rel(G, ref_G) < 1e-13
+
+
+def test_a_selected_layer_the_forward_never_calls_has_a_zero_block() -> None:
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.u = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x)
+
+    torch.manual_seed(0)
+    model = Unused().double()
+    X, y = torch.randn(6, 4, dtype=F64), torch.randn(6, 3, dtype=F64)
+    for approx in ("expand", "reduce"):
+        K = KFACOperator(model, nn.MSELoss(), (X, y), kfac_approx=approx).to_dense()
+        alone = KFACOperator(model, nn.MSELoss(), (X, y), params=["a"], kfac_approx=approx)
+        assert _rel(K[:15, :15], alone.to_dense()) < 1e-14
+        assert not K[15:].any() and not K[:, 15:].any()
