@@ -44,7 +44,7 @@ class EKFACOperator(KFACOperator):
         if self._corrected is None:
             basis = super()._eigen()
             E: dict[str, list[Any]] = {k: [0, 0] for k in self.units}
-            for inputs, grads in self._layer_gradients():
+            for inputs, grads, _ in self._layer_gradients():
                 for k, (QA, QG, _, _) in basis.items():
                     Ar = inputs[k] @ QA  # (n, L, d_A): L positions sharing the weight
                     Ar2 = Ar[:, 0].pow(2) if Ar.shape[1] == 1 else None

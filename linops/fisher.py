@@ -224,7 +224,8 @@ class FisherOperator(_OutputFactorOperator):
         targets, ``(N, C)`` logits, no class weights or label smoothing), ``nn.MSELoss`` or
         ``nn.BCEWithLogitsLoss`` (no ``pos_weight`` or ``weight``), mean or sum, or the
         functionals ``F.cross_entropy``, ``F.mse_loss``,
-        ``F.binary_cross_entropy_with_logits`` (mean).
+        ``F.binary_cross_entropy_with_logits`` (mean). Samples whose cross-entropy target is
+        ``ignore_index`` are not in the loss and add nothing (as in the GGN).
     mc_samples
         ``None`` (default): the exact Fisher, per sample the closed form
         :math:`\operatorname{diag}(p) - pp^\top` (cross-entropy, :math:`p` the softmax),
@@ -291,10 +292,13 @@ class FisherOperator(_OutputFactorOperator):
                 f"of shape (N, {', '.join(map(str, model_shape))})"
             )
         scale = 1.0 / self._normaliser(out, model_shape, y)
+        kept = _kept_samples(self.loss_fn, y)
+        mask = None if kept is None else kept.to(out.dtype)[:, None]  # ignored: a zero block
         if self.mc_samples is None:
+            block = _exact_block(self.family, out)
             return _OutputBlock(
-                None, None, _exact_block(self.family, out), scale,
-                lambda: _exact_factor(self.family, out),
+                None, None, block if mask is None else lambda U: mask * block(U), scale,
+                lambda: _exact_factor(self.family, out) * (1.0 if mask is None else mask[..., None]),
             )  # fmt: skip
         gen: Any = self._generator  # set by _graphs before any graph is built
         i = self._building_batch  # a graph rebuilt (not kept by the budget) draws as before
@@ -302,8 +306,22 @@ class FisherOperator(_OutputFactorOperator):
             gen.set_state(self._draw_states[i])
         else:
             self._draw_states.append(gen.get_state())
-        G = _sample_output_grads(self.family, out, self.mc_samples, gen)
+        G = _sample_output_grads(self.family, out, self.mc_samples, gen)  # drawn for all
+        G = G if mask is None else G * mask
         return _OutputBlock(None, G.permute(1, 2, 0) / math.sqrt(self.mc_samples), None, scale)
+
+
+def _kept_samples(loss_fn: LossFunction, y: Tensor | None) -> Tensor | None:
+    """Return the samples in the loss (bool ``(n,)``), or None when every sample is.
+
+    Cross-entropy drops the samples whose class-index target is its ``ignore_index``: they
+    contribute nothing to the loss, its GGN, its Fisher or KFAC's factors (their inputs too).
+    """
+    family, _, options = _describe(loss_fn)
+    if family != "cross_entropy" or y is None or y.is_floating_point():
+        return None
+    kept = y != options["ignore_index"]
+    return None if bool(kept.all()) else kept
 
 
 def _fisher_family(loss_fn: LossFunction) -> str:

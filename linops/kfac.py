@@ -44,7 +44,7 @@ from linops._kfac_sources import chain_batch, hook_batch
 from linops._kron import Layout, Slot, map_blocks
 from linops._types import Data, LossFunction, Params
 from linops.base import TorchLinearOperator
-from linops.fisher import _exact_factor, _fisher_family, _int_seed
+from linops.fisher import _exact_factor, _fisher_family, _int_seed, _kept_samples
 from linops.hessian import _LossOperator
 
 __all__ = ["KFACOperator"]  # EKFACOperator: linops.ekfac
@@ -59,7 +59,9 @@ class KFACOperator(_LossOperator):
     Parameters
     ----------
     model, loss_fn, data, params, **kwargs
-        As in :class:`linops.FisherOperator` (CE, MSE, BCE-with-logits; mean or sum);
+        As in :class:`linops.FisherOperator` (CE with ``(N, C)`` logits, MSE,
+        BCE-with-logits; mean or sum; samples whose CE target is ``ignore_index`` enter
+        neither factor, so :math:`A` averages over the samples in the loss);
         ``params`` must select only weights and biases of ``nn.Linear`` and ``nn.Conv2d``
         (``padding_mode="zeros"``; integer, ``"same"`` or ``"valid"`` padding) layers. A
         layer's forward multiplier (a ``multiplier`` attribute: ``y = c W x + b``) enters the
@@ -286,7 +288,7 @@ class KFACOperator(_LossOperator):
         return p - p.bernoulli(generator=gen)
 
     def _layer_gradients(self) -> Any:
-        r"""Yield per batch ``(inputs, grads)`` of every layer.
+        r"""Yield per batch ``(inputs, grads, kept)`` of every layer.
 
         Each layer's (augmented) inputs ``(n, L, d_in)`` and, per factor column ``r``, its
         backpropagated ``(n, L, d_out)`` gradients, scaled so that
@@ -296,16 +298,26 @@ class KFACOperator(_LossOperator):
         and the gradients one batched backward sweep of all columns; otherwise module hooks
         and one autograd backward pass per column. A weight's input carries the layer's
         forward multiplier (``y = c W x + b``: the weight's gradient is :math:`c\,g x^\top`).
+        ``kept``: the samples in the loss (None: all; cross-entropy's ignored targets are not,
+        and their gradients are zero).
         """
         gen = torch.Generator(device=self.device).manual_seed(self.seed)
         reduction = self._reduce()
         for b, (w, (x, y)) in enumerate(zip(self._weights(), self.batches, strict=True)):
+            kept = _kept_samples(self.loss_fn, y)
 
-            def scaled(f: Tensor, y: Any = y, w: float = w) -> Tensor:
+            def scaled(f: Tensor, y: Any = y, w: float = w, kept: Any = kept) -> Tensor:
+                if self.family == "cross_entropy" and f.dim() != 2:
+                    raise ValueError(
+                        "loss_fn: expected (N, C) logits for KFAC of cross-entropy, got outputs "
+                        f"of shape {tuple(f.shape)} (fold the positions into the batch: "
+                        "(N T, C) logits and (N T,) targets)"
+                    )
                 normaliser: Any = reduction.normaliser
                 W_b = 1.0 if reduction.kind == "sum" else float(normaliser(f, y))
                 f2 = f.reshape(f.shape[0], -1).detach()
-                return self._output_factor(f2, y, gen) * math.sqrt(w / W_b)
+                S = self._output_factor(f2, y, gen) * math.sqrt(w / W_b)
+                return S if kept is None else S * kept.to(S.dtype)[:, None]
 
             def chained(chain: Chain, x: Any = x, scaled: Any = scaled) -> Any:
                 return chain_batch(self.space, self.layers, chain, x, scaled)
@@ -321,7 +333,7 @@ class KFACOperator(_LossOperator):
                 if not self.separate and self.layers[name][1] is not None:
                     a = inputs[k]
                     inputs[k] = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-            yield inputs, grads
+            yield inputs, grads, kept
 
     def compute_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Return the Kronecker factors ``{module name: (A, G)}`` (computed once, then kept)."""
@@ -330,9 +342,11 @@ class KFACOperator(_LossOperator):
             A: dict[str, Any] = dict.fromkeys(self.units, 0)
             G: dict[str, Any] = dict.fromkeys(self.units, 0)
             expand = self.kfac_approx == "expand"
-            for inputs, grads in self._layer_gradients():
+            ignored = 0
+            for inputs, grads, kept in self._layer_gradients():
+                ignored += 0 if kept is None else int((~kept).sum())
                 for k in self.units:
-                    a = inputs[k]
+                    a = inputs[k] if kept is None else inputs[k][kept]
                     if expand:  # every shared position a sample: mean over N L
                         a = a.reshape(-1, a.shape[-1]) / math.sqrt(inputs[k].shape[1])
                     else:  # reduce: the mean input and the summed gradient per sample
@@ -341,6 +355,10 @@ class KFACOperator(_LossOperator):
                     for g in grads:
                         g = g[k].reshape(-1, g[k].shape[-1]) if expand else g[k].sum(dim=1)
                         G[k] = G[k] + g.mT @ g
+            if ignored == N:
+                raise ValueError("data: every target is cross-entropy's ignore_index")
+            if ignored:  # A is the mean over the samples in the loss
+                A = {k: a * (N / (N - ignored)) for k, a in A.items()}
             self.factors = {k: (A[k], G[k]) for k in self.units}
         return self.factors
 

@@ -720,3 +720,44 @@ def test_a_selected_layer_the_forward_never_calls_has_a_zero_block() -> None:
         alone = KFACOperator(model, nn.MSELoss(), (X, y), params=["a"], kfac_approx=approx)
         assert _rel(K[:15, :15], alone.to_dense()) < 1e-14
         assert not K[15:].any() and not K[:, 15:].any()
+
+
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+@pytest.mark.parametrize("cls", [KFACOperator, EKFACOperator])
+def test_ignored_targets_leave_the_factors(cls: type, fisher_type: str) -> None:
+    """KFAC of data with ignored targets (cross-entropy's ignore_index) is KFAC of the kept
+    samples: their inputs are not in A (it used them and counted them in N: 0.70 relative)."""
+    for route_model in (
+        _setup("ce")[0],  # a chain
+        _InplaceAfterLinear(False).double(),  # hooks
+    ):
+        torch.manual_seed(4)
+        X, y = torch.randn(9, 4, dtype=F64), torch.randint(0, 3, (9,))
+        y[[0, 4, 5]] = -100
+        kept = y != -100
+        for reduction in ("mean", "sum"):
+            loss = nn.CrossEntropyLoss(reduction=reduction)
+            ours = cls(route_model, loss, [(X[:4], y[:4]), (X[4:], y[4:])], fisher_type=fisher_type)
+            ref = cls(route_model, loss, (X[kept], y[kept]), fisher_type=fisher_type)
+            assert _rel(ours.to_dense(), ref.to_dense()) < 1e-13
+
+
+def test_cross_entropy_over_positions_and_all_ignored_targets_are_refused() -> None:
+    class Tagger(nn.Module):  # (N, C, T) logits: one softmax per position
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x).transpose(1, 2)
+
+    X = torch.randn(5, 2, 4, dtype=F64)
+    with pytest.raises(ValueError, match=r"expected \(N, C\) logits for KFAC of cross-entropy"):
+        KFACOperator(Tagger().double(), nn.CrossEntropyLoss(), (X, torch.zeros(5, 2).long())).trace()
+    model, _ = _setup("ce")
+    y = torch.full((4,), -100)
+    X = torch.randn(4, 4, dtype=F64)
+    with pytest.raises(ValueError, match="every target ignored"):
+        KFACOperator(model, nn.CrossEntropyLoss(), (X, y)).to_dense()
+    with pytest.raises(ValueError, match="every target is cross-entropy's ignore_index"):
+        KFACOperator(model, nn.CrossEntropyLoss(reduction="sum"), (X, y)).to_dense()
