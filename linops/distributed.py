@@ -221,6 +221,37 @@ def global_sum(op: ModelOperator, local: Callable[[], float], *, what: str) -> f
     return float(t.item())
 
 
+def global_tensor_sums(
+    op: ModelOperator, local: Callable[[], list[torch.Tensor]], *, what: str
+) -> list[torch.Tensor]:
+    """Return the entrywise sums over the ranks of the tensors ``local()`` returns.
+
+    For statistics accumulated over each rank's data (KFAC's factors, EKFAC's corrections):
+    one all-reduce of their concatenation. Guarded like :func:`global_sum`: a failure of
+    ``local`` on one rank, or ranks that hold different shapes, raise
+    :class:`DistributedError` on every rank; call it outside a product's local work.
+    """
+    group = op.process_group
+    parts = guarded(
+        group,
+        local,
+        device=op.device,
+        what=f"{type(op).__name__}: {what}",
+        exact=lambda ts: {
+            "operator": operator_tag(op),
+            "tensors": len(ts),
+            "entries": sum(t.numel() for t in ts),
+        },
+    )
+    if not parts:
+        return []
+    flat = torch.cat([t.reshape(-1) for t in parts])
+    dist.all_reduce(flat, group=group)
+    return [
+        t.view(p.shape) for t, p in zip(flat.split([p.numel() for p in parts]), parts, strict=True)
+    ]
+
+
 def gather_counts(
     op: ModelOperator, local: Callable[[], tuple[int, dict[str, int]]], *, device: torch.device
 ) -> list[int]:

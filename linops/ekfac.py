@@ -43,21 +43,27 @@ class EKFACOperator(KFACOperator):
     def _eigen(self) -> dict[str, tuple[Tensor, ...]]:
         if self._corrected is None:
             basis = super()._eigen()
-            E: dict[str, list[Any]] = {k: [0, 0] for k in self.units}
-            for inputs, grads, _ in self._layer_gradients():
-                for k, (QA, QG, _, _) in basis.items():
-                    Ar = inputs[k] @ QA  # (n, L, d_A): L positions sharing the weight
-                    Ar2 = Ar[:, 0].pow(2) if Ar.shape[1] == 1 else None
-                    for g in grads:
-                        Gr = g[k] @ QG
-                        # the rotated per-sample gradient sum_l (Q_G^T g_l)(Q_A^T a_l)^T; with
-                        # one position its square is the outer product of the squares: one GEMM
-                        if Ar2 is not None:
-                            sq = Gr[:, 0].pow(2).mT @ Ar2
-                        else:
-                            sq = (Gr.mT @ Ar).pow(2).sum(0)
-                        E[k][0] = E[k][0] + sq
-                        E[k][1] = E[k][1] + Gr.sum(1).pow(2).sum(0)[:, None]
+
+            def local() -> list[Tensor]:
+                E: dict[str, list[Any]] = {k: [0, 0] for k in self.units}
+                for inputs, grads, _ in self._layer_gradients():
+                    for k, (QA, QG, _, _) in basis.items():
+                        Ar = inputs[k] @ QA  # (n, L, d_A): L positions sharing the weight
+                        Ar2 = Ar[:, 0].pow(2) if Ar.shape[1] == 1 else None
+                        for g in grads:
+                            Gr = g[k] @ QG
+                            # the rotated per-sample gradient sum_l (Q_G^T g_l)(Q_A^T a_l)^T;
+                            # with one position its square is the outer product of the squares
+                            if Ar2 is not None:
+                                sq = Gr[:, 0].pow(2).mT @ Ar2
+                            else:
+                                sq = (Gr.mT @ Ar).pow(2).sum(0)
+                            E[k][0] = E[k][0] + sq
+                            E[k][1] = E[k][1] + Gr.sum(1).pow(2).sum(0)[:, None]
+                return [t for k in self.units for t in E[k]]
+
+            sums = self._global_sums(local, "eigenvalue corrections")
+            E = {k: sums[2 * i : 2 * i + 2] for i, k in enumerate(self.units)}
             self._corrected = {k: (QA, QG, *E[k]) for k, (QA, QG, _, _) in basis.items()}
         return self._corrected
 

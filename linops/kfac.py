@@ -336,31 +336,54 @@ class KFACOperator(_LossOperator):
             yield inputs, grads, kept
 
     def compute_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """Return the Kronecker factors ``{module name: (A, G)}`` (computed once, then kept)."""
+        """Return the Kronecker factors ``{module name: (A, G)}`` (computed once, then kept).
+
+        With a ``process_group`` each rank accumulates over its own data and one all-reduce
+        sums the factors (and the count of ignored targets), so every rank holds the factors
+        of the whole dataset.
+        """
         if self.factors is None:
             N = self.num_samples
-            A: dict[str, Any] = dict.fromkeys(self.units, 0)
-            G: dict[str, Any] = dict.fromkeys(self.units, 0)
             expand = self.kfac_approx == "expand"
-            ignored = 0
-            for inputs, grads, kept in self._layer_gradients():
-                ignored += 0 if kept is None else int((~kept).sum())
-                for k in self.units:
-                    a = inputs[k] if kept is None else inputs[k][kept]
-                    if expand:  # every shared position a sample: mean over N L
-                        a = a.reshape(-1, a.shape[-1]) / math.sqrt(inputs[k].shape[1])
-                    else:  # reduce: the mean input and the summed gradient per sample
-                        a = a.mean(dim=1)
-                    A[k] = A[k] + a.mT @ a / N
-                    for g in grads:
-                        g = g[k].reshape(-1, g[k].shape[-1]) if expand else g[k].sum(dim=1)
-                        G[k] = G[k] + g.mT @ g
+
+            def local() -> list[Tensor]:
+                A: dict[str, Any] = dict.fromkeys(self.units, 0)
+                G: dict[str, Any] = dict.fromkeys(self.units, 0)
+                ignored = 0
+                for inputs, grads, kept in self._layer_gradients():
+                    ignored += 0 if kept is None else int((~kept).sum())
+                    for k in self.units:
+                        a = inputs[k] if kept is None else inputs[k][kept]
+                        if expand:  # every shared position a sample: mean over N L
+                            a = a.reshape(-1, a.shape[-1]) / math.sqrt(inputs[k].shape[1])
+                        else:  # reduce: the mean input and the summed gradient per sample
+                            a = a.mean(dim=1)
+                        A[k] = A[k] + a.mT @ a / N
+                        for g in grads:
+                            g = g[k].reshape(-1, g[k].shape[-1]) if expand else g[k].sum(dim=1)
+                            G[k] = G[k] + g.mT @ g
+                count = torch.tensor([float(ignored)], dtype=self.torch_dtype, device=self.device)
+                return [t for k in self.units for t in (A[k], G[k])] + [count]
+
+            parts = self._global_sums(local, "Kronecker factors")
+            ignored = round(float(parts.pop()))
             if ignored == N:
                 raise ValueError("data: every target is cross-entropy's ignore_index")
-            if ignored:  # A is the mean over the samples in the loss
-                A = {k: a * (N / (N - ignored)) for k, a in A.items()}
-            self.factors = {k: (A[k], G[k]) for k in self.units}
+            scale = N / (N - ignored)  # A is the mean over the samples in the loss
+            self.factors = {
+                k: (parts[2 * i] * scale if ignored else parts[2 * i], parts[2 * i + 1])
+                for i, k in enumerate(self.units)
+            }
         return self.factors
+
+    def _global_sums(self, local: Any, what: str) -> list[Tensor]:
+        """``local()``, summed over the ranks of the process group (if any)."""
+        if self.process_group is None:
+            return local()
+        from linops.distributed import global_tensor_sums
+
+        self._weights()  # its collective (the loss normaliser) before the guarded local work
+        return global_tensor_sums(self, local, what=what)
 
     # ------------------------------------------------------------------ products
     def _apply(self, X: Tensor, adjoint: bool = False) -> Tensor:

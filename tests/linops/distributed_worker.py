@@ -92,6 +92,13 @@ def scenario_products(rank: int, out: dict, errors: dict) -> None:
     out["H_V"], out["H_v"], out["H_dense"] = H @ V, H @ V[:, 0], H.to_dense()
     out["G_V"], out["J_V"], out["JT_U"] = G @ V, J @ V, J.T @ U
     out["K_U"], out["J_dense"] = K @ U, J.to_dense()
+    # the curvature family: products all-reduced (EF, Fisher), factors all-reduced (KFAC, EKFAC)
+    ef = linops.EmpiricalFisherOperator(model, loss, data, process_group=world, batch_size=2)
+    fisher = linops.FisherOperator(model, loss, data, process_group=world, batch_size=3)
+    out["EF_V"], out["F_V"] = ef @ V, fisher @ V
+    for cls in (linops.KFACOperator, linops.EKFACOperator):
+        kfac = cls(model, loss, data, process_group=world, batch_size=2)
+        out[f"{cls.__name__}_dense"] = kfac.to_dense()
     out["JTJ_V"] = (J.T @ J) @ V  # Gauss-Newton-type product through the replicated J
     out["lanczos_H"] = lanczos(H, 4, "LA", seed=3).eigenvalues
     out["lanczos_K"] = lanczos(K, 3, "LA", seed=4).eigenvalues

@@ -117,7 +117,11 @@ def reference() -> dict[str, np.ndarray]:
         "lanczos_K": lanczos(K, 3, "LA", seed=4).eigenvalues,
         "svds_J": svds(J, 3, seed=5).singular_values,
         "rsvd_J": randomized_svd(J, 3, seed=9).singular_values,
+        "EF_V": linops.EmpiricalFisherOperator(model, torch.nn.MSELoss(), (X, y)) @ V,
+        "F_V": linops.FisherOperator(model, torch.nn.MSELoss(), (X, y)) @ V,
     }
+    for cls in (linops.KFACOperator, linops.EKFACOperator):
+        ref[f"{cls.__name__}_dense"] = cls(model, torch.nn.MSELoss(), (X, y)).to_dense()
     from distributed_worker import hutchinson, library_traces
 
     ref["hutch_H"] = torch.tensor(hutchinson(H, 6, seed=6))
@@ -131,6 +135,7 @@ def reference() -> dict[str, np.ndarray]:
 KEYS = [
     "H_V", "H_v", "H_dense", "G_V", "J_V", "JT_U", "K_U", "J_dense", "JTJ_V",
     "lanczos_H", "lanczos_K", "svds_J", "rsvd_J", "hutch_H", "hutch_K", "colpar_dense", "colpar_resumed",
+    "EF_V", "F_V", "KFACOperator_dense", "EKFACOperator_dense",
 ]  # fmt: skip
 
 

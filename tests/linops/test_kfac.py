@@ -753,7 +753,9 @@ def test_cross_entropy_over_positions_and_all_ignored_targets_are_refused() -> N
 
     X = torch.randn(5, 2, 4, dtype=F64)
     with pytest.raises(ValueError, match=r"expected \(N, C\) logits for KFAC of cross-entropy"):
-        KFACOperator(Tagger().double(), nn.CrossEntropyLoss(), (X, torch.zeros(5, 2).long())).trace()
+        KFACOperator(
+            Tagger().double(), nn.CrossEntropyLoss(), (X, torch.zeros(5, 2).long())
+        ).trace()
     model, _ = _setup("ce")
     y = torch.full((4,), -100)
     X = torch.randn(4, 4, dtype=F64)
