@@ -95,8 +95,9 @@ def find_layers(space: ParamSpace, x: torch.Tensor) -> list[Layer]:
     Raises
     ------
     ValueError
-        If a layer runs twice in one forward pass (weight sharing), no layer is found, or a
-        trained parameter belongs to no Linear / Conv2d layer.
+        If a layer runs twice in one forward pass or two layers share a parameter (weight
+        sharing), no layer is found, or a trained parameter belongs to no Linear / Conv2d
+        layer.
     """
     names: dict[nn.Module, str] = {
         m: n for n, m in space.model.named_modules() if isinstance(m, LAYER_TYPES)
@@ -120,6 +121,16 @@ def find_layers(space: ParamSpace, x: torch.Tensor) -> list[Layer]:
             h.remove()
     if not order:
         raise ValueError("model: expected at least one Linear or Conv2d layer, got none")
+    owner: dict[int, str] = {}
+    for m in order:  # tied weights: a second layer's use would be left out of the guesses
+        for short, p in m.named_parameters(recurse=False):
+            if id(p) in owner:
+                raise ValueError(
+                    f"model: expected each Linear/Conv2d layer to own its parameters, got "
+                    f"{_prefix(names[m]) + short!r} tied to {owner[id(p)]!r} (shared weights "
+                    "are not supported)"
+                )
+            owner[id(p)] = _prefix(names[m]) + short
     trained = set(space.names)
     layers = []
     for m in order:

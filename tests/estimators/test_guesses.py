@@ -312,6 +312,10 @@ def test_layer_errors():
     net = nn.Sequential(shared, nn.ReLU(), shared)
     with pytest.raises(ValueError, match="run once per forward pass"):
         WTranspose()(net, None, x, torch.randn(7, 4, dtype=torch.float64), F.mse_loss)
+    tied = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)).double()
+    tied[2].weight = tied[0].weight  # one parameter, two layers: named_parameters lists it once
+    with pytest.raises(ValueError, match="'2.weight' tied to '0.weight'"):
+        WTranspose()(tied, None, x, torch.randn(7, 4, dtype=torch.float64), F.mse_loss)
 
     class NoLayer(nn.Module):
         def __init__(self):
