@@ -293,14 +293,17 @@ class Batches:
             return self._split_mapping(data)
         if isinstance(data, torch.Tensor) and not self._targets:
             data = cast(Any, (data,))
+        if isinstance(data, list) and len(data) > 1 and not self._targets:
+            return data  # inputs only: a list of tensors is a list of batches, not (X, y)
         if isinstance(data, tuple | list) and data and isinstance(data[0], torch.Tensor):
             parts = len(data)  # (a separate name: mypy would read len() as a tuple's length)
             if parts == 2 or (parts == 1 and not self._targets):
                 n, bs = len(data[0]), self._batch_size or max(1, len(data[0]))
-                if self._targets and len(data[1]) != n:
+                if parts == 2 and isinstance(data[1], torch.Tensor) and len(data[1]) != n:
+                    what = "" if self._targets else " (input batches: pass them as a list)"
                     raise ValueError(
                         f"data: expected inputs and targets of equal length, got {n} and "
-                        f"{len(data[1])}"
+                        f"{len(data[1])}{what}"
                     )
                 return [tuple(t[i : i + bs] for t in data) for i in range(0, n, bs)]
             if self._targets:

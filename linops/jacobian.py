@@ -42,8 +42,8 @@ class JacobianOperator(ModelOperator):
         The network; evaluated at its current parameter values (or at ``params`` if given as
         a mapping).
     inputs
-        A tensor of inputs ``(n, ...)``, an ``(X, y)`` pair (``y`` ignored), or an iterable of
-        batches.
+        A tensor of inputs ``(n, ...)``, an ``(X, y)`` tuple (``y`` ignored), or an iterable of
+        batches (a list of tensors is a list of input batches).
     params
         Which parameters (see :class:`linops.ParamSpace`); columns follow its order.
     output_index

@@ -292,3 +292,24 @@ def test_batchnorm_buffers_are_held_fixed_in_eval_mode() -> None:
     J = linops.JacobianOperator(model, X)
     assert _close(J.to_dense(), _dense_jacobian(case)) < RTOL
     assert torch.equal(model[1].running_mean, before)
+
+
+def test_inputs_only_operators_read_a_list_of_tensors_as_batches() -> None:
+    """A list of two equal-length input batches was read as an (X, y) pair: half the data was
+    silently dropped. A list is batches; a tuple is (X, y) with y ignored."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+    ).double()
+    X = torch.randn(8, 4, dtype=torch.float64)
+    J = linops.JacobianOperator(model, X).to_dense()
+    for batches in ([X[:4], X[4:]], [X[:3], X[3:6], X[6:]], [X[:5], X[5:]]):
+        got = linops.JacobianOperator(model, batches).to_dense()
+        assert torch.allclose(got, J, rtol=1e-14, atol=1e-14)
+    K = linops.NTKOperator(model, [X[:4], X[4:]])
+    assert K.shape == (24, 24)
+    assert torch.allclose(K.to_dense(), J @ J.T, rtol=1e-13, atol=1e-13)
+    pair = linops.JacobianOperator(model, (X, torch.zeros(8, dtype=torch.long)))
+    assert torch.allclose(pair.to_dense(), J, rtol=1e-14, atol=1e-14)
+    with pytest.raises(ValueError, match="equal length, got 4 and 3 .input batches: pass them"):
+        linops.JacobianOperator(model, (X[:4], X[4:7]))
