@@ -61,7 +61,7 @@ from typing import Any, NamedTuple
 import torch
 
 from estimators._budget import count_within
-from estimators.density import _spectral_density
+from estimators.density import _spectral_density, grid_points
 from estimators.seeding import Seed, make_generator
 from estimators.trace import TraceEstimate
 from linops import ArrayLike, OperatorLike
@@ -208,7 +208,8 @@ def js_distance(p: ArrayLike, q: ArrayLike) -> float:
     Raises
     ------
     ValueError
-        For arrays of different shapes, negative entries, or a density that is zero everywhere.
+        For arrays of different shapes, negative or non-finite entries, or a density that is
+        zero everywhere.
 
     References
     ----------
@@ -224,8 +225,8 @@ def js_distance(p: ArrayLike, q: ArrayLike) -> float:
     if P.shape != Q.shape:
         raise ValueError(f"p, q: expected densities on one grid, got {P.numel()} and {Q.numel()}")
     for name, t in (("p", P), ("q", Q)):
-        if bool((t < 0).any()) or not float(t.sum()) > 0:
-            raise ValueError(f"{name}: expected a non-negative density that is not all zero")
+        if bool((t < 0).any()) or not float(t.sum()) > 0 or not bool(t.isfinite().all()):
+            raise ValueError(f"{name}: expected a finite non-negative density that is not all zero")
     P, Q = P / P.sum(), Q / Q.sum()
     M = (P + Q) / 2
     kl = (torch.xlogy(P, P) - torch.xlogy(P, M)).sum() + (
@@ -500,10 +501,7 @@ def blockwise_spectra(
     sig = span / steps if sigma is None else float(sigma)
     if not sig > 0:
         raise ValueError(f"sigma: expected a positive number, got {sigma!r}")
-    points = min(
-        20_000,
-        max(kr.check_int(num_points, "num_points", 2), math.ceil(4 * (span + 10 * sig) / sig)),
-    )
+    points = grid_points(num_points, span + 10 * sig, sig)
     grid = torch.linspace(lo - 5 * sig, hi + 5 * sig, points, dtype=torch.float64)
 
     out: dict[str, BlockSpectrum] = {}

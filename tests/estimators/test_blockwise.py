@@ -150,6 +150,9 @@ def test_js_distance_properties() -> None:
     assert math.isnan(averaged_js_distance(p[None])[1])
     with pytest.raises(ValueError, match="non-negative"):
         js_distance([1.0, -1.0], [1.0, 1.0])
+    for bad in (float("inf"), float("nan")):  # inf gave 0.0 (a nan inside, hidden by max)
+        with pytest.raises(ValueError, match="finite non-negative"):
+            js_distance([1.0, bad], [1.0, 2.0])
 
 
 def test_identical_blocks_have_zero_distance() -> None:
