@@ -155,6 +155,8 @@ class _OutputFactorOperator(_LossOperator):
 
         total = torch.zeros(self.shape[0], dtype=self.torch_dtype, device=self.device)
         for w, (x, _), block in zip(self._weights(), self.batches, self._graphs(), strict=True):
+            if w == 0.0:  # a batch of zero-weight classes only (as in _accumulate)
+                continue
             S = block.factor_matrix()
             for i in range(0, len(x), max_samples):
                 parts = jac(values, x[i : i + max_samples])

@@ -161,6 +161,8 @@ class _LossOperator(ModelOperator):
         total: list[torch.Tensor] | None = None
         owned = False  # whether total holds tensors of its own (else the first batch's)
         for w, graph in zip(self._weights(), self._graphs(), strict=True):
+            if w == 0.0:  # a mean's batch of zero weight (only zero-weight classes) adds nothing;
+                continue  # torch's loss on it alone is 0 / 0
             part = product(graph, tangents, batched)
             if total is None:
                 # a weight of 1 (one batch): no scaled copy per parameter tensor (65 muls and
@@ -173,7 +175,7 @@ class _LossOperator(ModelOperator):
                 # in place: a streamed pass holds one running sum, not a new one per batch
                 for a, t in zip(total, part, strict=True):
                     a.add_(t, alpha=w)
-        assert total is not None  # the data has at least one batch
+        assert total is not None  # the weights sum to 1
         return self._join_params(total, batched)
 
 

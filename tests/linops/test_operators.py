@@ -313,3 +313,24 @@ def test_inputs_only_operators_read_a_list_of_tensors_as_batches() -> None:
     assert torch.allclose(pair.to_dense(), J, rtol=1e-14, atol=1e-14)
     with pytest.raises(ValueError, match="equal length, got 4 and 3 .input batches: pass them"):
         linops.JacobianOperator(model, (X[:4], X[4:7]))
+
+
+def test_a_batch_of_zero_weight_classes_only_adds_nothing() -> None:
+    """CrossEntropyLoss(weight=...) over batches, one holding only classes of weight 0: torch's
+    loss on that batch alone is 0 / 0; it raised "the product contains NaN". Also ignore_index."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+    ).double()
+    X = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.tensor([1, 2, 0, 0, 0, 1, 2, 0])
+    weighted = torch.nn.CrossEntropyLoss(weight=torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64))
+    ignored = y.masked_fill(y == 0, -100)
+    for loss, t in ((weighted, y), (torch.nn.CrossEntropyLoss(), ignored)):
+        batches = [(X[:2], t[:2]), (X[2:5], t[2:5]), (X[5:], t[5:])]
+        for cls in (linops.HessianOperator, linops.GGNOperator, linops.EmpiricalFisherOperator):
+            ref = cls(model, loss, (X, t)).to_dense()
+            got = cls(model, loss, batches).to_dense()
+            assert torch.allclose(got, ref, rtol=1e-13, atol=1e-15), cls.__name__
+        ef = linops.EmpiricalFisherOperator(model, loss, batches).diagonal()
+        assert torch.allclose(ef, ref.diagonal(), rtol=1e-13, atol=1e-15)
