@@ -167,6 +167,23 @@ class ModelOperator(TorchLinearOperator):
         forward pass reproduces the model's outputs, else autograd; ``"chain"`` requires it and
         ``"autograd"`` never takes it.
         """
+        self._find_chain()
+        if isinstance(self._chain, Chain):
+            try:
+                graph = chained(self._chain)
+                self.route = self.route or "chain"
+                return graph
+            except ChainMismatch as err:
+                if self._route_request == "chain":
+                    raise ValueError(
+                        f"route: the chain does not reproduce the model: {err}"
+                    ) from None
+                self._chain = None
+        self.route = "autograd"
+        return autograd()
+
+    def _find_chain(self) -> None:
+        """Look for the model's chain once (:meth:`_route_graph`): a Chain, or None."""
         if self._chain is False:
             keywords = self.batches.keyword_inputs
             found = None if self._route_request == "autograd" or keywords else Chain.of(self.space)
@@ -183,19 +200,6 @@ class ModelOperator(TorchLinearOperator):
                     f"linops_chain()), got {type(self.model).__name__}"
                 )
             self._chain = found
-        if isinstance(self._chain, Chain):
-            try:
-                graph = chained(self._chain)
-                self.route = self.route or "chain"
-                return graph
-            except ChainMismatch as err:
-                if self._route_request == "chain":
-                    raise ValueError(
-                        f"route: the chain does not reproduce the model: {err}"
-                    ) from None
-                self._chain = None
-        self.route = "autograd"
-        return autograd()
 
     def _build_graph(self, x: torch.Tensor, y: torch.Tensor | None) -> Any:
         raise NotImplementedError
@@ -247,6 +251,7 @@ class ModelOperator(TorchLinearOperator):
             with contextlib.suppress(RuntimeError):  # an output of a transform (vmap, jvp)
                 seen.append(_output_print(out))
 
+        self._find_chain()  # before the hook below, which a chain must not have
         hook = self.space.model.register_forward_hook(record)
         try:
             g = self._build_graph(x, y)

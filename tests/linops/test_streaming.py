@@ -99,6 +99,19 @@ def test_streamed_loss_operator_equals_cached_bitwise(case: str, cls: Any) -> No
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("cls", [HessianOperator, GGNOperator, EmpiricalFisherOperator])
+def test_cache_false_takes_the_cached_route_and_equals_it_bitwise(case: str, cls: Any) -> None:
+    """cache=False rebuilt the first graph under the forward-print hook, which the chain
+    recogniser read as a user's hook: the route fell back to autograd (last-bit differences)."""
+    cached, _, data = _pair(_loss_op, cls, case)
+    rebuilt = _loss_op(cls, cached.model, data, route=CASES[case][2], cache=False)
+    V = _vectors(cached.shape[1], 3)
+    assert torch.equal(rebuilt @ V, cached @ V)
+    routes = {op.route.split(",")[0] for op in (rebuilt, cached)}
+    assert routes == {"chain" if case == "mlp-chain" else "autograd"}
+
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_streamed_jacobian_and_ntk_equal_cached_bitwise(case: str) -> None:
     J, Js, _ = _pair(_jac_op, JacobianOperator, case, max_vectors=3)
     V, U = _vectors(J.shape[1], 4), _vectors(J.shape[0], 4)
