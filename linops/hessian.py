@@ -16,10 +16,12 @@ The output Hessian is the laziness numerator of section 3.2 of "Leveraging Low R
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from linops._autodiff import (
     GradientGraph,
@@ -92,7 +94,8 @@ class _LossOperator(ModelOperator):
             memory_budget=memory_budget,
             label_key=label_key,
         )
-        self.loss_fn, self._reduction = loss_fn, reduction
+        self._given_loss = loss_fn
+        self.loss_fn, self._reduction = _loss_in(loss_fn, self.torch_dtype, self.device), reduction
         self._loss_reduction: Reduction | None = None
         self._batch_weights: list[float] | None = None
 
@@ -152,6 +155,11 @@ class _LossOperator(ModelOperator):
     def _reset_derived(self) -> None:
         self._batch_weights = None
 
+    def _to(self, dtype: torch.dtype, device: torch.device) -> Any:
+        new = super()._to(dtype, device)
+        new.loss_fn = _loss_in(self._given_loss, dtype, device)
+        return new
+
     def prepare_distributed(self) -> None:
         """Return the collectives a product needs first (the loss normaliser's sum over the ranks)."""
         self._weights()
@@ -177,6 +185,20 @@ class _LossOperator(ModelOperator):
                     a.add_(t, alpha=w)
         assert total is not None  # the weights sum to 1
         return self._join_params(total, batched)
+
+
+def _loss_in(loss_fn: LossFn, dtype: torch.dtype, device: torch.device) -> LossFn:
+    """Return the loss with its floating tensors in the operator's dtype and on its device.
+
+    Class weights and ``pos_weight`` of a loss module: converted in a copy, the caller's loss
+    unchanged.
+    """
+    if not isinstance(loss_fn, nn.Module):
+        return loss_fn
+    tensors = [*loss_fn.parameters(), *loss_fn.buffers()]
+    if all(t.device == device and (t.dtype == dtype or not t.is_floating_point()) for t in tensors):
+        return loss_fn
+    return copy.deepcopy(loss_fn).to(device=device, dtype=dtype)
 
 
 def _check_scalar_loss(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor | None) -> None:

@@ -200,3 +200,28 @@ def test_scipy_solvers_keep_working_on_a_float32_model_operator() -> None:
     vals = sla.eigsh(G, k=2, which="LA", v0=np.ones(G.shape[0]), tol=1e-4)[0]
     dense = G.to(torch.float64).to_dense().numpy()
     np.testing.assert_allclose(np.sort(vals), np.linalg.eigvalsh(dense)[-2:], rtol=1e-3)
+
+
+def test_a_loss_with_class_weights_follows_the_operator_dtype() -> None:
+    """dtype=float32 on a float64 model whose CrossEntropyLoss holds float64 class weights
+    failed in torch ('expected scalar type Float but found Double'): the loss's tensors are
+    converted in a copy, the caller's loss unchanged; .to(float64) converts back."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+    ).double()
+    X, y = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
+    weight = torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)
+    for loss in (
+        torch.nn.CrossEntropyLoss(weight=weight),
+        torch.nn.BCEWithLogitsLoss(pos_weight=weight),
+    ):
+        t = y if isinstance(loss, torch.nn.CrossEntropyLoss) else (y[:, None] == torch.arange(3))
+        t = t if isinstance(loss, torch.nn.CrossEntropyLoss) else t.double()
+        ref = linops.GGNOperator(model, loss, (X, t)).to_dense()
+        op = linops.GGNOperator(model, loss, (X, t), dtype=torch.float32)
+        assert op.dtype == np.float32
+        assert torch.allclose(op.to_dense().double(), ref, rtol=1e-4, atol=1e-6)
+        assert loss.weight is None or loss.weight.dtype == torch.float64  # not changed
+        back = op.to(torch.float64).to_dense()
+        assert torch.allclose(back, ref, rtol=1e-12, atol=1e-14)
