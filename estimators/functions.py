@@ -187,6 +187,10 @@ def _function(f: Any) -> tuple[Callable, str | None]:
     return f, None
 
 
+def _eps(op: Any) -> float:
+    return float(torch.finfo(op.torch_dtype).eps)
+
+
 def _bounds(name: str | None, gauss: float, radau: float) -> tuple[float, float]:
     if name == "log":
         return radau, gauss
@@ -292,6 +296,13 @@ def trace_function(
             ups.append(n * up)
         del V
     v = torch.tensor(vals, dtype=torch.float64)
+    scale = float(nodes.abs().max())
+    if name in ("log", "inverse") and float(nodes.min()) <= 64 * n * _eps(op) * scale:
+        raise ValueError(
+            f"f: expected a function defined on the spectrum of A + damping I; {name!r} needs "
+            f"it positive definite, got a node of {float(nodes.min()):.3g} against a largest "
+            f"of {scale:.3g} (indefinite or numerically singular: pass a damping > 0)"
+        )
     if not bool(torch.isfinite(v).all()):
         raise ValueError(
             f"f: expected a function defined on the spectrum of A + damping I, got non-finite "

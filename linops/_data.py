@@ -343,6 +343,8 @@ class Batches:
         moved: list[int] = []
         if isinstance(batch, Mapping):
             x, y = self._from_mapping(batch, index, moved)
+            if len(x) == 0:
+                raise ValueError(f"data: batch {index} has no samples; leave empty batches out")
             return (x, y), sum(moved)
         if isinstance(batch, torch.Tensor):
             x, y = batch, None
@@ -360,6 +362,8 @@ class Batches:
         else:
             x = self._move(x, f"batch {index} inputs", moved)
         y = self._move(y, f"batch {index} targets", moved) if self._targets else None
+        if len(x) == 0:  # one empty batch among others: its graphs cannot even be shaped
+            raise ValueError(f"data: batch {index} has no samples; leave empty batches out")
         return (x, y), sum(moved)
 
     def _from_mapping(self, batch: Mapping[str, Any], index: int, moved: list[int]) -> Batch:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from linops.base import TorchLinearOperator
-from linops.kfac import KFACOperator
+from linops.kfac import KFACOperator, _check_damping
 
 __all__ = ["EKFACOperator"]
 
@@ -91,7 +91,14 @@ class EKFACOperator(KFACOperator):
         return float(sum((v**2).sum() for v in self._eigenvalues())) ** 0.5
 
     def logdet(self, damping: float = 0.0) -> float:
-        r"""Return :math:`\sum \log(E + \lambda)`, the damped log-determinant."""
+        r"""Return :math:`\sum \log(E + \lambda)`, the damped log-determinant.
+
+        Raises
+        ------
+        ValueError
+            For a negative or non-finite damping.
+        """
+        _check_damping(damping, allow_zero=True)
         return float(sum(torch.log(v.clamp(min=0) + damping).sum() for v in self._eigenvalues()))
 
     def state_dict(self) -> dict[str, Any]:

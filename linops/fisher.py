@@ -132,8 +132,16 @@ class _OutputFactorOperator(_LossOperator):
         :math:`\sqrt2 I`, :math:`\operatorname{diag}(\sqrt{\sigma(1-\sigma)})` for the
         exact Fisher = GGN) and per-sample Jacobians :math:`J_n` (``torch.func``: ``vmap`` of
         ``jacrev`` over ``max_samples`` samples at a time, ``max_samples * d * m`` numbers
-        in memory). No products with the operator; a tensor of length ``m`` on its device.
+        in memory; one sample at a time for models ``vmap`` cannot batch, such as recurrent
+        layers). No products with the operator; a tensor of length ``m`` on its device.
+
+        Raises
+        ------
+        ValueError
+            For ``max_samples`` below 1.
         """
+        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+            raise ValueError(f"max_samples: expected an integer >= 1, got {max_samples!r}")
         names = self.space.names
         values = tuple(self.space.values().values())
 
@@ -144,14 +152,28 @@ class _OutputFactorOperator(_LossOperator):
                 return self.space.functional_call(params, one).reshape(-1)
             return self.space.functional_call(params, xi[None]).reshape(-1)
 
+        looped: list[bool] = []  # set once vmap has failed: one sample at a time from then on
+
         def jac(vals: tuple[Tensor, ...], x: Any) -> tuple[Tensor, ...]:
             fixed: dict[str, Any] = {}
             if isinstance(x, KeywordInputs):  # vmap over the batched tensors only
                 batched = {k: v for k, v in x.values.items() if isinstance(v, Tensor) and v.dim()}
                 fixed = {k: v for k, v in x.values.items() if k not in batched}
                 x = batched
-            per_sample = torch.func.vmap(torch.func.jacrev(f), in_dims=(None, 0, None))
-            return per_sample(vals, x, fixed)
+            if not looped:
+                try:
+                    return torch.func.vmap(torch.func.jacrev(f), in_dims=(None, 0, None))(
+                        vals, x, fixed
+                    )
+                except RuntimeError:  # no batching rule (recurrent layers, EmbeddingBag)
+                    looped.append(True)
+            n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+            one = torch.func.jacrev(f)
+            rows = [
+                one(vals, {k: v[i] for k, v in x.items()} if isinstance(x, dict) else x[i], fixed)
+                for i in range(n)
+            ]
+            return tuple(torch.stack(parts) for parts in zip(*rows, strict=True))
 
         total = torch.zeros(self.shape[0], dtype=self.torch_dtype, device=self.device)
         for w, (x, _), block in zip(self._weights(), self.batches, self._graphs(), strict=True):

@@ -33,6 +33,7 @@ References
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -262,9 +263,10 @@ class KFACOperator(_LossOperator):
 
     def _unreduced(self, out: Tensor, y: Tensor) -> Tensor:
         r"""Sum the per-sample losses (``reduction="sum"``): their gradients are :math:`\hat g_n`."""
-        kind: Any = type(self.loss_fn) if isinstance(self.loss_fn, nn.Module) else None
-        if kind is not None:
-            return kind(reduction="sum")(out, y)
+        if isinstance(self.loss_fn, nn.Module):  # a copy: keeps ignore_index and the like
+            summed: Any = copy.copy(self.loss_fn)
+            summed.reduction = "sum"
+            return summed(out, y)
         fn: Any = {
             "cross_entropy": nn.functional.cross_entropy,
             "mse": nn.functional.mse_loss,
@@ -511,7 +513,13 @@ class KFACOperator(_LossOperator):
         r"""Return :math:`\log\det(B + \lambda I) = \sum_\ell \sum_{ij} \log(a_i g_j + \lambda)`.
 
         From the factors' eigenvalues (``-inf`` for a singular undamped KFAC).
+
+        Raises
+        ------
+        ValueError
+            For a negative or non-finite damping.
         """
+        _check_damping(damping, allow_zero=True)
         total = 0.0
         for A, G in self._blocks():
             a, g = torch.linalg.eigvalsh(A).clamp(min=0), torch.linalg.eigvalsh(G).clamp(min=0)
@@ -533,8 +541,7 @@ class KFACOperator(_LossOperator):
         ValueError
             For a damping that is not positive.
         """
-        if not isinstance(damping, int | float) or not damping > 0:
-            raise ValueError(f"damping: expected a number > 0, got {damping!r}")
+        _check_damping(damping, allow_zero=False)
         from linops.ekfac import _EigenInverse
 
         return _EigenInverse(self, float(damping), heuristic)
@@ -589,3 +596,14 @@ def kfac_preconditioner(A: Any, damping: float, *, heuristic: bool = False) -> T
         label_key=A.label_key, **kw,
     )  # fmt: skip
     return K.inverse(damping, heuristic=heuristic)
+
+
+def _check_damping(damping: object, *, allow_zero: bool) -> None:
+    """Refuse a damping that is not a finite number > 0 (>= 0 with ``allow_zero``)."""
+    value = float(damping) if isinstance(damping, int | float) and damping is not True else None
+    if damping is False or value is None or not math.isfinite(value) or value < 0:
+        value = None
+    if value is None or (value == 0 and not allow_zero):
+        raise ValueError(
+            f"damping: expected a number {'>=' if allow_zero else '>'} 0, got {damping!r}"
+        )

@@ -139,6 +139,15 @@ def test_errors() -> None:
         trace_function(A, 3)
     with pytest.raises(ValueError, match="f: expected a function defined on the spectrum"):
         logdet(A - 2 * torch.eye(50, dtype=F64), num_probes=3, seed=0)
+    # a singular PSD matrix: tr(A^{-1}) was a finite -2.9e18, log det a finite number
+    Q = torch.linalg.qr(torch.randn(50, 50, generator=torch.Generator().manual_seed(0), dtype=F64))[
+        0
+    ]
+    singular = (Q[:, :12] * torch.linspace(0.1, 1, 12, dtype=F64)) @ Q[:, :12].T
+    for f in ("inverse", "log"):
+        with pytest.raises(ValueError, match=f"'{f}' needs it positive definite"):
+            trace_function(singular, f, num_probes=3, seed=0)
+    assert trace_function(singular, "inverse", damping=1e-3, num_probes=3, seed=0).estimate > 0
     with pytest.raises(ValueError, match="A: expected a square"):
         logdet(torch.zeros(3, 4, dtype=F64))
     with pytest.raises(ValueError, match="A: expected a symmetric"):

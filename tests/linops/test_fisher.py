@@ -292,3 +292,32 @@ def test_ignored_targets_leave_the_fisher(reduction: str) -> None:
     assert _rel(mc, ggn) < 0.05  # 0.76 with the ignored samples' draws
     ef = EmpiricalFisherOperator(model, loss, (X[kept], y[kept])).to_dense()
     assert _rel(EmpiricalFisherOperator(model, loss, (X, y)).to_dense(), ef) < 1e-13
+
+
+def test_exact_diagonal_of_models_vmap_cannot_batch() -> None:
+    """LSTM and EmbeddingBag have no vmap batching rule: diagonal() raised inside torch; it
+    now takes one sample at a time there. max_samples below 1 gave zeros (-1) or a range()
+    error (0)."""
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(4, 5, batch_first=True), nn.Linear(5, C)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    bag = nn.Sequential(nn.EmbeddingBag(9, 5, mode="mean"), nn.Linear(5, C))
+    cases = [
+        (Recurrent().double(), torch.randn(5, 4, 4, dtype=torch.float64)),
+        (bag.double(), torch.randint(0, 9, (6, 4))),
+    ]
+    for model, X in cases:
+        y = torch.randint(0, C, (len(X),))
+        for cls in (FisherOperator, EmpiricalFisherOperator):
+            op = cls(model, nn.CrossEntropyLoss(), [(X[:3], y[:3]), (X[3:], y[3:])])
+            assert _rel(op.diagonal(max_samples=2), op.to_dense().diagonal()) < 1e-13
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_samples: expected an integer >= 1"):
+            FisherOperator(model, nn.CrossEntropyLoss(), (X, y)).diagonal(max_samples=bad)

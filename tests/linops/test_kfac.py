@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -763,3 +765,23 @@ def test_cross_entropy_over_positions_and_all_ignored_targets_are_refused() -> N
         KFACOperator(model, nn.CrossEntropyLoss(), (X, y)).to_dense()
     with pytest.raises(ValueError, match="every target is cross-entropy's ignore_index"):
         KFACOperator(model, nn.CrossEntropyLoss(reduction="sum"), (X, y)).to_dense()
+
+
+def test_empirical_kfac_keeps_the_loss_options_and_logdet_refuses_negative_damping() -> None:
+    """KFAC's empirical gradients rebuilt the loss as type(loss)(reduction="sum"), dropping a
+    custom ignore_index (an IndexError on -1); logdet(-1e-3) returned nan."""
+    torch.manual_seed(0)
+    model, _ = _setup("ce")
+    X, y = torch.randn(8, 4, dtype=F64), torch.randint(0, 3, (8,))
+    y[[1, 6]] = -1
+    kept = y != -1
+    loss = nn.CrossEntropyLoss(ignore_index=-1)
+    for cls in (KFACOperator, EKFACOperator):
+        ours = cls(model, loss, (X, y), fisher_type="empirical").to_dense()
+        ref = cls(model, loss, (X[kept], y[kept]), fisher_type="empirical").to_dense()
+        assert _rel(ours, ref) < 1e-13
+        op = cls(model, nn.CrossEntropyLoss(), (X[kept], y[kept]))
+        for bad in (-1e-3, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="damping: expected a number >= 0"):
+                op.logdet(bad)
+        assert math.isfinite(op.logdet(1e-3))

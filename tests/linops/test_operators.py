@@ -334,3 +334,15 @@ def test_a_batch_of_zero_weight_classes_only_adds_nothing() -> None:
             assert torch.allclose(got, ref, rtol=1e-13, atol=1e-15), cls.__name__
         ef = linops.EmpiricalFisherOperator(model, loss, batches).diagonal()
         assert torch.allclose(ef, ref.diagonal(), rtol=1e-13, atol=1e-15)
+
+
+def test_an_empty_batch_among_others_is_refused_by_name() -> None:
+    """It failed deep inside ('cannot reshape tensor of 0 elements')."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    data = [(X[:3], y[:3]), (X[:0], y[:0]), (X[3:], y[3:])]
+    for cls in (linops.GGNOperator, linops.EmpiricalFisherOperator, linops.KFACOperator):
+        with pytest.raises(ValueError, match="data: batch 1 has no samples"):
+            cls(model, torch.nn.CrossEntropyLoss(), data).to_dense()
+    with pytest.raises(ValueError, match="data: batch 1 has no samples"):
+        linops.JacobianOperator(model, [{"input": X[:2]}, {"input": X[:0]}]).to_dense()
