@@ -212,3 +212,22 @@ def test_a_narrow_broadening_gets_a_grid_fine_enough_to_integrate_to_one(sigma) 
     else:
         again = sd.resmooth(sigma=sd.sigma / 2)
         assert np.trapezoid(again.density.numpy(), again.grid.numpy()) == pytest.approx(1.0)
+
+
+def test_trace_standard_error_is_hutchinsons_on_the_same_probes() -> None:
+    """The SLQ trace's standard error was the probes' sample standard error alone (7x too small
+    on a 5-parameter block with 6 probes); now the larger of it and the moment estimate, as
+    hutchinson_trace's, from the first Lanczos step's products."""
+    from estimators.trace import _quadratic_forms
+    from linops import blocks as kr
+
+    g = torch.Generator().manual_seed(3)
+    B = torch.randn(30, 30, generator=g, dtype=torch.float64)
+    A = B @ B.T / 30 + torch.diag(torch.linspace(0, 5, 30, dtype=torch.float64))
+    sd = spectral_density(A, num_probes=6, num_steps=8, seed=11)
+    op, _ = kr.prepare(A)
+    Z = torch.sign(kr.random_block(30, 6, op, kr.make_generator(11, op.device)))
+    mean, stderr = _quadratic_forms(Z, A @ Z, rademacher=True)
+    assert sd.trace.estimate == pytest.approx(mean, rel=1e-12)
+    assert sd.trace.stderr == pytest.approx(stderr, rel=1e-10)
+    assert sd.trace.stderr >= float((Z * (A @ Z)).sum(0).std()) / 6**0.5 - 1e-12
