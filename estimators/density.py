@@ -370,7 +370,8 @@ def _lanczos_batch(
         kr.check_products(W, (j + 1) * N)
         alpha[j] = kr.column_dots(V[cur], W).real
         if j == 0 and forms is not None:
-            forms.add_lanczos_start(V[0], W, alpha[0])
+            # without reorthogonalisation memory is short: no n-vector for the diagonal term
+            forms.add_lanczos_start(V[0], W, alpha[0], diagonal=reorthogonalize)
         if reorthogonalize:
             for _ in range(2):  # full reorthogonalisation, twice
                 W = W - torch.einsum(

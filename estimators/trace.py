@@ -134,18 +134,25 @@ class _Forms:
             self.total = part if self.total is None else self.total.add_(part)
             self.squares += float(D.mul_(D).sum())
 
-    def add_lanczos_start(self, V0: torch.Tensor, W: torch.Tensor, alpha0: torch.Tensor) -> None:
+    def add_lanczos_start(
+        self, V0: torch.Tensor, W: torch.Tensor, alpha0: torch.Tensor, *, diagonal: bool = True
+    ) -> None:
         r"""Add Rademacher probes :math:`z_j = \sqrt n\, v_j` from a Lanczos run's first step.
 
         ``W`` holds :math:`A v_j` and ``alpha0`` :math:`v_j^\top A v_j`; no ``n x N``
         temporaries: :math:`z^\top A z = n\alpha_0` and, as :math:`z = \pm 1`,
-        :math:`\|z \odot Az\| = \|Az\|`.
+        :math:`\|z \odot Az\| = \|Az\|`. ``diagonal=False`` spares the one ``n``-vector
+        that the estimate of :math:`\sum_i a_{ii}^2` needs (the moment estimate is then
+        :math:`2\|A\|_F^2`, an upper bound of the Rademacher variance).
         """
         n = V0.shape[0]
         self.samples.append(n * alpha0.real.to("cpu", torch.float64))
         fro2 = n * float((kr.column_norms(W).double() ** 2).sum())
         self.fro2 += fro2
         self.squares += fro2
+        if not diagonal:
+            self.rademacher = False  # result(): no diagonal term
+            return
         if self.total is None:
             self.total = torch.zeros(n, dtype=W.real.dtype, device=W.device)
         for j in range(V0.shape[1]):
