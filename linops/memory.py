@@ -267,6 +267,8 @@ def check_memory_budget(value: Any, name: str = "memory_budget") -> int | None:
         raise ValueError(f"{name}: expected a positive number of bytes or None, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number of bytes, got {value!r}")
+    if value < 1:  # int() would make it 0, and a later message name 0 instead of the value
+        raise ValueError(f"{name}: expected at least 1 byte, got {value!r}")
     return int(value)
 
 

@@ -205,3 +205,11 @@ def test_return_freed_memory_in_a_subprocess() -> None:
     code = "from linops.memory import return_freed_memory; print(return_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() in ("True", "False")
+
+
+def test_budget_refusals_name_the_value_given() -> None:
+    for bad, said in ((0, "0"), (0.5, "0.5"), (-5, "-5"), (True, "True")):
+        match = "expected at least 1 byte|expected a positive number of bytes"
+        with pytest.raises(ValueError, match=f"({match}), got {said}$"):
+            memory.check_memory_budget(bad)
+    assert memory.check_memory_budget(1.9) == 1
