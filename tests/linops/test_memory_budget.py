@@ -209,7 +209,7 @@ def test_return_freed_memory_in_a_subprocess() -> None:
 
 def test_budget_refusals_name_the_value_given() -> None:
     for bad, said in ((0, "0"), (0.5, "0.5"), (-5, "-5"), (True, "True")):
-        match = "expected at least 1 byte|expected a positive number of bytes"
+        match = "expected at least 1 byte|expected a positive number of bytes or None"
         with pytest.raises(ValueError, match=f"({match}), got {said}$"):
             memory.check_memory_budget(bad)
     assert memory.check_memory_budget(1.9) == 1
