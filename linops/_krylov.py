@@ -465,6 +465,7 @@ def completeness(
     rounds: int,
     k: int,
     room: bool,
+    broke: bool = False,
 ) -> str:
     """After verified convergence: ``"done"``, ``"inject"`` (one more round) or an error text.
 
@@ -475,12 +476,22 @@ def completeness(
     vector orthogonal to them (``"inject"``), asking for ``k + 1`` pairs; a round that
     changes the wanted values (``locked`` is the previous round's) found a missing copy and
     asks for another round; a round that changes nothing ends the search (``"done"``).
+    ``broke``: the Krylov space became invariant (an exact breakdown: the start vector had no
+    component along the other eigenvectors, e.g. copies of a value repeated exactly). Its
+    converged Ritz values are then eigenvalues but not necessarily the wanted ones, so the
+    first round is searched like a cluster.
     """
     if locked is not None:
         if bool(((vals.detach().cpu().to(locked) - locked).abs() <= tol * anorm).all()):
             return "done"
-    elif not clusters(vals, max(tol, float(torch.finfo(dtype).eps) ** 0.5) * anorm):
+    elif not broke and not clusters(vals, max(tol, float(torch.finfo(dtype).eps) ** 0.5) * anorm):
         return "done"
+    if not room and broke and locked is None:
+        return (
+            f"the Krylov space became invariant before the {k} wanted values were certified "
+            f"(an exact breakdown), and a search of its complement needs room for k + 1 = "
+            f"{k + 1} vectors plus a block in the basis; raise ncv"
+        )
     if not room:
         return (
             f"the {k} wanted values contain repeated values, and a search for missing copies "

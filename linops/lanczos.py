@@ -243,6 +243,7 @@ class _Lanczos:
         #: per column of ``AV``, a bound on ``||AV_i - A V_i|| / ||A||`` from recombining
         self.av_err = torch.zeros(ncv, dtype=torch.float64)
         self.j, self.nmv, self.anorm = 0, 0, 0.0
+        self.broke = False  # an exact breakdown happened (see kr.completeness)
         self.first: torch.Tensor | None = None
 
     def close(self) -> None:
@@ -300,6 +301,10 @@ class _Lanczos:
         # a scale for the tolerances only: the plain norm (1e-5 relative in float32) will do
         self.anorm = max(self.anorm, float(torch.linalg.vector_norm(W, dim=0).max()))
         self.P, C, R = kr.orth_qr(W, self._columns(j + b), self.gen, self.anorm)
+        if j + 2 * b <= self.n and bool(
+            (torch.linalg.diagonal(R).abs() <= 100 * torch.finfo(W.dtype).eps * self.anorm).any()
+        ):  # an exact breakdown (orth_qr went on in a random direction): see _Check
+            self.broke = True
         H = self.H
         H[: j + b, j : j + b] = C
         H[j : j + b, :j] = C[:j].mH
@@ -514,7 +519,9 @@ class _Check:
         if k == n:  # the whole space: nothing can be missing
             return self.result(Y, Sw, vals, res, True)
         room = k + 1 <= min(st.ncv - st.b, n - st.b)
-        todo = kr.completeness(vals, self.locked, self.tol, st.anorm, dt, self.rounds, k, room)
+        todo = kr.completeness(
+            vals, self.locked, self.tol, st.anorm, dt, self.rounds, k, room, st.broke
+        )
         if todo == "done":
             return self.result(Y, Sw, vals, res, True)
         if todo != "inject":

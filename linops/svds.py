@@ -196,6 +196,7 @@ class _Bidiag:
         self.e_AhU = torch.zeros(ncv, dtype=torch.float64)
         self.B = torch.zeros(ncv, ncv, **kw)
         self.j, self.nmv, self.anorm, self.ncv = 0, 0, 0.0, ncv
+        self.broke = False  # an exact breakdown happened (see kr.completeness)
 
     def apply(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
         W = self.op._apply(X, adjoint != self.flip)
@@ -215,6 +216,11 @@ class _Bidiag:
         self.AV[:, j : j + b], self.AhU[:, j : j + b] = X, Y
         self.e_AV[j : j + b], self.e_AhU[j : j + b] = 0.0, 0.0
         self.P, _, R = kr.orth_qr(Y, self.V[:, : j + b], self.gen, self.anorm)
+        tiny = 100 * torch.finfo(X.dtype).eps * self.anorm
+        if j + 2 * b <= min(self.op.shape) and any(
+            bool((torch.linalg.diagonal(T).abs() <= tiny).any()) for T in (Ru, R)
+        ):  # an exact breakdown (orth_qr went on in a random direction)
+            self.broke = True
         self.j = j + b
         return R
 
@@ -347,7 +353,9 @@ class _Bidiag:
         if k == short:  # all singular values: none can be missing
             return self.finish(u, v, sv, res, True, kind)
         room = k + 1 <= min(self.ncv - b, short - b)
-        todo = kr.completeness(sv, self.locked, tol, self.anorm, dt, self.rounds, k, room)
+        todo = kr.completeness(
+            sv, self.locked, tol, self.anorm, dt, self.rounds, k, room, self.broke
+        )
         if todo == "done":
             return self.finish(u, v, sv, res, True, kind)
         if todo != "inject":

@@ -438,3 +438,22 @@ def test_a_small_budget_shrinks_the_default_basis_and_refuses_an_explicit_one() 
         lanczos(A, 3, "LA", ncv=30, memory_budget=10 * A.shape[0] * 8)
     with pytest.raises(ValueError, match="not even k \\+ 1 = 4 vectors fit"):
         lanczos(A, 3, "LA", memory_budget=5 * A.shape[0] * 8)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM", "BE"])
+@pytest.mark.parametrize("k", [2, 4, 6])
+def test_an_exact_breakdown_is_not_taken_for_the_wanted_values(which: str, k: int) -> None:
+    """Eigenvalue 0 repeated exactly 117 times beside 1, 2, -1: the start vector's Krylov
+    space closes after 4 steps, and its 4 exact Ritz values came back as the 4 largest (and as
+    the 4 smallest), converged. The complement is searched once after a breakdown."""
+    g = torch.Generator().manual_seed(0)
+    n = 120
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    w = np.sort(np.r_[np.zeros(n - 3), [1.0, 2.0, -1.0]])
+    A = (Q * torch.tensor(w)) @ Q.T
+    for seed in range(3):
+        r = lanczos(A, k, which, rtol=1e-10, seed=seed)
+        assert r.converged
+        np.testing.assert_allclose(
+            np.sort(r.eigenvalues.numpy()), np.sort(reference(w, k, which)), atol=1e-9
+        )

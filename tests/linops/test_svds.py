@@ -135,3 +135,20 @@ def test_reported_residuals_are_true_residuals() -> None:
     true = _true_residuals(A, res)
     assert res.converged and true.max() <= 1e-5 * 5
     assert np.all(res.residuals >= 0.5 * true)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_an_exact_breakdown_is_not_taken_for_the_wanted_values(k: int) -> None:
+    """Singular values 5, 5 and 1 (58 times): the start vector sees one direction of each, so
+    the bidiagonalisation closes after 2 steps and returned [5, 1] as the 2 largest,
+    converged. The complement is searched once after a breakdown."""
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(90, 60, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))
+    s = torch.ones(60, dtype=torch.float64)
+    s[:2] = 5.0
+    A = (U * s) @ V.T
+    for M in (A, A.T):
+        r = svds(M, k, seed=1)
+        assert r.converged
+        np.testing.assert_allclose(r.singular_values.numpy(), [5, 5, 1, 1][:k], atol=1e-10)
