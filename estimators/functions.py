@@ -39,6 +39,7 @@ from estimators._budget import count_within
 from estimators.density import _lanczos_batch
 from linops import ArrayLike, IdentityOperator, OperatorLike, aslinearoperator
 from linops import blocks as kr
+from linops._checks import check_damping
 
 __all__ = [
     "QuadratureBounds",
@@ -109,8 +110,7 @@ def _shifted(A: Any, damping: float) -> Any:
     op = aslinearoperator(A)
     if op.shape[0] != op.shape[1]:
         raise ValueError(f"A: expected a square (symmetric) operator, got shape {op.shape}")
-    if not isinstance(damping, int | float) or not damping >= 0:
-        raise ValueError(f"damping: expected a number >= 0, got {damping!r}")
+    damping = check_damping(damping)
     if damping:
         op = op + damping * IdentityOperator(op.shape[0], dtype=op.torch_dtype, device=op.device)
     return op

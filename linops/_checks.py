@@ -9,6 +9,7 @@ kept as it was because callers and tests match it. The checks run once, at a pub
 from __future__ import annotations
 
 import cmath
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Literal, SupportsFloat, TypeGuard, cast, overload
@@ -167,3 +168,19 @@ def check_output_index(index: object, d_out: int, *, optional: bool) -> int | No
     if not 0 <= int(index) < d_out:
         raise ValueError(f"output_index: expected an integer in [0, {d_out - 1}], got {index}")
     return int(index)
+
+
+def check_damping(value: object, name: str = "damping", *, allow_zero: bool = True) -> float:
+    """Return a damping as a float: a finite real number >= 0 (> 0 unless ``allow_zero``).
+
+    Python, numpy and one-element real torch scalars are numbers (``np.float32(1e-2)``,
+    ``torch.tensor(1e-2)``); booleans are not.
+    """
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype.is_floating_point:
+        value = value.item()
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+    v = float(cast(SupportsFloat, value)) if ok else math.nan
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}: expected a number {bound}, got {value!r}")
+    return v

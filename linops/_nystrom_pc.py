@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from linops import _krylov as kr
+from linops._checks import check_damping
 from linops._types import OperatorLike
 from linops.base import TorchLinearOperator, aslinearoperator
 from linops.randomized import nystrom
@@ -136,8 +137,7 @@ def nystrom_preconditioner(
     n = op.shape[0]
     if op.shape[0] != op.shape[1]:
         raise ValueError(f"A: expected a square (PSD) operator, got shape {op.shape}")
-    if not isinstance(damping, int | float) or not damping > 0:
-        raise ValueError(f"damping: expected a number > 0, got {damping!r}")
+    damping = check_damping(damping, allow_zero=False)
     cap = kr.check_int(max_rank, "max_rank", 1, n) if max_rank is not None else min(n, 1024)
     gen = kr.make_generator(seed, op.device)
     if rank is not None:

@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
+from linops._checks import check_damping
 from linops.base import TorchLinearOperator
-from linops.kfac import KFACOperator, _check_damping
+from linops.kfac import KFACOperator
 
 __all__ = ["EKFACOperator"]
 
@@ -98,7 +99,7 @@ class EKFACOperator(KFACOperator):
         ValueError
             For a negative or non-finite damping.
         """
-        _check_damping(damping, allow_zero=True)
+        check_damping(damping)
         return float(sum(torch.log(v.clamp(min=0) + damping).sum() for v in self._eigenvalues()))
 
     def state_dict(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from linops import _krylov as kr
+from linops._checks import check_damping
 from linops._nystrom_pc import NystromPreconditioner, nystrom_preconditioner
 from linops._solvers import SOLVERS, Apply, Solved, neumann_step
 from linops._types import OperatorLike
@@ -245,7 +246,21 @@ class InverseOperator(TorchLinearOperator):
         bad = res > tol
         worst = float((res / bnorm.clamp(min=torch.finfo(dtype).tiny))[bad].max())
         ok = int((~bad).sum())
-        if maxed:
+        if worst > 1:  # the residual grew beyond ||b||: no maxiter helps
+            hint = (
+                "the Neumann series needs the (preconditioned) A + damping I positive "
+                "definite: use method='minres' for an indefinite A"
+                if self.method == "neumann"
+                else "A + damping I is singular with b outside its range (or indefinite, "
+                "for cg): use a damping > 0, method='lsmr' for a least-squares solution or "
+                "method='minres' for an indefinite A"
+            )
+            msg = (
+                f"inverse: method={self.method!r} diverged: the largest relative residual grew "
+                f"to {worst:.3g} after {its} iterations ({ok}/{len(res)} columns converged); "
+                f"{hint}"
+            )
+        elif maxed:
             msg = (
                 f"inverse: method={self.method!r} reached maxiter={self.maxiter or 10 * X.shape[0]}"
                 f" after {its} iterations with {ok}/{len(res)} columns converged (largest "
@@ -257,7 +272,8 @@ class InverseOperator(TorchLinearOperator):
             msg = (
                 f"inverse: rtol={rtol:.3g} is below what {dtype} reaches for this system: "
                 f"the true residual stagnates at {worst:.3g} ||b|| after {its} iterations "
-                f"({ok}/{len(res)} columns converged); use rtol >= {reach:.0e}, or float64"
+                f"({ok}/{len(res)} columns converged); use rtol >= {reach:.0e}"
+                + ("" if dtype == torch.float64 else ", or float64")
             )
         raise InverseNoConvergence(msg, result)
 
@@ -386,8 +402,7 @@ def inverse(
     if op.shape[0] != op.shape[1]:
         raise ValueError(f"A: expected a square operator, got shape {op.shape}")
     kr.check_which(method, _METHODS, "method")
-    if not isinstance(damping, int | float) or not damping >= 0:
-        raise ValueError(f"damping: expected a number >= 0, got {damping!r}")
+    damping = check_damping(damping)
     if rtol is not None and not (isinstance(rtol, int | float) and 0 <= rtol < 1):
         raise ValueError(f"rtol: expected a number in [0, 1), got {rtol!r}")
     if not (isinstance(atol, int | float) and atol >= 0):

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from linops._chain import Chain
+from linops._checks import check_damping
 from linops._kfac_sources import chain_batch, hook_batch
 from linops._kron import Layout, Slot, map_blocks
 from linops._types import Data, LossFunction, Params
@@ -519,7 +520,7 @@ class KFACOperator(_LossOperator):
         ValueError
             For a negative or non-finite damping.
         """
-        _check_damping(damping, allow_zero=True)
+        check_damping(damping)
         total = 0.0
         for A, G in self._blocks():
             a, g = torch.linalg.eigvalsh(A).clamp(min=0), torch.linalg.eigvalsh(G).clamp(min=0)
@@ -541,7 +542,7 @@ class KFACOperator(_LossOperator):
         ValueError
             For a damping that is not positive.
         """
-        _check_damping(damping, allow_zero=False)
+        damping = check_damping(damping, allow_zero=False)
         from linops.ekfac import _EigenInverse
 
         return _EigenInverse(self, float(damping), heuristic)
@@ -596,14 +597,3 @@ def kfac_preconditioner(A: Any, damping: float, *, heuristic: bool = False) -> T
         label_key=A.label_key, **kw,
     )  # fmt: skip
     return K.inverse(damping, heuristic=heuristic)
-
-
-def _check_damping(damping: object, *, allow_zero: bool) -> None:
-    """Refuse a damping that is not a finite number > 0 (>= 0 with ``allow_zero``)."""
-    value = float(damping) if isinstance(damping, int | float) and damping is not True else None
-    if damping is False or value is None or not math.isfinite(value) or value < 0:
-        value = None
-    if value is None or (value == 0 and not allow_zero):
-        raise ValueError(
-            f"damping: expected a number {'>=' if allow_zero else '>'} 0, got {damping!r}"
-        )

@@ -224,3 +224,27 @@ def test_block_cg_pays_with_many_right_hand_sides() -> None:
     assert 4 * block.info.num_matvecs < columns.info.num_matvecs
     with pytest.raises(TypeError, match="block: expected True, False or None"):
         inverse(A, block=1)
+
+
+def test_damping_takes_numpy_and_torch_scalars() -> None:
+    """np.float32(0.01) or torch.tensor(0.01) was refused as 'expected a number >= 0'."""
+    A = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
+    b = torch.ones(3, dtype=torch.float64)
+    want = b / (torch.diagonal(A) + 0.25)
+    for d in (0.25, np.float32(0.25), np.float64(0.25), torch.tensor(0.25)):
+        torch.testing.assert_close(inverse(A, damping=d, rtol=1e-12) @ b, want)
+    for bad in (True, float("nan"), float("inf"), -1.0, torch.tensor([0.1, 0.2]), "0.1"):
+        with pytest.raises(ValueError, match="damping: expected a number >= 0"):
+            inverse(A, damping=bad)
+
+
+def test_a_diverging_solve_says_so_and_names_the_method_to_use() -> None:
+    """Neumann on an indefinite matrix diverged (relative residual 5.6e131) with the advice
+    'raise maxiter'; a float64 solve below its floor was advised to use float64."""
+    A = torch.diag(torch.tensor([-0.5, 1.0, 2.0], dtype=torch.float64))
+    b = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(InverseNoConvergence, match="diverged.*use method='minres'") as err:
+        inverse(A, method="neumann", maxiter=200) @ b
+    assert "raise maxiter" not in str(err.value)
+    x = inverse(A, method="minres", rtol=1e-12) @ b
+    torch.testing.assert_close(A @ x, b)
