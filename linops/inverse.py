@@ -246,14 +246,16 @@ class InverseOperator(TorchLinearOperator):
         bad = res > tol
         worst = float((res / bnorm.clamp(min=torch.finfo(dtype).tiny))[bad].max())
         ok = int((~bad).sum())
-        if worst > 1:  # the residual grew beyond ||b||: no maxiter helps
+        if worst > 1 and self.method != "cg":
+            # the residual grew beyond ||b||, which MINRES, LSMR (monotone in exact arithmetic)
+            # and a convergent Neumann series never do: no maxiter helps (CG's residual is not
+            # monotone and may exceed ||b|| on its way)
             hint = (
                 "the Neumann series needs the (preconditioned) A + damping I positive "
                 "definite: use method='minres' for an indefinite A"
                 if self.method == "neumann"
-                else "A + damping I is singular with b outside its range (or indefinite, "
-                "for cg): use a damping > 0, method='lsmr' for a least-squares solution or "
-                "method='minres' for an indefinite A"
+                else "A + damping I is singular with b outside its range: use a damping > 0 "
+                "or method='lsmr' for a least-squares solution"
             )
             msg = (
                 f"inverse: method={self.method!r} diverged: the largest relative residual grew "
