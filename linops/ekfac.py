@@ -26,9 +26,13 @@ class EKFACOperator(KFACOperator):
     In the eigenbasis :math:`Q_G \otimes Q_A` of each KFAC block the eigenvalues
     :math:`g_i a_j` are replaced by the second moments of the per-sample gradients there,
     :math:`E = \sum_n \sum_r (Q_G^\top \hat g_{nr} \tilde a_n^\top Q_A)^{\odot 2}`
-    (per-sample gradients summed over shared positions for convolutions; KFAC's scaling), the diagonal of the exact block of the Fisher family in that
-    basis; one more pass over the data (the same labels for ``"mc"``). Parameters as
-    :class:`KFACOperator`; ``inverse`` supports exact damping only.
+    (per-sample gradients summed over shared positions for convolutions; KFAC's scaling),
+    the diagonal of the exact block of the Fisher family in that basis; one more pass over
+    the data (the same labels for ``"mc"``). Parameters as :class:`KFACOperator`;
+    ``inverse`` supports exact damping only. The basis is unique only where the factors'
+    eigenvalues are distinct: with a rank-deficient factor (``kfac_approx="reduce"`` with
+    fewer samples than a convolution's patch size) EKFAC depends on the null-space basis
+    ``eigh`` returns, as curvlinops' does (0.2-18% apart in such cases).
 
     References
     ----------

@@ -262,7 +262,10 @@ class FisherOperator(_OutputFactorOperator):
         Seed of the draws: an int (a ``torch.Generator`` on the operator's device seeded
         with it draws, batch after batch, exactly curvlinops' ``FisherMCLinearOperator``
         labels for the same seed), a ``torch.Generator`` (one int seed is drawn from it at
-        construction) or ``None`` (fresh entropy, fixed at construction).
+        construction) or ``None`` (fresh entropy, fixed at construction). The draws of
+        cross-entropy and BCE labels do not depend on how the data is batched; the normal
+        draws of the squared error do (torch draws normals in vectorised chunks), as
+        curvlinops' do: the same seed over other batches is another, equally valid, draw.
 
     Raises
     ------
