@@ -785,3 +785,31 @@ def test_empirical_kfac_keeps_the_loss_options_and_logdet_refuses_negative_dampi
             with pytest.raises(ValueError, match="damping: expected a number >= 0"):
                 op.logdet(bad)
         assert math.isfinite(op.logdet(1e-3))
+
+
+class _ScaledConv(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * super().forward(x)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("padding", [0, "same"])
+def test_convolutions_that_do_not_compute_w_x_plus_b_are_refused(groups: int, padding) -> None:
+    """The check's convolution gradient comes from the convolution's own kernel: a subclass
+    scaling its output is refused, the plain layer with the same settings is not."""
+    torch.manual_seed(0)
+    X, y = torch.randn(5, 2, 6, 6, dtype=F64), torch.randint(0, 3, (5,))
+    for conv, refused in ((_ScaledConv, True), (nn.Conv2d, False)):
+        layer = conv(
+            2, 4, 3, padding=padding, dilation=2 if padding == "same" else 1, groups=groups
+        )
+        model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).double()
+        model(X)  # materialise the lazy head
+        K = KFACOperator(model, nn.CrossEntropyLoss(), (X, y))
+        if refused:
+            with pytest.raises(ValueError, match="'0.weight' is not layer '0'"):
+                K.to_dense()
+        else:
+            K.to_dense()
+            if groups > 1 or padding == "same":  # the hooks route, where the check runs
+                assert K.route == "autograd"
