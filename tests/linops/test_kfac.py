@@ -813,3 +813,16 @@ def test_convolutions_that_do_not_compute_w_x_plus_b_are_refused(groups: int, pa
             K.to_dense()
             if groups > 1 or padding == "same":  # the hooks route, where the check runs
                 assert K.route == "autograd"
+
+
+def test_probability_targets_one_sample_is_the_ggn() -> None:
+    """With one sample KFAC is exact (a single Kronecker term); for cross-entropy with
+    probability targets it equals the GGN (curvlinops 3.0.1 differs from it by 4.4 here)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3).double()
+    X = torch.randn(1, 4, dtype=F64)
+    t = torch.softmax(torch.randn(1, 3, dtype=F64), dim=1)
+    for reduction in ("mean", "sum"):
+        loss = nn.CrossEntropyLoss(reduction=reduction)
+        K = KFACOperator(lin, loss, (X, t), separate_weight_and_bias=False).to_dense()
+        assert _rel(K, GGNOperator(lin, loss, (X, t)).to_dense()) < 1e-12
