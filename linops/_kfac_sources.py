@@ -59,10 +59,11 @@ def hook_batch(
     hooks = []
     for name in names:
 
-        def hook(mod: nn.Module, args: Any, out: Tensor, name: str = name) -> None:
-            calls[name].append((args[0].detach(), out, get_gradient_edge(out)))
+        def hook(mod: nn.Module, args: Any, kw: Any, out: Tensor, name: str = name) -> None:
+            a = args[0] if args else kw["input"]  # layer(x) or layer(input=x)
+            calls[name].append((a.detach(), out, get_gradient_edge(out)))
 
-        hooks.append(modules[name].register_forward_hook(hook, prepend=True))
+        hooks.append(modules[name].register_forward_hook(hook, prepend=True, with_kwargs=True))
     try:
         with torch.enable_grad():
             values = {k: v.detach().requires_grad_(True) for k, v in space.values().items()}
@@ -133,7 +134,7 @@ def _check_layer_gradients(
     (``2 * super().forward(x)``), a weight also used outside the layer (tied weights), or a
     forward hook that reads the weight. One backward pass of a fixed random cotangent of the
     outputs compares both to autograd's parameter gradients, to :math:`\sqrt{\epsilon}` of
-    :math:`\sum \|g\|\|a\|`.
+    :math:`\sum \|g\|(1 + \|a\|)` (:func:`_weight_gradient`).
     """
     gen = torch.Generator(device=f.device).manual_seed(0)
     d = torch.randn(f.shape, generator=gen, dtype=f.dtype, device=f.device)
@@ -170,12 +171,11 @@ def _check_layer_gradients(
                 raise ValueError(
                     f"params: the gradient of {name!r} is not layer {k or '(the model)'!r}'s "
                     f"output gradient times its input (relative difference {err / scale:.2g}): "
-                    "KFAC needs "
-                    f"each selected {type(mod).__name__} to compute W x + b. A subclass with "
-                    "its own forward, a weight also used outside the layer (tied weights) or a "
-                    "hook that changes how the weight enters break that. Leave these "
-                    "parameters out with params=, or give a layer computing c W x + b a "
-                    "'multiplier' attribute"
+                    f"KFAC needs each selected {type(mod).__name__} to compute W x + b. A "
+                    "subclass with its own forward, a weight also used outside the layer (tied "
+                    "weights, nn.MultiheadAttention's out_proj) or a hook that changes how the "
+                    "weight enters break that. Leave these parameters out with params=, or "
+                    "give a layer computing c W x + b a 'multiplier' attribute"
                 )
 
 

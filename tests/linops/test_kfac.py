@@ -826,3 +826,21 @@ def test_probability_targets_one_sample_is_the_ggn() -> None:
         loss = nn.CrossEntropyLoss(reduction=reduction)
         K = KFACOperator(lin, loss, (X, t), separate_weight_and_bias=False).to_dense()
         assert _rel(K, GGNOperator(lin, loss, (X, t)).to_dense()) < 1e-12
+
+
+def test_a_layer_called_with_a_keyword_input_is_recorded() -> None:
+    """``self.lin(input=x)`` passes no positional argument to the forward hook."""
+
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(input=x)
+
+    torch.manual_seed(0)
+    model = Keyword().double()
+    X, y = torch.randn(6, 4, dtype=F64), torch.randn(6, 3, dtype=F64)
+    K = KFACOperator(model, nn.MSELoss(), (X, y), separate_weight_and_bias=False).to_dense()
+    assert _rel(K, GGNOperator(model, nn.MSELoss(), (X, y)).to_dense()) < 1e-12
