@@ -10,10 +10,12 @@ XTrace, Diag++, XDiag keep ``O(num_matvecs)`` vectors at once) is refused with w
 
 from __future__ import annotations
 
+import torch
+
 from linops.base import TorchLinearOperator
 from linops.memory import check_memory_budget, default_memory_budget
 
-__all__ = ["budget_bytes", "check_sketch", "count_within", "probe_group"]
+__all__ = ["budget_bytes", "check_sketch", "count_within", "grouped_probes", "probe_group"]
 
 
 def budget_bytes(op: TorchLinearOperator, memory_budget: int | None) -> int:
@@ -53,6 +55,23 @@ def probe_group(op: TorchLinearOperator, N: int, memory_budget: int | None, arra
             f"{arrays * vec / 2**30:.3g} GiB) exceeds the budget ({budget / 2**30:.3g} GiB)"
         )
     return min(group, fit)
+
+
+def grouped_probes(
+    op: TorchLinearOperator, n: int, k: int, gen: torch.Generator, rademacher: bool = True
+) -> torch.Tensor:
+    """Return the next ``k`` probes ``(n, k)``, each drawn on its own (Rademacher or Gaussian).
+
+    One draw of ``n`` numbers per probe, so probe ``j`` is the same however the probes are
+    grouped (the group size follows the budget and the operator's measured passes: drawn as
+    one ``(n, k)`` block, the same seed gave other probes, and another estimate, after the
+    operator's first product or under another budget).
+    """
+    Z = torch.empty(k, n, dtype=op.torch_dtype, device=op.device)
+    for j in range(k):
+        torch.randn(n, generator=gen, dtype=op.torch_dtype, device=op.device, out=Z[j])
+    Z = Z.T  # column-major: every probe contiguous
+    return torch.sign(Z) if rademacher else Z
 
 
 def check_sketch(

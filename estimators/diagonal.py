@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from estimators._budget import check_sketch, probe_group
+from estimators._budget import check_sketch, grouped_probes, probe_group
 from estimators.trace import DiagonalEstimate
 from linops import OperatorLike
 from linops import blocks as kr
@@ -163,7 +163,7 @@ def frobenius_norm(
     group = probe_group(op, N, memory_budget, arrays=2)
     parts: list[torch.Tensor] = []
     while (done := sum(p.numel() for p in parts)) < N:
-        W = torch.sign(kr.random_block(op.shape[1], min(group, N - done), op, gen))
+        W = grouped_probes(op, op.shape[1], min(group, N - done), gen)
         AW = op._apply(W)
         kr.check_products(AW, done + W.shape[1])
         parts.append((AW.abs() ** 2).sum(dim=0).double())

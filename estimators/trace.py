@@ -19,7 +19,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from estimators._budget import check_sketch, probe_group
+from estimators._budget import check_sketch, grouped_probes, probe_group
 from linops import Array, OperatorLike, Seed
 from linops import blocks as kr
 from linops.base import TorchLinearOperator
@@ -211,7 +211,7 @@ def hutchinson_trace(
     group = probe_group(op, N, memory_budget)
     forms, done = _Forms(distribution == "rademacher"), 0
     while done < N:  # in groups, so a model operator's probes never all live at once
-        Z = _probes(op, min(group, N - done), gen, distribution)
+        Z = grouped_probes(op, op.shape[0], min(group, N - done), gen, distribution == "rademacher")
         done += Z.shape[1]
         forms.add(Z, _apply(op, Z, done))
     mean, sem = forms.result()
@@ -540,7 +540,7 @@ def diagonal(
     group = probe_group(op, k, memory_budget, arrays=4)
     count, mean, m2 = 0, torch.zeros_like(base), torch.zeros_like(base.real)
     while count < k:  # per-entry mean and variance, combined group by group
-        Z = _probes(op, min(group, k - count), gen, "rademacher")
+        Z = grouped_probes(op, op.shape[0], min(group, k - count), gen)
         AZ = _apply(op, Z, used + count + Z.shape[1])
         if Q is not None:
             AZ = AZ - Q @ (Q.mH @ AZ)

@@ -53,10 +53,8 @@ def test_grouped_diagonal_combines_means_and_variances_exactly() -> None:
     op = _Widths(A)
     est = diagonal(op, 9, method="hutchinson", seed=1, memory_budget=_bytes(8))  # 2 per group
     assert max(op.widths) == 2 and sum(op.widths) == 9
-    gen = torch.Generator().manual_seed(1)
-    Z = torch.cat(
-        [torch.sign(torch.randn(40, w, generator=gen, dtype=F64)) for w in op.widths], dim=1
-    )
+    gen = torch.Generator().manual_seed(1)  # one draw of 40 numbers per probe
+    Z = torch.stack([torch.sign(torch.randn(40, generator=gen, dtype=F64)) for _ in range(9)], 1)
     samples = Z * (A @ Z)
     torch.testing.assert_close(est.estimate, samples.mean(dim=1), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(
@@ -172,3 +170,35 @@ def test_blockwise_refuses_a_budget_without_room_for_the_blocks() -> None:
     n = H.shape[0]
     with pytest.raises(ValueError, match="cannot hold its SLQ runs"):
         blockwise_spectra(H, k=2, num_probes=2, num_steps=6, memory_budget=(2 + 4) * n * 8)
+
+
+def test_the_same_seed_gives_the_same_estimate_whatever_the_groups() -> None:
+    """Probes were drawn as one (n, group) block, so the group size (the budget, max_vectors,
+    or a model operator's measured pass after its first product) changed the draws: the
+    same call twice on one Hessian gave 2.68 and 1.92. Now each probe is its own draw."""
+    from torch import nn
+
+    import linops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    X, y = torch.randn(7, 3, dtype=F64), torch.randint(0, 2, (7,))
+    H = linops.HessianOperator(model, nn.CrossEntropyLoss(), (X, y))
+    calls = {
+        "trace": lambda op, **kw: hutchinson_trace(op, 24, seed=3, **kw).estimate,
+        "frobenius": lambda op, **kw: frobenius_norm(op, 24, seed=3, **kw).estimate,
+        "diagonal": lambda op, **kw: diagonal(op, 24, method="hutchinson", seed=3, **kw).estimate,
+        "deflated": lambda op, **kw: diagonal(op, 24, method="deflated", seed=3, **kw).estimate,
+    }
+    for name, call in calls.items():
+        first = call(H)
+        variants = [
+            call(H),  # after the operator has measured a pass
+            call(linops.HessianOperator(model, nn.CrossEntropyLoss(), (X, y), max_vectors=1)),
+            call(linops.HessianOperator(model, nn.CrossEntropyLoss(), (X, y), max_vectors=5)),
+            call(H, memory_budget=_bytes(24)),  # groups of 6-8 probes
+        ]
+        for got in variants:
+            torch.testing.assert_close(
+                torch.as_tensor(got), torch.as_tensor(first), rtol=1e-12, atol=1e-14, msg=name
+            )
