@@ -65,7 +65,9 @@ def check_positive_number(value: SupportsFloat, name: str) -> float:
 
 def check_positive_or_none(value: object, name: str) -> int | None:
     """Return ``value`` if it is a positive integer or None; raise ValueError otherwise."""
-    if value is not None and (not isinstance(value, int | np.integer) or value < 1):
+    if value is not None and (
+        not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1
+    ):
         raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
     return cast(int | None, value)  # as given (an np.integer stays one)
 

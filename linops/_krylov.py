@@ -78,6 +78,8 @@ def make_generator(seed: int | torch.Generator | None, device: torch.device) -> 
     if seed is None:
         gen.seed()
     elif isinstance(seed, int | np.integer) and not isinstance(seed, bool):
+        if not -(2**63) <= int(seed) < 2**64:
+            raise ValueError(f"seed: expected an integer in [-2**63, 2**64), got {seed!r}")
         gen.manual_seed(int(seed))
     else:
         raise TypeError(f"seed: expected an int, a torch.Generator or None, got {seed!r}")

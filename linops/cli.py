@@ -640,3 +640,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"linops report: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+if __name__ == "__main__":  # python3 -m linops.cli
+    main()

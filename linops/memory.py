@@ -47,6 +47,7 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import numbers
 import os
 import sys
 import weakref
@@ -263,13 +264,14 @@ def check_memory_budget(value: Any, name: str = "memory_budget") -> int | None:
     """Return ``value`` if it is a positive number of bytes or None, else raise ValueError."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
         raise ValueError(f"{name}: expected a positive number of bytes or None, got {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
+    number = float(value)  # numpy integers and floats included
+    if not math.isfinite(number):
         raise ValueError(f"{name}: expected a finite number of bytes, got {value!r}")
-    if value < 1:  # int() would make it 0, and a later message name 0 instead of the value
+    if number < 1:  # int() would make it 0, and a later message name 0 instead of the value
         raise ValueError(f"{name}: expected at least 1 byte, got {value!r}")
-    return int(value)
+    return int(value) if isinstance(value, numbers.Integral) else int(number)
 
 
 def storage_bytes(obj: Any) -> int:

@@ -419,3 +419,16 @@ def test_harness_stops_at_once_when_a_skippable_peer_is_missing(monkeypatch, cap
     import atexit
 
     atexit.unregister(harness._report_written)
+
+
+@pytest.mark.parametrize("module", ["linops", "linops.cli"])
+def test_python_dash_m_runs_the_command_line(module: str) -> None:
+    """``python3 -m linops`` had no __main__; ``python3 -m linops.cli`` printed nothing."""
+    import linops
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--version"], capture_output=True, text=True, env=env,
+        timeout=120, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip() == f"linops {linops.__version__}"

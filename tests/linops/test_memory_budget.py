@@ -213,3 +213,18 @@ def test_budget_refusals_name_the_value_given() -> None:
         with pytest.raises(ValueError, match=f"({match}), got {said}$"):
             memory.check_memory_budget(bad)
     assert memory.check_memory_budget(1.9) == 1
+
+
+def test_numpy_numbers_are_budgets_and_booleans_are_not_counts() -> None:
+    import numpy as np
+
+    from linops._krylov import make_generator
+
+    assert memory.check_memory_budget(np.int64(10_000)) == 10_000  # was refused
+    assert memory.check_memory_budget(np.float64(1e4)) == 10_000
+    model = nn.Linear(2, 1).double()
+    data = (torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="max_vectors: expected a positive integer"):
+        HessianOperator(model, nn.MSELoss(), data, max_vectors=True)  # was taken as 1
+    with pytest.raises(ValueError, match=r"seed: expected an integer in \[-2\*\*63, 2\*\*64\)"):
+        make_generator(2**64, torch.device("cpu"))  # torch's 'Overflow when unpacking long'
