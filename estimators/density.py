@@ -404,7 +404,9 @@ def grid_points(num_points: int, width: float, sigma: float) -> int:
     but the density no longer integrates to 1 on the grid (0.39 at a quarter point per
     ``sigma``).
     """
-    wanted = math.ceil(4 * width / sigma) + 1 if math.isfinite(width / sigma) else 10**9
+    ratio = 4 * width / sigma
+    # rounded first: nodes 1e-16 apart (a streamed and a cached operator) gave 81 and 82 points
+    wanted = math.ceil(round(ratio, 6)) + 1 if math.isfinite(ratio) else 10**9
     if wanted > 40_000:  # fewer than 2 points per sigma at the cap
         warnings.warn(
             f"sigma: {sigma:.3g} is below 1/10,000 of the grid's width {width:.3g}; the "
