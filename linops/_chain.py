@@ -64,12 +64,23 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from linops._activations import elementwise
 from linops._autodiff import LossFn
-from linops._layers import Affine, AvgPool, Conv, Flatten, MaxPool, Pointwise, Pool, Step
+from linops._layers import (
+    Affine,
+    AvgPool,
+    Conv,
+    Flatten,
+    MaxPool,
+    Pointwise,
+    Pool,
+    Step,
+    forward_multiplier,
+)
 from linops._loss import OutputLoss
 from linops._propagation import Tangent, backward, tangents_forward, unbatch
 from linops.params import ParamSpace
@@ -188,7 +199,7 @@ class Chain:
             elif isinstance(item, nn.Linear):
                 W, wi = bind(item.weight)
                 b, bi = bind(item.bias)
-                scale = float(getattr(item, "multiplier", 1.0))
+                scale = forward_multiplier(item)
                 self.steps.append(Affine(W, b, scale, wi, bi))  # type: ignore[arg-type]
             elif isinstance(item, nn.Conv2d):
                 W, wi = bind(item.weight)
@@ -256,10 +267,11 @@ class Chain:
             if isinstance(s, Affine):
                 if x.dim() != 2:
                     raise _NotAChain
-                y = x @ s.weight.T
-                if s.scale != 1.0:
-                    y = s.scale * y
-                xs.append(y + s.bias if s.bias is not None else y)
+                if s.scale == 1.0:  # the model's own kernel: bit for bit its pre-activations
+                    xs.append(F.linear(x, s.weight, s.bias))
+                else:
+                    y = s.scale * (x @ s.weight.T)
+                    xs.append(y + s.bias if s.bias is not None else y)
                 derivs.append(None)
             elif isinstance(s, Conv | Pool) and x.dim() != 4:
                 raise _NotAChain

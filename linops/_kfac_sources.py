@@ -20,7 +20,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from linops._chain import Chain, ChainMismatch
 from linops._chain import _forward_checked as forward_checked_chain
-from linops._layers import Affine, Conv, Flatten, Pool
+from linops._layers import Affine, Conv, Flatten, Pool, forward_multiplier
 from linops.params import ParamSpace
 
 __all__ = ["Layers", "chain_batch", "hook_batch", "shared_inputs", "shared_outputs"]
@@ -76,7 +76,7 @@ def hook_batch(
         _check_layer_gradients(modules, layers, values, f2, calls)
     inputs: dict[str, Tensor] = {}
     for k in names:
-        c = float(getattr(modules[k], "multiplier", 1.0)) if layers[k][0] else 1.0
+        c = forward_multiplier(modules[k]) if layers[k][0] else 1.0
         a = _all_calls(modules[k], [a for a, *_ in calls[k]], f, "in", average_groups)
         inputs[k] = a if c == 1.0 else c * a
     S = scaled(f)
@@ -149,7 +149,7 @@ def _check_layer_gradients(
     eps = torch.finfo(f.dtype).eps
     for k, (wn, bn) in layers.items():
         mod: Any = modules[k]
-        c = float(getattr(mod, "multiplier", 1.0))
+        c = forward_multiplier(mod)
         W = f.new_zeros(mod.weight.shape[0], math.prod(mod.weight.shape[1:]))
         B = f.new_zeros(mod.weight.shape[0])
         bound = 0.0

@@ -17,9 +17,25 @@ from torch.nn import grad as nn_grad
 
 from linops._activations import Derivs
 
-__all__ = ["Affine", "AvgPool", "Conv", "Flatten", "MaxPool", "Pointwise", "Pool", "Step"]
+__all__ = [
+    "Affine", "AvgPool", "Conv", "Flatten", "MaxPool", "Pointwise", "Pool", "Step",
+    "forward_multiplier",
+]  # fmt: skip
 
 Tensor = torch.Tensor
+
+
+def forward_multiplier(mod: nn.Module) -> float:
+    """Return ``c`` of a layer computing ``c W x + b``: its ``multiplier`` attribute.
+
+    Only a subclass with a forward of its own can apply one; ``nn.Linear`` and ``nn.Conv2d``
+    themselves (or subclasses keeping their forward) ignore any such attribute, so for them it
+    is 1 (a plain ``nn.Linear`` given a ``multiplier`` attribute was scaled by the chain
+    route: a Hessian 2.4 away from autograd's when a zero weight hid it from the forward check).
+    """
+    if type(mod).forward in (nn.Linear.forward, nn.Conv2d.forward):
+        return 1.0
+    return float(getattr(mod, "multiplier", 1.0))
 
 
 @dataclass

@@ -359,3 +359,37 @@ def test_lenet5_on_the_chain_route_equals_autograd() -> None:
     X = torch.randn(3, 1, 32, 32, dtype=torch.float64)
     y = torch.randint(0, 10, (3,))
     _check_against_autograd(model, X, y, nn.CrossEntropyLoss(), 3)
+
+
+def test_a_plain_linear_ignores_a_multiplier_attribute_as_its_forward_does() -> None:
+    """nn.Linear.forward ignores a ``multiplier`` attribute; the chain applied it, unseen by the
+    forward check when the layer's weight is zero (a zero-initialised read-out): H 2.4 away."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    with torch.no_grad():
+        m[2].weight.zero_()
+    m[2].multiplier = 3.0
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    for cls in (linops.HessianOperator, linops.GGNOperator, linops.EmpiricalFisherOperator):
+        auto = cls(m, nn.MSELoss(), (X, y))
+        ref = cls(m, nn.MSELoss(), (X, y), route="autograd").to_dense()
+        torch.testing.assert_close(auto.to_dense(), ref, rtol=1e-12, atol=1e-14)
+        assert auto.route.startswith("chain")
+
+
+def test_the_chain_takes_the_models_branch_at_a_kink() -> None:
+    """The chain recomputed a Linear as x W^T + b, the model runs F.linear: a last-bit difference
+    at a ReLU kink gave the other branch (Hessian 0.70 away from autograd's)."""
+    g = torch.Generator().manual_seed(71)
+    x = torch.randn(39, 1, dtype=torch.float64, generator=g)
+    W = torch.randn(15, 1, dtype=torch.float64, generator=g)
+    b = -(x[0:1] @ W.T)[0]  # sample 0 on the kink, as x W^T computes it
+    m = nn.Sequential(nn.Linear(1, 15), nn.ReLU(), nn.Linear(15, 2)).double().eval()
+    with torch.no_grad():
+        m[0].weight.copy_(W)
+        m[0].bias.copy_(b)
+    X, y = x[:4], torch.tensor([0, 1, 1, 0])
+    for cls in (linops.JacobianOperator, linops.GGNOperator, linops.HessianOperator):
+        args = (m, X) if cls is linops.JacobianOperator else (m, nn.CrossEntropyLoss(), (X, y))
+        chain, ref = cls(*args, route="chain"), cls(*args, route="autograd")
+        torch.testing.assert_close(chain.to_dense(), ref.to_dense(), rtol=1e-12, atol=1e-14)
