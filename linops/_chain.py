@@ -313,6 +313,11 @@ def _forward_checked(chain: Chain, x: Tensor) -> tuple[list[Tensor], list[StepAu
     with torch.no_grad():
         ref = space.functional_call(space.values(), x)
     f = xs[-1]
+    if f.dim() != 2:  # a convolution or pooling last: the chain's products need (n, d)
+        raise ChainMismatch(
+            f"the chain's outputs have shape {tuple(f.shape)}; the chain route needs (n, d) "
+            "outputs (end the model with nn.Flatten())"
+        )
     if ref.shape[0] != f.shape[0] or ref.reshape(ref.shape[0], -1).shape != f.shape:
         raise ChainMismatch(f"outputs of shape {tuple(f.shape)}, model gives {tuple(ref.shape)}")
     tol = math.sqrt(torch.finfo(f.dtype).eps) * (1.0 + float(ref.abs().max()))

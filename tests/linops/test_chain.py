@@ -393,3 +393,20 @@ def test_the_chain_takes_the_models_branch_at_a_kink() -> None:
         args = (m, X) if cls is linops.JacobianOperator else (m, nn.CrossEntropyLoss(), (X, y))
         chain, ref = cls(*args, route="chain"), cls(*args, route="autograd")
         torch.testing.assert_close(chain.to_dense(), ref.to_dense(), rtol=1e-12, atol=1e-14)
+
+
+def test_a_chain_ending_in_a_convolution_is_refused_by_what_it_needs() -> None:
+    """The message gave the same shape twice ('outputs of shape (2, 3, 2, 2), model gives
+    (2, 3, 2, 2)'); auto takes autograd."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 3, 3)).double()
+    X, y = torch.randn(2, 1, 4, 4, dtype=torch.float64), torch.randn(2, 12, dtype=torch.float64)
+
+    def loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return ((out.flatten(1) - t) ** 2).sum()
+
+    with pytest.raises(ValueError, match=r"needs \(n, d\) outputs \(end the model with nn.Flatten"):
+        linops.HessianOperator(m, loss, (X, y), route="chain", reduction="sum").to_dense()
+    auto = linops.HessianOperator(m, loss, (X, y), reduction="sum")
+    auto.to_dense()
+    assert auto.route.startswith("autograd")
