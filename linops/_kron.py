@@ -29,6 +29,8 @@ def map_blocks(X: Tensor, slots: list[Slot], separate: bool, weight: Any, bias: 
     is read as ``(out, in, K)``, a column-major one as ``(K, out, in)`` and one vector as
     ``(out, in)``, so no product copies or transposes the block.
     """
+    if X.shape[1] == 0:
+        return X.new_empty(X.shape)
     if X.shape[1] == 1:  # a strided column (of a wider block) is gathered once
         lay, Z = ONE, X[:, 0] if X.stride(0) == 1 else X[:, 0].contiguous()
         if separate or all(s.w is None or s.b is None for s in slots):

@@ -532,7 +532,19 @@ class ModelOperator(TorchLinearOperator):
 
         The model is a converted copy when its parameters or buffers differ; data are cast and
         moved once; no graph is shared.
+
+        Raises
+        ------
+        TypeError
+            For a complex dtype: a model computes in a real one (a real operator applies to
+            complex vectors as it is, by their real and imaginary parts).
         """
+        if dtype.is_complex:
+            raise TypeError(
+                f"dtype: expected a real floating dtype for a model operator, got {dtype} (its "
+                "products with complex vectors need no conversion: real and imaginary parts "
+                "are applied separately)"
+            )
         new = copy.copy(self)
         budget = self.memory.total
         if not self._budget_given and device != self.device:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any, overload
+from typing import Any, cast, overload
 
 import numpy as np
 import torch
@@ -228,6 +228,17 @@ class TorchLinearOperator(LinearOperator):
         >>> A.to(torch.float64).dtype
         dtype('float64')
         """
+        if dtype is not None:
+            kind = dtype if isinstance(dtype, torch.dtype) else None
+            if kind is not None and not (kind.is_floating_point or kind.is_complex):
+                raise TypeError(f"dtype: expected a floating or complex dtype, got {dtype}")
+            if kind is None:
+                try:
+                    given = np.dtype(cast(Any, dtype))
+                except TypeError:
+                    given = None  # not a dtype at all: operator_dtype below says so
+                if given is not None and given.kind not in "fc":
+                    raise TypeError(f"dtype: expected a floating or complex dtype, got {given}")
         new_dtype = self.torch_dtype if dtype is None else torch_dtype(operator_dtype(dtype))
         new_device = self.device if device is None else torch.device(device)
         if self.torch_dtype.is_complex and not new_dtype.is_complex:

@@ -13,7 +13,7 @@ import torch
 
 from linops._checks import check_damping
 from linops.base import TorchLinearOperator
-from linops.kfac import KFACOperator
+from linops.kfac import KFACOperator, _rounded_to_zero
 
 __all__ = ["EKFACOperator"]
 
@@ -104,7 +104,8 @@ class EKFACOperator(KFACOperator):
             For a negative or non-finite damping.
         """
         check_damping(damping)
-        return float(sum(torch.log(v.clamp(min=0) + damping).sum() for v in self._eigenvalues()))
+        vals = torch.cat(self._eigenvalues()).clamp(min=0)
+        return float(torch.log(_rounded_to_zero(vals) + damping).sum())
 
     def state_dict(self) -> dict[str, Any]:
         """Return KFAC's state with the corrected eigenbasis and eigenvalues."""

@@ -433,10 +433,22 @@ class KFACOperator(_LossOperator):
             "separate_weight_and_bias": self.separate, "kfac_approx": self.kfac_approx,
             "grouped": self.grouped,
         }  # fmt: skip
+        if self.fisher_type != "mc":  # only the Monte-Carlo labels depend on the seed
+            del expected["seed"]
         for key, value in expected.items():
             if state.get(key) != value:
                 raise ValueError(
                     f"state: expected {key}={value!r} for this operator, got {state.get(key)!r}"
+                )
+        for s in self._slots():  # the same layer names over other widths: refused
+            joint = not self.separate and s.w is not None and s.b is not None
+            d_in = (s.cols + joint) if s.w is not None else 1
+            d_out = s.rows if s.w is not None else (s.b.stop - s.b.start)  # type: ignore[union-attr]
+            A, G = state["factors"][s.layer]
+            if tuple(A.shape) != (d_in, d_in) or tuple(G.shape) != (d_out, d_out):
+                raise ValueError(
+                    f"state: expected factors of shapes ({d_in}, {d_in}) and ({d_out}, {d_out}) "
+                    f"for layer {s.layer!r}, got {tuple(A.shape)} and {tuple(G.shape)}"
                 )
         kw = {"dtype": self.torch_dtype, "device": self.device}
         self.factors = {k: (A.to(**kw), G.to(**kw)) for k, (A, G) in state["factors"].items()}
@@ -513,7 +525,8 @@ class KFACOperator(_LossOperator):
     def logdet(self, damping: float = 0.0) -> float:
         r"""Return :math:`\log\det(B + \lambda I) = \sum_\ell \sum_{ij} \log(a_i g_j + \lambda)`.
 
-        From the factors' eigenvalues (``-inf`` for a singular undamped KFAC).
+        From the factors' eigenvalues (``-inf`` for a singular undamped KFAC: eigenvalues at
+        the rounding level of the largest, ``dim * eps`` of it, count as zero).
 
         Raises
         ------
@@ -524,7 +537,7 @@ class KFACOperator(_LossOperator):
         total = 0.0
         for A, G in self._blocks():
             a, g = torch.linalg.eigvalsh(A).clamp(min=0), torch.linalg.eigvalsh(G).clamp(min=0)
-            total += float(torch.log(a[:, None] * g[None, :] + damping).sum())
+            total += float(torch.log(_rounded_to_zero(a[:, None] * g[None, :]) + damping).sum())
         return total
 
     def inverse(self, damping: float, *, heuristic: bool = False) -> TorchLinearOperator:
@@ -597,3 +610,14 @@ def kfac_preconditioner(A: Any, damping: float, *, heuristic: bool = False) -> T
         label_key=A.label_key, **kw,
     )  # fmt: skip
     return K.inverse(damping, heuristic=heuristic)
+
+
+def _rounded_to_zero(x: Tensor) -> Tensor:
+    """``x`` (non-negative eigenvalues) with those at the rounding level of the largest set to 0.
+
+    Eigenvalues of a singular factor come out of ``eigvalsh`` as about ``eps`` of the largest,
+    not 0: their logarithm was a finite -394 for a singular KFAC whose log-determinant is
+    ``-inf``.
+    """
+    tiny = x.numel() * torch.finfo(x.dtype).eps * float(x.max()) if x.numel() else 0.0
+    return torch.where(x <= tiny, torch.zeros_like(x), x)

@@ -844,3 +844,29 @@ def test_a_layer_called_with_a_keyword_input_is_recorded() -> None:
     X, y = torch.randn(6, 4, dtype=F64), torch.randn(6, 3, dtype=F64)
     K = KFACOperator(model, nn.MSELoss(), (X, y), separate_weight_and_bias=False).to_dense()
     assert _rel(K, GGNOperator(model, nn.MSELoss(), (X, y)).to_dense()) < 1e-12
+
+
+def test_state_logdet_and_empty_blocks_edge_cases() -> None:
+    """logdet(0) of a singular KFAC (cross-entropy's Hessian is singular) was the log of
+    round-off (-394), not -inf; a state of other widths loaded silently; two identically built
+    type-2 operators (seed=None) could not share a state; an (n, 0) block raised in reshape."""
+    model, data = _setup("ce")
+    for cls in (KFACOperator, EKFACOperator):
+        K = cls(model, nn.CrossEntropyLoss(), data)
+        assert K.logdet(0.0) == -math.inf
+        assert math.isfinite(K.logdet(1e-3))
+        other = cls(model, nn.CrossEntropyLoss(), data)  # seed=None: another drawn seed
+        other.load_state_dict(K.state_dict())
+        v = torch.randn(K.shape[1], 3, dtype=F64)
+        torch.testing.assert_close(other @ v, K @ v, rtol=1e-13, atol=1e-15)
+        assert (K @ v[:, :0]).shape == (K.shape[0], 0)
+        assert (K.inverse(1e-2) @ v[:, :0]).shape == (K.shape[0], 0)
+        torch.manual_seed(3)
+        wider = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        with pytest.raises(ValueError, match="state: expected factors of shapes"):
+            cls(wider, nn.CrossEntropyLoss(), data).load_state_dict(K.state_dict())
+    mc = KFACOperator(model, nn.CrossEntropyLoss(), data, fisher_type="mc", seed=1)
+    with pytest.raises(ValueError, match="state: expected seed=2"):  # the draws depend on it
+        KFACOperator(model, nn.CrossEntropyLoss(), data, fisher_type="mc", seed=2).load_state_dict(
+            mc.state_dict()
+        )

@@ -201,3 +201,25 @@ def test_complex_operator_refuses_a_real_dtype() -> None:
     Z = linops.aslinearoperator(torch.eye(2, dtype=torch.complex64))
     with pytest.raises(TypeError, match="expected a complex dtype for a complex operator"):
         Z.to(dtype=F64)
+
+
+def test_to_refuses_integer_dtypes_and_model_operators_refuse_complex() -> None:
+    """.to(torch.int64) gave a float64 operator (its docstring promised a TypeError); a model
+    operator accepted complex128 and failed in the loss at its first product."""
+    import numpy as np
+    from torch import nn
+
+    import linops
+
+    A = linops.aslinearoperator(torch.eye(3, dtype=torch.float32))
+    for bad in (torch.int64, torch.bool, np.int32, "int64"):
+        with pytest.raises(TypeError, match="dtype: expected a floating or complex dtype"):
+            A.to(bad)
+    assert A.to(np.complex128).dtype == np.complex128
+    model = nn.Linear(3, 2).double()
+    data = (torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,)))
+    H = linops.HessianOperator(model, nn.CrossEntropyLoss(), data)
+    with pytest.raises(TypeError, match="expected a real floating dtype for a model operator"):
+        H.to(torch.complex128)
+    z = torch.randn(H.shape[1], dtype=torch.complex128)
+    torch.testing.assert_close(H @ z, torch.complex(H @ z.real, H @ z.imag))
