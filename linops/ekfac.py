@@ -98,14 +98,22 @@ class EKFACOperator(KFACOperator):
     def logdet(self, damping: float = 0.0) -> float:
         r"""Return :math:`\sum \log(E + \lambda)`, the damped log-determinant.
 
+        Without damping, a block's values below ``sqrt(size) eps`` of its largest count as zero
+        (``-inf`` for a singular EKFAC, as for KFAC).
+
         Raises
         ------
         ValueError
             For a negative or non-finite damping.
         """
         check_damping(damping)
-        vals = torch.cat(self._eigenvalues()).clamp(min=0)
-        return float(torch.log(_rounded_to_zero(vals) + damping).sum())
+        total = 0.0
+        for v in self._eigenvalues():
+            v = v.clamp(min=0)
+            if damping == 0:  # the block's values at its rounding level count as zero
+                v = _rounded_to_zero(v, math.isqrt(v.numel()) + 1)
+            total += float(torch.log(v + damping).sum())
+        return total
 
     def state_dict(self) -> dict[str, Any]:
         """Return KFAC's state with the corrected eigenbasis and eigenvalues."""

@@ -525,8 +525,8 @@ class KFACOperator(_LossOperator):
     def logdet(self, damping: float = 0.0) -> float:
         r"""Return :math:`\log\det(B + \lambda I) = \sum_\ell \sum_{ij} \log(a_i g_j + \lambda)`.
 
-        From the factors' eigenvalues (``-inf`` for a singular undamped KFAC: eigenvalues at
-        the rounding level of the largest, ``dim * eps`` of it, count as zero).
+        From the factors' eigenvalues (``-inf`` for a singular undamped KFAC: without damping,
+        a factor's eigenvalues below ``dim * eps`` of its largest count as zero).
 
         Raises
         ------
@@ -537,7 +537,9 @@ class KFACOperator(_LossOperator):
         total = 0.0
         for A, G in self._blocks():
             a, g = torch.linalg.eigvalsh(A).clamp(min=0), torch.linalg.eigvalsh(G).clamp(min=0)
-            total += float(torch.log(_rounded_to_zero(a[:, None] * g[None, :]) + damping).sum())
+            if damping == 0:  # only then does an eigenvalue at the rounding level matter
+                a, g = _rounded_to_zero(a, len(a)), _rounded_to_zero(g, len(g))
+            total += float(torch.log(a[:, None] * g[None, :] + damping).sum())
         return total
 
     def inverse(self, damping: float, *, heuristic: bool = False) -> TorchLinearOperator:
@@ -612,12 +614,12 @@ def kfac_preconditioner(A: Any, damping: float, *, heuristic: bool = False) -> T
     return K.inverse(damping, heuristic=heuristic)
 
 
-def _rounded_to_zero(x: Tensor) -> Tensor:
-    """``x`` (non-negative eigenvalues) with those at the rounding level of the largest set to 0.
+def _rounded_to_zero(x: Tensor, size: int) -> Tensor:
+    """``x`` (non-negative eigenvalues) with those below ``size * eps`` of the largest set to 0.
 
-    Eigenvalues of a singular factor come out of ``eigvalsh`` as about ``eps`` of the largest,
-    not 0: their logarithm was a finite -394 for a singular KFAC whose log-determinant is
-    ``-inf``.
+    Eigenvalues of a singular ``size x size`` factor come out of ``eigvalsh`` at about
+    ``eps`` of the largest, not 0: their logarithm was a finite -394 for a singular KFAC whose
+    undamped log-determinant is ``-inf``.
     """
-    tiny = x.numel() * torch.finfo(x.dtype).eps * float(x.max()) if x.numel() else 0.0
+    tiny = size * torch.finfo(x.dtype).eps * float(x.max()) if x.numel() else 0.0
     return torch.where(x <= tiny, torch.zeros_like(x), x)

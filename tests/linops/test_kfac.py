@@ -865,6 +865,13 @@ def test_state_logdet_and_empty_blocks_edge_cases() -> None:
         wider = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
         with pytest.raises(ValueError, match="state: expected factors of shapes"):
             cls(wider, nn.CrossEntropyLoss(), data).load_state_dict(K.state_dict())
+    torch.manual_seed(0)  # non-singular: one Linear, MSE, full-rank inputs: logdet(0) finite
+    lin = nn.Linear(3, 2).double()
+    X, y = torch.randn(20, 3, dtype=F64), torch.randn(20, 2, dtype=F64)
+    for cls in (KFACOperator, EKFACOperator):
+        K = cls(lin, nn.MSELoss(), (X, y))
+        want = float(torch.linalg.slogdet(K.to_dense())[1])
+        assert K.logdet(0.0) == pytest.approx(want, rel=1e-12)
     mc = KFACOperator(model, nn.CrossEntropyLoss(), data, fisher_type="mc", seed=1)
     with pytest.raises(ValueError, match="state: expected seed=2"):  # the draws depend on it
         KFACOperator(model, nn.CrossEntropyLoss(), data, fisher_type="mc", seed=2).load_state_dict(
