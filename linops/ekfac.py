@@ -13,7 +13,7 @@ import torch
 
 from linops._checks import check_damping
 from linops.base import TorchLinearOperator
-from linops.kfac import KFACOperator, _rounded_to_zero
+from linops.kfac import KFACOperator, _damped_logdet
 
 __all__ = ["EKFACOperator"]
 
@@ -107,13 +107,8 @@ class EKFACOperator(KFACOperator):
             For a negative or non-finite damping.
         """
         check_damping(damping)
-        total = 0.0
-        for v in self._eigenvalues():
-            v = v.clamp(min=0)
-            if damping == 0:  # the block's values at its rounding level count as zero
-                v = _rounded_to_zero(v, math.isqrt(v.numel()) + 1)
-            total += float(torch.log(v + damping).sum())
-        return total
+        blocks = ((v, math.isqrt(v.numel()) + 1) for v in self._eigenvalues())
+        return _damped_logdet(blocks, damping)
 
     def state_dict(self) -> dict[str, Any]:
         """Return KFAC's state with the corrected eigenbasis and eigenvalues."""

@@ -534,13 +534,15 @@ class KFACOperator(_LossOperator):
             For a negative or non-finite damping.
         """
         check_damping(damping)
-        total = 0.0
-        for A, G in self._blocks():
-            a, g = torch.linalg.eigvalsh(A).clamp(min=0), torch.linalg.eigvalsh(G).clamp(min=0)
-            if damping == 0:  # only then does an eigenvalue at the rounding level matter
-                a, g = _rounded_to_zero(a, len(a)), _rounded_to_zero(g, len(g))
-            total += float(torch.log(a[:, None] * g[None, :] + damping).sum())
-        return total
+
+        def products() -> Any:
+            for A, G in self._blocks():
+                a, g = (torch.linalg.eigvalsh(M).clamp(min=0) for M in (A, G))
+                if damping == 0:  # each factor's rounding level, before the products
+                    a, g = _rounded_to_zero(a, len(a)), _rounded_to_zero(g, len(g))
+                yield (a[:, None] * g[None, :]).reshape(-1), 0
+
+        return _damped_logdet(products(), damping)
 
     def inverse(self, damping: float, *, heuristic: bool = False) -> TorchLinearOperator:
         r""":math:`(B + \lambda I)^{-1}` in closed form, per block.
@@ -623,3 +625,18 @@ def _rounded_to_zero(x: Tensor, size: int) -> Tensor:
     """
     tiny = size * torch.finfo(x.dtype).eps * float(x.max()) if x.numel() else 0.0
     return torch.where(x <= tiny, torch.zeros_like(x), x)
+
+
+def _damped_logdet(blocks: Any, damping: float) -> float:
+    r"""Return :math:`\sum \log(v + \lambda)` over the eigenvalues ``v`` of ``(v, size)`` blocks.
+
+    Undamped, a block's values below ``size * eps`` of its largest count as zero
+    (:func:`_rounded_to_zero`): only then does a value at the rounding level matter.
+    """
+    total = 0.0
+    for v, size in blocks:
+        v = v.clamp(min=0)
+        if damping == 0:
+            v = _rounded_to_zero(v, size)
+        total += float(torch.log(v + damping).sum())
+    return total
