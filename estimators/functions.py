@@ -297,7 +297,7 @@ def trace_function(
         del V
     v = torch.tensor(vals, dtype=torch.float64)
     scale = float(nodes.abs().max())
-    if name in ("log", "inverse") and float(nodes.min()) <= 64 * n * _eps(op) * scale:
+    if name in ("log", "inverse") and float(nodes.min()) <= 64 * m * _eps(op) * scale:
         raise ValueError(
             f"f: expected a function defined on the spectrum of A + damping I; {name!r} needs "
             f"it positive definite, got a node of {float(nodes.min()):.3g} against a largest "
