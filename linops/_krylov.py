@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import cmath
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
@@ -186,7 +187,11 @@ def column_norms(X: torch.Tensor) -> torch.Tensor:
 
 
 def orth_qr(
-    W: torch.Tensor, V: Basis, gen: torch.Generator, ref: float
+    W: torch.Tensor,
+    V: Basis,
+    gen: torch.Generator,
+    ref: float,
+    on_breakdown: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Orthonormalise the block ``W`` against the orthonormal basis ``V``.
 
@@ -196,8 +201,9 @@ def orth_qr(
     Returns ``(Q, C, R)`` with :math:`W = V C + Q R`, :math:`V^H Q = 0`, :math:`Q^H Q = I`.
     Columns whose remainder is below ``100 eps ref`` are numerically in ``span(V)``; they are
     replaced by random directions orthogonal to ``V`` (with ``R`` recomputed, so the
-    relation holds up to that tiny remainder). When ``V`` already spans the whole space,
-    ``Q`` and ``R`` are zero.
+    relation holds up to that tiny remainder), and ``on_breakdown()`` is called: ``span(V)``
+    held the block's image, an exact breakdown of a Krylov iteration. When ``V`` already spans
+    the whole space, ``Q`` and ``R`` are zero.
     """
     n, b = W.shape
     W, C = _project_twice(W, V)
@@ -209,6 +215,8 @@ def orth_qr(
     tiny = 100 * eps * max(ref, float(torch.linalg.vector_norm(W, dim=0).max()))
     if bool((d <= tiny).any()):
         Q = _replace_columns(Q, d <= tiny, V, gen)
+        if on_breakdown is not None:
+            on_breakdown()
     elif bool((d <= eps**0.5 * ref).any()):
         Q, _ = torch.linalg.qr(_project_twice(Q, V)[0])  # heavy cancellation: a third pass
     else:

@@ -821,6 +821,11 @@ def _check_finite_model(space: ParamSpace) -> None:
         check_finite(t.detach(), what)
 
 
+def tensor_in(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``t`` is on ``device`` and, if floating, in ``dtype`` (nothing to convert)."""
+    return t.device == device and (t.dtype == dtype or not t.is_floating_point())
+
+
 def _converted(space: ParamSpace, dtype: torch.dtype, device: torch.device) -> ParamSpace:
     """Return the space on a model whose parameters *and buffers* have ``dtype`` and ``device``.
 
@@ -830,12 +835,8 @@ def _converted(space: ParamSpace, dtype: torch.dtype, device: torch.device) -> P
     is never changed.
     """
     model = space.model
-
-    def ready(t: torch.Tensor) -> bool:
-        return t.device == device and (t.dtype == dtype or not t.is_floating_point())
-
     others = [p for n, p in model.named_parameters() if n not in space.names]
-    if all(ready(t) for t in [*others, *model.buffers()]):
+    if all(tensor_in(t, dtype, device) for t in [*others, *model.buffers()]):
         return space.to(dtype=dtype, device=device)  # only the selected values, if any, differ
     try:
         copied = copy.deepcopy(model)

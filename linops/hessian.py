@@ -33,7 +33,7 @@ from linops._autodiff import (
 from linops._chain import ChainGradientGraph, ChainOutputGraph
 from linops._checks import check_output_index
 from linops._loss import OutputLoss
-from linops._model import ModelOperator, forward_checked
+from linops._model import ModelOperator, forward_checked, tensor_in
 from linops._reduction import Reduction, check_reduction, loss_reduction
 from linops._types import Data, OutputSelector, Params, ProcessGroup
 
@@ -195,8 +195,7 @@ def _loss_in(loss_fn: LossFn, dtype: torch.dtype, device: torch.device) -> LossF
     """
     if not isinstance(loss_fn, nn.Module):
         return loss_fn
-    tensors = [*loss_fn.parameters(), *loss_fn.buffers()]
-    if all(t.device == device and (t.dtype == dtype or not t.is_floating_point()) for t in tensors):
+    if all(tensor_in(t, dtype, device) for t in [*loss_fn.parameters(), *loss_fn.buffers()]):
         return loss_fn
     return copy.deepcopy(loss_fn).to(device=device, dtype=dtype)
 

@@ -300,17 +300,17 @@ class _Lanczos:
         self.av_err[j : j + b] = 0.0
         # a scale for the tolerances only: the plain norm (1e-5 relative in float32) will do
         self.anorm = max(self.anorm, float(torch.linalg.vector_norm(W, dim=0).max()))
-        self.P, C, R = kr.orth_qr(W, self._columns(j + b), self.gen, self.anorm)
-        if j + 2 * b <= self.n and bool(
-            (torch.linalg.diagonal(R).abs() <= 100 * torch.finfo(W.dtype).eps * self.anorm).any()
-        ):  # an exact breakdown (orth_qr went on in a random direction): see _Check
-            self.broke = True
+        self.P, C, R = kr.orth_qr(W, self._columns(j + b), self.gen, self.anorm, self._broke)
         H = self.H
         H[: j + b, j : j + b] = C
         H[j : j + b, :j] = C[:j].mH
         H[j : j + b, j : j + b] = (C[j:] + C[j:].mH) / 2
         self.j = j + b
         return R
+
+    def _broke(self) -> None:
+        """Record an exact breakdown: orth_qr went on in a random direction (see _Check)."""
+        self.broke = True
 
     def restart(self, S: torch.Tensor, theta: torch.Tensor, keep: torch.Tensor) -> None:
         """Keep the Ritz vectors ``V S[:, keep]``: ``H`` becomes diagonal, ``P`` stays."""

@@ -209,17 +209,17 @@ class _Bidiag:
         j, b, P = self.j, self.P.shape[1], self.P
         X = self.apply(P, adjoint=False)
         self.anorm = max(self.anorm, float(kr.column_norms(X).max()))
-        Q, C, Ru = kr.orth_qr(X, self.U[:, :j], self.gen, self.anorm)
+        broke: list[bool] = []  # an exact breakdown on either side (orth_qr's replacement)
+        Q, C, Ru = kr.orth_qr(X, self.U[:, :j], self.gen, self.anorm, lambda: broke.append(True))
         self.V[:, j : j + b], self.U[:, j : j + b] = P, Q
         self.B[:j, j : j + b], self.B[j : j + b, j : j + b] = C, Ru
         Y = self.apply(Q, adjoint=True)
         self.AV[:, j : j + b], self.AhU[:, j : j + b] = X, Y
         self.e_AV[j : j + b], self.e_AhU[j : j + b] = 0.0, 0.0
-        self.P, _, R = kr.orth_qr(Y, self.V[:, : j + b], self.gen, self.anorm)
-        tiny = 100 * torch.finfo(X.dtype).eps * self.anorm
-        if j + 2 * b <= min(self.op.shape) and any(
-            bool((torch.linalg.diagonal(T).abs() <= tiny).any()) for T in (Ru, R)
-        ):  # an exact breakdown (orth_qr went on in a random direction)
+        self.P, _, R = kr.orth_qr(
+            Y, self.V[:, : j + b], self.gen, self.anorm, lambda: broke.append(True)
+        )
+        if broke and j + 2 * b <= min(self.op.shape):  # a complement to search remains
             self.broke = True
         self.j = j + b
         return R
