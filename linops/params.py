@@ -169,7 +169,8 @@ class ParamSpace:
                 raise ValueError("model: expected at least one trainable parameter, got none")
             values: dict[str, torch.Tensor] = {n: named[n] for n in names}
         elif isinstance(params, Mapping):
-            values = dict(params)
+            aliases = _aliases(model, named)
+            values = {aliases.get(n, n): v for n, v in params.items()}
             _check_names(values, named)
         else:
             values = _resolve(list(params), named, model)
@@ -350,6 +351,16 @@ def _call_swapped(
                     b.copy_(saved[n])
 
 
+def _aliases(model: nn.Module, named: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Map the other names of tied parameters (``lm_head.weight``) to the name ``named`` uses."""
+    by_id = {id(p): n for n, p in named.items()}
+    return {
+        n: by_id[id(p)]
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if n not in named and id(p) in by_id
+    }
+
+
 def _check_names(values: Mapping[str, torch.Tensor], named: Mapping[str, Any]) -> None:
     unknown = [n for n in values if n not in named]
     if unknown:
@@ -376,16 +387,20 @@ def _resolve(
 ) -> dict[str, torch.Tensor]:
     by_id = {id(p): n for n, p in named.items()}
     modules = dict(model.named_modules())
+    aliases = _aliases(model, named)
     values: dict[str, torch.Tensor] = {}
     for item in items:
         if isinstance(item, str) and item not in named:
-            if item not in modules:
+            if item in aliases:  # a tied parameter by its second name: the same tensor
+                item = aliases[item]
+            elif item in modules:
+                item = modules[item]
+            else:
                 raise ValueError(
                     f"params: {item!r} is neither a parameter nor a submodule of the model; "
                     f"expected names among {list(named)} or a prefix such as "
                     f"{sorted({n.rsplit('.', 1)[0] for n in named if '.' in n})[:8]}"
                 )
-            item = modules[item]
         if isinstance(item, nn.Module):
             found = [by_id.get(id(p)) for p in item.parameters() if p.requires_grad]
             if not found or None in found:

@@ -112,3 +112,16 @@ def test_products_over_some_parameters_carry_no_graph(conv: bool) -> None:
         for op in ops:
             for V in (torch.ones(op.shape[1]).double(), torch.eye(op.shape[1]).double()):
                 assert not torch.as_tensor(op @ V).requires_grad, (type(op).__name__, op.route)
+
+
+def test_tied_parameter_named_by_its_second_name_is_the_same_parameter() -> None:
+    """``lm_head.weight`` tied to ``emb.weight``: either name selects the one tensor."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5, bias=False))
+    model[1].weight = model[0].weight
+    assert ParamSpace(model).names == ["0.weight"]
+    assert ParamSpace(model, ["1.weight"]).names == ["0.weight"]
+    assert ParamSpace(model, {"1.weight": torch.ones(5, 3)}).names == ["0.weight"]
+    assert ParamSpace(model, [model[1]]).names == ["0.weight"]
+    with pytest.raises(ValueError, match=r"params\['0.weight'\]: expected shape \(5, 3\)"):
+        ParamSpace(model, {"1.weight": torch.ones(3)})
