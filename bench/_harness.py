@@ -2,7 +2,8 @@
 
 Each script under ``bench/`` takes ``--out`` (a folder, created if needed) and ``--quick`` (a
 small run for the smoke tests, ``tests/test_scripts.py``), times with ``time.perf_counter``
-and writes ``<name>.json`` into ``--out``. Scripts add their own options to :func:`parser`'s
+and writes ``<name>.json`` into ``--out`` (strict JSON: a non-finite number, such as the
+break-even of a step that saves no time, is written as ``null``). Scripts add their own options to :func:`parser`'s
 result.
 
 What a script gets from :func:`parser` without doing anything else:
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import math
 import re
 import statistics
 import sys
@@ -204,10 +206,29 @@ def write_json(out: str | Path, stem: str, payload: Any, *, indent: int | None =
         payload = {"smoke": _quick(), **payload}
         if _quick():
             payload.setdefault("smoke_note", _runs().SMOKE_NOTE)
-    path.write_text(json.dumps(payload, indent=indent))
+    path.write_text(strict_json(payload, indent=indent))
     if _RUN:  # not in a child process, whose stdout may be its parent's channel
         print(f"wrote {path}", flush=True)
     return path
+
+
+def strict_json(payload: Any, *, indent: int | None = 1) -> str:
+    """``json.dumps`` with every NaN and infinity as ``null``: strict JSON (RFC 8259 has neither).
+
+    Python's ``json`` writes them as the bare words ``NaN`` and ``Infinity``, which other
+    parsers (``jq``, JavaScript's ``JSON.parse``, Go, Rust's serde) refuse.
+    """
+
+    def finite(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [finite(v) for v in x]
+        return x
+
+    return json.dumps(finite(payload), indent=indent, allow_nan=False)
 
 
 @contextmanager

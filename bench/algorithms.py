@@ -51,6 +51,9 @@ from scipy.sparse.linalg import svds as scipy_svds
 from sklearn.utils.extmath import randomized_svd as sk_randomized_svd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
+
+from _harness import strict_json
 
 import linops
 
@@ -473,7 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["operators"] = bench_operators(args.seed, args.quick)
     res["seconds_total"] = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "algorithms.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / "algorithms.json").write_text(strict_json(res, indent=2) + "\n")
     md = to_markdown(res)
     (args.out / "algorithms.md").write_text(md)
     if "rsvd_curve" in res and "trace_curve" in res:

@@ -43,7 +43,6 @@ and prints the markdown tables. curvlinops is optional: without it its columns a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -60,6 +59,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
+
+from _harness import strict_json
 
 from linops import (
     EKFACOperator,
@@ -487,7 +489,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(prod, sol, meta)
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "products": prod, "solves": sol}
-    (args.out / "curvature.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (args.out / "curvature.json").write_text(strict_json(payload, indent=2) + "\n")
     (args.out / "curvature.md").write_text(table)
     print(table)
     print(f"wrote {args.out / 'curvature.json'} and {args.out / 'curvature.md'}")

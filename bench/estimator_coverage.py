@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -36,6 +35,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
+
+from _harness import strict_json  # noqa: E402
 
 from estimators.counting import singular_value_count  # noqa: E402
 from estimators.density import spectral_density  # noqa: E402
@@ -273,7 +275,7 @@ def main() -> None:
         "seconds_total": time.perf_counter() - t0,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "estimator_coverage.json").write_text(json.dumps(result, indent=1))
+    (args.out / "estimator_coverage.json").write_text(strict_json(result, indent=1))
 
     print(f"trace: coverage of +-2 stderr, n = {trace['n']}, {trace['seeds']} seeds")
     print(

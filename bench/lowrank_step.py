@@ -11,7 +11,8 @@ counts, measured in one run on the same batches:
   the network at all);
 * ``seconds_preprocess``: the one-off preprocessing (reference set, ``V_J``, ``P = J^T V_J``,
   basis and ``J B``), and the break-even step count
-  ``seconds_preprocess / (seconds_step_backprop - seconds_step_lowrank)``.
+  ``seconds_preprocess / (seconds_step_backprop - seconds_step_lowrank)`` (``null`` in the
+  JSON where the low-rank step saves no time: it never breaks even).
 
 Memory per step is *accounted*, not read from an allocator (CPU torch has no peak counter):
 backprop = tensors saved for the backward pass (``saved_tensors_hooks``, unique storages) plus

@@ -44,6 +44,25 @@ OPTIONAL = {
 }
 
 
+def _refuse(word: str) -> None:
+    raise ValueError(f"not strict JSON: {word}")
+
+
+def test_strict_json_writes_non_finite_numbers_as_null(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import _harness
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    payload = {"a": float("inf"), "b": [1.5, float("nan"), (-float("inf"), 2)], "c": {"d": 3}}
+    text = _harness.strict_json(payload)
+    assert json.loads(text, parse_constant=_refuse) == {
+        "a": None, "b": [1.5, None, [None, 2]], "c": {"d": 3}
+    }  # fmt: skip
+    path = _harness.write_json(tmp_path, "x", {"e": float("nan")})
+    assert json.loads(path.read_text(), parse_constant=_refuse) == {"e": None}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_quick_run_writes_its_json(script: str, tmp_path: Path) -> None:
@@ -66,7 +85,7 @@ def test_quick_run_writes_its_json(script: str, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     written = list(tmp_path.glob("*.json"))
     assert written, f"{script} wrote no JSON under --out"
-    payloads = [json.loads(path.read_text()) for path in written]
+    payloads = [json.loads(path.read_text(), parse_constant=_refuse) for path in written]
     source = (ROOT / script).read_text()
     if script.startswith("examples/") or "write_json" in source:
         assert any(isinstance(p, dict) and p.get("smoke") is True for p in payloads), script
