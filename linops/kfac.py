@@ -245,18 +245,20 @@ class KFACOperator(_LossOperator):
 
     # ------------------------------------------------------------------ the factors
     def _output_factor(self, out: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
-        r"""Return the per-sample output-space factor columns ``(r, n, d)``.
+        r"""Return the per-sample output-space factor columns ``(r, n, d)`` (``d``: an output's size).
 
         The caller scales them by :math:`\sqrt{c_b}` (the batch's share of :math:`c`:
         :math:`w_b / W_b`).
         """
-        n, d = out.shape
-        if self.fisher_type == "type-2":
-            S = _exact_factor(self.family, out).permute(2, 0, 1)
-        elif self.fisher_type == "empirical":
+        n = out.shape[0]
+        if self.fisher_type == "empirical":  # the loss on the outputs as the model gives them
             with torch.enable_grad():
                 o = out.detach().requires_grad_(True)
-                S = torch.autograd.grad(self._unreduced(o, y), o)[0][None]
+                S = torch.autograd.grad(self._unreduced(o, y), o)[0].reshape(1, n, -1)
+            return S
+        out = out.reshape(n, -1)
+        if self.fisher_type == "type-2":
+            S = _exact_factor(self.family, out).permute(2, 0, 1)
         else:
             S = torch.stack([self._draw(out, gen) for _ in range(self.mc_samples)])
             S = S / math.sqrt(self.mc_samples)
@@ -318,8 +320,7 @@ class KFACOperator(_LossOperator):
                     )
                 normaliser: Any = reduction.normaliser
                 W_b = 1.0 if reduction.kind == "sum" else float(normaliser(f, y))
-                f2 = f.reshape(f.shape[0], -1).detach()
-                S = self._output_factor(f2, y, gen) * math.sqrt(w / W_b)
+                S = self._output_factor(f.detach(), y, gen) * math.sqrt(w / W_b)
                 return S if kept is None else S * kept.to(S.dtype)[:, None]
 
             def chained(chain: Chain, x: Any = x, scaled: Any = scaled) -> Any:
