@@ -18,6 +18,7 @@ whole, whatever the budget.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, cast
 
@@ -62,10 +63,14 @@ def check_loader(data: object, *, allow_reshuffle: bool) -> None:
 
     torch's random samplers (``shuffle=True``, ``WeightedRandomSampler``,
     ``RandomSampler(replacement=True)``, ``SubsetRandomSampler``) are refused by type; any
-    other sampler (or batch sampler) is drawn twice and refused if the two orders differ.
+    other sampler (or batch sampler) is drawn twice and refused if the two orders differ. A
+    loader over an ``IterableDataset`` has no sampler to check: the dataset's ``__iter__``
+    must give the same batches at every pass.
     """
     if allow_reshuffle or not isinstance(data, torch.utils.data.DataLoader):
         return
+    if isinstance(data.dataset, torch.utils.data.IterableDataset):
+        return  # its own __iter__ gives the order; its sampler yields None without end
     samplers = [data.sampler]
     if data.batch_sampler is not None and type(data.batch_sampler) is not BatchSampler:
         samplers.append(data.batch_sampler)  # a custom batch sampler
@@ -88,8 +93,10 @@ def _fixed_order(sampler: Iterable[object]) -> bool:
             return False
         if type(sampler) is BatchSampler:
             return _fixed_order(sampler.sampler)
-        first, second = list(iter(sampler)), list(iter(sampler))
-    except TypeError:  # e.g. the sampler of an IterableDataset: no indices to compare
+        size = len(sampler)  # type: ignore[arg-type]
+        # at most one index past its length: a sampler that never ends is told by that
+        first, second = (list(itertools.islice(sampler, size + 1)) for _ in range(2))
+    except TypeError:  # no length or no indices to compare: it cannot be told
         return True
     return first == second
 

@@ -192,6 +192,29 @@ def test_dataloader_and_tensor_pair_stream_like_they_cache() -> None:
         assert torch.equal(H @ V, ref)
 
 
+class _Chunks(torch.utils.data.IterableDataset):
+    """Batches of 6 from its own ``__iter__``: a loader over it has a sampler without end."""
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        self.X, self.y = X, y
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self.X), 6):
+            yield self.X[i : i + 6], self.y[i : i + 6]
+
+
+@pytest.mark.parametrize("budget", [None, TINY])
+def test_a_loader_over_an_iterable_dataset_equals_its_batches(budget: int | None) -> None:
+    """The reshuffle check drew the loader's ``_InfiniteConstantSampler`` without end (hang)."""
+    model = _mlp()
+    X, y = Synthetic((5,), 3, batches=3, size=6).tensors()
+    loader = DataLoader(_Chunks(X, y), batch_size=None)
+    V = _vectors(sum(p.numel() for p in model.parameters()), 3)
+    H = HessianOperator(model, nn.CrossEntropyLoss(), loader, memory_budget=budget, max_vectors=3)
+    expected = HessianOperator(model, nn.CrossEntropyLoss(), list(_Chunks(X, y)), max_vectors=3)
+    assert torch.equal(H @ V, expected @ V)
+
+
 def test_one_shot_iterator_is_kept_whatever_the_budget() -> None:
     model, data = _mlp(), Synthetic((5,), 3, batches=3, size=5)
     H = HessianOperator(model, nn.CrossEntropyLoss(), iter(data), memory_budget=TINY, max_vectors=2)
