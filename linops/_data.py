@@ -84,6 +84,10 @@ def check_loader(data: object, *, allow_reshuffle: bool) -> None:
         )
 
 
+#: indices drawn per pass from a sampler without a length to compare two of its passes
+_MAX_SAMPLER_DRAW = 1_000_000
+
+
 def _fixed_order(sampler: Iterable[object]) -> bool:
     """Whether two passes over ``sampler`` give the same indices (or it cannot be told)."""
     try:
@@ -93,10 +97,12 @@ def _fixed_order(sampler: Iterable[object]) -> bool:
             return False
         if type(sampler) is BatchSampler:
             return _fixed_order(sampler.sampler)
-        size = len(sampler)  # type: ignore[arg-type]
-        # at most one index past its length: a sampler that never ends is told by that
-        first, second = (list(itertools.islice(sampler, size + 1)) for _ in range(2))
-    except TypeError:  # no length or no indices to compare: it cannot be told
+        try:  # at most one index past its length: a sampler without end cannot hang here
+            cap = len(sampler) + 1  # type: ignore[arg-type]
+        except TypeError:
+            cap = _MAX_SAMPLER_DRAW
+        first, second = (list(itertools.islice(sampler, cap)) for _ in range(2))
+    except TypeError:  # no indices to compare: it cannot be told
         return True
     return first == second
 

@@ -525,6 +525,16 @@ def test_a_custom_sampler_with_a_fixed_order_is_accepted_and_a_changing_one_refu
     with pytest.raises(ValueError, match="Drifting"):
         linops.HessianOperator(model, loss, DataLoader(ds, batch_size=4, sampler=Drifting()))
 
+    class Lengthless(torch.utils.data.Sampler):  # no __len__: compared all the same
+        def __init__(self) -> None:
+            self.g = torch.Generator().manual_seed(0)
+
+        def __iter__(self) -> Any:
+            return iter(torch.randperm(9, generator=self.g).tolist())
+
+    with pytest.raises(ValueError, match="Lengthless"):
+        linops.HessianOperator(model, loss, DataLoader(ds, batch_size=4, sampler=Lengthless()))
+
 
 def test_params_accept_modules_and_prefixes() -> None:
     model, X, *_ = BY_NAME["layer-params-prefix"].build()
