@@ -40,7 +40,10 @@ class SpectralDensity(NamedTuple):
     grid, density
         ``(num_points,)`` abscissae and smoothed density (integrates to about 1).
     nodes, weights
-        ``(num_probes, num_steps)`` quadrature nodes and weights (each row sums to 1).
+        ``(num_probes, num_steps)`` quadrature nodes and weights (each row sums to 1). A
+        probe whose Lanczos run found an invariant subspace after :math:`s <` ``num_steps``
+        steps (an operator with few distinct eigenvalues) has :math:`s` nodes; its other
+        nodes repeat its largest, with weight 0.
     trace
         :math:`n \cdot \frac1N\sum_l\sum_j \tau_{lj}\theta_{lj}` (Hutchinson's estimate of
         :math:`\operatorname{tr}A` from the same probes), a
@@ -298,8 +301,18 @@ def _spectral_density(
     alpha = torch.cat([r.alpha for r in parts])
     beta = torch.cat([r.beta for r in parts])
     T = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
-    theta, S = torch.linalg.eigh(T.to("cpu", torch.float64))
+    T = T.to("cpu", torch.float64)
+    theta, S = torch.linalg.eigh(T)
     tau = S[:, 0, :] ** 2
+    # a run that found an invariant subspace after s < m steps has zeros past s: their nodes
+    # (weight 0) were 0, outside the spectrum, and widened the grid and the default sigma
+    # (twice the broadening on a two-value spectrum); they repeat its largest node instead
+    steps = torch.cat([r.steps for r in parts])
+    for i in torch.nonzero(steps < m).flatten().tolist():
+        k = int(steps[i])
+        th, Si = torch.linalg.eigh(T[i, :k, :k])
+        theta[i, :k], theta[i, k:] = th, th[-1]
+        tau[i, :k], tau[i, k:] = Si[0] ** 2, 0.0
     per_probe_trace = n * (tau * theta).sum(dim=1)
     tr_se = forms.result()[1] if N > 1 else math.nan  # as hutchinson_trace's
     span = float(theta.max() - theta.min()) or max(1.0, float(theta.abs().max()))

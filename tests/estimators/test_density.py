@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -40,6 +41,26 @@ def test_torch_in_torch_out_and_invariant_subspace() -> None:
     sd = spectral_density(A, num_probes=3, num_steps=10, seed=0)  # Krylov space breaks down
     assert isinstance(sd.density, torch.Tensor) and torch.isfinite(sd.density).all()
     assert sd.trace.estimate == pytest.approx(24.0) and sd.trace.method == "slq"
+
+
+def test_nodes_after_an_invariant_subspace_stay_in_the_spectrum() -> None:
+    """The padding past a run's breakdown gave nodes at 0 (weight 0), outside [1, 2] here, and
+    a default broadening of span / m over them: 0.2 where the nodes' own span gives 0.1."""
+    A = torch.diag(torch.tensor([1.0] * 25 + [2.0] * 25, dtype=torch.float64))
+    sd = spectral_density(A, num_probes=3, num_steps=10, seed=0)
+    assert float(sd.nodes.min()) >= 1 - 1e-12 and float(sd.nodes.max()) <= 2 + 1e-12
+    assert sd.sigma == pytest.approx(0.1, rel=1e-10)
+    # the two true nodes carry all the weight, half each (a probe of +-1 entries)
+    real = sd.weights > 1e-12
+    assert torch.equal(real.sum(1), torch.full((3,), 2))
+    torch.testing.assert_close(sd.nodes[real], torch.tensor([1.0, 2.0] * 3, dtype=torch.float64))
+    torch.testing.assert_close(sd.weights[real], torch.full((6,), 0.5, dtype=torch.float64))
+    x = sd.grid
+    want = sum(
+        0.5 * torch.exp(-((x - c) ** 2) / (2 * 0.1**2)) / (0.1 * math.sqrt(2 * math.pi))
+        for c in (1.0, 2.0)
+    )
+    torch.testing.assert_close(sd.density, want)
 
 
 def test_density_report(tmp_path) -> None:
