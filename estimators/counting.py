@@ -85,7 +85,7 @@ from typing import NamedTuple
 
 import torch
 
-from estimators.density import _lanczos_batch
+from estimators.density import _lanczos_batch, gauss_rules
 from estimators.seeding import Seed
 from linops import IdentityOperator, OperatorLike, TorchLinearOperator, aslinearoperator
 from linops import blocks as kr
@@ -230,10 +230,7 @@ def singular_value_count(
             break
         S = B - _coupling(C, theta, tau**2)
         runs = _lanczos_batch(S, V0, d)
-        alpha, beta = runs.alpha, runs.beta
-        Tl = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
-        nodes, vecs = torch.linalg.eigh(Tl.to("cpu", torch.float64))
-        w = vecs[:, 0, :] ** 2
+        nodes, w = gauss_rules(runs.alpha, runs.beta, runs.steps)
         g = _ramp(nodes.clamp(min=0.0).sqrt(), taus[i : i + 1], h)[:, 0]
         est = dim * (w * g).sum(dim=-1)
         lo, hi = _step_bracket(nodes, w, tau**2)

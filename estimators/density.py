@@ -300,19 +300,7 @@ def _spectral_density(
     ]
     alpha = torch.cat([r.alpha for r in parts])
     beta = torch.cat([r.beta for r in parts])
-    T = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
-    T = T.to("cpu", torch.float64)
-    theta, S = torch.linalg.eigh(T)
-    tau = S[:, 0, :] ** 2
-    # a run that found an invariant subspace after s < m steps has zeros past s: their nodes
-    # (weight 0) were 0, outside the spectrum, and widened the grid and the default sigma
-    # (twice the broadening on a two-value spectrum); they repeat its largest node instead
-    steps = torch.cat([r.steps for r in parts])
-    for i in torch.nonzero(steps < m).flatten().tolist():
-        k = int(steps[i])
-        th, Si = torch.linalg.eigh(T[i, :k, :k])
-        theta[i, :k], theta[i, k:] = th, th[-1]
-        tau[i, :k], tau[i, k:] = Si[0] ** 2, 0.0
+    theta, tau = gauss_rules(alpha, beta, torch.cat([r.steps for r in parts]))
     per_probe_trace = n * (tau * theta).sum(dim=1)
     tr_se = forms.result()[1] if N > 1 else math.nan  # as hutchinson_trace's
     span = float(theta.max() - theta.min()) or max(1.0, float(theta.abs().max()))
@@ -408,6 +396,31 @@ def _lanczos_batch(
         torch.div(W, torch.where(ok, b, torch.ones_like(b)), out=V[nxt])
         V[nxt][:, ~ok] = 0
     return LanczosRuns(alpha.T.real, beta.T.real, steps, V if keep_basis else None)
+
+
+def gauss_rules(
+    alpha: torch.Tensor, beta: torch.Tensor, steps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Return the Gauss nodes and weights ``(N, m)`` of ``N`` Lanczos runs (float64, host).
+
+    The eigenvalues :math:`\theta_{lj}` of each tridiagonal :math:`T_l` (``alpha`` ``(N, m)``,
+    ``beta`` ``(N, m - 1)``) and the squared first entries of its eigenvectors. A run that
+    found an invariant subspace after :math:`s < m` steps (``steps``) is zero past :math:`s`;
+    the nodes of those zeros would be 0, outside the spectrum (they set the default broadening
+    and grid of a density: twice the broadening on a two-value spectrum), so its nodes past
+    :math:`s` repeat its largest, with weight 0. Rows are ascending.
+    """
+    m = alpha.shape[1]
+    T = torch.diag_embed(alpha) + torch.diag_embed(beta[:, : m - 1], 1)
+    T = (T + torch.diag_embed(beta[:, : m - 1], -1)).to("cpu", torch.float64)
+    theta, S = torch.linalg.eigh(T)
+    tau = S[:, 0, :] ** 2
+    for i in torch.nonzero(steps < m).flatten().tolist():
+        k = int(steps[i])
+        th, Si = torch.linalg.eigh(T[i, :k, :k])
+        theta[i, :k], theta[i, k:] = th, th[-1]
+        tau[i, :k], tau[i, k:] = Si[0] ** 2, 0.0
+    return theta, tau
 
 
 def grid_points(num_points: int, width: float, sigma: float) -> int:
