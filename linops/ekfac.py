@@ -145,21 +145,22 @@ class _EigenInverse(TorchLinearOperator):
         # factored damping: (A + d_A I)^{-1} (x) (G + d_G I)^{-1}, two matrix products a block
         inv: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         for k, (A, G) in op.compute_factors().items():
-            dg_mean = max(float(torch.trace(G)) / G.shape[0], 1e-300)
-            pi = math.sqrt((float(torch.trace(A)) / A.shape[0]) / dg_mean)
-            da, dg = max(pi * math.sqrt(damping), 1e-8), max(math.sqrt(damping) / pi, 1e-8)
-            # a separate bias block has A = [[1]]: its own pi
-            pib = math.sqrt(1.0 / dg_mean)
-            dab, dgb = max(pib * math.sqrt(damping), 1e-8), max(math.sqrt(damping) / pib, 1e-8)
-            eye_a, eye_g = (
-                torch.eye(A.shape[0], dtype=A.dtype),
-                torch.eye(G.shape[0], dtype=G.dtype),
-            )
-            inv[k] = (
-                _spd_inverse(A + da * eye_a.to(A.device)),
-                _spd_inverse(G + dg * eye_g.to(G.device)),
-                _spd_inverse(G + dgb * eye_g.to(G.device)) / (1 + dab),
-            )
+            a_mean = float(torch.trace(A)) / A.shape[0]
+            g_mean = float(torch.trace(G)) / G.shape[0]
+            eye_a = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+            eye_g = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+            if g_mean > 0:  # a separate bias block has A = [[1]]: its own pi
+                pib = math.sqrt(1.0 / g_mean)
+                dab, dgb = max(pib * math.sqrt(damping), 1e-8), max(math.sqrt(damping) / pib, 1e-8)
+                inv_b = _spd_inverse(G + dgb * eye_g) / (1 + dab)
+            else:
+                inv_b = eye_g / damping
+            if a_mean > 0 and g_mean > 0:
+                pi = math.sqrt(a_mean / g_mean)
+                da, dg = max(pi * math.sqrt(damping), 1e-8), max(math.sqrt(damping) / pi, 1e-8)
+                inv[k] = (_spd_inverse(A + da * eye_a), _spd_inverse(G + dg * eye_g), inv_b)
+            else:  # a zero factor: the block is zero, and (0 + lambda I)^{-1} = I / lambda
+                inv[k] = (eye_a, eye_g / damping, inv_b)
         self._apply_blocks = lambda X: op._map_blocks(
             X,
             lambda k, V, lay, out: lay.right(lay.left(inv[k][1], V), inv[k][0], out),

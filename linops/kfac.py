@@ -553,7 +553,10 @@ class KFACOperator(_LossOperator):
         \lambda)]Q_A^\top`. ``heuristic=True``: Martens & Grosse's factored damping (2015,
         Section 6.3), :math:`(A + \pi\sqrt\lambda I)^{-1} \otimes (G + \sqrt\lambda/\pi\,
         I)^{-1}` with :math:`\pi^2 = (\operatorname{tr}A/\dim A)/(\operatorname{tr}G/\dim G)`
-        (each shift at least 1e-8, as curvlinops' ``min_damping``).
+        (each shift at least 1e-8, as curvlinops' ``min_damping``). A block with a zero
+        factor (a dead layer's inputs, a layer the loss does not reach) is zero, and its
+        inverse :math:`I/\lambda` exactly: :math:`\pi` is 0 or infinite there, and the factored
+        damping gave about 1e-142 in place of :math:`1/\lambda` (or a ``ZeroDivisionError``).
 
         Raises
         ------

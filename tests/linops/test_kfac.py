@@ -903,3 +903,26 @@ def test_outputs_with_extra_dimensions_equal_the_flattened_model(
     deep = cls(lin, fn, (X, y), **kw) @ eye
     flat = cls(lin, fn, (X[:, 0], y[:, 0]), **kw) @ eye
     assert _rel(deep, flat) < 1e-14
+
+
+def test_heuristic_inverse_of_a_block_with_a_zero_factor_is_its_exact_inverse() -> None:
+    """A dead ReLU layer zeroes layer 2's ``A`` and layer 0's ``G``: Martens & Grosse's ratio
+    is then 0 or infinite, which gave a ``ZeroDivisionError`` (and about 1e-142 in place of
+    ``1 / lambda`` with the other factor nonzero); the zero blocks' inverse is ``I / lambda``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)
+    X, y = torch.randn(6, 4, dtype=F64), torch.randint(0, 3, (6,))
+    lam = 1e-2
+    for params in (None, ["0.weight", "0.bias"]):  # only layer 0: its G = 0, its A is not
+        K = KFACOperator(model, nn.CrossEntropyLoss(), (X, y), params=params)
+        n = K.shape[0]
+        H = K.inverse(lam, heuristic=True) @ torch.eye(n, dtype=F64)
+        E = K.inverse(lam) @ torch.eye(n, dtype=F64)
+        assert torch.isfinite(H).all()
+        zero = (K @ torch.eye(n, dtype=F64)).abs().sum(0) == 0  # the zero blocks' columns
+        assert int(zero.sum()) == (25 + 15 if params is None else 25)
+        torch.testing.assert_close(H[zero][:, zero], torch.eye(int(zero.sum()), dtype=F64) / lam)
+        torch.testing.assert_close(H[zero][:, zero], E[zero][:, zero])
+        assert float(H[zero][:, ~zero].abs().sum()) == 0.0
