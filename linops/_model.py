@@ -113,6 +113,7 @@ class ModelOperator(TorchLinearOperator):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         check_model_mode(model, allow_train_mode=allow_train_mode)
+        self._allow_train_mode = allow_train_mode
         _check_process_group(process_group)
         self.process_group = process_group
         self._num_samples: int | None = None
@@ -220,11 +221,11 @@ class ModelOperator(TorchLinearOperator):
             if self.cache is False or self._graphs_full or i != len(cache):
                 g = self._build_recorded(i, x, y)
             elif self.cache:
-                g = self._build_graph(x, y)
+                g = self._build_recorded(i, x, y)
                 cache.append(g)
             else:
                 with PeakMemory() as measured:
-                    g = self._build_graph(x, y)
+                    g = self._build_recorded(i, x, y)
                 if self.memory.reserve(measured.current, "graphs"):
                     cache.append(g)
                 else:
@@ -239,29 +240,24 @@ class ModelOperator(TorchLinearOperator):
             del g
 
     def _build_recorded(self, i: int, x: torch.Tensor, y: torch.Tensor | None) -> Any:
-        """Build batch ``i``'s graph (not kept) and check its forward pass against its first one.
+        """Build batch ``i``'s graph and check its forward pass against its first one.
 
         A graph that is not kept is rebuilt at every product; if the model's output on the
         batch then differs from the first pass's, the operator would be a different matrix at
-        every product (a random forward pass, or a model changed in place): refused.
+        every product (a random forward pass, or a model changed in place): refused. The
+        first batch's first pass is also repeated once without a graph, so that a random
+        forward pass is refused when its graph is kept too (:meth:`_check_repeatable`).
         """
-        seen: list[tuple[float, float]] = []
-
-        def record(_m: Any, _a: Any, out: Any) -> None:
-            with contextlib.suppress(RuntimeError):  # an output of a transform (vmap, jvp)
-                seen.append(_output_print(out))
-
         self._find_chain()  # before the hook below, which a chain must not have
-        hook = self.space.model.register_forward_hook(record)
-        try:
-            g = self._build_graph(x, y)
-        finally:
-            hook.remove()
+        g, seen = self._recorded(lambda: self._build_graph(x, y))
         if seen:
+            new = i not in self._forward_prints
             first = self._forward_prints.setdefault(i, seen[0])
             total, scale = seen[0]
             tol = 1000 * torch.finfo(self.torch_dtype).eps * max(scale, first[1])
-            if abs(total - first[0]) > tol:
+            if new and i == 0 and not self._allow_train_mode:
+                self._check_repeatable(x, first)
+            elif abs(total - first[0]) > tol:
                 raise RuntimeError(
                     f"{type(self).__name__}: the model's output on batch {i} differs from the "
                     f"first pass's (sum {total:.17g} against {first[0]:.17g}) when its graph, "
@@ -272,6 +268,41 @@ class ModelOperator(TorchLinearOperator):
                     "were changed on purpose, call clear_cache() first"
                 )
         return g
+
+    def _recorded(self, build: Callable[[], Any]) -> tuple[Any, list[tuple[float, float]]]:
+        """Return ``build()`` and the prints (:func:`_output_print`) of the model's outputs in it."""
+        seen: list[tuple[float, float]] = []
+
+        def record(_m: Any, _a: Any, out: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # an output of a transform (vmap, jvp)
+                seen.append(_output_print(out))
+
+        hook = self.space.model.register_forward_hook(record)
+        try:
+            return build(), seen
+        finally:
+            hook.remove()
+
+    def _check_repeatable(self, x: Any, first: tuple[float, float]) -> None:
+        """Refuse a forward pass that gives another output on the same batch (one more pass).
+
+        Functional dropout (``F.dropout(h, training=self.training)``), noise or sampling in
+        ``forward()`` escape the check of dropout modules in training mode: a kept graph made
+        the operator the matrix of one random draw, without a word.
+        """
+        with torch.no_grad():
+            _, seen = self._recorded(lambda: self.space.functional_call(self.space.values(), x))
+        if not seen:
+            return
+        total, scale = seen[0]
+        if abs(total - first[0]) > 1000 * torch.finfo(self.torch_dtype).eps * max(scale, first[1]):
+            raise RuntimeError(
+                f"{type(self).__name__}: two forward passes of the model on the first batch "
+                f"give different outputs (sum {total:.17g} against {first[0]:.17g}): the "
+                "operator would be the matrix of one random draw. Make the forward pass "
+                "deterministic (model.eval(); no functional dropout, noise or sampling in "
+                "forward()), or pass allow_train_mode=True to accept one draw"
+            )
 
     @property
     def num_samples(self) -> int:

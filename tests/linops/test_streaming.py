@@ -264,11 +264,17 @@ class _Noisy(nn.Module):
 @pytest.mark.parametrize("cls", [HessianOperator, GGNOperator])
 def test_a_random_forward_is_refused_when_its_graphs_are_rebuilt(cls: Any) -> None:
     data = Synthetic((5,), 3, batches=3, size=8)
-    # kept graphs: one draw of the noise, a fixed matrix
+    # kept graphs: refused at the first product (a second forward pass differs) ...
     kept = cls(_Noisy(0.1).double(), nn.CrossEntropyLoss(), data)
     v = torch.randn(kept.shape[1], dtype=F64)
+    with pytest.raises(RuntimeError, match="two forward passes of the model on the first batch"):
+        kept @ v
+    # ... unless one draw of the noise, a fixed matrix, is what is asked for
+    kept = cls(_Noisy(0.1).double(), nn.CrossEntropyLoss(), data, allow_train_mode=True)
     assert torch.equal(kept @ v, kept @ v)
-    streamed = cls(_Noisy(0.1).double(), nn.CrossEntropyLoss(), data, memory_budget=TINY)
+    streamed = cls(
+        _Noisy(0.1).double(), nn.CrossEntropyLoss(), data, memory_budget=TINY, allow_train_mode=True
+    )
     streamed @ v  # the first pass records each batch's output
     with pytest.raises(RuntimeError, match="differs from the first pass"):
         streamed @ v
@@ -279,14 +285,41 @@ def test_a_random_forward_is_refused_when_its_graphs_are_rebuilt(cls: Any) -> No
     assert torch.equal(quiet @ v, cached @ v)
 
 
+class _FunctionalDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.b(nn.functional.dropout(h, 0.5, training=self.training))
+
+
+@pytest.mark.parametrize("cls", [HessianOperator, GGNOperator, JacobianOperator])
+def test_functional_dropout_in_training_mode_is_refused_with_kept_graphs(cls: Any) -> None:
+    """No dropout module to find: two operators built alike differed by 1.05 (relative),
+    each the matrix of one random mask; eval mode gives the deterministic operator."""
+    torch.manual_seed(0)
+    model = _FunctionalDropout().double()
+    data = Synthetic((5,), 3, batches=2, size=8)
+    args = (model, data) if cls is JacobianOperator else (model, nn.CrossEntropyLoss(), data)
+    op = cls(*args)
+    v = torch.randn(op.shape[1], dtype=F64)
+    with pytest.raises(RuntimeError, match="allow_train_mode=True to accept one draw"):
+        op @ v
+    model.eval()
+    assert torch.equal(cls(*args) @ v, cls(*args) @ v)
+
+
 def test_clear_cache_forgets_the_recorded_forward_passes() -> None:
     data = Synthetic((5,), 3, batches=2, size=8)
     model = _Noisy(0.0).double()
     H = HessianOperator(model, nn.CrossEntropyLoss(), data, memory_budget=TINY)
     v = torch.randn(H.shape[1], dtype=F64)
     H @ v
-    model.noise = 0.5  # the model changed on purpose: the operator is refused until told
+    with torch.no_grad():  # the model changed on purpose: the operator is refused until told
+        model.l2.weight.mul_(2.0)
     with pytest.raises(RuntimeError, match="clear_cache"):
         H @ v
     H.clear_cache()
-    H @ v  # recorded afresh
+    torch.testing.assert_close(H @ v, HessianOperator(model, nn.CrossEntropyLoss(), data) @ v)
