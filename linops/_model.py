@@ -180,7 +180,8 @@ class ModelOperator(TorchLinearOperator):
                         f"route: the chain does not reproduce the model: {err}"
                     ) from None
                 self._chain = None
-        self.route = "autograd"
+        if not (self.route or "").startswith("autograd"):  # keep what a product appended
+            self.route = "autograd"
         return autograd()
 
     def _find_chain(self) -> None:

@@ -323,3 +323,21 @@ def test_clear_cache_forgets_the_recorded_forward_passes() -> None:
         H @ v
     H.clear_cache()
     torch.testing.assert_close(H @ v, HessianOperator(model, nn.CrossEntropyLoss(), data) @ v)
+
+
+@pytest.mark.parametrize("kw", [{"cache": False}, {"memory_budget": TINY}])
+def test_a_streamed_operator_reports_the_route_of_the_cached_one(kw: dict) -> None:
+    """Each rebuilt graph reset ``op.route`` to "autograd", dropping ", one vector per pass"."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3)
+    ).double()
+    model.eval()
+    X, y = torch.randn(12, 1, 6, 6, dtype=F64), torch.randint(0, 3, (12,))
+    ops = [
+        HessianOperator(model, nn.CrossEntropyLoss(), (X, y), batch_size=6, max_vectors=4, **k)
+        for k in ({}, kw)
+    ]
+    V = torch.randn(ops[0].shape[0], 4, dtype=F64)
+    torch.testing.assert_close(ops[1] @ V, ops[0] @ V)
+    assert ops[0].route == ops[1].route == "autograd, one vector per pass"
