@@ -133,7 +133,9 @@ class _OutputFactorOperator(_LossOperator):
         exact Fisher = GGN) and per-sample Jacobians :math:`J_n` (``torch.func``: ``vmap`` of
         ``jacrev`` over ``max_samples`` samples at a time, ``max_samples * d * m`` numbers
         in memory; one sample at a time for models ``vmap`` cannot batch, such as recurrent
-        layers). No products with the operator; a tensor of length ``m`` on its device.
+        layers; by ``torch.autograd.functional.jacobian``, one backward pass per output, for
+        those ``torch.func`` cannot differentiate, such as non-reentrant checkpointing). No
+        products with the operator; a tensor of length ``m`` on its device.
 
         Raises
         ------
@@ -168,12 +170,22 @@ class _OutputFactorOperator(_LossOperator):
                 except RuntimeError:  # no batching rule (recurrent layers, EmbeddingBag)
                     looped.append(True)
             n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
-            one = torch.func.jacrev(f)
             rows = [
                 one(vals, {k: v[i] for k, v in x.items()} if isinstance(x, dict) else x[i], fixed)
                 for i in range(n)
             ]
             return tuple(torch.stack(parts) for parts in zip(*rows, strict=True))
+
+        plain: list[bool] = []  # set once jacrev has failed: autograd's own jacobian from then on
+
+        def one(vals: tuple[Tensor, ...], xi: Any, fixed: dict[str, Any]) -> tuple[Tensor, ...]:
+            if not plain:
+                try:
+                    return torch.func.jacrev(f)(vals, xi, fixed)
+                except RuntimeError:  # saved tensor hooks (non-reentrant checkpointing)
+                    plain.append(True)
+            jacobian = torch.autograd.functional.jacobian(lambda *v: f(v, xi, fixed), vals)
+            return tuple(jacobian)
 
         total = torch.zeros(self.shape[0], dtype=self.torch_dtype, device=self.device)
         for w, (x, _), block in zip(self._weights(), self.batches, self._graphs(), strict=True):

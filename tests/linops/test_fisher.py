@@ -321,3 +321,27 @@ def test_exact_diagonal_of_models_vmap_cannot_batch() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="max_samples: expected an integer >= 1"):
             FisherOperator(model, nn.CrossEntropyLoss(), (X, y)).diagonal(max_samples=bad)
+
+
+def test_exact_diagonal_through_non_reentrant_checkpointing() -> None:
+    """torch.func cannot differentiate saved tensor hooks: diagonal() raised torch's raw
+    "don't yet support saved tensor hooks" where the products work; autograd's own
+    jacobian takes over."""
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, C)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            inner = torch.utils.checkpoint.checkpoint(
+                lambda t: torch.tanh(self.a(t)), x, use_reentrant=False
+            )
+            return self.b(inner)
+
+    torch.manual_seed(0)
+    model = Checkpointed().double()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, C, (6,))
+    for cls in (FisherOperator, EmpiricalFisherOperator):
+        op = cls(model, nn.CrossEntropyLoss(), [(X[:4], y[:4]), (X[4:], y[4:])])
+        assert _rel(op.diagonal(max_samples=3), op.to_dense().diagonal()) < 1e-13
