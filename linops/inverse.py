@@ -256,6 +256,11 @@ class InverseOperator(TorchLinearOperator):
                 if self.method == "neumann"
                 else "A + damping I is singular with b outside its range: use a damping > 0 "
                 "or method='lsmr' for a least-squares solution"
+                if not self.damping
+                else f"A + damping I is singular to {dtype}'s rounding of the products (a "
+                f"damping of {abs(self.damping):.3g} against their error of about eps ||A||, "
+                f"eps = {torch.finfo(dtype).eps:.1e}) with b outside its range: use a larger "
+                "damping, float64, or method='lsmr' for a least-squares solution"
             )
             msg = (
                 f"inverse: method={self.method!r} diverged: the largest relative residual grew "

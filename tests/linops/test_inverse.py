@@ -248,3 +248,19 @@ def test_a_diverging_solve_says_so_and_names_the_method_to_use() -> None:
     assert "raise maxiter" not in str(err.value)
     x = inverse(A, method="minres", rtol=1e-12) @ b
     torch.testing.assert_close(A @ x, b)
+
+
+def test_a_damping_below_float32_rounding_is_named_as_the_cause() -> None:
+    """MINRES diverging on a float32 rank-10 matrix with damping 1e-6 was told to 'use a damping
+    > 0': the damping is positive, but below the products' rounding (eps ||A|| = 1.2e-5)."""
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    d = torch.zeros(40, dtype=torch.float64)
+    d[:10] = torch.logspace(0, 2, 10, dtype=torch.float64)
+    A, b = ((Q * d) @ Q.T).float(), torch.randn(40, generator=g)
+    with pytest.raises(InverseNoConvergence, match="diverged") as err:
+        inverse(A, damping=1e-6, method="minres", rtol=1e-4, maxiter=2000) @ b
+    assert "singular to torch.float32's rounding of the products (a damping of 1e-06" in str(
+        err.value
+    )
+    assert "use a damping > 0" not in str(err.value)
