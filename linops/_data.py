@@ -84,6 +84,19 @@ def check_loader(data: object, *, allow_reshuffle: bool) -> None:
         )
 
 
+def _splits(data: object, targets: bool) -> bool:
+    """Whether ``batch_size`` splits ``data`` (tensors, an ``(X, y)`` pair, a dict): as ``_split``."""
+    if isinstance(data, torch.Tensor | np.ndarray | Mapping):
+        return True
+    if isinstance(data, list) and len(data) > 1 and not targets:
+        return False  # inputs only: a list of tensors is a list of batches
+    return (
+        isinstance(data, tuple | list)
+        and len(data) > 0
+        and isinstance(data[0], torch.Tensor | np.ndarray)
+    )
+
+
 #: indices drawn per pass from a sampler without a length to compare two of its passes
 _MAX_SAMPLER_DRAW = 1_000_000
 
@@ -150,9 +163,17 @@ class Batches:
         label_key: str | None = None,
     ) -> None:
         check_loader(data, allow_reshuffle=allow_reshuffle)
-        if isinstance(batch_size, bool | np.integer):  # refused as before: not a plain int
+        if isinstance(batch_size, bool):
             raise ValueError(f"batch_size: expected a positive integer or None, got {batch_size!r}")
+        if isinstance(batch_size, np.integer):  # as memory_budget=: numpy's integers are integers
+            batch_size = int(batch_size)
         check_positive_or_none(batch_size, "batch_size")
+        if batch_size is not None and not _splits(data, targets):
+            raise ValueError(
+                "batch_size: expected None for data that gives its own batches (a "
+                f"{type(data).__name__}), got {batch_size}: batch_size splits tensor data (X, "
+                "(X, y) or a dict of tensors); leave it out, or set the loader's batch size"
+            )
         if label_key is not None and not isinstance(label_key, str):
             raise TypeError(f"label_key: expected a string or None, got {type(label_key).__name__}")
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -364,8 +385,13 @@ class Batches:
         elif isinstance(batch, tuple | list) and len(batch) in (1, 2):
             x, y = batch[0], batch[1] if len(batch) == 2 else None
         else:
+            of = f" of {len(batch)}" if isinstance(batch, tuple | list) else ""
             raise TypeError(
-                "data: expected batches as tensors, (x, y) pairs or dicts, got "
+                "data: expected batches as tensors, (x, y) pairs or dicts, got a "
+                f"{type(batch).__name__}{of} (per-sample weights: weight the loss instead, "
+                "such as CrossEntropyLoss(weight=...) per class)"
+                if of
+                else "data: expected batches as tensors, (x, y) pairs or dicts, got "
                 f"{type(batch).__name__}"
             )
         if self._targets and y is None:

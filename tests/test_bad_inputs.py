@@ -181,6 +181,28 @@ CASES: dict[str, tuple[Callable[[], Any], type[Exception], str]] = {
         ValueError,
         "batch_size: expected a positive integer or None, got 2.5",
     ),
+    "batch_size with a loader (was ignored)": (
+        lambda: linops.HessianOperator(
+            _mlp(),
+            nn.CrossEntropyLoss(),
+            torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data()), batch_size=5),
+            batch_size=2,
+        ),
+        ValueError,
+        r"batch_size: expected None for data that gives its own batches \(a DataLoader\), got 2",
+    ),
+    "batch_size with a list of batches (was ignored)": (
+        lambda: linops.HessianOperator(_mlp(), nn.CrossEntropyLoss(), [_data()], batch_size=2),
+        ValueError,
+        r"batch_size: expected None for data that gives its own batches \(a list\)",
+    ),
+    "batches of three (x, y, w)": (
+        lambda: _product(
+            linops.HessianOperator(_mlp(), nn.CrossEntropyLoss(), [(*_data(), torch.ones(5))])
+        ),
+        TypeError,
+        r"got a tuple of 3 \(per-sample weights: weight the loss instead",
+    ),
     "dtype as a bad string": (
         lambda: _hessian(dtype="double precision"),
         TypeError,

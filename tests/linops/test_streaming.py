@@ -341,3 +341,19 @@ def test_a_streamed_operator_reports_the_route_of_the_cached_one(kw: dict) -> No
     V = torch.randn(ops[0].shape[0], 4, dtype=F64)
     torch.testing.assert_close(ops[1] @ V, ops[0] @ V)
     assert ops[0].route == ops[1].route == "autograd, one vector per pass"
+
+
+def test_a_numpy_integer_batch_size_is_an_integer() -> None:
+    """``batch_size=np.int64(4)`` was refused while ``memory_budget=np.int64(...)`` was taken."""
+    import numpy as np
+
+    model = _mlp()
+    X, y = Synthetic((5,), 3, batches=3, size=6).tensors()
+    v = _vectors(sum(p.numel() for p in model.parameters()), 1)
+    ops = [
+        HessianOperator(model, nn.CrossEntropyLoss(), (X, y), batch_size=b)
+        for b in (4, np.int64(4))
+    ]
+    assert torch.equal(ops[0] @ v, ops[1] @ v)
+    assert ops[1].batches.batch_size == 4 and type(ops[1].batches.batch_size) is int
+    assert ops[1].cache_info().num_batches == 5
