@@ -55,7 +55,8 @@ class JacobianOperator(ModelOperator):
     dtype, device
         Of the products (default: those of the parameters); inputs are cast and moved once.
     batch_size
-        Split tensor inputs into batches of this many samples (bounds graph memory).
+        Split tensor inputs into batches of this many samples (bounds graph memory); data
+        that gives its own batches (a loader, a list of batches) refuse it.
     cache
         ``None`` (default): keep each batch's autodiff graph between products while the
         memory budget allows, rebuild the rest at every product; ``True``: keep every graph;
