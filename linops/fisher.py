@@ -278,6 +278,10 @@ class FisherOperator(_OutputFactorOperator):
         cross-entropy and BCE labels do not depend on how the data is batched; the normal
         draws of the squared error do (torch draws normals in vectorised chunks), as
         curvlinops' do: the same seed over other batches is another, equally valid, draw.
+        On outputs of more than two dimensions (sequences, ``(N, T, C)``) the sampled
+        gradient of a sample spans all its positions, so its outer product has cross terms
+        between positions (of mean zero); curvlinops flattens the outputs to ``N T`` loss
+        terms and keeps only each position's own: both unbiased, different draws.
 
     Raises
     ------
