@@ -254,11 +254,10 @@ class ModelOperator(TorchLinearOperator):
         if seen:
             new = i not in self._forward_prints
             first = self._forward_prints.setdefault(i, seen[0])
-            total, scale = seen[0]
-            tol = 1000 * torch.finfo(self.torch_dtype).eps * max(scale, first[1])
+            total = seen[0][0]
             if new and i == 0 and not self._allow_train_mode:
                 self._check_repeatable(x, first)
-            elif abs(total - first[0]) > tol:
+            elif not self._same_print(seen[0], first):
                 raise RuntimeError(
                     f"{type(self).__name__}: the model's output on batch {i} differs from the "
                     f"first pass's (sum {total:.17g} against {first[0]:.17g}) when its graph, "
@@ -293,17 +292,19 @@ class ModelOperator(TorchLinearOperator):
         """
         with torch.no_grad():
             _, seen = self._recorded(lambda: self.space.functional_call(self.space.values(), x))
-        if not seen:
+        if not seen or self._same_print(seen[0], first):
             return
-        total, scale = seen[0]
-        if abs(total - first[0]) > 1000 * torch.finfo(self.torch_dtype).eps * max(scale, first[1]):
-            raise RuntimeError(
-                f"{type(self).__name__}: two forward passes of the model on the first batch "
-                f"give different outputs (sum {total:.17g} against {first[0]:.17g}): the "
-                "operator would be the matrix of one random draw. Make the forward pass "
-                "deterministic (model.eval(); no functional dropout, noise or sampling in "
-                "forward()), or pass allow_train_mode=True to accept one draw"
-            )
+        raise RuntimeError(
+            f"{type(self).__name__}: two forward passes of the model on the first batch give "
+            f"different outputs (sum {seen[0][0]:.17g} against {first[0]:.17g}): the operator "
+            "would be the matrix of one random draw. Make the forward pass deterministic "
+            "(model.eval(); no functional dropout, noise or sampling in forward()), or pass "
+            "allow_train_mode=True to accept one draw"
+        )
+
+    def _same_print(self, a: tuple[float, float], b: tuple[float, float]) -> bool:
+        """Whether two forward passes' prints agree to 1000 eps of their magnitudes."""
+        return abs(a[0] - b[0]) <= 1000 * torch.finfo(self.torch_dtype).eps * max(a[1], b[1])
 
     @property
     def num_samples(self) -> int:
