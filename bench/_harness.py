@@ -2,8 +2,9 @@
 
 Each script under ``bench/`` takes ``--out`` (a folder, created if needed) and ``--quick`` (a
 small run for the smoke tests, ``tests/test_scripts.py``), times with ``time.perf_counter``
-and writes ``<name>.json`` into ``--out`` (strict JSON: a non-finite number, such as the
-break-even of a step that saves no time, is written as ``null``). Scripts add their own options to :func:`parser`'s
+and writes ``<name>.json`` (strict JSON: a non-finite number, such as the break-even of a
+step that saves no time, is written as ``null``) and a markdown summary, ``<name>.md``
+(:func:`write_markdown`), into ``--out``. Scripts add their own options to :func:`parser`'s
 result.
 
 What a script gets from :func:`parser` without doing anything else:
@@ -30,7 +31,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,27 @@ def strict_json(payload: Any, *, indent: int | None = 1) -> str:
         return x
 
     return json.dumps(finite(payload), indent=indent, allow_nan=False)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Return a markdown table: ``header`` and one line per row (each cell as ``str``)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_markdown(out: str | Path, stem: str, title: str, body: str) -> Path:
+    """Write ``# title`` (marked as a smoke run under ``--quick``) and ``body`` to ``out/stem.md``.
+
+    Prints ``body`` and the path written; returns the path.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}.md"
+    path.write_text(f"# {smoke_title(title)}\n\n{body}\n")
+    print(body)
+    print(f"wrote {path}", flush=True)
+    return path
 
 
 @contextmanager

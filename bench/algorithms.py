@@ -482,6 +482,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "rsvd_curve" in res and "trace_curve" in res:
         plot(res, args.out / "algorithms.png")
     print(md)
+    print(f"wrote {args.out / 'algorithms.json'} and {args.out / 'algorithms.md'}")
     return res
 
 

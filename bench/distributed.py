@@ -39,7 +39,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
 
-from _harness import parser, write_json
+from _harness import markdown_table, parser, write_json, write_markdown
 
 import linops
 from linops.lanczos import lanczos
@@ -206,21 +206,26 @@ def main() -> None:
         "rows": rows,
     }
     write_json(args.out, NAME, result)
-    print(
-        f"Hessian of {base['num_params']} params over {base['num_samples']} samples, "
-        f"{args.threads} thread(s) per process, {os.cpu_count()} CPUs"
-    )
-    head = f"{'P':>2} {'HVP ms':>8} {'comm':>5} {'x':>5} {'HV8 ms':>8} {'comm':>5} {'x':>5}"
-    print(head + f" {'lanczos s':>9} {'#Hv':>4} {'comm':>5} {'x':>5} {'|dlam|':>8}")
-    for r in rows:
-        print(
-            f"{r['processes']:>2} {1e3 * r['seconds_hvp']:>8.1f} "
-            f"{r['share_collectives_hvp']:>5.0%} {r['speedup_hvp']:>5.2f} "
-            f"{1e3 * r['seconds_hvp_block8']:>8.1f} {r['share_collectives_hvp_block8']:>5.0%} "
-            f"{r['speedup_hvp_block8']:>5.2f} {r['seconds_lanczos']:>9.2f} "
-            f"{r['lanczos_products']:>4} {r['share_collectives_lanczos']:>5.0%} "
-            f"{r['speedup_lanczos']:>5.2f} {r['max_abs_diff_eigenvalues_vs_first']:>8.1e}"
-        )
+    table = markdown_table(
+        ["P", "HVP ms", "comm", "x", "HV8 ms", "comm", "x", "lanczos s", "#Hv", "comm", "x",
+         "abs diff of eigenvalues"],
+        [
+            (r["processes"], f"{1e3 * r['seconds_hvp']:.1f}", f"{r['share_collectives_hvp']:.0%}",
+             f"{r['speedup_hvp']:.2f}", f"{1e3 * r['seconds_hvp_block8']:.1f}",
+             f"{r['share_collectives_hvp_block8']:.0%}", f"{r['speedup_hvp_block8']:.2f}",
+             f"{r['seconds_lanczos']:.2f}", r["lanczos_products"],
+             f"{r['share_collectives_lanczos']:.0%}", f"{r['speedup_lanczos']:.2f}",
+             f"{r['max_abs_diff_eigenvalues_vs_first']:.1e}")
+            for r in rows
+        ],
+    )  # fmt: skip
+    write_markdown(
+        args.out, NAME,
+        f"bench/distributed.py: Hessian of {base['num_params']} params over "
+        f"{base['num_samples']} samples, {args.threads} thread(s) per process, "
+        f"{os.cpu_count()} CPUs",
+        table,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

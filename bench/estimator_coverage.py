@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
 
-from _harness import strict_json  # noqa: E402
+from _harness import markdown_table, strict_json, write_markdown  # noqa: E402
 
 from estimators.counting import singular_value_count  # noqa: E402
 from estimators.density import spectral_density  # noqa: E402
@@ -277,36 +277,50 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "estimator_coverage.json").write_text(strict_json(result, indent=1))
 
-    print(f"trace: coverage of +-2 stderr, n = {trace['n']}, {trace['seeds']} seeds")
-    print(
-        f"  {'spectrum':9s} {'estimator':26s} " + " ".join(f"N={N:<4d}" for N in trace["budgets"])
-    )
-    for name, rows in trace["spectra"].items():
-        for est, r in rows.items():
-            print(f"  {name:9s} {est:26s} " + " ".join(f"{c:6.2f}" for c in r["coverage"]))
-    print("singular_value_count:")
-    for name, r in counts.items():
-        print(
-            f"  {name}: true {r['true']}, counts {r['count_min']:.0f}-{r['count_max']:.0f} "
-            f"(dimension {r['dimension']}), rmse {r['rmse']:.1f}, mean stderr "
-            f"{r['mean_stderr']:.1f}, coverage {r['coverage']:.2f} over {r['seeds']} seeds"
-        )
-    print("range_finder(atol):")
-    for r in result["range_finder"]["rows"]:
-        print(
-            f"  {r['matrix']:14s} {r['dtype']:7s} tol {r['tol']:.0e}: {r['columns']:3d} columns, "
-            f"converged {r['converged']!s:5s}, estimate {r['error_estimate']:.2e} >= true "
-            f"{r['true_error']:.2e}, {r['num_matvecs']} products"
-        )
-    rk = result["numerical_rank"]
-    print(
-        f"numerical_rank float32 rank 60: numpy {rk['numpy_float32']}, torch {rk['torch_float32']}"
-    )
-    print(f"spectral_density L1 (n = {density['n']}, mean / max over {density['seeds']} seeds):")
-    for name, rows in density["l1_to_smoothed_exact"].items():
-        cells = ", ".join(f"{k} {np.mean(v):.3f} / {np.max(v):.3f}" for k, v in rows.items())
-        print(f"  {name}: {cells}")
-    print(f"total {result['seconds_total']:.0f} s; wrote {args.out / 'estimator_coverage.json'}")
+    parts = [
+        f"## trace: coverage of +-2 stderr, n = {trace['n']}, {trace['seeds']} seeds",
+        markdown_table(
+            ["spectrum", "estimator", *(f"N={N}" for N in trace["budgets"])],
+            [
+                (name, est, *(f"{c:.2f}" for c in r["coverage"]))
+                for name, rows in trace["spectra"].items()
+                for est, r in rows.items()
+            ],
+        ),
+        "## singular_value_count",
+        markdown_table(
+            ["matrix", "true", "counts", "dimension", "rmse", "mean stderr", "coverage", "seeds"],
+            [
+                (name, r["true"], f"{r['count_min']:.0f}-{r['count_max']:.0f}", r["dimension"],
+                 f"{r['rmse']:.1f}", f"{r['mean_stderr']:.1f}", f"{r['coverage']:.2f}", r["seeds"])
+                for name, r in counts.items()
+            ],
+        ),
+        "## range_finder(atol)",
+        markdown_table(
+            ["matrix", "dtype", "tol", "columns", "converged", "estimate", "true error", "products"],
+            [
+                (r["matrix"], r["dtype"], f"{r['tol']:.0e}", r["columns"], r["converged"],
+                 f"{r['error_estimate']:.2e}", f"{r['true_error']:.2e}", r["num_matvecs"])
+                for r in result["range_finder"]["rows"]
+            ],
+        ),
+        f"numerical_rank float32 rank 60: numpy {result['numerical_rank']['numpy_float32']}, "
+        f"torch {result['numerical_rank']['torch_float32']}",
+        f"## spectral_density L1 (n = {density['n']}, mean / max over {density['seeds']} seeds)",
+        "\n".join(
+            f"- {name}: "
+            + ", ".join(f"{k} {np.mean(v):.3f} / {np.max(v):.3f}" for k, v in rows.items())
+            for name, rows in density["l1_to_smoothed_exact"].items()
+        ),
+        f"total {result['seconds_total']:.0f} s",
+    ]  # fmt: skip
+    write_markdown(
+        args.out, "estimator_coverage",
+        "bench/estimator_coverage.py: standard errors' coverage"
+        + (" (--quick)" if args.quick else ""),
+        "\n\n".join(parts),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

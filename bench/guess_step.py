@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
 
-from _harness import median_seconds, parser, write_json
+from _harness import markdown_table, median_seconds, parser, write_json, write_markdown
 
 from estimators.guesses import make_guesser
 from trainers import BackpropTrainer, ForwardGradientTrainer
@@ -147,17 +147,22 @@ def main(argv: list[str] | None = None) -> dict:
         results["methods"][cname] = rows
     write_json(args.out, "guess_step", results)
     _plot(results, args.out)
+    parts = []
     for cname, rows in results["methods"].items():
         c = configs[cname]
-        print(f"\n{cname}: depth {c['depth']} width {c['width']} batch {c['batch']}")
-        print(
-            f"{'method':36s} {'ms/step':>9s} {'x backprop':>10s} {'MiB peak':>9s} {'x backprop':>10s}"
-        )
-        for m, r in rows.items():
-            print(
-                f"{m:36s} {1e3 * r['seconds_step']:9.2f} {r['time_ratio_vs_backprop']:10.2f} "
-                f"{r['bytes_step_peak'] / 2**20:9.1f} {r['memory_ratio_vs_backprop']:10.2f}"
-            )
+        table = markdown_table(
+            ["method", "ms/step", "x backprop", "MiB peak", "x backprop"],
+            [
+                (m, f"{1e3 * r['seconds_step']:.2f}", f"{r['time_ratio_vs_backprop']:.2f}",
+                 f"{r['bytes_step_peak'] / 2**20:.1f}", f"{r['memory_ratio_vs_backprop']:.2f}")
+                for m, r in rows.items()
+            ],
+        )  # fmt: skip
+        parts.append(f"## {cname}: depth {c['depth']} width {c['width']} batch {c['batch']}")
+        parts.append(table)
+    write_markdown(
+        args.out, "guess_step", "bench/guess_step.py: gradient guesses per step", "\n\n".join(parts)
+    )
     return results
 
 

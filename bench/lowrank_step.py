@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
 
-from _harness import median_seconds, parser, write_json
+from _harness import markdown_table, median_seconds, parser, write_json, write_markdown
 
 from trainers import BackpropTrainer, LowRankJacobianTrainer
 from trainers.models import MLP, SmallCNN
@@ -161,20 +161,24 @@ def main() -> None:
     payload["cases"] = rows
     write_json(out, NAME, payload)
     plot(rows, out)
-    print(
-        f"\n{'model':5s} {'size':>4s} {'params':>8s} {'s_bp':>8s} {'s_fwd':>8s} {'s_lin':>8s} "
-        f"{'t_fwd':>6s} {'t_lin':>6s} {'mem_fwd':>7s} {'mem_lin':>7s} {'s_pre':>7s} "
-        f"{'even_fwd':>8s} {'even_lin':>8s}"
-    )
-    for r in rows:
-        print(
-            f"{r['model']:5s} {r['size']:4d} {r['num_params']:8d} "
-            f"{r['seconds_step_backprop']:8.4f} {r['seconds_step_lowrank_forward']:8.4f} "
-            f"{r['seconds_step_lowrank_linearized']:8.4f} {r['ratio_step_time_forward']:6.3f} "
-            f"{r['ratio_step_time_linearized']:6.3f} {r['ratio_step_bytes_forward']:7.3f} "
-            f"{r['ratio_step_bytes_linearized']:7.3f} {r['seconds_preprocess']:7.2f} "
-            f"{r['break_even_steps_forward']:8.1f} {r['break_even_steps_linearized']:8.1f}"
-        )
+    table = markdown_table(
+        ["model", "size", "params", "s_bp", "s_fwd", "s_lin", "t_fwd", "t_lin", "mem_fwd",
+         "mem_lin", "s_pre", "even_fwd", "even_lin"],
+        [
+            (r["model"], r["size"], r["num_params"], f"{r['seconds_step_backprop']:.4f}",
+             f"{r['seconds_step_lowrank_forward']:.4f}",
+             f"{r['seconds_step_lowrank_linearized']:.4f}", f"{r['ratio_step_time_forward']:.3f}",
+             f"{r['ratio_step_time_linearized']:.3f}", f"{r['ratio_step_bytes_forward']:.3f}",
+             f"{r['ratio_step_bytes_linearized']:.3f}", f"{r['seconds_preprocess']:.2f}",
+             f"{r['break_even_steps_forward']:.1f}", f"{r['break_even_steps_linearized']:.1f}")
+            for r in rows
+        ],
+    )  # fmt: skip
+    write_markdown(
+        out, NAME, "bench/lowrank_step.py: low-rank Jacobian steps against backprop",
+        table + "\n\nt_*: step time / backprop's; mem_*: step bytes / backprop's; s_pre: "
+        "preprocessing seconds; even_*: steps to break even (inf: never)",
+    )  # fmt: skip
 
 
 def plot(rows: list[dict], out: Path) -> None:

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
 
-from _harness import parser, write_json  # noqa: E402
+from _harness import markdown_table, parser, write_json, write_markdown  # noqa: E402
 
 from estimators.counting import singular_value_count  # noqa: E402
 from linops.testing import with_singular_values  # noqa: E402
@@ -82,18 +82,33 @@ def main() -> None:
     else:
         paths = args.matrices or [ROOT / "results" / "bench_training_jacobian" / "J_linops.npy"]
         runs = {str(path): load(path) for path in paths}
-    results = {}
+    results, parts = {}, []
     for name, J in runs.items():
         r = study(J, args.thresholds, args.seeds, args.smoothing)
         results[name] = r
-        print(f"{name}: m = {J.shape[0]}, {r['products_per_threshold']} products per threshold")
-        for i, t in enumerate(r["thresholds"]):
-            print(
-                f"  tau {t:g}: dense {r['dense'][i]}, mean error {100 * r['mean_error'][i]:+.2f}%, "
-                f"sd {100 * r['sd_error'][i]:.2f}%, max {100 * r['max_abs_error'][i]:.2f}%, "
-                f"within 2%: {r['within_2_percent'][i]}/{r['seeds']}"
+        parts.append(
+            f"## {name}: m = {J.shape[0]}, {r['products_per_threshold']} products per threshold"
+        )
+        parts.append(
+            markdown_table(
+                ["tau", "dense", "mean error", "sd", "max", "within 2%"],
+                [
+                    (
+                        f"{t:g}",
+                        r["dense"][i],
+                        f"{100 * r['mean_error'][i]:+.2f}%",
+                        f"{100 * r['sd_error'][i]:.2f}%",
+                        f"{100 * r['max_abs_error'][i]:.2f}%",
+                        f"{r['within_2_percent'][i]}/{r['seeds']}",
+                    )
+                    for i, t in enumerate(r["thresholds"])
+                ],
             )
+        )
     write_json(args.out, "rank_seeds", results)
+    write_markdown(
+        args.out, "rank_seeds", "bench/rank_seeds.py: numerical rank over seeds", "\n\n".join(parts)
+    )
 
 
 if __name__ == "__main__":

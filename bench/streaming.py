@@ -39,7 +39,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from _harness import parser, write_json  # noqa: E402
+from _harness import markdown_table, parser, write_json, write_markdown  # noqa: E402
 
 MODES = ("one", "streamed", "cached")
 
@@ -206,14 +206,19 @@ def main() -> None:
         "runs": runs,
     }
     write_json(args.out, "streaming", payload)
-    print(f"{'mode':<10}{'peak above start (MB)':>24}{'seconds':>10}")
-    for m in modes:
-        print(f"{m:<10}{med[m] / 1e6:>24.1f}{sec[m]:>10.2f}")
-    print(
+    table = markdown_table(
+        ["mode", "peak above start (MB)", "seconds"],
+        [(m, f"{med[m] / 1e6:.1f}", f"{sec[m]:.2f}") for m in modes],
+    )
+    notes = (
         "; ".join(f"{k}: {v:.3f}" for k, v in ratio.items())
         + f"; streamed == cached bit for bit: {payload['streamed_equals_cached_bitwise']}; "
         f"malloc {args.malloc}; load {payload['load_average']}"
     )
+    write_markdown(
+        args.out, "streaming", "bench/streaming.py: one batch's memory over a streamed dataset",
+        f"{table}\n\n{notes}",
+    )  # fmt: skip
 
 
 def argparse_hidden() -> str:

@@ -39,14 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
 
-from _harness import parser, write_json  # noqa: E402
+from _harness import markdown_table, parser, write_json, write_markdown  # noqa: E402
 
 NAME = "training_jacobian"
 
 
 def _config(quick: bool) -> dict:
     if quick:
-        return {"width": 16, "epochs": 2, "batch_size": 64, "lr": 0.1, "momentum": 0.9}
+        return {"width": 14, "epochs": 2, "batch_size": 64, "lr": 0.1, "momentum": 0.9}
     return {"width": 64, "epochs": 25, "batch_size": 64, "lr": 0.1, "momentum": 0.9}
 
 
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     result.update(_rank_study(cfg, args, J))
     write_json(args.out, NAME, result)
     _plot(result, args.out)
-    _summary(result)
+    _summary(result, args.out)
     return result
 
 
@@ -330,31 +330,50 @@ def _plot(r: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def _summary(r: dict) -> None:
-    print(f"dense {r['dim']}x{r['dim']} training Jacobian over {r['steps']} steps ({r['dtype']})")
-    print(f"{'':12s} {'seconds':>9s} {'cpu s':>9s} {'peak MiB':>9s}")
-    for who in ("linops", "jax"):
-        if f"seconds_{who}" in r:
-            print(
-                f"{who:12s} {r[f'seconds_{who}']:9.1f} {r[f'cpu_seconds_{who}']:9.1f} "
-                f"{r[f'bytes_peak_{who}'] / 2**20:9.0f}"
-            )
+def _summary(r: dict, out: Path) -> None:
+    """Print and write (``training_jacobian.md``) the times, memory and rank estimates."""
+    times = markdown_table(
+        ["", "seconds", "cpu s", "peak MiB"],
+        [
+            (who, f"{r[f'seconds_{who}']:.1f}", f"{r[f'cpu_seconds_{who}']:.1f}",
+             f"{r[f'bytes_peak_{who}'] / 2**20:.0f}")
+            for who in ("linops", "jax")
+            if f"seconds_{who}" in r
+        ],
+    )  # fmt: skip
+    parts = [times]
     if "speedup_vs_jax" in r:
-        print(
-            f"speedup vs jax.jacfwd: {r['speedup_vs_jax']:.2f}x; rel. Frobenius difference {r['relative_difference_frobenius']:.2e}"
+        parts.append(
+            f"speedup vs jax.jacfwd: {r['speedup_vs_jax']:.2f}x; relative Frobenius difference "
+            f"{r['relative_difference_frobenius']:.2e}"
         )
-    for i, t in enumerate(r["rank_thresholds"]):
-        print(
-            f"rank(J - I) at {t:g}: dense {r['rank_dense'][i]}, block Krylov {r['rank_krylov'][i]} "
-            f"({r['products_krylov']} products), range finder {r['rank_range_finder'][i]} "
-            f"({r['products_range_finder']} products), deflated SLQ "
-            f"{r['rank_estimate_deflated'][i]:.1f} +- {r['rank_stderr_deflated'][i]:.1f} "
-            f"({r['products_deflated']} products); dense needs {r['products_dense']}"
+    parts.append(
+        markdown_table(
+            ["threshold", "dense", "block Krylov", "range finder", "deflated SLQ"],
+            [
+                (
+                    f"{t:g}",
+                    r["rank_dense"][i],
+                    f"{r['rank_krylov'][i]} ({r['products_krylov']} products)",
+                    f"{r['rank_range_finder'][i]} ({r['products_range_finder']} products)",
+                    f"{r['rank_estimate_deflated'][i]:.1f} +- {r['rank_stderr_deflated'][i]:.1f} "
+                    f"({r['products_deflated']} products)",
+                )
+                for i, t in enumerate(r["rank_thresholds"])
+            ],
         )
-    print(
-        f"deflated SLQ, all thresholds: {r['products_deflated_total']} products, "
+    )
+    parts.append(
+        f"rank(J - I): dense needs {r['products_dense']} products; deflated SLQ, all "
+        f"thresholds: {r['products_deflated_total']} products, "
         f"{r['seconds_rank_deflated_total']:.0f} s"
     )
+    write_markdown(
+        out, NAME,
+        f"bench/training_jacobian.py: dense {r['dim']}x{r['dim']} training Jacobian over "
+        f"{r['steps']} steps ({r['dtype']})",
+        "\n\n".join(parts),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

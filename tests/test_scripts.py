@@ -28,6 +28,9 @@ SCRIPTS = [
     "bench/lowrank_step.py",
     "bench/guess_step.py",
     "bench/rank_seeds.py",
+    "bench/streaming.py",
+    "bench/distributed.py",
+    "bench/estimator_coverage.py",
     "examples/reference_rank.py",
     "examples/laziness_vs_width.py",
     "examples/theta_lazy_phase.py",
@@ -91,5 +94,7 @@ def test_quick_run_writes_its_json(script: str, tmp_path: Path) -> None:
         assert any(isinstance(p, dict) and p.get("smoke") is True for p in payloads), script
     if script.startswith("examples/") or "from _harness import" in source:
         assert "wrote" in proc.stdout, f"{script} did not say where it wrote"
+    if script.startswith("bench/"):
+        assert list(tmp_path.glob("*.md")), f"{script} wrote no markdown summary under --out"
     large = [p for p in tmp_path.rglob("*") if p.is_file() and p.stat().st_size > 5_000_000]
     assert not large, f"{script} --quick left large files behind: {large}"
