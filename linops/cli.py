@@ -295,8 +295,9 @@ def report(
     Raises
     ------
     ValueError
-        If ``out`` is a file, or a folder holding anything but a previous report, or
-        ``epochs`` is not a positive integer.
+        If ``out`` is a file, or a folder holding anything but a previous report (its
+        ``report.json``, written by this command, and its PNGs), or ``epochs`` is not a
+        positive integer.
     OSError
         If the folder cannot be written.
     """
@@ -335,7 +336,7 @@ def report(
 
 
 #: what a report folder holds; a folder with anything else is not replaced
-_REPORT_SUFFIXES = (".json", ".png")
+_REPORT_FILES = frozenset({"report.json", "spectrum.png", "density.png", "training_jacobian.png"})
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[^/]*$")
 
 
@@ -348,10 +349,12 @@ def _check_out(out: Path) -> None:
             f"--out: expected a folder of its own (it is replaced as a whole), got {out}, "
             "the current folder or one above it"
         )
-    if out.is_dir():
+    if out.is_dir() and any(out.iterdir()):
         others = sorted(
-            p.name for p in out.iterdir() if not (p.is_file() and p.suffix in _REPORT_SUFFIXES)
+            p.name for p in out.iterdir() if not (p.is_file() and p.name in _REPORT_FILES)
         )
+        if not others and not _is_report(out / "report.json"):
+            others = ["no report.json written by linops report"]
         if others:
             shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
             raise ValueError(
@@ -363,6 +366,19 @@ def _check_out(out: Path) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"--out: expected a writable location, got {out} ({parent} is not)")
+
+
+def _is_report(path: Path) -> bool:
+    """Whether ``path`` is a ``report.json`` this command wrote (its run metadata and timings).
+
+    A folder is replaced only then: one holding a user's own ``figure.png`` and
+    ``results.json`` was taken for a previous report and deleted.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"command_line", "seconds_sections"} <= data.keys()
 
 
 class _Staging:

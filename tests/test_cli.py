@@ -222,6 +222,25 @@ def test_bad_out_gets_one_line_errors(fake, tmp_path, capsys, monkeypatch):
     assert fake["runs"] == 0
 
 
+def test_a_folder_of_the_users_json_and_png_files_is_not_taken_for_a_report(fake, tmp_path, capsys):
+    """Any folder of .json and .png files was taken for a previous report and replaced: a
+    user's results.json and figure.png were deleted without a word (exit code 0)."""
+    mine = tmp_path / "myfigs"
+    mine.mkdir()
+    (mine / "experiment_results.json").write_text('{"my": "data"}')
+    (mine / "figure.png").write_bytes(b"my figure")
+    named = tmp_path / "named"  # a report's file names, not a report's contents
+    named.mkdir()
+    (named / "report.json").write_text('{"my": "data"}')
+    (named / "spectrum.png").write_bytes(b"my figure")
+    for out, shown in ((mine, "experiment_results.json, figure.png"), (named, "no report.json")):
+        code, _, err = _main(["report", "--out", str(out)], capsys)
+        assert code == 2 and "holding " + shown in _one_line(err), err
+    assert (mine / "experiment_results.json").read_text() == '{"my": "data"}'
+    assert (named / "spectrum.png").read_bytes() == b"my figure"
+    assert fake["runs"] == 0
+
+
 def test_unwritable_out_gets_a_one_line_error(fake, tmp_path, capsys, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path))
