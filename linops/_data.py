@@ -19,6 +19,7 @@ whole, whatever the budget.
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, cast
 
@@ -82,6 +83,15 @@ def check_loader(data: object, *, allow_reshuffle: bool) -> None:
             "fixed order (shuffle=False, a SequentialSampler or a fixed list of indices), or "
             "pass allow_reshuffle=True to skip this check"
         )
+
+
+def _numbers(data: object) -> bool:
+    """Whether ``data`` is a (nested) Python list of numbers, such as ``X.tolist()``."""
+    while isinstance(data, list) and data:
+        data = data[0]
+        if isinstance(data, numbers.Number):
+            return True
+    return False
 
 
 def _splits(data: object, targets: bool) -> bool:
@@ -180,6 +190,11 @@ class Batches:
             raise ValueError(
                 "device: expected an available device, got 'cuda' while "
                 "torch.cuda.is_available() is False"
+            )
+        if isinstance(data, tuple | list) and any(_numbers(t) for t in (data, *data[:2])):
+            raise TypeError(
+                "data: expected tensors or numpy arrays, got Python lists of numbers: convert "
+                "them with torch.tensor(...) or numpy.asarray(...)"
             )
         for i, t in enumerate(data if isinstance(data, tuple | list) else (data,)):
             if isinstance(t, torch.Tensor):  # tensors given directly: checked now, not later

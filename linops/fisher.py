@@ -51,6 +51,7 @@ from torch import nn
 
 from linops._autodiff import OutputGraph
 from linops._chain import ChainOutputGraph
+from linops._checks import check_loss_fn
 from linops._reduction import _describe
 from linops._types import Data, LossFunction, Params
 from linops.hessian import _LossOperator
@@ -368,6 +369,7 @@ def _kept_samples(loss_fn: LossFunction, y: Tensor | None) -> Tensor | None:
 
 
 def _fisher_family(loss_fn: LossFunction) -> str:
+    check_loss_fn(loss_fn)
     kinds = {
         nn.CrossEntropyLoss: "cross_entropy",
         nn.MSELoss: "mse",

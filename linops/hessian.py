@@ -31,7 +31,7 @@ from linops._autodiff import (
     forward_mode_jvp,
 )
 from linops._chain import ChainGradientGraph, ChainOutputGraph
-from linops._checks import check_output_index
+from linops._checks import check_loss_fn, check_output_index
 from linops._loss import OutputLoss
 from linops._model import ModelOperator, forward_checked, tensor_in
 from linops._reduction import Reduction, check_reduction, loss_reduction
@@ -71,8 +71,7 @@ class _LossOperator(ModelOperator):
         memory_budget: int | None = None,
         label_key: str | None = None,
     ) -> None:
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+        check_loss_fn(loss_fn)
         check_reduction(reduction)
         super().__init__(
             model,

@@ -203,6 +203,38 @@ CASES: dict[str, tuple[Callable[[], Any], type[Exception], str]] = {
         TypeError,
         r"got a tuple of 3 \(per-sample weights: weight the loss instead",
     ),
+    "loss class for its instance": (
+        lambda: linops.HessianOperator(_mlp(), nn.CrossEntropyLoss, _data()),
+        TypeError,
+        r"loss_fn: .* got the class CrossEntropyLoss: pass CrossEntropyLoss\(\)",
+    ),
+    "loss class for its instance (KFAC)": (
+        lambda: linops.KFACOperator(_mlp(), nn.MSELoss, _data()),
+        TypeError,
+        r"got the class MSELoss: pass MSELoss\(\)",
+    ),
+    "model on the meta device": (
+        lambda: linops.HessianOperator(_mlp().to("meta"), nn.CrossEntropyLoss(), _data()),
+        ValueError,
+        r"params\['0.weight'\]: expected values, got a tensor on the 'meta' device",
+    ),
+    "data on the meta device": (
+        lambda: linops.JacobianOperator(_mlp(), _data()[0].to("meta")),
+        ValueError,
+        r"data: inputs: expected values, got a tensor on the 'meta' device",
+    ),
+    "data as Python lists": (
+        lambda: linops.HessianOperator(
+            _mlp(), nn.CrossEntropyLoss(), tuple(t.tolist() for t in _data())
+        ),
+        TypeError,
+        r"data: expected tensors or numpy arrays, got Python lists of numbers",
+    ),
+    "inputs as a Python list": (
+        lambda: linops.JacobianOperator(_mlp(), _data()[0].tolist()),
+        TypeError,
+        r"data: expected tensors or numpy arrays, got Python lists of numbers",
+    ),
     "dtype as a bad string": (
         lambda: _hessian(dtype="double precision"),
         TypeError,
