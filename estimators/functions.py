@@ -443,7 +443,10 @@ def quadratic_form_bounds(
         )
     n = op.shape[0]
     m = kr.check_int(num_steps, "num_steps", 1, n)
-    B = torch.as_tensor(b, dtype=op.torch_dtype, device=op.device).reshape(n, -1)
+    B = torch.as_tensor(b, dtype=op.torch_dtype, device=op.device)
+    if B.ndim not in (1, 2) or B.shape[0] != n:
+        raise ValueError(f"b: expected shape ({n},) or ({n}, k), got {tuple(B.shape)}")
+    B = B.reshape(n, -1)
     norms = kr.column_norms(B)
     if bool((norms == 0).any()):
         raise ValueError("b: expected nonzero columns, got a zero column")

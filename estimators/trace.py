@@ -192,8 +192,9 @@ def hutchinson_trace(
     The probes go in groups of the operator's vectors per pass, at most what
     ``memory_budget`` holds (three ``n``-vectors per probe: the probe, its product, a
     temporary; default a fraction of the device's free memory): a 124M-parameter model's
-    probes need not all live at once. The groups draw the probes one block after another, so
-    a seeded estimate depends on the group size.
+    probes need not all live at once. Each probe is drawn on its own
+    (:func:`estimators._budget.grouped_probes`), so a seeded estimate does not depend on the
+    group size (the products' rounding may, at the last digits).
 
     References
     ----------

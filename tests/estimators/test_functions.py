@@ -198,6 +198,12 @@ def test_errors() -> None:
         logdet(A, damping=-1.0)
     with pytest.raises(ValueError, match="num_steps: expected an integer >= 1 and <= 50"):
         logdet(A, num_steps=51)
+    for b in (
+        torch.ones(51, dtype=F64),
+        torch.ones(50, 2, 1, dtype=F64),
+    ):  # was torch's reshape error
+        with pytest.raises(ValueError, match=r"b: expected shape \(50,\) or \(50, k\)"):
+            quadratic_form_bounds(A, b, "inverse", damping=1.0)
     with pytest.raises(ValueError, match="spectrum_lower: expected a positive lower bound"):
         quadratic_form_bounds(A, torch.ones(50, dtype=F64))
     with pytest.raises(ValueError, match="f: expected 'inverse' or 'log'"):
