@@ -411,8 +411,11 @@ def rank_curve(
 
     The reference sets are nested: one ordering of the parameters is drawn with the largest
     size and each smaller set is a prefix of it (for ``"magnitude"`` / ``"gradient"`` the top
-    ``r``; for ``"random"`` / ``"leverage"`` the first ``r`` drawn), so the rank is
-    non-decreasing in ``r`` and the reference Jacobian is computed once.
+    ``r``; for ``"random"`` / ``"leverage"`` the first ``r`` drawn), so the reference
+    Jacobian is computed once. The ranks need not grow with ``r``: each size's threshold
+    scales with its own largest singular value (and, for the paper's rule, with ``r``), and
+    centring subtracts each row's mean over the ``r`` columns, so a larger set may count
+    fewer.
 
     Parameters
     ----------
