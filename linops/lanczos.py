@@ -190,6 +190,12 @@ def lanczos(
     n = check_square(op.shape, nonempty=True)
     b = kr.check_int(block_size, "block_size", 1, n)
     k = kr.check_int(k, "k", 1, n)
+    if which == "SM":
+        raise ValueError(
+            f"which: expected one of {_WHICH}, got 'SM'; for the eigenvalues nearest -d, "
+            "shift and invert: lanczos(linops.inverse(A, damping=d, method='minres'), k, 'LM') "
+            "has the eigenvalues 1 / (lambda + d)"
+        )
     kr.check_which(which, _WHICH)
     budget = check_memory_budget(memory_budget) or default_memory_budget(op.device)
     given = ncv is not None

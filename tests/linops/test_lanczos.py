@@ -166,6 +166,8 @@ def test_bad_input_raises() -> None:
         lanczos(np.ones((5, 4)), 2)
     with pytest.raises(ValueError, match="which: expected one of"):
         lanczos(A, 2, "XX")
+    with pytest.raises(ValueError, match=r"got 'SM'; .* shift and invert: lanczos\(linops.inverse"):
+        lanczos(A, 2, "SM")
     with pytest.raises(ValueError, match="nonzero start vector"):
         lanczos(A, 2, v0=np.zeros(120))
     with pytest.raises(ValueError, match="v0: expected shape"):
