@@ -903,6 +903,12 @@ def test_outputs_with_extra_dimensions_equal_the_flattened_model(
     deep = cls(lin, fn, (X, y), **kw) @ eye
     flat = cls(lin, fn, (X[:, 0], y[:, 0]), **kw) @ eye
     assert _rel(deep, flat) < 1e-14
+    # one output squeezed away, (N,) outputs and targets: G was 9.2x too large
+    one = nn.Linear(3, 1).double()
+    squeezed = nn.Sequential(one, nn.Flatten(0))
+    eye = torch.eye(4, dtype=F64)
+    K1 = cls(squeezed, fn, (X[:, 0], y[:, 0, 0]), **kw) @ eye
+    assert _rel(K1, cls(one, fn, (X[:, 0], y[:, 0, :1]), **kw) @ eye) < 1e-14
 
 
 def test_heuristic_inverse_of_a_block_with_a_zero_factor_is_its_exact_inverse() -> None:
