@@ -116,14 +116,19 @@ def test_jacobian_on_dicts_equals_that_on_tensors_and_drops_the_labels() -> None
         JacobianOperator(KeywordModel(body), _dict_batches(X, y), output=_logits)
 
 
-def test_streamed_dict_batches_equal_cached_bitwise() -> None:
+@pytest.mark.parametrize("cls", [HessianOperator, GGNOperator])
+@pytest.mark.parametrize("stream", [{"memory_budget": 1}, {"cache": False}])
+def test_streamed_dict_batches_equal_cached_bitwise(cls: Any, stream: dict) -> None:
+    """The GGN with ``cache=False`` cleared the kept batch's inputs with its graph after the
+    first pass: "'KeywordInputs' object has no attribute 'values'" at the next product."""
     body, (X, y) = _body(), _tensors()
     kw: dict[str, Any] = {"output": _logits, "label_key": "labels", "max_vectors": 2}
     model = KeywordModel(body)
-    H = HessianOperator(model, nn.CrossEntropyLoss(), _dict_batches(X, y), **kw)
-    Hs = HessianOperator(model, nn.CrossEntropyLoss(), _dict_batches(X, y), memory_budget=1, **kw)
+    H = cls(model, nn.CrossEntropyLoss(), _dict_batches(X, y), **kw)
+    Hs = cls(model, nn.CrossEntropyLoss(), _dict_batches(X, y), **stream, **kw)
     V = torch.randn(H.shape[1], 3, generator=torch.Generator().manual_seed(5), dtype=F64)
     assert torch.equal(Hs @ V, H @ V)
+    assert torch.equal(Hs @ V, H @ V)  # a second pass over the same (kept or redrawn) batches
     assert Hs.cache_info().graphs_cached == 0
 
 

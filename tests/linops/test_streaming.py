@@ -311,6 +311,29 @@ def test_functional_dropout_in_training_mode_is_refused_with_kept_graphs(cls: An
     assert torch.equal(cls(*args) @ v, cls(*args) @ v)
 
 
+class _MaskedScores(nn.Module):
+    """Logits and, unused by the loss, attention scores masked with -inf: a sum of -inf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        scores = (x @ x.T).masked_fill(torch.eye(len(x), dtype=torch.bool), float("-inf"))
+        return self.lin(x), scores
+
+
+@pytest.mark.parametrize("kw", [{}, {"cache": False}])
+def test_an_infinite_output_the_loss_does_not_use_is_no_random_forward(kw: dict) -> None:
+    """Two sums of -inf compared as different (-inf - -inf is NaN): refused as random."""
+    torch.manual_seed(0)
+    model = _MaskedScores().double()
+    data = Synthetic((5,), 3, batches=2, size=8)
+    G = GGNOperator(model, nn.CrossEntropyLoss(), data, output=lambda o: o[0], **kw)
+    v = torch.randn(G.shape[1], dtype=F64)
+    assert torch.equal(G @ v, G @ v)
+
+
 def test_clear_cache_forgets_the_recorded_forward_passes() -> None:
     data = Synthetic((5,), 3, batches=2, size=8)
     model = _Noisy(0.0).double()
