@@ -85,13 +85,42 @@ def check_loader(data: object, *, allow_reshuffle: bool) -> None:
         )
 
 
+def _from_lists(data: Any, targets: bool) -> Any:
+    """Nested Python lists of numbers (``X.tolist()``, labels as a list) as numpy arrays.
+
+    Inputs given as such a list were read as a list of batches ("got a list of 8"); labels
+    as one are what :data:`linops.ArrayLike` promises. ``[X_list, y_list]`` of different
+    shapes is an ``(X, y)`` pair.
+    """
+    if _numbers(data):
+        try:
+            return np.asarray(data)
+        except ValueError:  # ragged: a pair, or not data
+            pass
+    pair = isinstance(data, tuple | list) and len(data) in (1, 2) and (targets or len(data) == 1)
+    if pair and any(map(_numbers, data)):
+        return type(data)(_as_array(t) if _numbers(t) else t for t in data)
+    if _numbers(data):
+        _as_array(data)  # raises, naming the ragged lists
+    return data
+
+
+def _as_array(values: list) -> np.ndarray:
+    try:
+        return np.asarray(values)
+    except ValueError as err:  # ragged
+        raise TypeError(
+            f"data: expected tensors, numpy arrays or rectangular lists of numbers ({err})"
+        ) from None
+
+
 def _numbers(data: object) -> bool:
-    """Whether ``data`` is a (nested) Python list of numbers, such as ``X.tolist()``."""
-    while isinstance(data, list) and data:
-        data = data[0]
-        if isinstance(data, numbers.Number):
-            return True
-    return False
+    """Whether ``data`` is a nested Python list of numbers (every item a list, down to numbers)."""
+    if not (isinstance(data, list) and data):
+        return False
+    if all(isinstance(v, numbers.Number) for v in data):
+        return True
+    return all(isinstance(v, list) for v in data) and _numbers(data[0])
 
 
 def _splits(data: object, targets: bool) -> bool:
@@ -100,11 +129,10 @@ def _splits(data: object, targets: bool) -> bool:
         return True
     if isinstance(data, list) and len(data) > 1 and not targets:
         return False  # inputs only: a list of tensors is a list of batches
-    return (
-        isinstance(data, tuple | list)
-        and len(data) > 0
-        and isinstance(data[0], torch.Tensor | np.ndarray)
-    )
+    if not (isinstance(data, tuple | list) and data):
+        return False
+    # an (X, y) pair, or (X,); inputs only, a tuple of more tensors is a tuple of batches
+    return isinstance(data[0], torch.Tensor | np.ndarray) and (targets or len(data) <= 2)
 
 
 #: indices drawn per pass from a sampler without a length to compare two of its passes
@@ -173,6 +201,7 @@ class Batches:
         label_key: str | None = None,
     ) -> None:
         check_loader(data, allow_reshuffle=allow_reshuffle)
+        data = _from_lists(data, targets)
         if isinstance(batch_size, bool):
             raise ValueError(f"batch_size: expected a positive integer or None, got {batch_size!r}")
         if isinstance(batch_size, np.integer):  # as memory_budget=: numpy's integers are integers
@@ -190,11 +219,6 @@ class Batches:
             raise ValueError(
                 "device: expected an available device, got 'cuda' while "
                 "torch.cuda.is_available() is False"
-            )
-        if isinstance(data, tuple | list) and any(_numbers(t) for t in (data, *data[:2])):
-            raise TypeError(
-                "data: expected tensors or numpy arrays, got Python lists of numbers: convert "
-                "them with torch.tensor(...) or numpy.asarray(...)"
             )
         for i, t in enumerate(data if isinstance(data, tuple | list) else (data,)):
             if isinstance(t, torch.Tensor):  # tensors given directly: checked now, not later

@@ -223,17 +223,15 @@ CASES: dict[str, tuple[Callable[[], Any], type[Exception], str]] = {
         ValueError,
         r"data: inputs: expected values, got a tensor on the 'meta' device",
     ),
-    "data as Python lists": (
-        lambda: linops.HessianOperator(
-            _mlp(), nn.CrossEntropyLoss(), tuple(t.tolist() for t in _data())
-        ),
-        TypeError,
-        r"data: expected tensors or numpy arrays, got Python lists of numbers",
+    "batch_size with a tuple of input batches (was ignored)": (
+        lambda: linops.JacobianOperator(_mlp(), tuple(_data(9)[0].split(3)), batch_size=2),
+        ValueError,
+        r"batch_size: expected None for data that gives its own batches \(a tuple\)",
     ),
-    "inputs as a Python list": (
-        lambda: linops.JacobianOperator(_mlp(), _data()[0].tolist()),
+    "ragged Python lists": (
+        lambda: linops.JacobianOperator(_mlp(), [[0.0, 1.0, 2.0], [1.0]]),
         TypeError,
-        r"data: expected tensors or numpy arrays, got Python lists of numbers",
+        r"data: expected tensors, numpy arrays or rectangular lists of numbers",
     ),
     "dtype as a bad string": (
         lambda: _hessian(dtype="double precision"),

@@ -380,3 +380,18 @@ def test_a_numpy_integer_batch_size_is_an_integer() -> None:
     assert torch.equal(ops[0] @ v, ops[1] @ v)
     assert ops[1].batches.batch_size == 4 and type(ops[1].batches.batch_size) is int
     assert ops[1].cache_info().num_batches == 5
+
+
+def test_python_lists_of_numbers_are_data_like_arrays() -> None:
+    """Inputs as ``X.tolist()`` were read as a list of batches ("got a list of 8"); labels as
+    a list are what ``linops.ArrayLike`` promises."""
+    model = _mlp()
+    X, y = Synthetic((5,), 3, batches=2, size=6).tensors()
+    v = _vectors(sum(p.numel() for p in model.parameters()), 2)
+    H = HessianOperator(model, nn.CrossEntropyLoss(), (X, y), batch_size=4)
+    for data in ((X.tolist(), y.tolist()), (X, y.tolist()), [X.tolist(), y]):
+        assert torch.equal(
+            HessianOperator(model, nn.CrossEntropyLoss(), data, batch_size=4) @ v, H @ v
+        )
+    J = JacobianOperator(model, X)
+    assert torch.equal(JacobianOperator(model, X.tolist()) @ v, J @ v)
