@@ -205,6 +205,44 @@ def _slack(name: str, theta: torch.Tensor, m: int, eps: float) -> float:
     )
 
 
+def _warn_unconverged(
+    v: torch.Tensor, earlier: torch.Tensor, cuts: tuple[int, int], m: int, stderr: float,
+    name: str | None, nodes: torch.Tensor, fn: Callable, eps_n: float,
+) -> None:  # fmt: skip
+    r"""Warn when the quadrature error of the mean estimate may exceed 3 standard errors.
+
+    From the mean Gauss values :math:`g_a, g_b, g_m` of :math:`a = m/2`, :math:`b = 3m/4`
+    and :math:`m` steps (the same probes, no products): with :math:`d_1 = g_b - g_a` and
+    :math:`d_2 = g_m - g_b`, a geometric convergence leaves about :math:`d_2^2 / |d_1 - d_2|`
+    after :math:`m` steps (Aitken's extrapolation); where the steps do not contract
+    (:math:`|d_2| \ge |d_1|`), :math:`|d_2|`. Rounding (``16 m eps n max|f|``) is allowed
+    for: a diagonal operator's probes all give one value, and its standard error is 0.
+    """
+    ga, gb = (float(x) for x in earlier.mean(dim=0))
+    gm = float(v.mean())
+    d1, d2 = gb - ga, gm - gb
+    error = abs(d2) if abs(d2) >= abs(d1) else d2 * d2 / abs(d1 - d2)
+    values = fn(nodes)
+    values = values[torch.isfinite(values)].abs()
+    rounding = 16 * m * eps_n * (float(values.max()) if values.numel() else 0.0)
+    if not (math.isfinite(stderr) and error > 3 * stderr + rounding):
+        return
+    sigmas = f" ({error / stderr:.0f} standard errors)" if stderr > 0 else ""
+    warnings.warn(
+        f"trace_function: the quadrature has not converged in {m} steps: extrapolated from "
+        f"{cuts[0]}, {cuts[1]} and {m} steps ({ga:.6g}, {gb:.6g}, {gm:.6g}) its error is about "
+        f"{error:.3g}{sigmas}, beyond the standard error"
+        + (
+            ": A + damping I may be singular (the exact value infinite) or ill-conditioned; "
+            "pass a damping > 0 or more num_steps"
+            if name in ("log", "inverse")
+            else "; pass more num_steps"
+        ),
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def _bounds(name: str | None, gauss: float, radau: float) -> tuple[float, float]:
     if name == "log":
         return radau, gauss
@@ -276,9 +314,10 @@ def trace_function(
     Warns
     -----
     RuntimeWarning
-        When the quadrature has not converged: the Gauss rules of ``m // 2`` and ``m`` steps
-        (the same probes) differ by more than 3 standard errors, so the estimate's error is
-        not within its standard error. A singular PSD operator without damping (a model's
+        When the quadrature has not converged: its error after ``m`` steps, extrapolated
+        from the Gauss rules of ``m/2``, ``3m/4`` and ``m`` steps of the same probes (no
+        products), exceeds 3 standard errors plus rounding, so the estimate's error is not
+        within its standard error. A singular PSD operator without damping (a model's
         GGN, whose log-determinant is :math:`-\infty`) ends here: Lanczos does not isolate
         its null space in ``m`` steps, and its smallest node stays positive.
 
@@ -303,7 +342,8 @@ def trace_function(
     nodes = torch.zeros(N, m, dtype=torch.float64)
     weights = torch.zeros(N, m, dtype=torch.float64)
     BZ = torch.zeros(n, N, dtype=torch.float64)  # f(A) z_l from the same quadrature
-    vals, halves, lows, ups = [], [], [], []
+    vals, earlier, lows, ups = [], [], [], []
+    cuts = (max(1, m // 2), max(1, (3 * m) // 4))
     for first in range(0, N, group):
         alpha, beta, steps, V = _lanczos(op, V0[:, first : first + group], m)
         for j in range(alpha.shape[0]):
@@ -318,9 +358,9 @@ def trace_function(
                 slack = _slack(name, th, m, _eps(op))
                 lo, up = lo - slack, up + slack
             vals.append(n * g)
-            # the Gauss rule of half the steps (exact after an invariant subspace, k < m)
-            halves.append(
-                n * (g if k < m else _rules(alpha[j], beta[j], max(1, k // 2), fn, None)[2])
+            # the Gauss rules of m/2 and 3m/4 steps (exact after an invariant subspace, k < m)
+            earlier.append(
+                [n * (g if k < m else _rules(alpha[j], beta[j], s, fn, None)[2]) for s in cuts]
             )
             lows.append(n * lo)
             ups.append(n * up)
@@ -340,22 +380,17 @@ def trace_function(
         )
     stderr = _stderr(v, math.sqrt(n) * V0.cpu().double(), BZ)
     mean = lambda x: float(torch.tensor(x, dtype=torch.float64).mean())  # noqa: E731
-    drift = abs(float(v.mean()) - mean(halves))
-    if math.isfinite(stderr) and drift > 3 * stderr:
-        warnings.warn(
-            f"trace_function: the quadrature has not converged in {m} steps: the estimate "
-            f"moved by {drift:.3g} ({drift / stderr:.0f} standard errors) from {m // 2 or 1} "
-            f"steps to {m} ({mean(halves):.6g} to {float(v.mean()):.6g}), so its error is "
-            "not within its standard error"
-            + (
-                ": A + damping I may be singular (the exact value infinite) or ill-conditioned; "
-                "pass a damping > 0 or more num_steps"
-                if name in ("log", "inverse")
-                else "; pass more num_steps"
-            ),
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    _warn_unconverged(
+        v,
+        torch.tensor(earlier, dtype=torch.float64),
+        cuts,
+        m,
+        stderr,
+        name,
+        nodes,
+        fn,
+        _eps(op) * n,
+    )
     return SLQEstimate(
         float(v.mean()), stderr, N * m + probes, nodes, weights, mean(lows), mean(ups)
     )
