@@ -237,3 +237,21 @@ def test_bounds_hold_when_gauss_and_radau_coincide() -> None:
         bd = logdet_bounds(A, damping=1e-3, num_steps=steps, spectrum_lower=0.99e-3)
         assert bd.lower <= exact <= bd.upper
         assert bd.upper - bd.lower < 1e-6 * abs(exact)  # still a certificate worth having
+
+
+def test_no_convergence_warning_where_the_quadrature_is_exact() -> None:
+    """A diagonal operator's Rademacher probes all give one value (standard error 0 or
+    rounding): the m/2-to-m drift warned on estimates exact to 1e-15, and logdet's docstring
+    example divided by a zero standard error."""
+    for hi in (3.0, 10.0):
+        A = torch.diag(torch.linspace(1, hi, 50, dtype=F64))
+        exact = {"log": float(torch.log(torch.diagonal(A)).sum())}
+        exact["inverse"] = float((1 / torch.diagonal(A)).sum())
+        for f, want in exact.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                est = trace_function(A, f, num_probes=10, num_steps=30, seed=0)
+            assert abs(est.estimate - want) < 1e-12 * abs(want)
+    # at 20 steps the condition-10 inverse is 3.9e-11 off with a zero standard error: said so
+    with pytest.warns(RuntimeWarning, match="its error is about"):
+        trace_function(A, "inverse", num_probes=10, num_steps=20, seed=0)
