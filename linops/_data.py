@@ -402,8 +402,11 @@ class Batches:
             )
         n = next(iter(lengths.values()))
         if len(set(lengths.values())) > 1:
+            if self._batch_size is None:  # one batch: nothing to split (labels (N T,) of an LM)
+                return [dict(data)]
             raise ValueError(
-                f"data: expected tensors with the same number of samples, got {lengths}"
+                f"data: expected tensors with the same number of samples to split into "
+                f"batch_size={self._batch_size}, got {lengths}"
             )
         bs = self._batch_size or max(1, n)
         return [

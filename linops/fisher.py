@@ -333,7 +333,10 @@ class FisherOperator(_OutputFactorOperator):
         if self.family == "cross_entropy" and len(model_shape) != 1:
             raise ValueError(
                 "loss_fn: expected (N, C) logits for the Fisher of cross-entropy, got outputs "
-                f"of shape (N, {', '.join(map(str, model_shape))})"
+                f"of shape (N, {', '.join(map(str, model_shape))}); fold the positions into "
+                "the batch: (N T, C) logits (output=lambda o: o.logits.flatten(0, -2) for a "
+                "language model) and (N T,) targets (a dict batch's labels flattened too, "
+                "shifted as the model's loss shifts them)"
             )
         scale = 1.0 / self._normaliser(out, model_shape, y)
         kept = _kept_samples(self.loss_fn, y)

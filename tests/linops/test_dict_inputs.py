@@ -197,3 +197,35 @@ def test_fisher_diagonal_on_dicts_equals_that_on_tensors() -> None:
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-15)
         dense = torch.diagonal(on_tensors.to_dense())
         assert torch.allclose(want, dense, rtol=1e-10, atol=1e-14)
+
+
+class _TinyLM(nn.Module):
+    def __init__(self, vocab: int = 7, d: int = 4) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(vocab, d), nn.Linear(d, vocab)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(input_ids)))  # (N, T, vocab)
+
+
+def test_a_language_models_fisher_from_one_dict_with_flattened_labels() -> None:
+    """One dict batch whose labels are (N T,) (shifted and flattened, for (N T, C) logits) was
+    refused as "tensors with the same number of samples", though nothing is split."""
+    from linops import FisherOperator
+
+    torch.manual_seed(0)
+    model = _TinyLM().double()
+    ids = torch.randint(0, 7, (3, 5))
+    batch = {"input_ids": ids, "labels": ids[:, 1:].reshape(-1)}
+    kw: dict[str, Any] = {"label_key": "labels", "output": lambda o: o[:, :-1].flatten(0, 1)}
+    F = FisherOperator(model, nn.CrossEntropyLoss(), batch, **kw)
+    G = GGNOperator(model, nn.CrossEntropyLoss(), [batch], **kw)
+    assert _close(F.to_dense(), G.to_dense())
+    with pytest.raises(ValueError, match="same number of samples to split into batch_size=2"):
+        FisherOperator(model, nn.CrossEntropyLoss(), batch, batch_size=2, **kw).to_dense()
+    sequence = {"input_ids": ids, "labels": ids}  # (N, C, T) logits: torch's CE takes them
+    with pytest.raises(ValueError, match=r"fold the positions into the batch: \(N T, C\) logits"):
+        FisherOperator(
+            model, nn.CrossEntropyLoss(), sequence, label_key="labels",
+            output=lambda o: o.transpose(1, 2),
+        ).to_dense()  # fmt: skip
