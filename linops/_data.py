@@ -85,33 +85,21 @@ def check_loader(data: object, *, allow_reshuffle: bool) -> None:
         )
 
 
-def _from_lists(data: Any, targets: bool) -> Any:
-    """Nested Python lists of numbers (``X.tolist()``, labels as a list) as numpy arrays.
-
-    Inputs given as such a list were read as a list of batches ("got a list of 8"); labels
-    as one are what :data:`linops.ArrayLike` promises. ``[X_list, y_list]`` of different
-    shapes is an ``(X, y)`` pair.
-    """
-    if _numbers(data):
-        try:
-            return np.asarray(data)
-        except ValueError:  # ragged: a pair, or not data
-            pass
-    pair = isinstance(data, tuple | list) and len(data) in (1, 2) and (targets or len(data) == 1)
-    if pair and any(map(_numbers, data)):
-        return type(data)(_as_array(t) if _numbers(t) else t for t in data)
-    if _numbers(data):
-        _as_array(data)  # raises, naming the ragged lists
-    return data
-
-
-def _as_array(values: list) -> np.ndarray:
-    try:
-        return np.asarray(values)
-    except ValueError as err:  # ragged
-        raise TypeError(
-            f"data: expected tensors, numpy arrays or rectangular lists of numbers ({err})"
-        ) from None
+def _batch_refusal(batch: object) -> str:
+    """Return the message for a batch that is not a tensor, an ``(x, y)`` pair or a dict."""
+    what = f"data: expected batches as tensors, (x, y) pairs or dicts, got a {type(batch).__name__}"
+    if not isinstance(batch, tuple | list):
+        return what
+    if _numbers(batch) or any(isinstance(v, numbers.Number) for v in batch):
+        # X.tolist() as data is read as a list of batches, each a row of numbers
+        return (
+            f"{what} of Python numbers (inputs given as Python lists are read as a list of "
+            "batches): pass tensors or numpy arrays (torch.tensor(...), numpy.asarray(...))"
+        )
+    return (
+        f"{what} of {len(batch)} (per-sample weights: weight the loss instead, such as "
+        "CrossEntropyLoss(weight=...) per class)"
+    )
 
 
 def _numbers(data: object) -> bool:
@@ -201,7 +189,6 @@ class Batches:
         label_key: str | None = None,
     ) -> None:
         check_loader(data, allow_reshuffle=allow_reshuffle)
-        data = _from_lists(data, targets)
         if isinstance(batch_size, bool):
             raise ValueError(f"batch_size: expected a positive integer or None, got {batch_size!r}")
         if isinstance(batch_size, np.integer):  # as memory_budget=: numpy's integers are integers
@@ -427,15 +414,7 @@ class Batches:
         elif isinstance(batch, tuple | list) and len(batch) in (1, 2):
             x, y = batch[0], batch[1] if len(batch) == 2 else None
         else:
-            of = f" of {len(batch)}" if isinstance(batch, tuple | list) else ""
-            raise TypeError(
-                "data: expected batches as tensors, (x, y) pairs or dicts, got a "
-                f"{type(batch).__name__}{of} (per-sample weights: weight the loss instead, "
-                "such as CrossEntropyLoss(weight=...) per class)"
-                if of
-                else "data: expected batches as tensors, (x, y) pairs or dicts, got "
-                f"{type(batch).__name__}"
-            )
+            raise TypeError(_batch_refusal(batch))
         if self._targets and y is None:
             raise ValueError("data: this operator needs targets; expected (x, y) batches")
         if isinstance(x, Mapping):

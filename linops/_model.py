@@ -763,13 +763,21 @@ class _KernelLog(LightDispatchMode):
 
 
 def _output_print(out: Any) -> tuple[float, float]:
-    """Return the sum and the sum of magnitudes of a forward pass's floating outputs, in double."""
+    """Return the sum and the sum of magnitudes of a forward pass's floating outputs, in double.
+
+    Over the finite entries: an output holding -inf (attention scores masked for a mask the
+    loss never sees) made every sum -inf, blind to a random forward pass.
+    """
     total = scale = 0.0
     for t in torch.utils._pytree.tree_leaves(out):
         if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
             t = t.detach()
             wide = torch.complex128 if t.is_complex() else torch.float64
-            total += float(t.sum(dtype=wide).real)
+            part = t.sum(dtype=wide)
+            if not bool(torch.isfinite(part)):  # a copy of the finite entries only then
+                t = t[torch.isfinite(t)]
+                part = t.sum(dtype=wide)
+            total += float(part.real)
             scale += float(t.abs().sum(dtype=torch.float64))
     return total, scale
 

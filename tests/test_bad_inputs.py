@@ -228,10 +228,20 @@ CASES: dict[str, tuple[Callable[[], Any], type[Exception], str]] = {
         ValueError,
         r"batch_size: expected None for data that gives its own batches \(a tuple\)",
     ),
-    "ragged Python lists": (
-        lambda: linops.JacobianOperator(_mlp(), [[0.0, 1.0, 2.0], [1.0]]),
+    "inputs as Python lists (read as batches of numbers)": (
+        lambda: _product(linops.JacobianOperator(_mlp(), _data()[0].tolist())),
         TypeError,
-        r"data: expected tensors, numpy arrays or rectangular lists of numbers",
+        r"got a list of Python numbers \(inputs given as Python lists are read as a list of "
+        r"batches\): pass tensors or numpy arrays",
+    ),
+    "(X, y) as Python lists": (
+        lambda: _product(
+            linops.HessianOperator(
+                _mlp(), nn.CrossEntropyLoss(), tuple(t.tolist() for t in _data())
+            )
+        ),
+        TypeError,
+        r"of Python numbers .* pass tensors or numpy arrays",
     ),
     "dtype as a bad string": (
         lambda: _hessian(dtype="double precision"),
