@@ -476,6 +476,7 @@ def completeness(
     k: int,
     room: bool,
     broke: bool = False,
+    zero: bool = False,
 ) -> str:
     """After verified convergence: ``"done"``, ``"inject"`` (one more round) or an error text.
 
@@ -489,18 +490,29 @@ def completeness(
     ``broke``: the Krylov space became invariant (an exact breakdown: the start vector had no
     component along the other eigenvectors, e.g. copies of a value repeated exactly). Its
     converged Ritz values are then eigenvalues but not necessarily the wanted ones, so the
-    first round is searched like a cluster.
+    first round is searched like a cluster. ``zero``: the wanted end holds a value that is 0
+    to ``max(tol, sqrt(eps)) ||A||``, the null space of a PSD curvature (a GGN with more
+    parameters than outputs), whose copies one start vector sees once: searched likewise
+    (``lanczos(G, 4, "SA")`` returned one 0 and the next three values, all verified).
     """
     if locked is not None:
         if bool(((vals.detach().cpu().to(locked) - locked).abs() <= tol * anorm).all()):
             return "done"
-    elif not broke and not clusters(vals, max(tol, float(torch.finfo(dtype).eps) ** 0.5) * anorm):
+    elif not (broke or zero) and not clusters(
+        vals, max(tol, float(torch.finfo(dtype).eps) ** 0.5) * anorm
+    ):
         return "done"
     if not room and broke and locked is None:
         return (
             f"the Krylov space became invariant before the {k} wanted values were certified "
             f"(an exact breakdown), and a search of its complement needs room for k + 1 = "
             f"{k + 1} vectors plus a block in the basis; raise ncv"
+        )
+    if not room and zero and locked is None:
+        return (
+            f"the wanted end holds the value 0 (a null space), and a search for its missing "
+            f"copies needs room for k + 1 = {k + 1} vectors plus a block in the basis; raise "
+            "ncv or use block_size >= its multiplicity"
         )
     if not room:
         return (
