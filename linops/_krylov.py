@@ -490,10 +490,10 @@ def completeness(
     ``broke``: the Krylov space became invariant (an exact breakdown: the start vector had no
     component along the other eigenvectors, e.g. copies of a value repeated exactly). Its
     converged Ritz values are then eigenvalues but not necessarily the wanted ones, so the
-    first round is searched like a cluster. ``zero``: the wanted end holds a value that is 0
-    to ``max(tol, sqrt(eps)) ||A||``, the null space of a PSD curvature (a GGN with more
-    parameters than outputs), whose copies one start vector sees once: searched likewise
-    (``lanczos(G, 4, "SA")`` returned one 0 and the next three values, all verified).
+    first round is searched like a cluster. ``zero``: the smallest of two or more wanted
+    values is 0 to ``max(tol, sqrt(eps)) ||A||``, the null space of a PSD curvature (a GGN
+    with more parameters than outputs), whose copies one start vector sees once: searched
+    likewise (``lanczos(G, 4, "SA")`` returned one 0 and the next three values, all verified).
     """
     if locked is not None:
         if bool(((vals.detach().cpu().to(locked) - locked).abs() <= tol * anorm).all()):

@@ -120,11 +120,12 @@ def lanczos(
         When the converged wanted values contain repeated (clustered) values, the verified
         pairs are locked and the iteration restarts from a fresh random vector orthogonal to
         them, round after round, until a round finds no further copy; so every copy of a
-        repeated value is returned once at least two copies have shown up, or once the
-        smallest wanted value (``"SA"``, ``"BE"``) is 0 to ``max(rtol, sqrt(eps)) ||A||``, the
-        null space of a PSD curvature (``lanczos(G, 4, "SA")`` on a GGN with a null space
+        repeated value is returned once at least two copies have shown up, or, for
+        ``"SA"`` with ``k >= 2``, once the smallest value is 0 to ``max(rtol, sqrt(eps)) ||A||``,
+        the null space of a PSD curvature (``lanczos(G, 4, "SA")`` on a GGN with a null space
         returned one 0 and the next three values, all verified eigenpairs). A value repeated
-        elsewhere and seen once is not searched: pass ``block_size`` >= its multiplicity.
+        elsewhere (or at the bottom with ``"BE"``) and seen once is not searched: pass
+        ``block_size`` >= its multiplicity.
     v0
         Start vector ``(n,)`` or block ``(n, block_size)``; default Gaussian.
     seed
@@ -530,7 +531,9 @@ class _Check:
             return self.result(Y, Sw, vals, res, True)
         room = k + 1 <= min(st.ncv - st.b, n - st.b)
         gap = max(self.tol, float(torch.finfo(dt).eps) ** 0.5) * st.anorm
-        zero = self.which in ("SA", "BE") and float(vals.abs().min()) <= gap
+        # only where copies can change the answer: two or more smallest values wanted ("BE"
+        # would give a search round's extra value to its top end)
+        zero = self.which == "SA" and k >= 2 and float(vals.abs().min()) <= gap
         todo = kr.completeness(
             vals, self.locked, self.tol, st.anorm, dt, self.rounds, k, room, st.broke, zero
         )

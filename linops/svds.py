@@ -353,13 +353,8 @@ class _Bidiag:
         if k == short:  # all singular values: none can be missing
             return self.finish(u, v, sv, res, True, kind)
         room = k + 1 <= min(self.ncv - b, short - b)
-        # a smallest wanted value of 0: J's null space, whose copies one start sees once
-        zero = (
-            which == "SM"
-            and float(sv.min()) <= max(tol, float(torch.finfo(dt).eps) ** 0.5) * self.anorm
-        )
         todo = kr.completeness(
-            sv, self.locked, tol, self.anorm, dt, self.rounds, k, room, self.broke, zero
+            sv, self.locked, tol, self.anorm, dt, self.rounds, k, room, self.broke
         )
         if todo == "done":
             return self.finish(u, v, sv, res, True, kind)

@@ -152,19 +152,3 @@ def test_an_exact_breakdown_is_not_taken_for_the_wanted_values(k: int) -> None:
         r = svds(M, k, seed=1)
         assert r.converged
         np.testing.assert_allclose(r.singular_values.numpy(), [5, 5, 1, 1][:k], atol=1e-10)
-
-
-def test_the_null_space_of_a_rank_deficient_matrix_is_returned_with_all_its_wanted_copies() -> None:
-    """J of rank 40 (300 x 200): "SM" with k = 4 returned one 0 and the three smallest nonzero
-    singular values (1e-3 and up) with converged=True: one start vector sees the null space
-    once."""
-    g = torch.Generator().manual_seed(0)
-    U, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))
-    V, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
-    s = torch.zeros(200, dtype=torch.float64)
-    s[:40] = torch.logspace(-3, 0, 40, dtype=torch.float64)
-    J = (U[:, :200] * s) @ V.T
-    for M in (J, J.T):
-        res = svds(M, 4, which="SM", rtol=1e-8, seed=0)
-        assert res.converged
-        assert float(torch.as_tensor(res.singular_values).abs().max()) < 1e-8
