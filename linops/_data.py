@@ -401,14 +401,8 @@ class Batches:
             for i in range(0, n, bs)
         ]
 
-    def _prepare(self, batch: Any, index: int) -> tuple[Batch, int]:
-        """Return the batch on the device and the bytes it newly allocated there."""
-        moved: list[int] = []
-        if isinstance(batch, Mapping):
-            x, y = self._from_mapping(batch, index, moved)
-            if len(x) == 0:
-                raise ValueError(f"data: batch {index} has no samples; leave empty batches out")
-            return (x, y), sum(moved)
+    def _from_pair(self, batch: Any, index: int, moved: list[int]) -> Batch:
+        """Return a tensor or ``(x, y)`` batch on the device (``moved``: the bytes allocated)."""
         if isinstance(batch, torch.Tensor):
             x, y = batch, None
         elif isinstance(batch, tuple | list) and len(batch) in (1, 2):
@@ -422,6 +416,15 @@ class Batches:
         else:
             x = self._move(x, f"batch {index} inputs", moved)
         y = self._move(y, f"batch {index} targets", moved) if self._targets else None
+        return x, y
+
+    def _prepare(self, batch: Any, index: int) -> tuple[Batch, int]:
+        """Return the batch on the device and the bytes it newly allocated there."""
+        moved: list[int] = []
+        if isinstance(batch, Mapping):
+            x, y = self._from_mapping(batch, index, moved)
+        else:
+            x, y = self._from_pair(batch, index, moved)
         if len(x) == 0:  # one empty batch among others: its graphs cannot even be shaped
             raise ValueError(f"data: batch {index} has no samples; leave empty batches out")
         return (x, y), sum(moved)

@@ -476,7 +476,7 @@ def completeness(
     k: int,
     room: bool,
     broke: bool = False,
-    zero: bool = False,
+    smallest: bool = False,
 ) -> str:
     """After verified convergence: ``"done"``, ``"inject"`` (one more round) or an error text.
 
@@ -490,17 +490,18 @@ def completeness(
     ``broke``: the Krylov space became invariant (an exact breakdown: the start vector had no
     component along the other eigenvectors, e.g. copies of a value repeated exactly). Its
     converged Ritz values are then eigenvalues but not necessarily the wanted ones, so the
-    first round is searched like a cluster. ``zero``: the smallest of two or more wanted
-    values is 0 to ``max(tol, sqrt(eps)) ||A||``, the null space of a PSD curvature (a GGN
-    with more parameters than outputs), whose copies one start vector sees once: searched
-    likewise (``lanczos(G, 4, "SA")`` returned one 0 and the next three values, all verified).
+    first round is searched like a cluster. ``smallest``: the wanted values are the
+    smallest two or more; if the least is 0 to ``max(tol, sqrt(eps)) ||A||`` (the null space
+    of a PSD curvature, a GGN with more parameters than outputs, whose copies one start
+    vector sees once), it is searched likewise (``lanczos(G, 4, "SA")`` returned one 0 and
+    the next three values, all verified).
     """
+    gap = max(tol, float(torch.finfo(dtype).eps) ** 0.5) * anorm
+    zero = smallest and float(vals.abs().min()) <= gap
     if locked is not None:
         if bool(((vals.detach().cpu().to(locked) - locked).abs() <= tol * anorm).all()):
             return "done"
-    elif not (broke or zero) and not clusters(
-        vals, max(tol, float(torch.finfo(dtype).eps) ** 0.5) * anorm
-    ):
+    elif not (broke or zero) and not clusters(vals, gap):
         return "done"
     if not room and broke and locked is None:
         return (

@@ -150,14 +150,12 @@ class _EigenInverse(TorchLinearOperator):
             eye_a = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
             eye_g = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
             if g_mean > 0:  # a separate bias block has A = [[1]]: its own pi
-                pib = math.sqrt(1.0 / g_mean)
-                dab, dgb = max(pib * math.sqrt(damping), 1e-8), max(math.sqrt(damping) / pib, 1e-8)
+                dab, dgb = _split_damping(1.0 / g_mean, damping)
                 inv_b = _spd_inverse(G + dgb * eye_g) / (1 + dab)
             else:
                 inv_b = eye_g / damping
             if a_mean > 0 and g_mean > 0:
-                pi = math.sqrt(a_mean / g_mean)
-                da, dg = max(pi * math.sqrt(damping), 1e-8), max(math.sqrt(damping) / pi, 1e-8)
+                da, dg = _split_damping(a_mean / g_mean, damping)
                 inv[k] = (_spd_inverse(A + da * eye_a), _spd_inverse(G + dg * eye_g), inv_b)
             else:  # a zero factor: the block is zero, and (0 + lambda I)^{-1} = I / lambda
                 inv[k] = (eye_a, eye_g / damping, inv_b)
@@ -169,6 +167,12 @@ class _EigenInverse(TorchLinearOperator):
 
     def _matmat_torch(self, X: Tensor) -> Tensor:
         return self._apply_blocks(X)
+
+
+def _split_damping(pi2: float, damping: float) -> tuple[float, float]:
+    r"""Return :math:`(\pi\sqrt\lambda, \sqrt\lambda/\pi)` for :math:`\pi^2` = ``pi2``, each >= 1e-8."""
+    pi, root = math.sqrt(pi2), math.sqrt(damping)
+    return max(pi * root, 1e-8), max(root / pi, 1e-8)
 
 
 def _spd_inverse(M: Tensor) -> Tensor:

@@ -530,12 +530,11 @@ class _Check:
         if k == n:  # the whole space: nothing can be missing
             return self.result(Y, Sw, vals, res, True)
         room = k + 1 <= min(st.ncv - st.b, n - st.b)
-        gap = max(self.tol, float(torch.finfo(dt).eps) ** 0.5) * st.anorm
-        # only where copies can change the answer: two or more smallest values wanted ("BE"
-        # would give a search round's extra value to its top end)
-        zero = self.which == "SA" and k >= 2 and float(vals.abs().min()) <= gap
+        # a null space is searched only where copies can change the answer: two or more
+        # smallest values wanted ("BE" would give a search round's extra value to its top end)
+        smallest = self.which == "SA" and k >= 2
         todo = kr.completeness(
-            vals, self.locked, self.tol, st.anorm, dt, self.rounds, k, room, st.broke, zero
+            vals, self.locked, self.tol, st.anorm, dt, self.rounds, k, room, st.broke, smallest
         )
         if todo == "done":
             return self.result(Y, Sw, vals, res, True)
