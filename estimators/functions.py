@@ -206,8 +206,8 @@ def _slack(name: str, theta: torch.Tensor, m: int, eps: float) -> float:
 
 
 def _warn_unconverged(
-    v: torch.Tensor, earlier: torch.Tensor, cuts: tuple[int, int], m: int, stderr: float,
-    name: str | None, nodes: torch.Tensor, fn: Callable, eps_n: float,
+    means: tuple[float, float, float], cuts: tuple[int, int], m: int, stderr: float,
+    rounding: float, name: str | None,
 ) -> None:  # fmt: skip
     r"""Warn when the quadrature error of the mean estimate may exceed 3 standard errors.
 
@@ -215,16 +215,12 @@ def _warn_unconverged(
     and :math:`m` steps (the same probes, no products): with :math:`d_1 = g_b - g_a` and
     :math:`d_2 = g_m - g_b`, a geometric convergence leaves about :math:`d_2^2 / |d_1 - d_2|`
     after :math:`m` steps (Aitken's extrapolation); where the steps do not contract
-    (:math:`|d_2| \ge |d_1|`), :math:`|d_2|`. Rounding (``16 m eps n max|f|``) is allowed
-    for: a diagonal operator's probes all give one value, and its standard error is 0.
+    (:math:`|d_2| \ge |d_1|`), :math:`|d_2|`. ``rounding`` (``16 m eps n max|f|``) is
+    allowed for: a diagonal operator's probes all give one value, its standard error 0.
     """
-    ga, gb = (float(x) for x in earlier.mean(dim=0))
-    gm = float(v.mean())
+    ga, gb, gm = means
     d1, d2 = gb - ga, gm - gb
     error = abs(d2) if abs(d2) >= abs(d1) else d2 * d2 / abs(d1 - d2)
-    values = fn(nodes)
-    values = values[torch.isfinite(values)].abs()
-    rounding = 16 * m * eps_n * (float(values.max()) if values.numel() else 0.0)
     if not (math.isfinite(stderr) and error > 3 * stderr + rounding):
         return
     sigmas = f" ({error / stderr:.0f} standard errors)" if stderr > 0 else ""
@@ -380,17 +376,11 @@ def trace_function(
         )
     stderr = _stderr(v, math.sqrt(n) * V0.cpu().double(), BZ)
     mean = lambda x: float(torch.tensor(x, dtype=torch.float64).mean())  # noqa: E731
-    _warn_unconverged(
-        v,
-        torch.tensor(earlier, dtype=torch.float64),
-        cuts,
-        m,
-        stderr,
-        name,
-        nodes,
-        fn,
-        _eps(op) * n,
-    )
+    ga, gb = (float(g) for g in torch.tensor(earlier, dtype=torch.float64).mean(dim=0))
+    values = fn(nodes)
+    values = values[torch.isfinite(values)].abs()
+    rounding = 16 * m * _eps(op) * n * (float(values.max()) if values.numel() else 0.0)
+    _warn_unconverged((ga, gb, float(v.mean())), cuts, m, stderr, rounding, name)
     return SLQEstimate(
         float(v.mean()), stderr, N * m + probes, nodes, weights, mean(lows), mean(ups)
     )
