@@ -11,7 +11,10 @@ seeded initialisation, float64, cross-entropy; 1,600 training digits, 256 with `
   same sampled labels), with one vector and with 32 (reported per vector), and the largest
   relative difference of the two libraries' products.
 * **KFAC / EKFAC** (type-2): construction of the factors (and EKFAC's eigenvalue correction)
-  and products, against curvlinops' ``KFACLinearOperator`` / ``EKFACLinearOperator``.
+  and products, against curvlinops' ``KFACLinearOperator`` / ``EKFACLinearOperator``; their
+  matrix products alone (the floor); the products' flops against this CPU's ``torch.mm``
+  speed (what no implementation can beat); and one product right after an empirical-Fisher
+  product (cold caches).
 * **Solves** of :math:`(G + \\lambda I) x = b` for the GGN at :math:`\\lambda = 10^{-4}
   \\lambda_{\\max}(G)` and one right-hand side, to a relative residual of 1e-8:
   ``linops.inverse`` with CG, with CG and the randomized Nystrom preconditioner (its sketch
@@ -26,7 +29,8 @@ seeded initialisation, float64, cross-entropy; 1,600 training digits, 256 with `
   once: linops' block CG, one CG per column (``block=False``), block CG with Nystrom.
 
 All candidates of a section are timed in the same run, interleaved: every round calls each
-candidate (20 times in a row for the KFAC / EKFAC products, once otherwise) in an order
+candidate (400 times in a row for the KFAC / EKFAC single-vector products, 50 for their
+blocks of 32, once otherwise) in an order
 shuffled afresh (seeded); medians over rounds are kept, of the wall time and of this
 process's CPU time. The run uses one torch thread (``--threads``), so its CPU time leaves
 out the time it waited for a core on a shared machine; the tables report CPU time and the
@@ -188,12 +192,70 @@ def products(model: nn.Module, X: torch.Tensor, y: torch.Tensor, rounds: int) ->
             "curvlinops_ekfac_1": lambda: ce @ v,
             "curvlinops_ekfac_32": lambda: ce @ V,
         }
-    reps = {k: 1 if k.endswith("_build") or "_ef_" in k or "_fmc_" in k else 20 for k in cands}
+    # the KFAC / EKFAC products and their floors: enough calls in a row for a window of tens
+    # of ms (the first call after another candidate runs on cold caches: see cold_calls)
+    reps = {
+        k: 1 if k.endswith("_build") or "_ef_" in k or "_fmc_" in k else 400 if k.endswith("_1")
+        else 50
+        for k in cands
+    }  # fmt: skip
     t, c = interleaved(cands, rounds, reps=reps)
     for k in t:
         per = K if k.endswith("_32") else 1
         row[f"seconds_{k}"], row[f"seconds_cpu_{k}"] = t[k] / per, c[k] / per
+    singles = [k for k in cands if k.endswith(("kfac_1", "ekfac_1")) and "floor" not in k]
+    cold = cold_calls({k: cands[k] for k in singles}, lambda: ef @ V, rounds * 5)
+    row |= {f"seconds_cpu_cold_{k}": v for k, v in cold.items()}
+    row |= kronecker_flops(kfac)
+    row["gflops_peak_dgemm"] = peak_gflops(kfac.torch_dtype)
     return row
+
+
+def cold_calls(
+    cands: dict[str, Callable[[], Any]], evict: Callable[[], Any], samples: int, seed: int = 1
+) -> dict[str, float]:
+    """Median CPU seconds of one call made right after ``evict()`` (another operator's product).
+
+    What a product costs where it alternates with other work, as a preconditioner does with
+    the operator it preconditions: its code and operands are no longer in the caches.
+    """
+    rng = random.Random(seed)
+    cpu: dict[str, list[float]] = {k: [] for k in cands}
+    for _ in range(samples):
+        order = list(cands)
+        rng.shuffle(order)
+        for name in order:
+            evict()
+            c0 = time.process_time()
+            cands[name]()
+            cpu[name].append(time.process_time() - c0)
+    return {k: statistics.median(v) for k, v in cpu.items()}
+
+
+def kronecker_flops(kfac: KFACOperator) -> dict[str, int]:
+    r"""Floating-point operations of a KFAC and an EKFAC product with one vector.
+
+    Per layer :math:`G W A` (``2 (o^2 i + o i^2)``) and :math:`G b` (``2 o^2``); EKFAC twice
+    that (a rotation into the eigenbasis and one back; the scaling is negligible).
+    """
+    n = 0
+    for s in kfac._slots():
+        n += 2 * (s.rows**2 * s.cols + s.rows * s.cols**2) if s.w is not None else 0
+        n += 2 * (s.b.stop - s.b.start) ** 2 if s.b is not None else 0
+    return {"flops_kfac_1": n, "flops_ekfac_1": 2 * n}
+
+
+def peak_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
+    """This CPU's matrix-product speed: GFLOP/s of ``torch.mm`` on ``n x n`` (best of ``reps``)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    torch.mm(a, b, out=out)
+    best = float("inf")
+    for _ in range(reps):
+        c0 = time.process_time()
+        torch.mm(a, b, out=out)
+        best = min(best, time.process_time() - c0)
+    return 2 * n**3 / best / 1e9
 
 
 def _kfac_floor(kfac: KFACOperator) -> dict[str, Callable[[], Any]]:
@@ -432,6 +494,36 @@ def markdown(prod: dict, sol: dict, meta: dict) -> str:
             f"{prod.get('seconds_cpu_curvlinops_ekfac_32', nan) / prod['seconds_cpu_floor_ekfac_32']:.2f}, "
             f"linops / floor "
             f"{prod['seconds_cpu_linops_ekfac_32'] / prod['seconds_cpu_floor_ekfac_32']:.2f}.",
+        ]
+    if "gflops_peak_dgemm" in prod:
+        peak = prod["gflops_peak_dgemm"] * 1e9
+        bound = []
+        for op in ("kfac", "ekfac"):
+            t_peak = prod[f"flops_{op}_1"] / peak
+            c32 = prod.get(f"seconds_cpu_curvlinops_{op}_32", nan)
+            bound.append(
+                f"{op.upper()} {1e3 * t_peak:.3f} ms per vector, curvlinops' block of 32 "
+                f"{c32 / t_peak:.2f}x that, linops' "
+                f"{prod[f'seconds_cpu_linops_{op}_32'] / t_peak:.2f}x"
+            )
+        cold = [
+            f"{op.upper()} linops {1e3 * prod[f'seconds_cpu_cold_linops_{op}_1']:.3f} ms, "
+            f"curvlinops {1e3 * prod.get(f'seconds_cpu_cold_curvlinops_{op}_1', nan):.3f} ms "
+            f"(x {prod.get(f'seconds_cpu_cold_curvlinops_{op}_1', nan) / prod[f'seconds_cpu_cold_linops_{op}_1']:.2f})"
+            for op in ("kfac", "ekfac")
+        ]
+        lines += [
+            "",
+            f"Bound from this CPU's matrix-product speed ({prod['gflops_peak_dgemm']:.1f} GFLOP/s, "
+            "``torch.mm`` of 1024 x 1024): the products' flops at that speed take "
+            + "; ".join(bound)
+            + ". A block product 2x faster than curvlinops' needs curvlinops at 2x or more "
+            "of this bound.",
+            "",
+            "One product right after an empirical-Fisher product of 32 vectors (cold caches, "
+            "as a preconditioner alternating with its operator runs; medians, CPU): "
+            + "; ".join(cold)
+            + ".",
         ]
     lines += [
         "",
