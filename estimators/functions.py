@@ -30,6 +30,7 @@ References
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -179,6 +180,27 @@ def _rules(
     return theta, tau, gauss, float((Sr[0] ** 2 * f(th.clamp(min=a))).sum())
 
 
+def _below_lower(theta: torch.Tensor, a: float, m: int, eps: float) -> bool:
+    r"""Whether a Gauss node lies below ``a`` beyond rounding: ``a`` is then no lower bound.
+
+    The nodes lie in the spectrum of :math:`A + \lambda I` (to ``m eps ||A||``); one below
+    ``a`` proves that the spectrum reaches below it (an indefinite ``A`` made positive
+    definite by the damping, whose default ``a`` is the damping). The converse does not
+    hold: a few steps may not reach the low end.
+    """
+    return float(theta.min()) < a - 16 * m * eps * float(theta.abs().max())
+
+
+def _lower_message(theta_min: float, a: float, explicit: bool) -> str:
+    where = "spectrum_lower" if explicit else "spectrum_lower (default: damping, i.e. A PSD)"
+    return (
+        f"{where}: expected a lower bound on the spectrum of A + damping I, got {a:g}, but "
+        f"a Gauss node lies at {theta_min:.6g}, below it (A is indefinite or the bound is "
+        "wrong), so the Gauss-Radau bounds would not hold; pass spectrum_lower=a true lower "
+        "bound (damping + the smallest eigenvalue of A, e.g. from linops.lanczos(A, 1, 'SA'))"
+    )
+
+
 def _function(f: Any) -> tuple[Callable, str | None]:
     if isinstance(f, str):
         kr.check_which(f, tuple(_FUNCTIONS), "f")
@@ -288,7 +310,9 @@ def trace_function(
         ``min(30, n)``); :math:`Nm` products.
     spectrum_lower
         A lower bound :math:`a` on the spectrum of :math:`A + \lambda I` for the
-        Gauss-Radau bounds (default: ``damping`` when positive, i.e. ``A`` assumed PSD).
+        Gauss-Radau bounds (default: ``damping`` when positive, i.e. ``A`` assumed PSD). A
+        Gauss node below it proves it wrong: ``ValueError`` for a given ``spectrum_lower``;
+        for the default, ``lower`` and ``upper`` are ``nan``, with a ``RuntimeWarning``.
     seed
         Seed of the probes.
     memory_budget
@@ -339,6 +363,7 @@ def trace_function(
     weights = torch.zeros(N, m, dtype=torch.float64)
     BZ = torch.zeros(n, N, dtype=torch.float64)  # f(A) z_l from the same quadrature
     vals, earlier, lows, ups = [], [], [], []
+    below = math.inf  # the smallest Gauss node below the default lower end (the damping)
     cuts = (max(1, m // 2), max(1, (3 * m) // 4))
     for first in range(0, N, group):
         alpha, beta, steps, V = _lanczos(op, V0[:, first : first + group], m)
@@ -350,13 +375,20 @@ def trace_function(
             S0 = torch.linalg.eigh(_tridiag(alpha[j], beta[j], k))[1]
             BZ[:, i] = math.sqrt(n) * (V[:k, :, j].T.cpu().double() @ (S0 @ (fn(th) * S0[0])))
             lo, up = _bounds(name, g, r)
-            if name is not None and math.isfinite(r):
+            if name is not None and a is not None and _below_lower(th, a, m, _eps(op)):
+                if spectrum_lower is not None:
+                    raise ValueError(_lower_message(float(th.min()), a, True))
+                below = min(below, float(th.min()))
+                lo = up = math.nan
+            if name is not None and math.isfinite(r) and math.isfinite(lo):
                 slack = _slack(name, th, m, _eps(op))
                 lo, up = lo - slack, up + slack
             vals.append(n * g)
-            # the Gauss rules of m/2 and 3m/4 steps (exact after an invariant subspace, k < m)
+            # the Gauss rules of m/2 and 3m/4 steps (exact after an invariant subspace, k < m,
+            # or once the steps span the whole space, k = n)
+            exact = k < m or k >= n
             earlier.append(
-                [n * (g if k < m else _rules(alpha[j], beta[j], s, fn, None)[2]) for s in cuts]
+                [n * (g if exact else _rules(alpha[j], beta[j], s, fn, None)[2]) for s in cuts]
             )
             lows.append(n * lo)
             ups.append(n * up)
@@ -381,6 +413,13 @@ def trace_function(
     values = values[torch.isfinite(values)].abs()
     rounding = 16 * m * _eps(op) * n * (float(values.max()) if values.numel() else 0.0)
     _warn_unconverged((ga, gb, float(v.mean())), cuts, m, stderr, rounding, name)
+    if math.isfinite(below):
+        warnings.warn(
+            _lower_message(below, float(a), False) + "; lower and upper are nan (the "
+            "estimate itself stands)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return SLQEstimate(
         float(v.mean()), stderr, N * m + probes, nodes, weights, mean(lows), mean(ups)
     )
@@ -422,7 +461,7 @@ def quadratic_form_bounds(
     f: str = "inverse",
     *,
     damping: float = 0.0,
-    num_steps: int = 20,
+    num_steps: int | None = None,
     spectrum_lower: float | None = None,
 ) -> QuadratureBounds:
     r"""Certified bounds on :math:`b^\top f(A + \lambda I)\, b` for each column of ``b``.
@@ -431,7 +470,10 @@ def quadratic_form_bounds(
     (an influence score, a Laplace predictive variance); ``f = "log"``: Radau(:math:`a`)
     :math:`\le b^\top \log(A + \lambda I) b \le` Gauss (module docstring). :math:`a`
     (``spectrum_lower``, default ``damping``) must be a positive lower bound on the spectrum
-    of :math:`A + \lambda I`; the bounds hold for any ``num_steps`` and tighten with it.
+    of :math:`A + \lambda I` (with the default, ``A`` must be PSD; a Gauss node below
+    :math:`a` proves it is not, and is refused, but a node above it proves nothing); the
+    bounds hold for any ``num_steps`` (default ``min(20, n)``) and tighten with it until
+    their rounding allowance dominates (spectra over many decades, many steps).
     Each is widened by its rounding, :math:`16 m \epsilon \|b\|^2 (\max|f(\theta)| +
     \max|\theta| \max|f'(\theta)|)` over the Gauss nodes :math:`\theta`.
 
@@ -443,8 +485,8 @@ def quadratic_form_bounds(
     Raises
     ------
     ValueError
-        For a missing or non-positive lower spectrum bound, a non-square or non-symmetric
-        operator, or a zero column of ``b``.
+        For a missing or non-positive lower spectrum bound or one above a Gauss node, a
+        non-square or non-symmetric operator, or a zero column of ``b``.
 
     Examples
     --------
@@ -461,13 +503,14 @@ def quadratic_form_bounds(
     if name is None:
         raise ValueError(f"f: expected 'inverse' or 'log', got {f!r}")
     a = spectrum_lower if spectrum_lower is not None else damping
-    if not (isinstance(a, int | float) and a > 0):
+    if not (isinstance(a, numbers.Real) and not isinstance(a, bool) and a > 0):
         raise ValueError(
             "spectrum_lower: expected a positive lower bound on the spectrum of A + damping I "
             f"(default: damping), got {a!r}"
         )
+    a = float(a)
     n = op.shape[0]
-    m = kr.check_int(num_steps, "num_steps", 1, n)
+    m = min(20, n) if num_steps is None else kr.check_int(num_steps, "num_steps", 1, n)
     B = torch.as_tensor(b, dtype=op.torch_dtype, device=op.device)
     if B.ndim not in (1, 2) or B.shape[0] != n:
         raise ValueError(f"b: expected shape ({n},) or ({n}, k), got {tuple(B.shape)}")
@@ -477,7 +520,10 @@ def quadratic_form_bounds(
         raise ValueError("b: expected nonzero columns, got a zero column")
     used = kr.check_symmetric(op)
     alpha, beta, steps, _ = _lanczos(op, B / norms, m)
-    rows = [_rules(alpha[i], beta[i], int(steps[i]), fn, float(a)) for i in range(B.shape[1])]
+    rows = [_rules(alpha[i], beta[i], int(steps[i]), fn, a) for i in range(B.shape[1])]
+    for th, *_ in rows:
+        if _below_lower(th, a, m, _eps(op)):
+            raise ValueError(_lower_message(float(th.min()), a, spectrum_lower is not None))
     scale = norms.double().cpu() ** 2
     gauss = torch.tensor([r[2] for r in rows], dtype=torch.float64) * scale
     radau = torch.tensor([r[3] for r in rows], dtype=torch.float64) * scale
@@ -490,7 +536,7 @@ def logdet_bounds(
     A: OperatorLike,
     *,
     damping: float = 0.0,
-    num_steps: int = 10,
+    num_steps: int | None = None,
     spectrum_lower: float | None = None,
     block: int = 64,
 ) -> QuadratureBounds:
@@ -499,8 +545,9 @@ def logdet_bounds(
     :math:`\log\det(A + \lambda I) = \sum_i e_i^\top \log(A + \lambda I) e_i`, each term
     bracketed by Gauss-Radau / Gauss (:func:`quadratic_form_bounds`).
 
-    Costs ``n * num_steps`` products (in blocks of ``block`` basis vectors): a certificate
-    for moderate ``n``, next to the cheap :func:`logdet` estimate.
+    Costs ``n * num_steps`` products (``num_steps`` default ``min(10, n)``; in blocks of
+    ``block`` basis vectors): a certificate for moderate ``n``, next to the cheap
+    :func:`logdet` estimate.
 
     Examples
     --------
@@ -513,6 +560,7 @@ def logdet_bounds(
     op = aslinearoperator(A)
     n = op.shape[0]
     kr.check_int(block, "block", 1)
+    num_steps = min(10, n) if num_steps is None else num_steps
     lo = up = ga = ra = 0.0
     used = 0
     for start in range(0, n, block):

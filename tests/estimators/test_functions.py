@@ -255,3 +255,64 @@ def test_no_convergence_warning_where_the_quadrature_is_exact() -> None:
     # at 20 steps the condition-10 inverse is 3.9e-11 off with a zero standard error: said so
     with pytest.warns(RuntimeWarning, match="its error is about"):
         trace_function(A, "inverse", num_probes=10, num_steps=20, seed=0)
+
+
+def test_no_convergence_warning_once_the_steps_span_the_space() -> None:
+    """With ``num_steps = n`` the Gauss rule is exact; the m/2-to-m drift warned of an error
+    of 8.7 (15 standard errors) at n = 2 and of 2.8e13 standard errors on a diagonal 3 x 3."""
+    for n in (2, 3, 8):
+        A = _sym(n, torch.logspace(-2, 2, n, dtype=F64))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            est = logdet(A, num_probes=30, seed=0)
+        assert math.isfinite(est.estimate) and est.num_matvecs >= 30 * n
+    A = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=F64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = logdet(A, num_probes=5, seed=0)
+    assert abs(est.estimate - math.log(8.0)) < 1e-12
+
+
+def _indefinite() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    eigs = torch.cat([torch.tensor([-0.5]), torch.linspace(0.1, 10, 49)]).double()
+    b = torch.randn(50, generator=torch.Generator().manual_seed(2), dtype=F64)
+    return _sym(50, eigs), eigs, b
+
+
+def test_bounds_refuse_a_lower_end_above_a_gauss_node() -> None:
+    """An indefinite A made positive definite by the damping (a damped Hessian): the default
+    lower end a = damping is no lower bound, and the 'certified' bounds crossed and missed the
+    exact value ([16.2500, 15.0405] around 16.2514; log-determinant [80.149, 79.980] around
+    79.919). Refused now when a Gauss node lies below a; with a true a they hold."""
+    A, eigs, b = _indefinite()
+    lam = 1.0
+    with pytest.raises(ValueError, match="a Gauss node lies at"):
+        quadratic_form_bounds(A, b, "inverse", damping=lam, num_steps=10)
+    with pytest.raises(ValueError, match="a Gauss node lies at"):
+        logdet_bounds(A, damping=lam, num_steps=5)
+    with pytest.raises(ValueError, match="spectrum_lower: expected a lower bound"):
+        logdet(A, damping=lam, num_probes=5, num_steps=10, spectrum_lower=0.8, seed=0)
+    with pytest.warns(RuntimeWarning, match="lower and upper are nan"):
+        est = logdet(A, damping=lam, num_probes=10, num_steps=10, seed=0)
+    assert math.isnan(est.lower) and math.isnan(est.upper) and math.isfinite(est.estimate)
+    a = float(eigs.min()) + lam  # a true lower bound: the bounds hold
+    M = A + lam * torch.eye(50, dtype=F64)
+    for m in (5, 10, 20):
+        bd = quadratic_form_bounds(A, b, "inverse", damping=lam, num_steps=m, spectrum_lower=a)
+        exact = float(b @ torch.linalg.solve(M, b))
+        assert float(bd.lower[0]) <= exact <= float(bd.upper[0])
+    bd = logdet_bounds(A, damping=lam, num_steps=5, spectrum_lower=np.float32(a))
+    assert bd.lower <= float(torch.log(eigs + lam).sum()) <= bd.upper
+
+
+def test_bounds_default_steps_fit_small_operators() -> None:
+    """The defaults (20 and 10 steps) were refused for n < 20 and n < 10, 1 x 1 included."""
+    for n in (1, 2, 5):
+        eigs = torch.linspace(1, 3, n, dtype=F64)
+        A = _sym(n, eigs)
+        b = torch.ones(n, dtype=F64)
+        bd = quadratic_form_bounds(A, b, "inverse", spectrum_lower=1.0)
+        exact = float(b @ torch.linalg.solve(A, b))
+        assert float(bd.lower[0]) <= exact <= float(bd.upper[0])
+        bd = logdet_bounds(A, spectrum_lower=1.0)
+        assert bd.lower <= float(torch.log(eigs).sum()) <= bd.upper
