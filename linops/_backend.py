@@ -53,6 +53,12 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
     try:
         return np.dtype(_TORCH_TO_NUMPY[dtype])
     except KeyError:
+        if dtype in (torch.bfloat16, torch.float16):
+            raise TypeError(
+                f"expected float32 or float64 (or complex64/128), got {dtype}: half-precision "
+                "operators are not supported (8 or 11 significant bits: too few for Krylov "
+                "methods); convert the model with .float() or pass dtype=torch.float32"
+            ) from None
         raise TypeError(f"expected a floating or complex torch dtype, got {dtype}") from None
 
 

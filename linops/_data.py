@@ -36,8 +36,34 @@ _STATEFUL_IN_TRAINING = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, n
 
 
 def check_model_mode(model: nn.Module, *, allow_train_mode: bool) -> None:
-    """Refuse a model in training mode whose forward pass is random or updates statistics."""
-    if allow_train_mode or not model.training:
+    """Refuse a model in training mode whose forward pass is random or updates statistics.
+
+    Also, whatever the mode: a BatchNorm without running statistics (it normalises by each
+    batch's statistics in eval mode too, so the loss is no sum over samples and the operator
+    would depend on how the data are split into batches; ``allow_train_mode=True`` lets it
+    pass, right for data given as one batch), and embeddings whose backward pass is not the
+    derivative of their forward pass (:func:`check_model_layers`).
+    """
+    check_model_layers(model)
+    if allow_train_mode:
+        return
+    batch_stats = sorted(
+        {
+            f"{name} ({type(m).__name__})"
+            for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and not m.training
+            and (not m.track_running_stats or m.running_mean is None)
+        }
+    )
+    if batch_stats:
+        raise ValueError(
+            f"model: {batch_stats} normalise by each batch's own statistics even in eval mode "
+            "(track_running_stats=False), so the loss is not a sum over samples and the "
+            "operator would depend on how the data are split into batches; give the data as "
+            "one batch and pass allow_train_mode=True, or use running statistics"
+        )
+    if not model.training:
         return
     culprits = [
         type(m).__name__
@@ -50,6 +76,33 @@ def check_model_mode(model: nn.Module, *, allow_train_mode: bool) -> None:
             "is random or updates running statistics, so the operator would not be a fixed "
             "matrix; call model.eval() first, or pass allow_train_mode=True to skip this check"
         )
+
+
+def check_model_layers(model: nn.Module) -> None:
+    """Refuse layers whose backward pass is not the derivative of their forward pass.
+
+    ``nn.Embedding`` / ``nn.EmbeddingBag`` with ``scale_grad_by_freq=True`` divide each row's
+    gradient by its count in the batch (not a derivative: a Hessian 37% off and not
+    symmetric); ``nn.Embedding`` with ``max_norm`` renormalises the looked-up rows of the
+    weight in place at every forward pass (the user's weights change, and the products are
+    not those of the model at its weights), as ``nn.EmbeddingBag`` with it already was.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.scale_grad_by_freq:
+            raise ValueError(
+                f"model: {name} ({type(m).__name__}) has scale_grad_by_freq=True, which divides "
+                "each row's gradient by its count in the batch: its backward pass is not the "
+                "derivative of its forward pass, and no Hessian, GGN or J^T product would be "
+                f"right; set model.{name}.scale_grad_by_freq = False for the operator (the "
+                "forward pass is the same)"
+            )
+        if isinstance(m, nn.Embedding) and m.max_norm is not None:
+            raise ValueError(
+                f"model: {name} (Embedding) has max_norm={m.max_norm}, which renormalises the "
+                "looked-up rows of its weight in place at every forward pass, so the products "
+                "would not be those of the model at its weights (and would change them); "
+                "rescale the weight once outside the model and set max_norm=None"
+            )
 
 
 _RANDOM_SAMPLERS = (

@@ -118,6 +118,14 @@ class ModelOperator(TorchLinearOperator):
         self.process_group = process_group
         self._num_samples: int | None = None
         space = ParamSpace(model, params, output=output)
+        complex_params = [n for n, v in space.values().items() if v.is_complex()]
+        if complex_params:
+            raise ValueError(
+                f"params: expected real parameters, got complex ones ({complex_params[:3]}): "
+                "a loss of complex parameters is not holomorphic, so its derivatives are "
+                "those of the real and imaginary parts; pass them as real tensors (e.g. "
+                "torch.view_as_real) and rebuild the complex values inside forward()"
+            )
         dtype = check_dtype(dtype) if dtype is not None else space.dtype
         device = check_device(device) if device is not None else space.device
         _check_finite_model(space)

@@ -110,8 +110,15 @@ def loss_reduction(loss_fn: Any, reduction: Any, *, several_batches: bool) -> Re
         kind = reduction
     if kind is None:
         if several_batches:
+            declared = getattr(loss_fn, "reduction", None)
             raise ValueError(
-                f"reduction: loss_fn {_name(loss_fn)} is a plain function, so how it reduces "
+                f"reduction: loss_fn {_name(loss_fn)} is not one of torch's losses"
+                + (
+                    f" (its own reduction={declared!r} does not say over what it averages)"
+                    if isinstance(declared, str)
+                    else ""
+                )
+                + ", so how it reduces "
                 "over a dataset of several batches is unknown; pass reduction='mean' (a mean "
                 "over samples), reduction='sum', or a callable (outputs, targets) -> the "
                 "batch's normaliser (e.g. its number of non-ignored targets)"
@@ -154,8 +161,9 @@ def _describe(loss_fn: object) -> tuple[str | None, str | None, dict[str, Any]]:
         func, kw = loss_fn.func, dict(loss_fn.keywords)
     family = _FUNCTIONALS.get(func)
     if family is None:
-        kind = getattr(loss_fn, "reduction", None)  # a user's loss object declaring it
-        return None, kind if kind in ("mean", "sum", "none", "batchmean") else None, {}
+        # a user's loss object's own `reduction` attribute is not read: its "mean" may be over
+        # samples, elements or valid entries (a masked MSE's weighted batches 40% off)
+        return None, None, {}
     options = (
         {"weight": kw.get("weight"), "ignore_index": kw.get("ignore_index", -100)}
         if family == "cross_entropy"
