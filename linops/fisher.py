@@ -102,11 +102,7 @@ class _OutputFactorOperator(_LossOperator):
 
     def _normaliser(self, out: Tensor, model_shape: torch.Size, y: Tensor | None) -> float:
         """:math:`W_b` of a mean reduction (1 for a sum): batch loss = per-sample sum / W_b."""
-        reduction = self._reduce()
-        if reduction.kind == "sum":
-            return 1.0
-        normaliser: Any = reduction.normaliser
-        return float(normaliser(out.reshape(out.shape[0], *model_shape), y))
+        return self._batch_normaliser(out.reshape(out.shape[0], *model_shape), y)
 
     def _build_graph(self, x: Tensor, y: Tensor | None) -> Any:
         outputs = self._route_graph(
@@ -338,7 +334,8 @@ class FisherOperator(_OutputFactorOperator):
                 "language model) and (N T,) targets (a dict batch's labels flattened too, "
                 "shifted as the model's loss shifts them)"
             )
-        scale = 1.0 / self._normaliser(out, model_shape, y)
+        W = self._normaliser(out, model_shape, y)
+        scale = 1.0 / W if W else 0.0  # W = 0: every target ignored, the batch's weight is 0
         kept = _kept_samples(self.loss_fn, y)
         mask = None if kept is None else kept.to(out.dtype)[:, None]  # ignored: a zero block
         if self.mc_samples is None:

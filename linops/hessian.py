@@ -17,6 +17,7 @@ The output Hessian is the laziness numerator of section 3.2 of "Leveraging Low R
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ from linops._chain import ChainGradientGraph, ChainOutputGraph
 from linops._checks import check_loss_fn, check_output_index
 from linops._loss import OutputLoss
 from linops._model import ModelOperator, forward_checked, tensor_in
-from linops._reduction import Reduction, check_reduction, loss_reduction
+from linops._reduction import Reduction, _describe, check_reduction, loss_reduction
 from linops._types import Data, OutputSelector, Params, ProcessGroup
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -110,6 +111,22 @@ class _LossOperator(ModelOperator):
                 self.loss_fn, self._reduction, several_batches=several
             )
         return self._loss_reduction
+
+    def _batch_normaliser(self, out: torch.Tensor, y: torch.Tensor | None) -> float:
+        r"""Return the batch loss's own :math:`W_b`: torch's loss is the per-sample sum over it.
+
+        The Fisher family's per-sample scale. A ``reduction=`` given for one of torch's losses
+        sets only how the batches are weighted (:meth:`_weights`), as for the GGN; taking
+        :math:`W_b` from it made the Fisher and KFAC of ``MSELoss()`` 3x the GGN with a
+        callable counting samples (``C = 3`` outputs). A plain function has only the given one.
+        """
+        own = self._reduce() if _describe(self.loss_fn)[0] is None else None
+        if own is None:
+            own = loss_reduction(self.loss_fn, None, several_batches=False)
+        if own.kind == "sum":
+            return 1.0
+        normaliser: Any = own.normaliser
+        return float(normaliser(out, y))
 
     def _weights(self) -> list[float]:
         r"""Weight of each batch's loss in the dataset loss: :math:`W_b / \sum_{b'} W_{b'}`.
@@ -200,8 +217,17 @@ def _loss_in(loss_fn: LossFn, dtype: torch.dtype, device: torch.device) -> LossF
 
 
 def _check_scalar_loss(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor | None) -> None:
+    """Call the loss on the first batch: a scalar, and no broadcast of targets to outputs.
+
+    torch's ``mse_loss``, ``l1_loss``, ``smooth_l1_loss`` and ``huber_loss`` only warn when
+    targets of another shape broadcast (outputs ``(N, 1)``, targets ``(N,)``: an ``N x N``
+    loss); its normaliser is then not the batch's, so the operator over several batches
+    matched neither the intended loss nor the broadcast one. Refused.
+    """
     try:
-        value = loss_fn(out, y)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = loss_fn(out, y)
     except TypeError as err:
         raise TypeError(
             f"loss_fn: expected a callable loss_fn(outputs, targets), calling it raised: {err}"
@@ -212,6 +238,15 @@ def _check_scalar_loss(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor | Non
             f"{tuple(y.shape) if y is not None else None} (dtype "
             f"{y.dtype if y is not None else None}): {str(err).splitlines()[0][:300]}"
         ) from None
+    for w in caught:
+        if "target size" in str(w.message) and "different to the input size" in str(w.message):
+            raise ValueError(
+                f"loss_fn: targets of shape {tuple(y.shape) if y is not None else None} "
+                f"broadcast against outputs of shape {tuple(out.shape)} (torch warned: "
+                f"{str(w.message).splitlines()[0][:200]}); give targets of the outputs' shape "
+                "(e.g. y[:, None] or y.reshape(outputs.shape))"
+            )
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not isinstance(value, torch.Tensor) or value.dim() != 0:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(

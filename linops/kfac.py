@@ -307,7 +307,6 @@ class KFACOperator(_LossOperator):
         and their gradients are zero).
         """
         gen = torch.Generator(device=self.device).manual_seed(self.seed)
-        reduction = self._reduce()
         for b, (w, (x, y)) in enumerate(zip(self._weights(), self.batches, strict=True)):
             kept = _kept_samples(self.loss_fn, y)
 
@@ -318,9 +317,9 @@ class KFACOperator(_LossOperator):
                         f"of shape {tuple(f.shape)} (fold the positions into the batch: "
                         "(N T, C) logits and (N T,) targets)"
                     )
-                normaliser: Any = reduction.normaliser
-                W_b = 1.0 if reduction.kind == "sum" else float(normaliser(f, y))
-                S = self._output_factor(f.detach(), y, gen) * math.sqrt(w / W_b)
+                W_b = self._batch_normaliser(f, y)
+                # W_b = 0: every target ignored, the batch adds nothing (its weight is 0 too)
+                S = self._output_factor(f.detach(), y, gen) * (math.sqrt(w / W_b) if W_b else 0.0)
                 return S if kept is None else S * kept.to(S.dtype)[:, None]
 
             def chained(chain: Chain, x: Any = x, scaled: Any = scaled) -> Any:

@@ -345,3 +345,67 @@ def test_exact_diagonal_through_non_reentrant_checkpointing() -> None:
     for cls in (FisherOperator, EmpiricalFisherOperator):
         op = cls(model, nn.CrossEntropyLoss(), [(X[:4], y[:4]), (X[4:], y[4:])])
         assert _rel(op.diagonal(max_samples=3), op.to_dense().diagonal()) < 1e-13
+
+
+def _dense(op: object) -> torch.Tensor:
+    return op @ torch.eye(op.shape[1], dtype=torch.float64)  # type: ignore[attr-defined,operator]
+
+
+@pytest.mark.parametrize("reduction", [lambda out, y: out.shape[0], "sum"])
+def test_a_given_reduction_weights_the_batches_only(reduction: object) -> None:
+    """reduction= for one of torch's losses sets how batches combine, not the per-sample
+    scale, which is the loss's own: with MSELoss() and a callable counting samples the
+    Fisher and KFAC were 3x the GGN (C = 3 outputs) and the EF a third of its reference."""
+    from linops import KFACOperator
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3).double()
+    X, y = torch.randn(9, 4, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64)
+    data = [(X[:4], y[:4]), (X[4:8], y[4:8]), (X[8:], y[8:])]
+    loss = nn.MSELoss()
+    G = _dense(GGNOperator(lin, loss, data, reduction=reduction))
+    F = _dense(FisherOperator(lin, loss, data, reduction=reduction))
+    torch.testing.assert_close(F, G, rtol=1e-12, atol=1e-14)
+    if callable(reduction):  # equal per-sample weights: one Linear, MSE, joint block = GGN
+        K = KFACOperator(lin, loss, data, reduction=reduction, separate_weight_and_bias=False)
+        torch.testing.assert_close(_dense(K), G, rtol=1e-12, atol=1e-14)
+    # the empirical Fisher: sum_b w_b sum_n g_n g_n^T / W_b, g_n the sample's gradient of
+    # torch's batch loss times W_b = N_b C, w_b the given weights
+    ws = [len(xb) for xb, _ in data] if callable(reduction) else [1.0, 1.0, 1.0]
+    total = sum(ws) if callable(reduction) else 1.0
+    ref = torch.zeros_like(G)
+    for (xb, yb), wb in zip(data, ws, strict=True):
+        for xn, yn in zip(xb, yb, strict=True):
+            lin.zero_grad()
+            nn.functional.mse_loss(lin(xn[None]), yn[None], reduction="sum").backward()
+            g = torch.cat([lin.weight.grad.reshape(-1), lin.bias.grad])
+            ref += (wb / total) * torch.outer(g, g) / (len(xb) * 3)
+    E = _dense(EmpiricalFisherOperator(lin, loss, data, reduction=reduction))
+    torch.testing.assert_close(E, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_a_batch_whose_targets_are_all_ignored() -> None:
+    """A batch of nothing but ignore_index targets (all padding) raised ZeroDivisionError in
+    the Fisher, its diagonal, KFAC and EKFAC; it adds nothing, as to the GGN."""
+    from linops import EKFACOperator, KFACOperator
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X = torch.randn(7, 4, dtype=torch.float64)
+    y = torch.tensor([-100, -100, -100, 2, 0, 2, 1])
+    data, kept = [(X[:3], y[:3]), (X[3:], y[3:])], [(X[3:], y[3:])]
+    loss = nn.CrossEntropyLoss()
+    torch.testing.assert_close(
+        _dense(GGNOperator(m, loss, data)), _dense(GGNOperator(m, loss, kept))
+    )
+    # the Monte-Carlo Fisher draws for the ignored batch too (other draws after it): finite
+    assert bool(torch.isfinite(_dense(FisherOperator(m, loss, data, mc_samples=2))).all())
+    for make in (
+        lambda d: FisherOperator(m, loss, d),
+        lambda d: KFACOperator(m, loss, d),
+        lambda d: EKFACOperator(m, loss, d),
+    ):
+        torch.testing.assert_close(_dense(make(data)), _dense(make(kept)), rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(
+        FisherOperator(m, loss, data).diagonal(), FisherOperator(m, loss, kept).diagonal()
+    )
