@@ -270,6 +270,10 @@ class InverseOperator(TorchLinearOperator):
                 "the Neumann series needs the (preconditioned) A + damping I positive "
                 "definite: use method='minres' for an indefinite A"
                 if self.method == "neumann"
+                else "A + damping I is singular with b outside its range, so no x reaches the "
+                "tolerance; use a damping > 0 (for a least-squares solution, "
+                "scipy.sparse.linalg.lsmr on the operator)"
+                if not self.damping and self.method == "lsmr"
                 else "A + damping I is singular with b outside its range: use a damping > 0 "
                 "or method='lsmr' for a least-squares solution"
                 if not self.damping
@@ -289,6 +293,13 @@ class InverseOperator(TorchLinearOperator):
                 f" after {its} iterations with {ok}/{len(res)} columns converged (largest "
                 f"relative residual {worst:.3g}, rtol={rtol:.3g}); raise maxiter or use a "
                 "preconditioner"
+                + (
+                    " (the Neumann series converges only for a positive definite A + damping "
+                    "I: a slightly indefinite or singular one makes it crawl or diverge slowly, "
+                    "which linops.lanczos(A, 1, 'SA') shows)"
+                    if self.method == "neumann"
+                    else ""
+                )
             )
         else:
             reach = 10.0 ** math.ceil(math.log10(2 * worst))

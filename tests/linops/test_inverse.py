@@ -35,6 +35,12 @@ def _rel(X: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(X - ref) / torch.linalg.matrix_norm(ref))
 
 
+def _sym_with(ev: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(len(ev), len(ev), generator=g, dtype=F64))
+    return (Q * ev) @ Q.T
+
+
 def _jacobi(A: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.diag(1.0 / (torch.diagonal(A) + lam))
 
@@ -287,3 +293,16 @@ def test_a_damping_below_float32_rounding_is_named_as_the_cause() -> None:
         err.value
     )
     assert "use a damping > 0" not in str(err.value)
+
+
+def test_lsmr_and_neumann_failures_name_the_real_cause() -> None:
+    """LSMR on a singular system with b outside the range was told to use method='lsmr';
+    Neumann crawling on a slightly indefinite matrix was only told to raise maxiter."""
+    d = torch.cat([torch.zeros(2), torch.linspace(1, 10, 28)]).double()
+    b = _rhs(30, 1)[:, 0]
+    with pytest.raises(InverseNoConvergence, match="diverged") as err:
+        inverse(_sym_with(d), method="lsmr", rtol=1e-10) @ b
+    assert "or method='lsmr'" not in str(err.value) and "b outside its range" in str(err.value)
+    A = torch.diag(torch.cat([torch.tensor([-1e-3]), torch.linspace(0.5, 2, 9)]).double())
+    with pytest.raises(InverseNoConvergence, match="converges only for a positive definite"):
+        inverse(A, method="neumann", rtol=1e-10, maxiter=300) @ torch.ones(10, dtype=torch.float64)
