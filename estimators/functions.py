@@ -64,7 +64,8 @@ class SLQEstimate(NamedTuple):
     Attributes
     ----------
     estimate, stderr
-        :math:`\frac nN\sum_l\sum_j\tau_{lj}f(\theta_{lj})` and its standard error over probes.
+        :math:`\frac nN\sum_l\sum_j\tau_{lj}f(\theta_{lj})` and its standard error over probes
+        (``nan`` with one probe: nothing to estimate it from).
     num_matvecs
         Products used (``num_probes * num_steps``, plus the 3 of the symmetry probe for an
         operator that does not declare ``is_symmetric``).

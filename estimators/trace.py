@@ -48,7 +48,10 @@ class TraceEstimate(NamedTuple):
 
 
 class DiagonalEstimate(NamedTuple):
-    """``(n,)`` ``estimate`` of the diagonal, per-entry ``stderr``, and ``num_matvecs``."""
+    """``(n,)`` ``estimate`` of the diagonal, per-entry ``stderr``, and ``num_matvecs``.
+
+    ``stderr`` is ``nan`` where it cannot be estimated (Hutchinson with one product).
+    """
 
     estimate: Array
     stderr: Array
