@@ -461,7 +461,9 @@ def test_plain_function_loss_over_several_batches_needs_its_reduction() -> None:
     model, X, y, loss = BY_NAME["plain-function-loss"].build()
     loader = DataLoader(TensorDataset(X, y), batch_size=4)
     H = linops.HessianOperator(model, loss, loader)
-    with pytest.raises(ValueError, match="reduction: loss_fn _plain_ce is not one of torch.s losses"):
+    with pytest.raises(
+        ValueError, match="reduction: loss_fn _plain_ce is not one of torch.s losses"
+    ):
         H @ torch.ones(H.shape[1], dtype=torch.float64)
     one_batch = linops.HessianOperator(model, loss, (X, y))  # one batch: no ambiguity
     one_batch @ torch.ones(H.shape[1], dtype=torch.float64)
