@@ -414,9 +414,9 @@ def trace_function(
     values = values[torch.isfinite(values)].abs()
     rounding = 16 * m * _eps(op) * n * (float(values.max()) if values.numel() else 0.0)
     _warn_unconverged((ga, gb, float(v.mean())), cuts, m, stderr, rounding, name)
-    if math.isfinite(below):
+    if math.isfinite(below) and a is not None:
         warnings.warn(
-            _lower_message(below, float(a), False) + "; lower and upper are nan (the "
+            _lower_message(below, a, False) + "; lower and upper are nan (the "
             "estimate itself stands)",
             RuntimeWarning,
             stacklevel=2,
