@@ -203,20 +203,12 @@ class InverseOperator(TorchLinearOperator):
         maxiter = self.maxiter if self.maxiter is not None else 10 * n
         X, R = torch.zeros_like(B), B.clone()
         res, aim = bnorm.clone(), tol.clone()
-        iterations, columns = 0, False
+        iterations = 0
         for _ in range(_ROUNDS):
             todo = torch.nonzero(res > tol).flatten()
             if todo.numel() == 0:
                 break
-            budget = maxiter - iterations
-            blockwise = not columns and self._blockwise(todo.numel())
-            # block CG gets half of what is left: nearly dependent right-hand sides can cost
-            # its blocks their conjugacy ([b, b + 1e-6 e] crawled to maxiter at 6e-9 relative
-            # where one CG per column converges in 113 steps); one CG per column goes on
-            # from where it stopped
-            D, its, ok = self._run(
-                apply, minv, R[:, todo], aim[todo], budget // 2 if blockwise else budget, blockwise
-            )
+            D, its, ok = self._run(apply, minv, R[:, todo], aim[todo], maxiter - iterations)
             iterations += its
             X[:, todo] += D
             R[:, todo] = B[:, todo] - apply(X[:, todo])
@@ -225,9 +217,6 @@ class InverseOperator(TorchLinearOperator):
             # a solver whose estimate is not the 2-norm (preconditioned MINRES) aims lower
             aim[todo] = torch.where(new > tol[todo], aim[todo] * 0.5 * tol[todo] / new, aim[todo])
             res[todo] = new
-            if blockwise and not ok:
-                columns = True
-                continue
             if not ok or bool(stalled.any()):
                 self._fail(X, res, tol, count[0], iterations, B.dtype, not ok, rtol, bnorm)
         else:
@@ -237,18 +226,13 @@ class InverseOperator(TorchLinearOperator):
         self.info = InverseResult(None, res, tol, count[0], iterations, True)
         return X
 
-    def _blockwise(self, k: int) -> bool:
-        """Whether ``k`` right-hand sides run block CG."""
-        return self.method == "cg" and bool(self.block or (self.block is None and k > 1))
-
     def _run(
-        self, apply: Apply, minv: Apply | None, R: torch.Tensor, tol: torch.Tensor, budget: int,
-        blockwise: bool,
-    ) -> Solved:  # fmt: skip
+        self, apply: Apply, minv: Apply | None, R: torch.Tensor, tol: torch.Tensor, budget: int
+    ) -> Solved:
         if self.method == "neumann":
             step: Any = self._step  # set by _prepare before the first solve
             return neumann_step(apply, minv, R, tol, budget, step)
-        if blockwise:
+        if self.method == "cg" and (self.block or (self.block is None and R.shape[1] > 1)):
             return SOLVERS["block_cg"](apply, minv, R, tol, budget)
         return SOLVERS[self.method](apply, minv, R, tol, budget)
 
@@ -398,10 +382,7 @@ def inverse(
         Krylov space for all columns, :func:`linops._solvers.block_cg`) instead of one CG per
         column. Default ``None``: block CG for two or more columns, where it pays (16
         right-hand sides of a 200 x 200 matrix with 20 outlying eigenvalues: 285 products to
-        1e-10 against 2566; 8 on the digits MLP's GGN: ``bench/curvature.py``). Block CG
-        gets half of the remaining ``maxiter``; columns it has not solved by then go on with
-        one CG each from where it stopped (nearly dependent right-hand sides can cost its
-        blocks their conjugacy).
+        1e-10 against 2566; 8 on the digits MLP's GGN: ``bench/curvature.py``).
 
     Returns
     -------
