@@ -35,60 +35,66 @@ from linops.params import KeywordInputs
 _STATEFUL_IN_TRAINING = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
-def check_model_mode(model: nn.Module, *, allow_train_mode: bool) -> None:
-    """Refuse a model in training mode whose forward pass is random or updates statistics.
+def check_model_mode(
+    model: nn.Module, *, allow_train_mode: bool, selected: Iterable[torch.Tensor] = ()
+) -> None:
+    """Refuse a model whose forward pass is random, updates statistics or uses batch statistics.
 
-    Also, whatever the mode: a BatchNorm without running statistics (it normalises by each
-    batch's statistics in eval mode too, so the loss is no sum over samples and the operator
-    would depend on how the data are split into batches; ``allow_train_mode=True`` lets it
-    pass, right for data given as one batch), and embeddings whose backward pass is not the
+    Dropout layers in training mode and BatchNorm layers that normalise by each batch's
+    statistics (in training mode, or in eval mode without running statistics, torch's rule:
+    ``running_mean`` and ``running_var`` None), whatever the mode of the model around them:
+    the loss is then no fixed sum over samples and the operator would depend on the batches
+    (``allow_train_mode=True`` lets them pass: right for data given as one batch). And,
+    whatever the mode, embeddings of ``selected`` weights whose backward pass is not the
     derivative of their forward pass (:func:`check_model_layers`).
     """
-    check_model_layers(model)
+    check_model_layers(model, selected)
     if allow_train_mode:
         return
-    batch_stats = sorted(
+    culprits = sorted(
         {
-            f"{name} ({type(m).__name__})"
-            for name, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and not m.training
-            and (not m.track_running_stats or m.running_mean is None)
+            type(m).__name__
+            for m in model.modules()
+            if (isinstance(m, _STATEFUL_IN_TRAINING) and m.training)
+            or (isinstance(m, nn.modules.batchnorm._BatchNorm) and _batch_statistics(m))
         }
     )
-    if batch_stats:
+    if culprits and model.training:
         raise ValueError(
-            f"model: {batch_stats} normalise by each batch's own statistics even in eval mode "
-            "(track_running_stats=False), so the loss is not a sum over samples and the "
-            "operator would depend on how the data are split into batches; give the data as "
-            "one batch and pass allow_train_mode=True, or use running statistics"
-        )
-    if not model.training:
-        return
-    culprits = [
-        type(m).__name__
-        for m in model.modules()
-        if isinstance(m, _STATEFUL_IN_TRAINING) or isinstance(m, nn.modules.batchnorm._BatchNorm)
-    ]
-    if culprits:
-        raise ValueError(
-            f"model: is in training mode and contains {sorted(set(culprits))}, whose forward pass "
+            f"model: is in training mode and contains {culprits}, whose forward pass "
             "is random or updates running statistics, so the operator would not be a fixed "
             "matrix; call model.eval() first, or pass allow_train_mode=True to skip this check"
         )
+    if culprits:
+        raise ValueError(
+            f"model: contains {culprits} in training mode or, for BatchNorm, without running "
+            "statistics, so its forward pass is random or normalises by each batch's own "
+            "statistics: the loss is not a sum over samples and the operator would depend on "
+            "how the data are split into batches; call .eval() on them (with running "
+            "statistics), or give the data as one batch and pass allow_train_mode=True"
+        )
 
 
-def check_model_layers(model: nn.Module) -> None:
-    """Refuse layers whose backward pass is not the derivative of their forward pass.
+def _batch_statistics(bn: nn.Module) -> bool:
+    """Whether a BatchNorm normalises by the batch's statistics (torch's own rule)."""
+    return bool(bn.training or (bn.running_mean is None and bn.running_var is None))
 
-    ``nn.Embedding`` / ``nn.EmbeddingBag`` with ``scale_grad_by_freq=True`` divide each row's
-    gradient by its count in the batch (not a derivative: a Hessian 37% off and not
-    symmetric); ``nn.Embedding`` with ``max_norm`` renormalises the looked-up rows of the
-    weight in place at every forward pass (the user's weights change, and the products are
-    not those of the model at its weights), as ``nn.EmbeddingBag`` with it already was.
+
+def check_model_layers(model: nn.Module, selected: Iterable[torch.Tensor] = ()) -> None:
+    """Refuse embeddings whose backward pass is not the derivative of their forward pass.
+
+    For an embedding whose weight is among the ``selected`` parameters (the products are
+    not affected otherwise): ``scale_grad_by_freq=True`` divides each row's gradient by its
+    count in the batch (not a derivative: a Hessian 37% off and not symmetric);
+    ``nn.Embedding`` with ``max_norm`` renormalises the looked-up rows of the weight in place
+    at every forward pass (the user's weights change, and the products are not those of the
+    model at its weights), as ``nn.EmbeddingBag`` with it already was.
     """
+    chosen = {id(t) for t in selected}
     for name, m in model.named_modules():
-        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.scale_grad_by_freq:
+        if not isinstance(m, nn.Embedding | nn.EmbeddingBag) or id(m.weight) not in chosen:
+            continue
+        if m.scale_grad_by_freq:
             raise ValueError(
                 f"model: {name} ({type(m).__name__}) has scale_grad_by_freq=True, which divides "
                 "each row's gradient by its count in the batch: its backward pass is not the "

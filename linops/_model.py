@@ -112,12 +112,17 @@ class ModelOperator(TorchLinearOperator):
             raise ValueError(f"route: expected one of {list(ROUTES)}, got {route!r}")
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        check_model_mode(model, allow_train_mode=allow_train_mode)
         self._allow_train_mode = allow_train_mode
         _check_process_group(process_group)
         self.process_group = process_group
         self._num_samples: int | None = None
         space = ParamSpace(model, params, output=output)
+        selected = dict(model.named_parameters())
+        check_model_mode(
+            model,
+            allow_train_mode=allow_train_mode,
+            selected=[selected[n] for n in space.names if n in selected],
+        )
         complex_params = [n for n, v in space.values().items() if v.is_complex()]
         if complex_params:
             raise ValueError(

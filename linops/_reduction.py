@@ -154,15 +154,16 @@ def _describe(loss_fn: object) -> tuple[str | None, str | None, dict[str, Any]]:
         )
     if isinstance(loss_fn, nn.KLDivLoss):
         return "kl_div", loss_fn.reduction, {}
-    if isinstance(loss_fn, nn.modules.loss._Loss):
+    if isinstance(loss_fn, nn.modules.loss._Loss) and type(loss_fn).__module__.startswith("torch."):
         return "elementwise", loss_fn.reduction, {}
     func, kw = loss_fn, {}
     if isinstance(loss_fn, functools.partial) and not loss_fn.args:
         func, kw = loss_fn.func, dict(loss_fn.keywords)
     family = _FUNCTIONALS.get(func)
     if family is None:
-        # a user's loss object's own `reduction` attribute is not read: its "mean" may be over
-        # samples, elements or valid entries (a masked MSE's weighted batches 40% off)
+        # a user's loss object's own `reduction` attribute is not read (nor that of a
+        # subclass of torch's _Loss with its own forward): its "mean" may be over samples,
+        # elements or valid entries (a masked MSE's weighted batches 40% off)
         return None, None, {}
     options = (
         {"weight": kw.get("weight"), "ignore_index": kw.get("ignore_index", -100)}

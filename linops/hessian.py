@@ -17,7 +17,7 @@ The output Hessian is the laziness numerator of section 3.2 of "Leveraging Low R
 from __future__ import annotations
 
 import copy
-import warnings
+import functools
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -216,18 +216,45 @@ def _loss_in(loss_fn: LossFn, dtype: torch.dtype, device: torch.device) -> LossF
     return copy.deepcopy(loss_fn).to(device=device, dtype=dtype)
 
 
+#: torch's losses that broadcast targets of another shape with only a warning
+_BROADCASTING = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
+_BROADCASTING_FUNCTIONS = (
+    nn.functional.mse_loss,
+    nn.functional.l1_loss,
+    nn.functional.smooth_l1_loss,
+    nn.functional.huber_loss,
+)
+
+
+def _broadcasting_loss(loss_fn: object) -> bool:
+    if isinstance(loss_fn, _BROADCASTING):
+        return True
+    func = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
+    return any(func is f for f in _BROADCASTING_FUNCTIONS)
+
+
+def _loss_name(loss_fn: object) -> str:
+    func = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
+    return getattr(func, "__name__", None) or type(func).__name__
+
+
 def _check_scalar_loss(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor | None) -> None:
     """Call the loss on the first batch: a scalar, and no broadcast of targets to outputs.
 
     torch's ``mse_loss``, ``l1_loss``, ``smooth_l1_loss`` and ``huber_loss`` only warn when
     targets of another shape broadcast (outputs ``(N, 1)``, targets ``(N,)``: an ``N x N``
     loss); its normaliser is then not the batch's, so the operator over several batches
-    matched neither the intended loss nor the broadcast one. Refused.
+    matched neither the intended loss nor the broadcast one. Refused for those losses (as
+    modules or functions); a user's own function may broadcast on purpose.
     """
+    if y is not None and _broadcasting_loss(loss_fn) and tuple(y.shape) != tuple(out.shape):
+        raise ValueError(
+            f"loss_fn: targets of shape {tuple(y.shape)} would broadcast against outputs of "
+            f"shape {tuple(out.shape)} in {_loss_name(loss_fn)} (torch only warns); give "
+            "targets of the outputs' shape (e.g. y[:, None] or y.reshape(outputs.shape))"
+        )
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            value = loss_fn(out, y)
+        value = loss_fn(out, y)
     except TypeError as err:
         raise TypeError(
             f"loss_fn: expected a callable loss_fn(outputs, targets), calling it raised: {err}"
@@ -238,15 +265,6 @@ def _check_scalar_loss(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor | Non
             f"{tuple(y.shape) if y is not None else None} (dtype "
             f"{y.dtype if y is not None else None}): {str(err).splitlines()[0][:300]}"
         ) from None
-    for w in caught:
-        if "target size" in str(w.message) and "different to the input size" in str(w.message):
-            raise ValueError(
-                f"loss_fn: targets of shape {tuple(y.shape) if y is not None else None} "
-                f"broadcast against outputs of shape {tuple(out.shape)} (torch warned: "
-                f"{str(w.message).splitlines()[0][:200]}); give targets of the outputs' shape "
-                "(e.g. y[:, None] or y.reshape(outputs.shape))"
-            )
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not isinstance(value, torch.Tensor) or value.dim() != 0:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(
