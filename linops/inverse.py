@@ -283,6 +283,10 @@ class InverseOperator(TorchLinearOperator):
                     "I: a slightly indefinite or singular one makes it crawl or diverge slowly, "
                     "which linops.lanczos(A, 1, 'SA') shows)"
                     if self.method == "neumann"
+                    else ", or block=False (nearly dependent right-hand sides can cost block "
+                    "CG the conjugacy of its blocks: [b, b + 1e-6 e] crawled to maxiter where "
+                    "one CG per column converged in a third of it)"
+                    if self.method == "cg" and len(res) > 1 and self.block is not False
                     else ""
                 )
             )
@@ -383,7 +387,9 @@ def inverse(
         Krylov space for all columns, :func:`linops._solvers.block_cg`) instead of one CG per
         column. Default ``None``: block CG for two or more columns, where it pays (16
         right-hand sides of a 200 x 200 matrix with 20 outlying eigenvalues: 285 products to
-        1e-10 against 2566; 8 on the digits MLP's GGN: ``bench/curvature.py``).
+        1e-10 against 2566; 8 on the digits MLP's GGN: ``bench/curvature.py``). Nearly
+        dependent right-hand sides (``[b, b + 1e-6 e]``) can cost block CG the conjugacy of
+        its blocks, so that it crawls to ``maxiter``; the error then suggests ``block=False``.
 
     Returns
     -------

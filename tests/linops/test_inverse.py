@@ -303,3 +303,15 @@ def test_a_solve_out_of_budget_whose_true_residuals_passed_is_converged() -> Non
             continue
         assert bool((op.info.residuals <= op.info.tolerances).all())
         torch.testing.assert_close(A @ X, B, rtol=0, atol=1e-8)
+
+
+def test_block_cg_that_crawls_to_maxiter_names_block_false() -> None:
+    """[b, b + 1e-6 e] at condition 1e4: block CG loses the conjugacy of its blocks and
+    reaches maxiter at 6e-9 relative; the error names block=False, which converges."""
+    A = _spd(40, 1e4)
+    b, e = _rhs(40, 1)[:, 0], _rhs(40, 1, seed=2)[:, 0]
+    B = torch.stack([b, b + 1e-6 * e], dim=1)
+    with pytest.raises(InverseNoConvergence, match="or block=False"):
+        inverse(A, rtol=1e-10) @ B
+    X = inverse(A, rtol=1e-10, block=False) @ B
+    torch.testing.assert_close(X, torch.linalg.solve(A, B), rtol=1e-8, atol=0)
