@@ -58,6 +58,9 @@ class SpectralDensity(NamedTuple):
     reorthogonalized
         Whether every Lanczos run was fully reorthogonalised (False when the bases did not fit
         the memory budget: :func:`spectral_density`).
+    log10
+        Whether ``grid``, ``nodes`` and ``sigma`` are in :math:`\log_{10}` units (a result of
+        :meth:`log_density`).
     """
 
     grid: Any  # array kind follows the input
@@ -68,6 +71,7 @@ class SpectralDensity(NamedTuple):
     sigma: float
     num_matvecs: int
     reorthogonalized: bool = True
+    log10: bool = False
 
     def resmooth(
         self, *, sigma: float | None = None, grid: ArrayLike | None = None, num_points: int = 512
@@ -143,8 +147,15 @@ class SpectralDensity(NamedTuple):
         Raises
         ------
         ValueError
-            For a ``floor`` or broadening that is not positive.
+            For a ``floor`` or broadening that is not positive, or a result that is already a
+            log density (its nodes are logarithms: use :meth:`resmooth`).
         """
+        if self.log10:
+            raise ValueError(
+                "log_density: this is already a density of log10 eigenvalues (its nodes are "
+                "logarithms); call log_density on the spectral_density result, or resmooth "
+                "this one"
+            )
         theta, tau, back = _stored(self)
         top = float(theta.abs().max()) or 1.0
         floor = 1e-12 * top if floor is None else float(floor)
@@ -154,7 +165,7 @@ class SpectralDensity(NamedTuple):
         if sigma is None:
             sigma = (float(t.max() - t.min()) or 1.0) / t.shape[1]
         x, dens, sig = _smooth(t, tau, sigma, grid, num_points)
-        return self._replace(grid=back(x), density=back(dens), nodes=back(t), sigma=sig)
+        return self._replace(grid=back(x), density=back(dens), nodes=back(t), sigma=sig, log10=True)
 
 
 def spectral_density(

@@ -183,6 +183,10 @@ def test_log_density_of_a_spectrum_over_decades() -> None:
     assert ld.resmooth(sigma=0.5).sigma == 0.5 and counting.count == used
     with pytest.raises(ValueError, match="floor: expected a positive number"):
         sd.log_density(floor=0.0)
+    # a log density's nodes are logarithms: taking their log again was accepted silently
+    assert ld.log10 and not sd.log10 and ld.resmooth(sigma=0.5).log10
+    with pytest.raises(ValueError, match="already a density of log10 eigenvalues"):
+        ld.log_density()
 
 
 def test_memory_budget_groups_the_probes_with_the_same_nodes() -> None:
