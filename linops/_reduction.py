@@ -144,8 +144,19 @@ def loss_reduction(loss_fn: Any, reduction: Any, *, several_batches: bool) -> Re
     return Reduction("mean", lambda out, y: float(out.shape[0]))
 
 
+def torch_forward(loss_fn: object) -> bool:
+    """Whether a loss module computes torch's own ``forward``.
+
+    A subclass may change only ``__init__``; one with its own ``forward`` is a user's loss.
+    """
+    forward = getattr(type(loss_fn), "forward", None)
+    return getattr(forward, "__module__", "").startswith("torch.")
+
+
 def _describe(loss_fn: object) -> tuple[str | None, str | None, dict[str, Any]]:
     """``(family, reduction, options)`` of torch's losses; ``(None, None, {})`` otherwise."""
+    if isinstance(loss_fn, nn.Module) and not torch_forward(loss_fn):
+        return None, None, {}  # its own forward: what its `reduction` averages over is unknown
     if isinstance(loss_fn, nn.CrossEntropyLoss | nn.NLLLoss):
         return (
             "cross_entropy",
@@ -154,7 +165,7 @@ def _describe(loss_fn: object) -> tuple[str | None, str | None, dict[str, Any]]:
         )
     if isinstance(loss_fn, nn.KLDivLoss):
         return "kl_div", loss_fn.reduction, {}
-    if isinstance(loss_fn, nn.modules.loss._Loss) and type(loss_fn).__module__.startswith("torch."):
+    if isinstance(loss_fn, nn.modules.loss._Loss):
         return "elementwise", loss_fn.reduction, {}
     func, kw = loss_fn, {}
     if isinstance(loss_fn, functools.partial) and not loss_fn.args:

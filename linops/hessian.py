@@ -35,7 +35,13 @@ from linops._chain import ChainGradientGraph, ChainOutputGraph
 from linops._checks import check_loss_fn, check_output_index
 from linops._loss import OutputLoss
 from linops._model import ModelOperator, forward_checked, tensor_in
-from linops._reduction import Reduction, _describe, check_reduction, loss_reduction
+from linops._reduction import (
+    Reduction,
+    _describe,
+    check_reduction,
+    loss_reduction,
+    torch_forward,
+)
 from linops._types import Data, OutputSelector, Params, ProcessGroup
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -228,7 +234,7 @@ _BROADCASTING_FUNCTIONS = (
 
 def _broadcasting_loss(loss_fn: object) -> bool:
     if isinstance(loss_fn, _BROADCASTING):
-        return True
+        return torch_forward(loss_fn)  # a subclass's own forward may reshape on purpose
     func = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
     return any(func is f for f in _BROADCASTING_FUNCTIONS)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from linops import GGNOperator, HessianOperator, JacobianOperator
+from linops import EmpiricalFisherOperator, GGNOperator, HessianOperator, JacobianOperator
 
 F64 = torch.float64
 
@@ -202,3 +202,31 @@ def test_a_subclass_of_torchs_loss_base_is_not_read_as_an_element_mean() -> None
     X, y = torch.randn(10, 3, dtype=F64), torch.randn(10, 2, dtype=F64)
     with pytest.raises(ValueError, match="is not one of torch.s losses"):
         HessianOperator(model, MaskedMSE(), (X, y), batch_size=5) @ torch.ones(8, dtype=F64)
+
+
+def test_subclasses_of_torchs_losses_that_keep_its_forward() -> None:
+    """A subclass of nn.MSELoss changing only __init__ was refused as 'not one of torch's
+    losses' (and with reduction='mean' its EF came out 3x too small); one whose own forward
+    reshapes (N, 1) outputs to (N,) targets was refused as broadcasting."""
+
+    class MyMSE(nn.MSELoss):
+        def __init__(self) -> None:
+            super().__init__(reduction="mean")
+
+    class Squeezed(nn.MSELoss):
+        def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return super().forward(out.squeeze(-1), y)
+
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2).double()
+    X, y = torch.randn(7, 3, dtype=F64), torch.randn(7, 2, dtype=F64)
+    eye = torch.eye(8, dtype=F64)
+    for op in (GGNOperator, EmpiricalFisherOperator):
+        want = op(lin, nn.MSELoss(), (X, y), batch_size=4) @ eye
+        torch.testing.assert_close(op(lin, MyMSE(), (X, y), batch_size=4) @ eye, want)
+    one = nn.Linear(3, 1).double()
+    H = HessianOperator(one, Squeezed(), (X, y[:, 0]), reduction="mean", batch_size=4) @ torch.eye(
+        4, dtype=F64
+    )
+    ref = HessianOperator(one, nn.MSELoss(), (X, y[:, :1]), batch_size=4) @ torch.eye(4, dtype=F64)
+    torch.testing.assert_close(H, ref)
