@@ -86,6 +86,14 @@ class OutputGraph:
         self.leaves = _leaves(space)
         with torch.enable_grad():
             out = space.functional_call(dict(zip(space.names, self.leaves, strict=True)), x)
+            if out.dim() == 0:
+                raise ValueError(
+                    "output: expected outputs with one row per sample, got a 0-d tensor (the "
+                    "model's own loss?): the GGN, the Fisher family and the Jacobian need the "
+                    "per-sample outputs the loss is computed from (e.g. output=lambda o: "
+                    "o.logits); for the Hessian of a loss the model computes itself, "
+                    "HessianOperator takes it with loss_fn=lambda out, y: out"
+                )
             self.model_shape = out.shape[1:]  # per-sample output shape, before flattening
             out = out.reshape(out.shape[0], -1)
             if output_index is not None:

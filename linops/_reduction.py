@@ -141,7 +141,19 @@ def loss_reduction(loss_fn: Any, reduction: Any, *, several_batches: bool) -> Re
     if family == "elementwise" or family == "kl_div":
         return Reduction("mean", lambda out, y: float(out.numel()))
     # a plain function declared as a mean by the user: a mean over samples
-    return Reduction("mean", lambda out, y: float(out.shape[0]))
+    return Reduction("mean", _samples)
+
+
+def _samples(out: Tensor, y: Tensor | None) -> float:
+    """Return a batch's number of samples: the outputs' first dimension."""
+    if out.dim() == 0:
+        raise ValueError(
+            "reduction: 'mean' weights each batch by its number of samples, the first "
+            "dimension of the outputs, but they are 0-d (the model's own loss as output?); "
+            "pass reduction= a callable (outputs, targets) -> the batch's normaliser (e.g. "
+            "lambda out, y: (y != -100).sum() for a language model's tokens)"
+        )
+    return float(out.shape[0])
 
 
 def torch_forward(loss_fn: object) -> bool:

@@ -230,3 +230,36 @@ def test_subclasses_of_torchs_losses_that_keep_its_forward() -> None:
     )
     ref = HessianOperator(one, nn.MSELoss(), (X, y[:, :1]), batch_size=4) @ torch.eye(4, dtype=F64)
     torch.testing.assert_close(H, ref)
+
+
+def test_the_models_own_loss_as_output() -> None:
+    """output= selecting a model's own (0-d) loss: the GGN and the Jacobian raised a bare
+    IndexError, and so did the Hessian over several batches with reduction='mean'."""
+
+    class WithLoss(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = self.lin(x)
+            return {"loss": out.pow(2).mean(), "logits": out}
+
+    torch.manual_seed(0)
+    m = WithLoss().double()
+    X, y = torch.randn(6, 3, dtype=F64), torch.randn(6, dtype=F64)
+    own = lambda o: o["loss"]  # noqa: E731
+    ones = torch.ones(8, dtype=F64)
+    with pytest.raises(ValueError, match="got a 0-d tensor"):
+        GGNOperator(m, lambda o, t: o, (X, y), output=own) @ ones
+    with pytest.raises(ValueError, match="got a 0-d tensor"):
+        JacobianOperator(m, X, output=own) @ ones
+    with pytest.raises(ValueError, match="but they are 0-d"):
+        HessianOperator(
+            m, lambda o, t: o, (X, y), output=own, batch_size=3, reduction="mean"
+        ) @ ones
+    H = HessianOperator(
+        m, lambda o, t: o, (X, y), output=own, batch_size=3, reduction=lambda o, t: len(t)
+    )
+    ref = HessianOperator(m.lin, nn.MSELoss(), (X, torch.zeros(6, 2, dtype=F64)))
+    torch.testing.assert_close(H @ ones, ref @ ones)
