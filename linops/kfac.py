@@ -356,6 +356,16 @@ class KFACOperator(_LossOperator):
                 for inputs, grads, kept in self._layer_gradients():
                     ignored += 0 if kept is None else int((~kept).sum())
                     for k in self.units:
+                        if kept is not None and kept.shape[0] != inputs[k].shape[0]:
+                            raise ValueError(
+                                f"data: {kept.numel()} targets with cross-entropy's "
+                                f"ignore_index against {inputs[k].shape[0]} samples at layer "
+                                f"{k!r}: outputs folded by output= (a language model's "
+                                "(N T, C) logits) cannot tell which layer inputs the ignored "
+                                "targets belong to; give KFAC targets without ignored "
+                                "entries (drop the padding), or use FisherOperator / "
+                                "GGNOperator, which take them"
+                            )
                         a = inputs[k] if kept is None else inputs[k][kept]
                         if expand:  # every shared position a sample: mean over N L
                             a = a.reshape(-1, a.shape[-1]) / math.sqrt(inputs[k].shape[1])

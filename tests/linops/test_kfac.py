@@ -932,3 +932,30 @@ def test_heuristic_inverse_of_a_block_with_a_zero_factor_is_its_exact_inverse() 
         torch.testing.assert_close(H[zero][:, zero], torch.eye(int(zero.sum()), dtype=F64) / lam)
         torch.testing.assert_close(H[zero][:, zero], E[zero][:, zero])
         assert float(H[zero][:, ~zero].abs().sum()) == 0.0
+
+
+def test_ignored_targets_of_folded_sequence_outputs_are_refused() -> None:
+    """Logits (N, T, C) folded by output= to (N (T - 1), C) with -100 labels (a language
+    model's dict batch): the ignore mask, one entry per folded row, was applied to the
+    layers' (N, T, d) inputs and raised a bare IndexError; which inputs an ignored target
+    belongs to is unknown there: refused, naming what to do."""
+
+    class Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    torch.manual_seed(0)
+    model = Seq().double()
+    X = torch.randn(3, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (3 * 3,))
+    y[[1, 5]] = -100
+    fold = lambda o: o[:, :-1].flatten(0, 1)  # noqa: E731
+    kw = {"output": fold, "label_key": "labels"}
+    with pytest.raises(ValueError, match="cannot tell which layer inputs"):
+        KFACOperator(model, nn.CrossEntropyLoss(), [{"x": X, "labels": y}], **kw).compute_factors()
+    y[[1, 5]] = 0  # without ignored targets it runs
+    assert KFACOperator(model, nn.CrossEntropyLoss(), [{"x": X, "labels": y}], **kw).trace() > 0
