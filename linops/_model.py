@@ -10,6 +10,7 @@ from __future__ import annotations
 import cmath
 import contextlib
 import copy
+import itertools
 import math
 import re
 import warnings
@@ -156,6 +157,7 @@ class ModelOperator(TorchLinearOperator):
             shape, dtype=dtype, device=device, max_vectors=max_vectors, memory_budget=budget
         )
         self.model, self.cache = model, cache
+        self._versions = _versions(model)
         #: retained graphs of the first batches (all of them unless some did not fit)
         self._graph_cache: list[Any] = []
         self._graphs_full = False  # a graph did not fit: it and every later one are rebuilt
@@ -338,6 +340,14 @@ class ModelOperator(TorchLinearOperator):
         return self._num_samples
 
     def _apply(self, X: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
+        if _versions(self.model) != self._versions:
+            raise RuntimeError(
+                f"{type(self).__name__}: the model's parameters or buffers were changed in "
+                "place since the operator was made (an optimizer step, a .mul_() or "
+                "load_state_dict), and its cached graphs hold the old values while the live "
+                "model has the new ones: its products would be a mixture of the two. Call "
+                "clear_cache() to use the new values, or make a new operator"
+            )
         try:
             return self._apply_model(X, adjoint)
         except RuntimeError as err:  # NotImplementedError included
@@ -618,6 +628,7 @@ class ModelOperator(TorchLinearOperator):
         new.batched = {False: None, True: None}
         new.unbatched_reason = {False: None, True: None}
         new._forward_mode = False  # chosen afresh by the new operator's first batched product
+        new._versions = _versions(self.model)  # the converted copy holds the values of now
         new._reset_derived()
         return new
 
@@ -630,6 +641,7 @@ class ModelOperator(TorchLinearOperator):
         self._graphs_full = False
         self._forward_prints = {}
         self.memory.release("graphs")
+        self._versions = _versions(self.model)
 
     def cache_info(self) -> CacheInfo:
         """Return what the operator keeps against its memory budget (see :class:`ModelOperator`)."""
@@ -707,6 +719,15 @@ def _missing_derivative(err: BaseException) -> str | None:
         if found:
             return found.group(1)
     return None
+
+
+def _versions(model: torch.nn.Module) -> tuple[int, ...]:
+    """Return the version counters of the model's parameters and buffers (bumped in place).
+
+    A change through ``.data`` (or ``torch.no_grad`` on a ``.data`` view) is not counted: it
+    bypasses the counter by design.
+    """
+    return tuple(t._version for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _release(graph: Any) -> None:

@@ -263,3 +263,24 @@ def test_the_models_own_loss_as_output() -> None:
     )
     ref = HessianOperator(m.lin, nn.MSELoss(), (X, torch.zeros(6, 2, dtype=F64)))
     torch.testing.assert_close(H @ ones, ref @ ones)
+
+
+@pytest.mark.parametrize("route", ["auto", "autograd"])
+def test_parameters_changed_in_place_after_the_graphs_were_cached(route: str) -> None:
+    """An optimizer-like p.mul_(1.5) after a product: cached graphs held the old values while
+    the chain route (and forward-mode products) read the live ones, and the products were
+    0.16-0.32 off both Jacobians (J v and J^T u not even adjoint). Now refused until
+    clear_cache(), after which they are the new Jacobian's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X = torch.randn(5, 3, dtype=F64)
+    J = JacobianOperator(net, X, route=route)
+    V = torch.randn(J.shape[1], 3, dtype=F64)
+    J @ V
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.5)
+    with pytest.raises(RuntimeError, match="changed in place since the operator was made"):
+        J @ V
+    J.clear_cache()
+    torch.testing.assert_close(J @ V, JacobianOperator(net, X) @ V, rtol=1e-12, atol=1e-14)
