@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from torch.overrides import TorchFunctionMode
 
 from estimators.seeding import Seed, make_generator
 from linops import Params
+from linops._data import check_model_mode
 from linops.params import ParamSpace
 from trainers._hvp import ChainEngine, FuncEngine, make_engine, resolve_loss
 from trainers._optim import SGD, Adam, AdamW, FunctionalOptimizer
@@ -227,6 +229,7 @@ class TrainingRun:
             raise ValueError(
                 f"checkpoint_every: expected a positive integer or None, got {checkpoint_every!r}"
             )
+        check_model_mode(model, allow_train_mode=False)  # dropout would make it random
         self.space = ParamSpace(model, params)
         self.loss_name, self.loss_fn = resolve_loss(loss)
         self.data, self.optimizer, self.schedule = data, optimizer, as_schedule(lr)
@@ -237,7 +240,7 @@ class TrainingRun:
             self.engine = FuncEngine(self.space, self._loss_fn)
         self.checkpoint_every = checkpoint_every
         self.memory_limit_bytes = memory_limit_bytes
-        self._traj_key: tuple[int, str] | None = None
+        self._traj_key: tuple[int, str, tuple[int, ...]] | None = None
         self._traj: _Trajectory | None = None
 
     # ------------------------------------------------------------------ basics
@@ -304,9 +307,15 @@ class TrainingRun:
     def trajectory(self, theta0: Tensor) -> _Trajectory:
         """Return the (cached) checkpointed trajectory from ``theta0``."""
         self._check_theta(theta0)
+        # the values outside params are read from the live model: their in-place changes
+        # (version counters) invalidate the trajectory too (a stale one was reused, 0.17 off)
         key = (
             theta0.data_ptr(),
             hashlib.sha256(theta0.detach().cpu().numpy().tobytes()).hexdigest(),
+            tuple(
+                t._version
+                for t in itertools.chain(self.space.model.parameters(), self.space.model.buffers())
+            ),
         )
         if self._traj is None or self._traj_key != key:
             self._traj = _Trajectory(self, theta0.detach())

@@ -316,3 +316,32 @@ def test_errors() -> None:
         run.final(torch.zeros(31, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"V: expected a tensor of shape \(31,\) or \(31, K\)"):
         run.jvp(run.initial_values(), torch.zeros(4, 2, dtype=F64))
+
+
+def test_the_trajectory_follows_in_place_changes_of_untrained_parameters() -> None:
+    """params= the last layer only; the first layer's weight doubled in place afterwards: the
+    cached trajectory (keyed on theta0 alone) was reused, 0.17 off jacrev of the run."""
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.arange(8) % 2
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    ).double()
+    run = TrainingRun(
+        net, "cross_entropy", DataSchedule(X, y, 4, epochs=1), SGD(0.9), 0.1,
+        params=["2.weight", "2.bias"],
+    )  # fmt: skip
+    theta0 = run.initial_values()
+    V = torch.randn(run.dim, 2, generator=g, dtype=torch.float64)
+    run.jvp(theta0, V)
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)
+    torch.testing.assert_close(run.jvp(theta0, V), jacrev(run)(theta0) @ V, rtol=1e-10, atol=1e-12)
+
+
+def test_a_random_forward_pass_is_refused() -> None:
+    """Dropout in training mode made run.final() differ between calls by 0.15."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
+    X, y = torch.randn(8, 3), torch.arange(8) % 2
+    with pytest.raises(ValueError, match="is in training mode and contains \\['Dropout'\\]"):
+        TrainingRun(net, "cross_entropy", DataSchedule(X, y, 4, epochs=1), SGD(0.9), 0.1)
+    TrainingRun(net.eval(), "cross_entropy", DataSchedule(X, y, 4, epochs=1), SGD(0.9), 0.1)
