@@ -43,11 +43,26 @@ def check_indices(indices: Sequence[int] | torch.Tensor, m: int) -> torch.Tensor
 
 
 def inputs_tensor(inputs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    if isinstance(inputs, tuple | list) and inputs and isinstance(inputs[0], torch.Tensor):
+    """Return the inputs as one tensor, read as the Jacobian operators read them.
+
+    A list of tensors is batches (concatenated: a list of two batches was read as an
+    ``(X, y)`` pair and its second batch dropped); a tuple is an ``(X, y)`` pair (``y`` not
+    used), refused when its lengths differ (then it is batches: pass a list).
+    """
+    if isinstance(inputs, list) and inputs and all(isinstance(t, torch.Tensor) for t in inputs):
+        inputs = torch.cat(list(inputs))
+    elif isinstance(inputs, tuple) and inputs and isinstance(inputs[0], torch.Tensor):
+        if len(inputs) == 2 and isinstance(inputs[1], torch.Tensor):
+            if inputs[1].ndim and len(inputs[1]) != len(inputs[0]):
+                raise ValueError(
+                    f"inputs: a tuple is an (X, y) pair, got lengths {len(inputs[0])} and "
+                    f"{len(inputs[1])}; pass batches of inputs as a list"
+                )
         inputs = inputs[0]
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(
-            f"inputs: expected a tensor or an (X, y) pair of tensors, got {type(inputs).__name__}"
+            "inputs: expected a tensor, a list of batches or an (X, y) pair of tensors, got "
+            f"{type(inputs).__name__}"
         )
     if inputs.ndim < 1 or len(inputs) == 0:
         raise ValueError(f"inputs: expected at least one sample, got shape {tuple(inputs.shape)}")

@@ -7,6 +7,7 @@ section 3.2); thresholds are :func:`linops.numerical_rank`'s.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +42,10 @@ def exact_jacobian_rank(
     center
         Row-centre over all ``m`` columns, :math:`\tilde J = J (I - \mathbf{1}\mathbf{1}^\top/m)`.
     rtol
-        Singular values above ``rtol * sigma_1`` count; default ``max(rows, m) eps``.
+        Singular values above ``rtol * sigma_1`` count; default ``max(rows, m) eps`` (dense
+        and gram), :func:`linops.numerical_rank`'s operator default ``sqrt(eps)``
+        (matrix-free: a randomized range finder resolves no less). The gram method counts
+        nothing below ``4 sqrt(rows eps_64) sigma_1``, what its float64 Gram can tell from 0.
     method
         ``"dense"``: singular values of the Jacobian assembled from per-sample blocks (for
         ``rows * m`` up to a few 1e7 entries); ``"matrix_free"``: :func:`linops.numerical_rank`
@@ -85,9 +89,13 @@ def exact_jacobian_rank(
         if method == "dense":
             return numerical_rank(J, rtol)  # linops' default: max(rows, m) eps
         s = _gram_singular_values(J)
-        # the same default for the singular values of J found through its Gram
-        tol = (max(rows, m) * torch.finfo(J.dtype).eps if rtol is None else rtol) * float(s[0])
-        return int((s > tol).sum())
+        # the same default for the singular values of J found through its Gram, but never
+        # below what the float64 Gram resolves: its eigenvalues carry errors of about
+        # rows eps sigma_1^2, so zero singular values come out near sqrt(rows eps) sigma_1
+        # (5e-9 sigma_1 for 24 rows: two zeros counted as nonzero at the default 8e-15)
+        floor = 4 * math.sqrt(rows * torch.finfo(torch.float64).eps)
+        tol = max(max(rows, m) * torch.finfo(J.dtype).eps if rtol is None else rtol, floor)
+        return int((s > tol * float(s[0])).sum())
     return _matrix_free_rank(model, X, params, output_index, center, rtol, space.dtype, seed)
 
 

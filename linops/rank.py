@@ -184,7 +184,8 @@ def _operator_rank(
     smax = float(torch.as_tensor(svds(op, 1, seed=seed).singular_values)[0])
     if smax == 0 or math.isnan(smax):
         return 0
-    rf = range_finder(op, atol=max(rtol * smax / 10, 1e-300), seed=seed)
+    block = min(10, *op.shape)  # range_finder's default, at most the smaller dimension
+    rf = range_finder(op, atol=max(rtol * smax / 10, 1e-300), block_size=block, seed=seed)
     if not rf.converged and rf.error_estimate > rtol * smax:
         raise ValueError(
             f"rtol: expected at least about {rf.error_estimate / smax:.1e} for this "

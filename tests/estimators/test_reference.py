@@ -227,3 +227,39 @@ def test_errors(case) -> None:
     ):
         exact_jacobian_rank(net, X, method="x")
     assert isinstance(reference_gram_eigh(torch.ones(3, 2, dtype=F64)), ReferenceGram)
+
+
+def test_rank_of_a_jacobian_with_repeated_samples_and_batches_as_a_list() -> None:
+    """Two repeated samples make J 24 x 38 of rank 20: the gram method counted its zero
+    singular values (5e-9 sigma_1 from the Gram's rounding) and said 22; a list of two input
+    batches was read as an (X, y) pair and gave the rank of the first batch alone; the
+    matrix-free method failed on fewer than 10 rows (range_finder's default block)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    ).double()
+    X = torch.randn(12, 3, dtype=F64)
+    X[10:] = X[:2]
+    rank = int(torch.linalg.matrix_rank(_dense_jacobian(net, X)))
+    assert rank == 20
+    for method in ("dense", "gram", "matrix_free"):
+        assert exact_jacobian_rank(net, X, method=method) == rank
+    assert exact_jacobian_rank(net, [X[:5], X[5:]], method="dense") == rank
+    small = X[:3]
+    assert exact_jacobian_rank(net, small, method="matrix_free") == exact_jacobian_rank(
+        net, small, method="dense"
+    )
+
+
+def _dense_jacobian(net: torch.nn.Module, X: torch.Tensor) -> torch.Tensor:
+    params = dict(net.named_parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+
+    def f(theta: torch.Tensor) -> torch.Tensor:
+        parts, i = {}, 0
+        for n, p in params.items():
+            parts[n] = theta[i : i + p.numel()].reshape(p.shape)
+            i += p.numel()
+        return torch.func.functional_call(net, parts, (X,)).reshape(-1)
+
+    return torch.func.jacrev(f)(flat)
