@@ -164,5 +164,5 @@ def carry(err: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     W = S.detach().abs().double().cpu()
     e = err.double().cpu()
     by_sum = W.T @ e
-    by_norm = torch.linalg.vector_norm(W, dim=0) * torch.linalg.vector_norm(e)
+    by_norm = column_norms(W) * column_norms(e[:, None])[0]
     return torch.minimum(by_sum, by_norm)

@@ -161,6 +161,16 @@ def column_dots(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return _wide_dots(X, Y).to(Y.dtype if Y.is_complex() or not X.is_complex() else X.dtype)
 
 
+def safe_max_norm(W: torch.Tensor) -> float:
+    """Return the largest column norm of ``W``.
+
+    The fast plain norm, or :func:`column_norms` where its squares overflow (a plain norm of
+    inf made every column a breakdown).
+    """
+    top = float(torch.linalg.vector_norm(W, dim=0).max()) if W.numel() else 0.0
+    return top if math.isfinite(top) else float(column_norms(W).max())
+
+
 def column_norms(X: torch.Tensor) -> torch.Tensor:
     r"""Euclidean norm of every column of ``X``, accurate to the dtype's rounding.
 
@@ -212,7 +222,7 @@ def orth_qr(
     Q, R = torch.linalg.qr(W)
     eps = torch.finfo(W.dtype).eps
     d = torch.linalg.diagonal(R).abs()
-    tiny = 100 * eps * max(ref, float(torch.linalg.vector_norm(W, dim=0).max()))
+    tiny = 100 * eps * max(ref, safe_max_norm(W))
     if bool((d <= tiny).any()):
         Q = _replace_columns(Q, d <= tiny, V, gen)
         if on_breakdown is not None:

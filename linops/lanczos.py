@@ -309,8 +309,10 @@ class _Lanczos:
         if self.AV is not None:
             self.AV[:, j : j + b] = W
         self.av_err[j : j + b] = 0.0
-        # a scale for the tolerances only: the plain norm (1e-5 relative in float32) will do
-        self.anorm = max(self.anorm, float(torch.linalg.vector_norm(W, dim=0).max()))
+        # a scale for the tolerances only: the plain norm (1e-5 relative in float32) will do,
+        # unless its squares overflow (entries of 1e155 in float64, 1e19 in float32: an inf
+        # scale accepted inf residuals as converged)
+        self.anorm = max(self.anorm, kr.safe_max_norm(W))
         self.P, C, R = kr.orth_qr(W, self._columns(j + b), self.gen, self.anorm, self._broke)
         H = self.H
         H[: j + b, j : j + b] = C
@@ -424,7 +426,7 @@ class _Lanczos:
         err = self._drift(Sw, rc)
         bound = rc.residual + err * self.anorm  # an upper bound of the true residuals
         Y, AY = rc.Y, rc.AY
-        if bool((bound <= tol * self.anorm).all()):
+        if bool((bound <= tol * self.anorm).all()) and bool(torch.isfinite(bound).all()):
             return Y, AY, vals, bound.to(device=Y.device, dtype=vals.dtype), err
         rounding = float((bound - rc.residual).max())
         if verifier is not None and verifier.defer(

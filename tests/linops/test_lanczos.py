@@ -483,3 +483,22 @@ def test_the_null_space_of_a_psd_operator_is_returned_with_all_its_wanted_copies
     d[40:] = torch.logspace(-3, -2, 260, dtype=torch.float64)
     res = lanczos((Q * d) @ Q.T, 4, "SA", rtol=1e-8, seed=0)
     torch.testing.assert_close(res.eigenvalues, torch.sort(d).values[:4], rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize(("dtype", "scale"), [(torch.float64, 1e155), (torch.float32, 1e20)])
+def test_lanczos_on_an_operator_whose_plain_norms_overflow(
+    dtype: torch.dtype, scale: float
+) -> None:
+    """Entries of 1e155 (float64) or 1e19 (float32): the plain column norm squared to inf, every
+    column counted as a breakdown, and [1.58, 1.60] x scale came back converged with inf
+    residuals where [1.99, 2.00] x scale is right."""
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(100, 100, generator=g, dtype=torch.float64))
+    lam = torch.linspace(1, 2, 100, dtype=torch.float64)
+    A = ((Q * (lam * scale)) @ Q.T).to(dtype)
+    res = lanczos(A, 2, "LA", seed=0)
+    got = torch.as_tensor(res.eigenvalues).double() / scale
+    torch.testing.assert_close(
+        got, lam[-2:], rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=0
+    )
+    assert bool(torch.isfinite(torch.as_tensor(res.residuals)).all())
