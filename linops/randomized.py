@@ -269,7 +269,9 @@ def randomized_svd(
     the same budget spent on a block Golub-Kahan bidiagonalisation with blocks of
     ``block_size`` (default ``rank``) vectors, i.e. the block Krylov space
     :math:`[A\Omega, (AA^H)A\Omega, \dots]` of Musco & Musco (2015), fully reorthogonalised;
-    the projection :math:`B = U^H A V` is a by-product, so no product is spent on it.
+    the projection :math:`B = U^H A V` is a by-product, so no product is spent on it. It takes
+    at least the steps that reach ``rank`` (``block_size * steps >= rank``), so a small
+    ``block_size`` or a large one (above half the budget) may spend more than the budget.
 
     Raises
     ------
@@ -300,7 +302,7 @@ def randomized_svd(
         U, s, V, nmv = _svd_subspace(op, ell, q, gen)
     else:
         bsz = rank if block_size is None else kr.check_int(block_size, "block_size", 1, short)
-        U, s, V, nmv = _svd_block_krylov(op, bsz, ell * (2 * q + 2), gen)
+        U, s, V, nmv = _svd_block_krylov(op, bsz, rank, ell * (2 * q + 2), gen)
     s_, U_, V_ = (kr.to_output(t, kind) for t in (s[:rank], U[:, :rank], V[:, :rank]))
     return RandomizedSVDResult(s_, U_, V_, num_matvecs=nmv)
 
@@ -312,11 +314,19 @@ def _svd_subspace(op: TorchLinearOperator, ell: int, q: int, gen: torch.Generato
     return Q @ Zh.mH, s, W, nmv + ell
 
 
-def _svd_block_krylov(op: TorchLinearOperator, b: int, budget: int, gen: torch.Generator):
+def _svd_block_krylov(
+    op: TorchLinearOperator, b: int, rank: int, budget: int, gen: torch.Generator
+):
     m, n = op.shape
     flip = m < n
     short = min(m, n)
-    steps = max(1, min(budget // (2 * b), short // b))
+    # at least the steps that reach rank b * steps >= rank (fewer returned 3 of 5 triplets)
+    steps = max(-(-rank // b), min(budget // (2 * b), short // b))
+    if b * steps > short:
+        raise ValueError(
+            f"block_size: blocks of {b} reach rank {rank} only past the {short} dimensions of "
+            f"the operator; use a block_size dividing {short} or at most {short - rank + 1}"
+        )
     P = kr.start_block(None, short, b, op, gen)
     state = _Bidiag(op, flip, b * steps, P, gen)
     for _ in range(steps):
