@@ -32,6 +32,13 @@ from linops import blocks as kr
 __all__ = ["SpectralDensity", "spectral_density"]
 
 
+COMPLEX_REFUSAL = (
+    "A: expected a real symmetric operator, got a complex one: stochastic Lanczos quadrature "
+    "here draws real Rademacher probes; for a complex Hermitian H pass its real form "
+    "[[Re H, -Im H], [Im H, Re H]], whose spectrum is H's with every eigenvalue twice"
+)
+
+
 class SpectralDensity(NamedTuple):
     r"""Result of :func:`spectral_density`.
 
@@ -286,6 +293,8 @@ def _spectral_density(
     n = op.shape[0]
     if op.shape[0] != op.shape[1]:
         raise ValueError(f"A: expected a square (symmetric) operator, got shape {op.shape}")
+    if op.torch_dtype.is_complex:
+        raise ValueError(COMPLEX_REFUSAL)
     probes = kr.check_symmetric(op)  # the symmetry probe's products count
     N = kr.check_int(num_probes, "num_probes", 1)
     m = min(32, n) if num_steps is None else kr.check_int(num_steps, "num_steps", 1, n)

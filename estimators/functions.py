@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import torch
 
 from estimators._budget import count_within
-from estimators.density import _lanczos_batch
+from estimators.density import COMPLEX_REFUSAL, _lanczos_batch
 from linops import ArrayLike, IdentityOperator, OperatorLike, aslinearoperator
 from linops import blocks as kr
 from linops._checks import check_damping
@@ -113,6 +113,8 @@ def _shifted(A: Any, damping: float) -> Any:
     op = aslinearoperator(A)
     if op.shape[0] != op.shape[1]:
         raise ValueError(f"A: expected a square (symmetric) operator, got shape {op.shape}")
+    if op.torch_dtype.is_complex:
+        raise ValueError(COMPLEX_REFUSAL)
     damping = check_damping(damping)
     if damping:
         op = op + damping * IdentityOperator(op.shape[0], dtype=op.torch_dtype, device=op.device)

@@ -256,3 +256,14 @@ def test_trace_standard_error_is_hutchinsons_on_the_same_probes() -> None:
     assert sd.trace.estimate == pytest.approx(mean, rel=1e-12)
     assert sd.trace.stderr == pytest.approx(stderr, rel=1e-10)
     assert sd.trace.stderr >= float((Z * (A @ Z)).sum(0).std()) / 6**0.5 - 1e-12
+
+
+def test_complex_operators_are_refused_with_the_real_form_to_use() -> None:
+    """A complex Hermitian operator crashed inside torch.sign (no complex support)."""
+    from estimators import logdet
+
+    H = torch.eye(4, dtype=torch.complex128) * 2
+    with pytest.raises(ValueError, match="got a complex one"):
+        spectral_density(H, num_probes=2, num_steps=2, seed=0)
+    with pytest.raises(ValueError, match="got a complex one"):
+        logdet(H, num_probes=2, num_steps=2, seed=0)
