@@ -137,6 +137,7 @@ def training_dimension(
     if method == "krylov":
         k = min(budget // 2, m)
         b = min(block_size, k)
+        k = b * (k // b)  # the space the budget's blocks hold
         res = randomized_svd(A, k, oversample=0, power_iters=0, block_size=b, seed=seed)
         s, size, err, used = torch.as_tensor(res.singular_values), k, float("nan"), res.num_matvecs
     else:

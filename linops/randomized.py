@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import NamedTuple, cast
 
 import torch
@@ -269,9 +270,10 @@ def randomized_svd(
     the same budget spent on a block Golub-Kahan bidiagonalisation with blocks of
     ``block_size`` (default ``rank``) vectors, i.e. the block Krylov space
     :math:`[A\Omega, (AA^H)A\Omega, \dots]` of Musco & Musco (2015), fully reorthogonalised;
-    the projection :math:`B = U^H A V` is a by-product, so no product is spent on it. It takes
-    at least the steps that reach ``rank`` (``block_size * steps >= rank``), so a small
-    ``block_size`` or a large one (above half the budget) may spend more than the budget.
+    the projection :math:`B = U^H A V` is a by-product, so no product is spent on it. A
+    space smaller than ``rank`` (a ``block_size`` that does not divide the budget's vectors)
+    gives fewer triplets, with a ``RuntimeWarning``; a ``block_size`` above half the budget
+    takes one step of ``2 block_size`` products, more than the budget.
 
     Raises
     ------
@@ -302,7 +304,16 @@ def randomized_svd(
         U, s, V, nmv = _svd_subspace(op, ell, q, gen)
     else:
         bsz = rank if block_size is None else kr.check_int(block_size, "block_size", 1, short)
-        U, s, V, nmv = _svd_block_krylov(op, bsz, rank, ell * (2 * q + 2), gen)
+        U, s, V, nmv = _svd_block_krylov(op, bsz, ell * (2 * q + 2), gen)
+    if s.numel() < rank:
+        warnings.warn(
+            f"randomized_svd: the block Krylov space of the budget holds {s.numel()} vectors, "
+            f"fewer than rank={rank} (blocks of {bsz} in {ell * (2 * q + 2)} products): "
+            f"{s.numel()} triplets returned; raise oversample or power_iters, or pass a "
+            "block_size dividing rank",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     s_, U_, V_ = (kr.to_output(t, kind) for t in (s[:rank], U[:, :rank], V[:, :rank]))
     return RandomizedSVDResult(s_, U_, V_, num_matvecs=nmv)
 
@@ -314,19 +325,11 @@ def _svd_subspace(op: TorchLinearOperator, ell: int, q: int, gen: torch.Generato
     return Q @ Zh.mH, s, W, nmv + ell
 
 
-def _svd_block_krylov(
-    op: TorchLinearOperator, b: int, rank: int, budget: int, gen: torch.Generator
-):
+def _svd_block_krylov(op: TorchLinearOperator, b: int, budget: int, gen: torch.Generator):
     m, n = op.shape
     flip = m < n
     short = min(m, n)
-    # at least the steps that reach rank b * steps >= rank (fewer returned 3 of 5 triplets)
-    steps = max(-(-rank // b), min(budget // (2 * b), short // b))
-    if b * steps > short:
-        raise ValueError(
-            f"block_size: blocks of {b} reach rank {rank} only past the {short} dimensions of "
-            f"the operator; use a block_size dividing {short} or at most {short - rank + 1}"
-        )
+    steps = max(1, min(budget // (2 * b), short // b))
     P = kr.start_block(None, short, b, op, gen)
     state = _Bidiag(op, flip, b * steps, P, gen)
     for _ in range(steps):
