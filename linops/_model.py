@@ -10,7 +10,6 @@ from __future__ import annotations
 import cmath
 import contextlib
 import copy
-import itertools
 import math
 import re
 import warnings
@@ -342,14 +341,16 @@ class ModelOperator(TorchLinearOperator):
     def _apply(self, X: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
         if _versions(self.model) != self._versions:
             raise RuntimeError(
-                f"{type(self).__name__}: the model's parameters or buffers were changed in "
-                "place since the operator was made (an optimizer step, a .mul_() or "
-                "load_state_dict), and its cached graphs hold the old values while the live "
-                "model has the new ones: its products would be a mixture of the two. Call "
-                "clear_cache() to use the new values, or make a new operator"
+                f"{type(self).__name__}: the model's parameters were changed in place since "
+                "the operator was made (an optimizer step, a .mul_() or load_state_dict), and "
+                "its cached graphs hold the old values while the live model has the new ones: "
+                "its products would be a mixture of the two. Call clear_cache() to use the "
+                "new values, or make a new operator"
             )
         try:
-            return self._apply_model(X, adjoint)
+            out = self._apply_model(X, adjoint)
+            self._versions = _versions(self.model)  # what its own passes did is its own
+            return out
         except RuntimeError as err:  # NotImplementedError included
             if REENTRANT_ERROR in str(err):
                 raise NotImplementedError(f"{type(self).__name__}: {REENTRANT_REFUSAL}") from err
@@ -722,12 +723,12 @@ def _missing_derivative(err: BaseException) -> str | None:
 
 
 def _versions(model: torch.nn.Module) -> tuple[int, ...]:
-    """Return the version counters of the model's parameters and buffers (bumped in place).
+    """Return the version counters of the model's parameters (bumped by in-place changes).
 
-    A change through ``.data`` (or ``torch.no_grad`` on a ``.data`` view) is not counted: it
-    bypasses the counter by design.
+    Buffers are left out: a forward pass may update its own (a step counter) without changing
+    the function. A change through ``.data`` is not counted: it bypasses the counter by design.
     """
-    return tuple(t._version for t in itertools.chain(model.parameters(), model.buffers()))
+    return tuple(p._version for p in model.parameters())
 
 
 def _release(graph: Any) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -312,10 +311,7 @@ class TrainingRun:
         key = (
             theta0.data_ptr(),
             hashlib.sha256(theta0.detach().cpu().numpy().tobytes()).hexdigest(),
-            tuple(
-                t._version
-                for t in itertools.chain(self.space.model.parameters(), self.space.model.buffers())
-            ),
+            tuple(p._version for p in self.space.model.parameters()),
         )
         if self._traj is None or self._traj_key != key:
             self._traj = _Trajectory(self, theta0.detach())

@@ -284,3 +284,26 @@ def test_parameters_changed_in_place_after_the_graphs_were_cached(route: str) ->
         J @ V
     J.clear_cache()
     torch.testing.assert_close(J @ V, JacobianOperator(net, X) @ V, rtol=1e-12, atol=1e-14)
+
+
+def test_a_forward_pass_that_updates_a_buffer_is_not_an_in_place_change() -> None:
+    """A step counter the forward pass increments: buffers are not version-checked, and what
+    the operator's own passes change is its own."""
+
+    class Counter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model = Counter().double().eval()
+    X, y = torch.randn(8, 3, dtype=F64), torch.randn(8, 2, dtype=F64)
+    v = torch.ones(8, dtype=F64)
+    for cache in (None, False):
+        H = HessianOperator(model, nn.MSELoss(), (X, y), cache=cache)
+        torch.testing.assert_close(H @ v, H @ v)
