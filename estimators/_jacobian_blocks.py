@@ -43,26 +43,24 @@ def check_indices(indices: Sequence[int] | torch.Tensor, m: int) -> torch.Tensor
 
 
 def inputs_tensor(inputs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    """Return the inputs as one tensor, read as the Jacobian operators read them.
+    """Return the inputs as one tensor: a tensor, or the ``X`` of an ``(X, y)`` pair.
 
-    A list of tensors is batches (concatenated: a list of two batches was read as an
-    ``(X, y)`` pair and its second batch dropped); a tuple is an ``(X, y)`` pair (``y`` not
-    used), refused when its lengths differ (then it is batches: pass a list).
+    A list or tuple is an ``(X, y)`` pair (a DataLoader's batch is a list ``[X, y]``), whose
+    ``y`` is not used. Two tensors of different lengths, or more than two, are batches, which
+    are refused (the second batch was dropped silently): pass them concatenated.
     """
-    if isinstance(inputs, list) and inputs and all(isinstance(t, torch.Tensor) for t in inputs):
-        inputs = torch.cat(list(inputs))
-    elif isinstance(inputs, tuple) and inputs and isinstance(inputs[0], torch.Tensor):
-        if len(inputs) == 2 and isinstance(inputs[1], torch.Tensor):
-            if inputs[1].ndim and len(inputs[1]) != len(inputs[0]):
-                raise ValueError(
-                    f"inputs: a tuple is an (X, y) pair, got lengths {len(inputs[0])} and "
-                    f"{len(inputs[1])}; pass batches of inputs as a list"
-                )
+    if isinstance(inputs, tuple | list) and inputs and isinstance(inputs[0], torch.Tensor):
+        lengths = [len(t) if isinstance(t, torch.Tensor) and t.ndim else None for t in inputs]
+        if len(inputs) > 2 or (len(inputs) == 2 and lengths[1] not in (None, lengths[0])):
+            raise ValueError(
+                f"inputs: a list or tuple is read as an (X, y) pair, got {len(inputs)} entries "
+                f"of lengths {lengths}; for batches of inputs pass them as one tensor "
+                "(torch.cat(batches))"
+            )
         inputs = inputs[0]
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(
-            "inputs: expected a tensor, a list of batches or an (X, y) pair of tensors, got "
-            f"{type(inputs).__name__}"
+            f"inputs: expected a tensor or an (X, y) pair of tensors, got {type(inputs).__name__}"
         )
     if inputs.ndim < 1 or len(inputs) == 0:
         raise ValueError(f"inputs: expected at least one sample, got shape {tuple(inputs.shape)}")

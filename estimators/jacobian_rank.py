@@ -44,8 +44,8 @@ def exact_jacobian_rank(
     rtol
         Singular values above ``rtol * sigma_1`` count; default ``max(rows, m) eps`` (dense
         and gram), :func:`linops.numerical_rank`'s operator default ``sqrt(eps)``
-        (matrix-free: a randomized range finder resolves no less). The gram method counts
-        nothing below ``4 sqrt(rows eps_64) sigma_1``, what its float64 Gram can tell from 0.
+        (matrix-free: a randomized range finder resolves no less); the gram method's default
+        is at least ``sqrt(rows eps_64)``, what its float64 Gram can tell from 0.
     method
         ``"dense"``: singular values of the Jacobian assembled from per-sample blocks (for
         ``rows * m`` up to a few 1e7 entries); ``"matrix_free"``: :func:`linops.numerical_rank`
@@ -89,12 +89,12 @@ def exact_jacobian_rank(
         if method == "dense":
             return numerical_rank(J, rtol)  # linops' default: max(rows, m) eps
         s = _gram_singular_values(J)
-        # the same default for the singular values of J found through its Gram, but never
-        # below what the float64 Gram resolves: its eigenvalues carry errors of about
-        # rows eps sigma_1^2, so zero singular values come out near sqrt(rows eps) sigma_1
-        # (5e-9 sigma_1 for 24 rows: two zeros counted as nonzero at the default 8e-15)
-        floor = 4 * math.sqrt(rows * torch.finfo(torch.float64).eps)
-        tol = max(max(rows, m) * torch.finfo(J.dtype).eps if rtol is None else rtol, floor)
+        # the default for the singular values of J found through its Gram: never below what
+        # the float64 Gram resolves; its eigenvalues carry errors of about rows eps sigma_1^2,
+        # so zero singular values come out near sqrt(rows eps) sigma_1 (5e-9 sigma_1 for 24
+        # rows: two zeros counted as nonzero at max(rows, m) eps = 8e-15). A given rtol is kept
+        floor = math.sqrt(rows * torch.finfo(torch.float64).eps)
+        tol = max(max(rows, m) * torch.finfo(J.dtype).eps, floor) if rtol is None else rtol
         return int((s > tol * float(s[0])).sum())
     return _matrix_free_rank(model, X, params, output_index, center, rtol, space.dtype, seed)
 

@@ -75,6 +75,17 @@ def check_model_mode(
         )
 
 
+def random_layers(model: nn.Module) -> list[str]:
+    """Return the names of the dropout layers in training mode with ``p > 0`` (random passes)."""
+    return sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if isinstance(m, _STATEFUL_IN_TRAINING) and m.training and float(m.p) > 0
+        }
+    )
+
+
 def _batch_statistics(bn: nn.Module) -> bool:
     """Whether a BatchNorm normalises by the batch's statistics (torch's own rule)."""
     return bool(bn.training or (bn.running_mean is None and bn.running_var is None))

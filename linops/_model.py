@@ -156,7 +156,7 @@ class ModelOperator(TorchLinearOperator):
             shape, dtype=dtype, device=device, max_vectors=max_vectors, memory_budget=budget
         )
         self.model, self.cache = model, cache
-        self._versions = _versions(model)
+        self._versions = _versions(self.space)
         #: retained graphs of the first batches (all of them unless some did not fit)
         self._graph_cache: list[Any] = []
         self._graphs_full = False  # a graph did not fit: it and every later one are rebuilt
@@ -339,7 +339,7 @@ class ModelOperator(TorchLinearOperator):
         return self._num_samples
 
     def _apply(self, X: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
-        if _versions(self.model) != self._versions:
+        if _versions(self.space) != self._versions:
             raise RuntimeError(
                 f"{type(self).__name__}: the model's parameters were changed in place since "
                 "the operator was made (an optimizer step, a .mul_() or load_state_dict), and "
@@ -349,7 +349,7 @@ class ModelOperator(TorchLinearOperator):
             )
         try:
             out = self._apply_model(X, adjoint)
-            self._versions = _versions(self.model)  # what its own passes did is its own
+            self._versions = _versions(self.space)  # what its own passes did is its own
             return out
         except RuntimeError as err:  # NotImplementedError included
             if REENTRANT_ERROR in str(err):
@@ -629,7 +629,7 @@ class ModelOperator(TorchLinearOperator):
         new.batched = {False: None, True: None}
         new.unbatched_reason = {False: None, True: None}
         new._forward_mode = False  # chosen afresh by the new operator's first batched product
-        new._versions = _versions(self.model)  # the converted copy holds the values of now
+        new._versions = _versions(new.space)
         new._reset_derived()
         return new
 
@@ -642,7 +642,7 @@ class ModelOperator(TorchLinearOperator):
         self._graphs_full = False
         self._forward_prints = {}
         self.memory.release("graphs")
-        self._versions = _versions(self.model)
+        self._versions = _versions(self.space)
 
     def cache_info(self) -> CacheInfo:
         """Return what the operator keeps against its memory budget (see :class:`ModelOperator`)."""
@@ -722,13 +722,19 @@ def _missing_derivative(err: BaseException) -> str | None:
     return None
 
 
-def _versions(model: torch.nn.Module) -> tuple[int, ...]:
-    """Return the version counters of the model's parameters (bumped by in-place changes).
+def _versions(space: ParamSpace) -> tuple[int, ...]:
+    """Return the version counters of the parameter values the products compute with.
 
-    Buffers are left out: a forward pass may update its own (a step counter) without changing
-    the function. A change through ``.data`` is not counted: it bypasses the counter by design.
+    The space's values (the live parameters, through detached views that share their
+    counters, or values given with ``params=`` or converted by ``.to()``, which the live
+    model's training does not touch) and the parameters outside them, read from the model
+    the products run. Buffers are left out: a forward pass may update its own (a step
+    counter) without changing the function. A change through ``.data`` is not counted: it
+    bypasses the counter by design.
     """
-    return tuple(p._version for p in model.parameters())
+    chosen = space.values()
+    others = [p for n, p in space.model.named_parameters() if n not in chosen]
+    return tuple(t._version for t in [*chosen.values(), *others])
 
 
 def _release(graph: Any) -> None:
@@ -913,8 +919,8 @@ def tensor_in(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> bool
 def _converted(space: ParamSpace, dtype: torch.dtype, device: torch.device) -> ParamSpace:
     """Return the space on a model whose parameters *and buffers* have ``dtype`` and ``device``.
 
-    A model already there is used as it is (its parameters live: later in-place updates show
-    in the products). Otherwise the model is deep-copied and converted, so BatchNorm
+    A model already there is used as it is (its parameters live: a later in-place update is
+    refused at the next product until ``clear_cache()``, see :func:`_versions`). Otherwise the model is deep-copied and converted, so BatchNorm
     statistics, frozen layers and other buffers match the products' dtype; the user's model
     is never changed.
     """

@@ -309,8 +309,8 @@ def randomized_svd(
         warnings.warn(
             f"randomized_svd: the block Krylov space of the budget holds {s.numel()} vectors, "
             f"fewer than rank={rank} (blocks of {bsz} in {ell * (2 * q + 2)} products): "
-            f"{s.numel()} triplets returned; raise oversample or power_iters, or pass a "
-            "block_size dividing rank",
+            f"{s.numel()} triplets returned; pass a block_size dividing rank (more "
+            "oversample or power_iters help only below min(m, n))",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from estimators.seeding import Seed, make_generator
 from linops import Params
-from linops._data import check_model_mode
+from linops._data import random_layers
 from linops.params import ParamSpace
 from trainers._hvp import ChainEngine, FuncEngine, make_engine, resolve_loss
 from trainers._optim import SGD, Adam, AdamW, FunctionalOptimizer
@@ -228,7 +228,12 @@ class TrainingRun:
             raise ValueError(
                 f"checkpoint_every: expected a positive integer or None, got {checkpoint_every!r}"
             )
-        check_model_mode(model, allow_train_mode=False)  # dropout would make it random
+        random = random_layers(model)
+        if random:  # BatchNorm in training mode is deterministic: how such a net trains
+            raise ValueError(
+                f"model: contains {random} in training mode, whose forward pass is random, so "
+                "the run would not be a function of theta0; call .eval() on them (or set p=0)"
+            )
         self.space = ParamSpace(model, params)
         self.loss_name, self.loss_fn = resolve_loss(loss)
         self.data, self.optimizer, self.schedule = data, optimizer, as_schedule(lr)

@@ -231,9 +231,10 @@ def test_errors(case) -> None:
 
 def test_rank_of_a_jacobian_with_repeated_samples_and_batches_as_a_list() -> None:
     """Two repeated samples make J 24 x 38 of rank 20: the gram method counted its zero
-    singular values (5e-9 sigma_1 from the Gram's rounding) and said 22; a list of two input
-    batches was read as an (X, y) pair and gave the rank of the first batch alone; the
-    matrix-free method failed on fewer than 10 rows (range_finder's default block)."""
+    singular values (5e-9 sigma_1 from the Gram's rounding) and said 22; two input batches
+    of different lengths were read as an (X, y) pair and gave the rank of the first batch
+    alone (refused now; a DataLoader's [X, y] stays a pair); the matrix-free method failed on
+    fewer than 10 rows (range_finder's default block)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
@@ -244,7 +245,10 @@ def test_rank_of_a_jacobian_with_repeated_samples_and_batches_as_a_list() -> Non
     assert rank == 20
     for method in ("dense", "gram", "matrix_free"):
         assert exact_jacobian_rank(net, X, method=method) == rank
-    assert exact_jacobian_rank(net, [X[:5], X[5:]], method="dense") == rank
+    with pytest.raises(ValueError, match="read as an \\(X, y\\) pair, got 2 entries"):
+        exact_jacobian_rank(net, [X[:5], X[5:]], method="dense")
+    y = torch.randn(12, 2, dtype=F64)  # a DataLoader's [X, y] batch: the pair
+    assert exact_jacobian_rank(net, [X, y], method="dense") == rank
     small = X[:3]
     assert exact_jacobian_rank(net, small, method="matrix_free") == exact_jacobian_rank(
         net, small, method="dense"
@@ -263,3 +267,26 @@ def _dense_jacobian(net: torch.nn.Module, X: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(net, parts, (X,)).reshape(-1)
 
     return torch.func.jacrev(f)(flat)
+
+
+def test_gram_rank_of_a_full_rank_jacobian_down_to_1e7() -> None:
+    """Singular values down to 1e-7 sigma_1 over 24 rows: the float64 Gram resolves them and
+    the gram method must count all 24 (a floor of 4 sqrt(rows eps) = 2.9e-7 counted 22)."""
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, J: torch.Tensor) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(J.shape[1], dtype=F64))
+            self.register_buffer("J", J)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: each sample's row index
+            rows = self.J.reshape(12, 2, -1)[x[:, 0].long()]
+            return rows @ self.w
+
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(24, 24, generator=g, dtype=F64))
+    V, _ = torch.linalg.qr(torch.randn(40, 24, generator=g, dtype=F64))
+    J = (U * torch.logspace(0, -7, 24, dtype=F64)) @ V.T
+    X = torch.arange(12, dtype=F64)[:, None]
+    for method in ("dense", "gram"):
+        assert exact_jacobian_rank(Fixed(J), X, method=method) == 24

@@ -307,3 +307,25 @@ def test_a_forward_pass_that_updates_a_buffer_is_not_an_in_place_change() -> Non
     for cache in (None, False):
         H = HessianOperator(model, nn.MSELoss(), (X, y), cache=cache)
         torch.testing.assert_close(H @ v, H @ v)
+
+
+def test_values_given_or_converted_are_not_the_live_models() -> None:
+    """An operator at given parameter values (params= a dict of clones) or converted by .to()
+    computes with its own copies: training the live model must not refuse it (the first
+    version of the in-place check watched the live model's parameters)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64)
+    ckpt = {n: p.detach().clone() for n, p in net.named_parameters()}
+    G = GGNOperator(net, nn.MSELoss(), (X, y), params=ckpt)
+    net32 = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    G64 = GGNOperator(net32, nn.MSELoss(), (X.float(), y.float())).to(torch.float64)
+    v = torch.ones(G.shape[1], dtype=F64)
+    before, before64 = G @ v, G64 @ v
+    for model in (net, net32):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        out = model(X.to(next(model.parameters()).dtype))
+        out.pow(2).sum().backward()
+        opt.step()
+    torch.testing.assert_close(G @ v, before, rtol=0, atol=0)
+    torch.testing.assert_close(G64 @ v, before64, rtol=0, atol=0)

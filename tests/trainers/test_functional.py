@@ -342,6 +342,14 @@ def test_a_random_forward_pass_is_refused() -> None:
     """Dropout in training mode made run.final() differ between calls by 0.15."""
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
     X, y = torch.randn(8, 3), torch.arange(8) % 2
-    with pytest.raises(ValueError, match="is in training mode and contains \\['Dropout'\\]"):
+    with pytest.raises(ValueError, match="contains \\['Dropout'\\] in training mode"):
         TrainingRun(net, "cross_entropy", DataSchedule(X, y, 4, epochs=1), SGD(0.9), 0.1)
     TrainingRun(net.eval(), "cross_entropy", DataSchedule(X, y, 4, epochs=1), SGD(0.9), 0.1)
+    # deterministic in training mode: BatchNorm's batch statistics, dropout with p = 0
+    bn = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.0), torch.nn.Linear(4, 2)
+    ).double()
+    Xd = X.double()
+    run = TrainingRun(bn.train(), "cross_entropy", DataSchedule(Xd, y, 4, epochs=1), SGD(0.9), 0.1)
+    theta0 = run.initial_values()
+    torch.testing.assert_close(run.final(theta0), run.final(theta0), rtol=0, atol=0)
