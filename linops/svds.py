@@ -15,6 +15,7 @@ triplets :math:`(\sigma_i, U_j x_i, V_j y_i)` satisfy :math:`A v_i = \sigma_i u_
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -113,7 +114,8 @@ def svds(
         Vectors per block (``>= m`` resolves singular values of multiplicity ``m``). With a
         smaller block, repeated converged values start rounds that lock the verified triplets
         and restart from a fresh random vector until no further copy appears (as
-        :func:`linops.lanczos`).
+        :func:`linops.lanczos`). A value seen once is not searched: with ``"SM"`` a 0 (a null
+        space) may hide further copies, and a ``RuntimeWarning`` says so.
     v0
         Start vector of the short side (length ``min(m, n)``; of ``n`` when ``m == n``).
     seed
@@ -357,6 +359,16 @@ class _Bidiag:
             sv, self.locked, tol, self.anorm, dt, self.rounds, k, room, self.broke
         )
         if todo == "done":
+            gap = max(tol, float(torch.finfo(dt).eps) ** 0.5) * self.anorm
+            if which == "SM" and k >= 2 and b < k and float(sv.abs().min()) <= gap:
+                warnings.warn(
+                    "svds: the smallest singular value found is 0 to rounding (a null space, "
+                    "which one start vector sees once): further copies of 0 may be missing "
+                    "from the k returned; count them with linops.numerical_rank, or pass "
+                    "block_size >= the null space's dimension",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             return self.finish(u, v, sv, res, True, kind)
         if todo != "inject":
             raise SVDSNoConvergence(f"svds: {todo}", self.finish(u, v, sv, res, False, kind))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -152,3 +154,18 @@ def test_an_exact_breakdown_is_not_taken_for_the_wanted_values(k: int) -> None:
         r = svds(M, k, seed=1)
         assert r.converged
         np.testing.assert_allclose(r.singular_values.numpy(), [5, 5, 1, 1][:k], atol=1e-10)
+
+
+def test_a_null_space_at_the_small_end_is_said_to_hide_copies() -> None:
+    """300 x 120 of rank 100, k = 25 'SM': one 0 and 24 values in [1e-3, 5e-3] came back
+    converged where 20 zeros come first; no search runs for svds, so a warning says so."""
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(300, 100, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(120, 100, generator=g, dtype=torch.float64))
+    A = (U * torch.logspace(0, -3, 100, dtype=torch.float64)) @ V.T
+    with pytest.warns(RuntimeWarning, match="further copies of 0 may be missing"):
+        svds(A, 25, "SM", seed=0)
+    full = torch.diag(torch.linspace(1, 2, 30, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        svds(full, 3, "SM", seed=0)  # no zero: no warning
