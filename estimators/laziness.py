@@ -438,7 +438,8 @@ class JacobianDrift:
         """Log the Jacobian drift at steps divisible by ``every`` (else ``None``)."""
         if step % self.every:
             return None
-        full = dict(trainer.space.values())
+        # every parameter of the model: a trainer of some of them holds only theirs
+        full = ParamSpace(trainer.model).values()
         p_t, p_0 = dict(full), dict(full)
         p_t.update(trainer.values)
         p_0.update(trainer.initial_values)

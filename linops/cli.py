@@ -188,9 +188,11 @@ def _laziness_section(setup: dict[str, Any], out: Path, quick: bool) -> dict[str
         seed=setup.get("seed", 0),
     )
     result["summary"] = (
-        f"ratio {result['laziness_ratio_mean']:.3g} +- {result['laziness_ratio_std']:.2g}; "
-        f"reference ranks {result['reference_ranks']} at r={result['reference_sizes']}; "
-        f"exact rank {result['exact_rank']} (unit 0, {len(X)} samples)"
+        f"ratio {result['laziness_ratio_mean']:.3g} (sd {result['laziness_ratio_std']:.2g} "
+        f"over the points); reference ranks {result['reference_ranks']} at "
+        f"r={result['reference_sizes']} (the paper's Gram rule, lambda > r eps lambda_1); "
+        f"exact rank {result['exact_rank']} (sigma > max(n, m) eps sigma_1; unit 0, "
+        f"{len(X)} samples)"
     )
     return result
 
@@ -245,7 +247,8 @@ def _training_jacobian_section(setup: dict[str, Any], out: Path, quick: bool) ->
     )
     result["summary"] = (
         f"{result['dim']} params, {result['steps']} steps, dense in "
-        f"{result['seconds_dense_jacobian']:.1f} s; chaotic/bulk/stable {counts}; rank(J - I) dense "
+        f"{result['seconds_dense_jacobian']:.1f} s; chaotic/bulk/stable {counts}; "
+        f"#(sigma(J - I) > {result['rank_thresholds']}) dense "
         f"{result['rank_dense']} vs matrix-free {result['rank_matrix_free']} "
         f"({result['products_matrix_free']} products)"
     )

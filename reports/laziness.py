@@ -67,6 +67,7 @@ def laziness_report(
         num_points=num_points,
         output_indices=output_indices,
         reference_size=sizes[-1],
+        reference_strategy=strategy,
         seed=seed,
     )
     j = lr.outputs[0]

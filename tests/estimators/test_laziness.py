@@ -159,3 +159,41 @@ def test_errors() -> None:
         jacobian_drift(net, X, {"layers.0.weight": net.layers[0].weight})
     with pytest.raises(ValueError, match="every: expected a positive integer"):
         JacobianDrift(X, every=0)
+
+
+def test_jacobian_drift_callback_when_some_parameters_train() -> None:
+    """A trainer of the last layer only: the callback raised 'expected values for every
+    parameter' at its first step; its value must equal jacobian_drift of the whole model."""
+    net, X = _net(6, width=16), _X(16)
+    y = torch.randn(16, 2, dtype=F64, generator=torch.Generator().manual_seed(2))
+    names = [n for n, _ in net.named_parameters()][-2:]
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    cb = JacobianDrift(X[:6], every=2)
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def snapshot(trainer: BackpropTrainer, step: int) -> None:
+        if step % 2 == 0:
+            seen.append({n: v.detach().clone() for n, v in trainer.values.items()})
+
+    t = BackpropTrainer(net, torch.nn.functional.mse_loss, lr=0.1, params=names)
+    t.fit(X, y, epochs=2, progress=False, callbacks=[cb, snapshot])
+    assert cb.records and len(seen) == len(cb.records)
+    now = {**start, **seen[-1]}
+    assert not torch.equal(now[names[0]], start[names[0]])
+    want = jacobian_drift(net, X[:6], now, start, norm="frobenius")  # the callback's default
+    assert cb.records[-1][1] == pytest.approx(want, rel=1e-12)
+
+
+def test_laziness_report_strategy_reaches_the_papers_ratio() -> None:
+    """strategy= went to the rank curve only; the paper's ratio used the random reference."""
+    net, X = _net(7), _X(12)
+    got = {
+        s: laziness_report(net, X, num_points=2, reference_sizes=(4, 16), strategy=s)
+        for s in ("random", "magnitude")
+    }
+    for s, rep in got.items():
+        want = laziness_ratio(
+            net, X, num_points=2, output_indices=(0,), reference_size=16, reference_strategy=s,
+            seed=0,
+        )  # fmt: skip
+        assert rep["laziness_paper_ratio_mean"] == pytest.approx(want.paper_ratio_mean, rel=1e-12)
