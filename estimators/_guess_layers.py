@@ -29,6 +29,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call
 
+from linops._data import uses_batch_statistics
 from linops.params import ParamSpace
 
 __all__ = [
@@ -99,6 +100,17 @@ def find_layers(space: ParamSpace, x: torch.Tensor) -> list[Layer]:
         sharing), no layer is found, or a trained parameter belongs to no Linear / Conv2d
         layer.
     """
+    coupled = sorted(
+        n
+        for n, m in space.model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and uses_batch_statistics(m)
+    )
+    if coupled:  # refused before the probe pass, which would update their running statistics
+        raise ValueError(
+            f"model: {coupled} normalise by the batch's statistics (BatchNorm in training mode "
+            "or without running statistics), which couples the examples: per-example "
+            "guesses would be biased (0.33-0.38 relative on a CNN); call .eval() on them"
+        )
     names: dict[nn.Module, str] = {
         m: n for n, m in space.model.named_modules() if isinstance(m, LAYER_TYPES)
     }
@@ -179,6 +191,30 @@ def record_pass(
         for h in handles:
             h.remove()
     return Record(inputs, raw, leaves, output)
+
+
+def chain_break(rec: Record, layers: Sequence[Layer]) -> str | None:
+    """Describe where the recorded layers are not a chain (each feeding the next only), or None.
+
+    Guessers that propagate a guess through the next layer's weights (``W^T``, downstream,
+    mixing) give an exactly zero guess to a layer that does not feed the next one (a parallel
+    branch), and leave out what reaches the loss around it (a skip connection).
+    """
+    n = len(rec.leaves)
+    for i in range(n - 1):
+        nxt = rec.raw[i + 1]
+        fed = nxt.requires_grad and torch.autograd.grad(
+            nxt, rec.leaves[i], torch.ones_like(nxt), retain_graph=True, allow_unused=True
+        )[0] is not None
+        if not fed:
+            return f"{layers[i].name!r} does not feed {layers[i + 1].name!r}"
+        later = [t for t in [rec.output, *rec.raw[i + 2 :]] if t.requires_grad]
+        if later and torch.autograd.grad(
+            later, rec.leaves[i], [torch.ones_like(t) for t in later], retain_graph=True,
+            allow_unused=True,
+        )[0] is not None:  # fmt: skip
+            return f"{layers[i].name!r} reaches the output around {layers[i + 1].name!r}"
+    return None
 
 
 def vjp(output: torch.Tensor, inp: torch.Tensor, cotangent: torch.Tensor) -> torch.Tensor:

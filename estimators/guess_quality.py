@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from estimators._guess_layers import Record, find_layers, record_pass, vjp
+from estimators._guess_layers import Record, find_layers, record_pass
 from estimators.guesses import GradientGuesser
 from estimators.seeding import Seed, make_generator
 from linops.params import ParamSpace
@@ -373,12 +373,29 @@ def activation_gradient_overlap(
 
 
 def _backprop_to_input(rec: Record, layer: int, loss: torch.Tensor) -> torch.Tensor:
-    """Compute the reference gradient at layer ``layer``'s input by chained local backprop."""
-    (v,) = torch.autograd.grad(loss, rec.leaves[-1], retain_graph=True)
-    for j in range(len(rec.leaves) - 1, layer, -1):
-        v = vjp(rec.raw[j], rec.leaves[j - 1], v)
-    (g,) = torch.autograd.grad(rec.raw[layer], rec.inputs[layer], v, retain_graph=True)
-    return g
+    r"""Compute the reference gradient :math:`\partial L / \partial x_l` at layer ``layer``'s input.
+
+    The recorded graph is cut at every layer output (:class:`Record`), so the total derivative
+    is gathered back to front: that of each cut point :math:`s_j` from every later one and
+    from the loss, then that of :math:`x_l` likewise. Chaining layer to layer only left out
+    skip connections (a residual block's cosines 20-40% off).
+    """
+    n = len(rec.leaves)
+    total: list[torch.Tensor | None] = [None] * n
+
+    def pull(target: torch.Tensor, start: int) -> torch.Tensor:
+        outs, cots = [loss], [torch.ones_like(loss)]
+        for k in range(start, n):
+            t = total[k]
+            if t is not None and rec.raw[k].requires_grad:
+                outs.append(rec.raw[k])
+                cots.append(t)
+        (g,) = torch.autograd.grad(outs, target, cots, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(target) if g is None else g
+
+    for j in range(n - 1, layer - 1, -1):
+        total[j] = pull(rec.leaves[j], j + 1)
+    return pull(rec.inputs[layer], layer)
 
 
 def _principal_angles(A: torch.Tensor, B: torch.Tensor) -> list[float]:

@@ -89,6 +89,7 @@ from estimators._guess_layers import (
     BACKENDS,
     Layer,
     Record,
+    chain_break,
     find_layers,
     layer_param_vjp,
     output_error,
@@ -171,6 +172,7 @@ class GradientGuesser:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self._layers_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._chains: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         """Return ``ClassName(backend=...)``."""
@@ -362,10 +364,19 @@ class MatchedCosine(GradientGuesser):
             loss_bp = loss_fn(space.functional_call(leaves, x), y)
             g = space.flatten(torch.autograd.grad(loss_bp, list(leaves.values())))
         u = g / g.norm().clamp_min(torch.finfo(g.dtype).tiny)
-        v = _noise(g, gen, "normal")
-        w = v - (v @ u) * u
-        w = w / w.norm()
-        direction = space.unflatten(self.cosine * u + math.sqrt(1.0 - self.cosine**2) * w)
+        if self.cosine == 1.0:
+            y_dir = u
+        elif g.numel() == 1:
+            raise ValueError(
+                f"cosine: a one-parameter space has no direction orthogonal to the gradient, "
+                f"so only cosine=1 is defined, got {self.cosine}"
+            )
+        else:
+            v = _noise(g, gen, "normal")
+            w = v - (v @ u) * u
+            w = w / w.norm()
+            y_dir = self.cosine * u + math.sqrt(1.0 - self.cosine**2) * w
+        direction = space.unflatten(y_dir)
         out, out_dot = param_jvp(space, values, x, direction, self.backend)
         loss, e = output_error(loss_fn, out, y)
         d = per_example_dot(e, out_dot).sum()
@@ -395,9 +406,24 @@ class _PreactivationGuesser(GradientGuesser):
         """Layers whose pre-activation gradient is known locally and used as is (none here)."""
         return {}
 
+    #: whether the guesses pass through the next layer (W^T, downstream, mixing): a chain needed
+    needs_chain = False
+
     def _guess(self, space, values, x, y, loss_fn, gen):
         layers = self.layers(space, x)
         rec = record_pass(space, values, x, layers)
+        if self.needs_chain:
+            checked = self._chains.setdefault(space.model, {})
+            key = tuple(space.names)
+            if key not in checked:
+                checked[key] = chain_break(rec, layers)
+            if checked[key] is not None:
+                raise ValueError(
+                    f"model: {type(self).__name__} passes each guess through the next layer, "
+                    f"so it needs the Linear/Conv2d layers to form a chain, but {checked[key]} "
+                    "(its guess would be zero or leave that path out); ActivationPerturbation "
+                    "and DirectionalDescent take any model"
+                )
         loss, e = output_error(loss_fn, rec.output, y)
         eps = self.preactivation_guesses(rec, gen)
         exact = self.exact_errors(rec, e)
@@ -472,6 +498,8 @@ class WTranspose(_PreactivationGuesser):
     W_{l+1} D_l` (section 5). The last layer gets :math:`N(0, I)`.
     """
 
+    needs_chain = True
+
     name = "w_transpose"
 
     def preactivation_guesses(self, rec, gen):
@@ -502,6 +530,8 @@ class Downstream(_PreactivationGuesser):
     jvp_mode, backend
         See the module notes.
     """
+
+    needs_chain = True
 
     name = "downstream"
 
@@ -571,6 +601,8 @@ class ActivationMixing(_PreactivationGuesser):
     :math:`\mathrm{Cov}(\epsilon_b) \propto D_l X_{l+1}^\top X_{l+1} D_l` (section 5). The last
     layer gets :math:`N(0, I)`.
     """
+
+    needs_chain = True
 
     name = "activation_mixing"
 

@@ -56,7 +56,7 @@ def check_model_mode(
             type(m).__name__
             for m in model.modules()
             if (isinstance(m, _STATEFUL_IN_TRAINING) and m.training)
-            or (isinstance(m, nn.modules.batchnorm._BatchNorm) and _batch_statistics(m))
+            or (isinstance(m, nn.modules.batchnorm._BatchNorm) and uses_batch_statistics(m))
         }
     )
     if culprits and model.training:
@@ -86,7 +86,7 @@ def random_layers(model: nn.Module) -> list[str]:
     )
 
 
-def _batch_statistics(bn: nn.Module) -> bool:
+def uses_batch_statistics(bn: nn.Module) -> bool:
     """Whether a BatchNorm normalises by the batch's statistics (torch's own rule)."""
     return bool(bn.training or (bn.running_mean is None and bn.running_var is None))
 

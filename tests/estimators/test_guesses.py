@@ -336,3 +336,49 @@ def test_registry_names():
     assert set(GUESSERS) == {*PREACT, "directional_descent", "matched_cosine"}
     for name, cls in GUESSERS.items():
         assert cls.name == name
+
+
+def test_guessers_that_pass_through_the_next_layer_refuse_non_chains() -> None:
+    """Two parallel branches: W^T, downstream and mixing gave branch a an exactly zero guess
+    (cosine 0) where its gradient has norm 0.198; ActivationPerturbation takes the model."""
+
+    class Branches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(10, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1))
+
+    torch.manual_seed(0)
+    model = Branches().double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    ce = nn.functional.cross_entropy
+    for guesser in (WTranspose(), Downstream(), ActivationMixing(), SelfSharpening()):
+        with pytest.raises(ValueError, match="needs the Linear/Conv2d layers to form a chain"):
+            guesser(model, None, x, y, ce, seed=0)
+    g = ActivationPerturbation()(model, None, x, y, ce, seed=0)
+    assert float(g.grads["a.weight"].norm()) > 0
+
+
+def test_batch_statistics_and_one_parameter_are_refused() -> None:
+    """BatchNorm2d in training mode: guesses 0.33-0.38 off in the mean and the probe pass
+    updated the running statistics; MatchedCosine on one parameter returned NaN."""
+    torch.manual_seed(0)
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+    ).double()
+    before = cnn[1].running_mean.clone()
+    x, y = torch.randn(6, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match="normalise by the batch's statistics"):
+        ActivationPerturbation()(cnn, None, x, y, nn.functional.cross_entropy, seed=0)
+    assert torch.equal(cnn[1].running_mean, before)
+    one = nn.Linear(1, 1, bias=False).double()
+    x1, y1 = torch.randn(4, 1, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    mse = nn.functional.mse_loss
+    with pytest.raises(ValueError, match="only cosine=1 is defined"):
+        MatchedCosine(0.5)(one, None, x1, y1, mse, seed=0)
+    g = MatchedCosine(1.0)(one, None, x1, y1, mse, seed=0)
+    w = one.weight.detach().clone().requires_grad_(True)
+    (true,) = torch.autograd.grad(mse(x1 @ w.T, y1), w)
+    torch.testing.assert_close(g.grads["weight"], true)
