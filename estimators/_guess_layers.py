@@ -203,9 +203,13 @@ def chain_break(rec: Record, layers: Sequence[Layer]) -> str | None:
     n = len(rec.leaves)
     for i in range(n - 1):
         nxt = rec.raw[i + 1]
-        fed = nxt.requires_grad and torch.autograd.grad(
-            nxt, rec.leaves[i], torch.ones_like(nxt), retain_graph=True, allow_unused=True
-        )[0] is not None
+        fed = (
+            nxt.requires_grad
+            and torch.autograd.grad(
+                nxt, rec.leaves[i], torch.ones_like(nxt), retain_graph=True, allow_unused=True
+            )[0]
+            is not None
+        )
         if not fed:
             return f"{layers[i].name!r} does not feed {layers[i + 1].name!r}"
         later = [t for t in [rec.output, *rec.raw[i + 2 :]] if t.requires_grad]
