@@ -78,7 +78,9 @@ def _prefix(name: str) -> str:
     return f"{name}." if name else ""
 
 
-def find_layers(space: ParamSpace, x: torch.Tensor) -> list[Layer]:
+def find_layers(
+    space: ParamSpace, x: torch.Tensor, *, allow_batch_statistics: bool = False
+) -> list[Layer]:
     """Find the Linear / Conv2d layers of ``space.model`` in the order a forward pass runs them.
 
     Parameters
@@ -88,6 +90,10 @@ def find_layers(space: ParamSpace, x: torch.Tensor) -> list[Layer]:
         of the layers found.
     x
         An input batch (only its first example is used for the probe pass).
+    allow_batch_statistics
+        Whether BatchNorm that normalises by the batch may run (for analyses of the batch
+        loss itself; per-example guesses refuse it). Its probe pass then updates the running
+        statistics, as a forward pass in training mode does.
 
     Returns
     -------
@@ -105,7 +111,7 @@ def find_layers(space: ParamSpace, x: torch.Tensor) -> list[Layer]:
         for n, m in space.model.named_modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and uses_batch_statistics(m)
     )
-    if coupled:  # refused before the probe pass, which would update their running statistics
+    if coupled and not allow_batch_statistics:  # before the probe, which would update them
         raise ValueError(
             f"model: {coupled} normalise by the batch's statistics (BatchNorm in training mode "
             "or without running statistics), which couples the examples: per-example "

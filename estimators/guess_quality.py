@@ -342,7 +342,7 @@ def activation_gradient_overlap(
     """
     space = as_space(model)
     values = space.values() if values is None else values
-    layers = find_layers(space, x)
+    layers = find_layers(space, x, allow_batch_statistics=True)  # exact backprop of the batch
     if not (isinstance(layer, int) and 1 <= layer < len(layers)):
         raise ValueError(f"layer: expected an integer in [1, {len(layers) - 1}], got {layer!r}")
     rec = record_pass(space, values, x, layers)

@@ -328,6 +328,7 @@ def jacobian_drift(
     output_index: int | None = None,
     rtol: float = 1e-4,
     seed: Seed = 0,
+    params: Params | None = None,
 ) -> float:
     r"""Measured relative change of the Jacobian, :math:`\|J_t - J_0\| / \|J_0\|`.
 
@@ -338,7 +339,7 @@ def jacobian_drift(
     inputs
         ``(n, ...)`` inputs (the probe set) or an ``(X, y)`` pair.
     values_t, values_0
-        Parameter values by name (all of the model's trainable ones), or flat vectors.
+        Parameter values by name (all of those the Jacobian is taken for), or flat vectors.
     norm
         ``"spectral"``: :math:`\sigma_1` of both operators by :func:`linops.svds` (matrix-free;
         the difference is the lazy operator ``J_t - J_0``); ``"frobenius"``: exact, from
@@ -349,6 +350,9 @@ def jacobian_drift(
         Relative tolerance of ``svds`` (its ``tol``).
     seed
         Randomness of the ``svds`` start vector.
+    params
+        The parameters the Jacobian is taken for (:class:`linops.ParamSpace`; default all
+        trainable ones): a run that trains some of them drifts only in their columns.
 
     Returns
     -------
@@ -357,7 +361,7 @@ def jacobian_drift(
     if norm not in ("spectral", "frobenius"):
         raise ValueError(f"norm: expected 'spectral' or 'frobenius', got {norm!r}")
     X = inputs_tensor(inputs)
-    space = ParamSpace(model)
+    space = ParamSpace(model, params)
     p_t = _full_values(space, values_t, "values_t")
     p_0 = space.values() if values_0 is None else _full_values(space, values_0, "values_0")
     X = X.to(dtype=space.dtype, device=space.device)
@@ -438,13 +442,10 @@ class JacobianDrift:
         """Log the Jacobian drift at steps divisible by ``every`` (else ``None``)."""
         if step % self.every:
             return None
-        # every parameter of the model: a trainer of some of them holds only theirs
-        full = ParamSpace(trainer.model).values()
-        p_t, p_0 = dict(full), dict(full)
-        p_t.update(trainer.values)
-        p_0.update(trainer.initial_values)
+        # the trained parameters' Jacobian: the others' columns never move with training
         value = jacobian_drift(
-            trainer.model, self.inputs, p_t, p_0, norm=self.norm, output_index=self.output_index
-        )
+            trainer.model, self.inputs, dict(trainer.values), dict(trainer.initial_values),
+            norm=self.norm, output_index=self.output_index, params=list(trainer.space.names),
+        )  # fmt: skip
         self.records.append((step, value))
         return {"jacobian_drift": value}
