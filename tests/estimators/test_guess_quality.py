@@ -207,3 +207,22 @@ def test_activation_gradient_overlap_on_a_residual_block() -> None:
     Gn = G / G.norm(dim=1, keepdim=True)
     want = [float((Gn @ U[:, :k]).norm(dim=1).mean()) for k in ks]
     assert got.cosine_activation == pytest.approx(want, rel=1e-10)
+
+
+def test_activation_gradient_overlap_takes_batch_statistics() -> None:
+    """Its reference is exact backprop of the batch loss, so BatchNorm in training mode is
+    fine there (only per-example guessers refuse it)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.manual_seed(0)
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.BatchNorm2d(2, affine=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, 3),
+    ).double()
+    x, y = torch.randn(6, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    got = activation_gradient_overlap(cnn, None, x, y, F.cross_entropy, 1, ks=(1, 2), seed=0)
+    assert all(0 <= c <= 1 + 1e-12 for c in got.cosine_activation)
