@@ -164,23 +164,25 @@ def _stderr(v: torch.Tensor, Z: torch.Tensor, BZ: torch.Tensor) -> float:
 def _rules(
     alpha: torch.Tensor, beta: torch.Tensor, k: int, f: Callable, a: float | None
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """One probe: Gauss nodes, weights and value on ``T_k``, and the Radau value (node ``a``)."""
+    """One probe's rules on ``T_k``: Gauss nodes, eigenvectors, Gauss and Radau values.
+
+    The Gauss weights are ``S[0] ** 2``; the Radau rule has a node at ``a``.
+    """
     T = _tridiag(alpha, beta, k)
     theta, S = torch.linalg.eigh(T)
-    tau = S[0] ** 2
-    gauss = float((tau * f(theta)).sum())
+    gauss = float((S[0] ** 2 * f(theta)).sum())
     if a is None:
-        return theta, tau, gauss, math.nan
+        return theta, S, gauss, math.nan
     bk = float(beta[k - 1])
     if bk == 0.0:  # an invariant subspace: every rule is exact
-        return theta, tau, gauss, gauss
+        return theta, S, gauss, gauss
     e = torch.zeros(k, dtype=T.dtype)
     e[-1] = bk**2
     delta = torch.linalg.solve(T - a * torch.eye(k, dtype=T.dtype), e)
     Tr = torch.zeros(k + 1, k + 1, dtype=T.dtype)
     Tr[:k, :k], Tr[k - 1, k], Tr[k, k - 1], Tr[k, k] = T, bk, bk, a + delta[-1]
     th, Sr = torch.linalg.eigh(Tr)
-    return theta, tau, gauss, float((Sr[0] ** 2 * f(th.clamp(min=a))).sum())
+    return theta, S, gauss, float((Sr[0] ** 2 * f(th.clamp(min=a))).sum())
 
 
 def _below_lower(theta: torch.Tensor, a: float, m: int, eps: float) -> bool:
@@ -372,11 +374,10 @@ def trace_function(
         alpha, beta, steps, V = _lanczos(op, V0[:, first : first + group], m)
         for j in range(alpha.shape[0]):
             i, k = first + j, int(steps[j])
-            th, tau, g, r = _rules(alpha[j], beta[j], k, fn, a if name else None)
-            nodes[i, :k], weights[i, :k] = th, tau
+            th, S, g, r = _rules(alpha[j], beta[j], k, fn, a if name else None)
+            nodes[i, :k], weights[i, :k] = th, S[0] ** 2
             nodes[i, k:] = th[-1]  # padding with zero weight
-            S0 = torch.linalg.eigh(_tridiag(alpha[j], beta[j], k))[1]
-            BZ[:, i] = math.sqrt(n) * (V[:k, :, j].T.cpu().double() @ (S0 @ (fn(th) * S0[0])))
+            BZ[:, i] = math.sqrt(n) * (V[:k, :, j].T.cpu().double() @ (S @ (fn(th) * S[0])))
             lo, up = _bounds(name, g, r)
             if name is not None and a is not None and _below_lower(th, a, m, _eps(op)):
                 if spectrum_lower is not None:
