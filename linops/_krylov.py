@@ -36,8 +36,10 @@ __all__ = [
     "check_products",
     "check_symmetric",
     "check_which",
+    "cluster_gap",
     "clusters",
     "completeness",
+    "holds_zero",
     "keep_count",
     "make_generator",
     "orth_qr",
@@ -476,6 +478,16 @@ class Verifier:
         )
 
 
+def cluster_gap(tol: float, anorm: float, dtype: torch.dtype) -> float:
+    """Return ``max(tol, sqrt(eps)) ||A||``: values closer than this are copies of one value."""
+    return max(tol, float(torch.finfo(dtype).eps) ** 0.5) * anorm
+
+
+def holds_zero(vals: torch.Tensor, tol: float, anorm: float, dtype: torch.dtype) -> bool:
+    """Whether the smallest of ``vals`` in magnitude is 0 to :func:`cluster_gap` (a null space)."""
+    return float(vals.abs().min()) <= cluster_gap(tol, anorm, dtype)
+
+
 def completeness(
     vals: torch.Tensor,
     locked: torch.Tensor | None,
@@ -506,8 +518,8 @@ def completeness(
     vector sees once), it is searched likewise (``lanczos(G, 4, "SA")`` returned one 0 and
     the next three values, all verified).
     """
-    gap = max(tol, float(torch.finfo(dtype).eps) ** 0.5) * anorm
-    zero = smallest and float(vals.abs().min()) <= gap
+    gap = cluster_gap(tol, anorm, dtype)
+    zero = smallest and holds_zero(vals, tol, anorm, dtype)
     if locked is not None:
         if bool(((vals.detach().cpu().to(locked) - locked).abs() <= tol * anorm).all()):
             return "done"

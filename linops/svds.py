@@ -359,8 +359,7 @@ class _Bidiag:
             sv, self.locked, tol, self.anorm, dt, self.rounds, k, room, self.broke
         )
         if todo == "done":
-            gap = max(tol, float(torch.finfo(dt).eps) ** 0.5) * self.anorm
-            if which == "SM" and k >= 2 and b < k and float(sv.abs().min()) <= gap:
+            if which == "SM" and k >= 2 and b < k and kr.holds_zero(sv, tol, self.anorm, dt):
                 warnings.warn(
                     "svds: the smallest singular value found is 0 to rounding (a null space, "
                     "which one start vector sees once): further copies of 0 may be missing "
