@@ -38,6 +38,7 @@ from linops._model import ModelOperator, forward_checked, tensor_in
 from linops._reduction import (
     Reduction,
     _describe,
+    _name,
     check_reduction,
     loss_reduction,
     torch_forward,
@@ -103,6 +104,7 @@ class _LossOperator(ModelOperator):
         self._given_loss = loss_fn
         self.loss_fn, self._reduction = _loss_in(loss_fn, self.torch_dtype, self.device), reduction
         self._loss_reduction: Reduction | None = None
+        self._own_reduction: Reduction | None = None  # the loss's own (_batch_normaliser)
         self._batch_weights: list[float] | None = None
 
     @property
@@ -126,9 +128,13 @@ class _LossOperator(ModelOperator):
         :math:`W_b` from it made the Fisher and KFAC of ``MSELoss()`` 3x the GGN with a
         callable counting samples (``C = 3`` outputs). A plain function has only the given one.
         """
-        own = self._reduce() if _describe(self.loss_fn)[0] is None else None
-        if own is None:
-            own = loss_reduction(self.loss_fn, None, several_batches=False)
+        if self._own_reduction is None:  # read once, like _reduce()
+            self._own_reduction = (
+                self._reduce()
+                if _describe(self.loss_fn)[0] is None
+                else loss_reduction(self.loss_fn, None, several_batches=False)
+            )
+        own = self._own_reduction
         if own.kind == "sum":
             return 1.0
         normaliser: Any = own.normaliser
@@ -232,16 +238,14 @@ _BROADCASTING_FUNCTIONS = (
 )
 
 
+def _unwrapped(loss_fn: object) -> object:
+    return loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
+
+
 def _broadcasting_loss(loss_fn: object) -> bool:
     if isinstance(loss_fn, _BROADCASTING):
         return torch_forward(loss_fn)  # a subclass's own forward may reshape on purpose
-    func = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
-    return any(func is f for f in _BROADCASTING_FUNCTIONS)
-
-
-def _loss_name(loss_fn: object) -> str:
-    func = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
-    return getattr(func, "__name__", None) or type(func).__name__
+    return any(_unwrapped(loss_fn) is f for f in _BROADCASTING_FUNCTIONS)
 
 
 def _check_scalar_loss(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor | None) -> None:
@@ -256,7 +260,7 @@ def _check_scalar_loss(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor | Non
     if y is not None and _broadcasting_loss(loss_fn) and tuple(y.shape) != tuple(out.shape):
         raise ValueError(
             f"loss_fn: targets of shape {tuple(y.shape)} would broadcast against outputs of "
-            f"shape {tuple(out.shape)} in {_loss_name(loss_fn)} (torch only warns); give "
+            f"shape {tuple(out.shape)} in {_name(_unwrapped(loss_fn))} (torch only warns); give "
             "targets of the outputs' shape (e.g. y[:, None] or y.reshape(outputs.shape))"
         )
     try:
