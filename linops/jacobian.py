@@ -234,11 +234,18 @@ class JacobianOperator(ModelOperator):
     def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
         k, batched = Y.shape[1], Y.shape[1] > 1 or self._probing
         total: list[torch.Tensor] | None = None
+        if len(self.batch_rows) > 1:  # the running sum, made before any batch's graph: see
+            total = self._split_params(Y.new_zeros(self.shape[1], k))[0]  # _LossOperator
         for graph, Yb in zip(self._graphs(), torch.split(Y, self.batch_rows), strict=True):
             shape = graph.out.shape
             cot = Yb.T.reshape(k, *shape) if batched else Yb.reshape(shape)
             part = graph.vjp(cot, batched)
-            total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
+            if total is None:
+                total = part
+            else:
+                for a, t in zip(total, part, strict=True):
+                    a.add_(t)
+            del part, cot
         assert total is not None  # the data has at least one batch
         return self._join_params(total, batched)
 
