@@ -20,16 +20,18 @@ products' ratio. Times are medians of back-to-back calls after a warm-up call.
 BatchNorm in eval mode, identity shortcuts with zero-padded channels) on CIFAR-shaped random
 images, float32. ``torch.func.vmap``'s batching rule for convolutions folds the vectors into
 the convolution (no faster than a loop here, at K times the memory), so the operators' block
-pass (found at the first block, by a one-vector probe) is one vector per pass. Each figure
+pass (decided at the first block from the graph's convolution nodes) is one vector per pass. Each figure
 comes from its own subprocess: the wall time of an 8-vector block ``H V`` against 8 single
 products ``H v`` (interleaved rounds, medians), and the peak resident memory above the
 resident memory before the product (``VmHWM`` of ``/proc/self/status``, reset through
 ``/proc/self/clear_refs`` once the graph is built; ``ru_maxrss`` where that is not
 available) of the first single product and of the first 8-vector block (its measuring and
 probe passes included), of a later single product and a later block (the steady state of a
-solver, after the allocator has grown its heap), and, with ``--wide``, of the 8-vector batched pass
-itself (``torch.func.vmap`` folding the vectors into the convolutions), which is what the
-operators avoid.
+solver, after the allocator has grown its heap), of 8 single products in a row (the work the
+block replaces: glibc's heap holds about 1.35x the first product's peak from the second
+product on, freed blocks kept resident where the next pass's temporaries do not land on the
+same pages), and, with ``--wide``, of the 8-vector batched pass itself (``torch.func.vmap``
+folding the vectors into the convolutions), which is what the operators avoid.
 
 Usage::
 
@@ -278,6 +280,13 @@ def resnet20_worker(task: str, n: int, k: int, repeats: int) -> dict[str, Any]:
         out = _peak_bytes(lambda: H @ V)
         out["route"], out["reason"] = H.route, H.unbatched_reason[False]
         return out
+    if task == "singles":  # the work a block replaces: k single products in a row
+
+        def singles() -> None:
+            for i in range(k):
+                H @ V[:, i]
+
+        return _peak_bytes(singles)
     if task == "single_later":  # after two single products: the steady state of a solver
         H @ V[:, 0]
         H @ V[:, 1]
@@ -322,7 +331,7 @@ def _run_worker(
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-_MEMORY_TASKS = ("single", "block", "single_later", "block_later")
+_MEMORY_TASKS = ("single", "block", "single_later", "block_later", "singles")
 
 
 def resnet20_rows(quick: bool, repeats: int, wide: bool) -> dict[str, Any]:
@@ -334,6 +343,7 @@ def resnet20_rows(quick: bool, repeats: int, wide: bool) -> dict[str, Any]:
     block = _run_worker("block", n, k, repeats)
     single_later = _run_worker("single_later", n, k, repeats)
     block_later = _run_worker("block_later", n, k, repeats)
+    singles = _run_worker("singles", n, k, repeats)
     out: dict[str, Any] = {
         "images": n,
         "vectors": k,
@@ -349,6 +359,8 @@ def resnet20_rows(quick: bool, repeats: int, wide: bool) -> dict[str, Any]:
         "bytes_peak_later_block": block_later["bytes"],
         "ratio_memory_later_block_over_later_single": block_later["bytes"]
         / max(1, single_later["bytes"]),
+        "bytes_peak_k_single_products": singles["bytes"],
+        "ratio_memory_block_over_k_singles": block["bytes"] / max(1, singles["bytes"]),
         "memory_measured_by": single["how"],
     }
     # glibc's adaptive mmap threshold keeps the freed temporaries of one product in its heap,
@@ -359,6 +371,7 @@ def resnet20_rows(quick: bool, repeats: int, wide: bool) -> dict[str, Any]:
         "ratio_memory_block_over_single": fixed["block"] / max(1, fixed["single"]),
         "ratio_memory_later_block_over_later_single": fixed["block_later"]
         / max(1, fixed["single_later"]),
+        "ratio_memory_block_over_k_singles": fixed["block"] / max(1, fixed["singles"]),
     }
     if wide:
         w = _run_worker("wide", n, k, repeats)
@@ -388,17 +401,23 @@ def resnet20_markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
         f"| peak of a later 8-vector block (MB) | {mb * r['bytes_peak_later_block']:.0f} |",
         f"| later block / later product, peak memory | "
         f"{r['ratio_memory_later_block_over_later_single']:.2f} |",
+        f"| peak of {r['vectors']} single products in a row (MB) | "
+        f"{mb * r['bytes_peak_k_single_products']:.0f} |",
+        f"| block / {r['vectors']} single products, peak memory | "
+        f"{r['ratio_memory_block_over_k_singles']:.2f} |",
     ]
     if "fixed_mmap_threshold" in r:
         f = r["fixed_mmap_threshold"]
         lines += [
             "| with `MALLOC_MMAP_THRESHOLD_=131072` (`linops.memory.return_freed_memory()`): "
-            "one product / first block / later product / later block (MB) | "
+            "one product / first block / later product / later block / "
+            f"{r['vectors']} products (MB) | "
             + " / ".join(f"{mb * f['bytes'][t]:.0f}" for t in _MEMORY_TASKS)
             + " |",
-            f"| same setting: block / one product, later block / later product | "
-            f"{f['ratio_memory_block_over_single']:.2f}, "
-            f"{f['ratio_memory_later_block_over_later_single']:.2f} |",
+            f"| same setting: block / one product, later block / later product, block / "
+            f"{r['vectors']} products | {f['ratio_memory_block_over_single']:.2f}, "
+            f"{f['ratio_memory_later_block_over_later_single']:.2f}, "
+            f"{f['ratio_memory_block_over_k_singles']:.2f} |",
         ]
     if "bytes_peak_wide_vmap_pass" in r:
         lines += [
