@@ -20,8 +20,8 @@ products' ratio. Times are medians of back-to-back calls after a warm-up call.
 BatchNorm in eval mode, identity shortcuts with zero-padded channels) on CIFAR-shaped random
 images, float32. ``torch.func.vmap``'s batching rule for convolutions folds the vectors into
 the convolution (no faster than a loop here, at K times the memory), so the operators' block
-pass (decided at the first block from the graph's convolution nodes) is one vector per pass. Each figure
-comes from its own subprocess: the wall time of an 8-vector block ``H V`` against 8 single
+pass (decided at the first block from the graph's convolution nodes) is one vector per pass.
+Each memory figure is the median of ``--repeats`` subprocesses, one figure each: the wall time of an 8-vector block ``H V`` against 8 single
 products ``H v`` (interleaved rounds, medians), and the peak resident memory above the
 resident memory before the product (``VmHWM`` of ``/proc/self/status``, reset through
 ``/proc/self/clear_refs`` once the graph is built; ``ru_maxrss`` where that is not
@@ -339,11 +339,21 @@ def resnet20_rows(quick: bool, repeats: int, wide: bool) -> dict[str, Any]:
     n, k = (32 if quick else 128), 8
     load = [round(os.getloadavg()[0], 2)]
     timing = _run_worker("time", n, k, repeats)
-    single = _run_worker("single", n, k, repeats)
-    block = _run_worker("block", n, k, repeats)
-    single_later = _run_worker("single_later", n, k, repeats)
-    block_later = _run_worker("block_later", n, k, repeats)
-    singles = _run_worker("singles", n, k, repeats)
+    # glibc's heap makes one fresh process's peak vary by up to a fifth: medians of `repeats`
+    # processes per figure, the tasks interleaved
+    runs: dict[str, list[dict[str, Any]]] = {t: [] for t in _MEMORY_TASKS}
+    fixed_runs: dict[str, list[int]] = {t: [] for t in _MEMORY_TASKS}
+    for _ in range(repeats):
+        for t in _MEMORY_TASKS:
+            runs[t].append(_run_worker(t, n, k, repeats))
+            # glibc's adaptive mmap threshold keeps the freed temporaries of one product in
+            # its heap, where the next product's do not land on the same pages: the same
+            # figures with it fixed
+            fixed_runs[t].append(_run_worker(t, n, k, repeats, FIXED_MMAP)["bytes"])
+    med = {t: {**runs[t][0], "bytes": statistics.median(r["bytes"] for r in runs[t])} for t in runs}
+    fixed = {t: statistics.median(v) for t, v in fixed_runs.items()}
+    single, block, single_later = med["single"], med["block"], med["single_later"]
+    block_later, singles = med["block_later"], med["singles"]
     out: dict[str, Any] = {
         "images": n,
         "vectors": k,
@@ -362,10 +372,8 @@ def resnet20_rows(quick: bool, repeats: int, wide: bool) -> dict[str, Any]:
         "bytes_peak_k_single_products": singles["bytes"],
         "ratio_memory_block_over_k_singles": block["bytes"] / max(1, singles["bytes"]),
         "memory_measured_by": single["how"],
+        "bytes_peak_each_process": {t: [r["bytes"] for r in v] for t, v in runs.items()},
     }
-    # glibc's adaptive mmap threshold keeps the freed temporaries of one product in its heap,
-    # where the next product's do not fit exactly: the same four figures with it fixed
-    fixed = {t: _run_worker(t, n, k, repeats, FIXED_MMAP)["bytes"] for t in _MEMORY_TASKS}
     out["fixed_mmap_threshold"] = {
         "bytes": fixed,
         "ratio_memory_block_over_single": fixed["block"] / max(1, fixed["single"]),
@@ -427,7 +435,8 @@ def resnet20_markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
         ]
     lines += [
         "",
-        f"memory: {r['memory_measured_by']}, each figure in its own process; time: medians of "
+        f"memory: {r['memory_measured_by']}, medians of {meta['repeats']} processes per "
+        f"figure (each in its own); time: medians of "
         f"{meta['repeats']} interleaved rounds; {meta['threads']} threads; load average "
         f"{r['loadavg_start_end'][0]} -> {r['loadavg_start_end'][1]}; `{meta['command']}`",
     ]
