@@ -316,6 +316,16 @@ class LightDispatchMode(TorchDispatchMode):
         return "torch._dynamo" in sys.modules
 
 
+def _storage_key(t: object) -> tuple[str, int] | None:
+    """``(device, data pointer)`` of a tensor's storage; None for non-tensors and no storage."""
+    if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+        return None
+    try:
+        return (str(t.device), t.untyped_storage().data_ptr())
+    except RuntimeError:  # forward AD's efficient zero tensors: no storage, no memory
+        return None
+
+
 class PeakMemory(LightDispatchMode):
     """Context manager measuring the tensor memory allocated by the code it runs.
 
@@ -359,16 +369,19 @@ class PeakMemory(LightDispatchMode):
             self.current -= nbytes
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        """Run ``func`` and count the storages of the tensors it returns."""
+        """Run ``func`` and count the storages of the tensors it returns.
+
+        Not those of its inputs: a view (``w.t()``, ``p.detach()``) or an in-place result of
+        a tensor made before the context allocates nothing (a linear layer's ``weight.t()``
+        made every parameter count as allocated by the pass).
+        """
         out = func(*args, **(kwargs or {}))
+        given = {_storage_key(t) for t in tree_flatten((args, kwargs))[0]}
         for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            key = _storage_key(t)
+            if key is None or key in given:
                 continue
-            try:
-                st = t.untyped_storage()
-                key = (str(t.device), st.data_ptr())
-            except RuntimeError:  # forward AD's efficient zero tensors: no storage, no memory
-                continue
+            st = t.untyped_storage()
             nbytes = st.nbytes()
             if nbytes == 0 or key in self._live:
                 continue

@@ -57,6 +57,21 @@ def test_peak_memory_counts_storages_and_frees() -> None:
     assert m.current == 0
 
 
+def test_peak_memory_does_not_count_views_of_tensors_made_before_it() -> None:
+    w = torch.ones(1000, dtype=F64)
+    layer = nn.Linear(50, 40, dtype=F64)
+    x = torch.randn(3, 50, dtype=F64)
+    with PeakMemory() as m:
+        t, d = w[None].t(), w.detach()  # views of w
+        w.add_(1.0)  # in place on w
+        out = layer(x)  # F.linear takes weight.t(), a view of the parameter
+    assert m.peak == m.current == 8 * 3 * 40  # the layer's output alone
+    with PeakMemory() as m:
+        y = t * 2
+    assert m.peak == 8000
+    del d, out, y
+
+
 def test_peak_memory_sees_the_backward_pass() -> None:
     w = torch.randn(200, 200, dtype=F64, requires_grad=True)
     x = torch.randn(300, 200, dtype=F64)
