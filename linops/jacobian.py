@@ -234,8 +234,11 @@ class JacobianOperator(ModelOperator):
     def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
         k, batched = Y.shape[1], Y.shape[1] > 1 or self._probing
         total: list[torch.Tensor] | None = None
-        if len(self.batch_rows) > 1:  # the running sum, made before any batch's graph: see
-            total = self._split_params(Y.new_zeros(self.shape[1], k))[0]  # _LossOperator
+        if len(self.batch_rows) > 1:
+            # the running sum, made before any batch's graph (see _LossOperator._accumulate),
+            # column-major as the products' tangents are: a row-major one made every add_
+            # and the join strided (1.7x the time of J^T U on an 85k-parameter MLP, k = 32)
+            total = self._split_params(Y.new_zeros(k, self.shape[1]).T)[0]
         for graph, Yb in zip(self._graphs(), torch.split(Y, self.batch_rows), strict=True):
             shape = graph.out.shape
             cot = Yb.T.reshape(k, *shape) if batched else Yb.reshape(shape)

@@ -375,8 +375,9 @@ class PeakMemory(LightDispatchMode):
         a tensor made before the context allocates nothing (a linear layer's ``weight.t()``
         made every parameter count as allocated by the pass).
         """
-        out = func(*args, **(kwargs or {}))
+        # keyed before the op: one that resizes an input (out=, resize_) allocates anew
         given = {_storage_key(t) for t in tree_flatten((args, kwargs))[0]}
+        out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             key = _storage_key(t)
             if key is None or key in given:

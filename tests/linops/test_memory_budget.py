@@ -70,6 +70,11 @@ def test_peak_memory_does_not_count_views_of_tensors_made_before_it() -> None:
         y = t * 2
     assert m.peak == 8000
     del d, out, y
+    empty, pre = torch.empty(0, dtype=F64), torch.empty(0, dtype=F64)
+    with PeakMemory() as m:  # ops that resize a tensor made before the context allocate
+        torch.add(w, w, out=empty)
+        pre.resize_(500)
+    assert m.peak == m.current == 8000 + 4000
 
 
 def test_peak_memory_sees_the_backward_pass() -> None:
