@@ -389,7 +389,14 @@ class ModelOperator(TorchLinearOperator):
             else:
                 out = self._first_batched(X, adjoint, single)
         elif self.batched[adjoint] is False and X.shape[1] > 1:
-            out = _loop(apply, _columns(X), adjoint)
+            if not adjoint and self._columnwise_products and self._rebuilds_graphs():
+                self._columnwise = True  # each graph built once for all the columns
+                try:
+                    out = apply(X, adjoint)
+                finally:
+                    self._columnwise = False
+            else:
+                out = _loop(apply, _columns(X), adjoint)
         else:  # a strided column (of a row-major block) would make the product about 2x slower
             out = apply(X if X.shape[1] > 1 or X.stride(0) == 1 else X.contiguous(), adjoint)
         if self.check_finite and out.numel() and not cmath.isfinite(out.sum().item()):
@@ -400,6 +407,16 @@ class ModelOperator(TorchLinearOperator):
                     "float64 may help: op.to(torch.float64))"
                 )
         return out
+
+    #: whether the subclass computes one vector per pass inside its loop over the batches
+    #: (``_columnwise`` set: every column through each batch's graph before the next batch)
+    _columnwise_products = False
+    _columnwise = False
+
+    def _rebuilds_graphs(self) -> bool:
+        """Whether a product builds some batch's graph again (not all of them are kept)."""
+        count = self.batches._num_batches
+        return count is None or len(self._graph_cache) < count
 
     #: whether many-vector products take the subclass's forward-mode formulation (set by
     #: :meth:`_forward_mode_first`; subclasses that have one read it in their hooks)
@@ -665,6 +682,8 @@ class ModelOperator(TorchLinearOperator):
         one-vector pass has been measured (at the first many-vector product) at most
         ``(budget - cached bytes) // p``, at least 1.
         """
+        if self._columnwise:  # one vector at a time inside: the block is not split
+            return None
         cap = self.max_vectors if self.max_vectors is not None else DEFAULT_MAX_VECTORS
         measured = [b for b in self._pass_bytes.values() if b is not None]
         if self.max_vectors is not None or not measured:

@@ -34,7 +34,7 @@ from linops._autodiff import (
 from linops._chain import ChainGradientGraph, ChainOutputGraph
 from linops._checks import check_loss_fn, check_output_index
 from linops._loss import OutputLoss
-from linops._model import ModelOperator, forward_checked, tensor_in
+from linops._model import ModelOperator, _columns, forward_checked, tensor_in
 from linops._reduction import (
     Reduction,
     _describe,
@@ -192,7 +192,11 @@ class _LossOperator(ModelOperator):
         """Return the collectives a product needs first (the loss normaliser's sum over the ranks)."""
         self._weights()
 
+    _columnwise_products = True
+
     def _accumulate(self, X: torch.Tensor, product: Any) -> torch.Tensor:
+        if self._columnwise:
+            return self._accumulate_columns(X, product)
         tangents, batched = self._split_params(X)
         total: list[torch.Tensor] | None = None
         owned = False  # whether total holds tensors of its own (else the first batch's)
@@ -222,6 +226,26 @@ class _LossOperator(ModelOperator):
             del part
         assert total is not None  # the weights sum to 1
         return self._join_params(total, batched)
+
+    def _accumulate_columns(self, X: torch.Tensor, product: Any) -> torch.Tensor:
+        """:meth:`_accumulate` of one vector per pass, every column through each batch's graph.
+
+        Where a block pass is a loop over the vectors and the graphs are rebuilt (streamed),
+        a loop of single products outside would rebuild every graph once per column. Each
+        column's sum is the one its own single product makes (bit for bit; 0 + x is x).
+        """
+        columns = [self._split_params(c)[0] for c in _columns(X)]
+        block = X.new_zeros(X.shape[1], X.shape[0]).T  # column-major: the sums write into it
+        totals = [self._split_params(block[:, j : j + 1])[0] for j in range(X.shape[1])]
+        for w, graph in zip(self._weights(), self._graphs(), strict=True):
+            if w == 0.0:
+                continue
+            for tangents, total in zip(columns, totals, strict=True):
+                part = product(graph, tangents, False)
+                for a, t in zip(total, part, strict=True):
+                    a.add_(t, alpha=w)
+                del part
+        return block
 
 
 def _loss_in(loss_fn: LossFn, dtype: torch.dtype, device: torch.device) -> LossFn:

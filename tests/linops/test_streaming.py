@@ -450,3 +450,23 @@ def test_a_streamed_pass_holds_nothing_of_a_batch_when_it_draws_the_next(
         assert len(data.alive) == 3  # one pass of k vectors (max_vectors), 4 batches
         assert max(data.alive) <= held, (k, data.alive)
         data.alive.clear()
+
+
+@pytest.mark.parametrize("cls", [HessianOperator, FisherOperator])
+def test_a_streamed_block_of_one_vector_passes_builds_each_graph_once(cls: Any) -> None:
+    """Convolutions take one vector per pass; streamed, a block still draws the loader once.
+
+    A loop of single products outside the batches rebuilt every batch's graph once per column
+    (k loader passes for a k-column block); each column is what its single product gives.
+    """
+    cached, streamed, data = _pair(_loss_op, cls, "resnet-bn")
+    V = _vectors(cached.shape[1], 4)
+    first = streamed @ V  # decides the block pass: one vector per pass
+    assert streamed.batched[False] is False
+    before = data.passes
+    block = streamed @ V
+    assert data.passes - before == 1
+    assert torch.equal(block, first)
+    assert torch.equal(block, cached @ V)
+    for j in range(4):
+        assert torch.equal(block[:, j], streamed @ V[:, j])
