@@ -389,14 +389,7 @@ class ModelOperator(TorchLinearOperator):
             else:
                 out = self._first_batched(X, adjoint, single)
         elif self.batched[adjoint] is False and X.shape[1] > 1:
-            if not adjoint and self._columnwise_products and self._rebuilds_graphs():
-                self._columnwise = True  # each graph built once for all the columns
-                try:
-                    out = apply(X, adjoint)
-                finally:
-                    self._columnwise = False
-            else:
-                out = _loop(apply, _columns(X), adjoint)
+            out = self._one_vector_per_pass(X, adjoint)
         else:  # a strided column (of a row-major block) would make the product about 2x slower
             out = apply(X if X.shape[1] > 1 or X.stride(0) == 1 else X.contiguous(), adjoint)
         if self.check_finite and out.numel() and not cmath.isfinite(out.sum().item()):
@@ -558,7 +551,31 @@ class ModelOperator(TorchLinearOperator):
         self.batched[adjoint] = False
         self.unbatched_reason[adjoint] = reason
         self.route = f"{self.route}, one vector per pass"
-        return _loop(apply, columns, adjoint, single)
+        return self._one_vector_per_pass(X, adjoint, single, columns)
+
+    def _one_vector_per_pass(
+        self,
+        X: torch.Tensor,
+        adjoint: bool,
+        first: torch.Tensor | None = None,
+        columns: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Return a block's product one vector per pass (``first``: column 0's, if known).
+
+        Where graphs are rebuilt (streamed) and the subclass can (``_columnwise_products``),
+        every column goes through each batch's graph before the next batch (``_columnwise``):
+        the graphs are built once per block, not once per column.
+        """
+        apply = super()._apply
+        if adjoint or not self._columnwise_products or not self._rebuilds_graphs():
+            return _loop(apply, _columns(X) if columns is None else columns, adjoint, first)
+        rest = X if first is None else X[:, 1:]
+        self._columnwise = True
+        try:
+            out = apply(rest, adjoint)
+        finally:
+            self._columnwise = False
+        return out if first is None else torch.cat([first, out], dim=1)
 
     def _first_graph_convolutional(self) -> bool:
         """Whether the first batch's cached graph runs a convolution backward (False if unknown).

@@ -461,8 +461,12 @@ def test_a_streamed_block_of_one_vector_passes_builds_each_graph_once(cls: Any) 
     """
     cached, streamed, data = _pair(_loss_op, cls, "resnet-bn")
     V = _vectors(cached.shape[1], 4)
+    streamed @ V[:, 0]  # the loss weights' pass
+    before = data.passes
     first = streamed @ V  # decides the block pass: one vector per pass
     assert streamed.batched[False] is False
+    # the measured first column, the one-vector probe of the batched pass, the other three
+    assert data.passes - before == 3
     before = data.passes
     block = streamed @ V
     assert data.passes - before == 1
