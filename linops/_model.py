@@ -248,6 +248,8 @@ class ModelOperator(TorchLinearOperator):
             del x, y
             yield g
             if not (i < len(cache) and cache[i] is g):
+                if i == 0 and self._first_convolutional is None:
+                    self._first_convolutional = _convolutional(g)  # read before it is freed
                 # a graph not kept is freed before the next is built, even though the
                 # caller's loop (and zip's or enumerate's reused result tuple) still
                 # refers to it: a streamed pass holds one graph at a time
@@ -581,14 +583,15 @@ class ModelOperator(TorchLinearOperator):
         """Whether the first batch's cached graph runs a convolution backward (False if unknown).
 
         Read from the graph's nodes, it spares a ResNet's first block the probe pass (one
-        product's time, and a batched pass's memory) that would find the same.
+        product's time, and a batched pass's memory; streamed, one more pass over the loader)
+        that would find the same.
         """
-        if not self._graph_cache:
-            return False
-        graph = self._graph_cache[0]
-        return bool(
-            getattr(graph[0] if isinstance(graph, tuple) else graph, "convolutional", False)
-        )
+        if not self._graph_cache:  # streamed: as read from the first graph built, if any
+            return bool(self._first_convolutional)
+        return _convolutional(self._graph_cache[0])
+
+    #: whether the first batch's graph ran a convolution, read when a graph not kept is freed
+    _first_convolutional: bool | None = None
 
     def _try_forward_ad(
         self, ref: torch.Tensor, forward: Callable[[], torch.Tensor]
@@ -658,6 +661,7 @@ class ModelOperator(TorchLinearOperator):
         new.memory = MemoryBudget(budget)
         new.batches = self.batches.like(dtype, device, new.memory)
         new._graph_cache, new._graphs_full, new._forward_prints = [], False, {}
+        new._first_convolutional = None
         new._pass_bytes = {False: None, True: None}
         new._chain, new.route = False, None
         new.batched = {False: None, True: None}
@@ -675,6 +679,7 @@ class ModelOperator(TorchLinearOperator):
         self._graph_cache = []
         self._graphs_full = False
         self._forward_prints = {}
+        self._first_convolutional = None
         self.memory.release("graphs")
         self._versions = _versions(self.space)
 
@@ -780,6 +785,12 @@ def _release(graph: Any) -> None:
         # kept: clearing them broke the next pass (the GGN's graph holds its inputs)
         if hasattr(part, "__dict__") and not isinstance(part, torch.Tensor | KeywordInputs):
             part.__dict__.clear()
+
+
+def _convolutional(graph: Any) -> bool:
+    """Whether a batch's graph (the first of a tuple, a Fisher block's outputs) runs one."""
+    part = graph[0] if isinstance(graph, tuple) else graph
+    return bool(getattr(getattr(part, "outputs", part), "convolutional", False))
 
 
 def _columns(X: torch.Tensor) -> list[torch.Tensor]:
