@@ -195,57 +195,52 @@ class _LossOperator(ModelOperator):
     _columnwise_products = True
 
     def _accumulate(self, X: torch.Tensor, product: Any) -> torch.Tensor:
-        if self._columnwise:
-            return self._accumulate_columns(X, product)
-        tangents, batched = self._split_params(X)
-        total: list[torch.Tensor] | None = None
-        owned = False  # whether total holds tensors of its own (else the first batch's)
+        """Return ``sum_b w_b product(graph_b, X)`` over the batches, a running sum per slot.
+
+        One slot holds the whole block (batched when ``k > 1``). With ``_columnwise`` set
+        (:meth:`ModelOperator._one_vector_per_pass`: one vector per pass, graphs rebuilt),
+        each column is a slot of its own summing into its column of the output, so every
+        column goes through each batch's graph before the next batch is built; each column's
+        sum is then the one its own single product makes (bit for bit; 0 + x is x).
+
+        Over several batches the running sums are made before any batch's graph and updated
+        in place, and each batch's product is dropped before the next graph is built: made
+        amid a graph's temporaries, such tensors outlive it and split glibc's heap, so the
+        next graph's large blocks no longer fit there (a streamed ResNet's peak resident
+        memory over 40 batches 1.64x one batch's before, 1.37x after, ``bench/streaming.py``).
+        """
         weights = self._weights()
-        if len(weights) > 1:
-            # the running sum is made before any batch's graph and updated in place, and each
-            # batch's product is dropped before the next graph is built: made amid a graph's
-            # temporaries, such tensors outlive it and split glibc's heap, so the next graph's
-            # large blocks no longer fit there (a streamed ResNet's peak resident memory over
-            # 40 batches went from 1.79x to 1.54x one batch's, bench/streaming.py)
-            total, owned = [torch.zeros_like(t) for t in tangents], True
+        out: torch.Tensor | None = None
+        slots: list[tuple[list[torch.Tensor], list[torch.Tensor] | None]]
+        if self._columnwise:
+            out = X.new_zeros(X.shape[1], X.shape[0]).T  # column-major: the sums write into it
+            batched = False
+            slots = [
+                (self._split_params(c)[0], self._split_params(out[:, j : j + 1])[0])
+                for j, c in enumerate(_columns(X))
+            ]
+        else:
+            tangents, batched = self._split_params(X)
+            total = None if len(weights) == 1 else [torch.zeros_like(t) for t in tangents]
+            slots = [(tangents, total)]
         for w, graph in zip(weights, self._graphs(), strict=True):
             if w == 0.0:  # a mean's batch of zero weight (only zero-weight classes) adds nothing;
                 continue  # torch's loss on it alone is 0 / 0
-            part = product(graph, tangents, batched)
-            if total is None:
-                # a weight of 1 (one batch): no scaled copy per parameter tensor (65 muls and
-                # allocations a product on a ResNet-20)
-                owned = w != 1.0
-                total = [w * t for t in part] if owned else list(part)
-            else:
-                if not owned:  # the first batch's tensors may belong to its graph: copy once
-                    total, owned = [t.clone() for t in total], True
-                # in place: a streamed pass holds one running sum, not a new one per batch
-                for a, t in zip(total, part, strict=True):
-                    a.add_(t, alpha=w)
-            del part
+            for i, (tangents, total) in enumerate(slots):
+                part = product(graph, tangents, batched)
+                if total is None:
+                    # one batch: no scaled copy per parameter tensor unless its weight is not 1
+                    # (65 muls and allocations a product on a ResNet-20)
+                    slots[i] = (tangents, [w * t for t in part] if w != 1.0 else list(part))
+                else:
+                    for a, t in zip(total, part, strict=True):
+                        a.add_(t, alpha=w)
+                del part
+        if out is not None:
+            return out
+        total = slots[0][1]
         assert total is not None  # the weights sum to 1
         return self._join_params(total, batched)
-
-    def _accumulate_columns(self, X: torch.Tensor, product: Any) -> torch.Tensor:
-        """:meth:`_accumulate` of one vector per pass, every column through each batch's graph.
-
-        Where a block pass is a loop over the vectors and the graphs are rebuilt (streamed),
-        a loop of single products outside would rebuild every graph once per column. Each
-        column's sum is the one its own single product makes (bit for bit; 0 + x is x).
-        """
-        columns = [self._split_params(c)[0] for c in _columns(X)]
-        block = X.new_zeros(X.shape[1], X.shape[0]).T  # column-major: the sums write into it
-        totals = [self._split_params(block[:, j : j + 1])[0] for j in range(X.shape[1])]
-        for w, graph in zip(self._weights(), self._graphs(), strict=True):
-            if w == 0.0:
-                continue
-            for tangents, total in zip(columns, totals, strict=True):
-                part = product(graph, tangents, False)
-                for a, t in zip(total, part, strict=True):
-                    a.add_(t, alpha=w)
-                del part
-        return block
 
 
 def _loss_in(loss_fn: LossFn, dtype: torch.dtype, device: torch.device) -> LossFn:
