@@ -403,9 +403,10 @@ class ModelOperator(TorchLinearOperator):
                 )
         return out
 
-    #: whether the subclass computes one vector per pass inside its loop over the batches
-    #: (``_columnwise`` set: every column through each batch's graph before the next batch)
-    _columnwise_products = False
+    #: the directions (``adjoint``) in which the subclass computes one vector per pass inside
+    #: its loop over the batches (``_columnwise`` set: every column through each batch's graph
+    #: before the next batch)
+    _columnwise_directions: tuple[bool, ...] = ()
     _columnwise = False
 
     def _rebuilds_graphs(self) -> bool:
@@ -564,12 +565,12 @@ class ModelOperator(TorchLinearOperator):
     ) -> torch.Tensor:
         """Return a block's product one vector per pass (``first``: column 0's, if known).
 
-        Where graphs are rebuilt (streamed) and the subclass can (``_columnwise_products``),
-        every column goes through each batch's graph before the next batch (``_columnwise``):
-        the graphs are built once per block, not once per column.
+        Where graphs are rebuilt (streamed) and the subclass can in this direction
+        (``_columnwise_directions``), every column goes through each batch's graph before the
+        next batch (``_columnwise``): the graphs are built once per block, not once per column.
         """
         apply = super()._apply
-        if adjoint or not self._columnwise_products or not self._rebuilds_graphs():
+        if adjoint not in self._columnwise_directions or not self._rebuilds_graphs():
             return _loop(apply, _columns(X) if columns is None else columns, adjoint, first)
         rest = X if first is None else X[:, 1:]
         self._columnwise = True

@@ -192,7 +192,7 @@ class _LossOperator(ModelOperator):
         """Return the collectives a product needs first (the loss normaliser's sum over the ranks)."""
         self._weights()
 
-    _columnwise_products = True
+    _columnwise_directions = (False,)
 
     def _accumulate(self, X: torch.Tensor, product: Any) -> torch.Tensor:
         """Return ``sum_b w_b product(graph_b, X)`` over the batches, a running sum per slot.

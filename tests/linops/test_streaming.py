@@ -474,3 +474,23 @@ def test_a_streamed_block_of_one_vector_passes_builds_each_graph_once(cls: Any) 
     assert torch.equal(block, cached @ V)
     for j in range(4):
         assert torch.equal(block[:, j], streamed @ V[:, j])
+
+
+def test_a_streamed_adjoint_jacobian_block_builds_each_graph_once() -> None:
+    """``J^T U`` through convolutions goes one vector per pass; streamed, every column goes
+    through each batch's graph before the next batch is drawn (it drew the loader once per
+    column), and each column is what its own single product gives, bit for bit."""
+    cached, streamed, data = _pair(_jac_op, JacobianOperator, "resnet-bn")
+    U = _vectors(cached.shape[0], 4)
+    streamed.T @ U[:, 0]
+    before = data.passes
+    first = streamed.T @ U  # decides the block pass: one vector per pass
+    assert streamed.batched[True] is False
+    assert data.passes - before == 2  # the measured first column, then the other three
+    before = data.passes
+    block = streamed.T @ U
+    assert data.passes - before == 1
+    assert torch.equal(block, first)
+    assert torch.equal(block, cached.T @ U)
+    for j in range(4):
+        assert torch.equal(block[:, j], streamed.T @ U[:, j])
