@@ -44,6 +44,7 @@ from linops._reduction import (
     torch_forward,
 )
 from linops._types import Data, OutputSelector, Params, ProcessGroup
+from linops.params import BlockViews, listed
 
 if TYPE_CHECKING:  # pragma: no cover
     from linops._data import Batches
@@ -221,7 +222,13 @@ class _LossOperator(ModelOperator):
             ]
         else:
             tangents, batched = self._split_params(X)
-            total = None if len(weights) == 1 else [torch.zeros_like(t) for t in tangents]
+            total: list[torch.Tensor] | None = None
+            if len(weights) > 1:  # the running sum, one block (its join is a view)
+                total = (
+                    BlockViews(self.space, X.new_zeros(X.shape[1], X.shape[0]).T)
+                    if batched
+                    else [torch.zeros_like(t) for t in tangents]
+                )
             slots = [(tangents, total)]
         for w, graph in zip(weights, self._graphs(), strict=True):
             if w == 0.0:  # a mean's batch of zero weight (only zero-weight classes) adds nothing;
@@ -231,7 +238,7 @@ class _LossOperator(ModelOperator):
                 if total is None:
                     # one batch: no scaled copy per parameter tensor unless its weight is not 1
                     # (65 muls and allocations a product on a ResNet-20)
-                    slots[i] = (tangents, [w * t for t in part] if w != 1.0 else list(part))
+                    slots[i] = (tangents, [w * t for t in part] if w != 1.0 else listed(part))
                 else:
                     for a, t in zip(total, part, strict=True):
                         a.add_(t, alpha=w)

@@ -218,6 +218,8 @@ class ParamSpace:
         ts = [tensors[n] for n in self.names] if isinstance(tensors, Mapping) else list(tensors)
         if len(ts) != len(self.names):
             raise ValueError(f"expected {len(self.names)} tensors, got {len(ts)}")
+        if isinstance(tensors, BlockViews):  # views of one block: that block, not a copy
+            return tensors.block
         batched = ts[0].dim() == len(self.shapes[0]) + 1
         if batched:
             return torch.cat([t.reshape(t.shape[0], -1) for t in ts], dim=1).T
@@ -424,3 +426,21 @@ def _resolve(
                 f"params: expected names, tensors or modules, got {type(item).__name__}"
             )
     return values
+
+
+class BlockViews(list[torch.Tensor]):
+    """The parameter-shaped views ``(k, *shape)`` of one new ``(m, k)`` block (``.block``).
+
+    A running sum or a product's result laid out in place: :meth:`ParamSpace.flatten` returns
+    ``.block`` itself for it instead of concatenating a copy. Made only around a block that
+    nothing else references (never around a caller's input, which a join would then alias).
+    """
+
+    def __init__(self, space: ParamSpace, block: torch.Tensor) -> None:
+        super().__init__(space.unflatten(block).values())
+        self.block = block
+
+
+def listed(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Return parameter-shaped tensors as a list (:class:`BlockViews` stay views of a block)."""
+    return tensors if isinstance(tensors, BlockViews) else list(tensors)

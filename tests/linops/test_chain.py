@@ -66,12 +66,20 @@ def _check_all(model, X, y, loss, params=None, **kw) -> dict:
     return ops
 
 
-def _check_against_autograd(model, X, y, loss, k: int, g=None, **kw) -> None:
-    """Products of ``k`` vectors (and of one) on the chain route equal the autograd route's."""
+def _check_against_autograd(
+    model, X, y, loss, k: int, g=None, column_major: bool = False, **kw
+) -> None:
+    """Products of ``k`` vectors (and of one) on the chain route equal the autograd route's.
+
+    ``column_major`` blocks keep each vector's tangents contiguous (the chain reads them where
+    they lie); row-major ones are copied up front.
+    """
     fast = _operators(model, X, y, loss, "chain", **kw)
     slow = _operators(model, X, y, loss, "autograd", **kw)
     V = torch.randn(fast["H"].shape[1], k, generator=g, dtype=torch.float64)
     U = torch.randn(fast["J"].shape[0], k, generator=g, dtype=torch.float64)
+    if column_major:
+        V, U = V.T.contiguous().T, U.T.contiguous().T
     for name in ("J", "H", "G"):
         assert _rel(fast[name] @ V, slow[name] @ V) < 1e-11, name
         assert _rel(fast[name] @ V[:, 0], slow[name] @ V[:, 0]) < 1e-11, name
@@ -225,21 +233,44 @@ def test_linear_on_3d_inputs_and_non_chains_use_autograd() -> None:
 @settings(max_examples=25, deadline=None)
 @given(
     seed=st.integers(0, 10**6),
-    widths=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    widths=st.lists(st.integers(1, 12), min_size=1, max_size=3),
     act=st.sampled_from(ACTS),
     k=st.integers(1, 9),
     mse=st.booleans(),
+    n=st.integers(1, 6),
+    column_major=st.booleans(),
 )
-def test_chain_equals_autograd_on_random_mlps(seed, widths, act, k, mse) -> None:
-    """Property: the hand-derived products equal autograd's, any width, depth, activation, K."""
+def test_chain_equals_autograd_on_random_mlps(seed, widths, act, k, mse, n, column_major) -> None:
+    """Property: the hand-derived products equal autograd's, any width, depth, activation, K,
+    and with few samples and wide layers (weights larger than their activations, whose K
+    weight tangents are multiplied one at a time) as well as with many."""
     g = torch.Generator().manual_seed(seed)
     model = MLP(3, 2, tuple(widths), activation=act, seed=g).double()
-    X = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    X = torch.randn(n, 3, generator=g, dtype=torch.float64)
     if mse:
-        loss, y = nn.MSELoss(), torch.randn(5, 2, generator=g, dtype=torch.float64)
+        loss, y = nn.MSELoss(), torch.randn(n, 2, generator=g, dtype=torch.float64)
     else:
-        loss, y = nn.CrossEntropyLoss(), torch.randint(0, 2, (5,), generator=g)
-    _check_against_autograd(model, X, y, loss, k, g, max_vectors=4)
+        loss, y = nn.CrossEntropyLoss(), torch.randint(0, 2, (n,), generator=g)
+    _check_against_autograd(model, X, y, loss, k, g, column_major, max_vectors=4)
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+def test_wide_layers_with_few_samples_match_torch_func(column_major: bool) -> None:
+    """Weights larger than their activations (24 x 24 against 3 samples): the K weight
+    tangents are multiplied one at a time, read where they lie in a column-major block."""
+    torch.manual_seed(0)
+    model = MLP(20, 4, (24, 24), activation="tanh").double().eval()
+    X = torch.randn(3, 20, dtype=torch.float64)
+    y = torch.randint(0, 4, (3,))
+    assert linops._propagation._weight_dominated(3, 24, 24)
+    J, H, G = _dense(model, X, y, nn.CrossEntropyLoss())
+    ops = _operators(model, X, y, nn.CrossEntropyLoss(), "chain")
+    V = torch.randn(J.shape[1], 6, dtype=torch.float64)
+    if column_major:
+        V = V.T.contiguous().T
+    for name, dense in (("J", J), ("H", H), ("G", G)):
+        assert _rel(ops[name] @ V, dense @ V) < RTOL, name
+        assert ops[name].route == "chain"
 
 
 @pytest.mark.parametrize("patches", [True, False])
