@@ -324,16 +324,17 @@ def backward(
             if dx is not None and d2e is not None:
                 g.addcmul_(d2e.unsqueeze(1), dx)
         owned = owned or not isinstance(s, Flatten)  # every other step makes a new g
-    res = [
+    if dest is not None:  # the other parameters' cotangents into their places too
+        for o, d in zip(out, dest, strict=True):
+            if o is None:
+                d.zero_()
+            elif o.data_ptr() != d.data_ptr():
+                d.copy_(o.view_as(d))
+        return dest
+    return [
         o.view(K, *shape) if o is not None else cot.new_zeros((K, *shape))
         for o, shape in zip(out, space.shapes, strict=True)
     ]
-    if dest is not None:  # the other parameters' cotangents into their places too
-        for r, d in zip(res, dest, strict=True):
-            if r.data_ptr() != d.data_ptr():
-                d.copy_(r)
-        return dest
-    return res
 
 
 def _add(out: list[Tensor | None], i: int, g: Tensor) -> None:

@@ -62,6 +62,9 @@ def _check_all(model, X, y, loss, params=None, **kw) -> dict:
     assert _rel(ops["H"] @ V[:, 0], H @ V[:, 0]) < RTOL
     assert _rel(ops["G"] @ V, G @ V) < RTOL
     assert _rel(ops["G"] @ V[:, 1], G @ V[:, 1]) < RTOL
+    Vc = V.T.contiguous().T  # column-major: each vector's tangents read where they lie
+    for name, dense in (("J", J), ("H", H), ("G", G)):
+        assert _rel(ops[name] @ Vc, dense @ V) < RTOL, name
     assert all(op.route == "chain" for op in ops.values())
     return ops
 
@@ -145,22 +148,24 @@ def test_output_loss_uses_the_closed_form_only_when_it_is_exact() -> None:
     assert _rel(fast.hvp_sample_major(U.transpose(0, 1)), slow.hvp(U, True).transpose(0, 1)) < 1e-14
 
 
-def test_parameter_subsets_and_frozen_layers() -> None:
+@pytest.mark.parametrize("n", [7, 1])  # 1 sample: wide layers (weights written in place)
+def test_parameter_subsets_and_frozen_layers(n: int) -> None:
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3))
     model = model.double()
     model[0].weight.requires_grad_(False)  # frozen: not differentiated, still in the chain
-    X, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    X, y = torch.randn(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,))
     loss = nn.CrossEntropyLoss()
     _check_all(model, X, y, loss, params=["0.bias", "2.weight", "4.bias"])
     _check_all(model, X, y, loss, params=["4.weight"])
 
 
-def test_a_layer_used_twice_shares_its_parameters() -> None:
+@pytest.mark.parametrize("n", [6, 1])  # 1 sample: wide layers (weights written in place)
+def test_a_layer_used_twice_shares_its_parameters(n: int) -> None:
     torch.manual_seed(7)
     lin = nn.Linear(4, 4)
     model = nn.Sequential(lin, nn.Tanh(), lin, nn.SiLU(), nn.Linear(4, 3)).double()
-    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    X, y = torch.randn(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,))
     _check_all(model, X, y, nn.CrossEntropyLoss())
     J, H, G = _dense(model, X, y, nn.CrossEntropyLoss())
     slow = _operators(model, X, y, nn.CrossEntropyLoss(), "autograd")
