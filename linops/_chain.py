@@ -346,7 +346,7 @@ class ChainOutputGraph:
         tan = Tangent(tangents, batched)
         y = tangents_forward(self.chain, self.xs, self.derivs, tan, self.patches)[-1]
         if y is None:
-            y = tan.T[0].new_zeros((self.xs[-1].shape[0], tan.K, self.xs[-1].shape[1]))
+            y = tan.raw[0].new_zeros((self.xs[-1].shape[0], tan.K, self.xs[-1].shape[1]))
         if self.output_index is not None:
             y = y[..., self.output_index : self.output_index + 1]
         return y.transpose(0, 1) if batched else y[:, 0]
@@ -421,7 +421,7 @@ class ChainGradientGraph:
         dxs = tangents_forward(self.chain, self.xs, self.derivs, tan, self.patches, keep=True)
         df = dxs[-1]
         if df is None:
-            de = tan.T[0].new_zeros((self.xs[-1].shape[0], tan.K, self.xs[-1].shape[1]))
+            de = tan.raw[0].new_zeros((self.xs[-1].shape[0], tan.K, self.xs[-1].shape[1]))
         else:
             de = self.loss.hvp_sample_major(df)
         second = (dxs, self.es, self.d2es, tan)

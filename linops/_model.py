@@ -409,6 +409,14 @@ class ModelOperator(TorchLinearOperator):
     _columnwise_directions: tuple[bool, ...] = ()
     _columnwise = False
 
+    def _column_major(self) -> bool:
+        # the chain's own block products read a row-major block where it lies (the layers
+        # that need each vector's tangents contiguous copy their own, :class:`Tangent`): no
+        # transposed copy of the whole block (110 ms for 32 columns of 1.1M rows here)
+        if self.route is not None and self.route.startswith("chain") and not self._forward_mode:
+            return False
+        return super()._column_major()
+
     def _rebuilds_graphs(self) -> bool:
         """Whether a product builds some batch's graph again (not all of them are kept)."""
         count = self.batches._num_batches

@@ -27,44 +27,63 @@ Tensor = torch.Tensor
 # feature. Then every product of a layer with K vectors is one 2-d matrix product, e.g.
 # ``x (n, in) @ [dW_1^T ... dW_K^T] (in, K out)`` and ``dx (n K, in) @ W^T``, except the
 # products with the K weight tangents of a layer whose weight outgrows its activations
-# (:func:`_weight_dominated`): those are K products, each tangent read where it lies.
+# (:func:`_weight_dominated`): those read the tangents where they lie in the block.
 class Tangent:
     """The K parameter tangents of one product, with the layouts the matrix products take."""
 
     def __init__(self, tangents: Sequence[Tensor], batched: bool) -> None:
-        # the tangents of a column of a column-major (m, K) block are contiguous and stay
-        # where they are; a row-major block's are strided: one copy up front makes every
-        # later read of a tangent contiguous
-        self.T = [t if t[0].is_contiguous() else t.contiguous() for t in tangents]
-        if not batched:
-            self.T = [t[None] for t in tangents]
-        self.K = self.T[0].shape[0]
+        #: the tangents as given, ``(K, *shape)``: views of the product's ``(m, K)`` block
+        self.raw = list(tangents) if batched else [t[None] for t in tangents]
+        self.K = self.raw[0].shape[0]
+        self._T: dict[int, Tensor] = {}
         self._fwd: dict[int, Tensor] = {}
         self._bwd: dict[int, Tensor] = {}
 
+    def tangent(self, i: int) -> Tensor:
+        """``(K, *shape)``, each vector's tangent contiguous (a row-major block's copied once)."""
+        if i not in self._T:
+            t = self.raw[i]
+            self._T[i] = t if t[0].is_contiguous() else t.contiguous()
+        return self._T[i]
+
+    def _in_rows(self, i: int) -> Tensor | None:
+        """``(out, in, K)``: a weight's K tangents where a row-major block holds them, or None.
+
+        None also once they have been copied (:meth:`tangent`): the copy is then read.
+        """
+        if i in self._T:
+            return None
+        t = self.raw[i].permute(1, 2, 0)
+        return t if t.is_contiguous() else None
+
     def weight_forward(self, i: int, x: Tensor) -> Tensor:
         """``(n, K, out)``: ``x dW_k^T`` for the K weight tangents ``dW_k`` ``(out, in)``."""
-        T = self.T[i]
-        K, out, inp = T.shape
+        K, out, inp = self.raw[i].shape
         n = x.shape[0]
         if K > 1 and _weight_dominated(n, out, inp):
-            y = x.new_empty((n, K, out))
-            torch.bmm(x.expand(K, n, inp), T.transpose(1, 2), out=y.transpose(0, 1))
+            rows = self._in_rows(i) if K >= 16 else None
+            if rows is not None:  # one product (n, in) @ (in, K) per output unit
+                return torch.bmm(x.expand(out, n, inp), rows).permute(1, 2, 0).contiguous()
+            y = x.new_empty((n, K, out))  # one product (n, in) @ (in, out) per vector
+            torch.bmm(x.expand(K, n, inp), self.tangent(i).transpose(1, 2), out=y.transpose(0, 1))
             return y
         if i not in self._fwd:  # (in, K out): the K transposed tangents side by side
-            self._fwd[i] = T.permute(2, 0, 1).reshape(inp, K * out)
+            self._fwd[i] = self.tangent(i).permute(2, 0, 1).reshape(inp, K * out)
         return (x @ self._fwd[i]).view(n, K, out)
 
     def weight_backward_add(self, i: int, e: Tensor, gx: Tensor) -> None:
         """``gx[:, k] += e dW_k`` for the K weight tangents, ``e`` ``(n, out)``, ``gx`` ``(n, K, in)``."""
-        T = self.T[i]
-        K, out, inp = T.shape
+        K, out, inp = self.raw[i].shape
         n = e.shape[0]
         if K > 1 and _weight_dominated(n, out, inp):
-            gx.transpose(0, 1).baddbmm_(e.expand(K, n, out), T)
+            rows = self._in_rows(i)
+            if rows is not None:  # (n, out) @ (out, in K), read in place
+                gx.add_((e @ rows.reshape(out, inp * K)).view(n, inp, K).transpose(1, 2))
+            else:
+                gx.transpose(0, 1).baddbmm_(e.expand(K, n, out), self.tangent(i))
             return
         if i not in self._bwd:  # (out, K in): the K tangents side by side
-            self._bwd[i] = T.transpose(0, 1).reshape(out, K * inp)
+            self._bwd[i] = self.tangent(i).transpose(0, 1).reshape(out, K * inp)
         gx.view(n, K * inp).addmm_(e, self._bwd[i])
 
 
@@ -116,7 +135,7 @@ def tangents_forward(
             if y is not None and s.scale != 1.0:
                 y.mul_(s.scale)
             if s.b_index is not None:
-                db = tan.T[s.b_index]
+                db = tan.raw[s.b_index].contiguous()  # strided, its broadcast add was slower
                 y = db.expand(n, K, out).contiguous() if y is None else y.add_(db)
             dxs[t + 1] = y
         elif isinstance(s, Conv):
@@ -166,7 +185,7 @@ def _conv_forward(
     n, K, shape = x.shape[0], tan.K, (x.shape[0], tan.K, *out_shape[1:])
     y = None
     if s.w_index is not None:
-        w = tan.T[s.w_index]
+        w = tan.tangent(s.w_index)
         unfolded = _patches(s, x, out_shape, patches, t) if K > 1 else None
         if unfolded is not None:
             y = torch.matmul(w.reshape(K * w.shape[1], -1), unfolded).view(shape)
@@ -176,7 +195,7 @@ def _conv_forward(
         z = s(dx.reshape(n * K, *dx.shape[2:]), s.weight).view(shape)
         y = z if y is None else y.add_(z)
     if s.b_index is not None:
-        db = tan.T[s.b_index].view(1, K, -1, 1, 1)
+        db = tan.raw[s.b_index].contiguous().view(1, K, -1, 1, 1)
         y = db.expand(shape).contiguous() if y is None else y.add_(db)
     return y
 
@@ -240,7 +259,7 @@ def _conv_backward(
     gx = s.input_grad((n * K, *x.shape[1:]), s.weight, g.reshape(n * K, o, *g.shape[3:]))
     gx = gx.view(n, K, *x.shape[1:])
     if tan is not None and e is not None and s.w_index is not None:  # e (*)^T dW_k, all k
-        w = tan.T[s.w_index].transpose(0, 1).reshape(o, K * c, *kernel)
+        w = tan.tangent(s.w_index).transpose(0, 1).reshape(o, K * c, *kernel)
         gx.view(n, K * c, *x.shape[2:]).add_(s.input_grad((n, K * c, *x.shape[2:]), w, e))
     return gx
 
@@ -325,11 +344,11 @@ def backward(
                 g.addcmul_(d2e.unsqueeze(1), dx)
         owned = owned or not isinstance(s, Flatten)  # every other step makes a new g
     if dest is not None:  # the other parameters' cotangents into their places too
-        for o, d in zip(out, dest, strict=True):
-            if o is None:
+        for r, d in zip(out, dest, strict=True):
+            if r is None:
                 d.zero_()
-            elif o.data_ptr() != d.data_ptr():
-                d.copy_(o.view_as(d))
+            elif r.data_ptr() != d.data_ptr():
+                d.copy_(r.view_as(d))
         return dest
     return [
         o.view(K, *shape) if o is not None else cot.new_zeros((K, *shape))

@@ -290,13 +290,17 @@ class TorchLinearOperator(LinearOperator):
         Y = self._hooks(X if X.dtype == work else X.to(work), adjoint)
         return Y if Y.dtype == out else Y.to(out)
 
+    def _column_major(self) -> bool:
+        """Whether a row-major block is handed to the hooks column-major (copied)."""
+        return self.column_major_blocks
+
     def _hooks(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
         """Return the hooks on a block in their working dtype, chunked over columns."""
         hook = self._rmatmat_torch if adjoint else self._matmat_torch
         k = X.shape[1]
         chunk = self.vectors_per_pass()
         whole = chunk is None or k <= chunk
-        if self.column_major_blocks and k > 1 and X.stride(0) != 1:
+        if self._column_major() and k > 1 and X.stride(0) != 1:
             # one transposed copy makes every column, and every parameter-shaped view of one,
             # contiguous (gathering a chunk's columns from a row-major block took 134 ms for
             # 32 columns of 1.1M rows, the copy 50 ms); a block of over an eighth of the
@@ -311,7 +315,7 @@ class TorchLinearOperator(LinearOperator):
         out: torch.Tensor | None = None
         for i in range(0, k, chunk):
             part = X[:, i : i + chunk]
-            if self.column_major_blocks and part.stride(0) != 1:
+            if self._column_major() and part.stride(0) != 1:
                 part = part.T.contiguous().T
             R = hook(part)
             if out is None:  # column-major, as a single pass gives; filled as chunks come

@@ -259,10 +259,11 @@ def test_chain_equals_autograd_on_random_mlps(seed, widths, act, k, mse, n, colu
     _check_against_autograd(model, X, y, loss, k, g, column_major, max_vectors=4)
 
 
+@pytest.mark.parametrize("k", [6, 20])  # 20: a row-major block's forward read in place too
 @pytest.mark.parametrize("column_major", [False, True])
-def test_wide_layers_with_few_samples_match_torch_func(column_major: bool) -> None:
+def test_wide_layers_with_few_samples_match_torch_func(column_major: bool, k: int) -> None:
     """Weights larger than their activations (24 x 24 against 3 samples): the K weight
-    tangents are multiplied one at a time, read where they lie in a column-major block."""
+    tangents are read where they lie in the block, column-major or row-major."""
     torch.manual_seed(0)
     model = MLP(20, 4, (24, 24), activation="tanh").double().eval()
     X = torch.randn(3, 20, dtype=torch.float64)
@@ -270,7 +271,7 @@ def test_wide_layers_with_few_samples_match_torch_func(column_major: bool) -> No
     assert linops._propagation._weight_dominated(3, 24, 24)
     J, H, G = _dense(model, X, y, nn.CrossEntropyLoss())
     ops = _operators(model, X, y, nn.CrossEntropyLoss(), "chain")
-    V = torch.randn(J.shape[1], 6, dtype=torch.float64)
+    V = torch.randn(J.shape[1], k, dtype=torch.float64)
     if column_major:
         V = V.T.contiguous().T
     for name, dense in (("J", J), ("H", H), ("G", G)):
