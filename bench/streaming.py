@@ -19,7 +19,9 @@ The resident size also holds what glibc's ``malloc`` keeps of freed memory: by d
 raises its mmap threshold after each large free (up to 32 MiB) and keeps freed blocks below it
 in its heap, which the graphs rebuilt by a streamed pass fragment; ``--malloc return`` runs
 the children with ``MALLOC_MMAP_THRESHOLD_=131072`` (freed blocks above 128 KiB go back to
-the system), which leaves what the operator itself holds.
+the system), which leaves what the operator itself holds; ``--malloc return-huge`` also
+asks glibc (2.35 or later) for transparent huge pages, which makes faulting the mapped blocks
+in again cheaper.
 Run: ``python3 bench/streaming.py`` (``--model mlp`` for an MLP, ``--quick`` for a smoke run).
 """
 
@@ -158,12 +160,15 @@ def main() -> None:
     )
     p.add_argument(
         "--malloc",
-        choices=("default", "return"),
+        choices=("default", "return", "return-huge"),
         default="default",
         help="glibc's malloc as it is, or 'return': MALLOC_MMAP_THRESHOLD_=131072 in the "
         "children, so blocks above 128 KiB are mapped and given back to the system when freed "
         "(glibc's default raises that threshold after each large free, up to 32 MiB, and keeps "
-        "freed blocks below it in its heap, where a streamed pass's rebuilt graphs fragment it)",
+        "freed blocks below it in its heap, where a streamed pass's rebuilt graphs fragment it); "
+        "'return-huge': the same threshold as GLIBC_TUNABLES with glibc.malloc.hugetlb=1 "
+        "(glibc 2.35 or later), so the mapped blocks are faulted in as transparent huge pages "
+        "where the kernel allows them (/sys/kernel/mm/transparent_hugepage/enabled: madvise)",
     )
     p.add_argument("--child", choices=MODES, help=argparse_hidden())
     args, _ = p.parse_known_args()
@@ -176,6 +181,8 @@ def main() -> None:
     env = dict(os.environ)
     if args.malloc == "return":
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    elif args.malloc == "return-huge":
+        env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=131072"
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     for _ in range(args.repeats):
         for mode in modes:  # interleaved
