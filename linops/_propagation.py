@@ -90,13 +90,18 @@ class Tangent:
 def _weight_dominated(n: int, out: int, inp: int) -> bool:
     """Whether a weight ``(out, in)`` has more entries than its ``n`` inputs and outputs.
 
-    Then the products with the layer's K weight tangents go one tangent at a time, each read
-    where it lies, instead of through a copy of all K side by side. The copy streams ``K out in`` entries through memory for a product of ``2 n K out in``
-    flops: on a wide layer with few samples it cost more than the products. On the 1024 x 1024
-    layer of ``bench/operators.py``'s 1M-parameter MLP (n = 32, K = 32, one thread): the
-    tangents' products 91 -> 33 ms forward, 162 -> 42 ms for ``e dW_k`` and 102 -> 21 ms for
-    ``e^T dx_k``; at n = 256, 216 -> 147, 266 -> 130, 214 -> 137 ms. On a 128 x 64 layer with
-    n = 1797 the side-by-side products were 20-25% faster, hence the rule.
+    Then the products with the layer's K weight tangents read each tangent where it lies in
+    the block (:class:`Tangent`) instead of a copy of all K side by side: the copy streams
+    ``K out in`` entries through memory for products of ``2 n K out in`` flops, and on a
+    wide layer with few samples it cost more than the products. On the 1024 x 1024 layer of
+    ``bench/operators.py``'s 1M-parameter MLP (n = 32, K = 32, column-major, one thread,
+    beside a running benchmark): the tangents' products 91 -> 33 ms forward, 162 -> 42 ms
+    for ``e dW_k`` and 102 -> 21 ms for ``e^T dx_k``; at n = 256, 216 -> 147, 266 -> 130,
+    214 -> 137 ms. On a 128 x 64 layer with n = 1797 the side-by-side products were 20-25%
+    faster, hence the rule. A row-major block's rows hold a weight's K tangents side by
+    side: there one product ``(n, in) @ (in, K)`` per output unit reads them (2 threads,
+    quiet: 17 against 199 ms forward at n = 32, K = 32), but not below K = 16, where those
+    products are thin (n = 256, K = 8: 53 against 37 ms with the copy).
     """
     return out * inp > n * (out + inp)
 
