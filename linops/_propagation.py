@@ -141,7 +141,7 @@ def tangents_forward(
                 y.mul_(s.scale)
             if s.b_index is not None:
                 db = tan.raw[s.b_index].contiguous()  # strided, its broadcast add was slower
-                y = db.expand(n, K, out).contiguous() if y is None else y.add_(db)
+                y = _fresh(db.expand(n, K, out)) if y is None else y.add_(db)
             dxs[t + 1] = y
         elif isinstance(s, Conv):
             dxs[t + 1] = _conv_forward(s, x, dx, tan, xs[t + 1].shape, patches, t)
@@ -158,6 +158,16 @@ def tangents_forward(
         else:
             dxs[t + 1] = dx.mul_(derivs[t][0].unsqueeze(1))
     return dxs
+
+
+def _fresh(t: Tensor) -> Tensor:
+    """Return a contiguous copy of ``t`` in new memory, never ``t`` itself or a view of it.
+
+    A step's tangent is scaled in place by the elementwise steps after it, and a bias
+    tangent expanded over one sample (and one pixel) is already contiguous: ``contiguous()``
+    returned the caller's own vectors, which the next activation then scaled.
+    """
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 #: largest unfolded input (entries) a convolution keeps for its batched weight tangents
@@ -201,7 +211,7 @@ def _conv_forward(
         y = z if y is None else y.add_(z)
     if s.b_index is not None:
         db = tan.raw[s.b_index].contiguous().view(1, K, -1, 1, 1)
-        y = db.expand(shape).contiguous() if y is None else y.add_(db)
+        y = _fresh(db.expand(shape)) if y is None else y.add_(db)
     return y
 
 

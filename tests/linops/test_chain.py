@@ -447,3 +447,31 @@ def test_a_chain_ending_in_a_convolution_is_refused_by_what_it_needs() -> None:
     auto = linops.HessianOperator(m, loss, (X, y), reduction="sum")
     auto.to_dense()
     assert auto.route.startswith("autograd")
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.ReLU])
+@pytest.mark.parametrize("layout", ["row-major", "column-major", "vector"])
+def test_products_never_scale_the_callers_vectors(act, layout: str) -> None:
+    """A bias tangent expanded over one sample is already contiguous: it was the caller's own
+    vectors, which the next activation scaled in place (a one-output layer whose bias alone
+    is differentiated, one sample; the second product then differed from the first)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 1), act(), nn.Linear(1, 40), nn.Tanh(), nn.Linear(40, 3))
+    model = model.double()
+    with torch.no_grad():
+        model[0].bias.fill_(0.3)
+    params = ["0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+    X, y = torch.randn(1, 6, dtype=torch.float64), torch.tensor([1])
+    J, H, G = _dense(model, X, y, nn.CrossEntropyLoss(), params)
+    ops = _operators(model, X, y, nn.CrossEntropyLoss(), "chain", params)
+    V = torch.randn(J.shape[1], 5, dtype=torch.float64)
+    if layout == "column-major":
+        V = V.T.contiguous().T
+    elif layout == "vector":
+        V = V[:, 0].clone()
+    kept = V.clone()
+    for name, dense in (("J", J), ("H", H), ("G", G)):
+        first, second = ops[name] @ V, ops[name] @ V
+        assert torch.equal(V, kept), name
+        assert torch.equal(first, second), name
+        assert _rel(first, dense @ kept) < RTOL, name
