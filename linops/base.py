@@ -583,7 +583,9 @@ class IdentityOperator(TorchLinearOperator):
         super().__init__((n, n), dtype=dtype, device=device)
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
-        return X
+        # a copy, not X itself (as SciPy's does): a caller or solver that updates the product
+        # in place would otherwise change its own input
+        return X.clone()
 
     def _to(self, dtype: torch.dtype, device: torch.device) -> TorchLinearOperator:
         return IdentityOperator(self.shape[0], dtype=dtype, device=device)

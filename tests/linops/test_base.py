@@ -95,6 +95,20 @@ def test_identity_and_symmetric_adjoint() -> None:
     torch.testing.assert_close(eye.to_dense(), torch.eye(3, dtype=F64))
 
 
+@pytest.mark.parametrize("shape", [(4,), (4, 1), (4, 3)])
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_identity_products_are_new_arrays(shape: tuple[int, ...], kind: str) -> None:
+    """I @ V returned V itself (as SciPy's identity does): writing into the product changed V."""
+    eye = linops.IdentityOperator(4, dtype=F64)
+    V = torch.arange(float(np.prod(shape)), dtype=F64).reshape(shape)
+    kept = V.clone()
+    x = V.numpy() if kind == "numpy" else V
+    for out in (eye @ x, eye.T @ x, eye.matvec(x) if len(shape) == 1 else eye.matmat(x)):
+        assert not np.shares_memory(np.asarray(out), V.numpy())
+        out[...] = -1.0
+        assert torch.equal(V, kept)
+
+
 def test_many_vector_products_are_chunked_by_the_memory_bound() -> None:
     A = _mat(5, 6)
     op = Counting(A, max_vectors=4)
