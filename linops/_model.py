@@ -34,7 +34,7 @@ from linops.memory import (
     default_memory_budget,
     prime_host_allocator,
 )
-from linops.params import KeywordInputs, ParamSpace
+from linops.params import BlockViews, KeywordInputs, ParamSpace
 
 #: Vectors per batched pass (at most; the memory budget may allow fewer, see
 #: :meth:`ModelOperator.vectors_per_pass`). With blocks through ``torch.func.vmap`` (truly
@@ -416,6 +416,23 @@ class ModelOperator(TorchLinearOperator):
         if self.route is not None and self.route.startswith("chain") and not self._forward_mode:
             return False
         return super()._column_major()
+
+    def _zero_sums(self, like: torch.Tensor, k: int, batched: bool) -> list[torch.Tensor]:
+        """Return parameter-shaped views of a new column-major ``(m, k)`` block of zeros.
+
+        A running sum over batches, made before any batch's graph; batched, a
+        :class:`~linops.params.BlockViews`, whose join is the block itself.
+        """
+        block = like.new_zeros(k, self.space.dim).T
+        return BlockViews(self.space, block) if batched else self._split_params(block)[0]
+
+    def _column_sums(self, like: torch.Tensor, k: int) -> tuple[torch.Tensor, list[Any]]:
+        """Return a new column-major ``(m, k)`` block of zeros and its columns' parameter views.
+
+        The running sums of a block taken column by column (``_columnwise``).
+        """
+        out = like.new_zeros(k, self.space.dim).T
+        return out, [self._split_params(out[:, j : j + 1])[0] for j in range(k)]
 
     def _rebuilds_graphs(self) -> bool:
         """Whether a product builds some batch's graph again (not all of them are kept)."""

@@ -44,7 +44,7 @@ from linops._reduction import (
     torch_forward,
 )
 from linops._types import Data, OutputSelector, Params, ProcessGroup
-from linops.params import BlockViews, listed
+from linops.params import listed
 
 if TYPE_CHECKING:  # pragma: no cover
     from linops._data import Batches
@@ -214,21 +214,12 @@ class _LossOperator(ModelOperator):
         out: torch.Tensor | None = None
         slots: list[tuple[list[torch.Tensor], list[torch.Tensor] | None]]
         if self._columnwise:
-            out = X.new_zeros(X.shape[1], X.shape[0]).T  # column-major: the sums write into it
+            out, sums = self._column_sums(X, X.shape[1])
             batched = False
-            slots = [
-                (self._split_params(c)[0], self._split_params(out[:, j : j + 1])[0])
-                for j, c in enumerate(_columns(X))
-            ]
+            slots = [(self._split_params(c)[0], s) for c, s in zip(_columns(X), sums, strict=True)]
         else:
             tangents, batched = self._split_params(X)
-            total: list[torch.Tensor] | None = None
-            if len(weights) > 1:  # the running sum, one block (its join is a view)
-                total = (
-                    BlockViews(self.space, X.new_zeros(X.shape[1], X.shape[0]).T)
-                    if batched
-                    else [torch.zeros_like(t) for t in tangents]
-                )
+            total = self._zero_sums(X, X.shape[1], batched) if len(weights) > 1 else None
             slots = [(tangents, total)]
         for w, graph in zip(weights, self._graphs(), strict=True):
             if w == 0.0:  # a mean's batch of zero weight (only zero-weight classes) adds nothing;
