@@ -48,6 +48,10 @@ DEFAULT_MAX_VECTORS = 32
 #: autograd
 ROUTES = ("auto", "chain", "autograd")
 
+#: a slot of a block taken in slots (:meth:`ModelOperator._slot_sums`): its columns, whether its
+#: pass is batched, and the parameter-shaped running sums of its columns
+ColumnSlot = tuple[slice, bool, list[torch.Tensor]]
+
 
 class ModelOperator(TorchLinearOperator):
     """Base of the model operators: parameter space, batches, graph cache, memory budget.
@@ -220,17 +224,25 @@ class ModelOperator(TorchLinearOperator):
     def _build_graph(self, x: torch.Tensor, y: torch.Tensor | None) -> Any:
         raise NotImplementedError
 
-    def _graphs(self) -> Any:
+    def _graphs(self, inputs: bool = False) -> Any:
         """One graph per batch, in batch order (a generator: graphs not kept are freed).
 
         The first batches' graphs are kept while the budget allows (``cache=None``), all of
         them (``cache=True``) or none (``cache=False``); the size of each graph is measured
         as it is built (:class:`linops.memory.PeakMemory`: the tensor storage it retains).
+        With ``inputs``, each item is a list ``[x, graph]`` of the batch's inputs and its
+        graph, emptied when the next batch is drawn.
         """
         cache = self._graph_cache
         for i, (x, y) in enumerate(self.batches):
             if i < len(cache):
-                yield cache[i]
+                if inputs:
+                    item = [x, cache[i]]
+                    del x, y
+                    yield item
+                    item.clear()
+                else:
+                    yield cache[i]
                 continue
             self._building_batch = i  # for subclasses whose graphs depend on the batch index
             if self.cache is False or self._graphs_full or i != len(cache):
@@ -245,8 +257,14 @@ class ModelOperator(TorchLinearOperator):
                     cache.append(g)
                 else:
                     self._graphs_full = True
-            del x, y
-            yield g
+            if inputs:
+                item = [x, g]
+                del x, y
+                yield item
+                item.clear()
+            else:
+                del x, y
+                yield g
             if not (i < len(cache) and cache[i] is g):
                 if i == 0 and self._first_convolutional is None:
                     self._first_convolutional = _convolutional(g)  # read before it is freed
@@ -403,11 +421,46 @@ class ModelOperator(TorchLinearOperator):
                 )
         return out
 
-    #: the directions (``adjoint``) in which the subclass computes one vector per pass inside
-    #: its loop over the batches (``_columnwise`` set: every column through each batch's graph
-    #: before the next batch)
-    _columnwise_directions: tuple[bool, ...] = ()
-    _columnwise = False
+    #: the directions (``adjoint``) in which the subclass's hooks can take a block in slots of
+    #: ``_slot_width`` columns inside their loop over the batches (:meth:`_in_slots`)
+    _slotted_directions: tuple[bool, ...] = ()
+    #: set during a product taken in slots: the columns each pass through a batch's graph takes
+    _slot_width: int | None = None
+
+    def _hooks(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
+        width = self.vectors_per_pass()
+        if width is not None and width < X.shape[1] and self._slots_pay(X, adjoint, width):
+            return self._in_slots(X, adjoint, width)
+        return super()._hooks(X, adjoint)
+
+    def _slots_pay(self, X: torch.Tensor, adjoint: bool, width: int) -> bool:
+        """Whether a block split into passes is better taken in slots (:meth:`_in_slots`).
+
+        Where every batch's graph is kept, a loop over the chunks costs nothing more. A block
+        that the chunk loop would gather chunk by chunk (over an eighth of the budget, row-major,
+        see :meth:`TorchLinearOperator._hooks`) is not copied whole for the slots either.
+        """
+        if adjoint not in self._slotted_directions or not self._rebuilds_graphs():
+            return False
+        budget = self.memory_budget
+        fits = budget is None or X.numel() * X.element_size() <= budget // 8
+        return fits or X.stride(0) == 1 or not self._column_major()
+
+    def _in_slots(self, X: torch.Tensor, adjoint: bool, width: int) -> torch.Tensor:
+        """Return a block's product with ``width`` columns per pass, in one pass over the data.
+
+        The hooks take the whole block; inside their loop over the batches each slot of
+        ``width`` columns goes through the batch's graph and adds into its columns of the
+        output, so each batch (drawn from the loader, its graph built) is visited once per
+        block, not once per chunk of columns. Each slot computes what the same chunk as a
+        product of its own computes, summed over the batches in the same order: the result is
+        the chunk loop's, bit for bit, at the memory of one pass of ``width`` vectors.
+        """
+        self._slot_width = width
+        try:
+            return super()._hooks(X, adjoint)  # vectors_per_pass() is None meanwhile: whole
+        finally:
+            self._slot_width = None
 
     def _column_major(self) -> bool:
         # the chain's own block products read a row-major block where it lies (the layers
@@ -426,13 +479,25 @@ class ModelOperator(TorchLinearOperator):
         block = like.new_zeros(k, self.space.dim).T
         return BlockViews(self.space, block) if batched else self._split_params(block)[0]
 
-    def _column_sums(self, like: torch.Tensor, k: int) -> tuple[torch.Tensor, list[Any]]:
-        """Return a new column-major ``(m, k)`` block of zeros and its columns' parameter views.
+    def _slot_columns(self, k: int) -> list[tuple[slice, bool]]:
+        """Return the slots of a ``k``-column block (:meth:`_in_slots`): columns, batched."""
+        assert self._slot_width is not None
+        cols = [slice(a, min(a + self._slot_width, k)) for a in range(0, k, self._slot_width)]
+        return [(c, c.stop - c.start > 1) for c in cols]
 
-        The running sums of a block taken column by column (``_columnwise``).
+    def _slot_sums(self, like: torch.Tensor, k: int) -> tuple[torch.Tensor, list[ColumnSlot]]:
+        """Return a new column-major ``(m, k)`` block of zeros and its slots (:meth:`_in_slots`).
+
+        Each slot: its columns, whether its pass is batched (more than one column), and the
+        parameter-shaped views of its columns of the block, its running sums.
         """
         out = like.new_zeros(k, self.space.dim).T
-        return out, [self._split_params(out[:, j : j + 1])[0] for j in range(k)]
+        slots = []
+        for cols, batched in self._slot_columns(k):
+            part = out[:, cols]
+            sums = BlockViews(self.space, part) if batched else self._split_params(part)[0]
+            slots.append((cols, batched, sums))
+        return out, slots
 
     def _rebuilds_graphs(self) -> bool:
         """Whether a product builds some batch's graph again (not all of them are kept)."""
@@ -591,18 +656,18 @@ class ModelOperator(TorchLinearOperator):
         """Return a block's product one vector per pass (``first``: column 0's, if known).
 
         Where graphs are rebuilt (streamed) and the subclass can in this direction
-        (``_columnwise_directions``), every column goes through each batch's graph before the
-        next batch (``_columnwise``): the graphs are built once per block, not once per column.
+        (``_slotted_directions``), the block is taken in slots of one column
+        (:meth:`_in_slots`): the graphs are built once per block, not once per column.
         """
         apply = super()._apply
-        if adjoint not in self._columnwise_directions or not self._rebuilds_graphs():
+        if adjoint not in self._slotted_directions or not self._rebuilds_graphs():
             return _loop(apply, _columns(X) if columns is None else columns, adjoint, first)
         rest = X if first is None else X[:, 1:]
-        self._columnwise = True
+        self._slot_width = 1
         try:
             out = apply(rest, adjoint)
         finally:
-            self._columnwise = False
+            self._slot_width = None
         return out if first is None else torch.cat([first, out], dim=1)
 
     def _first_graph_convolutional(self) -> bool:
@@ -730,7 +795,7 @@ class ModelOperator(TorchLinearOperator):
         one-vector pass has been measured (at the first many-vector product) at most
         ``(budget - cached bytes) // p``, at least 1.
         """
-        if self._columnwise:  # one vector at a time inside: the block is not split
+        if self._slot_width is not None:  # slots inside the hooks: the block is not split
             return None
         cap = self.max_vectors if self.max_vectors is not None else DEFAULT_MAX_VECTORS
         measured = [b for b in self._pass_bytes.values() if b is not None]

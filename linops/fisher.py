@@ -319,11 +319,11 @@ class FisherOperator(_OutputFactorOperator):
         self._generator: torch.Generator | None = None
         self._draw_states: list[Tensor] = []  # the generator's state before each batch's draw
 
-    def _graphs(self) -> Any:
+    def _graphs(self, inputs: bool = False) -> Any:
         if not self._graph_cache:  # a pass that (re)builds graphs draws afresh from seed
             self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
             self._draw_states = []
-        yield from super()._graphs()
+        yield from super()._graphs(inputs)
 
     def _blocks(self, out: Tensor, model_shape: torch.Size, y: Tensor | None) -> _OutputBlock:
         if self.family == "cross_entropy" and len(model_shape) != 1:

@@ -34,7 +34,7 @@ from linops._autodiff import (
 from linops._chain import ChainGradientGraph, ChainOutputGraph
 from linops._checks import check_loss_fn, check_output_index
 from linops._loss import OutputLoss
-from linops._model import ModelOperator, _columns, forward_checked, tensor_in
+from linops._model import ModelOperator, forward_checked, tensor_in
 from linops._reduction import (
     Reduction,
     _describe,
@@ -193,16 +193,16 @@ class _LossOperator(ModelOperator):
         """Return the collectives a product needs first (the loss normaliser's sum over the ranks)."""
         self._weights()
 
-    _columnwise_directions = (False,)
+    _slotted_directions: tuple[bool, ...] = (False,)
 
     def _accumulate(self, X: torch.Tensor, product: Any) -> torch.Tensor:
         """Return ``sum_b w_b product(graph_b, X)`` over the batches, a running sum per slot.
 
-        One slot holds the whole block (batched when ``k > 1``). With ``_columnwise`` set
-        (:meth:`ModelOperator._one_vector_per_pass`: one vector per pass, graphs rebuilt),
-        each column is a slot of its own summing into its column of the output, so every
-        column goes through each batch's graph before the next batch is built; each column's
-        sum is then the one its own single product makes (bit for bit; 0 + x is x).
+        One slot holds the whole block (batched when ``k > 1``). Taken in slots
+        (:meth:`ModelOperator._in_slots`: a block split into passes while graphs are
+        rebuilt), each slot of columns sums into its columns of the output, so every slot goes
+        through each batch's graph before the next batch is built; each slot's sum is then
+        the one its own product makes (bit for bit; 0 + x is x).
 
         Over several batches the running sums are made before any batch's graph and updated
         in place, and each batch's product is dropped before the next graph is built: made
@@ -212,31 +212,31 @@ class _LossOperator(ModelOperator):
         """
         weights = self._weights()
         out: torch.Tensor | None = None
-        slots: list[tuple[list[torch.Tensor], list[torch.Tensor] | None]]
-        if self._columnwise:
-            out, sums = self._column_sums(X, X.shape[1])
-            batched = False
-            slots = [(self._split_params(c)[0], s) for c, s in zip(_columns(X), sums, strict=True)]
+        slots: list[tuple[list[torch.Tensor], bool, list[torch.Tensor] | None]]
+        if self._slot_width is not None:
+            out, parts = self._slot_sums(X, X.shape[1])
+            slots = [(self._split_params(X[:, c])[0], b, s) for c, b, s in parts]
         else:
             tangents, batched = self._split_params(X)
             total = self._zero_sums(X, X.shape[1], batched) if len(weights) > 1 else None
-            slots = [(tangents, total)]
+            slots = [(tangents, batched, total)]
         for w, graph in zip(weights, self._graphs(), strict=True):
             if w == 0.0:  # a mean's batch of zero weight (only zero-weight classes) adds nothing;
                 continue  # torch's loss on it alone is 0 / 0
-            for i, (tangents, total) in enumerate(slots):
+            for i, (tangents, batched, total) in enumerate(slots):
                 part = product(graph, tangents, batched)
                 if total is None:
                     # one batch: no scaled copy per parameter tensor unless its weight is not 1
                     # (65 muls and allocations a product on a ResNet-20)
-                    slots[i] = (tangents, [w * t for t in part] if w != 1.0 else listed(part))
+                    result = [w * t for t in part] if w != 1.0 else listed(part)
+                    slots[i] = (tangents, batched, result)
                 else:
                     for a, t in zip(total, part, strict=True):
                         a.add_(t, alpha=w)
                 del part
         if out is not None:
             return out
-        total = slots[0][1]
+        _, batched, total = slots[0]
         assert total is not None  # the weights sum to 1
         return self._join_params(total, batched)
 

@@ -181,6 +181,8 @@ class JacobianOperator(ModelOperator):
         )
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        if self._slot_width is not None:
+            return self._jvp_in_slots(X)
         tangents, batched = self._split_params(X)
         rows = []
         if batched and self._forward_mode:
@@ -194,6 +196,54 @@ class JacobianOperator(ModelOperator):
             jv = graph.jvp(tangents, batched)  # (k, n_b, d) or (n_b, d)
             rows.append(jv.reshape(X.shape[1], -1).T if batched else jv.reshape(-1, 1))
         return torch.cat(rows, dim=0)
+
+    def _jvp_in_slots(self, X: torch.Tensor) -> torch.Tensor:
+        """``J V`` taken in slots (:meth:`ModelOperator._in_slots`), each batch visited once.
+
+        Every slot is computed as the same columns alone would be: by forward mode where
+        their own product would be (many vectors: where the block pass is; one vector: where
+        single products are), else on the batch's graph, built only if some slot needs it.
+        The slots' results are written into their rows and columns of the output.
+        """
+        k = X.shape[1]
+        slots = [
+            (c, b, self._slot_by_forward_mode(b), self._split_params(X[:, c])[0])
+            for c, b in self._slot_columns(k)
+        ]
+        graphs = not all(forward for _, _, forward, _ in slots)
+        out = X.new_empty(k, self.shape[0]).T
+        row = 0
+        for x, graph in self._graphs(inputs=True) if graphs else self.batches:
+            rows = 0
+            for cols, batched, forward, tangents in slots:
+                if not forward:
+                    jv = graph.jvp(tangents, batched)
+                elif batched:
+                    jv = forward_mode_jvp(self.space, x, self.output_index, tangents)
+                else:
+                    jv = forward_ad_jvp(self.space, x, self.output_index, tangents)
+                piece = jv.reshape(cols.stop - cols.start, -1).T if batched else jv.reshape(-1, 1)
+                rows = piece.shape[0]
+                out[row : row + rows, cols] = piece
+                del jv, piece
+            del x, graph
+            row += rows
+        return out
+
+    def _slot_by_forward_mode(self, batched: bool) -> bool | None:
+        """Whether a slot of ``J V`` takes forward mode (``None``: not decided yet).
+
+        A many-vector slot does where the block pass is forward mode, a one-vector slot where
+        single products are (decided at the first single product).
+        """
+        return self._forward_mode if batched else self._single_forward_mode
+
+    def _slots_pay(self, X: torch.Tensor, adjoint: bool, width: int) -> bool:
+        k = X.shape[1]
+        single = width == 1 or k % width == 1  # a slot of one vector
+        if not adjoint and single and self._single_forward_mode is None:
+            return False  # the last slot's way is not known yet
+        return super()._slots_pay(X, adjoint, width)
 
     #: whether single products ``J v`` take forward mode (``None``: not decided yet)
     _single_forward_mode: bool | None = None
@@ -231,46 +281,45 @@ class JacobianOperator(ModelOperator):
     def _has_forward_mode(self, adjoint: bool) -> bool:
         return not adjoint  # J V by forward mode; J^T U replays the retained graph
 
-    _columnwise_directions = (True,)
+    _slotted_directions: tuple[bool, ...] = (False, True)
 
     def _rmatmat_torch(self, Y: torch.Tensor) -> torch.Tensor:
         """``J^T U = sum_b J_b^T U_b`` over the batches, a running sum per slot.
 
-        One slot holds the whole block (batched when ``k > 1``); with ``_columnwise`` set
-        (:meth:`ModelOperator._one_vector_per_pass`: one vector per pass, graphs rebuilt) each
-        column is a slot summing into its column of the output, so a streamed block builds
-        each batch's graph once, not once per column (as :meth:`_LossOperator._accumulate`).
+        One slot holds the whole block (batched when ``k > 1``); taken in slots
+        (:meth:`ModelOperator._in_slots`: a block split into passes while graphs are
+        rebuilt) each slot of columns sums into its columns of the output, so a streamed block
+        builds each batch's graph once, not once per chunk (as
+        :meth:`_LossOperator._accumulate`).
         """
         k = Y.shape[1]
-        batched = not self._columnwise and (k > 1 or self._probing)
         out: torch.Tensor | None = None
-        slots: list[tuple[int | None, list[torch.Tensor] | None]]
-        if self._columnwise:
-            out, sums = self._column_sums(Y, k)
-            slots = list(enumerate(sums))
-        elif len(self.batch_rows) > 1:
-            # column-major, as the products' tangents are: a row-major running sum made every
-            # add_ and the join strided (1.7x the time of J^T U on an 85k-parameter MLP, k = 32)
-            slots = [(None, self._zero_sums(Y, k, batched))]
+        slots: list[tuple[slice, bool, list[torch.Tensor] | None]]
+        if self._slot_width is not None:
+            out, parts = self._slot_sums(Y, k)
+            slots = list(parts)
         else:
-            slots = [(None, None)]
+            batched = k > 1 or self._probing
+            # several batches: a column-major running sum, as the products' tangents are: a
+            # row-major one made every add_ and the join strided (1.7x the time of J^T U on an
+            # 85k-parameter MLP, k = 32)
+            many = len(self.batch_rows) > 1
+            slots = [(slice(None), batched, self._zero_sums(Y, k, batched) if many else None)]
         for graph, Yb in zip(self._graphs(), torch.split(Y, self.batch_rows), strict=True):
             shape = graph.out.shape
-            for i, (j, total) in enumerate(slots):
-                if j is not None:
-                    cot = Yb[:, j].reshape(shape)
-                else:
-                    cot = Yb.T.reshape(k, *shape) if batched else Yb.reshape(shape)
+            for i, (cols, batched, total) in enumerate(slots):
+                U = Yb[:, cols]
+                cot = U.T.reshape(U.shape[1], *shape) if batched else U.reshape(shape)
                 part = graph.vjp(cot, batched)
                 if total is None:
-                    slots[i] = (j, listed(part))
+                    slots[i] = (cols, batched, listed(part))
                 else:
                     for a, t in zip(total, part, strict=True):
                         a.add_(t)
-                del part, cot
+                del part, cot, U
         if out is not None:
             return out
-        total = slots[0][1]
+        _, batched, total = slots[0]
         assert total is not None  # the data has at least one batch
         return self._join_params(total, batched)
 

@@ -139,6 +139,8 @@ class KFACOperator(_LossOperator):
 
     #: blocks are read in whichever layout they come (:meth:`_map_blocks`): no transposed copy
     column_major_blocks = False
+    #: products are on the factors, not through the batches' graphs: never taken in slots
+    _slotted_directions = ()
 
     def __init__(
         self,

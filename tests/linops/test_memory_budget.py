@@ -161,8 +161,8 @@ def test_block_size_from_the_measured_peak_of_one_pass() -> None:
         hook = Hb._matmat_torch
         sizes.clear()
 
-        def counting(X: torch.Tensor, hook: Any = hook) -> torch.Tensor:
-            sizes.append(X.shape[1])
+        def counting(X: torch.Tensor, hook: Any = hook, Hb: Any = Hb) -> torch.Tensor:
+            sizes.append(Hb._slot_width or X.shape[1])  # vectors per pass through a graph
             return hook(X)
 
         Hb._matmat_torch = counting  # type: ignore[method-assign]

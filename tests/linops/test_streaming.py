@@ -7,6 +7,7 @@ and differentiated by the same code), and the dense reference on the concatenate
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -428,7 +429,6 @@ def test_a_streamed_pass_holds_nothing_of_a_batch_when_it_draws_the_next(
     from linops.memory import PeakMemory
 
     model = _mlp()
-    m = sum(p.numel() for p in model.parameters())
     state: dict[str, Any] = {}
     data = _Watched(lambda: state["peak"].current if "peak" in state else None, (5,), 3, 4, 5)
     op = (
@@ -436,17 +436,18 @@ def test_a_streamed_pass_holds_nothing_of_a_batch_when_it_draws_the_next(
         if cls is JacobianOperator
         else cls(model, nn.CrossEntropyLoss(), data, route=route, memory_budget=TINY, max_vectors=3)
     )
-    for k in (1, 3):
-        x = _vectors(op.shape[0] if cls is JacobianOperator else m, k)
-        product = (lambda x=x: op.T @ x) if cls is JacobianOperator else (lambda x=x: op @ x)
+    directions = [op.T, op] if cls is JacobianOperator else [op]
+    for k, A in itertools.product((1, 3, 5), directions):  # 5: in slots of 3 and 2
+        x = _vectors(A.shape[1], k).T.contiguous().T
+        product = lambda x=x, A=A: A @ x  # noqa: E731
         product()  # the first product decides routes and measures: not watched
         with PeakMemory() as state["peak"]:
             product()
         del state["peak"]
         # the running sum, a block's input laid out per parameter, the last batch and the one
         # being drawn (inputs and labels), and a few bytes of the loss; a batch's product
-        # held over would add 8 m k bytes
-        held = 8 * m * k * (1 if k == 1 else 2) + 2 * (8 * 5 * 5 + 8 * 5) + 128
+        # held over would add 8 rows k bytes
+        held = 8 * A.shape[0] * k * (1 if k == 1 else 2) + 2 * (8 * 5 * 5 + 8 * 5) + 128
         assert len(data.alive) == 3  # one pass of k vectors (max_vectors), 4 batches
         assert max(data.alive) <= held, (k, data.alive)
         data.alive.clear()
@@ -494,3 +495,93 @@ def test_a_streamed_adjoint_jacobian_block_builds_each_graph_once() -> None:
     assert torch.equal(block, cached.T @ U)
     for j in range(4):
         assert torch.equal(block[:, j], streamed.T @ U[:, j])
+
+
+def _chunks_alone(op: Any, W: Tensor, width: int) -> Tensor:
+    """The block's product chunk by chunk, each chunk a product of its own."""
+    return torch.cat([op @ W[:, a : a + width] for a in range(0, W.shape[1], width)], dim=1)
+
+
+def _graphs_built(op: Any, product: Any) -> tuple[Tensor, int]:
+    """``product()`` and the number of batch graphs ``op`` built for it."""
+    built = [0]
+    build = op._build_graph
+
+    def counted(*args: Any) -> Any:
+        built[0] += 1
+        return build(*args)
+
+    op._build_graph = counted
+    try:
+        return product(), built[0]
+    finally:
+        del op._build_graph
+
+
+@pytest.mark.parametrize("case", ["mlp-chain", "mlp-autograd"])
+@pytest.mark.parametrize(
+    "cls", [HessianOperator, GGNOperator, EmpiricalFisherOperator, FisherOperator]
+)
+def test_a_streamed_block_wider_than_a_pass_draws_the_loader_once(case: str, cls: Any) -> None:
+    """7 columns in passes of 3 (``max_vectors``): 3, 3 and 1 columns through each batch's
+    graph before the next batch is drawn; a loop over the chunks drew the loader and built
+    every graph once per chunk. Each chunk is what its own product gives, bit for bit.
+
+    A row-major block over an eighth of the budget is gathered chunk by chunk (graphs built
+    once per chunk), as before; not with a budget it fits in (here ``cache=False``)."""
+    cached, streamed, data = _pair(_loss_op, cls, case, max_vectors=3)
+    rebuilt = _loss_op(cls, cached.model, data, route=CASES[case][2], cache=False, max_vectors=3)
+    V = _vectors(cached.shape[1], 7)
+    C = V.T.contiguous().T  # column-major
+    row_major = 1 if case == "mlp-chain" else 3  # the chain reads it where it lies
+    for op, W, passes in ((streamed, C, 1), (streamed, V, row_major), (rebuilt, V, 1)):
+        op @ W  # the first block decides the block pass
+        before = data.passes
+        block, built = _graphs_built(op, lambda op=op, W=W: op @ W)
+        assert built == 4 * passes  # 4 batches
+        assert data.passes - before == (passes if op is streamed else 0)
+        assert torch.equal(block, cached @ W)
+        assert torch.equal(block, _chunks_alone(op, W, 3))
+
+
+@pytest.mark.parametrize("case", ["mlp-chain", "mlp-autograd"])
+def test_a_streamed_adjoint_jacobian_block_wider_than_a_pass_draws_the_loader_once(
+    case: str,
+) -> None:
+    cached, streamed, data = _pair(_jac_op, JacobianOperator, case, max_vectors=3)
+    rebuilt = _jac_op(JacobianOperator, cached.model, data, route=CASES[case][2], cache=False,
+                      max_vectors=3)  # fmt: skip
+    U = _vectors(cached.shape[0], 7)
+    C = U.T.contiguous().T
+    row_major = 1 if case == "mlp-chain" else 3
+    for op, W, passes in ((streamed, C, 1), (streamed, U, row_major), (rebuilt, U, 1)):
+        op.T @ W
+        before = data.passes
+        block, built = _graphs_built(op, lambda op=op, W=W: op.T @ W)
+        assert built == 4 * passes
+        assert data.passes - before == (passes if op is streamed else 0)
+        assert torch.equal(block, cached.T @ W)
+        assert torch.equal(block, _chunks_alone(op.T, W, 3))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("k", [7, 6])
+def test_a_streamed_jacobian_block_wider_than_a_pass_visits_each_batch_once(
+    case: str, k: int
+) -> None:
+    """``J V`` in passes of 3: the loader is drawn once per block. On the chain route every
+    graph is built once per block; on the autograd route the many-vector slots take forward
+    mode (no graph), and with 7 columns the last slot is one vector, which takes the single
+    products' way: the retained graph on the MLP (built once per block), forward AD on the
+    convolutional model (no graph). Each chunk is what its own product gives, bit for bit."""
+    cached, streamed, data = _pair(_jac_op, JacobianOperator, case, max_vectors=3)
+    V = _vectors(cached.shape[1], k).T.contiguous().T
+    streamed @ V[:, 0]  # decides the way of single products
+    streamed @ V  # and of many-vector ones
+    before = data.passes
+    block, built = _graphs_built(streamed, lambda: streamed @ V)
+    assert data.passes - before == 1
+    graphs = streamed.route.startswith("chain") or (case == "mlp-autograd" and k == 7)
+    assert built == (4 if graphs else 0)
+    assert torch.equal(block, cached @ V)
+    assert torch.equal(block, _chunks_alone(streamed, V, 3))
