@@ -29,6 +29,7 @@ SCRIPTS = [
     "bench/guess_step.py",
     "bench/rank_seeds.py",
     "bench/streaming.py",
+    "bench/streamed_blocks.py",
     "bench/distributed.py",
     "bench/estimator_coverage.py",
     "examples/reference_rank.py",
