@@ -39,13 +39,17 @@ def probe_group(op: TorchLinearOperator, N: int, memory_budget: int | None, arra
     """Probes per block: the operator's vectors per pass (else all ``N``), within the budget.
 
     ``arrays`` ``n``-vectors are held per probe (the probe, its product and one temporary).
+    All ``N`` (within the budget) where a wider block costs no more visits of the data than
+    one pass (a streamed model operator after its first product,
+    :meth:`linops.TorchLinearOperator._visits_data_once_per_block`): callers ask again before
+    each group, so only a streamed operator's first group is one pass wide.
 
     Raises
     ------
     ValueError
         If not even one probe fits.
     """
-    k = op.vectors_per_pass()
+    k = None if op._visits_data_once_per_block() else op.vectors_per_pass()
     group = N if k is None else max(1, min(N, k))
     vec = _vector_bytes(op)
     fit, budget = count_within(op, arrays * vec, memory_budget)

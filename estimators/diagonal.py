@@ -160,10 +160,9 @@ def frobenius_norm(
     op, _ = kr.prepare(A)
     N = kr.check_int(num_matvecs, "num_matvecs", 2)
     gen = kr.make_generator(seed, op.device)
-    group = probe_group(op, N, memory_budget, arrays=2)
     parts: list[torch.Tensor] = []
     while (done := sum(p.numel() for p in parts)) < N:
-        W = grouped_probes(op, op.shape[1], min(group, N - done), gen)
+        W = grouped_probes(op, op.shape[1], probe_group(op, N - done, memory_budget, 2), gen)
         AW = op._apply(W)
         kr.check_products(AW, done + W.shape[1])
         parts.append((AW.abs() ** 2).sum(dim=0).double())

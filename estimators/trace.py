@@ -212,10 +212,10 @@ def hutchinson_trace(
     """
     op, N, (gen, _) = _setup(A, num_matvecs, 1, seed)
     kr.check_which(distribution, ("rademacher", "gaussian"), "distribution")
-    group = probe_group(op, N, memory_budget)
     forms, done = _Forms(distribution == "rademacher"), 0
     while done < N:  # in groups, so a model operator's probes never all live at once
-        Z = grouped_probes(op, op.shape[0], min(group, N - done), gen, distribution == "rademacher")
+        group = probe_group(op, N - done, memory_budget)
+        Z = grouped_probes(op, op.shape[0], group, gen, distribution == "rademacher")
         done += Z.shape[1]
         forms.add(Z, _apply(op, Z, done))
     mean, sem = forms.result()
@@ -541,10 +541,9 @@ def diagonal(
         base = (Q * op._apply(Q, adjoint=True).conj()).sum(dim=1)
         used = 2 * m
     k = N - used
-    group = probe_group(op, k, memory_budget, arrays=4)
     count, mean, m2 = 0, torch.zeros_like(base), torch.zeros_like(base.real)
     while count < k:  # per-entry mean and variance, combined group by group
-        Z = grouped_probes(op, op.shape[0], min(group, k - count), gen)
+        Z = grouped_probes(op, op.shape[0], probe_group(op, k - count, memory_budget, 4), gen)
         AZ = _apply(op, Z, used + count + Z.shape[1])
         if Q is not None:
             AZ = AZ - Q @ (Q.mH @ AZ)

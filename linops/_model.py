@@ -499,6 +499,11 @@ class ModelOperator(TorchLinearOperator):
             slots.append((cols, batched, sums))
         return out, slots
 
+    def _visits_data_once_per_block(self) -> bool:
+        count = self.batches._num_batches  # known after a first pass
+        rebuilt = count is not None and len(self._graph_cache) < count
+        return rebuilt and False in self._slotted_directions and self.process_group is None
+
     def _rebuilds_graphs(self) -> bool:
         """Whether a product builds some batch's graph again (not all of them are kept)."""
         count = self.batches._num_batches

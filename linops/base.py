@@ -267,6 +267,15 @@ class TorchLinearOperator(LinearOperator):
             limits.append(max(1, self.memory_budget // max(1, self.bytes_per_vector())))
         return min(limits) if limits else None
 
+    def _visits_data_once_per_block(self) -> bool:
+        """Whether a block wider than a pass is known to cost one visit of the data, not one per pass.
+
+        False here; a streamed model operator says True once its first product has shown that
+        it rebuilds graphs (:meth:`linops._model.ModelOperator._in_slots`): a caller that
+        can hold a wider block (an estimator's probes) then saves a visit per pass.
+        """
+        return False
+
     def _apply(self, X: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
         """Unchecked product with a 2-d floating or complex tensor on the right device.
 

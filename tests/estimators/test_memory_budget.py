@@ -202,3 +202,48 @@ def test_the_same_seed_gives_the_same_estimate_whatever_the_groups() -> None:
             torch.testing.assert_close(
                 torch.as_tensor(got), torch.as_tensor(first), rtol=1e-12, atol=1e-14, msg=name
             )
+
+
+class _Counted:
+    """A re-iterable loader of seeded batches that counts its passes."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        self.passes += 1
+        for i in range(4):
+            g = torch.Generator().manual_seed(i)
+            yield torch.randn(6, 5, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g)
+
+
+@pytest.mark.parametrize(
+    "estimate",
+    [
+        lambda H: hutchinson_trace(H, 10, seed=0).estimate,
+        lambda H: float(diagonal(H, 10, method="hutchinson", seed=0).estimate.sum()),
+        lambda H: frobenius_norm(H, 10, seed=0).estimate,
+    ],
+)
+def test_a_streamed_operator_takes_the_probes_after_its_first_group_in_one_visit(
+    estimate: object,
+) -> None:
+    """A streamed operator (graphs rebuilt) takes a block wider than a pass in one visit of
+    the data; once a first product has shown that, the probes go in one group (they went in
+    groups of 3: 4 visits for 10 probes), and the estimate is the cached operator's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    model = model.double()
+    loss = torch.nn.CrossEntropyLoss()
+    data = _Counted()
+    streamed = HessianOperator(model, loss, data, memory_budget=1, max_vectors=3)
+    cached = HessianOperator(model, loss, data, max_vectors=3)
+    assert not streamed._visits_data_once_per_block()  # not known before a first pass
+    first = estimate(streamed)  # type: ignore[operator]
+    assert streamed._visits_data_once_per_block()
+    before = data.passes
+    again = estimate(streamed)  # type: ignore[operator]
+    assert data.passes - before == 1
+    assert again == pytest.approx(first, rel=1e-12)
+    assert again == pytest.approx(estimate(cached), rel=1e-12)  # type: ignore[operator]
+    assert not cached._visits_data_once_per_block()
