@@ -39,19 +39,23 @@ def probe_group(op: TorchLinearOperator, N: int, memory_budget: int | None, arra
     """Probes per block: the operator's vectors per pass (else all ``N``), within the budget.
 
     ``arrays`` ``n``-vectors are held per probe (the probe, its product and one temporary).
-    All ``N`` (within the budget) where a wider block costs no more visits of the data than
-    one pass (a streamed model operator after its first product,
-    :meth:`linops.TorchLinearOperator._visits_data_once_per_block`): callers ask again before
-    each group, so only a streamed operator's first group is one pass wide.
+    Where a wider block costs no more visits of the data than one pass (a streamed model
+    operator after its first product,
+    :meth:`linops.TorchLinearOperator._visits_data_once_per_block`), as many as the
+    operator's own ``memory_budget`` holds too (a budget of one pass keeps groups of one
+    pass): callers ask again before each group, so only such an operator's first group is
+    one pass wide.
 
     Raises
     ------
     ValueError
         If not even one probe fits.
     """
-    k = None if op._visits_data_once_per_block() else op.vectors_per_pass()
-    group = N if k is None else max(1, min(N, k))
+    k = op.vectors_per_pass()
     vec = _vector_bytes(op)
+    if k is not None and op._visits_data_once_per_block() and op.memory_budget is not None:
+        k = max(k, op.memory_budget // (arrays * vec))  # as wide as the operator's budget holds
+    group = N if k is None else max(1, min(N, k))
     fit, budget = count_within(op, arrays * vec, memory_budget)
     if fit < 1:
         raise ValueError(
