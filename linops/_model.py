@@ -436,11 +436,20 @@ class ModelOperator(TorchLinearOperator):
     def _slots_pay(self, X: torch.Tensor, adjoint: bool, width: int) -> bool:
         """Whether a block split into passes is better taken in slots (:meth:`_in_slots`).
 
-        Where every batch's graph is kept, a loop over the chunks costs nothing more. A block
-        that the chunk loop would gather chunk by chunk (over an eighth of the budget, row-major,
-        see :meth:`TorchLinearOperator._hooks`) is not copied whole for the slots either.
+        Only where a first pass has shown that graphs are rebuilt: where every batch's graph
+        is kept, a loop over the chunks costs nothing more, and the first products, which
+        decide the routes, go as before. Not while probing the batched pass (one column, which
+        a complex vector makes two), nor where a slot of one vector would be taken before the
+        way of single products is decided (:meth:`_single_way_undecided`). A block that the
+        chunk loop would gather chunk by chunk (over an eighth of the budget, row-major, see
+        :meth:`TorchLinearOperator._hooks`) is not copied whole for the slots either.
         """
-        if adjoint not in self._slotted_directions or not self._rebuilds_graphs():
+        if adjoint not in self._slotted_directions or self._probing:
+            return False
+        if not self._known_to_rebuild_graphs():
+            return False
+        single = width == 1 or X.shape[1] % width == 1  # a slot of one vector
+        if single and self._single_way_undecided(adjoint):
             return False
         budget = self.memory_budget
         fits = budget is None or X.numel() * X.element_size() <= budget // 8
@@ -499,10 +508,25 @@ class ModelOperator(TorchLinearOperator):
             slots.append((cols, batched, sums))
         return out, slots
 
+    def _single_way_undecided(self, adjoint: bool) -> bool:
+        """Whether single products of this direction have a way still to be decided at the first.
+
+        (Forward AD or the retained graph, in subclasses that choose.) A slot of one vector
+        must take the way the single product takes, so it waits for that decision.
+        """
+        return False
+
+    def _known_to_rebuild_graphs(self) -> bool:
+        """Whether a first pass has shown that products rebuild some batch's graph."""
+        count = self.batches._num_batches
+        return count is not None and len(self._graph_cache) < count
+
     def _visits_data_once_per_block(self) -> bool:
-        count = self.batches._num_batches  # known after a first pass
-        rebuilt = count is not None and len(self._graph_cache) < count
-        return rebuilt and False in self._slotted_directions and self.process_group is None
+        return (
+            self._known_to_rebuild_graphs()
+            and False in self._slotted_directions
+            and self.process_group is None
+        )
 
     def _rebuilds_graphs(self) -> bool:
         """Whether a product builds some batch's graph again (not all of them are kept)."""
@@ -668,6 +692,8 @@ class ModelOperator(TorchLinearOperator):
         if adjoint not in self._slotted_directions or not self._rebuilds_graphs():
             return _loop(apply, _columns(X) if columns is None else columns, adjoint, first)
         rest = X if first is None else X[:, 1:]
+        if rest.stride(0) != 1:  # one strided column left: contiguous, as a single product's
+            rest = rest.T.contiguous().T
         self._slot_width = 1
         try:
             out = apply(rest, adjoint)

@@ -403,6 +403,9 @@ class GGNOperator(_LossOperator):
     #: whether single products take ``J v`` by forward AD (``None``: not decided yet)
     _single_forward_mode: bool | None = None
 
+    def _single_way_undecided(self, adjoint: bool) -> bool:
+        return self._single_forward_mode is None
+
     def _first_single(self, X: torch.Tensor, product: Any) -> torch.Tensor:
         """First single product; decides whether ``J v`` inside it takes forward AD.
 

@@ -238,12 +238,8 @@ class JacobianOperator(ModelOperator):
         """
         return self._forward_mode if batched else self._single_forward_mode
 
-    def _slots_pay(self, X: torch.Tensor, adjoint: bool, width: int) -> bool:
-        k = X.shape[1]
-        single = width == 1 or k % width == 1  # a slot of one vector
-        if not adjoint and single and self._single_forward_mode is None:
-            return False  # the last slot's way is not known yet
-        return super()._slots_pay(X, adjoint, width)
+    def _single_way_undecided(self, adjoint: bool) -> bool:
+        return not adjoint and self._single_forward_mode is None
 
     #: whether single products ``J v`` take forward mode (``None``: not decided yet)
     _single_forward_mode: bool | None = None

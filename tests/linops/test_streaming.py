@@ -8,6 +8,7 @@ and differentiated by the same code), and the dense reference on the concatenate
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -585,3 +586,88 @@ def test_a_streamed_jacobian_block_wider_than_a_pass_visits_each_batch_once(
     assert built == (4 if graphs else 0)
     assert torch.equal(block, cached @ V)
     assert torch.equal(block, _chunks_alone(streamed, V, 3))
+
+
+def _conv_bn() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(75, 3)
+    ).double()  # fmt: skip
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def _samples(n: int, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, *shape, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize("kw", [{}, {"cache": False}, {"memory_budget": TINY}])
+@pytest.mark.parametrize("route", ["auto", "autograd"])
+@pytest.mark.parametrize(
+    "cls", [HessianOperator, GGNOperator, EmpiricalFisherOperator, FisherOperator, JacobianOperator]
+)
+def test_a_complex_block_at_one_vector_per_pass_is_its_real_and_imaginary_parts(
+    cls: Any, route: str, kw: dict
+) -> None:
+    """With ``max_vectors=1`` the batched pass's one-column probe of a complex block is two
+    real columns, wider than a pass: taken in slots while probing, it raised on the chain
+    route (tangents batched in a one-vector slot) and made the autograd route give up its
+    batched pass with a warning (found by an audit of the slots, /tmp/audit20)."""
+    X, y = _samples(19, (5,))
+    if cls is JacobianOperator:
+        op = cls(_mlp(), X, batch_size=5, max_vectors=1, route=route, **kw)
+        op @ torch.ones(op.shape[1], dtype=F64)  # decides single products' way
+    else:
+        op = cls(_mlp(), nn.CrossEntropyLoss(), (X, y), batch_size=5, max_vectors=1, route=route,
+                 **kw)  # fmt: skip
+    g = torch.Generator().manual_seed(2)
+    V = torch.randn(op.shape[1], 3, generator=g, dtype=torch.complex128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = op @ V
+    assert op.batched[False] is True
+    assert torch.equal(out, torch.complex(op @ V.real, op @ V.imag))
+
+
+@pytest.mark.parametrize("kw", [{"cache": False}, {"memory_budget": TINY}])
+@pytest.mark.parametrize("seed", range(4))
+def test_one_vector_per_pass_reads_a_strided_last_column_as_a_single_product_does(
+    kw: dict, seed: int
+) -> None:
+    """A row-major 2-column block through convolutions (one vector per pass): its second
+    column reached the slots as a strided view (the single product copies it contiguous),
+    which changed its last bits where a batch has one sample (19 samples in batches of 6)."""
+    X, y = _samples(19, (1, 5, 5))
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    streamed = HessianOperator(_conv_bn(), loss, (X, y), batch_size=6, route="autograd", **kw)
+    cached = HessianOperator(_conv_bn(), loss, (X, y), batch_size=6, route="autograd")
+    g = torch.Generator().manual_seed(seed)
+    V = torch.randn(streamed.shape[1], 2, generator=g, dtype=F64)
+    out = streamed @ V
+    assert torch.equal(out, cached @ V)
+    assert torch.equal(out[:, 1], streamed @ V[:, 1])
+
+
+@pytest.mark.parametrize("kw", [{"cache": False}, {"memory_budget": TINY}])
+def test_a_one_vector_slot_waits_for_the_way_of_single_products(kw: dict) -> None:
+    """A GGN through convolutions takes single products' ``J v`` by forward AD, decided at the
+    first single product; a slot of one vector taken while that is undecided would take the
+    retained graph's ``J v`` instead (last bits differed from the cached operator's, found by
+    an audit of the slots). Every first product decides it today, so the undecided state is
+    set by hand here: the block then goes chunk by chunk, and its last chunk decides."""
+    X, y = _samples(20, (1, 5, 5))
+    loss = nn.CrossEntropyLoss()
+    streamed, cached = (
+        GGNOperator(_conv_bn(), loss, (X, y), batch_size=5, max_vectors=3, route="autograd", **c)
+        for c in (kw, {})
+    )
+    for k in (6, 7):
+        V = torch.randn(k, cached.shape[1], generator=torch.Generator().manual_seed(k), dtype=F64).T
+        streamed @ V[:, :6]
+        streamed._single_forward_mode = None
+        assert torch.equal(streamed @ V, cached @ V)
+        # 6 columns: slots of 3, none of one vector; 7: chunks, the last one decides
+        assert streamed._single_forward_mode is (None if k == 6 else True)
