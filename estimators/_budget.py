@@ -75,11 +75,14 @@ def grouped_probes(
     one ``(n, k)`` block, the same seed gave other probes, and another estimate, after the
     operator's first product or under another budget).
     """
-    Z = torch.empty(k, n, dtype=op.torch_dtype, device=op.device)
+    # Rademacher probes are +-1 (complex-typed for a complex operator), Gaussian ones complex
+    # Gaussian there (E[z z^H] = I either way)
+    dtype = op.torch_dtype.to_real() if rademacher else op.torch_dtype
+    Z = torch.empty(k, n, dtype=dtype, device=op.device)
     for j in range(k):
-        torch.randn(n, generator=gen, dtype=op.torch_dtype, device=op.device, out=Z[j])
+        torch.randn(n, generator=gen, dtype=dtype, device=op.device, out=Z[j])
     Z = Z.T  # column-major: every probe contiguous
-    return torch.sign(Z) if rademacher else Z
+    return torch.sign(Z).to(op.torch_dtype) if rademacher else Z
 
 
 def check_sketch(

@@ -32,6 +32,7 @@ import torch
 
 from estimators._budget import check_sketch, grouped_probes, probe_group
 from estimators.trace import DiagonalEstimate
+from estimators.trace import _probes as _rademacher_block
 from linops import OperatorLike
 from linops import blocks as kr
 
@@ -111,7 +112,7 @@ def xdiag(
     s = m // 2
     check_sketch(op, 7 * s, memory_budget, "xdiag", "lower num_matvecs or use diagonal()")
     gen = kr.make_generator(seed, op.device)
-    W = torch.sign(kr.random_block(n, s, op, gen))
+    W = _rademacher_block(op, s, gen, "rademacher")
     Y = op._apply(W)
     kr.check_products(Y, s)
     Q, R = torch.linalg.qr(Y)

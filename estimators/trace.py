@@ -64,25 +64,46 @@ _SKETCH_HINT = (
 )
 
 
+#: the trace estimators' refusal of complex operators (their estimates are real numbers)
+COMPLEX_TRACE_REFUSAL = (
+    "A: expected a real operator, got a complex one: the trace estimators return a real "
+    "estimate, and a complex A's trace is complex in general (its real part alone would be "
+    "returned); for a complex Hermitian A pass its real form [[Re A, -Im A], [Im A, Re A]], "
+    "whose trace is twice A's (estimators.diagonal and frobenius_norm take complex operators)"
+)
+
+
 def _setup(
-    A: OperatorLike, num_matvecs: int, lo: int, seed: Seed
+    A: OperatorLike, num_matvecs: int, lo: int, seed: Seed, real: bool = True
 ) -> tuple[TorchLinearOperator, int, tuple[torch.Generator, Literal["numpy", "torch", "cupy"]]]:
     op, kind = kr.prepare(A)
     if op.shape[0] != op.shape[1]:
         raise ValueError(f"A: expected a square operator, got shape {op.shape}")
+    if real and op.torch_dtype.is_complex:
+        raise ValueError(COMPLEX_TRACE_REFUSAL)
     N = kr.check_int(num_matvecs, "num_matvecs", lo)
     return op, N, (kr.make_generator(seed, op.device), kind)
 
 
 def _probes(op: TorchLinearOperator, k: int, gen: torch.Generator, dist: str) -> torch.Tensor:
-    Z = kr.random_block(op.shape[0], k, op, gen)
-    return torch.sign(Z) if dist == "rademacher" else Z
+    if dist != "rademacher":
+        return kr.random_block(op.shape[0], k, op, gen)
+    real = op.torch_dtype.to_real()  # +-1 probes, complex-typed for a complex operator
+    Z = torch.randn(op.shape[0], k, generator=gen, dtype=real, device=op.device)
+    return torch.sign(Z).to(op.torch_dtype)
 
 
 def _apply(op: TorchLinearOperator, X: torch.Tensor, count: int) -> torch.Tensor:
     Y = op._apply(X)
     kr.check_products(Y, count)
     return Y
+
+
+def _running_sum(total: float, values: torch.Tensor) -> float:
+    """``total`` plus each of ``values`` in turn (in float64, one probe after another)."""
+    for v in values.tolist():
+        total += v
+    return total
 
 
 def _mean_sem(samples: torch.Tensor) -> tuple[float, float]:
@@ -112,7 +133,12 @@ def _quadratic_forms(Z: torch.Tensor, BZ: torch.Tensor, rademacher: bool) -> tup
 
 
 class _Forms:
-    """The sums :func:`_quadratic_forms` needs, accumulated over groups of probes."""
+    """The sums :func:`_quadratic_forms` needs, accumulated over groups of probes.
+
+    Probe by probe, in order: each probe's sums are taken over its own column and added one
+    after another, so the result does not depend on how the probes were grouped (the group
+    size follows the memory budget, and for a streamed operator its first product).
+    """
 
     def __init__(self, rademacher: bool) -> None:
         self.rademacher = rademacher
@@ -127,15 +153,15 @@ class _Forms:
         # a BLAS dot (einsum), whose float32 sums of 124M squares were off by 1e-3 here
         D = Z.conj() * BZ
         self.samples.append(D.sum(dim=0).real)
-        if BZ.is_complex():
-            self.fro2 += float((BZ.abs() ** 2).sum())
-        else:
-            self.fro2 += float((BZ * BZ).sum())
+        norms2 = (BZ.abs() ** 2 if BZ.is_complex() else BZ * BZ).sum(dim=0)
+        self.fro2 = _running_sum(self.fro2, norms2)
         if self.rademacher:
             D = D.real
-            part = D.sum(dim=1)  # a tensor of its own: D is squared in place below
-            self.total = part if self.total is None else self.total.add_(part)
-            self.squares += float(D.mul_(D).sum())
+            if self.total is None:
+                self.total = torch.zeros_like(D[:, 0])
+            for j in range(D.shape[1]):
+                self.total.add_(D[:, j])
+            self.squares = _running_sum(self.squares, D.mul_(D).sum(dim=0))
 
     def add_lanczos_start(
         self, V0: torch.Tensor, W: torch.Tensor, alpha0: torch.Tensor, *, diagonal: bool = True
@@ -150,9 +176,9 @@ class _Forms:
         """
         n = V0.shape[0]
         self.samples.append(n * alpha0.real.to("cpu", torch.float64))
-        fro2 = n * float((kr.column_norms(W).double() ** 2).sum())
-        self.fro2 += fro2
-        self.squares += fro2
+        norms2 = n * kr.column_norms(W).double() ** 2
+        self.fro2 = _running_sum(self.fro2, norms2)
+        self.squares = _running_sum(self.squares, norms2)
         if not diagonal:
             self.rademacher = False  # result(): no diagonal term
             return
@@ -196,8 +222,9 @@ def hutchinson_trace(
     ``memory_budget`` holds (three ``n``-vectors per probe: the probe, its product, a
     temporary; default a fraction of the device's free memory): a 124M-parameter model's
     probes need not all live at once. Each probe is drawn on its own
-    (:func:`estimators._budget.grouped_probes`), so a seeded estimate does not depend on the
-    group size (the products' rounding may, at the last digits).
+    (:func:`estimators._budget.grouped_probes`) and its sums are taken probe by probe
+    (:class:`_Forms`), so a seeded estimate does not depend on the group size (the products'
+    rounding may, at the last digits, where an operator's vectors per pass change it).
 
     References
     ----------
@@ -518,8 +545,8 @@ def diagonal(
 
     The Hutchinson probes go in groups within ``memory_budget`` (bytes, default a fraction
     of the device's free memory; four ``n``-vectors per probe), their mean and variance
-    combined group by group (Chan, Golub & LeVeque 1983); Diag++'s sketch (two vectors per
-    sketch column) must fit whole, or it is refused.
+    updated probe by probe (Welford 1962), so the estimate does not depend on the groups;
+    Diag++'s sketch (two vectors per sketch column) must fit whole, or it is refused.
 
     References
     ----------
@@ -528,7 +555,7 @@ def diagonal(
     .. [2] R. A. Baston and Y. Nakatsukasa, "Stochastic diagonal estimation: probabilistic
        bounds and an improved algorithm", 2022. arXiv:2201.10684
     """
-    op, N, (gen, kind) = _setup(A, num_matvecs, 1, seed)
+    op, N, (gen, kind) = _setup(A, num_matvecs, 1, seed, real=False)
     kr.check_which(method, ("hutchinson", "deflated"), "method")
     if method == "deflated" and N < 3:
         raise ValueError(f"num_matvecs: expected >= 3 for method='deflated', got {N}")
@@ -549,13 +576,12 @@ def diagonal(
             AZ = AZ - Q @ (Q.mH @ AZ)
         samples = Z.conj() * AZ
         del Z, AZ
-        g = samples.shape[1]
-        g_mean = samples.mean(dim=1)
-        g_m2 = ((samples.real - g_mean.real[:, None]) ** 2).sum(dim=1)
-        delta = g_mean.real - mean.real
-        mean += (g_mean - mean) * (g / (count + g))
-        m2 += g_m2 + delta**2 * (count * g / (count + g))
-        count += g
+        for j in range(samples.shape[1]):  # Welford, probe by probe: whatever the groups
+            s = samples[:, j]
+            count += 1
+            delta = s.real - mean.real
+            mean += (s - mean) / count
+            m2 += delta * (s.real - mean.real)
     est = base + mean
     sem = (m2 / (k - 1)).sqrt() / math.sqrt(k) if k > 1 else torch.full_like(est.real, math.nan)
     return DiagonalEstimate(kr.to_output(est, kind), kr.to_output(sem, kind), N)

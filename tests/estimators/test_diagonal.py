@@ -95,3 +95,43 @@ def test_errors() -> None:
         xdiag(torch.zeros(3, 4, dtype=F64), 4)
     with pytest.raises(ValueError, match="num_matvecs: expected an integer >= 2"):
         frobenius_norm(A, 1)
+
+
+def _complex_low_rank(n: int, r: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(n, r, generator=g, dtype=torch.complex128)
+    V = torch.randn(n, r, generator=g, dtype=torch.complex128)
+    return U @ V.mH
+
+
+def test_complex_operators_get_real_rademacher_probes_and_exact_answers() -> None:
+    """A complex operator's Rademacher probes are +-1 (``torch.sign`` of a complex Gaussian
+    raised): the diagonal of a complex diagonal matrix is exact, Diag++ and XDiag are exact
+    on a complex rank-3 matrix, and the Frobenius norm of a multiple of a unitary matrix is
+    exact, as for real ones."""
+    from estimators import diagonal
+
+    g = torch.Generator().manual_seed(0)
+    D = torch.diag(torch.randn(20, generator=g, dtype=torch.complex128))
+    est = diagonal(D, 10, method="hutchinson", seed=1)
+    torch.testing.assert_close(est.estimate, torch.diagonal(D), rtol=1e-14, atol=1e-14)
+    A = _complex_low_rank(20, 3, seed=2)
+    torch.testing.assert_close(
+        diagonal(A, 12, seed=3).estimate, torch.diagonal(A), rtol=1e-10, atol=1e-10
+    )
+    torch.testing.assert_close(xdiag(A, 8, seed=3).estimate, torch.diagonal(A), rtol=1e-10,
+                               atol=1e-10)  # fmt: skip
+    Q, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.complex128))
+    fro = frobenius_norm((2 - 1j) * Q, 6, seed=4)
+    assert fro.estimate == pytest.approx(abs(2 - 1j) * 20**0.5, rel=1e-13)
+
+
+@pytest.mark.parametrize("name", ["hutchinson_trace", "hutchpp_trace", "xtrace"])
+def test_trace_estimators_refuse_complex_operators(name: str) -> None:
+    """They return real numbers: a complex non-Hermitian A's trace lost its imaginary part
+    (Gaussian probes), and Rademacher probes raised torch's own error."""
+    import estimators
+
+    A = _complex_low_rank(12, 3, seed=0)
+    with pytest.raises(ValueError, match="expected a real operator, got a complex one"):
+        getattr(estimators, name)(A, 12, seed=0)

@@ -205,6 +205,44 @@ def test_the_same_seed_gives_the_same_estimate_whatever_the_groups() -> None:
             )
 
 
+class _ColumnByColumn(_Widths):
+    """Each column's product on its own (``A @ x``): the same bits whatever the block."""
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        self.widths.append(X.shape[1])
+        return torch.stack([self.A @ X[:, j] for j in range(X.shape[1])], dim=1)
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+def test_the_sums_over_probes_do_not_depend_on_the_groups(complex_: bool) -> None:
+    """The estimators' sums are taken probe by probe: with products that do not depend on
+    the block, every group size gives the same bits (the groups of a streamed operator change
+    after its first product; the sums over a group's block and Chan's group-wise combination
+    of ``diagonal`` gave other last digits for other groups)."""
+    A = _sym(23, seed=4)
+    if complex_:
+        A = A + 1j * torch.triu(_sym(23, seed=5), 1)
+    calls: dict[Any, int] = {  # n-vectors held per probe
+        lambda op, *a, **kw: diagonal(op, *a, method="hutchinson", **kw): 4,
+        frobenius_norm: 2,
+    }
+    if not complex_:  # the trace estimators refuse complex operators
+        calls[hutchinson_trace] = 3
+    results = []
+    for probes_per_group in (1, 2, 3, 7, 30):
+        row = []
+        for call, arrays in calls.items():
+            op = _ColumnByColumn(A)
+            budget = _bytes(arrays * probes_per_group, n=23) * (2 if complex_ else 1)
+            est = call(op, 30, seed=2, memory_budget=budget)
+            assert max(op.widths) == probes_per_group
+            row += [est.estimate, est.stderr]
+        results.append(row)
+    for got in results[1:]:
+        for a, b in zip(got, results[0], strict=True):
+            assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
 class _Counted:
     """A re-iterable loader of seeded batches that counts its passes."""
 
