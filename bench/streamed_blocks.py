@@ -12,8 +12,10 @@ graph built once per chunk), which the operator takes when slots are switched of
 Models: an MLP (64-256-256-10, tanh) on the chain route and on the autograd route, and a
 small CNN with BatchNorm (eval), whose products go one vector per pass (slots of one column,
 the engine's route for convolutions since the ninth session: its baseline loops over the
-columns). Operators: ``H V``, ``G V``, ``J V``, ``J^T U``. Medians of ``--repeats``
-interleaved repeats after a warm-up block.
+columns). Operators: ``H V``, ``G V``, ``J V``, ``J^T U``, and ``trace``:
+``estimators.hutchinson_trace(H, --probes)``, whose probes after its first group go in one
+group on such an operator (its baseline: groups of ``--width`` probes, one visit each).
+Medians of ``--repeats`` interleaved repeats after a warm-up block.
 Run: ``python3 bench/streamed_blocks.py`` (``--quick`` for a smoke run).
 """
 
@@ -34,9 +36,10 @@ import torch  # noqa: E402
 from _harness import markdown_table, parser, write_json, write_markdown  # noqa: E402
 from torch import nn  # noqa: E402
 
+import estimators  # noqa: E402
 from linops import GGNOperator, HessianOperator, JacobianOperator  # noqa: E402
 
-OPERATORS = ("H", "GGN", "J", "JT")
+OPERATORS = ("H", "GGN", "J", "JT", "trace")
 MODELS = ("mlp-chain", "mlp-autograd", "cnn")
 
 
@@ -72,6 +75,8 @@ def _model(kind: str) -> tuple[nn.Module, tuple[int, ...], str]:
 def _operator(which: str, kind: str, loader: Loader, width: int) -> Any:
     model, _, route = _model(kind)
     kw: dict[str, Any] = {"memory_budget": 1, "max_vectors": width, "route": route}
+    if which == "trace":  # no graph kept, within the default budget (which bounds the groups)
+        which, kw = "H", {"cache": False, "max_vectors": width, "route": route}
     if which in ("J", "JT"):
         J = JacobianOperator(model, loader, **kw)
         return J, (J.T if which == "JT" else J)
@@ -80,9 +85,9 @@ def _operator(which: str, kind: str, loader: Loader, width: int) -> Any:
     return op, op
 
 
-def _timed(A: Any, V: torch.Tensor) -> tuple[float, torch.Tensor]:
+def _timed(f: Any) -> tuple[float, torch.Tensor]:
     start = time.perf_counter()
-    out = A @ V
+    out = f()
     return time.perf_counter() - start, out
 
 
@@ -95,16 +100,36 @@ def measure(which: str, kind: str, args: Any) -> dict[str, Any]:
     V = torch.randn(args.columns, A.shape[1], generator=g).T  # column-major
     A @ V[:, 0]  # decides single products' way
     A @ V  # and the block pass's
+    if which == "trace":
+
+        def product() -> torch.Tensor:
+            est = estimators.hutchinson_trace(A, args.probes, seed=0)
+            return torch.tensor([est.estimate, est.stderr], dtype=torch.float64)
+
+    else:
+
+        def product() -> torch.Tensor:
+            return A @ V
+
     times: dict[str, list[float]] = {"slots": [], "chunks": []}
     passes: dict[str, int] = {}
+    builds: dict[str, int] = {}
     digests: set[str] = set()
+    built = [0]
+    build = op._build_graph
+
+    def counted(*a: Any) -> Any:
+        built[0] += 1
+        return build(*a)
+
+    op._build_graph = counted
     for _ in range(args.repeats):
         for mode in ("slots", "chunks"):
             if mode == "chunks":
                 op._slotted_directions = ()  # the loop over chunks outside the batches
-            before = loader.passes
-            seconds, out = _timed(A, V)
-            passes[mode] = loader.passes - before
+            before, built[0] = loader.passes, 0
+            seconds, out = _timed(product)
+            passes[mode], builds[mode] = loader.passes - before, built[0]
             if mode == "chunks":
                 del op._slotted_directions
             times[mode].append(seconds)
@@ -117,6 +142,7 @@ def measure(which: str, kind: str, args: Any) -> dict[str, Any]:
         "seconds_median": med,
         "speedup": med["chunks"] / med["slots"],
         "loader_passes": passes,
+        "graph_builds": builds,
         "bitwise_equal": len(digests) == 1,
         "times": times,
     }
@@ -129,12 +155,13 @@ def main() -> None:
     p.add_argument("--columns", type=int, default=16)
     p.add_argument("--width", type=int, default=4, help="max_vectors: columns per pass")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--probes", type=int, default=64, help="probes of the trace row")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--operators", nargs="+", choices=OPERATORS, default=list(OPERATORS))
     args = p.parse_args()
     if args.quick:
-        args.batches, args.batch_size, args.columns, args.repeats = 3, 8, 5, 1
+        args.batches, args.batch_size, args.columns, args.repeats, args.probes = 3, 8, 5, 1, 9
     torch.set_num_threads(args.threads)
     rows = [measure(w, k, args) for k in args.models for w in args.operators]
     payload = {
@@ -144,12 +171,16 @@ def main() -> None:
     }  # fmt: skip
     write_json(args.out, "streamed_blocks", payload)
     table = markdown_table(
-        ["model", "operator", "route", "chunks s", "slots s", "speed-up", "passes", "same bits"],
+        [
+            "model", "operator", "route", "chunks s", "slots s", "speed-up", "loader passes",
+            "graph builds", "same bits",
+        ],
         [
             (
                 r["model"], r["operator"], r["route"], f"{r['seconds_median']['chunks']:.3f}",
                 f"{r['seconds_median']['slots']:.3f}", f"{r['speedup']:.2f}",
                 f"{r['loader_passes']['chunks']} -> {r['loader_passes']['slots']}",
+                f"{r['graph_builds']['chunks']} -> {r['graph_builds']['slots']}",
                 r["bitwise_equal"],
             )
             for r in rows

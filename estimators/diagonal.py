@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from estimators._budget import check_sketch, grouped_probes, probe_group
-from estimators.trace import DiagonalEstimate
+from estimators.trace import DiagonalEstimate, _column_sums
 from estimators.trace import _probes as _rademacher_block
 from linops import OperatorLike
 from linops import blocks as kr
@@ -166,7 +166,7 @@ def frobenius_norm(
         W = grouped_probes(op, op.shape[1], probe_group(op, N - done, memory_budget, 2), gen)
         AW = op._apply(W)
         kr.check_products(AW, done + W.shape[1])
-        parts.append((AW.abs() ** 2).sum(dim=0).double())
+        parts.append(_column_sums(AW.abs() ** 2).double())
     sq = torch.cat(parts)
     est = math.sqrt(max(float(sq.mean()), 0.0))
     se_sq = float(sq.std()) / math.sqrt(N)

@@ -213,34 +213,67 @@ class _ColumnByColumn(_Widths):
         return torch.stack([self.A @ X[:, j] for j in range(X.shape[1])], dim=1)
 
 
-@pytest.mark.parametrize("complex_", [False, True])
-def test_the_sums_over_probes_do_not_depend_on_the_groups(complex_: bool) -> None:
+class _Scaling(_Widths):
+    """``diag(d) X`` entry by entry: the same bits whatever the block."""
+
+    def __init__(self, d: torch.Tensor) -> None:
+        TorchLinearOperator.__init__(self, (len(d), len(d)), dtype=d.dtype, device=d.device)
+        self.A, self.widths = d, []
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        self.widths.append(X.shape[1])
+        return self.A[:, None] * X
+
+
+@pytest.mark.parametrize("case", ["real", "complex", "long float32"])
+def test_the_sums_over_probes_do_not_depend_on_the_groups(case: str) -> None:
     """The estimators' sums are taken probe by probe: with products that do not depend on
     the block, every group size gives the same bits (the groups of a streamed operator change
-    after its first product; the sums over a group's block and Chan's group-wise combination
-    of ``diagonal`` gave other last digits for other groups)."""
-    A = _sym(23, seed=4)
-    if complex_:
-        A = A + 1j * torch.triu(_sym(23, seed=5), 1)
+    after its first product; the sums over a group's block, Chan's group-wise combination
+    of ``diagonal``, and ``sum(dim=0)``, whose threads split a long column by the number of
+    columns, gave other last digits for other groups)."""
+    n = 23
+    if case == "long float32":  # long enough for torch to split a column's sum over threads
+        n = 200_000
+        g = torch.Generator().manual_seed(4)
+        d = torch.rand(n, generator=g, dtype=torch.float32) + 0.5
+    else:
+        A = _sym(23, seed=4)
+        if case == "complex":
+            A = A + 1j * torch.triu(_sym(23, seed=5), 1)
+    complex_ = case == "complex"
     calls: dict[Any, int] = {  # n-vectors held per probe
         lambda op, *a, **kw: diagonal(op, *a, method="hutchinson", **kw): 4,
         frobenius_norm: 2,
     }
     if not complex_:  # the trace estimators refuse complex operators
         calls[hutchinson_trace] = 3
+    threads = torch.get_num_threads()
+    if case == "long float32":
+        torch.set_num_threads(2)  # the tests run on one; the split needs two
+    try:
+        results = _grouped_estimates(calls, n, case, d if case == "long float32" else A)
+    finally:
+        torch.set_num_threads(threads)
+    for got in results[1:]:
+        for a, b in zip(got, results[0], strict=True):
+            assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
+def _grouped_estimates(
+    calls: dict[Any, int], n: int, case: str, A: torch.Tensor
+) -> list[list[Any]]:
     results = []
     for probes_per_group in (1, 2, 3, 7, 30):
         row = []
         for call, arrays in calls.items():
-            op = _ColumnByColumn(A)
-            budget = _bytes(arrays * probes_per_group, n=23) * (2 if complex_ else 1)
+            op = _Scaling(A) if case == "long float32" else _ColumnByColumn(A)
+            budget = arrays * probes_per_group * n * op.torch_dtype.itemsize
             est = call(op, 30, seed=2, memory_budget=budget)
             assert max(op.widths) == probes_per_group
             row += [est.estimate, est.stderr]
         results.append(row)
-    for got in results[1:]:
-        for a, b in zip(got, results[0], strict=True):
-            assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    return results
 
 
 class _Counted:
