@@ -186,8 +186,8 @@ class _Forms:
         """
         n = V0.shape[0]
         self.samples.append(n * alpha0.real.to("cpu", torch.float64))
-        norms2 = n * torch.cat([kr.column_norms(W[:, j : j + 1]) for j in range(W.shape[1])])
-        norms2 = norms2.double() ** 2
+        norms = torch.cat([kr.column_norms(W[:, j : j + 1]) for j in range(W.shape[1])])
+        norms2 = n * norms.double() ** 2
         self.fro2 = _running_sum(self.fro2, norms2)
         self.squares = _running_sum(self.squares, norms2)
         if not diagonal:
