@@ -284,6 +284,7 @@ class ModelOperator(TorchLinearOperator):
         forward pass is refused when its graph is kept too (:meth:`_check_repeatable`).
         """
         self._find_chain()  # before the hook below, which a chain must not have
+        self._graphs_built += 1
         g, seen = self._recorded(lambda: self._build_graph(x, y))
         if seen:
             new = i not in self._forward_prints
@@ -420,6 +421,9 @@ class ModelOperator(TorchLinearOperator):
                     "float64 may help: op.to(torch.float64))"
                 )
         return out
+
+    #: batch graphs built so far (``cache_info().graphs_built``)
+    _graphs_built = 0
 
     #: the directions (``adjoint``) in which the subclass's hooks can take a block in slots of
     #: ``_slot_width`` columns inside their loop over the batches (:meth:`_in_slots`)
@@ -783,6 +787,7 @@ class ModelOperator(TorchLinearOperator):
         new.memory = MemoryBudget(budget)
         new.batches = self.batches.like(dtype, device, new.memory)
         new._graph_cache, new._graphs_full, new._forward_prints = [], False, {}
+        new._graphs_built = 0
         new._first_convolutional = None
         new._pass_bytes = {False: None, True: None}
         new._chain, new.route = False, None
@@ -817,6 +822,7 @@ class ModelOperator(TorchLinearOperator):
             bytes_graphs=self.memory.kept["graphs"],
             bytes_per_pass=max(measured) if measured else None,
             vectors_per_pass=self.vectors_per_pass(),
+            graphs_built=self._graphs_built,
         )
 
     def vectors_per_pass(self) -> int | None:

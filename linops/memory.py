@@ -411,6 +411,9 @@ class CacheInfo(NamedTuple):
     bytes_per_pass: int | None
     #: vectors per batched pass these give
     vectors_per_pass: int | None
+    #: batch graphs built so far, kept or not (a product that streams builds each batch's
+    #: graph once, however many passes of vectors its block takes)
+    graphs_built: int = 0
 
 
 class MemoryBudget:

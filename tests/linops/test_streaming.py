@@ -505,18 +505,9 @@ def _chunks_alone(op: Any, W: Tensor, width: int) -> Tensor:
 
 def _graphs_built(op: Any, product: Any) -> tuple[Tensor, int]:
     """``product()`` and the number of batch graphs ``op`` built for it."""
-    built = [0]
-    build = op._build_graph
-
-    def counted(*args: Any) -> Any:
-        built[0] += 1
-        return build(*args)
-
-    op._build_graph = counted
-    try:
-        return product(), built[0]
-    finally:
-        del op._build_graph
+    before = op.cache_info().graphs_built
+    out = product()
+    return out, op.cache_info().graphs_built - before
 
 
 @pytest.mark.parametrize("case", ["mlp-chain", "mlp-autograd"])
@@ -671,3 +662,18 @@ def test_a_one_vector_slot_waits_for_the_way_of_single_products(kw: dict) -> Non
         assert torch.equal(streamed @ V, cached @ V)
         # 6 columns: slots of 3, none of one vector; 7: chunks, the last one decides
         assert streamed._single_forward_mode is (None if k == 6 else True)
+
+
+def test_cache_info_counts_the_graphs_built() -> None:
+    """``cache_info().graphs_built``: kept graphs are built once, streamed ones at every
+    product (once per batch, however many passes of vectors a block takes)."""
+    cached, streamed, _ = _pair(_loss_op, HessianOperator, "mlp-chain", max_vectors=2)
+    V = _vectors(cached.shape[1], 5)
+    for _ in range(2):
+        cached @ V
+        streamed @ V
+    assert cached.cache_info().graphs_built == 4  # 4 batches
+    before = streamed.cache_info().graphs_built
+    streamed @ V
+    assert streamed.cache_info().graphs_built - before == 4
+    assert streamed.to(torch.float32).cache_info().graphs_built == 0
