@@ -100,13 +100,16 @@ def _apply(op: TorchLinearOperator, X: torch.Tensor, count: int) -> torch.Tensor
 
 
 def _column_sums(X: torch.Tensor) -> torch.Tensor:
-    """Each column's sum, one column at a time.
+    """Each column's sum, one contiguous column at a time.
 
-    ``X.sum(dim=0)`` splits its work over the threads by the number of columns, so a column's
-    sum depended on how many columns came with it (float32 standard errors of
+    ``X.sum(dim=0)`` splits its work over the threads by the number of columns, and torch adds
+    a strided column (of a row-major block) in another order than a contiguous one, so a
+    column's sum depended on how many columns came with it (float32 standard errors of
     :func:`hutchinson_trace` differed in the eighth digit between groups of 4 and 9 probes).
     """
-    return torch.stack([X[:, j].sum() for j in range(X.shape[1])]) if X.shape[1] else X[0]
+    if not X.shape[1]:
+        return X[0]
+    return torch.stack([X[:, j].contiguous().sum() for j in range(X.shape[1])])
 
 
 def _running_sum(total: float, values: torch.Tensor) -> float:
@@ -552,7 +555,7 @@ def diagonal(
     exactly from :math:`A^HQ`, and the last third is Hutchinson on :math:`(I - QQ^H)A`.
 
     ``stderr`` is the per-entry sample standard deviation of the Hutchinson part over
-    :math:`\sqrt{N_{\mathrm{probes}}}`.
+    :math:`\sqrt{N_{\mathrm{probes}}}` (for a complex operator, of its real part).
 
     The Hutchinson probes go in groups within ``memory_budget`` (bytes, default a fraction
     of the device's free memory; four ``n``-vectors per probe), their mean and variance
