@@ -432,9 +432,10 @@ class ModelOperator(TorchLinearOperator):
     _slot_width: int | None = None
 
     def _hooks(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor:
-        width = self.vectors_per_pass()
-        if width is not None and width < X.shape[1] and self._slots_pay(X, adjoint, width):
-            return self._in_slots(X, adjoint, width)
+        if X.shape[1] > 1 and adjoint in self._slotted_directions:  # not on a single's path
+            width = self.vectors_per_pass()
+            if width is not None and width < X.shape[1] and self._slots_pay(X, adjoint, width):
+                return self._in_slots(X, adjoint, width)
         return super()._hooks(X, adjoint)
 
     def _slots_pay(self, X: torch.Tensor, adjoint: bool, width: int) -> bool:
