@@ -326,3 +326,22 @@ def test_a_streamed_operator_takes_the_probes_after_its_first_group_in_one_visit
         assert again == pytest.approx(first, rel=1e-12)
         assert again == pytest.approx(estimate(cached), rel=1e-12)  # type: ignore[operator]
     assert not cached._visits_data_once_per_block()
+
+
+def test_single_vector_passes_keep_their_groups_until_a_block_pass_is_decided() -> None:
+    """At ``max_vectors=1`` an estimator's groups are single products; a wider group on a
+    streamed operator would be its first many-vector product, which probes the batched pass:
+    a repeated 2-probe estimate built 12 graphs instead of 8 (audit /tmp/audit21)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    H = HessianOperator(
+        model.double(), torch.nn.CrossEntropyLoss(), _Counted(), cache=False, max_vectors=1,
+        route="autograd",
+    )  # fmt: skip
+    built = []
+    for _ in range(3):
+        before = H.cache_info().graphs_built
+        hutchinson_trace(H, 2, seed=0)
+        built.append(H.cache_info().graphs_built - before)
+    assert built == [8, 8, 8]  # 2 single products over 4 batches each
+    assert not H._visits_data_once_per_block()
