@@ -31,8 +31,7 @@ from typing import NamedTuple
 import torch
 
 from estimators._budget import check_sketch, grouped_probes, probe_group
-from estimators.trace import DiagonalEstimate, _column_sums
-from estimators.trace import _probes as _rademacher_block
+from estimators.trace import DiagonalEstimate, _column_sums, _probes
 from linops import OperatorLike
 from linops import blocks as kr
 
@@ -112,7 +111,7 @@ def xdiag(
     s = m // 2
     check_sketch(op, 7 * s, memory_budget, "xdiag", "lower num_matvecs or use diagonal()")
     gen = kr.make_generator(seed, op.device)
-    W = _rademacher_block(op, s, gen, "rademacher")
+    W = _probes(op, s, gen, "rademacher")
     Y = op._apply(W)
     kr.check_products(Y, s)
     Q, R = torch.linalg.qr(Y)

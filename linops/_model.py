@@ -13,7 +13,7 @@ import copy
 import math
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -236,34 +236,17 @@ class ModelOperator(TorchLinearOperator):
         cache = self._graph_cache
         for i, (x, y) in enumerate(self.batches):
             if i < len(cache):
-                if inputs:
-                    item = [x, cache[i]]
-                    del x, y
-                    yield item
-                    item.clear()
-                else:
-                    yield cache[i]
-                continue
-            self._building_batch = i  # for subclasses whose graphs depend on the batch index
-            if self.cache is False or self._graphs_full or i != len(cache):
-                g = self._build_recorded(i, x, y)
-            elif self.cache:
-                g = self._build_recorded(i, x, y)
-                cache.append(g)
+                g = cache[i]
             else:
-                with PeakMemory() as measured:
-                    g = self._build_recorded(i, x, y)
-                if self.memory.reserve(measured.current, "graphs"):
-                    cache.append(g)
-                else:
-                    self._graphs_full = True
+                g = self._built(i, x, y)
+            del y
             if inputs:
                 item = [x, g]
-                del x, y
+                del x
                 yield item
                 item.clear()
             else:
-                del x, y
+                del x
                 yield g
             if not (i < len(cache) and cache[i] is g):
                 if i == 0 and self._first_convolutional is None:
@@ -273,6 +256,24 @@ class ModelOperator(TorchLinearOperator):
                 # refers to it: a streamed pass holds one graph at a time
                 _release(g)
             del g
+
+    def _built(self, i: int, x: torch.Tensor, y: torch.Tensor | None) -> Any:
+        """Build batch ``i``'s graph and keep it if the cache setting and the budget allow."""
+        cache = self._graph_cache
+        self._building_batch = i  # for subclasses whose graphs depend on the batch index
+        if self.cache is False or self._graphs_full or i != len(cache):
+            return self._build_recorded(i, x, y)
+        if self.cache:
+            g = self._build_recorded(i, x, y)
+            cache.append(g)
+            return g
+        with PeakMemory() as measured:
+            g = self._build_recorded(i, x, y)
+        if self.memory.reserve(measured.current, "graphs"):
+            cache.append(g)
+        else:
+            self._graphs_full = True
+        return g
 
     def _build_recorded(self, i: int, x: torch.Tensor, y: torch.Tensor | None) -> Any:
         """Build batch ``i``'s graph and check its forward pass against its first one.
@@ -449,9 +450,7 @@ class ModelOperator(TorchLinearOperator):
         chunk loop would gather chunk by chunk (over an eighth of the budget, row-major, see
         :meth:`TorchLinearOperator._hooks`) is not copied whole for the slots either.
         """
-        if adjoint not in self._slotted_directions or self._probing:
-            return False
-        if not self._known_to_rebuild_graphs():
+        if self._probing or not self._known_to_rebuild_graphs():
             return False
         single = width == 1 or X.shape[1] % width == 1  # a slot of one vector
         if single and self._single_way_undecided(adjoint):
@@ -470,9 +469,15 @@ class ModelOperator(TorchLinearOperator):
         product of its own computes, summed over the batches in the same order: the result is
         the chunk loop's, bit for bit, at the memory of one pass of ``width`` vectors.
         """
+        with self._slots_of(width):
+            return super()._hooks(X, adjoint)  # vectors_per_pass() is None meanwhile: whole
+
+    @contextlib.contextmanager
+    def _slots_of(self, width: int) -> Iterator[None]:
+        """Within: the hooks take their block in slots of ``width`` columns (``_slot_width``)."""
         self._slot_width = width
         try:
-            return super()._hooks(X, adjoint)  # vectors_per_pass() is None meanwhile: whole
+            yield
         finally:
             self._slot_width = None
 
@@ -523,8 +528,7 @@ class ModelOperator(TorchLinearOperator):
 
     def _known_to_rebuild_graphs(self) -> bool:
         """Whether a first pass has shown that products rebuild some batch's graph."""
-        count = self.batches._num_batches
-        return count is not None and len(self._graph_cache) < count
+        return self.batches._num_batches is not None and self._rebuilds_graphs()
 
     def _visits_data_once_per_block(self) -> bool:
         # also only once the block pass is decided: a wider group would otherwise be the first
@@ -703,11 +707,8 @@ class ModelOperator(TorchLinearOperator):
         rest = X if first is None else X[:, 1:]
         if rest.stride(0) != 1:  # one strided column left: contiguous, as a single product's
             rest = rest.T.contiguous().T
-        self._slot_width = 1
-        try:
+        with self._slots_of(1):
             out = apply(rest, adjoint)
-        finally:
-            self._slot_width = None
         return out if first is None else torch.cat([first, out], dim=1)
 
     def _first_graph_convolutional(self) -> bool:
