@@ -135,7 +135,8 @@ class GradientGraph:
     ) -> None:
         self.leaves = _leaves(space)
         with torch.enable_grad():
-            out = space.functional_call(dict(zip(space.names, self.leaves, strict=True)), x)
+            values = dict(zip(space.names, self.leaves, strict=True))
+            out = space.functional_call(values, x, twice=True)
             loss = loss_fn(out, y)
             grads = torch.autograd.grad(loss, self.leaves, create_graph=True, allow_unused=True)
         self.grads = [

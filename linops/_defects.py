@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["KNOWN_DEFECTS", "TorchDefect", "workarounds"]
@@ -73,6 +74,20 @@ KNOWN_DEFECTS: tuple[TorchDefect, ...] = (
         "vector_norm of the pairwise differences (exact, and O(P R M) memory instead of "
         "cdist's O(P R)), embedding_bag as embedding followed by the bag's sum, mean or max; "
         "embedding_bag with max_norm (which renormalises the weight in place) is refused",
+    ),
+    TorchDefect(
+        "batch_norm's double backward in eval mode does training-mode work, without a batching rule",
+        "in eval mode (running statistics) batch norm is an affine map per channel, but the "
+        "double backward of native_batch_norm evaluates the training-mode formula's terms "
+        "(a fifth of a CIFAR ResNet-20's Hessian product), and vmap has no batching rule for "
+        "native_batch_norm_backward: a block pass loops over its vectors",
+        "while a graph that is differentiated twice in reverse mode is built (a Hessian's: "
+        "the gradient's graph), F.batch_norm with training=False is computed as "
+        "input * scale + shift (scale = weight / sqrt(running_var + eps), shift = bias - "
+        "running_mean * scale), the formula of torch's own CPU inference kernel, from "
+        "batchable primitives (a TorchFunctionMode, active for models with a batch norm "
+        "module in eval mode); training mode, and first-derivative and forward-mode graphs "
+        "(where torch's fused kernels are faster), are left to torch",
     ),
     TorchDefect(
         "once-differentiable Functions have a silently zero second derivative",
@@ -185,6 +200,70 @@ def _embedding_bag(
     return out
 
 
+def _batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``F.batch_norm`` in eval mode as the affine map ``input * scale + shift`` per channel.
+
+    ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias - running_mean * scale``,
+    as torch's CPU inference kernel computes it. The double backward of this map is two
+    elementwise products and a sum per channel, where ``native_batch_norm``'s evaluates the
+    training-mode formula: on the CIFAR ResNet-20 of ``bench/pyhessian.py`` (128 images,
+    float32) a Hessian product took 0.78-0.91x the time. First derivatives and forward mode
+    are faster through torch's fused kernel (``J^T u`` 1.05-1.25x, the first forward-mode
+    product 4x slower, on a small CNN), so only a Hessian's graph takes this
+    (:func:`workarounds` with ``twice``). Every case it does not cover (training mode, which
+    normalises by the batch's statistics and updates the running ones in place; see
+    :func:`_affine_batch_norm`) is left to ``F.batch_norm``.
+    """
+    if not _affine_batch_norm(input, running_mean, running_var, weight, bias, training):
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    assert running_mean is not None and running_var is not None
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = weight * scale
+    shift = -running_mean * scale if bias is None else bias - running_mean * scale
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    return input * scale.view(shape) + shift.view(shape)
+
+
+def _affine_batch_norm(
+    input: Any,
+    running_mean: Any = None,
+    running_var: Any = None,
+    weight: Any = None,
+    bias: Any = None,
+    training: Any = False,
+    *_: Any,
+    **__: Any,
+) -> bool:
+    """Whether :func:`_batch_norm` computes this call of ``F.batch_norm`` (arguments as there).
+
+    Eval mode with running statistics, on a real floating input of at least two dimensions
+    whose statistics, weight and bias have its dtype, device and channel count (otherwise the
+    affine map would promote or broadcast differently than torch's kernel, or torch raises).
+    """
+    if training or not isinstance(input, torch.Tensor) or input.dim() < 2:
+        return False
+    if not input.is_floating_point() or running_mean is None or running_var is None:
+        return False
+    for t in (running_mean, running_var, weight, bias):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != (input.shape[1],):
+            return False
+        if t.dtype != input.dtype or t.device != input.device:
+            return False
+    return True
+
+
 #: torch functions computed from differentiable primitives while a graph is built
 _COMPOSED: dict[Callable[..., Any], Callable[..., Any]] = {
     torch._weight_norm: _weight_norm,
@@ -199,12 +278,14 @@ class ComposedKernels(TorchFunctionMode):
     """Compute the functions of :data:`_COMPOSED` from primitives (``compose``), noting calls.
 
     ``.seen`` says whether the code run inside called one of them; with ``compose=False``
-    they run as torch's own (the first forward pass of a model, to find out).
+    they run as torch's own (the first forward pass of a model, to find out). ``twice``: also
+    compute ``F.batch_norm`` in eval mode as its affine map (:func:`_batch_norm`), for a graph
+    that is differentiated twice in reverse mode.
     """
 
-    def __init__(self, compose: bool = True) -> None:
+    def __init__(self, compose: bool = True, twice: bool = False) -> None:
         super().__init__()
-        self.compose, self.seen = compose, False
+        self.compose, self.twice, self.seen = compose, twice, False
 
     def __torch_function__(
         self,
@@ -213,12 +294,15 @@ class ComposedKernels(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:  # whatever the intercepted torch function returns
+        kwargs = kwargs or {}
         composed = _COMPOSED.get(func)
         if composed is not None:
             self.seen = True
             if self.compose:
                 func = composed
-        return func(*args, **(kwargs or {}))
+        elif self.twice and func is F.batch_norm and _affine_batch_norm(*args, **kwargs):
+            func = _batch_norm
+        return func(*args, **kwargs)
 
 
 def needs_composition(model: nn.Module) -> bool:
@@ -228,6 +312,13 @@ def needs_composition(model: nn.Module) -> bool:
     like in a ``forward`` are found by running it under :class:`ComposedKernels` with ``compose=False``.
     """
     return uses_weight_norm(model) or any(isinstance(m, nn.EmbeddingBag) for m in model.modules())
+
+
+def has_eval_batch_norm(model: nn.Module) -> bool:
+    """Whether a batch norm module of ``model`` is in eval mode (:func:`_batch_norm`)."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training for m in model.modules()
+    )
 
 
 def uses_weight_norm(model: nn.Module) -> bool:
@@ -245,14 +336,20 @@ def uses_weight_norm(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def workarounds(
-    model: nn.Module, *, compose: bool | None = None, weight_norm: bool | None = None
+    model: nn.Module,
+    *,
+    compose: bool | None = None,
+    weight_norm: bool | None = None,
+    twice: bool = False,
 ) -> Iterator[None]:
     """Return the context every graph-building forward pass of ``model`` runs in.
 
     ``compose``: whether to compute the functions whose derivatives are broken or missing
     (weight norm, cdist, pdist, embedding_bag; see :data:`KNOWN_DEFECTS`) from differentiable
     primitives; looked up from the model's modules when None (:func:`needs_composition`).
-    ``weight_norm`` is an older name for ``compose``.
+    ``weight_norm`` is an older name for ``compose``. ``twice``: the graph will be
+    differentiated twice in reverse mode (a Hessian's), so batch norm modules in eval mode
+    are computed as their affine maps (:func:`_batch_norm`).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -263,8 +360,11 @@ def workarounds(
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
             if compose is None:
                 compose = weight_norm
-            if compose if compose is not None else needs_composition(model):
-                stack.enter_context(ComposedKernels())
+            if compose is None:
+                compose = needs_composition(model)
+            twice = twice and has_eval_batch_norm(model)
+            if compose or twice:
+                stack.enter_context(ComposedKernels(compose, twice))
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)

@@ -243,13 +243,17 @@ class ParamSpace:
             n: p.T.reshape(k, *s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)
         }
 
-    def functional_call(self, values: Mapping[str, torch.Tensor], *args: Any) -> Any:
+    def functional_call(
+        self, values: Mapping[str, torch.Tensor], *args: Any, twice: bool = False
+    ) -> Any:
         """Call the model with ``values`` in place of the selected parameters.
 
         Parameters outside the space and buffers keep their values in the model, which is left
         as it was (also when a module appears in it twice). The call runs in the context that
         works around torch's known derivative defects (:mod:`linops._defects`), and the
-        ``output`` selector picks the tensor from what the model returns.
+        ``output`` selector picks the tensor from what the model returns. ``twice``: the graph
+        of this call will be differentiated twice in reverse mode (a Hessian's), which batch
+        norm in eval mode takes as its affine map (``linops._defects.workarounds``).
 
         Raises
         ------
@@ -259,16 +263,16 @@ class ParamSpace:
         if self._compose is None:  # the first pass finds out whether the forward calls them
             with warnings.catch_warnings(record=True) as caught, ComposedKernels(False) as seen:
                 warnings.simplefilter("always")
-                out = self._call(values, args, compose=False)
+                out = self._call(values, args, compose=False, twice=twice)
             for w in caught:
                 if REENTRANT_WARNING in str(w.message):
                     raise NotImplementedError(f"model: {REENTRANT_REFUSAL}")
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             self._compose = seen.seen
             if self._compose:
-                out = self._call(values, args, compose=True)
+                out = self._call(values, args, compose=True, twice=twice)
         else:
-            out = self._call(values, args, compose=self._compose)
+            out = self._call(values, args, compose=self._compose, twice=twice)
         if self.output is not None:
             out = self.output(out)
             if not isinstance(out, torch.Tensor):
@@ -284,9 +288,13 @@ class ParamSpace:
         return out
 
     def _call(
-        self, values: Mapping[str, torch.Tensor], args: tuple[Any, ...], compose: bool
+        self,
+        values: Mapping[str, torch.Tensor],
+        args: tuple[Any, ...],
+        compose: bool,
+        twice: bool = False,
     ) -> Any:
-        with workarounds(self.model, compose=compose):
+        with workarounds(self.model, compose=compose, twice=twice):
             # a module in training mode (allow_train_mode=True) updates its running statistics
             # in place: it updates copies, so the user's model is never changed by a product
             kept = _training_buffers(self.model)

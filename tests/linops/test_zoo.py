@@ -239,6 +239,86 @@ def test_old_style_weight_norm_hook_is_exact() -> None:
     assert _rel(H, H.T) < 1e-12
 
 
+def _graph_nodes(tensors: list[torch.Tensor]) -> set[str]:
+    """The names of the autograd nodes the tensors' graph runs."""
+    names: set[str] = set()
+    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def test_eval_batch_norm_is_its_affine_map_in_hessian_graphs_only() -> None:
+    """A Hessian's graph runs no native batch norm in eval mode; other graphs, training mode,
+    and the model itself keep torch's kernel (the products are checked by the zoo)."""
+    assert any("batch_norm" in d.name for d in KNOWN_DEFECTS)
+    model, X, y, loss = BY_NAME["resnet-batchnorm-eval"].build()
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    H = linops.HessianOperator(model, loss, (X, y))
+    H @ torch.ones(H.shape[1], dtype=torch.float64)
+    nodes = _graph_nodes(H._graph_cache[0].grads)
+    assert "NativeBatchNormBackward0" not in nodes and "MulBackward0" in nodes
+    J = linops.JacobianOperator(model, X)
+    J.T @ torch.ones(J.shape[0], dtype=torch.float64)
+    assert "NativeBatchNormBackward0" in _graph_nodes([J._graph_cache[0].out])
+    G = linops.GGNOperator(model, loss, (X, y))
+    G @ torch.ones(G.shape[1], dtype=torch.float64)
+    assert "NativeBatchNormBackward0" in _graph_nodes([G._graph_cache[0][0].out])
+    assert all(torch.equal(v, stats[k]) for k, v in model.state_dict().items())
+    assert "NativeBatchNormBackward0" in _graph_nodes([model(X)])  # the model: torch's own
+    model.train()  # the batch's statistics: torch's kernel, in the Hessian's graph too
+    Ht = linops.HessianOperator(model, loss, (X, y), allow_train_mode=True)
+    Ht @ torch.ones(Ht.shape[1], dtype=torch.float64)
+    assert "NativeBatchNormBackward0" in _graph_nodes(Ht._graph_cache[0].grads)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (5, 3, 4), (2, 3, 4, 4), (2, 3, 2, 2, 2)])
+@pytest.mark.parametrize("params", ["weight-and-bias", "weight", "bias", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_affine_batch_norm_equals_torchs_inference_kernel(
+    shape: tuple[int, ...], params: str, dtype: torch.dtype
+) -> None:
+    from linops._defects import _affine_batch_norm, _batch_norm
+
+    g = torch.Generator().manual_seed(len(shape))
+    x = (3 * torch.randn(shape, generator=g) + 2).to(dtype)
+    mean, var = torch.randn(3, generator=g).to(dtype), (torch.rand(3, generator=g) + 0.1).to(dtype)
+    w = torch.randn(3, generator=g).to(dtype) if params in ("weight-and-bias", "weight") else None
+    b = torch.randn(3, generator=g).to(dtype) if params in ("weight-and-bias", "bias") else None
+    assert _affine_batch_norm(x, mean, var, w, b, False, 0.1, 1e-3)
+    ref = F.batch_norm(x, mean, var, w, b, False, 0.1, 1e-3)
+    out = _batch_norm(x, mean, var, w, b, False, 0.1, 1e-3)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    eps = torch.finfo(dtype).eps
+    assert float((out - ref).abs().max()) <= 8 * eps * float(ref.abs().max())
+
+
+def test_batch_norm_calls_the_affine_map_does_not_cover_are_left_to_torch() -> None:
+    from linops._defects import ComposedKernels, _affine_batch_norm
+
+    x, stat = torch.randn(4, 3), torch.ones(3)
+    assert _affine_batch_norm(x, stat, stat, stat, stat, training=False)
+    assert not _affine_batch_norm(x, stat, stat, stat, stat, training=True)  # batch statistics
+    assert not _affine_batch_norm(x, None, None, stat, stat, False)  # no running statistics
+    assert not _affine_batch_norm(x, stat.double(), stat.double())  # would promote
+    assert not _affine_batch_norm(x.double(), stat, stat)
+    assert not _affine_batch_norm(x, stat, stat, torch.ones(4))  # torch raises: it should
+    assert not _affine_batch_norm(x[0], stat, stat)  # one dimension
+    assert not _affine_batch_norm(torch.ones(4, 3, dtype=torch.int64), stat, stat)
+    # through the mode: a call it does not cover raises torch's own error, the others run
+    with ComposedKernels(compose=False, twice=True), pytest.raises(RuntimeError):
+        F.batch_norm(x, stat, stat, torch.ones(4), None, False)
+    with ComposedKernels(compose=False, twice=True):
+        out = F.batch_norm(x, stat, stat, None, None, True)  # training: batch statistics
+    assert torch.allclose(out, F.batch_norm(x, None, None, None, None, True))
+
+
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0, math.inf])
 def test_composed_cdist_and_pdist_equal_torch(p: float) -> None:
     from linops._defects import _cdist, _pdist

@@ -289,6 +289,27 @@ def _mlp(act: type[nn.Module] = nn.Tanh, c: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, 6), act(), nn.Linear(6, 5), act(), nn.Linear(5, c))
 
 
+def _batch_norm_mlp() -> nn.Sequential:
+    """BatchNorm1d with and without affine parameters, non-trivial running statistics."""
+    net = nn.Sequential(
+        nn.Linear(4, 6),
+        nn.BatchNorm1d(6),
+        nn.Tanh(),
+        nn.Linear(6, 5),
+        nn.BatchNorm1d(5, affine=False),
+        nn.GELU(),
+        nn.Linear(5, 3),
+    )
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.3, 2.0)
+            if m.affine:
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.2, 0.2)
+    return net
+
+
 def _weight_norm_call(model: nn.Module) -> Callable[[dict[str, Tensor], Any], Any]:
     """The weight-normalised MLP written out by hand: ``W = g v / ||v||`` per output row."""
 
@@ -481,6 +502,7 @@ ZOO: list[ZooCase] = [
     _case("vit", TinyViT, _image),
     # normalization, residual, recurrent
     _case("resnet-batchnorm-eval", _resnet, _image),
+    _case("mlp-batchnorm1d-eval", _batch_norm_mlp),
     _case("group-norm-cnn", _group_norm_cnn, _image),
     _case("residual-layernorm-mlp", ResidualLNMLP),
     _case("lstm", lambda: RNNClassifier(nn.LSTM), _seq),
