@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
+
+from linops._double_backward import covered
 
 __all__ = ["KNOWN_DEFECTS", "TorchDefect", "workarounds"]
 
@@ -200,70 +201,6 @@ def _embedding_bag(
     return out
 
 
-def _batch_norm(
-    input: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    training: bool = False,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-) -> torch.Tensor:
-    """``F.batch_norm`` in eval mode as the affine map ``input * scale + shift`` per channel.
-
-    ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias - running_mean * scale``,
-    as torch's CPU inference kernel computes it. The double backward of this map is two
-    elementwise products and a sum per channel, where ``native_batch_norm``'s evaluates the
-    training-mode formula: on the CIFAR ResNet-20 of ``bench/pyhessian.py`` (128 images,
-    float32) a Hessian product took 0.78-0.91x the time. First derivatives and forward mode
-    are faster through torch's fused kernel (``J^T u`` 1.05-1.25x, the first forward-mode
-    product 4x slower, on a small CNN), so only a Hessian's graph takes this
-    (:func:`workarounds` with ``twice``). Every case it does not cover (training mode, which
-    normalises by the batch's statistics and updates the running ones in place; see
-    :func:`_affine_batch_norm`) is left to ``F.batch_norm``.
-    """
-    if not _affine_batch_norm(input, running_mean, running_var, weight, bias, training):
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    assert running_mean is not None and running_var is not None
-    scale = torch.rsqrt(running_var + eps)
-    if weight is not None:
-        scale = weight * scale
-    shift = -running_mean * scale if bias is None else bias - running_mean * scale
-    shape = (1, -1) + (1,) * (input.dim() - 2)
-    return input * scale.view(shape) + shift.view(shape)
-
-
-def _affine_batch_norm(
-    input: Any,
-    running_mean: Any = None,
-    running_var: Any = None,
-    weight: Any = None,
-    bias: Any = None,
-    training: Any = False,
-    *_: Any,
-    **__: Any,
-) -> bool:
-    """Whether :func:`_batch_norm` computes this call of ``F.batch_norm`` (arguments as there).
-
-    Eval mode with running statistics, on a real floating input of at least two dimensions
-    whose statistics, weight and bias have its dtype, device and channel count (otherwise the
-    affine map would promote or broadcast differently than torch's kernel, or torch raises).
-    """
-    if training or not isinstance(input, torch.Tensor) or input.dim() < 2:
-        return False
-    if not input.is_floating_point() or running_mean is None or running_var is None:
-        return False
-    for t in (running_mean, running_var, weight, bias):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or t.shape != (input.shape[1],):
-            return False
-        if t.dtype != input.dtype or t.device != input.device:
-            return False
-    return True
-
-
 #: torch functions computed from differentiable primitives while a graph is built
 _COMPOSED: dict[Callable[..., Any], Callable[..., Any]] = {
     torch._weight_norm: _weight_norm,
@@ -279,8 +216,8 @@ class ComposedKernels(TorchFunctionMode):
 
     ``.seen`` says whether the code run inside called one of them; with ``compose=False``
     they run as torch's own (the first forward pass of a model, to find out). ``twice``: also
-    compute ``F.batch_norm`` in eval mode as its affine map (:func:`_batch_norm`), for a graph
-    that is differentiated twice in reverse mode.
+    compute batch norm in eval mode and convolutions as :mod:`linops._double_backward` does,
+    for a graph that is differentiated twice in reverse mode.
     """
 
     def __init__(self, compose: bool = True, twice: bool = False) -> None:
@@ -300,8 +237,8 @@ class ComposedKernels(TorchFunctionMode):
             self.seen = True
             if self.compose:
                 func = composed
-        elif self.twice and func is F.batch_norm and _affine_batch_norm(*args, **kwargs):
-            func = _batch_norm
+        elif self.twice:
+            func = covered(func, args, kwargs) or func
         return func(*args, **kwargs)
 
 
@@ -314,10 +251,15 @@ def needs_composition(model: nn.Module) -> bool:
     return uses_weight_norm(model) or any(isinstance(m, nn.EmbeddingBag) for m in model.modules())
 
 
-def has_eval_batch_norm(model: nn.Module) -> bool:
-    """Whether a batch norm module of ``model`` is in eval mode (:func:`_batch_norm`)."""
+def has_double_backward_kernels(model: nn.Module) -> bool:
+    """Whether ``model`` has a module :mod:`linops._double_backward` computes differently.
+
+    A batch norm module in eval mode or a convolution (not transposed).
+    """
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     return any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training for m in model.modules()
+        isinstance(m, conv) or (isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training)
+        for m in model.modules()
     )
 
 
@@ -348,8 +290,9 @@ def workarounds(
     (weight norm, cdist, pdist, embedding_bag; see :data:`KNOWN_DEFECTS`) from differentiable
     primitives; looked up from the model's modules when None (:func:`needs_composition`).
     ``weight_norm`` is an older name for ``compose``. ``twice``: the graph will be
-    differentiated twice in reverse mode (a Hessian's), so batch norm modules in eval mode
-    are computed as their affine maps (:func:`_batch_norm`).
+    differentiated twice in reverse mode (a Hessian's), so batch norm in eval mode and
+    convolutions take kernels whose double backward is cheaper (:mod:`linops._double_backward`;
+    for models with such modules).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -362,7 +305,7 @@ def workarounds(
                 compose = weight_norm
             if compose is None:
                 compose = needs_composition(model)
-            twice = twice and has_eval_batch_norm(model)
+            twice = twice and has_double_backward_kernels(model)
             if compose or twice:
                 stack.enter_context(ComposedKernels(compose, twice))
             yield

@@ -289,6 +289,22 @@ def _mlp(act: type[nn.Module] = nn.Tanh, c: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, 6), act(), nn.Linear(6, 5), act(), nn.Linear(5, c))
 
 
+def _conv_geometry() -> nn.Sequential:
+    """Strided, dilated, grouped, bias-free and circularly padded convolutions, and a Conv1d."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2, bias=False),
+        nn.Softplus(),
+        nn.Conv2d(4, 2, (2, 3), padding=1, padding_mode="circular"),
+        nn.Flatten(2),
+        nn.Conv1d(2, 3, 3, stride=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(27, 3),
+    )
+
+
 def _batch_norm_mlp() -> nn.Sequential:
     """BatchNorm1d with and without affine parameters, non-trivial running statistics."""
     net = nn.Sequential(
@@ -503,6 +519,7 @@ ZOO: list[ZooCase] = [
     # normalization, residual, recurrent
     _case("resnet-batchnorm-eval", _resnet, _image),
     _case("mlp-batchnorm1d-eval", _batch_norm_mlp),
+    _case("conv-geometry", _conv_geometry, _image),
     _case("group-norm-cnn", _group_norm_cnn, _image),
     _case("residual-layernorm-mlp", ResidualLNMLP),
     _case("lstm", lambda: RNNClassifier(nn.LSTM), _seq),
