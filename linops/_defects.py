@@ -237,7 +237,9 @@ class ComposedKernels(TorchFunctionMode):
             self.seen = True
             if self.compose:
                 func = composed
-        elif self.twice:
+        elif self.twice and torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+            # not under saved-tensor hooks: activation checkpointing recomputes outside this
+            # mode, with torch's kernels, and needs them to save what the first pass saved
             func = covered(func, args, kwargs) or func
         return func(*args, **kwargs)
 

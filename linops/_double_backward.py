@@ -31,11 +31,14 @@ values to rounding:
   large as the image, after copying both operands transposed.
 
 On the CIFAR ResNet-20 of ``bench/pyhessian.py`` (128 images, float32, 2 threads) a Hessian
-product took 0.78-0.91x the time with the batch norm change alone and 0.85-0.92x of that
-again with the convolutions (``/tmp``-free rerun: ``python bench/pyhessian.py --tasks trace``);
-in float64, where torch's double backward of a convolution takes its slow reference kernels,
-0.17x on a 4-channel ResNet-20. First derivatives and forward mode are left to torch's fused
-kernels, which are faster there. The model itself is never changed.
+product takes 0.90x torch's time with the batch norm change alone, 0.87x with the
+convolutions alone and 0.80x with both (``python bench/double_backward.py``); in float64
+0.81x, 0.67x and 0.61x (``--dtype float64``, 4.87 s a product with torch's kernels). Calls
+below :data:`MIN_ELEMENTS` input elements keep torch's kernels,
+and so do graphs under saved-tensor hooks (activation checkpointing recomputes a block with
+torch's kernels and needs them to save what the first pass saved). First derivatives and
+forward mode are left to torch's fused kernels, which are faster there. The model itself is
+never changed.
 """
 
 from __future__ import annotations
@@ -48,6 +51,16 @@ import torch
 from torch.nn import functional as F
 
 aten = torch.ops.aten
+
+#: the fewest input elements for which a call takes this module's kernel instead of torch's,
+#: per function: below, the Python of three autograd Functions (and the unfused affine map)
+#: costs more than it saves. ``python bench/double_backward.py`` (a 3-layer CNN with batch
+#: norm, float32, 2 threads, ``H v`` against torch's kernels in the same process, medians of
+#: 15): convolutions 1.10x the time at 2,048 input elements, 1.08x at 8,192, 1.02x at 32,768
+#: and 65,536, 0.94x at 262,144, 0.88x at 524,288; batch norm 1.06x at 2,048, 1.00x at
+#: 8,192, 0.92-0.95x from 32,768 on (float64: convolutions 1.19x at 8,192, 0.89x at 32,768,
+#: 0.75x at 262,144). The tests set both to 0.
+MIN_ELEMENTS = {"batch_norm": 2**15, "convolution": 2**17}
 
 #: a convolution's stride, padding, dilation (one entry per spatial dimension) and groups
 Geometry = tuple[list[int], list[int], list[int], int]
@@ -95,10 +108,12 @@ def affine_batch_norm(
     """Whether :func:`batch_norm` computes this call of ``F.batch_norm`` (arguments as there).
 
     Eval mode with running statistics, on a real floating input of at least two dimensions
-    whose statistics, weight and bias have its dtype, device and channel count (otherwise the
+    and :data:`MIN_ELEMENTS` elements whose statistics, weight and bias have its dtype, device and channel count (otherwise the
     affine map would promote or broadcast differently than torch's kernel, or torch raises).
     """
     if training or not isinstance(input, torch.Tensor) or input.dim() < 2:
+        return False
+    if input.numel() < MIN_ELEMENTS["batch_norm"]:
         return False
     if not input.is_floating_point() or running_mean is None or running_var is None:
         return False
@@ -268,13 +283,15 @@ def _convolution_call(
 ) -> Geometry | None:
     """Return the geometry of a ``conv{dims}d`` call :func:`convolution` computes, else None.
 
-    A batched real floating input with the weight's (and bias's) dtype and device, integer
-    stride, padding and dilation; string paddings, unbatched inputs and the rest are left to
+    A batched real floating input of at least :data:`MIN_ELEMENTS` elements with the weight's
+    (and bias's) dtype and device, integer stride, padding and dilation; string paddings, unbatched inputs and the rest are left to
     torch.
     """
     if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
         return None
     if input.dim() != dims + 2 or weight.dim() != dims + 2 or not input.is_floating_point():
+        return None
+    if input.numel() < MIN_ELEMENTS["convolution"]:
         return None
     if not _like(weight, input, weight.shape):
         return None

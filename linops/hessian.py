@@ -563,8 +563,9 @@ class OutputHessianOperator(ModelOperator):
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
         if self.method == "exact":
             tangents, batched = self._split_params(X)
-            (graph,) = list(self._graphs())
-            return self._join_params(graph.hvp(tangents, batched), batched)
+            for graph in self._graphs():  # one batch; in the loop, as a graph not kept is freed
+                out = self._join_params(graph.hvp(tangents, batched), batched)
+            return out
         theta = self.space.flat_values()
         scale = max(1.0, float(theta.norm()))
         cols = []

@@ -30,6 +30,7 @@ SCRIPTS = [
     "bench/rank_seeds.py",
     "bench/streaming.py",
     "bench/streamed_blocks.py",
+    "bench/double_backward.py",
     "bench/distributed.py",
     "bench/estimator_coverage.py",
     "examples/reference_rank.py",

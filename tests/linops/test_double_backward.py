@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import linops
 from linops._defects import KNOWN_DEFECTS, ComposedKernels
@@ -211,3 +212,51 @@ def test_a_streamed_cnn_hessian_probes_its_batched_pass_without_a_warning() -> N
         out = streamed @ V
     assert streamed.route.endswith("one vector per pass")
     assert torch.equal(out, cached @ V)
+
+
+def test_calls_below_the_default_size_keep_torchs_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.undo()  # the tests' setting (every size) off: the library's own threshold
+    from linops import _double_backward
+
+    n = _double_backward.MIN_ELEMENTS["convolution"]
+    W = torch.randn(2, 2, 3, 3)
+    assert covered(F.conv2d, (torch.randn(n // 32, 2, 4, 4), W), {}) is not None
+    assert covered(F.conv2d, (torch.randn(n // 32 - 1, 2, 4, 4), W), {}) is None
+    m = _double_backward.MIN_ELEMENTS["batch_norm"]
+    stat = torch.ones(2)
+    assert covered(F.batch_norm, (torch.randn(m // 2, 2), stat, stat), {}) is not None
+    assert covered(F.batch_norm, (torch.randn(m // 2 - 1, 2), stat, stat), {}) is None
+
+
+def test_a_checkpointed_block_keeps_torchs_kernels_and_is_exact() -> None:
+    """Non-reentrant checkpointing recomputes the block outside the operators' mode, with
+    torch's kernels: the first pass must save what they save (it raised CheckpointError)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c0 = nn.Conv2d(3, 4, 3, padding=1)
+            self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh())
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.tanh(self.c0(x))
+            x = checkpoint(self.block, x, use_reentrant=False)
+            return self.fc(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    model.block[1].running_var.uniform_(0.5, 2.0)
+    X, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
+    H = linops.HessianOperator(model, nn.CrossEntropyLoss(), (X, y))
+    v = torch.randn(H.shape[1], dtype=torch.float64)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(nn.CrossEntropyLoss()(model(X), y), params, create_graph=True)
+    vs = [
+        a.view_as(p)
+        for a, p in zip(torch.split(v, [p.numel() for p in params]), params, strict=True)
+    ]
+    ref = torch.cat([h.reshape(-1) for h in torch.autograd.grad(grads, params, vs)])
+    assert torch.allclose(H @ v, ref, rtol=1e-12, atol=1e-14)
+    assert "ConvolutionTwiceBackward" in _graph_nodes(H._graph_cache[0].grads)  # c0, outside

@@ -17,7 +17,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from linops import GGNOperator, HessianOperator, JacobianOperator, NTKOperator
+from linops import (
+    GGNOperator,
+    HessianOperator,
+    JacobianOperator,
+    NTKOperator,
+    OutputHessianOperator,
+)
 from linops.fisher import EmpiricalFisherOperator, FisherOperator
 from tests.linops.references import Reference
 from tests.linops.zoo import _resnet
@@ -677,3 +683,16 @@ def test_cache_info_counts_the_graphs_built() -> None:
     streamed @ V
     assert streamed.cache_info().graphs_built - before == 4
     assert streamed.to(torch.float32).cache_info().graphs_built == 0
+
+
+@pytest.mark.parametrize("case", ["mlp-chain", "resnet-bn"])
+def test_a_streamed_output_hessian_equals_the_cached_one(case: str) -> None:
+    """Its one graph was freed before its product (AttributeError) when not kept."""
+    build, shape, _ = CASES[case]
+    model = build()
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    cached = OutputHessianOperator(model, x, 1)
+    streamed = OutputHessianOperator(model, x, 1, cache=False)
+    V = _vectors(cached.shape[1], 3)
+    assert torch.equal(streamed @ V, cached @ V)
+    assert torch.equal(streamed @ V[:, 0], cached @ V[:, 0])
