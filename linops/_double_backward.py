@@ -197,19 +197,20 @@ class ConvolutionTwice(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, W: torch.Tensor, g: Geometry) -> torch.Tensor:
-        ctx.save_for_backward(x, W)
-        ctx.geometry = g
+        _save(ctx, g, x, W)
         return _conv(x, W, g)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, W = ctx.saved_tensors
-        g, (need_x, need_W) = ctx.geometry, ctx.needs_input_grad[:2]
+        g = ctx.geometry
         if not torch.is_grad_enabled():  # nothing differentiates this: torch's fused kernel
-            return (*_backward(grad, x, W, g, [need_x, need_W]), None)
-        gx = ConvolutionInputGrad.apply(grad, W, x.shape, g) if need_x else None
-        gW = ConvolutionWeightGrad.apply(x, grad, W.shape, g) if need_W else None
-        return gx, gW, None
+            return (*_backward(grad, x, W, g, list(ctx.needs_input_grad[:2])), None)
+        return _needed(
+            ctx,
+            lambda: ConvolutionInputGrad.apply(grad, W, x.shape, g),
+            lambda: ConvolutionWeightGrad.apply(x, grad, W.shape, g),
+        )
 
 
 class ConvolutionInputGrad(torch.autograd.Function):
@@ -219,21 +220,15 @@ class ConvolutionInputGrad(torch.autograd.Function):
     def forward(
         ctx: Any, grad: torch.Tensor, W: torch.Tensor, x_shape: torch.Size, g: Geometry
     ) -> torch.Tensor:
-        ctx.save_for_backward(grad, W)
-        ctx.geometry = g
+        _save(ctx, g, grad, W)
         return _dgrad(grad, W, x_shape, g)
 
     @staticmethod
     def backward(ctx: Any, h: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad, W = ctx.saved_tensors
-        g, (need_grad, need_W) = ctx.geometry, ctx.needs_input_grad[:2]
+        g = ctx.geometry
         conv, wgrad = _kernels(ConvolutionTwice.apply, _conv, ConvolutionWeightGrad.apply, _wgrad)
-        return (
-            conv(h, W, g) if need_grad else None,
-            wgrad(h, grad, W.shape, g) if need_W else None,
-            None,
-            None,
-        )
+        return _needed(ctx, lambda: conv(h, W, g), lambda: wgrad(h, grad, W.shape, g))
 
 
 class ConvolutionWeightGrad(torch.autograd.Function):
@@ -243,21 +238,27 @@ class ConvolutionWeightGrad(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, grad: torch.Tensor, W_shape: torch.Size, g: Geometry
     ) -> torch.Tensor:
-        ctx.save_for_backward(x, grad)
-        ctx.geometry = g
+        _save(ctx, g, x, grad)
         return _wgrad(x, grad, W_shape, g)
 
     @staticmethod
     def backward(ctx: Any, W_hat: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, grad = ctx.saved_tensors
-        g, (need_x, need_grad) = ctx.geometry, ctx.needs_input_grad[:2]
+        g = ctx.geometry
         dgrad, conv = _kernels(ConvolutionInputGrad.apply, _dgrad, ConvolutionTwice.apply, _conv)
-        return (
-            dgrad(grad, W_hat, x.shape, g) if need_x else None,
-            conv(x, W_hat, g) if need_grad else None,
-            None,
-            None,
-        )
+        return _needed(ctx, lambda: dgrad(grad, W_hat, x.shape, g), lambda: conv(x, W_hat, g))
+
+
+def _save(ctx: Any, g: Geometry, *tensors: torch.Tensor) -> None:
+    ctx.save_for_backward(*tensors)
+    ctx.geometry = g
+
+
+def _needed(ctx: Any, *partials: Any) -> tuple[torch.Tensor | None, ...]:
+    """Return the partial derivatives the inputs need (``partials``: a thunk per tensor input)."""
+    need = ctx.needs_input_grad
+    out = tuple(p() if n else None for p, n in zip(partials, need, strict=False))
+    return out + (None,) * (len(need) - len(partials))
 
 
 def _kernels(*pairs: Any) -> tuple[Any, ...]:
