@@ -179,8 +179,11 @@ def _backward(
 
 def _dgrad(grad: torch.Tensor, W: torch.Tensor, x_shape: torch.Size, g: Geometry) -> torch.Tensor:
     """Return the input gradient of ``conv(x, W)`` for output gradient ``grad``."""
-    # the kernel reads the input's shape only: an uninitialised tensor of it stands in
-    return _backward(grad, grad.new_empty(x_shape), W, g, [True, False])[0]  # type: ignore[return-value]
+    # the kernel reads the input's shape only: one element expanded to it stands in (the same
+    # bits and strides as an input-sized tensor, for float32 and float64, contiguous and
+    # channels-last gradients, 1-3 spatial dimensions), so nothing input-sized is allocated
+    stand_in = grad.new_empty(()).expand(x_shape)
+    return _backward(grad, stand_in, W, g, [True, False])[0]  # type: ignore[return-value]
 
 
 def _wgrad(x: torch.Tensor, grad: torch.Tensor, W_shape: torch.Size, g: Geometry) -> torch.Tensor:

@@ -260,3 +260,28 @@ def test_a_checkpointed_block_keeps_torchs_kernels_and_is_exact() -> None:
     ref = torch.cat([h.reshape(-1) for h in torch.autograd.grad(grads, params, vs)])
     assert torch.allclose(H @ v, ref, rtol=1e-12, atol=1e-14)
     assert "ConvolutionTwiceBackward" in _graph_nodes(H._graph_cache[0].grads)  # c0, outside
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case", range(len(GEOMETRIES)))
+def test_the_input_gradient_reads_only_the_inputs_shape(case: int, channels_last: bool) -> None:
+    """``_dgrad``'s one-element stand-in gives the bits and strides of the real input's."""
+    from linops._double_backward import _backward, _dgrad, _geometry
+
+    dims, x, W, _, kw = _conv_args(case, False)
+    g = _geometry(
+        dims, kw.get("stride", 1), kw.get("padding", 0), kw.get("dilation", 1), kw.get("groups", 1)
+    )
+    assert g is not None
+    x, W = x.detach(), W.detach()
+    grad = torch.randn(_conv_out(dims, x, W, kw), dtype=x.dtype)
+    if channels_last and dims == 2:
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        W = W.contiguous(memory_format=torch.channels_last)
+    want = _backward(grad, x, W, g, [True, False])[0]
+    got = _dgrad(grad, W, x.shape, g)
+    assert torch.equal(got, want) and got.stride() == want.stride()
+
+
+def _conv_out(dims: int, x: torch.Tensor, W: torch.Tensor, kw: dict) -> torch.Size:
+    return (F.conv1d, F.conv2d, F.conv3d)[dims - 1](x, W, **kw).shape
