@@ -265,9 +265,3 @@ def refuse_once_differentiable(grads: Sequence[torch.Tensor], product: str) -> b
             "exclude the parameters before it from params="
         )
     return True
-
-
-def has_convolution(model: torch.nn.Module) -> bool:
-    """Whether ``model`` has a convolution, whose double backward costs more than forward AD."""
-    conv = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-    return any(isinstance(m, conv) for m in model.modules())

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from linops._double_backward import covered
+from linops._double_backward import covered, has_convolution
 
 __all__ = ["KNOWN_DEFECTS", "TorchDefect", "workarounds"]
 
@@ -237,10 +237,11 @@ class ComposedKernels(TorchFunctionMode):
             self.seen = True
             if self.compose:
                 func = composed
-        elif self.twice and torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+        elif self.twice and (replacement := covered(func, args, kwargs)) is not None:
             # not under saved-tensor hooks: activation checkpointing recomputes outside this
             # mode, with torch's kernels, and needs them to save what the first pass saved
-            func = covered(func, args, kwargs) or func
+            if torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+                func = replacement
         return func(*args, **kwargs)
 
 
@@ -258,10 +259,8 @@ def has_double_backward_kernels(model: nn.Module) -> bool:
 
     A batch norm module in eval mode or a convolution (not transposed).
     """
-    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    return any(
-        isinstance(m, conv) or (isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training)
-        for m in model.modules()
+    return has_convolution(model) or any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training for m in model.modules()
     )
 
 

@@ -80,12 +80,10 @@ def batch_norm(
 
     ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias - running_mean * scale``,
     as torch's CPU inference kernel computes it: its double backward is two elementwise
-    products and a sum per channel. A call it does not cover (:func:`affine_batch_norm`:
+    products and a sum per channel. Only for a call :func:`affine_batch_norm` accepts (not
     training mode, which normalises by the batch's statistics and updates the running ones in
-    place; other dtypes or shapes) is left to ``F.batch_norm``.
+    place; not other dtypes or shapes), as :func:`covered` hands it out.
     """
-    if not affine_batch_norm(input, running_mean, running_var, weight, bias, training):
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     assert running_mean is not None and running_var is not None
     scale = torch.rsqrt(running_var + eps)
     if weight is not None:
@@ -285,7 +283,7 @@ def _convolution_call(
     dilation: Any = 1,
     groups: Any = 1,
 ) -> Geometry | None:
-    """Return the geometry of a ``conv{dims}d`` call :func:`convolution` computes, else None.
+    """Return the geometry of a ``conv{dims}d`` call :func:`covered` accepts, else None.
 
     A batched real floating input of at least :data:`MIN_ELEMENTS` elements with the weight's
     (and bias's) dtype and device, integer stride, padding and dilation; string paddings, unbatched inputs and the rest are left to
@@ -304,17 +302,16 @@ def _convolution_call(
     return _geometry(dims, stride, padding, dilation, groups)
 
 
-def convolution(dims: int, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """``F.conv{dims}d`` through :class:`ConvolutionTwice` (torch's own if not covered)."""
-    g = _convolution_call(dims, *args, **kwargs)
-    torch_conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-    if g is None:
-        return torch_conv(*args, **kwargs)
-    names = ("input", "weight", "bias")
-    given = dict(zip(names, args, strict=False)) | {k: v for k, v in kwargs.items() if k in names}
-    out = ConvolutionTwice.apply(given["input"], given["weight"], g)
-    bias = given.get("bias")
-    return out if bias is None else out + bias.view((1, -1) + (1,) * dims)
+def convolution(
+    g: Geometry, input: torch.Tensor, weight: torch.Tensor, bias: Any = None, *_: Any, **__: Any
+) -> torch.Tensor:
+    """``F.conv{d}d`` through :class:`ConvolutionTwice`, for a call :func:`covered` accepted.
+
+    ``g`` is the call's geometry as :func:`_convolution_call` read it; the call's own stride,
+    padding, dilation and groups (positional or keyword) are then ignored here.
+    """
+    out = ConvolutionTwice.apply(input, weight, g)
+    return out if bias is None else out + bias.view((1, -1) + (1,) * len(g[0]))
 
 
 def covered(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -322,9 +319,14 @@ def covered(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if func is F.batch_norm:
         return batch_norm if affine_batch_norm(*args, **kwargs) else None
     dims = _CONVOLUTIONS.get(func)
-    if dims is None or _convolution_call(dims, *args, **kwargs) is None:
-        return None
-    return functools.partial(convolution, dims)
+    g = None if dims is None else _convolution_call(dims, *args, **kwargs)
+    return None if g is None else functools.partial(convolution, g)
+
+
+def has_convolution(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has a convolution module (not transposed)."""
+    conv = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    return any(isinstance(m, conv) for m in model.modules())
 
 
 _CONVOLUTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from linops._autodiff import has_convolution
 from linops._chain import Chain, ChainMismatch
 from linops._checks import check_device, check_dtype, check_finite
 from linops._data import Batches, check_model_mode
 from linops._defects import REENTRANT_ERROR, REENTRANT_REFUSAL
+from linops._double_backward import has_convolution
 from linops._types import Data, OutputSelector, Params, ProcessGroup
 from linops.base import TorchLinearOperator
 from linops.memory import (

@@ -19,7 +19,7 @@ from torch import nn
 
 import linops
 from linops._defects import KNOWN_DEFECTS, ComposedKernels
-from linops._double_backward import affine_batch_norm, batch_norm, convolution, covered
+from linops._double_backward import affine_batch_norm, batch_norm, covered
 from tests.linops.zoo import BY_NAME
 
 
@@ -128,12 +128,14 @@ def test_convolution_equals_torchs_and_its_first_two_derivatives_finite_differen
     dims, x, W, b, kw = _conv_args(case, bias)
     torch_conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
     assert covered(torch_conv, (x, W, b), kw) is not None
-    out = convolution(dims, x, W, b, **kw)
+    out = covered(torch_conv, (x, W, b), kw)(x, W, b, **kw)
     assert torch.allclose(out, torch_conv(x, W, b, **kw), rtol=1e-13, atol=1e-13)
     inputs = (x, W) if b is None else (x, W, b)
 
     def f(*t: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(convolution(dims, *t, **kw)) ** 2  # curved: second derivatives live
+        return (
+            torch.tanh(covered(torch_conv, t, kw)(*t, **kw)) ** 2
+        )  # curved: live second derivatives
 
     assert torch.autograd.gradcheck(f, inputs)
     assert torch.autograd.gradgradcheck(f, inputs)
@@ -154,7 +156,7 @@ def test_convolution_hessian_products_equal_torchs_double_backward(case: int) ->
         grads = torch.autograd.grad(loss, inputs, create_graph=True)
         return list(torch.autograd.grad(grads, inputs, grad_outputs=vs))
 
-    ours = hvp(lambda *t, **k: convolution(dims, *t, **k))
+    ours = hvp(lambda *t, **k: covered(torch_conv, t, k)(*t, **k))
     ref = hvp(torch_conv)
     for a, r in zip(ours, ref, strict=True):
         assert torch.allclose(a, r, rtol=1e-12, atol=1e-12)
