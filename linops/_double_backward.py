@@ -36,7 +36,9 @@ convolutions alone and 0.80x with both (``python bench/double_backward.py``); in
 0.81x, 0.67x and 0.61x (``--dtype float64``, 4.87 s a product with torch's kernels). Calls
 below :data:`MIN_ELEMENTS` input elements keep torch's kernels,
 and so do graphs under saved-tensor hooks (activation checkpointing recomputes a block with
-torch's kernels and needs them to save what the first pass saved). First derivatives and
+torch's kernels and needs them to save what the first pass saved) and calls inside a
+``torch.func`` transform or a forward-AD level (a model whose forward runs ``vmap`` or
+``jvp``: the Functions have no rules for them). First derivatives and
 forward mode are left to torch's fused kernels, which are faster there. The model itself is
 never changed.
 """
@@ -48,6 +50,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch.nn import functional as F
 
 aten = torch.ops.aten
@@ -315,12 +318,24 @@ def convolution(
 
 
 def covered(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Return what computes this call of ``func`` in a graph differentiated twice, or None."""
+    """Return what computes this call of ``func`` in a graph differentiated twice, or None.
+
+    None inside a ``torch.func`` transform (``vmap``, ``grad``, ``jvp`` in a model's forward,
+    e.g. an ensemble of stacked weights) or a forward-mode AD level: the autograd Functions
+    have no vmap or jvp rule, and torch's kernels have both.
+    """
+    if _transformed():
+        return None
     if func is F.batch_norm:
         return batch_norm if affine_batch_norm(*args, **kwargs) else None
     dims = _CONVOLUTIONS.get(func)
     g = None if dims is None else _convolution_call(dims, *args, **kwargs)
     return None if g is None else functools.partial(convolution, g)
+
+
+def _transformed() -> bool:
+    """Whether a ``torch.func`` transform or a forward-AD level (``dual_level``) is active."""
+    return torch._C._functorch.peek_interpreter_stack() is not None or fwad._current_level >= 0
 
 
 def has_convolution(model: torch.nn.Module) -> bool:

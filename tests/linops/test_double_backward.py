@@ -264,6 +264,80 @@ def test_a_checkpointed_block_keeps_torchs_kernels_and_is_exact() -> None:
     assert "ConvolutionTwiceBackward" in _graph_nodes(H._graph_cache[0].grads)  # c0, outside
 
 
+class _VmappedEnsemble(nn.Module):
+    """Convolutions of stacked weights under ``torch.vmap`` (torch's model-ensembling recipe)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(2, 3, 2, 3, 3) * 0.4)
+        self.c = nn.Conv2d(2, 2, 1)
+        self.bn = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.c(x))
+        h = torch.vmap(lambda w: self.bn(F.conv2d(x, w, padding=1)))(self.W)
+        return self.fc(torch.tanh(h).mean((0, 3, 4)))
+
+
+class _FuncJvp(nn.Module):
+    """A directional derivative by ``torch.func.jvp`` through a convolution, in the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, t = torch.func.jvp(lambda z: torch.tanh(self.c(z)), (x,), (torch.ones_like(x),))
+        return self.fc((y + 0.5 * t).mean((2, 3)))
+
+
+class _DualNumbers(nn.Module):
+    """The same with ``torch.autograd.forward_ad``'s dual tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.autograd.forward_ad as fwad
+
+        with fwad.dual_level():
+            out = torch.tanh(self.bn(self.c(fwad.make_dual(x, torch.ones_like(x)))))
+            primal, tangent = fwad.unpack_dual(out)
+        return self.fc((primal + 0.5 * tangent).mean((2, 3)))
+
+
+@pytest.mark.parametrize("make", [_VmappedEnsemble, _FuncJvp, _DualNumbers])
+def test_convolutions_under_a_transform_in_the_forward_keep_torchs_kernels(
+    make: type[nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Functions have no vmap or jvp rule: a model whose forward runs a convolution inside
+    ``torch.vmap``, ``torch.func.jvp`` or a forward-AD level raised at every Hessian product.
+    Those calls are torch's; the products equal those with torch's kernels everywhere."""
+    from linops import _double_backward
+
+    torch.manual_seed(0)
+    model = make().double().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    X, y = torch.randn(3, 2, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2])
+    H = linops.HessianOperator(model, nn.CrossEntropyLoss(), (X, y))
+    V = torch.randn(H.shape[1], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got, block = H @ V[:, 0], H @ V
+    monkeypatch.setattr(
+        _double_backward, "MIN_ELEMENTS", dict.fromkeys(["batch_norm", "convolution"], 2**62)
+    )
+    ref = linops.HessianOperator(model, nn.CrossEntropyLoss(), (X, y)) @ V
+    assert torch.allclose(got, ref[:, 0], rtol=1e-12, atol=1e-14)
+    assert torch.allclose(block, ref, rtol=1e-12, atol=1e-14)
+    assert float(ref.norm()) > 0.1
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("case", range(len(GEOMETRIES)))
 def test_the_input_gradient_reads_only_the_inputs_shape(case: int, channels_last: bool) -> None:
