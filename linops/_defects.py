@@ -105,7 +105,9 @@ KNOWN_DEFECTS: tuple[TorchDefect, ...] = (
         "respect to the parameters inside is silently zero; on inputs that do, "
         "torch.autograd.grad raises",
         "refused at the first forward pass (linops.params.ParamSpace.functional_call) or "
-        "product, asking for use_reentrant=False, whose products are exact",
+        "product, asking for use_reentrant=False, whose products are exact at the model's own "
+        "parameters; at other values (params=, dtype=, finite differences) its recomputation "
+        "reads the module's parameters, so those are refused (CHECKPOINT_ELSEWHERE)",
     ),
     TorchDefect(
         "vmapped second derivatives are wrong through layer_norm",
@@ -128,6 +130,43 @@ REENTRANT_REFUSAL = (
     "the parameters inside the checkpointed function from torch.autograd.grad (their "
     "derivatives would be silently zero, or torch raises); pass use_reentrant=False"
 )
+
+
+#: the refusal of a product of a checkpointing model at values other than its own parameters
+CHECKPOINT_ELSEWHERE = (
+    "the model runs torch.utils.checkpoint.checkpoint (use_reentrant=False), which recomputes "
+    "the checkpointed blocks during the backward pass from the module's own parameters, not "
+    "from the values a product is evaluated at; here {detail}, so the products would be wrong. "
+    "Evaluate at the model's own parameters: load the values into the model (load_state_dict "
+    "or torch.nn.utils.vector_to_parameters) instead of passing params=, convert the model "
+    "itself (model.double()) instead of passing dtype=, and keep OutputHessianOperator's "
+    "default method instead of 'finite_difference'"
+)
+
+
+class CheckpointWatch(TorchFunctionMode):
+    """Notes whether a torch function runs under non-reentrant activation checkpointing.
+
+    ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` runs the block under its own
+    saved-tensor hooks (``.seen`` after the code run inside).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Iterable[type],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:  # whatever the intercepted torch function returns
+        if not self.seen:
+            hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+            pack = None if hooks is None else hooks[0]
+            self.seen = getattr(pack, "__module__", None) == "torch.utils.checkpoint"
+        return func(*args, **(kwargs or {}))
 
 
 def _weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torch.Tensor:

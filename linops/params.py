@@ -12,6 +12,7 @@ inputs (``model(**batch)``, as Hugging Face models are) receives them as
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -21,8 +22,10 @@ from torch import nn
 from torch.func import functional_call
 
 from linops._defects import (
+    CHECKPOINT_ELSEWHERE,
     REENTRANT_REFUSAL,
     REENTRANT_WARNING,
+    CheckpointWatch,
     ComposedKernels,
     needs_composition,
     workarounds,
@@ -191,6 +194,8 @@ class ParamSpace:
         # whether forward passes compute functions with broken derivatives from primitives
         # (linops._defects); None: not known until a forward pass has run
         self._compose: bool | None = True if needs_composition(model) else None
+        # whether the forward runs non-reentrant activation checkpointing; None: not known yet
+        self._checkpointed: bool | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -259,20 +264,17 @@ class ParamSpace:
         ------
         TypeError
             If the (selected) output is not a tensor.
+        NotImplementedError
+            If the forward runs a reentrant checkpoint, or a non-reentrant one while ``values``
+            differ from the model's own parameters (its recomputation reads those).
         """
-        if self._compose is None:  # the first pass finds out whether the forward calls them
-            with warnings.catch_warnings(record=True) as caught, ComposedKernels(False) as seen:
-                warnings.simplefilter("always")
-                out = self._call(values, args, compose=False, twice=twice)
-            for w in caught:
-                if REENTRANT_WARNING in str(w.message):
-                    raise NotImplementedError(f"model: {REENTRANT_REFUSAL}")
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-            self._compose = seen.seen
-            if self._compose:
-                out = self._call(values, args, compose=True, twice=twice)
-        else:
-            out = self._call(values, args, compose=self._compose, twice=twice)
+        watch = CheckpointWatch() if self._checkpointed is None else contextlib.nullcontext()
+        with watch:
+            out = self._first_or_later_call(values, args, twice)
+        if isinstance(watch, CheckpointWatch) and torch.is_grad_enabled():
+            self._checkpointed = watch.seen  # without grad, checkpoint() runs the block plainly
+        if self._checkpointed:
+            self._refuse_other_values(values)
         if self.output is not None:
             out = self.output(out)
             if not isinstance(out, torch.Tensor):
@@ -286,6 +288,41 @@ class ParamSpace:
                 "or output=lambda out: out.logits)"
             )
         return out
+
+    def _first_or_later_call(
+        self, values: Mapping[str, torch.Tensor], args: tuple[Any, ...], twice: bool
+    ) -> Any:
+        """Return the model's output (the first pass finds out whether it needs composition)."""
+        if self._compose is not None:
+            return self._call(values, args, compose=self._compose, twice=twice)
+        with warnings.catch_warnings(record=True) as caught, ComposedKernels(False) as seen:
+            warnings.simplefilter("always")
+            out = self._call(values, args, compose=False, twice=twice)
+        for w in caught:
+            if REENTRANT_WARNING in str(w.message):
+                raise NotImplementedError(f"model: {REENTRANT_REFUSAL}")
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        self._compose = seen.seen
+        if self._compose:
+            out = self._call(values, args, compose=True, twice=twice)
+        return out
+
+    def _refuse_other_values(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Refuse ``values`` other than the model's own parameters (a checkpointing model)."""
+        live = dict(self.model.named_parameters(remove_duplicate=False))
+        for name, v in values.items():
+            p = live.get(name)
+            if p is None or p is v:
+                continue
+            if (p.dtype, p.device, p.shape) != (v.dtype, v.device, v.shape):
+                detail = f"{name} is {v.dtype} on {v.device}, the model's {p.dtype} on {p.device}"
+            elif (p.data_ptr(), p.stride()) == (v.data_ptr(), v.stride()) or torch.equal(
+                p.detach(), v.detach()
+            ):
+                continue
+            else:
+                detail = f"{name} differs from the model's own value"
+            raise NotImplementedError(f"model: {CHECKPOINT_ELSEWHERE.format(detail=detail)}")
 
     def _call(
         self,

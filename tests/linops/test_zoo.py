@@ -414,6 +414,61 @@ def test_non_reentrant_checkpoints_are_exact_on_a_subset_of_parameters(
     assert _rel(J, reference.jacobian()) < RTOL
 
 
+class _SavedOnCpu(nn.Module):
+    """The same layers with their activations saved on the CPU (saved-tensor hooks, no recompute)."""
+
+    def __init__(self, model: _Checkpointed) -> None:
+        super().__init__()
+        self.a, self.b = model.a, model.b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autograd.graph.save_on_cpu():
+            return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_checkpointed_products_elsewhere_than_the_models_parameters_are_refused(
+    first: bool,
+) -> None:
+    """A non-reentrant checkpoint recomputes its block from the module's own parameters: products
+    at other values (``params=``, ``dtype=``, the output Hessian's finite differences) were
+    silently wrong (99% and 56% off; found by a helper audit). Equal values stay exact."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    model = _Checkpointed(reentrant=False, first=first).double()
+    loss = nn.CrossEntropyLoss()
+    names = ["a.weight", "a.bias", "b.weight", "b.bias"]
+    own = dict(model.named_parameters())
+    other = {n: own[n].detach() + 0.3 * torch.randn(own[n].shape, generator=g) for n in names}
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    ops = {
+        "H": lambda: linops.HessianOperator(model, loss, (X, y), params=other),
+        "GGN": lambda: linops.GGNOperator(model, loss, (X, y), params=other),
+        "J": lambda: linops.JacobianOperator(model, X, params=other),
+        "OH": lambda: linops.OutputHessianOperator(model, X, 1, method="finite_difference"),
+        "dtype": lambda: linops.HessianOperator(
+            model.float(), loss, (X.float(), y), dtype=torch.float64
+        ),
+    }
+    for make in ops.values():
+        op = make()
+        with pytest.raises(NotImplementedError, match="recomputes the checkpointed blocks"):
+            op @ torch.ones(op.shape[1], dtype=torch.float64)
+        model.double()
+    # equal values in other tensors: exact, as at the model's own
+    same = {n: own[n].detach().clone() for n in names}
+    H = linops.HessianOperator(model, loss, (X, y), params=same)
+    ref = linops.HessianOperator(model, loss, (X, y))
+    assert torch.allclose(H @ v, ref @ v, rtol=1e-13, atol=1e-15)
+    # saved-tensor hooks that do not recompute (save_on_cpu) are not refused
+    cpu = _SavedOnCpu(model)
+    plain = nn.Sequential(model.a, nn.Tanh(), model.b)
+    at = {n.replace("a.", "0.").replace("b.", "2."): t for n, t in other.items()}
+    got = linops.HessianOperator(cpu, loss, (X, y), params=other) @ v
+    assert torch.allclose(got, linops.HessianOperator(plain, loss, (X, y), params=at) @ v)
+
+
 def test_loader_losses_weight_batches_by_their_share_of_the_total() -> None:
     for name in ("ce-class-weights-loader", "ce-ignore-index-loader"):
         for op_name in ("H", "GGN"):
