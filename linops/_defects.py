@@ -144,6 +144,18 @@ CHECKPOINT_ELSEWHERE = (
 )
 
 
+def _saved_tensor_hooks() -> tuple[Any, Any] | None:
+    """Return the innermost saved-tensor hooks ``(pack, unpack)``, or None.
+
+    None while dynamo traces a compiled model: it cannot trace the C function that reads them
+    (a graph break and a UserWarning at every call).
+    """
+    if torch.compiler.is_compiling():
+        return None
+    hooks: tuple[Any, Any] | None = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks
+
+
 class CheckpointWatch(TorchFunctionMode):
     """Notes whether a torch function runs under non-reentrant activation checkpointing.
 
@@ -163,7 +175,7 @@ class CheckpointWatch(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:  # whatever the intercepted torch function returns
         if not self.seen:
-            hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+            hooks = _saved_tensor_hooks()
             pack = None if hooks is None else hooks[0]
             self.seen = getattr(pack, "__module__", None) == "torch.utils.checkpoint"
         return func(*args, **(kwargs or {}))
@@ -279,7 +291,7 @@ class ComposedKernels(TorchFunctionMode):
         elif self.twice and (replacement := covered(func, args, kwargs)) is not None:
             # not under saved-tensor hooks: activation checkpointing recomputes outside this
             # mode, with torch's kernels, and needs them to save what the first pass saved
-            if torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+            if _saved_tensor_hooks() is None:
                 func = replacement
         return func(*args, **kwargs)
 

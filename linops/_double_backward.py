@@ -37,8 +37,9 @@ convolutions alone and 0.80x with both (``python bench/double_backward.py``); in
 below :data:`MIN_ELEMENTS` input elements keep torch's kernels,
 and so do graphs under saved-tensor hooks (activation checkpointing recomputes a block with
 torch's kernels and needs them to save what the first pass saved) and calls inside a
-``torch.func`` transform or a forward-AD level (a model whose forward runs ``vmap`` or
-``jvp``: the Functions have no rules for them). First derivatives and
+``torch.func`` transform, a forward-AD level or autocast (a model whose forward runs ``vmap``,
+``jvp`` or ``torch.autocast``: the Functions have no rules for the first two, and
+``aten.convolution`` is not autocast). First derivatives and
 forward mode are left to torch's fused kernels, which are faster there. The model itself is
 never changed.
 """
@@ -321,10 +322,10 @@ def covered(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Return what computes this call of ``func`` in a graph differentiated twice, or None.
 
     None inside a ``torch.func`` transform (``vmap``, ``grad``, ``jvp`` in a model's forward,
-    e.g. an ensemble of stacked weights) or a forward-mode AD level: the autograd Functions
-    have no vmap or jvp rule, and torch's kernels have both.
+    e.g. an ensemble of stacked weights), a forward-mode AD level or autocast
+    (:func:`_needs_torchs_kernels`).
     """
-    if _transformed():
+    if _needs_torchs_kernels():
         return None
     if func is F.batch_norm:
         return batch_norm if affine_batch_norm(*args, **kwargs) else None
@@ -333,9 +334,18 @@ def covered(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return None if g is None else functools.partial(convolution, g)
 
 
-def _transformed() -> bool:
-    """Whether a ``torch.func`` transform or a forward-AD level (``dual_level``) is active."""
-    return torch._C._functorch.peek_interpreter_stack() is not None or fwad._current_level >= 0
+def _needs_torchs_kernels() -> bool:
+    """Whether a ``torch.func`` transform, a forward-AD level (``dual_level``) or autocast is on.
+
+    The autograd Functions have no vmap or jvp rule, and ``aten.convolution``, which they call,
+    is not on autocast's lists (``F.conv2d`` is): under autocast they would compute in the
+    input's precision where torch's kernels compute in the autocast dtype.
+    """
+    return (
+        torch._C._functorch.peek_interpreter_stack() is not None
+        or fwad._current_level >= 0
+        or any(torch.is_autocast_enabled(kind) for kind in ("cpu", "cuda"))
+    )
 
 
 def has_convolution(model: torch.nn.Module) -> bool:

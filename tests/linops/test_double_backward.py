@@ -338,6 +338,57 @@ def test_convolutions_under_a_transform_in_the_forward_keep_torchs_kernels(
     assert float(ref.norm()) > 0.1
 
 
+def test_convolutions_and_batch_norm_under_autocast_keep_torchs_kernels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``aten.convolution``, which the Functions call, is not autocast (``F.conv2d`` is): under
+    ``torch.autocast`` in a forward they computed in float32 where the model computes in
+    bfloat16 (products 50% apart). Those calls are torch's: the same products bit for bit."""
+    from linops import _double_backward
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.c2, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = torch.tanh(self.c2(torch.tanh(self.bn(self.c1(x)))))
+            return self.fc(h.float().mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    X, y = torch.randn(8, 3, 12, 12), torch.randint(0, 3, (8,))
+    v = torch.randn(sum(p.numel() for p in model.parameters()))
+    got = linops.HessianOperator(model, nn.CrossEntropyLoss(), (X, y)) @ v
+    big = dict.fromkeys(["batch_norm", "convolution"], 2**62)
+    monkeypatch.setattr(_double_backward, "MIN_ELEMENTS", big)
+    assert torch.equal(got, linops.HessianOperator(model, nn.CrossEntropyLoss(), (X, y)) @ v)
+
+
+def test_a_compiled_model_traces_without_a_warning_from_the_kernels_mode() -> None:
+    """Dynamo cannot trace the C function that reads the saved-tensor hooks: the modes that
+    ask for them warned (a UserWarning per call of a compiled model's first pass)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(64, 3)
+    ).eval()
+    compiled = torch.compile(model, backend="eager")
+    X, y = torch.randn(4, 3, 4, 4), torch.randint(0, 3, (4,))
+    v = torch.randn(sum(p.numel() for p in model.parameters()))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = linops.HessianOperator(compiled, nn.CrossEntropyLoss(), (X, y)) @ v
+    finally:
+        torch._dynamo.reset()
+    assert not [w for w in caught if "saved_tensors" in str(w.message)]
+    ref = linops.HessianOperator(model, nn.CrossEntropyLoss(), (X, y)) @ v
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("case", range(len(GEOMETRIES)))
 def test_the_input_gradient_reads_only_the_inputs_shape(case: int, channels_last: bool) -> None:
