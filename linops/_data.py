@@ -143,9 +143,9 @@ def check_loader(data: object, *, allow_reshuffle: bool) -> None:
     if isinstance(data.dataset, torch.utils.data.IterableDataset):
         return  # its own __iter__ gives the order; its sampler yields None without end
     samplers = [data.sampler]
-    if data.batch_sampler is not None and type(data.batch_sampler) is not BatchSampler:
-        samplers.append(data.batch_sampler)  # a custom batch sampler
-    random = [type(s).__name__ for s in samplers if not _fixed_order(s)]
+    if data.batch_sampler is not None:  # its own sampler when passed as batch_sampler=
+        samplers.append(data.batch_sampler)
+    random = [_sampler_name(s) for s in samplers if not _fixed_order(s)]
     if random:
         raise ValueError(
             f"data: the DataLoader's sampler ({random[0]}) draws a different order or resample "
@@ -153,6 +153,13 @@ def check_loader(data: object, *, allow_reshuffle: bool) -> None:
             "fixed order (shuffle=False, a SequentialSampler or a fixed list of indices), or "
             "pass allow_reshuffle=True to skip this check"
         )
+
+
+def _sampler_name(sampler: object) -> str:
+    """Return a sampler's type, with the sampler a plain ``BatchSampler`` draws from."""
+    if type(sampler) is BatchSampler:
+        return f"BatchSampler of a {type(sampler.sampler).__name__}"
+    return type(sampler).__name__
 
 
 def _batch_refusal(batch: object) -> str:
@@ -282,6 +289,11 @@ class Batches:
                 check_finite(t, "data", "targets" if i == 1 and targets else "inputs")
         self._source, self._dtype, self._device = data, dtype, device
         self._targets, self._batch_size = targets, batch_size
+        self._allow_reshuffle = allow_reshuffle
+        #: prints of the batches drawn again at every pass (:func:`_batch_print`), by index
+        self._prints: dict[int, list[float]] = {}
+        #: version counters of the kept batches' tensors when they were kept, by index
+        self._versions: list[list[int]] = []
         self._budget, self.label_key = budget, label_key
         #: the first batches, kept on the device (all of them unless some did not fit)
         self._cached: list[Batch] = []
@@ -305,10 +317,50 @@ class Batches:
     # ----------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[Any]:
         if self._num_batches is not None and len(self._cached) == self._num_batches:
-            return iter(self._cached)  # everything kept
+            return self._kept()  # everything kept
         if isinstance(self._source, Iterator):  # one-shot: drawn whole, kept whatever it costs
-            return iter(self._draw_all())
+            self._draw_all()
+            return self._kept()
         return self._pass()
+
+    def _kept(self) -> Iterator[Batch]:
+        for i, batch in enumerate(self._cached):
+            self._check_unchanged(i, batch)
+            yield batch
+
+    def _keep(self, batch: Batch) -> None:
+        self._cached.append(batch)
+        self._versions.append(_versions(batch))
+
+    def _check_unchanged(self, i: int, batch: Batch) -> None:
+        """Refuse a kept batch whose tensors were changed in place since it was kept.
+
+        Kept batches are views of tensor data where no cast or move was needed: changing
+        ``X`` in place (``X.add_(...)``) changed them, while graphs built from the old values
+        were kept (a product mixed both).
+        """
+        if _versions(batch) != self._versions[i]:
+            raise RuntimeError(
+                f"data: batch {i} was changed in place after the operator kept it (the "
+                "operator holds views of the tensors it was given, and graphs built from "
+                "their old values): make a new operator for the new data, or change a copy"
+            )
+
+    def _check_same_as_first(self, i: int, batch: Batch) -> None:
+        """Refuse a batch drawn again that differs from its first draw (data, not the model)."""
+        if self._allow_reshuffle:
+            return
+        now = _batch_print(batch)
+        first = self._prints.setdefault(i, now)
+        if now != first:
+            raise RuntimeError(
+                f"data: batch {i} of this pass differs from its first draw (inputs or targets): "
+                "the loader gives other data at each pass (random augmentation or noise in the "
+                "dataset, an order that changes with set_epoch, a shuffling IterableDataset, "
+                "or data changed in place), so the operator would be a different matrix at "
+                "every product. Pass fixed data (precomputed tensors, a deterministic "
+                "dataset), or allow_reshuffle=True if the operator should not check this"
+            )
 
     def _held_by_caller(self) -> bool:
         """Whether the source's batches live in memory anyway (tensors, a list of batches).
@@ -324,17 +376,39 @@ class Batches:
         for i, raw in enumerate(self._split(self._source)):
             if i < len(self._cached):
                 batch = self._cached[i]
+                self._check_unchanged(i, batch)
             else:
                 batch, nbytes = self._prepare(raw, i)
                 nbytes = nbytes if held else storage_bytes(batch)
                 if not self.streaming and i == len(self._cached):
                     if self._budget is None or self._budget.reserve(nbytes, "batches"):
-                        self._cached.append(batch)
+                        self._keep(batch)
                     else:
                         self.streaming = True
+                if i >= len(self._cached):  # drawn again at every pass
+                    self._check_same_as_first(i, batch)
+            if i == 0 and self._num_batches is None:
+                self._prints.setdefault(0, _batch_print(batch))
             count, samples = count + 1, samples + len(batch[0])
             yield batch
+        first_pass = self._num_batches is None
         self._finish(count, samples)
+        if first_pass:
+            self._check_redraw()
+
+    def _check_redraw(self) -> None:
+        """Draw a loader's first batch again and refuse it if it differs from the first draw.
+
+        Random augmentation or noise in a dataset's ``__getitem__`` gives other data at every
+        pass: kept, the batches would be one random draw of it, and streamed a different
+        matrix at every product. Tensors, lists and one-shot iterators are not drawn again.
+        """
+        if self._held_by_caller() or isinstance(self._source, Iterator):
+            return
+        for raw in self._split(self._source):
+            batch, _ = self._prepare(raw, 0)
+            self._check_same_as_first(0, batch)
+            return
 
     def _draw_all(self) -> list[Batch]:
         if self._num_batches is None:
@@ -344,11 +418,17 @@ class Batches:
                 if self._budget is not None and not self._budget.reserve(nbytes, "batches"):
                     self._budget.kept["batches"] += nbytes  # kept anyway: cannot be redrawn
                     self._budget.counts["batches"] += 1
-                self._cached.append(batch)
+                self._keep(batch)
             self._finish(len(self._cached), sum(len(x) for x, _ in self._cached))
         return self._cached
 
     def _finish(self, count: int, samples: int) -> None:
+        if (count == 0 or samples == 0) and self._num_batches:
+            raise ValueError(
+                f"data: the data gave no batches in this pass and {self._num_batches} in the "
+                "first (a single-use iterable?); pass a list of batches, a DataLoader or "
+                "tensors, which can be drawn again at every product"
+            )
         if count == 0 or samples == 0:
             raise ValueError("data: expected at least one sample, got an empty dataset")
         if self._num_batches is not None and count != self._num_batches:
@@ -396,16 +476,18 @@ class Batches:
         source = self._source
         if isinstance(source, Iterator):
             source = self._draw_all()  # already drawn (or drawn now): its batches, re-prepared
-        return Batches(
+        new = Batches(
             source,
             dtype=dtype,
             device=device,
             targets=self._targets,
             batch_size=self._batch_size,
-            allow_reshuffle=True,  # checked when the first was made
+            allow_reshuffle=True,  # the loader was checked when the first was made
             budget=budget,
             label_key=self.label_key,
         )
+        new._allow_reshuffle = self._allow_reshuffle
+        return new
 
     # ----------------------------------------------------------------- preparation
     def _split(self, data: Any) -> Iterable[Any]:
@@ -545,6 +627,31 @@ class Batches:
         if out is not t:
             moved.append(out.untyped_storage().nbytes())
         return out
+
+
+def _tensors(batch: Batch) -> list[torch.Tensor]:
+    """Return the tensors of a batch: its inputs (one, or a dict's values), its targets."""
+    x, y = batch
+    parts = list(x.values.values()) if isinstance(x, KeywordInputs) else [x]
+    return [t for t in [*parts, y] if isinstance(t, torch.Tensor)]
+
+
+def _versions(batch: Batch) -> list[int]:
+    """Return the version counters of a batch's tensors (bumped by in-place changes)."""
+    return [t._version for t in _tensors(batch)]
+
+
+def _batch_print(batch: Batch) -> list[float]:
+    """Position-weighted sums of a batch's tensors, in float64: equal for equal data.
+
+    The weights ``1 + k / n`` of entry ``k`` also tell a batch from a permutation of it.
+    """
+    out = []
+    for t in _tensors(batch):
+        flat = t.detach().reshape(-1).to(torch.float64)
+        weights = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64, device=flat.device)
+        out.append(float(flat @ weights) if flat.numel() else 0.0)
+    return out
 
 
 def _as_tensor(a: np.ndarray, what: str) -> torch.Tensor:

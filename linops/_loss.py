@@ -84,7 +84,9 @@ class OutputLoss:
         family, reduction = kind
         out = out.detach()
         if family == "cross_entropy":
-            if out.dim() != 2 or y.dim() != 1 or y.dtype.is_floating_point or y.min() < 0:
+            if out.dim() != 2 or y.dim() != 1 or y.dtype.is_floating_point:
+                return
+            if y.min() < 0 or y.max() >= out.shape[1]:  # an ignore_index such as -100 or 255
                 return
             n = out.shape[0]
             self._p: Tensor | None = torch.softmax(out, dim=1)

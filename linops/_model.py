@@ -299,7 +299,8 @@ class ModelOperator(TorchLinearOperator):
                     f"first pass's (sum {total:.17g} against {first[0]:.17g}) when its graph, "
                     "not kept within the memory budget, is rebuilt for this product: the "
                     "operator would be a different matrix at every product. Make the forward "
-                    "pass deterministic (no dropout, noise or sampling in it), keep the graphs "
+                    "pass deterministic (no dropout, noise or sampling in it) and the data "
+                    "fixed (a loader that gives the same batches at every pass), keep the graphs "
                     "(cache=True or a larger memory_budget), or, if the model's parameters "
                     "were changed on purpose, call clear_cache() first"
                 )
