@@ -341,9 +341,11 @@ class Batches:
         """
         if _versions(batch) != self._versions[i]:
             raise RuntimeError(
-                f"data: batch {i} was changed in place after the operator kept it (the "
-                "operator holds views of the tensors it was given, and graphs built from "
-                "their old values): make a new operator for the new data, or change a copy"
+                f"data: batch {i} was changed in place after the operator kept it, by the "
+                "caller or by the model's forward pass (the operator holds views of the "
+                "tensors it was given, and graphs built from their old values): make a new "
+                "operator for the new data, change a copy, or keep the forward pass from "
+                "writing into its inputs"
             )
 
     def _check_same_as_first(self, i: int, batch: Batch) -> None:
