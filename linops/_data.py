@@ -290,10 +290,13 @@ class Batches:
         self._source, self._dtype, self._device = data, dtype, device
         self._targets, self._batch_size = targets, batch_size
         self._allow_reshuffle = allow_reshuffle
-        #: prints of the batches drawn again at every pass (:func:`_batch_print`), by index
-        self._prints: dict[int, list[float]] = {}
-        #: version counters of the kept batches' tensors when they were kept, by index
+        #: prints (:func:`_batch_print`) of the first draw of batches drawn at every pass
+        self._prints: dict[int, torch.Tensor] = {}
+        #: version counters and prints of the kept batches' tensors when they were kept
         self._versions: list[list[int]] = []
+        self._kept_prints: list[torch.Tensor] = []
+        #: the weights of the prints, by length, dtype and device
+        self._weights: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
         self._budget, self.label_key = budget, label_key
         #: the first batches, kept on the device (all of them unless some did not fit)
         self._cached: list[Batch] = []
@@ -331,38 +334,63 @@ class Batches:
     def _keep(self, batch: Batch) -> None:
         self._cached.append(batch)
         self._versions.append(_versions(batch))
+        self._kept_prints.append(_batch_print(batch, self._weights))
+
+    def rebase(self) -> None:
+        """Take the data as they are now as the first draw (after a deliberate change)."""
+        self._versions = [_versions(b) for b in self._cached]
+        self._kept_prints = [_batch_print(b, self._weights) for b in self._cached]
+        self._prints = {}
 
     def _check_unchanged(self, i: int, batch: Batch) -> None:
-        """Refuse a kept batch whose tensors were changed in place since it was kept.
+        """Refuse a kept batch whose values were changed in place since it was kept.
 
         Kept batches are views of tensor data where no cast or move was needed: changing
         ``X`` in place (``X.add_(...)``) changed them, while graphs built from the old values
-        were kept (a product mixed both).
+        were kept (a product mixed both). A moved version counter (a write anywhere in the
+        tensor the views share it with) is followed by a comparison of the batch's print.
         """
-        if _versions(batch) != self._versions[i]:
-            raise RuntimeError(
-                f"data: batch {i} was changed in place after the operator kept it, by the "
-                "caller or by the model's forward pass (the operator holds views of the "
-                "tensors it was given, and graphs built from their old values): make a new "
-                "operator for the new data, change a copy, or keep the forward pass from "
-                "writing into its inputs"
-            )
+        versions = _versions(batch)
+        if versions == self._versions[i]:
+            return
+        if torch.equal(_batch_print(batch, self._weights), self._kept_prints[i]):
+            self._versions[i] = versions  # written elsewhere in the shared tensor
+            return
+        raise RuntimeError(
+            f"data: batch {i} was changed in place after the operator kept it, by the "
+            "caller or by the model's forward pass (the operator holds views of the "
+            "tensors it was given, and graphs built from their old values): make a new "
+            "operator for the new data or call op.clear_cache() after changing it, change a "
+            "copy, or keep the forward pass from writing into its inputs"
+        )
 
-    def _check_same_as_first(self, i: int, batch: Batch) -> None:
-        """Refuse a batch drawn again that differs from its first draw (data, not the model)."""
+    def _compare_with_first(self, drawn: list[tuple[int, torch.Tensor]]) -> None:
+        """Refuse batches drawn again (index, print) that differ from their first draw.
+
+        Compared once per pass (one synchronisation on a GPU); a batch's first draw is
+        recorded here.
+        """
         if self._allow_reshuffle:
             return
-        now = _batch_print(batch)
-        first = self._prints.setdefault(i, now)
-        if now != first:
-            raise RuntimeError(
-                f"data: batch {i} of this pass differs from its first draw (inputs or targets): "
-                "the loader gives other data at each pass (random augmentation or noise in the "
-                "dataset, an order that changes with set_epoch, a shuffling IterableDataset, "
-                "or data changed in place), so the operator would be a different matrix at "
-                "every product. Pass fixed data (precomputed tensors, a deterministic "
-                "dataset), or allow_reshuffle=True if the operator should not check this"
-            )
+        again = [(i, p) for i, p in drawn if i in self._prints]
+        for i, p in drawn:
+            self._prints.setdefault(i, p)
+        if not again:
+            return
+        now = torch.cat([p for _, p in again])
+        first = torch.cat([self._prints[i] for i, _ in again])
+        if torch.equal(now, first):
+            return
+        i = next(i for i, p in again if not torch.equal(p, self._prints[i]))
+        raise RuntimeError(
+            f"data: batch {i} of this pass differs from its first draw (inputs or targets): "
+            "the loader gives other data at each pass (random augmentation or noise in the "
+            "dataset, an order that changes with set_epoch, a shuffling IterableDataset, "
+            "or data changed in place), so the operator would be a different matrix at "
+            "every product. Pass fixed data (precomputed tensors, a deterministic "
+            "dataset), call op.clear_cache() after a deliberate change, or pass "
+            "allow_reshuffle=True if the operator should not check this"
+        )
 
     def _held_by_caller(self) -> bool:
         """Whether the source's batches live in memory anyway (tensors, a list of batches).
@@ -375,6 +403,7 @@ class Batches:
     def _pass(self) -> Iterator[Batch]:
         count = samples = 0
         held = self._held_by_caller()
+        drawn: list[tuple[int, torch.Tensor]] = []  # batches not kept: drawn at every pass
         for i, raw in enumerate(self._split(self._source)):
             if i < len(self._cached):
                 batch = self._cached[i]
@@ -387,12 +416,11 @@ class Batches:
                         self._keep(batch)
                     else:
                         self.streaming = True
-                if i >= len(self._cached):  # drawn again at every pass
-                    self._check_same_as_first(i, batch)
-            if i == 0 and self._num_batches is None:
-                self._prints.setdefault(0, _batch_print(batch))
+                if i >= len(self._cached) and not self._allow_reshuffle:
+                    drawn.append((i, _batch_print(batch, self._weights)))
             count, samples = count + 1, samples + len(batch[0])
             yield batch
+        self._compare_with_first(drawn)
         first_pass = self._num_batches is None
         self._finish(count, samples)
         if first_pass:
@@ -405,11 +433,15 @@ class Batches:
         pass: kept, the batches would be one random draw of it, and streamed a different
         matrix at every product. Tensors, lists and one-shot iterators are not drawn again.
         """
-        if self._held_by_caller() or isinstance(self._source, Iterator):
+        if self._allow_reshuffle or self._held_by_caller() or isinstance(self._source, Iterator):
             return
+        first = self._prints.get(0)
+        if first is None:  # kept: its print was taken when it was kept
+            first = self._kept_prints[0]
         for raw in self._split(self._source):
             batch, _ = self._prepare(raw, 0)
-            self._check_same_as_first(0, batch)
+            self._prints[0] = first
+            self._compare_with_first([(0, _batch_print(batch, self._weights))])
             return
 
     def _draw_all(self) -> list[Batch]:
@@ -639,21 +671,42 @@ def _tensors(batch: Batch) -> list[torch.Tensor]:
 
 
 def _versions(batch: Batch) -> list[int]:
-    """Return the version counters of a batch's tensors (bumped by in-place changes)."""
-    return [t._version for t in _tensors(batch)]
+    """Return the version counters of a batch's tensors (bumped by in-place changes).
 
-
-def _batch_print(batch: Batch) -> list[float]:
-    """Position-weighted sums of a batch's tensors, in float64: equal for equal data.
-
-    The weights ``1 + k / n`` of entry ``k`` also tell a batch from a permutation of it.
+    Inference tensors (made under ``torch.inference_mode``) have none: -1.
     """
+    return [-1 if t.is_inference() else t._version for t in _tensors(batch)]
+
+
+def _batch_print(
+    batch: Batch, weights: dict[tuple[int, torch.dtype, torch.device], torch.Tensor]
+) -> torch.Tensor:
+    """Return position-weighted sums of a batch's tensors, one each, on their device.
+
+    A tensor is read as ``(n, m)`` (``n`` samples) and printed as ``u^T T w`` with weights
+    ``1 + k / n`` and ``1 + k / m`` (kept in ``weights`` by length), so reordered samples
+    and flipped or shifted samples print differently. Computed in the tensor's own
+    precision (float32 for narrower floats, integers and booleans; complex as real pairs):
+    equal data give equal prints, as the same reduction of the same values.
+    """
+
+    def w(length: int, like: torch.Tensor) -> torch.Tensor:
+        key = (length, like.dtype, like.device)
+        if key not in weights:
+            weights[key] = torch.linspace(1.0, 2.0, length, dtype=like.dtype, device=like.device)
+        return weights[key]
+
     out = []
     for t in _tensors(batch):
-        flat = t.detach().reshape(-1).to(torch.float64)
-        weights = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64, device=flat.device)
-        out.append(float(flat @ weights) if flat.numel() else 0.0)
-    return out
+        flat = torch.view_as_real(t.detach()) if t.is_complex() else t.detach()
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.to(torch.float32)
+        if flat.numel() == 0:
+            out.append(flat.new_zeros(1))
+            continue
+        table = flat.reshape(len(flat) if flat.dim() else 1, -1)
+        out.append((w(table.shape[0], table) @ (table @ w(table.shape[1], table))).reshape(1))
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def _as_tensor(a: np.ndarray, what: str) -> torch.Tensor:

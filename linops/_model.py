@@ -816,6 +816,7 @@ class ModelOperator(TorchLinearOperator):
         self._first_convolutional = None
         self.memory.release("graphs")
         self._versions = _versions(self.space)
+        self.batches.rebase()  # data changed on purpose are the data from now on
 
     def cache_info(self) -> CacheInfo:
         """Return what the operator keeps against its memory budget (see :class:`ModelOperator`)."""

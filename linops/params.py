@@ -273,7 +273,7 @@ class ParamSpace:
             out = self._first_or_later_call(values, args, twice)
         if isinstance(watch, CheckpointWatch) and torch.is_grad_enabled():
             self._checkpointed = watch.seen  # without grad, checkpoint() runs the block plainly
-        if self._checkpointed:
+        if self._checkpointed and torch.is_grad_enabled():  # without grad: no recomputation
             self._refuse_other_values(values)
         if self.output is not None:
             out = self.output(out)

@@ -9,6 +9,7 @@ or above the number of classes crashed the closed-form cross-entropy.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -160,3 +161,66 @@ def test_an_ignore_index_at_or_above_the_classes_is_exact(cls: Any) -> None:
     dense = ref.hessian(loss, y) if cls is linops.HessianOperator else ref.ggn(loss, y)
     assert torch.allclose(torch.as_tensor(op), dense, rtol=1e-10, atol=1e-12)
     assert float(dense.abs().max()) > 1e-3
+
+
+def test_a_write_elsewhere_in_the_tensor_the_batches_view_is_no_change() -> None:
+    """Views share their base's version counter: filling other rows of a buffer (a replay
+    buffer) moved it although the operator's rows did not change (refused by 00cdefb)."""
+    X, y = _data(40)
+    buffer = torch.zeros(60, 4, dtype=F64)
+    buffer[:23] = X[:23]
+    H = linops.HessianOperator(_mlp(), nn.CrossEntropyLoss(), (buffer[:23], y[:23]), batch_size=8)
+    v = torch.randn(H.shape[1], dtype=F64)
+    before = H @ v
+    buffer[23:] = 1.0
+    assert torch.equal(H @ v, before)
+    buffer[0, 0] += 1.0  # one of the operator's own rows
+    with pytest.raises(RuntimeError, match="changed in place"):
+        H @ v
+
+
+def test_clear_cache_takes_data_changed_on_purpose() -> None:
+    X, y = _data()
+    H = linops.HessianOperator(_mlp(), nn.CrossEntropyLoss(), (X, y), batch_size=8)
+    v = torch.randn(H.shape[1], dtype=F64)
+    H @ v
+    X.mul_(0.5)
+    H.clear_cache()
+    fresh = linops.HessianOperator(_mlp(), nn.CrossEntropyLoss(), (X.clone(), y), batch_size=8)
+    assert torch.equal(H @ v, fresh @ v)
+
+
+def test_inference_tensors_and_complex_data_are_read_without_error_or_warning() -> None:
+    """Inference tensors have no version counter (``_version`` raised); complex inputs were
+    cast to real for the print, with a warning and without their imaginary parts."""
+    X, y = _data()
+    with torch.inference_mode():
+        Xi = X * 1.0
+    model = _mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        H = linops.HessianOperator(model, nn.CrossEntropyLoss(), (Xi, y), params=["2.weight"])
+        v = torch.randn(H.shape[1], dtype=F64)
+        ref = linops.HessianOperator(model, nn.CrossEntropyLoss(), (X, y), params=["2.weight"])
+        assert torch.equal(H @ v, ref @ v)
+        H @ v
+
+        class Modulus(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.lin = nn.Linear(4, 3).double()
+
+            def forward(self, z: torch.Tensor) -> torch.Tensor:
+                return self.lin(z.abs())
+
+        Z = torch.complex(X, torch.ones_like(X))
+
+        class Loader:  # re-iterable, not held: drawn at every product and printed
+            def __iter__(self) -> Any:
+                return iter([(Z[:12], y[:12]), (Z[12:], y[12:])])
+
+        streamed = linops.HessianOperator(
+            Modulus(), nn.CrossEntropyLoss(), Loader(), memory_budget=TINY
+        )
+        u = torch.randn(streamed.shape[1], dtype=F64)
+        assert torch.equal(streamed @ u, streamed @ u)

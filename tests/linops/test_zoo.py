@@ -456,6 +456,15 @@ def test_checkpointed_products_elsewhere_than_the_models_parameters_are_refused(
         with pytest.raises(NotImplementedError, match="recomputes the checkpointed blocks"):
             op @ torch.ones(op.shape[1], dtype=torch.float64)
         model.double()
+    # without grad nothing is recomputed: a forward pass elsewhere (a line search) is exact
+    at_own = linops.HessianOperator(model, loss, (X, y))
+    at_own @ v  # a grad-enabled pass: the checkpoint is known
+    assert at_own.space._checkpointed
+    with torch.no_grad():
+        out = at_own.space.functional_call(other, X)
+    plain_at = {n.replace("a.", "0.").replace("b.", "2."): t for n, t in other.items()}
+    ref_out = torch.func.functional_call(nn.Sequential(model.a, nn.Tanh(), model.b), plain_at, X)
+    assert torch.allclose(out, ref_out, rtol=1e-14, atol=1e-15)
     # equal values in other tensors: exact, as at the model's own
     same = {n: own[n].detach().clone() for n in names}
     H = linops.HessianOperator(model, loss, (X, y), params=same)
