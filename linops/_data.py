@@ -353,7 +353,7 @@ class Batches:
         versions = _versions(batch)
         if versions == self._versions[i]:
             return
-        if torch.equal(_batch_print(batch, self._weights), self._kept_prints[i]):
+        if _same_prints(_batch_print(batch, self._weights), self._kept_prints[i]):
             self._versions[i] = versions  # written elsewhere in the shared tensor
             return
         raise RuntimeError(
@@ -379,9 +379,9 @@ class Batches:
             return
         now = torch.cat([p for _, p in again])
         first = torch.cat([self._prints[i] for i, _ in again])
-        if torch.equal(now, first):
+        if _same_prints(now, first):
             return
-        i = next(i for i, p in again if not torch.equal(p, self._prints[i]))
+        i = next(i for i, p in again if not _same_prints(p, self._prints[i]))
         raise RuntimeError(
             f"data: batch {i} of this pass differs from its first draw (inputs or targets): "
             "the loader gives other data at each pass (random augmentation or noise in the "
@@ -705,8 +705,15 @@ def _batch_print(
             out.append(flat.new_zeros(1))
             continue
         table = flat.reshape(len(flat) if flat.dim() else 1, -1)
-        out.append((w(table.shape[0], table) @ (table @ w(table.shape[1], table))).reshape(1))
+        # torch's own reductions, not BLAS: a BLAS kernel may round by the data's alignment
+        rows = (table * w(table.shape[1], table)).sum(dim=1)
+        out.append((rows * w(table.shape[0], table)).sum().reshape(1))
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def _same_prints(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two prints are equal (NaN equal to NaN: a sum of huge values may overflow)."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _as_tensor(a: np.ndarray, what: str) -> torch.Tensor:
