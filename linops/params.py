@@ -268,12 +268,16 @@ class ParamSpace:
             If the forward runs a reentrant checkpoint, or a non-reentrant one while ``values``
             differ from the model's own parameters (its recomputation reads those).
         """
-        watch = CheckpointWatch() if self._checkpointed is None else contextlib.nullcontext()
+        # without grad, checkpoint() runs its block plainly and nothing is recomputed: a
+        # pass without grad neither tells nor needs to know (nor pays for the watch)
+        grad = torch.is_grad_enabled()
+        watching = grad and self._checkpointed is None
+        watch = CheckpointWatch() if watching else contextlib.nullcontext()
         with watch:
             out = self._first_or_later_call(values, args, twice)
-        if isinstance(watch, CheckpointWatch) and torch.is_grad_enabled():
-            self._checkpointed = watch.seen  # without grad, checkpoint() runs the block plainly
-        if self._checkpointed and torch.is_grad_enabled():  # without grad: no recomputation
+        if isinstance(watch, CheckpointWatch):
+            self._checkpointed = watch.seen
+        if self._checkpointed and grad:
             self._refuse_other_values(values)
         if self.output is not None:
             out = self.output(out)
