@@ -19,6 +19,7 @@ whole, whatever the budget.
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, cast
@@ -291,10 +292,10 @@ class Batches:
         self._targets, self._batch_size = targets, batch_size
         self._allow_reshuffle = allow_reshuffle
         #: prints (:func:`_batch_print`) of the first draw of batches drawn at every pass
-        self._prints: dict[int, torch.Tensor] = {}
+        self._prints: dict[int, Print] = {}
         #: version counters and prints of the kept batches' tensors when they were kept
         self._versions: list[list[int]] = []
-        self._kept_prints: list[torch.Tensor] = []
+        self._kept_prints: list[Print] = []
         #: the weights of the prints, by length, dtype and device
         self._weights: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
         self._budget, self.label_key = budget, label_key
@@ -364,24 +365,20 @@ class Batches:
             "copy, or keep the forward pass from writing into its inputs"
         )
 
-    def _compare_with_first(self, drawn: list[tuple[int, torch.Tensor]]) -> None:
+    def _compare_with_first(self, drawn: list[tuple[int, Print]]) -> None:
         """Refuse batches drawn again (index, print) that differ from their first draw.
 
-        Compared once per pass (one synchronisation on a GPU); a batch's first draw is
-        recorded here.
+        Compared at the end of a pass (no synchronisation per batch on a GPU); a batch's first
+        draw is recorded here.
         """
         if self._allow_reshuffle:
             return
-        again = [(i, p) for i, p in drawn if i in self._prints]
+        differ = [i for i, p in drawn if i in self._prints and not _same_prints(p, self._prints[i])]
         for i, p in drawn:
             self._prints.setdefault(i, p)
-        if not again:
+        if not differ:
             return
-        now = torch.cat([p for _, p in again])
-        first = torch.cat([self._prints[i] for i, _ in again])
-        if _same_prints(now, first):
-            return
-        i = next(i for i, p in again if not _same_prints(p, self._prints[i]))
+        i = differ[0]
         raise RuntimeError(
             f"data: batch {i} of this pass differs from its first draw (inputs or targets): "
             "the loader gives other data at each pass (random augmentation or noise in the "
@@ -403,7 +400,7 @@ class Batches:
     def _pass(self) -> Iterator[Batch]:
         count = samples = 0
         held = self._held_by_caller()
-        drawn: list[tuple[int, torch.Tensor]] = []  # batches not kept: drawn at every pass
+        drawn: list[tuple[int, Print]] = []  # batches not kept: drawn at every pass
         for i, raw in enumerate(self._split(self._source)):
             if i < len(self._cached):
                 batch = self._cached[i]
@@ -678,10 +675,15 @@ def _versions(batch: Batch) -> list[int]:
     return [-1 if t.is_inference() else t._version for t in _tensors(batch)]
 
 
+#: a batch's print: Python floats for a batch on the CPU (tensors kept through a pass would be
+#: small allocations amid the graphs' temporaries, pinning glibc's heap), else a device tensor
+Print = tuple[float, ...] | torch.Tensor
+
+
 def _batch_print(
     batch: Batch, weights: dict[tuple[int, torch.dtype, torch.device], torch.Tensor]
-) -> torch.Tensor:
-    """Return position-weighted sums of a batch's tensors, one each, on their device.
+) -> Print:
+    """Return position-weighted sums of a batch's tensors, one each (:data:`Print`).
 
     A tensor is read as ``(n, m)`` (``n`` samples) and printed as ``u^T T w`` with weights
     ``1 + k / n`` and ``1 + k / m`` (kept in ``weights`` by length), so reordered samples
@@ -708,11 +710,20 @@ def _batch_print(
         # torch's own reductions, not BLAS: a BLAS kernel may round by the data's alignment
         rows = (table * w(table.shape[1], table)).sum(dim=1)
         out.append((rows * w(table.shape[0], table)).sum().reshape(1))
-    return torch.cat(out) if out else torch.zeros(0)
+    if not out:
+        return ()
+    values = torch.cat(out)
+    return tuple(values.tolist()) if values.device.type == "cpu" else values
 
 
-def _same_prints(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _same_prints(a: Print, b: Print) -> bool:
     """Whether two prints are equal (NaN equal to NaN: a sum of huge values may overflow)."""
+    if isinstance(a, tuple) or isinstance(b, tuple):
+        x = a if isinstance(a, tuple) else tuple(a.tolist())
+        y = b if isinstance(b, tuple) else tuple(b.tolist())
+        return len(x) == len(y) and all(
+            u == v or (math.isnan(u) and math.isnan(v)) for u, v in zip(x, y, strict=True)
+        )
     return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
