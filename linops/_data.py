@@ -359,8 +359,9 @@ class Batches:
             return
         raise RuntimeError(
             f"data: batch {i} was changed in place after the operator kept it, by the "
-            "caller or by the model's forward pass (the operator holds views of the "
-            "tensors it was given, and graphs built from their old values): make a new "
+            "caller, by a loader that refills one buffer for every batch, or by the model's "
+            "forward pass (the operator holds the tensors it was given or drawn, and graphs "
+            "built from their old values): make a new "
             "operator for the new data or call op.clear_cache() after changing it, change a "
             "copy, or keep the forward pass from writing into its inputs"
         )
@@ -661,10 +662,11 @@ class Batches:
 
 
 def _tensors(batch: Batch) -> list[torch.Tensor]:
-    """Return the tensors of a batch: its inputs (one, or a dict's values), its targets."""
+    """Return the dense tensors of a batch: its inputs (one, or a dict's values), targets."""
     x, y = batch
     parts = list(x.values.values()) if isinstance(x, KeywordInputs) else [x]
-    return [t for t in [*parts, y] if isinstance(t, torch.Tensor)]
+    # sparse layouts have no reshape (nor, CSR, a version counter): not printed
+    return [t for t in [*parts, y] if isinstance(t, torch.Tensor) and t.layout == torch.strided]
 
 
 def _versions(batch: Batch) -> list[int]:
@@ -707,13 +709,34 @@ def _batch_print(
             out.append(flat.new_zeros(1))
             continue
         table = flat.reshape(len(flat) if flat.dim() else 1, -1)
-        # torch's own reductions, not BLAS: a BLAS kernel may round by the data's alignment
-        rows = (table * w(table.shape[1], table)).sum(dim=1)
-        out.append((rows * w(table.shape[0], table)).sum().reshape(1))
+        # torch's own reductions (a BLAS kernel may round by the data's alignment), in an
+        # order that does not depend on the number of threads (_fixed_sum)
+        weighted = table * w(table.shape[1], table)
+        weighted *= w(table.shape[0], table)[:, None]
+        out.append(_fixed_sum(weighted.reshape(-1)).reshape(1))
     if not out:
         return ()
     values = torch.cat(out)
     return tuple(values.tolist()) if values.device.type == "cpu" else values
+
+
+#: the length of the rows :func:`_fixed_sum` sums one by one (below torch's parallel grain)
+_SUM_CHUNK = 4096
+
+
+def _fixed_sum(v: torch.Tensor) -> torch.Tensor:
+    """Return the sum of a 1-d tensor in an order that does not depend on torch's threads.
+
+    torch splits one sum of more than 32,768 elements among its threads, so the rounding
+    followed ``torch.set_num_threads``. Here rows of :data:`_SUM_CHUNK` are summed (each by
+    one thread, whichever), then their sums, until one row is left.
+    """
+    while v.numel() > _SUM_CHUNK:
+        k = v.numel() // _SUM_CHUNK
+        head = v[: k * _SUM_CHUNK].reshape(k, _SUM_CHUNK).sum(dim=1)
+        tail = v[k * _SUM_CHUNK :]
+        v = torch.cat([head, tail.sum().reshape(1)]) if tail.numel() else head
+    return v.sum()
 
 
 def _same_prints(a: Print, b: Print) -> bool:

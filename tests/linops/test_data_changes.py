@@ -224,3 +224,50 @@ def test_inference_tensors_and_complex_data_are_read_without_error_or_warning() 
         )
         u = torch.randn(streamed.shape[1], dtype=F64)
         assert torch.equal(streamed @ u, streamed @ u)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_sparse_inputs_are_taken_as_before() -> None:
+    """Sparse tensors have no reshape (CSR no version counter): the prints of kept batches
+    raised at the first product (00cdefb); they are not printed."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp()
+
+        def forward(self, x: torch.Tensor, adj: torch.Tensor | None = None) -> torch.Tensor:
+            x = x.to_dense() if x.layout != torch.strided else x
+            return self.net(torch.sparse.mm(adj, x) if adj is not None else x)
+
+    X, y = _data(24)
+    v = torch.randn(43, dtype=F64)
+    ref = linops.HessianOperator(Net(), nn.CrossEntropyLoss(), (X, y)) @ v
+    adj = torch.eye(24, dtype=F64).to_sparse()
+    for data in (
+        [(X.to_sparse(), y)],
+        [(X.to_sparse_csr(), y)],
+        [{"x": X, "adj": adj, "labels": y}],
+    ):
+        H = linops.HessianOperator(Net(), nn.CrossEntropyLoss(), data, label_key="labels")
+        assert torch.allclose(H @ v, ref, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 112, 112), (40000,), (3, 50000)])
+def test_a_print_does_not_depend_on_the_number_of_threads(shape: tuple[int, ...]) -> None:
+    """torch splits one sum of more than 32,768 elements among its threads: a streamed batch
+    of one large sample was refused after ``torch.set_num_threads`` changed between passes."""
+    from linops._data import _batch_print
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(shape[0]) % 7
+    threads = torch.get_num_threads()
+    try:
+        prints = []
+        for n in (1, 4, 3):
+            torch.set_num_threads(n)
+            prints.append(_batch_print((x, y), {}))
+    finally:
+        torch.set_num_threads(threads)
+    assert prints[0] == prints[1] == prints[2]
+    assert prints[0] != _batch_print((x.flip(-1), y), {})  # a flipped sample prints otherwise
