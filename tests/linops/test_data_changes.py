@@ -271,3 +271,17 @@ def test_a_print_does_not_depend_on_the_number_of_threads(shape: tuple[int, ...]
         torch.set_num_threads(threads)
     assert prints[0] == prints[1] == prints[2]
     assert prints[0] != _batch_print((x.flip(-1), y), {})  # a flipped sample prints otherwise
+
+
+@pytest.mark.parametrize("loader", [False, True])
+def test_data_made_under_inference_mode_is_taken(loader: bool) -> None:
+    """Features computed under ``torch.inference_mode`` (a frozen backbone's) raised torch's
+    "Inference tensors cannot be saved for backward" at the first product."""
+    X, y = _data()
+    with torch.inference_mode():
+        Xi, yi = X * 1.0, y.clone()
+    data: Any = DataLoader(TensorDataset(Xi, yi), batch_size=8) if loader else (Xi, yi)
+    H = linops.HessianOperator(_mlp(), nn.CrossEntropyLoss(), data)
+    ref = linops.HessianOperator(_mlp(), nn.CrossEntropyLoss(), (X, y), batch_size=8)
+    v = torch.randn(H.shape[1], dtype=F64)
+    assert torch.allclose(H @ v, ref @ v, rtol=1e-13, atol=1e-15)
