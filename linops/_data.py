@@ -656,6 +656,8 @@ class Batches:
             out = source.to(device=self._device, non_blocking=True).to(dtype=dtype)
         else:
             out = t.to(device=self._device, dtype=dtype)
+        if out.requires_grad:  # a leaf the caller made require grad: the data, not a variable
+            out = out.detach()
         if out.is_inference() and not torch.is_inference_mode_enabled():
             # made under torch.inference_mode (a frozen backbone's features): autograd may not
             # save it, so a product raised torch's "cannot be saved for backward"

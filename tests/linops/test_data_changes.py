@@ -285,3 +285,17 @@ def test_data_made_under_inference_mode_is_taken(loader: bool) -> None:
     ref = linops.HessianOperator(_mlp(), nn.CrossEntropyLoss(), (X, y), batch_size=8)
     v = torch.randn(H.shape[1], dtype=F64)
     assert torch.allclose(H @ v, ref @ v, rtol=1e-13, atol=1e-15)
+
+
+def test_inputs_that_require_grad_are_data() -> None:
+    """``X.requires_grad_()`` (for an input-gradient analysis elsewhere): products over several
+    batches raised "a view was created in no_grad mode" and came back with a ``grad_fn``."""
+    X, y = _data()
+    H = linops.HessianOperator(
+        _mlp(), nn.CrossEntropyLoss(), (X.clone().requires_grad_(), y), batch_size=6
+    )
+    ref = linops.HessianOperator(_mlp(), nn.CrossEntropyLoss(), (X, y), batch_size=6)
+    v = torch.randn(H.shape[1], dtype=F64)
+    out = H @ v
+    assert out.grad_fn is None
+    assert torch.allclose(out, ref @ v, rtol=1e-13, atol=1e-15)
