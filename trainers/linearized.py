@@ -119,7 +119,9 @@ class LinearizedTrainer(Trainer):
         with torch.no_grad():
             f0 = self.space.functional_call(self.initial_values, x)
         lin = _Linearization(J, f0)
-        self._cached = (x, lin) if self.cache_graph else None
+        # a copy: the caller's tensor itself (a buffer refilled in place between calls) would
+        # always equal itself, and the linearization of its old values would be reused
+        self._cached = (x.detach().clone(), lin) if self.cache_graph else None
         return lin
 
     def _delta(self) -> torch.Tensor:

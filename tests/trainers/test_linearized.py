@@ -96,3 +96,19 @@ def test_evaluate_network_instead_of_linearization() -> None:
     net = functional_call(model, t.values, (X,))
     torch.testing.assert_close(t.forward(X), net)
     assert not torch.allclose(t.linearized_outputs(X), net)
+
+
+def test_a_buffer_refilled_in_place_is_linearized_again() -> None:
+    """The cache compared the caller's tensor with itself: a buffer refilled between calls
+    reused the old values' linearization (the operator then refused its changed batch)."""
+    model, X, g = _case(seed=4)
+    t = LinearizedTrainer(model, torch.nn.functional.mse_loss, lr=0.1)
+    y = torch.randn(len(X), 2, generator=g, dtype=torch.float64)
+    t.fit(X, y, epochs=2, progress=False)
+    buffer = X[:6].clone()
+    t.linearized_outputs(buffer)
+    new = torch.randn(6, X.shape[1], generator=g, dtype=torch.float64)
+    buffer.copy_(new)
+    fresh = LinearizedTrainer(model, torch.nn.functional.mse_loss, lr=0.1)
+    fresh.values = {n: v.clone() for n, v in t.values.items()}
+    torch.testing.assert_close(t.linearized_outputs(buffer), fresh.linearized_outputs(new))
