@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import BatchSampler
 
 from linops._checks import check_finite, check_positive_or_none
-from linops.memory import MemoryBudget, storage_bytes
+from linops.memory import MemoryBudget, storage_bytes, tensor_leaves
 from linops.params import KeywordInputs
 
 _STATEFUL_IN_TRAINING = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
@@ -334,12 +334,12 @@ class Batches:
 
     def _keep(self, batch: Batch) -> None:
         self._cached.append(batch)
-        self._versions.append(_versions(batch))
+        self._versions.append(_batch_versions(batch))
         self._kept_prints.append(_batch_print(batch, self._weights))
 
     def rebase(self) -> None:
         """Take the data as they are now as the first draw (after a deliberate change)."""
-        self._versions = [_versions(b) for b in self._cached]
+        self._versions = [_batch_versions(b) for b in self._cached]
         self._kept_prints = [_batch_print(b, self._weights) for b in self._cached]
         self._prints = {}
 
@@ -351,7 +351,7 @@ class Batches:
         were kept (a product mixed both). A moved version counter (a write anywhere in the
         tensor the views share it with) is followed by a comparison of the batch's print.
         """
-        versions = _versions(batch)
+        versions = _batch_versions(batch)
         if versions == self._versions[i]:
             return
         if _same_prints(_batch_print(batch, self._weights), self._kept_prints[i]):
@@ -372,8 +372,6 @@ class Batches:
         Compared at the end of a pass (no synchronisation per batch on a GPU); a batch's first
         draw is recorded here.
         """
-        if self._allow_reshuffle:
-            return
         differ = [i for i, p in drawn if i in self._prints and not _same_prints(p, self._prints[i])]
         for i, p in drawn:
             self._prints.setdefault(i, p)
@@ -433,12 +431,10 @@ class Batches:
         """
         if self._allow_reshuffle or self._held_by_caller() or isinstance(self._source, Iterator):
             return
-        first = self._prints.get(0)
-        if first is None:  # kept: its print was taken when it was kept
-            first = self._kept_prints[0]
+        if 0 not in self._prints:  # kept: its print was taken when it was kept
+            self._prints[0] = self._kept_prints[0]
         for raw in self._split(self._source):
             batch, _ = self._prepare(raw, 0)
-            self._prints[0] = first
             self._compare_with_first([(0, _batch_print(batch, self._weights))])
             return
 
@@ -669,13 +665,11 @@ class Batches:
 
 def _tensors(batch: Batch) -> list[torch.Tensor]:
     """Return the dense tensors of a batch: its inputs (one, or a dict's values), targets."""
-    x, y = batch
-    parts = list(x.values.values()) if isinstance(x, KeywordInputs) else [x]
     # sparse layouts have no reshape (nor, CSR, a version counter): not printed
-    return [t for t in [*parts, y] if isinstance(t, torch.Tensor) and t.layout == torch.strided]
+    return [t for t in tensor_leaves(batch) if t.layout == torch.strided]
 
 
-def _versions(batch: Batch) -> list[int]:
+def _batch_versions(batch: Batch) -> list[int]:
     """Return the version counters of a batch's tensors (bumped by in-place changes).
 
     Inference tensors (made under ``torch.inference_mode``) have none: -1.

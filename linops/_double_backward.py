@@ -325,12 +325,12 @@ def covered(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     e.g. an ensemble of stacked weights), a forward-mode AD level or autocast
     (:func:`_needs_torchs_kernels`).
     """
-    if _needs_torchs_kernels():
-        return None
-    if func is F.batch_norm:
-        return batch_norm if affine_batch_norm(*args, **kwargs) else None
     dims = _CONVOLUTIONS.get(func)
-    g = None if dims is None else _convolution_call(dims, *args, **kwargs)
+    if (func is not F.batch_norm and dims is None) or _needs_torchs_kernels():
+        return None  # (every torch function of a forward pass comes here: the lookup first)
+    if dims is None:
+        return batch_norm if affine_batch_norm(*args, **kwargs) else None
+    g = _convolution_call(dims, *args, **kwargs)
     return None if g is None else functools.partial(convolution, g)
 
 

@@ -274,6 +274,18 @@ def check_memory_budget(value: Any, name: str = "memory_budget") -> int | None:
     return int(value) if isinstance(value, numbers.Integral) else int(number)
 
 
+def tensor_leaves(obj: Any) -> list[torch.Tensor]:
+    """Return the tensors of a nested structure, looking into keyword inputs' ``values``."""
+    leaves = [
+        v
+        for t in tree_flatten(obj)[0]
+        for v in (
+            tree_flatten(t.values)[0] if isinstance(getattr(t, "values", None), dict) else [t]
+        )
+    ]
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
 def storage_bytes(obj: Any) -> int:
     """Return the bytes of the distinct tensor storages in a nested structure of tensors.
 
@@ -281,16 +293,8 @@ def storage_bytes(obj: Any) -> int:
     """
     seen: set[tuple[str, int]] = set()
     total = 0
-    leaves = tree_flatten(obj)[0]
-    leaves = [
-        v
-        for t in leaves
-        for v in (
-            tree_flatten(t.values)[0] if isinstance(getattr(t, "values", None), dict) else [t]
-        )
-    ]
-    for t in leaves:
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+    for t in tensor_leaves(obj):
+        if t.device.type != "meta":
             try:
                 st = t.untyped_storage()
                 key = (str(t.device), st.data_ptr())
