@@ -11,7 +11,9 @@ Every model operator takes ``memory_budget`` (bytes). It bounds, on the operator
   measured once (at the first many-vector product, one extra single-vector product) and a
   pass takes at most ``(budget - cached bytes) // peak`` vectors (at least 1, and at most
   ``max_vectors``, default :data:`linops._model.DEFAULT_MAX_VECTORS`). An explicit
-  ``max_vectors`` is taken as given.
+  ``max_vectors`` is taken as given, and a block known to go one vector per pass before
+  any pass (a convolutional graph) is not measured: its passes take one vector whatever the
+  budget.
 
 A streamed batch's graph is released before the next batch's is built, so a streamed pass
 holds one batch's graph at a time; its products are the cached operator's bit for bit (the

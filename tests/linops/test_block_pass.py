@@ -165,3 +165,58 @@ def test_a_cnn_without_forward_ad_keeps_the_retained_graph_for_single_products()
     )
     dense = torch.cat([c.reshape(c.shape[0], -1) for c in cols], dim=1)
     assert _rel(ref, dense) < RTOL
+
+
+@pytest.mark.parametrize("name", ["H", "JT"])
+def test_a_loop_of_one_vector_per_pass_allocates_its_buffers_before_any_pass(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing the loop keeps is allocated after a pass: not the columns, not the product.
+
+    A tensor made after a pass lands amid its freed temporaries in the heap and pins them
+    (``linops._model._PerVector``); the first block of a convolutional graph is known to be a
+    loop before its measured pass, and later blocks before their first pass.
+    """
+    op, D = _operator(name, BY_NAME["resnet-batchnorm-eval"])
+    J = op.args[0] if name == "JT" else op
+    events: list[str] = []
+    real_init, real_apply = (
+        linops._model._PerVector.__init__,
+        linops.base.TorchLinearOperator._apply,
+    )
+
+    def init(self: Any, *args: Any) -> None:
+        events.append("buffers")
+        real_init(self, *args)
+
+    def apply(self: Any, X: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
+        if self is J:
+            events.append("pass")
+        return real_apply(self, X, adjoint)
+
+    monkeypatch.setattr(linops._model._PerVector, "__init__", init)
+    monkeypatch.setattr(linops.base.TorchLinearOperator, "_apply", apply)
+    V = torch.randn(op.shape[1], 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for _ in J._graphs():  # the graph cached, as after any earlier product
+        pass
+    first = op @ V
+    assert events == ["buffers"] + ["pass"] * 4
+    assert J.cache_info().bytes_per_pass is None  # no pass measured: each takes one vector
+    events.clear()
+    assert torch.equal(op @ V, first)
+    assert events == ["buffers"] + ["pass"] * 4
+    assert _rel(first, D @ V) < RTOL
+
+
+def test_a_loop_of_one_vector_per_pass_returns_the_promoted_dtype() -> None:
+    """A float32 operator on float64 and complex blocks: the loop's product has their dtype."""
+    op, D = _operator("H", BY_NAME["resnet-batchnorm-eval"])
+    gen = torch.Generator().manual_seed(4)
+    V = torch.randn(op.shape[1], 3, dtype=torch.float64, generator=gen)
+    op32 = op.to(torch.float32)
+    for block in (V, torch.complex(V, V.flip(1))):
+        out = op32 @ block
+        singles = torch.stack([op32 @ block[:, i] for i in range(3)], dim=1)
+        assert out.dtype == block.dtype and torch.equal(out, singles)
+        assert _rel(out, D.to(block.dtype) @ block) < 1e-5
+    assert op32.route.endswith("one vector per pass")
