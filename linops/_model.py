@@ -878,15 +878,19 @@ class ModelOperator(TorchLinearOperator):
 
         Without ``max_vectors``: :data:`DEFAULT_MAX_VECTORS`, and once the peak ``p`` of a
         one-vector pass has been measured (at the first many-vector product) at most
-        ``(budget - cached bytes) // p``, at least 1.
+        ``(budget - cached bytes) // p``, at least 1. A direction known to go one vector per
+        pass without a measured pass (:class:`_PerVector`) holds a block's columns, not
+        wider passes: there ``p`` is :meth:`bytes_per_vector`'s estimate of a vector's own
+        size.
         """
         if self._slot_width is not None:  # slots inside the hooks: the block is not split
             return None
         cap = self.max_vectors if self.max_vectors is not None else DEFAULT_MAX_VECTORS
         measured = [b for b in self._pass_bytes.values() if b is not None]
-        if self.max_vectors is not None or not measured:
+        if self.max_vectors is not None or not (measured or False in self.batched.values()):
             return cap
-        return max(1, min(cap, self.memory.free_for_passes() // max(1, max(measured))))
+        per = max(measured) if measured else self.bytes_per_vector()
+        return max(1, min(cap, self.memory.free_for_passes() // max(1, per)))
 
     def _measure_pass(self, X: torch.Tensor, adjoint: bool) -> torch.Tensor | None:
         """Measure the peak memory of a one-vector product of this direction (once).

@@ -220,3 +220,21 @@ def test_a_loop_of_one_vector_per_pass_returns_the_promoted_dtype() -> None:
         assert out.dtype == block.dtype and torch.equal(out, singles)
         assert _rel(out, D.to(block.dtype) @ block) < 1e-5
     assert op32.route.endswith("one vector per pass")
+
+
+def test_a_loop_without_a_measured_pass_still_bounds_its_blocks_by_the_budget() -> None:
+    """Where no pass is measured, a vector's own size bounds the block (and probe groups)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Tanh(), torch.nn.Flatten(),
+        torch.nn.Linear(48, 3),
+    ).eval().double()  # fmt: skip
+    X, y = torch.randn(6, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    H = linops.HessianOperator(model, torch.nn.CrossEntropyLoss(), [(X, y)], memory_budget=60_000)
+    n = H.shape[1]
+    H @ torch.ones(n, dtype=torch.float64)  # the graph cached: the block is known to be a loop
+    V = torch.randn(n, 4, dtype=torch.float64)
+    assert torch.equal(H @ V, torch.stack([H @ V[:, i] for i in range(4)], dim=1))
+    assert H.cache_info().bytes_per_pass is None and H.batched[False] is False
+    per = H.bytes_per_vector()
+    assert H.vectors_per_pass() == max(1, min(32, H.memory.free_for_passes() // per)) < 32
