@@ -25,18 +25,26 @@ Each memory figure is the median of ``--repeats`` subprocesses, one figure each:
 products ``H v`` (interleaved rounds, medians), and the peak resident memory above the
 resident memory before the product (``VmHWM`` of ``/proc/self/status``, reset through
 ``/proc/self/clear_refs`` once the graph is built; ``ru_maxrss`` where that is not
-available) of the first single product and of the first 8-vector block (its measuring and
-probe passes included), of a later single product and a later block (the steady state of a
+available) of the first single product and of the first 8-vector block (a probe pass included
+where one runs; the graph's convolutions make it a loop before any pass), of a later single product and a later block (the steady state of a
 solver, after the allocator has grown its heap), of 8 single products in a row (the work the
-block replaces: glibc's heap holds about 1.35x the first product's peak from the second
-product on, freed blocks kept resident where the next pass's temporaries do not land on the
-same pages), and, with ``--wide``, of the 8-vector batched pass itself (``torch.func.vmap``
+block replaces: glibc's heap grows from the second product on, freed blocks kept resident
+where the next pass's temporaries do not land on the same pages), and, with ``--wide``, of the 8-vector batched pass itself (``torch.func.vmap``
 folding the vectors into the convolutions), which is what the operators avoid.
+
+A fresh process's peak varies with the heap layout it draws: address-space randomization
+(ASLR), Python's hash seed and the threads' timing move the same single product's peak
+between 154 and 254 MiB here. ``--layouts N`` measures one product, 8 single products in a
+row and the first 8-vector block in each of N fixed layouts instead (no ASLR through
+``setarch -R``, ``PYTHONHASHSEED=0``, one thread, and a block of a layout-dependent size
+allocated and kept before the operator is made), so that each ratio compares two processes
+that start from the same heap; it reports the ratios per layout.
 
 Usage::
 
     python bench/batching.py [--quick] [--repeats 9] [--out results/batching]
     python bench/batching.py --resnet20 [--quick] [--wide] [--out results/batching]
+    python bench/batching.py --resnet20 --layouts 6 [--out results/batching]
 
 writes ``batching.json`` and ``batching.md`` under ``--out`` and prints the markdown.
 """
@@ -46,6 +54,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -267,8 +276,18 @@ def _peak_bytes(f: Callable[[], Any]) -> dict[str, Any]:
     return {"bytes": 1024 * (peak - before_max), "how": "ru_maxrss growth (a lower bound)"}
 
 
+def _shift_heap() -> Any:
+    """Allocate and keep a block whose size follows ``LINOPS_BENCH_LAYOUT`` (``--layouts``)."""
+    layout = int(os.environ.get("LINOPS_BENCH_LAYOUT", "0"))
+    if not layout:
+        return None
+    # small blocks, which glibc serves from its heap (a large one would be mapped on its own)
+    return [bytearray(2048 + 64 * layout) for _ in range(97 * layout)]
+
+
 def resnet20_worker(task: str, n: int, k: int, repeats: int) -> dict[str, Any]:
     """One measurement in a fresh process (memory) or the time rounds (``task == 'time'``)."""
+    kept = _shift_heap()  # noqa: F841  (kept alive: it shifts what is allocated after it)
     H = _resnet20_operator(n)
     for _ in H._graphs():  # build and keep the graph before anything is measured
         pass
@@ -326,6 +345,8 @@ def _run_worker(
     task: str, n: int, k: int, repeats: int, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", task, str(n), str(k), str(repeats)]
+    if env is not None and "LINOPS_BENCH_LAYOUT" in env and shutil.which("setarch"):
+        cmd = ["setarch", "-R", *cmd]
     full_env = None if env is None else os.environ | env
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=full_env)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -388,6 +409,58 @@ def resnet20_rows(quick: bool, repeats: int, wide: bool) -> dict[str, Any]:
     load.append(round(os.getloadavg()[0], 2))
     out["loadavg_start_end"] = load
     return out
+
+
+_LAYOUT_TASKS = ("single", "singles", "block")
+
+
+def resnet20_layout_rows(layouts: int, quick: bool) -> dict[str, Any]:
+    """One product, 8 in a row and the first block, each in its own process, per fixed layout."""
+    n, k = (32 if quick else 128), 8
+    per: list[dict[str, int]] = []
+    for layout in range(1, layouts + 1):
+        env = {"LINOPS_BENCH_LAYOUT": str(layout), "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+        per.append({t: _run_worker(t, n, k, 1, env)["bytes"] for t in _LAYOUT_TASKS})
+    ratios = {
+        "block_over_single": [p["block"] / max(1, p["single"]) for p in per],
+        "singles_over_single": [p["singles"] / max(1, p["single"]) for p in per],
+        "block_over_singles": [p["block"] / max(1, p["singles"]) for p in per],
+    }
+    return {
+        "images": n,
+        "vectors": k,
+        "aslr_off": shutil.which("setarch") is not None,
+        "bytes_per_layout": per,
+        "ratios_per_layout": ratios,
+        "ratio_medians": {key: statistics.median(v) for key, v in ratios.items()},
+    }
+
+
+def resnet20_layout_markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
+    mb = 2.0**-20
+    lines = [
+        f"ResNet-20, {r['images']} CIFAR-shaped images, float32, H: peak resident memory per "
+        f"fixed heap layout (ASLR off: {r['aslr_off']}, PYTHONHASHSEED=0, one thread)",
+        "",
+        "| layout | one product (MB) | 8 in a row (MB) | first 8-vector block (MB) "
+        "| block / one | 8 in a row / one | block / 8 in a row |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rat = r["ratios_per_layout"]
+    for i, p in enumerate(r["bytes_per_layout"]):
+        lines.append(
+            f"| {i + 1} | {mb * p['single']:.0f} | {mb * p['singles']:.0f} | "
+            f"{mb * p['block']:.0f} | {rat['block_over_single'][i]:.2f} | "
+            f"{rat['singles_over_single'][i]:.2f} | {rat['block_over_singles'][i]:.2f} |"
+        )
+    med = r["ratio_medians"]
+    lines += [
+        f"| median | | | | {med['block_over_single']:.2f} | {med['singles_over_single']:.2f} "
+        f"| {med['block_over_singles']:.2f} |",
+        "",
+        f"each figure in its own process; `{meta['command']}`",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def resnet20_markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -471,6 +544,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--resnet20", action="store_true", help="only the ResNet-20 block section")
     p.add_argument("--wide", action="store_true", help="also vmap's own 8-vector pass (slow)")
+    p.add_argument(
+        "--layouts",
+        type=int,
+        default=0,
+        help="with --resnet20: the memory figures in this many fixed heap layouts instead",
+    )
     args = p.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 9)
     meta = {
@@ -479,6 +558,13 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": repeats,
         "command": "python " + " ".join(sys.argv),
     }
+    if args.resnet20 and args.layouts:
+        r = resnet20_layout_rows(args.layouts, args.quick)
+        table = resnet20_layout_markdown(r, meta)
+        write_json(args.out, "batching_layouts", {"meta": meta, "layouts": r}, indent=2)
+        (args.out / "batching_layouts.md").write_text(table)
+        print(table)
+        return
     if args.resnet20:
         r = resnet20_rows(args.quick, repeats, args.wide)
         table = resnet20_markdown(r, meta)

@@ -987,15 +987,16 @@ class _PerVector:
     pass's freed temporaries in glibc's heap and pins them, and the next passes' temporaries
     then spread over other pages. A first block known to be a loop (a convolutional graph,
     :meth:`ModelOperator._first_loop`) also skips the pass measured under
-    :class:`linops.memory.PeakMemory`, whose dispatch mode made that pass's resident peak
-    3-31% above a plain pass's in every one of six heap layouts, and which sizes nothing
-    here: each pass takes one vector whatever the budget (``cache_info().bytes_per_pass``
-    stays None). CIFAR ResNet-20, 128 images, float32, the first 8-vector Hessian block's
-    peak resident memory over one single product's, each figure in its own process in six
-    heap layouts (no ASLR, one thread, ``PYTHONHASHSEED=0``, a startup allocation of six
-    sizes): 1.29, 1.21, 1.37, 1.45, 1.41, 1.37 with the block's columns and product (and the
-    first column's product) allocated after the measured pass, 0.95, 1.41, 0.99, 1.14, 1.08,
-    1.31 here; 8 single products in a row: 0.96, 1.09, 1.17, 1.11, 1.16, 1.16. Not a
+    :class:`linops.memory.PeakMemory`, whose dispatch mode raised that pass's resident peak
+    3-31% above a plain pass's in six fixed heap layouts, and which sizes no pass here: each
+    takes one vector whatever the budget (``cache_info().bytes_per_pass`` stays None, and
+    :meth:`ModelOperator.vectors_per_pass` bounds blocks by a vector's own size). CIFAR
+    ResNet-20, 128 images, float32, 2 threads, the first 8-vector Hessian block's peak
+    resident memory above the start, 20 fresh processes each, alternating: 222-300 MiB
+    (median 247.5) with the block's columns, its product and the first column's product
+    allocated after the measured pass, 198-287 MiB (median 233.5) here; one product alone
+    peaks at 154-254 MiB (nine processes, median 182): each process draws a heap layout
+    (address-space randomization), which moves such a peak by a fifth either way. Not a
     ``torch.cat`` of the columns' products either, which would hold the block twice.
     """
 
