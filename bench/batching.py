@@ -33,12 +33,13 @@ where the next pass's temporaries do not land on the same pages), and, with ``--
 folding the vectors into the convolutions), which is what the operators avoid.
 
 A fresh process's peak varies with the heap layout it draws: address-space randomization
-(ASLR), Python's hash seed and the threads' timing move the same single product's peak
-between 154 and 254 MiB here. ``--layouts N`` measures one product, 8 single products in a
-row and the first 8-vector block in each of N fixed layouts instead (no ASLR through
-``setarch -R``, ``PYTHONHASHSEED=0``, one thread, and a block of a layout-dependent size
-allocated and kept before the operator is made), so that each ratio compares two processes
-that start from the same heap; it reports the ratios per layout.
+(ASLR), Python's hash seed and the threads' timing moved the same single product's peak
+between 154 and 246 MiB in nine processes here. ``--layouts N`` measures one product, 8
+single products in a row and the first 8-vector block in each of N fixed layouts instead (no
+ASLR through ``setarch -R``, ``PYTHONHASHSEED=0``, one thread, and small blocks allocated
+and kept before the operator is made, their number and size set by the layout), where every
+process of one task gives the same figure; it reports the ratios per layout. A task's own few
+lines of Python before its product still move its layout against another task's.
 
 Usage::
 

@@ -995,7 +995,7 @@ class _PerVector:
     resident memory above the start, 20 fresh processes each, alternating: 222-300 MiB
     (median 247.5) with the block's columns, its product and the first column's product
     allocated after the measured pass, 198-287 MiB (median 233.5) here; one product alone
-    peaks at 154-254 MiB (nine processes, median 182): each process draws a heap layout
+    peaks at 154-246 MiB (nine processes, median 182): each process draws a heap layout
     (address-space randomization), which moves such a peak by a fifth either way. Not a
     ``torch.cat`` of the columns' products either, which would hold the block twice.
     """
