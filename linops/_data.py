@@ -433,10 +433,11 @@ class Batches:
             return
         if 0 not in self._prints:  # kept: its print was taken when it was kept
             self._prints[0] = self._kept_prints[0]
-        for raw in self._split(self._source):
-            batch, _ = self._prepare(raw, 0)
-            self._compare_with_first([(0, _batch_print(batch, self._weights))])
+        raw = next(iter(self._split(self._source)), None)
+        if raw is None:  # nothing drawn this time: the next pass's count refuses it
             return
+        batch, _ = self._prepare(raw, 0)
+        self._compare_with_first([(0, _batch_print(batch, self._weights))])
 
     def _draw_all(self) -> list[Batch]:
         if self._num_batches is None:

@@ -664,10 +664,10 @@ class ModelOperator(TorchLinearOperator):
         if self.route == "chain" and failure is None:
             self.batched[adjoint] = True
             return out  # type: ignore[return-value]
-        if loop is None:
-            loop = self._per_vector(X, adjoint)
-        if single is None:  # the product of the first column, unless the caller has it
-            single = loop.put_first(apply(loop.column(0), adjoint))  # raises if all fail
+        if single is None and loop is not None:  # column 0's product kept in the loop's block
+            single = loop.put_first(apply(loop.column(0), adjoint))
+        elif single is None:  # the product of the first column, unless the caller has it
+            single = apply(_column(X, 0), adjoint)  # raises if products fail altogether
         reason = None
         if out is not None:
             diff = float((out[:, :1] - single).abs().max())
@@ -977,6 +977,12 @@ def _convolutional(graph: Any) -> bool:
     return bool(getattr(getattr(part, "outputs", part), "convolutional", False))
 
 
+def _column(X: torch.Tensor, i: int) -> torch.Tensor:
+    """Return column ``i`` of a block as a contiguous ``(m, 1)`` block (copied if strided)."""
+    x = X[:, i : i + 1]
+    return x if x.is_contiguous() else x.contiguous()
+
+
 class _PerVector:
     """A block's product taken one vector per pass, written into the block as it comes.
 
@@ -1015,8 +1021,7 @@ class _PerVector:
         10.1 against 5.1 ms CPU time on one thread). Copied one at a time, not as one copy of
         the block up front, which the loop would hold through every pass.
         """
-        x = self.X[:, i : i + 1]
-        return x if x.is_contiguous() else x.contiguous()
+        return _column(self.X, i)
 
     def put_first(self, y: torch.Tensor) -> torch.Tensor:
         """Copy column 0's product into the block; return the block's column (a view)."""
