@@ -17,9 +17,10 @@ batches cached (the default budget), each in its own process:
 Modes run interleaved, ``--repeats`` times each; medians are reported with the load average.
 The resident size also holds what glibc's ``malloc`` keeps of freed memory: by default it
 raises its mmap threshold after each large free (up to 32 MiB) and keeps freed blocks below it
-in its heap, which the graphs rebuilt by a streamed pass fragment; ``--malloc return`` runs
-the children with ``MALLOC_MMAP_THRESHOLD_=131072`` (freed blocks above 128 KiB go back to
-the system), which leaves what the operator itself holds; ``--malloc return-huge`` also
+in its heap, which the graphs rebuilt by a streamed pass fragment (a streamed pass lowers the
+threshold to 16 MiB while it runs: ``linops.memory.streamed_pass_allocation``);
+``--malloc return`` runs the children with ``MALLOC_MMAP_THRESHOLD_=131072`` (freed blocks
+above 128 KiB go back to the system), which leaves what the operator itself holds; ``--malloc return-huge`` also
 asks glibc (2.35 or later) for transparent huge pages, which makes faulting the mapped blocks
 in again cheaper.
 Run: ``python3 bench/streaming.py`` (``--model mlp`` for an MLP, ``--quick`` for a smoke run).

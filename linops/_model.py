@@ -33,6 +33,7 @@ from linops.memory import (
     check_memory_budget,
     default_memory_budget,
     prime_host_allocator,
+    streamed_pass_allocation,
 )
 from linops.params import BlockViews, KeywordInputs, ParamSpace
 
@@ -234,11 +235,19 @@ class ModelOperator(TorchLinearOperator):
         With ``inputs``, each item is a list ``[x, graph]`` of the batch's inputs and its
         graph, emptied when the next batch is drawn.
         """
+        with contextlib.ExitStack() as scope:
+            yield from self._graphs_in(scope, inputs)
+
+    def _graphs_in(self, scope: contextlib.ExitStack, inputs: bool) -> Any:
         cache = self._graph_cache
+        streamed = False
         for i, (x, y) in enumerate(self.batches):
             if i < len(cache):
                 g = cache[i]
             else:
+                if not streamed and self._streams(i) and self.device.type == "cpu":
+                    streamed = True
+                    scope.enter_context(streamed_pass_allocation())
                 g = self._built(i, x, y)
             del y
             if inputs:
@@ -258,11 +267,15 @@ class ModelOperator(TorchLinearOperator):
                 _release(g)
             del g
 
+    def _streams(self, i: int) -> bool:
+        """Whether batch ``i``'s graph, not cached, will not be kept when built."""
+        return self.cache is False or self._graphs_full or i != len(self._graph_cache)
+
     def _built(self, i: int, x: torch.Tensor, y: torch.Tensor | None) -> Any:
         """Build batch ``i``'s graph and keep it if the cache setting and the budget allow."""
         cache = self._graph_cache
         self._building_batch = i  # for subclasses whose graphs depend on the batch index
-        if self.cache is False or self._graphs_full or i != len(cache):
+        if self._streams(i):
             return self._build_recorded(i, x, y)
         if self.cache:
             g = self._build_recorded(i, x, y)

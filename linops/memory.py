@@ -38,9 +38,11 @@ workspace), nor allocator rounding.
 
 Host memory reuse: :func:`prime_host_allocator` (called when a model operator is made) frees
 one 31 MiB block so that glibc's adaptive thresholds start near their top (its heap keeps up
-to 62 MiB of freed blocks for the next pass instead of a few MiB); :func:`retain_freed_memory` (faster, the resident size
-kept near its peak) and :func:`return_freed_memory` (smaller, slower) fix them for the whole
-process, on request only.
+to 62 MiB of freed blocks for the next pass instead of a few MiB); a pass that rebuilds graphs
+(a streamed dataset) lowers the mmap threshold to :data:`STREAMED_MMAP_THRESHOLD` while it
+runs and puts it back after (:func:`streamed_pass_allocation`); :func:`retain_freed_memory`
+(faster, the resident size kept near its peak) and :func:`return_freed_memory` (smaller,
+slower) fix them for the whole process, on request only.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ import numbers
 import os
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -71,6 +74,7 @@ __all__ = [
     "prime_host_allocator",
     "retain_freed_memory",
     "return_freed_memory",
+    "streamed_pass_allocation",
 ]
 
 #: fraction of the device's free memory an operator may use by default (``memory_budget=None``)
@@ -125,6 +129,8 @@ def retain_freed_memory(limit_bytes: int = 2**30) -> bool:
     mallopt = _mallopt()
     if mallopt is None:
         return False
+    global _thresholds_set
+    _thresholds_set = True
     value = ctypes.c_int(limit_bytes)
     took_mmap = mallopt(_M_MMAP_THRESHOLD, value) == 1
     took_trim = mallopt(_M_TRIM_THRESHOLD, value) == 1
@@ -201,17 +207,114 @@ def return_freed_memory(threshold_bytes: int = 128 * 1024) -> bool:
     mallopt = _mallopt()
     if mallopt is None:
         return False
+    global _thresholds_set
+    _thresholds_set = True
     return mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(threshold_bytes)) == 1
 
 
-def _mallopt() -> Callable[[int, ctypes.c_int], int] | None:
-    """Glibc's ``mallopt``, or None where the C library has none."""
+#: whether :func:`retain_freed_memory` or :func:`return_freed_memory` has set glibc's thresholds
+_thresholds_set = False
+#: glibc's mmap threshold while a pass rebuilds graphs (:func:`streamed_pass_allocation`);
+#: 0 leaves the thresholds alone
+STREAMED_MMAP_THRESHOLD = 16 * 2**20
+#: the adaptive thresholds' ceiling on 64-bit glibc (mmap; trim is twice it), near which
+#: :func:`prime_host_allocator` puts them
+_ADAPTIVE_MMAP_MAX = 32 * 2**20
+_MALLOC_VARIABLES = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_MMAP_MAX_",
+)
+_streamed_depth = 0
+
+
+def _thresholds_are_primed() -> bool:
+    """Whether glibc's thresholds are where :func:`prime_host_allocator` left them."""
+    return (
+        _primed
+        and not _thresholds_set
+        and "glibc.malloc" not in os.environ.get("GLIBC_TUNABLES", "")
+        and not any(name in os.environ for name in _MALLOC_VARIABLES)
+    )
+
+
+@contextmanager
+def streamed_pass_allocation() -> Iterator[None]:
+    """Map large blocks afresh during a pass that rebuilds graphs; restore the thresholds after.
+
+    A pass over a streamed dataset builds, differentiates and frees each batch's graph in
+    turn, and so allocates the same large temporaries (activations, the column buffers of a
+    float64 convolution) batch after batch. With glibc's thresholds where
+    :func:`prime_host_allocator` puts them (blocks up to 31 MiB from the heap, up to 62 MiB
+    of freed heap kept), a batch's large blocks land on other stretches of the heap than the
+    last batch's, amid what is still alive, and the heap grows: the Hessian of
+    ``bench/streaming.py`` (a CIFAR-shaped ResNet of 28,698 parameters, float64, 40 batches
+    of 64, nothing cached, 2 products; its convolutions' column buffers are 18 MiB) peaked at
+    270-304 MB above the start (seven processes, median 289.5), 1.42x the median of the same
+    operator over one cached batch (204.5 MB). Inside this context the mmap threshold is
+    :data:`STREAMED_MMAP_THRESHOLD` (16 MiB) and the trim threshold twice that, and the heap's
+    free top is first given back (``malloc_trim(0)``): a block above 16 MiB that the heap's
+    free space cannot hold is mapped on its own and unmapped when freed. There the streamed
+    pass peaked at 215-240 MB (seven processes, median 217.9: 1.07x), at 1.08-1.13x the time
+    (faulting the mapped blocks in afresh: 26.4 against 28.5 s, and 25.1 against 28.4 s
+    against the code before, medians of 3 and 4 alternating processes). 8 MiB gave 178-205
+    MB at 1.14x the time; on a CIFAR ResNet-20 streamed in float32 batches of 128 (largest
+    blocks 8 MiB of activations and 19-75 MiB of column buffers) 8 MiB cost 1.24x the time
+    for 6% less memory, and 16 MiB changed neither. At the end both thresholds are set to
+    the adaptive scheme's ceiling (32 and 64 MiB, ``mallopt``), where priming left them:
+    glibc no longer adapts them after that, which would have moved them from 31 to at most
+    32 MiB.
+
+    Acts once for nested passes, on glibc only, and only where the thresholds are linops's
+    own: not before :func:`prime_host_allocator` ran (``LINOPS_NO_PRIME``), nor after
+    :func:`retain_freed_memory` or :func:`return_freed_memory`, nor with ``MALLOC_*``
+    variables or ``glibc.malloc`` tunables in the environment. A threshold the program set
+    with its own ``mallopt`` call is not seen, and is replaced at the end of such a pass. Set
+    :data:`STREAMED_MMAP_THRESHOLD` to 0 to leave the thresholds alone. Nothing is computed
+    differently.
+    """
+    global _streamed_depth
+    acting = STREAMED_MMAP_THRESHOLD > 0 and _streamed_depth == 0 and _thresholds_are_primed()
+    mallopt = _mallopt() if acting else None
+    _streamed_depth += 1
+    try:
+        if mallopt is not None:
+            mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(STREAMED_MMAP_THRESHOLD))
+            mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2 * STREAMED_MMAP_THRESHOLD))
+            _malloc_trim()
+        yield
+    finally:
+        _streamed_depth -= 1
+        if mallopt is not None:
+            mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(_ADAPTIVE_MMAP_MAX))
+            mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2 * _ADAPTIVE_MMAP_MAX))
+
+
+def _malloc_trim() -> None:
+    """Give the free memory of glibc's heaps back to the system (``malloc_trim(0)``)."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """Return the C library, or None (looked up once: ``find_library`` runs ``ldconfig``)."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None
     try:
-        fn = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def _mallopt() -> Callable[[int, ctypes.c_int], int] | None:
+    """Glibc's ``mallopt``, or None where the C library has none."""
+    fn = getattr(_libc(), "mallopt", None)
+    if fn is None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int

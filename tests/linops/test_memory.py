@@ -105,3 +105,84 @@ def test_a_model_operator_primes_the_allocator_once_and_blocks_are_reused() -> N
     # the variable skips it (whether making the operator frees a large block by itself
     # depends on the installed packages, so only the flag is checked)
     assert not _primed_faults("operator", LINOPS_NO_PRIME="1")[0]
+
+
+# a model whose forward pass allocates a 20 MiB block and reports whether glibc mapped it on
+# its own (mallinfo2's hblkhd: the bytes in mapped blocks), in a streamed and then a cached
+# operator's passes, and after them
+_STREAMED = textwrap.dedent(
+    """
+    import ctypes, sys, torch
+    import linops
+
+    class Info(ctypes.Structure):
+        names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+        _fields_ = [(name, ctypes.c_size_t) for name in names.split()]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Info
+    seen, probing = [], False
+
+    class Probe(torch.nn.Linear):
+        def forward(self, x):
+            if not (probing and torch.is_grad_enabled()):  # only where graphs are built
+                return super().forward(x)
+            before = libc.mallinfo2().hblkhd
+            block = torch.empty(5 * 2**20)  # 20 MiB, float32
+            seen.append(libc.mallinfo2().hblkhd - before >= block.nbytes)
+            del block
+            return super().forward(x)
+
+    if sys.argv[1] == "return":
+        assert linops.memory.return_freed_memory(32 * 2**20)
+    elif sys.argv[1] == "off":
+        linops.memory.STREAMED_MMAP_THRESHOLD = 0
+    model = torch.nn.Sequential(Probe(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    data = [(torch.ones(5, 3), torch.ones(5, 2)) for _ in range(3)]
+    v = torch.ones(26)
+    streamed = linops.HessianOperator(model, torch.nn.MSELoss(), data, cache=False)
+    cached = linops.HessianOperator(model, torch.nn.MSELoss(), data, cache=True)
+    probing = True  # in the products only: a block freed earlier in the heap could hold it
+    streamed @ v
+    streamed_seen, seen[:] = list(seen), []
+    cached @ v
+    cached_seen, seen[:] = list(seen), []
+    Probe.forward(model[0], torch.ones(1, 3))
+    print(all(cached_seen), any(cached_seen), all(streamed_seen), any(streamed_seen), seen[0])
+    """
+)
+
+
+def _streamed_mapping(mode: str, **env: str) -> list[bool]:
+    out = subprocess.run(
+        [sys.executable, "-c", _STREAMED, mode],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=os.environ | env,
+    )
+    return [word == "True" for word in out.stdout.split()[-5:]]
+
+
+def _has_mallinfo2() -> bool:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallinfo2  # noqa: B018
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_mallinfo2(), reason="mallinfo2: glibc 2.33 or later")
+def test_a_streamed_pass_maps_its_large_blocks_and_restores_the_thresholds() -> None:
+    # streamed: every batch's 20 MiB block is mapped on its own; cached and after the passes
+    # it comes from the heap (the primed thresholds, restored)
+    _, cached_any, streamed_all, _, after = _streamed_mapping("default")
+    assert streamed_all and not cached_any and not after
+    # the user's own settings are left as they are (32 MiB): no block mapped in either pass;
+    # and a threshold of 0 leaves glibc's alone
+    user = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
+    for mode, env in (("return", {}), ("default", user), ("off", {})):
+        _, cached_any, _, streamed_any, after = _streamed_mapping(mode, **env)
+        assert not cached_any and not streamed_any and not after
