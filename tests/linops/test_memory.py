@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -186,3 +187,48 @@ def test_a_streamed_pass_maps_its_large_blocks_and_restores_the_thresholds() -> 
     for mode, env in (("return", {}), ("default", user), ("off", {})):
         _, cached_any, _, streamed_any, after = _streamed_mapping(mode, **env)
         assert not cached_any and not streamed_any and not after
+
+
+def test_a_streamed_pass_that_fails_restores_the_thresholds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    import linops
+    from linops import memory
+
+    calls: list[tuple[int, int]] = []
+
+    def mallopt(param: int, value: ctypes.c_int) -> int:
+        calls.append((param, value.value))
+        return 1
+
+    monkeypatch.setattr(memory, "_mallopt", lambda: mallopt)
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: None)
+    monkeypatch.setattr(memory, "_primed", True)
+    monkeypatch.setattr(memory, "_thresholds_set", False)
+    for name in (*memory._MALLOC_VARIABLES, "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+
+    class Failing(torch.nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled() and float(x[0, 0]) == 2.0:  # batch 2's graph
+                raise RuntimeError("failed in batch 2")
+            return super().forward(x)
+
+    data = [(torch.full((4, 3), float(i)), torch.ones(4, 2)) for i in range(3)]
+    H = linops.HessianOperator(Failing(3, 2), torch.nn.MSELoss(), data, cache=False)
+    with pytest.raises(RuntimeError, match="failed in batch 2"):
+        H @ torch.ones(H.shape[1])
+    mmap, trim = memory._M_MMAP_THRESHOLD, memory._M_TRIM_THRESHOLD
+    assert calls == [
+        (mmap, memory.STREAMED_MMAP_THRESHOLD),
+        (trim, 2 * memory.STREAMED_MMAP_THRESHOLD),
+        (mmap, 32 * 2**20),
+        (trim, 64 * 2**20),
+    ]
+    assert memory._streamed_depth == 0
+    # a cached operator's passes leave them alone
+    calls.clear()
+    linops.HessianOperator(torch.nn.Linear(3, 2), torch.nn.MSELoss(), data) @ torch.ones(8)
+    assert calls == []
