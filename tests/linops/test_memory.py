@@ -80,15 +80,20 @@ _PRIMED_FAULTS = textwrap.dedent(
 )
 
 
-def _primed_faults(mode: str, **env: str) -> tuple[bool, int]:
+def _printed(script: str, mode: str, **env: str) -> list[str]:
+    """Run ``script`` with argument ``mode`` in a fresh process; return the words it printed."""
     out = subprocess.run(
-        [sys.executable, "-c", _PRIMED_FAULTS, mode],
+        [sys.executable, "-c", script, mode],
         check=True,
         capture_output=True,
         text=True,
         env=os.environ | env,
     )
-    primed, faults = out.stdout.split()[-2:]
+    return out.stdout.split()
+
+
+def _primed_faults(mode: str, **env: str) -> tuple[bool, int]:
+    primed, faults = _printed(_PRIMED_FAULTS, mode, **env)[-2:]
     return primed == "True", int(faults)
 
 
@@ -155,14 +160,7 @@ _STREAMED = textwrap.dedent(
 
 
 def _streamed_mapping(mode: str, **env: str) -> list[bool]:
-    out = subprocess.run(
-        [sys.executable, "-c", _STREAMED, mode],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=os.environ | env,
-    )
-    return [word == "True" for word in out.stdout.split()[-5:]]
+    return [word == "True" for word in _printed(_STREAMED, mode, **env)[-5:]]
 
 
 def _has_mallinfo2() -> bool:
