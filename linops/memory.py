@@ -259,9 +259,9 @@ def streamed_pass_allocation() -> Iterator[None]:
     pass peaked at 215-240 MB (seven processes, median 217.9: 1.07x), at 1.08-1.13x the time
     (faulting the mapped blocks in afresh: 26.4 against 28.5 s, and 25.1 against 28.4 s
     against the code before, medians of 3 and 4 alternating processes). 8 MiB gave 178-205
-    MB at 1.14x the time; on a CIFAR ResNet-20 streamed in float32 batches of 128 (largest
-    blocks 8 MiB of activations and 19-75 MiB of column buffers) 8 MiB cost 1.24x the time
-    for 6% less memory, and 16 MiB changed neither. At the end both thresholds are set to
+    MB at 1.15x the time; on a CIFAR ResNet-20 streamed in float32 batches of 128 (largest
+    blocks 8 MiB of activations and 19-75 MiB of column buffers) 8 MiB cost 1.20-1.27x the
+    time for 6-7% less memory, and 16 MiB changed neither. At the end both thresholds are set to
     the adaptive scheme's ceiling (32 and 64 MiB, ``mallopt``), where priming left them:
     glibc no longer adapts them after that, which would have moved them from 31 to at most
     32 MiB.
