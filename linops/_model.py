@@ -241,14 +241,19 @@ class ModelOperator(TorchLinearOperator):
     def _graphs_in(self, scope: contextlib.ExitStack, inputs: bool) -> Any:
         cache = self._graph_cache
         streamed = False
+        on_host = self.device.type == "cpu"
         for i, (x, y) in enumerate(self.batches):
             if i < len(cache):
                 g = cache[i]
             else:
-                if not streamed and self._streams(i) and self.device.type == "cpu":
+                if not streamed and on_host and self._streams(i):
                     streamed = True
                     scope.enter_context(streamed_pass_allocation())
                 g = self._built(i, x, y)
+                if not streamed and on_host and i >= len(cache):
+                    # not kept: the first graph the budget refused (known once built)
+                    streamed = True
+                    scope.enter_context(streamed_pass_allocation())
             del y
             if inputs:
                 item = [x, g]

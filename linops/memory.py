@@ -253,24 +253,28 @@ def streamed_pass_allocation() -> Iterator[None]:
     of 64, nothing cached, 2 products; its convolutions' column buffers are 18 MiB) peaked at
     270-304 MB above the start (seven processes, median 289.5), 1.42x the median of the same
     operator over one cached batch (204.5 MB). Inside this context the mmap threshold is
-    :data:`STREAMED_MMAP_THRESHOLD` (16 MiB) and the trim threshold twice that, and the heap's
-    free top is first given back (``malloc_trim(0)``): a block above 16 MiB that the heap's
-    free space cannot hold is mapped on its own and unmapped when freed. There the streamed
-    pass peaked at 215-240 MB (seven processes, median 217.9: 1.07x), at 1.08-1.13x the time
-    (faulting the mapped blocks in afresh: 26.4 against 28.5 s, and 25.1 against 28.4 s
-    against the code before, medians of 3 and 4 alternating processes). 8 MiB gave 178-205
-    MB at 1.15x the time; on a CIFAR ResNet-20 streamed in float32 batches of 128 (largest
-    blocks 8 MiB of activations and 19-75 MiB of column buffers) 8 MiB cost 1.20-1.27x the
-    time for 6-7% less memory, and 16 MiB changed neither. At the end both thresholds are set to
-    the adaptive scheme's ceiling (32 and 64 MiB, ``mallopt``), where priming left them:
-    glibc no longer adapts them after that, which would have moved them from 31 to at most
+    :data:`STREAMED_MMAP_THRESHOLD` (16 MiB) and the trim threshold twice that: a block above
+    16 MiB that the heap's free space cannot hold is mapped on its own and unmapped when
+    freed. There the streamed pass peaked at 219-225 MB (median 222.2: 1.09x), at 1.05-1.12x
+    the time (faulting the mapped blocks in afresh; three alternating processes each with
+    the threshold at 0 and at 16 MiB: 24.7 against 25.9 s, medians). A ``malloc_trim(0)`` at
+    the start of each pass as well gave 215-240 MB (seven processes) at 1.08-1.13x the time,
+    and costs a walk of the whole heap per product: not done. 8 MiB gave 178-205 MB at 1.15x
+    the time; on a CIFAR ResNet-20 streamed in float32 batches of 128 (largest blocks 8 MiB of
+    activations and 19-75 MiB of column buffers) 8 MiB cost 1.20-1.27x the time for 6-7% less
+    memory, and 16 MiB changed neither. At the end both thresholds are set to the adaptive
+    scheme's ceiling (32 and 64 MiB, ``mallopt``), where priming left them: glibc no longer
+    adapts them after the first such pass, which would have moved them from 31 to at most
     32 MiB.
 
-    Acts once for nested passes, on glibc only, and only where the thresholds are linops's
-    own: not before :func:`prime_host_allocator` ran (``LINOPS_NO_PRIME``), nor after
-    :func:`retain_freed_memory` or :func:`return_freed_memory`, nor with ``MALLOC_*``
-    variables or ``glibc.malloc`` tunables in the environment. A threshold the program set
-    with its own ``mallopt`` call is not seen, and is replaced at the end of such a pass. Set
+    Entered by host (CPU) operators' passes only, from the first batch whose graph is not
+    kept. Acts once for nested passes (and for passes in several threads at once: the one
+    that lowered the thresholds restores them when it ends), on glibc only, and only where the thresholds are linops's own:
+    not before :func:`prime_host_allocator` ran (``LINOPS_NO_PRIME``), nor after
+    :func:`retain_freed_memory` or :func:`return_freed_memory` (also when called during the
+    pass: then nothing is restored), nor with ``MALLOC_*`` variables or ``glibc.malloc``
+    tunables in the environment. A threshold the program set with its own ``mallopt`` call
+    is not seen, and is replaced at the end of such a pass. Set
     :data:`STREAMED_MMAP_THRESHOLD` to 0 to leave the thresholds alone. Nothing is computed
     differently.
     """
@@ -282,21 +286,13 @@ def streamed_pass_allocation() -> Iterator[None]:
         if mallopt is not None:
             mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(STREAMED_MMAP_THRESHOLD))
             mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2 * STREAMED_MMAP_THRESHOLD))
-            _malloc_trim()
         yield
     finally:
         _streamed_depth -= 1
-        if mallopt is not None:
+        # not if the program set them meanwhile (retain_freed_memory in a hook, a thread)
+        if mallopt is not None and _thresholds_are_primed():
             mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(_ADAPTIVE_MMAP_MAX))
             mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2 * _ADAPTIVE_MMAP_MAX))
-
-
-def _malloc_trim() -> None:
-    """Give the free memory of glibc's heaps back to the system (``malloc_trim(0)``)."""
-    libc = _libc()
-    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
-    if trim is not None:
-        trim(0)
 
 
 @functools.cache

@@ -187,12 +187,9 @@ def test_a_streamed_pass_maps_its_large_blocks_and_restores_the_thresholds() -> 
         assert not cached_any and not streamed_any and not after
 
 
-def test_a_streamed_pass_that_fails_restores_the_thresholds(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import torch
-
-    import linops
+@pytest.fixture
+def mallopt_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The ``mallopt`` calls linops makes, recorded instead of made (thresholds as primed)."""
     from linops import memory
 
     calls: list[tuple[int, int]] = []
@@ -202,11 +199,34 @@ def test_a_streamed_pass_that_fails_restores_the_thresholds(
         return 1
 
     monkeypatch.setattr(memory, "_mallopt", lambda: mallopt)
-    monkeypatch.setattr(memory, "_malloc_trim", lambda: None)
     monkeypatch.setattr(memory, "_primed", True)
     monkeypatch.setattr(memory, "_thresholds_set", False)
     for name in (*memory._MALLOC_VARIABLES, "GLIBC_TUNABLES"):
         monkeypatch.delenv(name, raising=False)
+    return calls
+
+
+def _lowered_and_restored() -> list[tuple[int, int]]:
+    from linops import memory
+
+    mmap, trim = memory._M_MMAP_THRESHOLD, memory._M_TRIM_THRESHOLD
+    return [
+        (mmap, memory.STREAMED_MMAP_THRESHOLD),
+        (trim, 2 * memory.STREAMED_MMAP_THRESHOLD),
+        (mmap, 32 * 2**20),
+        (trim, 64 * 2**20),
+    ]
+
+
+def test_a_streamed_pass_that_fails_restores_the_thresholds(
+    mallopt_calls: list[tuple[int, int]],
+) -> None:
+    import torch
+
+    import linops
+    from linops import memory
+
+    calls = mallopt_calls
 
     class Failing(torch.nn.Linear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,15 +238,45 @@ def test_a_streamed_pass_that_fails_restores_the_thresholds(
     H = linops.HessianOperator(Failing(3, 2), torch.nn.MSELoss(), data, cache=False)
     with pytest.raises(RuntimeError, match="failed in batch 2"):
         H @ torch.ones(H.shape[1])
-    mmap, trim = memory._M_MMAP_THRESHOLD, memory._M_TRIM_THRESHOLD
-    assert calls == [
-        (mmap, memory.STREAMED_MMAP_THRESHOLD),
-        (trim, 2 * memory.STREAMED_MMAP_THRESHOLD),
-        (mmap, 32 * 2**20),
-        (trim, 64 * 2**20),
-    ]
+    assert calls == _lowered_and_restored()
     assert memory._streamed_depth == 0
     # a cached operator's passes leave them alone
     calls.clear()
     linops.HessianOperator(torch.nn.Linear(3, 2), torch.nn.MSELoss(), data) @ torch.ones(8)
     assert calls == []
+
+
+def test_a_threshold_set_during_a_streamed_pass_is_kept(
+    mallopt_calls: list[tuple[int, int]],
+) -> None:
+    import torch
+
+    import linops
+    from linops import memory
+
+    class Retaining(torch.nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled() and not memory._thresholds_set:
+                assert memory.retain_freed_memory(2**30)  # the program's own, mid-pass
+            return super().forward(x)
+
+    data = [(torch.ones(4, 3), torch.ones(4, 2)) for _ in range(2)]
+    H = linops.HessianOperator(Retaining(3, 2), torch.nn.MSELoss(), data, cache=False)
+    H @ torch.ones(H.shape[1])
+    mmap, trim = memory._M_MMAP_THRESHOLD, memory._M_TRIM_THRESHOLD
+    lowered = _lowered_and_restored()[:2]
+    assert mallopt_calls == [*lowered, (mmap, 2**30), (trim, 2**30)]  # not put back after
+
+
+def test_the_first_graph_the_budget_refuses_is_in_the_streamed_pass(
+    mallopt_calls: list[tuple[int, int]],
+) -> None:
+    import torch
+
+    import linops
+
+    data = [(torch.ones(4, 3), torch.ones(4, 2))]  # one batch, its graph beyond the budget
+    H = linops.HessianOperator(torch.nn.Linear(3, 2), torch.nn.MSELoss(), data, memory_budget=1)
+    H @ torch.ones(H.shape[1])  # the first product learns that the graph is not kept
+    assert H.cache_info().graphs_cached == 0
+    assert mallopt_calls == _lowered_and_restored()
