@@ -209,7 +209,7 @@ class _LossOperator(ModelOperator):
         amid a graph's temporaries, such tensors outlive it and split glibc's heap, so the
         next graph's large blocks no longer fit there (a streamed ResNet's peak resident
         memory over 40 batches 1.64x one batch's before, 1.37x after, ``bench/streaming.py``;
-        1.11x with :func:`linops.memory.streamed_pass_allocation` as well).
+        1.09-1.14x with :func:`linops.memory.streamed_pass_allocation` as well).
         """
         weights = self._weights()
         out: torch.Tensor | None = None
