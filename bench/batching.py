@@ -74,7 +74,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import parser, write_json
+from _harness import markdown_table, parser, write_json
 from operators import Case, make_cases, time_back_to_back
 
 from linops import HessianOperator, JacobianOperator, retain_freed_memory
@@ -462,25 +462,21 @@ def resnet20_layout_rows(layouts: int, quick: bool) -> dict[str, Any]:
 
 def resnet20_layout_markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
     mb = 2.0**-20
+    rat, med = r["ratios_per_layout"], r["ratio_medians"]
+    header = ["layout", "one product (MB)", "8 in a row (MB)", "first 8-vector block (MB)"]
+    header += ["block / one", "8 in a row / one", "block / 8 in a row"]
+    keys = ("block_over_single", "singles_over_single", "block_over_singles")
+    rows: list[list[object]] = [
+        [i + 1, *(f"{mb * p[t]:.0f}" for t in ("single", "singles", "block"))]
+        + [f"{rat[key][i]:.2f}" for key in keys]
+        for i, p in enumerate(r["bytes_per_layout"])
+    ]
+    rows.append(["median", "", "", "", *(f"{med[key]:.2f}" for key in keys)])
     lines = [
         f"ResNet-20, {r['images']} CIFAR-shaped images, float32, H: peak resident memory per "
         f"fixed heap layout (ASLR off: {r['aslr_off']}, PYTHONHASHSEED=0, one thread)",
         "",
-        "| layout | one product (MB) | 8 in a row (MB) | first 8-vector block (MB) "
-        "| block / one | 8 in a row / one | block / 8 in a row |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    rat = r["ratios_per_layout"]
-    for i, p in enumerate(r["bytes_per_layout"]):
-        lines.append(
-            f"| {i + 1} | {mb * p['single']:.0f} | {mb * p['singles']:.0f} | "
-            f"{mb * p['block']:.0f} | {rat['block_over_single'][i]:.2f} | "
-            f"{rat['singles_over_single'][i]:.2f} | {rat['block_over_singles'][i]:.2f} |"
-        )
-    med = r["ratio_medians"]
-    lines += [
-        f"| median | | | | {med['block_over_single']:.2f} | {med['singles_over_single']:.2f} "
-        f"| {med['block_over_singles']:.2f} |",
+        markdown_table(header, rows),
         "",
         f"each figure in its own process; `{meta['command']}`",
     ]

@@ -235,42 +235,39 @@ class ModelOperator(TorchLinearOperator):
         With ``inputs``, each item is a list ``[x, graph]`` of the batch's inputs and its
         graph, emptied when the next batch is drawn.
         """
-        with contextlib.ExitStack() as scope:
-            yield from self._graphs_in(scope, inputs)
-
-    def _graphs_in(self, scope: contextlib.ExitStack, inputs: bool) -> Any:
         cache = self._graph_cache
         streamed = False
         on_host = self.device.type == "cpu"
-        for i, (x, y) in enumerate(self.batches):
-            if i < len(cache):
-                g = cache[i]
-            else:
-                if not streamed and on_host and self._streams(i):
-                    streamed = True
-                    scope.enter_context(streamed_pass_allocation())
-                g = self._built(i, x, y)
-                if not streamed and on_host and i >= len(cache):
-                    # not kept: the first graph the budget refused (known once built)
-                    streamed = True
-                    scope.enter_context(streamed_pass_allocation())
-            del y
-            if inputs:
-                item = [x, g]
-                del x
-                yield item
-                item.clear()
-            else:
-                del x
-                yield g
-            if not (i < len(cache) and cache[i] is g):
-                if i == 0 and self._first_convolutional is None:
-                    self._first_convolutional = _convolutional(g)  # read before it is freed
-                # a graph not kept is freed before the next is built, even though the
-                # caller's loop (and zip's or enumerate's reused result tuple) still
-                # refers to it: a streamed pass holds one graph at a time
-                _release(g)
-            del g
+        with contextlib.ExitStack() as scope:  # the streamed part's allocation, if any
+            for i, (x, y) in enumerate(self.batches):
+                if i < len(cache):
+                    g = cache[i]
+                else:
+                    if not streamed and on_host and self._streams(i):
+                        streamed = True
+                        scope.enter_context(streamed_pass_allocation())
+                    g = self._built(i, x, y)
+                    if not streamed and on_host and i >= len(cache):
+                        # not kept: the first graph the budget refused (known once built)
+                        streamed = True
+                        scope.enter_context(streamed_pass_allocation())
+                del y
+                if inputs:
+                    item = [x, g]
+                    del x
+                    yield item
+                    item.clear()
+                else:
+                    del x
+                    yield g
+                if not (i < len(cache) and cache[i] is g):
+                    if i == 0 and self._first_convolutional is None:
+                        self._first_convolutional = _convolutional(g)  # read before it is freed
+                    # a graph not kept is freed before the next is built, even though the
+                    # caller's loop (and zip's or enumerate's reused result tuple) still
+                    # refers to it: a streamed pass holds one graph at a time
+                    _release(g)
+                del g
 
     def _streams(self, i: int) -> bool:
         """Whether batch ``i``'s graph, not cached, will not be kept when built."""
@@ -683,7 +680,7 @@ class ModelOperator(TorchLinearOperator):
             self.batched[adjoint] = True
             return out  # type: ignore[return-value]
         if single is None and loop is not None:  # column 0's product kept in the loop's block
-            single = loop.put_first(apply(loop.column(0), adjoint))
+            single = loop.put_first(apply(_column(X, 0), adjoint))
         elif single is None:  # the product of the first column, unless the caller has it
             single = apply(_column(X, 0), adjoint)  # raises if products fail altogether
         reason = None
@@ -996,7 +993,13 @@ def _convolutional(graph: Any) -> bool:
 
 
 def _column(X: torch.Tensor, i: int) -> torch.Tensor:
-    """Return column ``i`` of a block as a contiguous ``(m, 1)`` block (copied if strided)."""
+    """Return column ``i`` of a block as a contiguous ``(m, 1)`` block (copied if strided).
+
+    A column of a row-major block is strided, and a single product on it cost about twice
+    one on a contiguous column (residual LayerNorm MLP of ``bench/models.py``, ``H v``:
+    10.1 against 5.1 ms CPU time on one thread). A loop copies each column when its pass
+    comes, not the whole block up front, which it would hold through every pass.
+    """
     x = X[:, i : i + 1]
     return x if x.is_contiguous() else x.contiguous()
 
@@ -1031,16 +1034,6 @@ class _PerVector:
         #: columns computed so far
         self.done = 0
 
-    def column(self, i: int) -> torch.Tensor:
-        """Return column ``i`` as a contiguous ``(m, 1)`` block, copied when its pass comes.
-
-        A column of a row-major block is strided, and a single product on it cost about twice
-        one on a contiguous column (residual LayerNorm MLP of ``bench/models.py``, ``H v``:
-        10.1 against 5.1 ms CPU time on one thread). Copied one at a time, not as one copy of
-        the block up front, which the loop would hold through every pass.
-        """
-        return _column(self.X, i)
-
     def put_first(self, y: torch.Tensor) -> torch.Tensor:
         """Copy column 0's product into the block; return the block's column (a view)."""
         self.out[:, :1] = y
@@ -1052,7 +1045,7 @@ class _PerVector:
     ) -> torch.Tensor:
         """Compute the columns not done yet, one pass each; return the block."""
         for i in range(self.done, self.X.shape[1]):
-            self.out[:, i : i + 1] = apply(self.column(i), adjoint)
+            self.out[:, i : i + 1] = apply(_column(self.X, i), adjoint)
             self.done = i + 1
         return self.out
 
