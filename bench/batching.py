@@ -34,9 +34,15 @@ folding the vectors into the convolutions), which is what the operators avoid.
 
 A fresh process's peak varies with the heap layout it draws: address-space randomization
 (ASLR), Python's hash seed and the threads' timing moved the same single product's peak
-between 154 and 246 MiB in nine processes here. The table gives the block-over-product
-ratio's 95% interval over resampled processes (a bootstrap of the medians): 15 processes
-each gave 1.27 (1.00-1.40), 40 each 1.16 (1.05-1.35). ``--layouts N`` measures one product, 8
+between 154 and 246 MiB in nine processes here. Most of that spread is how much of the
+freed heap that building the graph left resident a product happens to reuse (108-222 MiB
+here): the single product, the first block and 8 products in a row are therefore also
+measured from a start where ``malloc_trim(0)`` has given the heap's free pages back, which
+leaves what the product itself faults in (one product 295-344 MiB over 15 processes,
+against 162-254 from the plain start). The table gives the block-over-product ratio's 95%
+interval over resampled processes (a bootstrap of the medians) for both starts: from the
+plain start 15 processes each gave 1.27 (1.00-1.40) in one run and 1.08 (1.04-1.22) in
+another, 40 each 1.16 (1.05-1.35); from the trimmed start 1.11 (1.07-1.16). ``--layouts N`` measures one product, 8
 single products in a row and the first 8-vector block in each of N fixed layouts instead (no
 ASLR through ``setarch -R``, ``PYTHONHASHSEED=0``, one thread, and small blocks allocated
 and kept before the operator is made, their number and size set by the layout), where every
@@ -79,6 +85,7 @@ from operators import Case, make_cases, time_back_to_back
 
 from linops import HessianOperator, JacobianOperator, retain_freed_memory
 from linops._model import attempt_batched
+from linops.memory import _libc
 
 KS = (1, 8, 32)
 
@@ -268,12 +275,30 @@ def _reset_peak() -> bool:
         return False
 
 
+def _trim_heap() -> int | None:
+    """Give the heap's free pages back (glibc's ``malloc_trim(0)``); return the KiB released."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    before = _status_kib("VmRSS")
+    if trim is None or before is None:
+        return None
+    trim(0)
+    return before - (_status_kib("VmRSS") or before)
+
+
 def _peak_bytes(f: Callable[[], Any]) -> dict[str, Any]:
-    """Peak resident bytes above the resident size before ``f()``, and how it was read."""
+    """Peak resident bytes above the resident size before ``f()``, and how it was read.
+
+    With ``LINOPS_BENCH_TRIMMED_START=1`` the heap's free pages are given back first: the
+    peak is then what ``f`` faults in, not less whatever part of the freed pages it happens
+    to reuse.
+    """
+    released = _trim_heap() if os.environ.get("LINOPS_BENCH_TRIMMED_START") == "1" else None
     before = _status_kib("VmRSS")
     if before is not None and _reset_peak():
         f()
-        return {"bytes": 1024 * (_status_kib("VmHWM") - before), "how": "VmHWM after clear_refs"}
+        peak = 1024 * (_status_kib("VmHWM") - before)
+        out = {"bytes": peak, "how": "VmHWM after clear_refs"}
+        return out if released is None else out | {"released_at_start": 1024 * released}
     before_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     f()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -343,6 +368,9 @@ def resnet20_worker(task: str, n: int, k: int, repeats: int) -> dict[str, Any]:
 
 #: glibc's fixed mmap threshold, as :func:`linops.memory.return_freed_memory` sets it
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+#: the heap's free pages given back before the measured product (:func:`_peak_bytes`)
+TRIMMED_START = {"LINOPS_BENCH_TRIMMED_START": "1"}
+_TRIMMED_TASKS = ("single", "block", "singles")
 
 
 def _run_worker(
@@ -385,6 +413,7 @@ def resnet20_rows(quick: bool, repeats: int, wide: bool) -> dict[str, Any]:
     # processes per figure, the tasks interleaved
     runs: dict[str, list[dict[str, Any]]] = {t: [] for t in _MEMORY_TASKS}
     fixed_runs: dict[str, list[int]] = {t: [] for t in _MEMORY_TASKS}
+    trimmed_runs: dict[str, list[int]] = {t: [] for t in _TRIMMED_TASKS}
     for _ in range(repeats):
         for t in _MEMORY_TASKS:
             runs[t].append(_run_worker(t, n, k, repeats))
@@ -392,6 +421,8 @@ def resnet20_rows(quick: bool, repeats: int, wide: bool) -> dict[str, Any]:
             # its heap, where the next product's do not land on the same pages: the same
             # figures with it fixed
             fixed_runs[t].append(_run_worker(t, n, k, repeats, FIXED_MMAP)["bytes"])
+        for t in _TRIMMED_TASKS:  # the same product from a start without free pages resident
+            trimmed_runs[t].append(_run_worker(t, n, k, repeats, TRIMMED_START)["bytes"])
     med = {t: {**runs[t][0], "bytes": statistics.median(r["bytes"] for r in runs[t])} for t in runs}
     fixed = {t: statistics.median(v) for t, v in fixed_runs.items()}
     single, block, single_later = med["single"], med["block"], med["single_later"]
@@ -425,6 +456,16 @@ def resnet20_rows(quick: bool, repeats: int, wide: bool) -> dict[str, Any]:
         "ratio_memory_later_block_over_later_single": fixed["block_later"]
         / max(1, fixed["single_later"]),
         "ratio_memory_block_over_k_singles": fixed["block"] / max(1, fixed["singles"]),
+    }
+    trimmed = {t: statistics.median(v) for t, v in trimmed_runs.items()}
+    out["trimmed_start"] = {
+        "bytes": trimmed,
+        "ratio_memory_block_over_single": trimmed["block"] / max(1, trimmed["single"]),
+        "ratio_memory_block_over_single_95": bootstrap_ratio_of_medians(
+            trimmed_runs["block"], trimmed_runs["single"]
+        ),
+        "ratio_memory_block_over_k_singles": trimmed["block"] / max(1, trimmed["singles"]),
+        "bytes_peak_each_process": trimmed_runs,
     }
     if wide:
         w = _run_worker("wide", n, k, repeats)
@@ -463,7 +504,7 @@ def resnet20_layout_rows(layouts: int, quick: bool) -> dict[str, Any]:
 def resnet20_layout_markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
     mb = 2.0**-20
     rat, med = r["ratios_per_layout"], r["ratio_medians"]
-    header = ["layout", "one product (MB)", "8 in a row (MB)", "first 8-vector block (MB)"]
+    header = ["layout", "one product (MiB)", "8 in a row (MiB)", "first 8-vector block (MiB)"]
     header += ["block / one", "8 in a row / one", "block / 8 in a row"]
     keys = ("block_over_single", "singles_over_single", "block_over_singles")
     rows: list[list[object]] = [
@@ -494,18 +535,18 @@ def resnet20_markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
         f"| 8 single products (s) | {r['seconds_8_single_products']:.3f} |",
         f"| one 8-vector block (s) | {r['seconds_8_vector_block']:.3f} |",
         f"| block / 8 singles, time | {r['ratio_time_block_over_8_singles']:.2f} |",
-        f"| peak of one product (MB) | {mb * r['bytes_peak_single_product']:.0f} |",
-        f"| peak of the first 8-vector block (MB) | {mb * r['bytes_peak_first_block']:.0f} |",
+        f"| peak of one product (MiB) | {mb * r['bytes_peak_single_product']:.0f} |",
+        f"| peak of the first 8-vector block (MiB) | {mb * r['bytes_peak_first_block']:.0f} |",
         f"| block / one product, peak memory | {r['ratio_memory_block_over_single']:.2f} |",
         "| the same, 95% interval over resampled processes (bootstrap) | "
         + "-".join(f"{x:.2f}" for x in r["ratio_memory_block_over_single_95"])
         + " |",
-        f"| peak of a later single product (MB) | "
+        f"| peak of a later single product (MiB) | "
         f"{mb * r['bytes_peak_later_single_product']:.0f} |",
-        f"| peak of a later 8-vector block (MB) | {mb * r['bytes_peak_later_block']:.0f} |",
+        f"| peak of a later 8-vector block (MiB) | {mb * r['bytes_peak_later_block']:.0f} |",
         f"| later block / later product, peak memory | "
         f"{r['ratio_memory_later_block_over_later_single']:.2f} |",
-        f"| peak of {r['vectors']} single products in a row (MB) | "
+        f"| peak of {r['vectors']} single products in a row (MiB) | "
         f"{mb * r['bytes_peak_k_single_products']:.0f} |",
         f"| block / {r['vectors']} single products, peak memory | "
         f"{r['ratio_memory_block_over_k_singles']:.2f} |",
@@ -515,7 +556,7 @@ def resnet20_markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
         lines += [
             "| with `MALLOC_MMAP_THRESHOLD_=131072` (`linops.memory.return_freed_memory()`): "
             "one product / first block / later product / later block / "
-            f"{r['vectors']} products (MB) | "
+            f"{r['vectors']} products (MiB) | "
             + " / ".join(f"{mb * f['bytes'][t]:.0f}" for t in _MEMORY_TASKS)
             + " |",
             f"| same setting: block / one product, later block / later product, block / "
@@ -523,9 +564,21 @@ def resnet20_markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
             f"{f['ratio_memory_later_block_over_later_single']:.2f}, "
             f"{f['ratio_memory_block_over_k_singles']:.2f} |",
         ]
+    if "trimmed_start" in r:
+        t = r["trimmed_start"]
+        lines += [
+            "| from a start with the heap's free pages given back (`malloc_trim(0)`): one "
+            f"product / first block / {r['vectors']} products (MiB) | "
+            + " / ".join(f"{mb * t['bytes'][task]:.0f}" for task in _TRIMMED_TASKS)
+            + " |",
+            f"| same start: block / one product (95% interval), block / {r['vectors']} "
+            f"products | {t['ratio_memory_block_over_single']:.2f} ("
+            + "-".join(f"{x:.2f}" for x in t["ratio_memory_block_over_single_95"])
+            + f"), {t['ratio_memory_block_over_k_singles']:.2f} |",
+        ]
     if "bytes_peak_wide_vmap_pass" in r:
         lines += [
-            f"| peak of vmap's 8-vector pass (MB) | {mb * r['bytes_peak_wide_vmap_pass']:.0f} |",
+            f"| peak of vmap's 8-vector pass (MiB) | {mb * r['bytes_peak_wide_vmap_pass']:.0f} |",
             f"| vmap's pass / one product, peak memory | "
             f"{r['ratio_memory_wide_over_single']:.2f} |",
         ]
