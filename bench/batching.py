@@ -39,7 +39,8 @@ freed heap that building the graph left resident a product happens to reuse (108
 here): the single product, the first block and 8 products in a row are therefore also
 measured from a start where ``malloc_trim(0)`` has given the heap's free pages back, which
 leaves what the product itself faults in (one product 295-344 MiB over 15 processes,
-against 162-254 from the plain start). The table gives the block-over-product ratio's 95%
+against 162-254 from the plain start). Each worker also prints its whole process's peak
+(``ru_maxrss``, the graph's build included) as ``process_peak_bytes``. The table gives the block-over-product ratio's 95%
 interval over resampled processes (a bootstrap of the medians) for both starts: from the
 plain start 15 processes each gave 1.27 (1.00-1.40) in one run and 1.08 (1.04-1.22) in
 another, 40 each 1.16 (1.05-1.35); from the trimmed start 1.11 (1.07-1.16). ``--layouts N`` measures one product, 8
@@ -297,7 +298,8 @@ def _peak_bytes(f: Callable[[], Any]) -> dict[str, Any]:
     if before is not None and _reset_peak():
         f()
         peak = 1024 * (_status_kib("VmHWM") - before)
-        out = {"bytes": peak, "how": "VmHWM after clear_refs"}
+        process = 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the build's too
+        out = {"bytes": peak, "how": "VmHWM after clear_refs", "process_peak_bytes": process}
         return out if released is None else out | {"released_at_start": 1024 * released}
     before_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     f()
