@@ -43,8 +43,8 @@ the plain start). Each worker also prints its whole process's peak (``ru_maxrss`
 graph's build included) as ``process_peak_bytes``. The table gives the block-over-product
 ratio's 95% interval over resampled processes (a bootstrap of the medians) for both starts:
 from the plain start 15 processes each gave 1.27 (1.00-1.40) in one run and 1.08 (1.04-1.22)
-in another, 40 each 1.16 (1.05-1.35); from the trimmed start 1.11 (1.07-1.16). ``--layouts
-N`` measures one product, 8 single products in a row and the first 8-vector block in each of
+in another, 40 each 1.16 (1.05-1.35); from the trimmed start 1.11 (1.07-1.16).
+``--layouts N`` measures one product, 8 single products in a row and the first 8-vector block in each of
 N fixed layouts instead (no ASLR through ``setarch -R``, ``PYTHONHASHSEED=0``, one thread,
 and small blocks allocated and kept before the operator is made, their number and size set
 by the layout), where every process of one task gives the same figure; it reports the ratios
