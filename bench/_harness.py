@@ -207,10 +207,20 @@ def write_json(out: str | Path, stem: str, payload: Any, *, indent: int | None =
         payload = {"smoke": _quick(), **payload}
         if _quick():
             payload.setdefault("smoke_note", _runs().SMOKE_NOTE)
-    path.write_text(strict_json(payload, indent=indent))
+    write_text(path, strict_json(payload, indent=indent))
     if _RUN:  # not in a child process, whose stdout may be its parent's channel
         print(f"wrote {path}", flush=True)
     return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` whole or not at all (:func:`reports.runs.write_text_atomic`)."""
+    return Path(_runs().write_text_atomic(path, text))
+
+
+def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> Path:
+    """``fig.savefig``, written whole or not at all (:func:`reports.runs.save_figure`)."""
+    return Path(_runs().save_figure(fig, path, **kwargs))
 
 
 def strict_json(payload: Any, *, indent: int | None = 1) -> str:
@@ -247,7 +257,7 @@ def write_markdown(out: str | Path, stem: str, title: str, body: str) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{stem}.md"
-    path.write_text(f"# {smoke_title(title)}\n\n{body}\n")
+    write_text(path, f"# {smoke_title(title)}\n\n{body}\n")
     print(body)
     print(f"wrote {path}", flush=True)
     return path

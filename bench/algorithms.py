@@ -53,7 +53,7 @@ from sklearn.utils.extmath import randomized_svd as sk_randomized_svd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
 
-from _harness import strict_json
+from _harness import save_figure, strict_json, write_text
 
 import linops
 
@@ -436,7 +436,7 @@ def plot(res: dict, path: Path) -> None:
     )
     b.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -476,9 +476,9 @@ def main(argv: list[str] | None = None) -> dict:
         res["operators"] = bench_operators(args.seed, args.quick)
     res["seconds_total"] = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "algorithms.json").write_text(strict_json(res, indent=2) + "\n")
+    write_text(args.out / "algorithms.json", strict_json(res, indent=2) + "\n")
     md = to_markdown(res)
-    (args.out / "algorithms.md").write_text(md)
+    write_text(args.out / "algorithms.md", md)
     if "rsvd_curve" in res and "trace_curve" in res:
         plot(res, args.out / "algorithms.png")
     print(md)

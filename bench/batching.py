@@ -82,7 +82,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import markdown_table, parser, write_json
+from _harness import markdown_table, parser, write_json, write_text
 from operators import Case, make_cases, time_back_to_back
 
 from linops import HessianOperator, JacobianOperator, retain_freed_memory
@@ -641,14 +641,14 @@ def main(argv: list[str] | None = None) -> None:
         r = resnet20_layout_rows(args.layouts, args.quick)
         table = resnet20_layout_markdown(r, meta)
         write_json(args.out, "batching_layouts", {"meta": meta, "layouts": r}, indent=2)
-        (args.out / "batching_layouts.md").write_text(table)
+        write_text(args.out / "batching_layouts.md", table)
         print(table)
         return
     if args.resnet20:
         r = resnet20_rows(args.quick, repeats, args.wide)
         table = resnet20_markdown(r, meta)
         write_json(args.out, "batching_resnet20", {"meta": meta, "resnet20": r}, indent=2)
-        (args.out / "batching_resnet20.md").write_text(table)
+        write_text(args.out / "batching_resnet20.md", table)
         print(table)
         return
     meta["retain_freed_memory"] = retain_freed_memory()
@@ -658,7 +658,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{case.name}: done", file=sys.stderr)
     table = markdown(rows, meta)
     write_json(args.out, "batching", {"meta": meta, "rows": rows}, indent=2)
-    (args.out / "batching.md").write_text(table)
+    write_text(args.out / "batching.md", table)
     print(table)
 
 

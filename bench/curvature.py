@@ -65,7 +65,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
 
-from _harness import strict_json
+from _harness import strict_json, write_text
 
 from linops import (
     EKFACOperator,
@@ -581,8 +581,8 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(prod, sol, meta)
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "products": prod, "solves": sol}
-    (args.out / "curvature.json").write_text(strict_json(payload, indent=2) + "\n")
-    (args.out / "curvature.md").write_text(table)
+    write_text(args.out / "curvature.json", strict_json(payload, indent=2) + "\n")
+    write_text(args.out / "curvature.md", table)
     print(table)
     print(f"wrote {args.out / 'curvature.json'} and {args.out / 'curvature.md'}")
 

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
 
-from _harness import markdown_table, strict_json, write_markdown  # noqa: E402
+from _harness import markdown_table, strict_json, write_markdown, write_text  # noqa: E402
 
 from estimators.counting import singular_value_count  # noqa: E402
 from estimators.density import spectral_density  # noqa: E402
@@ -275,7 +275,7 @@ def main() -> None:
         "seconds_total": time.perf_counter() - t0,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "estimator_coverage.json").write_text(strict_json(result, indent=1))
+    write_text(args.out / "estimator_coverage.json", strict_json(result, indent=1))
 
     parts = [
         f"## trace: coverage of +-2 stderr, n = {trace['n']}, {trace['seeds']} seeds",

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
 
-from _harness import markdown_table, median_seconds, parser, write_json, write_markdown
+from _harness import markdown_table, median_seconds, parser, save_figure, write_json, write_markdown
 
 from estimators.guesses import make_guesser
 from trainers import BackpropTrainer, ForwardGradientTrainer
@@ -187,7 +187,7 @@ def _plot(results: dict, out: Path) -> None:
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "guess_step.png", dpi=120)
+    save_figure(fig, out / "guess_step.png", dpi=120)
     plt.close(fig)
 
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
 
-from _harness import markdown_table, median_seconds, parser, write_json, write_markdown
+from _harness import markdown_table, median_seconds, parser, save_figure, write_json, write_markdown
 
 from trainers import BackpropTrainer, LowRankJacobianTrainer
 from trainers.models import MLP, SmallCNN
@@ -203,7 +203,7 @@ def plot(rows: list[dict], out: Path) -> None:
         ax.set_ylabel(f"{what} / backprop {what}")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / f"{NAME}.png", dpi=110)
+    save_figure(fig, out / f"{NAME}.png", dpi=110)
     plt.close(fig)
 
 

@@ -86,7 +86,7 @@ from torch.func import functional_call
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
 
-from _harness import parser, write_json
+from _harness import parser, write_json, write_text
 
 from linops import GGNOperator, HessianOperator, JacobianOperator, retain_freed_memory
 from linops._autodiff import GradientGraph, OutputGraph
@@ -675,7 +675,7 @@ def _loadavg() -> float | None:
 
 def write(out: Path, stem: str, payload: dict[str, Any], table: str) -> None:
     write_json(out, stem, payload, indent=2)
-    (out / f"{stem}.md").write_text(table)
+    write_text(out / f"{stem}.md", table)
     print(table)
     print(f"wrote {out / stem}.json and {out / stem}.md")
 

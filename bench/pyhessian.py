@@ -78,7 +78,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import parser, write_json
+from _harness import parser, write_json, write_text
 from scale import cifar_batches, resnet20
 
 import estimators
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 row = run_linops(task, args.quick, args.seed, retain=tool == "linops-retain")
         row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        args.worker_out.write_text(json.dumps(row))
+        write_text(args.worker_out, json.dumps(row))
         return
     tasks = [t for t in args.tasks.split(",") if t]
     for t in tasks:
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         ref = worker("reference", "all")
         if "error_message" in ref:
             raise SystemExit(f"the float64 reference failed: {ref['error_message']}")
-        ref_path.write_text(json.dumps(ref))
+        write_text(ref_path, json.dumps(ref))
     rows: list[dict[str, Any]] = []
     for rep in range(args.repeats):
         order = tools if rep % 2 == 0 else tools[::-1]
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
                 meta["load_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
                 write_json(args.out, "pyhessian", {"meta": meta, "reference": ref, "rows": rows})
-                (args.out / "pyhessian.md").write_text(markdown(rows, ref, meta))
+                write_text(args.out / "pyhessian.md", markdown(rows, ref, meta))
                 print(
                     f"repeat {rep} {task} {tool}: "
                     + (

@@ -71,7 +71,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import parser, write_json
+from _harness import parser, write_json, write_text
 
 import estimators
 import linops
@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None) -> None:
         row = run_task(
             *args.worker, quick=args.quick, seed=args.seed, overrides=args.budgets, png=png
         )
-        args.worker_out.write_text(json.dumps(row))
+        write_text(args.worker_out, json.dumps(row))
         return
     models = [m for m in args.models.split(",") if m]
     tasks = [t for t in args.tasks.split(",") if t]
@@ -610,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             meta["load_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
             write_json(args.out, "scale", {"meta": meta, "rows": rows})
-            (args.out / "scale.md").write_text(markdown(rows, meta))
+            write_text(args.out / "scale.md", markdown(rows, meta))
             print(markdown([row], meta).splitlines()[-1], flush=True)
     print(markdown(rows, meta))
 

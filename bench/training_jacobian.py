@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
 
-from _harness import markdown_table, parser, write_json, write_markdown  # noqa: E402
+from _harness import markdown_table, parser, save_figure, write_json, write_markdown  # noqa: E402
 
 NAME = "training_jacobian"
 
@@ -326,7 +326,7 @@ def _plot(r: dict, out: Path) -> None:
     ax[1].set_ylabel("peak resident memory (MiB)")
     fig.suptitle(f"{r['dim']} x {r['dim']} training Jacobian, {r['steps']} steps, {r['dtype']}")
     fig.tight_layout()
-    fig.savefig(out / f"{NAME}.png", dpi=120)
+    save_figure(fig, out / f"{NAME}.png", dpi=120)
     plt.close(fig)
 
 

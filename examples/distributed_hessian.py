@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import linops
 from linops.lanczos import lanczos
-from reports.runs import SMOKE_NOTE, print_written, run_metadata
+from reports.runs import SMOKE_NOTE, print_written, run_metadata, write_text_atomic
 from trainers.data import digits
 from trainers.models import MLP
 
@@ -112,7 +112,7 @@ def main() -> None:
         summary["max_abs_diff_eigenvalues"] = float((ref.eigenvalues - res.eigenvalues).abs().max())
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "distributed_hessian.json").write_text(json.dumps(summary, indent=1))
+        write_text_atomic(args.out / "distributed_hessian.json", json.dumps(summary, indent=1))
         if args.quick:
             print(SMOKE_NOTE)
         print(f"Hessian of {H.shape[0]} parameters over {H.num_samples} samples, {world} rank(s)")

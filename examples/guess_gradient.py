@@ -46,7 +46,15 @@ from estimators.guess_quality import (
 from estimators.guesses import make_guesser
 from linops.params import ParamSpace
 from reports.plotting import integer_ticks, log_ticks_at
-from reports.runs import SMOKE_NOTE, Sections, print_written, run_metadata, smoke_title
+from reports.runs import (
+    SMOKE_NOTE,
+    Sections,
+    print_written,
+    run_metadata,
+    save_figure,
+    smoke_title,
+    write_text_atomic,
+)
 from trainers import BackpropTrainer, ForwardGradientTrainer, GuessCosine
 from trainers.data import digits, synthetic_classification
 from trainers.models import MLP
@@ -281,7 +289,7 @@ def plots(res: dict, out: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "figure1_cosine.png", dpi=120)
+    save_figure(fig, out / "figure1_cosine.png", dpi=120)
     plt.close(fig)
 
     runs = res["table2"]
@@ -301,7 +309,7 @@ def plots(res: dict, out: Path) -> None:
     axes[0][0].set_ylabel(f"accuracy after {cfg['epochs']} epochs")
     fig.suptitle(smoke_title("Table 2: accuracy of forward-gradient training", smoke), fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "table2_accuracy.png", dpi=120)
+    save_figure(fig, out / "table2_accuracy.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -317,7 +325,7 @@ def plots(res: dict, out: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "bias_saturation.png", dpi=120)
+    save_figure(fig, out / "bias_saturation.png", dpi=120)
     plt.close(fig)
 
     track = next(r for r in runs if r.get("tracked"))
@@ -343,7 +351,7 @@ def plots(res: dict, out: Path) -> None:
     )
     fig.suptitle(smoke_title(title, smoke), fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "self_sharpening.png", dpi=120)
+    save_figure(fig, out / "self_sharpening.png", dpi=120)
     plt.close(fig)
 
     if res["bias"]["overlap"]:
@@ -363,7 +371,7 @@ def plots(res: dict, out: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / "activation_overlap.png", dpi=120)
+        save_figure(fig, out / "activation_overlap.png", dpi=120)
         plt.close(fig)
 
 
@@ -505,10 +513,10 @@ def main(argv: list[str] | None = None) -> dict:
         "bias": bias,
         "seconds_total": time.perf_counter() - start,
     }
-    (args.out / "guess_gradient.json").write_text(json.dumps(res, indent=1, default=float))
+    write_text_atomic(args.out / "guess_gradient.json", json.dumps(res, indent=1, default=float))
     plots(res, args.out)
     text = summary(res)
-    (args.out / "guess_gradient.md").write_text(text)
+    write_text_atomic(args.out / "guess_gradient.md", text)
     print(text)
     print_written(f"guess_gradient ({res['seconds_total']:.0f} s)", args.out)
     return res

@@ -51,7 +51,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from estimators import quadratic_form_bounds
 from linops import GGNOperator, HessianOperator, inverse
-from reports.runs import SMOKE_NOTE, print_written, run_metadata, smoke_title
+from reports.runs import (
+    SMOKE_NOTE,
+    print_written,
+    run_metadata,
+    save_figure,
+    smoke_title,
+    write_text_atomic,
+)
 from trainers.data import digits
 from trainers.models import MLP
 
@@ -315,7 +322,7 @@ def plot(res: dict, path: Path, quick: bool) -> None:
     ax2.legend()
     fig.suptitle(smoke_title("Influence functions on the digits MLP", quick))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -363,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     res = run(args.quick, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {**meta, **({"smoke_note": SMOKE_NOTE} if args.quick else {}), **res}
-    (args.out / "influence.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_text_atomic(args.out / "influence.json", json.dumps(payload, indent=2) + "\n")
     plot(res, args.out / "influence.png", args.quick)
     if args.quick:
         print(SMOKE_NOTE)

@@ -29,7 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from estimators.kernel import gram_drift, relative_distance
 from estimators.laziness import jacobian_drift, laziness_ratio
 from reports.plotting import log_ticks_at
-from reports.runs import SMOKE_NOTE, Sections, print_written, run_metadata, smoke_title
+from reports.runs import (
+    SMOKE_NOTE,
+    Sections,
+    print_written,
+    run_metadata,
+    save_figure,
+    smoke_title,
+    write_text_atomic,
+)
 from trainers.backprop import BackpropTrainer
 from trainers.data import digits
 from trainers.models import MLP
@@ -132,7 +140,7 @@ def main() -> None:
         "slope_rd_max_vs_width": slope(ms, [r["rd_max"] for r in rows]),
         "slope_reference_line": -0.5,
     }
-    (args.out / f"{NAME}.json").write_text(json.dumps(out, indent=2))
+    write_text_atomic(args.out / f"{NAME}.json", json.dumps(out, indent=2))
     _plot(out, args.out)
     if args.quick:
         print(SMOKE_NOTE)
@@ -185,7 +193,7 @@ def _plot(out: dict, folder: Path) -> None:
     )
     fig.suptitle(smoke_title(title, out.get("smoke", False)), fontsize=10)
     fig.tight_layout()
-    fig.savefig(folder / f"{NAME}.png", dpi=120)
+    save_figure(fig, folder / f"{NAME}.png", dpi=120)
     plt.close(fig)
 
 

@@ -32,7 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from linops.jacobian import JacobianOperator
 from reports.plotting import integer_ticks, log_ticks_at
-from reports.runs import SMOKE_NOTE, Sections, print_written, run_metadata, smoke_title
+from reports.runs import (
+    SMOKE_NOTE,
+    Sections,
+    print_written,
+    run_metadata,
+    save_figure,
+    smoke_title,
+    write_text_atomic,
+)
 from trainers import BackpropTrainer, LinearizedTrainer, LowRankJacobianTrainer
 from trainers.data import digits
 from trainers.models import MLP, SmallCNN
@@ -229,7 +237,7 @@ def main() -> None:
         "config": {**cfg, "quick": args.quick, "num_train": len(flat.X_train)},
         **results,
     }
-    (out / f"{NAME}.json").write_text(json.dumps(payload, indent=1))
+    write_text_atomic(out / f"{NAME}.json", json.dumps(payload, indent=1))
     plots(results, out, quick=quick)
     if quick:
         print(SMOKE_NOTE)
@@ -273,7 +281,7 @@ def plots(results: dict[str, list[dict]], out: Path, *, quick: bool = False) -> 
         )
         fig.suptitle(smoke_title(title, quick), fontsize=10)
         fig.tight_layout()
-        fig.savefig(out / f"{NAME}_{section}.png", dpi=110)
+        save_figure(fig, out / f"{NAME}_{section}.png", dpi=110)
         plt.close(fig)
     rows = [r for r in results.get("strategy", []) if "error" not in r]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -293,7 +301,7 @@ def plots(results: dict[str, list[dict]], out: Path, *, quick: bool = False) -> 
     title = f"Reference-set strategy and rank r, low-rank training of a ReLU MLP 64-{width}-10"
     fig.suptitle(smoke_title(title, quick), fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / f"{NAME}_strategy.png", dpi=110)
+    save_figure(fig, out / f"{NAME}_strategy.png", dpi=110)
     plt.close(fig)
     rows = [r for r in results.get("refresh", []) if "error" not in r]
     fig, ax = plt.subplots(figsize=(5, 3.4))
@@ -306,7 +314,7 @@ def plots(results: dict[str, list[dict]], out: Path, *, quick: bool = False) -> 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / f"{NAME}_refresh.png", dpi=110)
+    save_figure(fig, out / f"{NAME}_refresh.png", dpi=110)
     plt.close(fig)
 
 

@@ -31,7 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from estimators.jacobian_rank import exact_jacobian_rank
 from estimators.reference import reference_jacobian, reference_rank
 from reports.plotting import log_ticks_at
-from reports.runs import SMOKE_NOTE, Sections, print_written, run_metadata, smoke_title
+from reports.runs import (
+    SMOKE_NOTE,
+    Sections,
+    print_written,
+    run_metadata,
+    save_figure,
+    smoke_title,
+    write_text_atomic,
+)
 from trainers.data import digits
 from trainers.models import MLP
 
@@ -68,7 +76,7 @@ def main() -> None:
         with sections(f"{name} network", f"tanh MLP 64-{h}-{h}-10, reference ranks and exact rank"):
             out["networks"][name] = _network(name, h, X, sizes)
     out["seconds_sections"] = sections.seconds
-    (args.out / f"{NAME}.json").write_text(json.dumps(out, indent=2))
+    write_text_atomic(args.out / f"{NAME}.json", json.dumps(out, indent=2))
     _plot(out, args.out)
     _table(out)
     print_written(NAME, args.out)
@@ -141,7 +149,7 @@ def _plot(out: dict, folder: Path) -> None:
     )
     fig.suptitle(smoke_title(title, out.get("smoke", False)), fontsize=10)
     fig.tight_layout()
-    fig.savefig(folder / f"{NAME}.png", dpi=120)
+    save_figure(fig, folder / f"{NAME}.png", dpi=120)
     plt.close(fig)
 
 

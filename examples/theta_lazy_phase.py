@@ -32,7 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from estimators.kernel import gram_drift, relative_distance
 from reports.plotting import log_ticks_at
-from reports.runs import SMOKE_NOTE, Sections, print_written, run_metadata, smoke_title
+from reports.runs import (
+    SMOKE_NOTE,
+    Sections,
+    print_written,
+    run_metadata,
+    save_figure,
+    smoke_title,
+    write_text_atomic,
+)
 from trainers.backprop import BackpropTrainer
 from trainers.data import synthetic_regression
 from trainers.models import MLP
@@ -120,7 +128,7 @@ def main() -> None:
         "rows": rows,
         "slope_log_rd_sup_vs_log_m": slopes,
     }
-    (args.out / f"{NAME}.json").write_text(json.dumps(out, indent=2))
+    write_text_atomic(args.out / f"{NAME}.json", json.dumps(out, indent=2))
     _plot(out, args.out)
     if args.quick:
         print(SMOKE_NOTE)
@@ -173,7 +181,7 @@ def _plot(out: dict, folder: Path) -> None:
     )
     fig.suptitle(smoke_title(title, out.get("smoke", False)), fontsize=10)
     fig.tight_layout()
-    fig.savefig(folder / f"{NAME}.png", dpi=110)
+    save_figure(fig, folder / f"{NAME}.png", dpi=110)
     plt.close(fig)
 
 

@@ -59,7 +59,9 @@ from reports.runs import (  # noqa: E402
     human_bytes,
     print_written,
     run_metadata,
+    save_figure,
     smoke_title,
+    write_text_atomic,
 )
 from trainers.setups import digits_mlp_run  # noqa: E402
 from trainers.subspace import SubspaceTrainer, subspace_basis  # noqa: E402
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     sections.end()
     res["seconds_sections"] = sections.seconds
 
-    (args.out / f"{NAME}.json").write_text(json.dumps(res))
+    write_text_atomic(args.out / f"{NAME}.json", json.dumps(res))
     plot(res, args.out)
     summary(res)
     checkpoints = sorted(args.out.glob("checkpoint_*"))
@@ -381,7 +383,7 @@ def _save(fig, res: dict, path: Path) -> None:
         title = title.replace(" on digits", "\non digits")
     fig.suptitle(smoke_title(title, bool(res.get("smoke"))), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     import matplotlib.pyplot as plt
 
     plt.close(fig)

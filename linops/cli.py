@@ -153,6 +153,8 @@ def _plot_spectra(
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    from reports.runs import save_figure
+
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     panels = (
         (axes[0], h_top, "Hessian of the training loss"),
@@ -165,7 +167,7 @@ def _plot_spectra(
         ax.grid(alpha=0.3, which="both")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

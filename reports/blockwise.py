@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from estimators.blockwise import BlockwiseSpectra
+from reports.runs import save_figure
 
 __all__ = ["plot_blockwise_spectra"]
 
@@ -82,7 +83,7 @@ def plot_blockwise_spectra(
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -11,6 +11,7 @@ from scipy.sparse.linalg import LinearOperator
 from estimators.density import SpectralDensity, spectral_density
 from estimators.seeding import Seed
 from estimators.trace import xtrace
+from reports.runs import save_figure
 
 __all__ = ["DENSITY_DECADES", "density_report", "plot_spectral_density"]
 
@@ -100,5 +101,5 @@ def plot_spectral_density(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -9,8 +9,10 @@ closing list of the files written, with their sizes.
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import platform
+import secrets
 import shlex
 import sys
 import time
@@ -29,7 +31,10 @@ __all__ = [
     "run_metadata",
     "smoke_title",
     "thread_counts",
+    "save_figure",
     "versions",
+    "write_bytes_atomic",
+    "write_text_atomic",
 ]
 
 #: printed above the tables of a ``--quick`` run and stored in its JSON as ``smoke_note``
@@ -225,3 +230,39 @@ def print_written(
     for p in files:
         print(f"  {p.relative_to(root)}  {human_bytes(p.stat().st_size)}")
     return files
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` whole or not at all; return the path.
+
+    The text goes to a new file beside ``path`` (created with the usual permissions), which
+    then replaces ``path`` in one rename (``os.replace``): a reader, or a run killed while it
+    writes, sees the old file or the new one, never a half-written one that looks complete.
+    """
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` whole or not at all, as :func:`write_text_atomic`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], **kwargs: Any) -> Path:
+    """``fig.savefig(path, **kwargs)``, written whole or not at all (:func:`write_bytes_atomic`).
+
+    The format is the suffix's (``.png``, ``.pdf``, ``.svg``) unless ``format=`` is given.
+    """
+    path = Path(path)
+    buffer = io.BytesIO()
+    kwargs.setdefault("format", path.suffix.lstrip(".") or None)
+    fig.savefig(buffer, **kwargs)
+    return write_bytes_atomic(path, buffer.getvalue())

@@ -17,6 +17,7 @@ import torch
 from estimators.dimension import training_dimension, training_dimension_dense
 from estimators.spectrum import region_table, svd_training_jacobian
 from linops import TrainingJacobianOperator
+from reports.runs import save_figure
 from trainers.setups import digits_mlp_run
 
 __all__ = ["plot_training_jacobian_report", "training_jacobian_report"]
@@ -141,6 +142,6 @@ def plot_training_jacobian_report(
     fig.suptitle(smoke_title(title, smoke), fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path

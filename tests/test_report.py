@@ -166,6 +166,62 @@ def test_sections_print_names_and_times(capsys) -> None:
     assert human_bytes(999) == "999 B" and human_bytes(23_400_000) == "23.4 MB"
 
 
+def test_an_output_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
+    from reports.runs import write_text_atomic
+
+    path = tmp_path / "result.json"
+    plain = tmp_path / "plain.json"
+    plain.write_text("x")
+    assert write_text_atomic(path, '{"a": 1}') == path
+    assert path.read_text() == '{"a": 1}'
+    assert path.stat().st_mode == plain.stat().st_mode  # the permissions of a plain write
+    write_text_atomic(path, "é" * 10_000)  # replaces, in UTF-8 whatever the locale
+    assert path.read_bytes().decode("utf-8") == "é" * 10_000
+
+    def interrupted(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)  # the run stops before the rename
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(path, '{"a": 2, "truncated"')
+    assert path.read_bytes().decode("utf-8") == "é" * 10_000  # the last complete output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.json", "result.json"]
+
+
+def test_a_figure_is_saved_in_its_suffix_format_whole_or_not_at_all(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from reports.runs import save_figure
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    png, svg = tmp_path / "f.png", tmp_path / "f.svg"
+    assert save_figure(fig, png, dpi=50) == png
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    save_figure(fig, svg)
+    assert b"<svg" in svg.read_bytes()[:400]
+    before = png.read_bytes()
+
+    def failing(target: Any, **_: Any) -> None:  # writes part of the image, then fails
+        if isinstance(target, str | Path):
+            Path(target).write_bytes(b"\x89PNG partial")
+        else:
+            target.write(b"\x89PNG partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(fig, "savefig", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_figure(fig, png)
+    assert png.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "f.svg"]
+    plt.close(fig)
+
+
 @pytest.mark.slow
 def test_a_real_quick_report_matches_its_schema(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
