@@ -223,6 +223,17 @@ def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> Path:
     return Path(_runs().save_figure(fig, path, **kwargs))
 
 
+def save_array(path: str | Path, array: Any) -> Path:
+    """``numpy.save(path, array)``, written whole or not at all (:mod:`reports.runs`)."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return Path(_runs().write_bytes_atomic(path, buffer.getvalue()))
+
+
 def strict_json(payload: Any, *, indent: int | None = 1) -> str:
     """``json.dumps`` with every NaN and infinity as ``null``: strict JSON (RFC 8259 has neither).
 

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_harness.py
 
-from _harness import markdown_table, parser, save_figure, write_json, write_markdown  # noqa: E402
+from _harness import markdown_table, parser, save_array, save_figure, write_json, write_markdown  # noqa: E402
 
 NAME = "training_jacobian"
 
@@ -68,9 +68,9 @@ def _child_linops(cfg: dict, out: Path, workers: int, chunk: int, dtype: str) ->
     J = op.to_dense(max_vectors=chunk, workers=workers)
     seconds = time.perf_counter() - t0
     cpu = time.process_time() - c0 + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
-    np.save(out / "J_linops.npy", J.numpy())
-    np.save(out / "theta0.npy", setup.theta0.numpy())
-    np.save(out / "thetaT_linops.npy", op.final_params().numpy())
+    save_array(out / "J_linops.npy", J.numpy())
+    save_array(out / "theta0.npy", setup.theta0.numpy())
+    save_array(out / "thetaT_linops.npy", op.final_params().numpy())
     parent, child = _rss_bytes(resource.RUSAGE_SELF), _rss_bytes(resource.RUSAGE_CHILDREN)
     return {
         "seconds": seconds,
@@ -105,8 +105,8 @@ def _child_jax(cfg: dict, out: Path, dtype: str) -> dict:
     )
     seconds = time.perf_counter() - t0
     cpu = time.process_time() - c0
-    np.save(out / "J_jax.npy", J)
-    np.save(out / "thetaT_jax.npy", thetaT)
+    save_array(out / "J_jax.npy", J)
+    save_array(out / "thetaT_jax.npy", thetaT)
     return {
         "seconds": seconds,
         "cpu_seconds": cpu,
