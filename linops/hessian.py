@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -175,7 +175,7 @@ class _LossOperator(ModelOperator):
             self._batch_weights = local["reduction"].weights_of(local["w"], total)
         return self._batch_weights
 
-    def _batch_outputs(self) -> Generator[tuple[torch.Tensor, torch.Tensor | None], None, None]:
+    def _batch_outputs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """Each batch's model outputs and targets (no graph), the loss checked to be scalar.
 
         A generator: one batch's outputs at a time (a streamed dataset's are never all kept).
