@@ -147,22 +147,16 @@ class _LossOperator(ModelOperator):
         With a mean reduction :math:`W_b` is the batch's normaliser (samples, entries,
         non-ignored targets or their class weights: :mod:`linops._reduction`), so the operator
         over batches is the one of the loss on the concatenated data. Computed once, from one
-        forward pass per batch (for a sum, every weight is 1: one forward pass of the first
-        batch, which checks that the loss is a scalar).
+        forward pass per batch.
         """
         if self._batch_weights is None:
             local: dict[str, Any] = {}
 
             def normalisers() -> float:  # everything a rank can fail at, before the collective
                 reduction = local["reduction"] = self._reduce()
-                if reduction.kind == "sum" or reduction.normaliser is None:
-                    # no W_b to read: only the first batch's forward pass (the loss's check)
-                    outputs = self._batch_outputs()
-                    next(outputs)
-                    outputs.close()
-                    local["w"] = [1.0] * len(self.batches)
-                    return 0.0
                 w = local["w"] = reduction.normalisers(self._batch_outputs())
+                if reduction.kind == "sum" or reduction.normaliser is None:
+                    return 0.0
                 return sum(w, 0.0)
 
             total = None

@@ -171,28 +171,6 @@ def test_a_streamed_loader_is_drawn_once_per_product() -> None:
     assert data.passes == before  # cached: the loader is not drawn again
 
 
-@pytest.mark.parametrize("budget", [None, TINY])
-def test_a_summed_loss_weighs_its_batches_without_a_forward_pass_over_each(
-    budget: int | None,
-) -> None:
-    """A sum needs no normaliser: the first product runs one extra forward pass, not one per batch."""
-    model, data = _mlp(), Synthetic((5,), 3, batches=4, size=5)
-    calls = []
-    model[0].register_forward_hook(lambda *_: calls.append(1))
-    v = _vectors(sum(p.numel() for p in model.parameters()), 1)[:, 0]
-    products, forwards = {}, {}
-    for kind in ("mean", "sum"):
-        op = HessianOperator(
-            model, nn.CrossEntropyLoss(reduction=kind), data, route="autograd", memory_budget=budget
-        )
-        calls.clear()
-        products[kind] = op @ v
-        forwards[kind] = len(calls)
-    assert forwards["mean"] - forwards["sum"] == 3  # the normalisers of batches 2-4
-    samples = 4 * 5 - 1
-    torch.testing.assert_close(products["sum"], samples * products["mean"], rtol=1e-12, atol=0)
-
-
 def test_partial_cache_equals_full_cache_bitwise() -> None:
     """A budget that keeps some graphs: the first ones replayed, the rest rebuilt."""
     model, data = _mlp(), Synthetic((5,), 3, batches=4, size=5)
