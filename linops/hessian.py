@@ -147,7 +147,9 @@ class _LossOperator(ModelOperator):
         With a mean reduction :math:`W_b` is the batch's normaliser (samples, entries,
         non-ignored targets or their class weights: :mod:`linops._reduction`), so the operator
         over batches is the one of the loss on the concatenated data. Computed once, from one
-        forward pass per batch.
+        forward pass per batch, also for a sum (whose weights are all 1): that pass checks every
+        batch's inputs (:func:`linops._model.forward_checked`), which a graph's build would
+        otherwise meet as a raw shape error; skipping it changed that error's type and text.
         """
         if self._batch_weights is None:
             local: dict[str, Any] = {}
