@@ -224,11 +224,14 @@ def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> Path:
 
 
 def save_array(path: str | Path, array: Any) -> Path:
-    """``numpy.save(path, array)``, written whole or not at all (:mod:`reports.runs`)."""
+    """``numpy.save(path, array)`` (``.npy`` added if missing), written whole or not at all."""
     import io
 
     import numpy as np
 
+    path = Path(path)
+    if path.suffix != ".npy":
+        path = path.with_name(path.name + ".npy")
     buffer = io.BytesIO()
     np.save(buffer, array)
     return Path(_runs().write_bytes_atomic(path, buffer.getvalue()))

@@ -39,8 +39,8 @@ heap that building the graph left resident a product happens to reuse (108-222 M
 the single product, the first block and 8 products in a row are therefore also measured from
 a start where ``malloc_trim(0)`` has given the heap's free pages back, which leaves what the
 product itself faults in (one product 295-344 MiB over 15 processes, against 162-254 from
-the plain start). Each worker also prints its whole process's peak (``ru_maxrss``, the
-graph's build included) as ``process_peak_bytes``. The table gives the block-over-product
+the plain start). Each worker also prints its whole process's peak (the graph's build
+included) as ``process_peak_bytes``. The table gives the block-over-product
 ratio's 95% interval over resampled processes (a bootstrap of the medians) for both starts:
 from the plain start 15 processes each gave 1.27 (1.00-1.40) in one run and 1.08 (1.04-1.22)
 in another, 40 each 1.16 (1.05-1.35); from the trimmed start 1.11 (1.07-1.16).
@@ -290,22 +290,30 @@ def _trim_heap() -> int | None:
 def _peak_bytes(f: Callable[[], Any]) -> dict[str, Any]:
     """Peak resident bytes above the resident size before ``f()``, and how it was read.
 
-    With ``LINOPS_BENCH_TRIMMED_START=1`` the heap's free pages are given back first: the
-    peak is then what ``f`` faults in, not less whatever part of the freed pages it happens
-    to reuse.
+    With ``LINOPS_BENCH_TRIMMED_START=1`` the heap's free pages are given back first (where
+    the C library has ``malloc_trim``: ``released_at_start`` says how much, None where it
+    could not): the peak is then what ``f`` faults in, not less whatever part of the freed
+    pages it happens to reuse. ``process_peak_bytes`` is the whole process's peak: the larger
+    of its high-water mark before ``f`` (the graph's build included) and after it (``VmHWM``;
+    resetting it through ``clear_refs`` also resets ``ru_maxrss``, so that one would miss
+    the build).
     """
-    released = _trim_heap() if os.environ.get("LINOPS_BENCH_TRIMMED_START") == "1" else None
-    before = _status_kib("VmRSS")
-    if before is not None and _reset_peak():
+    out: dict[str, Any] = {}
+    if os.environ.get("LINOPS_BENCH_TRIMMED_START") == "1":
+        released = _trim_heap()
+        out["released_at_start"] = None if released is None else 1024 * released
+    before, hwm_before = _status_kib("VmRSS"), _status_kib("VmHWM")
+    if before is not None and hwm_before is not None and _reset_peak():
         f()
-        peak = 1024 * (_status_kib("VmHWM") - before)
-        process = 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the build's too
-        out = {"bytes": peak, "how": "VmHWM after clear_refs", "process_peak_bytes": process}
-        return out if released is None else out | {"released_at_start": 1024 * released}
+        hwm = _status_kib("VmHWM") or 0
+        out |= {"bytes": 1024 * (hwm - before), "how": "VmHWM after clear_refs"}
+        return out | {"process_peak_bytes": 1024 * max(hwm_before, hwm)}
     before_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     f()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"bytes": 1024 * (peak - before_max), "how": "ru_maxrss growth (a lower bound)"}
+    out |= {"bytes": 1024 * (peak - before_max), "how": "ru_maxrss growth (a lower bound)"}
+    # ru_maxrss survives exec: at least the parent's peak where that was larger
+    return out | {"process_peak_bytes": 1024 * peak}
 
 
 def _shift_heap() -> Any:
@@ -382,7 +390,8 @@ def _run_worker(
     cmd = [sys.executable, __file__, "--worker", task, str(n), str(k), str(repeats)]
     if env is not None and "LINOPS_BENCH_LAYOUT" in env and shutil.which("setarch"):
         cmd = ["setarch", "-R", *cmd]
-    full_env = None if env is None else os.environ | env
+    full_env = {k: v for k, v in os.environ.items() if k != "LINOPS_BENCH_TRIMMED_START"}
+    full_env |= env or {}
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=full_env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -417,6 +426,7 @@ def resnet20_rows(quick: bool, repeats: int, wide: bool) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {t: [] for t in _MEMORY_TASKS}
     fixed_runs: dict[str, list[int]] = {t: [] for t in _MEMORY_TASKS}
     trimmed_runs: dict[str, list[int]] = {t: [] for t in _TRIMMED_TASKS}
+    trimmed_everywhere = True  # False where the C library has no malloc_trim
     for _ in range(repeats):
         for t in _MEMORY_TASKS:
             runs[t].append(_run_worker(t, n, k, repeats))
@@ -425,7 +435,9 @@ def resnet20_rows(quick: bool, repeats: int, wide: bool) -> dict[str, Any]:
             # figures with it fixed
             fixed_runs[t].append(_run_worker(t, n, k, repeats, FIXED_MMAP)["bytes"])
         for t in _TRIMMED_TASKS:  # the same product from a start without free pages resident
-            trimmed_runs[t].append(_run_worker(t, n, k, repeats, TRIMMED_START)["bytes"])
+            run = _run_worker(t, n, k, repeats, TRIMMED_START)
+            trimmed_runs[t].append(run["bytes"])
+            trimmed_everywhere = trimmed_everywhere and run.get("released_at_start") is not None
     med = {t: {**runs[t][0], "bytes": statistics.median(r["bytes"] for r in runs[t])} for t in runs}
     fixed = {t: statistics.median(v) for t, v in fixed_runs.items()}
     single, block, single_later = med["single"], med["block"], med["single_later"]
@@ -462,6 +474,7 @@ def resnet20_rows(quick: bool, repeats: int, wide: bool) -> dict[str, Any]:
     }
     trimmed = {t: statistics.median(v) for t, v in trimmed_runs.items()}
     out["trimmed_start"] = {
+        "trimmed": trimmed_everywhere,
         "bytes": trimmed,
         "ratio_memory_block_over_single": trimmed["block"] / max(1, trimmed["single"]),
         "ratio_memory_block_over_single_95": bootstrap_ratio_of_medians(
@@ -570,8 +583,9 @@ def resnet20_markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
     if "trimmed_start" in r:
         t = r["trimmed_start"]
         lines += [
-            "| from a start with the heap's free pages given back (`malloc_trim(0)`): one "
-            f"product / first block / {r['vectors']} products (MiB) | "
+            "| from a start with the heap's free pages given back (`malloc_trim(0)`"
+            + ("" if t["trimmed"] else "; not available here: a plain start")
+            + f"): one product / first block / {r['vectors']} products (MiB) | "
             + " / ".join(f"{mb * t['bytes'][task]:.0f}" for task in _TRIMMED_TASKS)
             + " |",
             f"| same start: block / one product (95% interval), block / {r['vectors']} "

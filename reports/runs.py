@@ -14,6 +14,7 @@ import os
 import platform
 import secrets
 import shlex
+import stat
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -235,9 +236,13 @@ def print_written(
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` whole or not at all; return the path.
 
-    The text goes to a new file beside ``path`` (created with the usual permissions), which
-    then replaces ``path`` in one rename (``os.replace``): a reader, or a run killed while it
-    writes, sees the old file or the new one, never a half-written one that looks complete.
+    The text goes to a new file in the target's folder, which then replaces the target in one
+    rename (``os.replace``): a reader, or a run killed while it writes, sees the old file or
+    the new one, never a half-written one that looks complete. The target keeps its
+    permissions (a new one gets the usual ones), and a symbolic link is written through to
+    the file it points at; hard links to the old file keep the old content. Where the folder
+    takes no new file (not writable, or the name too long for a temporary beside it) the
+    target is written in place, as a plain write would.
     """
     return write_bytes_atomic(path, text.encode("utf-8"))
 
@@ -245,11 +250,19 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` whole or not at all, as :func:`write_text_atomic`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    target = Path(os.path.realpath(path))  # through symbolic links
+    tmp = target.with_name(f".{target.name[:64]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "xb") as f:
+        f = open(tmp, "xb")
+    except OSError:  # a folder that takes no new file (or is missing): as a plain write does
+        target.write_bytes(data)
+        return path
+    try:
+        with f:
             f.write(data)
-        os.replace(tmp, path)
+        if target.exists():
+            os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+        os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -259,10 +272,17 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
 def save_figure(fig: Any, path: str | os.PathLike[str], **kwargs: Any) -> Path:
     """``fig.savefig(path, **kwargs)``, written whole or not at all (:func:`write_bytes_atomic`).
 
-    The format is the suffix's (``.png``, ``.pdf``, ``.svg``) unless ``format=`` is given.
+    The format is ``format=`` if given, else the suffix's (``.png``, ``.pdf``, ``.svg``); a
+    path without a suffix gets matplotlib's default format and its suffix, as ``savefig``
+    does. Returns the path written.
     """
     path = Path(path)
+    if "format" not in kwargs:
+        if not path.suffix:
+            import matplotlib
+
+            path = path.with_name(f"{path.name}.{matplotlib.rcParams['savefig.format']}")
+        kwargs["format"] = path.suffix[1:]
     buffer = io.BytesIO()
-    kwargs.setdefault("format", path.suffix.lstrip(".") or None)
     fig.savefig(buffer, **kwargs)
     return write_bytes_atomic(path, buffer.getvalue())

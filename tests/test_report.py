@@ -188,6 +188,29 @@ def test_an_output_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.json", "result.json"]
 
 
+def test_an_atomic_write_keeps_what_a_plain_write_keeps(tmp_path: Path) -> None:
+    from reports.runs import write_text_atomic
+
+    private = tmp_path / "private.json"
+    private.write_text("old")
+    private.chmod(0o600)
+    write_text_atomic(private, "new")
+    assert private.read_text() == "new" and private.stat().st_mode & 0o777 == 0o600
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    real.write_text("old")
+    link.symlink_to(real.name)
+    write_text_atomic(link, "new")  # written through the link, which stays a link
+    assert link.is_symlink() and real.read_text() == "new"
+    long_name = tmp_path / ("r" * 240 + ".json")  # no room for a longer temporary name
+    write_text_atomic(long_name, "x")
+    assert long_name.read_text() == "x"
+    with pytest.raises(FileNotFoundError, match="missing"):
+        write_text_atomic(tmp_path / "missing" / "a.json", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["private.json", "real.json", "link.json", long_name.name]
+    )
+
+
 def test_a_figure_is_saved_in_its_suffix_format_whole_or_not_at_all(
     tmp_path: Path, monkeypatch
 ) -> None:
@@ -205,6 +228,9 @@ def test_a_figure_is_saved_in_its_suffix_format_whole_or_not_at_all(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     save_figure(fig, svg)
     assert b"<svg" in svg.read_bytes()[:400]
+    bare = save_figure(fig, tmp_path / "bare", dpi=50)  # matplotlib's default format and suffix
+    assert bare == tmp_path / "bare.png" and bare.read_bytes()[:4] == b"\x89PNG"
+    bare.unlink()
     before = png.read_bytes()
 
     def failing(target: Any, **_: Any) -> None:  # writes part of the image, then fails
