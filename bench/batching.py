@@ -40,14 +40,14 @@ the single product, the first block and 8 products in a row are therefore also m
 a start where ``malloc_trim(0)`` has given the heap's free pages back, which leaves what the
 product itself faults in (one product 295-344 MiB over 15 processes, against 162-254 from
 the plain start). Each worker also prints its whole process's peak (the graph's build
-included) as ``process_peak_bytes``. The table gives the block-over-product
-ratio's 95% interval over resampled processes (a bootstrap of the medians) for both starts:
-from the plain start 15 processes each gave 1.27 (1.00-1.40) in one run and 1.08 (1.04-1.22)
-in another, 40 each 1.16 (1.05-1.35); from the trimmed start 1.11 (1.07-1.16).
-``--layouts N`` measures one product, 8 single products in a row and the first 8-vector block in each of
-N fixed layouts instead (no ASLR through ``setarch -R``, ``PYTHONHASHSEED=0``, one thread,
-and small blocks allocated and kept before the operator is made, their number and size set
-by the layout), where every process of one task gives the same figure; it reports the ratios
+included) as ``process_peak_bytes``. The table gives the block-over-product ratio's 95%
+interval over resampled processes (a bootstrap of the medians) for both starts: from the
+plain start 15 processes each gave 1.27 (1.00-1.40) in one run and 1.08 (1.04-1.22) in
+another, 40 each 1.16 (1.05-1.35); from the trimmed start 1.11 (1.07-1.16). ``--layouts N``
+measures one product, 8 single products in a row and the first 8-vector block in each of N
+fixed layouts instead (no ASLR through ``setarch -R``, ``PYTHONHASHSEED=0``, one thread, and
+small blocks allocated and kept before the operator is made, their number and size set by
+the layout), where every process of one task gives the same figure; it reports the ratios
 per layout. A task's own few lines of Python before its product still move its layout
 against another task's.
 

@@ -148,8 +148,8 @@ class _LossOperator(ModelOperator):
         non-ignored targets or their class weights: :mod:`linops._reduction`), so the operator
         over batches is the one of the loss on the concatenated data. Computed once, from one
         forward pass per batch, also for a sum (whose weights are all 1): that pass checks every
-        batch's inputs (:func:`linops._model.forward_checked`), which a graph's build would
-        otherwise meet as a raw shape error; skipping it changed that error's type and text.
+        batch's inputs (:func:`linops._model.forward_checked`), so a bad batch is named as such
+        before any graph is built, not met as a raw shape error inside a product.
         """
         if self._batch_weights is None:
             local: dict[str, Any] = {}

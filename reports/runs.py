@@ -30,9 +30,9 @@ __all__ = [
     "human_bytes",
     "print_written",
     "run_metadata",
+    "save_figure",
     "smoke_title",
     "thread_counts",
-    "save_figure",
     "versions",
     "write_bytes_atomic",
     "write_text_atomic",
@@ -241,8 +241,8 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     the new one, never a half-written one that looks complete. The target keeps its
     permissions (a new one gets the usual ones), and a symbolic link is written through to
     the file it points at; hard links to the old file keep the old content. Where the folder
-    takes no new file (not writable, or the name too long for a temporary beside it) the
-    target is written in place, as a plain write would.
+    takes no new file (not writable, or missing) the target is written in place, as a plain
+    write would (and fails as it would).
     """
     return write_bytes_atomic(path, text.encode("utf-8"))
 
