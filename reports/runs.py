@@ -21,7 +21,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "SMOKE_NOTE",
@@ -269,7 +272,7 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     return path
 
 
-def save_figure(fig: Any, path: str | os.PathLike[str], **kwargs: Any) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike[str], **kwargs: Any) -> Path:
     """``fig.savefig(path, **kwargs)``, written whole or not at all (:func:`write_bytes_atomic`).
 
     The format is ``format=`` if given, else the suffix's (``.png``, ``.pdf``, ``.svg``); a

@@ -58,6 +58,7 @@ ALLOWED: dict[str, str] = {
     + " (the model operators' keywords: dtype, device, batch_size, ...)",
     "linops.kfac.KFACOperator:kwargs": _FORWARDED
     + " (the model operators' keywords: dtype, device, batch_size, ...)",
+    "reports.runs.save_figure:kwargs": _FORWARDED + " (matplotlib's savefig)",
     "linops.randomized.EighResult:eigenvalues": _ARRAY_OUT,
     "linops.randomized.EighResult:eigenvectors": _ARRAY_OUT,
     "linops.randomized.RandomizedSVDResult:left_vectors": _ARRAY_OUT,
