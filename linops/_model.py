@@ -236,21 +236,24 @@ class ModelOperator(TorchLinearOperator):
         graph, emptied when the next batch is drawn.
         """
         cache = self._graph_cache
-        streamed = False
-        on_host = self.device.type == "cpu"
         with contextlib.ExitStack() as scope:  # the streamed part's allocation, if any
+            entered = self.device.type != "cpu"  # host passes only: never entered on a device
+
+            def stream() -> None:
+                nonlocal entered
+                if not entered:
+                    entered = True
+                    scope.enter_context(streamed_pass_allocation())
+
             for i, (x, y) in enumerate(self.batches):
                 if i < len(cache):
                     g = cache[i]
                 else:
-                    if not streamed and on_host and self._streams(i):
-                        streamed = True
-                        scope.enter_context(streamed_pass_allocation())
+                    if self._streams(i):  # known before the build
+                        stream()
                     g = self._built(i, x, y)
-                    if not streamed and on_host and i >= len(cache):
-                        # not kept: the first graph the budget refused (known once built)
-                        streamed = True
-                        scope.enter_context(streamed_pass_allocation())
+                    if i >= len(cache):  # not kept: the first graph the budget refused
+                        stream()
                 del y
                 if inputs:
                     item = [x, g]
