@@ -165,8 +165,6 @@ def _streamed_mapping(mode: str, **env: str) -> list[bool]:
 
 def _has_mallinfo2() -> bool:
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").mallinfo2  # noqa: B018
     except (OSError, AttributeError):
         return False
