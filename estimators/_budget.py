@@ -15,7 +15,14 @@ import torch
 from linops.base import TorchLinearOperator
 from linops.memory import check_memory_budget, default_memory_budget
 
-__all__ = ["budget_bytes", "check_sketch", "count_within", "grouped_probes", "probe_group"]
+__all__ = [
+    "budget_bytes",
+    "check_sketch",
+    "count_within",
+    "grouped_probes",
+    "probe_group",
+    "rademacher_probes",
+]
 
 
 def budget_bytes(op: TorchLinearOperator, memory_budget: int | None) -> int:
@@ -65,6 +72,25 @@ def probe_group(op: TorchLinearOperator, N: int, memory_budget: int | None, arra
     return min(group, fit)
 
 
+def rademacher_probes(
+    op: TorchLinearOperator, n: int, k: int, gen: torch.Generator
+) -> torch.Tensor:
+    """Return ``k`` Rademacher probes ``(n, k)`` (column-major), each drawn on its own.
+
+    Probe ``j`` is ``2 b - 1`` for the bits ``b = torch.randint(0, 2, (n,))``: the draw
+    PyHessian's ``trace`` and ``density`` make (``torch.randint_like(p, high=2)`` per
+    parameter, zeros set to -1). On CPU torch draws these bits one 32-bit number each whatever
+    the dtype, so a seed gives the same probes in float32 and float64, and the probes PyHessian
+    draws after ``torch.manual_seed(seed)`` on the same parameters (``bench/pyhessian.py``
+    compares the two tools on identical probes). Complex-typed for a complex operator.
+    """
+    real = op.torch_dtype.to_real()
+    Z = torch.empty(k, n, dtype=real, device=op.device)
+    for j in range(k):
+        torch.randint(0, 2, (n,), generator=gen, dtype=real, device=op.device, out=Z[j])
+    return Z.mul_(2).sub_(1).T.to(op.torch_dtype)  # column-major: every probe contiguous
+
+
 def grouped_probes(
     op: TorchLinearOperator, n: int, k: int, gen: torch.Generator, rademacher: bool = True
 ) -> torch.Tensor:
@@ -75,14 +101,13 @@ def grouped_probes(
     one ``(n, k)`` block, the same seed gave other probes, and another estimate, after the
     operator's first product or under another budget).
     """
-    # Rademacher probes are +-1 (complex-typed for a complex operator), Gaussian ones complex
-    # Gaussian there (E[z z^H] = I either way)
-    dtype = op.torch_dtype.to_real() if rademacher else op.torch_dtype
-    Z = torch.empty(k, n, dtype=dtype, device=op.device)
+    if rademacher:
+        return rademacher_probes(op, n, k, gen)
+    # complex Gaussian probes for a complex operator (E[z z^H] = I)
+    Z = torch.empty(k, n, dtype=op.torch_dtype, device=op.device)
     for j in range(k):
-        torch.randn(n, generator=gen, dtype=dtype, device=op.device, out=Z[j])
-    Z = Z.T  # column-major: every probe contiguous
-    return torch.sign(Z).to(op.torch_dtype) if rademacher else Z
+        torch.randn(n, generator=gen, dtype=op.torch_dtype, device=op.device, out=Z[j])
+    return Z.T  # column-major: every probe contiguous
 
 
 def check_sketch(

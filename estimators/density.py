@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from estimators._budget import count_within
+from estimators._budget import count_within, rademacher_probes
 from estimators.trace import TraceEstimate, _Forms
 from linops import ArrayLike, OperatorLike
 from linops import blocks as kr
@@ -299,7 +299,7 @@ def _spectral_density(
     N = kr.check_int(num_probes, "num_probes", 1)
     m = min(32, n) if num_steps is None else kr.check_int(num_steps, "num_steps", 1, n)
     gen = kr.make_generator(seed, op.device)
-    V0 = torch.sign(kr.random_block(n, N, op, gen)) / math.sqrt(n)
+    V0 = rademacher_probes(op, n, N, gen) / math.sqrt(n)
     per_probe = m * n * op.torch_dtype.itemsize
     fit, budget = count_within(op, per_probe, memory_budget)
     group = min(N, fit)

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from estimators._budget import count_within
+from estimators._budget import count_within, rademacher_probes
 from estimators.density import COMPLEX_REFUSAL, _lanczos_batch
 from linops import ArrayLike, IdentityOperator, OperatorLike, aslinearoperator
 from linops import blocks as kr
@@ -362,7 +362,7 @@ def trace_function(
     m = min(30, n) if num_steps is None else kr.check_int(num_steps, "num_steps", 1, n)
     a = spectrum_lower if spectrum_lower is not None else (damping or None)
     gen = kr.make_generator(seed, op.device)
-    V0 = torch.sign(kr.random_block(n, N, op, gen)) / math.sqrt(n)
+    V0 = rademacher_probes(op, n, N, gen) / math.sqrt(n)
     group = _slq_group(op, N, m, memory_budget)
     nodes = torch.zeros(N, m, dtype=torch.float64)
     weights = torch.zeros(N, m, dtype=torch.float64)

@@ -19,7 +19,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from estimators._budget import check_sketch, grouped_probes, probe_group
+from estimators._budget import check_sketch, grouped_probes, probe_group, rademacher_probes
 from linops import Array, OperatorLike, Seed
 from linops import blocks as kr
 from linops.base import TorchLinearOperator
@@ -88,9 +88,7 @@ def _setup(
 def _probes(op: TorchLinearOperator, k: int, gen: torch.Generator, dist: str) -> torch.Tensor:
     if dist != "rademacher":
         return kr.random_block(op.shape[0], k, op, gen)
-    real = op.torch_dtype.to_real()  # +-1 probes, complex-typed for a complex operator
-    Z = torch.randn(op.shape[0], k, generator=gen, dtype=real, device=op.device)
-    return torch.sign(Z).to(op.torch_dtype)
+    return rademacher_probes(op, op.shape[0], k, gen)
 
 
 def _apply(op: TorchLinearOperator, X: torch.Tensor, count: int) -> torch.Tensor:

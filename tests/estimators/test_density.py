@@ -11,6 +11,7 @@ import torch
 
 from estimators.density import spectral_density
 from reports import density_report
+from tests.estimators.probes import rademacher
 
 
 def spectrum_matrix(lam: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -251,7 +252,7 @@ def test_trace_standard_error_is_hutchinsons_on_the_same_probes() -> None:
     A = B @ B.T / 30 + torch.diag(torch.linspace(0, 5, 30, dtype=torch.float64))
     sd = spectral_density(A, num_probes=6, num_steps=8, seed=11)
     op, _ = kr.prepare(A)
-    Z = torch.sign(kr.random_block(30, 6, op, kr.make_generator(11, op.device)))
+    Z = rademacher(30, 6, kr.make_generator(11, op.device), torch.float64)
     mean, stderr = _quadratic_forms(Z, A @ Z, rademacher=True)
     assert sd.trace.estimate == pytest.approx(mean, rel=1e-12)
     assert sd.trace.stderr == pytest.approx(stderr, rel=1e-10)

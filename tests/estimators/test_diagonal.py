@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from estimators.diagonal import frobenius_norm, xdiag
+from tests.estimators.probes import rademacher
 
 F64 = torch.float64
 
@@ -40,7 +41,7 @@ def test_matches_the_leave_one_out_definition() -> None:
     n, s, seed = 40, 6, 3
     g = torch.Generator().manual_seed(11)
     A = torch.randn(n, n, generator=g, dtype=F64)
-    W = torch.sign(torch.randn(n, s, generator=torch.Generator().manual_seed(seed), dtype=F64))
+    W = rademacher(n, s, torch.Generator().manual_seed(seed), F64)
     Y = A @ W
     terms = []
     for i in range(s):

@@ -17,6 +17,7 @@ from estimators.functions import (
     trace_function,
 )
 from linops import GGNOperator
+from tests.estimators.probes import rademacher
 
 F64 = torch.float64
 
@@ -45,7 +46,7 @@ def test_logdet_within_three_stderr_and_coverage(name: str) -> None:
     A, lam = MATRICES[name](), 1e-3
     exact = _exact_logdet(A, lam)
     z = []
-    for seed in range(40):
+    for seed in range(100):  # at a true 99.3% within 3 stderr, 40 seeds failed 3% of the time
         est = logdet(A, damping=lam, num_probes=20, num_steps=25, seed=seed)
         z.append(abs(est.estimate - exact) / est.stderr)
         assert est.num_matvecs == 20 * 25 + 3
@@ -75,7 +76,7 @@ def test_trace_function_matches_dense_and_reuses_nodes() -> None:
 def test_slq_bounds_bracket_the_probes_exact_quadratic_forms() -> None:
     A, lam = MATRICES["logspaced"](), 1e-3
     n, N, seed = A.shape[0], 12, 5
-    Z = torch.sign(torch.randn(n, N, generator=torch.Generator().manual_seed(seed), dtype=F64))
+    Z = rademacher(n, N, torch.Generator().manual_seed(seed), F64)
     L, V = torch.linalg.eigh(A + lam * torch.eye(n, dtype=F64))
     exact_probes = float(((V.T @ Z) ** 2 * torch.log(L)[:, None]).sum(0).mean())
     for m in (2, 5, 10, 30):
@@ -117,9 +118,7 @@ def test_slq_bounds_hold_where_gauss_and_radau_meet_in_float32() -> None:
         est = trace_function(
             A.to(dtype), "inverse", damping=lam, num_probes=N, num_steps=n, seed=seed
         )
-        Z = torch.sign(
-            torch.randn(n, N, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-        )
+        Z = rademacher(n, N, torch.Generator().manual_seed(seed), dtype)
         L, V = torch.linalg.eigh(A + lam * torch.eye(n, dtype=F64))
         exact = float(((V.T @ Z.double()) ** 2 / L[:, None]).sum(0).mean())
         assert est.lower <= exact <= est.upper and est.lower <= est.upper

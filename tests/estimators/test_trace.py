@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from estimators.trace import _xtrace_terms, diagonal, hutchinson_trace, hutchpp_trace, xtrace
+from tests.estimators.probes import rademacher
 
 
 def spectrum_matrix(lam: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -175,13 +176,7 @@ def test_hutchinson_sends_a_model_operators_probes_one_pass_at_a_time() -> None:
     est = hutchinson_trace(H, 10, seed=4)
     assert widths == [3, 3, 3, 1]
     gen = kr.make_generator(4, H.device)  # one draw per probe: the groups do not matter
-    Z = torch.stack(
-        [
-            torch.sign(torch.randn(H.shape[0], generator=gen, dtype=torch.float64))
-            for _ in range(10)
-        ],
-        1,
-    )
+    Z = rademacher(H.shape[0], 10, gen, torch.float64)
     forms = (Z * (dense @ Z)).sum(0)
     assert abs(est.estimate - float(forms.mean())) < 1e-12 * max(1.0, abs(est.estimate))
     assert est.num_matvecs == 10
