@@ -15,13 +15,17 @@ would call them:
   deflation, its defaults ``maxIter=100, tol=1e-3``) against :func:`linops.lanczos`
   ``(k, "LA")`` (thick restart, default ``rtol = sqrt(eps)``);
 * ``trace``: Hutchinson at 100 products: PyHessian's ``trace(maxIter=100, tol=-inf)``
-  against :func:`estimators.hutchinson_trace`
-  ``(H, 100)``. PyHessian stops when ``|mean - previous| / (previous + 1e-6) < tol``,
+  against :func:`estimators.hutchinson_trace` ``(H, 100, seed=seed)``, on the same probes:
+  PyHessian draws each probe as ``torch.randint_like(p, high=2)`` per parameter (zeros set to
+  -1) from the global generator after ``torch.manual_seed(seed)``, and linops' Rademacher
+  probes are the same bits from its ``seed`` (:func:`estimators._budget.rademacher_probes`),
+  so the two estimates differ only by their products' rounding. PyHessian stops when ``|mean - previous| / (previous + 1e-6) < tol``,
   without an absolute value in the denominator: after a negative first sample any negative
   ``tol`` can stop it at the second product (``tol=-1`` did, on the quick problem), so only
   ``tol=-inf`` runs all ``maxIter`` products;
 * ``density``: SLQ with one probe and 100 Lanczos steps: PyHessian's ``density(iter=100,
   n_v=1)`` against :func:`estimators.spectral_density` ``(num_probes=1, num_steps=100)``.
+  Both start from the same Rademacher vector (as the trace's probes).
   PyHessian's ``density`` calls ``torch.eig``, removed in torch 2.x; this bench (only) puts
   a shim in its place that computes the same thing with ``torch.linalg.eigh`` (the
   tridiagonal matrix is symmetric).
@@ -39,9 +43,12 @@ residual; the eigenvalues' error is far smaller, about its square over the gap),
 eigenvalue at ``rtol=1e-6`` within 20 restarts (its residual is recorded: the bottom of the
 spectrum is crowded), and the trace by :func:`estimators.xtrace` at 400 products (40 with
 ``--quick``) (with its
-standard error; an exact trace would take 272k products). Top-k: the largest relative error
-over the ``k`` eigenvalues; trace: the relative error of the estimate (Hutchinson's own
-standard error at 100 probes dominates it, for either tool); density: how far the
+standard error; an exact trace would take 272k products), and the float64 Hutchinson estimate
+on the trace's probes (same ``seed`` and products; cached per seed and count). Top-k: the
+largest relative error over the ``k`` eigenvalues; trace: the relative error of the estimate
+against XTrace (Hutchinson's own standard error at 100 probes dominates it, the same draw for
+both tools), and the numerical error: against the float64 estimate on the same probes;
+density: how far the
 quadrature nodes lie outside the reference spectrum :math:`[\\lambda_{\\min},
 \\lambda_{\\max}]`, relative to :math:`\\lambda_{\\max}` (0 when inside).
 
@@ -208,6 +215,21 @@ def reference(quick: bool) -> dict[str, Any]:
     }
 
 
+def same_probe_trace(quick: bool, seed: int) -> dict[str, Any]:
+    """Float64 Hutchinson on the trace task's probes: the same ``seed`` and products."""
+    model, x, y = problem(quick, torch.float64)
+    H = linops.HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
+    start = time.perf_counter()
+    t = estimators.hutchinson_trace(H, budgets(quick)["trace"], seed=seed)
+    return {
+        "seed": seed,
+        "trace": t.estimate,
+        "trace_stderr": t.stderr,
+        "products": t.num_matvecs,
+        "seconds": time.perf_counter() - start,
+    }
+
+
 def accuracy(task: str, r: dict[str, Any], ref: dict[str, Any]) -> float:
     """The error of a result against the float64 reference (module docstring)."""
     if task in ("top1", "top5"):
@@ -270,10 +292,40 @@ def markdown(rows: list[dict[str, Any]], ref: dict[str, Any] | None, meta: dict[
                 f"| {task} | {tool} | {len(rs)} | {m['seconds']:.2f} | {m['products']:.0f} | "
                 f"{m['peak_rss_mb']:.0f} | {m['error']:.2g} | {res} | " + " | ".join(ratios) + " |"
             )
+    out += _same_probe_lines(rows, ref)
     errors = [r for r in rows if "error_message" in r]
     for r in errors:
         out.append(f"\n{r['tool']} {r['task']}: failed: {r['error_message']}")
     return "\n".join(out) + "\n"
+
+
+def _same_probe_lines(rows: list[dict[str, Any]], ref: dict[str, Any] | None) -> list[str]:
+    """The trace's numerical errors against float64 on the same probes, and the tools' gap."""
+    same = (ref or {}).get("same_probe_trace")
+    trace = [r for r in rows if r["task"] == "trace" and "error_message" not in r]
+    if not same or not trace:
+        return []
+    out = [
+        "",
+        f"trace on the same probes (seed {same['seed']}, {same['products']} products): "
+        f"float64 {same['trace']:.10g}; numerical error (median):",
+    ]
+    for tool in TOOLS:
+        rs = [r for r in trace if r["tool"] == tool]
+        if rs:
+            err = statistics.median(
+                abs(r["trace"] - same["trace"]) / abs(same["trace"]) for r in rs
+            )
+            out.append(f"{tool} {err:.2g};")
+    by_repeat = {(r["repeat"], r["tool"]): r["trace"] for r in trace}
+    gaps = [
+        abs(by_repeat[(k, t)] - by_repeat[(k, "pyhessian")]) / abs(by_repeat[(k, "pyhessian")])
+        for (k, t) in by_repeat
+        if t != "pyhessian" and (k, "pyhessian") in by_repeat
+    ]
+    if gaps:
+        out.append(f"linops against PyHessian in the same repeat, at most {max(gaps):.2g} relative")
+    return [" ".join(out)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -303,7 +355,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         tool, task = args.worker
         if tool == "reference":
-            row = reference(args.quick)
+            row = (
+                same_probe_trace(args.quick, args.seed)
+                if task == "trace"
+                else reference(args.quick)
+            )
         else:
             if tool == "pyhessian":
                 row = run_pyhessian(task, args.quick, args.seed)
@@ -360,6 +416,20 @@ def main(argv: list[str] | None = None) -> None:
         if "error_message" in ref:
             raise SystemExit(f"the float64 reference failed: {ref['error_message']}")
         write_text(ref_path, json.dumps(ref))
+    if ref is not None and "trace" in tasks:  # float64 on the trace's probes: per seed and count
+        b = budgets(args.quick)["trace"]
+        path = (
+            args.out / f"reference_trace_seed{args.seed}_{b}{'_quick' if args.quick else ''}.json"
+        )
+        if path.exists():
+            same = json.loads(path.read_text())
+        else:
+            print("float64 trace on the same probes ...", file=sys.stderr, flush=True)
+            same = worker("reference", "trace")
+            if "error_message" in same:
+                raise SystemExit(f"the float64 trace failed: {same['error_message']}")
+            write_text(path, json.dumps(same))
+        ref = ref | {"same_probe_trace": same}
     rows: list[dict[str, Any]] = []
     for rep in range(args.repeats):
         order = tools if rep % 2 == 0 else tools[::-1]
