@@ -14,7 +14,9 @@ value,
 
 every term of which is known, so a residual at most ``rtol ||A||`` certifies convergence of
 the vector actually returned, with no product. ``||A||`` is the solver's estimate, as in its
-tolerance.
+tolerance. :math:`A` is the operator as its products compute it: their own rounding (in
+float32 about :math:`\varepsilon \|A\|` per unit vector for a dense matrix) is the
+operator's accuracy, not the solver's, and no bound from the products can see it.
 
 In single (and half) precision the recombinations run in double precision by row chunks,
 so their own rounding is :math:`O(j\,\varepsilon_{64})` and the rounding of the result to

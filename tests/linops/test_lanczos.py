@@ -54,7 +54,11 @@ def test_eigenvalues_match_dense_reference(name: str, which: str) -> None:
     res = lanczos(A, 4, which, rtol=1e-10, seed=1, block_size=bs)
     ref = reference(w, 4, which)
     scale = np.abs(w).max()
-    np.testing.assert_allclose(res.eigenvalues, ref, rtol=0, atol=1e-10 * scale)
+    if which == "LM":  # "repeated" ties +-3 in magnitude: any 4 of the six are the largest
+        got, ref = np.sort(np.abs(res.eigenvalues)), np.sort(np.abs(ref))
+    else:
+        got = res.eigenvalues
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-10 * scale)
     resid = np.linalg.norm(A @ res.eigenvectors - res.eigenvectors * res.eigenvalues, axis=0)
     assert resid.max() <= 1e-9 * scale
     np.testing.assert_allclose(res.eigenvectors.T @ res.eigenvectors, np.eye(4), atol=1e-12)

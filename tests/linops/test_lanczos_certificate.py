@@ -70,7 +70,13 @@ def test_float32_lanczos_certifies_without_a_final_product(name: str) -> None:
 @pytest.mark.parametrize("shape", [(300, 200), (200, 300)])
 def test_svds_certifies_without_final_products(dtype: torch.dtype, shape: tuple) -> None:
     """svds used two block products of k at the end; the recombined A V, A^H U certify the
-    residuals (reported >= true, against the dense matrix in float64) without them."""
+    residuals (reported >= true, against the dense matrix in float64) without them.
+
+    Up to the products' own rounding, which no certificate from the products can see: in
+    float32, ``A v`` by the BLAS differs from the float64 product by up to about
+    ``eps ||A||`` (0.44 ``eps`` above the reported residual on an AMD EPYC with MKL's AVX-512
+    kernels, none on the CPUs of earlier runs).
+    """
     m, n = shape
     r = min(m, n)
     s = 1 / np.arange(1.0, r + 1)
@@ -87,7 +93,8 @@ def test_svds_certifies_without_final_products(dtype: torch.dtype, shape: tuple)
         torch.linalg.vector_norm(Ad @ v - u * sv, dim=0),
         torch.linalg.vector_norm(Ad.T @ u - v * sv, dim=0),
     )
-    assert bool((res.residuals.double() >= true).all())
+    products = float(torch.finfo(dtype).eps) * float(torch.linalg.matrix_norm(Ad, 2))
+    assert bool((res.residuals.double() + products >= true).all())
     assert float(res.residuals.max()) <= 1e-6
 
 
