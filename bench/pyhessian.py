@@ -41,16 +41,18 @@ Accuracy is against a float64 reference computed once by linops in float64 (same
 data converted): the top-5 eigenvalues by :func:`linops.lanczos` at ``rtol=1e-8`` (relative
 residual; the eigenvalues' error is far smaller, about its square over the gap), the smallest
 eigenvalue at ``rtol=1e-6`` within 20 restarts (its residual is recorded: the bottom of the
-spectrum is crowded), and the trace by :func:`estimators.xtrace` at 400 products (40 with
-``--quick``) (with its
-standard error; an exact trace would take 272k products), and the float64 Hutchinson estimate
-on the trace's probes (same ``seed`` and products; cached per seed and count). Top-k: the
-largest relative error over the ``k`` eigenvalues; trace: the relative error of the estimate
-against XTrace (Hutchinson's own standard error at 100 probes dominates it, the same draw for
-both tools), and the numerical error: against the float64 estimate on the same probes;
-density: how far the
-quadrature nodes lie outside the reference spectrum :math:`[\\lambda_{\\min},
-\\lambda_{\\max}]`, relative to :math:`\\lambda_{\\max}` (0 when inside).
+spectrum is crowded), the trace by :func:`estimators.xtrace` at 400 products (40 with
+``--quick``; with its standard error: an exact trace would take 272k products), and, cached
+per seed and budget, the float64 Hutchinson estimate on the trace's probes and the float64
+SLQ quadrature from the density's start vector (both tools draw these from ``seed``). Top-k:
+the largest relative error over the ``k`` eigenvalues. Trace: the relative error against
+XTrace (Hutchinson's sampling error at 100 probes, the same draw for both tools, dominates
+it), and below the table each tool's numerical error, against float64 on the same probes.
+Density: the Wasserstein-1 distance between the tool's quadrature (nodes and weights) and the
+float64 one from the same start vector, over the float64 nodes' span (without that
+reference: how far the nodes lie outside the reference spectrum :math:`[\\lambda_{\\min},
+\\lambda_{\\max}]`, relative to :math:`\\lambda_{\\max}`, which is printed below the table
+too, with each top node's error against float64's).
 
 ``--quick`` uses a quarter-width ResNet-20 on 16 images and 20-product budgets (about a
 minute on an idle 2-core machine).
@@ -80,6 +82,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scipy.stats import wasserstein_distance
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -157,7 +160,7 @@ def run_pyhessian(task: str, quick: bool, seed: int) -> dict[str, Any]:
         out = {"trace": float(sum(vhv) / len(vhv)), "trace_stderr": se}
     else:
         nodes, weights = comp.density(iter=b["density"], n_v=1)
-        out = {"node_min": float(min(nodes[0])), "node_max": float(max(nodes[0]))}
+        out = {"nodes": [float(v) for v in nodes[0]], "weights": [float(w) for w in weights[0]]}
     out["seconds"] = time.perf_counter() - start
     out["products"] = count[0]
     return out
@@ -183,8 +186,7 @@ def run_linops(task: str, quick: bool, seed: int, retain: bool = False) -> dict[
         out = {"trace": t.estimate, "trace_stderr": t.stderr, "products": t.num_matvecs}
     else:
         sd = estimators.spectral_density(H, num_probes=1, num_steps=b["density"], seed=seed)
-        nodes = torch.as_tensor(sd.nodes)
-        out = {"node_min": float(nodes.min()), "node_max": float(nodes.max())}
+        out = {"nodes": sd.nodes[0].tolist(), "weights": sd.weights[0].tolist()}
         out["products"] = sd.num_matvecs
     out["seconds"] = time.perf_counter() - start
     out["route"] = H.route
@@ -215,19 +217,20 @@ def reference(quick: bool) -> dict[str, Any]:
     }
 
 
-def same_probe_trace(quick: bool, seed: int) -> dict[str, Any]:
-    """Float64 Hutchinson on the trace task's probes: the same ``seed`` and products."""
+def same_probe_reference(task: str, quick: bool, seed: int) -> dict[str, Any]:
+    """Float64 on the trace's probes or the density's start vector: the same ``seed``."""
     model, x, y = problem(quick, torch.float64)
     H = linops.HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
-    start = time.perf_counter()
-    t = estimators.hutchinson_trace(H, budgets(quick)["trace"], seed=seed)
-    return {
-        "seed": seed,
-        "trace": t.estimate,
-        "trace_stderr": t.stderr,
-        "products": t.num_matvecs,
-        "seconds": time.perf_counter() - start,
-    }
+    start, b = time.perf_counter(), budgets(quick)
+    if task == "trace":
+        t = estimators.hutchinson_trace(H, b["trace"], seed=seed)
+        out: dict[str, Any] = {"trace": t.estimate, "trace_stderr": t.stderr}
+        out["products"] = t.num_matvecs
+    else:
+        sd = estimators.spectral_density(H, num_probes=1, num_steps=b["density"], seed=seed)
+        out = {"nodes": sd.nodes[0].tolist(), "weights": sd.weights[0].tolist()}
+        out["products"] = sd.num_matvecs
+    return out | {"seed": seed, "seconds": time.perf_counter() - start}
 
 
 def accuracy(task: str, r: dict[str, Any], ref: dict[str, Any]) -> float:
@@ -239,8 +242,17 @@ def accuracy(task: str, r: dict[str, Any], ref: dict[str, Any]) -> float:
         return max(abs(g - w) / abs(w) for g, w in zip(got, want, strict=True))
     if task == "trace":
         return abs(r["trace"] - ref["trace"]) / abs(ref["trace"])
+    same = ref.get("same_start_density")
+    if same is None:
+        return overshoot(r, ref)
+    w1 = wasserstein_distance(r["nodes"], same["nodes"], r["weights"], same["weights"])
+    return float(w1) / (max(same["nodes"]) - min(same["nodes"]))
+
+
+def overshoot(r: dict[str, Any], ref: dict[str, Any]) -> float:
+    """How far the density's nodes lie outside the reference spectrum, over its top."""
     lmax, lmin = max(ref["top5"]), ref["lambda_min"]
-    return max(0.0, r["node_max"] - lmax, lmin - r["node_min"]) / abs(lmax)
+    return max(0.0, max(r["nodes"]) - lmax, lmin - min(r["nodes"])) / abs(lmax)
 
 
 def markdown(rows: list[dict[str, Any]], ref: dict[str, Any] | None, meta: dict[str, Any]) -> str:
@@ -281,7 +293,7 @@ def markdown(rows: list[dict[str, Any]], ref: dict[str, Any] | None, meta: dict[
             elif task == "trace":
                 res = f"{last['trace']:.6g} +- {last['trace_stderr']:.2g}"
             else:
-                res = f"nodes [{last['node_min']:.6g}, {last['node_max']:.6g}]"
+                res = f"nodes [{min(last['nodes']):.6g}, {max(last['nodes']):.6g}]"
             ratios = ["", "", ""]
             base = med.get((task, "pyhessian"))
             if tool.startswith("linops") and base is not None:
@@ -300,32 +312,41 @@ def markdown(rows: list[dict[str, Any]], ref: dict[str, Any] | None, meta: dict[
 
 
 def _same_probe_lines(rows: list[dict[str, Any]], ref: dict[str, Any] | None) -> list[str]:
-    """The trace's numerical errors against float64 on the same probes, and the tools' gap."""
+    """Each tool against float64 on the same probes (trace) and start vector (density)."""
+    ok = [r for r in rows if "error_message" not in r]
+    out = []
     same = (ref or {}).get("same_probe_trace")
-    trace = [r for r in rows if r["task"] == "trace" and "error_message" not in r]
-    if not same or not trace:
-        return []
-    out = [
-        "",
-        f"trace on the same probes (seed {same['seed']}, {same['products']} products): "
-        f"float64 {same['trace']:.10g}; numerical error (median):",
+    trace = [r for r in ok if r["task"] == "trace"]
+    if same and trace:
+        line = [
+            f"trace on the same probes (seed {same['seed']}, {same['products']} products): "
+            f"float64 {same['trace']:.10g}; numerical error (median):"
+        ]
+        line += _per_tool(trace, lambda r: abs(r["trace"] - same["trace"]) / abs(same["trace"]))
+        out += ["", " ".join(line)]
+    same = (ref or {}).get("same_start_density")
+    density = [r for r in ok if r["task"] == "density"]
+    if same and density:
+        top = max(same["nodes"])
+        line = [
+            f"density from the same start vector (seed {same['seed']}, {same['products']} "
+            f"steps): float64 nodes [{min(same['nodes']):.8g}, {top:.8g}]; the table's error "
+            "is the Wasserstein-1 distance to its quadrature over its span; the top node's "
+            "error against float64's (median):"
+        ]
+        line += _per_tool(density, lambda r: abs(max(r["nodes"]) - top) / abs(top))
+        line += ["nodes outside the reference spectrum, over its top (median):"]
+        line += _per_tool(density, lambda r: overshoot(r, ref or {}))
+        out += ["", " ".join(line)]
+    return out
+
+
+def _per_tool(rows: list[dict[str, Any]], error: Any) -> list[str]:
+    return [
+        f"{tool} {statistics.median(error(r) for r in rs):.2g};"
+        for tool in TOOLS
+        if (rs := [r for r in rows if r["tool"] == tool])
     ]
-    for tool in TOOLS:
-        rs = [r for r in trace if r["tool"] == tool]
-        if rs:
-            err = statistics.median(
-                abs(r["trace"] - same["trace"]) / abs(same["trace"]) for r in rs
-            )
-            out.append(f"{tool} {err:.2g};")
-    by_repeat = {(r["repeat"], r["tool"]): r["trace"] for r in trace}
-    gaps = [
-        abs(by_repeat[(k, t)] - by_repeat[(k, "pyhessian")]) / abs(by_repeat[(k, "pyhessian")])
-        for (k, t) in by_repeat
-        if t != "pyhessian" and (k, "pyhessian") in by_repeat
-    ]
-    if gaps:
-        out.append(f"linops against PyHessian in the same repeat, at most {max(gaps):.2g} relative")
-    return [" ".join(out)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -356,9 +377,9 @@ def main(argv: list[str] | None = None) -> None:
         tool, task = args.worker
         if tool == "reference":
             row = (
-                same_probe_trace(args.quick, args.seed)
-                if task == "trace"
-                else reference(args.quick)
+                reference(args.quick)
+                if task == "all"
+                else same_probe_reference(task, args.quick, args.seed)
             )
         else:
             if tool == "pyhessian":
@@ -416,20 +437,20 @@ def main(argv: list[str] | None = None) -> None:
         if "error_message" in ref:
             raise SystemExit(f"the float64 reference failed: {ref['error_message']}")
         write_text(ref_path, json.dumps(ref))
-    if ref is not None and "trace" in tasks:  # float64 on the trace's probes: per seed and count
-        b = budgets(args.quick)["trace"]
-        path = (
-            args.out / f"reference_trace_seed{args.seed}_{b}{'_quick' if args.quick else ''}.json"
-        )
+    for task, key in (("trace", "same_probe_trace"), ("density", "same_start_density")):
+        if ref is None or task not in tasks:  # float64 on the same probes: per seed and budget
+            continue
+        b = budgets(args.quick)[task]
+        path = args.out / f"reference_{task}_seed{args.seed}_{b}{'_quick' * args.quick}.json"
         if path.exists():
             same = json.loads(path.read_text())
         else:
-            print("float64 trace on the same probes ...", file=sys.stderr, flush=True)
-            same = worker("reference", "trace")
+            print(f"float64 {task} on the same probes ...", file=sys.stderr, flush=True)
+            same = worker("reference", task)
             if "error_message" in same:
-                raise SystemExit(f"the float64 trace failed: {same['error_message']}")
+                raise SystemExit(f"the float64 {task} failed: {same['error_message']}")
             write_text(path, json.dumps(same))
-        ref = ref | {"same_probe_trace": same}
+        ref = ref | {key: same}
     rows: list[dict[str, Any]] = []
     for rep in range(args.repeats):
         order = tools if rep % 2 == 0 else tools[::-1]
