@@ -180,3 +180,39 @@ def test_hutchinson_sends_a_model_operators_probes_one_pass_at_a_time() -> None:
     forms = (Z * (dense @ Z)).sum(0)
     assert abs(est.estimate - float(forms.mean())) < 1e-12 * max(1.0, abs(est.estimate))
     assert est.num_matvecs == 10
+
+
+def test_rademacher_probes_are_pyhessians_and_the_same_in_every_dtype() -> None:
+    """With the same seed, hutchinson_trace and spectral_density probe a model's Hessian with
+    the vectors PyHessian 0.1 draws after ``torch.manual_seed(seed)`` (``randint_like(p,
+    high=2)`` per parameter, zeros set to -1), in float32 and float64 alike."""
+    from estimators.density import spectral_density
+    from linops import HessianOperator
+
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    torch.manual_seed(7)  # PyHessian's draw, written out (it draws from the global generator)
+    pyhessian = []
+    for _ in range(3):
+        v = [torch.randint_like(p, high=2) for p in model.parameters()]
+        for v_i in v:
+            v_i[v_i == 0] = -1
+        pyhessian.append(torch.cat([v_i.reshape(-1) for v_i in v]).double())
+    expected = torch.stack(pyhessian, 1)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    for dtype in (torch.float32, torch.float64):
+        H = HessianOperator(model.to(dtype), torch.nn.CrossEntropyLoss(), (x.to(dtype), y))
+        seen: list[torch.Tensor] = []
+        apply = H._apply
+
+        def recording(
+            Z: torch.Tensor, adjoint: bool = False, apply=apply, seen=seen
+        ) -> torch.Tensor:
+            seen.append(Z.detach().clone())
+            return apply(Z, adjoint)
+
+        H._apply = recording  # type: ignore[method-assign]
+        hutchinson_trace(H, 3, seed=7)
+        assert torch.equal(torch.cat(seen, 1).double(), expected)
+        seen.clear()
+        spectral_density(H, num_probes=1, num_steps=2, seed=7)
+        assert torch.equal(torch.sign(seen[0][:, 0]).double(), expected[:, 0])  # z / sqrt(n)
