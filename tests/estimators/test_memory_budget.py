@@ -209,8 +209,8 @@ def test_the_same_seed_gives_the_same_estimate_whatever_the_groups() -> None:
 class _ColumnByColumn(_Widths):
     """Each column's product on its own (``A @ x``): the same bits whatever the block.
 
-    Each column is copied first: BLAS's matrix-vector product adds in an order that follows
-    the vector's alignment in memory, which differs from column to column of a block.
+    Each column is copied first: BLAS's matrix-vector product can round differently with
+    where the vector lies in memory, which differs from column to column of a block.
     """
 
     def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
