@@ -193,10 +193,14 @@ def run_linops(task: str, quick: bool, seed: int, retain: bool = False) -> dict[
     return out
 
 
+def _hessian64(quick: bool) -> linops.HessianOperator:
+    model, x, y = problem(quick, torch.float64)
+    return linops.HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
+
+
 def reference(quick: bool) -> dict[str, Any]:
     """Float64 reference by linops: top-5 (``rtol=1e-8``), smallest eigenvalue, XTrace."""
-    model, x, y = problem(quick, torch.float64)
-    H = linops.HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
+    H = _hessian64(quick)
     start = time.perf_counter()
     top = linops.lanczos(H, 5, "LA", rtol=1e-8, seed=0)
     try:  # the bottom of a Hessian spectrum is crowded: Lanczos needs many restarts there
@@ -219,8 +223,7 @@ def reference(quick: bool) -> dict[str, Any]:
 
 def same_probe_reference(task: str, quick: bool, seed: int) -> dict[str, Any]:
     """Float64 on the trace's probes or the density's start vector: the same ``seed``."""
-    model, x, y = problem(quick, torch.float64)
-    H = linops.HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
+    H = _hessian64(quick)
     start, b = time.perf_counter(), budgets(quick)
     if task == "trace":
         t = estimators.hutchinson_trace(H, b["trace"], seed=seed)
@@ -425,32 +428,26 @@ def main(argv: list[str] | None = None) -> None:
         tmp.unlink()
         return row | {"tool": tool, "task": task, "load_at_start": load}
 
-    ref_path = args.out / ("reference_quick.json" if args.quick else "reference.json")
-    ref: dict[str, Any] | None = None
-    if args.no_reference:
-        pass
-    elif ref_path.exists():
-        ref = json.loads(ref_path.read_text())
-    else:
-        print("float64 reference ...", file=sys.stderr, flush=True)
-        ref = worker("reference", "all")
-        if "error_message" in ref:
-            raise SystemExit(f"the float64 reference failed: {ref['error_message']}")
-        write_text(ref_path, json.dumps(ref))
-    for task, key in (("trace", "same_probe_trace"), ("density", "same_start_density")):
-        if ref is None or task not in tasks:  # float64 on the same probes: per seed and budget
-            continue
-        b = budgets(args.quick)[task]
-        path = args.out / f"reference_{task}_seed{args.seed}_{b}{'_quick' * args.quick}.json"
+    def cached(path: Path, task: str, what: str) -> dict[str, Any]:
+        """The float64 reference worker's row for ``task``, computed once into ``path``."""
         if path.exists():
-            same = json.loads(path.read_text())
-        else:
-            print(f"float64 {task} on the same probes ...", file=sys.stderr, flush=True)
-            same = worker("reference", task)
-            if "error_message" in same:
-                raise SystemExit(f"the float64 {task} failed: {same['error_message']}")
-            write_text(path, json.dumps(same))
-        ref = ref | {key: same}
+            return json.loads(path.read_text())
+        print(f"float64 {what} ...", file=sys.stderr, flush=True)
+        row = worker("reference", task)
+        if "error_message" in row:
+            raise SystemExit(f"the float64 {what} failed: {row['error_message']}")
+        write_text(path, json.dumps(row))
+        return row
+
+    quick = "_quick" * args.quick
+    ref: dict[str, Any] | None = None
+    if not args.no_reference:
+        ref = cached(args.out / f"reference{quick}.json", "all", "reference")
+        for task, key in (("trace", "same_probe_trace"), ("density", "same_start_density")):
+            if task in tasks:  # float64 on the same probes: per seed and budget
+                b = budgets(args.quick)[task]
+                path = args.out / f"reference_{task}_seed{args.seed}_{b}{quick}.json"
+                ref[key] = cached(path, task, f"{task} on the same probes")
     rows: list[dict[str, Any]] = []
     for rep in range(args.repeats):
         order = tools if rep % 2 == 0 else tools[::-1]

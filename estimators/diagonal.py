@@ -30,8 +30,8 @@ from typing import NamedTuple
 
 import torch
 
-from estimators._budget import check_sketch, grouped_probes, probe_group
-from estimators.trace import DiagonalEstimate, _column_sums, _probes
+from estimators._budget import check_sketch, grouped_probes, probe_group, rademacher_probes
+from estimators.trace import DiagonalEstimate, _column_sums
 from linops import OperatorLike
 from linops import blocks as kr
 
@@ -111,7 +111,7 @@ def xdiag(
     s = m // 2
     check_sketch(op, 7 * s, memory_budget, "xdiag", "lower num_matvecs or use diagonal()")
     gen = kr.make_generator(seed, op.device)
-    W = _probes(op, s, gen, "rademacher")
+    W = rademacher_probes(op, op.shape[0], s, gen)
     Y = op._apply(W)
     kr.check_products(Y, s)
     Q, R = torch.linalg.qr(Y)

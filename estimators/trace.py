@@ -85,12 +85,6 @@ def _setup(
     return op, N, (kr.make_generator(seed, op.device), kind)
 
 
-def _probes(op: TorchLinearOperator, k: int, gen: torch.Generator, dist: str) -> torch.Tensor:
-    if dist != "rademacher":
-        return kr.random_block(op.shape[0], k, op, gen)
-    return rademacher_probes(op, op.shape[0], k, gen)
-
-
 def _apply(op: TorchLinearOperator, X: torch.Tensor, count: int) -> torch.Tensor:
     Y = op._apply(X)
     kr.check_products(Y, count)
@@ -288,9 +282,9 @@ def hutchpp_trace(
     op, N, (gen, _) = _setup(A, num_matvecs, 3, seed)
     check_sketch(op, 5 * (N // 3), memory_budget, "hutchpp_trace", _SKETCH_HINT)
     m = N // 3
-    Q = torch.linalg.qr(_apply(op, _probes(op, m, gen, "rademacher"), m))[0]
+    Q = torch.linalg.qr(_apply(op, rademacher_probes(op, op.shape[0], m, gen), m))[0]
     exact = torch.diagonal(Q.mH @ _apply(op, Q, 2 * m)).sum().real
-    G = _probes(op, m, gen, "rademacher")
+    G = rademacher_probes(op, op.shape[0], m, gen)
     AG = _apply(op, G - Q @ (Q.mH @ G), 3 * m)
     mean, sem = _quadratic_forms(G, AG - Q @ (Q.mH @ AG), True)  # B = (I-QQ^H) A (I-QQ^H)
     return TraceEstimate(float(exact) + mean, sem, 3 * m, "hutch++")
@@ -370,13 +364,13 @@ def xtrace(
     if N >= n:  # n products give the trace exactly: cheaper than XTrace and without error
         return TraceEstimate(_exact_trace(op), 0.0, n, "exact")
     m = N // 2
-    Om = _probes(op, m, gen, "rademacher")
+    Om = rademacher_probes(op, op.shape[0], m, gen)
     Y = _apply(op, Om, m)
     Q, R = _qr_regularized(Y)
     S = _normalized_inverse_adjoint(R)
     hutch = (Om.conj() * Y).sum(dim=0).real
     if fallback and m > 1 and _prefer_hutchinson(hutch, Q, R, S, Om):
-        G = _probes(op, N - m, gen, "rademacher")
+        G = rademacher_probes(op, op.shape[0], N - m, gen)
         AG = _apply(op, G, N)
         mean, sem = _quadratic_forms(torch.cat([Om, G], dim=1), torch.cat([Y, AG], dim=1), True)
         return TraceEstimate(mean, sem, N, "hutchinson")
@@ -576,7 +570,7 @@ def diagonal(
     if method == "deflated":
         m = N // 3
         check_sketch(op, 2 * m + 4, memory_budget, "diagonal", "use method='hutchinson'")
-        Q = torch.linalg.qr(_apply(op, _probes(op, m, gen, "rademacher"), m))[0]
+        Q = torch.linalg.qr(_apply(op, rademacher_probes(op, op.shape[0], m, gen), m))[0]
         base = (Q * op._apply(Q, adjoint=True).conj()).sum(dim=1)
         used = 2 * m
     k = N - used
